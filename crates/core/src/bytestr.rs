@@ -1,0 +1,87 @@
+//! [`ByteStr`]: an immutable UTF-8 string that shares a [`Bytes`] buffer.
+//!
+//! Decoded topics and header strings point into the frame they came from, so receiving a message
+//! allocates no strings.
+
+use bytes::Bytes;
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+
+/// An immutable, cheaply cloneable UTF-8 string backed by [`Bytes`].
+///
+/// Invariant: the bytes are valid UTF-8 (checked by every constructor).
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ByteStr(Bytes);
+
+impl ByteStr {
+    /// Wraps `bytes`, checking that they are UTF-8.
+    ///
+    /// # Errors
+    ///
+    /// Returns the UTF-8 error when `bytes` is not valid UTF-8.
+    pub fn from_utf8(bytes: Bytes) -> Result<Self, std::str::Utf8Error> {
+        std::str::from_utf8(&bytes)?;
+        Ok(Self(bytes))
+    }
+
+    /// A string that borrows static data (no allocation).
+    pub const fn from_static(s: &'static str) -> Self {
+        Self(Bytes::from_static(s.as_bytes()))
+    }
+
+    /// The string slice.
+    pub fn as_str(&self) -> &str {
+        // Invariant: every constructor validated UTF-8. Re-validating is cheap for the short
+        // strings we hold and keeps this crate free of `unsafe`.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The underlying bytes.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+impl From<String> for ByteStr {
+    fn from(s: String) -> Self {
+        Self(Bytes::from(s.into_bytes()))
+    }
+}
+
+impl From<&str> for ByteStr {
+    fn from(s: &str) -> Self {
+        Self(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl Deref for ByteStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Borrow<str> for ByteStr {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for ByteStr {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for ByteStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for ByteStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,21 @@
+//! Pure core of daemoneye-eventbus: no sockets, no clock, no tasks.
+//!
+//! - [`topic`]: [`Topic`] and [`TopicFilter`], validated once at the edge (`docs/topics.md`).
+//! - [`trie`]: the [`SubscriptionTrie`] used by the broker to route, and its naive oracle.
+//! - [`catalog`]: the seed topic catalogue as constants and builders.
+//! - [`message`]: [`Message`], [`Header`], ids, QoS and correlation metadata.
+//! - [`codec`]: the v1 frame format and a cancel-safe stream decoder (`docs/protocol.md`).
+//! - [`bytestr`]: [`ByteStr`], a zero-copy string over shared bytes.
+
+pub mod bytestr;
+pub mod catalog;
+pub mod codec;
+pub mod message;
+pub mod topic;
+pub mod trie;
+
+pub use bytestr::ByteStr;
+pub use codec::{Frame, FrameDecoder, FrameError};
+pub use message::{CorrelationMetadata, Header, Message, MessageId, Qos};
+pub use topic::{Topic, TopicError, TopicFilter};
+pub use trie::{NaiveMatcher, SubscriptionTrie};

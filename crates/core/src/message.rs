@@ -1,0 +1,236 @@
+//! Messages: topic + header + opaque payload, shared by every subscriber without copying.
+
+use crate::bytestr::ByteStr;
+use crate::topic::Topic;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, OnceLock};
+
+/// Globally unique message id: the publisher's broker-assigned session id and its sequence
+/// number. Duplicates are detectable by comparing ids.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct MessageId {
+    /// Session id the broker gave the publisher in its handshake.
+    pub session: u64,
+    /// Per-session sequence number, starting at 1.
+    pub sequence: u64,
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:x}-{}", self.session, self.sequence)
+    }
+}
+
+/// Delivery guarantee requested for a message or subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Qos {
+    /// At most once; never blocks a publisher. Slow readers lose the oldest messages, counted.
+    #[default]
+    Realtime,
+    /// At least once: the broker acknowledges the publish once every matching subscriber's
+    /// queue holds the message.
+    Processed,
+}
+
+impl Qos {
+    pub(crate) fn to_bits(self) -> u8 {
+        match self {
+            Self::Realtime => 0,
+            Self::Processed => 1,
+        }
+    }
+
+    pub(crate) fn from_bits(bits: u8) -> Option<Self> {
+        match bits {
+            0 => Some(Self::Realtime),
+            1 => Some(Self::Processed),
+            _ => None,
+        }
+    }
+}
+
+/// Maximum length of a correlation id (and parent / root ids), in bytes.
+pub const MAX_CORRELATION_ID_LEN: usize = 256;
+/// Maximum number of correlation tags.
+pub const MAX_TAGS: usize = 64;
+/// Maximum length of a tag key, in bytes.
+pub const MAX_TAG_KEY_LEN: usize = 128;
+/// Maximum length of a tag value, in bytes.
+pub const MAX_TAG_VALUE_LEN: usize = 1024;
+/// Maximum length of a workflow stage, in bytes.
+pub const MAX_STAGE_LEN: usize = 256;
+
+/// Cuts `s` to at most `max` bytes on a UTF-8 character boundary.
+pub fn truncate_utf8(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+/// Correlation metadata that lets an analyst follow a chain of events.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CorrelationMetadata {
+    /// Id of this step of the chain (at most [`MAX_CORRELATION_ID_LEN`] bytes).
+    pub correlation_id: String,
+    /// Id of the cause, if any.
+    pub parent_correlation_id: Option<String>,
+    /// Id of the first step of the chain.
+    pub root_correlation_id: String,
+    /// Position in the chain.
+    pub sequence_number: u64,
+    /// Free-form workflow stage.
+    pub workflow_stage: Option<String>,
+    /// Tags (at most [`MAX_TAGS`], keys ≤ [`MAX_TAG_KEY_LEN`], values ≤ [`MAX_TAG_VALUE_LEN`]).
+    pub tags: BTreeMap<String, String>,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_at_ns: u64,
+}
+
+impl CorrelationMetadata {
+    /// Metadata for the root of a new chain; `id` is cut to the length limit on a UTF-8
+    /// boundary.
+    pub fn root(id: impl Into<String>, created_at_ns: u64) -> Self {
+        let id = truncate_utf8(id.into(), MAX_CORRELATION_ID_LEN);
+        Self {
+            root_correlation_id: id.clone(),
+            correlation_id: id,
+            created_at_ns,
+            ..Self::default()
+        }
+    }
+
+    /// Adds a tag, enforcing the limits by cutting key and value on UTF-8 boundaries. Returns
+    /// `false` (and adds nothing) when [`MAX_TAGS`] tags are already present.
+    pub fn with_tag(&mut self, key: impl Into<String>, value: impl Into<String>) -> bool {
+        if self.tags.len() >= MAX_TAGS {
+            return false;
+        }
+        let key = truncate_utf8(key.into(), MAX_TAG_KEY_LEN);
+        let value = truncate_utf8(value.into(), MAX_TAG_VALUE_LEN);
+        self.tags.insert(key, value);
+        true
+    }
+}
+
+/// Message metadata carried in the compact wire header (see `docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Header {
+    /// Unique id.
+    pub id: MessageId,
+    /// Publish time, nanoseconds since the Unix epoch (set by the publisher).
+    pub timestamp_ns: u64,
+    /// Requested delivery guarantee.
+    pub qos: Qos,
+    /// Name the publisher gave in its handshake (checked by the broker).
+    pub source: ByteStr,
+    /// Where replies go (RPC).
+    pub reply_to: Option<Topic>,
+    /// Deadline, nanoseconds since the Unix epoch.
+    pub deadline_ns: Option<u64>,
+    /// Correlation metadata, when the publisher attached any.
+    pub correlation: Option<Box<CorrelationMetadata>>,
+}
+
+/// Fixed per-message overhead, in bytes, charged by [`Message::accounted_size`].
+pub const MESSAGE_OVERHEAD: usize = 64;
+
+#[derive(Debug)]
+struct Inner {
+    topic: Topic,
+    header: Header,
+    payload: Bytes,
+    /// The encoded message body, kept from the wire or encoded once on first need and shared
+    /// by every socket subscriber.
+    wire: OnceLock<Bytes>,
+}
+
+/// A message: topic, header and opaque payload. Cloning is one reference-count increment; the
+/// payload is never copied by the bus.
+#[derive(Clone)]
+pub struct Message(Arc<Inner>);
+
+impl Message {
+    /// Builds a message.
+    pub fn new(topic: Topic, header: Header, payload: Bytes) -> Self {
+        Self(Arc::new(Inner {
+            topic,
+            header,
+            payload,
+            wire: OnceLock::new(),
+        }))
+    }
+
+    pub(crate) fn with_wire(topic: Topic, header: Header, payload: Bytes, wire: Bytes) -> Self {
+        Self(Arc::new(Inner {
+            topic,
+            header,
+            payload,
+            wire: OnceLock::from(wire),
+        }))
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &Topic {
+        &self.0.topic
+    }
+
+    /// The header.
+    pub fn header(&self) -> &Header {
+        &self.0.header
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.0.payload
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.0.header.id
+    }
+
+    /// Bytes the broker charges to queues for this message: payload, topic and a fixed
+    /// [`MESSAGE_OVERHEAD`] for the header and bookkeeping. Computing it never encodes.
+    pub fn accounted_size(&self) -> usize {
+        self.0.payload.len() + self.0.topic.as_str().len() + MESSAGE_OVERHEAD
+    }
+
+    /// The encoded body (topic, header, payload), encoded at most once.
+    pub fn wire(&self) -> &Bytes {
+        self.0
+            .wire
+            .get_or_init(|| crate::codec::encode_message_body(self))
+    }
+}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Message")
+            .field("topic", &self.0.topic)
+            .field("header", &self.0.header)
+            .field("payload_len", &self.0.payload.len())
+            .finish()
+    }
+}
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.topic == other.0.topic
+            && self.0.header == other.0.header
+            && self.0.payload == other.0.payload
+    }
+}

@@ -1,0 +1,244 @@
+//! Codec tests: golden bytes that pin `docs/protocol.md`, round trips, and limits.
+
+use bytes::{Bytes, BytesMut};
+use daemoneye_eventbus_core::codec::{
+    ErrorCode, ErrorFrame, FrameDecoder, GoingAway, Hello, Reply, SlowReaderPolicy, Subscribe,
+    Version, Welcome, kind, max_frame_len,
+};
+use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
+use daemoneye_eventbus_core::{ByteStr, Frame, FrameError, Topic, TopicFilter};
+use proptest::prelude::*;
+
+fn encode(frame: &Frame) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    frame.encode(&mut b);
+    b.to_vec()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+fn decode_one(bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
+    let mut buf = BytesMut::from(bytes);
+    FrameDecoder::new(max_frame_len(1 << 20)).decode(&mut buf)
+}
+
+fn simple_message(payload: &'static [u8]) -> Message {
+    let header = Header {
+        id: MessageId { session: 1, sequence: 2 },
+        timestamp_ns: 3,
+        qos: Qos::Realtime,
+        source: ByteStr::from("p"),
+        ..Header::default()
+    };
+    Message::new(Topic::new("a.b").unwrap(), header, Bytes::from_static(payload))
+}
+
+// Each fixture below is reproduced byte for byte in docs/protocol.md, section "Examples".
+#[test]
+fn golden_hello() {
+    let f = Frame::Hello(Hello {
+        version: Version::CURRENT,
+        capabilities: 0,
+        max_message_size: 1_048_576,
+        keepalive_ms: 10_000,
+        slow_reader: SlowReaderPolicy::DropOldest,
+        client_name: "cli".into(),
+    });
+    assert_eq!(
+        hex(&encode(&f)),
+        "16 00 00 00 01 01 00 00 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
+    );
+}
+
+#[test]
+fn golden_subscribe() {
+    let f = Frame::Subscribe(Subscribe {
+        request_id: 7,
+        qos: Qos::Realtime,
+        filter: TopicFilter::new("events.*").unwrap(),
+    });
+    assert_eq!(
+        hex(&encode(&f)),
+        "10 00 00 00 03 07 00 00 00 00 08 00 65 76 65 6e 74 73 2e 2b"
+    );
+}
+
+#[test]
+fn golden_publish() {
+    let f = Frame::Publish(simple_message(b"hi"));
+    assert_eq!(
+        hex(&encode(&f)),
+        "27 00 00 00 06 03 00 61 2e 62 1b 00 00 00 00 01 00 00 00 00 00 00 00 02 00 00 00 00 \
+         00 00 00 03 00 00 00 00 00 00 00 01 70 68 69"
+    );
+}
+
+#[test]
+fn golden_ping_and_error() {
+    assert_eq!(hex(&encode(&Frame::Ping(5))), "09 00 00 00 0a 05 00 00 00 00 00 00 00");
+    let e = Frame::Error(ErrorFrame {
+        request_id: 0,
+        code: ErrorCode::ConnectionLimit,
+        fatal: true,
+        message: "full".into(),
+    });
+    assert_eq!(
+        hex(&encode(&e)),
+        "0e 00 00 00 0c 00 00 00 00 07 00 01 04 00 66 75 6c 6c"
+    );
+}
+
+#[test]
+fn deliver_reuses_the_publish_body() {
+    let msg = simple_message(b"payload");
+    let publish = encode(&Frame::Publish(msg.clone()));
+    let decoded = match decode_one(&publish).unwrap().unwrap() {
+        Frame::Publish(m) => m,
+        other => panic!("unexpected {other:?}"),
+    };
+    let deliver = encode(&Frame::Deliver(decoded));
+    assert_eq!(publish[5..], deliver[5..]);
+    assert_eq!(deliver[4], kind::DELIVER);
+}
+
+#[test]
+fn too_large_is_refused_from_the_prefix_alone() {
+    let max = max_frame_len(1 << 20);
+    let mut buf = BytesMut::new();
+    buf.extend_from_slice(&((max + 1) as u32).to_le_bytes());
+    let err = FrameDecoder::new(max).decode(&mut buf).unwrap_err();
+    assert_eq!(err, FrameError::TooLarge { len: max + 1, max });
+    assert!(buf.capacity() < 1024, "nothing reserved for a refused frame");
+}
+
+#[test]
+fn garbage_is_an_error_not_a_panic() {
+    assert_eq!(decode_one(&[1, 0, 0, 0, 0xEE]), Err(FrameError::UnknownKind(0xEE)));
+    assert_eq!(decode_one(&[0, 0, 0, 0]), Err(FrameError::Empty));
+    assert!(matches!(decode_one(&[2, 0, 0, 0, kind::PING, 1]), Err(FrameError::Truncated(_))));
+    // A publish whose topic is upper case.
+    let mut b = BytesMut::new();
+    Frame::Publish(simple_message(b"x")).encode(&mut b);
+    b[7] = b'A';
+    assert!(matches!(decode_one(&b), Err(FrameError::Topic(_))));
+}
+
+#[test]
+fn partial_frames_wait_for_more_bytes() {
+    let bytes = encode(&Frame::Publish(simple_message(b"0123456789")));
+    let dec = FrameDecoder::new(1 << 20);
+    let mut buf = BytesMut::new();
+    for (i, b) in bytes.iter().enumerate() {
+        assert!(dec.decode(&mut buf).unwrap().is_none(), "complete early at {i}");
+        buf.extend_from_slice(&[*b]);
+    }
+    assert!(dec.decode(&mut buf).unwrap().is_some());
+    assert!(buf.is_empty());
+}
+
+#[test]
+fn frames_of_every_size_up_to_the_limit() {
+    let limit = 1 << 20;
+    for size in [0, 1, 65_535, 65_536, 65_537, limit] {
+        let header = Header { source: ByteStr::from("s"), ..Header::default() };
+        let payload = Bytes::from(vec![0xAB; size]);
+        let msg = Message::new(Topic::new("big").unwrap(), header, payload.clone());
+        let bytes = encode(&Frame::Publish(msg));
+        match decode_one(&bytes).unwrap().unwrap() {
+            Frame::Publish(m) => assert_eq!(m.payload(), &payload),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn correlation() -> impl Strategy<Value = Option<Box<CorrelationMetadata>>> {
+    let tags = prop::collection::btree_map("[a-z]{1,8}", "\\PC{0,20}", 0..5);
+    let meta = ("[a-z0-9-]{1,40}", prop::option::of("[a-z]{1,10}"), any::<u64>(), tags).prop_map(
+        |(id, parent, seq, tags)| {
+            Box::new(CorrelationMetadata {
+                correlation_id: id.clone(),
+                parent_correlation_id: parent,
+                root_correlation_id: id,
+                sequence_number: seq,
+                workflow_stage: Some("stage".into()),
+                tags,
+                created_at_ns: seq / 2,
+            })
+        },
+    );
+    prop::option::of(meta)
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    (
+        "[a-z]{1,10}(\\.[a-z0-9_-]{1,10}){0,4}",
+        any::<(u64, u64, u64)>(),
+        any::<bool>(),
+        prop::option::of(any::<u64>()),
+        correlation(),
+        prop::collection::vec(any::<u8>(), 0..300),
+    )
+        .prop_map(|(topic, (s, q, ts), processed, deadline, corr, payload)| {
+            let header = Header {
+                id: MessageId { session: s, sequence: q },
+                timestamp_ns: ts,
+                qos: if processed { Qos::Processed } else { Qos::Realtime },
+                source: ByteStr::from("src"),
+                reply_to: deadline.map(|_| Topic::new("_inbox.c.1").unwrap()),
+                deadline_ns: deadline,
+                correlation: corr,
+            };
+            Message::new(Topic::new(topic).unwrap(), header, Bytes::from(payload))
+        })
+}
+
+fn frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        message().prop_map(Frame::Publish),
+        message().prop_map(Frame::Deliver),
+        any::<u64>().prop_map(Frame::Ping),
+        any::<u64>().prop_map(Frame::Pong),
+        (any::<u32>(), "[a-z ]{0,30}").prop_map(|(id, m)| Frame::Reply(Reply {
+            request_id: id,
+            error: (id % 2 == 0).then_some(ErrorCode::InvalidFilter),
+            message: m,
+        })),
+        (any::<u64>(), "\\PC{0,20}").prop_map(|(s, b)| Frame::Welcome(Welcome {
+            version: Version::CURRENT,
+            session_id: s,
+            capabilities: 0,
+            max_message_size: 1 << 20,
+            keepalive_ms: 5,
+            broker: b,
+        })),
+        (any::<u32>(), "\\PC{0,20}").prop_map(|(d, r)| Frame::GoingAway(GoingAway {
+            drain_ms: d,
+            reason: r,
+        })),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn round_trip(frames in prop::collection::vec(frame(), 1..8)) {
+        let mut buf = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut buf);
+        }
+        let dec = FrameDecoder::new(max_frame_len(1 << 20));
+        for f in &frames {
+            let got = dec.decode(&mut buf).unwrap().unwrap();
+            prop_assert_eq!(&got, f);
+        }
+        prop_assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+        let mut buf = BytesMut::from(&bytes[..]);
+        let dec = FrameDecoder::new(4096);
+        while let Ok(Some(_)) = dec.decode(&mut buf) {}
+    }
+}
