@@ -1,0 +1,82 @@
+//! Transport errors.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Errors from binding, connecting or parsing an endpoint.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The endpoint string could not be parsed.
+    #[error("invalid endpoint {input:?}: {reason}")]
+    InvalidEndpoint {
+        /// The input.
+        input: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// An I/O operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the path or address.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another live broker is listening on the socket path.
+    #[error("another broker is already listening on {0}; stop it or choose another --socket")]
+    AddressInUse(PathBuf),
+    /// A path component is a symbolic link, which is never followed.
+    #[error("{0} is a symbolic link; refusing to follow it (choose another path)")]
+    Symlink(PathBuf),
+    /// Something other than a socket exists at the socket path.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// A file or directory we must own belongs to another user.
+    #[error("{path} is owned by uid {owner}, expected uid {expected}; refusing to use it")]
+    ForeignOwner {
+        /// The path.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// Our uid.
+        expected: u32,
+    },
+    /// Nothing listens under this in-process name.
+    #[error("no in-process broker is listening as {0:?}")]
+    NoInProcListener(String),
+    /// The in-process name is already taken in this process.
+    #[error("an in-process broker is already listening as {0:?}")]
+    InProcNameTaken(String),
+    /// Plain TCP was requested on a non-loopback address.
+    #[error(
+        "plain TCP is only allowed on loopback, not {0}; mutual TLS is required for other \
+         addresses"
+    )]
+    NonLoopbackTcp(std::net::SocketAddr),
+    /// The transport does not exist on this platform.
+    #[error("{0} endpoints are not supported on this platform")]
+    Unsupported(&'static str),
+}
+
+impl TransportError {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Errors while reading frames from a connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The connection failed.
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer sent a frame that does not decode.
+    #[error("malformed frame: {0}")]
+    Frame(#[from] daemoneye_eventbus_core::FrameError),
+}

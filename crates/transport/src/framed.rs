@@ -1,0 +1,232 @@
+//! Frame reader and writer over any transport.
+//!
+//! Byte streams (Unix, TCP, named pipe) are decoded with [`FrameDecoder`]; in-process
+//! connections pass [`Frame`] values through bounded channels, so payload bytes are never
+//! serialised. The writer collects frames and writes them in one batch on
+//! [`FrameWriter::flush`], which callers invoke when their queue goes empty.
+
+use crate::error::ReadError;
+use bytes::BytesMut;
+use daemoneye_eventbus_core::codec::{encode_message_frame, kind, max_frame_len};
+use daemoneye_eventbus_core::{Frame, FrameDecoder, Message};
+use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Boxed read half of a byte stream.
+pub type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+/// Boxed write half of a byte stream.
+pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Capacity of each direction of an in-process connection, in frames.
+pub const INPROC_CHANNEL_FRAMES: usize = 4096;
+/// Read buffer growth step for byte streams.
+const READ_CHUNK: usize = 64 * 1024;
+
+enum ReaderKind {
+    Stream { io: BoxRead, buf: BytesMut },
+    InProc(mpsc::Receiver<Frame>),
+}
+
+/// Reads frames from one connection.
+pub struct FrameReader {
+    kind: ReaderKind,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    pub(crate) fn stream(io: BoxRead) -> Self {
+        Self {
+            kind: ReaderKind::Stream {
+                io,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+            },
+            decoder: FrameDecoder::new(max_frame_len(
+                daemoneye_eventbus_core::codec::DEFAULT_MAX_MESSAGE_SIZE,
+            )),
+        }
+    }
+
+    pub(crate) fn inproc(rx: mpsc::Receiver<Frame>) -> Self {
+        Self {
+            kind: ReaderKind::InProc(rx),
+            decoder: FrameDecoder::new(0),
+        }
+    }
+
+    /// Sets the largest frame accepted, derived from a payload limit.
+    pub fn set_max_message_size(&mut self, max_message_size: usize) {
+        self.decoder = FrameDecoder::new(max_frame_len(max_message_size));
+    }
+
+    /// Returns a frame that is already buffered, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Frame`] when buffered bytes do not decode.
+    pub fn try_read_buffered(&mut self) -> Result<Option<Frame>, ReadError> {
+        match &mut self.kind {
+            ReaderKind::Stream { buf, .. } => Ok(self.decoder.decode(buf)?),
+            ReaderKind::InProc(rx) => Ok(rx.try_recv().ok()),
+        }
+    }
+
+    /// Reads the next frame; `Ok(None)` is a clean end of stream.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: partial frames stay in the reader's buffer.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors, a malformed frame, or a stream that ends inside a frame.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
+        match &mut self.kind {
+            ReaderKind::InProc(rx) => Ok(rx.recv().await),
+            ReaderKind::Stream { io, buf } => loop {
+                if let Some(frame) = self.decoder.decode(buf)? {
+                    return Ok(Some(frame));
+                }
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(READ_CHUNK);
+                }
+                if io.read_buf(buf).await? == 0 {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let e = io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("stream ended inside a frame ({} bytes buffered)", buf.len()),
+                    );
+                    return Err(ReadError::Io(e));
+                }
+            },
+        }
+    }
+}
+
+enum WriterKind {
+    Stream { io: BoxWrite, buf: BytesMut },
+    InProc { tx: mpsc::Sender<Frame>, pending: Vec<Frame> },
+}
+
+/// Writes frames to one connection in batches.
+pub struct FrameWriter {
+    kind: WriterKind,
+}
+
+impl FrameWriter {
+    pub(crate) fn stream(io: BoxWrite) -> Self {
+        Self {
+            kind: WriterKind::Stream {
+                io,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+            },
+        }
+    }
+
+    pub(crate) fn inproc(tx: mpsc::Sender<Frame>) -> Self {
+        Self {
+            kind: WriterKind::InProc {
+                tx,
+                pending: Vec::new(),
+            },
+        }
+    }
+
+    /// Adds a frame to the batch.
+    pub fn push(&mut self, frame: &Frame) {
+        match &mut self.kind {
+            WriterKind::Stream { buf, .. } => frame.encode(buf),
+            WriterKind::InProc { pending, .. } => pending.push(frame.clone()),
+        }
+    }
+
+    /// Adds a message delivery to the batch (no payload copy for in-process peers).
+    pub fn push_deliver(&mut self, msg: &Message) {
+        match &mut self.kind {
+            WriterKind::Stream { buf, .. } => encode_message_frame(buf, kind::DELIVER, msg),
+            WriterKind::InProc { pending, .. } => pending.push(Frame::Deliver(msg.clone())),
+        }
+    }
+
+    /// Appends bytes that already hold complete encoded frames (client publish fast path).
+    /// In-process writers decode them back into frames.
+    ///
+    /// # Errors
+    ///
+    /// When the bytes are not complete frames (a caller bug).
+    pub fn push_encoded(&mut self, bytes: &mut BytesMut) -> Result<(), ReadError> {
+        match &mut self.kind {
+            WriterKind::Stream { buf, .. } => {
+                if buf.is_empty() {
+                    std::mem::swap(buf, bytes);
+                } else {
+                    buf.extend_from_slice(bytes);
+                    bytes.clear();
+                }
+                Ok(())
+            }
+            WriterKind::InProc { pending, .. } => {
+                let decoder = FrameDecoder::new(usize::MAX);
+                while let Some(frame) = decoder.decode(bytes)? {
+                    pending.push(frame);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes (or frames, in process) waiting for [`FrameWriter::flush`].
+    pub fn pending(&self) -> usize {
+        match &self.kind {
+            WriterKind::Stream { buf, .. } => buf.len(),
+            WriterKind::InProc { pending, .. } => pending.len(),
+        }
+    }
+
+    /// Writes the batch.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: a cancelled flush may have written part of the batch.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors; in process, a closed peer is `BrokenPipe`.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        match &mut self.kind {
+            WriterKind::Stream { io, buf } => {
+                if !buf.is_empty() {
+                    io.write_all(buf).await?;
+                    buf.clear();
+                    if buf.capacity() > 4 * READ_CHUNK {
+                        *buf = BytesMut::with_capacity(READ_CHUNK);
+                    }
+                }
+                io.flush().await
+            }
+            WriterKind::InProc { tx, pending } => {
+                for frame in pending.drain(..) {
+                    tx.send(frame).await.map_err(|_| {
+                        io::Error::new(io::ErrorKind::BrokenPipe, "in-process peer closed")
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Flushes, then shuts down the write direction.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors.
+    pub async fn shutdown(&mut self) -> io::Result<()> {
+        self.flush().await?;
+        if let WriterKind::Stream { io, .. } = &mut self.kind {
+            io.shutdown().await?;
+        }
+        Ok(())
+    }
+}

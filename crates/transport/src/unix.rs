@@ -1,0 +1,196 @@
+//! Unix domain sockets with safe paths (DESIGN §6).
+//!
+//! - The default socket lives in a directory of ours with mode 0700 (`$XDG_RUNTIME_DIR/daemoneye`
+//!   or `/tmp/daemoneye-<uid>`); an existing directory must be ours and not a symlink.
+//! - An existing socket path is replaced only when it is a socket of ours that nobody answers
+//!   on (stale); a live broker's socket is never stolen; symlinks are never followed.
+//! - The socket is bound inside a fresh 0700 staging directory, set to 0600, then renamed into
+//!   place, so no other user can connect during the window before `chmod`.
+//! - The listener's guard removes the socket file on drop if it is still the one we bound.
+
+use crate::error::TransportError;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// Mode of the socket file.
+pub const SOCKET_MODE: u32 = 0o600;
+/// Mode of the socket's private directory.
+pub const DIR_MODE: u32 = 0o700;
+/// File name of the default socket.
+pub const DEFAULT_SOCKET_NAME: &str = "eventbus.sock";
+
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// The default socket path: `$XDG_RUNTIME_DIR/daemoneye/eventbus.sock` when that variable
+/// names an existing directory, else `/tmp/daemoneye-<uid>/eventbus.sock`.
+pub fn default_socket_path() -> PathBuf {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute() && p.is_dir())
+        .map(|p| p.join("daemoneye"));
+    base.unwrap_or_else(|| std::env::temp_dir().join(format!("daemoneye-{}", uid())))
+        .join(DEFAULT_SOCKET_NAME)
+}
+
+/// Creates `dir` with mode 0700, or checks an existing one: a real directory (not a symlink)
+/// owned by us; a wider mode is tightened to 0700.
+///
+/// # Errors
+///
+/// [`TransportError::Symlink`], [`TransportError::ForeignOwner`], or an I/O error naming the
+/// path.
+pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .mode(DIR_MODE)
+                .create(dir)
+                .or_else(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .map_err(|e| TransportError::io(format!("creating {}", dir.display()), e))?;
+            check_private_dir(dir)
+        }
+        Err(e) => Err(TransportError::io(format!("inspecting {}", dir.display()), e)),
+        Ok(_) => check_private_dir(dir),
+    }
+}
+
+fn check_private_dir(dir: &Path) -> Result<(), TransportError> {
+    let meta = fs::symlink_metadata(dir)
+        .map_err(|e| TransportError::io(format!("inspecting {}", dir.display()), e))?;
+    if meta.file_type().is_symlink() {
+        return Err(TransportError::Symlink(dir.to_owned()));
+    }
+    if !meta.is_dir() {
+        let e = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
+        return Err(TransportError::io(format!("using {}", dir.display()), e));
+    }
+    if meta.uid() != uid() {
+        return Err(TransportError::ForeignOwner {
+            path: dir.to_owned(),
+            owner: meta.uid(),
+            expected: uid(),
+        });
+    }
+    if meta.mode() & 0o777 != DIR_MODE {
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
+            .map_err(|e| TransportError::io(format!("setting mode 0700 on {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Removes a stale socket at `path`, or explains why the path cannot be used.
+fn clear_stale(path: &Path) -> Result<(), TransportError> {
+    let meta = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(TransportError::io(format!("inspecting {}", path.display()), e)),
+        Ok(m) => m,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(TransportError::Symlink(path.to_owned()));
+    }
+    if !meta.file_type().is_socket() {
+        return Err(TransportError::NotASocket(path.to_owned()));
+    }
+    if meta.uid() != uid() {
+        return Err(TransportError::ForeignOwner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            expected: uid(),
+        });
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(TransportError::AddressInUse(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(path)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| TransportError::io(format!("removing stale {}", path.display()), e)),
+        Err(e) => Err(TransportError::io(format!("probing {}", path.display()), e)),
+    }
+}
+
+/// Removes the socket file on drop if it is still the one this listener bound.
+#[derive(Debug)]
+pub struct SocketGuard {
+    path: PathBuf,
+    ino: u64,
+}
+
+impl SocketGuard {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if let Ok(meta) = fs::symlink_metadata(&self.path)
+            && meta.ino() == self.ino
+            && meta.file_type().is_socket()
+        {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Binds a listening socket at `path` with the rules of this module. When `path` is the
+/// default path, its directory is created or checked as private first.
+///
+/// # Errors
+///
+/// Any [`TransportError`] naming the path and the reason.
+pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketGuard), TransportError> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if path == default_socket_path() {
+        ensure_private_dir(parent)?;
+    }
+    clear_stale(path)?;
+    let staging = parent.join(format!(
+        ".eventbus-bind-{}-{:016x}",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    fs::DirBuilder::new()
+        .mode(DIR_MODE)
+        .create(&staging)
+        .map_err(|e| TransportError::io(format!("creating {}", staging.display()), e))?;
+    let result = bind_staged(&staging, path);
+    let _ = fs::remove_dir_all(&staging);
+    result
+}
+
+fn bind_staged(
+    staging: &Path,
+    path: &Path,
+) -> Result<(tokio::net::UnixListener, SocketGuard), TransportError> {
+    let tmp = staging.join("s");
+    let listener = std::os::unix::net::UnixListener::bind(&tmp)
+        .map_err(|e| TransportError::io(format!("binding {}", path.display()), e))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(|e| TransportError::io(format!("setting mode 0600 on {}", path.display()), e))?;
+    // Re-check right before the rename: a broker that started meanwhile wins.
+    clear_stale(path)?;
+    fs::rename(&tmp, path)
+        .map_err(|e| TransportError::io(format!("moving socket into {}", path.display()), e))?;
+    let ino = fs::symlink_metadata(path)
+        .map_err(|e| TransportError::io(format!("inspecting {}", path.display()), e))?
+        .ino();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| TransportError::io("setting the socket non-blocking", e))?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| TransportError::io("registering the socket with tokio", e))?;
+    Ok((listener, SocketGuard { path: path.to_owned(), ino }))
+}
