@@ -163,7 +163,7 @@ pub struct Hello {
 pub struct Welcome {
     /// Version the broker speaks.
     pub version: Version,
-    /// Session id; the high half of the client's message ids.
+    /// Broker-assigned session id (identifies the connection in statistics and logs).
     pub session_id: u64,
     /// Capability bits (reserved).
     pub capabilities: u32,
@@ -470,7 +470,7 @@ fn encode_header(dst: &mut BytesMut, h: &Header) {
         flags |= FLAG_CORRELATION;
     }
     dst.put_u8(flags);
-    dst.put_u64_le(h.id.session);
+    dst.put_u64_le(h.id.publisher);
     dst.put_u64_le(h.id.sequence);
     dst.put_u64_le(h.timestamp_ns);
     put_str8(dst, &h.source);
@@ -639,7 +639,7 @@ impl Frame {
 }
 
 fn put_id(dst: &mut BytesMut, id: MessageId) {
-    dst.put_u64_le(id.session);
+    dst.put_u64_le(id.publisher);
     dst.put_u64_le(id.sequence);
 }
 
@@ -678,7 +678,12 @@ impl Cursor {
         self.need(n, field)?;
         Ok(self.buf.split_to(n))
     }
-    fn str_bytes(&mut self, len: usize, max: usize, field: &'static str) -> Result<ByteStr, FrameError> {
+    fn str_bytes(
+        &mut self,
+        len: usize,
+        max: usize,
+        field: &'static str,
+    ) -> Result<ByteStr, FrameError> {
         if len > max {
             return Err(FrameError::FieldTooLong { field, len, max });
         }
@@ -707,7 +712,7 @@ impl Cursor {
     }
     fn id(&mut self) -> Result<MessageId, FrameError> {
         Ok(MessageId {
-            session: self.u64("message_id.session")?,
+            publisher: self.u64("message_id.publisher")?,
             sequence: self.u64("message_id.sequence")?,
         })
     }
@@ -760,9 +765,13 @@ fn decode_header(buf: Bytes) -> Result<Header, FrameError> {
 }
 
 fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError> {
-    let correlation_id = c.str16(MAX_CORRELATION_ID_LEN, "correlation.id")?.to_string();
+    let correlation_id = c
+        .str16(MAX_CORRELATION_ID_LEN, "correlation.id")?
+        .to_string();
     let parent_correlation_id = c.opt_str16(MAX_CORRELATION_ID_LEN, "correlation.parent")?;
-    let root_correlation_id = c.str16(MAX_CORRELATION_ID_LEN, "correlation.root")?.to_string();
+    let root_correlation_id = c
+        .str16(MAX_CORRELATION_ID_LEN, "correlation.root")?
+        .to_string();
     let sequence_number = c.u64("correlation.sequence")?;
     let workflow_stage = c.opt_str16(MAX_STAGE_LEN, "correlation.stage")?;
     let created_at_ns = c.u64("correlation.created_at")?;

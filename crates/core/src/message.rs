@@ -7,13 +7,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
 
-/// Globally unique message id: the publisher's broker-assigned session id and its sequence
-/// number. Duplicates are detectable by comparing ids.
+/// Unique message id: a random 64-bit publisher id the client picks once for its lifetime
+/// (kept across reconnects) and a per-publisher sequence number. Duplicates are detectable by
+/// comparing ids.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct MessageId {
-    /// Session id the broker gave the publisher in its handshake.
-    pub session: u64,
-    /// Per-session sequence number, starting at 1.
+    /// Random id of the publishing client, fixed for its lifetime.
+    pub publisher: u64,
+    /// Per-publisher sequence number, starting at 1.
     pub sequence: u64,
 }
 
@@ -25,7 +26,7 @@ impl fmt::Debug for MessageId {
 
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:x}-{}", self.session, self.sequence)
+        write!(f, "{:x}-{}", self.publisher, self.sequence)
     }
 }
 

@@ -229,21 +229,35 @@ fn validate_segment(
             return Ok(());
         }
         let segment = seg.to_owned();
-        return Err(err(mode, input, TopicErrorKind::BadReservedRoot { segment }));
+        return Err(err(
+            mode,
+            input,
+            TopicErrorKind::BadReservedRoot { segment },
+        ));
     }
     for (i, ch) in seg.char_indices() {
         match ch {
             'a'..='z' | '0'..='9' | '_' | '-' => {}
             '+' | '*' | '#' => {
                 let segment = seg.to_owned();
-                return Err(err(mode, input, TopicErrorKind::PartialWildcard { segment }));
+                return Err(err(
+                    mode,
+                    input,
+                    TopicErrorKind::PartialWildcard { segment },
+                ));
             }
             'A'..='Z' => {
-                let kind = TopicErrorKind::UpperCase { ch, offset: offset + i };
+                let kind = TopicErrorKind::UpperCase {
+                    ch,
+                    offset: offset + i,
+                };
                 return Err(err(mode, input, kind));
             }
             _ => {
-                let kind = TopicErrorKind::InvalidChar { ch, offset: offset + i };
+                let kind = TopicErrorKind::InvalidChar {
+                    ch,
+                    offset: offset + i,
+                };
                 return Err(err(mode, input, kind));
             }
         }
@@ -380,8 +394,10 @@ impl TopicFilter {
     pub fn new(s: impl AsRef<str>) -> Result<Self, TopicError> {
         let s = s.as_ref();
         if validate(s, Mode::Filter)? {
-            let normalised: Vec<&str> =
-                s.split('.').map(|seg| if seg == "*" { "+" } else { seg }).collect();
+            let normalised: Vec<&str> = s
+                .split('.')
+                .map(|seg| if seg == "*" { "+" } else { seg })
+                .collect();
             return Ok(Self(ByteStr::from(normalised.join("."))));
         }
         Ok(Self(ByteStr::from(s)))
@@ -465,7 +481,12 @@ mod tests {
 
     #[test]
     fn valid_topics() {
-        for s in ["a", "events.process.lifecycle", "a-b.c_d.0", "$sys.broker.stats"] {
+        for s in [
+            "a",
+            "events.process.lifecycle",
+            "a-b.c_d.0",
+            "$sys.broker.stats",
+        ] {
             assert!(Topic::new(s).is_ok(), "{s}");
         }
     }
@@ -479,7 +500,10 @@ mod tests {
             Topic::new("a..b").unwrap_err().kind(),
             TopicErrorKind::EmptySegment { index: 1 }
         ));
-        assert!(matches!(Topic::new("").unwrap_err().kind(), TopicErrorKind::Empty));
+        assert!(matches!(
+            Topic::new("").unwrap_err().kind(),
+            TopicErrorKind::Empty
+        ));
         assert!(matches!(
             Topic::new("a.+").unwrap_err().kind(),
             TopicErrorKind::WildcardInTopic { index: 1 }

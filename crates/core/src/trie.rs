@@ -206,7 +206,10 @@ impl<S: Copy + Eq> SubscriptionTrie<S> {
     fn walk(&self, id: NodeId, rest: Option<&str>, reserved: bool, f: &mut impl FnMut(&S)) {
         let node = &self.nodes[id as usize];
         if let Some(multi) = node.multi.filter(|_| !reserved) {
-            self.nodes[multi as usize].subscribers.iter().for_each(&mut *f);
+            self.nodes[multi as usize]
+                .subscribers
+                .iter()
+                .for_each(&mut *f);
         }
         let Some(rest) = rest else {
             node.subscribers.iter().for_each(f);
@@ -249,12 +252,18 @@ pub struct NaiveMatcher<S> {
 impl<S: Copy + Ord> NaiveMatcher<S> {
     /// An empty matcher.
     pub fn new() -> Self {
-        Self { entries: Vec::new() }
+        Self {
+            entries: Vec::new(),
+        }
     }
 
     /// Adds an entry; returns `false` when it was already present.
     pub fn insert(&mut self, filter: &TopicFilter, subscriber: S) -> bool {
-        if self.entries.iter().any(|(f, s)| f == filter && *s == subscriber) {
+        if self
+            .entries
+            .iter()
+            .any(|(f, s)| f == filter && *s == subscriber)
+        {
             return false;
         }
         self.entries.push((filter.clone(), subscriber));
@@ -264,7 +273,8 @@ impl<S: Copy + Ord> NaiveMatcher<S> {
     /// Removes an entry; returns `false` when it was absent.
     pub fn remove(&mut self, filter: &TopicFilter, subscriber: S) -> bool {
         let before = self.entries.len();
-        self.entries.retain(|(f, s)| !(f == filter && *s == subscriber));
+        self.entries
+            .retain(|(f, s)| !(f == filter && *s == subscriber));
         before != self.entries.len()
     }
 

@@ -16,7 +16,11 @@ fn encode(frame: &Frame) -> Vec<u8> {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn decode_one(bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
@@ -26,13 +30,20 @@ fn decode_one(bytes: &[u8]) -> Result<Option<Frame>, FrameError> {
 
 fn simple_message(payload: &'static [u8]) -> Message {
     let header = Header {
-        id: MessageId { session: 1, sequence: 2 },
+        id: MessageId {
+            publisher: 1,
+            sequence: 2,
+        },
         timestamp_ns: 3,
         qos: Qos::Realtime,
         source: ByteStr::from("p"),
         ..Header::default()
     };
-    Message::new(Topic::new("a.b").unwrap(), header, Bytes::from_static(payload))
+    Message::new(
+        Topic::new("a.b").unwrap(),
+        header,
+        Bytes::from_static(payload),
+    )
 }
 
 // Each fixture below is reproduced byte for byte in docs/protocol.md, section "Examples".
@@ -77,7 +88,10 @@ fn golden_publish() {
 
 #[test]
 fn golden_ping_and_error() {
-    assert_eq!(hex(&encode(&Frame::Ping(5))), "09 00 00 00 0a 05 00 00 00 00 00 00 00");
+    assert_eq!(
+        hex(&encode(&Frame::Ping(5))),
+        "09 00 00 00 0a 05 00 00 00 00 00 00 00"
+    );
     let e = Frame::Error(ErrorFrame {
         request_id: 0,
         code: ErrorCode::ConnectionLimit,
@@ -110,14 +124,23 @@ fn too_large_is_refused_from_the_prefix_alone() {
     buf.extend_from_slice(&((max + 1) as u32).to_le_bytes());
     let err = FrameDecoder::new(max).decode(&mut buf).unwrap_err();
     assert_eq!(err, FrameError::TooLarge { len: max + 1, max });
-    assert!(buf.capacity() < 1024, "nothing reserved for a refused frame");
+    assert!(
+        buf.capacity() < 1024,
+        "nothing reserved for a refused frame"
+    );
 }
 
 #[test]
 fn garbage_is_an_error_not_a_panic() {
-    assert_eq!(decode_one(&[1, 0, 0, 0, 0xEE]), Err(FrameError::UnknownKind(0xEE)));
+    assert_eq!(
+        decode_one(&[1, 0, 0, 0, 0xEE]),
+        Err(FrameError::UnknownKind(0xEE))
+    );
     assert_eq!(decode_one(&[0, 0, 0, 0]), Err(FrameError::Empty));
-    assert!(matches!(decode_one(&[2, 0, 0, 0, kind::PING, 1]), Err(FrameError::Truncated(_))));
+    assert!(matches!(
+        decode_one(&[2, 0, 0, 0, kind::PING, 1]),
+        Err(FrameError::Truncated(_))
+    ));
     // A publish whose topic is upper case.
     let mut b = BytesMut::new();
     Frame::Publish(simple_message(b"x")).encode(&mut b);
@@ -131,7 +154,10 @@ fn partial_frames_wait_for_more_bytes() {
     let dec = FrameDecoder::new(1 << 20);
     let mut buf = BytesMut::new();
     for (i, b) in bytes.iter().enumerate() {
-        assert!(dec.decode(&mut buf).unwrap().is_none(), "complete early at {i}");
+        assert!(
+            dec.decode(&mut buf).unwrap().is_none(),
+            "complete early at {i}"
+        );
         buf.extend_from_slice(&[*b]);
     }
     assert!(dec.decode(&mut buf).unwrap().is_some());
@@ -142,7 +168,10 @@ fn partial_frames_wait_for_more_bytes() {
 fn frames_of_every_size_up_to_the_limit() {
     let limit = 1 << 20;
     for size in [0, 1, 65_535, 65_536, 65_537, limit] {
-        let header = Header { source: ByteStr::from("s"), ..Header::default() };
+        let header = Header {
+            source: ByteStr::from("s"),
+            ..Header::default()
+        };
         let payload = Bytes::from(vec![0xAB; size]);
         let msg = Message::new(Topic::new("big").unwrap(), header, payload.clone());
         let bytes = encode(&Frame::Publish(msg));
@@ -155,8 +184,13 @@ fn frames_of_every_size_up_to_the_limit() {
 
 fn correlation() -> impl Strategy<Value = Option<Box<CorrelationMetadata>>> {
     let tags = prop::collection::btree_map("[a-z]{1,8}", "\\PC{0,20}", 0..5);
-    let meta = ("[a-z0-9-]{1,40}", prop::option::of("[a-z]{1,10}"), any::<u64>(), tags).prop_map(
-        |(id, parent, seq, tags)| {
+    let meta = (
+        "[a-z0-9-]{1,40}",
+        prop::option::of("[a-z]{1,10}"),
+        any::<u64>(),
+        tags,
+    )
+        .prop_map(|(id, parent, seq, tags)| {
             Box::new(CorrelationMetadata {
                 correlation_id: id.clone(),
                 parent_correlation_id: parent,
@@ -166,8 +200,7 @@ fn correlation() -> impl Strategy<Value = Option<Box<CorrelationMetadata>>> {
                 tags,
                 created_at_ns: seq / 2,
             })
-        },
-    );
+        });
     prop::option::of(meta)
 }
 
@@ -182,9 +215,16 @@ fn message() -> impl Strategy<Value = Message> {
     )
         .prop_map(|(topic, (s, q, ts), processed, deadline, corr, payload)| {
             let header = Header {
-                id: MessageId { session: s, sequence: q },
+                id: MessageId {
+                    publisher: s,
+                    sequence: q,
+                },
                 timestamp_ns: ts,
-                qos: if processed { Qos::Processed } else { Qos::Realtime },
+                qos: if processed {
+                    Qos::Processed
+                } else {
+                    Qos::Realtime
+                },
                 source: ByteStr::from("src"),
                 reply_to: deadline.map(|_| Topic::new("_inbox.c.1").unwrap()),
                 deadline_ns: deadline,

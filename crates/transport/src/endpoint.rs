@@ -31,7 +31,10 @@ impl Endpoint {
             input: input.to_owned(),
             reason,
         };
-        if let Some(rest) = input.strip_prefix("unix://").or(input.strip_prefix("unix:")) {
+        if let Some(rest) = input
+            .strip_prefix("unix://")
+            .or(input.strip_prefix("unix:"))
+        {
             if rest.is_empty() {
                 return Err(bad("the socket path is empty"));
             }
@@ -92,12 +95,18 @@ mod tests {
             Endpoint::parse("unix:///tmp/x.sock").unwrap(),
             Endpoint::Unix("/tmp/x.sock".into())
         );
-        assert_eq!(Endpoint::parse("/a/b").unwrap(), Endpoint::Unix("/a/b".into()));
+        assert_eq!(
+            Endpoint::parse("/a/b").unwrap(),
+            Endpoint::Unix("/a/b".into())
+        );
         assert_eq!(
             Endpoint::parse("tcp://127.0.0.1:9").unwrap(),
             Endpoint::Tcp("127.0.0.1:9".parse().unwrap())
         );
-        assert_eq!(Endpoint::parse("inproc://b").unwrap(), Endpoint::InProc("b".into()));
+        assert_eq!(
+            Endpoint::parse("inproc://b").unwrap(),
+            Endpoint::InProc("b".into())
+        );
         assert!(Endpoint::parse("tcp://localhost").is_err());
         assert!(Endpoint::parse("http://x").is_err());
         assert!(Endpoint::parse("inproc://").is_err());

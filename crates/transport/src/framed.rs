@@ -106,8 +106,14 @@ impl FrameReader {
 }
 
 enum WriterKind {
-    Stream { io: BoxWrite, buf: BytesMut },
-    InProc { tx: mpsc::Sender<Frame>, pending: Vec<Frame> },
+    Stream {
+        io: BoxWrite,
+        buf: BytesMut,
+    },
+    InProc {
+        tx: mpsc::Sender<Frame>,
+        pending: Vec<Frame>,
+    },
 }
 
 /// Writes frames to one connection in batches.

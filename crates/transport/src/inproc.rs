@@ -52,7 +52,10 @@ impl InProcListener {
 impl Drop for InProcListener {
     fn drop(&mut self) {
         let mut reg = registry().lock();
-        if reg.get(&self.name).is_some_and(|tx| tx.same_channel(&self.tx)) {
+        if reg
+            .get(&self.name)
+            .is_some_and(|tx| tx.same_channel(&self.tx))
+        {
             reg.remove(&self.name);
         }
     }

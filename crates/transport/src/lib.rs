@@ -78,7 +78,9 @@ pub struct Connection {
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Connection").field("peer", &self.peer).finish()
+        f.debug_struct("Connection")
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -104,7 +106,9 @@ pub struct Listener {
 
 impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Listener").field("endpoint", &self.endpoint).finish()
+        f.debug_struct("Listener")
+            .field("endpoint", &self.endpoint)
+            .finish()
     }
 }
 

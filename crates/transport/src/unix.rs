@@ -56,7 +56,10 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), TransportError> {
                 .map_err(|e| TransportError::io(format!("creating {}", dir.display()), e))?;
             check_private_dir(dir)
         }
-        Err(e) => Err(TransportError::io(format!("inspecting {}", dir.display()), e)),
+        Err(e) => Err(TransportError::io(
+            format!("inspecting {}", dir.display()),
+            e,
+        )),
         Ok(_) => check_private_dir(dir),
     }
 }
@@ -79,8 +82,9 @@ fn check_private_dir(dir: &Path) -> Result<(), TransportError> {
         });
     }
     if meta.mode() & 0o777 != DIR_MODE {
-        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))
-            .map_err(|e| TransportError::io(format!("setting mode 0700 on {}", dir.display()), e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE)).map_err(|e| {
+            TransportError::io(format!("setting mode 0700 on {}", dir.display()), e)
+        })?;
     }
     Ok(())
 }
@@ -89,7 +93,12 @@ fn check_private_dir(dir: &Path) -> Result<(), TransportError> {
 fn clear_stale(path: &Path) -> Result<(), TransportError> {
     let meta = match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(TransportError::io(format!("inspecting {}", path.display()), e)),
+        Err(e) => {
+            return Err(TransportError::io(
+                format!("inspecting {}", path.display()),
+                e,
+            ));
+        }
         Ok(m) => m,
     };
     if meta.file_type().is_symlink() {
@@ -192,5 +201,11 @@ fn bind_staged(
         .map_err(|e| TransportError::io("setting the socket non-blocking", e))?;
     let listener = tokio::net::UnixListener::from_std(listener)
         .map_err(|e| TransportError::io("registering the socket with tokio", e))?;
-    Ok((listener, SocketGuard { path: path.to_owned(), ino }))
+    Ok((
+        listener,
+        SocketGuard {
+            path: path.to_owned(),
+            ino,
+        },
+    ))
 }

@@ -1,0 +1,186 @@
+//! Broker configuration (seed `BrokerConfig` defaults plus the bounds DESIGN §5 asks for).
+
+use daemoneye_eventbus_core::codec::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT};
+use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Broker settings. Every field has a default; unknown keys in a file are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// Unix socket path; `None` uses the default private path.
+    pub socket_path: Option<PathBuf>,
+    /// Also listen on this loopback TCP address (plain TCP, loopback only).
+    pub tcp_listen: Option<SocketAddr>,
+    /// Maximum concurrent connections (default 64). Extra connections are refused with a
+    /// `ConnectionLimit` error.
+    pub max_connections: usize,
+    /// Per-connection outbound queue bound, in messages (default 1000).
+    pub message_buffer_size: usize,
+    /// Per-connection outbound queue bound, in bytes (default 16 MiB).
+    pub subscriber_buffer_bytes: usize,
+    /// Broker-wide cap on queued message bytes (default 100 MiB).
+    pub max_memory_bytes: usize,
+    /// A connection silent for this long is closed (default 30 s).
+    pub connection_timeout_secs: u64,
+    /// Deadline for the client's handshake (default 5000 ms).
+    pub handshake_timeout_ms: u64,
+    /// Keepalive interval announced to clients; the broker pings a silent client after it
+    /// (default 10000 ms).
+    pub keepalive_interval_ms: u64,
+    /// Publish statistics on `$sys.broker.stats` (default true).
+    pub enable_statistics: bool,
+    /// Interval between `$sys.broker.stats` publications (default 30 s).
+    pub stats_interval_secs: u64,
+    /// Largest payload accepted, in bytes (default 1 MiB, at most 64 MiB).
+    pub max_message_size: usize,
+    /// Unix peers allowed to connect, by uid. Empty means the broker's own uid and root.
+    pub allowed_uids: Vec<u32>,
+    /// How long shutdown waits for sessions to drain (default 5000 ms).
+    pub shutdown_timeout_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            socket_path: None,
+            tcp_listen: None,
+            max_connections: 64,
+            message_buffer_size: 1000,
+            subscriber_buffer_bytes: 16 * 1024 * 1024,
+            max_memory_bytes: 100 * 1024 * 1024,
+            connection_timeout_secs: 30,
+            handshake_timeout_ms: 5000,
+            keepalive_interval_ms: 10_000,
+            enable_statistics: true,
+            stats_interval_secs: 30,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            allowed_uids: Vec::new(),
+            shutdown_timeout_ms: 5000,
+        }
+    }
+}
+
+/// A configuration value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid broker configuration: {field} = {value}: {reason}")]
+pub struct ConfigError {
+    /// The field.
+    pub field: &'static str,
+    /// Its value.
+    pub value: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+fn check(
+    ok: bool,
+    field: &'static str,
+    value: impl ToString,
+    reason: String,
+) -> Result<(), ConfigError> {
+    if ok {
+        return Ok(());
+    }
+    Err(ConfigError {
+        field,
+        value: value.to_string(),
+        reason,
+    })
+}
+
+impl BrokerConfig {
+    /// Checks that the values can work together.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field and the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = self.max_message_size;
+        check(
+            m > 0 && m <= MAX_MESSAGE_SIZE_LIMIT,
+            "max_message_size",
+            m,
+            format!("must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes"),
+        )?;
+        check(
+            self.max_connections > 0,
+            "max_connections",
+            self.max_connections,
+            "must be at least 1".into(),
+        )?;
+        check(
+            self.message_buffer_size > 0,
+            "message_buffer_size",
+            self.message_buffer_size,
+            "must be at least 1".into(),
+        )?;
+        let need = m + MESSAGE_OVERHEAD + 256;
+        check(
+            self.subscriber_buffer_bytes >= need,
+            "subscriber_buffer_bytes",
+            self.subscriber_buffer_bytes,
+            format!("must hold one message of max_message_size ({need} bytes)"),
+        )?;
+        check(
+            self.max_memory_bytes >= self.subscriber_buffer_bytes,
+            "max_memory_bytes",
+            self.max_memory_bytes,
+            "must be at least subscriber_buffer_bytes".into(),
+        )?;
+        for (field, v) in [
+            ("connection_timeout_secs", self.connection_timeout_secs),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("keepalive_interval_ms", self.keepalive_interval_ms),
+            ("stats_interval_secs", self.stats_interval_secs),
+        ] {
+            check(v > 0, field, v, "must be greater than 0".into())?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+    pub(crate) fn keepalive(&self) -> Duration {
+        Duration::from_millis(self.keepalive_interval_ms)
+    }
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.connection_timeout_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seed_values_and_valid() {
+        let c = BrokerConfig::default();
+        assert_eq!(c.max_connections, 64);
+        assert_eq!(c.message_buffer_size, 1000);
+        assert_eq!(c.max_message_size, 1024 * 1024);
+        assert_eq!(c.connection_timeout_secs, 30);
+        assert_eq!(c.stats_interval_secs, 30);
+        assert!(c.enable_statistics);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let c = BrokerConfig {
+            max_message_size: 65 * 1024 * 1024,
+            ..Default::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.field, "max_message_size");
+        let c = BrokerConfig {
+            subscriber_buffer_bytes: 10,
+            ..Default::default()
+        };
+        assert_eq!(c.validate().unwrap_err().field, "subscriber_buffer_bytes");
+    }
+}

@@ -1,0 +1,366 @@
+//! Per-connection outbound queues, bounded in messages and bytes, plus the broker-wide memory
+//! cap.
+//!
+//! Policy when full (DESIGN §5): `DropOldest` evicts the oldest queued messages and records
+//! them per topic for an in-band `Notice`; `Disconnect` closes the connection. Control frames
+//! (replies, pongs, errors) are never evicted; a peer that lets more than
+//! [`MAX_QUEUED_CONTROL`] of them pile up is disconnected.
+
+use daemoneye_eventbus_core::codec::{DropReason, Notice, SlowReaderPolicy};
+use daemoneye_eventbus_core::{Frame, Message, Topic};
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::Notify;
+
+/// Control frames allowed to wait in one outbox before the peer is disconnected.
+pub const MAX_QUEUED_CONTROL: usize = 4096;
+
+/// Broker-wide accounting of queued message bytes against `max_memory_bytes`.
+#[derive(Debug)]
+pub(crate) struct Memory {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl Memory {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    fn try_reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.cap).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+}
+
+/// An item waiting to be written.
+pub(crate) enum Out {
+    Msg(Message),
+    Frame(Frame),
+}
+
+/// Result of queueing a message.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Queued; `evicted` older messages were dropped to make room.
+    Queued { evicted: u64 },
+    /// Not queued: the broker-wide memory cap left no room even after evicting ours.
+    Dropped,
+    /// The queue was full and the policy is to disconnect; the connection must close.
+    Overflow,
+    /// The connection is closing.
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Out>,
+    msgs: usize,
+    bytes: usize,
+    controls: usize,
+    pending_drops: BTreeMap<Topic, u64>,
+    pending_reason: Option<DropReason>,
+    dropped_total: u64,
+    dropped_by_topic: BTreeMap<Topic, u64>,
+    closed: bool,
+}
+
+impl State {
+    fn record_drop(&mut self, topic: &Topic, reason: DropReason) {
+        *self.pending_drops.entry(topic.clone()).or_default() += 1;
+        *self.dropped_by_topic.entry(topic.clone()).or_default() += 1;
+        self.dropped_total += 1;
+        if self.pending_reason.is_none() || reason == DropReason::MemoryCap {
+            self.pending_reason = Some(reason);
+        }
+    }
+
+    /// Evicts the oldest message; returns its size, or `None` when no message is queued.
+    fn evict_oldest(&mut self, reason: DropReason) -> Option<usize> {
+        let pos = self.queue.iter().position(|o| matches!(o, Out::Msg(_)))?;
+        let Some(Out::Msg(m)) = self.queue.remove(pos) else {
+            unreachable!("position found a message");
+        };
+        let size = m.accounted_size();
+        self.msgs -= 1;
+        self.bytes -= size;
+        self.record_drop(m.topic(), reason);
+        Some(size)
+    }
+}
+
+/// What the writer took in one batch.
+pub(crate) struct Batch {
+    /// Drop notice to write before the batch's messages.
+    pub(crate) notice: Option<Frame>,
+    /// Message bytes taken (to release from [`Memory`] after writing).
+    pub(crate) bytes: usize,
+    /// Messages taken.
+    pub(crate) msgs: usize,
+}
+
+/// Snapshot of one outbox for statistics.
+pub(crate) struct OutboxStats {
+    pub(crate) queued_msgs: usize,
+    pub(crate) queued_bytes: usize,
+    pub(crate) dropped: u64,
+    pub(crate) dropped_by_topic: BTreeMap<Topic, u64>,
+}
+
+/// One connection's outbound queue.
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_msgs: usize,
+    max_bytes: usize,
+    policy: SlowReaderPolicy,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_msgs: usize, max_bytes: usize, policy: SlowReaderPolicy) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_msgs,
+            max_bytes,
+            policy,
+        }
+    }
+
+    /// Queues a message under the per-connection bounds and the broker-wide cap.
+    pub(crate) fn push_message(&self, msg: &Message, memory: &Memory) -> Pushed {
+        let size = msg.accounted_size();
+        let mut st = self.state.lock();
+        if st.closed {
+            return Pushed::Closed;
+        }
+        let mut evicted = 0;
+        let mut freed = 0;
+        while st.msgs >= self.max_msgs || st.bytes + size > self.max_bytes {
+            if self.policy == SlowReaderPolicy::Disconnect {
+                st.closed = true;
+                drop(st);
+                self.notify.notify_one();
+                return Pushed::Overflow;
+            }
+            match st.evict_oldest(DropReason::SlowReader) {
+                Some(n) => {
+                    freed += n;
+                    evicted += 1;
+                }
+                None => break,
+            }
+        }
+        memory.release(freed);
+        while !memory.try_reserve(size) {
+            match st.evict_oldest(DropReason::MemoryCap) {
+                Some(n) => {
+                    memory.release(n);
+                    evicted += 1;
+                }
+                None => {
+                    st.record_drop(msg.topic(), DropReason::MemoryCap);
+                    return Pushed::Dropped;
+                }
+            }
+        }
+        let was_empty = st.queue.is_empty();
+        st.queue.push_back(Out::Msg(msg.clone()));
+        st.msgs += 1;
+        st.bytes += size;
+        drop(st);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        Pushed::Queued { evicted }
+    }
+
+    /// Queues a control frame. Returns `false` when the connection is closing or the peer let
+    /// too many control frames pile up (the caller then disconnects it).
+    pub(crate) fn push_frame(&self, frame: Frame) -> bool {
+        let mut st = self.state.lock();
+        if st.closed || st.controls >= MAX_QUEUED_CONTROL {
+            return false;
+        }
+        let was_empty = st.queue.is_empty();
+        st.queue.push_back(Out::Frame(frame));
+        st.controls += 1;
+        drop(st);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Queues a final frame and closes the outbox: the writer writes what is queued, then
+    /// this frame, then stops.
+    pub(crate) fn close_with(&self, frame: Option<Frame>) {
+        let mut st = self.state.lock();
+        if let Some(f) = frame.filter(|_| !st.closed) {
+            st.queue.push_back(Out::Frame(f));
+        }
+        st.closed = true;
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// Moves everything queued into `into` (which must be empty) and reports what was taken.
+    pub(crate) fn take(&self, into: &mut VecDeque<Out>) -> Batch {
+        let mut st = self.state.lock();
+        std::mem::swap(&mut st.queue, into);
+        let notice = st.pending_reason.take().map(|reason| {
+            let topics = std::mem::take(&mut st.pending_drops).into_iter().collect();
+            Frame::Notice(Notice::Dropped { reason, topics })
+        });
+        let batch = Batch {
+            notice,
+            bytes: st.bytes,
+            msgs: st.msgs,
+        };
+        st.bytes = 0;
+        st.msgs = 0;
+        st.controls = 0;
+        batch
+    }
+
+    /// Whether the outbox is closed (nothing more will be queued).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state.lock().closed
+    }
+
+    /// Waits until something is queued or the outbox closes.
+    pub(crate) async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Closes the outbox and discards what is queued, releasing its memory. Returns the
+    /// number of messages discarded.
+    pub(crate) fn discard(&self, memory: &Memory) -> usize {
+        let mut st = self.state.lock();
+        st.closed = true;
+        let n = st.msgs;
+        memory.release(st.bytes);
+        st.queue.clear();
+        st.msgs = 0;
+        st.bytes = 0;
+        n
+    }
+
+    pub(crate) fn stats(&self) -> OutboxStats {
+        let st = self.state.lock();
+        OutboxStats {
+            queued_msgs: st.msgs,
+            queued_bytes: st.bytes,
+            dropped: st.dropped_total,
+            dropped_by_topic: st.dropped_by_topic.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use daemoneye_eventbus_core::Header;
+
+    fn msg(topic: &str, len: usize) -> Message {
+        Message::new(
+            Topic::new(topic).unwrap(),
+            Header::default(),
+            Bytes::from(vec![0; len]),
+        )
+    }
+
+    #[test]
+    fn drop_oldest_counts_and_notices_per_topic() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
+        assert_eq!(
+            ob.push_message(&msg("a", 1), &mem),
+            Pushed::Queued { evicted: 0 }
+        );
+        assert_eq!(
+            ob.push_message(&msg("b", 1), &mem),
+            Pushed::Queued { evicted: 0 }
+        );
+        assert_eq!(
+            ob.push_message(&msg("c", 1), &mem),
+            Pushed::Queued { evicted: 1 }
+        );
+        let mut q = VecDeque::new();
+        let batch = ob.take(&mut q);
+        assert_eq!(batch.msgs, 2);
+        let topics: Vec<_> = q
+            .iter()
+            .map(|o| match o {
+                Out::Msg(m) => m.topic().to_string(),
+                Out::Frame(_) => "frame".into(),
+            })
+            .collect();
+        assert_eq!(topics, ["b", "c"]);
+        match batch.notice {
+            Some(Frame::Notice(Notice::Dropped { reason, topics })) => {
+                assert_eq!(reason, DropReason::SlowReader);
+                assert_eq!(topics, vec![(Topic::new("a").unwrap(), 1)]);
+            }
+            other => panic!("expected a notice, got {other:?}"),
+        }
+        assert_eq!(ob.stats().dropped, 1);
+        mem.release(batch.bytes);
+        assert_eq!(mem.used(), 0);
+    }
+
+    #[test]
+    fn byte_bound_and_memory_cap() {
+        let one = msg("a", 100).accounted_size();
+        let mem = Memory::new(one * 3);
+        let ob = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest);
+        for _ in 0..5 {
+            ob.push_message(&msg("a", 100), &mem);
+        }
+        assert_eq!(ob.stats().queued_bytes, one * 2);
+        assert_eq!(ob.stats().dropped, 3);
+        // A second queue can only take what is left of the global cap.
+        let other = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest);
+        assert!(matches!(
+            other.push_message(&msg("b", 100), &mem),
+            Pushed::Queued { .. }
+        ));
+        assert_eq!(
+            other.push_message(&msg("b", 100), &mem),
+            Pushed::Queued { evicted: 1 }
+        );
+        assert!(mem.used() <= mem.cap());
+    }
+
+    #[test]
+    fn disconnect_policy_overflows() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(1, 1 << 20, SlowReaderPolicy::Disconnect);
+        assert_eq!(
+            ob.push_message(&msg("a", 1), &mem),
+            Pushed::Queued { evicted: 0 }
+        );
+        assert_eq!(ob.push_message(&msg("a", 1), &mem), Pushed::Overflow);
+        assert!(ob.is_closed());
+    }
+}

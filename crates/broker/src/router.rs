@@ -1,0 +1,133 @@
+//! The routing table: the subscription trie plus the live connections it points at.
+//!
+//! Owned by the broker behind one `RwLock`: publishes take the read side (no allocation, no
+//! await), subscribe / unsubscribe / connect / disconnect take the write side.
+
+use crate::outbox::{Memory, Pushed};
+use crate::session::ConnShared;
+use daemoneye_eventbus_core::{Message, SubscriptionTrie, TopicFilter};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+type Slot = u32;
+
+struct Entry {
+    conn: Arc<ConnShared>,
+    filters: HashSet<TopicFilter>,
+}
+
+/// Result of routing one message.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Routed {
+    /// Queues the message entered.
+    pub(crate) queued: u64,
+    /// Deliveries dropped (evicted older messages or this one).
+    pub(crate) dropped: u64,
+}
+
+/// Filters → connections.
+#[derive(Default)]
+pub(crate) struct Router {
+    trie: SubscriptionTrie<Slot>,
+    slots: Vec<Option<Entry>>,
+    free: Vec<Slot>,
+}
+
+impl Router {
+    /// Registers a connection; returns its slot.
+    pub(crate) fn add(&mut self, conn: Arc<ConnShared>) -> Slot {
+        let entry = Entry {
+            conn,
+            filters: HashSet::new(),
+        };
+        if let Some(slot) = self.free.pop() {
+            self.slots[slot as usize] = Some(entry);
+            return slot;
+        }
+        self.slots.push(Some(entry));
+        Slot::try_from(self.slots.len() - 1).expect("fewer than 2^32 connections")
+    }
+
+    /// Removes a connection and all its subscriptions.
+    pub(crate) fn remove(&mut self, slot: Slot) {
+        if let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::take) {
+            for f in &entry.filters {
+                self.trie.remove(f, slot);
+            }
+            self.free.push(slot);
+        }
+    }
+
+    /// Subscribes; returns `false` when the connection already had this filter.
+    pub(crate) fn subscribe(&mut self, slot: Slot, filter: &TopicFilter) -> bool {
+        let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if !entry.filters.insert(filter.clone()) {
+            return false;
+        }
+        self.trie.insert(filter, slot)
+    }
+
+    /// Unsubscribes; returns `false` when the connection did not have this filter.
+    pub(crate) fn unsubscribe(&mut self, slot: Slot, filter: &TopicFilter) -> bool {
+        let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        if !entry.filters.remove(filter) {
+            return false;
+        }
+        self.trie.remove(filter, slot)
+    }
+
+    /// Queues `msg` once for every connection with a matching filter. `scratch` is reused
+    /// across calls so routing allocates nothing.
+    pub(crate) fn route(&self, msg: &Message, scratch: &mut Vec<Slot>, memory: &Memory) -> Routed {
+        self.trie.matches_into(msg.topic(), scratch);
+        let mut routed = Routed::default();
+        for slot in scratch.iter() {
+            let Some(entry) = &self.slots[*slot as usize] else {
+                continue;
+            };
+            match entry.conn.outbox.push_message(msg, memory) {
+                Pushed::Queued { evicted } => {
+                    routed.queued += 1;
+                    routed.dropped += evicted;
+                }
+                Pushed::Dropped => routed.dropped += 1,
+                Pushed::Overflow => {
+                    routed.dropped += 1;
+                    entry.conn.overflowed();
+                }
+                Pushed::Closed => {}
+            }
+        }
+        routed
+    }
+
+    /// Number of filters held by a connection.
+    pub(crate) fn filter_count_of(&self, slot: Slot) -> usize {
+        self.slots
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |e| e.filters.len())
+    }
+
+    /// Live connections.
+    pub(crate) fn connections(&self) -> impl Iterator<Item = (Slot, &Arc<ConnShared>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| e.as_ref().map(|e| (i as Slot, &e.conn)))
+    }
+
+    /// (filter, connection) entries.
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.trie.len()
+    }
+
+    /// Distinct filters.
+    pub(crate) fn topic_count(&self) -> usize {
+        self.trie.filter_count()
+    }
+}

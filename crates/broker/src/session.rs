@@ -1,0 +1,480 @@
+//! One client connection: handshake, the read loop (routing) and the write loop (batched
+//! delivery).
+//!
+//! The session task owns the read half and the routing scratch space; a writer task owns the
+//! write half and drains the connection's [`Outbox`], flushing once per batch (when the queue
+//! goes empty), never on a timer.
+
+use crate::broker::Shared;
+use crate::outbox::{Out, Outbox};
+use crate::stats::{ConnCounters, Counters};
+use daemoneye_eventbus_core::codec::{
+    ErrorCode, ErrorFrame, GoingAway, Hello, Nack, PROTOCOL_MAJOR, Reply, Version, Welcome,
+};
+use daemoneye_eventbus_core::{Frame, FrameError, Message, Qos};
+use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, ReadError};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+/// How long a refusal or a last error frame may take to write.
+const LAST_WORDS: Duration = Duration::from_millis(500);
+
+/// State shared between a session, its writer and the router.
+pub(crate) struct ConnShared {
+    pub(crate) session_id: u64,
+    pub(crate) name: String,
+    pub(crate) peer: PeerInfo,
+    pub(crate) outbox: Outbox,
+    pub(crate) counters: ConnCounters,
+    /// Cancelled to tear the connection down at once (overflow, forced shutdown).
+    pub(crate) cancel: CancellationToken,
+    /// The error frame to write, best effort, when the connection is torn down.
+    last_error: Mutex<Option<ErrorFrame>>,
+}
+
+impl ConnShared {
+    /// The outbox overflowed under the `Disconnect` policy.
+    pub(crate) fn overflowed(&self) {
+        self.tear_down(ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::SlowReader,
+            fatal: true,
+            message: format!(
+                "connection {:?} read too slowly and its slow-reader policy is disconnect",
+                self.name
+            ),
+        });
+    }
+
+    fn tear_down(&self, error: ErrorFrame) {
+        self.last_error.lock().get_or_insert(error);
+        self.cancel.cancel();
+    }
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ErrorFrame {
+    ErrorFrame {
+        request_id: 0,
+        code,
+        fatal: true,
+        message: message.into(),
+    }
+}
+
+/// Why the read loop ended.
+enum Exit {
+    ClientClosed,
+    Shutdown,
+    Cancelled,
+    Fatal(ErrorFrame),
+}
+
+/// Serves one accepted connection to the end.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    conn: Connection,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let Connection {
+        mut reader,
+        mut writer,
+        peer,
+    } = conn;
+    let Some(permit) = permit else {
+        Counters::add(&shared.counters.connections_refused, 1);
+        let max = shared.config.max_connections;
+        let msg = format!("broker is at max_connections ({max}); retry later");
+        refuse(&mut writer, error(ErrorCode::ConnectionLimit, msg)).await;
+        return;
+    };
+    if let Err(refusal) = shared.authorize(&peer) {
+        Counters::add(&shared.counters.connections_refused, 1);
+        refuse(&mut writer, refusal).await;
+        return;
+    }
+    let hello = match handshake(&shared, &mut reader).await {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(refusal) => {
+            Counters::add(&shared.counters.connections_refused, 1);
+            refuse(&mut writer, refusal).await;
+            return;
+        }
+    };
+    reader.set_max_message_size(shared.config.max_message_size);
+    run_session(shared, hello, reader, writer, peer).await;
+    drop(permit);
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    hello: Hello,
+    mut reader: FrameReader,
+    writer: FrameWriter,
+    peer: PeerInfo,
+) {
+    let conn = Arc::new(ConnShared {
+        session_id: shared.next_session.fetch_add(1, Ordering::Relaxed),
+        name: hello.client_name.clone(),
+        peer,
+        outbox: Outbox::new(
+            shared.config.message_buffer_size,
+            shared.config.subscriber_buffer_bytes,
+            hello.slow_reader,
+        ),
+        counters: ConnCounters::default(),
+        cancel: shared.kill.child_token(),
+        last_error: Mutex::new(None),
+    });
+    conn.outbox
+        .push_frame(Frame::Welcome(shared.welcome(conn.session_id)));
+    let slot = shared.router.write().add(Arc::clone(&conn));
+    Counters::add(&shared.counters.connections_total, 1);
+    let writer_task =
+        shared
+            .tracker
+            .spawn(write_loop(Arc::clone(&shared), Arc::clone(&conn), writer));
+    shared.announce(&conn, true);
+    tracing::debug!(session = conn.session_id, name = %conn.name, peer = %conn.peer, "connected");
+
+    let exit = ReadLoop::new(&shared, &conn, slot).run(&mut reader).await;
+    shared.router.write().remove(slot);
+    match exit {
+        Exit::Fatal(e) => {
+            Counters::add(&shared.counters.protocol_errors, 1);
+            tracing::debug!(session = conn.session_id, error = %e.message, "closing connection");
+            conn.outbox.close_with(Some(Frame::Error(e)));
+        }
+        Exit::Shutdown => conn.outbox.close_with(Some(Frame::GoingAway(GoingAway {
+            drain_ms: u32::try_from(shared.config.shutdown_timeout_ms).unwrap_or(u32::MAX),
+            reason: "broker shutting down".into(),
+        }))),
+        Exit::ClientClosed | Exit::Cancelled => conn.outbox.close_with(None),
+    }
+    let drain = Duration::from_millis(shared.config.shutdown_timeout_ms);
+    if tokio::time::timeout(drain, writer_task).await.is_err() {
+        conn.cancel.cancel();
+    }
+    let discarded = conn.outbox.discard(&shared.memory) as u64;
+    Counters::add(&shared.counters.dropped, discarded);
+    shared.announce(&conn, false);
+    tracing::debug!(session = conn.session_id, "disconnected");
+}
+
+/// Writes a fatal error to a peer that never became a session, then closes.
+async fn refuse(writer: &mut FrameWriter, e: ErrorFrame) {
+    tracing::debug!(error = %e.message, "refusing connection");
+    writer.push(&Frame::Error(e));
+    let _ = tokio::time::timeout(LAST_WORDS, writer.shutdown()).await;
+}
+
+async fn handshake(shared: &Shared, reader: &mut FrameReader) -> Result<Option<Hello>, ErrorFrame> {
+    // Until the handshake completes only small frames are accepted.
+    reader.set_max_message_size(0);
+    let deadline = shared.config.handshake_timeout();
+    let frame = match tokio::time::timeout(deadline, reader.read_frame()).await {
+        Err(_) => {
+            let ms = deadline.as_millis();
+            let msg = format!("no handshake received within {ms} ms; closing");
+            return Err(error(ErrorCode::HandshakeTimeout, msg));
+        }
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Err(e)) => return Err(read_error(&e)),
+        Ok(Ok(Some(f))) => f,
+    };
+    let Frame::Hello(hello) = frame else {
+        let msg = format!(
+            "expected a hello frame first, got kind 0x{:02x}",
+            frame.kind()
+        );
+        return Err(error(ErrorCode::Protocol, msg));
+    };
+    if hello.version.major != PROTOCOL_MAJOR {
+        let msg = format!(
+            "protocol version {} is not supported; this broker speaks {}.x",
+            hello.version, PROTOCOL_MAJOR
+        );
+        return Err(error(ErrorCode::UnsupportedVersion, msg));
+    }
+    if hello.client_name.is_empty() || hello.client_name.chars().any(char::is_control) {
+        let msg = "client name must be non-empty printable text";
+        return Err(error(ErrorCode::Protocol, msg));
+    }
+    Ok(Some(hello))
+}
+
+fn read_error(e: &ReadError) -> ErrorFrame {
+    let code = match e {
+        ReadError::Frame(FrameError::TooLarge { .. }) => ErrorCode::FrameTooLarge,
+        _ => ErrorCode::Protocol,
+    };
+    error(code, format!("{e}; closing the connection"))
+}
+
+/// Per-session read state: routing scratch space and counters flushed once per batch.
+struct ReadLoop<'a> {
+    shared: &'a Shared,
+    conn: &'a ConnShared,
+    slot: u32,
+    scratch: Vec<u32>,
+    published: u64,
+    bytes_in: u64,
+    dropped: u64,
+    rejected: u64,
+    last_heard: Instant,
+    ping_nonce: u64,
+}
+
+impl<'a> ReadLoop<'a> {
+    fn new(shared: &'a Shared, conn: &'a ConnShared, slot: u32) -> Self {
+        Self {
+            shared,
+            conn,
+            slot,
+            scratch: Vec::new(),
+            published: 0,
+            bytes_in: 0,
+            dropped: 0,
+            rejected: 0,
+            last_heard: Instant::now(),
+            ping_nonce: 0,
+        }
+    }
+
+    async fn run(&mut self, reader: &mut FrameReader) -> Exit {
+        let keepalive = self.shared.config.keepalive();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let read = tokio::select! {
+                biased;
+                () = self.conn.cancel.cancelled() => return Exit::Cancelled,
+                () = self.shared.drain.cancelled() => return Exit::Shutdown,
+                r = reader.read_frame() => r,
+                _ = tick.tick() => match self.keepalive() {
+                    Some(exit) => return exit,
+                    None => continue,
+                },
+            };
+            let exit = match read {
+                Ok(Some(frame)) => self.on_batch(frame, reader),
+                Ok(None) => Some(Exit::ClientClosed),
+                Err(e) => Some(Exit::Fatal(read_error(&e))),
+            };
+            self.flush_counters();
+            if let Some(exit) = exit {
+                return exit;
+            }
+        }
+    }
+
+    /// Handles `first` and every frame already buffered behind it.
+    fn on_batch(&mut self, first: Frame, reader: &mut FrameReader) -> Option<Exit> {
+        self.last_heard = Instant::now();
+        let mut next = Some(first);
+        while let Some(frame) = next {
+            if let Some(exit) = self.on_frame(frame) {
+                return Some(exit);
+            }
+            next = match reader.try_read_buffered() {
+                Ok(f) => f,
+                Err(e) => return Some(Exit::Fatal(read_error(&e))),
+            };
+        }
+        None
+    }
+
+    fn keepalive(&mut self) -> Option<Exit> {
+        let idle = self.last_heard.elapsed();
+        let timeout = self.shared.config.idle_timeout();
+        if idle >= timeout {
+            let msg = format!("nothing received for {} s; closing", timeout.as_secs());
+            return Some(Exit::Fatal(error(ErrorCode::KeepaliveTimeout, msg)));
+        }
+        if idle >= self.shared.config.keepalive() {
+            self.ping_nonce += 1;
+            return self.control(Frame::Ping(self.ping_nonce));
+        }
+        None
+    }
+
+    fn flush_counters(&mut self) {
+        let c = &self.shared.counters;
+        Counters::add(&c.published, std::mem::take(&mut self.published));
+        Counters::add(&c.bytes_in, std::mem::take(&mut self.bytes_in));
+        Counters::add(&c.dropped, std::mem::take(&mut self.dropped));
+        Counters::add(&c.rejected_publishes, std::mem::take(&mut self.rejected));
+    }
+
+    /// Queues a control frame; a peer that stopped reading them is disconnected.
+    fn control(&self, frame: Frame) -> Option<Exit> {
+        if self.conn.outbox.push_frame(frame) {
+            return None;
+        }
+        let msg = "too many unread control frames (replies, pongs); the client is not reading";
+        Some(Exit::Fatal(error(ErrorCode::SlowReader, msg)))
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Option<Exit> {
+        match frame {
+            Frame::Publish(msg) => self.on_publish(msg),
+            Frame::Subscribe(s) => {
+                let added = self.shared.router.write().subscribe(self.slot, &s.filter);
+                let message = if added {
+                    String::new()
+                } else {
+                    "already subscribed".into()
+                };
+                let reply = Frame::Reply(Reply {
+                    request_id: s.request_id,
+                    error: None,
+                    message,
+                });
+                let exit = self.control(reply);
+                if exit.is_none()
+                    && s.filter
+                        .matches(&daemoneye_eventbus_core::catalog::sys::stats())
+                {
+                    self.shared.send_stats_to(self.conn);
+                }
+                exit
+            }
+            Frame::Unsubscribe(u) => {
+                let removed = self.shared.router.write().unsubscribe(self.slot, &u.filter);
+                let message = if removed {
+                    String::new()
+                } else {
+                    "was not subscribed".into()
+                };
+                self.control(Frame::Reply(Reply {
+                    request_id: u.request_id,
+                    error: None,
+                    message,
+                }))
+            }
+            Frame::Ping(n) => self.control(Frame::Pong(n)),
+            // Subscriber acknowledgements and client notices carry nothing the broker must act
+            // on in protocol 1.0; a client's going-away is followed by its end of stream.
+            Frame::Pong(_) | Frame::Ack(_) | Frame::Nack(_) | Frame::GoingAway(_) => None,
+            Frame::Error(e) => {
+                tracing::debug!(session = self.conn.session_id, error = %e.message, "client error");
+                None
+            }
+            other => {
+                let msg = format!("unexpected frame kind 0x{:02x} from a client", other.kind());
+                Some(Exit::Fatal(error(ErrorCode::Protocol, msg)))
+            }
+        }
+    }
+
+    fn nack(&mut self, msg: &Message, code: ErrorCode, reason: String) -> Option<Exit> {
+        self.rejected += 1;
+        self.control(Frame::Nack(Nack {
+            id: msg.id(),
+            code,
+            reason,
+        }))
+    }
+
+    fn on_publish(&mut self, msg: Message) -> Option<Exit> {
+        let max = self.shared.config.max_message_size;
+        let len = msg.payload().len();
+        if len > max {
+            let reason = format!("message of {len} bytes exceeds max_message_size ({max} bytes)");
+            return self.nack(&msg, ErrorCode::MessageTooLarge, reason);
+        }
+        if msg.topic().is_sys() {
+            let reason = format!(
+                "clients cannot publish to {}: $sys is reserved",
+                msg.topic()
+            );
+            return self.nack(&msg, ErrorCode::ReservedTopic, reason);
+        }
+        if msg.header().source.as_str() != self.conn.name {
+            let reason = format!(
+                "message source {:?} does not match the connection's name {:?}",
+                msg.header().source.as_str(),
+                self.conn.name
+            );
+            return self.nack(&msg, ErrorCode::NotAuthorized, reason);
+        }
+        let routed = self
+            .shared
+            .router
+            .read()
+            .route(&msg, &mut self.scratch, &self.shared.memory);
+        self.published += 1;
+        self.bytes_in += len as u64;
+        self.dropped += routed.dropped;
+        self.conn.counters.published.fetch_add(1, Ordering::Relaxed);
+        if msg.header().qos == Qos::Processed {
+            return self.control(Frame::Ack(msg.id()));
+        }
+        None
+    }
+}
+
+/// Drains the outbox into the socket, one write per batch.
+async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: FrameWriter) {
+    let mut batch_items = VecDeque::new();
+    loop {
+        let batch = conn.outbox.take(&mut batch_items);
+        if batch_items.is_empty() && batch.notice.is_none() {
+            if conn.outbox.is_closed() {
+                break;
+            }
+            tokio::select! {
+                () = conn.outbox.notified() => continue,
+                () = conn.cancel.cancelled() => break,
+            }
+        }
+        if let Some(notice) = &batch.notice {
+            writer.push(notice);
+        }
+        let mut bytes_out = 0u64;
+        for item in batch_items.drain(..) {
+            match item {
+                Out::Msg(m) => {
+                    bytes_out += m.payload().len() as u64;
+                    writer.push_deliver(&m);
+                }
+                Out::Frame(f) => writer.push(&f),
+            }
+        }
+        let flushed = tokio::select! {
+            r = writer.flush() => r.is_ok(),
+            () = conn.cancel.cancelled() => false,
+        };
+        shared.memory.release(batch.bytes);
+        if !flushed {
+            conn.cancel.cancel();
+            break;
+        }
+        let msgs = batch.msgs as u64;
+        conn.counters.delivered.fetch_add(msgs, Ordering::Relaxed);
+        Counters::add(&shared.counters.delivered, msgs);
+        Counters::add(&shared.counters.bytes_out, bytes_out);
+    }
+    if let Some(e) = conn.last_error.lock().take() {
+        writer.push(&Frame::Error(e));
+    }
+    let _ = tokio::time::timeout(LAST_WORDS, writer.shutdown()).await;
+}
+
+impl Shared {
+    fn welcome(&self, session_id: u64) -> Welcome {
+        Welcome {
+            version: Version::CURRENT,
+            session_id,
+            capabilities: 0,
+            max_message_size: u32::try_from(self.config.max_message_size).unwrap_or(u32::MAX),
+            keepalive_ms: u32::try_from(self.config.keepalive_interval_ms).unwrap_or(u32::MAX),
+            broker: concat!("daemoneye-eventbus ", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Broker statistics: live counters and the snapshot served to the embedding API,
+//! `$sys.broker.stats` and `eventbus stats`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Broker-wide counters, updated in batches by sessions.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+    pub(crate) rejected_publishes: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+pub(crate) fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// Per-connection counters.
+#[derive(Debug, Default)]
+pub(crate) struct ConnCounters {
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+}
+
+/// A point-in-time view of the broker. Every figure is measured, none estimated.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Seconds since the broker started.
+    pub uptime_secs: u64,
+    /// Messages accepted from publishers.
+    pub published: u64,
+    /// Message deliveries written to subscribers.
+    pub delivered: u64,
+    /// Deliveries dropped (slow reader, memory cap, or discarded at disconnect).
+    pub dropped: u64,
+    /// Payload bytes accepted from publishers.
+    pub bytes_in: u64,
+    /// Payload bytes written to subscribers.
+    pub bytes_out: u64,
+    /// Open connections.
+    pub active_connections: u64,
+    /// Connections accepted since start.
+    pub total_connections: u64,
+    /// Connections refused (limit, handshake, authorisation).
+    pub refused_connections: u64,
+    /// Connections closed for a protocol violation.
+    pub protocol_errors: u64,
+    /// Publishes refused (too large, reserved topic, bad source).
+    pub rejected_publishes: u64,
+    /// (filter, connection) subscriptions.
+    pub active_subscriptions: u64,
+    /// Distinct subscribed filters.
+    pub active_topics: u64,
+    /// Bytes held in outbound queues now.
+    pub queued_bytes: u64,
+    /// The broker-wide cap on queued bytes.
+    pub memory_cap_bytes: u64,
+    /// One entry per open connection.
+    pub connections: Vec<ConnectionStats>,
+}
+
+/// Statistics of one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// Session id.
+    pub session_id: u64,
+    /// Client name from its handshake.
+    pub name: String,
+    /// Who the peer is (pid/uid or address).
+    pub peer: String,
+    /// Subscribed filters.
+    pub subscriptions: u64,
+    /// Messages published by this connection.
+    pub published: u64,
+    /// Messages delivered to it.
+    pub delivered: u64,
+    /// Messages dropped for it.
+    pub dropped: u64,
+    /// Messages waiting in its queue.
+    pub queued_messages: u64,
+    /// Bytes waiting in its queue.
+    pub queued_bytes: u64,
+    /// Drops by topic.
+    pub dropped_by_topic: BTreeMap<String, u64>,
+}
