@@ -1,0 +1,514 @@
+//! The client handle: publish, subscribe, flush, drain, close, statistics.
+
+use crate::driver;
+use crate::error::{ConnectError, PublishError, SubscribeError};
+use crate::options::ClientOptions;
+use crate::outbuf::OutBuf;
+use crate::subscription::{SubTable, Subscription};
+use bytes::Bytes;
+use daemoneye_eventbus_core::codec::{ErrorCode, Subscribe, Unsubscribe};
+use daemoneye_eventbus_core::{
+    ByteStr, CorrelationMetadata, Frame, Header, MessageId, Qos, Topic, TopicFilter,
+};
+use daemoneye_eventbus_transport::Endpoint;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Connection state, observable with [`Client::state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnState {
+    /// Connected; the broker's session id.
+    Connected {
+        /// Session id from the handshake.
+        session_id: u64,
+    },
+    /// Lost the broker; reconnecting.
+    Reconnecting,
+    /// Closed for good.
+    Closed,
+}
+
+/// Client counters. Everything lost is counted here, never silent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Messages queued for publishing.
+    pub published: u64,
+    /// Messages lost: refused while the broker was unreachable and the queue full, or in a
+    /// write that failed when the connection died.
+    pub lost: u64,
+    /// Messages the broker refused (nack), e.g. too large.
+    pub rejected: u64,
+    /// Messages received.
+    pub received: u64,
+    /// Messages the broker reported dropped for this client (slow reader, memory cap).
+    pub missed: u64,
+    /// Successful reconnections.
+    pub reconnects: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) published: AtomicU64,
+    pub(crate) lost: AtomicU64,
+    pub(crate) rejected: AtomicU64,
+    pub(crate) received: AtomicU64,
+    pub(crate) missed: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+}
+
+pub(crate) struct OutState {
+    pub(crate) buf: OutBuf,
+    pub(crate) connected: bool,
+    /// Frames ever queued.
+    pub(crate) queued_total: u64,
+}
+
+pub(crate) type Pending = Mutex<HashMap<u32, oneshot::Sender<Result<(), SubscribeError>>>>;
+
+/// State shared by client handles and the driver task.
+pub(crate) struct Inner {
+    pub(crate) options: ClientOptions,
+    pub(crate) endpoint: Endpoint,
+    source: ByteStr,
+    publisher_id: u64,
+    sequence: AtomicU64,
+    pub(crate) out: Mutex<OutState>,
+    /// Wakes the writer when the queue becomes non-empty.
+    pub(crate) out_ready: Notify,
+    /// Wakes publishers waiting for room.
+    pub(crate) out_space: Notify,
+    /// Frames written or lost so far (flush waits on it).
+    pub(crate) consumed: watch::Sender<u64>,
+    pub(crate) subs: Mutex<SubTable>,
+    pub(crate) pending: Pending,
+    next_request: AtomicU32,
+    pub(crate) state: watch::Sender<ConnState>,
+    pub(crate) counters: Counters,
+    pub(crate) max_message_size: AtomicUsize,
+    /// Cancelled by close / drain / the last handle's drop.
+    pub(crate) closed: CancellationToken,
+    pub(crate) last_rejection: Mutex<Option<String>>,
+}
+
+impl Inner {
+    /// Queues a control frame (not subject to the outbox byte bound).
+    pub(crate) fn push_control(&self, frame: Frame) {
+        let mut out = self.out.lock();
+        let was_empty = out.buf.is_empty();
+        out.buf.push_frame(frame);
+        out.queued_total += 1;
+        drop(out);
+        if was_empty {
+            self.out_ready.notify_one();
+        }
+    }
+}
+
+/// Cancels the driver when the last [`Client`] handle is dropped.
+struct DropGuard(CancellationToken);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A connection to a broker. Cheap to clone; clones share the connection. Dropping the last
+/// clone (and every [`Subscription`]) closes it.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+    driver: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.inner.endpoint)
+            .field("name", &self.inner.options.name)
+            .finish()
+    }
+}
+
+/// A message to publish, with optional metadata (see [`Client::publish_with`]).
+#[derive(Debug, Clone)]
+pub struct Publish {
+    topic: Topic,
+    payload: Bytes,
+    qos: Qos,
+    reply_to: Option<Topic>,
+    deadline_ns: Option<u64>,
+    correlation: Option<Box<CorrelationMetadata>>,
+}
+
+impl Publish {
+    /// A message for `topic`.
+    pub fn new(topic: Topic, payload: impl Into<Bytes>) -> Self {
+        Self {
+            topic,
+            payload: payload.into(),
+            qos: Qos::Realtime,
+            reply_to: None,
+            deadline_ns: None,
+            correlation: None,
+        }
+    }
+    /// Sets the delivery guarantee.
+    #[must_use]
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// Sets the reply-to topic.
+    #[must_use]
+    pub fn reply_to(mut self, topic: Topic) -> Self {
+        self.reply_to = Some(topic);
+        self
+    }
+    /// Sets the deadline (nanoseconds since the Unix epoch).
+    #[must_use]
+    pub fn deadline_ns(mut self, deadline: u64) -> Self {
+        self.deadline_ns = Some(deadline);
+        self
+    }
+    /// Attaches correlation metadata.
+    #[must_use]
+    pub fn correlation(mut self, meta: CorrelationMetadata) -> Self {
+        self.correlation = Some(Box::new(meta));
+        self
+    }
+}
+
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl Client {
+    /// Connects to `endpoint` and completes the handshake. Later losses of the connection are
+    /// repaired automatically per [`ClientOptions::reconnect`].
+    ///
+    /// # Errors
+    ///
+    /// [`ConnectError`] when the first connection cannot be made or the broker refuses it.
+    pub async fn connect(
+        endpoint: &Endpoint,
+        options: ClientOptions,
+    ) -> Result<Self, ConnectError> {
+        let established = driver::connect_once(endpoint, &options).await?;
+        let in_process = matches!(endpoint, Endpoint::InProc(_));
+        let max = established.max_message_size(&options);
+        let (state, _) = watch::channel(ConnState::Connected {
+            session_id: established.session_id(),
+        });
+        let inner = Arc::new(Inner {
+            source: ByteStr::from(options.name.as_str()),
+            endpoint: endpoint.clone(),
+            publisher_id: fastrand::u64(1..),
+            sequence: AtomicU64::new(0),
+            out: Mutex::new(OutState {
+                buf: OutBuf::new(in_process),
+                connected: true,
+                queued_total: 0,
+            }),
+            out_ready: Notify::new(),
+            out_space: Notify::new(),
+            consumed: watch::channel(0).0,
+            subs: Mutex::new(SubTable::default()),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU32::new(1),
+            state,
+            counters: Counters::default(),
+            max_message_size: AtomicUsize::new(max),
+            closed: CancellationToken::new(),
+            last_rejection: Mutex::new(None),
+            options,
+        });
+        let handle = tokio::spawn(driver::run(Arc::clone(&inner), established));
+        Ok(Self {
+            _guard: Arc::new(DropGuard(inner.closed.clone())),
+            inner,
+            driver: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Connects with default options and this client name.
+    ///
+    /// # Errors
+    ///
+    /// As [`Client::connect`].
+    pub async fn connect_named(endpoint: &Endpoint, name: &str) -> Result<Self, ConnectError> {
+        Self::connect(endpoint, ClientOptions::named(name)).await
+    }
+
+    /// The client's name (the `source` of its messages).
+    pub fn name(&self) -> &str {
+        &self.inner.options.name
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ConnState {
+        *self.inner.state.borrow()
+    }
+
+    /// A watch of the connection state.
+    pub fn state_watch(&self) -> watch::Receiver<ConnState> {
+        self.inner.state.subscribe()
+    }
+
+    /// The largest payload accepted (the smaller of ours and the broker's).
+    pub fn max_message_size(&self) -> usize {
+        self.inner.max_message_size.load(Ordering::Relaxed)
+    }
+
+    /// The client's counters.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ClientStats {
+            published: l(&c.published),
+            lost: l(&c.lost),
+            rejected: l(&c.rejected),
+            received: l(&c.received),
+            missed: l(&c.missed),
+            reconnects: l(&c.reconnects),
+        }
+    }
+
+    /// The broker's explanation of the last refused publish, if any.
+    pub fn last_rejection(&self) -> Option<String> {
+        self.inner.last_rejection.lock().clone()
+    }
+
+    /// Publishes `payload` on `topic` (at most once). Returns once the message is queued;
+    /// writes are batched and flushed as soon as the queue empties.
+    ///
+    /// # Errors
+    ///
+    /// See [`PublishError`].
+    pub async fn publish(
+        &self,
+        topic: &Topic,
+        payload: impl Into<Bytes>,
+    ) -> Result<MessageId, PublishError> {
+        self.publish_with(Publish::new(topic.clone(), payload))
+            .await
+    }
+
+    /// Publishes with explicit options.
+    ///
+    /// # Errors
+    ///
+    /// See [`PublishError`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a cancelled call has either queued the message or not touched the queue.
+    pub async fn publish_with(&self, p: Publish) -> Result<MessageId, PublishError> {
+        let max = self.max_message_size();
+        if p.payload.len() > max {
+            return Err(PublishError::TooLarge {
+                size: p.payload.len(),
+                max,
+            });
+        }
+        if p.topic.is_sys() {
+            return Err(PublishError::Reserved(p.topic.to_string()));
+        }
+        let inner = &self.inner;
+        let id = MessageId {
+            publisher: inner.publisher_id,
+            sequence: inner.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        let header = Header {
+            id,
+            timestamp_ns: now_ns(),
+            qos: p.qos,
+            source: inner.source.clone(),
+            reply_to: p.reply_to,
+            deadline_ns: p.deadline_ns,
+            correlation: p.correlation,
+        };
+        let need = p.payload.len() + p.topic.as_str().len() + 64;
+        loop {
+            let space = {
+                let mut out = inner.out.lock();
+                if inner.closed.is_cancelled() {
+                    return Err(PublishError::Closed);
+                }
+                if out.buf.is_empty() || out.buf.bytes + need <= inner.options.outbox_bytes {
+                    let was_empty = out.buf.is_empty();
+                    out.buf.push_publish(&p.topic, header, p.payload);
+                    out.queued_total += 1;
+                    drop(out);
+                    inner.counters.published.fetch_add(1, Ordering::Relaxed);
+                    if was_empty {
+                        inner.out_ready.notify_one();
+                    }
+                    return Ok(id);
+                }
+                if !out.connected {
+                    inner.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    return Err(PublishError::Backlogged {
+                        queued: out.buf.bytes,
+                    });
+                }
+                inner.out_space.notified()
+            };
+            tokio::select! {
+                () = space => {}
+                () = inner.closed.cancelled() => return Err(PublishError::Closed),
+            }
+        }
+    }
+
+    /// Waits until every frame queued before this call has been written to the transport
+    /// (or counted as lost). While disconnected it waits for the reconnection; bound it with a
+    /// timeout if needed.
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::Closed`] when the client closes first.
+    pub async fn flush(&self) -> Result<(), PublishError> {
+        let target = self.inner.out.lock().queued_total;
+        let mut rx = self.inner.consumed.subscribe();
+        let reached = tokio::select! {
+            r = rx.wait_for(|n| *n >= target) => r.is_ok(),
+            () = self.inner.closed.cancelled() => false,
+        };
+        if reached || *self.inner.consumed.borrow() >= target {
+            return Ok(());
+        }
+        Err(PublishError::Closed)
+    }
+
+    async fn request(&self, make: impl FnOnce(u32) -> Frame) -> Result<(), SubscribeError> {
+        let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner.pending.lock().insert(id, tx);
+        self.inner.push_control(make(id));
+        let timeout = self.inner.options.request_timeout;
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, rx) => match r {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(SubscribeError::Closed),
+                Err(_) => Err(SubscribeError::Timeout(timeout)),
+            },
+            () = self.inner.closed.cancelled() => Err(SubscribeError::Closed),
+        };
+        self.inner.pending.lock().remove(&id);
+        result
+    }
+
+    /// Subscribes to one or more filters; returns once the broker has acknowledged every new
+    /// filter. A message matching several filters arrives once.
+    ///
+    /// # Errors
+    ///
+    /// See [`SubscribeError`]; on error nothing stays subscribed.
+    pub async fn subscribe<I, S>(&self, filters: I) -> Result<Subscription, SubscribeError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let filters = filters
+            .into_iter()
+            .map(|f| TopicFilter::new(f.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if filters.is_empty() {
+            return Err(SubscribeError::NoFilters);
+        }
+        if self.inner.closed.is_cancelled() {
+            return Err(SubscribeError::Closed);
+        }
+        let (tx, rx) = mpsc::channel(self.inner.options.subscription_buffer.max(1));
+        let (id, fresh) = self.inner.subs.lock().add(filters.clone(), tx);
+        for filter in fresh {
+            let qos = Qos::Realtime;
+            let sent = self
+                .request(|request_id| {
+                    Frame::Subscribe(Subscribe {
+                        request_id,
+                        qos,
+                        filter,
+                    })
+                })
+                .await;
+            if let Err(e) = sent {
+                let _ = self.remove_subscription(id, false).await;
+                return Err(e);
+            }
+        }
+        Ok(Subscription {
+            id,
+            filters,
+            rx,
+            client: Some(self.clone()),
+        })
+    }
+
+    /// Removes a subscription; with `wait`, waits for the broker's acknowledgements.
+    pub(crate) async fn remove_subscription(
+        &self,
+        id: u64,
+        wait: bool,
+    ) -> Result<(), SubscribeError> {
+        let gone = self.inner.subs.lock().remove(id);
+        for filter in gone {
+            if wait {
+                self.request(|request_id| Frame::Unsubscribe(Unsubscribe { request_id, filter }))
+                    .await?;
+            } else {
+                let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+                self.inner
+                    .push_control(Frame::Unsubscribe(Unsubscribe { request_id, filter }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Synchronous unsubscribe used when a [`Subscription`] is dropped.
+    pub(crate) fn forget_subscription(&self, id: u64) {
+        let gone = self.inner.subs.lock().remove(id);
+        for filter in gone {
+            let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .push_control(Frame::Unsubscribe(Unsubscribe { request_id, filter }));
+        }
+    }
+
+    /// Gracefully finishes: unsubscribes everything, writes everything queued (bounded by
+    /// `request_timeout`), then closes.
+    pub async fn drain(&self) {
+        let ids = self.inner.subs.lock().ids();
+        for id in ids {
+            let _ = self.remove_subscription(id, false).await;
+        }
+        let _ = tokio::time::timeout(self.inner.options.request_timeout, self.flush()).await;
+        self.close().await;
+    }
+
+    /// Closes at once: queued messages not yet written are discarded (and counted as lost),
+    /// subscriptions end with [`crate::RecvError::Closed`].
+    pub async fn close(&self) {
+        self.inner.closed.cancel();
+        let handle = self.driver.lock().take();
+        if let Some(h) = handle {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), h).await;
+        }
+    }
+}
+
+/// The refusal message for a reply carrying an error code.
+pub(crate) fn refused(code: ErrorCode, message: String) -> SubscribeError {
+    SubscribeError::Refused { code, message }
+}

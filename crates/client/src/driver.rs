@@ -1,0 +1,403 @@
+//! The driver task: owns the connection, runs the reader and the writer, reconnects with
+//! backoff and restores every subscription.
+
+use crate::client::{ConnState, Inner, refused};
+use crate::error::ConnectError;
+use crate::options::ClientOptions;
+use crate::subscription::{Item, MissedReason, RecvError};
+use daemoneye_eventbus_core::codec::{Hello, Notice, Subscribe, Version, Welcome};
+use daemoneye_eventbus_core::{Frame, Message, Qos};
+use daemoneye_eventbus_transport::{Endpoint, FrameReader, FrameWriter, connect};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A connection that completed its handshake.
+pub(crate) struct Established {
+    reader: FrameReader,
+    writer: FrameWriter,
+    welcome: Welcome,
+}
+
+impl Established {
+    pub(crate) fn session_id(&self) -> u64 {
+        self.welcome.session_id
+    }
+
+    pub(crate) fn max_message_size(&self, options: &ClientOptions) -> usize {
+        options
+            .max_message_size
+            .min(self.welcome.max_message_size as usize)
+    }
+}
+
+/// Connects and performs the handshake within `connect_timeout`.
+pub(crate) async fn connect_once(
+    endpoint: &Endpoint,
+    options: &ClientOptions,
+) -> Result<Established, ConnectError> {
+    let deadline = options.connect_timeout;
+    tokio::time::timeout(deadline, handshake(endpoint, options))
+        .await
+        .map_err(|_| ConnectError::Timeout(deadline))?
+}
+
+async fn handshake(
+    endpoint: &Endpoint,
+    options: &ClientOptions,
+) -> Result<Established, ConnectError> {
+    let conn = connect(endpoint).await?;
+    let (mut reader, mut writer) = (conn.reader, conn.writer);
+    writer.push(&Frame::Hello(Hello {
+        version: Version::CURRENT,
+        capabilities: 0,
+        max_message_size: u32::try_from(options.max_message_size).unwrap_or(u32::MAX),
+        keepalive_ms: u32::try_from(options.keepalive.as_millis()).unwrap_or(u32::MAX),
+        slow_reader: options.slow_reader,
+        client_name: options.name.clone(),
+    }));
+    writer
+        .flush()
+        .await
+        .map_err(|e| ConnectError::Protocol(format!("sending hello: {e}")))?;
+    reader.set_max_message_size(options.max_message_size);
+    match reader.read_frame().await {
+        Ok(Some(Frame::Welcome(welcome))) => Ok(Established {
+            reader,
+            writer,
+            welcome,
+        }),
+        Ok(Some(Frame::Error(e))) => Err(ConnectError::Refused {
+            code: e.code,
+            message: e.message,
+        }),
+        Ok(Some(other)) => Err(ConnectError::Protocol(format!(
+            "expected a welcome frame, got kind 0x{:02x}",
+            other.kind()
+        ))),
+        Ok(None) => Err(ConnectError::Protocol(
+            "broker closed the connection during the handshake".into(),
+        )),
+        Err(e) => Err(ConnectError::Protocol(e.to_string())),
+    }
+}
+
+/// Runs until the client is closed or reconnection gives up.
+pub(crate) async fn run(inner: Arc<Inner>, first: Established) {
+    let mut next = Some(first);
+    let mut outage: Option<Instant> = None;
+    let mut attempt: u32 = 0;
+    loop {
+        if let Some(conn) = next.take() {
+            attempt = 0;
+            let gap = outage.take().map(|since| since.elapsed());
+            let cause = serve(&inner, conn, gap).await;
+            if inner.closed.is_cancelled() {
+                break;
+            }
+            tracing::warn!(endpoint = %inner.endpoint, cause = %cause, "lost the broker; reconnecting");
+            inner.out.lock().connected = false;
+            inner.state.send_replace(ConnState::Reconnecting);
+            outage = Some(Instant::now());
+        }
+        let policy = &inner.options.reconnect;
+        if !policy.enabled || policy.max_attempts.is_some_and(|m| attempt >= m) {
+            break;
+        }
+        let delay = policy.delay(attempt, fastrand::f64());
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = inner.closed.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        match connect_once(&inner.endpoint, &inner.options).await {
+            Ok(conn) => {
+                inner.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                next = Some(conn);
+            }
+            Err(e) => tracing::debug!(error = %e, attempt, "reconnect attempt failed"),
+        }
+    }
+    finish(&inner);
+}
+
+/// Marks the client closed: queued messages are counted lost, subscriptions and pending
+/// requests end.
+fn finish(inner: &Inner) {
+    inner.closed.cancel();
+    inner.state.send_replace(ConnState::Closed);
+    let mut out = inner.out.lock();
+    let left = out.buf.take();
+    inner
+        .counters
+        .lost
+        .fetch_add(left.publishes, Ordering::Relaxed);
+    inner.consumed.send_modify(|n| *n += left.frames);
+    out.connected = false;
+    drop(out);
+    inner.out_space.notify_waiters();
+    inner.subs.lock().close_all();
+    inner.pending.lock().clear();
+}
+
+/// Serves one connection until it fails or the client closes; returns the cause.
+async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> String {
+    let Established {
+        reader,
+        mut writer,
+        welcome,
+    } = conn;
+    inner.max_message_size.store(
+        inner
+            .options
+            .max_message_size
+            .min(welcome.max_message_size as usize),
+        Ordering::Relaxed,
+    );
+    if gap.is_some() {
+        // Restore every subscription before anything else queued is written.
+        for filter in inner.subs.lock().active_filters() {
+            let qos = Qos::Realtime;
+            writer.push(&Frame::Subscribe(Subscribe {
+                request_id: 0,
+                qos,
+                filter,
+            }));
+        }
+    }
+    inner.out.lock().connected = true;
+    inner.state.send_replace(established_state_from(&welcome));
+    let cancel = inner.closed.child_token();
+    let heard = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let read = tokio::spawn(read_loop(
+        Arc::clone(inner),
+        reader,
+        cancel.clone(),
+        gap,
+        Arc::clone(&heard),
+        started,
+    ));
+    let cause = write_loop(inner, &mut writer, &cancel, &heard, started).await;
+    cancel.cancel();
+    let read_cause = read
+        .await
+        .unwrap_or_else(|e| format!("reader task failed: {e}"));
+    if cause.is_empty() { read_cause } else { cause }
+}
+
+fn established_state_from(w: &Welcome) -> ConnState {
+    ConnState::Connected {
+        session_id: w.session_id,
+    }
+}
+
+fn millis_since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes the client's queue in batches; sends pings while idle; detects a silent broker.
+async fn write_loop(
+    inner: &Inner,
+    writer: &mut FrameWriter,
+    cancel: &CancellationToken,
+    heard: &AtomicU64,
+    started: Instant,
+) -> String {
+    let keepalive = inner.options.keepalive;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
+    let mut last_write = Instant::now();
+    let mut nonce = 0u64;
+    if writer.pending() > 0 && writer.flush().await.is_err() {
+        return "write failed while restoring subscriptions".into();
+    }
+    loop {
+        let batch = {
+            let mut out = inner.out.lock();
+            (!out.buf.is_empty()).then(|| out.buf.take())
+        };
+        let Some(batch) = batch else {
+            tokio::select! {
+                () = inner.out_ready.notified() => continue,
+                () = cancel.cancelled() => return String::new(),
+                _ = tick.tick() => {
+                    let silent = millis_since(started).saturating_sub(heard.load(Ordering::Relaxed));
+                    if silent > 3 * u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX) {
+                        return format!("no frame from the broker for {silent} ms");
+                    }
+                    if last_write.elapsed() >= keepalive {
+                        nonce += 1;
+                        inner.push_control(Frame::Ping(nonce));
+                    }
+                    continue;
+                }
+            }
+        };
+        inner.out_space.notify_waiters();
+        let (frames, publishes) = (batch.frames, batch.publishes);
+        batch.write_into(writer);
+        let ok = tokio::select! {
+            r = writer.flush() => r.is_ok(),
+            () = cancel.cancelled() => false,
+        };
+        inner.consumed.send_modify(|n| *n += frames);
+        if !ok {
+            inner.counters.lost.fetch_add(publishes, Ordering::Relaxed);
+            return if cancel.is_cancelled() {
+                String::new()
+            } else {
+                "write to the broker failed".into()
+            };
+        }
+        last_write = Instant::now();
+    }
+}
+
+/// Reads frames, dispatches deliveries to subscriptions, completes requests.
+async fn read_loop(
+    inner: Arc<Inner>,
+    mut reader: FrameReader,
+    cancel: CancellationToken,
+    gap: Option<Duration>,
+    heard: Arc<AtomicU64>,
+    started: Instant,
+) -> String {
+    let mut ctx = ReadCtx {
+        inner: &inner,
+        scratch: Vec::new(),
+        blocked: Vec::new(),
+    };
+    if let Some(outage) = gap {
+        let ids = inner.subs.lock().ids();
+        for id in ids {
+            let tx = inner.subs.lock().sender(id);
+            if let Some(tx) = tx {
+                ctx.send(&cancel, tx, Item::Gap(RecvError::Reconnected { outage }))
+                    .await;
+            }
+        }
+    }
+    loop {
+        let read = tokio::select! {
+            () = cancel.cancelled() => return String::new(),
+            r = reader.read_frame() => r,
+        };
+        heard.store(millis_since(started), Ordering::Relaxed);
+        let frame = match read {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                cancel.cancel();
+                return "the broker closed the connection".into();
+            }
+            Err(e) => {
+                cancel.cancel();
+                return e.to_string();
+            }
+        };
+        if let Err(cause) = ctx.on_frame(frame, &cancel).await {
+            cancel.cancel();
+            return cause;
+        }
+    }
+}
+
+struct ReadCtx<'a> {
+    inner: &'a Inner,
+    scratch: Vec<u64>,
+    blocked: Vec<mpsc::Sender<Item>>,
+}
+
+impl ReadCtx<'_> {
+    /// Sends to a full subscription queue, waiting (the connection stops reading meanwhile,
+    /// so the broker's slow-reader policy applies).
+    async fn send(&self, cancel: &CancellationToken, tx: mpsc::Sender<Item>, item: Item) {
+        tokio::select! {
+            _ = tx.send(item) => {}
+            () = cancel.cancelled() => {}
+        }
+    }
+
+    async fn on_frame(&mut self, frame: Frame, cancel: &CancellationToken) -> Result<(), String> {
+        let inner = self.inner;
+        match frame {
+            Frame::Deliver(msg) => self.deliver(msg, cancel).await,
+            Frame::Reply(r) => {
+                if let Some(tx) = inner.pending.lock().remove(&r.request_id) {
+                    let _ = tx.send(match r.error {
+                        None => Ok(()),
+                        Some(code) => Err(refused(code, r.message)),
+                    });
+                } else if let Some(code) = r.error {
+                    tracing::warn!(%code, message = %r.message, "broker refused a restored subscription");
+                }
+            }
+            Frame::Ping(n) => inner.push_control(Frame::Pong(n)),
+            Frame::Pong(_) | Frame::Ack(_) => {}
+            Frame::Nack(n) => {
+                inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(id = %n.id, code = %n.code, reason = %n.reason, "broker refused a message");
+                *inner.last_rejection.lock() = Some(n.reason);
+            }
+            Frame::Notice(Notice::Dropped { reason, topics }) => {
+                self.missed(reason.into(), topics, cancel).await
+            }
+            Frame::Error(e) if e.fatal => {
+                return Err(format!(
+                    "broker closed the connection ({}): {}",
+                    e.code, e.message
+                ));
+            }
+            Frame::Error(e) => tracing::warn!(code = %e.code, message = %e.message, "broker error"),
+            Frame::GoingAway(g) => tracing::info!(reason = %g.reason, "broker is going away"),
+            other => {
+                return Err(format!(
+                    "unexpected frame kind 0x{:02x} from the broker",
+                    other.kind()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, msg: Message, cancel: &CancellationToken) {
+        self.inner.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .subs
+            .lock()
+            .dispatch(&msg, &mut self.scratch, &mut self.blocked);
+        while let Some(tx) = self.blocked.pop() {
+            self.send(cancel, tx, Item::Msg(msg.clone())).await;
+        }
+    }
+
+    async fn missed(
+        &mut self,
+        reason: MissedReason,
+        topics: Vec<(daemoneye_eventbus_core::Topic, u64)>,
+        cancel: &CancellationToken,
+    ) {
+        let mut per_sub: HashMap<u64, u64> = HashMap::new();
+        let mut total = 0;
+        for (topic, count) in topics {
+            total += count;
+            self.inner.subs.lock().ids_for(&topic, &mut self.scratch);
+            for id in &self.scratch {
+                *per_sub.entry(*id).or_default() += count;
+            }
+        }
+        self.inner
+            .counters
+            .missed
+            .fetch_add(total, Ordering::Relaxed);
+        for (id, count) in per_sub {
+            let tx = self.inner.subs.lock().sender(id);
+            if let Some(tx) = tx {
+                self.send(cancel, tx, Item::Gap(RecvError::Missed { count, reason }))
+                    .await;
+            }
+        }
+    }
+}

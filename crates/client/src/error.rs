@@ -1,0 +1,88 @@
+//! Client errors, one enum per operation.
+
+use daemoneye_eventbus_core::TopicError;
+use daemoneye_eventbus_core::codec::ErrorCode;
+use daemoneye_eventbus_transport::TransportError;
+use std::time::Duration;
+
+/// Errors from [`crate::Client::connect`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The transport failed (no broker at that path, permission denied…).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The broker refused the connection.
+    #[error("broker refused the connection ({code}): {message}")]
+    Refused {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// Connecting or the handshake took too long.
+    #[error("no handshake answer from the broker within {0:?}")]
+    Timeout(Duration),
+    /// The broker broke the protocol during the handshake.
+    #[error("handshake failed: {0}")]
+    Protocol(String),
+}
+
+/// Errors from publishing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The topic is invalid.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+    /// The payload is larger than the limit.
+    #[error("message of {size} bytes exceeds max_message_size ({max} bytes)")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// `$sys` topics are published only by the broker.
+    #[error("clients cannot publish to {0}: $sys is reserved for the broker")]
+    Reserved(String),
+    /// Disconnected and the outgoing queue is full: the message was not queued (counted as
+    /// lost in the client statistics).
+    #[error("broker unreachable and {queued} bytes already queued; message not sent")]
+    Backlogged {
+        /// Bytes waiting.
+        queued: usize,
+    },
+    /// The client was closed.
+    #[error("client is closed")]
+    Closed,
+}
+
+/// Errors from subscribe / unsubscribe.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubscribeError {
+    /// A filter is invalid.
+    #[error(transparent)]
+    Filter(#[from] TopicError),
+    /// No filter was given.
+    #[error("at least one topic filter is required")]
+    NoFilters,
+    /// The broker refused.
+    #[error("broker refused the subscription ({code}): {message}")]
+    Refused {
+        /// Reason.
+        code: ErrorCode,
+        /// Explanation.
+        message: String,
+    },
+    /// No acknowledgement before the deadline.
+    #[error("no acknowledgement from the broker within {0:?}")]
+    Timeout(Duration),
+    /// The connection dropped before the acknowledgement.
+    #[error("connection to the broker lost before the acknowledgement")]
+    Disconnected,
+    /// The client was closed.
+    #[error("client is closed")]
+    Closed,
+}

@@ -1,0 +1,119 @@
+//! Client options and the reconnect backoff (a pure function, tested without a clock).
+
+use daemoneye_eventbus_core::codec::{DEFAULT_MAX_MESSAGE_SIZE, SlowReaderPolicy};
+use std::time::Duration;
+
+/// How the client reconnects after losing its broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReconnectPolicy {
+    /// Reconnect at all (default true).
+    pub enabled: bool,
+    /// First delay (default 50 ms).
+    pub initial_delay: Duration,
+    /// Largest delay (default 5 s).
+    pub max_delay: Duration,
+    /// Growth factor per attempt (default 2).
+    pub multiplier: f64,
+    /// Relative jitter in `[0, 1)`: each delay is scaled by a random factor in
+    /// `[1 - jitter, 1 + jitter]` (default 0.2).
+    pub jitter: f64,
+    /// Give up after this many consecutive failed attempts (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for ReconnectPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            initial_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(5),
+            multiplier: 2.0,
+            jitter: 0.2,
+            max_attempts: None,
+        }
+    }
+}
+
+impl ReconnectPolicy {
+    /// Delay before attempt `attempt` (0-based) given a uniform random `unit` in `[0, 1)`.
+    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
+        let exp = self
+            .multiplier
+            .powi(i32::try_from(attempt.min(64)).unwrap_or(64));
+        let base = (self.initial_delay.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
+        let jitter = self.jitter.clamp(0.0, 0.99);
+        let scale = 1.0 - jitter + 2.0 * jitter * unit.clamp(0.0, 1.0);
+        Duration::from_secs_f64(base * scale)
+    }
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Name sent in the handshake; the `source` of every message published (default
+    /// `eventbus-client`).
+    pub name: String,
+    /// Keepalive interval: a ping is sent after this long without writing, and the broker is
+    /// considered gone after three intervals without hearing from it (default 10 s).
+    pub keepalive: Duration,
+    /// Deadline for connecting and the handshake (default 5 s).
+    pub connect_timeout: Duration,
+    /// Deadline for a subscribe / unsubscribe acknowledgement (default 10 s).
+    pub request_timeout: Duration,
+    /// Reconnect behaviour.
+    pub reconnect: ReconnectPolicy,
+    /// Bound of the outgoing queue in bytes (default 8 MiB). When full, publishers wait while
+    /// connected and are refused (counted as lost) while disconnected.
+    pub outbox_bytes: usize,
+    /// Bound of each subscription's queue, in messages (default 4096). When full, the
+    /// connection stops reading until the application catches up, so the broker's slow-reader
+    /// policy applies.
+    pub subscription_buffer: usize,
+    /// What the broker does when this client reads too slowly.
+    pub slow_reader: SlowReaderPolicy,
+    /// Largest payload this client accepts and sends (the broker's limit applies too).
+    pub max_message_size: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            name: "eventbus-client".into(),
+            keepalive: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            reconnect: ReconnectPolicy::default(),
+            outbox_bytes: 8 * 1024 * 1024,
+            subscription_buffer: 4096,
+            slow_reader: SlowReaderPolicy::DropOldest,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        }
+    }
+}
+
+impl ClientOptions {
+    /// Default options with this client name.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        let p = ReconnectPolicy::default();
+        assert_eq!(p.delay(0, 0.5), Duration::from_millis(50));
+        assert_eq!(p.delay(1, 0.5), Duration::from_millis(100));
+        assert_eq!(p.delay(30, 0.5), Duration::from_secs(5));
+        assert!(p.delay(2, 0.0) < p.delay(2, 0.5));
+        assert!(p.delay(2, 0.99) > p.delay(2, 0.5));
+        let lo = p.delay(3, 0.0).as_secs_f64();
+        assert!((lo - 0.4 * 0.8).abs() < 1e-9);
+    }
+}

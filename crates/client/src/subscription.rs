@@ -1,0 +1,228 @@
+//! Subscriptions: the client-side table that demultiplexes deliveries, and the
+//! [`Subscription`] stream handed to the application.
+
+use daemoneye_eventbus_core::codec::DropReason;
+use daemoneye_eventbus_core::{Message, SubscriptionTrie, Topic, TopicFilter};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Why messages were missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MissedReason {
+    /// The broker's queue for this connection was full.
+    SlowReader,
+    /// The broker's memory cap was reached.
+    MemoryCap,
+    /// Another broker-reported reason.
+    Other,
+}
+
+impl From<DropReason> for MissedReason {
+    fn from(r: DropReason) -> Self {
+        match r {
+            DropReason::SlowReader => Self::SlowReader,
+            DropReason::MemoryCap => Self::MemoryCap,
+            _ => Self::Other,
+        }
+    }
+}
+
+/// Something other than a message on a subscription. Nothing is lost silently: each gap is
+/// reported here before the messages that follow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecvError {
+    /// The broker dropped `count` messages for this subscription.
+    #[error("missed {count} messages ({reason:?})")]
+    Missed {
+        /// How many.
+        count: u64,
+        /// Why.
+        reason: MissedReason,
+    },
+    /// The connection was lost for `outage` and restored; messages published meanwhile were
+    /// not received and cannot be counted by the subscriber.
+    #[error(
+        "connection to the broker was lost for {outage:?}; messages published meanwhile were missed"
+    )]
+    Reconnected {
+        /// How long the client was disconnected.
+        outage: Duration,
+    },
+    /// The subscription or client is closed; no more messages will come.
+    #[error("subscription closed")]
+    Closed,
+}
+
+pub(crate) enum Item {
+    Msg(Message),
+    Gap(RecvError),
+}
+
+/// A stream of messages matching the subscription's filters (each message once, even when
+/// several filters match). Dropping it unsubscribes.
+pub struct Subscription {
+    pub(crate) id: u64,
+    pub(crate) filters: Vec<TopicFilter>,
+    pub(crate) rx: mpsc::Receiver<Item>,
+    pub(crate) client: Option<crate::Client>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("id", &self.id)
+            .field("filters", &self.filters)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The next message.
+    ///
+    /// # Errors
+    ///
+    /// [`RecvError::Missed`] / [`RecvError::Reconnected`] report a gap (call again to go on);
+    /// [`RecvError::Closed`] ends the stream.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Message, RecvError> {
+        match self.rx.recv().await {
+            Some(Item::Msg(m)) => Ok(m),
+            Some(Item::Gap(e)) => Err(e),
+            None => Err(RecvError::Closed),
+        }
+    }
+
+    /// The filters of this subscription.
+    pub fn filters(&self) -> &[TopicFilter] {
+        &self.filters
+    }
+
+    /// Unsubscribes and waits for the broker's acknowledgement.
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Client::subscribe`].
+    pub async fn unsubscribe(mut self) -> Result<(), crate::SubscribeError> {
+        match self.client.take() {
+            Some(client) => client.remove_subscription(self.id, true).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take() {
+            client.forget_subscription(self.id);
+        }
+    }
+}
+
+struct SubEntry {
+    filters: Vec<TopicFilter>,
+    tx: mpsc::Sender<Item>,
+}
+
+/// Subscriptions of one client: id → entry, filter → refcount, and a trie for demultiplexing.
+#[derive(Default)]
+pub(crate) struct SubTable {
+    subs: HashMap<u64, SubEntry>,
+    refs: HashMap<TopicFilter, usize>,
+    trie: SubscriptionTrie<u64>,
+    next_id: u64,
+}
+
+impl SubTable {
+    /// Registers a subscription; returns its id and the filters that became active (0 → 1).
+    pub(crate) fn add(
+        &mut self,
+        filters: Vec<TopicFilter>,
+        tx: mpsc::Sender<Item>,
+    ) -> (u64, Vec<TopicFilter>) {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut fresh = Vec::new();
+        for f in &filters {
+            self.trie.insert(f, id);
+            let n = self.refs.entry(f.clone()).or_default();
+            *n += 1;
+            if *n == 1 {
+                fresh.push(f.clone());
+            }
+        }
+        self.subs.insert(id, SubEntry { filters, tx });
+        (id, fresh)
+    }
+
+    /// Removes a subscription; returns the filters that became inactive (1 → 0).
+    pub(crate) fn remove(&mut self, id: u64) -> Vec<TopicFilter> {
+        let Some(entry) = self.subs.remove(&id) else {
+            return Vec::new();
+        };
+        let mut gone = Vec::new();
+        for f in entry.filters {
+            self.trie.remove(&f, id);
+            if let Some(n) = self.refs.get_mut(&f) {
+                *n -= 1;
+                if *n == 0 {
+                    self.refs.remove(&f);
+                    gone.push(f);
+                }
+            }
+        }
+        gone
+    }
+
+    /// Every active filter (re-subscribed after a reconnect).
+    pub(crate) fn active_filters(&self) -> Vec<TopicFilter> {
+        self.refs.keys().cloned().collect()
+    }
+
+    /// Every subscription id.
+    pub(crate) fn ids(&self) -> Vec<u64> {
+        self.subs.keys().copied().collect()
+    }
+
+    /// Offers `msg` to every subscription matching its topic without waiting. Subscriptions
+    /// whose queue is full are pushed to `blocked` so the caller can wait on them outside the
+    /// table's lock. Allocates nothing when no queue is full.
+    pub(crate) fn dispatch(
+        &self,
+        msg: &Message,
+        scratch: &mut Vec<u64>,
+        blocked: &mut Vec<mpsc::Sender<Item>>,
+    ) {
+        self.trie.matches_into(msg.topic(), scratch);
+        for id in scratch.iter() {
+            let Some(entry) = self.subs.get(id) else {
+                continue;
+            };
+            if let Err(mpsc::error::TrySendError::Full(_)) =
+                entry.tx.try_send(Item::Msg(msg.clone()))
+            {
+                blocked.push(entry.tx.clone());
+            }
+        }
+    }
+
+    /// Ids of the subscriptions matching `topic`.
+    pub(crate) fn ids_for(&self, topic: &Topic, scratch: &mut Vec<u64>) {
+        self.trie.matches_into(topic, scratch);
+    }
+
+    /// Sender of one subscription.
+    pub(crate) fn sender(&self, id: u64) -> Option<mpsc::Sender<Item>> {
+        self.subs.get(&id).map(|e| e.tx.clone())
+    }
+
+    /// Drops every sender, ending all subscription streams.
+    pub(crate) fn close_all(&mut self) {
+        self.subs.clear();
+    }
+}
