@@ -18,3 +18,12 @@ pub use broker::{Broker, BrokerError, ShutdownReport};
 pub use config::{BrokerConfig, ConfigError};
 pub use outbox::MAX_QUEUED_CONTROL;
 pub use stats::{BrokerStats, ConnectionStats};
+
+/// Parses a `$sys.broker.stats` payload (JSON) into [`BrokerStats`].
+///
+/// # Errors
+///
+/// When the payload is not such a JSON document.
+pub fn parse_stats(payload: &[u8]) -> Result<BrokerStats, serde_json::Error> {
+    serde_json::from_slice(payload)
+}

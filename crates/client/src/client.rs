@@ -88,6 +88,9 @@ pub(crate) struct Inner {
     pub(crate) consumed: watch::Sender<u64>,
     pub(crate) subs: Mutex<SubTable>,
     pub(crate) pending: Pending,
+    /// Pings awaiting their pong, by nonce.
+    pub(crate) pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
+    pub(crate) next_nonce: AtomicU64,
     next_request: AtomicU32,
     pub(crate) state: watch::Sender<ConnState>,
     pub(crate) counters: Counters,
@@ -225,6 +228,8 @@ impl Client {
             consumed: watch::channel(0).0,
             subs: Mutex::new(SubTable::default()),
             pending: Mutex::new(HashMap::new()),
+            pings: Mutex::new(HashMap::new()),
+            next_nonce: AtomicU64::new(1),
             next_request: AtomicU32::new(1),
             state,
             counters: Counters::default(),
@@ -389,6 +394,33 @@ impl Client {
             return Ok(());
         }
         Err(PublishError::Closed)
+    }
+
+    /// Round trip to the broker: returns once the broker has answered a ping sent after
+    /// everything queued so far. Because the broker handles a connection's frames in order,
+    /// every earlier publish has then been routed and any refusal of it has been received
+    /// (see [`Client::stats`] and [`Client::last_rejection`]).
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Timeout`] after `request_timeout`, or [`SubscribeError::Closed`].
+    pub async fn ping(&self) -> Result<std::time::Duration, SubscribeError> {
+        let nonce = self.inner.next_nonce.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner.pings.lock().insert(nonce, tx);
+        let start = std::time::Instant::now();
+        self.inner.push_control(Frame::Ping(nonce));
+        let timeout = self.inner.options.request_timeout;
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, rx) => match r {
+                Ok(Ok(())) => Ok(start.elapsed()),
+                Ok(Err(_)) => Err(SubscribeError::Closed),
+                Err(_) => Err(SubscribeError::Timeout(timeout)),
+            },
+            () = self.inner.closed.cancelled() => Err(SubscribeError::Closed),
+        };
+        self.inner.pings.lock().remove(&nonce);
+        result
     }
 
     async fn request(&self, make: impl FnOnce(u32) -> Frame) -> Result<(), SubscribeError> {

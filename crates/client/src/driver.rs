@@ -141,6 +141,7 @@ fn finish(inner: &Inner) {
     inner.out_space.notify_waiters();
     inner.subs.lock().close_all();
     inner.pending.lock().clear();
+    inner.pings.lock().clear();
 }
 
 /// Serves one connection until it fails or the client closes; returns the cause.
@@ -210,7 +211,6 @@ async fn write_loop(
     let keepalive = inner.options.keepalive;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     let mut last_write = Instant::now();
-    let mut nonce = 0u64;
     if writer.pending() > 0 && writer.flush().await.is_err() {
         return "write failed while restoring subscriptions".into();
     }
@@ -229,7 +229,7 @@ async fn write_loop(
                         return format!("no frame from the broker for {silent} ms");
                     }
                     if last_write.elapsed() >= keepalive {
-                        nonce += 1;
+                        let nonce = inner.next_nonce.fetch_add(1, Ordering::Relaxed);
                         inner.push_control(Frame::Ping(nonce));
                     }
                     continue;
@@ -335,7 +335,12 @@ impl ReadCtx<'_> {
                 }
             }
             Frame::Ping(n) => inner.push_control(Frame::Pong(n)),
-            Frame::Pong(_) | Frame::Ack(_) => {}
+            Frame::Pong(n) => {
+                if let Some(tx) = inner.pings.lock().remove(&n) {
+                    let _ = tx.send(());
+                }
+            }
+            Frame::Ack(_) => {}
             Frame::Nack(n) => {
                 inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(id = %n.id, code = %n.code, reason = %n.reason, "broker refused a message");

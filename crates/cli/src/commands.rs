@@ -1,0 +1,281 @@
+//! The subcommands.
+
+use crate::output;
+use crate::{Command, SocketArg};
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use daemoneye_eventbus::broker::BrokerConfig;
+use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError};
+use daemoneye_eventbus::transport::unix::default_socket_path;
+use daemoneye_eventbus::{Broker, CorrelationMetadata, Endpoint, Topic, catalog};
+use serde::Deserialize;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub(crate) async fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve {
+            socket,
+            tcp,
+            config,
+        } => serve(&socket, tcp, config.as_deref()).await,
+        Command::Pub {
+            socket,
+            topic,
+            payload,
+            count,
+            size,
+            correlation_id,
+            name,
+        } => {
+            let payloads = Payloads::new(payload.as_deref(), size)?;
+            publish(&socket, &name, &topic, payloads, count, correlation_id).await
+        }
+        Command::Sub {
+            socket,
+            patterns,
+            count,
+            timeout,
+            json,
+            name,
+        } => subscribe(&socket, &name, &patterns, count, timeout, json).await,
+        Command::Stats { socket, json } => stats(&socket, json).await,
+    }
+}
+
+fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
+    match &arg.socket {
+        None => Ok(Endpoint::Unix(default_socket_path())),
+        Some(s) if s.contains("://") || s.starts_with("unix:") => Ok(Endpoint::parse(s)?),
+        Some(s) => Ok(Endpoint::Unix(absolute(Path::new(s))?)),
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_owned());
+    }
+    Ok(std::env::current_dir()
+        .context("reading the current directory")?
+        .join(p))
+}
+
+/// Configuration file layout: sections by component.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    broker: BrokerConfig,
+}
+
+fn load_config(path: &Path) -> Result<BrokerConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: FileConfig =
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))?;
+    file.broker
+        .validate()
+        .with_context(|| format!("{}", path.display()))?;
+    Ok(file.broker)
+}
+
+async fn serve(
+    socket: &SocketArg,
+    tcp: Option<std::net::SocketAddr>,
+    config: Option<&Path>,
+) -> Result<()> {
+    let mut cfg = match config {
+        Some(p) => load_config(p)?,
+        None => BrokerConfig::default(),
+    };
+    let mut endpoints = Vec::new();
+    match (&socket.socket, &cfg.socket_path) {
+        (None, Some(p)) => endpoints.push(Endpoint::Unix(p.clone())),
+        _ => endpoints.push(endpoint(socket)?),
+    }
+    if let Some(addr) = tcp.or(cfg.tcp_listen) {
+        endpoints.push(Endpoint::Tcp(addr));
+    }
+    cfg.tcp_listen = None;
+    let broker = Broker::start_on(cfg, &endpoints).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        for e in broker.endpoints() {
+            if !matches!(e, Endpoint::InProc(_)) {
+                writeln!(out, "listening on {e}")?;
+            }
+        }
+        out.flush()?;
+    }
+    wait_for_signal().await?;
+    let report = broker.shutdown().await;
+    if !report.drained {
+        eprintln!(
+            "shutdown deadline passed; sessions torn down: {:?}",
+            report.overran
+        );
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// Payload source for `pub`.
+enum Payloads {
+    Fixed(Bytes),
+    Generated(usize),
+}
+
+impl Payloads {
+    fn new(payload: Option<&str>, size: Option<usize>) -> Result<Self> {
+        match (payload, size) {
+            (Some(_), Some(_)) => bail!("give either PAYLOAD or --size, not both"),
+            (None, Some(n)) => Ok(Self::Generated(n)),
+            (Some("-"), None) => {
+                let mut buf = Vec::new();
+                std::io::stdin()
+                    .read_to_end(&mut buf)
+                    .context("reading the payload from stdin")?;
+                Ok(Self::Fixed(Bytes::from(buf)))
+            }
+            (Some(p), None) => Ok(Self::Fixed(Bytes::copy_from_slice(p.as_bytes()))),
+            (None, None) => bail!("give a PAYLOAD, '-' for stdin, or --size BYTES"),
+        }
+    }
+
+    fn get(&self, i: u64) -> Bytes {
+        match self {
+            Self::Fixed(b) => b.clone(),
+            Self::Generated(n) => {
+                let seed = i.to_le_bytes();
+                Bytes::from(
+                    (0..*n)
+                        .map(|j| seed[j % 8] ^ (j as u8))
+                        .collect::<Vec<u8>>(),
+                )
+            }
+        }
+    }
+}
+
+async fn connect(socket: &SocketArg, name: &str) -> Result<Client> {
+    let ep = endpoint(socket)?;
+    let mut options = ClientOptions::named(name);
+    options.max_message_size = daemoneye_eventbus::core::codec::MAX_MESSAGE_SIZE_LIMIT;
+    options.reconnect.max_attempts = Some(5);
+    Client::connect(&ep, options)
+        .await
+        .with_context(|| format!("connecting to {ep}"))
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+async fn publish(
+    socket: &SocketArg,
+    name: &str,
+    topic: &str,
+    payloads: Payloads,
+    count: u64,
+    correlation_id: Option<String>,
+) -> Result<()> {
+    let topic = Topic::new(topic)?;
+    let client = connect(socket, name).await?;
+    for i in 0..count {
+        let mut p = Publish::new(topic.clone(), payloads.get(i));
+        if let Some(id) = &correlation_id {
+            p = p.correlation(CorrelationMetadata::root(id.clone(), now_ns()));
+        }
+        client.publish_with(p).await?;
+    }
+    client
+        .ping()
+        .await
+        .context("waiting for the broker to take every message")?;
+    let stats = client.stats();
+    client.close().await;
+    if stats.rejected > 0 {
+        let why = client.last_rejection().unwrap_or_default();
+        bail!(
+            "broker refused {} of {count} messages: {why}",
+            stats.rejected
+        );
+    }
+    if stats.lost > 0 {
+        bail!(
+            "{} of {count} messages were lost while the broker was unreachable",
+            stats.lost
+        );
+    }
+    Ok(())
+}
+
+async fn subscribe(
+    socket: &SocketArg,
+    name: &str,
+    patterns: &[String],
+    count: Option<u64>,
+    timeout: Option<f64>,
+    json: bool,
+) -> Result<()> {
+    let idle = timeout
+        .map(Duration::try_from_secs_f64)
+        .transpose()
+        .context("--timeout")?;
+    let client = connect(socket, name).await?;
+    let mut sub = client.subscribe(patterns).await?;
+    eprintln!("ready");
+    let mut out = std::io::LineWriter::new(std::io::stdout().lock());
+    let mut seen = 0u64;
+    while count.is_none_or(|n| seen < n) {
+        let next = match idle {
+            Some(d) => match tokio::time::timeout(d, sub.recv()).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+            None => sub.recv().await,
+        };
+        match next {
+            Ok(msg) => {
+                seen += 1;
+                output::print_message(&mut out, &msg, json)?;
+            }
+            Err(RecvError::Closed) => bail!("the broker connection closed"),
+            Err(gap) => eprintln!("warning: {gap}"),
+        }
+    }
+    drop(sub);
+    client.close().await;
+    Ok(())
+}
+
+async fn stats(socket: &SocketArg, json: bool) -> Result<()> {
+    let client = connect(socket, "eventbus-stats").await?;
+    let mut sub = client.subscribe([catalog::sys::stats().as_str()]).await?;
+    let msg = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .context("no statistics from the broker within 5 s")??;
+    let stats =
+        daemoneye_eventbus::broker::parse_stats(msg.payload()).context("decoding statistics")?;
+    drop(sub);
+    client.close().await;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", String::from_utf8_lossy(msg.payload()))?;
+    } else {
+        output::print_stats(&mut out, &stats)?;
+    }
+    Ok(())
+}

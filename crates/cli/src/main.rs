@@ -1,0 +1,126 @@
+//! `eventbus`: run a broker, publish, subscribe and read statistics.
+//!
+//! Every error exits non-zero with one line on stderr.
+
+mod commands;
+mod output;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// daemoneye-eventbus command line.
+#[derive(Parser, Debug)]
+#[command(
+    name = "eventbus",
+    version,
+    about = "Embedded IPC event bus for host security agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where to find the broker: `--socket`, else `EVENTBUS_SOCKET`, else the default path.
+#[derive(clap::Args, Debug, Clone)]
+struct SocketArg {
+    /// Socket path or endpoint (unix:///path, tcp://127.0.0.1:PORT).
+    #[arg(long, env = "EVENTBUS_SOCKET", value_name = "PATH")]
+    socket: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a broker in the foreground until SIGINT or SIGTERM.
+    Serve {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Also listen on this loopback TCP address (plain TCP).
+        #[arg(long, value_name = "ADDR")]
+        tcp: Option<std::net::SocketAddr>,
+        /// TOML configuration file with a [broker] section.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Publish one or more messages.
+    Pub {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Topic to publish on.
+        topic: String,
+        /// Payload text, or '-' to read it from stdin.
+        payload: Option<String>,
+        /// Number of messages.
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Publish generated payloads of this many bytes instead of PAYLOAD.
+        #[arg(long, value_name = "BYTES")]
+        size: Option<usize>,
+        /// Correlation id attached to every message.
+        #[arg(long, value_name = "ID")]
+        correlation_id: Option<String>,
+        /// Client name.
+        #[arg(long, default_value = "eventbus-pub")]
+        name: String,
+    },
+    /// Subscribe and print messages.
+    Sub {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Topic filters (`+`, `*`, `#` wildcards).
+        #[arg(required = true)]
+        patterns: Vec<String>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds without a message.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<f64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Client name.
+        #[arg(long, default_value = "eventbus-sub")]
+        name: String,
+    },
+    /// Print broker statistics.
+    Stats {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print the raw JSON snapshot.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! How `sub` and `stats` print.
+
+use base64::Engine as _;
+use daemoneye_eventbus::{BrokerStats, Message};
+use std::io::{self, Write};
+
+/// Prints one message: `topic payload` as text, or one JSON object with `--json`.
+pub(crate) fn print_message(out: &mut impl Write, msg: &Message, json: bool) -> io::Result<()> {
+    let h = msg.header();
+    let text = std::str::from_utf8(msg.payload()).ok();
+    if !json {
+        return match text {
+            Some(t) => writeln!(out, "{} {}", msg.topic(), t),
+            None => writeln!(out, "{} <{} bytes>", msg.topic(), msg.payload().len()),
+        };
+    }
+    let mut obj = serde_json::Map::new();
+    obj.insert("topic".into(), msg.topic().as_str().into());
+    match text {
+        Some(t) => obj.insert("payload".into(), t.into()),
+        None => obj.insert(
+            "payload_base64".into(),
+            base64::engine::general_purpose::STANDARD
+                .encode(msg.payload())
+                .into(),
+        ),
+    };
+    obj.insert("size".into(), msg.payload().len().into());
+    obj.insert("message_id".into(), h.id.to_string().into());
+    let corr = h.correlation.as_ref().map(|c| c.correlation_id.clone());
+    obj.insert("correlation_id".into(), corr.into());
+    obj.insert("publisher".into(), h.source.as_str().into());
+    writeln!(out, "{}", serde_json::Value::Object(obj))
+}
+
+/// Prints a statistics snapshot as a table.
+pub(crate) fn print_stats(out: &mut impl Write, s: &BrokerStats) -> io::Result<()> {
+    let rows = [
+        ("uptime (s)", s.uptime_secs),
+        ("published", s.published),
+        ("delivered", s.delivered),
+        ("dropped", s.dropped),
+        ("bytes in", s.bytes_in),
+        ("bytes out", s.bytes_out),
+        ("active connections", s.active_connections),
+        ("total connections", s.total_connections),
+        ("refused connections", s.refused_connections),
+        ("protocol errors", s.protocol_errors),
+        ("rejected publishes", s.rejected_publishes),
+        ("subscriptions", s.active_subscriptions),
+        ("topics (distinct filters)", s.active_topics),
+        ("queued bytes", s.queued_bytes),
+        ("memory cap (bytes)", s.memory_cap_bytes),
+    ];
+    for (k, v) in rows {
+        writeln!(out, "{k:<26} {v}")?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<8} {:<20} {:<22} {:>5} {:>10} {:>10} {:>8} {:>7}",
+        "session", "name", "peer", "subs", "published", "delivered", "dropped", "queued"
+    )?;
+    for c in &s.connections {
+        writeln!(
+            out,
+            "{:<8} {:<20} {:<22} {:>5} {:>10} {:>10} {:>8} {:>7}",
+            c.session_id,
+            c.name,
+            c.peer,
+            c.subscriptions,
+            c.published,
+            c.delivered,
+            c.dropped,
+            c.queued_messages
+        )?;
+    }
+    Ok(())
+}
