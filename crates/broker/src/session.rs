@@ -89,12 +89,17 @@ pub(crate) async fn serve(
         Counters::add(&shared.counters.connections_refused, 1);
         let max = shared.config.max_connections;
         let msg = format!("broker is at max_connections ({max}); retry later");
-        refuse(&mut writer, error(ErrorCode::ConnectionLimit, msg)).await;
+        refuse(
+            &mut reader,
+            &mut writer,
+            error(ErrorCode::ConnectionLimit, msg),
+        )
+        .await;
         return;
     };
     if let Err(refusal) = shared.authorize(&peer) {
         Counters::add(&shared.counters.connections_refused, 1);
-        refuse(&mut writer, refusal).await;
+        refuse(&mut reader, &mut writer, refusal).await;
         return;
     }
     let hello = match handshake(&shared, &mut reader).await {
@@ -102,7 +107,7 @@ pub(crate) async fn serve(
         Ok(None) => return,
         Err(refusal) => {
             Counters::add(&shared.counters.connections_refused, 1);
-            refuse(&mut writer, refusal).await;
+            refuse(&mut reader, &mut writer, refusal).await;
             return;
         }
     };
@@ -167,10 +172,17 @@ async fn run_session(
 }
 
 /// Writes a fatal error to a peer that never became a session, then closes.
-async fn refuse(writer: &mut FrameWriter, e: ErrorFrame) {
+///
+/// The peer's input is read and discarded until it closes (bounded by [`LAST_WORDS`]):
+/// closing a socket with unread input can reset it and destroy the error in flight.
+async fn refuse(reader: &mut FrameReader, writer: &mut FrameWriter, e: ErrorFrame) {
     tracing::debug!(error = %e.message, "refusing connection");
     writer.push(&Frame::Error(e));
-    let _ = tokio::time::timeout(LAST_WORDS, writer.shutdown()).await;
+    let _ = tokio::time::timeout(LAST_WORDS, async {
+        let _ = writer.shutdown().await;
+        while let Ok(Some(_)) = reader.read_frame().await {}
+    })
+    .await;
 }
 
 async fn handshake(shared: &Shared, reader: &mut FrameReader) -> Result<Option<Hello>, ErrorFrame> {

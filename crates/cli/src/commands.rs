@@ -98,6 +98,8 @@ async fn serve(
         endpoints.push(Endpoint::Tcp(addr));
     }
     cfg.tcp_listen = None;
+    // Handlers go in before the ready line, so a signal sent right after it is handled.
+    let signals = Signals::install()?;
     let broker = Broker::start_on(cfg, &endpoints).await?;
     {
         let mut out = std::io::stdout().lock();
@@ -108,7 +110,7 @@ async fn serve(
         }
         out.flush()?;
     }
-    wait_for_signal().await?;
+    signals.wait().await?;
     let report = broker.shutdown().await;
     if !report.drained {
         eprintln!(
@@ -119,14 +121,28 @@ async fn serve(
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, installed once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) -> Result<()> {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        Ok(())
+    }
 }
 
 /// Payload source for `pub`.

@@ -1,5 +1,7 @@
 //! Codec tests: golden bytes that pin `docs/protocol.md`, round trips, and limits.
 
+#![allow(clippy::unwrap_used)]
+
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
     ErrorCode, ErrorFrame, FrameDecoder, GoingAway, Hello, Reply, SlowReaderPolicy, Subscribe,

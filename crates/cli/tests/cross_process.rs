@@ -1,0 +1,562 @@
+//! End-to-end tests with real `eventbus` processes and real Unix sockets.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Broker, Proc, RawPeer, TempDir, WAIT, eventbus, wait_line};
+use daemoneye_eventbus::Endpoint;
+use daemoneye_eventbus::client::{Client, ClientOptions, RecvError};
+use daemoneye_eventbus::core::codec::{ErrorCode, ErrorFrame, Subscribe};
+use daemoneye_eventbus::core::{
+    ByteStr, Frame, Header, Message, MessageId, Qos, Topic, TopicFilter,
+};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+
+fn json_lines(lines: &[String]) -> Vec<Value> {
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn publish_in_one_process_receive_in_another() {
+    let dir = TempDir::new("pubsub");
+    let mut broker = Broker::start(dir.path(), None);
+    let mut sub = broker.sub(&["events.process.+", "--count", "3", "--json"]);
+    let out = broker.run(&[
+        "pub",
+        "events.process.lifecycle",
+        "hello",
+        "--count",
+        "3",
+        "--correlation-id",
+        "corr-1",
+    ]);
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(sub.wait(), 0);
+    let msgs = json_lines(&sub.stdout_lines());
+    assert_eq!(msgs.len(), 3);
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m["topic"], "events.process.lifecycle");
+        assert_eq!(m["payload"], "hello");
+        assert_eq!(m["size"], 5);
+        assert_eq!(m["correlation_id"], "corr-1");
+        assert_eq!(m["publisher"], "eventbus-pub");
+        assert!(
+            m["message_id"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("-{}", i + 1))
+        );
+    }
+    // Binary payloads are printed as base64.
+    let mut bin = broker.sub(&["bin", "--count", "1", "--json"]);
+    assert_eq!(broker.run(&["pub", "bin", "--size", "3"]).code, 0);
+    assert_eq!(bin.wait(), 0);
+    let m = &json_lines(&bin.stdout_lines())[0];
+    assert!(m["payload_base64"].is_string() || m["payload"].is_string());
+    assert_eq!(m["size"], 3);
+    // SIGTERM drains and exits 0, removing the socket.
+    broker.proc.signal(Signal::SIGTERM);
+    assert_eq!(broker.proc.wait(), 0);
+    assert!(!broker.socket.exists());
+}
+
+#[test]
+fn wildcard_matrix_across_processes() {
+    let dir = TempDir::new("wild");
+    let broker = Broker::start(dir.path(), None);
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "events.process.*",
+            &["events.process.lifecycle", "events.process.batch"],
+        ),
+        (
+            "events.#",
+            &[
+                "events",
+                "events.process.lifecycle",
+                "events.process.batch",
+                "events.network.dns",
+            ],
+        ),
+        ("+.network.+", &["events.network.dns"]),
+        (
+            "control.collector.lifecycle",
+            &["control.collector.lifecycle"],
+        ),
+        (
+            "#",
+            &[
+                "events",
+                "events.process.lifecycle",
+                "events.process.batch",
+                "events.network.dns",
+                "control.collector.lifecycle",
+            ],
+        ),
+    ];
+    let mut subs: Vec<(Proc, &[&str])> = cases
+        .iter()
+        .map(|(f, expected)| {
+            let n = expected.len().to_string();
+            (broker.sub(&[f, "--count", &n, "--json"]), *expected)
+        })
+        .collect();
+    for topic in [
+        "events",
+        "events.process.lifecycle",
+        "events.process.batch",
+        "events.network.dns",
+        "control.collector.lifecycle",
+    ] {
+        assert_eq!(broker.run(&["pub", topic, "x"]).code, 0);
+    }
+    for (sub, expected) in &mut subs {
+        assert_eq!(sub.wait(), 0);
+        let got: Vec<String> = json_lines(&sub.stdout_lines())
+            .iter()
+            .map(|m| m["topic"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(&got, expected);
+    }
+    let bad = broker.run(&["sub", "events.pro+"]);
+    assert_ne!(bad.code, 0);
+    assert!(
+        bad.stderr
+            .iter()
+            .any(|l| l.contains("must be a whole segment")),
+        "{bad:?}"
+    );
+}
+
+#[test]
+fn large_payloads_delivered_and_limit_plus_one_refused() {
+    let dir = TempDir::new("large");
+    let broker = Broker::start(dir.path(), None);
+    let mut sub = broker.sub(&["big", "--count", "2", "--json"]);
+    assert_eq!(broker.run(&["pub", "big", "--size", "65536"]).code, 0);
+    assert_eq!(broker.run(&["pub", "big", "--size", "1048576"]).code, 0);
+    assert_eq!(sub.wait(), 0);
+    let sizes: Vec<u64> = json_lines(&sub.stdout_lines())
+        .iter()
+        .map(|m| m["size"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [65_536, 1_048_576]);
+    let refused = broker.run(&["pub", "big", "--size", "1048577"]);
+    assert_eq!(refused.code, 1);
+    assert_eq!(
+        refused.stderr,
+        ["error: message of 1048577 bytes exceeds max_message_size (1048576 bytes)"]
+    );
+
+    // A peer that skips the client-side check is refused by the broker and stays connected.
+    let mut raw = RawPeer::handshake(&broker.socket, "raw");
+    let header = Header {
+        id: MessageId {
+            publisher: 9,
+            sequence: 1,
+        },
+        source: ByteStr::from("raw"),
+        ..Header::default()
+    };
+    let msg = Message::new(
+        Topic::new("big").unwrap(),
+        header,
+        vec![0u8; (1 << 20) + 1].into(),
+    );
+    raw.send(&Frame::Publish(msg));
+    match raw.recv_until(|f| matches!(f, Frame::Nack(_))) {
+        Frame::Nack(n) => {
+            assert_eq!(n.code, ErrorCode::MessageTooLarge);
+            assert!(
+                n.reason.contains("exceeds max_message_size"),
+                "{}",
+                n.reason
+            );
+        }
+        _ => unreachable!(),
+    }
+    raw.send(&Frame::Ping(7));
+    assert_eq!(
+        raw.recv_until(|f| matches!(f, Frame::Pong(_))),
+        Frame::Pong(7)
+    );
+    assert_eq!(broker.stats()["rejected_publishes"], 1);
+}
+
+#[test]
+fn stalled_subscriber_does_not_slow_others_and_memory_stays_capped() {
+    let dir = TempDir::new("stall");
+    let config = "[broker]\nmessage_buffer_size = 100000\nsubscriber_buffer_bytes = 2097152\n\
+                  max_memory_bytes = 8388608\nmax_message_size = 65536\n";
+    let broker = Broker::start(dir.path(), Some(config));
+    // The stalled peer subscribes and then never reads.
+    let mut stalled = RawPeer::handshake(&broker.socket, "stalled");
+    let filter = TopicFilter::new("load").unwrap();
+    stalled.send(&Frame::Subscribe(Subscribe {
+        request_id: 1,
+        qos: Qos::Realtime,
+        filter,
+    }));
+    assert!(
+        matches!(stalled.recv_until(|f| matches!(f, Frame::Reply(_))), Frame::Reply(r) if r.error.is_none())
+    );
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n: u64 = 20_000;
+    let (received, missed) = rt.block_on(async {
+        let ep = Endpoint::Unix(broker.socket.clone());
+        let healthy = Client::connect(&ep, ClientOptions::named("healthy"))
+            .await
+            .unwrap();
+        let mut s = healthy.subscribe(["load"]).await.unwrap();
+        let publisher = tokio::task::spawn_blocking({
+            let b = broker.socket_arg();
+            move || {
+                let mut cmd = eventbus();
+                cmd.args([
+                    "pub", "--socket", &b, "load", "--size", "1024", "--count", "20000",
+                ]);
+                cmd.status().unwrap().code()
+            }
+        });
+        let (mut received, mut missed) = (0u64, 0u64);
+        while received + missed < n {
+            match tokio::time::timeout(WAIT, s.recv())
+                .await
+                .expect("healthy subscriber keeps receiving")
+            {
+                Ok(_) => received += 1,
+                Err(RecvError::Missed { count, .. }) => missed += count,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(publisher.await.unwrap(), Some(0));
+        (received, missed)
+    });
+    assert_eq!(
+        (received, missed),
+        (n, 0),
+        "the healthy subscriber got everything"
+    );
+    let stats = broker.stats();
+    let conns = stats["connections"].as_array().unwrap();
+    let st = conns
+        .iter()
+        .find(|c| c["name"] == "stalled")
+        .expect("stalled peer still connected");
+    assert!(st["dropped"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["queued_bytes"].as_u64().unwrap() <= 2_097_152, "{st}");
+    assert!(
+        stats["queued_bytes"].as_u64().unwrap() <= 8_388_608,
+        "{stats}"
+    );
+    assert_eq!(stats["published"], n);
+    drop(stalled);
+}
+
+#[test]
+fn reconnect_after_broker_restart_restores_subscriptions() {
+    let dir = TempDir::new("restart");
+    let mut broker = Broker::start(dir.path(), None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = Endpoint::Unix(broker.socket.clone());
+    let client = rt
+        .block_on(Client::connect(&ep, ClientOptions::named("survivor")))
+        .unwrap();
+    let mut s = rt.block_on(client.subscribe(["after.restart"])).unwrap();
+
+    broker.proc.signal(Signal::SIGTERM);
+    assert_eq!(broker.proc.wait(), 0);
+    let broker = Broker::start(dir.path(), None);
+    rt.block_on(async {
+        let mut state = client.state_watch();
+        tokio::time::timeout(
+            WAIT,
+            state
+                .wait_for(|s| matches!(s, daemoneye_eventbus::client::ConnState::Connected { .. })),
+        )
+        .await
+        .expect("reconnected within the deadline")
+        .unwrap();
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Err(RecvError::Reconnected { .. }) => {}
+            other => panic!("expected the outage to be reported first, got {other:?}"),
+        }
+        client.ping().await.unwrap();
+    });
+    assert_eq!(broker.run(&["pub", "after.restart", "back"]).code, 0);
+    let m = rt.block_on(async { tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap() });
+    assert_eq!(m.payload().as_ref(), b"back");
+    assert_eq!(client.stats().reconnects, 1);
+}
+
+#[test]
+fn keepalive_keeps_idle_connections_and_closes_silent_ones() {
+    let dir = TempDir::new("keepalive");
+    let config = "[broker]\nkeepalive_interval_ms = 100\nconnection_timeout_secs = 1\nhandshake_timeout_ms = 300\n";
+    let broker = Broker::start(dir.path(), Some(config));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = Endpoint::Unix(broker.socket.clone());
+    let mut options = ClientOptions::named("idle");
+    options.keepalive = std::time::Duration::from_millis(100);
+    let client = rt.block_on(Client::connect(&ep, options)).unwrap();
+    let mut s = rt.block_on(client.subscribe(["still.here"])).unwrap();
+
+    // A peer that completes the handshake but then never answers anything is closed after
+    // connection_timeout_secs, with a keepalive error.
+    let mut silent = RawPeer::handshake(&broker.socket, "silent");
+    let end = silent.recv_until(|f| matches!(f, Frame::Error(_)));
+    assert!(
+        matches!(
+            end,
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::KeepaliveTimeout,
+                fatal: true,
+                ..
+            })
+        ),
+        "{end:?}"
+    );
+    assert!(silent.recv().is_none(), "connection closed after the error");
+
+    // A peer that never sends its handshake is refused after handshake_timeout_ms.
+    let mut mute = RawPeer::connect(&broker.socket);
+    let refused = mute.recv().unwrap();
+    assert!(
+        matches!(
+            refused,
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::HandshakeTimeout,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+
+    // The idle client lived through ten keepalive periods on the same connection.
+    assert_eq!(broker.run(&["pub", "still.here", "yes"]).code, 0);
+    let m = rt.block_on(async { tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap() });
+    assert_eq!(m.payload().as_ref(), b"yes");
+    assert_eq!(client.stats().reconnects, 0);
+}
+
+#[test]
+fn connection_limit_refuses_cleanly_then_frees_the_slot() {
+    let dir = TempDir::new("limit");
+    let broker = Broker::start(dir.path(), Some("[broker]\nmax_connections = 2\n"));
+    let a = RawPeer::handshake(&broker.socket, "a");
+    let _b = RawPeer::handshake(&broker.socket, "b");
+    let refused = broker.run(&["pub", "x", "y"]);
+    assert_eq!(refused.code, 1);
+    assert!(
+        refused.stderr[0].contains("max_connections (2)"),
+        "{refused:?}"
+    );
+    drop(a);
+    // The freed slot is usable; bounded retries cover the broker noticing the close.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let out = broker.run(&["pub", "x", "y"]);
+        if out.code == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "slot never freed: {out:?}"
+        );
+    }
+    let stats = broker.stats();
+    assert!(stats["refused_connections"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn malformed_and_oversized_frames_close_only_the_offender() {
+    let dir = TempDir::new("malformed");
+    let broker = Broker::start(dir.path(), None);
+    let mut sub = broker.sub(&["ok", "--count", "2"]);
+    assert_eq!(broker.run(&["pub", "ok", "before"]).code, 0);
+
+    let mut garbage = RawPeer::handshake(&broker.socket, "garbage");
+    garbage.send_raw(&[3, 0, 0, 0, 0xEE, 1, 2]);
+    match garbage.recv().unwrap() {
+        Frame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::Protocol);
+            assert!(e.fatal);
+            assert!(
+                e.message.contains("unknown frame kind 0xee"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(garbage.recv().is_none());
+
+    let mut huge = RawPeer::handshake(&broker.socket, "huge");
+    huge.send_raw(&u32::MAX.to_le_bytes());
+    match huge.recv().unwrap() {
+        Frame::Error(e) => assert_eq!(e.code, ErrorCode::FrameTooLarge, "{}", e.message),
+        other => panic!("{other:?}"),
+    }
+    assert!(huge.recv().is_none());
+
+    let mut old = RawPeer::connect(&broker.socket);
+    old.send(&RawPeer::hello("future", 2));
+    match old.recv().unwrap() {
+        Frame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::UnsupportedVersion);
+            assert!(e.message.contains("2.0 is not supported"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    assert_eq!(broker.run(&["pub", "ok", "after"]).code, 0);
+    assert_eq!(sub.wait(), 0);
+    let got: Vec<String> = sub.stdout_lines();
+    assert_eq!(got, ["ok before", "ok after"]);
+    assert!(broker.stats()["protocol_errors"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn socket_file_and_directory_modes_and_path_safety() {
+    let runtime = TempDir::new("xdg");
+    // Default path: $XDG_RUNTIME_DIR/daemoneye/eventbus.sock, directory 0700, socket 0600.
+    let mut cmd = eventbus();
+    cmd.arg("serve").env("XDG_RUNTIME_DIR", runtime.path());
+    let mut p = Proc::spawn(cmd);
+    let line = wait_line(p.stdout.as_ref().unwrap(), "listening", |l| {
+        l.starts_with("listening")
+    });
+    let sock = runtime.path().join("daemoneye/eventbus.sock");
+    assert_eq!(line, format!("listening on unix:{}", sock.display()));
+    let mode =
+        |p: &std::path::Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(sock.parent().unwrap()), 0o700);
+    assert_eq!(mode(&sock), 0o600);
+
+    // A live broker's socket is never stolen.
+    let mut second = eventbus();
+    second.arg("serve").env("XDG_RUNTIME_DIR", runtime.path());
+    let mut second = Proc::spawn(second);
+    assert_eq!(second.wait(), 1);
+    let err = second.stderr_lines().join("\n");
+    assert!(err.contains("another broker is already listening"), "{err}");
+    p.signal(Signal::SIGKILL);
+    p.wait();
+
+    // A stale socket (left by the killed broker) is replaced.
+    assert!(sock.exists());
+    let mut again = eventbus();
+    again.arg("serve").env("XDG_RUNTIME_DIR", runtime.path());
+    let again = Proc::spawn(again);
+    wait_line(again.stdout.as_ref().unwrap(), "listening", |l| {
+        l.starts_with("listening")
+    });
+    drop(again);
+
+    // Symlinks and non-sockets are refused, never followed or deleted.
+    let dir = TempDir::new("unsafe");
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "keep").unwrap();
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let mut cmd = eventbus();
+    cmd.args(["serve", "--socket"]).arg(&link);
+    let mut refused = Proc::spawn(cmd);
+    assert_eq!(refused.wait(), 1);
+    assert!(refused.stderr_lines().join("\n").contains("symbolic link"));
+    let mut cmd = eventbus();
+    cmd.args(["serve", "--socket"]).arg(&target);
+    let mut refused = Proc::spawn(cmd);
+    assert_eq!(refused.wait(), 1);
+    assert!(
+        refused
+            .stderr_lines()
+            .join("\n")
+            .contains("is not a socket")
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+
+    // A foreign-owned private directory is refused.
+    let foreign = TempDir::new("foreign");
+    std::fs::create_dir(foreign.path().join("daemoneye")).unwrap();
+    nix::unistd::chown(
+        &foreign.path().join("daemoneye"),
+        Some(nix::unistd::Uid::from_raw(65534)),
+        None,
+    )
+    .unwrap();
+    let mut cmd = eventbus();
+    cmd.arg("serve").env("XDG_RUNTIME_DIR", foreign.path());
+    let mut refused = Proc::spawn(cmd);
+    assert_eq!(refused.wait(), 1);
+    assert!(
+        refused
+            .stderr_lines()
+            .join("\n")
+            .contains("owned by uid 65534")
+    );
+}
+
+#[test]
+fn bad_configuration_is_refused_with_the_field_named() {
+    let dir = TempDir::new("config");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[broker]\nmax_conections = 3\n").unwrap();
+    let mut cmd = eventbus();
+    cmd.args(["serve", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--config")
+        .arg(&file);
+    let mut p = Proc::spawn(cmd);
+    assert_eq!(p.wait(), 1);
+    let err = p.stderr_lines().join("\n");
+    assert!(
+        err.contains("max_conections") && err.contains("bad.toml"),
+        "{err}"
+    );
+    std::fs::write(&file, "[broker]\nmax_message_size = 0\n").unwrap();
+    let mut cmd = eventbus();
+    cmd.args(["serve", "--socket"])
+        .arg(dir.path().join("s.sock"))
+        .arg("--config")
+        .arg(&file);
+    let mut p = Proc::spawn(cmd);
+    assert_eq!(p.wait(), 1);
+    assert!(p.stderr_lines().join("\n").contains("max_message_size = 0"));
+}
+
+#[test]
+fn stats_are_real() {
+    let dir = TempDir::new("stats");
+    let broker = Broker::start(dir.path(), None);
+    let mut sub = broker.sub(&["m.+", "--count", "10"]);
+    assert_eq!(
+        broker
+            .run(&["pub", "m.a", "--size", "100", "--count", "10"])
+            .code,
+        0
+    );
+    assert_eq!(sub.wait(), 0);
+    let s = broker.stats();
+    assert_eq!(s["published"], 10);
+    assert_eq!(s["delivered"], 10);
+    assert_eq!(s["bytes_in"], 1000);
+    assert_eq!(s["bytes_out"], 1000);
+    assert_eq!(s["dropped"], 0);
+    assert!(s["total_connections"].as_u64().unwrap() >= 3);
+    let table = broker.run(&["stats"]);
+    assert!(
+        table
+            .stdout
+            .iter()
+            .any(|l| l.starts_with("published") && l.ends_with(" 10")),
+        "{table:?}"
+    );
+}

@@ -1,0 +1,385 @@
+//! Conformance suite: the same behaviour checked on every transport (Unix socket, loopback
+//! TCP, in-process). Named pipes share this code path on Windows, where this suite runs for
+//! them too.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use daemoneye_eventbus::broker::{Broker, BrokerConfig};
+use daemoneye_eventbus::client::{Client, ClientOptions, PublishError, RecvError, Subscription};
+use daemoneye_eventbus::{Endpoint, Message, Topic, catalog};
+use std::path::PathBuf;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Unix,
+    Tcp,
+    InProc,
+}
+
+struct Bus {
+    broker: Broker,
+    endpoint: Endpoint,
+    _dir: Option<TempDir>,
+}
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir() -> TempDir {
+    let p = std::env::temp_dir().join(format!(
+        "eb-conf-{}-{:x}",
+        std::process::id(),
+        fastrand_u64()
+    ));
+    std::fs::create_dir_all(&p).unwrap();
+    TempDir(p)
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(0);
+    h.finish()
+}
+
+async fn bus(kind: Kind, config: BrokerConfig) -> Bus {
+    let (endpoints, dir) = match kind {
+        Kind::Unix => {
+            let d = temp_dir();
+            (vec![Endpoint::Unix(d.0.join("bus.sock"))], Some(d))
+        }
+        Kind::Tcp => (vec![Endpoint::Tcp("127.0.0.1:0".parse().unwrap())], None),
+        Kind::InProc => (vec![], None),
+    };
+    let broker = Broker::start_on(config, &endpoints).await.unwrap();
+    let endpoint = match kind {
+        Kind::InProc => broker.inproc_endpoint().clone(),
+        _ => broker.endpoints()[0].clone(),
+    };
+    Bus {
+        broker,
+        endpoint,
+        _dir: dir,
+    }
+}
+
+impl Bus {
+    async fn client(&self, name: &str) -> Client {
+        Client::connect(&self.endpoint, ClientOptions::named(name))
+            .await
+            .unwrap()
+    }
+}
+
+fn t(s: &str) -> Topic {
+    Topic::new(s).unwrap()
+}
+
+async fn next(sub: &mut Subscription) -> Message {
+    tokio::time::timeout(WAIT, sub.recv())
+        .await
+        .expect("a message within the deadline")
+        .unwrap()
+}
+
+/// Receives until `n` messages arrived, returning their topics.
+async fn topics(sub: &mut Subscription, n: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(next(sub).await.topic().to_string());
+    }
+    out
+}
+
+/// Proves nothing more is queued for `sub`: a marker published after everything else is the
+/// next message.
+async fn assert_nothing_else(publisher: &Client, sub: &mut Subscription, marker: &str) {
+    publisher.publish(&t(marker), "end").await.unwrap();
+    assert_eq!(next(sub).await.topic().as_str(), marker);
+}
+
+async fn publish_and_receive_in_order(kind: Kind) {
+    // The queue holds the whole burst, so a slow test reader loses nothing.
+    let config = BrokerConfig {
+        message_buffer_size: 10_000,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let sub = bus.client("sub").await;
+    let mut s = sub.subscribe(["events.process.lifecycle"]).await.unwrap();
+    let publ = bus.client("pub").await;
+    for i in 0..5000u32 {
+        publ.publish(&t("events.process.lifecycle"), i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    for i in 0..5000u32 {
+        let m = next(&mut s).await;
+        assert_eq!(m.payload().as_ref(), i.to_le_bytes(), "per-publisher order");
+        assert_eq!(m.header().source.as_str(), "pub");
+        assert_eq!(m.id().sequence, u64::from(i) + 1);
+    }
+    publ.flush().await.unwrap();
+    let stats = bus.broker.stats();
+    assert_eq!(stats.published, 5000);
+    assert_eq!(stats.dropped, 0);
+    assert!(bus.broker.shutdown().await.drained);
+}
+
+async fn wildcard_matrix(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let c = bus.client("sub").await;
+    let publ = bus.client("pub").await;
+    let cases: [(&str, &[&str]); 6] = [
+        (
+            "events.process.+",
+            &["events.process.lifecycle", "events.process.batch"],
+        ),
+        (
+            "events.process.*",
+            &["events.process.lifecycle", "events.process.batch"],
+        ),
+        (
+            "events.#",
+            &[
+                "events",
+                "events.process.lifecycle",
+                "events.process.batch",
+                "events.network.dns",
+            ],
+        ),
+        ("+.network.+", &["events.network.dns"]),
+        ("events.process.lifecycle", &["events.process.lifecycle"]),
+        (
+            "#",
+            &[
+                "events",
+                "events.process.lifecycle",
+                "events.process.batch",
+                "events.network.dns",
+                "control.x",
+            ],
+        ),
+    ];
+    let published = [
+        "events",
+        "events.process.lifecycle",
+        "events.process.batch",
+        "events.network.dns",
+        "control.x",
+    ];
+    for (filter, expected) in cases {
+        let mut s = c.subscribe([filter]).await.unwrap();
+        for topic in published {
+            publ.publish(&t(topic), "x").await.unwrap();
+        }
+        assert_eq!(
+            topics(&mut s, expected.len()).await,
+            expected,
+            "filter {filter}"
+        );
+        let mut end = c.subscribe(["zz.end"]).await.unwrap();
+        publ.publish(&t("zz.end"), "x").await.unwrap();
+        next(&mut end).await;
+        s.unsubscribe().await.unwrap();
+    }
+}
+
+async fn one_copy_when_several_filters_match(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let c = bus.client("sub").await;
+    let mut s = c
+        .subscribe([
+            "events.#",
+            "events.process.+",
+            "events.process.lifecycle",
+            "a.end",
+        ])
+        .await
+        .unwrap();
+    let publ = bus.client("pub").await;
+    publ.publish(&t("events.process.lifecycle"), "once")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut s).await.payload().as_ref(), b"once");
+    assert_nothing_else(&publ, &mut s, "a.end").await;
+    // A second subscription on the same connection gets its own copy.
+    let mut other = c.subscribe(["events.process.lifecycle"]).await.unwrap();
+    publ.publish(&t("events.process.lifecycle"), "both")
+        .await
+        .unwrap();
+    assert_eq!(next(&mut s).await.payload().as_ref(), b"both");
+    assert_eq!(next(&mut other).await.payload().as_ref(), b"both");
+}
+
+async fn large_payloads_and_the_limit(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let c = bus.client("sub").await;
+    let mut s = c.subscribe(["big"]).await.unwrap();
+    let publ = bus.client("pub").await;
+    for size in [65_535, 65_536, 65_537, 1 << 20] {
+        let payload = Bytes::from((0..size).map(|i| (i % 251) as u8).collect::<Vec<_>>());
+        publ.publish(&t("big"), payload.clone()).await.unwrap();
+        assert_eq!(next(&mut s).await.payload(), &payload, "size {size}");
+    }
+    let err = publ
+        .publish(&t("big"), vec![0u8; (1 << 20) + 1])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PublishError::TooLarge {
+                size: 1_048_577,
+                max: 1_048_576
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("exceeds max_message_size"),
+        "{err}"
+    );
+}
+
+async fn unsubscribe_stops_delivery(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let c = bus.client("sub").await;
+    let s = c.subscribe(["a.b"]).await.unwrap();
+    let mut keep = c.subscribe(["a.end"]).await.unwrap();
+    s.unsubscribe().await.unwrap();
+    let publ = bus.client("pub").await;
+    publ.publish(&t("a.b"), "gone").await.unwrap();
+    publ.publish(&t("a.end"), "end").await.unwrap();
+    assert_eq!(next(&mut keep).await.topic().as_str(), "a.end");
+    assert_eq!(bus.broker.stats().active_subscriptions, 1);
+}
+
+async fn sys_topics(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let c = bus.client("watcher").await;
+    let mut wild = c.subscribe(["#"]).await.unwrap();
+    let mut stats = c.subscribe(["$sys.broker.stats"]).await.unwrap();
+    let m = next(&mut stats).await;
+    let snapshot = daemoneye_eventbus::broker::parse_stats(m.payload()).unwrap();
+    assert_eq!(snapshot.active_connections, 1);
+    let mut joins = c.subscribe(["$sys.broker.clients.+"]).await.unwrap();
+    let other = bus.client("newcomer").await;
+    let joined = next(&mut joins).await;
+    assert_eq!(joined.topic(), &catalog::sys::client_connected());
+    assert!(String::from_utf8_lossy(joined.payload()).contains("newcomer"));
+    let err = other
+        .publish(&t("$sys.broker.stats"), "forged")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PublishError::Reserved(_)));
+    other.publish(&t("plain"), "x").await.unwrap();
+    assert_eq!(
+        next(&mut wild).await.topic().as_str(),
+        "plain",
+        "# does not match $sys"
+    );
+}
+
+async fn ping_and_drain(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let c = bus.client("c").await;
+    c.ping().await.unwrap();
+    let mut s = c.subscribe(["x"]).await.unwrap();
+    c.publish(&t("x"), "self").await.unwrap();
+    assert_eq!(next(&mut s).await.payload().as_ref(), b"self");
+    c.drain().await;
+    assert!(matches!(s.recv().await, Err(RecvError::Closed)));
+    assert!(matches!(
+        c.publish(&t("x"), "late").await,
+        Err(PublishError::Closed)
+    ));
+}
+
+async fn shutdown_sends_going_away_and_ends_streams(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let mut options = ClientOptions::named("c");
+    options.reconnect.enabled = false;
+    let c = Client::connect(&bus.endpoint, options).await.unwrap();
+    let mut s = c.subscribe(["x"]).await.unwrap();
+    let report = bus.broker.shutdown().await;
+    assert!(report.drained, "{report:?}");
+    let end = tokio::time::timeout(WAIT, s.recv()).await.unwrap();
+    assert!(matches!(end, Err(RecvError::Closed)), "{end:?}");
+}
+
+async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
+    let config = BrokerConfig {
+        message_buffer_size: 10,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let mut options = ClientOptions::named("slow");
+    options.subscription_buffer = 1;
+    let slow = Client::connect(&bus.endpoint, options).await.unwrap();
+    let mut s = slow.subscribe(["burst", "burst.end"]).await.unwrap();
+    let publ = bus.client("pub").await;
+    let n = 20_000u64;
+    for i in 0..n {
+        publ.publish(&t("burst"), vec![0u8; 512 + (i % 2) as usize])
+            .await
+            .unwrap();
+    }
+    publ.ping().await.unwrap();
+    publ.publish(&t("burst.end"), "end").await.unwrap();
+    let (mut received, mut missed) = (0u64, 0u64);
+    loop {
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(m) if m.topic().as_str() == "burst.end" => break,
+            Ok(_) => received += 1,
+            Err(RecvError::Missed { count, .. }) => missed += count,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(
+        received + missed,
+        n,
+        "every message is either received or reported missed"
+    );
+    assert!(
+        missed > 0,
+        "a 20,000-message burst into a 10-message queue must drop"
+    );
+    let stats = bus.broker.stats();
+    let conn = stats.connections.iter().find(|c| c.name == "slow").unwrap();
+    assert_eq!(conn.dropped, missed);
+    assert_eq!(
+        conn.dropped_by_topic.get("burst").copied().unwrap_or(0),
+        missed
+    );
+    assert_eq!(slow.stats().missed, missed);
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod unix { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Unix).await } )* }
+        mod tcp { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Tcp).await } )* }
+        mod inproc { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::InProc).await } )* }
+    };
+}
+
+conformance!(
+    publish_and_receive_in_order,
+    wildcard_matrix,
+    one_copy_when_several_filters_match,
+    large_payloads_and_the_limit,
+    unsubscribe_stops_delivery,
+    sys_topics,
+    ping_and_drain,
+    shutdown_sends_going_away_and_ends_streams,
+    slow_reader_drops_are_counted_and_reported,
+);
