@@ -352,6 +352,8 @@ impl<'a> ReadLoop<'a> {
                     && s.filter
                         .matches(&daemoneye_eventbus_core::catalog::sys::stats())
                 {
+                    // The snapshot must include this batch's earlier publishes.
+                    self.flush_counters();
                     self.shared.send_stats_to(self.conn);
                 }
                 exit
