@@ -188,11 +188,24 @@ pub struct ShutdownReport {
     pub overran: Vec<(String, u64)>,
 }
 
-/// A running broker. Cheap to clone; every clone controls the same broker.
+/// A running broker. Cheap to clone; every clone controls the same broker. When the last
+/// clone is dropped without [`Broker::shutdown`], the broker stops accepting and its sessions
+/// drain in the background.
 #[derive(Clone)]
 pub struct Broker {
     shared: Arc<Shared>,
     endpoints: Arc<Vec<Endpoint>>,
+    _stop_on_drop: Arc<StopOnDrop>,
+}
+
+/// Starts the shutdown sequence when the last [`Broker`] handle goes away.
+struct StopOnDrop(Arc<Shared>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.stop_accepting.cancel();
+        self.0.drain.cancel();
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -283,6 +296,7 @@ impl Broker {
             shared.tracker.spawn(stats_loop(Arc::clone(&shared)));
         }
         Ok(Self {
+            _stop_on_drop: Arc::new(StopOnDrop(Arc::clone(&shared))),
             shared,
             endpoints: Arc::new(endpoints),
         })

@@ -364,6 +364,35 @@ async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
     assert_eq!(slow.stats().missed, missed);
 }
 
+async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
+    let config = BrokerConfig { message_buffer_size: 10, ..BrokerConfig::default() };
+    let bus = bus(kind, config).await;
+    let mut options = ClientOptions::named("strict");
+    options.subscription_buffer = 1;
+    options.reconnect.enabled = false;
+    options.slow_reader = daemoneye_eventbus::core::codec::SlowReaderPolicy::Disconnect;
+    let strict = Client::connect(&bus.endpoint, options).await.unwrap();
+    let mut s = strict.subscribe(["burst"]).await.unwrap();
+    let publ = bus.client("pub").await;
+    for _ in 0..20_000 {
+        if publ.publish(&t("burst"), vec![0u8; 512]).await.is_err() {
+            break;
+        }
+    }
+    let mut received = 0u64;
+    loop {
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(_) => received += 1,
+            Err(RecvError::Closed) => break,
+            Err(e) => panic!("no drops under the disconnect policy, got {e}"),
+        }
+    }
+    assert!(received < 20_000);
+    assert_eq!(strict.state(), daemoneye_eventbus::client::ConnState::Closed);
+    publ.ping().await.unwrap();
+    assert!(bus.broker.stats().connections.iter().all(|c| c.name != "strict"));
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod unix { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Unix).await } )* }
@@ -382,4 +411,5 @@ conformance!(
     ping_and_drain,
     shutdown_sends_going_away_and_ends_streams,
     slow_reader_drops_are_counted_and_reported,
+    disconnect_policy_closes_a_slow_reader,
 );
