@@ -1,7 +1,7 @@
 //! The broker: listeners, sessions, statistics and the one shutdown path.
 
 use crate::config::{BrokerConfig, ConfigError};
-use crate::outbox::Memory;
+use crate::outbox::{Memory, Pushed};
 use crate::router::Router;
 use crate::session::{self, ConnShared};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
@@ -52,8 +52,20 @@ pub(crate) struct Shared {
     pub(crate) kill: CancellationToken,
     limit: Arc<Semaphore>,
     allowed_uids: Vec<u32>,
+    /// Open sessions (id → name), listed in the shutdown report when they overrun.
+    pub(crate) sessions: parking_lot::Mutex<std::collections::BTreeMap<u64, String>>,
     started: Instant,
     sys_seq: AtomicU64,
+}
+
+#[cfg(unix)]
+fn own_uid() -> Option<u32> {
+    Some(nix::unistd::geteuid().as_raw())
+}
+
+#[cfg(not(unix))]
+fn own_uid() -> Option<u32> {
+    None
 }
 
 /// Nanoseconds since the Unix epoch, now.
@@ -64,22 +76,28 @@ pub(crate) fn now_ns() -> u64 {
 }
 
 impl Shared {
+    /// Unix peers must present credentials whose uid is allowed; other transports are
+    /// in-process or loopback-only.
     pub(crate) fn authorize(&self, peer: &PeerInfo) -> Result<(), ErrorFrame> {
-        let Some(uid) = peer.uid.filter(|_| peer.transport == TransportKind::Unix) else {
-            return Ok(());
-        };
-        if self.allowed_uids.contains(&uid) {
+        if peer.transport != TransportKind::Unix {
             return Ok(());
         }
-        Err(ErrorFrame {
+        let refuse = |message: String| ErrorFrame {
             request_id: 0,
             code: ErrorCode::NotAuthorized,
             fatal: true,
-            message: format!(
+            message,
+        };
+        match peer.uid {
+            None => Err(refuse(
+                "peer credentials could not be read; refusing the connection".into(),
+            )),
+            Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
+            Some(uid) => Err(refuse(format!(
                 "uid {uid} is not allowed to connect (allowed: {:?}); add it to allowed_uids",
                 self.allowed_uids
-            ),
-        })
+            ))),
+        }
     }
 
     fn sys_message(&self, topic: Topic, payload: Bytes) -> Message {
@@ -125,7 +143,12 @@ impl Shared {
     /// Sends a fresh statistics snapshot to one connection (on subscribe).
     pub(crate) fn send_stats_to(&self, conn: &ConnShared) {
         let msg = self.sys_message(catalog::sys::stats(), self.stats_json());
-        let _ = conn.outbox.push_message(&msg, &self.memory);
+        let dropped = match conn.outbox.push_message(&msg, &self.memory) {
+            Pushed::Queued { evicted } => evicted,
+            Pushed::Dropped | Pushed::Overflow => 1,
+            Pushed::Closed => 0,
+        };
+        Counters::add(&self.counters.dropped, dropped);
     }
 
     fn stats_json(&self) -> Bytes {
@@ -219,18 +242,19 @@ impl std::fmt::Debug for Broker {
 static INPROC_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Broker {
-    /// Starts a broker on the configured Unix socket (`socket_path`, or the default private
-    /// path), the optional loopback TCP address, and an in-process endpoint.
+    /// Starts a broker on the configured Unix socket (`socket_path`, or the platform default:
+    /// the private socket path on Unix, a named pipe on Windows), the optional loopback TCP
+    /// address, and an in-process endpoint.
     ///
     /// # Errors
     ///
     /// [`BrokerError::Config`] for values that cannot work, [`BrokerError::Bind`] when an
     /// endpoint cannot be bound (for example a live broker already owns the socket).
     pub async fn start(config: BrokerConfig) -> Result<Self, BrokerError> {
-        let mut endpoints =
-            vec![Endpoint::Unix(config.socket_path.clone().unwrap_or_else(
-                daemoneye_eventbus_transport::unix::default_socket_path,
-            ))];
+        let mut endpoints = vec![match &config.socket_path {
+            Some(path) => Endpoint::Unix(path.clone()),
+            None => daemoneye_eventbus_transport::default_endpoint(),
+        }];
         if let Some(addr) = config.tcp_listen {
             endpoints.push(Endpoint::Tcp(addr));
         }
@@ -264,9 +288,8 @@ impl Broker {
                 })?;
             listeners.push(l);
         }
-        let own = nix::unistd::geteuid().as_raw();
         let allowed_uids = if config.allowed_uids.is_empty() {
-            vec![own, 0]
+            own_uid().into_iter().chain([0]).collect()
         } else {
             config.allowed_uids.clone()
         };
@@ -281,6 +304,7 @@ impl Broker {
             drain: CancellationToken::new(),
             limit: Arc::new(Semaphore::new(config.max_connections)),
             allowed_uids,
+            sessions: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
             sys_seq: AtomicU64::new(0),
             kill,
@@ -346,10 +370,10 @@ impl Broker {
             Vec::new()
         } else {
             let names = s
-                .router
-                .read()
-                .connections()
-                .map(|(_, c)| (c.name.clone(), c.session_id))
+                .sessions
+                .lock()
+                .iter()
+                .map(|(id, name)| (name.clone(), *id))
                 .collect();
             s.kill.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(1), s.tracker.wait()).await;

@@ -157,6 +157,7 @@ impl Outbox {
         let mut freed = 0;
         while st.msgs >= self.max_msgs || st.bytes + size > self.max_bytes {
             if self.policy == SlowReaderPolicy::Disconnect {
+                st.record_drop(msg.topic(), DropReason::SlowReader);
                 st.closed = true;
                 drop(st);
                 self.notify.notify_one();

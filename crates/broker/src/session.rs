@@ -102,7 +102,11 @@ pub(crate) async fn serve(
         refuse(&mut reader, &mut writer, refusal).await;
         return;
     }
-    let hello = match handshake(&shared, &mut reader).await {
+    let hello = tokio::select! {
+        r = handshake(&shared, &mut reader) => r,
+        () = shared.drain.cancelled() => return,
+    };
+    let hello = match hello {
         Ok(Some(h)) => h,
         Ok(None) => return,
         Err(refusal) => {
@@ -136,6 +140,10 @@ async fn run_session(
         cancel: shared.kill.child_token(),
         last_error: Mutex::new(None),
     });
+    shared
+        .sessions
+        .lock()
+        .insert(conn.session_id, conn.name.clone());
     conn.outbox
         .push_frame(Frame::Welcome(shared.welcome(conn.session_id)));
     let slot = shared.router.write().add(Arc::clone(&conn));
@@ -168,6 +176,7 @@ async fn run_session(
     let discarded = conn.outbox.discard(&shared.memory) as u64;
     Counters::add(&shared.counters.dropped, discarded);
     shared.announce(&conn, false);
+    shared.sessions.lock().remove(&conn.session_id);
     tracing::debug!(session = conn.session_id, "disconnected");
 }
 
@@ -276,7 +285,7 @@ impl<'a> ReadLoop<'a> {
             let exit = match read {
                 Ok(Some(frame)) => self.on_batch(frame, reader),
                 Ok(None) => Some(Exit::ClientClosed),
-                Err(e) => Some(Exit::Fatal(read_error(&e))),
+                Err(e) => self.on_read_error(e),
             };
             self.flush_counters();
             if let Some(exit) = exit {
@@ -295,10 +304,37 @@ impl<'a> ReadLoop<'a> {
             }
             next = match reader.try_read_buffered() {
                 Ok(f) => f,
-                Err(e) => return Some(Exit::Fatal(read_error(&e))),
+                Err(e) => match self.on_read_error(e) {
+                    Some(exit) => return Some(exit),
+                    None => reader.try_read_buffered().ok().flatten(),
+                },
             };
         }
         None
+    }
+
+    /// Answers a frame whose content was refused while the stream stays in sync (invalid
+    /// topic or filter); anything else ends the connection.
+    fn on_read_error(&mut self, e: ReadError) -> Option<Exit> {
+        match e {
+            ReadError::Frame(FrameError::InvalidFilter { request_id, error }) => {
+                self.control(Frame::Reply(Reply {
+                    request_id,
+                    error: Some(ErrorCode::InvalidFilter),
+                    message: error.to_string(),
+                }))
+            }
+            ReadError::Frame(FrameError::Topic(error)) => {
+                self.rejected += 1;
+                self.control(Frame::Error(ErrorFrame {
+                    request_id: 0,
+                    code: ErrorCode::InvalidTopic,
+                    fatal: false,
+                    message: format!("{error}; the message was discarded"),
+                }))
+            }
+            other => Some(Exit::Fatal(read_error(&other))),
+        }
     }
 
     fn keepalive(&mut self) -> Option<Exit> {
@@ -436,6 +472,9 @@ impl<'a> ReadLoop<'a> {
 /// Drains the outbox into the socket, one write per batch.
 async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: FrameWriter) {
     let mut batch_items = VecDeque::new();
+    // A flush that failed or was cancelled leaves a partial batch behind: nothing more may be
+    // written after it, or the peer would read a corrupt stream.
+    let mut intact = true;
     loop {
         let batch = conn.outbox.take(&mut batch_items);
         if batch_items.is_empty() && batch.notice.is_none() {
@@ -466,6 +505,7 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         };
         shared.memory.release(batch.bytes);
         if !flushed {
+            intact = false;
             conn.cancel.cancel();
             break;
         }
@@ -473,6 +513,9 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         conn.counters.delivered.fetch_add(msgs, Ordering::Relaxed);
         Counters::add(&shared.counters.delivered, msgs);
         Counters::add(&shared.counters.bytes_out, bytes_out);
+    }
+    if !intact {
+        return;
     }
     if let Some(e) = conn.last_error.lock().take() {
         writer.push(&Frame::Error(e));

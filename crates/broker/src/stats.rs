@@ -56,7 +56,7 @@ pub struct BrokerStats {
     pub bytes_out: u64,
     /// Open connections.
     pub active_connections: u64,
-    /// Connections accepted since start.
+    /// Connections that completed the handshake since start.
     pub total_connections: u64,
     /// Connections refused (limit, handshake, authorisation).
     pub refused_connections: u64,

@@ -6,7 +6,6 @@ use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use daemoneye_eventbus::broker::BrokerConfig;
 use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError};
-use daemoneye_eventbus::transport::unix::default_socket_path;
 use daemoneye_eventbus::{Broker, CorrelationMetadata, Endpoint, Topic, catalog};
 use serde::Deserialize;
 use std::io::{Read, Write};
@@ -46,7 +45,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
 
 fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
     match &arg.socket {
-        None => Ok(Endpoint::Unix(default_socket_path())),
+        None => Ok(daemoneye_eventbus::transport::default_endpoint()),
         Some(s) if s.contains("://") || s.starts_with("unix:") => Ok(Endpoint::parse(s)?),
         Some(s) => Ok(Endpoint::Unix(absolute(Path::new(s))?)),
     }
@@ -121,13 +120,16 @@ async fn serve(
     Ok(())
 }
 
-/// SIGINT and SIGTERM, installed once.
+/// SIGINT and SIGTERM (Ctrl-C elsewhere), installed once.
 struct Signals {
+    #[cfg(unix)]
     term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
     int: tokio::signal::unix::Signal,
 }
 
 impl Signals {
+    #[cfg(unix)]
     fn install() -> Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
@@ -136,12 +138,23 @@ impl Signals {
         })
     }
 
+    #[cfg(unix)]
     async fn wait(mut self) -> Result<()> {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
         Ok(())
+    }
+
+    #[cfg(not(unix))]
+    fn install() -> Result<Self> {
+        Ok(Self {})
+    }
+
+    #[cfg(not(unix))]
+    async fn wait(self) -> Result<()> {
+        tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
     }
 }
 

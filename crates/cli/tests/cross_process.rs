@@ -1,5 +1,6 @@
 //! End-to-end tests with real `eventbus` processes and real Unix sockets.
 
+#![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -381,6 +382,52 @@ fn malformed_and_oversized_frames_close_only_the_offender() {
     let broker = Broker::start(dir.path(), None);
     let mut sub = broker.sub(&["ok", "--count", "2"]);
     assert_eq!(broker.run(&["pub", "ok", "before"]).code, 0);
+
+    // Content errors keep the stream in sync: answered, and the connection goes on.
+    let mut sloppy = RawPeer::handshake(&broker.socket, "sloppy");
+    let mut bad_filter = bytes::BytesMut::new();
+    let filter = TopicFilter::new("ok").unwrap();
+    Frame::Subscribe(Subscribe {
+        request_id: 42,
+        qos: Qos::Realtime,
+        filter,
+    })
+    .encode(&mut bad_filter);
+    let at = bad_filter.len() - 2;
+    bad_filter[at..].copy_from_slice(b"OK");
+    sloppy.send_raw(&bad_filter);
+    match sloppy.recv_until(|f| matches!(f, Frame::Reply(_))) {
+        Frame::Reply(r) => {
+            assert_eq!(
+                (r.request_id, r.error),
+                (42, Some(ErrorCode::InvalidFilter))
+            );
+            assert!(
+                r.message.contains("upper-case character 'O'"),
+                "{}",
+                r.message
+            );
+        }
+        _ => unreachable!(),
+    }
+    let mut bad_topic = bytes::BytesMut::new();
+    let header = Header {
+        source: ByteStr::from("sloppy"),
+        ..Header::default()
+    };
+    Frame::Publish(Message::new(Topic::new("ok").unwrap(), header, "x".into()))
+        .encode(&mut bad_topic);
+    bad_topic[7] = b'$';
+    sloppy.send_raw(&bad_topic);
+    match sloppy.recv_until(|f| matches!(f, Frame::Error(_))) {
+        Frame::Error(e) => assert!(!e.fatal && e.code == ErrorCode::InvalidTopic, "{e:?}"),
+        _ => unreachable!(),
+    }
+    sloppy.send(&Frame::Ping(1));
+    assert_eq!(
+        sloppy.recv_until(|f| matches!(f, Frame::Pong(_))),
+        Frame::Pong(1)
+    );
 
     let mut garbage = RawPeer::handshake(&broker.socket, "garbage");
     garbage.send_raw(&[3, 0, 0, 0, 0xEE, 1, 2]);

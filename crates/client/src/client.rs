@@ -6,7 +6,7 @@ use crate::options::ClientOptions;
 use crate::outbuf::OutBuf;
 use crate::subscription::{SubTable, Subscription};
 use bytes::Bytes;
-use daemoneye_eventbus_core::codec::{ErrorCode, Subscribe, Unsubscribe};
+use daemoneye_eventbus_core::codec::{ErrorCode, MAX_NAME_LEN, Subscribe, Unsubscribe};
 use daemoneye_eventbus_core::{
     ByteStr, CorrelationMetadata, Frame, Header, MessageId, Qos, Topic, TopicFilter,
 };
@@ -207,6 +207,10 @@ impl Client {
         endpoint: &Endpoint,
         options: ClientOptions,
     ) -> Result<Self, ConnectError> {
+        let name = &options.name;
+        if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+            return Err(ConnectError::InvalidName(name.clone()));
+        }
         let established = driver::connect_once(endpoint, &options).await?;
         let in_process = matches!(endpoint, Endpoint::InProc(_));
         let max = established.max_message_size(&options);

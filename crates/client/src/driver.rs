@@ -63,7 +63,9 @@ async fn handshake(
         .flush()
         .await
         .map_err(|e| ConnectError::Protocol(format!("sending hello: {e}")))?;
-    reader.set_max_message_size(options.max_message_size);
+    // The broker enforces its own limit on what it forwards (at most 64 MiB); our option only
+    // bounds what we send.
+    reader.set_max_message_size(daemoneye_eventbus_core::codec::MAX_MESSAGE_SIZE_LIMIT);
     match reader.read_frame().await {
         Ok(Some(Frame::Welcome(welcome))) => Ok(Established {
             reader,
@@ -172,7 +174,7 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
     inner.out.lock().connected = true;
     inner.state.send_replace(established_state_from(&welcome));
     let cancel = inner.closed.child_token();
-    let heard = Arc::new(AtomicU64::new(0));
+    let heard = Arc::new(Liveness::default());
     let started = Instant::now();
     let read = tokio::spawn(read_loop(
         Arc::clone(inner),
@@ -200,12 +202,22 @@ fn millis_since(started: Instant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// What the writer needs to tell a silent broker from a busy application.
+#[derive(Default)]
+struct Liveness {
+    /// Milliseconds (since the connection started) when a frame last arrived.
+    heard_ms: AtomicU64,
+    /// Set while the reader waits for room in a subscription queue: the broker may be
+    /// talking, we are just not reading.
+    blocked: std::sync::atomic::AtomicBool,
+}
+
 /// Writes the client's queue in batches; sends pings while idle; detects a silent broker.
 async fn write_loop(
     inner: &Inner,
     writer: &mut FrameWriter,
     cancel: &CancellationToken,
-    heard: &AtomicU64,
+    heard: &Liveness,
     started: Instant,
 ) -> String {
     let keepalive = inner.options.keepalive;
@@ -224,8 +236,9 @@ async fn write_loop(
                 () = inner.out_ready.notified() => continue,
                 () = cancel.cancelled() => return String::new(),
                 _ = tick.tick() => {
-                    let silent = millis_since(started).saturating_sub(heard.load(Ordering::Relaxed));
-                    if silent > 3 * u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX) {
+                    let silent = millis_since(started).saturating_sub(heard.heard_ms.load(Ordering::Relaxed));
+                    let limit = 3 * u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX);
+                    if silent > limit && !heard.blocked.load(Ordering::Relaxed) {
                         return format!("no frame from the broker for {silent} ms");
                     }
                     if last_write.elapsed() >= keepalive {
@@ -262,13 +275,15 @@ async fn read_loop(
     mut reader: FrameReader,
     cancel: CancellationToken,
     gap: Option<Duration>,
-    heard: Arc<AtomicU64>,
+    heard: Arc<Liveness>,
     started: Instant,
 ) -> String {
     let mut ctx = ReadCtx {
         inner: &inner,
         scratch: Vec::new(),
         blocked: Vec::new(),
+        liveness: &heard,
+        started,
     };
     if let Some(outage) = gap {
         let ids = inner.subs.lock().ids();
@@ -285,7 +300,9 @@ async fn read_loop(
             () = cancel.cancelled() => return String::new(),
             r = reader.read_frame() => r,
         };
-        heard.store(millis_since(started), Ordering::Relaxed);
+        heard
+            .heard_ms
+            .store(millis_since(started), Ordering::Relaxed);
         let frame = match read {
             Ok(Some(f)) => f,
             Ok(None) => {
@@ -308,16 +325,23 @@ struct ReadCtx<'a> {
     inner: &'a Inner,
     scratch: Vec<u64>,
     blocked: Vec<mpsc::Sender<Item>>,
+    liveness: &'a Liveness,
+    started: Instant,
 }
 
 impl ReadCtx<'_> {
     /// Sends to a full subscription queue, waiting (the connection stops reading meanwhile,
     /// so the broker's slow-reader policy applies).
     async fn send(&self, cancel: &CancellationToken, tx: mpsc::Sender<Item>, item: Item) {
+        self.liveness.blocked.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = tx.send(item) => {}
             () = cancel.cancelled() => {}
         }
+        self.liveness
+            .heard_ms
+            .store(millis_since(self.started), Ordering::Relaxed);
+        self.liveness.blocked.store(false, Ordering::Relaxed);
     }
 
     async fn on_frame(&mut self, frame: Frame, cancel: &CancellationToken) -> Result<(), String> {

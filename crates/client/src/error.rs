@@ -23,6 +23,9 @@ pub enum ConnectError {
     /// Connecting or the handshake took too long.
     #[error("no handshake answer from the broker within {0:?}")]
     Timeout(Duration),
+    /// The client name cannot be sent.
+    #[error("invalid client name {0:?}: it must be 1 to 255 bytes of printable text")]
+    InvalidName(String),
     /// The broker broke the protocol during the handshake.
     #[error("handshake failed: {0}")]
     Protocol(String),

@@ -99,9 +99,19 @@ pub enum FrameError {
         /// The value found.
         value: u64,
     },
-    /// A topic or filter field is invalid.
+    /// A topic field is invalid. The frame was consumed whole, so the stream is still in
+    /// sync and the receiver may answer and go on.
     #[error("{0}")]
     Topic(#[from] TopicError),
+    /// The filter of a subscribe / unsubscribe request is invalid; the stream is still in
+    /// sync and the request can be answered with its id.
+    #[error("request {request_id}: {error}")]
+    InvalidFilter {
+        /// The request.
+        request_id: u32,
+        /// Why the filter was refused.
+        error: TopicError,
+    },
     /// Bytes were left over after a fixed-layout frame.
     #[error("{0} unexpected trailing bytes in frame")]
     Trailing(usize),
@@ -710,6 +720,12 @@ impl Cursor {
         let s = self.str16(u16::MAX as usize, field)?;
         Ok(TopicFilter::new(s.as_str())?)
     }
+    fn request_filter(&mut self, request_id: u32) -> Result<TopicFilter, FrameError> {
+        self.filter("filter").map_err(|e| match e {
+            FrameError::Topic(error) => FrameError::InvalidFilter { request_id, error },
+            other => other,
+        })
+    }
     fn id(&mut self) -> Result<MessageId, FrameError> {
         Ok(MessageId {
             publisher: self.u64("message_id.publisher")?,
@@ -827,6 +843,14 @@ fn decode_version(c: &mut Cursor) -> Result<Version, FrameError> {
     })
 }
 
+impl FrameError {
+    /// Whether the stream is still in sync after this error: the frame was consumed whole
+    /// and only its content was refused (an invalid topic or filter).
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, Self::Topic(_) | Self::InvalidFilter { .. })
+    }
+}
+
 impl Frame {
     /// Decodes one frame from its kind byte and body (everything after the kind byte).
     ///
@@ -861,16 +885,19 @@ impl Frame {
             kind::SUBSCRIBE => {
                 let request_id = c.u32("request_id")?;
                 let bits = c.u8("qos")?;
+                let qos = c.qos(bits)?;
+                let filter = c.request_filter(request_id)?;
                 Frame::Subscribe(Subscribe {
                     request_id,
-                    qos: c.qos(bits)?,
-                    filter: c.filter("filter")?,
+                    qos,
+                    filter,
                 })
             }
-            kind::UNSUBSCRIBE => Frame::Unsubscribe(Unsubscribe {
-                request_id: c.u32("request_id")?,
-                filter: c.filter("filter")?,
-            }),
+            kind::UNSUBSCRIBE => {
+                let request_id = c.u32("request_id")?;
+                let filter = c.request_filter(request_id)?;
+                Frame::Unsubscribe(Unsubscribe { request_id, filter })
+            }
             kind::REPLY => {
                 let request_id = c.u32("request_id")?;
                 let code = c.u16("code")?;

@@ -365,7 +365,10 @@ async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
 }
 
 async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
-    let config = BrokerConfig { message_buffer_size: 10, ..BrokerConfig::default() };
+    let config = BrokerConfig {
+        message_buffer_size: 10,
+        ..BrokerConfig::default()
+    };
     let bus = bus(kind, config).await;
     let mut options = ClientOptions::named("strict");
     options.subscription_buffer = 1;
@@ -388,13 +391,23 @@ async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
         }
     }
     assert!(received < 20_000);
-    assert_eq!(strict.state(), daemoneye_eventbus::client::ConnState::Closed);
+    assert_eq!(
+        strict.state(),
+        daemoneye_eventbus::client::ConnState::Closed
+    );
     publ.ping().await.unwrap();
-    assert!(bus.broker.stats().connections.iter().all(|c| c.name != "strict"));
+    assert!(
+        bus.broker
+            .stats()
+            .connections
+            .iter()
+            .all(|c| c.name != "strict")
+    );
 }
 
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
+        #[cfg(unix)]
         mod unix { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Unix).await } )* }
         mod tcp { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Tcp).await } )* }
         mod inproc { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::InProc).await } )* }

@@ -31,10 +31,16 @@ fn event(pid: u32) -> CollectionEvent {
 /// The collector side: runs only when re-executed by `agent_receives_events_from_a_collector_process`.
 #[tokio::test]
 async fn collector_process() {
-    let Ok(socket) = std::env::var(CHILD_ENV) else { return };
-    let mut bus = DaemoneyeEventBus::connect(&socket, "procmond").await.unwrap();
+    let Ok(socket) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut bus = DaemoneyeEventBus::connect(&socket, "procmond")
+        .await
+        .unwrap();
     for pid in 0..EVENTS {
-        bus.publish(event(pid), format!("corr-{pid}")).await.unwrap();
+        bus.publish(event(pid), format!("corr-{pid}"))
+            .await
+            .unwrap();
     }
     let stats = bus.statistics().await.unwrap();
     assert!(stats.messages_published >= u64::from(EVENTS));
@@ -62,9 +68,15 @@ async fn agent_receives_events_from_a_collector_process() {
             .unwrap()
     });
     for pid in 0..EVENTS {
-        let got = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got.event.as_ref().unwrap(), &event(pid));
-        assert_eq!(got.correlation_id.as_deref(), Some(format!("corr-{pid}").as_str()));
+        assert_eq!(
+            got.correlation_id.as_deref(),
+            Some(format!("corr-{pid}").as_str())
+        );
         assert_eq!(got.source, "procmond");
         assert_eq!(got.topic.as_str(), "events.process.lifecycle");
         assert!(got.timestamp <= SystemTime::now());

@@ -236,6 +236,15 @@ fn inproc_connection(ends: inproc::InProcEnds) -> Connection {
     }
 }
 
+/// The platform's default broker endpoint: the private Unix socket path
+/// ([`unix::default_socket_path`]) on Unix, the named pipe `daemoneye-eventbus` on Windows.
+pub fn default_endpoint() -> Endpoint {
+    #[cfg(unix)]
+    return Endpoint::Unix(unix::default_socket_path());
+    #[cfg(not(unix))]
+    return Endpoint::NamedPipe("daemoneye-eventbus".into());
+}
+
 /// Opens a connection to `endpoint`.
 ///
 /// # Errors
