@@ -40,6 +40,12 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             name,
         } => subscribe(&socket, &name, &patterns, count, timeout, json).await,
         Command::Stats { socket, json } => stats(&socket, json).await,
+        #[cfg(unix)]
+        Command::Bench(args) => {
+            tokio::task::spawn_blocking(move || crate::bench::run(args)).await?
+        }
+        #[cfg(unix)]
+        Command::BenchWorker(role) => crate::bench::run_worker(role).await,
     }
 }
 

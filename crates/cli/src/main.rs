@@ -2,6 +2,8 @@
 //!
 //! Every error exits non-zero with one line on stderr.
 
+#[cfg(unix)]
+mod bench;
 mod commands;
 mod output;
 
@@ -83,6 +85,13 @@ enum Command {
         #[arg(long, default_value = "eventbus-sub")]
         name: String,
     },
+    /// Run the benchmark workloads (W1–W5 and the raw-socket floor) in separate processes.
+    #[cfg(unix)]
+    Bench(bench::BenchArgs),
+    /// A benchmark participant (started by `eventbus bench`).
+    #[cfg(unix)]
+    #[command(hide = true, subcommand)]
+    BenchWorker(bench::Role),
     /// Print broker statistics.
     Stats {
         #[command(flatten)]

@@ -1,0 +1,574 @@
+//! `eventbus bench`: the W1–W5 workloads and the raw-socket floor, every participant a
+//! separate process with its own connection (see `docs/benchmarks.md`).
+//!
+//! The controller starts a broker (`eventbus serve`) unless `--socket` names one, spawns
+//! workers (`eventbus bench-worker …`), waits until every subscriber is subscribed, starts the
+//! publisher, and computes figures from CLOCK_MONOTONIC timestamps the workers report.
+
+mod floor;
+mod report;
+mod worker;
+
+use anyhow::{Context, Result, anyhow, bail};
+use daemoneye_eventbus::Topic;
+use report::Row;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub(crate) use worker::run as run_worker;
+
+/// Hidden worker roles.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub(crate) enum Role {
+    /// Subscribe to comma-separated filters and count `expect` messages.
+    Sub {
+        #[arg(long)]
+        socket: String,
+        #[arg(long)]
+        filters: String,
+        #[arg(long)]
+        expect: u64,
+        #[arg(long)]
+        name: String,
+    },
+    /// Publish `count` messages of `size` bytes over the workload's topics.
+    Pub {
+        #[arg(long)]
+        socket: String,
+        #[arg(long)]
+        workload: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        size: usize,
+    },
+    /// Echo requests.
+    Responder {
+        #[arg(long)]
+        socket: String,
+    },
+    /// Timed request / reply round trips.
+    Requester {
+        #[arg(long)]
+        socket: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        warmup: u64,
+        #[arg(long)]
+        size: usize,
+    },
+    /// Raw socket floor: the receiving side.
+    FloorServer {
+        #[arg(long)]
+        path: String,
+    },
+    /// Raw socket floor: the sending side.
+    FloorClient {
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        pingpong: u64,
+        #[arg(long)]
+        size: usize,
+    },
+}
+
+/// Which workloads to run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Workload {
+    W1,
+    W2,
+    W3,
+    W4,
+    W5,
+    Floor,
+    All,
+}
+
+/// `eventbus bench` options.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct BenchArgs {
+    /// Use a running broker instead of starting one.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<String>,
+    /// Workload to run.
+    #[arg(long, value_enum, default_value = "all")]
+    workload: Workload,
+    /// Multiply message counts (for quick runs).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// One JSON object per line.
+    #[arg(long)]
+    json: bool,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one machine.
+pub(crate) fn mono_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    (ts.tv_sec() as u64) * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+/// W4: 1,000 (topic, filter) pairs, each topic matching exactly one filter: 500 exact, then
+/// `x.+`, `x.#` and `+` in mid-topic in rotation.
+pub(crate) fn w4_plan() -> Vec<(String, String)> {
+    (0..1000)
+        .map(|i| match (i < 500, i % 3) {
+            (true, _) => (format!("bench.w4.e{i}.data"), format!("bench.w4.e{i}.data")),
+            (false, 0) => (format!("bench.w4.p{i}.data"), format!("bench.w4.p{i}.+")),
+            (false, 1) => (
+                format!("bench.w4.h{i}.data.more"),
+                format!("bench.w4.h{i}.#"),
+            ),
+            (false, _) => (format!("bench.w4.any.m{i}"), format!("bench.w4.+.m{i}")),
+        })
+        .collect()
+}
+
+/// Topics a publisher cycles through for a workload.
+pub(crate) fn workload_topics(workload: &str) -> Result<Vec<Topic>> {
+    match workload {
+        "w4" => w4_plan()
+            .into_iter()
+            .map(|(t, _)| Ok(Topic::new(t)?))
+            .collect(),
+        _ => Ok(vec![Topic::new("events.process.lifecycle")?]),
+    }
+}
+
+const READY_WAIT: Duration = Duration::from_secs(30);
+const RESULT_WAIT: Duration = Duration::from_secs(600);
+
+/// A worker process; killed on drop if still running.
+struct Worker {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stdin: Option<ChildStdin>,
+    what: String,
+}
+
+impl Worker {
+    fn spawn(args: &[String], what: &str) -> Result<Self> {
+        let exe = std::env::current_exe().context("locating the eventbus binary")?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {what}"))?;
+        let out = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("no stdout for {what}"))?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Ok(Self {
+            child,
+            lines,
+            stdin,
+            what: what.into(),
+        })
+    }
+
+    fn line(&self, within: Duration) -> Result<String> {
+        self.lines
+            .recv_timeout(within)
+            .map_err(|_| anyhow!("{} did not answer within {within:?}", self.what))
+    }
+
+    fn ready(&self) -> Result<()> {
+        match self.line(READY_WAIT)?.as_str() {
+            "ready" => Ok(()),
+            other => bail!("{} said {other:?} instead of ready", self.what),
+        }
+    }
+
+    fn go(&mut self) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| anyhow!("{} has no stdin", self.what))?;
+        stdin.write_all(b"go\n")?;
+        stdin.flush()?;
+        Ok(())
+    }
+
+    fn result(&self) -> Result<Value> {
+        let line = self.line(RESULT_WAIT)?;
+        serde_json::from_str(&line).with_context(|| format!("{} printed {line:?}", self.what))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stdin.take();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+fn num(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or(0)
+}
+
+fn scaled(n: u64, scale: f64) -> u64 {
+    ((n as f64 * scale).round() as u64).max(1)
+}
+
+/// Everything a workload needs to know about the run.
+struct Ctx {
+    socket: String,
+    scale: f64,
+    broker_pid: Option<u32>,
+}
+
+impl Ctx {
+    fn sub(&self, filters: &str, expect: u64, name: &str) -> Result<Worker> {
+        let args = [
+            "bench-worker",
+            "sub",
+            "--socket",
+            &self.socket,
+            "--filters",
+            filters,
+            "--expect",
+            &expect.to_string(),
+            "--name",
+            name,
+        ];
+        Worker::spawn(&args.map(String::from), name)
+    }
+
+    fn publisher(&self, workload: &str, count: u64, size: usize) -> Result<Worker> {
+        let args = [
+            "bench-worker",
+            "pub",
+            "--socket",
+            &self.socket,
+            "--workload",
+            workload,
+            "--count",
+            &count.to_string(),
+            "--size",
+            &size.to_string(),
+        ];
+        Worker::spawn(&args.map(String::from), "publisher")
+    }
+
+    fn peak_rss_kb(&self) -> Option<u64> {
+        self.broker_pid
+            .and_then(|pid| report::status_kb(pid, "VmHWM"))
+    }
+
+    /// One publisher, `subs` subscribers on `filter`, `n` messages of `size` bytes.
+    fn fan_out(
+        &self,
+        workload: &str,
+        variant: &str,
+        subs: usize,
+        filter: &str,
+        n: u64,
+        size: usize,
+    ) -> Result<Row> {
+        let subscribers = (0..subs)
+            .map(|i| self.sub(filter, n, &format!("sub{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        subscribers.iter().try_for_each(Worker::ready)?;
+        let mut publisher = self.publisher(workload, n, size)?;
+        publisher.ready()?;
+        publisher.go()?;
+        let p = publisher.result()?;
+        let results = subscribers
+            .iter()
+            .map(Worker::result)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Row::throughput(
+            workload,
+            variant,
+            size,
+            n * subs as u64,
+            &p,
+            &results,
+            self.peak_rss_kb(),
+        ))
+    }
+}
+
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
+    if args.scale <= 0.0 || !args.scale.is_finite() {
+        bail!("--scale must be a positive number");
+    }
+    let dir = std::env::temp_dir().join(format!("eventbus-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&args, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
+    let mut broker = None;
+    let (socket, pid, ready_ms) = match &args.socket {
+        Some(s) => (s.clone(), None, None),
+        None => {
+            let socket = dir.join("bench.sock").display().to_string();
+            let start = Instant::now();
+            let w = Worker::spawn(
+                &["serve".into(), "--socket".into(), socket.clone()],
+                "broker",
+            )?;
+            let line = w.line(READY_WAIT)?;
+            if !line.starts_with("listening on") {
+                bail!("broker printed {line:?}");
+            }
+            let ready = start.elapsed().as_secs_f64() * 1000.0;
+            let pid = w.child.id();
+            broker = Some(w);
+            (socket, Some(pid), Some(ready))
+        }
+    };
+    let ctx = Ctx {
+        socket,
+        scale: args.scale,
+        broker_pid: pid,
+    };
+    let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
+    let steps = plan(args.workload);
+    let progress = report::progress(steps.len() as u64, args.json);
+    let mut rows = Vec::new();
+    for step in steps {
+        progress.set_message(step.label());
+        let row = step
+            .run(&ctx)
+            .with_context(|| format!("workload {}", step.label()))?;
+        if args.json {
+            report::print_json(&row)?;
+        }
+        rows.extend(row);
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    let summary = report::Summary {
+        broker_ready_ms: ready_ms,
+        broker_idle_rss_kb: idle_rss,
+        broker_peak_rss_kb: ctx.peak_rss_kb(),
+    };
+    if args.json {
+        report::print_summary_json(&summary)?;
+    } else {
+        report::print_table(&rows, &summary)?;
+    }
+    drop(broker);
+    Ok(())
+}
+
+/// One measured step.
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Floor,
+    W1,
+    W2,
+    W3,
+    W4,
+    W5(usize, u64, &'static str),
+}
+
+fn plan(w: Workload) -> Vec<Step> {
+    let w5 = [
+        (64, 1_000_000, "64B"),
+        (1024, 1_000_000, "1KiB"),
+        (16 * 1024, 65_536, "16KiB"),
+        (256 * 1024, 4096, "256KiB"),
+    ]
+    .map(|(s, n, l)| Step::W5(s, n, l));
+    match w {
+        Workload::Floor => vec![Step::Floor],
+        Workload::W1 => vec![Step::W1],
+        Workload::W2 => vec![Step::W2],
+        Workload::W3 => vec![Step::W3],
+        Workload::W4 => vec![Step::W4],
+        Workload::W5 => w5.to_vec(),
+        Workload::All => [
+            vec![Step::Floor, Step::W1, Step::W2, Step::W3, Step::W4],
+            w5.to_vec(),
+        ]
+        .concat(),
+    }
+}
+
+impl Step {
+    fn label(&self) -> String {
+        match self {
+            Self::Floor => "floor".into(),
+            Self::W1 => "w1".into(),
+            Self::W2 => "w2".into(),
+            Self::W3 => "w3".into(),
+            Self::W4 => "w4".into(),
+            Self::W5(_, _, l) => format!("w5 {l}"),
+        }
+    }
+
+    fn run(&self, ctx: &Ctx) -> Result<Vec<Row>> {
+        let s = ctx.scale;
+        match *self {
+            Self::Floor => floor_rows(ctx),
+            Self::W1 => Ok(vec![ctx.fan_out(
+                "w1",
+                "uds,proc",
+                1,
+                "events.process.lifecycle",
+                scaled(1_000_000, s),
+                256,
+            )?]),
+            Self::W2 => Ok(vec![ctx.fan_out(
+                "w2",
+                "uds,proc",
+                4,
+                "events.process.+",
+                scaled(250_000, s),
+                256,
+            )?]),
+            Self::W3 => Ok(vec![w3(ctx)?]),
+            Self::W4 => Ok(vec![w4(ctx)?]),
+            Self::W5(size, n, label) => {
+                let mut row = ctx.fan_out(
+                    "w5",
+                    &format!("uds,proc,{label}"),
+                    1,
+                    "events.process.lifecycle",
+                    scaled(n, s),
+                    size,
+                )?;
+                row.workload = "w5".into();
+                Ok(vec![row])
+            }
+        }
+    }
+}
+
+fn w3(ctx: &Ctx) -> Result<Row> {
+    let responder = Worker::spawn(
+        &[
+            "bench-worker".into(),
+            "responder".into(),
+            "--socket".into(),
+            ctx.socket.clone(),
+        ],
+        "responder",
+    )?;
+    responder.ready()?;
+    let count = scaled(20_000, ctx.scale);
+    let args = [
+        "bench-worker",
+        "requester",
+        "--socket",
+        &ctx.socket,
+        "--count",
+        &count.to_string(),
+        "--warmup",
+        "1000",
+        "--size",
+        "256",
+    ];
+    let mut requester = Worker::spawn(&args.map(String::from), "requester")?;
+    requester.ready()?;
+    requester.go()?;
+    let r = requester.result()?;
+    Ok(Row::latency(
+        "daemoneye-eventbus",
+        "w3",
+        "uds,proc,pubsub-pingpong",
+        count,
+        &r,
+        ctx.peak_rss_kb(),
+    ))
+}
+
+fn w4(ctx: &Ctx) -> Result<Row> {
+    let plan = w4_plan();
+    let n = scaled(200_000, ctx.scale);
+    let subs = (0..10)
+        .map(|s| {
+            let filters: Vec<&str> = plan
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 10 == s)
+                .map(|(_, (_, f))| f.as_str())
+                .collect();
+            let expect = (0..n).filter(|i| (i % 1000) % 10 == s as u64).count() as u64;
+            ctx.sub(&filters.join(","), expect, &format!("sub{s}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    subs.iter().try_for_each(Worker::ready)?;
+    let mut publisher = ctx.publisher("w4", n, 256)?;
+    publisher.ready()?;
+    publisher.go()?;
+    let p = publisher.result()?;
+    let results = subs
+        .iter()
+        .map(Worker::result)
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Row::throughput(
+        "w4",
+        "uds,proc,1000subs",
+        256,
+        n,
+        &p,
+        &results,
+        ctx.peak_rss_kb(),
+    ))
+}
+
+fn floor_rows(ctx: &Ctx) -> Result<Vec<Row>> {
+    let path = std::env::temp_dir()
+        .join(format!("eventbus-floor-{}.sock", std::process::id()))
+        .display()
+        .to_string();
+    let server = Worker::spawn(
+        &[
+            "bench-worker".into(),
+            "floor-server".into(),
+            "--path".into(),
+            path.clone(),
+        ],
+        "floor server",
+    )?;
+    server.ready()?;
+    let count = scaled(1_000_000, ctx.scale);
+    let pingpong = scaled(20_000, ctx.scale);
+    let args = [
+        "bench-worker",
+        "floor-client",
+        "--path",
+        &path,
+        "--count",
+        &count.to_string(),
+        "--pingpong",
+        &pingpong.to_string(),
+        "--size",
+        "256",
+    ];
+    let client = Worker::spawn(&args.map(String::from), "floor client")?;
+    let c = client.result()?;
+    let s = server.result()?;
+    let secs = (num(&s, "last_ns").saturating_sub(num(&c, "start_ns"))) as f64 / 1e9;
+    let received = num(&s, "received");
+    let stream = Row::floor_stream(count, received, secs);
+    let latency = Row::latency("floor", "w3", "uds,proc,pingpong", pingpong, &c, None);
+    Ok(vec![stream, latency])
+}

@@ -1,0 +1,179 @@
+//! Benchmark worker processes (`eventbus bench-worker ROLE`), spawned by `eventbus bench`.
+//!
+//! Protocol on stdio: the worker prints `ready` once connected and subscribed, waits for a
+//! `go` line on stdin when it is a publisher or requester, and prints one JSON result line.
+//! Times are CLOCK_MONOTONIC nanoseconds, comparable across processes.
+
+use super::{Role, mono_ns, workload_topics};
+use anyhow::{Context, Result, bail};
+use daemoneye_eventbus::client::{Client, ClientOptions, RecvError};
+use daemoneye_eventbus::{Endpoint, Topic};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+/// A subscriber stops after this long without a message; the rest is counted as lost.
+pub(crate) const IDLE: Duration = Duration::from_secs(3);
+
+fn say(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn wait_go() -> Result<()> {
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != "go" {
+        bail!("expected 'go' on stdin, got {line:?}");
+    }
+    Ok(())
+}
+
+async fn connect(socket: &str, name: &str) -> Result<Client> {
+    let ep = Endpoint::parse(socket)?;
+    let mut options = ClientOptions::named(name);
+    options.max_message_size = 64 << 20;
+    options.subscription_buffer = 65_536;
+    options.reconnect.enabled = false;
+    Client::connect(&ep, options)
+        .await
+        .with_context(|| format!("connecting to {ep}"))
+}
+
+pub(crate) async fn run(role: Role) -> Result<()> {
+    match role {
+        Role::Sub {
+            socket,
+            filters,
+            expect,
+            name,
+        } => subscriber(&socket, &name, &filters, expect).await,
+        Role::Pub {
+            socket,
+            workload,
+            count,
+            size,
+        } => publisher(&socket, &workload, count, size).await,
+        Role::Responder { socket } => responder(&socket).await,
+        Role::Requester {
+            socket,
+            count,
+            warmup,
+            size,
+        } => requester(&socket, count, warmup, size).await,
+        Role::FloorServer { path } => super::floor::server(&path),
+        Role::FloorClient {
+            path,
+            count,
+            pingpong,
+            size,
+        } => super::floor::client(&path, count, pingpong, size),
+    }
+}
+
+async fn subscriber(socket: &str, name: &str, filters: &str, expect: u64) -> Result<()> {
+    let client = connect(socket, name).await?;
+    let mut sub = client.subscribe(filters.split(',')).await?;
+    say("ready")?;
+    let (mut received, mut missed, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
+    while received < expect {
+        match tokio::time::timeout(IDLE, sub.recv()).await {
+            Err(_) => break,
+            Ok(Ok(_)) => {
+                last = mono_ns();
+                if received == 0 {
+                    first = last;
+                }
+                received += 1;
+            }
+            Ok(Err(RecvError::Missed { count, .. })) => missed += count,
+            Ok(Err(e)) => bail!("subscription ended: {e}"),
+        }
+    }
+    say(
+        &json!({"received": received, "missed": missed, "first_ns": first, "last_ns": last})
+            .to_string(),
+    )?;
+    drop(sub);
+    client.close().await;
+    Ok(())
+}
+
+async fn publisher(socket: &str, workload: &str, count: u64, size: usize) -> Result<()> {
+    let client = connect(socket, "bench-pub").await?;
+    let topics: Vec<Topic> = workload_topics(workload)?;
+    let payload = bytes::Bytes::from(vec![0xA5u8; size]);
+    say("ready")?;
+    wait_go()?;
+    let start = mono_ns();
+    for i in 0..count {
+        let topic = &topics[(i % topics.len() as u64) as usize];
+        client.publish(topic, payload.clone()).await?;
+    }
+    let published = mono_ns();
+    client.ping().await?;
+    let end = mono_ns();
+    let s = client.stats();
+    say(
+        &json!({"start_ns": start, "published_ns": published, "end_ns": end,
+        "lost": s.lost + s.rejected})
+        .to_string(),
+    )?;
+    client.close().await;
+    Ok(())
+}
+
+async fn responder(socket: &str) -> Result<()> {
+    let client = connect(socket, "bench-responder").await?;
+    let mut sub = client.subscribe(["bench.w3.request"]).await?;
+    let reply = Topic::new("bench.w3.reply")?;
+    say("ready")?;
+    loop {
+        match sub.recv().await {
+            Ok(m) => {
+                client.publish(&reply, m.payload().clone()).await?;
+            }
+            Err(RecvError::Closed) => return Ok(()),
+            Err(e) => bail!("responder subscription: {e}"),
+        }
+    }
+}
+
+async fn requester(socket: &str, count: u64, warmup: u64, size: usize) -> Result<()> {
+    let client = connect(socket, "bench-requester").await?;
+    let mut sub = client.subscribe(["bench.w3.reply"]).await?;
+    let request = Topic::new("bench.w3.request")?;
+    let payload = bytes::Bytes::from(vec![0x5Au8; size]);
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    say("ready")?;
+    wait_go()?;
+    let (mut lost, mut start_all) = (0u64, 0u64);
+    for i in 0..warmup + count {
+        if i == warmup {
+            start_all = mono_ns();
+        }
+        let t0 = mono_ns();
+        client.publish(&request, payload.clone()).await?;
+        match tokio::time::timeout(IDLE, sub.recv()).await {
+            Ok(Ok(_)) => {
+                if i >= warmup {
+                    hist.record(((mono_ns() - t0) / 1000).max(1))?;
+                }
+            }
+            Ok(Err(e)) => bail!("reply subscription: {e}"),
+            Err(_) => lost += 1,
+        }
+    }
+    let end = mono_ns();
+    say(
+        &json!({"start_ns": start_all, "end_ns": end, "lost": lost, "count": count,
+        "p50_us": hist.value_at_quantile(0.5), "p99_us": hist.value_at_quantile(0.99),
+        "p999_us": hist.value_at_quantile(0.999), "max_us": hist.max()})
+        .to_string(),
+    )?;
+    client.close().await;
+    Ok(())
+}
