@@ -145,7 +145,11 @@ impl Shared {
         let msg = self.sys_message(catalog::sys::stats(), self.stats_json());
         let dropped = match conn.outbox.push_message(&msg, &self.memory) {
             Pushed::Queued { evicted } => evicted,
-            Pushed::Dropped | Pushed::Overflow => 1,
+            Pushed::Dropped => 1,
+            Pushed::Overflow => {
+                conn.overflowed();
+                1
+            }
             Pushed::Closed => 0,
         };
         Counters::add(&self.counters.dropped, dropped);

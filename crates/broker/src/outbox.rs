@@ -157,7 +157,9 @@ impl Outbox {
         let mut freed = 0;
         while st.msgs >= self.max_msgs || st.bytes + size > self.max_bytes {
             if self.policy == SlowReaderPolicy::Disconnect {
-                st.record_drop(msg.topic(), DropReason::SlowReader);
+                // Counted, but no notice: the connection is closed instead.
+                st.dropped_total += 1;
+                *st.dropped_by_topic.entry(msg.topic().clone()).or_default() += 1;
                 st.closed = true;
                 drop(st);
                 self.notify.notify_one();
@@ -363,5 +365,11 @@ mod tests {
         );
         assert_eq!(ob.push_message(&msg("a", 1), &mem), Pushed::Overflow);
         assert!(ob.is_closed());
+        assert_eq!(ob.stats().dropped, 1, "the overflowing message is counted");
+        let mut q = VecDeque::new();
+        assert!(
+            ob.take(&mut q).notice.is_none(),
+            "no drop notice: the connection closes"
+        );
     }
 }

@@ -297,20 +297,15 @@ impl<'a> ReadLoop<'a> {
     /// Handles `first` and every frame already buffered behind it.
     fn on_batch(&mut self, first: Frame, reader: &mut FrameReader) -> Option<Exit> {
         self.last_heard = Instant::now();
-        let mut next = Some(first);
-        while let Some(frame) = next {
-            if let Some(exit) = self.on_frame(frame) {
-                return Some(exit);
-            }
-            next = match reader.try_read_buffered() {
-                Ok(f) => f,
-                Err(e) => match self.on_read_error(e) {
-                    Some(exit) => return Some(exit),
-                    None => reader.try_read_buffered().ok().flatten(),
-                },
+        let mut exit = self.on_frame(first);
+        while exit.is_none() {
+            exit = match reader.try_read_buffered() {
+                Ok(Some(frame)) => self.on_frame(frame),
+                Ok(None) => return None,
+                Err(e) => self.on_read_error(e),
             };
         }
-        None
+        exit
     }
 
     /// Answers a frame whose content was refused while the stream stays in sync (invalid

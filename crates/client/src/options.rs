@@ -71,7 +71,8 @@ pub struct ClientOptions {
     pub subscription_buffer: usize,
     /// What the broker does when this client reads too slowly.
     pub slow_reader: SlowReaderPolicy,
-    /// Largest payload this client accepts and sends (the broker's limit applies too).
+    /// Largest payload this client publishes (the broker's limit applies too). Incoming
+    /// messages are bounded by the broker's limit, at most 64 MiB.
     pub max_message_size: usize,
 }
 

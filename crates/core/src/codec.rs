@@ -57,7 +57,8 @@ pub const fn max_frame_len(max_message_size: usize) -> usize {
     max_message_size + FRAME_OVERHEAD_ALLOWANCE
 }
 
-/// Errors found while decoding a frame. The stream can no longer be trusted after any of them.
+/// Errors found while decoding a frame. After [`FrameError::is_recoverable`] ones the frame
+/// was consumed whole and the stream is still in sync; after the others it cannot be trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
