@@ -181,8 +181,66 @@ fn err(mode: Mode, input: &str, kind: TopicErrorKind) -> TopicError {
     }
 }
 
+/// Bytes allowed in a literal segment.
+const fn literal_table() -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-';
+        c += 1;
+    }
+    t
+}
+static LITERAL: [bool; 256] = literal_table();
+
+/// Single pass over the bytes for the common, valid case: `Some(has_star)` when valid, `None`
+/// when the detailed check must explain the refusal. Accepts only ASCII.
+fn scan(bytes: &[u8], mode: Mode) -> Option<bool> {
+    if bytes.is_empty() || bytes.len() > MAX_TOPIC_LEN {
+        return None;
+    }
+    let (mut segments, mut start, mut star) = (0, 0, false);
+    for end in memchr_dots(bytes) {
+        let seg = &bytes[start..end];
+        let last = end == bytes.len();
+        segments += 1;
+        match seg {
+            [] => return None,
+            [b'+' | b'*' | b'#'] if mode == Mode::Filter => {
+                if seg[0] == b'#' && !last {
+                    return None;
+                }
+                star |= seg[0] == b'*';
+            }
+            [b'$', ..] if start == 0 && seg == SYS_ROOT.as_bytes() => {}
+            _ if seg.iter().all(|b| LITERAL[*b as usize]) => {}
+            _ => return None,
+        }
+        start = end + 1;
+    }
+    (segments <= MAX_SEGMENTS).then_some(star)
+}
+
+/// Ends of the segments: the index of every `.`, then the length.
+fn memchr_dots(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    bytes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, b)| (*b == b'.').then_some(i))
+        .chain(std::iter::once(bytes.len()))
+}
+
 /// Validates one input; returns `true` when a `*` needs normalising to `+`.
 fn validate(input: &str, mode: Mode) -> Result<bool, TopicError> {
+    if let Some(star) = scan(input.as_bytes(), mode) {
+        return Ok(star);
+    }
+    explain(input, mode)
+}
+
+/// The detailed check: names the first problem of an input the fast scan refused.
+fn explain(input: &str, mode: Mode) -> Result<bool, TopicError> {
     if input.is_empty() {
         return Err(err(mode, input, TopicErrorKind::Empty));
     }
@@ -295,6 +353,9 @@ impl Topic {
     ///
     /// As [`Topic::new`]; non-UTF-8 bytes are reported as an invalid character.
     pub fn from_bytes(bytes: Bytes) -> Result<Self, TopicError> {
+        if scan(&bytes, Mode::Topic).is_some() {
+            return Ok(Self(ByteStr::from_ascii(bytes)));
+        }
         let s = ByteStr::from_utf8(bytes).map_err(|e| {
             let kind = TopicErrorKind::InvalidChar {
                 ch: char::REPLACEMENT_CHARACTER,
@@ -546,6 +607,20 @@ mod tests {
     fn star_is_plus() {
         assert_eq!(f("events.*.x").as_str(), "events.+.x");
         assert_eq!(f("*"), f("+"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_scan_agrees_with_the_detailed_check(
+            s in "[a.+*#$A_é-]{0,12}|(\\$sys)?[a.+*#_-]{0,300}",
+            filter in proptest::bool::ANY,
+        ) {
+            let mode = if filter { Mode::Filter } else { Mode::Topic };
+            match scan(s.as_bytes(), mode) {
+                Some(star) => proptest::prop_assert_eq!(explain(&s, mode), Ok(star)),
+                None => proptest::prop_assert!(explain(&s, mode).is_err(), "{:?} passed explain", s),
+            }
+        }
     }
 
     #[test]
