@@ -303,20 +303,28 @@ async fn read_loop(
         heard
             .heard_ms
             .store(millis_since(started), Ordering::Relaxed);
-        let frame = match read {
-            Ok(Some(f)) => f,
-            Ok(None) => {
+        // Handle this frame and every frame already buffered behind it before waiting again.
+        let mut next = read;
+        loop {
+            let frame = match next {
+                Ok(Some(f)) => f,
+                Ok(None) => {
+                    cancel.cancel();
+                    return "the broker closed the connection".into();
+                }
+                Err(e) => {
+                    cancel.cancel();
+                    return e.to_string();
+                }
+            };
+            if let Err(cause) = ctx.on_frame(frame, &cancel).await {
                 cancel.cancel();
-                return "the broker closed the connection".into();
+                return cause;
             }
-            Err(e) => {
-                cancel.cancel();
-                return e.to_string();
-            }
-        };
-        if let Err(cause) = ctx.on_frame(frame, &cancel).await {
-            cancel.cancel();
-            return cause;
+            next = match reader.try_read_buffered() {
+                Ok(None) => break,
+                other => other,
+            };
         }
     }
 }

@@ -98,6 +98,26 @@ impl Subscription {
         }
     }
 
+    /// The next message if one is already queued, without waiting: `None` when the queue is
+    /// empty. Lets a consumer drain a burst without arming a timer per message.
+    ///
+    /// # Errors
+    ///
+    /// As [`Subscription::recv`].
+    pub fn try_recv(&mut self) -> Option<Result<Message, RecvError>> {
+        match self.rx.try_recv() {
+            Ok(Item::Msg(m)) => Some(Ok(m)),
+            Ok(Item::Gap(e)) => Some(Err(e)),
+            Err(mpsc::error::TryRecvError::Empty) => None,
+            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(RecvError::Closed)),
+        }
+    }
+
+    /// Whether no message is queued right now.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// The filters of this subscription.
     pub fn filters(&self) -> &[TopicFilter] {
         &self.filters
