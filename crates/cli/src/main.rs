@@ -115,10 +115,14 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A benchmark participant is one connection doing one thing: on a single thread its reader
+    // and its application task hand messages over without cross-thread wake-ups.
+    let builder = match &cli.command {
+        #[cfg(unix)]
+        Command::BenchWorker(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match { builder }.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -80,17 +80,27 @@ async fn subscriber(socket: &str, name: &str, filters: &str, expect: u64) -> Res
     say("ready")?;
     let (mut received, mut missed, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
     while received < expect {
-        match tokio::time::timeout(IDLE, sub.recv()).await {
-            Err(_) => break,
-            Ok(Ok(_)) => {
-                last = mono_ns();
-                if received == 0 {
-                    first = last;
-                }
+        // Drain what is queued; arm the idle timer only when the queue is empty. The clock is
+        // read once per drained burst: the last message of a burst stamps `last`.
+        let next = match sub.try_recv() {
+            Some(r) => r,
+            None => match tokio::time::timeout(IDLE, sub.recv()).await {
+                Ok(r) => r,
+                Err(_) => break,
+            },
+        };
+        match next {
+            Ok(_) => {
                 received += 1;
+                if received == 1 {
+                    first = mono_ns();
+                }
+                if received == expect || sub.is_empty() {
+                    last = mono_ns();
+                }
             }
-            Ok(Err(RecvError::Missed { count, .. })) => missed += count,
-            Ok(Err(e)) => bail!("subscription ended: {e}"),
+            Err(RecvError::Missed { count, .. }) => missed += count,
+            Err(e) => bail!("subscription ended: {e}"),
         }
     }
     say(
