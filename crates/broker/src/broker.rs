@@ -1,8 +1,8 @@
 //! The broker: listeners, sessions, statistics and the one shutdown path.
 
 use crate::config::{BrokerConfig, ConfigError};
-use crate::outbox::{Memory, Pushed};
-use crate::router::Router;
+use crate::outbox::{Admission, Memory, Pushed};
+use crate::router::{RouteScratch, Router};
 use crate::session::{self, ConnShared};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
 use bytes::Bytes;
@@ -116,11 +116,12 @@ impl Shared {
     /// Publishes a broker message on a `$sys` topic to every matching subscriber.
     fn publish_sys(&self, topic: Topic, payload: Bytes) {
         let msg = self.sys_message(topic, payload);
-        let routed = self
-            .router
-            .read()
-            .route(&msg, &mut Vec::new(), &self.memory);
-        Counters::add(&self.counters.dropped, routed.dropped);
+        // The broker's own messages never wait: a full `Processed` queue misses this one,
+        // counted as dropped.
+        let mut scratch = RouteScratch::default();
+        let routed = self.router.read().route(&msg, &mut scratch, &self.memory);
+        let blocked = scratch.blocked.len() as u64;
+        Counters::add(&self.counters.dropped, routed.dropped + blocked);
     }
 
     /// Announces a connect or disconnect on `$sys.broker.clients.*`.
@@ -143,14 +144,17 @@ impl Shared {
     /// Sends a fresh statistics snapshot to one connection (on subscribe).
     pub(crate) fn send_stats_to(&self, conn: &ConnShared) {
         let msg = self.sys_message(catalog::sys::stats(), self.stats_json());
-        let dropped = match conn.outbox.push_message(&msg, &self.memory) {
+        let dropped = match conn
+            .outbox
+            .push_message(&msg, &self.memory, Admission::Shed)
+        {
             Pushed::Queued { evicted } => evicted,
             Pushed::Dropped => 1,
             Pushed::Overflow => {
                 conn.overflowed();
                 1
             }
-            Pushed::Closed => 0,
+            Pushed::Closed | Pushed::Full => 0,
         };
         Counters::add(&self.counters.dropped, dropped);
     }

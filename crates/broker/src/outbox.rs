@@ -58,6 +58,16 @@ pub(crate) enum Out {
     Frame(Frame),
 }
 
+/// How a message enters a full queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// At most once: the connection's slow-reader policy applies (drop oldest or disconnect).
+    Shed,
+    /// At least once (a `Processed` subscription): never dropped; a full queue is reported
+    /// as [`Pushed::Full`] and the publisher waits for room.
+    Wait,
+}
+
 /// Result of queueing a message.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Pushed {
@@ -69,6 +79,9 @@ pub(crate) enum Pushed {
     Overflow,
     /// The connection is closing.
     Closed,
+    /// No room under [`Admission::Wait`]: nothing was queued or dropped; retry after
+    /// [`Outbox::wait_for_room`].
+    Full,
 }
 
 #[derive(Default)]
@@ -130,6 +143,8 @@ pub(crate) struct OutboxStats {
 pub(crate) struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    /// Woken when the writer takes the queue (publishers waiting under [`Admission::Wait`]).
+    space: Notify,
     max_msgs: usize,
     max_bytes: usize,
     policy: SlowReaderPolicy,
@@ -140,6 +155,7 @@ impl Outbox {
         Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            space: Notify::new(),
             max_msgs,
             max_bytes,
             policy,
@@ -147,11 +163,22 @@ impl Outbox {
     }
 
     /// Queues a message under the per-connection bounds and the broker-wide cap.
-    pub(crate) fn push_message(&self, msg: &Message, memory: &Memory) -> Pushed {
+    pub(crate) fn push_message(
+        &self,
+        msg: &Message,
+        memory: &Memory,
+        admission: Admission,
+    ) -> Pushed {
         let size = msg.accounted_size();
         let mut st = self.state.lock();
         if st.closed {
             return Pushed::Closed;
+        }
+        if admission == Admission::Wait {
+            if !self.queue_has_room(&st, size) || !memory.try_reserve(size) {
+                return Pushed::Full;
+            }
+            return self.enqueue(st, msg, size, 0);
         }
         let mut evicted = 0;
         let mut freed = 0;
@@ -186,6 +213,17 @@ impl Outbox {
                 }
             }
         }
+        self.enqueue(st, msg, size, evicted)
+    }
+
+    /// Appends a message whose memory is already reserved.
+    fn enqueue(
+        &self,
+        mut st: parking_lot::MutexGuard<'_, State>,
+        msg: &Message,
+        size: usize,
+        evicted: u64,
+    ) -> Pushed {
         let was_empty = st.queue.is_empty();
         st.queue.push_back(Out::Msg(msg.clone()));
         st.msgs += 1;
@@ -195,6 +233,35 @@ impl Outbox {
             self.notify.notify_one();
         }
         Pushed::Queued { evicted }
+    }
+
+    /// Whether this queue has room for a message of `size` bytes under [`Admission::Wait`]
+    /// (one message always fits an empty queue). The one definition both sites use.
+    fn queue_has_room(&self, st: &State, size: usize) -> bool {
+        st.msgs < self.max_msgs && (st.msgs == 0 || st.bytes + size <= self.max_bytes)
+    }
+
+    /// Whether a message of `size` bytes would be admitted under [`Admission::Wait`] now.
+    fn has_room(&self, st: &State, size: usize, memory: &Memory) -> bool {
+        self.queue_has_room(st, size) && memory.used() + size <= memory.cap()
+    }
+
+    /// Waits until a message of `size` bytes would fit (or the outbox closed), so one refused
+    /// with [`Pushed::Full`] can be offered again. Returns at once only when it would fit
+    /// now; otherwise waits for the writer to take the queue, rechecking after 10 ms at most
+    /// because room under the broker-wide memory cap can also come from other connections.
+    pub(crate) async fn wait_for_room(&self, size: usize, memory: &Memory) {
+        let taken = self.space.notified();
+        {
+            let st = self.state.lock();
+            if st.closed || self.has_room(&st, size, memory) {
+                return;
+            }
+        }
+        tokio::select! {
+            () = taken => {}
+            () = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+        }
     }
 
     /// Queues a control frame. Returns `false` when the connection is closing or the peer let
@@ -242,6 +309,8 @@ impl Outbox {
         st.bytes = 0;
         st.msgs = 0;
         st.controls = 0;
+        drop(st);
+        self.space.notify_waiters();
         batch
     }
 
@@ -285,6 +354,36 @@ mod tests {
     use bytes::Bytes;
     use daemoneye_eventbus_core::Header;
 
+    impl Outbox {
+        fn push_message_shed(&self, m: &Message, mem: &Memory) -> Pushed {
+            self.push_message(m, mem, Admission::Shed)
+        }
+    }
+
+    #[test]
+    fn wait_admission_never_drops() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
+        for _ in 0..2 {
+            assert!(matches!(
+                ob.push_message(&msg("a", 1), &mem, Admission::Wait),
+                Pushed::Queued { .. }
+            ));
+        }
+        assert_eq!(
+            ob.push_message(&msg("a", 1), &mem, Admission::Wait),
+            Pushed::Full
+        );
+        assert_eq!(ob.stats().dropped, 0);
+        let mut q = VecDeque::new();
+        let batch = ob.take(&mut q);
+        mem.release(batch.bytes);
+        assert!(matches!(
+            ob.push_message(&msg("a", 1), &mem, Admission::Wait),
+            Pushed::Queued { .. }
+        ));
+    }
+
     fn msg(topic: &str, len: usize) -> Message {
         Message::new(
             Topic::new(topic).unwrap(),
@@ -298,15 +397,15 @@ mod tests {
         let mem = Memory::new(1 << 30);
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
         assert_eq!(
-            ob.push_message(&msg("a", 1), &mem),
+            ob.push_message_shed(&msg("a", 1), &mem),
             Pushed::Queued { evicted: 0 }
         );
         assert_eq!(
-            ob.push_message(&msg("b", 1), &mem),
+            ob.push_message_shed(&msg("b", 1), &mem),
             Pushed::Queued { evicted: 0 }
         );
         assert_eq!(
-            ob.push_message(&msg("c", 1), &mem),
+            ob.push_message_shed(&msg("c", 1), &mem),
             Pushed::Queued { evicted: 1 }
         );
         let mut q = VecDeque::new();
@@ -338,18 +437,18 @@ mod tests {
         let mem = Memory::new(one * 3);
         let ob = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest);
         for _ in 0..5 {
-            ob.push_message(&msg("a", 100), &mem);
+            ob.push_message_shed(&msg("a", 100), &mem);
         }
         assert_eq!(ob.stats().queued_bytes, one * 2);
         assert_eq!(ob.stats().dropped, 3);
         // A second queue can only take what is left of the global cap.
         let other = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest);
         assert!(matches!(
-            other.push_message(&msg("b", 100), &mem),
+            other.push_message_shed(&msg("b", 100), &mem),
             Pushed::Queued { .. }
         ));
         assert_eq!(
-            other.push_message(&msg("b", 100), &mem),
+            other.push_message_shed(&msg("b", 100), &mem),
             Pushed::Queued { evicted: 1 }
         );
         assert!(mem.used() <= mem.cap());
@@ -360,10 +459,10 @@ mod tests {
         let mem = Memory::new(1 << 30);
         let ob = Outbox::new(1, 1 << 20, SlowReaderPolicy::Disconnect);
         assert_eq!(
-            ob.push_message(&msg("a", 1), &mem),
+            ob.push_message_shed(&msg("a", 1), &mem),
             Pushed::Queued { evicted: 0 }
         );
-        assert_eq!(ob.push_message(&msg("a", 1), &mem), Pushed::Overflow);
+        assert_eq!(ob.push_message_shed(&msg("a", 1), &mem), Pushed::Overflow);
         assert!(ob.is_closed());
         assert_eq!(ob.stats().dropped, 1, "the overflowing message is counted");
         let mut q = VecDeque::new();

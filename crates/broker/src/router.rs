@@ -3,9 +3,9 @@
 //! Owned by the broker behind one `RwLock`: publishes take the read side (no allocation, no
 //! await), subscribe / unsubscribe / connect / disconnect take the write side.
 
-use crate::outbox::{Memory, Pushed};
+use crate::outbox::{Admission, Memory, Pushed};
 use crate::session::ConnShared;
-use daemoneye_eventbus_core::{Message, SubscriptionTrie, TopicFilter};
+use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, TopicFilter};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -14,6 +14,17 @@ type Slot = u32;
 struct Entry {
     conn: Arc<ConnShared>,
     filters: HashSet<TopicFilter>,
+    /// The subset subscribed with [`Qos::Processed`]: deliveries never dropped.
+    processed: HashSet<TopicFilter>,
+}
+
+/// Reusable buffers for [`Router::route`], owned by one session so routing allocates nothing.
+#[derive(Default)]
+pub(crate) struct RouteScratch {
+    slots: Vec<Slot>,
+    processed: Vec<Slot>,
+    /// Connections whose `Processed` queue was full: the publisher waits for them.
+    pub(crate) blocked: Vec<Arc<ConnShared>>,
 }
 
 /// Result of routing one message.
@@ -29,6 +40,8 @@ pub(crate) struct Routed {
 #[derive(Default)]
 pub(crate) struct Router {
     trie: SubscriptionTrie<Slot>,
+    /// Only the `Processed` subscriptions, consulted when it is not empty.
+    processed: SubscriptionTrie<Slot>,
     slots: Vec<Option<Entry>>,
     free: Vec<Slot>,
 }
@@ -39,6 +52,7 @@ impl Router {
         let entry = Entry {
             conn,
             filters: HashSet::new(),
+            processed: HashSet::new(),
         };
         if let Some(slot) = self.free.pop() {
             self.slots[slot as usize] = Some(entry);
@@ -54,15 +68,22 @@ impl Router {
             for f in &entry.filters {
                 self.trie.remove(f, slot);
             }
+            for f in &entry.processed {
+                self.processed.remove(f, slot);
+            }
             self.free.push(slot);
         }
     }
 
-    /// Subscribes; returns `false` when the connection already had this filter.
-    pub(crate) fn subscribe(&mut self, slot: Slot, filter: &TopicFilter) -> bool {
+    /// Subscribes; returns `false` when the connection already had this filter (a
+    /// `Processed` request still upgrades a `Realtime` one).
+    pub(crate) fn subscribe(&mut self, slot: Slot, filter: &TopicFilter, qos: Qos) -> bool {
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
+        if qos == Qos::Processed && entry.processed.insert(filter.clone()) {
+            self.processed.insert(filter, slot);
+        }
         if !entry.filters.insert(filter.clone()) {
             return false;
         }
@@ -74,22 +95,42 @@ impl Router {
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
+        if entry.processed.remove(filter) {
+            self.processed.remove(filter, slot);
+        }
         if !entry.filters.remove(filter) {
             return false;
         }
         self.trie.remove(filter, slot)
     }
 
-    /// Queues `msg` once for every connection with a matching filter. `scratch` is reused
-    /// across calls so routing allocates nothing.
-    pub(crate) fn route(&self, msg: &Message, scratch: &mut Vec<Slot>, memory: &Memory) -> Routed {
-        self.trie.matches_into(msg.topic(), scratch);
+    /// Queues `msg` once for every connection with a matching filter: under its slow-reader
+    /// policy, or, when a matching subscription is `Processed`, without dropping (a full queue
+    /// lands in `scratch.blocked` for the publisher to wait on). Allocates nothing.
+    pub(crate) fn route(
+        &self,
+        msg: &Message,
+        scratch: &mut RouteScratch,
+        memory: &Memory,
+    ) -> Routed {
+        self.trie.matches_into(msg.topic(), &mut scratch.slots);
+        let any_processed = !self.processed.is_empty();
+        if any_processed {
+            self.processed
+                .matches_into(msg.topic(), &mut scratch.processed);
+            scratch.processed.sort_unstable();
+        }
         let mut routed = Routed::default();
-        for slot in scratch.iter() {
+        for slot in &scratch.slots {
             let Some(entry) = &self.slots[*slot as usize] else {
                 continue;
             };
-            match entry.conn.outbox.push_message(msg, memory) {
+            let admission = if any_processed && scratch.processed.binary_search(slot).is_ok() {
+                Admission::Wait
+            } else {
+                Admission::Shed
+            };
+            match entry.conn.outbox.push_message(msg, memory, admission) {
                 Pushed::Queued { evicted } => {
                     routed.queued += 1;
                     routed.dropped += evicted;
@@ -99,6 +140,7 @@ impl Router {
                     routed.dropped += 1;
                     entry.conn.overflowed();
                 }
+                Pushed::Full => scratch.blocked.push(Arc::clone(&entry.conn)),
                 Pushed::Closed => {}
             }
         }

@@ -6,7 +6,8 @@
 //! goes empty), never on a timer.
 
 use crate::broker::Shared;
-use crate::outbox::{Out, Outbox};
+use crate::outbox::{Admission, Out, Outbox, Pushed};
+use crate::router::RouteScratch;
 use crate::stats::{ConnCounters, Counters};
 use daemoneye_eventbus_core::codec::{
     ErrorCode, ErrorFrame, GoingAway, Hello, Nack, PROTOCOL_MAJOR, Reply, Version, Welcome,
@@ -242,7 +243,10 @@ struct ReadLoop<'a> {
     shared: &'a Shared,
     conn: &'a ConnShared,
     slot: u32,
-    scratch: Vec<u32>,
+    scratch: RouteScratch,
+    /// A publish still waiting for room in `Processed` subscribers' queues; nothing more is
+    /// read from this connection until it is delivered (backpressure, order kept).
+    pending: Option<Message>,
     published: u64,
     bytes_in: u64,
     dropped: u64,
@@ -257,7 +261,8 @@ impl<'a> ReadLoop<'a> {
             shared,
             conn,
             slot,
-            scratch: Vec::new(),
+            scratch: RouteScratch::default(),
+            pending: None,
             published: 0,
             bytes_in: 0,
             dropped: 0,
@@ -272,6 +277,9 @@ impl<'a> ReadLoop<'a> {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if let Some(exit) = self.deliver_pending().await {
+                return exit;
+            }
             let read = tokio::select! {
                 biased;
                 () = self.conn.cancel.cancelled() => return Exit::Cancelled,
@@ -298,7 +306,7 @@ impl<'a> ReadLoop<'a> {
     fn on_batch(&mut self, first: Frame, reader: &mut FrameReader) -> Option<Exit> {
         self.last_heard = Instant::now();
         let mut exit = self.on_frame(first);
-        while exit.is_none() {
+        while exit.is_none() && self.pending.is_none() {
             exit = match reader.try_read_buffered() {
                 Ok(Some(frame)) => self.on_frame(frame),
                 Ok(None) => return None,
@@ -367,7 +375,11 @@ impl<'a> ReadLoop<'a> {
         match frame {
             Frame::Publish(msg) => self.on_publish(msg),
             Frame::Subscribe(s) => {
-                let added = self.shared.router.write().subscribe(self.slot, &s.filter);
+                let added = self
+                    .shared
+                    .router
+                    .write()
+                    .subscribe(self.slot, &s.filter, s.qos);
                 let message = if added {
                     String::new()
                 } else {
@@ -457,6 +469,37 @@ impl<'a> ReadLoop<'a> {
         self.bytes_in += len as u64;
         self.dropped += routed.dropped;
         self.conn.counters.published.fetch_add(1, Ordering::Relaxed);
+        if !self.scratch.blocked.is_empty() {
+            // Acknowledged once every queue holds it (`deliver_pending`).
+            self.pending = Some(msg);
+            return None;
+        }
+        if msg.header().qos == Qos::Processed {
+            return self.control(Frame::Ack(msg.id()));
+        }
+        None
+    }
+
+    /// Offers the pending publish to the `Processed` subscribers whose queues were full,
+    /// waiting for each to make room. A subscriber that disconnects stops being waited for.
+    async fn deliver_pending(&mut self) -> Option<Exit> {
+        let msg = self.pending.take()?;
+        while let Some(target) = self.scratch.blocked.last() {
+            match target
+                .outbox
+                .push_message(&msg, &self.shared.memory, Admission::Wait)
+            {
+                Pushed::Full => tokio::select! {
+                    biased;
+                    () = self.conn.cancel.cancelled() => return Some(Exit::Cancelled),
+                    () = self.shared.drain.cancelled() => return Some(Exit::Shutdown),
+                    () = target.outbox.wait_for_room(msg.accounted_size(), &self.shared.memory) => {}
+                },
+                _ => {
+                    self.scratch.blocked.pop();
+                }
+            }
+        }
         if msg.header().qos == Qos::Processed {
             return self.control(Frame::Ack(msg.id()));
         }

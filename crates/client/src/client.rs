@@ -445,13 +445,34 @@ impl Client {
         result
     }
 
-    /// Subscribes to one or more filters; returns once the broker has acknowledged every new
-    /// filter. A message matching several filters arrives once.
+    /// Subscribes to one or more filters at most once ([`Qos::Realtime`]); returns once the
+    /// broker has acknowledged every new filter. A message matching several filters arrives
+    /// once.
     ///
     /// # Errors
     ///
     /// See [`SubscribeError`]; on error nothing stays subscribed.
     pub async fn subscribe<I, S>(&self, filters: I) -> Result<Subscription, SubscribeError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        self.subscribe_with(filters, Qos::Realtime).await
+    }
+
+    /// Subscribes with an explicit delivery guarantee. With [`Qos::Processed`] the broker
+    /// never drops a message for this subscription: when its queue is full, publishers wait
+    /// (their connections stop being read) until it has room. A filter keeps the strongest
+    /// QoS any subscription asked for until it is no longer subscribed.
+    ///
+    /// # Errors
+    ///
+    /// See [`SubscribeError`]; on error nothing stays subscribed.
+    pub async fn subscribe_with<I, S>(
+        &self,
+        filters: I,
+        qos: Qos,
+    ) -> Result<Subscription, SubscribeError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -467,9 +488,8 @@ impl Client {
             return Err(SubscribeError::Closed);
         }
         let (tx, rx) = mpsc::channel(self.inner.options.subscription_buffer.max(1));
-        let (id, fresh) = self.inner.subs.lock().add(filters.clone(), tx);
+        let (id, fresh) = self.inner.subs.lock().add(filters.clone(), qos, tx);
         for filter in fresh {
-            let qos = Qos::Realtime;
             let sent = self
                 .request(|request_id| {
                     Frame::Subscribe(Subscribe {

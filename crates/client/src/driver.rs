@@ -6,7 +6,7 @@ use crate::error::ConnectError;
 use crate::options::ClientOptions;
 use crate::subscription::{Item, MissedReason, RecvError};
 use daemoneye_eventbus_core::codec::{Hello, Notice, Subscribe, Version, Welcome};
-use daemoneye_eventbus_core::{Frame, Message, Qos};
+use daemoneye_eventbus_core::{Frame, Message};
 use daemoneye_eventbus_transport::{Endpoint, FrameReader, FrameWriter, connect};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -162,8 +162,7 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
     );
     if gap.is_some() {
         // Restore every subscription before anything else queued is written.
-        for filter in inner.subs.lock().active_filters() {
-            let qos = Qos::Realtime;
+        for (filter, qos) in inner.subs.lock().active_filters() {
             writer.push(&Frame::Subscribe(Subscribe {
                 request_id: 0,
                 qos,

@@ -2,7 +2,7 @@
 //! [`Subscription`] stream handed to the application.
 
 use daemoneye_eventbus_core::codec::DropReason;
-use daemoneye_eventbus_core::{Message, SubscriptionTrie, Topic, TopicFilter};
+use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicFilter};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -153,16 +153,19 @@ struct SubEntry {
 #[derive(Default)]
 pub(crate) struct SubTable {
     subs: HashMap<u64, SubEntry>,
-    refs: HashMap<TopicFilter, usize>,
+    /// Active filters: how many subscriptions use each, and the strongest QoS asked for.
+    refs: HashMap<TopicFilter, (usize, Qos)>,
     trie: SubscriptionTrie<u64>,
     next_id: u64,
 }
 
 impl SubTable {
-    /// Registers a subscription; returns its id and the filters that became active (0 → 1).
+    /// Registers a subscription; returns its id and the filters the broker must be asked
+    /// for: newly active ones (0 → 1) and ones upgraded from `Realtime` to `Processed`.
     pub(crate) fn add(
         &mut self,
         filters: Vec<TopicFilter>,
+        qos: Qos,
         tx: mpsc::Sender<Item>,
     ) -> (u64, Vec<TopicFilter>) {
         self.next_id += 1;
@@ -170,10 +173,13 @@ impl SubTable {
         let mut fresh = Vec::new();
         for f in &filters {
             self.trie.insert(f, id);
-            let n = self.refs.entry(f.clone()).or_default();
+            let (n, q) = self.refs.entry(f.clone()).or_insert((0, Qos::Realtime));
             *n += 1;
-            if *n == 1 {
+            if *n == 1 || (qos == Qos::Processed && *q != Qos::Processed) {
                 fresh.push(f.clone());
+            }
+            if qos == Qos::Processed {
+                *q = Qos::Processed;
             }
         }
         self.subs.insert(id, SubEntry { filters, tx });
@@ -188,7 +194,7 @@ impl SubTable {
         let mut gone = Vec::new();
         for f in entry.filters {
             self.trie.remove(&f, id);
-            if let Some(n) = self.refs.get_mut(&f) {
+            if let Some((n, _)) = self.refs.get_mut(&f) {
                 *n -= 1;
                 if *n == 0 {
                     self.refs.remove(&f);
@@ -199,9 +205,12 @@ impl SubTable {
         gone
     }
 
-    /// Every active filter (re-subscribed after a reconnect).
-    pub(crate) fn active_filters(&self) -> Vec<TopicFilter> {
-        self.refs.keys().cloned().collect()
+    /// Every active filter with its QoS (re-subscribed after a reconnect).
+    pub(crate) fn active_filters(&self) -> Vec<(TopicFilter, Qos)> {
+        self.refs
+            .iter()
+            .map(|(f, (_, q))| (f.clone(), *q))
+            .collect()
     }
 
     /// Every subscription id.

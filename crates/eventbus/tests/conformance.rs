@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
 use daemoneye_eventbus::client::{Client, ClientOptions, PublishError, RecvError, Subscription};
-use daemoneye_eventbus::{Endpoint, Message, Topic, catalog};
+use daemoneye_eventbus::{Endpoint, Message, Qos, Topic, catalog};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -405,6 +405,71 @@ async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
     );
 }
 
+async fn processed_subscriptions_lose_nothing(kind: Kind) {
+    let config = BrokerConfig {
+        message_buffer_size: 10,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let mut options = ClientOptions::named("careful");
+    options.subscription_buffer = 1;
+    let careful = Client::connect(&bus.endpoint, options.clone())
+        .await
+        .unwrap();
+    let mut s = careful
+        .subscribe_with(["burst"], Qos::Processed)
+        .await
+        .unwrap();
+    options.name = "careless".into();
+    let careless = Client::connect(&bus.endpoint, options).await.unwrap();
+    let mut r = careless.subscribe(["burst"]).await.unwrap();
+    let publ = bus.client("pub").await;
+    let n = 20_000u32;
+    let publisher = tokio::spawn(async move {
+        for i in 0..n {
+            publ.publish(&t("burst"), i.to_le_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+        publ.ping().await.unwrap();
+        publ
+    });
+    for i in 0..n {
+        let m = next(&mut s).await;
+        assert_eq!(
+            m.payload().as_ref(),
+            i.to_le_bytes(),
+            "every message, in order"
+        );
+    }
+    let publ = tokio::time::timeout(WAIT, publisher)
+        .await
+        .unwrap()
+        .unwrap();
+    publ.publish(&t("burst"), "end").await.unwrap();
+    let (mut received, mut missed) = (0u64, 0u64);
+    loop {
+        match tokio::time::timeout(WAIT, r.recv()).await.unwrap() {
+            Ok(m) if m.payload().as_ref() == b"end" => break,
+            Ok(_) => received += 1,
+            Err(RecvError::Missed { count, .. }) => missed += count,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        received + missed,
+        u64::from(n),
+        "the realtime subscriber accounts for all"
+    );
+    let stats = bus.broker.stats();
+    let c = stats
+        .connections
+        .iter()
+        .find(|c| c.name == "careful")
+        .unwrap();
+    assert_eq!(c.dropped, 0);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(unix)]
@@ -425,4 +490,5 @@ conformance!(
     shutdown_sends_going_away_and_ends_streams,
     slow_reader_drops_are_counted_and_reported,
     disconnect_policy_closes_a_slow_reader,
+    processed_subscriptions_lose_nothing,
 );
