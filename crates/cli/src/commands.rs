@@ -37,8 +37,17 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             count,
             timeout,
             json,
+            qos,
             name,
-        } => subscribe(&socket, &name, &patterns, count, timeout, json).await,
+        } => {
+            let options = SubOptions {
+                count,
+                timeout,
+                json,
+                qos: qos.into(),
+            };
+            subscribe(&socket, &name, &patterns, options).await
+        }
         Command::Stats { socket, json } => stats(&socket, json).await,
         #[cfg(unix)]
         Command::Bench(args) => {
@@ -257,20 +266,32 @@ async fn publish(
     Ok(())
 }
 
+/// How `sub` runs.
+struct SubOptions {
+    count: Option<u64>,
+    timeout: Option<f64>,
+    json: bool,
+    qos: daemoneye_eventbus::Qos,
+}
+
 async fn subscribe(
     socket: &SocketArg,
     name: &str,
     patterns: &[String],
-    count: Option<u64>,
-    timeout: Option<f64>,
-    json: bool,
+    o: SubOptions,
 ) -> Result<()> {
+    let SubOptions {
+        count,
+        timeout,
+        json,
+        qos,
+    } = o;
     let idle = timeout
         .map(Duration::try_from_secs_f64)
         .transpose()
         .context("--timeout")?;
     let client = connect(socket, name).await?;
-    let mut sub = client.subscribe(patterns).await?;
+    let mut sub = client.subscribe_with(patterns, qos).await?;
     eprintln!("ready");
     let mut out = std::io::LineWriter::new(std::io::stdout().lock());
     let mut seen = 0u64;

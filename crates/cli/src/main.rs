@@ -81,6 +81,10 @@ enum Command {
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Delivery guarantee: `realtime` (at most once, the broker may drop for a slow
+        /// reader) or `processed` (nothing dropped; publishers wait for room).
+        #[arg(long, value_enum, default_value = "realtime")]
+        qos: QosArg,
         /// Client name.
         #[arg(long, default_value = "eventbus-sub")]
         name: String,
@@ -100,6 +104,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--qos` values.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QosArg {
+    /// At most once.
+    Realtime,
+    /// At least once: nothing dropped for this subscriber.
+    Processed,
+}
+
+impl From<QosArg> for daemoneye_eventbus::Qos {
+    fn from(q: QosArg) -> Self {
+        match q {
+            QosArg::Realtime => Self::Realtime,
+            QosArg::Processed => Self::Processed,
+        }
+    }
 }
 
 fn init_logging() {

@@ -33,6 +33,8 @@ pub(crate) enum Role {
         expect: u64,
         #[arg(long)]
         name: String,
+        #[arg(long, value_enum)]
+        qos: crate::QosArg,
     },
     /// Publish `count` messages of `size` bytes over the workload's topics.
     Pub {
@@ -100,6 +102,11 @@ pub(crate) struct BenchArgs {
     /// Workload to run.
     #[arg(long, value_enum, default_value = "all")]
     workload: Workload,
+    /// Subscribers' delivery guarantee: `processed` (default: nothing dropped, publishers
+    /// paced to the subscribers) or `realtime` (at most once: a slower subscriber loses the
+    /// oldest, counted in `lost`).
+    #[arg(long, value_enum, default_value = "processed")]
+    qos: crate::QosArg,
     /// Multiply message counts (for quick runs).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -235,6 +242,7 @@ fn scaled(n: u64, scale: f64) -> u64 {
 struct Ctx {
     socket: String,
     scale: f64,
+    qos: crate::QosArg,
     broker_pid: Option<u32>,
 }
 
@@ -251,8 +259,27 @@ impl Ctx {
             &expect.to_string(),
             "--name",
             name,
+            "--qos",
+            self.qos_name(),
         ];
         Worker::spawn(&args.map(String::from), name)
+    }
+
+    fn qos_name(&self) -> &'static str {
+        match self.qos {
+            crate::QosArg::Realtime => "realtime",
+            crate::QosArg::Processed => "processed",
+        }
+    }
+
+    /// Variant label: transport, process model, QoS, and an optional detail.
+    fn variant(&self, detail: &str) -> String {
+        let base = format!("uds,proc,{}", self.qos_name());
+        if detail.is_empty() {
+            base
+        } else {
+            format!("{base},{detail}")
+        }
     }
 
     fn publisher(&self, workload: &str, count: u64, size: usize) -> Result<Worker> {
@@ -345,6 +372,7 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     let ctx = Ctx {
         socket,
         scale: args.scale,
+        qos: args.qos,
         broker_pid: pid,
     };
     let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
@@ -429,7 +457,7 @@ impl Step {
             Self::Floor => floor_rows(ctx),
             Self::W1 => Ok(vec![ctx.fan_out(
                 "w1",
-                "uds,proc",
+                &ctx.variant(""),
                 1,
                 "events.process.lifecycle",
                 scaled(1_000_000, s),
@@ -437,7 +465,7 @@ impl Step {
             )?]),
             Self::W2 => Ok(vec![ctx.fan_out(
                 "w2",
-                "uds,proc",
+                &ctx.variant(""),
                 4,
                 "events.process.+",
                 scaled(250_000, s),
@@ -448,7 +476,7 @@ impl Step {
             Self::W5(size, n, label) => {
                 let mut row = ctx.fan_out(
                     "w5",
-                    &format!("uds,proc,{label}"),
+                    &ctx.variant(label),
                     1,
                     "events.process.lifecycle",
                     scaled(n, s),
@@ -525,7 +553,7 @@ fn w4(ctx: &Ctx) -> Result<Row> {
         .collect::<Result<Vec<_>>>()?;
     Ok(Row::throughput(
         "w4",
-        "uds,proc,1000subs",
+        &ctx.variant("1000subs"),
         256,
         n,
         &p,

@@ -50,7 +50,8 @@ pub(crate) async fn run(role: Role) -> Result<()> {
             filters,
             expect,
             name,
-        } => subscriber(&socket, &name, &filters, expect).await,
+            qos,
+        } => subscriber(&socket, &name, &filters, expect, qos.into()).await,
         Role::Pub {
             socket,
             workload,
@@ -74,9 +75,15 @@ pub(crate) async fn run(role: Role) -> Result<()> {
     }
 }
 
-async fn subscriber(socket: &str, name: &str, filters: &str, expect: u64) -> Result<()> {
+async fn subscriber(
+    socket: &str,
+    name: &str,
+    filters: &str,
+    expect: u64,
+    qos: daemoneye_eventbus::Qos,
+) -> Result<()> {
     let client = connect(socket, name).await?;
-    let mut sub = client.subscribe(filters.split(',')).await?;
+    let mut sub = client.subscribe_with(filters.split(','), qos).await?;
     say("ready")?;
     let (mut received, mut missed, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
     while received < expect {
