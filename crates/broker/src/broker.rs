@@ -120,6 +120,7 @@ impl Shared {
         // counted as dropped.
         let mut scratch = RouteScratch::default();
         let routed = self.router.read().route(&msg, &mut scratch, &self.memory);
+        scratch.wake_writers();
         let blocked = scratch.blocked.len() as u64;
         Counters::add(&self.counters.dropped, routed.dropped + blocked);
     }
@@ -148,7 +149,12 @@ impl Shared {
             .outbox
             .push_message(&msg, &self.memory, Admission::Shed)
         {
-            Pushed::Queued { evicted } => evicted,
+            Pushed::Queued { evicted, wake } => {
+                if wake {
+                    conn.outbox.wake();
+                }
+                evicted
+            }
             Pushed::Dropped => 1,
             Pushed::Overflow => {
                 conn.overflowed();

@@ -71,8 +71,10 @@ pub(crate) enum Admission {
 /// Result of queueing a message.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Pushed {
-    /// Queued; `evicted` older messages were dropped to make room.
-    Queued { evicted: u64 },
+    /// Queued; `evicted` older messages were dropped to make room. `wake` is set when the
+    /// queue was empty: the caller must then call [`Outbox::wake`] (at once, or after the
+    /// batch it is routing, so the writer takes the whole batch in one write).
+    Queued { evicted: u64, wake: bool },
     /// Not queued: the broker-wide memory cap left no room even after evicting ours.
     Dropped,
     /// The queue was full and the policy is to disconnect; the connection must close.
@@ -224,15 +226,16 @@ impl Outbox {
         size: usize,
         evicted: u64,
     ) -> Pushed {
-        let was_empty = st.queue.is_empty();
+        let wake = st.queue.is_empty();
         st.queue.push_back(Out::Msg(msg.clone()));
         st.msgs += 1;
         st.bytes += size;
-        drop(st);
-        if was_empty {
-            self.notify.notify_one();
-        }
-        Pushed::Queued { evicted }
+        Pushed::Queued { evicted, wake }
+    }
+
+    /// Wakes the writer (after a [`Pushed::Queued`] with `wake` set).
+    pub(crate) fn wake(&self) {
+        self.notify.notify_one();
     }
 
     /// Whether this queue has room for a message of `size` bytes under [`Admission::Wait`]
@@ -398,15 +401,24 @@ mod tests {
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
         assert_eq!(
             ob.push_message_shed(&msg("a", 1), &mem),
-            Pushed::Queued { evicted: 0 }
+            Pushed::Queued {
+                evicted: 0,
+                wake: true
+            }
         );
         assert_eq!(
             ob.push_message_shed(&msg("b", 1), &mem),
-            Pushed::Queued { evicted: 0 }
+            Pushed::Queued {
+                evicted: 0,
+                wake: false
+            }
         );
         assert_eq!(
             ob.push_message_shed(&msg("c", 1), &mem),
-            Pushed::Queued { evicted: 1 }
+            Pushed::Queued {
+                evicted: 1,
+                wake: false
+            }
         );
         let mut q = VecDeque::new();
         let batch = ob.take(&mut q);
@@ -449,7 +461,10 @@ mod tests {
         ));
         assert_eq!(
             other.push_message_shed(&msg("b", 100), &mem),
-            Pushed::Queued { evicted: 1 }
+            Pushed::Queued {
+                evicted: 1,
+                wake: true
+            }
         );
         assert!(mem.used() <= mem.cap());
     }
@@ -460,7 +475,10 @@ mod tests {
         let ob = Outbox::new(1, 1 << 20, SlowReaderPolicy::Disconnect);
         assert_eq!(
             ob.push_message_shed(&msg("a", 1), &mem),
-            Pushed::Queued { evicted: 0 }
+            Pushed::Queued {
+                evicted: 0,
+                wake: true
+            }
         );
         assert_eq!(ob.push_message_shed(&msg("a", 1), &mem), Pushed::Overflow);
         assert!(ob.is_closed());

@@ -25,6 +25,18 @@ pub(crate) struct RouteScratch {
     processed: Vec<Slot>,
     /// Connections whose `Processed` queue was full: the publisher waits for them.
     pub(crate) blocked: Vec<Arc<ConnShared>>,
+    /// Connections whose queue went from empty to non-empty: their writers are woken once,
+    /// after the whole batch is routed ([`RouteScratch::wake_writers`]).
+    wake: Vec<Arc<ConnShared>>,
+}
+
+impl RouteScratch {
+    /// Wakes every writer that got its first message of this batch.
+    pub(crate) fn wake_writers(&mut self) {
+        for conn in self.wake.drain(..) {
+            conn.outbox.wake();
+        }
+    }
 }
 
 /// Result of routing one message.
@@ -131,9 +143,12 @@ impl Router {
                 Admission::Shed
             };
             match entry.conn.outbox.push_message(msg, memory, admission) {
-                Pushed::Queued { evicted } => {
+                Pushed::Queued { evicted, wake } => {
                     routed.queued += 1;
                     routed.dropped += evicted;
+                    if wake {
+                        scratch.wake.push(Arc::clone(&entry.conn));
+                    }
                 }
                 Pushed::Dropped => routed.dropped += 1,
                 Pushed::Overflow => {

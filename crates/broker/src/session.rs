@@ -295,6 +295,8 @@ impl<'a> ReadLoop<'a> {
                 Ok(None) => Some(Exit::ClientClosed),
                 Err(e) => self.on_read_error(e),
             };
+            // One wake per subscriber per batch: each writer takes the whole batch at once.
+            self.scratch.wake_writers();
             self.flush_counters();
             if let Some(exit) = exit {
                 return exit;
@@ -484,11 +486,17 @@ impl<'a> ReadLoop<'a> {
     /// waiting for each to make room. A subscriber that disconnects stops being waited for.
     async fn deliver_pending(&mut self) -> Option<Exit> {
         let msg = self.pending.take()?;
+        // The writers we are about to wait on must be running.
+        self.scratch.wake_writers();
         while let Some(target) = self.scratch.blocked.last() {
             match target
                 .outbox
                 .push_message(&msg, &self.shared.memory, Admission::Wait)
             {
+                Pushed::Queued { wake: true, .. } => {
+                    target.outbox.wake();
+                    self.scratch.blocked.pop();
+                }
                 Pushed::Full => tokio::select! {
                     biased;
                     () = self.conn.cancel.cancelled() => return Some(Exit::Cancelled),
