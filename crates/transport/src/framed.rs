@@ -6,7 +6,7 @@
 //! [`FrameWriter::flush`], which callers invoke when their queue goes empty.
 
 use crate::error::ReadError;
-use bytes::BytesMut;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{encode_message_frame, kind, max_frame_len};
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message};
 use std::io;
@@ -105,11 +105,87 @@ impl FrameReader {
     }
 }
 
+/// Payloads at least this large are written from their shared buffer with `writev` instead of
+/// being copied into the batch buffer.
+pub const VECTORED_MIN: usize = 16 * 1024;
+
+/// A byte-stream writer: small frames are encoded into `buf`; large message bodies join the
+/// batch as shared segments, so the payload is never copied in user space.
+struct StreamOut {
+    io: BoxWrite,
+    buf: BytesMut,
+    segments: std::collections::VecDeque<Bytes>,
+    segment_bytes: usize,
+}
+
+impl StreamOut {
+    /// Moves what `buf` holds into the segment list (keeping order with large bodies).
+    fn seal(&mut self) {
+        if !self.buf.is_empty() {
+            let head = self.buf.split().freeze();
+            self.segment_bytes += head.len();
+            self.segments.push_back(head);
+        }
+    }
+
+    fn push_large(&mut self, msg: &Message) {
+        let wire = msg.wire();
+        let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
+        self.buf.put_u32_le(len);
+        self.buf.put_u8(kind::DELIVER);
+        self.seal();
+        self.segment_bytes += wire.len();
+        self.segments.push_back(wire.clone());
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if self.segments.is_empty() {
+            if !self.buf.is_empty() {
+                self.io.write_all(&self.buf).await?;
+                self.buf.clear();
+                if self.buf.capacity() > 4 * READ_CHUNK {
+                    self.buf = BytesMut::with_capacity(READ_CHUNK);
+                }
+            }
+            return self.io.flush().await;
+        }
+        self.seal();
+        while !self.segments.is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = self
+                .segments
+                .iter()
+                .take(64)
+                .map(|b| io::IoSlice::new(b))
+                .collect();
+            let mut n = self.io.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "peer took no bytes",
+                ));
+            }
+            self.segment_bytes -= n;
+            while n > 0 {
+                let front = self
+                    .segments
+                    .front_mut()
+                    .expect("written bytes came from segments");
+                if n >= front.len() {
+                    n -= front.len();
+                    self.segments.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        self.buf = BytesMut::with_capacity(READ_CHUNK);
+        self.io.flush().await
+    }
+}
+
 enum WriterKind {
-    Stream {
-        io: BoxWrite,
-        buf: BytesMut,
-    },
+    Stream(StreamOut),
     InProc {
         tx: mpsc::Sender<Frame>,
         pending: Vec<Frame>,
@@ -124,10 +200,12 @@ pub struct FrameWriter {
 impl FrameWriter {
     pub(crate) fn stream(io: BoxWrite) -> Self {
         Self {
-            kind: WriterKind::Stream {
+            kind: WriterKind::Stream(StreamOut {
                 io,
                 buf: BytesMut::with_capacity(READ_CHUNK),
-            },
+                segments: std::collections::VecDeque::new(),
+                segment_bytes: 0,
+            }),
         }
     }
 
@@ -143,7 +221,7 @@ impl FrameWriter {
     /// Adds a frame to the batch.
     pub fn push(&mut self, frame: &Frame) {
         match &mut self.kind {
-            WriterKind::Stream { buf, .. } => frame.encode(buf),
+            WriterKind::Stream(out) => frame.encode(&mut out.buf),
             WriterKind::InProc { pending, .. } => pending.push(frame.clone()),
         }
     }
@@ -151,7 +229,8 @@ impl FrameWriter {
     /// Adds a message delivery to the batch (no payload copy for in-process peers).
     pub fn push_deliver(&mut self, msg: &Message) {
         match &mut self.kind {
-            WriterKind::Stream { buf, .. } => encode_message_frame(buf, kind::DELIVER, msg),
+            WriterKind::Stream(out) if msg.wire().len() >= VECTORED_MIN => out.push_large(msg),
+            WriterKind::Stream(out) => encode_message_frame(&mut out.buf, kind::DELIVER, msg),
             WriterKind::InProc { pending, .. } => pending.push(Frame::Deliver(msg.clone())),
         }
     }
@@ -164,11 +243,11 @@ impl FrameWriter {
     /// When the bytes are not complete frames (a caller bug).
     pub fn push_encoded(&mut self, bytes: &mut BytesMut) -> Result<(), ReadError> {
         match &mut self.kind {
-            WriterKind::Stream { buf, .. } => {
-                if buf.is_empty() {
-                    std::mem::swap(buf, bytes);
+            WriterKind::Stream(out) => {
+                if out.buf.is_empty() {
+                    std::mem::swap(&mut out.buf, bytes);
                 } else {
-                    buf.extend_from_slice(bytes);
+                    out.buf.extend_from_slice(bytes);
                     bytes.clear();
                 }
                 Ok(())
@@ -186,7 +265,7 @@ impl FrameWriter {
     /// Bytes (or frames, in process) waiting for [`FrameWriter::flush`].
     pub fn pending(&self) -> usize {
         match &self.kind {
-            WriterKind::Stream { buf, .. } => buf.len(),
+            WriterKind::Stream(out) => out.buf.len() + out.segment_bytes,
             WriterKind::InProc { pending, .. } => pending.len(),
         }
     }
@@ -202,16 +281,7 @@ impl FrameWriter {
     /// I/O errors; in process, a closed peer is `BrokenPipe`.
     pub async fn flush(&mut self) -> io::Result<()> {
         match &mut self.kind {
-            WriterKind::Stream { io, buf } => {
-                if !buf.is_empty() {
-                    io.write_all(buf).await?;
-                    buf.clear();
-                    if buf.capacity() > 4 * READ_CHUNK {
-                        *buf = BytesMut::with_capacity(READ_CHUNK);
-                    }
-                }
-                io.flush().await
-            }
+            WriterKind::Stream(out) => out.flush().await,
             WriterKind::InProc { tx, pending } => {
                 for frame in pending.drain(..) {
                     tx.send(frame).await.map_err(|_| {
@@ -230,8 +300,8 @@ impl FrameWriter {
     /// I/O errors.
     pub async fn shutdown(&mut self) -> io::Result<()> {
         self.flush().await?;
-        if let WriterKind::Stream { io, .. } = &mut self.kind {
-            io.shutdown().await?;
+        if let WriterKind::Stream(out) = &mut self.kind {
+            out.io.shutdown().await?;
         }
         Ok(())
     }
