@@ -247,7 +247,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn sub(&self, filters: &str, expect: u64, name: &str) -> Result<Worker> {
+    fn sub(&self, filters: &str, expect: u64, name: &str, qos: &str) -> Result<Worker> {
         let args = [
             "bench-worker",
             "sub",
@@ -260,7 +260,7 @@ impl Ctx {
             "--name",
             name,
             "--qos",
-            self.qos_name(),
+            qos,
         ];
         Worker::spawn(&args.map(String::from), name)
     }
@@ -304,20 +304,26 @@ impl Ctx {
     }
 
     /// One publisher, `subs` subscribers on `filter`, `n` messages of `size` bytes.
-    fn fan_out(
-        &self,
-        workload: &str,
-        variant: &str,
-        subs: usize,
-        filter: &str,
-        n: u64,
-        size: usize,
-    ) -> Result<Row> {
-        let subscribers = (0..subs)
-            .map(|i| self.sub(filter, n, &format!("sub{i}")))
+    /// One publisher and `spec.subs` subscribers on `spec.filter`; with `spec.stalled`, a
+    /// further at-most-once subscriber that is frozen (SIGSTOP) before the first publish and
+    /// never reads, to measure what a stalled reader costs the others.
+    fn fan_out(&self, spec: &FanOut<'_>) -> Result<Row> {
+        let n = spec.messages;
+        let subscribers = (0..spec.subs)
+            .map(|i| self.sub(spec.filter, n, &format!("sub{i}"), self.qos_name()))
             .collect::<Result<Vec<_>>>()?;
         subscribers.iter().try_for_each(Worker::ready)?;
-        let mut publisher = self.publisher(workload, n, size)?;
+        let stalled = match spec.stalled {
+            true => {
+                let w = self.sub(spec.filter, n, "stalled", "realtime")?;
+                w.ready()?;
+                let pid = nix::unistd::Pid::from_raw(i32::try_from(w.child.id())?);
+                nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+                Some(w)
+            }
+            false => None,
+        };
+        let mut publisher = self.publisher(spec.workload, n, spec.size)?;
         publisher.ready()?;
         publisher.go()?;
         let p = publisher.result()?;
@@ -325,16 +331,28 @@ impl Ctx {
             .iter()
             .map(Worker::result)
             .collect::<Result<Vec<_>>>()?;
+        drop(stalled);
         Ok(Row::throughput(
-            workload,
-            variant,
-            size,
-            n * subs as u64,
+            spec.workload,
+            &spec.variant,
+            spec.size,
+            n * spec.subs as u64,
             &p,
             &results,
             self.peak_rss_kb(),
         ))
     }
+}
+
+/// What [`Ctx::fan_out`] runs.
+struct FanOut<'a> {
+    workload: &'a str,
+    variant: String,
+    subs: usize,
+    filter: &'a str,
+    messages: u64,
+    size: usize,
+    stalled: bool,
 }
 
 pub(crate) fn run(args: BenchArgs) -> Result<()> {
@@ -411,6 +429,8 @@ enum Step {
     Floor,
     W1,
     W2,
+    /// W2 plus a fifth, stalled subscriber (slow-reader isolation).
+    W2Stalled,
     W3,
     W4,
     W5(usize, u64, &'static str),
@@ -427,12 +447,19 @@ fn plan(w: Workload) -> Vec<Step> {
     match w {
         Workload::Floor => vec![Step::Floor],
         Workload::W1 => vec![Step::W1],
-        Workload::W2 => vec![Step::W2],
+        Workload::W2 => vec![Step::W2, Step::W2Stalled],
         Workload::W3 => vec![Step::W3],
         Workload::W4 => vec![Step::W4],
         Workload::W5 => w5.to_vec(),
         Workload::All => [
-            vec![Step::Floor, Step::W1, Step::W2, Step::W3, Step::W4],
+            vec![
+                Step::Floor,
+                Step::W1,
+                Step::W2,
+                Step::W2Stalled,
+                Step::W3,
+                Step::W4,
+            ],
             w5.to_vec(),
         ]
         .concat(),
@@ -445,6 +472,7 @@ impl Step {
             Self::Floor => "floor".into(),
             Self::W1 => "w1".into(),
             Self::W2 => "w2".into(),
+            Self::W2Stalled => "w2 + stalled subscriber".into(),
             Self::W3 => "w3".into(),
             Self::W4 => "w4".into(),
             Self::W5(_, _, l) => format!("w5 {l}"),
@@ -455,34 +483,39 @@ impl Step {
         let s = ctx.scale;
         match *self {
             Self::Floor => floor_rows(ctx),
-            Self::W1 => Ok(vec![ctx.fan_out(
-                "w1",
-                &ctx.variant(""),
-                1,
-                "events.process.lifecycle",
-                scaled(1_000_000, s),
-                256,
-            )?]),
-            Self::W2 => Ok(vec![ctx.fan_out(
-                "w2",
-                &ctx.variant(""),
-                4,
-                "events.process.+",
-                scaled(250_000, s),
-                256,
-            )?]),
+            Self::W1 => Ok(vec![ctx.fan_out(&FanOut {
+                workload: "w1",
+                variant: ctx.variant(""),
+                subs: 1,
+                filter: "events.process.lifecycle",
+                messages: scaled(1_000_000, s),
+                size: 256,
+                stalled: false,
+            })?]),
+            Self::W2 | Self::W2Stalled => {
+                let stalled = matches!(self, Self::W2Stalled);
+                Ok(vec![ctx.fan_out(&FanOut {
+                    workload: "w2",
+                    variant: ctx.variant(if stalled { "+1stalled" } else { "" }),
+                    subs: 4,
+                    filter: "events.process.+",
+                    messages: scaled(250_000, s),
+                    size: 256,
+                    stalled,
+                })?])
+            }
             Self::W3 => Ok(vec![w3(ctx)?]),
             Self::W4 => Ok(vec![w4(ctx)?]),
             Self::W5(size, n, label) => {
-                let mut row = ctx.fan_out(
-                    "w5",
-                    &ctx.variant(label),
-                    1,
-                    "events.process.lifecycle",
-                    scaled(n, s),
+                let row = ctx.fan_out(&FanOut {
+                    workload: "w5",
+                    variant: ctx.variant(label),
+                    subs: 1,
+                    filter: "events.process.lifecycle",
+                    messages: scaled(n, s),
                     size,
-                )?;
-                row.workload = "w5".into();
+                    stalled: false,
+                })?;
                 Ok(vec![row])
             }
         }
@@ -539,7 +572,12 @@ fn w4(ctx: &Ctx) -> Result<Row> {
                 .map(|(_, (_, f))| f.as_str())
                 .collect();
             let expect = (0..n).filter(|i| (i % 1000) % 10 == s as u64).count() as u64;
-            ctx.sub(&filters.join(","), expect, &format!("sub{s}"))
+            ctx.sub(
+                &filters.join(","),
+                expect,
+                &format!("sub{s}"),
+                ctx.qos_name(),
+            )
         })
         .collect::<Result<Vec<_>>>()?;
     subs.iter().try_for_each(Worker::ready)?;
