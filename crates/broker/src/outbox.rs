@@ -96,16 +96,34 @@ struct State {
     pending_reason: Option<DropReason>,
     dropped_total: u64,
     dropped_by_topic: BTreeMap<Topic, u64>,
+    /// Drops of one topic not yet folded into the maps above.
+    run: Option<(Topic, u64)>,
     closed: bool,
 }
 
 impl State {
+    /// Counts one drop. Consecutive drops of one topic (a stalled reader's usual pattern) are
+    /// accumulated in `run` and folded into the per-topic maps only when the topic changes or
+    /// the counts are read, so a drop costs a comparison and an increment.
     fn record_drop(&mut self, topic: &Topic, reason: DropReason) {
-        *self.pending_drops.entry(topic.clone()).or_default() += 1;
-        *self.dropped_by_topic.entry(topic.clone()).or_default() += 1;
         self.dropped_total += 1;
         if self.pending_reason.is_none() || reason == DropReason::MemoryCap {
             self.pending_reason = Some(reason);
+        }
+        match &mut self.run {
+            Some((t, n)) if t == topic => *n += 1,
+            _ => {
+                self.fold_run();
+                self.run = Some((topic.clone(), 1));
+            }
+        }
+    }
+
+    /// Adds the accumulated run of drops to the per-topic maps.
+    fn fold_run(&mut self) {
+        if let Some((topic, n)) = self.run.take() {
+            *self.dropped_by_topic.entry(topic.clone()).or_default() += n;
+            *self.pending_drops.entry(topic).or_default() += n;
         }
     }
 
@@ -301,6 +319,7 @@ impl Outbox {
         let mut st = self.state.lock();
         std::mem::swap(&mut st.queue, into);
         let notice = st.pending_reason.take().map(|reason| {
+            st.fold_run();
             let topics = std::mem::take(&mut st.pending_drops).into_iter().collect();
             Frame::Notice(Notice::Dropped { reason, topics })
         });
@@ -341,7 +360,8 @@ impl Outbox {
     }
 
     pub(crate) fn stats(&self) -> OutboxStats {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        st.fold_run();
         OutboxStats {
             queued_msgs: st.msgs,
             queued_bytes: st.bytes,
