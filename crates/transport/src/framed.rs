@@ -21,7 +21,7 @@ pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 /// Capacity of each direction of an in-process connection, in frames.
 pub const INPROC_CHANNEL_FRAMES: usize = 4096;
 /// Read buffer growth step for byte streams.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 
 enum ReaderKind {
     Stream { io: BoxRead, buf: BytesMut },
