@@ -63,6 +63,14 @@ pub(crate) enum Role {
         #[arg(long)]
         size: usize,
     },
+    /// Hold `connections` idle client connections (each with one subscription) until stdin
+    /// closes.
+    Idle {
+        #[arg(long)]
+        socket: String,
+        #[arg(long)]
+        connections: usize,
+    },
     /// Raw socket floor: the receiving side.
     FloorServer {
         #[arg(long)]
@@ -431,6 +439,9 @@ enum Step {
     W2,
     /// W2 plus a fifth, stalled subscriber (slow-reader isolation).
     W2Stalled,
+    /// W2 with 59 more connected clients: 64 connections with the publisher and the four
+    /// subscribers (the default `max_connections`), for the broker's RSS under load.
+    W2Crowded,
     W3,
     W4,
     W5(usize, u64, &'static str),
@@ -447,7 +458,7 @@ fn plan(w: Workload) -> Vec<Step> {
     match w {
         Workload::Floor => vec![Step::Floor],
         Workload::W1 => vec![Step::W1],
-        Workload::W2 => vec![Step::W2, Step::W2Stalled],
+        Workload::W2 => vec![Step::W2, Step::W2Stalled, Step::W2Crowded],
         Workload::W3 => vec![Step::W3],
         Workload::W4 => vec![Step::W4],
         Workload::W5 => w5.to_vec(),
@@ -457,6 +468,7 @@ fn plan(w: Workload) -> Vec<Step> {
                 Step::W1,
                 Step::W2,
                 Step::W2Stalled,
+                Step::W2Crowded,
                 Step::W3,
                 Step::W4,
             ],
@@ -473,6 +485,7 @@ impl Step {
             Self::W1 => "w1".into(),
             Self::W2 => "w2".into(),
             Self::W2Stalled => "w2 + stalled subscriber".into(),
+            Self::W2Crowded => "w2 with 64 connections".into(),
             Self::W3 => "w3".into(),
             Self::W4 => "w4".into(),
             Self::W5(_, _, l) => format!("w5 {l}"),
@@ -503,6 +516,29 @@ impl Step {
                     size: 256,
                     stalled,
                 })?])
+            }
+            Self::W2Crowded => {
+                let args = [
+                    "bench-worker",
+                    "idle",
+                    "--socket",
+                    &ctx.socket,
+                    "--connections",
+                    "59",
+                ];
+                let idle = Worker::spawn(&args.map(String::from), "idle clients")?;
+                idle.ready()?;
+                let row = ctx.fan_out(&FanOut {
+                    workload: "w2",
+                    variant: ctx.variant("64conns"),
+                    subs: 4,
+                    filter: "events.process.+",
+                    messages: scaled(250_000, s),
+                    size: 256,
+                    stalled: false,
+                });
+                drop(idle);
+                Ok(vec![row?])
             }
             Self::W3 => Ok(vec![w3(ctx)?]),
             Self::W4 => Ok(vec![w4(ctx)?]),

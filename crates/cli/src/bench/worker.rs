@@ -59,6 +59,10 @@ pub(crate) async fn run(role: Role) -> Result<()> {
             size,
         } => publisher(&socket, &workload, count, size).await,
         Role::Responder { socket } => responder(&socket).await,
+        Role::Idle {
+            socket,
+            connections,
+        } => idle(&socket, connections).await,
         Role::Requester {
             socket,
             count,
@@ -140,6 +144,31 @@ async fn publisher(socket: &str, workload: &str, count: u64, size: usize) -> Res
         .to_string(),
     )?;
     client.close().await;
+    Ok(())
+}
+
+async fn idle(socket: &str, connections: usize) -> Result<()> {
+    let mut held = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let client = connect(socket, &format!("idle{i}")).await?;
+        let sub = client.subscribe([format!("bench.idle.c{i}")]).await?;
+        held.push((client, sub));
+    }
+    say("ready")?;
+    // Until the controller closes our stdin.
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    })
+    .await?;
+    for (client, sub) in held {
+        drop(sub);
+        client.close().await;
+    }
     Ok(())
 }
 
