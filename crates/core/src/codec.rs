@@ -513,13 +513,29 @@ fn encode_correlation(dst: &mut BytesMut, c: &CorrelationMetadata) {
 
 /// Writes a message body (topic, header, payload) without the frame prefix.
 fn put_message_body(dst: &mut BytesMut, topic: &Topic, header: &Header, payload: &[u8]) {
+    put_message_head(dst, topic, header);
+    dst.put_slice(payload);
+}
+
+/// Writes a message body's topic and header (everything but the payload).
+fn put_message_head(dst: &mut BytesMut, topic: &Topic, header: &Header) {
     put_str16(dst, topic.as_str());
     let len_at = dst.len();
     dst.put_u32_le(0);
     encode_header(dst, header);
     let hlen = u32::try_from(dst.len() - len_at - 4).expect("header below 4 GiB");
     dst[len_at..len_at + 4].copy_from_slice(&hlen.to_le_bytes());
-    dst.put_slice(payload);
+}
+
+/// Appends a publish frame without its payload: the length prefix already counts
+/// `payload_len` bytes, which the caller must send right after (for example with `writev`
+/// from the payload's own buffer, avoiding a copy).
+pub fn encode_publish_head(dst: &mut BytesMut, topic: &Topic, header: &Header, payload_len: usize) {
+    let start = begin(dst, kind::PUBLISH);
+    put_message_head(dst, topic, header);
+    let len =
+        u32::try_from(dst.len() - start - LEN_PREFIX + payload_len).expect("frame below 4 GiB");
+    dst[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
 }
 
 /// Encodes a message body into fresh bytes (used once per message, then shared).

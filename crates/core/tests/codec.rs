@@ -284,3 +284,20 @@ proptest! {
         while let Ok(Some(_)) = dec.decode(&mut buf) {}
     }
 }
+
+#[test]
+fn publish_head_plus_payload_equals_publish() {
+    use daemoneye_eventbus_core::codec::{encode_publish, encode_publish_head};
+    let topic = Topic::new("a.b").unwrap();
+    let header = Header {
+        source: ByteStr::from("p"),
+        ..Header::default()
+    };
+    let payload = vec![7u8; 70_000];
+    let mut whole = BytesMut::new();
+    encode_publish(&mut whole, &topic, &header, &payload);
+    let mut split = BytesMut::new();
+    encode_publish_head(&mut split, &topic, &header, payload.len());
+    split.extend_from_slice(&payload);
+    assert_eq!(whole, split);
+}

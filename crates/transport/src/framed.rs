@@ -262,6 +262,27 @@ impl FrameWriter {
         }
     }
 
+    /// Appends raw bytes that continue the frames pushed so far (a payload whose frame head
+    /// came through [`FrameWriter::push_encoded`]), written from their own buffer.
+    ///
+    /// # Errors
+    ///
+    /// In process, where frames travel as values, raw bytes cannot be sent (a caller bug).
+    pub fn push_segment(&mut self, bytes: Bytes) -> Result<(), ReadError> {
+        match &mut self.kind {
+            WriterKind::Stream(out) => {
+                out.seal();
+                out.segment_bytes += bytes.len();
+                out.segments.push_back(bytes);
+                Ok(())
+            }
+            WriterKind::InProc { .. } => Err(ReadError::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "raw segments cannot be sent in process",
+            ))),
+        }
+    }
+
     /// Bytes (or frames, in process) waiting for [`FrameWriter::flush`].
     pub fn pending(&self) -> usize {
         match &self.kind {
