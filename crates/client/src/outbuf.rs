@@ -1,14 +1,24 @@
 //! The client's outgoing queue: encoded bytes for byte-stream transports, frames for
 //! in-process ones (so payloads are never serialised there).
+//!
+//! Large payloads (at least [`VECTORED_MIN`] bytes) are not copied into the encoded buffer:
+//! only their frame head is encoded, and the caller's `Bytes` follows as its own `writev`
+//! segment.
 
 use bytes::{Bytes, BytesMut};
-use daemoneye_eventbus_core::codec::encode_publish;
+use daemoneye_eventbus_core::codec::{encode_publish, encode_publish_head};
+use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{Frame, Header, Message, Topic};
-use daemoneye_eventbus_transport::FrameWriter;
+use daemoneye_eventbus_transport::{FrameWriter, VECTORED_MIN};
 use std::mem;
 
 pub(crate) enum Buf {
-    Encoded(BytesMut),
+    /// Encoded frames, and the large payloads that go between them: each payload follows
+    /// the first `offset` bytes of `head` (offsets ascending).
+    Encoded {
+        head: BytesMut,
+        payloads: Vec<(usize, Bytes)>,
+    },
     Frames(Vec<Frame>),
 }
 
@@ -28,7 +38,10 @@ impl OutBuf {
         let buf = if in_process {
             Buf::Frames(Vec::new())
         } else {
-            Buf::Encoded(BytesMut::new())
+            Buf::Encoded {
+                head: BytesMut::new(),
+                payloads: Vec::new(),
+            }
         };
         Self {
             buf,
@@ -48,11 +61,13 @@ impl OutBuf {
     }
 
     pub(crate) fn push_publish(&mut self, topic: &Topic, header: Header, payload: Bytes) {
-        self.bytes += payload.len()
-            + topic.as_str().len()
-            + daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
+        self.bytes += payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD;
         match &mut self.buf {
-            Buf::Encoded(b) => encode_publish(b, topic, &header, &payload),
+            Buf::Encoded { head, payloads } if payload.len() >= VECTORED_MIN => {
+                encode_publish_head(head, topic, &header, payload.len());
+                payloads.push((head.len(), payload));
+            }
+            Buf::Encoded { head, .. } => encode_publish(head, topic, &header, &payload),
             Buf::Frames(f) => f.push(Frame::Publish(Message::new(topic.clone(), header, payload))),
         }
         self.publishes += 1;
@@ -61,10 +76,10 @@ impl OutBuf {
 
     pub(crate) fn push_frame(&mut self, frame: Frame) {
         match &mut self.buf {
-            Buf::Encoded(b) => {
-                let before = b.len();
-                frame.encode(b);
-                self.bytes += b.len() - before;
+            Buf::Encoded { head, .. } => {
+                let before = head.len();
+                frame.encode(head);
+                self.bytes += head.len() - before;
             }
             Buf::Frames(f) => {
                 self.bytes += 64;
@@ -82,11 +97,19 @@ impl OutBuf {
 
     /// Hands the contents to a connection writer.
     pub(crate) fn write_into(self, writer: &mut FrameWriter) {
+        const HOLDS: &str = "the client's own buffer holds only complete frames";
         match self.buf {
-            Buf::Encoded(mut b) => {
-                writer
-                    .push_encoded(&mut b)
-                    .expect("the client's own buffer holds only complete frames");
+            Buf::Encoded { mut head, payloads } => {
+                let mut written = 0;
+                for (offset, payload) in payloads {
+                    let mut part = head.split_to(offset - written);
+                    written = offset;
+                    writer.push_encoded(&mut part).expect(HOLDS);
+                    writer
+                        .push_segment(payload)
+                        .expect("byte streams take segments");
+                }
+                writer.push_encoded(&mut head).expect(HOLDS);
             }
             Buf::Frames(frames) => {
                 for f in &frames {
