@@ -40,7 +40,7 @@ enum Command {
         /// Also listen on this loopback TCP address (plain TCP).
         #[arg(long, value_name = "ADDR")]
         tcp: Option<std::net::SocketAddr>,
-        /// TOML configuration file with a [broker] section.
+        /// TOML configuration file with a `[broker]` section.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },

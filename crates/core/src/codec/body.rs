@@ -1,0 +1,187 @@
+//! The message body shared by PUBLISH and DELIVER: topic, compact header, payload.
+
+use super::wire::{Cursor, begin, finish, put_opt_str16, put_str8, put_str16};
+use super::{
+    FLAG_CORRELATION, FLAG_DEADLINE, FLAG_QOS_MASK, FLAG_REPLY_TO, FrameError, LEN_PREFIX,
+    MAX_NAME_LEN, kind,
+};
+use crate::message::{
+    CorrelationMetadata, Header, MAX_CORRELATION_ID_LEN, MAX_STAGE_LEN, MAX_TAG_KEY_LEN,
+    MAX_TAG_VALUE_LEN, MAX_TAGS, Message,
+};
+use crate::topic::Topic;
+use bytes::{BufMut, Bytes, BytesMut};
+
+fn encode_header(dst: &mut BytesMut, h: &Header) {
+    let mut flags = h.qos.to_bits();
+    if h.reply_to.is_some() {
+        flags |= FLAG_REPLY_TO;
+    }
+    if h.deadline_ns.is_some() {
+        flags |= FLAG_DEADLINE;
+    }
+    if h.correlation.is_some() {
+        flags |= FLAG_CORRELATION;
+    }
+    dst.put_u8(flags);
+    dst.put_u64_le(h.id.publisher);
+    dst.put_u64_le(h.id.sequence);
+    dst.put_u64_le(h.timestamp_ns);
+    put_str8(dst, &h.source);
+    if let Some(r) = &h.reply_to {
+        put_str16(dst, r.as_str());
+    }
+    if let Some(d) = h.deadline_ns {
+        dst.put_u64_le(d);
+    }
+    if let Some(c) = &h.correlation {
+        encode_correlation(dst, c);
+    }
+}
+
+fn encode_correlation(dst: &mut BytesMut, c: &CorrelationMetadata) {
+    put_str16(dst, &c.correlation_id);
+    put_opt_str16(dst, c.parent_correlation_id.as_deref());
+    put_str16(dst, &c.root_correlation_id);
+    dst.put_u64_le(c.sequence_number);
+    put_opt_str16(dst, c.workflow_stage.as_deref());
+    dst.put_u64_le(c.created_at_ns);
+    let tags = c.tags.len().min(MAX_TAGS);
+    dst.put_u8(tags as u8);
+    for (k, v) in c.tags.iter().take(tags) {
+        put_str8(dst, k);
+        put_str16(dst, v);
+    }
+}
+
+/// Writes a message body (topic, header, payload) without the frame prefix.
+fn put_message_body(dst: &mut BytesMut, topic: &Topic, header: &Header, payload: &[u8]) {
+    put_message_head(dst, topic, header);
+    dst.put_slice(payload);
+}
+
+/// Writes a message body's topic and header (everything but the payload).
+fn put_message_head(dst: &mut BytesMut, topic: &Topic, header: &Header) {
+    put_str16(dst, topic.as_str());
+    let len_at = dst.len();
+    dst.put_u32_le(0);
+    encode_header(dst, header);
+    let hlen = u32::try_from(dst.len() - len_at - 4).expect("header below 4 GiB");
+    dst[len_at..len_at + 4].copy_from_slice(&hlen.to_le_bytes());
+}
+
+/// Appends a publish frame without its payload: the length prefix already counts
+/// `payload_len` bytes, which the caller must send right after (for example with `writev`
+/// from the payload's own buffer, avoiding a copy).
+pub fn encode_publish_head(dst: &mut BytesMut, topic: &Topic, header: &Header, payload_len: usize) {
+    let start = begin(dst, kind::PUBLISH);
+    put_message_head(dst, topic, header);
+    let len =
+        u32::try_from(dst.len() - start - LEN_PREFIX + payload_len).expect("frame below 4 GiB");
+    dst[start..start + LEN_PREFIX].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Encodes a message body into fresh bytes (used once per message, then shared).
+pub(crate) fn encode_message_body(msg: &Message) -> Bytes {
+    let mut dst = BytesMut::with_capacity(msg.accounted_size());
+    put_message_body(&mut dst, msg.topic(), msg.header(), msg.payload());
+    dst.freeze()
+}
+
+/// Appends a complete publish frame built from parts, without creating a [`Message`]
+/// (the client's publish fast path).
+pub fn encode_publish(dst: &mut BytesMut, topic: &Topic, header: &Header, payload: &[u8]) {
+    let start = begin(dst, kind::PUBLISH);
+    put_message_body(dst, topic, header, payload);
+    finish(dst, start);
+}
+
+/// Appends a message frame of `kind` ([`kind::PUBLISH`] or [`kind::DELIVER`]) whose body is
+/// the message's shared wire encoding.
+pub fn encode_message_frame(dst: &mut BytesMut, kind: u8, msg: &Message) {
+    let wire = msg.wire();
+    let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
+    dst.reserve(LEN_PREFIX + 1 + wire.len());
+    dst.put_u32_le(len);
+    dst.put_u8(kind);
+    dst.put_slice(wire);
+}
+
+fn decode_header(buf: Bytes) -> Result<Header, FrameError> {
+    let mut c = Cursor { buf };
+    let flags = c.u8("header.flags")?;
+    let qos = c.qos(flags & FLAG_QOS_MASK)?;
+    let id = c.id()?;
+    let timestamp_ns = c.u64("header.timestamp")?;
+    let source = c.str8(MAX_NAME_LEN, "header.source")?;
+    let reply_to = if flags & FLAG_REPLY_TO != 0 {
+        Some(c.topic("header.reply_to")?)
+    } else {
+        None
+    };
+    let deadline_ns = if flags & FLAG_DEADLINE != 0 {
+        Some(c.u64("header.deadline")?)
+    } else {
+        None
+    };
+    let correlation = if flags & FLAG_CORRELATION != 0 {
+        Some(Box::new(decode_correlation(&mut c)?))
+    } else {
+        None
+    };
+    // Bytes after the known fields are extensions from a later minor version: tolerated.
+    Ok(Header {
+        id,
+        timestamp_ns,
+        qos,
+        source,
+        reply_to,
+        deadline_ns,
+        correlation,
+    })
+}
+
+fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError> {
+    let correlation_id = c
+        .str16(MAX_CORRELATION_ID_LEN, "correlation.id")?
+        .to_string();
+    let parent_correlation_id = c.opt_str16(MAX_CORRELATION_ID_LEN, "correlation.parent")?;
+    let root_correlation_id = c
+        .str16(MAX_CORRELATION_ID_LEN, "correlation.root")?
+        .to_string();
+    let sequence_number = c.u64("correlation.sequence")?;
+    let workflow_stage = c.opt_str16(MAX_STAGE_LEN, "correlation.stage")?;
+    let created_at_ns = c.u64("correlation.created_at")?;
+    let count = c.u8("correlation.tag_count")? as usize;
+    if count > MAX_TAGS {
+        return Err(FrameError::FieldTooLong {
+            field: "correlation.tags",
+            len: count,
+            max: MAX_TAGS,
+        });
+    }
+    let mut tags = std::collections::BTreeMap::new();
+    for _ in 0..count {
+        let k = c.str8(MAX_TAG_KEY_LEN, "correlation.tag.key")?;
+        let v = c.str16(MAX_TAG_VALUE_LEN, "correlation.tag.value")?;
+        tags.insert(k.to_string(), v.to_string());
+    }
+    Ok(CorrelationMetadata {
+        correlation_id,
+        parent_correlation_id,
+        root_correlation_id,
+        sequence_number,
+        workflow_stage,
+        tags,
+        created_at_ns,
+    })
+}
+
+/// Decodes a message body (topic, header, payload), keeping `body` as its wire form.
+pub fn decode_message_body(body: Bytes) -> Result<Message, FrameError> {
+    let mut c = Cursor { buf: body.clone() };
+    let topic = c.topic("topic")?;
+    let hlen = c.u32("header_len")? as usize;
+    let header = decode_header(c.take(hlen, "header")?)?;
+    Ok(Message::with_wire(topic, header, c.buf, body))
+}

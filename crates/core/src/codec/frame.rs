@@ -1,0 +1,226 @@
+//! Encoding and decoding of whole frames.
+
+use super::body::{decode_message_body, encode_message_frame};
+use super::types::*;
+use super::wire::{Cursor, begin, finish, put_id, put_str8, put_str16};
+use super::{FrameError, MAX_NAME_LEN, kind};
+use bytes::{BufMut, Bytes, BytesMut};
+
+impl Frame {
+    /// The frame's kind byte.
+    pub fn kind(&self) -> u8 {
+        match self {
+            Self::Hello(_) => kind::HELLO,
+            Self::Welcome(_) => kind::WELCOME,
+            Self::Subscribe(_) => kind::SUBSCRIBE,
+            Self::Unsubscribe(_) => kind::UNSUBSCRIBE,
+            Self::Reply(_) => kind::REPLY,
+            Self::Publish(_) => kind::PUBLISH,
+            Self::Deliver(_) => kind::DELIVER,
+            Self::Ack(_) => kind::ACK,
+            Self::Nack(_) => kind::NACK,
+            Self::Ping(_) => kind::PING,
+            Self::Pong(_) => kind::PONG,
+            Self::Error(_) => kind::ERROR,
+            Self::Notice(_) => kind::NOTICE,
+            Self::GoingAway(_) => kind::GOING_AWAY,
+        }
+    }
+
+    /// Appends the encoded frame (length prefix included) to `dst`.
+    pub fn encode(&self, dst: &mut BytesMut) {
+        if let Self::Publish(m) | Self::Deliver(m) = self {
+            encode_message_frame(dst, self.kind(), m);
+            return;
+        }
+        let start = begin(dst, self.kind());
+        self.encode_body(dst);
+        finish(dst, start);
+    }
+
+    fn encode_body(&self, dst: &mut BytesMut) {
+        match self {
+            Self::Hello(h) => {
+                dst.put_u16_le(h.version.major);
+                dst.put_u16_le(h.version.minor);
+                dst.put_u32_le(h.capabilities);
+                dst.put_u32_le(h.max_message_size);
+                dst.put_u32_le(h.keepalive_ms);
+                dst.put_u8(match h.slow_reader {
+                    SlowReaderPolicy::DropOldest => 0,
+                    SlowReaderPolicy::Disconnect => 1,
+                });
+                put_str8(dst, &h.client_name);
+            }
+            Self::Welcome(w) => {
+                dst.put_u16_le(w.version.major);
+                dst.put_u16_le(w.version.minor);
+                dst.put_u64_le(w.session_id);
+                dst.put_u32_le(w.capabilities);
+                dst.put_u32_le(w.max_message_size);
+                dst.put_u32_le(w.keepalive_ms);
+                put_str8(dst, &w.broker);
+            }
+            Self::Subscribe(s) => {
+                dst.put_u32_le(s.request_id);
+                dst.put_u8(s.qos.to_bits());
+                put_str16(dst, s.filter.as_str());
+            }
+            Self::Unsubscribe(u) => {
+                dst.put_u32_le(u.request_id);
+                put_str16(dst, u.filter.as_str());
+            }
+            Self::Reply(r) => {
+                dst.put_u32_le(r.request_id);
+                dst.put_u16_le(r.error.map_or(0, ErrorCode::to_u16));
+                put_str16(dst, &r.message);
+            }
+            Self::Ack(id) => put_id(dst, *id),
+            Self::Nack(n) => {
+                put_id(dst, n.id);
+                dst.put_u16_le(n.code.to_u16());
+                put_str16(dst, &n.reason);
+            }
+            Self::Ping(n) | Self::Pong(n) => dst.put_u64_le(*n),
+            Self::Error(e) => {
+                dst.put_u32_le(e.request_id);
+                dst.put_u16_le(e.code.to_u16());
+                dst.put_u8(u8::from(e.fatal));
+                put_str16(dst, &e.message);
+            }
+            Self::Notice(Notice::Dropped { reason, topics }) => {
+                dst.put_u8(1);
+                dst.put_u8(reason.to_u8());
+                let n = topics.len().min(u16::MAX as usize);
+                dst.put_u16_le(n as u16);
+                for (t, c) in topics.iter().take(n) {
+                    put_str16(dst, t.as_str());
+                    dst.put_u64_le(*c);
+                }
+            }
+            Self::GoingAway(g) => {
+                dst.put_u32_le(g.drain_ms);
+                put_str16(dst, &g.reason);
+            }
+            Self::Publish(_) | Self::Deliver(_) => unreachable!("handled by encode"),
+        }
+    }
+}
+
+fn decode_slow_reader(v: u8) -> Result<SlowReaderPolicy, FrameError> {
+    match v {
+        0 => Ok(SlowReaderPolicy::DropOldest),
+        1 => Ok(SlowReaderPolicy::Disconnect),
+        v => Err(FrameError::InvalidValue {
+            field: "slow_reader",
+            value: u64::from(v),
+        }),
+    }
+}
+
+fn decode_version(c: &mut Cursor) -> Result<Version, FrameError> {
+    Ok(Version {
+        major: c.u16("version.major")?,
+        minor: c.u16("version.minor")?,
+    })
+}
+
+impl Frame {
+    /// Decodes one frame from its kind byte and body (everything after the kind byte).
+    ///
+    /// # Errors
+    ///
+    /// Any [`FrameError`]; the stream should be closed after one.
+    pub fn decode(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
+        if kind == kind::PUBLISH {
+            return decode_message_body(body).map(Frame::Publish);
+        }
+        if kind == kind::DELIVER {
+            return decode_message_body(body).map(Frame::Deliver);
+        }
+        let mut c = Cursor { buf: body };
+        let frame = match kind {
+            kind::HELLO => Frame::Hello(Hello {
+                version: decode_version(&mut c)?,
+                capabilities: c.u32("capabilities")?,
+                max_message_size: c.u32("max_message_size")?,
+                keepalive_ms: c.u32("keepalive_ms")?,
+                slow_reader: decode_slow_reader(c.u8("slow_reader")?)?,
+                client_name: c.str8(MAX_NAME_LEN, "client_name")?.to_string(),
+            }),
+            kind::WELCOME => Frame::Welcome(Welcome {
+                version: decode_version(&mut c)?,
+                session_id: c.u64("session_id")?,
+                capabilities: c.u32("capabilities")?,
+                max_message_size: c.u32("max_message_size")?,
+                keepalive_ms: c.u32("keepalive_ms")?,
+                broker: c.str8(MAX_NAME_LEN, "broker")?.to_string(),
+            }),
+            kind::SUBSCRIBE => {
+                let request_id = c.u32("request_id")?;
+                let bits = c.u8("qos")?;
+                let qos = c.qos(bits)?;
+                let filter = c.request_filter(request_id)?;
+                Frame::Subscribe(Subscribe {
+                    request_id,
+                    qos,
+                    filter,
+                })
+            }
+            kind::UNSUBSCRIBE => {
+                let request_id = c.u32("request_id")?;
+                let filter = c.request_filter(request_id)?;
+                Frame::Unsubscribe(Unsubscribe { request_id, filter })
+            }
+            kind::REPLY => {
+                let request_id = c.u32("request_id")?;
+                let code = c.u16("code")?;
+                Frame::Reply(Reply {
+                    request_id,
+                    error: (code != 0).then(|| ErrorCode::from_u16(code)),
+                    message: c.str16(u16::MAX as usize, "message")?.to_string(),
+                })
+            }
+            kind::ACK => Frame::Ack(c.id()?),
+            kind::NACK => Frame::Nack(Nack {
+                id: c.id()?,
+                code: ErrorCode::from_u16(c.u16("code")?),
+                reason: c.str16(u16::MAX as usize, "reason")?.to_string(),
+            }),
+            kind::PING => Frame::Ping(c.u64("nonce")?),
+            kind::PONG => Frame::Pong(c.u64("nonce")?),
+            kind::ERROR => Frame::Error(ErrorFrame {
+                request_id: c.u32("request_id")?,
+                code: ErrorCode::from_u16(c.u16("code")?),
+                fatal: c.u8("fatal")? != 0,
+                message: c.str16(u16::MAX as usize, "message")?.to_string(),
+            }),
+            kind::NOTICE => Frame::Notice(decode_notice(&mut c)?),
+            kind::GOING_AWAY => Frame::GoingAway(GoingAway {
+                drain_ms: c.u32("drain_ms")?,
+                reason: c.str16(u16::MAX as usize, "reason")?.to_string(),
+            }),
+            other => return Err(FrameError::UnknownKind(other)),
+        };
+        c.end()?;
+        Ok(frame)
+    }
+}
+
+fn decode_notice(c: &mut Cursor) -> Result<Notice, FrameError> {
+    let what = c.u8("notice.kind")?;
+    if what != 1 {
+        return Err(FrameError::InvalidValue {
+            field: "notice.kind",
+            value: u64::from(what),
+        });
+    }
+    let reason = DropReason::from_u8(c.u8("notice.reason")?);
+    let n = c.u16("notice.count")? as usize;
+    let mut topics = Vec::with_capacity(n.min(64));
+    for _ in 0..n {
+        let t = c.topic("notice.topic")?;
+        topics.push((t, c.u64("notice.dropped")?));
+    }
+    Ok(Notice::Dropped { reason, topics })
+}

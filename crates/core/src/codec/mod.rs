@@ -1,0 +1,132 @@
+//! The v1 wire codec: length-prefixed frames (normative spec: `docs/protocol.md`).
+//!
+//! Every frame is `len: u32 LE | kind: u8 | body`, where `len` counts the kind byte and the
+//! body. The decoder checks `len` against its limit before reserving any memory, and keeps
+//! partial frames in the caller's buffer so a read can be cancelled safely.
+
+mod body;
+mod decoder;
+mod frame;
+mod types;
+mod wire;
+
+pub(crate) use body::encode_message_body;
+pub use body::{decode_message_body, encode_message_frame, encode_publish, encode_publish_head};
+pub use decoder::FrameDecoder;
+pub use types::*;
+
+use crate::topic::TopicError;
+
+/// Protocol major version spoken by this crate. A peer with another major is refused.
+pub const PROTOCOL_MAJOR: u16 = 1;
+/// Protocol minor version spoken by this crate. Minor versions only add optional fields.
+pub const PROTOCOL_MINOR: u16 = 0;
+/// Bytes allowed in a frame on top of the payload limit, for topic, header and correlation
+/// metadata. `max_frame_len = max_message_size + FRAME_OVERHEAD_ALLOWANCE`.
+pub const FRAME_OVERHEAD_ALLOWANCE: usize = 128 * 1024;
+/// Default maximum payload size: 1 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1024 * 1024;
+/// Largest payload limit a broker may be configured with: 64 MiB.
+pub const MAX_MESSAGE_SIZE_LIMIT: usize = 64 * 1024 * 1024;
+/// Maximum length of a client or broker name, in bytes.
+pub const MAX_NAME_LEN: usize = 255;
+/// Size of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+/// Frame kind bytes.
+#[allow(missing_docs)]
+pub mod kind {
+    pub const HELLO: u8 = 0x01;
+    pub const WELCOME: u8 = 0x02;
+    pub const SUBSCRIBE: u8 = 0x03;
+    pub const UNSUBSCRIBE: u8 = 0x04;
+    pub const REPLY: u8 = 0x05;
+    pub const PUBLISH: u8 = 0x06;
+    pub const DELIVER: u8 = 0x07;
+    pub const ACK: u8 = 0x08;
+    pub const NACK: u8 = 0x09;
+    pub const PING: u8 = 0x0A;
+    pub const PONG: u8 = 0x0B;
+    pub const ERROR: u8 = 0x0C;
+    pub const NOTICE: u8 = 0x0D;
+    pub const GOING_AWAY: u8 = 0x0E;
+}
+
+pub(crate) const FLAG_QOS_MASK: u8 = 0b0000_0011;
+pub(crate) const FLAG_REPLY_TO: u8 = 0b0000_0100;
+pub(crate) const FLAG_DEADLINE: u8 = 0b0000_1000;
+pub(crate) const FLAG_CORRELATION: u8 = 0b0001_0000;
+
+/// The largest frame (`len` field) accepted for a given payload limit.
+pub const fn max_frame_len(max_message_size: usize) -> usize {
+    max_message_size + FRAME_OVERHEAD_ALLOWANCE
+}
+
+/// Errors found while decoding a frame. After [`FrameError::is_recoverable`] ones the frame
+/// was consumed whole and the stream is still in sync; after the others it cannot be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The length prefix exceeds the receiver's limit; nothing was allocated.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// Receiver's limit.
+        max: usize,
+    },
+    /// The length prefix is zero.
+    #[error("frame with zero length (no kind byte)")]
+    Empty,
+    /// The kind byte is not defined by this protocol version.
+    #[error("unknown frame kind 0x{0:02x}")]
+    UnknownKind(u8),
+    /// The body ended before a field was complete.
+    #[error("frame body ended inside field {0}")]
+    Truncated(&'static str),
+    /// A string field is not UTF-8.
+    #[error("field {0} is not valid UTF-8")]
+    InvalidUtf8(&'static str),
+    /// A field exceeds its documented limit.
+    #[error("field {field} is {len} bytes, the limit is {max}")]
+    FieldTooLong {
+        /// Field name.
+        field: &'static str,
+        /// Actual length.
+        len: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A field has a value the protocol does not define.
+    #[error("field {field} has invalid value {value}")]
+    InvalidValue {
+        /// Field name.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// A topic field is invalid. The frame was consumed whole, so the stream is still in
+    /// sync and the receiver may answer and go on.
+    #[error("{0}")]
+    Topic(#[from] TopicError),
+    /// The filter of a subscribe / unsubscribe request is invalid; the stream is still in
+    /// sync and the request can be answered with its id.
+    #[error("request {request_id}: {error}")]
+    InvalidFilter {
+        /// The request.
+        request_id: u32,
+        /// Why the filter was refused.
+        error: TopicError,
+    },
+    /// Bytes were left over after a fixed-layout frame.
+    #[error("{0} unexpected trailing bytes in frame")]
+    Trailing(usize),
+}
+
+impl FrameError {
+    /// Whether the stream is still in sync after this error: the frame was consumed whole
+    /// and only its content was refused (an invalid topic or filter).
+    pub fn is_recoverable(&self) -> bool {
+        matches!(self, Self::Topic(_) | Self::InvalidFilter { .. })
+    }
+}
