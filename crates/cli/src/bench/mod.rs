@@ -6,17 +6,16 @@
 //! publisher, and computes figures from CLOCK_MONOTONIC timestamps the workers report.
 
 mod floor;
+mod process;
 mod report;
 mod worker;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use daemoneye_eventbus::Topic;
+use process::{READY_WAIT, Worker};
 use report::Row;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub(crate) use worker::run as run_worker;
 
@@ -154,87 +153,6 @@ pub(crate) fn workload_topics(workload: &str) -> Result<Vec<Topic>> {
             .map(|(t, _)| Ok(Topic::new(t)?))
             .collect(),
         _ => Ok(vec![Topic::new("events.process.lifecycle")?]),
-    }
-}
-
-const READY_WAIT: Duration = Duration::from_secs(30);
-const RESULT_WAIT: Duration = Duration::from_secs(600);
-
-/// A worker process; killed on drop if still running.
-struct Worker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    stdin: Option<ChildStdin>,
-    what: String,
-}
-
-impl Worker {
-    fn spawn(args: &[String], what: &str) -> Result<Self> {
-        let exe = std::env::current_exe().context("locating the eventbus binary")?;
-        let mut child = Command::new(exe)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {what}"))?;
-        let out = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("no stdout for {what}"))?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take();
-        Ok(Self {
-            child,
-            lines,
-            stdin,
-            what: what.into(),
-        })
-    }
-
-    fn line(&self, within: Duration) -> Result<String> {
-        self.lines
-            .recv_timeout(within)
-            .map_err(|_| anyhow!("{} did not answer within {within:?}", self.what))
-    }
-
-    fn ready(&self) -> Result<()> {
-        match self.line(READY_WAIT)?.as_str() {
-            "ready" => Ok(()),
-            other => bail!("{} said {other:?} instead of ready", self.what),
-        }
-    }
-
-    fn go(&mut self) -> Result<()> {
-        let stdin = self
-            .stdin
-            .as_mut()
-            .ok_or_else(|| anyhow!("{} has no stdin", self.what))?;
-        stdin.write_all(b"go\n")?;
-        stdin.flush()?;
-        Ok(())
-    }
-
-    fn result(&self) -> Result<Value> {
-        let line = self.line(RESULT_WAIT)?;
-        serde_json::from_str(&line).with_context(|| format!("{} printed {line:?}", self.what))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stdin.take();
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
     }
 }
 
