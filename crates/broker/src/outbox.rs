@@ -54,7 +54,8 @@ impl Memory {
 
 /// An item waiting to be written.
 pub(crate) enum Out {
-    Msg(Message),
+    /// A message and how it was admitted: only [`Admission::Shed`] messages may be evicted.
+    Msg(Message, Admission),
     Frame(Frame),
 }
 
@@ -129,8 +130,11 @@ impl State {
 
     /// Evicts the oldest message; returns its size, or `None` when no message is queued.
     fn evict_oldest(&mut self, reason: DropReason) -> Option<usize> {
-        let pos = self.queue.iter().position(|o| matches!(o, Out::Msg(_)))?;
-        let Some(Out::Msg(m)) = self.queue.remove(pos) else {
+        let pos = self
+            .queue
+            .iter()
+            .position(|o| matches!(o, Out::Msg(_, Admission::Shed)))?;
+        let Some(Out::Msg(m, _)) = self.queue.remove(pos) else {
             unreachable!("position found a message");
         };
         let size = m.accounted_size();
@@ -198,7 +202,7 @@ impl Outbox {
             if !self.queue_has_room(&st, size) || !memory.try_reserve(size) {
                 return Pushed::Full;
             }
-            return self.enqueue(st, msg, size, 0);
+            return self.enqueue(st, msg, size, 0, Admission::Wait);
         }
         let mut evicted = 0;
         let mut freed = 0;
@@ -217,7 +221,12 @@ impl Outbox {
                     freed += n;
                     evicted += 1;
                 }
-                None => break,
+                // Only messages that must not be dropped are queued: this one goes instead.
+                None => {
+                    memory.release(freed);
+                    st.record_drop(msg.topic(), DropReason::SlowReader);
+                    return Pushed::Dropped;
+                }
             }
         }
         memory.release(freed);
@@ -233,7 +242,7 @@ impl Outbox {
                 }
             }
         }
-        self.enqueue(st, msg, size, evicted)
+        self.enqueue(st, msg, size, evicted, Admission::Shed)
     }
 
     /// Appends a message whose memory is already reserved.
@@ -243,9 +252,10 @@ impl Outbox {
         msg: &Message,
         size: usize,
         evicted: u64,
+        admission: Admission,
     ) -> Pushed {
         let wake = st.queue.is_empty();
-        st.queue.push_back(Out::Msg(msg.clone()));
+        st.queue.push_back(Out::Msg(msg.clone(), admission));
         st.msgs += 1;
         st.bytes += size;
         Pushed::Queued { evicted, wake }
@@ -384,6 +394,29 @@ mod tests {
     }
 
     #[test]
+    fn realtime_traffic_never_evicts_processed_messages() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
+        for _ in 0..2 {
+            assert!(matches!(
+                ob.push_message(&msg("keep", 1), &mem, Admission::Wait),
+                Pushed::Queued { .. }
+            ));
+        }
+        assert_eq!(ob.push_message_shed(&msg("rt", 1), &mem), Pushed::Dropped);
+        let mut q = VecDeque::new();
+        ob.take(&mut q);
+        let topics: Vec<_> = q
+            .iter()
+            .map(|o| match o {
+                Out::Msg(m, _) => m.topic().to_string(),
+                Out::Frame(_) => "frame".into(),
+            })
+            .collect();
+        assert_eq!(topics, ["keep", "keep"]);
+    }
+
+    #[test]
     fn wait_admission_never_drops() {
         let mem = Memory::new(1 << 30);
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
@@ -446,7 +479,7 @@ mod tests {
         let topics: Vec<_> = q
             .iter()
             .map(|o| match o {
-                Out::Msg(m) => m.topic().to_string(),
+                Out::Msg(m, _) => m.topic().to_string(),
                 Out::Frame(_) => "frame".into(),
             })
             .collect();

@@ -482,6 +482,15 @@ impl<'a> ReadLoop<'a> {
         None
     }
 
+    /// Gives up the pending publish (shutdown, teardown): the subscribers still waited for
+    /// never get it, and that is counted as dropped.
+    fn abandon(&mut self, exit: Exit) -> Exit {
+        self.dropped += self.scratch.blocked.len() as u64;
+        self.scratch.blocked.clear();
+        self.flush_counters();
+        exit
+    }
+
     /// Offers the pending publish to the `Processed` subscribers whose queues were full,
     /// waiting for each to make room. A subscriber that disconnects stops being waited for.
     async fn deliver_pending(&mut self) -> Option<Exit> {
@@ -497,12 +506,23 @@ impl<'a> ReadLoop<'a> {
                     target.outbox.wake();
                     self.scratch.blocked.pop();
                 }
-                Pushed::Full => tokio::select! {
-                    biased;
-                    () = self.conn.cancel.cancelled() => return Some(Exit::Cancelled),
-                    () = self.shared.drain.cancelled() => return Some(Exit::Shutdown),
-                    () = target.outbox.wait_for_room(msg.accounted_size(), &self.shared.memory) => {}
-                },
+                Pushed::Full => {
+                    let keepalive = self.shared.config.keepalive();
+                    tokio::select! {
+                        biased;
+                        () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled)),
+                        () = self.shared.drain.cancelled() => return Some(self.abandon(Exit::Shutdown)),
+                        () = target.outbox.wait_for_room(msg.accounted_size(), &self.shared.memory) => {}
+                        // The publisher hears from us while it waits, so it does not take the
+                        // wait for a dead broker.
+                        () = tokio::time::sleep(keepalive) => {
+                            self.ping_nonce += 1;
+                            if let Some(exit) = self.control(Frame::Ping(self.ping_nonce)) {
+                                return Some(self.abandon(exit));
+                            }
+                        }
+                    }
+                }
                 _ => {
                     self.scratch.blocked.pop();
                 }
@@ -538,7 +558,7 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         let mut bytes_out = 0u64;
         for item in batch_items.drain(..) {
             match item {
-                Out::Msg(m) => {
+                Out::Msg(m, _) => {
                     bytes_out += m.payload().len() as u64;
                     writer.push_deliver(&m);
                 }
