@@ -11,7 +11,7 @@ use std::ops::Deref;
 /// An immutable, cheaply cloneable UTF-8 string backed by [`Bytes`].
 ///
 /// Invariant: the bytes are valid UTF-8 (checked by every constructor).
-#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteStr(Bytes);
 
 impl ByteStr {
@@ -51,6 +51,14 @@ impl ByteStr {
     /// The underlying bytes.
     pub fn as_bytes(&self) -> &Bytes {
         &self.0
+    }
+}
+
+/// Hashes like `str`, as `Borrow<str>` requires (maps keyed by `ByteStr` can be queried with
+/// `&str`).
+impl std::hash::Hash for ByteStr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
     }
 }
 
@@ -94,5 +102,17 @@ impl fmt::Debug for ByteStr {
 impl fmt::Display for ByteStr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookups_by_str_find_byte_str_keys() {
+        let mut set = std::collections::HashSet::new();
+        set.insert(ByteStr::from("events.process"));
+        assert!(set.contains("events.process"));
     }
 }

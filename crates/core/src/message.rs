@@ -37,8 +37,11 @@ pub enum Qos {
     /// At most once; never blocks a publisher. Slow readers lose the oldest messages, counted.
     #[default]
     Realtime,
-    /// At least once: the broker acknowledges the publish once every matching subscriber's
-    /// queue holds the message.
+    /// At least once. On a subscription: the broker never drops a message for it and makes
+    /// publishers wait while its queue is full. On a publish: the broker acknowledges it once
+    /// routed, after every matching `Processed` subscription's queue holds it (`Realtime`
+    /// subscribers may still drop it under their slow-reader policy). Redelivery after a
+    /// reconnect is not implemented yet.
     Processed,
 }
 
