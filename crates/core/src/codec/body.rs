@@ -107,8 +107,8 @@ pub fn encode_message_frame(dst: &mut BytesMut, kind: u8, msg: &Message) {
     dst.put_slice(wire);
 }
 
-fn decode_header(buf: Bytes) -> Result<Header, FrameError> {
-    let mut c = Cursor { buf };
+/// Decodes a header from a cursor narrowed to it.
+fn decode_header(c: &mut Cursor) -> Result<Header, FrameError> {
     let flags = c.u8("header.flags")?;
     let qos = c.qos(flags & FLAG_QOS_MASK)?;
     let id = c.id()?;
@@ -125,7 +125,7 @@ fn decode_header(buf: Bytes) -> Result<Header, FrameError> {
         None
     };
     let correlation = if flags & FLAG_CORRELATION != 0 {
-        Some(Box::new(decode_correlation(&mut c)?))
+        Some(Box::new(decode_correlation(c)?))
     } else {
         None
     };
@@ -142,13 +142,9 @@ fn decode_header(buf: Bytes) -> Result<Header, FrameError> {
 }
 
 fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError> {
-    let correlation_id = c
-        .str16(MAX_CORRELATION_ID_LEN, "correlation.id")?
-        .to_string();
+    let correlation_id = c.string16(MAX_CORRELATION_ID_LEN, "correlation.id")?;
     let parent_correlation_id = c.opt_str16(MAX_CORRELATION_ID_LEN, "correlation.parent")?;
-    let root_correlation_id = c
-        .str16(MAX_CORRELATION_ID_LEN, "correlation.root")?
-        .to_string();
+    let root_correlation_id = c.string16(MAX_CORRELATION_ID_LEN, "correlation.root")?;
     let sequence_number = c.u64("correlation.sequence")?;
     let workflow_stage = c.opt_str16(MAX_STAGE_LEN, "correlation.stage")?;
     let created_at_ns = c.u64("correlation.created_at")?;
@@ -162,9 +158,9 @@ fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError>
     }
     let mut tags = std::collections::BTreeMap::new();
     for _ in 0..count {
-        let k = c.str8(MAX_TAG_KEY_LEN, "correlation.tag.key")?;
-        let v = c.str16(MAX_TAG_VALUE_LEN, "correlation.tag.value")?;
-        tags.insert(k.to_string(), v.to_string());
+        let k = c.string8(MAX_TAG_KEY_LEN, "correlation.tag.key")?;
+        let v = c.string16(MAX_TAG_VALUE_LEN, "correlation.tag.value")?;
+        tags.insert(k, v);
     }
     Ok(CorrelationMetadata {
         correlation_id,
@@ -179,9 +175,12 @@ fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError>
 
 /// Decodes a message body (topic, header, payload), keeping `body` as its wire form.
 pub fn decode_message_body(body: Bytes) -> Result<Message, FrameError> {
-    let mut c = Cursor { buf: body.clone() };
+    let mut c = Cursor::new(body);
     let topic = c.topic("topic")?;
     let hlen = c.u32("header_len")? as usize;
-    let header = decode_header(c.take(hlen, "header")?)?;
-    Ok(Message::with_wire(topic, header, c.buf, body))
+    let outer = c.narrow(hlen, "header")?;
+    let header = decode_header(&mut c)?;
+    c.widen(outer);
+    let (payload, wire) = c.into_rest();
+    Ok(Message::with_wire(topic, header, payload, wire))
 }

@@ -138,7 +138,7 @@ impl Frame {
         if kind == kind::DELIVER {
             return decode_message_body(body).map(Frame::Deliver);
         }
-        let mut c = Cursor { buf: body };
+        let mut c = Cursor::new(body);
         let frame = match kind {
             kind::HELLO => Frame::Hello(Hello {
                 version: decode_version(&mut c)?,
@@ -146,7 +146,7 @@ impl Frame {
                 max_message_size: c.u32("max_message_size")?,
                 keepalive_ms: c.u32("keepalive_ms")?,
                 slow_reader: decode_slow_reader(c.u8("slow_reader")?)?,
-                client_name: c.str8(MAX_NAME_LEN, "client_name")?.to_string(),
+                client_name: c.string8(MAX_NAME_LEN, "client_name")?,
             }),
             kind::WELCOME => Frame::Welcome(Welcome {
                 version: decode_version(&mut c)?,
@@ -154,7 +154,7 @@ impl Frame {
                 capabilities: c.u32("capabilities")?,
                 max_message_size: c.u32("max_message_size")?,
                 keepalive_ms: c.u32("keepalive_ms")?,
-                broker: c.str8(MAX_NAME_LEN, "broker")?.to_string(),
+                broker: c.string8(MAX_NAME_LEN, "broker")?,
             }),
             kind::SUBSCRIBE => {
                 let request_id = c.u32("request_id")?;
@@ -178,14 +178,14 @@ impl Frame {
                 Frame::Reply(Reply {
                     request_id,
                     error: (code != 0).then(|| ErrorCode::from_u16(code)),
-                    message: c.str16(u16::MAX as usize, "message")?.to_string(),
+                    message: c.string16(u16::MAX as usize, "message")?,
                 })
             }
             kind::ACK => Frame::Ack(c.id()?),
             kind::NACK => Frame::Nack(Nack {
                 id: c.id()?,
                 code: ErrorCode::from_u16(c.u16("code")?),
-                reason: c.str16(u16::MAX as usize, "reason")?.to_string(),
+                reason: c.string16(u16::MAX as usize, "reason")?,
             }),
             kind::PING => Frame::Ping(c.u64("nonce")?),
             kind::PONG => Frame::Pong(c.u64("nonce")?),
@@ -193,12 +193,12 @@ impl Frame {
                 request_id: c.u32("request_id")?,
                 code: ErrorCode::from_u16(c.u16("code")?),
                 fatal: c.u8("fatal")? != 0,
-                message: c.str16(u16::MAX as usize, "message")?.to_string(),
+                message: c.string16(u16::MAX as usize, "message")?,
             }),
             kind::NOTICE => Frame::Notice(decode_notice(&mut c)?),
             kind::GOING_AWAY => Frame::GoingAway(GoingAway {
                 drain_ms: c.u32("drain_ms")?,
-                reason: c.str16(u16::MAX as usize, "reason")?.to_string(),
+                reason: c.string16(u16::MAX as usize, "reason")?,
             }),
             other => return Err(FrameError::UnknownKind(other)),
         };

@@ -4,7 +4,7 @@ use super::FrameError;
 use crate::bytestr::ByteStr;
 use crate::message::{MessageId, Qos};
 use crate::topic::{Topic, TopicFilter};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 use super::LEN_PREFIX;
 
@@ -43,73 +43,109 @@ pub(super) fn put_id(dst: &mut BytesMut, id: MessageId) {
     dst.put_u64_le(id.sequence);
 }
 
-/// A read position in a shared body; slices are zero-copy.
+/// A read position in a shared body. Fields are read by offset; a `Bytes` slice (one
+/// reference-count increment) is made only for what a message keeps: topic, source, payload.
 pub(super) struct Cursor {
-    pub(super) buf: Bytes,
+    base: Bytes,
+    pos: usize,
+    /// Reads stop here (narrowed while a header is parsed).
+    end: usize,
 }
 
 impl Cursor {
+    pub(super) fn new(base: Bytes) -> Self {
+        let end = base.len();
+        Self { base, pos: 0, end }
+    }
     pub(super) fn need(&self, n: usize, field: &'static str) -> Result<(), FrameError> {
-        if self.buf.remaining() < n {
+        if self.end - self.pos < n {
             return Err(FrameError::Truncated(field));
         }
         Ok(())
     }
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], FrameError> {
+        self.need(N, field)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.base[self.pos..self.pos + N]);
+        self.pos += N;
+        Ok(out)
+    }
     pub(super) fn u8(&mut self, field: &'static str) -> Result<u8, FrameError> {
-        self.need(1, field)?;
-        Ok(self.buf.get_u8())
+        Ok(self.array::<1>(field)?[0])
     }
     pub(super) fn u16(&mut self, field: &'static str) -> Result<u16, FrameError> {
-        self.need(2, field)?;
-        Ok(self.buf.get_u16_le())
+        Ok(u16::from_le_bytes(self.array(field)?))
     }
     pub(super) fn u32(&mut self, field: &'static str) -> Result<u32, FrameError> {
-        self.need(4, field)?;
-        Ok(self.buf.get_u32_le())
+        Ok(u32::from_le_bytes(self.array(field)?))
     }
     pub(super) fn u64(&mut self, field: &'static str) -> Result<u64, FrameError> {
-        self.need(8, field)?;
-        Ok(self.buf.get_u64_le())
+        Ok(u64::from_le_bytes(self.array(field)?))
     }
+    /// The next `n` bytes as a shared slice.
     pub(super) fn take(&mut self, n: usize, field: &'static str) -> Result<Bytes, FrameError> {
         self.need(n, field)?;
-        Ok(self.buf.split_to(n))
+        let b = self.base.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(b)
     }
-    pub(super) fn str_bytes(
-        &mut self,
-        len: usize,
-        max: usize,
-        field: &'static str,
-    ) -> Result<ByteStr, FrameError> {
+    /// The next `len` bytes as `&str`, without making a slice.
+    fn str_ref(&mut self, len: usize, max: usize, field: &'static str) -> Result<&str, FrameError> {
         if len > max {
             return Err(FrameError::FieldTooLong { field, len, max });
         }
-        let b = self.take(len, field)?;
-        ByteStr::from_utf8(b).map_err(|_| FrameError::InvalidUtf8(field))
+        self.need(len, field)?;
+        let start = self.pos;
+        self.pos += len;
+        std::str::from_utf8(&self.base[start..start + len])
+            .map_err(|_| FrameError::InvalidUtf8(field))
     }
+    /// A `u8`-length-prefixed string kept as shared bytes (the message source).
     pub(super) fn str8(&mut self, max: usize, field: &'static str) -> Result<ByteStr, FrameError> {
         let len = self.u8(field)? as usize;
-        self.str_bytes(len, max, field)
+        if len > max {
+            return Err(FrameError::FieldTooLong { field, len, max });
+        }
+        ByteStr::from_utf8(self.take(len, field)?).map_err(|_| FrameError::InvalidUtf8(field))
     }
-    pub(super) fn str16(&mut self, max: usize, field: &'static str) -> Result<ByteStr, FrameError> {
+    /// A `u8`-length-prefixed string, owned.
+    pub(super) fn string8(
+        &mut self,
+        max: usize,
+        field: &'static str,
+    ) -> Result<String, FrameError> {
+        let len = self.u8(field)? as usize;
+        Ok(self.str_ref(len, max, field)?.to_owned())
+    }
+    /// A `u16`-length-prefixed string, owned.
+    pub(super) fn string16(
+        &mut self,
+        max: usize,
+        field: &'static str,
+    ) -> Result<String, FrameError> {
         let len = self.u16(field)? as usize;
-        self.str_bytes(len, max, field)
+        Ok(self.str_ref(len, max, field)?.to_owned())
     }
+    /// A `u16`-length-prefixed string where empty means absent.
     pub(super) fn opt_str16(
         &mut self,
         max: usize,
         field: &'static str,
     ) -> Result<Option<String>, FrameError> {
-        let s = self.str16(max, field)?;
-        Ok((!s.is_empty()).then(|| s.to_string()))
+        let s = self.string16(max, field)?;
+        Ok((!s.is_empty()).then_some(s))
     }
     pub(super) fn topic(&mut self, field: &'static str) -> Result<Topic, FrameError> {
         let len = self.u16(field)? as usize;
         Ok(Topic::from_bytes(self.take(len, field)?)?)
     }
     pub(super) fn filter(&mut self, field: &'static str) -> Result<TopicFilter, FrameError> {
-        let s = self.str16(u16::MAX as usize, field)?;
-        Ok(TopicFilter::new(s.as_str())?)
+        let len = self.u16(field)? as usize;
+        Ok(TopicFilter::new(self.str_ref(
+            len,
+            u16::MAX as usize,
+            field,
+        )?)?)
     }
     pub(super) fn request_filter(&mut self, request_id: u32) -> Result<TopicFilter, FrameError> {
         self.filter("filter").map_err(|e| match e {
@@ -129,8 +165,27 @@ impl Cursor {
             value: u64::from(bits),
         })
     }
+    /// Limits reads to the next `n` bytes (which must be there); returns the limit to give
+    /// back to [`Cursor::widen`].
+    pub(super) fn narrow(&mut self, n: usize, field: &'static str) -> Result<usize, FrameError> {
+        self.need(n, field)?;
+        let outer = self.end;
+        self.end = self.pos + n;
+        Ok(outer)
+    }
+    /// Skips what is left of the narrowed window (fields of a later minor version) and
+    /// restores the outer limit.
+    pub(super) fn widen(&mut self, outer: usize) {
+        self.pos = self.end;
+        self.end = outer;
+    }
+    /// The rest as a shared slice, and the whole body it came from.
+    pub(super) fn into_rest(self) -> (Bytes, Bytes) {
+        let rest = self.base.slice(self.pos..self.end);
+        (rest, self.base)
+    }
     pub(super) fn end(self) -> Result<(), FrameError> {
-        match self.buf.remaining() {
+        match self.end - self.pos {
             0 => Ok(()),
             n => Err(FrameError::Trailing(n)),
         }
