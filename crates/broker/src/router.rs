@@ -5,7 +5,7 @@
 
 use crate::outbox::{Admission, Memory, Pushed};
 use crate::session::ConnShared;
-use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, TopicFilter};
+use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicFilter};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -23,6 +23,9 @@ struct Entry {
 pub(crate) struct RouteScratch {
     slots: Vec<Slot>,
     processed: Vec<Slot>,
+    /// The topic `slots` / `processed` were matched for, and the router generation then:
+    /// a burst on one topic is matched once.
+    matched: Option<(Topic, u64)>,
     /// Connections whose `Processed` queue was full: the publisher waits for them.
     pub(crate) blocked: Vec<Arc<ConnShared>>,
     /// Connections whose queue went from empty to non-empty: their writers are woken once,
@@ -56,11 +59,14 @@ pub(crate) struct Router {
     processed: SubscriptionTrie<Slot>,
     slots: Vec<Option<Entry>>,
     free: Vec<Slot>,
+    /// Bumped by every change of connections or subscriptions (invalidates cached matches).
+    generation: u64,
 }
 
 impl Router {
     /// Registers a connection; returns its slot.
     pub(crate) fn add(&mut self, conn: Arc<ConnShared>) -> Slot {
+        self.generation += 1;
         let entry = Entry {
             conn,
             filters: HashSet::new(),
@@ -76,6 +82,7 @@ impl Router {
 
     /// Removes a connection and all its subscriptions.
     pub(crate) fn remove(&mut self, slot: Slot) {
+        self.generation += 1;
         if let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::take) {
             for f in &entry.filters {
                 self.trie.remove(f, slot);
@@ -90,6 +97,7 @@ impl Router {
     /// Subscribes; returns `false` when the connection already had this filter (a
     /// `Processed` request still upgrades a `Realtime` one).
     pub(crate) fn subscribe(&mut self, slot: Slot, filter: &TopicFilter, qos: Qos) -> bool {
+        self.generation += 1;
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
@@ -104,6 +112,7 @@ impl Router {
 
     /// Unsubscribes; returns `false` when the connection did not have this filter.
     pub(crate) fn unsubscribe(&mut self, slot: Slot, filter: &TopicFilter) -> bool {
+        self.generation += 1;
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
@@ -125,12 +134,17 @@ impl Router {
         scratch: &mut RouteScratch,
         memory: &Memory,
     ) -> Routed {
-        self.trie.matches_into(msg.topic(), &mut scratch.slots);
         let any_processed = !self.processed.is_empty();
-        if any_processed {
-            self.processed
-                .matches_into(msg.topic(), &mut scratch.processed);
-            scratch.processed.sort_unstable();
+        let fresh =
+            matches!(&scratch.matched, Some((t, g)) if *g == self.generation && t == msg.topic());
+        if !fresh {
+            self.trie.matches_into(msg.topic(), &mut scratch.slots);
+            if any_processed {
+                self.processed
+                    .matches_into(msg.topic(), &mut scratch.processed);
+                scratch.processed.sort_unstable();
+            }
+            scratch.matched = Some((msg.topic().clone(), self.generation));
         }
         let mut routed = Routed::default();
         for slot in &scratch.slots {
