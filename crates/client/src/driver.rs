@@ -4,7 +4,7 @@
 use crate::client::{ConnState, Inner, refused};
 use crate::error::ConnectError;
 use crate::options::ClientOptions;
-use crate::subscription::{Item, MissedReason, RecvError};
+use crate::subscription::{Item, Matched, MissedReason, RecvError};
 use daemoneye_eventbus_core::codec::{Hello, Notice, Subscribe, Version, Welcome};
 use daemoneye_eventbus_core::{Frame, Message};
 use daemoneye_eventbus_transport::{Endpoint, FrameReader, FrameWriter, connect};
@@ -279,7 +279,7 @@ async fn read_loop(
 ) -> String {
     let mut ctx = ReadCtx {
         inner: &inner,
-        scratch: Vec::new(),
+        matched: Matched::default(),
         blocked: Vec::new(),
         liveness: &heard,
         started,
@@ -330,7 +330,7 @@ async fn read_loop(
 
 struct ReadCtx<'a> {
     inner: &'a Inner,
-    scratch: Vec<u64>,
+    matched: Matched,
     blocked: Vec<mpsc::Sender<Item>>,
     liveness: &'a Liveness,
     started: Instant,
@@ -403,7 +403,7 @@ impl ReadCtx<'_> {
         self.inner
             .subs
             .lock()
-            .dispatch(&msg, &mut self.scratch, &mut self.blocked);
+            .dispatch(&msg, &mut self.matched, &mut self.blocked);
         while let Some(tx) = self.blocked.pop() {
             self.send(cancel, tx, Item::Msg(msg.clone())).await;
         }
@@ -419,8 +419,9 @@ impl ReadCtx<'_> {
         let mut total = 0;
         for (topic, count) in topics {
             total += count;
-            self.inner.subs.lock().ids_for(&topic, &mut self.scratch);
-            for id in &self.scratch {
+            let mut ids = Vec::new();
+            self.inner.subs.lock().ids_for(&topic, &mut ids);
+            for id in &ids {
                 *per_sub.entry(*id).or_default() += count;
             }
         }

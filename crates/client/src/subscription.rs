@@ -149,6 +149,14 @@ struct SubEntry {
     tx: mpsc::Sender<Item>,
 }
 
+/// The subscriptions matched for the last delivered topic, reused while the topic and the
+/// table stay the same (a burst on one topic is matched once).
+#[derive(Default)]
+pub(crate) struct Matched {
+    ids: Vec<u64>,
+    key: Option<(Topic, u64)>,
+}
+
 /// Subscriptions of one client: id → entry, filter → refcount, and a trie for demultiplexing.
 #[derive(Default)]
 pub(crate) struct SubTable {
@@ -157,6 +165,8 @@ pub(crate) struct SubTable {
     refs: HashMap<TopicFilter, (usize, Qos)>,
     trie: SubscriptionTrie<u64>,
     next_id: u64,
+    /// Bumped by every change of the table (invalidates [`Matched`] caches).
+    generation: u64,
 }
 
 impl SubTable {
@@ -168,6 +178,7 @@ impl SubTable {
         qos: Qos,
         tx: mpsc::Sender<Item>,
     ) -> (u64, Vec<TopicFilter>) {
+        self.generation += 1;
         self.next_id += 1;
         let id = self.next_id;
         let mut fresh = Vec::new();
@@ -188,6 +199,7 @@ impl SubTable {
 
     /// Removes a subscription; returns the filters that became inactive (1 → 0).
     pub(crate) fn remove(&mut self, id: u64) -> Vec<TopicFilter> {
+        self.generation += 1;
         let Some(entry) = self.subs.remove(&id) else {
             return Vec::new();
         };
@@ -224,11 +236,16 @@ impl SubTable {
     pub(crate) fn dispatch(
         &self,
         msg: &Message,
-        scratch: &mut Vec<u64>,
+        matched: &mut Matched,
         blocked: &mut Vec<mpsc::Sender<Item>>,
     ) {
-        self.trie.matches_into(msg.topic(), scratch);
-        for id in scratch.iter() {
+        let fresh =
+            matches!(&matched.key, Some((t, g)) if *g == self.generation && t == msg.topic());
+        if !fresh {
+            self.trie.matches_into(msg.topic(), &mut matched.ids);
+            matched.key = Some((msg.topic().clone(), self.generation));
+        }
+        for id in matched.ids.iter() {
             let Some(entry) = self.subs.get(id) else {
                 continue;
             };
@@ -252,6 +269,7 @@ impl SubTable {
 
     /// Drops every sender, ending all subscription streams.
     pub(crate) fn close_all(&mut self) {
+        self.generation += 1;
         self.subs.clear();
     }
 }
