@@ -470,6 +470,37 @@ async fn processed_subscriptions_lose_nothing(kind: Kind) {
     assert_eq!(c.dropped, 0);
 }
 
+async fn repeated_topic_follows_subscription_changes(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let publ = bus.client("pub").await;
+    let a = bus.client("a").await;
+    let mut first = a.subscribe(["same.topic"]).await.unwrap();
+    publ.publish(&t("same.topic"), "1").await.unwrap();
+    assert_eq!(next(&mut first).await.payload().as_ref(), b"1");
+    // A new connection subscribes: the publisher's next message on the same topic reaches it.
+    let b = bus.client("b").await;
+    let mut second = b.subscribe(["same.+"]).await.unwrap();
+    publ.publish(&t("same.topic"), "2").await.unwrap();
+    assert_eq!(next(&mut first).await.payload().as_ref(), b"2");
+    assert_eq!(next(&mut second).await.payload().as_ref(), b"2");
+    // A second subscription on an existing connection gets its copy too.
+    let mut third = a.subscribe(["same.#"]).await.unwrap();
+    publ.publish(&t("same.topic"), "3").await.unwrap();
+    assert_eq!(next(&mut first).await.payload().as_ref(), b"3");
+    assert_eq!(next(&mut third).await.payload().as_ref(), b"3");
+    assert_eq!(next(&mut second).await.payload().as_ref(), b"3");
+    // Unsubscribing stops delivery at once.
+    second.unsubscribe().await.unwrap();
+    drop(first);
+    a.ping().await.unwrap();
+    publ.publish(&t("same.topic"), "4").await.unwrap();
+    assert_eq!(next(&mut third).await.payload().as_ref(), b"4");
+    b.ping().await.unwrap();
+    let stats = bus.broker.stats();
+    let conn_b = stats.connections.iter().find(|c| c.name == "b").unwrap();
+    assert_eq!(conn_b.delivered, 2, "b got exactly messages 2 and 3");
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(unix)]
@@ -491,4 +522,5 @@ conformance!(
     slow_reader_drops_are_counted_and_reported,
     disconnect_policy_closes_a_slow_reader,
     processed_subscriptions_lose_nothing,
+    repeated_topic_follows_subscription_changes,
 );
