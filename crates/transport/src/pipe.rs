@@ -37,15 +37,23 @@ impl PipeListener {
             .reject_remote_clients(true)
             .create(&self.name)?;
         let connected = std::mem::replace(&mut self.next, fresh);
-        let (r, w) = tokio::io::split(connected);
-        Ok(Connection {
-            reader: FrameReader::stream(Box::new(r)),
-            writer: FrameWriter::stream(Box::new(w)),
-            peer: PeerInfo {
-                transport: TransportKind::NamedPipe,
-                ..PeerInfo::default()
-            },
-        })
+        Ok(pipe_connection(connected))
+    }
+}
+
+/// A connection over either end of a pipe.
+fn pipe_connection<S>(stream: S) -> Connection
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    Connection {
+        reader: FrameReader::stream(Box::new(r)),
+        writer: FrameWriter::stream(Box::new(w)),
+        peer: PeerInfo {
+            transport: TransportKind::NamedPipe,
+            ..PeerInfo::default()
+        },
     }
 }
 
@@ -63,13 +71,5 @@ pub(crate) async fn connect(name: &str) -> Result<Connection, TransportError> {
             Err(e) => return Err(TransportError::io(format!("connecting to pipe {name}"), e)),
         }
     };
-    let (r, w) = tokio::io::split(client);
-    Ok(Connection {
-        reader: FrameReader::stream(Box::new(r)),
-        writer: FrameWriter::stream(Box::new(w)),
-        peer: PeerInfo {
-            transport: TransportKind::NamedPipe,
-            ..PeerInfo::default()
-        },
-    })
+    Ok(pipe_connection(client))
 }
