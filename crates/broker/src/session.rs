@@ -497,6 +497,8 @@ impl<'a> ReadLoop<'a> {
         let msg = self.pending.take()?;
         // The writers we are about to wait on must be running.
         self.scratch.wake_writers();
+        let keepalive = self.shared.config.keepalive();
+        let mut ping_at = tokio::time::Instant::now() + keepalive;
         while let Some(target) = self.scratch.blocked.last() {
             match target
                 .outbox
@@ -507,7 +509,6 @@ impl<'a> ReadLoop<'a> {
                     self.scratch.blocked.pop();
                 }
                 Pushed::Full => {
-                    let keepalive = self.shared.config.keepalive();
                     tokio::select! {
                         biased;
                         () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled)),
@@ -515,7 +516,8 @@ impl<'a> ReadLoop<'a> {
                         () = target.outbox.wait_for_room(msg.accounted_size(), &self.shared.memory) => {}
                         // The publisher hears from us while it waits, so it does not take the
                         // wait for a dead broker.
-                        () = tokio::time::sleep(keepalive) => {
+                                                () = tokio::time::sleep_until(ping_at) => {
+                            ping_at += keepalive;
                             self.ping_nonce += 1;
                             if let Some(exit) = self.control(Frame::Ping(self.ping_nonce)) {
                                 return Some(self.abandon(exit));
