@@ -4,6 +4,9 @@ use super::types::Frame;
 use super::{FrameError, LEN_PREFIX};
 use bytes::{Buf, Bytes, BytesMut};
 
+/// The most a partial frame makes [`FrameDecoder`] reserve at once.
+const GROW_STEP: usize = 256 * 1024;
+
 /// Splits frames off a byte stream.
 ///
 /// Partial frames stay in the caller's buffer, so [`FrameDecoder::decode`] can be called again
@@ -58,7 +61,9 @@ impl FrameDecoder {
             });
         }
         if buf.len() < LEN_PREFIX + len {
-            buf.reserve(LEN_PREFIX + len - buf.len());
+            // Grow as bytes arrive, not by the announced length: four header bytes must not
+            // make the receiver reserve a whole maximum-size frame.
+            buf.reserve((LEN_PREFIX + len - buf.len()).min(GROW_STEP));
             return Ok(None);
         }
         buf.advance(LEN_PREFIX);
