@@ -7,6 +7,7 @@ use crate::outbuf::OutBuf;
 use crate::subscription::{SubTable, Subscription};
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::{ErrorCode, MAX_NAME_LEN, Subscribe, Unsubscribe};
+use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{
     ByteStr, CorrelationMetadata, Frame, Header, MessageId, Qos, Topic, TopicFilter,
 };
@@ -334,12 +335,11 @@ impl Client {
             return Err(PublishError::Reserved(p.topic.to_string()));
         }
         let inner = &self.inner;
-        let id = MessageId {
-            publisher: inner.publisher_id,
-            sequence: inner.sequence.fetch_add(1, Ordering::Relaxed) + 1,
-        };
-        let header = Header {
-            id,
+        let mut header = Header {
+            id: MessageId {
+                publisher: inner.publisher_id,
+                sequence: 0,
+            },
             timestamp_ns: now_ns(),
             qos: p.qos,
             source: inner.source.clone(),
@@ -347,7 +347,7 @@ impl Client {
             deadline_ns: p.deadline_ns,
             correlation: p.correlation,
         };
-        let need = p.payload.len() + p.topic.as_str().len() + 64;
+        let need = p.payload.len() + p.topic.as_str().len() + MESSAGE_OVERHEAD;
         loop {
             let space = {
                 let mut out = inner.out.lock();
@@ -356,6 +356,9 @@ impl Client {
                 }
                 if out.buf.is_empty() || out.buf.bytes + need <= inner.options.outbox_bytes {
                     let was_empty = out.buf.is_empty();
+                    // Numbered under the queue lock, so ids follow the order on the wire.
+                    header.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    let id = header.id;
                     out.buf.push_publish(&p.topic, header, p.payload);
                     out.queued_total += 1;
                     drop(out);

@@ -102,6 +102,8 @@ pub(crate) async fn run(inner: Arc<Inner>, first: Established) {
             }
             tracing::warn!(endpoint = %inner.endpoint, cause = %cause, "lost the broker; reconnecting");
             inner.out.lock().connected = false;
+            // Publishers waiting for room now get `Backlogged` instead of waiting out the outage.
+            inner.out_space.notify_waiters();
             inner.state.send_replace(ConnState::Reconnecting);
             outage = Some(Instant::now());
         }

@@ -37,13 +37,25 @@ impl Default for ReconnectPolicy {
 impl ReconnectPolicy {
     /// Delay before attempt `attempt` (0-based) given a uniform random `unit` in `[0, 1)`.
     pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let exp = self
-            .multiplier
-            .powi(i32::try_from(attempt.min(64)).unwrap_or(64));
+        let multiplier = if self.multiplier.is_finite() {
+            self.multiplier.max(1.0)
+        } else {
+            1.0
+        };
+        let exp = multiplier.powi(i32::try_from(attempt.min(64)).unwrap_or(64));
         let base = (self.initial_delay.as_secs_f64() * exp).min(self.max_delay.as_secs_f64());
-        let jitter = self.jitter.clamp(0.0, 0.99);
-        let scale = 1.0 - jitter + 2.0 * jitter * unit.clamp(0.0, 1.0);
-        Duration::from_secs_f64(base * scale)
+        let jitter = if self.jitter.is_finite() {
+            self.jitter.clamp(0.0, 0.99)
+        } else {
+            0.0
+        };
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        let scale = 1.0 - jitter + 2.0 * jitter * unit;
+        Duration::try_from_secs_f64(base * scale).unwrap_or(self.max_delay)
     }
 }
 
@@ -114,6 +126,16 @@ mod tests {
         assert_eq!(p.delay(30, 0.5), Duration::from_secs(5));
         assert!(p.delay(2, 0.0) < p.delay(2, 0.5));
         assert!(p.delay(2, 0.99) > p.delay(2, 0.5));
+        let odd = ReconnectPolicy {
+            multiplier: f64::NAN,
+            jitter: -1.0,
+            ..ReconnectPolicy::default()
+        };
+        assert_eq!(
+            odd.delay(5, f64::NAN),
+            Duration::from_millis(50),
+            "odd settings never panic"
+        );
         let lo = p.delay(3, 0.0).as_secs_f64();
         assert!((lo - 0.4 * 0.8).abs() < 1e-9);
     }
