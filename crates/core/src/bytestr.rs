@@ -33,7 +33,8 @@ impl ByteStr {
     /// Wraps bytes already known to be ASCII (checked by the caller, for example the topic
     /// validator); ASCII is UTF-8.
     pub(crate) fn from_ascii(bytes: Bytes) -> Self {
-        debug_assert!(bytes.is_ascii(), "from_ascii needs ASCII bytes");
+        // Checked in every build: `as_str` relies on it (topics are at most 256 bytes).
+        assert!(bytes.is_ascii(), "from_ascii needs ASCII bytes");
         Self(bytes)
     }
 
