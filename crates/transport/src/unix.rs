@@ -189,10 +189,13 @@ fn bind_staged(
         .map_err(|e| TransportError::io(format!("binding {}", path.display()), e))?;
     fs::set_permissions(&tmp, fs::Permissions::from_mode(SOCKET_MODE))
         .map_err(|e| TransportError::io(format!("setting mode 0600 on {}", path.display()), e))?;
-    // Re-check right before the rename: a broker that started meanwhile wins.
+    // Re-check, then link (not rename): linking fails if anything appeared at the path
+    // meanwhile, so a broker that started in between is never replaced.
     clear_stale(path)?;
-    fs::rename(&tmp, path)
-        .map_err(|e| TransportError::io(format!("moving socket into {}", path.display()), e))?;
+    fs::hard_link(&tmp, path).map_err(|e| match e.kind() {
+        io::ErrorKind::AlreadyExists => TransportError::AddressInUse(path.to_owned()),
+        _ => TransportError::io(format!("moving socket into {}", path.display()), e),
+    })?;
     let ino = fs::symlink_metadata(path)
         .map_err(|e| TransportError::io(format!("inspecting {}", path.display()), e))?
         .ino();
