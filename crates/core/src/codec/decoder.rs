@@ -4,6 +4,9 @@ use super::types::Frame;
 use super::{FrameError, LEN_PREFIX};
 use bytes::{Buf, Bytes, BytesMut};
 
+/// Frames shorter than this are copied out of the read buffer; longer ones are sliced.
+pub const COPY_BELOW: usize = 16 * 1024;
+
 /// The most a partial frame makes [`FrameDecoder`] reserve at once.
 const GROW_STEP: usize = 256 * 1024;
 
@@ -66,9 +69,20 @@ impl FrameDecoder {
             buf.reserve((LEN_PREFIX + len - buf.len()).min(GROW_STEP));
             return Ok(None);
         }
-        buf.advance(LEN_PREFIX);
-        let mut frame = buf.split_to(len).freeze();
-        let kind = frame.get_u8();
+        let kind = buf[LEN_PREFIX];
+        let body = LEN_PREFIX + 1..LEN_PREFIX + len;
+        let frame = if len < COPY_BELOW {
+            // A small frame gets its own allocation: what a queued message holds is then
+            // what the broker's memory accounting charges for it, and the read buffer is
+            // never shared, so it is reused instead of reallocated.
+            let frame = Bytes::copy_from_slice(&buf[body]);
+            buf.advance(LEN_PREFIX + len);
+            frame
+        } else {
+            // A large frame stays a zero-copy slice of the buffer (mostly its own bytes).
+            buf.advance(LEN_PREFIX + 1);
+            buf.split_to(len - 1).freeze()
+        };
         Ok(Some((kind, frame)))
     }
 }
