@@ -16,6 +16,6 @@ pub mod trie;
 
 pub use bytestr::ByteStr;
 pub use codec::{Frame, FrameDecoder, FrameError};
-pub use message::{CorrelationMetadata, Header, Message, MessageId, Qos};
+pub use message::{CorrelationError, CorrelationMetadata, Header, Message, MessageId, Qos};
 pub use topic::{Topic, TopicError, TopicFilter};
 pub use trie::{NaiveMatcher, SubscriptionTrie};

@@ -130,6 +130,51 @@ impl CorrelationMetadata {
     }
 }
 
+/// Correlation metadata over a documented limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("correlation metadata: {field} is {len}, the limit is {max}")]
+pub struct CorrelationError {
+    /// The field.
+    pub field: &'static str,
+    /// Its length in bytes (or count, for tags).
+    pub len: usize,
+    /// The limit.
+    pub max: usize,
+}
+
+impl CorrelationMetadata {
+    /// Checks every documented limit, so the metadata encodes and decodes unchanged.
+    ///
+    /// # Errors
+    ///
+    /// A [`CorrelationError`] naming the first field over its limit.
+    pub fn validate(&self) -> Result<(), CorrelationError> {
+        let check = |field, len, max| {
+            if len > max {
+                return Err(CorrelationError { field, len, max });
+            }
+            Ok(())
+        };
+        let id_max = MAX_CORRELATION_ID_LEN;
+        check("correlation_id", self.correlation_id.len(), id_max)?;
+        check(
+            "root_correlation_id",
+            self.root_correlation_id.len(),
+            id_max,
+        )?;
+        let parent = self.parent_correlation_id.as_ref().map_or(0, String::len);
+        check("parent_correlation_id", parent, id_max)?;
+        let stage = self.workflow_stage.as_ref().map_or(0, String::len);
+        check("workflow_stage", stage, MAX_STAGE_LEN)?;
+        check("tags", self.tags.len(), MAX_TAGS)?;
+        for (k, v) in &self.tags {
+            check("tag key", k.len(), MAX_TAG_KEY_LEN)?;
+            check("tag value", v.len(), MAX_TAG_VALUE_LEN)?;
+        }
+        Ok(())
+    }
+}
+
 /// Message metadata carried in the compact wire header (see `docs/protocol.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Header {
@@ -236,5 +281,31 @@ impl PartialEq for Message {
         self.0.topic == other.0.topic
             && self.0.header == other.0.header
             && self.0.payload == other.0.payload
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_names_the_field_over_its_limit() {
+        let mut meta = CorrelationMetadata::root("c", 1);
+        assert_eq!(meta.validate(), Ok(()));
+        meta.tags
+            .insert("k".into(), "v".repeat(MAX_TAG_VALUE_LEN + 1));
+        let e = meta.validate().unwrap_err();
+        assert_eq!((e.field, e.max), ("tag value", MAX_TAG_VALUE_LEN));
+        let mut many = CorrelationMetadata::root("c", 1);
+        for i in 0..=MAX_TAGS {
+            many.tags.insert(format!("k{i}"), String::new());
+        }
+        assert_eq!(many.validate().unwrap_err().field, "tags");
+        let long = CorrelationMetadata::root("é".repeat(200), 1);
+        assert!(
+            long.correlation_id.len() <= MAX_CORRELATION_ID_LEN,
+            "root() cuts on a boundary"
+        );
+        assert_eq!(long.validate(), Ok(()));
     }
 }

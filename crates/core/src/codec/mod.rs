@@ -124,9 +124,19 @@ pub enum FrameError {
 }
 
 impl FrameError {
-    /// Whether the stream is still in sync after this error: the frame was consumed whole
-    /// and only its content was refused (an invalid topic or filter).
+    /// Whether the stream is still in sync after this error: the frame was consumed whole and
+    /// only its content was refused (an invalid topic, filter or field). An unknown frame kind,
+    /// an empty frame and an oversized length prefix are not recoverable.
     pub fn is_recoverable(&self) -> bool {
-        matches!(self, Self::Topic(_) | Self::InvalidFilter { .. })
+        matches!(
+            self,
+            Self::Topic(_)
+                | Self::InvalidFilter { .. }
+                | Self::FieldTooLong { .. }
+                | Self::InvalidUtf8(_)
+                | Self::InvalidValue { .. }
+                | Self::Truncated(_)
+                | Self::Trailing(_)
+        )
     }
 }
