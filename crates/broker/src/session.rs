@@ -338,6 +338,15 @@ impl<'a> ReadLoop<'a> {
                     message: format!("{error}; the message was discarded"),
                 }))
             }
+            ReadError::Frame(e) if e.is_recoverable() => {
+                self.rejected += 1;
+                self.control(Frame::Error(ErrorFrame {
+                    request_id: 0,
+                    code: ErrorCode::Protocol,
+                    fatal: false,
+                    message: format!("{e}; the frame was discarded"),
+                }))
+            }
             other => Some(Exit::Fatal(read_error(&other))),
         }
     }

@@ -426,6 +426,23 @@ fn malformed_and_oversized_frames_close_only_the_offender() {
         Frame::Error(e) => assert!(!e.fatal && e.code == ErrorCode::InvalidTopic, "{e:?}"),
         _ => unreachable!(),
     }
+    // A correlation tag over its limit: answered, discarded, connection kept.
+    let mut meta = daemoneye_eventbus::CorrelationMetadata::root("c", 1);
+    meta.tags.insert("k".into(), "v".repeat(2000));
+    let header = Header {
+        source: ByteStr::from("sloppy"),
+        correlation: Some(Box::new(meta)),
+        ..Header::default()
+    };
+    let msg = Message::new(Topic::new("ok").unwrap(), header, "x".into());
+    sloppy.send(&Frame::Publish(msg));
+    match sloppy.recv_until(|f| matches!(f, Frame::Error(_))) {
+        Frame::Error(e) => {
+            assert!(!e.fatal && e.code == ErrorCode::Protocol, "{e:?}");
+            assert!(e.message.contains("correlation.tag.value"), "{}", e.message);
+        }
+        _ => unreachable!(),
+    }
     sloppy.send(&Frame::Ping(1));
     assert_eq!(
         sloppy.recv_until(|f| matches!(f, Frame::Pong(_))),

@@ -334,6 +334,9 @@ impl Client {
         if p.topic.is_sys() {
             return Err(PublishError::Reserved(p.topic.to_string()));
         }
+        if let Some(meta) = &p.correlation {
+            meta.validate()?;
+        }
         let inner = &self.inner;
         let mut header = Header {
             id: MessageId {

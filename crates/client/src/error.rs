@@ -46,6 +46,9 @@ pub enum PublishError {
         /// The limit.
         max: usize,
     },
+    /// The correlation metadata exceeds a documented limit.
+    #[error(transparent)]
+    Correlation(#[from] daemoneye_eventbus_core::CorrelationError),
     /// `$sys` topics are published only by the broker.
     #[error("clients cannot publish to {0}: $sys is reserved for the broker")]
     Reserved(String),
