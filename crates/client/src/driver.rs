@@ -213,6 +213,27 @@ struct Liveness {
     blocked: std::sync::atomic::AtomicBool,
 }
 
+impl Liveness {
+    /// The cause to report when nothing was heard for three keepalive periods (and the reader
+    /// is not merely waiting on the application).
+    fn silence(&self, started: Instant, keepalive: Duration) -> Option<String> {
+        let silent = millis_since(started).saturating_sub(self.heard_ms.load(Ordering::Relaxed));
+        let limit = 3 * u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX);
+        (silent > limit && !self.blocked.load(Ordering::Relaxed))
+            .then(|| format!("no frame from the broker for {silent} ms"))
+    }
+
+    /// Completes once [`Liveness::silence`] reports, checking every keepalive period.
+    async fn wait_for_silence(&self, started: Instant, keepalive: Duration) -> String {
+        loop {
+            tokio::time::sleep(keepalive).await;
+            if let Some(cause) = self.silence(started, keepalive) {
+                return cause;
+            }
+        }
+    }
+}
+
 /// Writes the client's queue in batches; sends pings while idle; detects a silent broker.
 async fn write_loop(
     inner: &Inner,
@@ -237,10 +258,8 @@ async fn write_loop(
                 () = inner.out_ready.notified() => continue,
                 () = cancel.cancelled() => return String::new(),
                 _ = tick.tick() => {
-                    let silent = millis_since(started).saturating_sub(heard.heard_ms.load(Ordering::Relaxed));
-                    let limit = 3 * u64::try_from(keepalive.as_millis()).unwrap_or(u64::MAX);
-                    if silent > limit && !heard.blocked.load(Ordering::Relaxed) {
-                        return format!("no frame from the broker for {silent} ms");
+                                        if let Some(cause) = heard.silence(started, keepalive) {
+                        return cause;
                     }
                     if last_write.elapsed() >= keepalive {
                         let nonce = inner.next_nonce.fetch_add(1, Ordering::Relaxed);
@@ -253,18 +272,17 @@ async fn write_loop(
         inner.out_space.notify_waiters();
         let (frames, publishes) = (batch.frames, batch.publishes);
         batch.write_into(writer);
-        let ok = tokio::select! {
-            r = writer.flush() => r.is_ok(),
-            () = cancel.cancelled() => false,
+        // A write that does not finish is bounded by the same liveness rule as an idle
+        // connection: a broker that is alive keeps talking (it pings while it holds us back).
+        let outcome = tokio::select! {
+            r = writer.flush() => r.map_err(|e| format!("write to the broker failed: {e}")),
+            () = cancel.cancelled() => Err(String::new()),
+            cause = heard.wait_for_silence(started, keepalive) => Err(cause),
         };
         inner.consumed.send_modify(|n| *n += frames);
-        if !ok {
+        if let Err(cause) = outcome {
             inner.counters.lost.fetch_add(publishes, Ordering::Relaxed);
-            return if cancel.is_cancelled() {
-                String::new()
-            } else {
-                "write to the broker failed".into()
-            };
+            return cause;
         }
         last_write = Instant::now();
     }
