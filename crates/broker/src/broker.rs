@@ -2,7 +2,7 @@
 
 use crate::config::{BrokerConfig, ConfigError};
 use crate::outbox::{Admission, Memory, Pushed};
-use crate::router::{RouteScratch, Router};
+use crate::router::{RouteScratch, Router, Waiting};
 use crate::session::{self, ConnShared};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
 use bytes::Bytes;
@@ -116,13 +116,15 @@ impl Shared {
     /// Publishes a broker message on a `$sys` topic to every matching subscriber.
     fn publish_sys(&self, topic: Topic, payload: Bytes) {
         let msg = self.sys_message(topic, payload);
-        // The broker's own messages never wait: a full `Processed` queue misses this one,
-        // counted as dropped.
+        // The broker's own messages never wait: each connection's slow-reader policy applies,
+        // so a miss is counted per connection and topic and noticed in-band.
         let mut scratch = RouteScratch::default();
-        let routed = self.router.read().route(&msg, &mut scratch, &self.memory);
+        let routed = self
+            .router
+            .read()
+            .route(&msg, &mut scratch, &self.memory, Waiting::Never);
         scratch.wake_writers();
-        let blocked = scratch.blocked.len() as u64;
-        Counters::add(&self.counters.dropped, routed.dropped + blocked);
+        Counters::add(&self.counters.dropped, routed.dropped);
     }
 
     /// Announces a connect or disconnect on `$sys.broker.clients.*`.

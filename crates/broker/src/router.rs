@@ -42,6 +42,16 @@ impl RouteScratch {
     }
 }
 
+/// Whether routing may leave a message waiting for a full `Processed` queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// A client's publish: its session waits (backpressure).
+    Allowed,
+    /// The broker's own messages: the connection's slow-reader policy applies instead, so a
+    /// miss is counted per connection and topic and noticed in-band.
+    Never,
+}
+
 /// Result of routing one message.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Routed {
@@ -133,6 +143,7 @@ impl Router {
         msg: &Message,
         scratch: &mut RouteScratch,
         memory: &Memory,
+        waiting: Waiting,
     ) -> Routed {
         let any_processed = !self.processed.is_empty();
         let fresh =
@@ -151,7 +162,10 @@ impl Router {
             let Some(entry) = &self.slots[*slot as usize] else {
                 continue;
             };
-            let admission = if any_processed && scratch.processed.binary_search(slot).is_ok() {
+            let admission = if waiting == Waiting::Allowed
+                && any_processed
+                && scratch.processed.binary_search(slot).is_ok()
+            {
                 Admission::Wait
             } else {
                 Admission::Shed

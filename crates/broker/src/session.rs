@@ -7,7 +7,7 @@
 
 use crate::broker::Shared;
 use crate::outbox::{Admission, Out, Outbox, Pushed};
-use crate::router::RouteScratch;
+use crate::router::{RouteScratch, Waiting};
 use crate::stats::{ConnCounters, Counters};
 use daemoneye_eventbus_core::codec::{
     ErrorCode, ErrorFrame, GoingAway, Hello, Nack, PROTOCOL_MAJOR, Reply, Version, Welcome,
@@ -471,11 +471,12 @@ impl<'a> ReadLoop<'a> {
             );
             return self.nack(&msg, ErrorCode::NotAuthorized, reason);
         }
-        let routed = self
-            .shared
-            .router
-            .read()
-            .route(&msg, &mut self.scratch, &self.shared.memory);
+        let routed = self.shared.router.read().route(
+            &msg,
+            &mut self.scratch,
+            &self.shared.memory,
+            Waiting::Allowed,
+        );
         self.published += 1;
         self.bytes_in += len as u64;
         self.dropped += routed.dropped;
