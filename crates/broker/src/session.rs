@@ -318,8 +318,9 @@ impl<'a> ReadLoop<'a> {
         exit
     }
 
-    /// Answers a frame whose content was refused while the stream stays in sync (invalid
-    /// topic or filter); anything else ends the connection.
+    /// Answers a frame whose content was refused while the stream stays in sync
+    /// ([`FrameError::is_recoverable`]: invalid topic, filter or field) and goes on; anything
+    /// else ends the connection.
     fn on_read_error(&mut self, e: ReadError) -> Option<Exit> {
         match e {
             ReadError::Frame(FrameError::InvalidFilter { request_id, error }) => {

@@ -31,7 +31,7 @@ impl FrameDecoder {
     }
 
     /// Takes the next complete frame from `buf`, or returns `Ok(None)` when more bytes are
-    /// needed (after reserving room for the announced frame, which is within the limit).
+    /// needed (after reserving room for more of the frame, at most 256 KiB at a time).
     ///
     /// # Errors
     ///

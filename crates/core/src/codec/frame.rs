@@ -130,7 +130,8 @@ impl Frame {
     ///
     /// # Errors
     ///
-    /// Any [`FrameError`]; the stream should be closed after one.
+    /// Any [`FrameError`]. The frame was consumed whole, so after a
+    /// [recoverable](FrameError::is_recoverable) one the stream is still in sync.
     pub fn decode(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
         if kind == kind::PUBLISH {
             return decode_message_body(body).map(Frame::Publish);
