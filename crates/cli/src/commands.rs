@@ -216,9 +216,8 @@ async fn connect(socket: &SocketArg, name: &str) -> Result<Client> {
     let mut options = ClientOptions::named(name);
     options.max_message_size = daemoneye_eventbus::core::codec::MAX_MESSAGE_SIZE_LIMIT;
     options.reconnect.max_attempts = Some(5);
-    Client::connect(&ep, options)
-        .await
-        .with_context(|| format!("connecting to {ep}"))
+    // The error names the endpoint already.
+    Ok(Client::connect(&ep, options).await?)
 }
 
 fn now_ns() -> u64 {

@@ -15,14 +15,14 @@ pub enum TransportError {
         /// Why it was refused.
         reason: &'static str,
     },
-    /// An I/O operation failed.
-    #[error("{context}: {source}")]
+    /// An I/O operation failed. The OS error is part of the message (not a chained source,
+    /// so printing the error chain does not repeat it).
+    #[error("{context}: {error}")]
     Io {
         /// What was being done, naming the path or address.
         context: String,
         /// The underlying error.
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// Another live broker is listening on the socket path.
     #[error("another broker is already listening on {0}; stop it or choose another --socket")]
@@ -61,10 +61,10 @@ pub enum TransportError {
 }
 
 impl TransportError {
-    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, error: io::Error) -> Self {
         Self::Io {
             context: context.into(),
-            source,
+            error,
         }
     }
 }
