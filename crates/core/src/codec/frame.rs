@@ -41,8 +41,7 @@ impl Frame {
     fn encode_body(&self, dst: &mut BytesMut) {
         match self {
             Self::Hello(h) => {
-                dst.put_u16_le(h.version.major);
-                dst.put_u16_le(h.version.minor);
+                put_version(dst, h.version);
                 dst.put_u32_le(h.capabilities);
                 dst.put_u32_le(h.max_message_size);
                 dst.put_u32_le(h.keepalive_ms);
@@ -53,8 +52,7 @@ impl Frame {
                 put_str8(dst, &h.client_name);
             }
             Self::Welcome(w) => {
-                dst.put_u16_le(w.version.major);
-                dst.put_u16_le(w.version.minor);
+                put_version(dst, w.version);
                 dst.put_u64_le(w.session_id);
                 dst.put_u32_le(w.capabilities);
                 dst.put_u32_le(w.max_message_size);
@@ -116,6 +114,11 @@ fn decode_slow_reader(v: u8) -> Result<SlowReaderPolicy, FrameError> {
             value: u64::from(v),
         }),
     }
+}
+
+fn put_version(dst: &mut BytesMut, v: Version) {
+    dst.put_u16_le(v.major);
+    dst.put_u16_le(v.minor);
 }
 
 fn decode_version(c: &mut Cursor) -> Result<Version, FrameError> {
