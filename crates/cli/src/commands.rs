@@ -18,6 +18,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             socket,
             tcp,
             config,
+            threads: _,
         } => serve(&socket, tcp, config.as_deref()).await,
         Command::Pub {
             socket,

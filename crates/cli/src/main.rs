@@ -43,6 +43,12 @@ enum Command {
         /// TOML configuration file with a `[broker]` section.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Threads routing messages. One (the default) is fastest for a local bus: every
+        /// session runs on one thread, so hand-overs between a publisher's reader and a
+        /// subscriber's writer are plain function calls, never cross-thread wake-ups (W1
+        /// measured +18 % against two threads on a 2-core machine, `docs/benchmarks.md`).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: u16,
     },
     /// Publish one or more messages.
     Pub {
@@ -137,11 +143,17 @@ fn init_logging() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    // A benchmark participant is one connection doing one thing: on a single thread its reader
-    // and its application task hand messages over without cross-thread wake-ups.
+    // A benchmark participant is one connection doing one thing, and a broker on one thread
+    // hands messages from reader to writer without cross-thread wake-ups.
     let builder = match &cli.command {
         #[cfg(unix)]
         Command::BenchWorker(_) => tokio::runtime::Builder::new_current_thread(),
+        Command::Serve { threads: 1, .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Serve { threads, .. } => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(*threads));
+            b
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match { builder }.enable_all().build() {
