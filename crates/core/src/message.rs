@@ -202,9 +202,11 @@ struct Inner {
     topic: Topic,
     header: Header,
     payload: Bytes,
-    /// The encoded message body, kept from the wire or encoded once on first need and shared
-    /// by every socket subscriber.
-    wire: OnceLock<Bytes>,
+    /// The encoded message body as received from the wire, shared by every socket subscriber.
+    received: Option<Bytes>,
+    /// The body of a message made in process, encoded once on first need. (Kept apart from
+    /// `received` because filling a `OnceLock` costs a synchronised state change per message.)
+    encoded: OnceLock<Bytes>,
 }
 
 /// A message: topic, header and opaque payload. Cloning is one reference-count increment; the
@@ -219,7 +221,8 @@ impl Message {
             topic,
             header,
             payload,
-            wire: OnceLock::new(),
+            received: None,
+            encoded: OnceLock::new(),
         }))
     }
 
@@ -228,7 +231,8 @@ impl Message {
             topic,
             header,
             payload,
-            wire: OnceLock::from(wire),
+            received: Some(wire),
+            encoded: OnceLock::new(),
         }))
     }
 
@@ -260,9 +264,13 @@ impl Message {
 
     /// The encoded body (topic, header, payload), encoded at most once.
     pub fn wire(&self) -> &Bytes {
-        self.0
-            .wire
-            .get_or_init(|| crate::codec::encode_message_body(self))
+        match &self.0.received {
+            Some(wire) => wire,
+            None => self
+                .0
+                .encoded
+                .get_or_init(|| crate::codec::encode_message_body(self)),
+        }
     }
 }
 
