@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Connection state, observable with [`Client::state`].
@@ -493,7 +493,7 @@ impl Client {
         if self.inner.closed.is_cancelled() {
             return Err(SubscribeError::Closed);
         }
-        let (tx, rx) = mpsc::channel(self.inner.options.subscription_buffer.max(1));
+        let (tx, rx) = crate::queue::channel(self.inner.options.subscription_buffer);
         let (id, fresh) = self.inner.subs.lock().add(filters.clone(), qos, tx);
         for filter in fresh {
             let sent = self

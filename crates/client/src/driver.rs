@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// A connection that completed its handshake.
@@ -351,7 +350,7 @@ async fn read_loop(
 struct ReadCtx<'a> {
     inner: &'a Inner,
     matched: Matched,
-    blocked: Vec<mpsc::Sender<Item>>,
+    blocked: Vec<crate::queue::Sender>,
     liveness: &'a Liveness,
     started: Instant,
 }
@@ -359,7 +358,7 @@ struct ReadCtx<'a> {
 impl ReadCtx<'_> {
     /// Sends to a full subscription queue, waiting (the connection stops reading meanwhile,
     /// so the broker's slow-reader policy applies).
-    async fn send(&self, cancel: &CancellationToken, tx: mpsc::Sender<Item>, item: Item) {
+    async fn send(&self, cancel: &CancellationToken, tx: crate::queue::Sender, item: Item) {
         self.liveness.blocked.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = tx.send(item) => {}

@@ -28,6 +28,7 @@ mod driver;
 mod error;
 mod options;
 mod outbuf;
+mod queue;
 mod subscription;
 
 pub use client::{Client, ClientStats, ConnState, Publish};

@@ -79,7 +79,8 @@ pub struct ClientOptions {
     pub outbox_bytes: usize,
     /// Bound of each subscription's queue, in messages (default 4096). When full, the
     /// connection stops reading until the application catches up, so the broker's slow-reader
-    /// policy applies.
+    /// policy applies. The application takes queued messages in batches, so a subscription
+    /// holds at most twice this many (the queue and the batch being read).
     pub subscription_buffer: usize,
     /// What the broker does when this client reads too slowly.
     pub slow_reader: SlowReaderPolicy,

@@ -1,11 +1,11 @@
 //! Subscriptions: the client-side table that demultiplexes deliveries, and the
 //! [`Subscription`] stream handed to the application.
 
+use crate::queue::{self, Taken};
 use daemoneye_eventbus_core::codec::DropReason;
 use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicFilter};
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::sync::mpsc;
 
 /// Why messages were missed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub(crate) enum Item {
 pub struct Subscription {
     pub(crate) id: u64,
     pub(crate) filters: Vec<TopicFilter>,
-    pub(crate) rx: mpsc::Receiver<Item>,
+    pub(crate) rx: queue::Receiver,
     pub(crate) client: Option<crate::Client>,
 }
 
@@ -91,7 +91,7 @@ impl Subscription {
     ///
     /// Cancel-safe.
     pub async fn recv(&mut self) -> Result<Message, RecvError> {
-        match self.rx.recv().await {
+        match self.rx.take().await {
             Some(Item::Msg(m)) => Ok(m),
             Some(Item::Gap(e)) => Err(e),
             None => Err(RecvError::Closed),
@@ -105,11 +105,11 @@ impl Subscription {
     ///
     /// As [`Subscription::recv`].
     pub fn try_recv(&mut self) -> Option<Result<Message, RecvError>> {
-        match self.rx.try_recv() {
-            Ok(Item::Msg(m)) => Some(Ok(m)),
-            Ok(Item::Gap(e)) => Some(Err(e)),
-            Err(mpsc::error::TryRecvError::Empty) => None,
-            Err(mpsc::error::TryRecvError::Disconnected) => Some(Err(RecvError::Closed)),
+        match self.rx.try_take() {
+            Taken::Item(Item::Msg(m)) => Some(Ok(m)),
+            Taken::Item(Item::Gap(e)) => Some(Err(e)),
+            Taken::Empty => None,
+            Taken::Closed => Some(Err(RecvError::Closed)),
         }
     }
 
@@ -146,7 +146,14 @@ impl Drop for Subscription {
 
 struct SubEntry {
     filters: Vec<TopicFilter>,
-    tx: mpsc::Sender<Item>,
+    tx: queue::Sender,
+}
+
+impl Drop for SubEntry {
+    /// A subscription leaving the table ends its stream.
+    fn drop(&mut self) {
+        self.tx.close();
+    }
 }
 
 /// The subscriptions matched for the last delivered topic, reused while the topic and the
@@ -176,7 +183,7 @@ impl SubTable {
         &mut self,
         filters: Vec<TopicFilter>,
         qos: Qos,
-        tx: mpsc::Sender<Item>,
+        tx: queue::Sender,
     ) -> (u64, Vec<TopicFilter>) {
         self.generation += 1;
         self.next_id += 1;
@@ -200,11 +207,11 @@ impl SubTable {
     /// Removes a subscription; returns the filters that became inactive (1 → 0).
     pub(crate) fn remove(&mut self, id: u64) -> Vec<TopicFilter> {
         self.generation += 1;
-        let Some(entry) = self.subs.remove(&id) else {
+        let Some(mut entry) = self.subs.remove(&id) else {
             return Vec::new();
         };
         let mut gone = Vec::new();
-        for f in entry.filters {
+        for f in std::mem::take(&mut entry.filters) {
             self.trie.remove(&f, id);
             if let Some((n, _)) = self.refs.get_mut(&f) {
                 *n -= 1;
@@ -237,7 +244,7 @@ impl SubTable {
         &self,
         msg: &Message,
         matched: &mut Matched,
-        blocked: &mut Vec<mpsc::Sender<Item>>,
+        blocked: &mut Vec<queue::Sender>,
     ) {
         let fresh =
             matches!(&matched.key, Some((t, g)) if *g == self.generation && t == msg.topic());
@@ -249,9 +256,7 @@ impl SubTable {
             let Some(entry) = self.subs.get(id) else {
                 continue;
             };
-            if let Err(mpsc::error::TrySendError::Full(_)) =
-                entry.tx.try_send(Item::Msg(msg.clone()))
-            {
+            if entry.tx.try_send(Item::Msg(msg.clone())).is_err() {
                 blocked.push(entry.tx.clone());
             }
         }
@@ -263,7 +268,7 @@ impl SubTable {
     }
 
     /// Sender of one subscription.
-    pub(crate) fn sender(&self, id: u64) -> Option<mpsc::Sender<Item>> {
+    pub(crate) fn sender(&self, id: u64) -> Option<queue::Sender> {
         self.subs.get(&id).map(|e| e.tx.clone())
     }
 
