@@ -10,12 +10,18 @@
 pub mod bytestr;
 pub mod catalog;
 pub mod codec;
+pub mod correlation;
+pub mod group;
 pub mod message;
 pub mod topic;
 pub mod trie;
 
 pub use bytestr::ByteStr;
 pub use codec::{Frame, FrameDecoder, FrameError};
-pub use message::{CorrelationError, CorrelationMetadata, Header, Message, MessageId, Qos};
+pub use correlation::CorrelationFilter;
+pub use group::{GroupError, QueueGroup};
+pub use message::{
+    CorrelationError, CorrelationMetadata, Header, Message, MessageId, Qos, ReplyStatus, StatusCode,
+};
 pub use topic::{Topic, TopicError, TopicFilter};
 pub use trie::{NaiveMatcher, SubscriptionTrie};

@@ -130,6 +130,29 @@ impl CorrelationMetadata {
     }
 }
 
+impl CorrelationMetadata {
+    /// Metadata for a step caused by this one: `id` is the new step, the parent is this
+    /// step, the root is kept, the sequence number is the next one, the workflow stage and tags
+    /// are inherited. `id` is cut to the length limit on a UTF-8 boundary.
+    #[must_use]
+    pub fn child(&self, id: impl Into<String>, created_at_ns: u64) -> Self {
+        let root = if self.root_correlation_id.is_empty() {
+            self.correlation_id.clone()
+        } else {
+            self.root_correlation_id.clone()
+        };
+        Self {
+            correlation_id: truncate_utf8(id.into(), MAX_CORRELATION_ID_LEN),
+            parent_correlation_id: Some(self.correlation_id.clone()),
+            root_correlation_id: root,
+            sequence_number: self.sequence_number.saturating_add(1),
+            workflow_stage: self.workflow_stage.clone(),
+            tags: self.tags.clone(),
+            created_at_ns,
+        }
+    }
+}
+
 /// Correlation metadata over a documented limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("correlation metadata: {field} is {len}, the limit is {max}")]
@@ -175,6 +198,109 @@ impl CorrelationMetadata {
     }
 }
 
+/// Maximum length of a [`ReplyStatus`] message, in bytes.
+pub const MAX_STATUS_MESSAGE_LEN: usize = 4096;
+
+/// Why a request failed, as carried by the reply (or sent by the broker for a request
+/// nobody can answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StatusCode {
+    /// No subscription matched the request's topic (sent by the broker at once).
+    NoResponders,
+    /// The responder does not support this operation or could not decode the request.
+    InvalidOperation,
+    /// The responder's handler failed.
+    ExecutionError,
+    /// The responder gave up: the request's deadline had passed.
+    Timeout,
+    /// The responder is overloaded or shutting down.
+    Unavailable,
+    /// A code this version does not know.
+    Other(u8),
+}
+
+impl StatusCode {
+    /// The code's wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Self::NoResponders => 1,
+            Self::InvalidOperation => 2,
+            Self::ExecutionError => 3,
+            Self::Timeout => 4,
+            Self::Unavailable => 5,
+            Self::Other(v) => v,
+        }
+    }
+
+    /// The code for a wire value.
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::NoResponders,
+            2 => Self::InvalidOperation,
+            3 => Self::ExecutionError,
+            4 => Self::Timeout,
+            5 => Self::Unavailable,
+            v => Self::Other(v),
+        }
+    }
+}
+
+impl fmt::Display for StatusCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Self::NoResponders => "no responders",
+            Self::InvalidOperation => "invalid operation",
+            Self::ExecutionError => "execution error",
+            Self::Timeout => "timeout",
+            Self::Unavailable => "unavailable",
+            Self::Other(v) => return write!(f, "status {v}"),
+        };
+        f.write_str(s)
+    }
+}
+
+/// The failure a reply reports (a reply without one is a success).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyStatus {
+    /// What kind of failure.
+    pub code: StatusCode,
+    /// A sentence a user can act on (at most [`MAX_STATUS_MESSAGE_LEN`] bytes; longer ones are
+    /// cut on a UTF-8 boundary when encoded).
+    pub message: String,
+}
+
+impl ReplyStatus {
+    /// A failure of this kind with this explanation.
+    pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The responder does not support the operation, or the request was malformed.
+    pub fn invalid_operation(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::InvalidOperation, message)
+    }
+
+    /// The handler failed while executing the request.
+    pub fn execution_error(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::ExecutionError, message)
+    }
+
+    /// The responder is overloaded or shutting down; the caller may retry elsewhere or later.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::Unavailable, message)
+    }
+}
+
+impl fmt::Display for ReplyStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
 /// Message metadata carried in the compact wire header (see `docs/protocol.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Header {
@@ -192,6 +318,8 @@ pub struct Header {
     pub deadline_ns: Option<u64>,
     /// Correlation metadata, when the publisher attached any.
     pub correlation: Option<Box<CorrelationMetadata>>,
+    /// On a reply: the failure it reports (`None`: success, or not a reply).
+    pub status: Option<Box<ReplyStatus>>,
 }
 
 /// Fixed per-message overhead, in bytes, charged by [`Message::accounted_size`].

@@ -4,11 +4,13 @@
 
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    ErrorCode, ErrorFrame, FrameDecoder, GoingAway, Hello, Reply, SlowReaderPolicy, Subscribe,
-    Version, Welcome, kind, max_frame_len,
+    ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, Reply, SlowReaderPolicy,
+    Subscribe, Version, Welcome, kind, max_frame_len,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
-use daemoneye_eventbus_core::{ByteStr, Frame, FrameError, Topic, TopicFilter};
+use daemoneye_eventbus_core::{
+    ByteStr, Frame, FrameError, QueueGroup, ReplyStatus, StatusCode, Topic, TopicFilter,
+};
 use proptest::prelude::*;
 
 fn encode(frame: &Frame) -> Vec<u8> {
@@ -61,7 +63,7 @@ fn golden_hello() {
     });
     assert_eq!(
         hex(&encode(&f)),
-        "16 00 00 00 01 01 00 00 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
+        "16 00 00 00 01 01 00 01 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
     );
 }
 
@@ -71,11 +73,43 @@ fn golden_subscribe() {
         request_id: 7,
         qos: Qos::Realtime,
         filter: TopicFilter::new("events.*").unwrap(),
+        group: None,
     });
     assert_eq!(
         hex(&encode(&f)),
         "10 00 00 00 03 07 00 00 00 00 08 00 65 76 65 6e 74 73 2e 2b"
     );
+}
+
+#[test]
+fn golden_subscribe_in_a_group() {
+    let f = Frame::Subscribe(Subscribe {
+        request_id: 7,
+        qos: Qos::Processed,
+        filter: TopicFilter::new("svc").unwrap(),
+        group: Some(QueueGroup::new("w").unwrap()),
+    });
+    assert_eq!(
+        hex(&encode(&f)),
+        "0d 00 00 00 03 07 00 00 00 81 03 00 73 76 63 01 77"
+    );
+}
+
+#[test]
+fn golden_reply_status_and_group_delivery() {
+    let mut header = simple_message(b"").header().clone();
+    header.status = Some(Box::new(ReplyStatus::new(StatusCode::ExecutionError, "no")));
+    let msg = Message::new(Topic::new("a.b").unwrap(), header, Bytes::new());
+    let f = Frame::DeliverGroup(GroupDelivery {
+        group: QueueGroup::new("w").unwrap(),
+        message: msg,
+    });
+    assert_eq!(
+        hex(&encode(&f)),
+        "2c 00 00 00 0f 01 77 03 00 61 2e 62 20 00 00 00 20 01 00 00 00 00 00 00 00 02 00 00 \
+         00 00 00 00 00 03 00 00 00 00 00 00 00 01 70 03 02 00 6e 6f"
+    );
+    assert_eq!(decode_one(&encode(&f)).unwrap().unwrap(), f);
 }
 
 #[test]
@@ -230,6 +264,8 @@ fn message() -> impl Strategy<Value = Message> {
                 source: ByteStr::from("src"),
                 reply_to: deadline.map(|_| Topic::new("_inbox.c.1").unwrap()),
                 deadline_ns: deadline,
+                status: (q % 3 == 0)
+                    .then(|| Box::new(ReplyStatus::new(StatusCode::from_u8((s % 7) as u8), "why"))),
                 correlation: corr,
             };
             Message::new(Topic::new(topic).unwrap(), header, Bytes::from(payload))
@@ -240,6 +276,25 @@ fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         message().prop_map(Frame::Publish),
         message().prop_map(Frame::Deliver),
+        ("[a-z0-9_-]{1,64}", message()).prop_map(|(g, m)| Frame::DeliverGroup(GroupDelivery {
+            group: QueueGroup::new(&g).unwrap(),
+            message: m,
+        })),
+        (
+            any::<u32>(),
+            any::<bool>(),
+            prop::option::of("[a-z0-9_-]{1,64}")
+        )
+            .prop_map(|(id, processed, group)| Frame::Subscribe(Subscribe {
+                request_id: id,
+                qos: if processed {
+                    Qos::Processed
+                } else {
+                    Qos::Realtime
+                },
+                filter: TopicFilter::new("a.+.#").unwrap(),
+                group: group.map(|g| QueueGroup::new(&g).unwrap()),
+            })),
         any::<u64>().prop_map(Frame::Ping),
         any::<u64>().prop_map(Frame::Pong),
         (any::<u32>(), "[a-z ]{0,30}").prop_map(|(id, m)| Frame::Reply(Reply {

@@ -1,13 +1,14 @@
 //! The message body shared by PUBLISH and DELIVER: topic, compact header, payload.
 
+use super::types::GroupDelivery;
 use super::wire::{Cursor, begin, finish, put_opt_str16, put_str8, put_str16};
 use super::{
-    FLAG_CORRELATION, FLAG_DEADLINE, FLAG_QOS_MASK, FLAG_REPLY_TO, FrameError, LEN_PREFIX,
-    MAX_NAME_LEN, kind,
+    FLAG_CORRELATION, FLAG_DEADLINE, FLAG_QOS_MASK, FLAG_REPLY_TO, FLAG_STATUS, FrameError,
+    LEN_PREFIX, MAX_NAME_LEN, kind,
 };
 use crate::message::{
-    CorrelationMetadata, Header, MAX_CORRELATION_ID_LEN, MAX_STAGE_LEN, MAX_TAG_KEY_LEN,
-    MAX_TAG_VALUE_LEN, MAX_TAGS, Message,
+    CorrelationMetadata, Header, MAX_CORRELATION_ID_LEN, MAX_STAGE_LEN, MAX_STATUS_MESSAGE_LEN,
+    MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, ReplyStatus, StatusCode, truncate_utf8,
 };
 use crate::topic::Topic;
 use bytes::{BufMut, Bytes, BytesMut};
@@ -23,6 +24,9 @@ fn encode_header(dst: &mut BytesMut, h: &Header) {
     if h.correlation.is_some() {
         flags |= FLAG_CORRELATION;
     }
+    if h.status.is_some() {
+        flags |= FLAG_STATUS;
+    }
     dst.put_u8(flags);
     dst.put_u64_le(h.id.publisher);
     dst.put_u64_le(h.id.sequence);
@@ -36,6 +40,17 @@ fn encode_header(dst: &mut BytesMut, h: &Header) {
     }
     if let Some(c) = &h.correlation {
         encode_correlation(dst, c);
+    }
+    if let Some(st) = &h.status {
+        dst.put_u8(st.code.to_u8());
+        if st.message.len() > MAX_STATUS_MESSAGE_LEN {
+            put_str16(
+                dst,
+                &truncate_utf8(st.message.clone(), MAX_STATUS_MESSAGE_LEN),
+            );
+        } else {
+            put_str16(dst, &st.message);
+        }
     }
 }
 
@@ -107,6 +122,24 @@ pub fn encode_message_frame(dst: &mut BytesMut, kind: u8, msg: &Message) {
     dst.put_slice(wire);
 }
 
+/// Appends a DELIVER_GROUP frame: the group name, then the message's shared wire encoding.
+pub fn encode_group_frame(dst: &mut BytesMut, d: &GroupDelivery) {
+    let wire = d.message.wire();
+    encode_group_frame_head(dst, d, wire.len());
+    dst.put_slice(wire);
+}
+
+/// Appends a DELIVER_GROUP frame without the message body, which the caller sends next from
+/// the message's own buffer ([`Message::wire`], `body_len` bytes).
+pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: usize) {
+    let group = d.group.as_str();
+    let len = u32::try_from(1 + 1 + group.len() + body_len).expect("frame below 4 GiB");
+    dst.reserve(LEN_PREFIX + 2 + group.len());
+    dst.put_u32_le(len);
+    dst.put_u8(kind::DELIVER_GROUP);
+    put_str8(dst, group);
+}
+
 /// Decodes a header from a cursor narrowed to it.
 fn decode_header(c: &mut Cursor) -> Result<Header, FrameError> {
     let flags = c.u8("header.flags")?;
@@ -129,6 +162,14 @@ fn decode_header(c: &mut Cursor) -> Result<Header, FrameError> {
     } else {
         None
     };
+    let status = if flags & FLAG_STATUS != 0 {
+        Some(Box::new(ReplyStatus {
+            code: StatusCode::from_u8(c.u8("header.status.code")?),
+            message: c.string16(MAX_STATUS_MESSAGE_LEN, "header.status.message")?,
+        }))
+    } else {
+        None
+    };
     // Bytes after the known fields are extensions from a later minor version: tolerated.
     Ok(Header {
         id,
@@ -138,6 +179,7 @@ fn decode_header(c: &mut Cursor) -> Result<Header, FrameError> {
         reply_to,
         deadline_ns,
         correlation,
+        status,
     })
 }
 

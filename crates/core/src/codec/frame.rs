@@ -1,9 +1,9 @@
 //! Encoding and decoding of whole frames.
 
-use super::body::{decode_message_body, encode_message_frame};
+use super::body::{decode_message_body, encode_group_frame, encode_message_frame};
 use super::types::*;
 use super::wire::{Cursor, begin, finish, put_id, put_str8, put_str16};
-use super::{FrameError, MAX_NAME_LEN, kind};
+use super::{FrameError, MAX_NAME_LEN, SUBSCRIBE_GROUP, kind};
 use bytes::{BufMut, Bytes, BytesMut};
 
 impl Frame {
@@ -17,6 +17,7 @@ impl Frame {
             Self::Reply(_) => kind::REPLY,
             Self::Publish(_) => kind::PUBLISH,
             Self::Deliver(_) => kind::DELIVER,
+            Self::DeliverGroup(_) => kind::DELIVER_GROUP,
             Self::Ack(_) => kind::ACK,
             Self::Nack(_) => kind::NACK,
             Self::Ping(_) => kind::PING,
@@ -29,9 +30,12 @@ impl Frame {
 
     /// Appends the encoded frame (length prefix included) to `dst`.
     pub fn encode(&self, dst: &mut BytesMut) {
-        if let Self::Publish(m) | Self::Deliver(m) = self {
-            encode_message_frame(dst, self.kind(), m);
-            return;
+        match self {
+            Self::Publish(m) | Self::Deliver(m) => {
+                return encode_message_frame(dst, self.kind(), m);
+            }
+            Self::DeliverGroup(d) => return encode_group_frame(dst, d),
+            _ => {}
         }
         let start = begin(dst, self.kind());
         self.encode_body(dst);
@@ -61,8 +65,16 @@ impl Frame {
             }
             Self::Subscribe(s) => {
                 dst.put_u32_le(s.request_id);
-                dst.put_u8(s.qos.to_bits());
+                let group_bit = if s.group.is_some() {
+                    SUBSCRIBE_GROUP
+                } else {
+                    0
+                };
+                dst.put_u8(s.qos.to_bits() | group_bit);
                 put_str16(dst, s.filter.as_str());
+                if let Some(g) = &s.group {
+                    put_str8(dst, g.as_str());
+                }
             }
             Self::Unsubscribe(u) => {
                 dst.put_u32_le(u.request_id);
@@ -100,7 +112,9 @@ impl Frame {
                 dst.put_u32_le(g.drain_ms);
                 put_str16(dst, &g.reason);
             }
-            Self::Publish(_) | Self::Deliver(_) => unreachable!("handled by encode"),
+            Self::Publish(_) | Self::Deliver(_) | Self::DeliverGroup(_) => {
+                unreachable!("handled by encode")
+            }
         }
     }
 }
@@ -142,6 +156,13 @@ impl Frame {
         if kind == kind::DELIVER {
             return decode_message_body(body).map(Frame::Deliver);
         }
+        if kind == kind::DELIVER_GROUP {
+            let mut c = Cursor::new(body);
+            let group = c.group(0)?;
+            let (rest, _) = c.into_rest();
+            let message = decode_message_body(rest)?;
+            return Ok(Frame::DeliverGroup(GroupDelivery { group, message }));
+        }
         let mut c = Cursor::new(body);
         let frame = match kind {
             kind::HELLO => Frame::Hello(Hello {
@@ -163,12 +184,18 @@ impl Frame {
             kind::SUBSCRIBE => {
                 let request_id = c.u32("request_id")?;
                 let bits = c.u8("qos")?;
-                let qos = c.qos(bits)?;
+                let qos = c.qos(bits & !SUBSCRIBE_GROUP)?;
                 let filter = c.request_filter(request_id)?;
+                let group = if bits & SUBSCRIBE_GROUP != 0 {
+                    Some(c.group(request_id)?)
+                } else {
+                    None
+                };
                 Frame::Subscribe(Subscribe {
                     request_id,
                     qos,
                     filter,
+                    group,
                 })
             }
             kind::UNSUBSCRIBE => {

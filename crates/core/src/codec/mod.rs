@@ -11,16 +11,20 @@ mod types;
 mod wire;
 
 pub(crate) use body::encode_message_body;
-pub use body::{decode_message_body, encode_message_frame, encode_publish, encode_publish_head};
+pub use body::{
+    decode_message_body, encode_group_frame, encode_group_frame_head, encode_message_frame,
+    encode_publish, encode_publish_head,
+};
 pub use decoder::FrameDecoder;
 pub use types::*;
 
+use crate::group::GroupError;
 use crate::topic::TopicError;
 
 /// Protocol major version spoken by this crate. A peer with another major is refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version spoken by this crate. Minor versions only add optional fields.
-pub const PROTOCOL_MINOR: u16 = 0;
+pub const PROTOCOL_MINOR: u16 = 1;
 /// Bytes allowed in a frame on top of the payload limit, for topic, header and correlation
 /// metadata. `max_frame_len = max_message_size + FRAME_OVERHEAD_ALLOWANCE`.
 pub const FRAME_OVERHEAD_ALLOWANCE: usize = 128 * 1024;
@@ -50,12 +54,16 @@ pub mod kind {
     pub const ERROR: u8 = 0x0C;
     pub const NOTICE: u8 = 0x0D;
     pub const GOING_AWAY: u8 = 0x0E;
+    pub const DELIVER_GROUP: u8 = 0x0F;
 }
 
 pub(crate) const FLAG_QOS_MASK: u8 = 0b0000_0011;
 pub(crate) const FLAG_REPLY_TO: u8 = 0b0000_0100;
 pub(crate) const FLAG_DEADLINE: u8 = 0b0000_1000;
 pub(crate) const FLAG_CORRELATION: u8 = 0b0001_0000;
+pub(crate) const FLAG_STATUS: u8 = 0b0010_0000;
+/// In SUBSCRIBE's `qos` byte: a queue group name follows the filter.
+pub(crate) const SUBSCRIBE_GROUP: u8 = 0b1000_0000;
 
 /// The largest frame (`len` field) accepted for a given payload limit.
 pub const fn max_frame_len(max_message_size: usize) -> usize {
@@ -118,6 +126,15 @@ pub enum FrameError {
         /// Why the filter was refused.
         error: TopicError,
     },
+    /// A queue group name is invalid; the stream is still in sync and a subscribe request
+    /// can be answered with its id (0 for a delivery).
+    #[error("request {request_id}: {error}")]
+    InvalidGroup {
+        /// The request.
+        request_id: u32,
+        /// Why the name was refused.
+        error: GroupError,
+    },
     /// Bytes were left over after a fixed-layout frame.
     #[error("{0} unexpected trailing bytes in frame")]
     Trailing(usize),
@@ -132,6 +149,7 @@ impl FrameError {
             self,
             Self::Topic(_)
                 | Self::InvalidFilter { .. }
+                | Self::InvalidGroup { .. }
                 | Self::FieldTooLong { .. }
                 | Self::InvalidUtf8(_)
                 | Self::InvalidValue { .. }

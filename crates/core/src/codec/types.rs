@@ -1,5 +1,6 @@
 //! The frame types of protocol v1.
 
+use crate::group::QueueGroup;
 use crate::message::{Message, MessageId, Qos};
 use crate::topic::{Topic, TopicFilter};
 
@@ -82,6 +83,9 @@ pub struct Subscribe {
     pub qos: Qos,
     /// The filter.
     pub filter: TopicFilter,
+    /// The queue group this subscription joins, if any: each message matching the group's
+    /// subscriptions goes to one of its members only (protocol 1.1).
+    pub group: Option<QueueGroup>,
 }
 
 /// Unsubscribe request, acknowledged by a [`Reply`].
@@ -138,6 +142,11 @@ pub enum ErrorCode {
     ResourceExhausted,
     /// No subscriber or responder for a topic.
     NoResponders,
+    /// A queue group name was invalid (protocol 1.1).
+    InvalidGroup,
+    /// The connection already holds the filter another way: plainly, or in another queue
+    /// group (protocol 1.1).
+    SubscriptionConflict,
     /// A code this version does not know.
     Other(u16),
 }
@@ -161,13 +170,15 @@ impl ErrorCode {
             Self::ShuttingDown => 13,
             Self::ResourceExhausted => 14,
             Self::NoResponders => 15,
+            Self::InvalidGroup => 16,
+            Self::SubscriptionConflict => 17,
             Self::Other(c) => c,
         }
     }
 
     /// Decodes a wire value (0 is "no error" and is handled by callers).
     pub fn from_u16(v: u16) -> Self {
-        const ALL: [ErrorCode; 15] = [
+        const ALL: [ErrorCode; 17] = [
             ErrorCode::Protocol,
             ErrorCode::FrameTooLarge,
             ErrorCode::MessageTooLarge,
@@ -183,6 +194,8 @@ impl ErrorCode {
             ErrorCode::ShuttingDown,
             ErrorCode::ResourceExhausted,
             ErrorCode::NoResponders,
+            ErrorCode::InvalidGroup,
+            ErrorCode::SubscriptionConflict,
         ];
         ALL.into_iter()
             .find(|c| c.to_u16() == v)
@@ -208,6 +221,8 @@ impl std::fmt::Display for ErrorCode {
             Self::ShuttingDown => "shutting down",
             Self::ResourceExhausted => "resource exhausted",
             Self::NoResponders => "no responders",
+            Self::InvalidGroup => "invalid queue group",
+            Self::SubscriptionConflict => "subscription conflict",
             Self::Other(c) => return write!(f, "error code {c}"),
         };
         f.write_str(s)
@@ -289,6 +304,15 @@ pub struct GoingAway {
     pub reason: String,
 }
 
+/// A message the broker gives to this connection as the chosen member of a queue group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupDelivery {
+    /// The group the connection was chosen in.
+    pub group: QueueGroup,
+    /// The message.
+    pub message: Message,
+}
+
 /// One protocol frame.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -307,6 +331,8 @@ pub enum Frame {
     Publish(Message),
     /// Broker → client message (same body layout as publish).
     Deliver(Message),
+    /// Broker → client message for one member of a queue group (protocol 1.1).
+    DeliverGroup(GroupDelivery),
     /// Positive acknowledgement of a message id.
     Ack(MessageId),
     /// Negative acknowledgement.

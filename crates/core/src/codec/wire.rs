@@ -2,6 +2,7 @@
 
 use super::FrameError;
 use crate::bytestr::ByteStr;
+use crate::group::QueueGroup;
 use crate::message::{MessageId, Qos};
 use crate::topic::{Topic, TopicFilter};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -152,6 +153,12 @@ impl Cursor {
             FrameError::Topic(error) => FrameError::InvalidFilter { request_id, error },
             other => other,
         })
+    }
+    /// A `u8`-length-prefixed queue group name.
+    pub(super) fn group(&mut self, request_id: u32) -> Result<QueueGroup, FrameError> {
+        let len = self.u8("group")? as usize;
+        let name = self.str_ref(len, u8::MAX as usize, "group")?;
+        QueueGroup::new(name).map_err(|error| FrameError::InvalidGroup { request_id, error })
     }
     pub(super) fn id(&mut self) -> Result<MessageId, FrameError> {
         Ok(MessageId {

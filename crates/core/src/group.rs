@@ -1,0 +1,86 @@
+//! Queue groups: subscriptions that share a stream, each message going to one member.
+
+use crate::bytestr::ByteStr;
+use std::fmt;
+
+/// Maximum length of a queue group name, in bytes.
+pub const MAX_GROUP_LEN: usize = 64;
+
+/// The name of a queue group: 1 to [`MAX_GROUP_LEN`] bytes of `a-z 0-9 _ -` (the characters of
+/// a topic segment). Subscriptions of one group that match a message share it: the broker
+/// gives it to exactly one of them (see `docs/protocol.md`, SUBSCRIBE).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueGroup(ByteStr);
+
+/// A refused queue group name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid queue group {name:?}: {reason}")]
+pub struct GroupError {
+    /// The name as given (cut to 80 bytes for display).
+    pub name: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+impl QueueGroup {
+    /// Validates a group name.
+    ///
+    /// # Errors
+    ///
+    /// [`GroupError`] when the name is empty, longer than [`MAX_GROUP_LEN`] bytes or holds a
+    /// character other than `a-z 0-9 _ -`.
+    pub fn new(name: &str) -> Result<Self, GroupError> {
+        let refuse = |reason| GroupError {
+            name: crate::message::truncate_utf8(name.to_owned(), 80),
+            reason,
+        };
+        if name.is_empty() {
+            return Err(refuse("a group name cannot be empty"));
+        }
+        if name.len() > MAX_GROUP_LEN {
+            return Err(refuse("a group name is at most 64 bytes"));
+        }
+        if !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(refuse("a group name uses only a-z, 0-9, '_' and '-'"));
+        }
+        Ok(Self(ByteStr::from(name)))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl fmt::Display for QueueGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for QueueGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_segment_alphabet() {
+        assert_eq!(
+            QueueGroup::new("procmond-1_a").unwrap().as_str(),
+            "procmond-1_a"
+        );
+        for bad in ["", "Proc", "a.b", "a b", &"x".repeat(65)] {
+            let e = QueueGroup::new(bad).unwrap_err();
+            assert!(!e.reason.is_empty(), "{bad:?} refused with a reason");
+        }
+        assert!(QueueGroup::new(&"x".repeat(64)).is_ok());
+    }
+}
