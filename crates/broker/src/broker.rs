@@ -7,7 +7,9 @@ use crate::session::{self, ConnShared};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame};
-use daemoneye_eventbus_core::{ByteStr, Header, Message, MessageId, Topic, catalog};
+use daemoneye_eventbus_core::{
+    ByteStr, Header, Message, MessageId, QueueGroup, ReplyStatus, StatusCode, Topic, catalog,
+};
 use daemoneye_eventbus_transport::{Endpoint, Listener, PeerInfo, TransportError, TransportKind};
 use parking_lot::RwLock;
 use std::sync::Arc;
@@ -100,8 +102,9 @@ impl Shared {
         }
     }
 
-    fn sys_message(&self, topic: Topic, payload: Bytes) -> Message {
-        let header = Header {
+    /// The header of a message the broker itself sends.
+    fn sys_header(&self) -> Header {
+        Header {
             id: MessageId {
                 publisher: 0,
                 sequence: self.sys_seq.fetch_add(1, Ordering::Relaxed) + 1,
@@ -109,8 +112,63 @@ impl Shared {
             timestamp_ns: now_ns(),
             source: ByteStr::from_static("broker"),
             ..Header::default()
+        }
+    }
+
+    fn sys_message(&self, topic: Topic, payload: Bytes) -> Message {
+        Message::new(topic, self.sys_header(), payload)
+    }
+
+    /// Answers a request nobody subscribes to: a reply with status `NoResponders` goes to its
+    /// reply-to topic at once, so the caller fails fast instead of waiting for its deadline.
+    pub(crate) fn no_responders(&self, request: &Message) {
+        let Some(reply_to) = request.header().reply_to.clone() else {
+            return;
         };
-        Message::new(topic, header, payload)
+        Counters::add(&self.counters.no_responders, 1);
+        let header = Header {
+            correlation: request.header().correlation.as_ref().map(|c| {
+                let id = format!("{}.no-responders", c.correlation_id);
+                Box::new(c.child(id, now_ns()))
+            }),
+            status: Some(Box::new(ReplyStatus {
+                code: StatusCode::NoResponders,
+                message: format!("no responders for {}", request.topic()),
+            })),
+            ..self.sys_header()
+        };
+        let msg = Message::new(reply_to, header, Bytes::new());
+        let mut scratch = RouteScratch::default();
+        let routed = self
+            .router
+            .read()
+            .route(&msg, &mut scratch, &self.memory, Waiting::Never);
+        scratch.wake_writers();
+        Counters::add(&self.counters.dropped, routed.dropped);
+    }
+
+    /// Gives queue group deliveries of a departed member to other members of their group;
+    /// what no member can take is counted as dropped.
+    pub(crate) fn reoffer(&self, deliveries: Vec<(Message, QueueGroup)>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut scratch = RouteScratch::default();
+        let mut taken = 0;
+        let lost = {
+            let router = self.router.read();
+            deliveries
+                .iter()
+                .filter(|(msg, group)| {
+                    let ok = router.reoffer(msg, group, &mut scratch, &self.memory);
+                    taken += u64::from(ok);
+                    !ok
+                })
+                .count() as u64
+        };
+        scratch.wake_writers();
+        Counters::add(&self.counters.reoffered, taken);
+        Counters::add(&self.counters.dropped, lost);
     }
 
     /// Publishes a broker message on a `$sys` topic to every matching subscriber.
@@ -149,7 +207,7 @@ impl Shared {
         let msg = self.sys_message(catalog::sys::stats(), self.stats_json());
         let dropped = match conn
             .outbox
-            .push_message(&msg, &self.memory, Admission::Shed)
+            .push_message(&msg, &self.memory, Admission::Shed, None)
         {
             Pushed::Queued { evicted, wake } => {
                 if wake {
@@ -208,6 +266,8 @@ impl Shared {
             refused_connections: load(&c.connections_refused),
             protocol_errors: load(&c.protocol_errors),
             rejected_publishes: load(&c.rejected_publishes),
+            no_responders: load(&c.no_responders),
+            reoffered: load(&c.reoffered),
             active_subscriptions: router.subscription_count() as u64,
             active_topics: router.topic_count() as u64,
             queued_bytes: self.memory.used() as u64,

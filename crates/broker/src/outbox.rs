@@ -7,7 +7,7 @@
 //! [`MAX_QUEUED_CONTROL`] of them pile up is disconnected.
 
 use daemoneye_eventbus_core::codec::{DropReason, Notice, SlowReaderPolicy};
-use daemoneye_eventbus_core::{Frame, Message, Topic};
+use daemoneye_eventbus_core::{Frame, Message, QueueGroup, Topic};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -54,8 +54,9 @@ impl Memory {
 
 /// An item waiting to be written.
 pub(crate) enum Out {
-    /// A message and how it was admitted: only [`Admission::Shed`] messages may be evicted.
-    Msg(Message, Admission),
+    /// A message, how it was admitted (only [`Admission::Shed`] messages may be evicted) and
+    /// the queue group it was given to this connection in, if any.
+    Msg(Message, Admission, Option<QueueGroup>),
     Frame(Frame),
 }
 
@@ -133,8 +134,8 @@ impl State {
         let pos = self
             .queue
             .iter()
-            .position(|o| matches!(o, Out::Msg(_, Admission::Shed)))?;
-        let Some(Out::Msg(m, _)) = self.queue.remove(pos) else {
+            .position(|o| matches!(o, Out::Msg(_, Admission::Shed, _)))?;
+        let Some(Out::Msg(m, ..)) = self.queue.remove(pos) else {
             unreachable!("position found a message");
         };
         let size = m.accounted_size();
@@ -192,6 +193,7 @@ impl Outbox {
         msg: &Message,
         memory: &Memory,
         admission: Admission,
+        group: Option<&QueueGroup>,
     ) -> Pushed {
         let size = msg.accounted_size();
         let mut st = self.state.lock();
@@ -202,7 +204,7 @@ impl Outbox {
             if !self.queue_has_room(&st, size) || !memory.try_reserve(size) {
                 return Pushed::Full;
             }
-            return self.enqueue(st, msg, size, 0, Admission::Wait);
+            return self.enqueue(st, msg, size, 0, Admission::Wait, group);
         }
         let mut evicted = 0;
         let mut freed = 0;
@@ -242,7 +244,7 @@ impl Outbox {
                 }
             }
         }
-        self.enqueue(st, msg, size, evicted, Admission::Shed)
+        self.enqueue(st, msg, size, evicted, Admission::Shed, group)
     }
 
     /// Appends a message whose memory is already reserved.
@@ -253,9 +255,11 @@ impl Outbox {
         size: usize,
         evicted: u64,
         admission: Admission,
+        group: Option<&QueueGroup>,
     ) -> Pushed {
         let wake = st.queue.is_empty();
-        st.queue.push_back(Out::Msg(msg.clone(), admission));
+        st.queue
+            .push_back(Out::Msg(msg.clone(), admission, group.cloned()));
         st.msgs += 1;
         st.bytes += size;
         Pushed::Queued { evicted, wake }
@@ -273,6 +277,12 @@ impl Outbox {
     }
 
     /// Whether a message of `size` bytes would be admitted under [`Admission::Wait`] now.
+    /// Whether a message of `size` bytes would enter without waiting or evicting.
+    pub(crate) fn has_room_for(&self, size: usize, memory: &Memory) -> bool {
+        let st = self.state.lock();
+        !st.closed && self.has_room(&st, size, memory)
+    }
+
     fn has_room(&self, st: &State, size: usize, memory: &Memory) -> bool {
         self.queue_has_room(st, size) && memory.used() + size <= memory.cap()
     }
@@ -357,13 +367,22 @@ impl Outbox {
     }
 
     /// Closes the outbox and discards what is queued, releasing its memory. Returns the
-    /// number of messages discarded.
-    pub(crate) fn discard(&self, memory: &Memory) -> usize {
+    /// number of messages discarded; the queue group deliveries among them are added to
+    /// `regroup` so another member of their group can be given them.
+    pub(crate) fn discard(
+        &self,
+        memory: &Memory,
+        regroup: &mut Vec<(Message, QueueGroup)>,
+    ) -> usize {
         let mut st = self.state.lock();
         st.closed = true;
         let n = st.msgs;
         memory.release(st.bytes);
-        st.queue.clear();
+        for out in st.queue.drain(..) {
+            if let Out::Msg(m, _, Some(g)) = out {
+                regroup.push((m, g));
+            }
+        }
         st.msgs = 0;
         st.bytes = 0;
         n
@@ -389,7 +408,7 @@ mod tests {
 
     impl Outbox {
         fn push_message_shed(&self, m: &Message, mem: &Memory) -> Pushed {
-            self.push_message(m, mem, Admission::Shed)
+            self.push_message(m, mem, Admission::Shed, None)
         }
     }
 
@@ -399,7 +418,7 @@ mod tests {
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
         for _ in 0..2 {
             assert!(matches!(
-                ob.push_message(&msg("keep", 1), &mem, Admission::Wait),
+                ob.push_message(&msg("keep", 1), &mem, Admission::Wait, None),
                 Pushed::Queued { .. }
             ));
         }
@@ -409,7 +428,7 @@ mod tests {
         let topics: Vec<_> = q
             .iter()
             .map(|o| match o {
-                Out::Msg(m, _) => m.topic().to_string(),
+                Out::Msg(m, ..) => m.topic().to_string(),
                 Out::Frame(_) => "frame".into(),
             })
             .collect();
@@ -422,12 +441,12 @@ mod tests {
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
         for _ in 0..2 {
             assert!(matches!(
-                ob.push_message(&msg("a", 1), &mem, Admission::Wait),
+                ob.push_message(&msg("a", 1), &mem, Admission::Wait, None),
                 Pushed::Queued { .. }
             ));
         }
         assert_eq!(
-            ob.push_message(&msg("a", 1), &mem, Admission::Wait),
+            ob.push_message(&msg("a", 1), &mem, Admission::Wait, None),
             Pushed::Full
         );
         assert_eq!(ob.stats().dropped, 0);
@@ -435,7 +454,7 @@ mod tests {
         let batch = ob.take(&mut q);
         mem.release(batch.bytes);
         assert!(matches!(
-            ob.push_message(&msg("a", 1), &mem, Admission::Wait),
+            ob.push_message(&msg("a", 1), &mem, Admission::Wait, None),
             Pushed::Queued { .. }
         ));
     }
@@ -479,7 +498,7 @@ mod tests {
         let topics: Vec<_> = q
             .iter()
             .map(|o| match o {
-                Out::Msg(m, _) => m.topic().to_string(),
+                Out::Msg(m, ..) => m.topic().to_string(),
                 Out::Frame(_) => "frame".into(),
             })
             .collect();

@@ -5,17 +5,56 @@
 
 use crate::outbox::{Admission, Memory, Pushed};
 use crate::session::ConnShared;
-use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicFilter};
-use std::collections::HashSet;
+use daemoneye_eventbus_core::{Message, Qos, QueueGroup, SubscriptionTrie, Topic, TopicFilter};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 type Slot = u32;
+type GroupIdx = u32;
+
+/// A queue group subscription in the trie: group index in the high half, slot in the low.
+type Member = u64;
+
+fn member(group: GroupIdx, slot: Slot) -> Member {
+    (u64::from(group) << 32) | u64::from(slot)
+}
+
+fn split(m: Member) -> (GroupIdx, Slot) {
+    ((m >> 32) as GroupIdx, m as Slot)
+}
 
 struct Entry {
     conn: Arc<ConnShared>,
     filters: HashSet<TopicFilter>,
     /// The subset subscribed with [`Qos::Processed`]: deliveries never dropped.
     processed: HashSet<TopicFilter>,
+    /// Filters subscribed in a queue group: the group and the QoS asked for.
+    grouped: HashMap<TopicFilter, (GroupIdx, Qos)>,
+}
+
+impl Entry {
+    /// Whether this connection holds a `Processed` subscription in `group`.
+    fn processed_in(&self, group: GroupIdx) -> bool {
+        self.grouped
+            .values()
+            .any(|(g, q)| *g == group && *q == Qos::Processed)
+    }
+}
+
+/// A queue group: its name, how many subscriptions it has, and the round-robin cursor.
+struct Group {
+    name: QueueGroup,
+    subscriptions: usize,
+    cursor: AtomicU32,
+}
+
+/// Why a subscribe request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SubscribeRefusal {
+    /// The connection already holds this filter in another way (plain vs. group, or another
+    /// group).
+    Conflict(String),
 }
 
 /// Reusable buffers for [`Router::route`], owned by one session so routing allocates nothing.
@@ -23,11 +62,14 @@ struct Entry {
 pub(crate) struct RouteScratch {
     slots: Vec<Slot>,
     processed: Vec<Slot>,
+    /// Queue group members matching the topic, sorted (so grouped by group).
+    members: Vec<Member>,
     /// The topic `slots` / `processed` were matched for, and the router generation then:
     /// a burst on one topic is matched once.
     matched: Option<(Topic, u64)>,
-    /// Connections whose `Processed` queue was full: the publisher waits for them.
-    pub(crate) blocked: Vec<Arc<ConnShared>>,
+    /// Connections whose `Processed` queue was full, with the group the message went to them
+    /// in: the publisher waits for them.
+    pub(crate) blocked: Vec<(Arc<ConnShared>, Option<QueueGroup>)>,
     /// Connections whose queue went from empty to non-empty: their writers are woken once,
     /// after the whole batch is routed ([`RouteScratch::wake_writers`]).
     wake: Vec<Arc<ConnShared>>,
@@ -55,6 +97,9 @@ pub(crate) enum Waiting {
 /// Result of routing one message.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Routed {
+    /// Recipients matched: connections with a plain subscription plus one member per queue
+    /// group. Zero means nobody could answer a request.
+    pub(crate) matched: u64,
     /// Queues the message entered.
     pub(crate) queued: u64,
     /// Deliveries dropped (evicted older messages or this one).
@@ -67,6 +112,11 @@ pub(crate) struct Router {
     trie: SubscriptionTrie<Slot>,
     /// Only the `Processed` subscriptions, consulted when it is not empty.
     processed: SubscriptionTrie<Slot>,
+    /// Queue group subscriptions.
+    grouped: SubscriptionTrie<Member>,
+    groups: Vec<Option<Group>>,
+    group_index: HashMap<QueueGroup, GroupIdx>,
+    free_groups: Vec<GroupIdx>,
     slots: Vec<Option<Entry>>,
     free: Vec<Slot>,
     /// Bumped by every change of connections or subscriptions (invalidates cached matches).
@@ -81,6 +131,7 @@ impl Router {
             conn,
             filters: HashSet::new(),
             processed: HashSet::new(),
+            grouped: HashMap::new(),
         };
         if let Some(slot) = self.free.pop() {
             self.slots[slot as usize] = Some(entry);
@@ -100,14 +151,129 @@ impl Router {
             for f in &entry.processed {
                 self.processed.remove(f, slot);
             }
+            for (f, (g, _)) in &entry.grouped {
+                self.grouped.remove(f, member(*g, slot));
+                self.release_group(*g);
+            }
             self.free.push(slot);
         }
     }
 
-    /// Subscribes; returns `false` when the connection already had this filter (a
-    /// `Processed` request still upgrades a `Realtime` one).
-    pub(crate) fn subscribe(&mut self, slot: Slot, filter: &TopicFilter, qos: Qos) -> bool {
+    /// Subscribes, in a queue group when `group` is given; returns `Ok(false)` when the
+    /// connection already had this subscription (a `Processed` request still upgrades a
+    /// `Realtime` one).
+    ///
+    /// A connection holds a filter once: plainly or in one group. Asking for it the other way
+    /// is refused (unsubscribe first).
+    pub(crate) fn subscribe(
+        &mut self,
+        slot: Slot,
+        filter: &TopicFilter,
+        qos: Qos,
+        group: Option<&QueueGroup>,
+    ) -> Result<bool, SubscribeRefusal> {
+        let Some(entry) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
+            return Ok(false);
+        };
+        let held_in = entry
+            .grouped
+            .get(filter)
+            .and_then(|(g, _)| self.groups[*g as usize].as_ref())
+            .map(|g| g.name.clone());
+        let held_plain = entry.filters.contains(filter);
+        match (group, held_in, held_plain) {
+            (None, Some(g), _) => {
+                return Err(SubscribeRefusal::Conflict(format!(
+                    "{filter} is already subscribed in queue group {g}; unsubscribe it first"
+                )));
+            }
+            (Some(want), Some(g), _) if *want != g => {
+                return Err(SubscribeRefusal::Conflict(format!(
+                    "{filter} is already subscribed in queue group {g}; unsubscribe it first"
+                )));
+            }
+            (Some(_), _, true) => {
+                return Err(SubscribeRefusal::Conflict(format!(
+                    "{filter} is already subscribed without a queue group; unsubscribe it first"
+                )));
+            }
+            _ => {}
+        }
         self.generation += 1;
+        match group {
+            None => Ok(self.subscribe_plain(slot, filter, qos)),
+            Some(name) => Ok(self.subscribe_grouped(slot, filter, qos, name)),
+        }
+    }
+
+    fn subscribe_grouped(
+        &mut self,
+        slot: Slot,
+        filter: &TopicFilter,
+        qos: Qos,
+        name: &QueueGroup,
+    ) -> bool {
+        let g = self.group_of(name);
+        let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
+            return false;
+        };
+        match entry.grouped.get_mut(filter) {
+            Some((_, q)) => {
+                if qos == Qos::Processed {
+                    *q = Qos::Processed;
+                }
+                false
+            }
+            None => {
+                entry.grouped.insert(filter.clone(), (g, qos));
+                self.grouped.insert(filter, member(g, slot));
+                if let Some(group) = self.groups[g as usize].as_mut() {
+                    group.subscriptions += 1;
+                }
+                true
+            }
+        }
+    }
+
+    /// The index of group `name`, created when new.
+    fn group_of(&mut self, name: &QueueGroup) -> GroupIdx {
+        if let Some(g) = self.group_index.get(name) {
+            return *g;
+        }
+        let group = Group {
+            name: name.clone(),
+            subscriptions: 0,
+            cursor: AtomicU32::new(0),
+        };
+        let g = match self.free_groups.pop() {
+            Some(g) => {
+                self.groups[g as usize] = Some(group);
+                g
+            }
+            None => {
+                self.groups.push(Some(group));
+                GroupIdx::try_from(self.groups.len() - 1).expect("fewer than 2^32 groups")
+            }
+        };
+        self.group_index.insert(name.clone(), g);
+        g
+    }
+
+    /// Drops one subscription of group `g`; forgets the group with its last one.
+    fn release_group(&mut self, g: GroupIdx) {
+        let Some(group) = self.groups[g as usize].as_mut() else {
+            return;
+        };
+        group.subscriptions -= 1;
+        if group.subscriptions == 0 {
+            let name = group.name.clone();
+            self.groups[g as usize] = None;
+            self.group_index.remove(&name);
+            self.free_groups.push(g);
+        }
+    }
+
+    fn subscribe_plain(&mut self, slot: Slot, filter: &TopicFilter, qos: Qos) -> bool {
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
@@ -120,12 +286,18 @@ impl Router {
         self.trie.insert(filter, slot)
     }
 
-    /// Unsubscribes; returns `false` when the connection did not have this filter.
+    /// Unsubscribes (plainly or from its group); returns `false` when the connection did not
+    /// have this filter.
     pub(crate) fn unsubscribe(&mut self, slot: Slot, filter: &TopicFilter) -> bool {
         self.generation += 1;
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
+        if let Some((g, _)) = entry.grouped.remove(filter) {
+            self.grouped.remove(filter, member(g, slot));
+            self.release_group(g);
+            return true;
+        }
         if entry.processed.remove(filter) {
             self.processed.remove(filter, slot);
         }
@@ -157,8 +329,18 @@ impl Router {
             }
             scratch.matched = Some((msg.topic().clone(), self.generation));
         }
+        if !fresh && !self.grouped.is_empty() {
+            self.grouped.matches_into(msg.topic(), &mut scratch.members);
+        } else if !fresh {
+            scratch.members.clear();
+        }
         let mut routed = Routed::default();
-        for slot in &scratch.slots {
+        if !scratch.members.is_empty() {
+            self.route_groups(msg, scratch, memory, waiting, &mut routed);
+        }
+        routed.matched += scratch.slots.len() as u64;
+        let slots = std::mem::take(&mut scratch.slots);
+        for slot in &slots {
             let Some(entry) = &self.slots[*slot as usize] else {
                 continue;
             };
@@ -170,24 +352,141 @@ impl Router {
             } else {
                 Admission::Shed
             };
-            match entry.conn.outbox.push_message(msg, memory, admission) {
-                Pushed::Queued { evicted, wake } => {
-                    routed.queued += 1;
-                    routed.dropped += evicted;
-                    if wake {
-                        scratch.wake.push(Arc::clone(&entry.conn));
-                    }
+            let pushed = entry.conn.outbox.push_message(msg, memory, admission, None);
+            Self::account(pushed, &entry.conn, None, scratch, &mut routed);
+        }
+        scratch.slots = slots;
+        routed
+    }
+
+    /// Books the outcome of one push.
+    fn account(
+        pushed: Pushed,
+        conn: &Arc<ConnShared>,
+        group: Option<&QueueGroup>,
+        scratch: &mut RouteScratch,
+        routed: &mut Routed,
+    ) {
+        match pushed {
+            Pushed::Queued { evicted, wake } => {
+                routed.queued += 1;
+                routed.dropped += evicted;
+                if wake {
+                    scratch.wake.push(Arc::clone(conn));
                 }
-                Pushed::Dropped => routed.dropped += 1,
-                Pushed::Overflow => {
-                    routed.dropped += 1;
-                    entry.conn.overflowed();
-                }
-                Pushed::Full => scratch.blocked.push(Arc::clone(&entry.conn)),
-                Pushed::Closed => {}
+            }
+            Pushed::Dropped => routed.dropped += 1,
+            Pushed::Overflow => {
+                routed.dropped += 1;
+                conn.overflowed();
+            }
+            Pushed::Full => scratch.blocked.push((Arc::clone(conn), group.cloned())),
+            Pushed::Closed => {}
+        }
+    }
+
+    /// Gives `msg` to one member of every queue group in `scratch.members`: round robin,
+    /// skipping members that are closing and, when another has room, members whose queue is
+    /// full (so a stalled instance does not hold requests others could answer).
+    fn route_groups(
+        &self,
+        msg: &Message,
+        scratch: &mut RouteScratch,
+        memory: &Memory,
+        waiting: Waiting,
+        routed: &mut Routed,
+    ) {
+        let members = std::mem::take(&mut scratch.members);
+        for run in members.chunk_by(|a, b| split(*a).0 == split(*b).0) {
+            let g = split(run[0]).0;
+            let Some(group) = self.groups[g as usize].as_ref() else {
+                continue;
+            };
+            if let Some((slot, admission)) = self.pick(group, run, msg, memory, waiting) {
+                let Some(entry) = &self.slots[slot as usize] else {
+                    continue;
+                };
+                routed.matched += 1;
+                let pushed =
+                    entry
+                        .conn
+                        .outbox
+                        .push_message(msg, memory, admission, Some(&group.name));
+                Self::account(pushed, &entry.conn, Some(&group.name), scratch, routed);
             }
         }
-        routed
+        scratch.members = members;
+    }
+
+    /// Chooses the member of one group (`run`: its matching members) that gets `msg`.
+    fn pick(
+        &self,
+        group: &Group,
+        run: &[Member],
+        msg: &Message,
+        memory: &Memory,
+        waiting: Waiting,
+    ) -> Option<(Slot, Admission)> {
+        let n = run.len();
+        let start = group.cursor.fetch_add(1, Ordering::Relaxed) as usize % n;
+        let mut fallback = None;
+        for i in 0..n {
+            let (g, slot) = split(run[(start + i) % n]);
+            let Some(entry) = &self.slots[slot as usize] else {
+                continue;
+            };
+            if entry.conn.cancel.is_cancelled() {
+                continue;
+            }
+            let admission = if waiting == Waiting::Allowed && entry.processed_in(g) {
+                Admission::Wait
+            } else {
+                Admission::Shed
+            };
+            if entry.conn.outbox.has_room_for(msg.accounted_size(), memory) {
+                return Some((slot, admission));
+            }
+            fallback.get_or_insert((slot, admission));
+        }
+        fallback
+    }
+
+    /// Offers `msg` again to group `group` (a member that was given it went away before
+    /// writing it). Returns whether another member took it.
+    pub(crate) fn reoffer(
+        &self,
+        msg: &Message,
+        group: &QueueGroup,
+        scratch: &mut RouteScratch,
+        memory: &Memory,
+    ) -> bool {
+        let Some(&g) = self.group_index.get(group) else {
+            return false;
+        };
+        let Some(grp) = self.groups[g as usize].as_ref() else {
+            return false;
+        };
+        self.grouped.matches_into(msg.topic(), &mut scratch.members);
+        scratch.members.retain(|m| split(*m).0 == g);
+        let members = std::mem::take(&mut scratch.members);
+        // Never waits: the session re-offering is going away.
+        let picked = self.pick(grp, &members, msg, memory, Waiting::Never);
+        scratch.members = members;
+        scratch.matched = None;
+        let Some((slot, admission)) = picked else {
+            return false;
+        };
+        let Some(entry) = &self.slots[slot as usize] else {
+            return false;
+        };
+        let mut routed = Routed::default();
+        let pushed = entry
+            .conn
+            .outbox
+            .push_message(msg, memory, admission, Some(group));
+        Self::account(pushed, &entry.conn, None, scratch, &mut routed);
+        scratch.blocked.clear();
+        routed.queued > 0
     }
 
     /// Number of filters held by a connection.
@@ -195,7 +494,7 @@ impl Router {
         self.slots
             .get(slot as usize)
             .and_then(Option::as_ref)
-            .map_or(0, |e| e.filters.len())
+            .map_or(0, |e| e.filters.len() + e.grouped.len())
     }
 
     /// Live connections.
@@ -206,13 +505,13 @@ impl Router {
             .filter_map(|(i, e)| e.as_ref().map(|e| (i as Slot, &e.conn)))
     }
 
-    /// (filter, connection) entries.
+    /// (filter, connection) entries, plain and grouped.
     pub(crate) fn subscription_count(&self) -> usize {
-        self.trie.len()
+        self.trie.len() + self.grouped.len()
     }
 
-    /// Distinct filters.
+    /// Distinct filters (a filter used plainly and in a group counts twice).
     pub(crate) fn topic_count(&self) -> usize {
-        self.trie.filter_count()
+        self.trie.filter_count() + self.grouped.filter_count()
     }
 }

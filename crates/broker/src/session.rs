@@ -7,7 +7,7 @@
 
 use crate::broker::Shared;
 use crate::outbox::{Admission, Out, Outbox, Pushed};
-use crate::router::{RouteScratch, Waiting};
+use crate::router::{RouteScratch, SubscribeRefusal, Waiting};
 use crate::stats::{ConnCounters, Counters};
 use daemoneye_eventbus_core::codec::{
     ErrorCode, ErrorFrame, GoingAway, Hello, Nack, PROTOCOL_MAJOR, Reply, Version, Welcome,
@@ -174,8 +174,12 @@ async fn run_session(
     if tokio::time::timeout(drain, writer_task).await.is_err() {
         conn.cancel.cancel();
     }
-    let discarded = conn.outbox.discard(&shared.memory) as u64;
-    Counters::add(&shared.counters.dropped, discarded);
+    let mut regroup = Vec::new();
+    let discarded = conn.outbox.discard(&shared.memory, &mut regroup) as u64;
+    // Queue group deliveries go to another member (or are counted as dropped there).
+    let regrouped = regroup.len() as u64;
+    shared.reoffer(regroup);
+    Counters::add(&shared.counters.dropped, discarded - regrouped);
     shared.announce(&conn, false);
     shared.sessions.lock().remove(&conn.session_id);
     tracing::debug!(session = conn.session_id, "disconnected");
@@ -330,6 +334,13 @@ impl<'a> ReadLoop<'a> {
                     message: error.to_string(),
                 }))
             }
+            ReadError::Frame(FrameError::InvalidGroup { request_id, error }) => {
+                self.control(Frame::Reply(Reply {
+                    request_id,
+                    error: Some(ErrorCode::InvalidGroup),
+                    message: error.to_string(),
+                }))
+            }
             ReadError::Frame(FrameError::Topic(error)) => {
                 self.rejected += 1;
                 self.control(Frame::Error(ErrorFrame {
@@ -387,19 +398,22 @@ impl<'a> ReadLoop<'a> {
         match frame {
             Frame::Publish(msg) => self.on_publish(msg),
             Frame::Subscribe(s) => {
-                let added = self
-                    .shared
-                    .router
-                    .write()
-                    .subscribe(self.slot, &s.filter, s.qos);
-                let message = if added {
-                    String::new()
-                } else {
-                    "already subscribed".into()
+                let outcome = self.shared.router.write().subscribe(
+                    self.slot,
+                    &s.filter,
+                    s.qos,
+                    s.group.as_ref(),
+                );
+                let (error, message) = match outcome {
+                    Ok(true) => (None, String::new()),
+                    Ok(false) => (None, "already subscribed".into()),
+                    Err(SubscribeRefusal::Conflict(why)) => {
+                        (Some(ErrorCode::SubscriptionConflict), why)
+                    }
                 };
                 let reply = Frame::Reply(Reply {
                     request_id: s.request_id,
-                    error: None,
+                    error,
                     message,
                 });
                 let exit = self.control(reply);
@@ -482,6 +496,9 @@ impl<'a> ReadLoop<'a> {
         self.bytes_in += len as u64;
         self.dropped += routed.dropped;
         self.conn.counters.published.fetch_add(1, Ordering::Relaxed);
+        if routed.matched == 0 && msg.header().reply_to.is_some() {
+            self.shared.no_responders(&msg);
+        }
         if !self.scratch.blocked.is_empty() {
             // Acknowledged once every queue holds it (`deliver_pending`).
             self.pending = Some(msg);
@@ -510,11 +527,13 @@ impl<'a> ReadLoop<'a> {
         self.scratch.wake_writers();
         let keepalive = self.shared.config.keepalive();
         let mut ping_at = tokio::time::Instant::now() + keepalive;
-        while let Some(target) = self.scratch.blocked.last() {
-            match target
-                .outbox
-                .push_message(&msg, &self.shared.memory, Admission::Wait)
-            {
+        while let Some((target, group)) = self.scratch.blocked.last() {
+            match target.outbox.push_message(
+                &msg,
+                &self.shared.memory,
+                Admission::Wait,
+                group.as_ref(),
+            ) {
                 Pushed::Queued { wake: true, .. } => {
                     target.outbox.wake();
                     self.scratch.blocked.pop();
@@ -551,6 +570,8 @@ impl<'a> ReadLoop<'a> {
 /// Drains the outbox into the socket, one write per batch.
 async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: FrameWriter) {
     let mut batch_items = VecDeque::new();
+    // Queue group deliveries of the batch being written, re-offered if the write fails.
+    let mut in_flight = Vec::new();
     // A flush that failed or was cancelled leaves a partial batch behind: nothing more may be
     // written after it, or the peer would read a corrupt stream.
     let mut intact = true;
@@ -571,9 +592,14 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         let mut bytes_out = 0u64;
         for item in batch_items.drain(..) {
             match item {
-                Out::Msg(m, _) => {
+                Out::Msg(m, _, None) => {
                     bytes_out += m.payload().len() as u64;
                     writer.push_deliver(&m);
+                }
+                Out::Msg(m, _, Some(group)) => {
+                    bytes_out += m.payload().len() as u64;
+                    writer.push_group_deliver(&m, &group);
+                    in_flight.push((m, group));
                 }
                 Out::Frame(f) => writer.push(&f),
             }
@@ -584,10 +610,13 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         };
         shared.memory.release(batch.bytes);
         if !flushed {
+            // The peer is gone: the queue group deliveries of this batch go to another member.
+            shared.reoffer(std::mem::take(&mut in_flight));
             intact = false;
             conn.cancel.cancel();
             break;
         }
+        in_flight.clear();
         let msgs = batch.msgs as u64;
         conn.counters.delivered.fetch_add(msgs, Ordering::Relaxed);
         Counters::add(&shared.counters.delivered, msgs);

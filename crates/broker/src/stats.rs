@@ -17,6 +17,8 @@ pub(crate) struct Counters {
     pub(crate) connections_refused: AtomicU64,
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) rejected_publishes: AtomicU64,
+    pub(crate) no_responders: AtomicU64,
+    pub(crate) reoffered: AtomicU64,
 }
 
 impl Counters {
@@ -64,6 +66,12 @@ pub struct BrokerStats {
     pub protocol_errors: u64,
     /// Publishes refused (too large, reserved topic, bad source).
     pub rejected_publishes: u64,
+    /// Requests (publishes with a reply-to) that matched no subscription and were answered
+    /// at once with a "no responders" status.
+    pub no_responders: u64,
+    /// Queue group deliveries given to another member because the chosen one disconnected
+    /// before they were written to it.
+    pub reoffered: u64,
     /// (filter, connection) subscriptions.
     pub active_subscriptions: u64,
     /// Distinct subscribed filters.

@@ -7,8 +7,11 @@
 
 use crate::error::ReadError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use daemoneye_eventbus_core::codec::{encode_message_frame, kind, max_frame_len};
-use daemoneye_eventbus_core::{Frame, FrameDecoder, Message};
+use daemoneye_eventbus_core::codec::{
+    GroupDelivery, encode_group_frame, encode_group_frame_head, encode_message_frame, kind,
+    max_frame_len,
+};
+use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -128,11 +131,17 @@ impl StreamOut {
         }
     }
 
-    fn push_large(&mut self, msg: &Message) {
+    /// A delivery whose body is written from the message's own buffer (no copy).
+    fn push_large(&mut self, msg: &Message, group: Option<&GroupDelivery>) {
         let wire = msg.wire();
-        let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
-        self.buf.put_u32_le(len);
-        self.buf.put_u8(kind::DELIVER);
+        match group {
+            Some(d) => encode_group_frame_head(&mut self.buf, d, wire.len()),
+            None => {
+                let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
+                self.buf.put_u32_le(len);
+                self.buf.put_u8(kind::DELIVER);
+            }
+        }
         self.seal();
         self.segment_bytes += wire.len();
         self.segments.push_back(wire.clone());
@@ -226,10 +235,27 @@ impl FrameWriter {
         }
     }
 
+    /// Adds a delivery to the chosen member of a queue group.
+    pub fn push_group_deliver(&mut self, msg: &Message, group: &QueueGroup) {
+        let d = GroupDelivery {
+            group: group.clone(),
+            message: msg.clone(),
+        };
+        match &mut self.kind {
+            WriterKind::Stream(out) if msg.wire().len() >= VECTORED_MIN => {
+                out.push_large(msg, Some(&d));
+            }
+            WriterKind::Stream(out) => encode_group_frame(&mut out.buf, &d),
+            WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverGroup(d)),
+        }
+    }
+
     /// Adds a message delivery to the batch (no payload copy for in-process peers).
     pub fn push_deliver(&mut self, msg: &Message) {
         match &mut self.kind {
-            WriterKind::Stream(out) if msg.wire().len() >= VECTORED_MIN => out.push_large(msg),
+            WriterKind::Stream(out) if msg.wire().len() >= VECTORED_MIN => {
+                out.push_large(msg, None);
+            }
             WriterKind::Stream(out) => encode_message_frame(&mut out.buf, kind::DELIVER, msg),
             WriterKind::InProc { pending, .. } => pending.push(Frame::Deliver(msg.clone())),
         }
