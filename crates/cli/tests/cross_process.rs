@@ -203,6 +203,7 @@ fn stalled_subscriber_does_not_slow_others_and_memory_stays_capped() {
         request_id: 1,
         qos: Qos::Realtime,
         filter,
+        group: None,
     }));
     assert!(
         matches!(stalled.recv_until(|f| matches!(f, Frame::Reply(_))), Frame::Reply(r) if r.error.is_none())
@@ -394,6 +395,7 @@ fn malformed_and_oversized_frames_close_only_the_offender() {
         request_id: 42,
         qos: Qos::Realtime,
         filter,
+        group: None,
     })
     .encode(&mut bad_filter);
     let at = bad_filter.len() - 2;

@@ -2,14 +2,18 @@
 
 use crate::driver;
 use crate::error::{ConnectError, PublishError, SubscribeError};
+use crate::metrics::Recorder;
 use crate::options::ClientOptions;
 use crate::outbuf::OutBuf;
+use crate::rpc::{Inbox, new_correlation_id};
+use crate::subscription::{NewSub, Sink};
 use crate::subscription::{SubTable, Subscription};
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::{ErrorCode, MAX_NAME_LEN, Subscribe, Unsubscribe};
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{
-    ByteStr, CorrelationMetadata, Frame, Header, MessageId, Qos, Topic, TopicFilter,
+    ByteStr, CorrelationFilter, CorrelationMetadata, Frame, Header, Message, MessageId, Qos,
+    QueueGroup, ReplyStatus, Topic, TopicFilter,
 };
 use daemoneye_eventbus_transport::Endpoint;
 use parking_lot::Mutex;
@@ -99,6 +103,10 @@ pub(crate) struct Inner {
     /// Cancelled by close / drain / the last handle's drop.
     pub(crate) closed: CancellationToken,
     pub(crate) last_rejection: Mutex<Option<String>>,
+    /// The reply inbox and the calls waiting on it.
+    pub(crate) inbox: Arc<Inbox>,
+    /// Metrics of the calls made.
+    pub(crate) rpc_metrics: Recorder,
 }
 
 impl Inner {
@@ -151,6 +159,7 @@ pub struct Publish {
     reply_to: Option<Topic>,
     deadline_ns: Option<u64>,
     correlation: Option<Box<CorrelationMetadata>>,
+    pub(crate) status: Option<Box<ReplyStatus>>,
 }
 
 impl Publish {
@@ -163,6 +172,7 @@ impl Publish {
             reply_to: None,
             deadline_ns: None,
             correlation: None,
+            status: None,
         }
     }
     /// Sets the delivery guarantee.
@@ -187,6 +197,53 @@ impl Publish {
     #[must_use]
     pub fn correlation(mut self, meta: CorrelationMetadata) -> Self {
         self.correlation = Some(Box::new(meta));
+        self
+    }
+
+    /// Marks this message as caused by `cause`: it gets child correlation metadata (a new id,
+    /// parent = the cause's id, the same root, the next sequence number, the cause's stage and
+    /// tags). A cause without metadata starts a new chain rooted at this message.
+    #[must_use]
+    pub fn caused_by(mut self, cause: &Message) -> Self {
+        let now = now_ns();
+        let meta = match cause.header().correlation.as_deref() {
+            Some(parent) => parent.child(new_correlation_id(), now),
+            None => CorrelationMetadata::root(new_correlation_id(), now),
+        };
+        self.correlation = Some(Box::new(meta));
+        self
+    }
+}
+
+/// How to subscribe (see [`Client::subscribe_with_options`]).
+#[derive(Debug, Clone, Default)]
+pub struct SubscribeOptions {
+    /// Delivery guarantee (default `Realtime`).
+    pub qos: Qos,
+    /// Queue group to join: each message matching the group goes to one member only.
+    pub group: Option<QueueGroup>,
+    /// Only messages whose correlation metadata passes this filter are delivered to the
+    /// subscription (applied by the client as messages arrive).
+    pub correlation: Option<CorrelationFilter>,
+}
+
+impl SubscribeOptions {
+    /// Sets the delivery guarantee.
+    #[must_use]
+    pub fn qos(mut self, qos: Qos) -> Self {
+        self.qos = qos;
+        self
+    }
+    /// Joins a queue group.
+    #[must_use]
+    pub fn group(mut self, group: QueueGroup) -> Self {
+        self.group = Some(group);
+        self
+    }
+    /// Filters by correlation metadata.
+    #[must_use]
+    pub fn correlation(mut self, filter: CorrelationFilter) -> Self {
+        self.correlation = Some(filter);
         self
     }
 }
@@ -218,10 +275,13 @@ impl Client {
         let (state, _) = watch::channel(ConnState::Connected {
             session_id: established.session_id(),
         });
+        let publisher_id = fastrand::u64(1..);
         let inner = Arc::new(Inner {
             source: ByteStr::from(options.name.as_str()),
             endpoint: endpoint.clone(),
-            publisher_id: fastrand::u64(1..),
+            publisher_id,
+            inbox: Arc::new(Inbox::new(publisher_id)),
+            rpc_metrics: Recorder::default(),
             sequence: AtomicU64::new(0),
             out: Mutex::new(OutState {
                 buf: OutBuf::new(in_process),
@@ -349,6 +409,7 @@ impl Client {
             reply_to: p.reply_to,
             deadline_ns: p.deadline_ns,
             correlation: p.correlation,
+            status: p.status,
         };
         let need = p.payload.len() + p.topic.as_str().len() + MESSAGE_OVERHEAD;
         loop {
@@ -433,7 +494,7 @@ impl Client {
         result
     }
 
-    async fn request(&self, make: impl FnOnce(u32) -> Frame) -> Result<(), SubscribeError> {
+    async fn control_request(&self, make: impl FnOnce(u32) -> Frame) -> Result<(), SubscribeError> {
         let id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.inner.pending.lock().insert(id, tx);
@@ -483,25 +544,68 @@ impl Client {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
+        self.subscribe_with_options(filters, SubscribeOptions::default().qos(qos))
+            .await
+    }
+
+    /// Subscribes with every option: QoS, queue group and correlation filter.
+    ///
+    /// A connection holds each filter once: plainly or in one queue group. Subscribing a
+    /// filter in a group while it is held plainly on this connection (or the reverse, or in
+    /// another group) fails with [`SubscribeError::Conflict`].
+    ///
+    /// # Errors
+    ///
+    /// See [`SubscribeError`]; on error nothing stays subscribed.
+    pub async fn subscribe_with_options<I, S>(
+        &self,
+        filters: I,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
         let filters = filters
             .into_iter()
             .map(|f| TopicFilter::new(f.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        if filters.is_empty() {
+        let (tx, rx) = crate::queue::channel(self.inner.options.subscription_buffer);
+        let id = self
+            .subscribe_sink(NewSub {
+                filters: filters.clone(),
+                qos: options.qos,
+                group: options.group,
+                correlation: options.correlation,
+                sink: Sink::Queue(tx),
+            })
+            .await?;
+        Ok(Subscription {
+            id,
+            filters,
+            rx,
+            client: Some(self.clone()),
+        })
+    }
+
+    /// Registers a subscription and asks the broker for its new filters; returns its id.
+    pub(crate) async fn subscribe_sink(&self, new: NewSub) -> Result<u64, SubscribeError> {
+        if new.filters.is_empty() {
             return Err(SubscribeError::NoFilters);
         }
         if self.inner.closed.is_cancelled() {
             return Err(SubscribeError::Closed);
         }
-        let (tx, rx) = crate::queue::channel(self.inner.options.subscription_buffer);
-        let (id, fresh) = self.inner.subs.lock().add(filters.clone(), qos, tx);
+        let (id, fresh) = self.inner.subs.lock().add(new)?;
         for filter in fresh {
+            let (qos, group) = self.inner.subs.lock().held(&filter);
             let sent = self
-                .request(|request_id| {
+                .control_request(|request_id| {
                     Frame::Subscribe(Subscribe {
                         request_id,
                         qos,
                         filter,
+                        group,
                     })
                 })
                 .await;
@@ -510,12 +614,23 @@ impl Client {
                 return Err(e);
             }
         }
-        Ok(Subscription {
-            id,
-            filters,
-            rx,
-            client: Some(self.clone()),
-        })
+        Ok(id)
+    }
+
+    /// Unsubscribes the filters only this subscription uses, waits for the broker's
+    /// acknowledgements, and only then removes the subscription: every delivery the broker
+    /// routed to it before reaches its queue (a queue group member leaving loses nothing).
+    pub(crate) async fn unsubscribe_then_forget(&self, id: u64) {
+        let last = self.inner.subs.lock().only_user_of(id);
+        for filter in last {
+            let _ = self
+                .control_request(|request_id| {
+                    Frame::Unsubscribe(Unsubscribe { request_id, filter })
+                })
+                .await;
+        }
+        // The filters are gone at the broker already; nothing more to send.
+        let _ = self.inner.subs.lock().remove(id);
     }
 
     /// Removes a subscription; with `wait`, waits for the broker's acknowledgements.
@@ -527,8 +642,10 @@ impl Client {
         let gone = self.inner.subs.lock().remove(id);
         for filter in gone {
             if wait {
-                self.request(|request_id| Frame::Unsubscribe(Unsubscribe { request_id, filter }))
-                    .await?;
+                self.control_request(|request_id| {
+                    Frame::Unsubscribe(Unsubscribe { request_id, filter })
+                })
+                .await?;
             } else {
                 let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
                 self.inner
@@ -563,6 +680,7 @@ impl Client {
     /// subscriptions end with [`crate::RecvError::Closed`].
     pub async fn close(&self) {
         self.inner.closed.cancel();
+        self.inner.cancel_calls();
         let handle = self.driver.lock().take();
         if let Some(h) = handle {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(2), h).await;

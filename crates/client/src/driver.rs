@@ -163,11 +163,12 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
     );
     if gap.is_some() {
         // Restore every subscription before anything else queued is written.
-        for (filter, qos) in inner.subs.lock().active_filters() {
+        for (filter, qos, group) in inner.subs.lock().active_filters() {
             writer.push(&Frame::Subscribe(Subscribe {
                 request_id: 0,
                 qos,
                 filter,
+                group,
             }));
         }
     }
@@ -299,6 +300,7 @@ async fn read_loop(
     let mut ctx = ReadCtx {
         inner: &inner,
         matched: Matched::default(),
+        scratch: Vec::new(),
         blocked: Vec::new(),
         liveness: &heard,
         started,
@@ -350,6 +352,8 @@ async fn read_loop(
 struct ReadCtx<'a> {
     inner: &'a Inner,
     matched: Matched,
+    /// Reused by queue group dispatch.
+    scratch: Vec<u64>,
     blocked: Vec<crate::queue::Sender>,
     liveness: &'a Liveness,
     started: Instant,
@@ -374,6 +378,7 @@ impl ReadCtx<'_> {
         let inner = self.inner;
         match frame {
             Frame::Deliver(msg) => self.deliver(msg, cancel).await,
+            Frame::DeliverGroup(d) => self.deliver_group(&d.group, d.message, cancel).await,
             Frame::Reply(r) => {
                 if let Some(tx) = inner.pending.lock().remove(&r.request_id) {
                     let _ = tx.send(match r.error {
@@ -423,6 +428,22 @@ impl ReadCtx<'_> {
             .subs
             .lock()
             .dispatch(&msg, &mut self.matched, &mut self.blocked);
+        while let Some(tx) = self.blocked.pop() {
+            self.send(cancel, tx, Item::Msg(msg.clone())).await;
+        }
+    }
+
+    async fn deliver_group(
+        &mut self,
+        group: &daemoneye_eventbus_core::QueueGroup,
+        msg: Message,
+        cancel: &CancellationToken,
+    ) {
+        self.inner.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .subs
+            .lock()
+            .dispatch_group(group, &msg, &mut self.scratch, &mut self.blocked);
         while let Some(tx) = self.blocked.pop() {
             self.send(cancel, tx, Item::Msg(msg.clone())).await;
         }

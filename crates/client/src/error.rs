@@ -82,6 +82,10 @@ pub enum SubscribeError {
         /// Explanation.
         message: String,
     },
+    /// The filter is already subscribed on this connection in another way (plainly vs. in
+    /// a queue group, or in another group).
+    #[error("{0}; unsubscribe it first or use another connection")]
+    Conflict(String),
     /// No acknowledgement before the deadline.
     #[error("no acknowledgement from the broker within {0:?}")]
     Timeout(Duration),

@@ -26,12 +26,16 @@
 mod client;
 mod driver;
 mod error;
+pub mod metrics;
 mod options;
 mod outbuf;
 mod queue;
+mod rpc;
 mod subscription;
 
-pub use client::{Client, ClientStats, ConnState, Publish};
+pub use client::{Client, ClientStats, ConnState, Publish, SubscribeOptions};
 pub use error::{ConnectError, PublishError, SubscribeError};
+pub use metrics::RpcMetrics;
 pub use options::{ClientOptions, ReconnectPolicy};
+pub use rpc::{Request, RpcError, RpcErrorKind, ServeOptions, Service, new_correlation_id};
 pub use subscription::{MissedReason, RecvError, Subscription};

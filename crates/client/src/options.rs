@@ -82,6 +82,9 @@ pub struct ClientOptions {
     /// policy applies. The application takes queued messages in batches, so a subscription
     /// holds at most twice this many (the queue and the batch being read).
     pub subscription_buffer: usize,
+    /// Calls allowed to wait for a reply at once (default 1000, the seed's
+    /// `max_pending_requests`); a further call fails at once with `Busy`.
+    pub max_pending_requests: usize,
     /// What the broker does when this client reads too slowly.
     pub slow_reader: SlowReaderPolicy,
     /// Largest payload this client publishes (the broker's limit applies too). Incoming
@@ -99,6 +102,7 @@ impl Default for ClientOptions {
             reconnect: ReconnectPolicy::default(),
             outbox_bytes: 8 * 1024 * 1024,
             subscription_buffer: 4096,
+            max_pending_requests: 1000,
             slow_reader: SlowReaderPolicy::DropOldest,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }

@@ -1,10 +1,14 @@
 //! Subscriptions: the client-side table that demultiplexes deliveries, and the
 //! [`Subscription`] stream handed to the application.
 
+use crate::error::SubscribeError;
 use crate::queue::{self, Taken};
+use crate::rpc::Inbox;
 use daemoneye_eventbus_core::codec::DropReason;
+use daemoneye_eventbus_core::{CorrelationFilter, QueueGroup};
 use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicFilter};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why messages were missed.
@@ -144,16 +148,36 @@ impl Drop for Subscription {
     }
 }
 
+/// Where a subscription's messages go.
+pub(crate) enum Sink {
+    /// To the application, through the subscription's queue.
+    Queue(queue::Sender),
+    /// Replies to this client's requests, completed by the reader directly.
+    Inbox(Arc<Inbox>),
+}
+
 struct SubEntry {
     filters: Vec<TopicFilter>,
-    tx: queue::Sender,
+    group: Option<QueueGroup>,
+    correlation: Option<CorrelationFilter>,
+    sink: Sink,
 }
 
 impl Drop for SubEntry {
     /// A subscription leaving the table ends its stream.
     fn drop(&mut self) {
-        self.tx.close();
+        if let Sink::Queue(tx) = &self.sink {
+            tx.close();
+        }
     }
+}
+
+/// One active filter: how many subscriptions use it, the strongest QoS asked for, and the
+/// queue group it is held in (a connection holds a filter once: plainly or in one group).
+struct FilterRef {
+    count: usize,
+    qos: Qos,
+    group: Option<QueueGroup>,
 }
 
 /// The subscriptions matched for the last delivered topic, reused while the topic and the
@@ -164,13 +188,23 @@ pub(crate) struct Matched {
     key: Option<(Topic, u64)>,
 }
 
-/// Subscriptions of one client: id → entry, filter → refcount, and a trie for demultiplexing.
+/// What a new subscription asks for.
+pub(crate) struct NewSub {
+    pub(crate) filters: Vec<TopicFilter>,
+    pub(crate) qos: Qos,
+    pub(crate) group: Option<QueueGroup>,
+    pub(crate) correlation: Option<CorrelationFilter>,
+    pub(crate) sink: Sink,
+}
+
+/// Subscriptions of one client: id → entry, filter → use, and tries for demultiplexing
+/// plain deliveries and queue group deliveries.
 #[derive(Default)]
 pub(crate) struct SubTable {
     subs: HashMap<u64, SubEntry>,
-    /// Active filters: how many subscriptions use each, and the strongest QoS asked for.
-    refs: HashMap<TopicFilter, (usize, Qos)>,
+    refs: HashMap<TopicFilter, FilterRef>,
     trie: SubscriptionTrie<u64>,
+    grouped: SubscriptionTrie<u64>,
     next_id: u64,
     /// Bumped by every change of the table (invalidates [`Matched`] caches).
     generation: u64,
@@ -179,29 +213,57 @@ pub(crate) struct SubTable {
 impl SubTable {
     /// Registers a subscription; returns its id and the filters the broker must be asked
     /// for: newly active ones (0 → 1) and ones upgraded from `Realtime` to `Processed`.
-    pub(crate) fn add(
-        &mut self,
-        filters: Vec<TopicFilter>,
-        qos: Qos,
-        tx: queue::Sender,
-    ) -> (u64, Vec<TopicFilter>) {
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Conflict`] when a filter is already held plainly and asked for in a
+    /// group (or the reverse, or in another group); nothing is registered then.
+    pub(crate) fn add(&mut self, new: NewSub) -> Result<(u64, Vec<TopicFilter>), SubscribeError> {
+        for f in &new.filters {
+            if let Some(r) = self.refs.get(f)
+                && r.group != new.group
+            {
+                let held = r.group.as_ref().map_or_else(
+                    || "without a queue group".to_owned(),
+                    |g| format!("in queue group {g}"),
+                );
+                return Err(SubscribeError::Conflict(format!(
+                    "{f} is already subscribed {held} on this connection"
+                )));
+            }
+        }
         self.generation += 1;
         self.next_id += 1;
         let id = self.next_id;
         let mut fresh = Vec::new();
-        for f in &filters {
-            self.trie.insert(f, id);
-            let (n, q) = self.refs.entry(f.clone()).or_insert((0, Qos::Realtime));
-            *n += 1;
-            if *n == 1 || (qos == Qos::Processed && *q != Qos::Processed) {
+        for f in &new.filters {
+            match &new.group {
+                None => self.trie.insert(f, id),
+                Some(_) => self.grouped.insert(f, id),
+            };
+            let r = self.refs.entry(f.clone()).or_insert(FilterRef {
+                count: 0,
+                qos: Qos::Realtime,
+                group: new.group.clone(),
+            });
+            r.count += 1;
+            if r.count == 1 || (new.qos == Qos::Processed && r.qos != Qos::Processed) {
                 fresh.push(f.clone());
             }
-            if qos == Qos::Processed {
-                *q = Qos::Processed;
+            if new.qos == Qos::Processed {
+                r.qos = Qos::Processed;
             }
         }
-        self.subs.insert(id, SubEntry { filters, tx });
-        (id, fresh)
+        self.subs.insert(
+            id,
+            SubEntry {
+                filters: new.filters,
+                group: new.group,
+                correlation: new.correlation.filter(|c| !c.is_empty()),
+                sink: new.sink,
+            },
+        );
+        Ok((id, fresh))
     }
 
     /// Removes a subscription; returns the filters that became inactive (1 → 0).
@@ -212,10 +274,13 @@ impl SubTable {
         };
         let mut gone = Vec::new();
         for f in std::mem::take(&mut entry.filters) {
-            self.trie.remove(&f, id);
-            if let Some((n, _)) = self.refs.get_mut(&f) {
-                *n -= 1;
-                if *n == 0 {
+            match entry.group {
+                None => self.trie.remove(&f, id),
+                Some(_) => self.grouped.remove(&f, id),
+            };
+            if let Some(r) = self.refs.get_mut(&f) {
+                r.count -= 1;
+                if r.count == 0 {
                     self.refs.remove(&f);
                     gone.push(f);
                 }
@@ -224,11 +289,29 @@ impl SubTable {
         gone
     }
 
-    /// Every active filter with its QoS (re-subscribed after a reconnect).
-    pub(crate) fn active_filters(&self) -> Vec<(TopicFilter, Qos)> {
+    /// The filters of subscription `id` that no other subscription uses.
+    pub(crate) fn only_user_of(&self, id: u64) -> Vec<TopicFilter> {
+        self.subs.get(&id).map_or_else(Vec::new, |e| {
+            e.filters
+                .iter()
+                .filter(|f| self.refs.get(*f).is_some_and(|r| r.count == 1))
+                .cloned()
+                .collect()
+        })
+    }
+
+    /// The QoS and group a filter is held with (for the SUBSCRIBE frame).
+    pub(crate) fn held(&self, filter: &TopicFilter) -> (Qos, Option<QueueGroup>) {
+        self.refs
+            .get(filter)
+            .map_or((Qos::Realtime, None), |r| (r.qos, r.group.clone()))
+    }
+
+    /// Every active filter with its QoS and group (re-subscribed after a reconnect).
+    pub(crate) fn active_filters(&self) -> Vec<(TopicFilter, Qos, Option<QueueGroup>)> {
         self.refs
             .iter()
-            .map(|(f, (_, q))| (f.clone(), *q))
+            .map(|(f, r)| (f.clone(), r.qos, r.group.clone()))
             .collect()
     }
 
@@ -237,9 +320,26 @@ impl SubTable {
         self.subs.keys().copied().collect()
     }
 
-    /// Offers `msg` to every subscription matching its topic without waiting. Subscriptions
-    /// whose queue is full are pushed to `blocked` so the caller can wait on them outside the
-    /// table's lock. Allocates nothing when no queue is full.
+    /// Offers `msg` to one subscription; a full queue is pushed to `blocked`.
+    fn offer(entry: &SubEntry, msg: &Message, blocked: &mut Vec<queue::Sender>) {
+        if let Some(c) = &entry.correlation
+            && !c.matches(msg.header().correlation.as_deref())
+        {
+            return;
+        }
+        match &entry.sink {
+            Sink::Queue(tx) => {
+                if tx.try_send(Item::Msg(msg.clone())).is_err() {
+                    blocked.push(tx.clone());
+                }
+            }
+            Sink::Inbox(inbox) => inbox.complete(msg),
+        }
+    }
+
+    /// Offers a plain delivery to every plain subscription matching its topic without
+    /// waiting. Subscriptions whose queue is full are pushed to `blocked` so the caller can
+    /// wait on them outside the table's lock. Allocates nothing when no queue is full.
     pub(crate) fn dispatch(
         &self,
         msg: &Message,
@@ -252,12 +352,28 @@ impl SubTable {
             self.trie.matches_into(msg.topic(), &mut matched.ids);
             matched.key = Some((msg.topic().clone(), self.generation));
         }
-        for id in matched.ids.iter() {
-            let Some(entry) = self.subs.get(id) else {
-                continue;
-            };
-            if entry.tx.try_send(Item::Msg(msg.clone())).is_err() {
-                blocked.push(entry.tx.clone());
+        for id in &matched.ids {
+            if let Some(entry) = self.subs.get(id) {
+                Self::offer(entry, msg, blocked);
+            }
+        }
+    }
+
+    /// Offers a queue group delivery to this connection's subscriptions in that group
+    /// matching its topic.
+    pub(crate) fn dispatch_group(
+        &self,
+        group: &QueueGroup,
+        msg: &Message,
+        scratch: &mut Vec<u64>,
+        blocked: &mut Vec<queue::Sender>,
+    ) {
+        self.grouped.matches_into(msg.topic(), scratch);
+        for id in scratch.iter() {
+            if let Some(entry) = self.subs.get(id)
+                && entry.group.as_ref() == Some(group)
+            {
+                Self::offer(entry, msg, blocked);
             }
         }
     }
@@ -265,11 +381,17 @@ impl SubTable {
     /// Ids of the subscriptions matching `topic`.
     pub(crate) fn ids_for(&self, topic: &Topic, scratch: &mut Vec<u64>) {
         self.trie.matches_into(topic, scratch);
+        let mut grouped = Vec::new();
+        self.grouped.matches_into(topic, &mut grouped);
+        scratch.extend(grouped);
     }
 
-    /// Sender of one subscription.
+    /// The queue of one subscription (`None` for the reply inbox).
     pub(crate) fn sender(&self, id: u64) -> Option<queue::Sender> {
-        self.subs.get(&id).map(|e| e.tx.clone())
+        match &self.subs.get(&id)?.sink {
+            Sink::Queue(tx) => Some(tx.clone()),
+            Sink::Inbox(_) => None,
+        }
     }
 
     /// Drops every sender, ending all subscription streams.
