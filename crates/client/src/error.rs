@@ -74,6 +74,9 @@ pub enum SubscribeError {
     /// No filter was given.
     #[error("at least one topic filter is required")]
     NoFilters,
+    /// A queue group name is invalid.
+    #[error(transparent)]
+    Group(#[from] daemoneye_eventbus_core::GroupError),
     /// The broker refused.
     #[error("broker refused the subscription ({code}): {message}")]
     Refused {

@@ -15,6 +15,7 @@
 //! | [`broker`] | `daemoneye-eventbus-broker` | the broker |
 //! | [`client`] | `daemoneye-eventbus-client` | the client |
 //! | [`schema`] | `daemoneye-eventbus-schema` | protobuf schemas |
+//! | [`rpc`] | this crate | collector services over RPC, retry policies |
 //!
 //! ## Basic usage (the seed example, unchanged)
 //!
@@ -56,6 +57,7 @@
 
 mod bus;
 mod event;
+pub mod rpc;
 
 pub use bus::{
     BusEvent, DaemoneyeBroker, DaemoneyeEventBus, EVENT_CHANNEL_CAPACITY, EventBus, EventBusError,

@@ -1,0 +1,107 @@
+//! The collector side: answer the collector services on `control.collector.<id>`.
+
+use super::{CollectorOperation, rpc_request, rpc_response};
+use crate::client::{Client, ServeOptions, Service, SubscribeError};
+use crate::core::{Message, QueueGroup, ReplyStatus, catalog};
+use crate::schema::rpc as pb;
+use bytes::Bytes;
+use prost::Message as _;
+use std::future::Future;
+use std::sync::Arc;
+
+/// One decoded request, as given to a [`CollectorHandler`].
+#[derive(Debug, Clone)]
+pub struct CollectorCall {
+    /// The operation (never `Unspecified`).
+    pub operation: CollectorOperation,
+    /// Its body, already checked to match the operation.
+    pub body: rpc_request::Body,
+    /// Who called.
+    pub client_id: String,
+    /// The request message (correlation metadata, deadline, source).
+    pub message: Message,
+}
+
+/// A collector's implementation of the services. Return the response body of the operation,
+/// or a [`ReplyStatus`]: `ReplyStatus::invalid_operation` for an operation this collector
+/// does not support, `ReplyStatus::execution_error` when it failed.
+pub trait CollectorHandler: Send + Sync + 'static {
+    /// Handles one call.
+    fn handle(
+        &self,
+        call: CollectorCall,
+    ) -> impl Future<Output = Result<rpc_response::Body, ReplyStatus>> + Send;
+}
+
+/// Serves the collector services of `collector_id` on `control.collector.<collector_id>`, in
+/// queue group `<collector_id>`: several instances of one collector share the calls.
+/// Requests that cannot be decoded, name no operation, or carry a body that does not match
+/// their operation are answered with `InvalidOperation` and never reach `handler`.
+///
+/// # Errors
+///
+/// [`SubscribeError`] when the id is not a valid topic segment or the subscription fails.
+pub async fn serve_collector<H: CollectorHandler>(
+    client: &Client,
+    collector_id: &str,
+    handler: H,
+) -> Result<Service, SubscribeError> {
+    let topic = catalog::collector::addressed(collector_id)?;
+    let group = QueueGroup::new(collector_id)?;
+    let handler = Arc::new(handler);
+    client
+        .serve(
+            [topic.as_str()],
+            ServeOptions::default().group(group).concurrency(4),
+            move |msg: Message| {
+                let handler = Arc::clone(&handler);
+                async move { dispatch(handler.as_ref(), msg).await }
+            },
+        )
+        .await
+}
+
+async fn dispatch<H: CollectorHandler>(handler: &H, msg: Message) -> Result<Bytes, ReplyStatus> {
+    let request = pb::RpcRequest::decode(msg.payload().as_ref()).map_err(|e| {
+        ReplyStatus::invalid_operation(format!("the request is not an RpcRequest: {e}"))
+    })?;
+    let operation = CollectorOperation::try_from(request.operation)
+        .ok()
+        .filter(|o| *o != CollectorOperation::Unspecified)
+        .ok_or_else(|| {
+            ReplyStatus::invalid_operation(format!(
+                "unknown operation {}; this collector speaks daemoneye.rpc.v1",
+                request.operation
+            ))
+        })?;
+    let body = request.body.ok_or_else(|| {
+        ReplyStatus::invalid_operation(format!(
+            "{} needs a {} body",
+            operation.as_str_name(),
+            operation.body_name()
+        ))
+    })?;
+    if body.name() != operation.body_name() {
+        return Err(ReplyStatus::invalid_operation(format!(
+            "{} needs a {} body, not {}",
+            operation.as_str_name(),
+            operation.body_name(),
+            body.name()
+        )));
+    }
+    let response = handler
+        .handle(CollectorCall {
+            operation,
+            body,
+            client_id: request.client_id,
+            message: msg,
+        })
+        .await?;
+    Ok(Bytes::from(
+        pb::RpcResponse {
+            operation: operation as i32,
+            body: Some(response),
+        }
+        .encode_to_vec(),
+    ))
+}
