@@ -1,7 +1,7 @@
 //! The subcommands.
 
-use crate::output;
 use crate::{Command, SocketArg};
+use crate::{output, rpc_cmd};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
 use daemoneye_eventbus::broker::BrokerConfig;
@@ -50,6 +50,44 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             subscribe(&socket, &name, &patterns, options).await
         }
         Command::Stats { socket, json } => stats(&socket, json).await,
+        Command::Reply {
+            socket,
+            topic,
+            echo,
+            exec,
+            group,
+            no_group,
+            count,
+            concurrency,
+            name,
+        } => {
+            let args = rpc_cmd::ReplyArgs {
+                topic,
+                answer: rpc_cmd::answer(echo, exec)?,
+                group: (!no_group).then_some(group),
+                count,
+                concurrency,
+                name,
+            };
+            rpc_cmd::reply(&socket, args).await
+        }
+        Command::Request {
+            socket,
+            topic,
+            payload,
+            timeout,
+            json,
+            name,
+        } => {
+            let args = rpc_cmd::RequestArgs {
+                topic,
+                payload,
+                timeout,
+                json,
+                name,
+            };
+            rpc_cmd::request(&socket, args).await
+        }
         #[cfg(unix)]
         Command::Bench(args) => {
             tokio::task::spawn_blocking(move || crate::bench::run(args)).await?
@@ -137,7 +175,7 @@ async fn serve(
 }
 
 /// SIGINT and SIGTERM (Ctrl-C elsewhere), installed once.
-struct Signals {
+pub(crate) struct Signals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
@@ -146,7 +184,7 @@ struct Signals {
 
 impl Signals {
     #[cfg(unix)]
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
@@ -155,7 +193,7 @@ impl Signals {
     }
 
     #[cfg(unix)]
-    async fn wait(mut self) -> Result<()> {
+    pub(crate) async fn wait(mut self) -> Result<()> {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
@@ -164,12 +202,12 @@ impl Signals {
     }
 
     #[cfg(not(unix))]
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         Ok(Self {})
     }
 
     #[cfg(not(unix))]
-    async fn wait(self) -> Result<()> {
+    pub(crate) async fn wait(self) -> Result<()> {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
     }
 }
@@ -212,7 +250,7 @@ impl Payloads {
     }
 }
 
-async fn connect(socket: &SocketArg, name: &str) -> Result<Client> {
+pub(crate) async fn connect(socket: &SocketArg, name: &str) -> Result<Client> {
     let ep = endpoint(socket)?;
     let mut options = ClientOptions::named(name);
     options.max_message_size = daemoneye_eventbus::core::codec::MAX_MESSAGE_SIZE_LIMIT;

@@ -6,6 +6,7 @@
 mod bench;
 mod commands;
 mod output;
+mod rpc_cmd;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ struct Cli {
 
 /// Where to find the broker: `--socket`, else `EVENTBUS_SOCKET`, else the default path.
 #[derive(clap::Args, Debug, Clone)]
-struct SocketArg {
+pub(crate) struct SocketArg {
     /// Socket path or endpoint (unix:///path, tcp://127.0.0.1:PORT).
     #[arg(long, env = "EVENTBUS_SOCKET", value_name = "PATH")]
     socket: Option<String>,
@@ -93,6 +94,55 @@ enum Command {
         qos: QosArg,
         /// Client name.
         #[arg(long, default_value = "eventbus-sub")]
+        name: String,
+    },
+    /// Answer requests on a topic: echo them, or run a command for each.
+    Reply {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Topic filter to serve (`+`, `*`, `#` wildcards).
+        topic: String,
+        /// Answer with the request's payload.
+        #[arg(long)]
+        echo: bool,
+        /// Answer with the standard output of `sh -c CMD`, which gets the request payload on
+        /// standard input; a non-zero exit is sent back as an execution error with its
+        /// standard error. Killed at the request's deadline.
+        #[arg(long, value_name = "CMD")]
+        exec: Option<String>,
+        /// Queue group: several responders in one group share the requests.
+        #[arg(long, default_value = "eventbus-reply", value_name = "NAME")]
+        group: String,
+        /// Every responder gets every request (no queue group).
+        #[arg(long, conflicts_with = "group")]
+        no_group: bool,
+        /// Stop after answering this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Requests handled at the same time.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Client name.
+        #[arg(long, default_value = "eventbus-reply")]
+        name: String,
+    },
+    /// Send one request and print the reply. Exit status: 0 answered, 3 no responders,
+    /// 4 timeout, 5 the responder refused or failed, 6 other RPC failure, 1 anything else.
+    Request {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Topic to send the request to.
+        topic: String,
+        /// Payload text, or '-' to read it from stdin (default: empty).
+        payload: Option<String>,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        timeout: f64,
+        /// Print the reply (or the error) as one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Client name.
+        #[arg(long, default_value = "eventbus-request")]
         name: String,
     },
     /// Run the benchmark workloads (W1–W5 and the raw-socket floor) in separate processes.
@@ -167,7 +217,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<rpc_cmd::CallFailed>() {
+                Some(failed) => ExitCode::from(failed.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

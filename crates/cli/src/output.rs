@@ -1,4 +1,4 @@
-//! How `sub` and `stats` print.
+//! How `sub`, `request` and `stats` print.
 
 use base64::Engine as _;
 use daemoneye_eventbus::{BrokerStats, Message};
@@ -6,7 +6,6 @@ use std::io::{self, Write};
 
 /// Prints one message: `topic payload` as text, or one JSON object with `--json`.
 pub(crate) fn print_message(out: &mut impl Write, msg: &Message, json: bool) -> io::Result<()> {
-    let h = msg.header();
     let text = std::str::from_utf8(msg.payload()).ok();
     if !json {
         return match text {
@@ -14,6 +13,14 @@ pub(crate) fn print_message(out: &mut impl Write, msg: &Message, json: bool) -> 
             None => writeln!(out, "{} <{} bytes>", msg.topic(), msg.payload().len()),
         };
     }
+    writeln!(out, "{}", serde_json::Value::Object(message_json(msg)))
+}
+
+/// A message as a JSON object: topic, payload (text, or base64 when not UTF-8), size, id,
+/// correlation id, publisher.
+pub(crate) fn message_json(msg: &Message) -> serde_json::Map<String, serde_json::Value> {
+    let h = msg.header();
+    let text = std::str::from_utf8(msg.payload()).ok();
     let mut obj = serde_json::Map::new();
     obj.insert("topic".into(), msg.topic().as_str().into());
     match text {
@@ -30,7 +37,7 @@ pub(crate) fn print_message(out: &mut impl Write, msg: &Message, json: bool) -> 
     let corr = h.correlation.as_ref().map(|c| c.correlation_id.clone());
     obj.insert("correlation_id".into(), corr.into());
     obj.insert("publisher".into(), h.source.as_str().into());
-    writeln!(out, "{}", serde_json::Value::Object(obj))
+    obj
 }
 
 /// Prints a statistics snapshot as a table.

@@ -1,0 +1,131 @@
+//! Request / reply across real processes: `eventbus serve`, `eventbus reply` responders and
+//! `eventbus request` callers.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Broker, Proc, TempDir, eventbus, wait_line};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Starts `eventbus reply` with `args` and waits until it serves.
+fn responder(broker: &Broker, args: &[&str]) -> Proc {
+    let mut cmd = eventbus();
+    cmd.arg("reply")
+        .args(args)
+        .env("EVENTBUS_SOCKET", &broker.socket);
+    let p = Proc::spawn(cmd);
+    wait_line(p.stderr.as_ref().unwrap(), "responder ready", |l| {
+        l.starts_with("replying on")
+    });
+    p
+}
+
+fn json_reply(broker: &Broker, topic: &str, payload: &str) -> serde_json::Value {
+    let out = broker.run(&["request", topic, payload, "--json", "--timeout", "10"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    serde_json::from_str(&out.stdout[0]).unwrap()
+}
+
+#[test]
+fn requests_replies_and_every_error_kind() {
+    let dir = TempDir::new("rpc");
+    let broker = Broker::start(dir.path(), None);
+    let _echo = responder(&broker, &["svc.echo", "--echo", "--concurrency", "8"]);
+    let _upper = responder(&broker, &["svc.upper", "--exec", "tr a-z A-Z"]);
+    let _fail = responder(
+        &broker,
+        &["svc.fail", "--exec", "echo 'disk full' >&2; exit 3"],
+    );
+    let _slow = responder(&broker, &["svc.slow", "--exec", "sleep 30"]);
+
+    let out = broker.run(&["request", "svc.echo", "hello"]);
+    assert_eq!(
+        (out.code, out.stdout.as_slice()),
+        (0, &["hello".to_owned()][..])
+    );
+    let reply = json_reply(&broker, "svc.upper", "quiet");
+    assert_eq!(reply["payload"], "QUIET");
+    assert_eq!(reply["publisher"], "eventbus-reply");
+    assert!(
+        reply["correlation_id"]
+            .as_str()
+            .is_some_and(|c| c.len() == 32)
+    );
+
+    // Concurrent callers in separate processes each get only their own reply.
+    let callers: Vec<(String, Proc)> = (0..8)
+        .map(|i| {
+            let body = format!("caller-{i}");
+            let mut cmd = eventbus();
+            cmd.args(["request", "svc.echo", &body, "--timeout", "10"])
+                .env("EVENTBUS_SOCKET", &broker.socket);
+            (body, Proc::spawn(cmd))
+        })
+        .collect();
+    for (body, mut p) in callers {
+        assert_eq!(p.wait(), 0);
+        assert_eq!(p.stdout_lines(), [body]);
+    }
+
+    // A handler failure comes back typed, with the responder's explanation.
+    let out = broker.run(&["request", "svc.fail", "x"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(
+        out.stderr[0].starts_with("error: execution_error: ")
+            && out.stderr[0].ends_with("disk full"),
+        "{out:?}"
+    );
+    // Nobody serves the topic: fails at once, distinctly.
+    let started = Instant::now();
+    let out = broker.run(&["request", "control.collector.procmond", "--timeout", "30"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(
+        out.stderr,
+        ["error: no_responders: no responders for control.collector.procmond"]
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not the 30 s deadline"
+    );
+    // The deadline is honoured: not before it, and the kind says so.
+    let started = Instant::now();
+    let out = broker.run(&["request", "svc.slow", "--timeout", "0.5", "--json"]);
+    assert_eq!(out.code, 4, "{out:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    let err: serde_json::Value = serde_json::from_str(&out.stdout[0]).unwrap();
+    assert_eq!(err["error"]["kind"], "timeout");
+    let stats = broker.stats();
+    assert_eq!(stats["no_responders"], 1);
+}
+
+#[test]
+fn a_queue_group_shares_requests_and_skips_stopped_responders() {
+    let dir = TempDir::new("rpc-group");
+    let broker = Broker::start(dir.path(), None);
+    let mut a = responder(&broker, &["svc.work", "--echo", "--name", "inst-a"]);
+    let mut b = responder(&broker, &["svc.work", "--echo", "--name", "inst-b"]);
+    let mut by = BTreeMap::new();
+    for i in 0..16 {
+        let reply = json_reply(&broker, "svc.work", &format!("{i}"));
+        assert_eq!(reply["payload"], format!("{i}"));
+        *by.entry(reply["publisher"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(by.len(), 2, "both instances answered: {by:?}");
+    assert_eq!(by.values().sum::<i32>(), 16, "each request answered once");
+
+    // SIGTERM: the instance leaves the group gracefully; every later request is answered.
+    a.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(a.wait(), 0);
+    for i in 0..8 {
+        let reply = json_reply(&broker, "svc.work", &format!("after-{i}"));
+        assert_eq!(reply["publisher"], "inst-b");
+    }
+    // With the last instance killed, requests fail fast again.
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait();
+    let out = broker.run(&["request", "svc.work", "x", "--timeout", "30"]);
+    assert_eq!(out.code, 3, "{out:?}");
+}
