@@ -46,12 +46,12 @@ pub(crate) enum Role {
         #[arg(long)]
         size: usize,
     },
-    /// Echo requests.
+    /// Echo requests (an RPC service) until stdin closes.
     Responder {
         #[arg(long)]
         socket: String,
     },
-    /// Timed request / reply round trips.
+    /// Timed RPC round trips, `inflight` at a time.
     Requester {
         #[arg(long)]
         socket: String,
@@ -61,6 +61,8 @@ pub(crate) enum Role {
         warmup: u64,
         #[arg(long)]
         size: usize,
+        #[arg(long, default_value_t = 1)]
+        inflight: u64,
     },
     /// Hold `connections` idle client connections (each with one subscription) until stdin
     /// closes.
@@ -458,7 +460,7 @@ impl Step {
                 drop(idle);
                 Ok(vec![row?])
             }
-            Self::W3 => Ok(vec![w3(ctx)?]),
+            Self::W3 => w3(ctx),
             Self::W4 => Ok(vec![w4(ctx)?]),
             Self::W5(size, n, label) => {
                 let row = ctx.fan_out(&FanOut {
@@ -476,7 +478,8 @@ impl Step {
     }
 }
 
-fn w3(ctx: &Ctx) -> Result<Row> {
+/// W3 through RPC: sequential round trips (latency), then 64 calls in flight (calls/s).
+fn w3(ctx: &Ctx) -> Result<Vec<Row>> {
     let responder = Worker::spawn(
         &[
             "bench-worker".into(),
@@ -487,31 +490,40 @@ fn w3(ctx: &Ctx) -> Result<Row> {
         "responder",
     )?;
     responder.ready()?;
-    let count = scaled(20_000, ctx.scale);
-    let args = [
-        "bench-worker",
-        "requester",
-        "--socket",
-        &ctx.socket,
-        "--count",
-        &count.to_string(),
-        "--warmup",
-        "1000",
-        "--size",
-        "256",
-    ];
-    let mut requester = Worker::spawn(&args.map(String::from), "requester")?;
-    requester.ready()?;
-    requester.go()?;
-    let r = requester.result()?;
-    Ok(Row::latency(
-        "daemoneye-eventbus",
-        "w3",
-        "uds,proc,pubsub-pingpong",
-        count,
-        &r,
-        ctx.peak_rss_kb(),
-    ))
+    let mut rows = Vec::new();
+    for (inflight, count, variant) in [
+        (1, scaled(20_000, ctx.scale), "uds,proc,rpc"),
+        (64, scaled(200_000, ctx.scale), "uds,proc,rpc,64inflight"),
+    ] {
+        let args = [
+            "bench-worker",
+            "requester",
+            "--socket",
+            &ctx.socket,
+            "--count",
+            &count.to_string(),
+            "--warmup",
+            "1000",
+            "--size",
+            "256",
+            "--inflight",
+            &inflight.to_string(),
+        ];
+        let mut requester = Worker::spawn(&args.map(String::from), "requester")?;
+        requester.ready()?;
+        requester.go()?;
+        let r = requester.result()?;
+        rows.push(Row::latency(
+            "daemoneye-eventbus",
+            "w3",
+            variant,
+            count,
+            &r,
+            ctx.peak_rss_kb(),
+        ));
+    }
+    drop(responder);
+    Ok(rows)
 }
 
 fn w4(ctx: &Ctx) -> Result<Row> {

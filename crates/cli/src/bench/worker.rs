@@ -6,7 +6,7 @@
 
 use super::{Role, mono_ns, workload_topics};
 use anyhow::{Context, Result, bail};
-use daemoneye_eventbus::client::{Client, ClientOptions, RecvError};
+use daemoneye_eventbus::client::{Client, ClientOptions, RecvError, ServeOptions};
 use daemoneye_eventbus::{Endpoint, Topic};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -68,7 +68,8 @@ pub(crate) async fn run(role: Role) -> Result<()> {
             count,
             warmup,
             size,
-        } => requester(&socket, count, warmup, size).await,
+            inflight,
+        } => requester(&socket, count, warmup, size, inflight).await,
         Role::FloorServer { path } => super::floor::server(&path),
         Role::FloorClient {
             path,
@@ -174,43 +175,63 @@ async fn idle(socket: &str, connections: usize) -> Result<()> {
 
 async fn responder(socket: &str) -> Result<()> {
     let client = connect(socket, "bench-responder").await?;
-    let mut sub = client.subscribe(["bench.w3.request"]).await?;
-    let reply = Topic::new("bench.w3.reply")?;
+    // Echo through the RPC service machinery: decode, handler, reply with child metadata.
+    let service = client
+        .serve(
+            ["bench.w3.request"],
+            ServeOptions::default(),
+            |m: daemoneye_eventbus::Message| async move { Ok(m.payload().clone()) },
+        )
+        .await?;
     say("ready")?;
-    loop {
-        match sub.recv().await {
-            Ok(m) => {
-                client.publish(&reply, m.payload().clone()).await?;
-            }
-            Err(RecvError::Closed) => return Ok(()),
-            Err(e) => bail!("responder subscription: {e}"),
-        }
-    }
+    // Until the controller closes our stdin.
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    })
+    .await?;
+    service.drain(Duration::from_secs(5)).await;
+    client.close().await;
+    Ok(())
 }
 
-async fn requester(socket: &str, count: u64, warmup: u64, size: usize) -> Result<()> {
+/// Round trips through RPC: `inflight` calls at a time (1: one after the other), after
+/// `warmup` untimed ones. Every call must succeed; failures are counted as lost.
+async fn requester(socket: &str, count: u64, warmup: u64, size: usize, inflight: u64) -> Result<()> {
     let client = connect(socket, "bench-requester").await?;
-    let mut sub = client.subscribe(["bench.w3.reply"]).await?;
     let request = Topic::new("bench.w3.request")?;
     let payload = bytes::Bytes::from(vec![0x5Au8; size]);
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     say("ready")?;
     wait_go()?;
-    let (mut lost, mut start_all) = (0u64, 0u64);
-    for i in 0..warmup + count {
-        if i == warmup {
-            start_all = mono_ns();
-        }
+    let call = |client: Client, request: Topic, payload: bytes::Bytes| async move {
         let t0 = mono_ns();
-        client.publish(&request, payload.clone()).await?;
-        match tokio::time::timeout(IDLE, sub.recv()).await {
-            Ok(Ok(_)) => {
-                if i >= warmup {
-                    hist.record(((mono_ns() - t0) / 1000).max(1))?;
-                }
+        let ok = client.request(&request, payload, IDLE).await.is_ok();
+        (ok, ((mono_ns() - t0) / 1000).max(1))
+    };
+    for _ in 0..warmup {
+        call(client.clone(), request.clone(), payload.clone()).await;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut lost = 0u64;
+    let start_all = mono_ns();
+    let mut running = tokio::task::JoinSet::new();
+    let mut issued = 0;
+    while issued < count || !running.is_empty() {
+        while issued < count && (running.len() as u64) < inflight.max(1) {
+            running.spawn(call(client.clone(), request.clone(), payload.clone()));
+            issued += 1;
+        }
+        if let Some(done) = running.join_next().await {
+            let (ok, us) = done?;
+            if ok {
+                hist.record(us)?;
+            } else {
+                lost += 1;
             }
-            Ok(Err(e)) => bail!("reply subscription: {e}"),
-            Err(_) => lost += 1,
         }
     }
     let end = mono_ns();
