@@ -197,6 +197,9 @@ static LITERAL: [bool; 256] = literal_table();
 /// Single pass over the bytes for the common, valid case: `Some(has_star)` when valid, `None`
 /// when the detailed check must explain the refusal. Accepts only ASCII.
 fn scan(bytes: &[u8], mode: Mode) -> Option<bool> {
+    if mode == Mode::Topic && plain_topic(bytes) {
+        return Some(false);
+    }
     if bytes.is_empty() || bytes.len() > MAX_TOPIC_LEN {
         return None;
     }
@@ -220,6 +223,29 @@ fn scan(bytes: &[u8], mode: Mode) -> Option<bool> {
         start = end + 1;
     }
     (segments <= MAX_SEGMENTS).then_some(star)
+}
+
+/// The hot case in one loop of a table lookup per byte: a topic of literal segments only
+/// (no `$sys`). `false` sends the input to the general scan.
+fn plain_topic(bytes: &[u8]) -> bool {
+    if bytes.is_empty() || bytes.len() > MAX_TOPIC_LEN {
+        return false;
+    }
+    let (mut segments, mut seg_len) = (1, 0usize);
+    for &b in bytes {
+        if b == b'.' {
+            if seg_len == 0 {
+                return false;
+            }
+            segments += 1;
+            seg_len = 0;
+        } else if LITERAL[b as usize] {
+            seg_len += 1;
+        } else {
+            return false;
+        }
+    }
+    seg_len > 0 && segments <= MAX_SEGMENTS
 }
 
 /// Ends of the segments: the index of every `.`, then the length.
@@ -402,7 +428,11 @@ impl Topic {
     ///
     /// Returns a [`TopicError`] when the segment is invalid or a limit is exceeded.
     pub fn child(&self, segment: &str) -> Result<Self, TopicError> {
-        Self::new(format!("{}.{segment}", self.as_str()))
+        let mut s = String::with_capacity(self.as_str().len() + 1 + segment.len());
+        s.push_str(self.as_str());
+        s.push('.');
+        s.push_str(segment);
+        Self::new(s)
     }
 }
 
