@@ -133,7 +133,7 @@ fn finish(inner: &Inner) {
     inner.closed.cancel();
     inner.state.send_replace(ConnState::Closed);
     let mut out = inner.out.lock();
-    let left = out.buf.take();
+    let left = out.buf.take(None);
     inner
         .counters
         .lost
@@ -143,6 +143,7 @@ fn finish(inner: &Inner) {
     drop(out);
     inner.out_space.notify_waiters();
     inner.subs.lock().close_all();
+    inner.cancel_calls();
     inner.pending.lock().clear();
     inner.pings.lock().clear();
 }
@@ -248,10 +249,11 @@ async fn write_loop(
     if writer.pending() > 0 && writer.flush().await.is_err() {
         return "write failed while restoring subscriptions".into();
     }
+    let mut spare = None;
     loop {
         let batch = {
             let mut out = inner.out.lock();
-            (!out.buf.is_empty()).then(|| out.buf.take())
+            (!out.buf.is_empty()).then(|| out.buf.take(spare.take()))
         };
         let Some(batch) = batch else {
             tokio::select! {
@@ -271,7 +273,7 @@ async fn write_loop(
         };
         inner.out_space.notify_waiters();
         let (frames, publishes) = (batch.frames, batch.publishes);
-        batch.write_into(writer);
+        spare = batch.write_into(writer);
         // A write that does not finish is bounded by the same liveness rule as an idle
         // connection: a broker that is alive keeps talking (it pings while it holds us back).
         let outcome = tokio::select! {
@@ -424,10 +426,19 @@ impl ReadCtx<'_> {
 
     async fn deliver(&mut self, msg: Message, cancel: &CancellationToken) {
         self.inner.counters.received.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .subs
-            .lock()
-            .dispatch(&msg, &mut self.matched, &mut self.blocked);
+        let reply = {
+            let subs = self.inner.subs.lock();
+            let reply = msg.topic().as_str().starts_with("_inbox.") && subs.inbox_is_exclusive();
+            if !reply {
+                subs.dispatch(&msg, &mut self.matched, &mut self.blocked);
+            }
+            reply
+        };
+        if reply {
+            // Every reply topic differs, so matching it would always miss the cache.
+            self.inner.inbox.complete(&msg);
+            return;
+        }
         while let Some(tx) = self.blocked.pop() {
             self.send(cancel, tx, Item::Msg(msg.clone())).await;
         }

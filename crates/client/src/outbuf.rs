@@ -22,6 +22,9 @@ pub(crate) enum Buf {
     Frames(Vec<Frame>),
 }
 
+/// Largest buffer kept for reuse between batches.
+const MAX_SPARE: usize = 1 << 20;
+
 /// What is waiting to be written.
 pub(crate) struct OutBuf {
     buf: Buf,
@@ -89,14 +92,22 @@ impl OutBuf {
         self.frames += 1;
     }
 
-    /// Takes everything, leaving an empty buffer.
-    pub(crate) fn take(&mut self) -> Self {
-        let empty = self.empty_like();
+    /// Takes everything, leaving an empty buffer that reuses `spare`'s memory (the buffer
+    /// [`OutBuf::write_into`] gave back last time), so a busy publisher does not grow a fresh
+    /// buffer for every batch.
+    pub(crate) fn take(&mut self, spare: Option<BytesMut>) -> Self {
+        let mut empty = self.empty_like();
+        if let (Buf::Encoded { head, .. }, Some(mut spare)) = (&mut empty.buf, spare)
+            && spare.capacity() <= MAX_SPARE
+        {
+            spare.clear();
+            *head = spare;
+        }
         mem::replace(self, empty)
     }
 
-    /// Hands the contents to a connection writer.
-    pub(crate) fn write_into(self, writer: &mut FrameWriter) {
+    /// Hands the contents to a connection writer; returns an empty buffer to reuse.
+    pub(crate) fn write_into(self, writer: &mut FrameWriter) -> Option<BytesMut> {
         const HOLDS: &str = "the client's own buffer holds only complete frames";
         match self.buf {
             Buf::Encoded { mut head, payloads } => {
@@ -109,12 +120,16 @@ impl OutBuf {
                         .push_segment(payload)
                         .expect("byte streams take segments");
                 }
+                // Swapped with the writer's empty buffer, or copied and cleared: empty either
+                // way, with memory to reuse.
                 writer.push_encoded(&mut head).expect(HOLDS);
+                Some(head)
             }
             Buf::Frames(frames) => {
                 for f in &frames {
                     writer.push(f);
                 }
+                None
             }
         }
     }

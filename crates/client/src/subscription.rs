@@ -208,6 +208,17 @@ pub(crate) struct SubTable {
     next_id: u64,
     /// Bumped by every change of the table (invalidates [`Matched`] caches).
     generation: u64,
+    /// Filters of application subscriptions that could match a reply inbox topic (first
+    /// segment `#`, `+`, `*` or `_inbox`). While there are none, replies skip the tries.
+    inbox_overlap: usize,
+}
+
+/// Whether `f` could match a topic under `_inbox.`.
+fn overlaps_inbox(f: &TopicFilter) -> bool {
+    matches!(
+        f.as_str().split('.').next(),
+        Some("#" | "+" | "*" | "_inbox")
+    )
 }
 
 impl SubTable {
@@ -236,11 +247,15 @@ impl SubTable {
         self.next_id += 1;
         let id = self.next_id;
         let mut fresh = Vec::new();
+        let is_queue = matches!(new.sink, Sink::Queue(_));
         for f in &new.filters {
             match &new.group {
                 None => self.trie.insert(f, id),
                 Some(_) => self.grouped.insert(f, id),
             };
+            if is_queue && overlaps_inbox(f) {
+                self.inbox_overlap += 1;
+            }
             let r = self.refs.entry(f.clone()).or_insert(FilterRef {
                 count: 0,
                 qos: Qos::Realtime,
@@ -273,7 +288,11 @@ impl SubTable {
             return Vec::new();
         };
         let mut gone = Vec::new();
+        let is_queue = matches!(entry.sink, Sink::Queue(_));
         for f in std::mem::take(&mut entry.filters) {
+            if is_queue && overlaps_inbox(&f) {
+                self.inbox_overlap -= 1;
+            }
             match entry.group {
                 None => self.trie.remove(&f, id),
                 Some(_) => self.grouped.remove(&f, id),
@@ -287,6 +306,12 @@ impl SubTable {
             }
         }
         gone
+    }
+
+    /// Whether a delivery under `_inbox.` can only be a reply to this client's calls (no
+    /// application subscription could match it), so it may skip the tries.
+    pub(crate) fn inbox_is_exclusive(&self) -> bool {
+        self.inbox_overlap == 0
     }
 
     /// The filters of subscription `id` that no other subscription uses.
@@ -397,6 +422,7 @@ impl SubTable {
     /// Drops every sender, ending all subscription streams.
     pub(crate) fn close_all(&mut self) {
         self.generation += 1;
+        self.inbox_overlap = 0;
         self.subs.clear();
     }
 }
