@@ -201,7 +201,13 @@ async fn responder(socket: &str) -> Result<()> {
 
 /// Round trips through RPC: `inflight` calls at a time (1: one after the other), after
 /// `warmup` untimed ones. Every call must succeed; failures are counted as lost.
-async fn requester(socket: &str, count: u64, warmup: u64, size: usize, inflight: u64) -> Result<()> {
+async fn requester(
+    socket: &str,
+    count: u64,
+    warmup: u64,
+    size: usize,
+    inflight: u64,
+) -> Result<()> {
     let client = connect(socket, "bench-requester").await?;
     let request = Topic::new("bench.w3.request")?;
     let payload = bytes::Bytes::from(vec![0x5Au8; size]);
@@ -215,24 +221,33 @@ async fn requester(socket: &str, count: u64, warmup: u64, size: usize, inflight:
     for _ in 0..warmup {
         call(client.clone(), request.clone(), payload.clone()).await;
     }
+    // `inflight` callers, each making its share of the calls one after the other.
+    let start_all = mono_ns();
+    let lanes = inflight.clamp(1, count.max(1));
+    let mut running = tokio::task::JoinSet::new();
+    for lane in 0..lanes {
+        let share = count / lanes + u64::from(lane < count % lanes);
+        let (client, request, payload) = (client.clone(), request.clone(), payload.clone());
+        running.spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut lost = 0u64;
+            for _ in 0..share {
+                let (ok, us) = call(client.clone(), request.clone(), payload.clone()).await;
+                if ok {
+                    hist.record(us)?;
+                } else {
+                    lost += 1;
+                }
+            }
+            anyhow::Ok((hist, lost))
+        });
+    }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut lost = 0u64;
-    let start_all = mono_ns();
-    let mut running = tokio::task::JoinSet::new();
-    let mut issued = 0;
-    while issued < count || !running.is_empty() {
-        while issued < count && (running.len() as u64) < inflight.max(1) {
-            running.spawn(call(client.clone(), request.clone(), payload.clone()));
-            issued += 1;
-        }
-        if let Some(done) = running.join_next().await {
-            let (ok, us) = done?;
-            if ok {
-                hist.record(us)?;
-            } else {
-                lost += 1;
-            }
-        }
+    while let Some(done) = running.join_next().await {
+        let (h, l) = done??;
+        hist.add(h)?;
+        lost += l;
     }
     let end = mono_ns();
     say(
