@@ -561,6 +561,15 @@ async fn request_reply_and_typed_errors(kind: Kind) {
     assert_eq!(e.message, "no responders for control.collector.procmond");
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(caller.pending_requests(), 0);
+    // A caller whose own subscription also matches its inbox still gets its replies, and the
+    // subscription sees them too.
+    let watcher = bus.client("watching-caller").await;
+    let mut everything = watcher.subscribe(["#"]).await.unwrap();
+    let r = watcher.request(&t("svc.echo"), "seen", WAIT).await.unwrap();
+    assert_eq!(r.payload().as_ref(), b"seen");
+    let seen = topics(&mut everything, 2).await;
+    assert_eq!(seen[0], "svc.echo");
+    assert!(seen[1].starts_with("_inbox."), "{seen:?}");
     let m = caller.rpc_metrics();
     assert_eq!(m.operations["svc.echo"].ok, 1);
     assert_eq!(m.operations["svc.fail"].errors["execution_error"], 1);
