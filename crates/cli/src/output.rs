@@ -54,13 +54,15 @@ pub(crate) fn print_stats(out: &mut impl Write, s: &BrokerStats) -> io::Result<(
         ("refused connections", s.refused_connections),
         ("protocol errors", s.protocol_errors),
         ("rejected publishes", s.rejected_publishes),
+        ("requests w/o responders", s.no_responders),
+        ("group deliveries re-offered", s.reoffered),
         ("subscriptions", s.active_subscriptions),
         ("topics (distinct filters)", s.active_topics),
         ("queued bytes", s.queued_bytes),
         ("memory cap (bytes)", s.memory_cap_bytes),
     ];
     for (k, v) in rows {
-        writeln!(out, "{k:<26} {v}")?;
+        writeln!(out, "{k:<28} {v}")?;
     }
     writeln!(out)?;
     writeln!(
