@@ -16,8 +16,9 @@ use crate::error::{PublishError, SubscribeError};
 use crate::metrics::{Recorder, RpcMetrics};
 use crate::subscription::{NewSub, Sink, Subscription};
 use bytes::Bytes;
+use daemoneye_eventbus_core::topic::INBOX_ROOT;
 use daemoneye_eventbus_core::{
-    CorrelationMetadata, Message, Qos, QueueGroup, ReplyStatus, StatusCode, Topic, TopicFilter,
+    CorrelationMetadata, Message, Qos, QueueGroup, ReplyStatus, StatusCode, Topic, catalog,
 };
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -140,10 +141,11 @@ pub(crate) struct Inbox {
 impl Inbox {
     /// A fresh inbox for a client with this random id.
     pub(crate) fn new(id: u64) -> Self {
-        let prefix = format!("_inbox.{id:016x}");
+        let name = format!("{id:016x}");
+        let topic = catalog::inbox(&name).expect("hex digits make a valid segment");
         Self {
-            topic: Topic::new(&prefix).expect("an inbox name is a valid topic"),
-            prefix,
+            prefix: topic.as_str().to_owned(),
+            topic,
             pending: Mutex::new(CallMap::default()),
             next: AtomicU64::new(1),
             subscribed: OnceCell::new(),
@@ -416,7 +418,8 @@ impl Client {
         inbox
             .subscribed
             .get_or_try_init(|| async {
-                let filter = TopicFilter::new(format!("{}.+", inbox.prefix))
+                let id = &inbox.prefix[INBOX_ROOT.len() + 1..];
+                let filter = catalog::inbox_filter(id)
                     .map_err(|e| RpcError::new(RpcErrorKind::CommunicationError, e.to_string()))?;
                 let sink = Sink::Inbox(Arc::clone(inbox));
                 self.subscribe_sink(NewSub {

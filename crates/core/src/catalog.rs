@@ -165,13 +165,23 @@ pub mod sys {
     }
 }
 
-/// `_inbox.<client>`: the filter under which a client receives RPC replies.
+/// `_inbox.<client>`: the parent of the reply-to topics of one client's requests
+/// (`_inbox.<client>.<call number>`).
 ///
 /// # Errors
 ///
 /// When `client` is not a valid segment.
-pub fn inbox(client: &str) -> Result<TopicFilter, TopicError> {
-    TopicFilter::new(format!("{}.{client}.#", crate::topic::INBOX_ROOT))
+pub fn inbox(client: &str) -> Result<Topic, TopicError> {
+    Topic::new(format!("{}.{client}", crate::topic::INBOX_ROOT))
+}
+
+/// `_inbox.<client>.+`: the one filter under which a client receives its RPC replies.
+///
+/// # Errors
+///
+/// When `client` is not a valid segment.
+pub fn inbox_filter(client: &str) -> Result<TopicFilter, TopicError> {
+    TopicFilter::new(format!("{}.{client}.+", crate::topic::INBOX_ROOT))
 }
 
 #[cfg(test)]
@@ -199,6 +209,7 @@ mod tests {
             "control.health.heartbeat.procmond"
         );
         assert!(collector::addressed("Bad").is_err());
-        assert_eq!(inbox("c1").unwrap().as_str(), "_inbox.c1.#");
+        assert_eq!(inbox("c1").unwrap().as_str(), "_inbox.c1");
+        assert_eq!(inbox_filter("c1").unwrap().as_str(), "_inbox.c1.+");
     }
 }
