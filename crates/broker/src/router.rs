@@ -412,6 +412,11 @@ impl Router {
                         .conn
                         .outbox
                         .push_message(msg, memory, admission, Some(&group.name));
+                if pushed == Pushed::Closed {
+                    // Closed since the pick (not possible while routing holds the read lock on
+                    // one thread); counted rather than lost silently.
+                    routed.dropped += 1;
+                }
                 Self::account(pushed, &entry.conn, Some(&group.name), scratch, routed);
             }
         }
@@ -435,7 +440,7 @@ impl Router {
             let Some(entry) = &self.slots[slot as usize] else {
                 continue;
             };
-            if entry.conn.cancel.is_cancelled() {
+            if entry.conn.cancel.is_cancelled() || entry.conn.outbox.is_closed() {
                 continue;
             }
             let admission = if waiting == Waiting::Allowed && entry.processed_in(g) {

@@ -404,6 +404,7 @@ impl<'a> ReadLoop<'a> {
                     s.qos,
                     s.group.as_ref(),
                 );
+                let accepted = outcome.is_ok();
                 let (error, message) = match outcome {
                     Ok(true) => (None, String::new()),
                     Ok(false) => (None, "already subscribed".into()),
@@ -418,6 +419,7 @@ impl<'a> ReadLoop<'a> {
                 });
                 let exit = self.control(reply);
                 if exit.is_none()
+                    && accepted
                     && s.filter
                         .matches(&daemoneye_eventbus_core::catalog::sys::stats())
                 {
@@ -546,13 +548,19 @@ impl<'a> ReadLoop<'a> {
                         () = target.outbox.wait_for_room(msg.accounted_size(), &self.shared.memory) => {}
                         // The publisher hears from us while it waits, so it does not take the
                         // wait for a dead broker.
-                                                () = tokio::time::sleep_until(ping_at) => {
+                        () = tokio::time::sleep_until(ping_at) => {
                             ping_at += keepalive;
                             self.ping_nonce += 1;
                             if let Some(exit) = self.control(Frame::Ping(self.ping_nonce)) {
                                 return Some(self.abandon(exit));
                             }
                         }
+                    }
+                }
+                Pushed::Closed => {
+                    // The member waited for went away: another member of its group gets it.
+                    if let Some((_, Some(group))) = self.scratch.blocked.pop() {
+                        self.shared.reoffer(vec![(msg.clone(), group)]);
                     }
                 }
                 _ => {
@@ -610,10 +618,10 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         };
         shared.memory.release(batch.bytes);
         if !flushed {
-            // The peer is gone: the queue group deliveries of this batch go to another member.
-            shared.reoffer(std::mem::take(&mut in_flight));
             intact = false;
+            // Cancelled first, so the group deliveries of this batch go to another member.
             conn.cancel.cancel();
+            shared.reoffer(std::mem::take(&mut in_flight));
             break;
         }
         in_flight.clear();
