@@ -19,7 +19,7 @@ use daemoneye_eventbus_transport::Endpoint;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,8 @@ pub(crate) struct Inner {
     pub(crate) inbox: Arc<Inbox>,
     /// Metrics of the calls made.
     pub(crate) rpc_metrics: Recorder,
+    /// The protocol minor version of the broker (queue groups need 1.1).
+    pub(crate) broker_minor: AtomicU16,
 }
 
 impl Inner {
@@ -282,6 +284,7 @@ impl Client {
             publisher_id,
             inbox: Arc::new(Inbox::new(publisher_id)),
             rpc_metrics: Recorder::default(),
+            broker_minor: AtomicU16::new(established.broker_minor()),
             sequence: AtomicU64::new(0),
             out: Mutex::new(OutState {
                 buf: OutBuf::new(in_process),
@@ -595,6 +598,16 @@ impl Client {
         }
         if self.inner.closed.is_cancelled() {
             return Err(SubscribeError::Closed);
+        }
+        let minor = self.inner.broker_minor.load(Ordering::Relaxed);
+        if new.group.is_some() && minor < 1 {
+            return Err(SubscribeError::Refused {
+                code: ErrorCode::Protocol,
+                message: format!(
+                    "the broker speaks protocol 1.{minor}, which has no queue groups (1.1 or later \
+                     needed); upgrade the broker or subscribe without a group"
+                ),
+            });
         }
         let (id, fresh) = self.inner.subs.lock().add(new)?;
         for filter in fresh {

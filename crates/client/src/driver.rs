@@ -26,6 +26,11 @@ impl Established {
         self.welcome.session_id
     }
 
+    /// The protocol minor version the broker speaks.
+    pub(crate) fn broker_minor(&self) -> u16 {
+        self.welcome.version.minor
+    }
+
     pub(crate) fn max_message_size(&self, options: &ClientOptions) -> usize {
         options
             .max_message_size
@@ -174,6 +179,9 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
         }
     }
     inner.out.lock().connected = true;
+    inner
+        .broker_minor
+        .store(welcome.version.minor, Ordering::Relaxed);
     inner.state.send_replace(established_state_from(&welcome));
     let cancel = inner.closed.child_token();
     let heard = Arc::new(Liveness::default());
