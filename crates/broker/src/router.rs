@@ -494,6 +494,27 @@ impl Router {
         routed.queued > 0
     }
 
+    /// Whether `conn` still holds a subscription in `group` matching `topic`.
+    pub(crate) fn holds_group(&self, conn: &ConnShared, group: &QueueGroup, topic: &Topic) -> bool {
+        let slot = conn.slot.load(Ordering::Relaxed);
+        // Slots are reused: the entry must be this very connection.
+        let Some(entry) = self
+            .slots
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .filter(|e| std::ptr::eq(Arc::as_ptr(&e.conn), conn))
+        else {
+            return false;
+        };
+        let Some(&g) = self.group_index.get(group) else {
+            return false;
+        };
+        entry
+            .grouped
+            .iter()
+            .any(|(f, (eg, _))| *eg == g && f.matches(topic))
+    }
+
     /// Number of filters held by a connection.
     pub(crate) fn filter_count_of(&self, slot: Slot) -> usize {
         self.slots
@@ -518,5 +539,179 @@ impl Router {
     /// Distinct filters (a filter used plainly and in a group counts twice).
     pub(crate) fn topic_count(&self) -> usize {
         self.trie.filter_count() + self.grouped.filter_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Out;
+    use bytes::Bytes;
+    use daemoneye_eventbus_core::Header;
+    use std::collections::VecDeque;
+
+    fn msg(topic: &str) -> Message {
+        Message::new(Topic::new(topic).unwrap(), Header::default(), Bytes::new())
+    }
+
+    fn filter(f: &str) -> TopicFilter {
+        TopicFilter::new(f).unwrap()
+    }
+
+    fn group(g: &str) -> QueueGroup {
+        QueueGroup::new(g).unwrap()
+    }
+
+    struct Fixture {
+        router: Router,
+        memory: Memory,
+        scratch: RouteScratch,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Self {
+                router: Router::default(),
+                memory: Memory::new(1 << 30),
+                scratch: RouteScratch::default(),
+            }
+        }
+
+        fn connect(&mut self, name: &str, max_msgs: usize) -> (Arc<ConnShared>, Slot) {
+            let conn = Arc::new(ConnShared::for_test(name, max_msgs));
+            let slot = self.router.add(Arc::clone(&conn));
+            conn.slot.store(slot, Ordering::Relaxed);
+            (conn, slot)
+        }
+
+        fn route(&mut self, topic: &str) -> Routed {
+            let routed = self.router.route(
+                &msg(topic),
+                &mut self.scratch,
+                &self.memory,
+                Waiting::Allowed,
+            );
+            self.scratch.blocked.clear();
+            routed
+        }
+    }
+
+    /// Group names of the messages queued for `conn` (`-` for a plain delivery).
+    fn taken(conn: &ConnShared) -> Vec<String> {
+        let mut q = VecDeque::new();
+        conn.outbox.take(&mut q);
+        q.into_iter()
+            .filter_map(|o| match o {
+                Out::Msg(_, _, g) => Some(g.map_or_else(|| "-".to_owned(), |g| g.to_string())),
+                Out::Frame(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_group_gives_each_message_to_one_member_in_turn() {
+        let mut f = Fixture::new();
+        let (a, sa) = f.connect("a", 100);
+        let (b, sb) = f.connect("b", 100);
+        let (watcher, sw) = f.connect("watcher", 100);
+        let g = group("workers");
+        assert_eq!(
+            f.router
+                .subscribe(sa, &filter("job.+"), Qos::Realtime, Some(&g)),
+            Ok(true)
+        );
+        assert_eq!(
+            f.router
+                .subscribe(sb, &filter("job.#"), Qos::Realtime, Some(&g)),
+            Ok(true)
+        );
+        assert_eq!(
+            f.router
+                .subscribe(sw, &filter("job.#"), Qos::Realtime, None),
+            Ok(true)
+        );
+        for _ in 0..6 {
+            assert_eq!(
+                f.route("job.x").matched,
+                2,
+                "one member plus the plain watcher"
+            );
+        }
+        let (ta, tb) = (taken(&a), taken(&b));
+        assert_eq!((ta.len(), tb.len()), (3, 3), "alternating: {ta:?} {tb:?}");
+        assert!(ta.iter().chain(&tb).all(|g| g == "workers"));
+        assert_eq!(taken(&watcher), vec!["-"; 6]);
+        // Nobody at all: matched is zero (the no-responders case).
+        assert_eq!(f.route("other").matched, 0);
+    }
+
+    #[test]
+    fn closing_and_full_members_are_passed_over() {
+        let mut f = Fixture::new();
+        let (a, sa) = f.connect("a", 1);
+        let (b, sb) = f.connect("b", 100);
+        let g = group("g");
+        for s in [sa, sb] {
+            f.router
+                .subscribe(s, &filter("t"), Qos::Realtime, Some(&g))
+                .unwrap();
+        }
+        for _ in 0..5 {
+            f.route("t");
+        }
+        // `a` holds one message (full after it); the others went to `b`.
+        assert_eq!((taken(&a).len(), taken(&b).len()), (1, 4));
+        a.cancel.cancel();
+        for _ in 0..4 {
+            f.route("t");
+        }
+        assert_eq!((taken(&a).len(), taken(&b).len()), (0, 4));
+        // A departed member's message goes to another member of its group.
+        let m = msg("t");
+        assert!(f.router.reoffer(&m, &g, &mut f.scratch, &f.memory));
+        assert_eq!(taken(&b).len(), 1);
+        assert!(
+            !f.router
+                .reoffer(&m, &group("nobody"), &mut f.scratch, &f.memory)
+        );
+    }
+
+    #[test]
+    fn a_filter_is_held_once_and_groups_are_reclaimed() {
+        let mut f = Fixture::new();
+        let (a, sa) = f.connect("a", 100);
+        let g = group("g");
+        f.router
+            .subscribe(sa, &filter("t"), Qos::Realtime, Some(&g))
+            .unwrap();
+        assert!(matches!(
+            f.router.subscribe(sa, &filter("t"), Qos::Realtime, None),
+            Err(SubscribeRefusal::Conflict(_))
+        ));
+        assert!(matches!(
+            f.router
+                .subscribe(sa, &filter("t"), Qos::Realtime, Some(&group("h"))),
+            Err(SubscribeRefusal::Conflict(_))
+        ));
+        assert_eq!(
+            f.router
+                .subscribe(sa, &filter("t"), Qos::Processed, Some(&g)),
+            Ok(false)
+        );
+        assert!(f.router.holds_group(&a, &g, &Topic::new("t").unwrap()));
+        assert!(f.router.unsubscribe(sa, &filter("t")));
+        assert!(!f.router.holds_group(&a, &g, &Topic::new("t").unwrap()));
+        assert!(
+            f.router.group_index.is_empty(),
+            "the last subscription frees the group"
+        );
+        // The freed index serves the next group.
+        f.router
+            .subscribe(sa, &filter("u"), Qos::Realtime, Some(&group("k")))
+            .unwrap();
+        assert_eq!(f.router.groups.len(), 1);
+        f.router.remove(sa);
+        assert_eq!(f.router.subscription_count(), 0);
+        assert!(f.router.group_index.is_empty());
     }
 }

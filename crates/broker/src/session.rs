@@ -36,9 +36,30 @@ pub(crate) struct ConnShared {
     pub(crate) cancel: CancellationToken,
     /// The error frame to write, best effort, when the connection is torn down.
     last_error: Mutex<Option<ErrorFrame>>,
+    /// The connection's slot in the router (`u32::MAX` until registered).
+    pub(crate) slot: std::sync::atomic::AtomicU32,
 }
 
 impl ConnShared {
+    /// A connection for unit tests of the routing table (no socket behind it).
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, max_msgs: usize) -> Self {
+        Self {
+            session_id: 0,
+            name: name.to_owned(),
+            peer: PeerInfo::default(),
+            outbox: Outbox::new(
+                max_msgs,
+                1 << 20,
+                daemoneye_eventbus_core::codec::SlowReaderPolicy::DropOldest,
+            ),
+            counters: ConnCounters::default(),
+            cancel: CancellationToken::new(),
+            last_error: Mutex::new(None),
+            slot: std::sync::atomic::AtomicU32::new(u32::MAX),
+        }
+    }
+
     /// The outbox overflowed under the `Disconnect` policy.
     pub(crate) fn overflowed(&self) {
         self.tear_down(ErrorFrame {
@@ -140,6 +161,7 @@ async fn run_session(
         counters: ConnCounters::default(),
         cancel: shared.kill.child_token(),
         last_error: Mutex::new(None),
+        slot: std::sync::atomic::AtomicU32::new(u32::MAX),
     });
     shared
         .sessions
@@ -148,6 +170,7 @@ async fn run_session(
     conn.outbox
         .push_frame(Frame::Welcome(shared.welcome(conn.session_id)));
     let slot = shared.router.write().add(Arc::clone(&conn));
+    conn.slot.store(slot, Ordering::Relaxed);
     Counters::add(&shared.counters.connections_total, 1);
     let writer_task =
         shared
@@ -480,6 +503,12 @@ impl<'a> ReadLoop<'a> {
             );
             return self.nack(&msg, ErrorCode::ReservedTopic, reason);
         }
+        if let Some(reply_to) = msg.header().reply_to.as_ref().filter(|r| r.is_sys()) {
+            let reason = format!(
+                "replies cannot go to {reply_to}: $sys is reserved for the broker; use an _inbox topic"
+            );
+            return self.nack(&msg, ErrorCode::ReservedTopic, reason);
+        }
         if msg.header().source.as_str() != self.conn.name {
             let reason = format!(
                 "message source {:?} does not match the connection's name {:?}",
@@ -530,6 +559,20 @@ impl<'a> ReadLoop<'a> {
         let keepalive = self.shared.config.keepalive();
         let mut ping_at = tokio::time::Instant::now() + keepalive;
         while let Some((target, group)) = self.scratch.blocked.last() {
+            if let Some(g) = group
+                && !self
+                    .shared
+                    .router
+                    .read()
+                    .holds_group(target, g, msg.topic())
+            {
+                // The member left the group while we waited (a graceful drain): another
+                // member gets the request.
+                if let Some((_, Some(g))) = self.scratch.blocked.pop() {
+                    self.shared.reoffer(vec![(msg.clone(), g)]);
+                }
+                continue;
+            }
             match target.outbox.push_message(
                 &msg,
                 &self.shared.memory,
