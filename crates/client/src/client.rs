@@ -125,6 +125,21 @@ impl Inner {
     }
 }
 
+/// Removes a subscription whose registration did not complete (error or cancellation).
+struct Registration<'a> {
+    client: &'a Client,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.client.forget_subscription(self.id);
+        }
+    }
+}
+
 /// Cancels the driver when the last [`Client`] handle is dropped.
 struct DropGuard(CancellationToken);
 
@@ -397,6 +412,9 @@ impl Client {
         if p.topic.is_sys() {
             return Err(PublishError::Reserved(p.topic.to_string()));
         }
+        if let Some(reply_to) = p.reply_to.as_ref().filter(|r| r.is_sys()) {
+            return Err(PublishError::Reserved(reply_to.to_string()));
+        }
         if let Some(meta) = &p.correlation {
             meta.validate()?;
         }
@@ -610,6 +628,13 @@ impl Client {
             });
         }
         let (id, fresh) = self.inner.subs.lock().add(new)?;
+        // Cancel-safe: if this future is dropped before every acknowledgement, the guard
+        // removes the subscription again (and unsubscribes what was sent).
+        let mut registered = Registration {
+            client: self,
+            id,
+            done: false,
+        };
         for filter in fresh {
             let (qos, group) = self.inner.subs.lock().held(&filter);
             let sent = self
@@ -622,11 +647,9 @@ impl Client {
                     })
                 })
                 .await;
-            if let Err(e) = sent {
-                let _ = self.remove_subscription(id, false).await;
-                return Err(e);
-            }
+            sent?;
         }
+        registered.done = true;
         Ok(id)
     }
 

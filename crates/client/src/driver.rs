@@ -459,10 +459,18 @@ impl ReadCtx<'_> {
         cancel: &CancellationToken,
     ) {
         self.inner.counters.received.fetch_add(1, Ordering::Relaxed);
-        self.inner
-            .subs
-            .lock()
-            .dispatch_group(group, &msg, &mut self.scratch, &mut self.blocked);
+        let taken = self.inner.subs.lock().dispatch_group(
+            group,
+            &msg,
+            &mut self.scratch,
+            &mut self.blocked,
+        );
+        if !taken {
+            // The broker checks membership before it gives a request to a member, so this is
+            // a delivery that crossed the subscription's removal: counted, never silent.
+            self.inner.counters.missed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%group, topic = %msg.topic(), "queue group delivery for a subscription that has ended");
+        }
         while let Some(tx) = self.blocked.pop() {
             self.send(cancel, tx, Item::Msg(msg.clone())).await;
         }

@@ -20,9 +20,11 @@ use daemoneye_eventbus_core::topic::INBOX_ROOT;
 use daemoneye_eventbus_core::{
     CorrelationMetadata, Message, Qos, QueueGroup, ReplyStatus, StatusCode, Topic, catalog,
 };
+use futures_util::FutureExt as _;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -341,7 +343,16 @@ impl Client {
             .operation
             .clone()
             .unwrap_or_else(|| req.topic.as_str().to_owned());
-        let outcome = self.call_once(req).await;
+        let (topic, timeout) = (req.topic.clone(), req.timeout);
+        // One deadline for the whole call: subscribing the inbox, waiting for room to publish
+        // (a broker holding publishers back) and waiting for the reply.
+        let outcome = match tokio::time::timeout(timeout, self.call_once(req)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(RpcError::new(
+                RpcErrorKind::Timeout,
+                format!("no reply from {topic} within {timeout:?}"),
+            )),
+        };
         self.inner.rpc_metrics.record(
             &label,
             started.elapsed(),
@@ -380,7 +391,6 @@ impl Client {
         let correlation = req
             .correlation
             .unwrap_or_else(|| CorrelationMetadata::root(new_correlation_id(), now));
-        let topic = req.topic.clone();
         // Boxed: the publish future would otherwise make every call future (and every task
         // spawned around one) larger.
         Box::pin(
@@ -394,15 +404,11 @@ impl Client {
         )
         .await?;
         tokio::select! {
-            r = tokio::time::timeout(req.timeout, rx) => match r {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => Err(RpcError::new(
+            r = rx => match r {
+                Ok(outcome) => outcome,
+                Err(_) => Err(RpcError::new(
                     RpcErrorKind::Cancelled,
                     "the client shut down before the reply arrived",
-                )),
-                Err(_) => Err(RpcError::new(
-                    RpcErrorKind::Timeout,
-                    format!("no reply from {topic} within {:?}", req.timeout),
                 )),
             },
             () = inner.closed.cancelled() => Err(RpcError::new(
@@ -667,7 +673,10 @@ async fn service_loop<H, F>(
             continue;
         }
         if concurrency == 1 {
-            handle_one(&client, handler.as_ref(), msg, &shared).await;
+            tokio::select! {
+                () = handle_one(&client, handler.as_ref(), msg, &shared) => {}
+                () = shared.stop.cancelled() => break,
+            }
             continue;
         }
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
@@ -692,7 +701,21 @@ where
     F: Future<Output = Result<Bytes, ReplyStatus>>,
 {
     let started = Instant::now();
-    let outcome = handler(msg.clone()).await;
+    // A panicking handler fails its request (ExecutionError) instead of the whole service.
+    let outcome = match AssertUnwindSafe(handler(msg.clone())).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".to_owned());
+            tracing::error!(topic = %msg.topic(), panic = %what, "request handler panicked");
+            Err(ReplyStatus::execution_error(format!(
+                "the handler panicked: {what}"
+            )))
+        }
+    };
     let kind = outcome
         .as_ref()
         .err()

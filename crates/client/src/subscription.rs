@@ -211,6 +211,8 @@ pub(crate) struct SubTable {
     /// Filters of application subscriptions that could match a reply inbox topic (first
     /// segment `#`, `+`, `*` or `_inbox`). While there are none, replies skip the tries.
     inbox_overlap: usize,
+    /// Turns among several local subscriptions of one group matching a delivery.
+    group_turn: usize,
 }
 
 /// Whether `f` could match a topic under `_inbox.`.
@@ -384,23 +386,32 @@ impl SubTable {
         }
     }
 
-    /// Offers a queue group delivery to this connection's subscriptions in that group
-    /// matching its topic.
+    /// Gives a queue group delivery to **one** of this connection's subscriptions in that
+    /// group matching its topic (in turn, when several match: the broker chose this
+    /// connection once, so the message must be handled once). Returns `false` when none
+    /// matches (the subscription left while the message was on its way).
     pub(crate) fn dispatch_group(
-        &self,
+        &mut self,
         group: &QueueGroup,
         msg: &Message,
         scratch: &mut Vec<u64>,
         blocked: &mut Vec<queue::Sender>,
-    ) {
+    ) -> bool {
         self.grouped.matches_into(msg.topic(), scratch);
-        for id in scratch.iter() {
-            if let Some(entry) = self.subs.get(id)
-                && entry.group.as_ref() == Some(group)
-            {
-                Self::offer(entry, msg, blocked);
-            }
+        scratch.retain(|id| {
+            self.subs
+                .get(id)
+                .is_some_and(|e| e.group.as_ref() == Some(group))
+        });
+        if scratch.is_empty() {
+            return false;
         }
+        self.group_turn = self.group_turn.wrapping_add(1);
+        let id = scratch[self.group_turn % scratch.len()];
+        if let Some(entry) = self.subs.get(&id) {
+            Self::offer(entry, msg, blocked);
+        }
+        true
     }
 
     /// Ids of the subscriptions matching `topic`.
