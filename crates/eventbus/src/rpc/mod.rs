@@ -332,10 +332,11 @@ impl CollectorRpcClient {
         &self.config
     }
 
-    /// Calls a collector. Each attempt waits up to the request's timeout; transient failures
-    /// (timeout, no responders, communication errors, busy) are retried per the operation's
-    /// policy while `timeout` — the deadline of the whole call — allows. The last failure is
-    /// returned.
+    /// Calls a collector. Each attempt waits up to the shorter of the request's timeout and
+    /// its operation class's `timeout_seconds`; transient failures (timeout, no responders,
+    /// communication errors, busy) are retried per the class's policy while `timeout` — the
+    /// deadline of the whole call, `rpc.default_timeout_seconds` when zero — allows. The last
+    /// failure is returned.
     ///
     /// # Errors
     ///
@@ -367,13 +368,19 @@ impl CollectorRpcClient {
             ));
         }
         let policy = self.config.policies.for_operation(request.operation);
+        let timeout = if timeout.is_zero() {
+            Duration::from_secs(self.config.default_timeout_seconds)
+        } else {
+            timeout
+        };
+        let attempt_timeout = request.timeout.min(policy.timeout());
         let payload = bytes::Bytes::from(request.encode());
         let started = Instant::now();
         let mut retry = 0;
         loop {
             let left = timeout.saturating_sub(started.elapsed());
             let mut req = Request::new(target.clone(), payload.clone())
-                .timeout(request.timeout.min(left).max(Duration::from_millis(1)))
+                .timeout(attempt_timeout.min(left).max(Duration::from_millis(1)))
                 .operation(request.operation.as_str_name().to_ascii_lowercase());
             if let Some(meta) = request
                 .correlation

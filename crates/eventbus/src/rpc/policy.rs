@@ -200,7 +200,7 @@ impl RetryPolicies {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RpcConfig {
-    /// Deadline of calls that name none, seconds (default 30).
+    /// Deadline of a whole call (retries included) given as zero, seconds (default 30).
     pub default_timeout_seconds: u64,
     /// How often the agent health-checks each collector, seconds (default 60).
     pub health_check_interval_seconds: u64,
