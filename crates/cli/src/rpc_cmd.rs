@@ -85,33 +85,59 @@ pub(crate) async fn reply(socket: &crate::SocketArg, a: ReplyArgs) -> Result<()>
     Ok(())
 }
 
-/// Runs `sh -c cmd` with the request payload on stdin, until the request's deadline.
+/// Runs `sh -c cmd` with the request payload on stdin, until the request's deadline. The
+/// command runs in its own process group, killed whole when it overruns (so a pipeline's
+/// children go too), and at most `max` bytes of its output are kept.
 async fn exec(cmd: &str, msg: &Message, max: usize) -> Result<Bytes, ReplyStatus> {
+    use tokio::io::AsyncReadExt;
     let deadline = msg.header().deadline_ns.map(|d| {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |n| u64::try_from(n.as_nanos()).unwrap_or(u64::MAX));
         Duration::from_nanos(d.saturating_sub(now))
     });
-    let mut child = tokio::process::Command::new("sh")
+    let mut command = tokio::process::Command::new("sh");
+    command
         .args(["-c", cmd])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    command.process_group(0);
+    let mut child = command
         .spawn()
         .map_err(|e| ReplyStatus::execution_error(format!("cannot run {cmd:?}: {e}")))?;
-    let mut stdin = child.stdin.take();
+    let group = GroupKiller(child.id());
+    let (mut stdin, stdout, stderr) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let payload = msg.payload().clone();
     let run = async move {
-        if let Some(stdin) = stdin.as_mut() {
-            // A command that does not read its input is fine.
-            let _ = stdin.write_all(&payload).await;
-        }
-        drop(stdin);
-        child.wait_with_output().await
+        let feed = async {
+            if let Some(stdin) = stdin.as_mut() {
+                // A command that does not read its input is fine.
+                let _ = stdin.write_all(&payload).await;
+            }
+            drop(stdin);
+        };
+        let read_out = async {
+            let mut buf = Vec::new();
+            if let Some(out) = stdout {
+                out.take(max as u64 + 1).read_to_end(&mut buf).await?;
+            }
+            std::io::Result::Ok(buf)
+        };
+        let read_err = async {
+            let mut buf = Vec::new();
+            if let Some(err) = stderr {
+                err.take(4096).read_to_end(&mut buf).await?;
+            }
+            std::io::Result::Ok(buf)
+        };
+        let ((), out, err, status) = tokio::join!(feed, read_out, read_err, child.wait());
+        std::io::Result::Ok((out?, err?, status?))
     };
-    let output = match deadline {
+    let outcome = match deadline {
         Some(d) => tokio::time::timeout(d, run).await.map_err(|_| {
             ReplyStatus::new(
                 StatusCode::Timeout,
@@ -119,23 +145,39 @@ async fn exec(cmd: &str, msg: &Message, max: usize) -> Result<Bytes, ReplyStatus
             )
         })?,
         None => run.await,
-    }
-    .map_err(|e| ReplyStatus::execution_error(format!("running {cmd:?}: {e}")))?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
+    };
+    let (stdout, stderr, status) =
+        outcome.map_err(|e| ReplyStatus::execution_error(format!("running {cmd:?}: {e}")))?;
+    drop(group);
+    if !status.success() {
+        let stderr = String::from_utf8_lossy(&stderr);
         return Err(ReplyStatus::execution_error(format!(
-            "{cmd:?} failed ({}): {}",
-            output.status,
+            "{cmd:?} failed ({status}): {}",
             stderr.trim()
         )));
     }
-    if output.stdout.len() > max {
+    if stdout.len() > max {
         return Err(ReplyStatus::execution_error(format!(
-            "{cmd:?} wrote {} bytes, more than max_message_size ({max} bytes)",
-            output.stdout.len()
+            "{cmd:?} wrote more than max_message_size ({max} bytes)"
         )));
     }
-    Ok(Bytes::from(output.stdout))
+    Ok(Bytes::from(stdout))
+}
+
+/// Kills a command's whole process group when dropped (its leader may be gone already).
+struct GroupKiller(Option<u32>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            // Only the group we created for this command; ESRCH when it is already gone.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// `eventbus request`.
