@@ -129,3 +129,85 @@ fn a_queue_group_shares_requests_and_skips_stopped_responders() {
     let out = broker.run(&["request", "svc.work", "x", "--timeout", "30"]);
     assert_eq!(out.code, 3, "{out:?}");
 }
+
+/// A group member that stops reading and then disconnects: the requests the broker still held
+/// for it (queued, or in a write that could not complete) go to the other member. Only what
+/// the kernel had already accepted into the departed member's socket is lost (those callers
+/// time out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_held_for_a_departed_member_are_reoffered() {
+    use daemoneye_eventbus::client::{Client, ClientOptions, RpcErrorKind};
+    use daemoneye_eventbus::core::codec::Subscribe;
+    use daemoneye_eventbus::core::{Qos, QueueGroup, TopicFilter};
+    use daemoneye_eventbus::{Endpoint, Topic};
+
+    let dir = TempDir::new("rpc-reoffer");
+    let broker = Broker::start(dir.path(), None);
+    let _healthy = responder(
+        &broker,
+        &["svc.bulk", "--echo", "--group", "bulk", "--name", "healthy"],
+    );
+    // The stalled member: joins the group, then never reads.
+    let mut stalled = common::RawPeer::handshake(&broker.socket, "stalled");
+    stalled.send(&daemoneye_eventbus::core::Frame::Subscribe(Subscribe {
+        request_id: 1,
+        qos: Qos::Realtime,
+        filter: TopicFilter::new("svc.bulk").unwrap(),
+        group: Some(QueueGroup::new("bulk").unwrap()),
+    }));
+    let ack = stalled.recv().unwrap();
+    assert!(
+        matches!(&ack, daemoneye_eventbus::core::Frame::Reply(r) if r.error.is_none()),
+        "{ack:?}"
+    );
+
+    let ep = Endpoint::Unix(broker.socket.clone());
+    let caller = Client::connect(&ep, ClientOptions::named("caller"))
+        .await
+        .unwrap();
+    let topic = Topic::new("svc.bulk").unwrap();
+    let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let (c, t, p) = (caller.clone(), topic.clone(), payload.clone());
+            tokio::spawn(async move { c.request(&t, p, Duration::from_secs(5)).await })
+        })
+        .collect();
+    // Wait until the broker holds requests for the stalled member, then let it go.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = broker.stats();
+        let held = stats["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "stalled")
+            .map_or(0, |c| c["queued_messages"].as_u64().unwrap());
+        if held > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing queued for the stalled member"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stalled);
+    let mut answered = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(reply) => {
+                assert_eq!(reply.payload().len(), 64 * 1024);
+                assert_eq!(reply.header().source.as_str(), "healthy");
+                answered += 1;
+            }
+            Err(e) => assert_eq!(e.kind, RpcErrorKind::Timeout, "{e}"),
+        }
+    }
+    // Round robin gave the stalled member about half; a socket buffer holds a few 64 KiB
+    // frames, the rest were given again.
+    let reoffered = broker.stats()["reoffered"].as_u64().unwrap();
+    assert!(reoffered >= 10, "re-offered {reoffered}");
+    assert!(answered >= 30, "answered {answered} of 40");
+    caller.close().await;
+}

@@ -789,6 +789,74 @@ async fn concurrent_callers_get_only_their_replies(kind: Kind) {
     }
 }
 
+async fn rpc_edges(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let responder = bus.client("responder").await;
+    // Two local subscriptions of one group both match: the request is handled once.
+    let handled = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let count = |n: std::sync::Arc<std::sync::atomic::AtomicU32>| {
+        move |_m: Message| {
+            let n = std::sync::Arc::clone(&n);
+            async move {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(Bytes::from_static(b"ok"))
+            }
+        }
+    };
+    let g = ServeOptions::default().group(group("twice"));
+    let _wide = responder
+        .serve(["svc.+"], g.clone(), count(handled.clone()))
+        .await
+        .unwrap();
+    let _narrow = responder
+        .serve(["svc.once"], g, count(handled.clone()))
+        .await
+        .unwrap();
+    let _panics = responder
+        .serve(
+            ["boom.now"],
+            ServeOptions::default(),
+            |_m: Message| async move {
+                if true {
+                    panic!("index out of range");
+                }
+                Ok(Bytes::new())
+            },
+        )
+        .await
+        .unwrap();
+    let caller = bus.client("caller").await;
+    for _ in 0..4 {
+        caller.request(&t("svc.once"), "x", WAIT).await.unwrap();
+    }
+    // A later call on the same service proves no extra reply or handling is on its way.
+    caller.request(&t("svc.other"), "x", WAIT).await.unwrap();
+    assert_eq!(handled.load(std::sync::atomic::Ordering::SeqCst), 5);
+    // A handler that panics fails its request, and the service goes on.
+    let e = caller.request(&t("boom.now"), "x", WAIT).await.unwrap_err();
+    assert_eq!(e.kind, RpcErrorKind::ExecutionError);
+    assert!(e.message.contains("index out of range"), "{e}");
+    let e = caller.request(&t("boom.now"), "x", WAIT).await.unwrap_err();
+    assert_eq!(
+        e.kind,
+        RpcErrorKind::ExecutionError,
+        "still serving after a panic"
+    );
+    // Replies cannot be sent to $sys.
+    let sys = Publish::new(t("svc.once"), "x").reply_to(catalog::sys::stats());
+    assert!(matches!(
+        caller.publish_with(sys).await,
+        Err(PublishError::Reserved(_))
+    ));
+    // A first call cancelled before anything completed leaves nothing behind.
+    let fresh = bus.client("fresh").await;
+    let _ = tokio::time::timeout(Duration::ZERO, fresh.request(&t("svc.once"), "x", WAIT)).await;
+    assert_eq!(fresh.pending_requests(), 0);
+    let r = fresh.request(&t("svc.once"), "y", WAIT).await.unwrap();
+    assert_eq!(r.payload().as_ref(), b"ok");
+    assert_eq!(fresh.pending_requests(), 0);
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(unix)]
@@ -816,4 +884,5 @@ conformance!(
     queue_group_gives_each_request_to_one_instance,
     correlation_travels_and_filters_apply,
     concurrent_callers_get_only_their_replies,
+    rpc_edges,
 );
