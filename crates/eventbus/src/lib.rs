@@ -58,6 +58,8 @@
 mod bus;
 mod event;
 pub mod rpc;
+#[cfg(unix)]
+pub mod supervisor;
 
 pub use bus::{
     BusEvent, DaemoneyeBroker, DaemoneyeEventBus, EVENT_CHANNEL_CAPACITY, EventBus, EventBusError,

@@ -1,0 +1,796 @@
+//! The collector supervisor: starts collector processes, stops them gracefully (shutdown
+//! request, then SIGTERM, then SIGKILL), restarts them when they crash or stop sending
+//! heartbeats, pauses and resumes them, and reports their status.
+//!
+//! One task owns every collector's state (`Supervisor` is a handle that sends it commands).
+//! Restart decisions are pure ([`RestartPolicy::decide`]); the task only moves processes and
+//! timers. Children run in their own process group and, on Linux, die with the supervisor's
+//! process even when it is killed with SIGKILL (parent-death signal); [`Supervisor::shutdown`]
+//! stops and reaps them all.
+
+mod policy;
+mod spawn;
+
+pub use policy::{Decision, ProcessManagerConfig, RestartPolicy};
+
+use crate::client::Client;
+use crate::rpc::{CollectorRpcClient, RpcConfig, RpcErrorKind, RpcRequest};
+use serde::{Deserialize, Serialize};
+use spawn::{Spawned, Spawner};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+/// Resource limits applied to a collector process (`setrlimit` in the child).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResourceLimits {
+    /// Address space, bytes (`RLIMIT_AS`).
+    pub max_memory_bytes: Option<u64>,
+    /// Open file descriptors (`RLIMIT_NOFILE`).
+    pub max_open_files: Option<u64>,
+    /// CPU time, seconds (`RLIMIT_CPU`; SIGXCPU, then SIGKILL, when exceeded).
+    pub max_cpu_seconds: Option<u64>,
+}
+
+/// How to run one collector (an entry of the `collectors` section).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorSpec {
+    /// The collector's id: its RPC address is `control.collector.<id>`, its heartbeats come
+    /// on `control.health.heartbeat.<id>`.
+    pub id: String,
+    /// The program.
+    pub binary: PathBuf,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Environment variables added to the supervisor's own.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the supervisor's).
+    #[serde(default)]
+    pub working_dir: Option<PathBuf>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: ResourceLimits,
+    /// Whether the collector sends heartbeats (default true). When it does, heartbeats that
+    /// stop for `health_check_interval_seconds` make it Unhealthy.
+    #[serde(default = "yes")]
+    pub heartbeats: bool,
+    /// Start it with the supervisor (default true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl CollectorSpec {
+    /// A collector running `binary` with the defaults.
+    pub fn new(id: &str, binary: impl Into<PathBuf>) -> Self {
+        Self {
+            id: id.to_owned(),
+            binary: binary.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            working_dir: None,
+            limits: ResourceLimits::default(),
+            heartbeats: true,
+            enabled: true,
+        }
+    }
+}
+
+/// Where a collector is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectorState {
+    /// Not running, by request (or never started).
+    Stopped,
+    /// Running.
+    Running,
+    /// Stopped with SIGSTOP.
+    Paused,
+    /// Being stopped.
+    Stopping,
+    /// Ended on its own (or was killed for missing heartbeats); restarting after a delay.
+    BackingOff,
+    /// Heartbeats stopped; being restarted (or left alone when auto restart is off).
+    Unhealthy,
+    /// Gave up restarting it (see `last_exit`).
+    Failed,
+}
+
+impl std::fmt::Display for CollectorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            Self::Stopped => "stopped",
+            Self::Running => "running",
+            Self::Paused => "paused",
+            Self::Stopping => "stopping",
+            Self::BackingOff => "restarting",
+            Self::Unhealthy => "unhealthy",
+            Self::Failed => "failed",
+        };
+        f.write_str(s)
+    }
+}
+
+/// A collector's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CollectorStatus {
+    /// Its id.
+    pub id: String,
+    /// Its state.
+    pub state: CollectorState,
+    /// Process id while it runs.
+    pub pid: Option<u32>,
+    /// Time since its last start, while it runs.
+    pub uptime: Option<Duration>,
+    /// Restarts since the supervisor started.
+    pub restart_count: u32,
+    /// How it last ended, and for Failed why the supervisor gave up.
+    pub last_exit: Option<String>,
+    /// When its last heartbeat arrived.
+    pub last_heartbeat: Option<SystemTime>,
+}
+
+/// Why a supervisor command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SupervisorError {
+    /// No collector with this id is configured.
+    #[error("no collector {0:?} is configured")]
+    UnknownCollector(String),
+    /// The command does not apply in the collector's current state.
+    #[error("collector {id} is {state}: {what}")]
+    WrongState {
+        /// The collector.
+        id: String,
+        /// Its state.
+        state: CollectorState,
+        /// What was refused and why.
+        what: String,
+    },
+    /// The process could not be started or signalled.
+    #[error("collector {id}: {message}")]
+    Process {
+        /// The collector.
+        id: String,
+        /// What failed.
+        message: String,
+    },
+    /// The supervisor has shut down.
+    #[error("the supervisor has shut down")]
+    ShutDown,
+}
+
+enum Cmd {
+    Start(
+        String,
+        oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
+    ),
+    Stop(
+        String,
+        bool,
+        oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
+    ),
+    Restart(
+        String,
+        oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
+    ),
+    Pause(
+        String,
+        bool,
+        oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
+    ),
+    Status(oneshot::Sender<Vec<CollectorStatus>>),
+    Heartbeat(String, SystemTime),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// A handle on the supervisor task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Supervisor {
+    cmds: mpsc::Sender<Cmd>,
+}
+
+impl Supervisor {
+    /// Starts the supervisor with these collectors (the enabled ones are started at once).
+    /// With `bus`, graceful stops first ask the collector to shut down over RPC, and
+    /// heartbeats on `control.health.heartbeat.+` are watched.
+    ///
+    /// # Errors
+    ///
+    /// When the spawner thread cannot be started, or two collectors share an id.
+    pub async fn start(
+        config: ProcessManagerConfig,
+        collectors: Vec<CollectorSpec>,
+        bus: Option<Client>,
+    ) -> Result<Self, SupervisorError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in &collectors {
+            if !seen.insert(c.id.clone()) {
+                return Err(SupervisorError::Process {
+                    id: c.id.clone(),
+                    message: "two collectors have this id; ids must be unique".into(),
+                });
+            }
+        }
+        let spawner = Spawner::start().map_err(|e| SupervisorError::Process {
+            id: "supervisor".into(),
+            message: format!("cannot start the spawner thread: {e}"),
+        })?;
+        let (cmds, rx) = mpsc::channel(64);
+        let (exits, exit_rx) = mpsc::unbounded_channel();
+        let rpc = bus
+            .clone()
+            .map(|c| CollectorRpcClient::new(c, "supervisor", RpcConfig::default()));
+        let actor = Actor {
+            policy: config.restart_policy(),
+            config,
+            slots: collectors
+                .into_iter()
+                .map(|spec| (spec.id.clone(), Slot::new(spec)))
+                .collect(),
+            spawner,
+            rpc,
+            exits,
+        };
+        if let Some(client) = bus {
+            tokio::spawn(watch_heartbeats(client, cmds.clone()));
+        }
+        tokio::spawn(actor.run(rx, exit_rx));
+        Ok(Self { cmds })
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Cmd,
+    ) -> Result<T, SupervisorError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(make(tx))
+            .await
+            .map_err(|_| SupervisorError::ShutDown)?;
+        rx.await.map_err(|_| SupervisorError::ShutDown)
+    }
+
+    /// Starts a stopped, failed or unhealthy collector.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn start_collector(&self, id: &str) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Start(id.to_owned(), tx)).await?
+    }
+
+    /// Stops a collector: gracefully (shutdown request, then SIGTERM after
+    /// `graceful_shutdown_timeout_seconds`, then SIGKILL after
+    /// `force_shutdown_timeout_seconds`) or at once (SIGTERM, then SIGKILL). Returns once it
+    /// has ended.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn stop_collector(
+        &self,
+        id: &str,
+        graceful: bool,
+    ) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Stop(id.to_owned(), graceful, tx))
+            .await?
+    }
+
+    /// Stops (gracefully) and starts a collector again.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn restart_collector(&self, id: &str) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Restart(id.to_owned(), tx)).await?
+    }
+
+    /// Pauses a running collector (SIGSTOP to its process group).
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn pause(&self, id: &str) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Pause(id.to_owned(), true, tx)).await?
+    }
+
+    /// Resumes a paused collector (SIGCONT).
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn resume(&self, id: &str) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Pause(id.to_owned(), false, tx)).await?
+    }
+
+    /// Every collector's status.
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError::ShutDown`].
+    pub async fn status(&self) -> Result<Vec<CollectorStatus>, SupervisorError> {
+        self.ask(Cmd::Status).await
+    }
+
+    /// Records a heartbeat of `id` (the supervisor also watches the bus itself when given a
+    /// client).
+    pub async fn heartbeat(&self, id: &str) {
+        let _ = self
+            .cmds
+            .send(Cmd::Heartbeat(id.to_owned(), SystemTime::now()))
+            .await;
+    }
+
+    /// Stops every collector (gracefully, all at once) and waits until all have ended.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(Cmd::Shutdown).await;
+    }
+}
+
+async fn watch_heartbeats(client: Client, cmds: mpsc::Sender<Cmd>) {
+    let Ok(mut sub) = client.subscribe(["control.health.heartbeat.+"]).await else {
+        tracing::warn!("cannot subscribe to heartbeats; collectors' liveness is not checked");
+        return;
+    };
+    while let Ok(m) = sub.recv().await {
+        let id = m.topic().as_str().rsplit('.').next().unwrap_or_default();
+        if cmds
+            .send(Cmd::Heartbeat(id.to_owned(), SystemTime::now()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+struct Running {
+    pid: u32,
+    started: Instant,
+    exit: watch::Receiver<Option<ExitStatus>>,
+    paused: bool,
+}
+
+struct Slot {
+    spec: CollectorSpec,
+    state: CollectorState,
+    running: Option<Running>,
+    /// Restarts in a row (for the policy) and in total (reported).
+    in_a_row: u32,
+    total: u32,
+    last_exit: Option<String>,
+    last_heartbeat: Option<(SystemTime, Instant)>,
+    restart_at: Option<Instant>,
+    /// Bumped per start, so the exit report of an earlier run is recognised.
+    run: u64,
+}
+
+impl Slot {
+    fn new(spec: CollectorSpec) -> Self {
+        Self {
+            spec,
+            state: CollectorState::Stopped,
+            running: None,
+            in_a_row: 0,
+            total: 0,
+            last_exit: None,
+            last_heartbeat: None,
+            restart_at: None,
+            run: 0,
+        }
+    }
+
+    fn status(&self) -> CollectorStatus {
+        CollectorStatus {
+            id: self.spec.id.clone(),
+            state: self.state,
+            pid: self.running.as_ref().map(|r| r.pid),
+            uptime: self.running.as_ref().map(|r| r.started.elapsed()),
+            restart_count: self.total,
+            last_exit: self.last_exit.clone(),
+            last_heartbeat: self.last_heartbeat.map(|(t, _)| t),
+        }
+    }
+}
+
+/// How a process ended, in words.
+fn describe(status: Option<ExitStatus>) -> String {
+    let Some(status) = status else {
+        return "ended (status unknown)".into();
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt;
+        if let Some(sig) = status.signal() {
+            let name = nix::sys::signal::Signal::try_from(sig)
+                .map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_owned());
+            return format!("killed by {name}");
+        }
+    }
+    match status.code() {
+        Some(0) => "exited with status 0".into(),
+        Some(c) => format!("exited with status {c}"),
+        None => "ended".into(),
+    }
+}
+
+struct Actor {
+    config: ProcessManagerConfig,
+    policy: RestartPolicy,
+    slots: BTreeMap<String, Slot>,
+    spawner: Spawner,
+    rpc: Option<CollectorRpcClient>,
+    exits: mpsc::UnboundedSender<(String, u64, Option<ExitStatus>)>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut exit_rx: mpsc::UnboundedReceiver<(String, u64, Option<ExitStatus>)>,
+    ) {
+        let ids: Vec<String> = self
+            .slots
+            .values()
+            .filter(|s| s.spec.enabled)
+            .map(|s| s.spec.id.clone())
+            .collect();
+        for id in ids {
+            if let Err(e) = self.start(&id).await {
+                tracing::error!(error = %e, "collector did not start");
+            }
+        }
+        let check_every = Duration::from_millis(
+            (self.config.health_check_interval_seconds * 1000 / 4).clamp(100, 5_000),
+        );
+        let mut tick = tokio::time::interval(check_every);
+        loop {
+            let next_restart = self.slots.values().filter_map(|s| s.restart_at).min();
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    None => {
+                        self.stop_all().await;
+                        return;
+                    }
+                    Some(Cmd::Shutdown(done)) => {
+                        self.stop_all().await;
+                        let _ = done.send(());
+                        return;
+                    }
+                    Some(cmd) => self.on_cmd(cmd).await,
+                },
+                Some((id, run, status)) = exit_rx.recv() => self.on_exit(&id, run, status),
+                () = sleep_until(next_restart) => self.restart_due().await,
+                _ = tick.tick() => self.check_health().await,
+            }
+        }
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Start(id, tx) => {
+                let _ = tx.send(self.start(&id).await);
+            }
+            Cmd::Stop(id, graceful, tx) => {
+                let r = self.stop(&id, graceful).await;
+                let _ = tx.send(r);
+            }
+            Cmd::Restart(id, tx) => {
+                let r = match self.stop(&id, true).await {
+                    Ok(_) => self.start(&id).await,
+                    Err(e) => Err(e),
+                };
+                if let Some(slot) = self.slots.get_mut(&id)
+                    && r.is_ok()
+                {
+                    slot.total += 1;
+                }
+                let _ = tx.send(r);
+            }
+            Cmd::Pause(id, pause, tx) => {
+                let _ = tx.send(self.pause(&id, pause));
+            }
+            Cmd::Status(tx) => {
+                let _ = tx.send(self.slots.values().map(Slot::status).collect());
+            }
+            Cmd::Heartbeat(id, at) => {
+                if let Some(slot) = self.slots.get_mut(&id) {
+                    slot.last_heartbeat = Some((at, Instant::now()));
+                    if slot.state == CollectorState::Unhealthy && slot.running.is_some() {
+                        slot.state = CollectorState::Running;
+                    }
+                }
+            }
+            Cmd::Shutdown(_) => unreachable!("handled by run"),
+        }
+    }
+
+    fn slot(&mut self, id: &str) -> Result<&mut Slot, SupervisorError> {
+        self.slots
+            .get_mut(id)
+            .ok_or_else(|| SupervisorError::UnknownCollector(id.to_owned()))
+    }
+
+    async fn start(&mut self, id: &str) -> Result<CollectorStatus, SupervisorError> {
+        let slot = self.slot(id)?;
+        if slot.running.is_some() {
+            return Err(SupervisorError::WrongState {
+                id: id.to_owned(),
+                state: slot.state,
+                what: "it is already running; stop or restart it".into(),
+            });
+        }
+        let spec = slot.spec.clone();
+        let env = vec![("DAEMONEYE_COLLECTOR_ID".to_owned(), spec.id.clone())];
+        match self.spawner.spawn(&spec, env).await {
+            Ok(spawned) => Ok(self.started(id, spawned)),
+            Err(e) => {
+                let slot = self.slot(id)?;
+                slot.state = CollectorState::Failed;
+                slot.last_exit = Some(format!("could not start: {e}"));
+                slot.restart_at = None;
+                Err(SupervisorError::Process {
+                    id: id.to_owned(),
+                    message: e.to_string(),
+                })
+            }
+        }
+    }
+
+    fn started(&mut self, id: &str, spawned: Spawned) -> CollectorStatus {
+        let exits = self.exits.clone();
+        let slot = self.slots.get_mut(id).expect("checked by the caller");
+        slot.run += 1;
+        let run = slot.run;
+        let mut exit = spawned.exit.clone();
+        let owner = id.to_owned();
+        // Reports the end of this run to the actor.
+        tokio::spawn(async move {
+            let status = exit.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+            let _ = exits.send((owner, run, status));
+        });
+        slot.running = Some(Running {
+            pid: spawned.pid,
+            started: Instant::now(),
+            exit: spawned.exit,
+            paused: false,
+        });
+        slot.state = CollectorState::Running;
+        slot.restart_at = None;
+        slot.last_heartbeat = None;
+        tracing::info!(collector = id, pid = spawned.pid, "collector started");
+        slot.status()
+    }
+
+    /// A run ended on its own (a requested stop clears `running` first).
+    fn on_exit(&mut self, id: &str, run: u64, status: Option<ExitStatus>) {
+        let policy = self.policy.clone();
+        let Some(slot) = self.slots.get_mut(id) else {
+            return;
+        };
+        if slot.run != run || slot.running.is_none() {
+            return;
+        }
+        let ran = slot
+            .running
+            .take()
+            .map_or(Duration::ZERO, |r| r.started.elapsed());
+        let why = describe(status);
+        tracing::warn!(collector = id, how = %why, "collector ended");
+        let cause = match slot.state {
+            CollectorState::Unhealthy => format!("no heartbeat; {why}"),
+            _ => why,
+        };
+        match policy.decide(slot.in_a_row, ran, &cause) {
+            Decision::Restart { after, attempt } => {
+                slot.in_a_row = attempt;
+                slot.state = CollectorState::BackingOff;
+                slot.restart_at = Some(Instant::now() + after);
+                slot.last_exit = Some(cause);
+            }
+            Decision::GiveUp(reason) => {
+                tracing::error!(collector = id, %reason, "collector failed");
+                slot.state = CollectorState::Failed;
+                slot.restart_at = None;
+                slot.last_exit = Some(reason);
+            }
+        }
+    }
+
+    async fn restart_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .slots
+            .values()
+            .filter(|s| s.restart_at.is_some_and(|t| t <= now))
+            .map(|s| s.spec.id.clone())
+            .collect();
+        for id in due {
+            if let Ok(slot) = self.slot(&id) {
+                slot.restart_at = None;
+                slot.total += 1;
+            }
+            if let Err(e) = self.start(&id).await {
+                tracing::error!(error = %e, "restart failed");
+            }
+        }
+    }
+
+    /// Marks collectors whose heartbeats stopped Unhealthy, and kills them for a restart
+    /// when auto restart is on.
+    async fn check_health(&mut self) {
+        let limit = Duration::from_secs(self.config.health_check_interval_seconds);
+        let mut stale = Vec::new();
+        for slot in self.slots.values_mut() {
+            let Some(run) = &slot.running else { continue };
+            if !slot.spec.heartbeats || run.paused || slot.state != CollectorState::Running {
+                continue;
+            }
+            let since = slot
+                .last_heartbeat
+                .map_or(run.started, |(_, at)| at.max(run.started));
+            if since.elapsed() >= limit {
+                slot.state = CollectorState::Unhealthy;
+                tracing::warn!(collector = %slot.spec.id, "no heartbeat for {} s", limit.as_secs());
+                stale.push((slot.spec.id.clone(), run.pid));
+            }
+        }
+        if !self.config.enable_auto_restart {
+            return;
+        }
+        for (id, pid) in stale {
+            // Killed; its end goes through `on_exit`, which applies the restart policy.
+            signal_group(pid, nix_signal::SIGKILL);
+            tracing::warn!(collector = %id, "killed for a restart");
+        }
+    }
+
+    fn pause(&mut self, id: &str, pause: bool) -> Result<CollectorStatus, SupervisorError> {
+        let slot = self.slot(id)?;
+        let Some(run) = slot.running.as_mut() else {
+            return Err(SupervisorError::WrongState {
+                id: id.to_owned(),
+                state: slot.state,
+                what: "only a running collector can be paused or resumed".into(),
+            });
+        };
+        if pause {
+            signal_group(run.pid, nix_signal::SIGSTOP);
+            run.paused = true;
+            slot.state = CollectorState::Paused;
+        } else {
+            signal_group(run.pid, nix_signal::SIGCONT);
+            run.paused = false;
+            slot.state = CollectorState::Running;
+            // Heartbeats could not come while it was stopped.
+            slot.last_heartbeat = Some((SystemTime::now(), Instant::now()));
+        }
+        Ok(slot.status())
+    }
+
+    async fn stop(&mut self, id: &str, graceful: bool) -> Result<CollectorStatus, SupervisorError> {
+        let slot = self.slot(id)?;
+        slot.restart_at = None;
+        slot.in_a_row = 0;
+        let Some(run) = slot.running.take() else {
+            slot.state = CollectorState::Stopped;
+            return Ok(slot.status());
+        };
+        slot.state = CollectorState::Stopping;
+        let how = stop_process(id, run, graceful, self.rpc.clone(), &self.config).await;
+        let slot = self.slot(id)?;
+        slot.state = CollectorState::Stopped;
+        slot.last_exit = Some(how);
+        Ok(slot.status())
+    }
+
+    async fn stop_all(&mut self) {
+        let mut stopping = Vec::new();
+        for slot in self.slots.values_mut() {
+            slot.restart_at = None;
+            if let Some(run) = slot.running.take() {
+                slot.state = CollectorState::Stopping;
+                let (id, rpc, cfg) = (slot.spec.id.clone(), self.rpc.clone(), self.config.clone());
+                stopping.push(tokio::spawn(async move {
+                    let how = stop_process(&id, run, true, rpc, &cfg).await;
+                    (id, how)
+                }));
+            }
+        }
+        for task in stopping {
+            if let Ok((id, how)) = task.await
+                && let Some(slot) = self.slots.get_mut(&id)
+            {
+                slot.state = CollectorState::Stopped;
+                slot.last_exit = Some(how);
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+mod nix_signal {
+    #[cfg(unix)]
+    pub(super) use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP, SIGTERM};
+}
+
+/// Sends `sig` to the process group led by `pid` (collectors lead their own group).
+#[cfg(unix)]
+fn signal_group(pid: u32, sig: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // ESRCH: already gone.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+    }
+}
+
+/// Waits until the run has ended, at most `limit`; returns how it ended.
+async fn ended_within(run: &mut Running, limit: Duration) -> Option<Option<ExitStatus>> {
+    match tokio::time::timeout(limit, run.exit.wait_for(Option::is_some)).await {
+        Ok(Ok(s)) => Some(*s),
+        // The waiter thread is gone without a status: the process has been reaped.
+        Ok(Err(_)) => Some(None),
+        Err(_) => None,
+    }
+}
+
+/// Stops one process: shutdown request (graceful), SIGTERM, SIGKILL; returns how it ended.
+async fn stop_process(
+    id: &str,
+    mut run: Running,
+    graceful: bool,
+    rpc: Option<CollectorRpcClient>,
+    config: &ProcessManagerConfig,
+) -> String {
+    if run.paused {
+        signal_group(run.pid, nix_signal::SIGCONT);
+    }
+    let grace = Duration::from_secs(config.graceful_shutdown_timeout_seconds);
+    let force = Duration::from_secs(config.force_shutdown_timeout_seconds);
+    if graceful && let Some(rpc) = rpc {
+        let target = format!("control.collector.{id}");
+        let ask = RpcRequest::shutdown(
+            String::new(),
+            target,
+            "stopped by the supervisor",
+            grace,
+            Duration::from_secs(5).min(grace.max(Duration::from_secs(1))),
+        );
+        match rpc.call(ask, Duration::from_secs(5)).await {
+            Ok(_) => {
+                if let Some(status) = ended_within(&mut run, grace).await {
+                    return format!("stopped on request ({})", describe(status));
+                }
+            }
+            Err(e) if e.kind == RpcErrorKind::NoResponders => {}
+            Err(e) => tracing::warn!(collector = id, error = %e, "shutdown request failed"),
+        }
+    }
+    signal_group(run.pid, nix_signal::SIGTERM);
+    if let Some(status) = ended_within(&mut run, force).await {
+        return format!("stopped by SIGTERM ({})", describe(status));
+    }
+    signal_group(run.pid, nix_signal::SIGKILL);
+    let status = ended_within(&mut run, Duration::from_secs(10)).await;
+    format!(
+        "killed with SIGKILL after ignoring SIGTERM for {} s ({})",
+        force.as_secs(),
+        describe(status.flatten())
+    )
+}

@@ -1,0 +1,386 @@
+//! The supervisor with real child processes: restart until the limit, kill escalation,
+//! graceful stop over RPC, pause / resume, resource limits, heartbeats, and no orphans when
+//! the supervising process is killed.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
+
+use daemoneye_eventbus::broker::{Broker, BrokerConfig};
+use daemoneye_eventbus::client::{Client, ClientOptions};
+use daemoneye_eventbus::core::ReplyStatus;
+use daemoneye_eventbus::rpc::{CollectorCall, CollectorHandler, rpc_response, serve_collector};
+use daemoneye_eventbus::schema::rpc as pb;
+use daemoneye_eventbus::supervisor::{
+    CollectorSpec, CollectorState, CollectorStatus, ProcessManagerConfig, Supervisor,
+};
+use daemoneye_eventbus::{Endpoint, Topic};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(15);
+const SOCKET_ENV: &str = "EVENTBUS_TEST_SUP_SOCKET";
+const ROLE_ENV: &str = "EVENTBUS_TEST_SUP_ROLE";
+
+fn fast() -> ProcessManagerConfig {
+    ProcessManagerConfig {
+        graceful_shutdown_timeout_seconds: 5,
+        force_shutdown_timeout_seconds: 1,
+        health_check_interval_seconds: 1,
+        enable_auto_restart: true,
+        max_restart_attempts: 2,
+        restart_backoff_seconds: 0,
+    }
+}
+
+fn sh(id: &str, script: &str) -> CollectorSpec {
+    let mut spec = CollectorSpec::new(id, "/bin/sh");
+    spec.args = vec!["-c".into(), script.into()];
+    spec.heartbeats = false;
+    spec
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("eb-sup-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls the status of `id` until `pred` holds (bounded by `WAIT`).
+async fn wait_for(
+    sup: &Supervisor,
+    id: &str,
+    pred: impl Fn(&CollectorStatus) -> bool,
+) -> CollectorStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = sup
+            .status()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|s| s.id == id)
+            .unwrap();
+        if pred(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out; last status {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The process state letter from /proc (R, S, T stopped, Z zombie), `None` when gone.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(") ")?.1;
+    after.chars().next()
+}
+
+fn gone(pid: u32) -> bool {
+    matches!(proc_state(pid), None | Some('Z' | 'X'))
+}
+
+#[tokio::test]
+async fn a_crashing_collector_is_restarted_until_the_limit_then_failed() {
+    let sup = Supervisor::start(fast(), vec![sh("crashy", "exit 3")], None)
+        .await
+        .unwrap();
+    let s = wait_for(&sup, "crashy", |s| s.state == CollectorState::Failed).await;
+    assert_eq!(s.restart_count, 2, "{s:?}");
+    let why = s.last_exit.unwrap();
+    assert!(
+        why.contains("exited with status 3") && why.contains("gave up after 2 restarts"),
+        "{why}"
+    );
+    // A failed collector can be started again by hand.
+    let s = sup.start_collector("crashy").await.unwrap();
+    assert_eq!(s.state, CollectorState::Running);
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_collector_that_ignores_sigterm_is_killed_after_the_timeout() {
+    let dir = TempDir::new("stubborn");
+    let armed = dir.0.join("armed");
+    let script = format!(
+        "trap '' TERM; touch {}; while true; do sleep 0.05; done",
+        armed.display()
+    );
+    let sup = Supervisor::start(fast(), vec![sh("stubborn", &script)], None)
+        .await
+        .unwrap();
+    let running = wait_for(&sup, "stubborn", |s| s.pid.is_some()).await;
+    let pid = running.pid.unwrap();
+    // Only once the shell ignores SIGTERM.
+    let deadline = Instant::now() + WAIT;
+    while !armed.exists() {
+        assert!(Instant::now() < deadline, "the script never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let s = sup.stop_collector("stubborn", true).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited the force timeout"
+    );
+    assert_eq!(s.state, CollectorState::Stopped);
+    let how = s.last_exit.unwrap();
+    assert!(
+        how.starts_with("killed with SIGKILL after ignoring SIGTERM"),
+        "{how}"
+    );
+    assert!(gone(pid));
+    // Stopped by request: not restarted.
+    assert_eq!(
+        sup.status().await.unwrap()[0].state,
+        CollectorState::Stopped
+    );
+    sup.shutdown().await;
+}
+
+#[tokio::test]
+async fn pause_resume_and_resource_limits_are_applied() {
+    let dir = TempDir::new("limits");
+    let out = dir.0.join("limits.txt");
+    let script = format!(
+        "ulimit -n > {0}; ulimit -v >> {0}; ulimit -t >> {0}; while :; do :; done",
+        out.display()
+    );
+    let mut spec = sh("limited", &script);
+    spec.limits.max_open_files = Some(64);
+    spec.limits.max_memory_bytes = Some(512 << 20);
+    spec.limits.max_cpu_seconds = Some(3600);
+    let sup = Supervisor::start(fast(), vec![spec], None).await.unwrap();
+    let pid = wait_for(&sup, "limited", |s| s.pid.is_some())
+        .await
+        .pid
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let limits = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.lines().count() == 3 {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the child never wrote its limits"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let lines: Vec<&str> = limits.lines().collect();
+    assert_eq!(lines, ["64", &(512 * 1024).to_string(), "3600"]);
+
+    let s = sup.pause("limited").await.unwrap();
+    assert_eq!(s.state, CollectorState::Paused);
+    let deadline = Instant::now() + WAIT;
+    while proc_state(pid) != Some('T') {
+        assert!(
+            Instant::now() < deadline,
+            "not stopped: {:?}",
+            proc_state(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let s = sup.resume("limited").await.unwrap();
+    assert_eq!(s.state, CollectorState::Running);
+    let deadline = Instant::now() + WAIT;
+    while proc_state(pid) == Some('T') {
+        assert!(Instant::now() < deadline, "still stopped");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = sup.start_collector("limited").await.unwrap_err();
+    assert!(e.to_string().contains("already running"), "{e}");
+    sup.shutdown().await;
+    assert!(gone(pid));
+}
+
+/// A collector that answers the shutdown request by exiting.
+struct Cooperative(tokio::sync::mpsc::Sender<()>);
+
+impl CollectorHandler for Cooperative {
+    async fn handle(&self, call: CollectorCall) -> Result<rpc_response::Body, ReplyStatus> {
+        let _ = self.0.send(()).await;
+        Ok(rpc_response::Body::Shutdown(pb::ShutdownResponse {
+            accepted: true,
+            message: format!("{:?} accepted", call.operation),
+        }))
+    }
+}
+
+/// Child roles, run only when re-executed by the tests below.
+#[tokio::test]
+async fn child_role() {
+    let Ok(role) = std::env::var(ROLE_ENV) else {
+        return;
+    };
+    let socket = std::env::var(SOCKET_ENV).unwrap();
+    let id = std::env::var("DAEMONEYE_COLLECTOR_ID").unwrap_or_else(|_| "child".into());
+    match role.as_str() {
+        "cooperative" => {
+            let client = Client::connect(
+                &Endpoint::parse(&socket).unwrap(),
+                ClientOptions::named(&id),
+            )
+            .await
+            .unwrap();
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+            let service = serve_collector(&client, &id, Cooperative(tx))
+                .await
+                .unwrap();
+            println!("ready");
+            rx.recv().await;
+            service.drain(WAIT).await;
+            client.drain().await;
+            std::process::exit(0);
+        }
+        "heartbeat-once" => {
+            let client = Client::connect(
+                &Endpoint::parse(&socket).unwrap(),
+                ClientOptions::named(&id),
+            )
+            .await
+            .unwrap();
+            let topic = Topic::new(format!("control.health.heartbeat.{id}")).unwrap();
+            client.publish(&topic, "alive").await.unwrap();
+            client.flush().await.unwrap();
+            // Then silence, while staying alive.
+            tokio::time::sleep(Duration::from_secs(300)).await;
+        }
+        "agent" => {
+            // Supervises a long sleep, prints its pid, and waits to be killed.
+            let sup = Supervisor::start(fast(), vec![sh("sleeper", "exec sleep 300")], None)
+                .await
+                .unwrap();
+            let pid = wait_for(&sup, "sleeper", |s| s.pid.is_some())
+                .await
+                .pid
+                .unwrap();
+            println!("child {pid}");
+            tokio::time::sleep(Duration::from_secs(300)).await;
+        }
+        other => panic!("unknown role {other}"),
+    }
+}
+
+fn child_spec(id: &str, role: &str, socket: &str) -> CollectorSpec {
+    let mut spec = CollectorSpec::new(id, std::env::current_exe().unwrap());
+    spec.args = vec![
+        "--exact".into(),
+        "child_role".into(),
+        "--nocapture".into(),
+        "--test-threads=1".into(),
+    ];
+    spec.env.insert(ROLE_ENV.into(), role.into());
+    spec.env.insert(SOCKET_ENV.into(), socket.into());
+    spec
+}
+
+async fn broker(dir: &Path) -> (Broker, String, Client) {
+    let path = dir.join("bus.sock");
+    let broker = Broker::start_on(BrokerConfig::default(), &[Endpoint::Unix(path.clone())])
+        .await
+        .unwrap();
+    let socket = format!("unix://{}", path.display());
+    let client = Client::connect(broker.inproc_endpoint(), ClientOptions::named("supervisor"))
+        .await
+        .unwrap();
+    (broker, socket, client)
+}
+
+#[tokio::test]
+async fn a_cooperating_collector_stops_on_request() {
+    if std::env::var(ROLE_ENV).is_ok() {
+        return;
+    }
+    let dir = TempDir::new("graceful");
+    let (broker, socket, client) = broker(&dir.0).await;
+    let mut spec = child_spec("coop", "cooperative", &socket);
+    spec.heartbeats = false;
+    let sup = Supervisor::start(fast(), vec![spec], Some(client.clone()))
+        .await
+        .unwrap();
+    // Wait until it serves its RPC address.
+    let deadline = Instant::now() + WAIT;
+    let topic = Topic::new("control.collector.coop").unwrap();
+    loop {
+        match client.request(&topic, "", Duration::from_millis(200)).await {
+            Err(e) if e.kind == daemoneye_eventbus::rpc::RpcErrorKind::NoResponders => {}
+            _ => break,
+        }
+        assert!(Instant::now() < deadline, "the collector never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = sup.stop_collector("coop", true).await.unwrap();
+    let how = s.last_exit.unwrap();
+    assert_eq!(how, "stopped on request (exited with status 0)");
+    sup.shutdown().await;
+    broker.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_heartbeats_make_a_collector_unhealthy_then_restarted() {
+    if std::env::var(ROLE_ENV).is_ok() {
+        return;
+    }
+    let dir = TempDir::new("heartbeat");
+    let (broker, socket, client) = broker(&dir.0).await;
+    let spec = child_spec("quiet", "heartbeat-once", &socket);
+    let config = ProcessManagerConfig {
+        max_restart_attempts: 1,
+        ..fast()
+    };
+    let sup = Supervisor::start(config, vec![spec], Some(client))
+        .await
+        .unwrap();
+    let first = wait_for(&sup, "quiet", |s| s.last_heartbeat.is_some()).await;
+    // Its heartbeats stop: restarted once, then Failed with the reason.
+    let s = wait_for(&sup, "quiet", |s| s.state == CollectorState::Failed).await;
+    assert!(s.restart_count >= 1);
+    assert!(s.last_exit.unwrap().contains("no heartbeat"));
+    assert!(gone(first.pid.unwrap()));
+    sup.shutdown().await;
+    broker.shutdown().await;
+}
+
+#[test]
+fn no_collector_survives_the_supervisor_killed_with_sigkill() {
+    if std::env::var(ROLE_ENV).is_ok() {
+        return;
+    }
+    let mut agent = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_role", "--nocapture", "--test-threads=1"])
+        .env(ROLE_ENV, "agent")
+        .env(SOCKET_ENV, "unused")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(agent.stdout.take().unwrap()).lines();
+    let child: u32 = loop {
+        let line = lines.next().expect("the agent printed its child").unwrap();
+        if let Some(pid) = line.split("child ").nth(1) {
+            break pid.trim().parse().unwrap();
+        }
+    };
+    assert!(!gone(child), "the collector runs");
+    agent.kill().unwrap(); // SIGKILL: no chance to clean up
+    agent.wait().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !gone(child) {
+        assert!(
+            Instant::now() < deadline,
+            "collector {child} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
