@@ -8,6 +8,9 @@ use std::io::{self, Write};
 pub(crate) fn print_message(out: &mut impl Write, msg: &Message, json: bool) -> io::Result<()> {
     let text = std::str::from_utf8(msg.payload()).ok();
     if !json {
+        if let Some(event) = decode_known(msg) {
+            return writeln!(out, "{} {}", msg.topic(), event);
+        }
         return match text {
             Some(t) => writeln!(out, "{} {}", msg.topic(), t),
             None => writeln!(out, "{} <{} bytes>", msg.topic(), msg.payload().len()),
@@ -37,7 +40,70 @@ pub(crate) fn message_json(msg: &Message) -> serde_json::Map<String, serde_json:
     let corr = h.correlation.as_ref().map(|c| c.correlation_id.clone());
     obj.insert("correlation_id".into(), corr.into());
     obj.insert("publisher".into(), h.source.as_str().into());
+    if let Some(event) = decode_known(msg) {
+        obj.insert("event".into(), event);
+    }
     obj
+}
+
+fn process_json(p: &daemoneye_eventbus::schema::events::ProcessEvent) -> serde_json::Value {
+    serde_json::json!({
+        "pid": p.pid,
+        "name": p.name,
+        "command_line": p.command_line,
+        "executable_path": p.executable_path,
+        "ppid": p.ppid,
+        "start_time_ns": p.start_time_ns,
+        "metadata": p.metadata.iter().collect::<std::collections::BTreeMap<_, _>>(),
+    })
+}
+
+/// The decoded fields of a message whose topic has a known schema (`None` otherwise, or when
+/// the payload does not decode).
+pub(crate) fn decode_known(msg: &Message) -> Option<serde_json::Value> {
+    use daemoneye_eventbus::schema::{events as epb, rpc as rpb};
+    use prost::Message as _;
+    let topic = msg.topic().as_str();
+    let payload = msg.payload().as_ref();
+    let segments: Vec<&str> = topic.split('.').collect();
+    match segments.as_slice() {
+        ["events", "process", "batch"] => {
+            let b = epb::ProcessBatch::decode(payload).ok()?;
+            Some(serde_json::json!({
+                "collector_id": b.collector_id,
+                "collected_at_ns": b.collected_at_ns,
+                "processes": b.processes.iter().map(process_json).collect::<Vec<_>>(),
+            }))
+        }
+        ["events", "process", "integrity"] => {
+            let h = epb::ExecutableHash::decode(payload).ok()?;
+            Some(serde_json::json!({
+                "pid": h.pid,
+                "executable_path": h.executable_path,
+                "sha256": h.sha256,
+                "size_bytes": h.size_bytes,
+            }))
+        }
+        ["events", "process", _] => {
+            let e = epb::CollectionEvent::decode(payload).ok()?;
+            match e.event? {
+                epb::collection_event::Event::Process(p) => Some(process_json(&p)),
+            }
+        }
+        ["control", "health", "heartbeat", _] => {
+            let h = rpb::Heartbeat::decode(payload).ok()?;
+            let status =
+                rpb::HealthStatus::try_from(h.status).map_or("unknown", |s| s.as_str_name());
+            Some(serde_json::json!({
+                "collector_id": h.collector_id,
+                "sequence": h.sequence,
+                "timestamp_ns": h.timestamp_ns,
+                "status": status,
+                "pid": h.pid,
+            }))
+        }
+        _ => None,
+    }
 }
 
 /// Prints a statistics snapshot as a table.

@@ -1,0 +1,72 @@
+//! procmond across processes: a broker (`eventbus serve`), procmond, and `eventbus sub --json`
+//! watching a `sleep` the test starts.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Broker, Proc, TempDir, wait_line};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
+    let dir = TempDir::new("procmond");
+    let broker = Broker::start(dir.path(), None);
+    let sub = broker.sub(&[
+        "--json",
+        "events.process.lifecycle",
+        "control.health.heartbeat.+",
+    ]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+    cmd.args([
+        "--scan-interval-ms",
+        "200",
+        "--heartbeat-secs",
+        "1",
+        "--id",
+        "procmond",
+    ])
+    .env("EVENTBUS_SOCKET", &broker.socket);
+    let mut procmond = Proc::spawn(cmd);
+    let rx = sub.stdout.as_ref().unwrap();
+    // procmond is up once its first heartbeat arrives.
+    let beat = wait_line(rx, "a heartbeat", |l| {
+        l.contains("control.health.heartbeat.procmond")
+    });
+    let beat: serde_json::Value = serde_json::from_str(&beat).unwrap();
+    assert_eq!(beat["event"]["collector_id"], "procmond");
+    assert_eq!(beat["event"]["status"], "HEALTHY");
+
+    // A process living about a second: its start and its exit are both reported.
+    let started = Instant::now();
+    let mut sleeper = Command::new("sleep").arg("1.2").spawn().unwrap();
+    let pid = sleeper.id();
+    sleeper.wait().unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let line = wait_line(rx, "the sleep's events", |l| {
+            l.contains("events.process.lifecycle") && l.contains(&format!("\"pid\":{pid}"))
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let e = &v["event"];
+        assert_eq!(e["name"], "sleep");
+        assert_eq!(e["command_line"], "sleep 1.2");
+        assert_eq!(e["ppid"], std::process::id());
+        assert!(e["executable_path"].as_str().unwrap().ends_with("sleep"));
+        assert!(e["metadata"]["uid"].as_str().is_some());
+        seen.push(e["metadata"]["event"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen, ["start", "exit"]);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // The collector services answer: a health check through the CLI is a typed request, so
+    // here an undecodable one is refused with the right kind.
+    let out = broker.run(&["request", "control.collector.procmond", "not protobuf"]);
+    assert_eq!(out.code, 5, "{out:?}");
+    assert!(out.stderr[0].contains("invalid_operation"), "{out:?}");
+
+    procmond.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(procmond.wait(), 0);
+}

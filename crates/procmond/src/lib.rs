@@ -1,0 +1,678 @@
+//! procmond, the process collector: scans `/proc`, publishes process starts and exits on
+//! `events.process.lifecycle`, periodic snapshots on `events.process.batch`, optional
+//! executable digests on `events.process.integrity`, heartbeats on
+//! `control.health.heartbeat.<id>`, and answers the collector services on
+//! `control.collector.<id>` (health, heartbeat, metrics, configuration, capabilities,
+//! shutdown).
+//!
+//! A process that lives at least one scan interval is seen: its start is reported at the
+//! first scan after it appeared and its exit at the first scan after it was gone, so both
+//! within one interval (default 500 ms).
+
+pub mod procfs;
+
+use bytes::Bytes;
+use daemoneye_eventbus::client::{Client, Publish, Service};
+use daemoneye_eventbus::core::{ReplyStatus, Topic, catalog};
+use daemoneye_eventbus::rpc::{
+    CollectorCall, CollectorConfig, CollectorHandler, CollectorOperation, HealthStatus,
+    rpc_request, rpc_response, serve_collector,
+};
+use daemoneye_eventbus::schema::{events as epb, rpc as pb};
+use daemoneye_eventbus::{CollectionEvent, ProcessEvent};
+use procfs::{ProcInfo, Snapshot};
+use prost::Message as _;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Notify;
+
+/// The collector type announced in capabilities and configuration.
+pub const COLLECTOR_TYPE: &str = "process";
+
+/// procmond's settings (changeable at run time with the configuration service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How often `/proc` is scanned.
+    pub scan_interval: Duration,
+    /// How often a snapshot of every process is published (zero: never).
+    pub batch_interval: Duration,
+    /// How often a heartbeat is published.
+    pub heartbeat_interval: Duration,
+    /// Publish the SHA-256 of each new process's executable.
+    pub hash_executables: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            scan_interval: Duration::from_millis(500),
+            batch_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            hash_executables: false,
+        }
+    }
+}
+
+impl Settings {
+    fn to_config(&self) -> CollectorConfig {
+        let mut settings = HashMap::new();
+        settings.insert(
+            "batch_interval_ms".into(),
+            self.batch_interval.as_millis().to_string(),
+        );
+        settings.insert(
+            "heartbeat_interval_ms".into(),
+            self.heartbeat_interval.as_millis().to_string(),
+        );
+        settings.insert("hash_executables".into(), self.hash_executables.to_string());
+        CollectorConfig {
+            collector_type: COLLECTOR_TYPE.into(),
+            scan_interval_ms: u32::try_from(self.scan_interval.as_millis()).unwrap_or(u32::MAX),
+            settings,
+            limits: None,
+            enabled_topics: vec![
+                catalog::process::lifecycle().to_string(),
+                catalog::process::batch().to_string(),
+                catalog::process::integrity().to_string(),
+            ],
+        }
+    }
+
+    /// Reads a configuration sent over RPC; every problem is listed with its field.
+    pub fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errors.push(pb::ConfigValidationError {
+                field: field.into(),
+                message,
+            });
+        };
+        if !c.collector_type.is_empty() && c.collector_type != COLLECTOR_TYPE {
+            err(
+                "collector_type",
+                format!(
+                    "procmond is a {COLLECTOR_TYPE:?} collector, not {:?}",
+                    c.collector_type
+                ),
+            );
+        }
+        let mut s = Self::default();
+        match c.scan_interval_ms {
+            0 => {}
+            ms if !(50..=60_000).contains(&ms) => err(
+                "scan_interval_ms",
+                format!("{ms} is out of range: 50 to 60000 ms"),
+            ),
+            ms => s.scan_interval = Duration::from_millis(u64::from(ms)),
+        }
+        for (k, v) in &c.settings {
+            match k.as_str() {
+                "batch_interval_ms" => match v.parse::<u64>() {
+                    Ok(ms) => s.batch_interval = Duration::from_millis(ms),
+                    Err(_) => err("settings.batch_interval_ms", format!("{v:?} is not a number of milliseconds")),
+                },
+                "heartbeat_interval_ms" => match v.parse::<u64>() {
+                    Ok(ms) if ms >= 100 => s.heartbeat_interval = Duration::from_millis(ms),
+                    _ => err("settings.heartbeat_interval_ms", format!("{v:?} must be at least 100 ms")),
+                },
+                "hash_executables" => match v.parse::<bool>() {
+                    Ok(b) => s.hash_executables = b,
+                    Err(_) => err("settings.hash_executables", format!("{v:?} is not true or false")),
+                },
+                other => err(
+                    &format!("settings.{other}"),
+                    "unknown setting (known: batch_interval_ms, heartbeat_interval_ms, hash_executables)".into(),
+                ),
+            }
+        }
+        if errors.is_empty() {
+            Ok(s)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Errors that stop procmond.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcmondError {
+    /// `/proc` cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The collector services could not be served.
+    #[error("cannot serve control.collector.{id}: {message}")]
+    Serve {
+        /// The collector id.
+        id: String,
+        /// Why.
+        message: String,
+    },
+}
+
+struct Shared {
+    id: String,
+    settings: Mutex<(Settings, u64)>,
+    started: Instant,
+    scans: AtomicU64,
+    published: AtomicU64,
+    processes: AtomicU64,
+    last_scan_us: AtomicU64,
+    heartbeats: AtomicU64,
+    stop: Notify,
+}
+
+impl Shared {
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+}
+
+/// Runs procmond as collector `id` on `client` until asked to shut down (RPC) or until
+/// `stop` completes; publishes from `proc_root` (normally `/proc`).
+///
+/// # Errors
+///
+/// [`ProcmondError`] when `/proc` cannot be read at start or the services cannot be served.
+pub async fn run(
+    client: Client,
+    id: &str,
+    settings: Settings,
+    proc_root: PathBuf,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ProcmondError> {
+    let shared = Arc::new(Shared {
+        id: id.to_owned(),
+        settings: Mutex::new((settings, 1)),
+        started: Instant::now(),
+        scans: AtomicU64::new(0),
+        published: AtomicU64::new(0),
+        processes: AtomicU64::new(0),
+        last_scan_us: AtomicU64::new(0),
+        heartbeats: AtomicU64::new(0),
+        stop: Notify::new(),
+    });
+    let boot = procfs::parse_boot_time(&std::fs::read_to_string(proc_root.join("stat")).map_err(
+        |source| ProcmondError::Proc {
+            path: proc_root.join("stat"),
+            source,
+        },
+    )?)
+    .unwrap_or(0);
+    let service: Service = serve_collector(&client, id, Handler(Arc::clone(&shared)))
+        .await
+        .map_err(|e| ProcmondError::Serve {
+            id: id.to_owned(),
+            message: e.to_string(),
+        })?;
+    let scanner = Scanner {
+        client: client.clone(),
+        shared: Arc::clone(&shared),
+        root: proc_root,
+        boot_secs: boot,
+        ticks_per_sec: clock_ticks(),
+        users: HashMap::new(),
+        hashed: HashMap::new(),
+    };
+    tokio::select! {
+        r = scanner.run() => r?,
+        () = heartbeats(client.clone(), Arc::clone(&shared)) => {}
+        () = shared.stop.notified() => tracing::info!("shutdown requested"),
+        () = stop => {}
+    }
+    service.drain(Duration::from_secs(5)).await;
+    client.drain().await;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn clock_ticks() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|t| *t > 0)
+        .unwrap_or(100)
+}
+
+#[cfg(not(unix))]
+fn clock_ticks() -> u64 {
+    100
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+async fn heartbeats(client: Client, shared: Arc<Shared>) {
+    let Ok(topic) = catalog::health::heartbeat_of(&shared.id) else {
+        return;
+    };
+    loop {
+        let n = shared.heartbeats.fetch_add(1, Ordering::Relaxed) + 1;
+        let beat = pb::Heartbeat {
+            collector_id: shared.id.clone(),
+            sequence: n,
+            timestamp_ns: now_ns(),
+            status: HealthStatus::Healthy as i32,
+            pid: std::process::id(),
+        };
+        if let Err(e) = client.publish(&topic, beat.encode_to_vec()).await {
+            tracing::warn!(error = %e, "heartbeat not sent");
+        }
+        tokio::time::sleep(shared.settings().heartbeat_interval).await;
+    }
+}
+
+struct Scanner {
+    client: Client,
+    shared: Arc<Shared>,
+    root: PathBuf,
+    boot_secs: u64,
+    ticks_per_sec: u64,
+    users: HashMap<u32, Option<String>>,
+    /// Digests already published, by (path, size, modification time); bounded.
+    hashed: HashMap<(String, u64, i64), String>,
+}
+
+impl Scanner {
+    async fn snapshot(&self) -> Result<Snapshot, ProcmondError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || procfs::snapshot(&root))
+            .await
+            .map_err(|e| ProcmondError::Proc {
+                path: self.root.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|source| ProcmondError::Proc {
+                path: self.root.clone(),
+                source,
+            })
+    }
+
+    async fn run(mut self) -> Result<(), ProcmondError> {
+        let mut prev = self.snapshot().await?;
+        self.shared
+            .processes
+            .store(prev.len() as u64, Ordering::Relaxed);
+        let mut last_batch = Instant::now();
+        self.publish_batch(&prev).await;
+        loop {
+            let settings = self.shared.settings();
+            tokio::time::sleep(settings.scan_interval).await;
+            let began = Instant::now();
+            let next = match self.snapshot().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "scan failed");
+                    continue;
+                }
+            };
+            let (started, exited) = procfs::diff(&prev, &next);
+            for p in started {
+                self.publish(p, "start").await;
+                if settings.hash_executables {
+                    self.publish_hash(p).await;
+                }
+            }
+            for p in exited {
+                self.publish(p, "exit").await;
+            }
+            self.shared.scans.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .processes
+                .store(next.len() as u64, Ordering::Relaxed);
+            self.shared.last_scan_us.store(
+                u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            if !settings.batch_interval.is_zero() && last_batch.elapsed() >= settings.batch_interval
+            {
+                self.publish_batch(&next).await;
+                last_batch = Instant::now();
+            }
+            prev = next;
+        }
+    }
+
+    fn user(&mut self, uid: u32) -> Option<String> {
+        self.users
+            .entry(uid)
+            .or_insert_with(|| user_name(uid))
+            .clone()
+    }
+
+    fn event(&mut self, p: &ProcInfo, what: &str) -> ProcessEvent {
+        let mut metadata = HashMap::new();
+        metadata.insert("event".to_owned(), what.to_owned());
+        metadata.insert("collector".to_owned(), self.shared.id.clone());
+        metadata.insert("state".to_owned(), p.state.to_string());
+        if let Some(uid) = p.uid {
+            metadata.insert("uid".to_owned(), uid.to_string());
+            if let Some(name) = self.user(uid) {
+                metadata.insert("user".to_owned(), name);
+            }
+        }
+        let start_ns = u128::from(self.boot_secs) * 1_000_000_000
+            + u128::from(p.start_ticks) * 1_000_000_000 / u128::from(self.ticks_per_sec);
+        ProcessEvent {
+            pid: p.pid,
+            name: p.name.clone(),
+            command_line: p.command_line.clone(),
+            executable_path: p.executable_path.clone(),
+            ppid: Some(p.ppid),
+            start_time: u64::try_from(start_ns)
+                .ok()
+                .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
+            metadata,
+        }
+    }
+
+    async fn publish(&mut self, p: &ProcInfo, what: &str) {
+        let event = CollectionEvent::Process(self.event(p, what));
+        let topic = event.topic();
+        self.send(Publish::new(topic, event.encode())).await;
+    }
+
+    async fn send(&self, p: Publish) {
+        match self.client.publish_with(p).await {
+            Ok(_) => {
+                self.shared.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!(error = %e, "event not published"),
+        }
+    }
+
+    async fn publish_batch(&mut self, snap: &Snapshot) {
+        let processes = snap
+            .values()
+            .map(|p| {
+                let e = self.event(p, "snapshot");
+                epb::ProcessEvent::from(&e)
+            })
+            .collect();
+        let batch = epb::ProcessBatch {
+            collector_id: self.shared.id.clone(),
+            collected_at_ns: now_ns(),
+            processes,
+        };
+        self.send(Publish::new(
+            catalog::process::batch(),
+            batch.encode_to_vec(),
+        ))
+        .await;
+    }
+
+    async fn publish_hash(&mut self, p: &ProcInfo) {
+        let Some(path) = p.executable_path.clone() else {
+            return;
+        };
+        let Ok(meta) = std::fs::metadata(&path) else {
+            return;
+        };
+        #[cfg(unix)]
+        let mtime = std::os::unix::fs::MetadataExt::mtime(&meta);
+        #[cfg(not(unix))]
+        let mtime = 0;
+        let key = (path.clone(), meta.len(), mtime);
+        let digest = match self.hashed.get(&key) {
+            Some(d) => d.clone(),
+            None => {
+                let file = path.clone();
+                let Ok(Ok(d)) = tokio::task::spawn_blocking(move || sha256_file(&file)).await
+                else {
+                    return;
+                };
+                if self.hashed.len() >= 4096 {
+                    self.hashed.clear();
+                }
+                self.hashed.insert(key, d.clone());
+                d
+            }
+        };
+        let msg = epb::ExecutableHash {
+            pid: p.pid,
+            executable_path: path,
+            sha256: digest,
+            size_bytes: meta.len(),
+        };
+        self.send(Publish::new(
+            catalog::process::integrity(),
+            msg.encode_to_vec(),
+        ))
+        .await;
+    }
+}
+
+fn sha256_file(path: &str) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+#[cfg(unix)]
+fn user_name(uid: u32) -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+#[cfg(not(unix))]
+fn user_name(_uid: u32) -> Option<String> {
+    None
+}
+
+struct Handler(Arc<Shared>);
+
+impl Handler {
+    fn metrics(&self) -> HashMap<String, f64> {
+        let s = &self.0;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        [
+            ("processes", l(&s.processes)),
+            ("scans", l(&s.scans)),
+            ("events_published", l(&s.published)),
+            ("last_scan_ms", l(&s.last_scan_us) / 1000.0),
+            ("heartbeats", l(&s.heartbeats)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    fn status(&self) -> pb::CollectorStatus {
+        pb::CollectorStatus {
+            collector_id: self.0.id.clone(),
+            state: pb::CollectorState::Running as i32,
+            pid: std::process::id(),
+            uptime_seconds: self.0.started.elapsed().as_secs(),
+            ..Default::default()
+        }
+    }
+}
+
+impl CollectorHandler for Handler {
+    async fn handle(&self, call: CollectorCall) -> Result<rpc_response::Body, ReplyStatus> {
+        use rpc_request::Body as Q;
+        use rpc_response::Body as A;
+        let shared = &self.0;
+        match (call.operation, call.body) {
+            (CollectorOperation::Status, _) => Ok(A::Lifecycle(pb::LifecycleResponse {
+                success: true,
+                collector_id: shared.id.clone(),
+                status: Some(self.status()),
+                ..Default::default()
+            })),
+            (
+                CollectorOperation::Start | CollectorOperation::Stop | CollectorOperation::Restart,
+                _,
+            ) => Err(ReplyStatus::invalid_operation(
+                "procmond cannot start, stop or restart itself; send lifecycle requests to \
+                     the agent (control.agent.lifecycle), which supervises it",
+            )),
+            (CollectorOperation::HealthCheck, Q::HealthCheck(h)) => {
+                Ok(A::HealthCheck(pb::HealthCheckResponse {
+                    status: HealthStatus::Healthy as i32,
+                    message: format!(
+                        "scanning every {} ms",
+                        shared.settings().scan_interval.as_millis()
+                    ),
+                    metrics: if h.include_metrics {
+                        self.metrics()
+                    } else {
+                        HashMap::new()
+                    },
+                    uptime_seconds: shared.started.elapsed().as_secs(),
+                    components: HashMap::new(),
+                }))
+            }
+            (CollectorOperation::Heartbeat, Q::Heartbeat(h)) => Ok(A::Heartbeat(pb::Heartbeat {
+                collector_id: shared.id.clone(),
+                sequence: h.sequence,
+                timestamp_ns: now_ns(),
+                status: HealthStatus::Healthy as i32,
+                pid: std::process::id(),
+            })),
+            (CollectorOperation::GetMetrics, _) => Ok(A::Metrics(pb::MetricsResponse {
+                metrics: self.metrics(),
+                events_published: shared.published.load(Ordering::Relaxed),
+                uptime_seconds: shared.started.elapsed().as_secs(),
+            })),
+            (CollectorOperation::GetConfig, _) => {
+                let g = shared
+                    .settings
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                Ok(A::Config(pb::ConfigResponse {
+                    config: Some(g.0.to_config()),
+                    version: g.1,
+                }))
+            }
+            (CollectorOperation::ValidateConfig, Q::ValidateConfig(v)) => {
+                let errors = Settings::from_config(&v.config.unwrap_or_default())
+                    .err()
+                    .unwrap_or_default();
+                Ok(A::ValidateConfig(pb::ValidateConfigResponse {
+                    valid: errors.is_empty(),
+                    errors,
+                }))
+            }
+            (CollectorOperation::UpdateConfig, Q::UpdateConfig(u)) => {
+                match Settings::from_config(&u.new_config.unwrap_or_default()) {
+                    Err(errors) => Ok(A::UpdateConfig(pb::UpdateConfigResponse {
+                        success: false,
+                        error_message: format!(
+                            "{} invalid field(s); nothing applied",
+                            errors.len()
+                        ),
+                        validation_errors: errors,
+                        ..Default::default()
+                    })),
+                    Ok(s) => {
+                        let mut g = shared
+                            .settings
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if !u.validate_only {
+                            g.0 = s;
+                            g.1 += 1;
+                        }
+                        Ok(A::UpdateConfig(pb::UpdateConfigResponse {
+                            success: true,
+                            applied: !u.validate_only,
+                            version: g.1,
+                            ..Default::default()
+                        }))
+                    }
+                }
+            }
+            (CollectorOperation::GetCapabilities, _) => {
+                use CollectorOperation as O;
+                Ok(A::Capabilities(pb::CapabilitiesResponse {
+                    collector_id: shared.id.clone(),
+                    collector_type: COLLECTOR_TYPE.into(),
+                    capabilities: vec![
+                        "process-lifecycle".into(),
+                        "process-snapshot".into(),
+                        "executable-hash".into(),
+                    ],
+                    topics: shared.settings().to_config().enabled_topics,
+                    operations: [
+                        O::Status,
+                        O::HealthCheck,
+                        O::Heartbeat,
+                        O::GetMetrics,
+                        O::GetConfig,
+                        O::ValidateConfig,
+                        O::UpdateConfig,
+                        O::GetCapabilities,
+                        O::Shutdown,
+                    ]
+                    .into_iter()
+                    .map(|o| o as i32)
+                    .collect(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }))
+            }
+            (CollectorOperation::Shutdown, Q::Shutdown(s)) => {
+                tracing::info!(reason = %s.reason, "shutdown requested over RPC");
+                shared.stop.notify_one();
+                Ok(A::Shutdown(pb::ShutdownResponse {
+                    accepted: true,
+                    message: "procmond is stopping".into(),
+                }))
+            }
+            (op, _) => Err(ReplyStatus::invalid_operation(format!(
+                "{} is not supported by procmond",
+                op.as_str_name()
+            ))),
+        }
+    }
+}
+
+/// The topic of a procmond instance's RPC address (for callers).
+///
+/// # Errors
+///
+/// When `id` is not a valid topic segment.
+pub fn address(id: &str) -> Result<Topic, daemoneye_eventbus::core::TopicError> {
+    catalog::collector::addressed(id)
+}
+
+/// Bytes of a `ProcessBatch`, decoded (for tools that print events).
+///
+/// # Errors
+///
+/// When the payload is not a `ProcessBatch`.
+pub fn decode_batch(payload: &Bytes) -> Result<epb::ProcessBatch, prost::DecodeError> {
+    epb::ProcessBatch::decode(payload.as_ref())
+}

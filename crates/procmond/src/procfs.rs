@@ -1,0 +1,228 @@
+//! Reading `/proc`: pure parsers for the files, and a thin reader around them.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What procmond knows of one process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Process id.
+    pub pid: u32,
+    /// Parent process id.
+    pub ppid: u32,
+    /// Name (`comm`, at most 15 bytes).
+    pub name: String,
+    /// Command line, arguments joined with spaces (`None` for kernel threads and zombies).
+    pub command_line: Option<String>,
+    /// Executable path (`None` when unreadable, e.g. another user's process).
+    pub executable_path: Option<String>,
+    /// Start time in clock ticks since boot (with `pid`, identifies the process even when
+    /// its pid is reused).
+    pub start_ticks: u64,
+    /// Real user id.
+    pub uid: Option<u32>,
+    /// State letter (R, S, D, Z, T…).
+    pub state: char,
+}
+
+/// The fields of `/proc/<pid>/stat` procmond uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    /// `comm`.
+    pub name: String,
+    /// State letter.
+    pub state: char,
+    /// Parent pid.
+    pub ppid: u32,
+    /// Start time, clock ticks since boot.
+    pub start_ticks: u64,
+}
+
+/// Parses `/proc/<pid>/stat`. The name is between the first `(` and the **last** `)` (it may
+/// itself contain parentheses and spaces).
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let name = text.get(open + 1..close)?.to_owned();
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state), rest[1] field 4 (ppid), rest[19] field 22 (starttime).
+    Some(Stat {
+        name,
+        state: rest.first()?.chars().next()?,
+        ppid: rest.get(1)?.parse().ok()?,
+        start_ticks: rest.get(19)?.parse().ok()?,
+    })
+}
+
+/// Parses `/proc/<pid>/cmdline` (NUL-separated arguments); `None` when empty.
+pub fn parse_cmdline(bytes: &[u8]) -> Option<String> {
+    let args: Vec<String> = bytes
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
+/// The real uid from `/proc/<pid>/status` (`Uid:` line, first number).
+pub fn parse_uid(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Boot time, seconds since the Unix epoch, from `/proc/stat` (`btime` line).
+pub fn parse_boot_time(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Reads one process; `None` when it vanished meanwhile (or is unreadable).
+pub fn read_process(root: &Path, pid: u32) -> Option<ProcInfo> {
+    let dir = root.join(pid.to_string());
+    let stat = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
+    let command_line = std::fs::read(dir.join("cmdline"))
+        .ok()
+        .and_then(|b| parse_cmdline(&b));
+    let executable_path = std::fs::read_link(dir.join("exe"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned());
+    let uid = std::fs::read_to_string(dir.join("status"))
+        .ok()
+        .and_then(|s| parse_uid(&s));
+    Some(ProcInfo {
+        pid,
+        ppid: stat.ppid,
+        name: stat.name,
+        command_line,
+        executable_path,
+        start_ticks: stat.start_ticks,
+        uid,
+        state: stat.state,
+    })
+}
+
+/// A snapshot: every process by (pid, start ticks).
+pub type Snapshot = BTreeMap<(u32, u64), ProcInfo>;
+
+/// Reads every process under `root` (normally `/proc`).
+///
+/// # Errors
+///
+/// When `root` cannot be listed.
+pub fn snapshot(root: &Path) -> std::io::Result<Snapshot> {
+    let mut out = Snapshot::new();
+    for entry in std::fs::read_dir(root)? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(p) = read_process(root, pid) {
+            out.insert((p.pid, p.start_ticks), p);
+        }
+    }
+    Ok(out)
+}
+
+/// Processes that appeared and disappeared between two snapshots (a reused pid with a new
+/// start time counts as one exit and one start).
+pub fn diff<'a>(
+    before: &'a Snapshot,
+    after: &'a Snapshot,
+) -> (Vec<&'a ProcInfo>, Vec<&'a ProcInfo>) {
+    let started = after
+        .iter()
+        .filter(|(k, _)| !before.contains_key(k))
+        .map(|(_, p)| p)
+        .collect();
+    let exited = before
+        .iter()
+        .filter(|(k, _)| !after.contains_key(k))
+        .map(|(_, p)| p)
+        .collect();
+    (started, exited)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "4242 (my (odd) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 2457600 300 18446744073709551615 0 0 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+
+    #[test]
+    fn stat_names_may_hold_parentheses_and_spaces() {
+        let s = parse_stat(STAT).unwrap();
+        assert_eq!(s.name, "my (odd) name");
+        assert_eq!((s.state, s.ppid, s.start_ticks), ('S', 1, 987_654));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) S"), None);
+    }
+
+    #[test]
+    fn cmdline_uid_and_boot_time() {
+        assert_eq!(
+            parse_cmdline(b"sleep\x0030\x00").as_deref(),
+            Some("sleep 30")
+        );
+        assert_eq!(parse_cmdline(b""), None);
+        assert_eq!(
+            parse_uid("Name:\tx\nUid:\t1000\t1000\t1000\t1000\n"),
+            Some(1000)
+        );
+        assert_eq!(
+            parse_boot_time("cpu 1 2\nbtime 1700000000\n"),
+            Some(1_700_000_000)
+        );
+    }
+
+    fn p(pid: u32, start: u64) -> ProcInfo {
+        ProcInfo {
+            pid,
+            ppid: 1,
+            name: format!("p{pid}"),
+            command_line: None,
+            executable_path: None,
+            start_ticks: start,
+            uid: None,
+            state: 'S',
+        }
+    }
+
+    #[test]
+    fn diff_sees_starts_exits_and_pid_reuse() {
+        let before: Snapshot = [p(1, 10), p(2, 20), p(3, 30)]
+            .into_iter()
+            .map(|p| ((p.pid, p.start_ticks), p))
+            .collect();
+        let after: Snapshot = [p(1, 10), p(3, 31), p(4, 40)]
+            .into_iter()
+            .map(|p| ((p.pid, p.start_ticks), p))
+            .collect();
+        let (started, exited) = diff(&before, &after);
+        let s: Vec<_> = started.iter().map(|p| (p.pid, p.start_ticks)).collect();
+        let e: Vec<_> = exited.iter().map(|p| (p.pid, p.start_ticks)).collect();
+        assert_eq!(s, [(3, 31), (4, 40)]);
+        assert_eq!(e, [(2, 20), (3, 30)]);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn reads_this_process() {
+        let snap = snapshot(Path::new("/proc")).unwrap();
+        let me = std::process::id();
+        let mine = snap.values().find(|p| p.pid == me).unwrap();
+        assert!(mine.executable_path.is_some());
+        assert!(mine.command_line.is_some());
+    }
+}
