@@ -1,6 +1,6 @@
 //! The subcommands.
 
-use crate::{Command, SocketArg};
+use crate::{Command, ConfigCommand, SocketArg};
 use crate::{output, rpc_cmd};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -50,6 +50,9 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             subscribe(&socket, &name, &patterns, options).await
         }
         Command::Stats { socket, json } => stats(&socket, json).await,
+        Command::Agent { socket, config } => crate::agent::run(&socket, config.as_deref()).await,
+        Command::Config(ConfigCommand::Check { file }) => crate::agent::config_command(Some(&file)),
+        Command::Config(ConfigCommand::Default) => crate::agent::config_command(None),
         Command::Reply {
             socket,
             topic,
@@ -97,7 +100,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
     }
 }
 
-fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
+pub(crate) fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
     match &arg.socket {
         None => Ok(daemoneye_eventbus::transport::default_endpoint()),
         Some(s) if s.contains("://") || s.starts_with("unix:") => Ok(Endpoint::parse(s)?),

@@ -2,6 +2,7 @@
 //!
 //! Every error exits non-zero with one line on stderr.
 
+mod agent;
 #[cfg(unix)]
 mod bench;
 mod commands;
@@ -32,8 +33,32 @@ pub(crate) struct SocketArg {
     socket: Option<String>,
 }
 
+/// `eventbus config` subcommands.
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Check a configuration file (TOML, or YAML by its .yaml/.yml extension).
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Print the default configuration, commented.
+    Default,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the agent: the embedded broker, the supervised collectors (the bundled procmond
+    /// unless configured otherwise), health and statistics, until SIGINT or SIGTERM.
+    Agent {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Configuration file (TOML or YAML; see `eventbus config default`).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Check or print the agent's configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Run a broker in the foreground until SIGINT or SIGTERM.
     Serve {
         #[command(flatten)]
@@ -198,7 +223,9 @@ fn main() -> ExitCode {
     let builder = match &cli.command {
         #[cfg(unix)]
         Command::BenchWorker(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Serve { threads: 1, .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Serve { threads: 1, .. } | Command::Agent { .. } => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         Command::Serve { threads, .. } => {
             let mut b = tokio::runtime::Builder::new_multi_thread();
             b.worker_threads(usize::from(*threads));

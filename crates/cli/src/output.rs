@@ -90,6 +90,7 @@ pub(crate) fn decode_known(msg: &Message) -> Option<serde_json::Value> {
                 epb::collection_event::Event::Process(p) => Some(process_json(&p)),
             }
         }
+        ["control", "agent", "status"] => serde_json::from_slice(payload).ok(),
         ["control", "health", "heartbeat", _] => {
             let h = rpb::Heartbeat::decode(payload).ok()?;
             let status =

@@ -133,6 +133,9 @@ pub mod agent {
         coordination = "control.agent.coordination";
         /// Agent status.
         status = "control.agent.status";
+        /// Lifecycle requests for the agent's supervisor (start, stop, restart, status of a
+        /// collector; the agent's health check).
+        lifecycle = "control.agent.lifecycle";
         /// Graceful shutdown coordination.
         shutdown = "control.agent.shutdown";
     }

@@ -25,7 +25,7 @@ mod policy;
 mod service;
 
 pub use policy::{Backoff, OperationClass, RetryPolicies, RetryPolicy, RpcConfig};
-pub use service::{CollectorCall, CollectorHandler, serve_collector};
+pub use service::{CollectorCall, CollectorHandler, serve_collector, serve_services_at};
 
 pub use crate::client::{RpcError, RpcErrorKind};
 pub use crate::schema::rpc::{

@@ -61,6 +61,31 @@ pub async fn serve_collector<H: CollectorHandler>(
         .await
 }
 
+/// Serves the collector services' envelopes at any topic, in queue group `group` (the agent
+/// uses it for `control.agent.lifecycle`). Requests are checked as by [`serve_collector`].
+///
+/// # Errors
+///
+/// [`SubscribeError`] when the subscription fails.
+pub async fn serve_services_at<H: CollectorHandler>(
+    client: &Client,
+    topic: &crate::core::Topic,
+    group: QueueGroup,
+    handler: H,
+) -> Result<Service, SubscribeError> {
+    let handler = Arc::new(handler);
+    client
+        .serve(
+            [topic.as_str()],
+            ServeOptions::default().group(group).concurrency(4),
+            move |msg: Message| {
+                let handler = Arc::clone(&handler);
+                async move { dispatch(handler.as_ref(), msg).await }
+            },
+        )
+        .await
+}
+
 async fn dispatch<H: CollectorHandler>(handler: &H, msg: Message) -> Result<Bytes, ReplyStatus> {
     let request = pb::RpcRequest::decode(msg.payload().as_ref()).map_err(|e| {
         ReplyStatus::invalid_operation(format!("the request is not an RpcRequest: {e}"))

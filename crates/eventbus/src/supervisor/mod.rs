@@ -191,7 +191,7 @@ enum Cmd {
     ),
     Status(oneshot::Sender<Vec<CollectorStatus>>),
     Heartbeat(String, SystemTime),
-    Shutdown(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<Vec<CollectorStatus>>),
 }
 
 /// A handle on the supervisor task. Cheap to clone.
@@ -332,9 +332,10 @@ impl Supervisor {
             .await;
     }
 
-    /// Stops every collector (gracefully, all at once) and waits until all have ended.
-    pub async fn shutdown(&self) {
-        let _ = self.ask(Cmd::Shutdown).await;
+    /// Stops every collector (gracefully, all at once) and waits until all have ended;
+    /// returns their final status (empty when the supervisor had already shut down).
+    pub async fn shutdown(&self) -> Vec<CollectorStatus> {
+        self.ask(Cmd::Shutdown).await.unwrap_or_default()
     }
 }
 
@@ -465,7 +466,7 @@ impl Actor {
                     }
                     Some(Cmd::Shutdown(done)) => {
                         self.stop_all().await;
-                        let _ = done.send(());
+                        let _ = done.send(self.slots.values().map(Slot::status).collect());
                         return;
                     }
                     Some(cmd) => self.on_cmd(cmd).await,

@@ -1,0 +1,331 @@
+//! The agent's configuration file: TOML or YAML with the seed's sections (`broker`, `rpc`,
+//! `process_manager`, `collectors`) and `agent`. Unknown keys are refused; every error names
+//! the file, the field and why.
+
+use anyhow::{Result, anyhow, bail};
+use daemoneye_eventbus::broker::BrokerConfig;
+use daemoneye_eventbus::rpc::RpcConfig;
+use daemoneye_eventbus::supervisor::{CollectorSpec, ProcessManagerConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The `agent` section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct AgentSection {
+    /// Seconds between statistics lines in the log, and `control.agent.status` reports.
+    pub(crate) status_interval_seconds: u64,
+    /// The live status view on a terminal (`false`: log lines only).
+    pub(crate) live_view: bool,
+}
+
+impl Default for AgentSection {
+    fn default() -> Self {
+        Self {
+            status_interval_seconds: 10,
+            live_view: true,
+        }
+    }
+}
+
+/// Everything `eventbus agent` reads.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(crate) struct AgentConfig {
+    pub(crate) broker: BrokerConfig,
+    pub(crate) rpc: RpcConfig,
+    pub(crate) process_manager: ProcessManagerConfig,
+    /// `None`: the bundled procmond, found next to the `eventbus` binary.
+    pub(crate) collectors: Option<Vec<CollectorSpec>>,
+    pub(crate) agent: AgentSection,
+}
+
+/// The file format, from the extension.
+fn is_yaml(path: &Path) -> Result<bool> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => Ok(false),
+        Some("yaml" | "yml") => Ok(true),
+        _ => bail!(
+            "{}: unknown configuration format; name the file *.toml, *.yaml or *.yml",
+            path.display()
+        ),
+    }
+}
+
+impl AgentConfig {
+    /// Reads and checks a file.
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+        let config: Self = if is_yaml(path)? {
+            serde_norway::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        } else {
+            toml::from_str(&text).map_err(|e| {
+                let at = e
+                    .span()
+                    .map(|s| {
+                        let line = text[..s.start.min(text.len())].lines().count().max(1);
+                        format!(" (line {line})")
+                    })
+                    .unwrap_or_default();
+                anyhow!("{}{at}: {}", path.display(), e.message())
+            })?
+        };
+        config
+            .validate()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks every section; the error names the field.
+    pub(crate) fn validate(&self) -> Result<()> {
+        self.broker.validate().map_err(|e| anyhow!("broker: {e}"))?;
+        self.rpc.validate().map_err(|e| anyhow!("{e}"))?;
+        self.process_manager
+            .validate()
+            .map_err(|e| anyhow!("{e}"))?;
+        if self.agent.status_interval_seconds == 0 {
+            bail!("agent.status_interval_seconds must be at least 1");
+        }
+        if let Some(cs) = &self.collectors {
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, c) in cs.iter().enumerate() {
+                if daemoneye_eventbus::core::QueueGroup::new(&c.id).is_err() {
+                    bail!(
+                        "collectors[{i}].id {:?}: 1 to 64 characters of a-z 0-9 _ -",
+                        c.id
+                    );
+                }
+                if !seen.insert(&c.id) {
+                    bail!("collectors[{i}].id {:?} appears twice", c.id);
+                }
+                if c.binary.as_os_str().is_empty() {
+                    bail!("collectors[{i}].binary is empty");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The collectors to run: the configured ones, or procmond next to this binary.
+    pub(crate) fn collectors(&self, socket: &str) -> Result<Vec<CollectorSpec>> {
+        if let Some(cs) = &self.collectors {
+            return Ok(cs.clone());
+        }
+        let exe = std::env::current_exe()
+            .map_err(|e| anyhow!("cannot locate the eventbus binary: {e}"))?;
+        let procmond = exe.with_file_name("procmond");
+        if !procmond.exists() {
+            bail!(
+                "procmond not found next to {} (expected {}); build the workspace \
+                 (`cargo build --release`) or list collectors in the configuration",
+                exe.display(),
+                procmond.display()
+            );
+        }
+        let mut spec = CollectorSpec::new("procmond", procmond);
+        spec.args = vec!["--socket".into(), socket.into()];
+        Ok(vec![spec])
+    }
+
+    /// The commented default configuration (`eventbus config default`).
+    pub(crate) fn default_toml() -> String {
+        let d = Self::default();
+        let b = &d.broker;
+        let r = &d.rpc;
+        let p = &d.process_manager;
+        let pol = &r.policies;
+        format!(
+            r#"# eventbus agent configuration (TOML; a .yaml/.yml file with the same keys works too).
+# Every key is optional; unknown keys are refused. `eventbus config check FILE` checks a file.
+
+[broker]
+# socket_path = "/run/daemoneye/eventbus.sock"   # default: $XDG_RUNTIME_DIR/daemoneye/eventbus.sock
+max_connections = {mc}                # connections beyond are refused
+message_buffer_size = {mbs}           # per-connection queue, messages
+subscriber_buffer_bytes = {sbb}   # per-connection queue, bytes
+max_memory_bytes = {mmb}         # all queues together
+max_message_size = {mms}           # largest payload
+keepalive_interval_ms = {ka}
+stats_interval_secs = {si}             # $sys.broker.stats period
+allowed_uids = []                     # empty: the agent's own uid and root
+
+[rpc]
+default_timeout_seconds = {dt}
+health_check_interval_seconds = {hci}
+enable_correlation_tracking = {ect}
+max_pending_requests = {mpr}
+
+[rpc.policies.lifecycle]              # start, stop, restart, status, shutdown
+timeout_seconds = {lt}
+max_retries = {lr}
+backoff = {{ kind = "immediate" }}
+
+[rpc.policies.health_check]           # health check, metrics, capabilities
+timeout_seconds = {ht}
+max_retries = {hr}
+backoff = {{ kind = "exponential", initial_ms = 100, multiplier = 2.0, max_ms = 1000 }}
+
+[rpc.policies.configuration]          # get, validate, update configuration
+timeout_seconds = {ct}
+max_retries = {cr}
+backoff = {{ kind = "exponential", initial_ms = 500, multiplier = 2.0, max_ms = 5000 }}
+
+[rpc.policies.heartbeat]
+timeout_seconds = {bt}
+max_retries = {br}
+backoff = {{ kind = "immediate" }}
+
+[process_manager]
+graceful_shutdown_timeout_seconds = {gst}  # shutdown request, then SIGTERM
+force_shutdown_timeout_seconds = {fst}      # SIGTERM, then SIGKILL
+health_check_interval_seconds = {phc}     # heartbeats silent this long: Unhealthy
+enable_auto_restart = {ear}
+max_restart_attempts = {mra}
+restart_backoff_seconds = {rbs}             # doubled per restart in a row
+
+[agent]
+status_interval_seconds = {asi}           # log line and control.agent.status report
+live_view = {lv}                     # redraw a status view when stdout is a terminal
+
+# Without [[collectors]], the agent runs the bundled procmond found next to `eventbus`.
+# [[collectors]]
+# id = "procmond"
+# binary = "/usr/local/bin/procmond"
+# args = ["--scan-interval-ms", "500"]
+# env = {{ EVENTBUS_LOG = "info" }}
+# working_dir = "/"
+# heartbeats = true
+# enabled = true
+# limits = {{ max_memory_bytes = 268435456, max_open_files = 1024, max_cpu_seconds = 3600 }}
+"#,
+            mc = b.max_connections,
+            mbs = b.message_buffer_size,
+            sbb = b.subscriber_buffer_bytes,
+            mmb = b.max_memory_bytes,
+            mms = b.max_message_size,
+            ka = b.keepalive_interval_ms,
+            si = b.stats_interval_secs,
+            dt = r.default_timeout_seconds,
+            hci = r.health_check_interval_seconds,
+            ect = r.enable_correlation_tracking,
+            mpr = r.max_pending_requests,
+            lt = pol.lifecycle.timeout_seconds,
+            lr = pol.lifecycle.max_retries,
+            ht = pol.health_check.timeout_seconds,
+            hr = pol.health_check.max_retries,
+            ct = pol.configuration.timeout_seconds,
+            cr = pol.configuration.max_retries,
+            bt = pol.heartbeat.timeout_seconds,
+            br = pol.heartbeat.max_retries,
+            gst = p.graceful_shutdown_timeout_seconds,
+            fst = p.force_shutdown_timeout_seconds,
+            phc = p.health_check_interval_seconds,
+            ear = p.enable_auto_restart,
+            mra = p.max_restart_attempts,
+            rbs = p.restart_backoff_seconds,
+            asi = d.agent.status_interval_seconds,
+            lv = d.agent.live_view,
+        )
+    }
+}
+
+/// `eventbus config check FILE`.
+pub(crate) fn check(path: &Path) -> Result<String> {
+    let c = AgentConfig::load(path)?;
+    let collectors = c.collectors.as_ref().map_or_else(
+        || "the bundled procmond".to_owned(),
+        |cs| format!("{} collector(s)", cs.len()),
+    );
+    Ok(format!("{}: ok ({collectors})", path.display()))
+}
+
+/// The path given, made absolute for messages.
+pub(crate) fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn tmp() -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("eb-cfg-{}-{}", std::process::id(), fastrand_id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn fastrand_id() -> u64 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(1);
+        h.finish()
+    }
+
+    #[test]
+    fn the_commented_default_parses_to_the_defaults() {
+        let d = tmp();
+        let p = write(&d, "agent.toml", &AgentConfig::default_toml());
+        assert_eq!(AgentConfig::load(&p).unwrap(), AgentConfig::default());
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn toml_and_yaml_say_the_same_and_errors_name_file_and_field() {
+        let d = tmp();
+        let t = write(
+            &d,
+            "a.toml",
+            "[process_manager]\nmax_restart_attempts = 7\n\n[[collectors]]\nid = \"netmond\"\nbinary = \"/bin/true\"\n",
+        );
+        let y = write(
+            &d,
+            "a.yaml",
+            "process_manager:\n  max_restart_attempts: 7\ncollectors:\n  - id: netmond\n    binary: /bin/true\n",
+        );
+        let (ct, cy) = (
+            AgentConfig::load(&t).unwrap(),
+            AgentConfig::load(&y).unwrap(),
+        );
+        assert_eq!(ct, cy);
+        assert_eq!(ct.process_manager.max_restart_attempts, 7);
+        let unknown = write(&d, "u.toml", "[process_manager]\nmax_restarts = 1\n");
+        let e = AgentConfig::load(&unknown).unwrap_err().to_string();
+        assert!(e.contains("u.toml") && e.contains("max_restarts"), "{e}");
+        let unknown = write(&d, "u.yml", "rpc:\n  max_pending: 3\n");
+        let e = AgentConfig::load(&unknown).unwrap_err().to_string();
+        assert!(e.contains("u.yml") && e.contains("max_pending"), "{e}");
+        let bad = write(
+            &d,
+            "b.toml",
+            "[process_manager]\nforce_shutdown_timeout_seconds = 0\n",
+        );
+        let e = AgentConfig::load(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("b.toml") && e.contains("force_shutdown_timeout_seconds"),
+            "{e}"
+        );
+        let dup = write(
+            &d,
+            "d.toml",
+            "[[collectors]]\nid = \"x\"\nbinary = \"/a\"\n[[collectors]]\nid = \"x\"\nbinary = \"/b\"\n",
+        );
+        let e = AgentConfig::load(&dup).unwrap_err().to_string();
+        assert!(e.contains("collectors[1].id"), "{e}");
+        let ext = write(&d, "c.json", "{}");
+        assert!(
+            AgentConfig::load(&ext)
+                .unwrap_err()
+                .to_string()
+                .contains("*.toml")
+        );
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

@@ -1,0 +1,574 @@
+//! `eventbus agent`: the embedded broker, the collector supervisor, the agent's lifecycle
+//! services, an overall health report, statistics in the log, and a live status view on a
+//! terminal.
+
+pub(crate) mod config;
+
+use crate::SocketArg;
+use crate::commands::Signals;
+use anyhow::{Context, Result};
+use config::AgentConfig;
+use daemoneye_eventbus::broker::BrokerStats;
+use daemoneye_eventbus::client::{Client, ClientOptions, Subscription};
+use daemoneye_eventbus::core::{QueueGroup, ReplyStatus, catalog};
+use daemoneye_eventbus::rpc::{
+    CollectorCall, CollectorHandler, CollectorOperation, HealthStatus, rpc_request, rpc_response,
+    serve_services_at,
+};
+use daemoneye_eventbus::schema::rpc as pb;
+use daemoneye_eventbus::supervisor::{CollectorState, CollectorStatus, Supervisor};
+use daemoneye_eventbus::{Broker, Endpoint};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Overall health, combined from the broker, RPC and the collectors (the worst wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub(crate) enum Health {
+    Healthy,
+    Degraded,
+    Unhealthy,
+}
+
+/// One part's health and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct Part {
+    pub(crate) health: Health,
+    pub(crate) reason: String,
+}
+
+fn part(health: Health, reason: impl Into<String>) -> Part {
+    Part {
+        health,
+        reason: reason.into(),
+    }
+}
+
+/// The broker's health from its statistics: Degraded when queues hold over 80 % of the
+/// memory cap or deliveries were dropped since the last report.
+pub(crate) fn broker_health(now: &BrokerStats, dropped_before: u64) -> Part {
+    let used = now.queued_bytes.saturating_mul(100) / now.memory_cap_bytes.max(1);
+    if used >= 80 {
+        return part(
+            Health::Degraded,
+            format!("queues hold {used} % of the memory cap"),
+        );
+    }
+    let dropped = now.dropped.saturating_sub(dropped_before);
+    if dropped > 0 {
+        return part(
+            Health::Degraded,
+            format!("{dropped} deliveries dropped (slow readers)"),
+        );
+    }
+    part(
+        Health::Healthy,
+        format!("{} connections", now.active_connections),
+    )
+}
+
+/// The collectors' health: Unhealthy when every collector has Failed (the supervisor gave
+/// up on all of them), Degraded when one is not running normally (heartbeats stopped,
+/// restarting, paused, stopped, failed).
+pub(crate) fn collectors_health(statuses: &[CollectorStatus]) -> Part {
+    if statuses.is_empty() {
+        return part(Health::Healthy, "no collectors configured");
+    }
+    let bad: Vec<String> = statuses
+        .iter()
+        .filter(|s| s.state != CollectorState::Running)
+        .map(|s| format!("{} {}", s.id, s.state))
+        .collect();
+    if statuses.iter().all(|s| s.state == CollectorState::Failed) {
+        return part(
+            Health::Unhealthy,
+            format!("every collector failed ({})", bad.join(", ")),
+        );
+    }
+    if bad.is_empty() {
+        return part(Health::Healthy, format!("{} running", statuses.len()));
+    }
+    part(Health::Degraded, bad.join(", "))
+}
+
+/// RPC health: Degraded when calls timed out or found no responder since the last report.
+pub(crate) fn rpc_health(failures: u64) -> Part {
+    if failures > 0 {
+        part(
+            Health::Degraded,
+            format!("{failures} calls timed out or found no responder"),
+        )
+    } else {
+        part(Health::Healthy, "calls answered")
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct CollectorView {
+    id: String,
+    state: String,
+    pid: Option<u32>,
+    uptime_secs: Option<u64>,
+    restart_count: u32,
+    last_exit: Option<String>,
+    heartbeat_age_secs: Option<f64>,
+}
+
+/// The report published on `control.agent.status` (JSON).
+#[derive(Debug, Serialize)]
+struct Report {
+    health: Health,
+    broker: Part,
+    rpc: Part,
+    collectors_health: Part,
+    collectors: Vec<CollectorView>,
+    published: u64,
+    delivered: u64,
+    dropped: u64,
+    connections: u64,
+    events_per_sec: BTreeMap<String, f64>,
+}
+
+struct Agent {
+    broker: Broker,
+    client: Client,
+    supervisor: Supervisor,
+    events: Subscription,
+    counts: BTreeMap<String, u64>,
+    dropped_before: u64,
+    rpc_failures_before: u64,
+    last: Instant,
+}
+
+impl Agent {
+    async fn report(&mut self) -> Result<Report> {
+        let stats = self.broker.stats();
+        let statuses = self.supervisor.status().await?;
+        while let Some(Ok(m)) = self.events.try_recv() {
+            *self.counts.entry(m.topic().to_string()).or_default() += 1;
+        }
+        let secs = self.last.elapsed().as_secs_f64().max(0.001);
+        self.last = Instant::now();
+        let events_per_sec = std::mem::take(&mut self.counts)
+            .into_iter()
+            .map(|(t, n)| (t, (n as f64 / secs * 10.0).round() / 10.0))
+            .collect();
+        let metrics = self.client.rpc_metrics();
+        let failures = metrics.errors_of("timeout") + metrics.errors_of("no_responders");
+        let broker = broker_health(&stats, self.dropped_before);
+        let rpc = rpc_health(failures.saturating_sub(self.rpc_failures_before));
+        self.dropped_before = stats.dropped;
+        self.rpc_failures_before = failures;
+        let collectors_health = collectors_health(&statuses);
+        let health = broker.health.max(rpc.health).max(collectors_health.health);
+        let now = SystemTime::now();
+        let collectors = statuses
+            .iter()
+            .map(|s| CollectorView {
+                id: s.id.clone(),
+                state: s.state.to_string(),
+                pid: s.pid,
+                uptime_secs: s.uptime.map(|u| u.as_secs()),
+                restart_count: s.restart_count,
+                last_exit: s.last_exit.clone(),
+                heartbeat_age_secs: s
+                    .last_heartbeat
+                    .and_then(|t| now.duration_since(t).ok())
+                    .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            })
+            .collect();
+        Ok(Report {
+            health,
+            broker,
+            rpc,
+            collectors_health,
+            collectors,
+            published: stats.published,
+            delivered: stats.delivered,
+            dropped: stats.dropped,
+            connections: stats.active_connections,
+            events_per_sec,
+        })
+    }
+}
+
+/// The lifecycle services of the agent: act on the supervisor.
+struct Lifecycle {
+    supervisor: Supervisor,
+}
+
+fn status_pb(s: &CollectorStatus) -> pb::CollectorStatus {
+    let state = match s.state {
+        CollectorState::Stopped => pb::CollectorState::Stopped,
+        CollectorState::Running => pb::CollectorState::Running,
+        CollectorState::Paused => pb::CollectorState::Paused,
+        CollectorState::Stopping => pb::CollectorState::Stopping,
+        CollectorState::BackingOff => pb::CollectorState::Starting,
+        CollectorState::Unhealthy => pb::CollectorState::UnhealthyState,
+        CollectorState::Failed => pb::CollectorState::Failed,
+    };
+    pb::CollectorStatus {
+        collector_id: s.id.clone(),
+        state: state as i32,
+        pid: s.pid.unwrap_or(0),
+        uptime_seconds: s.uptime.map_or(0, |u| u.as_secs()),
+        restart_count: s.restart_count,
+        last_exit_reason: s.last_exit.clone().unwrap_or_default(),
+        last_heartbeat_ns: s
+            .last_heartbeat
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+    }
+}
+
+impl CollectorHandler for Lifecycle {
+    async fn handle(&self, call: CollectorCall) -> Result<rpc_response::Body, ReplyStatus> {
+        use CollectorOperation as O;
+        let sup = &self.supervisor;
+        match (call.operation, call.body) {
+            (O::Start | O::Stop | O::Restart | O::Status, rpc_request::Body::Lifecycle(l)) => {
+                let id = l.collector_id.as_str();
+                let started = Instant::now();
+                let r = match call.operation {
+                    O::Start => sup.start_collector(id).await,
+                    O::Stop => sup.stop_collector(id, !l.force).await,
+                    O::Restart => sup.restart_collector(id).await,
+                    _ => sup.status().await.and_then(|all| {
+                        all.into_iter().find(|s| s.id == id).ok_or_else(|| {
+                            daemoneye_eventbus::supervisor::SupervisorError::UnknownCollector(
+                                id.to_owned(),
+                            )
+                        })
+                    }),
+                };
+                let s = r.map_err(|e| match e {
+                    daemoneye_eventbus::supervisor::SupervisorError::UnknownCollector(_) => {
+                        ReplyStatus::invalid_operation(e.to_string())
+                    }
+                    other => ReplyStatus::execution_error(other.to_string()),
+                })?;
+                Ok(rpc_response::Body::Lifecycle(pb::LifecycleResponse {
+                    success: true,
+                    collector_id: s.id.clone(),
+                    status: Some(status_pb(&s)),
+                    shutdown_duration_ms: u32::try_from(started.elapsed().as_millis())
+                        .unwrap_or(u32::MAX),
+                    ..Default::default()
+                }))
+            }
+            (O::HealthCheck, _) => {
+                let statuses = sup
+                    .status()
+                    .await
+                    .map_err(|e| ReplyStatus::unavailable(e.to_string()))?;
+                let c = collectors_health(&statuses);
+                let status = match c.health {
+                    Health::Healthy => HealthStatus::Healthy,
+                    Health::Degraded => HealthStatus::Degraded,
+                    Health::Unhealthy => HealthStatus::Unhealthy,
+                };
+                let components = statuses
+                    .iter()
+                    .map(|s| {
+                        let h = if s.state == CollectorState::Running {
+                            HealthStatus::Healthy
+                        } else {
+                            HealthStatus::Degraded
+                        };
+                        (
+                            s.id.clone(),
+                            pb::ComponentHealth {
+                                status: h as i32,
+                                message: s.state.to_string(),
+                            },
+                        )
+                    })
+                    .collect();
+                Ok(rpc_response::Body::HealthCheck(pb::HealthCheckResponse {
+                    status: status as i32,
+                    message: c.reason,
+                    components,
+                    ..Default::default()
+                }))
+            }
+            (op, _) => Err(ReplyStatus::invalid_operation(format!(
+                "the agent answers start, stop, restart, status and health check, not {}",
+                op.as_str_name()
+            ))),
+        }
+    }
+}
+
+fn endpoint_arg(ep: &Endpoint) -> String {
+    match ep {
+        Endpoint::Unix(p) => p.display().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Result<()> {
+    let config = match config_path {
+        Some(p) => AgentConfig::load(&config::absolute(p))?,
+        None => AgentConfig::default(),
+    };
+    let endpoint = match (&socket.socket, &config.broker.socket_path) {
+        (None, Some(p)) => Endpoint::Unix(p.clone()),
+        _ => crate::commands::endpoint(socket)?,
+    };
+    let signals = Signals::install()?;
+    let mut broker_config = config.broker.clone();
+    broker_config.tcp_listen = None;
+    let broker = Broker::start_on(broker_config, std::slice::from_ref(&endpoint))
+        .await
+        .with_context(|| format!("starting the broker on {endpoint}"))?;
+    let mut options = ClientOptions::named("agent");
+    config.rpc.apply_to(&mut options);
+    let client = Client::connect(broker.inproc_endpoint(), options)
+        .await
+        .context("connecting the agent to its broker")?;
+    let mut collectors = config.collectors(&endpoint_arg(&endpoint))?;
+    if config.collectors.is_none() {
+        // The bundled procmond heartbeats well within the configured interval.
+        let every = (config.process_manager.health_check_interval_seconds / 4).max(1);
+        if let Some(p) = collectors.first_mut() {
+            p.args
+                .extend(["--heartbeat-secs".into(), every.to_string()]);
+        }
+    }
+    let names: Vec<String> = collectors.iter().map(|c| c.id.clone()).collect();
+    let supervisor = Supervisor::start(
+        config.process_manager.clone(),
+        collectors,
+        Some(client.clone()),
+    )
+    .await?;
+    let lifecycle = serve_services_at(
+        &client,
+        &catalog::agent::lifecycle(),
+        QueueGroup::new("agent")?,
+        Lifecycle {
+            supervisor: supervisor.clone(),
+        },
+    )
+    .await?;
+    let events = client.subscribe(["events.#"]).await?;
+    println!(
+        "agent ready: broker on {endpoint}, collectors: {}",
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    );
+    let _ = std::io::stdout().flush();
+    let mut agent = Agent {
+        broker,
+        client: client.clone(),
+        supervisor: supervisor.clone(),
+        events,
+        counts: BTreeMap::new(),
+        dropped_before: 0,
+        rpc_failures_before: 0,
+        last: Instant::now(),
+    };
+    let live = config.agent.live_view && std::io::stdout().is_terminal();
+    let every = Duration::from_secs(config.agent.status_interval_seconds);
+    let mut redraw = tokio::time::interval(if live { Duration::from_secs(1) } else { every });
+    redraw.tick().await;
+    let mut last_health = None;
+    let wait = signals.wait();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            r = &mut wait => {
+                r?;
+                break;
+            }
+            _ = redraw.tick() => {
+                let report = agent.report().await?;
+                publish_report(&agent.client, &report).await;
+                if live {
+                    draw(&report);
+                } else {
+                    log_line(&report);
+                }
+                if last_health != Some(report.health) {
+                    tracing::info!(health = ?report.health, "agent health changed");
+                    last_health = Some(report.health);
+                }
+            }
+        }
+    }
+    println!("agent stopping: collectors first, then the broker");
+    lifecycle.drain(Duration::from_secs(2)).await;
+    for s in supervisor.shutdown().await {
+        println!(
+            "collector {}: {}",
+            s.id,
+            s.last_exit.unwrap_or_else(|| s.state.to_string())
+        );
+    }
+    client.close().await;
+    let report = agent.broker.shutdown().await;
+    if report.drained {
+        println!("agent stopped");
+    } else {
+        let overran: Vec<String> = report
+            .overran
+            .iter()
+            .map(|(name, id)| format!("{name} (session {id})"))
+            .collect();
+        println!(
+            "agent stopped; sessions torn down after the drain deadline: {}",
+            overran.join(", ")
+        );
+    }
+    Ok(())
+}
+
+async fn publish_report(client: &Client, report: &Report) {
+    match serde_json::to_vec(report) {
+        Ok(body) => {
+            if let Err(e) = client.publish(&catalog::agent::status(), body).await {
+                tracing::warn!(error = %e, "status report not published");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "status report not encoded"),
+    }
+}
+
+fn collector_line(c: &CollectorView) -> String {
+    let pid = c.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+    let beat = c
+        .heartbeat_age_secs
+        .map_or_else(|| "never".to_owned(), |a| format!("{a:.1} s ago"));
+    let mut line = format!(
+        "{:<12} {:<10} pid {:<8} restarts {:<3} heartbeat {}",
+        c.id, c.state, pid, c.restart_count, beat
+    );
+    if let Some(e) = &c.last_exit
+        && c.state != "running"
+    {
+        line.push_str(&format!("  ({e})"));
+    }
+    line
+}
+
+fn log_line(r: &Report) {
+    let collectors: Vec<String> = r
+        .collectors
+        .iter()
+        .map(|c| format!("{} {}", c.id, c.state))
+        .collect();
+    println!(
+        "agent: health {:?} | published {} delivered {} dropped {} connections {} | collectors: {} | events/s: {}",
+        r.health,
+        r.published,
+        r.delivered,
+        r.dropped,
+        r.connections,
+        collectors.join(", "),
+        r.events_per_sec
+            .iter()
+            .map(|(t, n)| format!("{t} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+fn draw(r: &Report) {
+    let mut out = String::from("\x1b[H\x1b[2J");
+    out.push_str(&format!(
+        "daemoneye agent — health {:?}   (Ctrl-C to stop)\n\n",
+        r.health
+    ));
+    for (name, p) in [
+        ("broker", &r.broker),
+        ("rpc", &r.rpc),
+        ("collectors", &r.collectors_health),
+    ] {
+        out.push_str(&format!(
+            "  {name:<11} {:<10} {}\n",
+            format!("{:?}", p.health),
+            p.reason
+        ));
+    }
+    out.push_str(&format!(
+        "\nbroker: {} connections, {} published, {} delivered, {} dropped\n\ncollectors:\n",
+        r.connections, r.published, r.delivered, r.dropped
+    ));
+    for c in &r.collectors {
+        out.push_str(&format!("  {}\n", collector_line(c)));
+    }
+    out.push_str("\nevents/s by topic:\n");
+    if r.events_per_sec.is_empty() {
+        out.push_str("  (none yet)\n");
+    }
+    for (t, n) in &r.events_per_sec {
+        out.push_str(&format!("  {t:<40} {n:>10.1}\n"));
+    }
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+}
+
+/// `eventbus config check FILE` / `eventbus config default`.
+pub(crate) fn config_command(check: Option<&Path>) -> Result<()> {
+    match check {
+        Some(p) => {
+            println!("{}", config::check(&config::absolute(p))?);
+            Ok(())
+        }
+        None => {
+            print!("{}", AgentConfig::default_toml());
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(id: &str, state: CollectorState) -> CollectorStatus {
+        CollectorStatus {
+            id: id.into(),
+            state,
+            pid: None,
+            uptime: None,
+            restart_count: 0,
+            last_exit: None,
+            last_heartbeat: None,
+        }
+    }
+
+    #[test]
+    fn health_combines_to_the_worst() {
+        let ok = collectors_health(&[st("a", CollectorState::Running)]);
+        assert_eq!(ok.health, Health::Healthy);
+        let degraded = collectors_health(&[
+            st("a", CollectorState::Running),
+            st("b", CollectorState::Unhealthy),
+        ]);
+        assert_eq!(degraded.health, Health::Degraded);
+        assert_eq!(degraded.reason, "b unhealthy");
+        let down = collectors_health(&[st("a", CollectorState::Failed)]);
+        assert_eq!(down.health, Health::Unhealthy);
+        let silent = collectors_health(&[st("a", CollectorState::Unhealthy)]);
+        assert_eq!(
+            silent.health,
+            Health::Degraded,
+            "heartbeats stopped: degraded"
+        );
+        assert!(Health::Unhealthy > Health::Degraded && Health::Degraded > Health::Healthy);
+        assert_eq!(rpc_health(2).health, Health::Degraded);
+        let mut v = serde_json::to_value(BrokerStats::default()).unwrap();
+        v["queued_bytes"] = 90.into();
+        v["memory_cap_bytes"] = 100.into();
+        let stats: BrokerStats = serde_json::from_value(v).unwrap();
+        assert_eq!(broker_health(&stats, 0).health, Health::Degraded);
+    }
+}

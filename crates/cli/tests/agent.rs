@@ -1,0 +1,200 @@
+//! `eventbus agent` with its bundled procmond, across real processes: health, lifecycle
+//! requests to the agent, Degraded when heartbeats stop, clean stop on SIGTERM, and no
+//! collector left behind when the agent is killed with SIGKILL.
+
+#![cfg(target_os = "linux")]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Proc, TempDir, eventbus, wait_line};
+use daemoneye_eventbus::Endpoint;
+use daemoneye_eventbus::client::{Client, ClientOptions};
+use daemoneye_eventbus::rpc::{
+    CollectorLifecycleRequest, CollectorOperation, CollectorRpcClient, RpcConfig, RpcRequest,
+};
+use nix::sys::signal::Signal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    proc: Proc,
+    socket: PathBuf,
+}
+
+fn start_agent(dir: &Path, auto_restart: bool) -> Agent {
+    let socket = dir.join("agent.sock");
+    let config = dir.join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker:\n  socket_path: {}\nprocess_manager:\n  health_check_interval_seconds: 2\n  \
+             enable_auto_restart: {auto_restart}\n  graceful_shutdown_timeout_seconds: 5\n\
+             agent:\n  status_interval_seconds: 1\n",
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = eventbus();
+    cmd.arg("agent").arg("--config").arg(&config);
+    let proc = Proc::spawn(cmd);
+    wait_line(proc.stdout.as_ref().unwrap(), "agent ready", |l| {
+        l.starts_with("agent ready: broker on unix:") && l.ends_with("collectors: procmond")
+    });
+    Agent { proc, socket }
+}
+
+/// Waits for a `control.agent.status` report satisfying `pred`.
+fn wait_report(
+    sub: &Proc,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let rx = sub.stdout.as_ref().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = wait_line(rx, what, |l| l.contains("control.agent.status"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if pred(&v["event"]) {
+            return v["event"].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report with {what}; last {}",
+            v["event"]
+        );
+    }
+}
+
+fn status_sub(socket: &Path) -> Proc {
+    let mut cmd = eventbus();
+    cmd.args(["sub", "--json", "control.agent.status"])
+        .env("EVENTBUS_SOCKET", socket);
+    let p = Proc::spawn(cmd);
+    wait_line(p.stderr.as_ref().unwrap(), "sub ready", |l| l == "ready");
+    p
+}
+
+fn procmond_pid(report: &serde_json::Value) -> u32 {
+    u32::try_from(report["collectors"][0]["pid"].as_u64().unwrap()).unwrap()
+}
+
+fn gone(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty()
+        || matches!(
+            stat.rsplit_once(") ").map(|(_, r)| &r[..1]),
+            Some("Z" | "X")
+        )
+}
+
+#[test]
+fn the_agent_supervises_procmond_and_reports_its_health() {
+    let dir = TempDir::new("agent");
+    let mut agent = start_agent(dir.path(), false);
+    let sub = status_sub(&agent.socket);
+    let healthy = wait_report(&sub, "a healthy report", |r| {
+        r["health"] == "Healthy" && r["collectors"][0]["heartbeat_age_secs"].is_number()
+    });
+    assert_eq!(healthy["collectors"][0]["state"], "running");
+    let pid = procmond_pid(&healthy);
+
+    // Lifecycle requests to the agent act on its supervisor.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(
+            &Endpoint::Unix(agent.socket.clone()),
+            ClientOptions::named("operator"),
+        )
+        .await
+        .unwrap();
+        let rpc = CollectorRpcClient::new(client.clone(), "operator", RpcConfig::default());
+        let call = |op| {
+            RpcRequest::lifecycle(
+                String::new(),
+                "control.agent.lifecycle".into(),
+                op,
+                CollectorLifecycleRequest::status("procmond"),
+                Duration::from_secs(20),
+            )
+        };
+        let status = rpc
+            .call(call(CollectorOperation::Status), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(
+            status.lifecycle().unwrap().status.as_ref().unwrap().pid,
+            pid
+        );
+        let stopped = rpc
+            .call(call(CollectorOperation::Stop), Duration::from_secs(20))
+            .await
+            .unwrap();
+        let s = stopped.lifecycle().unwrap().status.clone().unwrap();
+        assert_eq!(s.pid, 0);
+        assert!(
+            s.last_exit_reason.starts_with("stopped on request"),
+            "procmond stops gracefully over RPC: {s:?}"
+        );
+        assert!(gone(pid));
+        let started = rpc
+            .call(call(CollectorOperation::Start), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_ne!(started.lifecycle().unwrap().status.as_ref().unwrap().pid, 0);
+        let unknown = RpcRequest::lifecycle(
+            String::new(),
+            "control.agent.lifecycle".into(),
+            CollectorOperation::Status,
+            CollectorLifecycleRequest::status("netmond"),
+            Duration::from_secs(5),
+        );
+        let e = rpc.call(unknown, Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.message.contains("no collector \"netmond\""), "{e}");
+        client.close().await;
+    });
+
+    // Heartbeats stop (procmond frozen): the agent is Degraded.
+    let report = wait_report(&sub, "procmond running again", |r| {
+        r["collectors"][0]["state"] == "running" && r["health"] == "Healthy"
+    });
+    let pid = procmond_pid(&report);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+    let degraded = wait_report(&sub, "a degraded report", |r| r["health"] == "Degraded");
+    assert_eq!(degraded["collectors"][0]["state"], "unhealthy");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+
+    // SIGTERM: collectors first, then the broker; everything reaped.
+    agent.proc.signal(Signal::SIGTERM);
+    assert_eq!(agent.proc.wait(), 0);
+    let out = agent.proc.stdout_lines();
+    assert!(
+        out.iter()
+            .any(|l| l.starts_with("collector procmond: stopped")),
+        "{out:?}"
+    );
+    assert!(gone(pid));
+}
+
+#[test]
+fn no_collector_survives_an_agent_killed_with_sigkill() {
+    let dir = TempDir::new("agent-kill");
+    let mut agent = start_agent(dir.path(), true);
+    let sub = status_sub(&agent.socket);
+    let pid = procmond_pid(&wait_report(&sub, "procmond running", |r| {
+        r["collectors"][0]["pid"].is_number()
+    }));
+    agent.proc.signal(Signal::SIGKILL);
+    agent.proc.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !gone(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "procmond {pid} outlived the agent"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
