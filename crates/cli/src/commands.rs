@@ -53,6 +53,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Agent { socket, config } => crate::agent::run(&socket, config.as_deref()).await,
         Command::Config(ConfigCommand::Check { file }) => crate::agent::config_command(Some(&file)),
         Command::Config(ConfigCommand::Default) => crate::agent::config_command(None),
+        Command::Procmond(args) => crate::procmond_cmd::run(args).await,
         Command::Reply {
             socket,
             topic,

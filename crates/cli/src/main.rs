@@ -7,6 +7,7 @@ mod agent;
 mod bench;
 mod commands;
 mod output;
+mod procmond_cmd;
 mod rpc_cmd;
 
 use clap::{Parser, Subcommand};
@@ -59,6 +60,9 @@ enum Command {
     /// Check or print the agent's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The process collector (the same as the `procmond` binary).
+    #[command(hide = true)]
+    Procmond(procmond_cmd::Args),
     /// Run a broker in the foreground until SIGINT or SIGTERM.
     Serve {
         #[command(flatten)]
@@ -223,7 +227,7 @@ fn main() -> ExitCode {
     let builder = match &cli.command {
         #[cfg(unix)]
         Command::BenchWorker(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Serve { threads: 1, .. } | Command::Agent { .. } => {
+        Command::Serve { threads: 1, .. } | Command::Agent { .. } | Command::Procmond(_) => {
             tokio::runtime::Builder::new_current_thread()
         }
         Command::Serve { threads, .. } => {

@@ -114,17 +114,17 @@ impl AgentConfig {
         }
         let exe = std::env::current_exe()
             .map_err(|e| anyhow!("cannot locate the eventbus binary: {e}"))?;
+        // The procmond binary next to this one, or this binary in procmond mode (`cargo run`
+        // builds only `eventbus`).
         let procmond = exe.with_file_name("procmond");
-        if !procmond.exists() {
-            bail!(
-                "procmond not found next to {} (expected {}); build the workspace \
-                 (`cargo build --release`) or list collectors in the configuration",
-                exe.display(),
-                procmond.display()
-            );
-        }
-        let mut spec = CollectorSpec::new("procmond", procmond);
-        spec.args = vec!["--socket".into(), socket.into()];
+        let mut spec = if procmond.is_file() {
+            CollectorSpec::new("procmond", procmond)
+        } else {
+            let mut s = CollectorSpec::new("procmond", exe);
+            s.args = vec!["procmond".into()];
+            s
+        };
+        spec.args.extend(["--socket".into(), socket.into()]);
         Ok(vec![spec])
     }
 

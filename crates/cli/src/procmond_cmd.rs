@@ -1,0 +1,83 @@
+//! procmond's command line, shared by the `procmond` binary and `eventbus procmond` (which
+//! the agent runs when no `procmond` binary sits next to `eventbus`).
+
+use anyhow::{Context, Result};
+use daemoneye_eventbus::client::{Client, ClientOptions};
+use daemoneye_procmond::Settings;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Publishes process starts and exits, snapshots and heartbeats, and answers the collector
+/// services on control.collector.<ID>.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Args {
+    /// Broker socket path or endpoint (default: the agent's default socket).
+    #[arg(long, env = "EVENTBUS_SOCKET", value_name = "PATH")]
+    socket: Option<String>,
+    /// Collector id (its RPC address is control.collector.<ID>).
+    #[arg(long, env = "DAEMONEYE_COLLECTOR_ID", default_value = "procmond")]
+    id: String,
+    /// How often /proc is scanned, milliseconds (50 to 60000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    scan_interval_ms: u64,
+    /// How often a snapshot of every process is published, seconds (0: never).
+    #[arg(long, default_value_t = 30)]
+    batch_interval_secs: u64,
+    /// How often a heartbeat is published, seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    heartbeat_secs: u64,
+    /// Publish the SHA-256 of each new process's executable on events.process.integrity.
+    #[arg(long)]
+    hash_executables: bool,
+    /// The proc file system to read.
+    #[arg(long, default_value = "/proc", hide = true)]
+    proc_root: PathBuf,
+}
+
+fn endpoint(socket: Option<&str>) -> Result<daemoneye_eventbus::Endpoint> {
+    use daemoneye_eventbus::Endpoint;
+    match socket {
+        None => Ok(daemoneye_eventbus::transport::default_endpoint()),
+        Some(s) if s.contains("://") => Ok(Endpoint::parse(s)?),
+        Some(s) => Ok(Endpoint::Unix(std::path::absolute(s)?)),
+    }
+}
+
+/// Runs procmond until SIGINT, SIGTERM or a shutdown request.
+pub(crate) async fn run(args: Args) -> Result<()> {
+    let ep = endpoint(args.socket.as_deref())?;
+    let client = Client::connect(&ep, ClientOptions::named(args.id.clone()))
+        .await
+        .with_context(|| format!("connecting to {ep}"))?;
+    let settings = Settings {
+        scan_interval: Duration::from_millis(args.scan_interval_ms),
+        batch_interval: Duration::from_secs(args.batch_interval_secs),
+        heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
+        hash_executables: args.hash_executables,
+    };
+    let stop = async {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                }
+                _ => std::future::pending().await,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    };
+    tracing::info!(id = %args.id, endpoint = %ep, "procmond starting");
+    daemoneye_procmond::run(client, &args.id, settings, args.proc_root, stop).await?;
+    Ok(())
+}
