@@ -129,7 +129,13 @@ async fn a_collector_that_ignores_sigterm_is_killed_after_the_timeout() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let started = Instant::now();
-    let s = sup.stop_collector("stubborn", true).await.unwrap();
+    let stopping = {
+        let sup = sup.clone();
+        tokio::spawn(async move { sup.stop_collector("stubborn", true).await })
+    };
+    // The supervisor keeps answering while the stop waits out the timeouts.
+    wait_for(&sup, "stubborn", |s| s.state == CollectorState::Stopping).await;
+    let s = stopping.await.unwrap().unwrap();
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "waited the force timeout"

@@ -232,6 +232,8 @@ impl Supervisor {
             .clone()
             .map(|c| CollectorRpcClient::new(c, "supervisor", RpcConfig::default()));
         let actor = Actor {
+            stopping: tokio::task::JoinSet::new(),
+            pending_starts: Vec::new(),
             policy: config.restart_policy(),
             config,
             slots: collectors
@@ -426,7 +428,32 @@ fn describe(status: Option<ExitStatus>) -> String {
     }
 }
 
+/// What to do once a stop has ended.
+enum Then {
+    Reply(oneshot::Sender<Result<CollectorStatus, SupervisorError>>),
+    Start(oneshot::Sender<Result<CollectorStatus, SupervisorError>>),
+    Nothing,
+}
+
+impl Then {
+    fn fail(self, e: SupervisorError) {
+        match self {
+            Self::Reply(tx) | Self::Start(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Self::Nothing => {}
+        }
+    }
+}
+
 struct Actor {
+    /// Stops in progress, each in its own task.
+    stopping: tokio::task::JoinSet<(String, String, Then)>,
+    /// Restarts whose stop has ended, waiting to start.
+    pending_starts: Vec<(
+        String,
+        oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
+    )>,
     config: ProcessManagerConfig,
     policy: RestartPolicy,
     slots: BTreeMap<String, Slot>,
@@ -472,6 +499,10 @@ impl Actor {
                     Some(cmd) => self.on_cmd(cmd).await,
                 },
                 Some((id, run, status)) = exit_rx.recv() => self.on_exit(&id, run, status),
+                Some(Ok((id, how, then))) = self.stopping.join_next() => {
+                    self.finish(&id, Some(how), then);
+                    self.run_pending_starts().await;
+                }
                 () = sleep_until(next_restart) => self.restart_due().await,
                 _ = tick.tick() => self.check_health().await,
             }
@@ -483,22 +514,8 @@ impl Actor {
             Cmd::Start(id, tx) => {
                 let _ = tx.send(self.start(&id).await);
             }
-            Cmd::Stop(id, graceful, tx) => {
-                let r = self.stop(&id, graceful).await;
-                let _ = tx.send(r);
-            }
-            Cmd::Restart(id, tx) => {
-                let r = match self.stop(&id, true).await {
-                    Ok(_) => self.start(&id).await,
-                    Err(e) => Err(e),
-                };
-                if let Some(slot) = self.slots.get_mut(&id)
-                    && r.is_ok()
-                {
-                    slot.total += 1;
-                }
-                let _ = tx.send(r);
-            }
+            Cmd::Stop(id, graceful, tx) => self.stop(&id, graceful, Then::Reply(tx)),
+            Cmd::Restart(id, tx) => self.stop(&id, true, Then::Start(tx)),
             Cmd::Pause(id, pause, tx) => {
                 let _ = tx.send(self.pause(&id, pause));
             }
@@ -515,6 +532,8 @@ impl Actor {
             }
             Cmd::Shutdown(_) => unreachable!("handled by run"),
         }
+        // A restart of a collector that was not running has nothing to wait for.
+        self.run_pending_starts().await;
     }
 
     fn slot(&mut self, id: &str) -> Result<&mut Slot, SupervisorError> {
@@ -680,42 +699,91 @@ impl Actor {
         Ok(slot.status())
     }
 
-    async fn stop(&mut self, id: &str, graceful: bool) -> Result<CollectorStatus, SupervisorError> {
-        let slot = self.slot(id)?;
+    /// Starts stopping a collector in a task of its own (a graceful stop may take a minute;
+    /// meanwhile the supervisor keeps answering and checking the others). `then` runs when
+    /// it has ended.
+    fn stop(&mut self, id: &str, graceful: bool, then: Then) {
+        let slot = match self.slot(id) {
+            Ok(s) => s,
+            Err(e) => return then.fail(e),
+        };
+        if slot.state == CollectorState::Stopping {
+            let e = SupervisorError::WrongState {
+                id: id.to_owned(),
+                state: slot.state,
+                what: "a stop is already in progress".into(),
+            };
+            return then.fail(e);
+        }
         slot.restart_at = None;
         slot.in_a_row = 0;
         let Some(run) = slot.running.take() else {
             slot.state = CollectorState::Stopped;
-            return Ok(slot.status());
+            return self.finish(id, None, then);
         };
         slot.state = CollectorState::Stopping;
-        let how = stop_process(id, run, graceful, self.rpc.clone(), &self.config).await;
-        let slot = self.slot(id)?;
-        slot.state = CollectorState::Stopped;
-        slot.last_exit = Some(how);
-        Ok(slot.status())
+        let (owner, rpc, cfg) = (id.to_owned(), self.rpc.clone(), self.config.clone());
+        self.stopping.spawn(async move {
+            let how = stop_process(&owner, run, graceful, rpc, &cfg).await;
+            (owner, how, then)
+        });
+    }
+
+    /// A stop has ended (`how`: how the process ended, `None` when it was not running).
+    fn finish(&mut self, id: &str, how: Option<String>, then: Then) {
+        if let Some(slot) = self.slots.get_mut(id) {
+            slot.state = CollectorState::Stopped;
+            if let Some(how) = how {
+                slot.last_exit = Some(how);
+            }
+        }
+        match then {
+            Then::Reply(tx) => {
+                let _ = tx.send(self.slot(id).map(|s| s.status()));
+            }
+            Then::Start(tx) => {
+                // Started from the task loop: `start` awaits the spawner.
+                self.pending_starts.push((id.to_owned(), tx));
+            }
+            Then::Nothing => {}
+        }
+    }
+
+    /// Starts the collectors whose restart (stop, then start) has finished stopping.
+    async fn run_pending_starts(&mut self) {
+        for (id, tx) in std::mem::take(&mut self.pending_starts) {
+            let r = self.start(&id).await;
+            if r.is_ok()
+                && let Ok(slot) = self.slot(&id)
+            {
+                slot.total += 1;
+            }
+            let _ = tx.send(
+                r.map(|_| ())
+                    .and_then(|()| self.slot(&id).map(|s| s.status())),
+            );
+        }
     }
 
     async fn stop_all(&mut self) {
-        let mut stopping = Vec::new();
-        for slot in self.slots.values_mut() {
-            slot.restart_at = None;
-            if let Some(run) = slot.running.take() {
-                slot.state = CollectorState::Stopping;
-                let (id, rpc, cfg) = (slot.spec.id.clone(), self.rpc.clone(), self.config.clone());
-                stopping.push(tokio::spawn(async move {
-                    let how = stop_process(&id, run, true, rpc, &cfg).await;
-                    (id, how)
-                }));
+        let ids: Vec<String> = self.slots.keys().cloned().collect();
+        for id in ids {
+            if self.slots[&id].state != CollectorState::Stopping {
+                self.stop(&id, true, Then::Nothing);
             }
         }
-        for task in stopping {
-            if let Ok((id, how)) = task.await
-                && let Some(slot) = self.slots.get_mut(&id)
-            {
-                slot.state = CollectorState::Stopped;
-                slot.last_exit = Some(how);
+        while let Some(done) = self.stopping.join_next().await {
+            if let Ok((id, how, then)) = done {
+                self.finish(&id, Some(how), then);
             }
+        }
+        // Restarts asked for meanwhile do not start: the supervisor is going away.
+        for (id, tx) in std::mem::take(&mut self.pending_starts) {
+            let _ = tx.send(Err(SupervisorError::WrongState {
+                id,
+                state: CollectorState::Stopped,
+                what: "the supervisor is shutting down".into(),
+            }));
         }
     }
 }
