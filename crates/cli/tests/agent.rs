@@ -30,6 +30,7 @@ fn start_agent(dir: &Path, auto_restart: bool) -> Agent {
         format!(
             "broker:\n  socket_path: {}\nprocess_manager:\n  health_check_interval_seconds: 2\n  \
              enable_auto_restart: {auto_restart}\n  graceful_shutdown_timeout_seconds: 5\n\
+             rpc:\n  health_check_interval_seconds: 1\n\
              agent:\n  status_interval_seconds: 1\n",
             socket.display()
         ),
@@ -93,8 +94,11 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
     let dir = TempDir::new("agent");
     let mut agent = start_agent(dir.path(), false);
     let sub = status_sub(&agent.socket);
+    // Heartbeats arrive and the health check over RPC answers.
     let healthy = wait_report(&sub, "a healthy report", |r| {
-        r["health"] == "Healthy" && r["collectors"][0]["heartbeat_age_secs"].is_number()
+        r["health"] == "Healthy"
+            && r["collectors"][0]["heartbeat_age_secs"].is_number()
+            && r["collectors"][0]["health_check"] == "ok"
     });
     assert_eq!(healthy["collectors"][0]["state"], "running");
     let pid = procmond_pid(&healthy);
@@ -182,7 +186,7 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
 #[test]
 fn no_collector_survives_an_agent_killed_with_sigkill() {
     let dir = TempDir::new("agent-kill");
-    let mut agent = start_agent(dir.path(), true);
+    let mut agent = start_agent(dir.path(), false);
     let sub = status_sub(&agent.socket);
     let pid = procmond_pid(&wait_report(&sub, "procmond running", |r| {
         r["collectors"][0]["pid"].is_number()

@@ -159,9 +159,13 @@ async fn a_collector_that_ignores_sigterm_is_killed_after_the_timeout() {
 async fn pause_resume_and_resource_limits_are_applied() {
     let dir = TempDir::new("limits");
     let out = dir.0.join("limits.txt");
+    let ticks = dir.0.join("ticks.txt");
+    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let script = format!(
-        "ulimit -n > {0}; ulimit -v >> {0}; ulimit -t >> {0}; while :; do :; done",
-        out.display()
+        "ulimit -n > {0}; ulimit -v >> {0}; ulimit -t >> {0}; \
+         while true; do echo . >> {1}; sleep 0.05; done",
+        out.display(),
+        ticks.display()
     );
     let mut spec = sh("limited", &script);
     spec.limits.max_open_files = Some(64);
@@ -189,8 +193,10 @@ async fn pause_resume_and_resource_limits_are_applied() {
 
     let s = sup.pause("limited").await.unwrap();
     assert_eq!(s.state, CollectorState::Paused);
+    // Stopped: the loop writes nothing more (the shell shows T, or D when stopped while
+    // starting its `sleep`).
     let deadline = Instant::now() + WAIT;
-    while proc_state(pid) != Some('T') {
+    while !matches!(proc_state(pid), Some('T' | 'D')) {
         assert!(
             Instant::now() < deadline,
             "not stopped: {:?}",
@@ -198,11 +204,14 @@ async fn pause_resume_and_resource_limits_are_applied() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let frozen = size(&ticks);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(size(&ticks), frozen, "a paused collector makes no progress");
     let s = sup.resume("limited").await.unwrap();
     assert_eq!(s.state, CollectorState::Running);
     let deadline = Instant::now() + WAIT;
-    while proc_state(pid) == Some('T') {
-        assert!(Instant::now() < deadline, "still stopped");
+    while size(&ticks) == frozen {
+        assert!(Instant::now() < deadline, "no progress after resume");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let e = sup.start_collector("limited").await.unwrap_err();

@@ -60,16 +60,8 @@ impl AgentConfig {
         let config: Self = if is_yaml(path)? {
             serde_norway::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
         } else {
-            toml::from_str(&text).map_err(|e| {
-                let at = e
-                    .span()
-                    .map(|s| {
-                        let line = text[..s.start.min(text.len())].lines().count().max(1);
-                        format!(" (line {line})")
-                    })
-                    .unwrap_or_default();
-                anyhow!("{}{at}: {}", path.display(), e.message())
-            })?
+            // The error's own text shows the line, the key and the value it refused.
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
         };
         config
             .validate()
@@ -101,6 +93,16 @@ impl AgentConfig {
                 }
                 if c.binary.as_os_str().is_empty() {
                     bail!("collectors[{i}].binary is empty");
+                }
+                let l = &c.limits;
+                for (name, v) in [
+                    ("max_memory_bytes", l.max_memory_bytes),
+                    ("max_open_files", l.max_open_files),
+                    ("max_cpu_seconds", l.max_cpu_seconds),
+                ] {
+                    if v == Some(0) {
+                        bail!("collectors[{i}].limits.{name} must be at least 1 (or left out)");
+                    }
                 }
             }
         }
@@ -137,7 +139,8 @@ impl AgentConfig {
         let pol = &r.policies;
         format!(
             r#"# eventbus agent configuration (TOML; a .yaml/.yml file with the same keys works too).
-# Every key is optional; unknown keys are refused. `eventbus config check FILE` checks a file.
+# Every key is optional (a [rpc.policies.*] table, when given, needs all three of its keys);
+# unknown keys are refused. `eventbus config check FILE` checks a file.
 
 [broker]
 # socket_path = "/run/daemoneye/eventbus.sock"   # default: $XDG_RUNTIME_DIR/daemoneye/eventbus.sock
@@ -319,6 +322,27 @@ mod tests {
         );
         let e = AgentConfig::load(&dup).unwrap_err().to_string();
         assert!(e.contains("collectors[1].id"), "{e}");
+        for (name, text) in [
+            (
+                "l.toml",
+                "[[collectors]]\nid = \"x\"\nbinary = \"/a\"\nlimits = { max_mem = 1 }\n",
+            ),
+            (
+                "p.toml",
+                "[rpc.policies.heartbeat]\ntimeout_seconds = 1\nmax_retries = 1\nbackoff = { kind = \"immediate\", initial_ms = 5 }\n",
+            ),
+        ] {
+            let f = write(&d, name, text);
+            let e = AgentConfig::load(&f).unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+        let zero = write(
+            &d,
+            "z.toml",
+            "[[collectors]]\nid = \"x\"\nbinary = \"/a\"\nlimits = { max_open_files = 0 }\n",
+        );
+        let e = AgentConfig::load(&zero).unwrap_err().to_string();
+        assert!(e.contains("collectors[0].limits.max_open_files"), "{e}");
         let ext = write(&d, "c.json", "{}");
         assert!(
             AgentConfig::load(&ext)

@@ -114,6 +114,65 @@ struct CollectorView {
     restart_count: u32,
     last_exit: Option<String>,
     heartbeat_age_secs: Option<f64>,
+    /// The last health check over RPC: `ok`, or the failure.
+    health_check: Option<String>,
+}
+
+/// Events counted per topic by a task of their own (the agent's reports must never let the
+/// subscription's queue fill: the client would stop reading, heartbeats included).
+type Counts = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, u64>>>;
+
+/// Last health check result per collector (`Ok` or the failure).
+type Checks = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, Result<String, String>>>>;
+
+async fn count_events(mut events: Subscription, counts: Counts) {
+    loop {
+        match events.recv().await {
+            Ok(m) => *counts.lock().entry(m.topic().to_string()).or_default() += 1,
+            Err(daemoneye_eventbus::client::RecvError::Closed) => return,
+            // A gap: the counts are a little low, and counting goes on.
+            Err(_) => {}
+        }
+    }
+}
+
+/// Health-checks every running collector over RPC every `every`.
+async fn health_checks(
+    rpc: daemoneye_eventbus::rpc::CollectorRpcClient,
+    supervisor: Supervisor,
+    every: Duration,
+    checks: Checks,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Ok(statuses) = supervisor.status().await else {
+            return;
+        };
+        for s in statuses
+            .iter()
+            .filter(|s| s.state == CollectorState::Running)
+        {
+            let request = daemoneye_eventbus::rpc::RpcRequest::health_check(
+                String::new(),
+                format!("control.collector.{}", s.id),
+                Duration::from_secs(5),
+            );
+            let outcome = match rpc.call(request, Duration::from_secs(20)).await {
+                Ok(r) => match r.health_check() {
+                    Some(h) if h.status == HealthStatus::Healthy as i32 => Ok("ok".to_owned()),
+                    Some(h) => Err(format!(
+                        "{}: {}",
+                        HealthStatus::try_from(h.status).map_or("unknown", |v| v.as_str_name()),
+                        h.message
+                    )),
+                    None => Err("the reply is not a health check".to_owned()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            checks.lock().insert(s.id.clone(), outcome);
+        }
+    }
 }
 
 /// The report published on `control.agent.status` (JSON).
@@ -135,8 +194,8 @@ struct Agent {
     broker: Broker,
     client: Client,
     supervisor: Supervisor,
-    events: Subscription,
-    counts: BTreeMap<String, u64>,
+    counts: Counts,
+    checks: Checks,
     dropped_before: u64,
     rpc_failures_before: u64,
     last: Instant,
@@ -146,12 +205,10 @@ impl Agent {
     async fn report(&mut self) -> Result<Report> {
         let stats = self.broker.stats();
         let statuses = self.supervisor.status().await?;
-        while let Some(Ok(m)) = self.events.try_recv() {
-            *self.counts.entry(m.topic().to_string()).or_default() += 1;
-        }
         let secs = self.last.elapsed().as_secs_f64().max(0.001);
         self.last = Instant::now();
-        let events_per_sec = std::mem::take(&mut self.counts)
+        let counted = std::mem::take(&mut *self.counts.lock());
+        let events_per_sec = counted
             .into_iter()
             .map(|(t, n)| (t, (n as f64 / secs * 10.0).round() / 10.0))
             .collect();
@@ -161,7 +218,19 @@ impl Agent {
         let rpc = rpc_health(failures.saturating_sub(self.rpc_failures_before));
         self.dropped_before = stats.dropped;
         self.rpc_failures_before = failures;
-        let collectors_health = collectors_health(&statuses);
+        let checks = self.checks.lock().clone();
+        let mut collectors_health = collectors_health(&statuses);
+        let failed: Vec<String> = statuses
+            .iter()
+            .filter(|s| s.state == CollectorState::Running)
+            .filter_map(|s| match checks.get(&s.id) {
+                Some(Err(e)) => Some(format!("{} health check: {e}", s.id)),
+                _ => None,
+            })
+            .collect();
+        if !failed.is_empty() && collectors_health.health == Health::Healthy {
+            collectors_health = part(Health::Degraded, failed.join("; "));
+        }
         let health = broker.health.max(rpc.health).max(collectors_health.health);
         let now = SystemTime::now();
         let collectors = statuses
@@ -177,6 +246,10 @@ impl Agent {
                     .last_heartbeat
                     .and_then(|t| now.duration_since(t).ok())
                     .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+                health_check: checks.get(&s.id).map(|r| match r {
+                    Ok(ok) => ok.clone(),
+                    Err(e) => e.clone(),
+                }),
             })
             .collect();
         Ok(Report {
@@ -338,11 +411,18 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
                 .extend(["--heartbeat-secs".into(), every.to_string()]);
         }
     }
+    for c in &mut collectors {
+        // Every collector learns where the broker is (unless its configuration says).
+        c.env
+            .entry("EVENTBUS_SOCKET".into())
+            .or_insert_with(|| endpoint_arg(&endpoint));
+    }
     let names: Vec<String> = collectors.iter().map(|c| c.id.clone()).collect();
-    let supervisor = Supervisor::start(
+    let supervisor = Supervisor::start_with_rpc(
         config.process_manager.clone(),
         collectors,
         Some(client.clone()),
+        config.rpc.clone(),
     )
     .await?;
     let lifecycle = serve_services_at(
@@ -354,7 +434,20 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         },
     )
     .await?;
+    let counts = Counts::default();
+    let checks = Checks::default();
     let events = client.subscribe(["events.#"]).await?;
+    let counter = tokio::spawn(count_events(events, counts.clone()));
+    let checker = tokio::spawn(health_checks(
+        daemoneye_eventbus::rpc::CollectorRpcClient::new(
+            client.clone(),
+            "agent",
+            config.rpc.clone(),
+        ),
+        supervisor.clone(),
+        Duration::from_secs(config.rpc.health_check_interval_seconds),
+        checks.clone(),
+    ));
     println!(
         "agent ready: broker on {endpoint}, collectors: {}",
         if names.is_empty() {
@@ -368,8 +461,8 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         broker,
         client: client.clone(),
         supervisor: supervisor.clone(),
-        events,
-        counts: BTreeMap::new(),
+        counts,
+        checks,
         dropped_before: 0,
         rpc_failures_before: 0,
         last: Instant::now(),
@@ -403,6 +496,8 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         }
     }
     println!("agent stopping: collectors first, then the broker");
+    checker.abort();
+    counter.abort();
     lifecycle.drain(Duration::from_secs(2)).await;
     for s in supervisor.shutdown().await {
         println!(

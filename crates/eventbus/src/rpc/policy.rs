@@ -14,7 +14,7 @@ use std::time::Duration;
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Backoff {
     /// Retry at once.
-    Immediate,
+    Immediate {},
     /// Wait `initial_ms`, then multiply by `multiplier` after each retry, up to `max_ms`.
     Exponential {
         /// First delay, milliseconds.
@@ -51,7 +51,7 @@ impl RetryPolicy {
             return None;
         }
         Some(match &self.backoff {
-            Backoff::Immediate => Duration::ZERO,
+            Backoff::Immediate {} => Duration::ZERO,
             Backoff::Exponential {
                 initial_ms,
                 multiplier,
@@ -155,7 +155,7 @@ impl Default for RetryPolicies {
             lifecycle: RetryPolicy {
                 timeout_seconds: 30,
                 max_retries: 0,
-                backoff: Backoff::Immediate,
+                backoff: Backoff::Immediate {},
             },
             health_check: RetryPolicy {
                 timeout_seconds: 5,
@@ -178,7 +178,7 @@ impl Default for RetryPolicies {
             heartbeat: RetryPolicy {
                 timeout_seconds: 2,
                 max_retries: 1,
-                backoff: Backoff::Immediate,
+                backoff: Backoff::Immediate {},
             },
         }
     }
@@ -315,6 +315,12 @@ mod tests {
         assert_eq!(c.max_pending_requests, 10);
         assert_eq!(c.policies.heartbeat.max_retries, 2);
         assert_eq!(c.policies.lifecycle, RetryPolicies::default().lifecycle);
+        let extra = r#"{"policies": {"heartbeat": {"timeout_seconds": 1, "max_retries": 2,
+                        "backoff": {"kind": "immediate", "initial_ms": 5}}}}"#;
+        assert!(
+            serde_json::from_str::<RpcConfig>(extra).is_err(),
+            "extra backoff keys refused"
+        );
         let unknown = serde_json::from_str::<RpcConfig>(r#"{"max_pending": 1}"#).unwrap_err();
         assert!(
             unknown.to_string().contains("unknown field `max_pending`"),

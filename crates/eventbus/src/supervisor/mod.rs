@@ -70,6 +70,9 @@ fn yes() -> bool {
     true
 }
 
+/// Time a collector has, on top of the health check interval, to send its first heartbeat.
+const STARTUP_GRACE: Duration = Duration::from_secs(10);
+
 impl CollectorSpec {
     /// A collector running `binary` with the defaults.
     pub fn new(id: &str, binary: impl Into<PathBuf>) -> Self {
@@ -213,6 +216,20 @@ impl Supervisor {
         collectors: Vec<CollectorSpec>,
         bus: Option<Client>,
     ) -> Result<Self, SupervisorError> {
+        Self::start_with_rpc(config, collectors, bus, RpcConfig::default()).await
+    }
+
+    /// [`Supervisor::start`] with the RPC policies its shutdown requests follow.
+    ///
+    /// # Errors
+    ///
+    /// As [`Supervisor::start`].
+    pub async fn start_with_rpc(
+        config: ProcessManagerConfig,
+        collectors: Vec<CollectorSpec>,
+        bus: Option<Client>,
+        rpc_config: RpcConfig,
+    ) -> Result<Self, SupervisorError> {
         let mut seen = std::collections::BTreeSet::new();
         for c in &collectors {
             if !seen.insert(c.id.clone()) {
@@ -230,7 +247,7 @@ impl Supervisor {
         let (exits, exit_rx) = mpsc::unbounded_channel();
         let rpc = bus
             .clone()
-            .map(|c| CollectorRpcClient::new(c, "supervisor", RpcConfig::default()));
+            .map(|c| CollectorRpcClient::new(c, "supervisor", rpc_config));
         let actor = Actor {
             stopping: tokio::task::JoinSet::new(),
             pending_starts: Vec::new(),
@@ -544,11 +561,11 @@ impl Actor {
 
     async fn start(&mut self, id: &str) -> Result<CollectorStatus, SupervisorError> {
         let slot = self.slot(id)?;
-        if slot.running.is_some() {
+        if slot.running.is_some() || slot.state == CollectorState::Stopping {
             return Err(SupervisorError::WrongState {
                 id: id.to_owned(),
                 state: slot.state,
-                what: "it is already running; stop or restart it".into(),
+                what: "it is already running or still stopping; stop or restart it".into(),
             });
         }
         let spec = slot.spec.clone();
@@ -602,10 +619,12 @@ impl Actor {
         if slot.run != run || slot.running.is_none() {
             return;
         }
-        let ran = slot
-            .running
-            .take()
-            .map_or(Duration::ZERO, |r| r.started.elapsed());
+        let Some(ended) = slot.running.take() else {
+            return;
+        };
+        // What the collector started in its process group goes with it.
+        signal_group(ended.pid, nix_signal::SIGKILL);
+        let ran = ended.started.elapsed();
         let why = describe(status);
         tracing::warn!(collector = id, how = %why, "collector ended");
         let cause = match slot.state {
@@ -650,6 +669,10 @@ impl Actor {
     /// Marks collectors whose heartbeats stopped Unhealthy, and kills them for a restart
     /// when auto restart is on.
     async fn check_health(&mut self) {
+        if self.rpc.is_none() {
+            // Without a bus no heartbeat can arrive: liveness is not checked.
+            return;
+        }
         let limit = Duration::from_secs(self.config.health_check_interval_seconds);
         let mut stale = Vec::new();
         for slot in self.slots.values_mut() {
@@ -657,10 +680,12 @@ impl Actor {
             if !slot.spec.heartbeats || run.paused || slot.state != CollectorState::Running {
                 continue;
             }
-            let since = slot
-                .last_heartbeat
-                .map_or(run.started, |(_, at)| at.max(run.started));
-            if since.elapsed() >= limit {
+            // Before its first heartbeat a collector gets a start-up grace on top.
+            let (since, allowed) = match slot.last_heartbeat {
+                Some((_, at)) => (at.max(run.started), limit),
+                None => (run.started, limit + STARTUP_GRACE),
+            };
+            if since.elapsed() >= allowed {
                 slot.state = CollectorState::Unhealthy;
                 tracing::warn!(collector = %slot.spec.id, "no heartbeat for {} s", limit.as_secs());
                 stale.push((slot.spec.id.clone(), run.pid));
@@ -685,6 +710,13 @@ impl Actor {
                 what: "only a running collector can be paused or resumed".into(),
             });
         };
+        if run.exit.borrow().is_some() {
+            return Err(SupervisorError::WrongState {
+                id: id.to_owned(),
+                state: slot.state,
+                what: "it has just ended".into(),
+            });
+        }
         if pause {
             signal_group(run.pid, nix_signal::SIGSTOP);
             run.paused = true;
@@ -827,9 +859,25 @@ async fn stop_process(
     rpc: Option<CollectorRpcClient>,
     config: &ProcessManagerConfig,
 ) -> String {
+    if let Some(status) = *run.exit.borrow() {
+        return format!("had already ended ({})", describe(Some(status)));
+    }
     if run.paused {
         signal_group(run.pid, nix_signal::SIGCONT);
     }
+    let how = stop_escalating(id, &mut run, graceful, rpc, config).await;
+    // Whatever the collector started in its process group goes with it.
+    signal_group(run.pid, nix_signal::SIGKILL);
+    how
+}
+
+async fn stop_escalating(
+    id: &str,
+    run: &mut Running,
+    graceful: bool,
+    rpc: Option<CollectorRpcClient>,
+    config: &ProcessManagerConfig,
+) -> String {
     let grace = Duration::from_secs(config.graceful_shutdown_timeout_seconds);
     let force = Duration::from_secs(config.force_shutdown_timeout_seconds);
     if graceful && let Some(rpc) = rpc {
@@ -843,7 +891,7 @@ async fn stop_process(
         );
         match rpc.call(ask, Duration::from_secs(5)).await {
             Ok(_) => {
-                if let Some(status) = ended_within(&mut run, grace).await {
+                if let Some(status) = ended_within(run, grace).await {
                     return format!("stopped on request ({})", describe(status));
                 }
             }
@@ -851,12 +899,15 @@ async fn stop_process(
             Err(e) => tracing::warn!(collector = id, error = %e, "shutdown request failed"),
         }
     }
+    if let Some(status) = *run.exit.borrow() {
+        return format!("ended before SIGTERM ({})", describe(Some(status)));
+    }
     signal_group(run.pid, nix_signal::SIGTERM);
-    if let Some(status) = ended_within(&mut run, force).await {
+    if let Some(status) = ended_within(run, force).await {
         return format!("stopped by SIGTERM ({})", describe(status));
     }
     signal_group(run.pid, nix_signal::SIGKILL);
-    let status = ended_within(&mut run, Duration::from_secs(10)).await;
+    let status = ended_within(run, Duration::from_secs(10)).await;
     format!(
         "killed with SIGKILL after ignoring SIGTERM for {} s ({})",
         force.as_secs(),
