@@ -17,6 +17,7 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     let sub = broker.sub(&[
         "--json",
         "events.process.lifecycle",
+        "events.process.integrity",
         "control.health.heartbeat.+",
     ]);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
@@ -27,6 +28,7 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
         "1",
         "--id",
         "procmond",
+        "--hash-executables",
     ])
     .env("EVENTBUS_SOCKET", &broker.socket);
     let mut procmond = Proc::spawn(cmd);
@@ -45,12 +47,17 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     let pid = sleeper.id();
     sleeper.wait().unwrap();
     let mut seen = Vec::new();
-    while seen.len() < 2 {
+    let mut digest = None;
+    while seen.len() < 2 || digest.is_none() {
         let line = wait_line(rx, "the sleep's events", |l| {
-            l.contains("events.process.lifecycle") && l.contains(&format!("\"pid\":{pid}"))
+            l.contains("events.process.") && l.contains(&format!("\"pid\":{pid}"))
         });
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let e = &v["event"];
+        if v["topic"] == "events.process.integrity" {
+            digest = Some(e.clone());
+            continue;
+        }
         assert_eq!(e["ppid"], std::process::id());
         assert!(e["metadata"]["uid"].as_str().is_some());
         let what = e["metadata"]["event"].as_str().unwrap().to_owned();
@@ -64,6 +71,15 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
         seen.push(what);
     }
     assert_eq!(seen, ["start", "exit"]);
+    // Its executable's digest, read through the process's own link, matches sha256sum's.
+    let digest = digest.unwrap();
+    let path = digest["executable_path"].as_str().unwrap().to_owned();
+    let sum = Command::new("sha256sum").arg(&path).output().unwrap();
+    let expected = String::from_utf8(sum.stdout).unwrap();
+    assert_eq!(
+        digest["sha256"].as_str().unwrap(),
+        expected.split_whitespace().next().unwrap()
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
 
     // The collector services answer: a health check through the CLI is a typed request, so

@@ -29,6 +29,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
 
+/// Largest `events.process.batch` message (one snapshot may take several).
+pub const BATCH_BYTES: usize = 512 * 1024;
+
 /// The collector type announced in capabilities and configuration.
 pub const COLLECTOR_TYPE: &str = "process";
 
@@ -397,17 +400,33 @@ impl Scanner {
         }
     }
 
+    /// Publishes a snapshot, split into messages of at most [`BATCH_BYTES`] so a host with
+    /// many processes or long command lines stays under the broker's message limit.
     async fn publish_batch(&mut self, snap: &Snapshot) {
-        let processes = snap
+        let collected_at_ns = now_ns();
+        let mut processes = Vec::new();
+        let mut bytes = 0;
+        let all: Vec<epb::ProcessEvent> = snap
             .values()
-            .map(|p| {
-                let e = self.event(p, "snapshot");
-                epb::ProcessEvent::from(&e)
-            })
+            .map(|p| epb::ProcessEvent::from(&self.event(p, "snapshot")))
             .collect();
+        for p in all {
+            let len = p.encoded_len() + 8;
+            if bytes + len > BATCH_BYTES && !processes.is_empty() {
+                self.send_batch(collected_at_ns, std::mem::take(&mut processes))
+                    .await;
+                bytes = 0;
+            }
+            bytes += len;
+            processes.push(p);
+        }
+        self.send_batch(collected_at_ns, processes).await;
+    }
+
+    async fn send_batch(&self, collected_at_ns: u64, processes: Vec<epb::ProcessEvent>) {
         let batch = epb::ProcessBatch {
             collector_id: self.shared.id.clone(),
-            collected_at_ns: now_ns(),
+            collected_at_ns,
             processes,
         };
         self.send(Publish::new(
@@ -421,7 +440,10 @@ impl Scanner {
         let Some(path) = p.executable_path.clone() else {
             return;
         };
-        let Ok(meta) = std::fs::metadata(&path) else {
+        // Through the process's own link: the very file it runs, even in another mount
+        // namespace or after the path was replaced.
+        let exe = self.root.join(p.pid.to_string()).join("exe");
+        let Ok(meta) = std::fs::metadata(&exe) else {
             return;
         };
         #[cfg(unix)]
@@ -432,9 +454,7 @@ impl Scanner {
         let digest = match self.hashed.get(&key) {
             Some(d) => d.clone(),
             None => {
-                let file = path.clone();
-                let Ok(Ok(d)) = tokio::task::spawn_blocking(move || sha256_file(&file)).await
-                else {
+                let Ok(Ok(d)) = tokio::task::spawn_blocking(move || sha256_file(&exe)).await else {
                     return;
                 };
                 if self.hashed.len() >= 4096 {
@@ -458,7 +478,7 @@ impl Scanner {
     }
 }
 
-fn sha256_file(path: &str) -> std::io::Result<String> {
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::Read;
     let mut file = std::fs::File::open(path)?;
