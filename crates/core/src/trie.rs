@@ -4,7 +4,7 @@
 //! slab with a free list; a branch that loses its last subscriber is pruned and its nodes
 //! reused, so memory follows the live subscription set.
 
-use crate::topic::{Segment, Topic, TopicFilter};
+use crate::topic::{MAX_SEGMENTS, Segment, Topic, TopicFilter};
 use rustc_hash::FxHashMap;
 
 type NodeId = u32;
@@ -196,14 +196,38 @@ impl<S: Copy + Eq> SubscriptionTrie<S> {
 
     /// Calls `f` for every (filter, subscriber) entry whose filter matches `topic`.
     ///
-    /// Allocates nothing. A leading wildcard does not match a `$sys` topic.
+    /// Allocates nothing. A leading wildcard does not match a `$sys` topic. The topic is cut
+    /// into segments once, into a stack array, and the walk indexes it (splitting the rest of
+    /// the topic again at every node, on every branch, cost more than the lookups).
     pub fn for_each_match(&self, topic: &Topic, mut f: impl FnMut(&S)) {
         let s = topic.as_str();
+        let mut segs = [(0u16, 0u16); MAX_SEGMENTS];
+        let mut n = 0;
+        let mut start = 0;
+        for (i, b) in s.bytes().enumerate() {
+            if b == b'.' {
+                // A valid topic has at most MAX_SEGMENTS segments and MAX_TOPIC_LEN bytes.
+                let Some(slot) = segs.get_mut(n) else { return };
+                *slot = (start as u16, i as u16);
+                n += 1;
+                start = i + 1;
+            }
+        }
+        let Some(slot) = segs.get_mut(n) else { return };
+        *slot = (start as u16, s.len() as u16);
+        n += 1;
         let reserved = s.starts_with('$');
-        self.walk(ROOT, Some(s), reserved, &mut f);
+        self.walk(ROOT, s, &segs[..n], reserved, &mut f);
     }
 
-    fn walk(&self, id: NodeId, rest: Option<&str>, reserved: bool, f: &mut impl FnMut(&S)) {
+    fn walk(
+        &self,
+        id: NodeId,
+        topic: &str,
+        segs: &[(u16, u16)],
+        reserved: bool,
+        f: &mut impl FnMut(&S),
+    ) {
         let node = &self.nodes[id as usize];
         if let Some(multi) = node.multi.filter(|_| !reserved) {
             self.nodes[multi as usize]
@@ -211,19 +235,18 @@ impl<S: Copy + Eq> SubscriptionTrie<S> {
                 .iter()
                 .for_each(&mut *f);
         }
-        let Some(rest) = rest else {
+        let Some((&(a, b), tail)) = segs.split_first() else {
             node.subscribers.iter().for_each(f);
             return;
         };
-        let (seg, tail) = match rest.split_once('.') {
-            Some((seg, tail)) => (seg, Some(tail)),
-            None => (rest, None),
+        let Some(seg) = topic.get(usize::from(a)..usize::from(b)) else {
+            return;
         };
         if let Some(&child) = node.literal.get(seg) {
-            self.walk(child, tail, false, f);
+            self.walk(child, topic, tail, false, f);
         }
         if let Some(single) = node.single.filter(|_| !reserved) {
-            self.walk(single, tail, false, f);
+            self.walk(single, topic, tail, false, f);
         }
     }
 
