@@ -24,6 +24,14 @@ fn split(m: Member) -> (GroupIdx, Slot) {
     ((m >> 32) as GroupIdx, m as Slot)
 }
 
+/// A plain subscription in the trie: the slot, and in the lowest bit whether the filter is
+/// `Processed`. One trie serves both QoS: sorted values put a slot's entries side by side.
+type Plain = u64;
+
+fn plain(slot: Slot, qos: Qos) -> Plain {
+    (u64::from(slot) << 1) | u64::from(qos == Qos::Processed)
+}
+
 struct Entry {
     conn: Arc<ConnShared>,
     filters: HashSet<TopicFilter>,
@@ -60,8 +68,7 @@ pub(crate) enum SubscribeRefusal {
 /// Reusable buffers for [`Router::route`], owned by one session so routing allocates nothing.
 #[derive(Default)]
 pub(crate) struct RouteScratch {
-    slots: Vec<Slot>,
-    processed: Vec<Slot>,
+    slots: Vec<Plain>,
     /// Queue group members matching the topic, sorted (so grouped by group).
     members: Vec<Member>,
     /// The topic `slots` / `processed` were matched for, and the router generation then:
@@ -109,9 +116,7 @@ pub(crate) struct Routed {
 /// Filters → connections.
 #[derive(Default)]
 pub(crate) struct Router {
-    trie: SubscriptionTrie<Slot>,
-    /// Only the `Processed` subscriptions, consulted when it is not empty.
-    processed: SubscriptionTrie<Slot>,
+    trie: SubscriptionTrie<Plain>,
     /// Queue group subscriptions.
     grouped: SubscriptionTrie<Member>,
     groups: Vec<Option<Group>>,
@@ -146,10 +151,12 @@ impl Router {
         self.generation += 1;
         if let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::take) {
             for f in &entry.filters {
-                self.trie.remove(f, slot);
-            }
-            for f in &entry.processed {
-                self.processed.remove(f, slot);
+                let qos = if entry.processed.contains(f) {
+                    Qos::Processed
+                } else {
+                    Qos::Realtime
+                };
+                self.trie.remove(f, plain(slot, qos));
             }
             for (f, (g, _)) in &entry.grouped {
                 self.grouped.remove(f, member(*g, slot));
@@ -277,13 +284,18 @@ impl Router {
         let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::as_mut) else {
             return false;
         };
-        if qos == Qos::Processed && entry.processed.insert(filter.clone()) {
-            self.processed.insert(filter, slot);
-        }
         if !entry.filters.insert(filter.clone()) {
+            // Held already: a Processed request upgrades a Realtime filter, never the reverse.
+            if qos == Qos::Processed && entry.processed.insert(filter.clone()) {
+                self.trie.remove(filter, plain(slot, Qos::Realtime));
+                self.trie.insert(filter, plain(slot, Qos::Processed));
+            }
             return false;
         }
-        self.trie.insert(filter, slot)
+        if qos == Qos::Processed {
+            entry.processed.insert(filter.clone());
+        }
+        self.trie.insert(filter, plain(slot, qos))
     }
 
     /// Unsubscribes (plainly or from its group); returns `false` when the connection did not
@@ -298,13 +310,15 @@ impl Router {
             self.release_group(g);
             return true;
         }
-        if entry.processed.remove(filter) {
-            self.processed.remove(filter, slot);
-        }
+        let qos = if entry.processed.remove(filter) {
+            Qos::Processed
+        } else {
+            Qos::Realtime
+        };
         if !entry.filters.remove(filter) {
             return false;
         }
-        self.trie.remove(filter, slot)
+        self.trie.remove(filter, plain(slot, qos))
     }
 
     /// Queues `msg` once for every connection with a matching filter: under its slow-reader
@@ -317,16 +331,11 @@ impl Router {
         memory: &Memory,
         waiting: Waiting,
     ) -> Routed {
-        let any_processed = !self.processed.is_empty();
         let fresh =
             matches!(&scratch.matched, Some((t, g)) if *g == self.generation && t == msg.topic());
         if !fresh {
+            // Sorted: a connection's entries are adjacent, its Processed one (if any) last.
             self.trie.matches_into(msg.topic(), &mut scratch.slots);
-            if any_processed {
-                self.processed
-                    .matches_into(msg.topic(), &mut scratch.processed);
-                scratch.processed.sort_unstable();
-            }
             scratch.matched = Some((msg.topic().clone(), self.generation));
         }
         if !fresh && !self.grouped.is_empty() {
@@ -338,16 +347,15 @@ impl Router {
         if !scratch.members.is_empty() {
             self.route_groups(msg, scratch, memory, waiting, &mut routed);
         }
-        routed.matched += scratch.slots.len() as u64;
         let slots = std::mem::take(&mut scratch.slots);
-        for slot in &slots {
-            let Some(entry) = &self.slots[*slot as usize] else {
+        for run in slots.chunk_by(|a, b| a >> 1 == b >> 1) {
+            let slot = (run[0] >> 1) as Slot;
+            let processed = run.iter().any(|v| v & 1 == 1);
+            routed.matched += 1;
+            let Some(entry) = &self.slots[slot as usize] else {
                 continue;
             };
-            let admission = if waiting == Waiting::Allowed
-                && any_processed
-                && scratch.processed.binary_search(slot).is_ok()
-            {
+            let admission = if waiting == Waiting::Allowed && processed {
                 Admission::Wait
             } else {
                 Admission::Shed
