@@ -82,6 +82,20 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 
+    // A shell that then runs another program: the same pid reports an exec.
+    let mut shell = Command::new("sh")
+        .args(["-c", "sleep 0.7; exec sleep 0.9"])
+        .spawn()
+        .unwrap();
+    let sh = shell.id();
+    shell.wait().unwrap();
+    let line = wait_line(rx, "the shell's exec", |l| {
+        l.contains(&format!("\"pid\":{sh}")) && l.contains("\"event\":\"exec\"")
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["event"]["name"], "sleep");
+    assert_eq!(v["event"]["command_line"], "sleep 0.9");
+
     // The collector services answer: a health check through the CLI is a typed request, so
     // here an undecodable one is refused with the right kind.
     let out = broker.run(&["request", "control.collector.procmond", "not protobuf"]);

@@ -7,7 +7,8 @@
 //!
 //! A process that lives at least one scan interval is seen: its start is reported at the
 //! first scan after it appeared and its exit at the first scan after it was gone, so both
-//! within one interval (default 500 ms).
+//! within one interval (default 500 ms). A process that runs another program (`exec`: same
+//! pid and start time, another executable) is reported with `metadata.event = "exec"`.
 
 pub mod procfs;
 
@@ -326,6 +327,12 @@ impl Scanner {
                 }
             };
             let (started, exited) = procfs::diff(&prev, &next);
+            for p in procfs::execs(&prev, &next) {
+                self.publish(p, "exec").await;
+                if settings.hash_executables {
+                    self.publish_hash(p).await;
+                }
+            }
             for p in started {
                 self.publish(p, "start").await;
                 if settings.hash_executables {

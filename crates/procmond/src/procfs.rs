@@ -154,6 +154,23 @@ pub fn diff<'a>(
     (started, exited)
 }
 
+/// Processes present in both snapshots that now run another program: the same pid and start
+/// time (an `exec` keeps both) with another executable, or, when the executable is unreadable,
+/// another name and command line.
+pub fn execs<'a>(before: &'a Snapshot, after: &'a Snapshot) -> Vec<&'a ProcInfo> {
+    after
+        .iter()
+        .filter_map(|(k, now)| {
+            let was = before.get(k)?;
+            let exe_changed = match (&was.executable_path, &now.executable_path) {
+                (Some(a), Some(b)) => a != b,
+                _ => was.name != now.name && was.command_line != now.command_line,
+            };
+            exe_changed.then_some(now)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +231,28 @@ mod tests {
         let e: Vec<_> = exited.iter().map(|p| (p.pid, p.start_ticks)).collect();
         assert_eq!(s, [(3, 31), (4, 40)]);
         assert_eq!(e, [(2, 20), (3, 30)]);
+    }
+
+    #[test]
+    fn an_exec_is_a_new_program_under_the_same_key() {
+        let mut shell = p(7, 70);
+        shell.executable_path = Some("/bin/sh".into());
+        let mut sleep = shell.clone();
+        sleep.executable_path = Some("/bin/sleep".into());
+        sleep.name = "sleep".into();
+        let mut renamed = p(8, 80);
+        renamed.command_line = Some("worker: idle".into());
+        let mut retitled = renamed.clone();
+        retitled.command_line = Some("worker: busy".into());
+        let snap = |ps: Vec<ProcInfo>| -> Snapshot {
+            ps.into_iter()
+                .map(|p| ((p.pid, p.start_ticks), p))
+                .collect()
+        };
+        let before = snap(vec![shell, renamed]);
+        let after = snap(vec![sleep, retitled]);
+        let e: Vec<_> = execs(&before, &after).iter().map(|p| p.pid).collect();
+        assert_eq!(e, [7], "a new title alone is not an exec");
     }
 
     #[cfg(target_os = "linux")]
