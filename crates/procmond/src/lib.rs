@@ -314,6 +314,7 @@ impl Scanner {
             .processes
             .store(prev.len() as u64, Ordering::Relaxed);
         let mut last_batch = Instant::now();
+        self.learn_users(&prev).await;
         self.publish_batch(&prev).await;
         loop {
             let settings = self.shared.settings();
@@ -326,6 +327,7 @@ impl Scanner {
                     continue;
                 }
             };
+            self.learn_users(&next).await;
             let (started, exited) = procfs::diff(&prev, &next);
             for p in procfs::execs(&prev, &next) {
                 self.publish(p, "exec").await;
@@ -359,11 +361,35 @@ impl Scanner {
         }
     }
 
-    fn user(&mut self, uid: u32) -> Option<String> {
-        self.users
-            .entry(uid)
-            .or_insert_with(|| user_name(uid))
-            .clone()
+    fn user(&self, uid: u32) -> Option<String> {
+        self.users.get(&uid).cloned().flatten()
+    }
+
+    /// Looks up the names of the uids of `snap` not seen before, off this thread (a user
+    /// directory may be remote and slow; heartbeats and RPC must not wait for it).
+    async fn learn_users(&mut self, snap: &Snapshot) {
+        let unknown: Vec<u32> = snap
+            .values()
+            .filter_map(|p| p.uid)
+            .filter(|uid| !self.users.contains_key(uid))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if unknown.is_empty() {
+            return;
+        }
+        let found = tokio::task::spawn_blocking(move || {
+            unknown
+                .into_iter()
+                .map(|uid| (uid, user_name(uid)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        if self.users.len() > 65_536 {
+            self.users.clear();
+        }
+        self.users.extend(found);
     }
 
     fn event(&mut self, p: &ProcInfo, what: &str) -> ProcessEvent {
