@@ -259,6 +259,21 @@ async fn child_role() {
             client.drain().await;
             std::process::exit(0);
         }
+        "accepts-but-stays" => {
+            // Says yes to the shutdown request, then carries on until signalled.
+            let client = Client::connect(
+                &Endpoint::parse(&socket).unwrap(),
+                ClientOptions::named(&id),
+            )
+            .await
+            .unwrap();
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            let _service = serve_collector(&client, &id, Cooperative(tx))
+                .await
+                .unwrap();
+            println!("ready");
+            tokio::time::sleep(Duration::from_secs(300)).await;
+        }
         "heartbeat-once" => {
             let client = Client::connect(
                 &Endpoint::parse(&socket).unwrap(),
@@ -398,4 +413,52 @@ fn no_collector_survives_the_supervisor_killed_with_sigkill() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[tokio::test]
+async fn a_forced_stop_cuts_a_graceful_stop_short() {
+    if std::env::var(ROLE_ENV).is_ok() {
+        return;
+    }
+    let dir = TempDir::new("force");
+    let (broker, socket, client) = broker(&dir.0).await;
+    let mut spec = child_spec("lingers", "accepts-but-stays", &socket);
+    spec.heartbeats = false;
+    let config = ProcessManagerConfig {
+        graceful_shutdown_timeout_seconds: 60,
+        ..fast()
+    };
+    let sup = Supervisor::start(config, vec![spec], Some(client.clone()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let topic = Topic::new("control.collector.lingers").unwrap();
+    loop {
+        match client.request(&topic, "", Duration::from_millis(200)).await {
+            Err(e) if e.kind == daemoneye_eventbus::rpc::RpcErrorKind::NoResponders => {}
+            _ => break,
+        }
+        assert!(Instant::now() < deadline, "the collector never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let started = Instant::now();
+    let graceful = {
+        let sup = sup.clone();
+        tokio::spawn(async move { sup.stop_collector("lingers", true).await })
+    };
+    wait_for(&sup, "lingers", |s| s.state == CollectorState::Stopping).await;
+    let e = sup.stop_collector("lingers", true).await.unwrap_err();
+    assert!(e.to_string().contains("already in progress"), "{e}");
+    let forced = sup.stop_collector("lingers", false).await.unwrap();
+    let graceful = graceful.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not the 60 s grace"
+    );
+    for s in [forced, graceful] {
+        assert_eq!(s.state, CollectorState::Stopped);
+        assert!(s.last_exit.unwrap().starts_with("stopped by SIGTERM"));
+    }
+    sup.shutdown().await;
+    broker.shutdown().await;
 }

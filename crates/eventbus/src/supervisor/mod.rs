@@ -394,6 +394,10 @@ struct Slot {
     restart_at: Option<Instant>,
     /// Bumped per start, so the exit report of an earlier run is recognised.
     run: u64,
+    /// Cuts short the graceful phase of a stop in progress (a forced stop asked meanwhile).
+    force: std::sync::Arc<tokio::sync::Notify>,
+    /// Requests waiting for the stop in progress to end.
+    waiters: Vec<Then>,
 }
 
 impl Slot {
@@ -408,6 +412,8 @@ impl Slot {
             last_heartbeat: None,
             restart_at: None,
             run: 0,
+            force: std::sync::Arc::new(tokio::sync::Notify::new()),
+            waiters: Vec::new(),
         }
     }
 
@@ -740,12 +746,18 @@ impl Actor {
             Err(e) => return then.fail(e),
         };
         if slot.state == CollectorState::Stopping {
-            let e = SupervisorError::WrongState {
-                id: id.to_owned(),
-                state: slot.state,
-                what: "a stop is already in progress".into(),
-            };
-            return then.fail(e);
+            if graceful {
+                let e = SupervisorError::WrongState {
+                    id: id.to_owned(),
+                    state: slot.state,
+                    what: "a stop is already in progress (a forced stop cuts it short)".into(),
+                };
+                return then.fail(e);
+            }
+            // Forced while a graceful stop waits: go to SIGTERM now; answer when it ends.
+            slot.force.notify_one();
+            slot.waiters.push(then);
+            return;
         }
         slot.restart_at = None;
         slot.in_a_row = 0;
@@ -754,21 +766,33 @@ impl Actor {
             return self.finish(id, None, then);
         };
         slot.state = CollectorState::Stopping;
+        let force = std::sync::Arc::clone(&slot.force);
         let (owner, rpc, cfg) = (id.to_owned(), self.rpc.clone(), self.config.clone());
         self.stopping.spawn(async move {
-            let how = stop_process(&owner, run, graceful, rpc, &cfg).await;
+            let how = stop_process(&owner, run, graceful, rpc, &cfg, &force).await;
             (owner, how, then)
         });
     }
 
     /// A stop has ended (`how`: how the process ended, `None` when it was not running).
     fn finish(&mut self, id: &str, how: Option<String>, then: Then) {
+        let mut waiters = Vec::new();
         if let Some(slot) = self.slots.get_mut(id) {
             slot.state = CollectorState::Stopped;
             if let Some(how) = how {
                 slot.last_exit = Some(how);
             }
+            waiters = std::mem::take(&mut slot.waiters);
+            // A force asked too late must not cut short the next stop.
+            slot.force = std::sync::Arc::new(tokio::sync::Notify::new());
         }
+        for w in waiters {
+            self.answer(id, w);
+        }
+        self.answer(id, then);
+    }
+
+    fn answer(&mut self, id: &str, then: Then) {
         match then {
             Then::Reply(tx) => {
                 let _ = tx.send(self.slot(id).map(|s| s.status()));
@@ -858,6 +882,7 @@ async fn stop_process(
     graceful: bool,
     rpc: Option<CollectorRpcClient>,
     config: &ProcessManagerConfig,
+    force: &tokio::sync::Notify,
 ) -> String {
     if let Some(status) = *run.exit.borrow() {
         return format!("had already ended ({})", describe(Some(status)));
@@ -865,7 +890,7 @@ async fn stop_process(
     if run.paused {
         signal_group(run.pid, nix_signal::SIGCONT);
     }
-    let how = stop_escalating(id, &mut run, graceful, rpc, config).await;
+    let how = stop_escalating(id, &mut run, graceful, rpc, config, force).await;
     // Whatever the collector started in its process group goes with it.
     signal_group(run.pid, nix_signal::SIGKILL);
     how
@@ -877,6 +902,7 @@ async fn stop_escalating(
     graceful: bool,
     rpc: Option<CollectorRpcClient>,
     config: &ProcessManagerConfig,
+    cut_short: &tokio::sync::Notify,
 ) -> String {
     let grace = Duration::from_secs(config.graceful_shutdown_timeout_seconds);
     let force = Duration::from_secs(config.force_shutdown_timeout_seconds);
@@ -891,7 +917,11 @@ async fn stop_escalating(
         );
         match rpc.call(ask, Duration::from_secs(5)).await {
             Ok(_) => {
-                if let Some(status) = ended_within(run, grace).await {
+                let ended = tokio::select! {
+                    e = ended_within(run, grace) => e,
+                    () = cut_short.notified() => None,
+                };
+                if let Some(status) = ended {
                     return format!("stopped on request ({})", describe(status));
                 }
             }
