@@ -9,7 +9,7 @@ use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError};
 use daemoneye_eventbus::{Broker, CorrelationMetadata, Endpoint, Topic, catalog};
 use serde::Deserialize;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub(crate) async fn run(command: Command) -> Result<()> {
@@ -102,20 +102,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
 }
 
 pub(crate) fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
-    match &arg.socket {
-        None => Ok(daemoneye_eventbus::transport::default_endpoint()),
-        Some(s) if s.contains("://") || s.starts_with("unix:") => Ok(Endpoint::parse(s)?),
-        Some(s) => Ok(Endpoint::Unix(absolute(Path::new(s))?)),
-    }
-}
-
-fn absolute(p: &Path) -> Result<PathBuf> {
-    if p.is_absolute() {
-        return Ok(p.to_owned());
-    }
-    Ok(std::env::current_dir()
-        .context("reading the current directory")?
-        .join(p))
+    crate::shared::endpoint_from(arg.socket.as_deref())
 }
 
 /// Configuration file layout: sections by component.

@@ -9,6 +9,7 @@ mod commands;
 mod output;
 mod procmond_cmd;
 mod rpc_cmd;
+mod shared;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -209,19 +210,9 @@ impl From<QosArg> for daemoneye_eventbus::Qos {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    shared::init_logging();
     // A benchmark participant is one connection doing one thing, and a broker on one thread
     // hands messages from reader to writer without cross-thread wake-ups.
     let builder = match &cli.command {

@@ -34,18 +34,9 @@ pub(crate) struct Args {
     proc_root: PathBuf,
 }
 
-fn endpoint(socket: Option<&str>) -> Result<daemoneye_eventbus::Endpoint> {
-    use daemoneye_eventbus::Endpoint;
-    match socket {
-        None => Ok(daemoneye_eventbus::transport::default_endpoint()),
-        Some(s) if s.contains("://") => Ok(Endpoint::parse(s)?),
-        Some(s) => Ok(Endpoint::Unix(std::path::absolute(s)?)),
-    }
-}
-
 /// Runs procmond until SIGINT, SIGTERM or a shutdown request.
 pub(crate) async fn run(args: Args) -> Result<()> {
-    let ep = endpoint(args.socket.as_deref())?;
+    let ep = crate::shared::endpoint_from(args.socket.as_deref())?;
     let client = Client::connect(&ep, ClientOptions::named(args.id.clone()))
         .await
         .with_context(|| format!("connecting to {ep}"))?;

@@ -328,6 +328,20 @@ async fn broker(dir: &Path) -> (Broker, String, Client) {
     (broker, socket, client)
 }
 
+/// Waits until collector `id` answers on its RPC address (anything but "no responders").
+async fn wait_serving(client: &Client, id: &str) {
+    let deadline = Instant::now() + WAIT;
+    let topic = Topic::new(format!("control.collector.{id}")).unwrap();
+    loop {
+        match client.request(&topic, "", Duration::from_millis(200)).await {
+            Err(e) if e.kind == daemoneye_eventbus::rpc::RpcErrorKind::NoResponders => {}
+            _ => return,
+        }
+        assert!(Instant::now() < deadline, "collector {id} never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_cooperating_collector_stops_on_request() {
     if std::env::var(ROLE_ENV).is_ok() {
@@ -340,17 +354,7 @@ async fn a_cooperating_collector_stops_on_request() {
     let sup = Supervisor::start(fast(), vec![spec], Some(client.clone()))
         .await
         .unwrap();
-    // Wait until it serves its RPC address.
-    let deadline = Instant::now() + WAIT;
-    let topic = Topic::new("control.collector.coop").unwrap();
-    loop {
-        match client.request(&topic, "", Duration::from_millis(200)).await {
-            Err(e) if e.kind == daemoneye_eventbus::rpc::RpcErrorKind::NoResponders => {}
-            _ => break,
-        }
-        assert!(Instant::now() < deadline, "the collector never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_serving(&client, "coop").await;
     let s = sup.stop_collector("coop", true).await.unwrap();
     let how = s.last_exit.unwrap();
     assert_eq!(how, "stopped on request (exited with status 0)");
@@ -431,16 +435,7 @@ async fn a_forced_stop_cuts_a_graceful_stop_short() {
     let sup = Supervisor::start(config, vec![spec], Some(client.clone()))
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    let topic = Topic::new("control.collector.lingers").unwrap();
-    loop {
-        match client.request(&topic, "", Duration::from_millis(200)).await {
-            Err(e) if e.kind == daemoneye_eventbus::rpc::RpcErrorKind::NoResponders => {}
-            _ => break,
-        }
-        assert!(Instant::now() < deadline, "the collector never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_serving(&client, "lingers").await;
     let started = Instant::now();
     let graceful = {
         let sup = sup.clone();

@@ -12,9 +12,8 @@
 
 pub mod procfs;
 
-use bytes::Bytes;
 use daemoneye_eventbus::client::{Client, Publish, Service};
-use daemoneye_eventbus::core::{ReplyStatus, Topic, catalog};
+use daemoneye_eventbus::core::{ReplyStatus, catalog};
 use daemoneye_eventbus::rpc::{
     CollectorCall, CollectorConfig, CollectorHandler, CollectorOperation, HealthStatus,
     rpc_request, rpc_response, serve_collector,
@@ -710,22 +709,4 @@ impl CollectorHandler for Handler {
             ))),
         }
     }
-}
-
-/// The topic of a procmond instance's RPC address (for callers).
-///
-/// # Errors
-///
-/// When `id` is not a valid topic segment.
-pub fn address(id: &str) -> Result<Topic, daemoneye_eventbus::core::TopicError> {
-    catalog::collector::addressed(id)
-}
-
-/// Bytes of a `ProcessBatch`, decoded (for tools that print events).
-///
-/// # Errors
-///
-/// When the payload is not a `ProcessBatch`.
-pub fn decode_batch(payload: &Bytes) -> Result<epb::ProcessBatch, prost::DecodeError> {
-    epb::ProcessBatch::decode(payload.as_ref())
 }

@@ -3,6 +3,8 @@
 
 #[path = "../procmond_cmd.rs"]
 mod procmond_cmd;
+#[path = "../shared.rs"]
+mod shared;
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -18,13 +20,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVENTBUS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    shared::init_logging();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

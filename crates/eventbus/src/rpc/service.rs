@@ -48,17 +48,7 @@ pub async fn serve_collector<H: CollectorHandler>(
 ) -> Result<Service, SubscribeError> {
     let topic = catalog::collector::addressed(collector_id)?;
     let group = QueueGroup::new(collector_id)?;
-    let handler = Arc::new(handler);
-    client
-        .serve(
-            [topic.as_str()],
-            ServeOptions::default().group(group).concurrency(4),
-            move |msg: Message| {
-                let handler = Arc::clone(&handler);
-                async move { dispatch(handler.as_ref(), msg).await }
-            },
-        )
-        .await
+    serve_services_at(client, &topic, group, handler).await
 }
 
 /// Serves the collector services' envelopes at any topic, in queue group `group` (the agent
