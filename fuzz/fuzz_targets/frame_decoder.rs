@@ -1,9 +1,12 @@
 //! Feeds arbitrary bytes to a `FrameDecoder` and checks, for every frame decoded, that
-//! encoding it and decoding the result gives back an equal frame. Must never panic.
+//! encoding it and decoding the result gives back an equal frame. The stream is decoded as
+//! one connection's (with a `DecodeCache`), the round trip without one, so the cache is
+//! checked against plain decoding. Must never panic.
 #![no_main]
 
 use bytes::BytesMut;
 use daemoneye_eventbus_core::FrameDecoder;
+use daemoneye_eventbus_core::codec::DecodeCache;
 use libfuzzer_sys::fuzz_target;
 
 /// Small frame limit so the fuzzer explores `TooLarge` and keeps allocations bounded.
@@ -12,8 +15,9 @@ const MAX_FRAME_LEN: usize = 64 * 1024;
 fuzz_target!(|data: &[u8]| {
     let decoder = FrameDecoder::new(MAX_FRAME_LEN);
     let mut buf = BytesMut::from(data);
+    let mut cache = DecodeCache::default();
     loop {
-        let frame = match decoder.decode(&mut buf) {
+        let frame = match decoder.decode_cached(&mut buf, &mut cache) {
             Ok(Some(frame)) => frame,
             // Needs more bytes, or the stream is no longer trustworthy: stop either way.
             Ok(None) | Err(_) => break,

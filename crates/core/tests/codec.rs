@@ -4,8 +4,8 @@
 
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, Reply, SlowReaderPolicy,
-    Subscribe, Version, Welcome, kind, max_frame_len,
+    DecodeCache, ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, Reply,
+    SlowReaderPolicy, Subscribe, Version, Welcome, kind, max_frame_len,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
 use daemoneye_eventbus_core::{
@@ -336,8 +336,69 @@ proptest! {
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
         let mut buf = BytesMut::from(&bytes[..]);
         let dec = FrameDecoder::new(4096);
-        while let Ok(Some(_)) = dec.decode(&mut buf) {}
+        let mut cache = DecodeCache::default();
+        while let Ok(Some(_)) = dec.decode_cached(&mut buf, &mut cache) {}
     }
+
+    /// One connection's cache (last topic and source) changes nothing in what is decoded,
+    /// whether strings repeat, differ by one byte or in length, or come in large frames
+    /// (never remembered).
+    #[test]
+    fn a_connection_cache_decodes_the_same(
+        picks in prop::collection::vec((0usize..5, 0usize..3, any::<bool>()), 1..24)
+    ) {
+        const TOPICS: [&str; 5] = ["a.b", "a.c", "a.b.c", "a.bb", "b.b"];
+        const SOURCES: [&str; 3] = ["src", "srd", "source"];
+        let frames: Vec<Frame> = picks
+            .iter()
+            .enumerate()
+            .map(|(i, &(t, s, large))| {
+                let header = Header {
+                    id: MessageId { publisher: 7, sequence: i as u64 },
+                    source: ByteStr::from(SOURCES[s]),
+                    ..Header::default()
+                };
+                let payload = Bytes::from(vec![i as u8; if large { 20_000 } else { 10 }]);
+                Frame::Deliver(Message::new(Topic::new(TOPICS[t]).unwrap(), header, payload))
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut buf);
+        }
+        let dec = FrameDecoder::new(max_frame_len(1 << 20));
+        let mut cache = DecodeCache::default();
+        for f in &frames {
+            let got = dec.decode_cached(&mut buf, &mut cache).unwrap().unwrap();
+            prop_assert_eq!(&got, f);
+        }
+    }
+}
+
+#[test]
+fn a_cached_topic_does_not_let_an_invalid_one_through() {
+    let dec = FrameDecoder::new(max_frame_len(1 << 20));
+    let mut cache = DecodeCache::default();
+    let good = Frame::Publish(Message::new(
+        Topic::new("a.bc").unwrap(),
+        Header::default(),
+        Bytes::new(),
+    ));
+    let mut buf = BytesMut::from(&encode(&good)[..]);
+    assert_eq!(
+        dec.decode_cached(&mut buf, &mut cache).unwrap().unwrap(),
+        good
+    );
+    // The same frame with the topic's last byte changed to a wildcard: same length, so only
+    // the comparison stands between it and the cached topic.
+    let mut bad = encode(&good);
+    let at = bad.windows(4).position(|w| w == b"a.bc").unwrap();
+    bad[at + 3] = b'#';
+    let mut buf = BytesMut::from(&bad[..]);
+    assert!(matches!(
+        dec.decode_cached(&mut buf, &mut cache),
+        Err(FrameError::Topic(_))
+    ));
 }
 
 #[test]

@@ -8,8 +8,8 @@
 use crate::error::ReadError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    GroupDelivery, encode_group_frame, encode_group_frame_head, encode_message_frame, kind,
-    max_frame_len,
+    DecodeCache, GroupDelivery, encode_group_frame, encode_group_frame_head, encode_message_frame,
+    kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -27,7 +27,11 @@ pub const INPROC_CHANNEL_FRAMES: usize = 4096;
 const READ_CHUNK: usize = 256 * 1024;
 
 enum ReaderKind {
-    Stream { io: BoxRead, buf: BytesMut },
+    Stream {
+        io: BoxRead,
+        buf: BytesMut,
+        cache: DecodeCache,
+    },
     InProc(mpsc::Receiver<Frame>),
 }
 
@@ -43,6 +47,7 @@ impl FrameReader {
             kind: ReaderKind::Stream {
                 io,
                 buf: BytesMut::with_capacity(READ_CHUNK),
+                cache: DecodeCache::default(),
             },
             decoder: FrameDecoder::new(max_frame_len(
                 daemoneye_eventbus_core::codec::DEFAULT_MAX_MESSAGE_SIZE,
@@ -69,7 +74,7 @@ impl FrameReader {
     /// [`ReadError::Frame`] when buffered bytes do not decode.
     pub fn try_read_buffered(&mut self) -> Result<Option<Frame>, ReadError> {
         match &mut self.kind {
-            ReaderKind::Stream { buf, .. } => Ok(self.decoder.decode(buf)?),
+            ReaderKind::Stream { buf, cache, .. } => Ok(self.decoder.decode_cached(buf, cache)?),
             ReaderKind::InProc(rx) => Ok(rx.try_recv().ok()),
         }
     }
@@ -86,8 +91,8 @@ impl FrameReader {
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         match &mut self.kind {
             ReaderKind::InProc(rx) => Ok(rx.recv().await),
-            ReaderKind::Stream { io, buf } => loop {
-                if let Some(frame) = self.decoder.decode(buf)? {
+            ReaderKind::Stream { io, buf, cache } => loop {
+                if let Some(frame) = self.decoder.decode_cached(buf, cache)? {
                     return Ok(Some(frame));
                 }
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 {

@@ -6,6 +6,7 @@ use super::{
     FLAG_CORRELATION, FLAG_DEADLINE, FLAG_QOS_MASK, FLAG_REPLY_TO, FLAG_STATUS, FrameError,
     LEN_PREFIX, MAX_NAME_LEN, kind,
 };
+use crate::bytestr::ByteStr;
 use crate::message::{
     CorrelationMetadata, Header, MAX_CORRELATION_ID_LEN, MAX_STAGE_LEN, MAX_STATUS_MESSAGE_LEN,
     MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, ReplyStatus, StatusCode, truncate_utf8,
@@ -140,13 +141,25 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
     put_str8(dst, group);
 }
 
+/// The topic and source of the last message decoded on one connection.
+///
+/// Consecutive messages on a connection usually repeat both. A repeat is recognised with one
+/// comparison and shares the strings already validated, instead of being validated (and
+/// sliced) again. Only strings of small frames are remembered, so the cache never holds a
+/// large read buffer alive.
+#[derive(Debug, Default)]
+pub struct DecodeCache {
+    topic: Option<Topic>,
+    source: Option<ByteStr>,
+}
+
 /// Decodes a header from a cursor narrowed to it.
-fn decode_header(c: &mut Cursor) -> Result<Header, FrameError> {
+fn decode_header(c: &mut Cursor, cache: &mut DecodeCache) -> Result<Header, FrameError> {
     let flags = c.u8("header.flags")?;
     let qos = c.qos(flags & FLAG_QOS_MASK)?;
     let id = c.id()?;
     let timestamp_ns = c.u64("header.timestamp")?;
-    let source = c.str8(MAX_NAME_LEN, "header.source")?;
+    let source = c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)?;
     let reply_to = if flags & FLAG_REPLY_TO != 0 {
         Some(c.topic("header.reply_to")?)
     } else {
@@ -216,12 +229,15 @@ fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError>
 }
 
 /// Decodes a message body (topic, header, payload), keeping `body` as its wire form.
-pub fn decode_message_body(body: Bytes) -> Result<Message, FrameError> {
+///
+/// `cache` remembers the topic and source for the next message of the same connection
+/// (a fresh [`DecodeCache::default`] when there is no connection to speak of).
+pub fn decode_message_body(body: Bytes, cache: &mut DecodeCache) -> Result<Message, FrameError> {
     let mut c = Cursor::new(body);
-    let topic = c.topic("topic")?;
+    let topic = c.topic_cached("topic", &mut cache.topic)?;
     let hlen = c.u32("header_len")? as usize;
     let outer = c.narrow(hlen, "header")?;
-    let header = decode_header(&mut c)?;
+    let header = decode_header(&mut c, cache)?;
     c.widen(outer);
     let (payload, wire) = c.into_rest();
     Ok(Message::with_wire(topic, header, payload, wire))

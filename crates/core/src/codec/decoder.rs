@@ -1,5 +1,6 @@
 //! Splitting frames off a byte stream.
 
+use super::body::DecodeCache;
 use super::types::Frame;
 use super::{FrameError, LEN_PREFIX};
 use bytes::{Buf, Bytes, BytesMut};
@@ -38,10 +39,24 @@ impl FrameDecoder {
     /// [`FrameError::TooLarge`] is returned from the length prefix alone, before any
     /// allocation; other errors come from [`Frame::decode`].
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        self.decode_cached(buf, &mut DecodeCache::default())
+    }
+
+    /// [`FrameDecoder::decode`] for one connection's stream, carrying the last message's
+    /// topic and source over in `cache` ([`Frame::decode_cached`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameDecoder::decode`].
+    pub fn decode_cached(
+        &self,
+        buf: &mut BytesMut,
+        cache: &mut DecodeCache,
+    ) -> Result<Option<Frame>, FrameError> {
         let Some((kind, body)) = self.split_frame(buf)? else {
             return Ok(None);
         };
-        Frame::decode(kind, body).map(Some)
+        Frame::decode_cached(kind, body, cache).map(Some)
     }
 
     /// Like [`FrameDecoder::decode`] but returns the raw kind and body without parsing it.

@@ -1,6 +1,6 @@
 //! Encoding and decoding of whole frames.
 
-use super::body::{decode_message_body, encode_group_frame, encode_message_frame};
+use super::body::{DecodeCache, decode_message_body, encode_group_frame, encode_message_frame};
 use super::types::*;
 use super::wire::{Cursor, begin, finish, put_id, put_str8, put_str16};
 use super::{FrameError, MAX_NAME_LEN, SUBSCRIBE_GROUP, kind};
@@ -150,17 +150,31 @@ impl Frame {
     /// Any [`FrameError`]. The frame was consumed whole, so after a
     /// [recoverable](FrameError::is_recoverable) one the stream is still in sync.
     pub fn decode(kind: u8, body: Bytes) -> Result<Frame, FrameError> {
+        Self::decode_cached(kind, body, &mut DecodeCache::default())
+    }
+
+    /// [`Frame::decode`] for the frames of one connection: `cache` carries the last
+    /// message's topic and source over to the next (see [`DecodeCache`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Frame::decode`].
+    pub fn decode_cached(
+        kind: u8,
+        body: Bytes,
+        cache: &mut DecodeCache,
+    ) -> Result<Frame, FrameError> {
         if kind == kind::PUBLISH {
-            return decode_message_body(body).map(Frame::Publish);
+            return decode_message_body(body, cache).map(Frame::Publish);
         }
         if kind == kind::DELIVER {
-            return decode_message_body(body).map(Frame::Deliver);
+            return decode_message_body(body, cache).map(Frame::Deliver);
         }
         if kind == kind::DELIVER_GROUP {
             let mut c = Cursor::new(body);
             let group = c.group(0)?;
             let (rest, _) = c.into_rest();
-            let message = decode_message_body(rest)?;
+            let message = decode_message_body(rest, cache)?;
             return Ok(Frame::DeliverGroup(GroupDelivery { group, message }));
         }
         let mut c = Cursor::new(body);

@@ -8,6 +8,7 @@ use crate::topic::{Topic, TopicFilter};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::LEN_PREFIX;
+use super::decoder::COPY_BELOW;
 
 pub(super) fn put_str8(dst: &mut BytesMut, s: &str) {
     let len = s.len().min(u8::MAX as usize);
@@ -101,14 +102,6 @@ impl Cursor {
         std::str::from_utf8(&self.base[start..start + len])
             .map_err(|_| FrameError::InvalidUtf8(field))
     }
-    /// A `u8`-length-prefixed string kept as shared bytes (the message source).
-    pub(super) fn str8(&mut self, max: usize, field: &'static str) -> Result<ByteStr, FrameError> {
-        let len = self.u8(field)? as usize;
-        if len > max {
-            return Err(FrameError::FieldTooLong { field, len, max });
-        }
-        ByteStr::from_utf8(self.take(len, field)?).map_err(|_| FrameError::InvalidUtf8(field))
-    }
     /// A `u8`-length-prefixed string, owned.
     pub(super) fn string8(
         &mut self,
@@ -139,6 +132,63 @@ impl Cursor {
     pub(super) fn topic(&mut self, field: &'static str) -> Result<Topic, FrameError> {
         let len = self.u16(field)? as usize;
         Ok(Topic::from_bytes(self.take(len, field)?)?)
+    }
+    /// Whether the next `len` bytes equal `known`; if so they are skipped.
+    fn skip_if_equal(&mut self, len: usize, known: &[u8]) -> bool {
+        let hit = known.len() == len && self.base[self.pos..self.pos + len] == *known;
+        if hit {
+            self.pos += len;
+        }
+        hit
+    }
+    /// Whether what this cursor slices may be remembered in a [`DecodeCache`]: only small
+    /// bodies (their own allocation), never slices of a large read buffer.
+    fn may_cache(&self) -> bool {
+        self.base.len() < COPY_BELOW
+    }
+    /// A topic, shared with `last` (and not validated again) when it repeats it.
+    pub(super) fn topic_cached(
+        &mut self,
+        field: &'static str,
+        last: &mut Option<Topic>,
+    ) -> Result<Topic, FrameError> {
+        let len = self.u16(field)? as usize;
+        self.need(len, field)?;
+        if let Some(t) = last.as_ref()
+            && self.skip_if_equal(len, t.as_str().as_bytes())
+        {
+            return Ok(t.clone());
+        }
+        let topic = Topic::from_bytes(self.take(len, field)?)?;
+        if self.may_cache() {
+            *last = Some(topic.clone());
+        }
+        Ok(topic)
+    }
+    /// A `u8`-length-prefixed string kept as shared bytes, shared with `last` (and not
+    /// validated again) when it repeats it.
+    pub(super) fn str8_cached(
+        &mut self,
+        max: usize,
+        field: &'static str,
+        last: &mut Option<ByteStr>,
+    ) -> Result<ByteStr, FrameError> {
+        let len = self.u8(field)? as usize;
+        if len > max {
+            return Err(FrameError::FieldTooLong { field, len, max });
+        }
+        self.need(len, field)?;
+        if let Some(s) = last.as_ref()
+            && self.skip_if_equal(len, s.as_str().as_bytes())
+        {
+            return Ok(s.clone());
+        }
+        let s = ByteStr::from_utf8(self.take(len, field)?)
+            .map_err(|_| FrameError::InvalidUtf8(field))?;
+        if self.may_cache() {
+            *last = Some(s.clone());
+        }
+        Ok(s)
     }
     pub(super) fn filter(&mut self, field: &'static str) -> Result<TopicFilter, FrameError> {
         let len = self.u16(field)? as usize;
