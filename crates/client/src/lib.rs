@@ -26,6 +26,7 @@
 mod client;
 mod driver;
 mod error;
+mod idmap;
 pub mod metrics;
 mod options;
 mod outbuf;

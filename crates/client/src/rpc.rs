@@ -13,6 +13,7 @@
 
 use crate::client::{Client, Inner, Publish, now_ns};
 use crate::error::{PublishError, SubscribeError};
+use crate::idmap::IdMap;
 use crate::metrics::{Recorder, RpcMetrics};
 use crate::subscription::{NewSub, Sink, Subscription};
 use bytes::Bytes;
@@ -22,7 +23,6 @@ use daemoneye_eventbus_core::{
 };
 use futures_util::FutureExt as _;
 use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -135,7 +135,7 @@ pub(crate) struct Inbox {
     prefix: String,
     /// `_inbox.<id>`, the parent of every reply-to topic.
     topic: Topic,
-    pending: Mutex<CallMap<Waiter>>,
+    pending: Mutex<IdMap<Waiter>>,
     next: AtomicU64,
     subscribed: OnceCell<()>,
 }
@@ -148,7 +148,7 @@ impl Inbox {
         Self {
             prefix: topic.as_str().to_owned(),
             topic,
-            pending: Mutex::new(CallMap::default()),
+            pending: Mutex::new(IdMap::default()),
             next: AtomicU64::new(1),
             subscribed: OnceCell::new(),
         }
@@ -289,28 +289,6 @@ pub fn new_correlation_id() -> String {
     }
     String::from_utf8(buf.to_vec()).expect("hex digits are ASCII")
 }
-
-/// Hashes the pending map's keys (sequential call numbers) with one multiplication: the
-/// default SipHash costs more than the rest of the map operation.
-#[derive(Default, Clone, Copy)]
-pub(crate) struct CallNumberHasher(u64);
-
-impl std::hash::Hasher for CallNumberHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing spreads sequential numbers over the high bits the table uses.
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type CallMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<CallNumberHasher>>;
 
 impl Client {
     /// Sends `payload` to `topic` and waits up to `timeout` for the reply.

@@ -2,6 +2,7 @@
 //! [`Subscription`] stream handed to the application.
 
 use crate::error::SubscribeError;
+use crate::idmap::IdMap;
 use crate::queue::{self, Taken};
 use crate::rpc::Inbox;
 use daemoneye_eventbus_core::codec::DropReason;
@@ -201,7 +202,7 @@ pub(crate) struct NewSub {
 /// plain deliveries and queue group deliveries.
 #[derive(Default)]
 pub(crate) struct SubTable {
-    subs: HashMap<u64, SubEntry>,
+    subs: IdMap<SubEntry>,
     refs: HashMap<TopicFilter, FilterRef>,
     trie: SubscriptionTrie<u64>,
     grouped: SubscriptionTrie<u64>,
