@@ -87,10 +87,10 @@ impl FrameDecoder {
         let kind = buf[LEN_PREFIX];
         let body = LEN_PREFIX + 1..LEN_PREFIX + len;
         let frame = if len < COPY_BELOW {
-            // A small frame gets its own allocation: what a queued message holds is then
-            // what the broker's memory accounting charges for it, and the read buffer is
-            // never shared, so it is reused instead of reallocated.
-            let frame = Bytes::copy_from_slice(&buf[body]);
+            // A small frame gets its own buffer (recycled, `pool`): what a queued message
+            // holds is then what the broker's memory accounting charges for it, and the read
+            // buffer is never shared, so it is reused instead of reallocated.
+            let frame = super::pool::copy(&buf[body]);
             buf.advance(LEN_PREFIX + len);
             frame
         } else {

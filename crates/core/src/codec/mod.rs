@@ -7,6 +7,7 @@
 mod body;
 mod decoder;
 mod frame;
+mod pool;
 mod types;
 mod wire;
 
