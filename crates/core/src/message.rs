@@ -3,6 +3,7 @@
 use crate::bytestr::ByteStr;
 use crate::topic::Topic;
 use bytes::Bytes;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -337,67 +338,140 @@ struct Inner {
     encoded: OnceLock<Bytes>,
 }
 
+impl Inner {
+    fn new(topic: Topic, header: Header, payload: Bytes, received: Option<Bytes>) -> Self {
+        Self {
+            topic,
+            header,
+            payload,
+            received,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// An empty message holding nothing alive (what a recycled allocation contains).
+    fn vacant() -> Self {
+        Self::new(
+            Topic::from_static("vacant"),
+            Header::default(),
+            Bytes::new(),
+            None,
+        )
+    }
+}
+
+/// Most message allocations one thread keeps for reuse.
+const RECYCLED_MAX: usize = 4096;
+
+thread_local! {
+    /// Allocations of dropped messages, reused by the next messages made on this thread. A
+    /// broker or client decodes messages in bursts of hundreds per read and drops them in
+    /// bursts after writing or handing them over; through the general-purpose allocator that
+    /// pattern was a third of the broker's instructions.
+    static RECYCLED: RefCell<Vec<Arc<Inner>>> = const { RefCell::new(Vec::new()) };
+}
+
 /// A message: topic, header and opaque payload. Cloning is one reference-count increment; the
 /// payload is never copied by the bus.
 #[derive(Clone)]
-pub struct Message(Arc<Inner>);
+pub struct Message(
+    /// `None` only while the message is being dropped.
+    Option<Arc<Inner>>,
+);
 
 impl Message {
     /// Builds a message.
     pub fn new(topic: Topic, header: Header, payload: Bytes) -> Self {
-        Self(Arc::new(Inner {
-            topic,
-            header,
-            payload,
-            received: None,
-            encoded: OnceLock::new(),
-        }))
+        Self::make(Inner::new(topic, header, payload, None))
     }
 
     pub(crate) fn with_wire(topic: Topic, header: Header, payload: Bytes, wire: Bytes) -> Self {
-        Self(Arc::new(Inner {
-            topic,
-            header,
-            payload,
-            received: Some(wire),
-            encoded: OnceLock::new(),
-        }))
+        Self::make(Inner::new(topic, header, payload, Some(wire)))
+    }
+
+    fn make(contents: Inner) -> Self {
+        let spare = RECYCLED
+            .try_with(|r| r.try_borrow_mut().ok().and_then(|mut r| r.pop()))
+            .ok()
+            .flatten();
+        let arc = match spare {
+            Some(mut arc) => {
+                // Only unshared allocations are recycled, and nothing else holds them.
+                match Arc::get_mut(&mut arc) {
+                    Some(inner) => {
+                        *inner = contents;
+                        arc
+                    }
+                    None => Arc::new(contents),
+                }
+            }
+            None => Arc::new(contents),
+        };
+        Self(Some(arc))
+    }
+
+    fn inner(&self) -> &Inner {
+        self.0
+            .as_deref()
+            .expect("a message holds its contents until it is dropped")
     }
 
     /// The topic.
     pub fn topic(&self) -> &Topic {
-        &self.0.topic
+        &self.inner().topic
     }
 
     /// The header.
     pub fn header(&self) -> &Header {
-        &self.0.header
+        &self.inner().header
     }
 
     /// The payload bytes.
     pub fn payload(&self) -> &Bytes {
-        &self.0.payload
+        &self.inner().payload
     }
 
     /// The message id.
     pub fn id(&self) -> MessageId {
-        self.0.header.id
+        self.inner().header.id
     }
 
     /// Bytes the broker charges to queues for this message: payload, topic and a fixed
     /// [`MESSAGE_OVERHEAD`] for the header and bookkeeping. Computing it never encodes.
     pub fn accounted_size(&self) -> usize {
-        self.0.payload.len() + self.0.topic.as_str().len() + MESSAGE_OVERHEAD
+        let inner = self.inner();
+        inner.payload.len() + inner.topic.as_str().len() + MESSAGE_OVERHEAD
     }
 
     /// The encoded body (topic, header, payload), encoded at most once.
     pub fn wire(&self) -> &Bytes {
-        match &self.0.received {
+        let inner = self.inner();
+        match &inner.received {
             Some(wire) => wire,
-            None => self
-                .0
+            None => inner
                 .encoded
                 .get_or_init(|| crate::codec::encode_message_body(self)),
+        }
+    }
+}
+
+impl Drop for Message {
+    /// The last clone of a message gives its allocation back for reuse (its contents are
+    /// released at once).
+    fn drop(&mut self) {
+        let Some(mut arc) = self.0.take() else {
+            return;
+        };
+        if let Some(inner) = Arc::get_mut(&mut arc) {
+            *inner = Inner::vacant();
+            // During thread exit the list may be gone: the allocation is then simply freed.
+            let _ = RECYCLED.try_with(|r| {
+                if let Ok(mut r) = r.try_borrow_mut()
+                    && r.len() < RECYCLED_MAX
+                {
+                    r.push(arc);
+                }
+            });
         }
     }
 }
@@ -405,24 +479,46 @@ impl Message {
 impl fmt::Debug for Message {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Message")
-            .field("topic", &self.0.topic)
-            .field("header", &self.0.header)
-            .field("payload_len", &self.0.payload.len())
+            .field("topic", self.topic())
+            .field("header", self.header())
+            .field("payload_len", &self.payload().len())
             .finish()
     }
 }
 
 impl PartialEq for Message {
     fn eq(&self, other: &Self) -> bool {
-        self.0.topic == other.0.topic
-            && self.0.header == other.0.header
-            && self.0.payload == other.0.payload
+        self.topic() == other.topic()
+            && self.header() == other.header()
+            && self.payload() == other.payload()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn recycled() -> usize {
+        RECYCLED.with_borrow(Vec::len)
+    }
+
+    #[test]
+    fn the_last_clone_recycles_the_allocation_and_releases_the_contents() {
+        let payload = Bytes::from(vec![7u8; 100]);
+        let m = Message::new(Topic::new("a.b").unwrap(), Header::default(), payload.clone());
+        let clone = m.clone();
+        let before = recycled();
+        drop(m);
+        assert_eq!(recycled(), before, "a clone still holds it");
+        assert_eq!(clone.payload(), &payload, "and sees the contents unchanged");
+        drop(clone);
+        assert_eq!(recycled(), before + 1);
+        assert!(payload.is_unique(), "the recycled allocation released the payload");
+        let next = Message::new(Topic::new("c.d").unwrap(), Header::default(), Bytes::new());
+        assert_eq!(recycled(), before, "the next message reuses it");
+        assert_eq!(next.topic().as_str(), "c.d");
+        assert!(next.payload().is_empty());
+    }
 
     #[test]
     fn validate_names_the_field_over_its_limit() {
