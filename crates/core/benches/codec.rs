@@ -4,7 +4,9 @@
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use daemoneye_eventbus_core::codec::{FrameDecoder, encode_publish, kind, max_frame_len};
+use daemoneye_eventbus_core::codec::{
+    DecodeCache, FrameDecoder, encode_publish, kind, max_frame_len,
+};
 use daemoneye_eventbus_core::{ByteStr, Frame, Header, Message, MessageId, Topic};
 use std::hint::black_box;
 
@@ -81,6 +83,20 @@ fn decode(c: &mut Criterion) {
                 || BytesMut::from(&wire[..]),
                 |mut buf| {
                     while let Some(f) = dec.decode(&mut buf).unwrap() {
+                        black_box(f);
+                    }
+                },
+                BatchSize::LargeInput,
+            );
+        });
+        // As a connection's reader decodes: the topic and source repeat (`DecodeCache`).
+        g.bench_function(format!("publish_{size}B_x1024_one_connection"), |b| {
+            let dec = FrameDecoder::new(max_frame_len(1 << 20));
+            let mut cache = DecodeCache::default();
+            b.iter_batched(
+                || BytesMut::from(&wire[..]),
+                |mut buf| {
+                    while let Some(f) = dec.decode_cached(&mut buf, &mut cache).unwrap() {
                         black_box(f);
                     }
                 },
