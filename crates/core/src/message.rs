@@ -505,7 +505,11 @@ mod tests {
     #[test]
     fn the_last_clone_recycles_the_allocation_and_releases_the_contents() {
         let payload = Bytes::from(vec![7u8; 100]);
-        let m = Message::new(Topic::new("a.b").unwrap(), Header::default(), payload.clone());
+        let m = Message::new(
+            Topic::new("a.b").unwrap(),
+            Header::default(),
+            payload.clone(),
+        );
         let clone = m.clone();
         let before = recycled();
         drop(m);
@@ -513,7 +517,10 @@ mod tests {
         assert_eq!(clone.payload(), &payload, "and sees the contents unchanged");
         drop(clone);
         assert_eq!(recycled(), before + 1);
-        assert!(payload.is_unique(), "the recycled allocation released the payload");
+        assert!(
+            payload.is_unique(),
+            "the recycled allocation released the payload"
+        );
         let next = Message::new(Topic::new("c.d").unwrap(), Header::default(), Bytes::new());
         assert_eq!(recycled(), before, "the next message reuses it");
         assert_eq!(next.topic().as_str(), "c.d");
