@@ -24,9 +24,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Queued bytes at which a publish lets the writer start sending (see `publish_with`).
-const EARLY_FLUSH: usize = 64 * 1024;
-
 /// Connection state, observable with [`Client::state`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -436,7 +433,7 @@ impl Client {
             status: p.status,
         };
         let need = p.payload.len() + p.topic.as_str().len() + MESSAGE_OVERHEAD;
-        let id = loop {
+        loop {
             let space = {
                 let mut out = inner.out.lock();
                 if inner.closed.is_cancelled() {
@@ -444,22 +441,17 @@ impl Client {
                 }
                 if out.buf.is_empty() || out.buf.bytes + need <= inner.options.outbox_bytes {
                     let was_empty = out.buf.is_empty();
-                    let before = out.buf.bytes;
                     // Numbered under the queue lock, so ids follow the order on the wire.
                     header.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
                     let id = header.id;
                     out.buf.push_publish(&p.topic, header, p.payload);
                     out.queued_total += 1;
-                    let early = before < EARLY_FLUSH && out.buf.bytes >= EARLY_FLUSH;
                     drop(out);
                     inner.counters.published.fetch_add(1, Ordering::Relaxed);
                     if was_empty {
                         inner.out_ready.notify_one();
                     }
-                    if !early {
-                        return Ok(id);
-                    }
-                    break id;
+                    return Ok(id);
                 }
                 if !out.connected {
                     inner.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -473,12 +465,7 @@ impl Client {
                 () = space => {}
                 () = inner.closed.cancelled() => return Err(PublishError::Closed),
             }
-        };
-        // A publisher that never waits would otherwise fill the whole outbox before the
-        // writer (on the same thread under a current-thread runtime) sends anything, and the
-        // broker would sit idle meanwhile: let the writer start on what is queued.
-        tokio::task::yield_now().await;
-        Ok(id)
+        }
     }
 
     /// Waits until every frame queued before this call has been written to the transport
