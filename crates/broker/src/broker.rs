@@ -137,14 +137,7 @@ impl Shared {
             })),
             ..self.sys_header()
         };
-        let msg = Message::new(reply_to, header, Bytes::new());
-        let mut scratch = RouteScratch::default();
-        let routed = self
-            .router
-            .read()
-            .route(&msg, &mut scratch, &self.memory, Waiting::Never);
-        scratch.wake_writers();
-        Counters::add(&self.counters.dropped, routed.dropped);
+        self.route_own(&Message::new(reply_to, header, Bytes::new()));
     }
 
     /// Gives queue group deliveries of a departed member to other members of their group;
@@ -173,14 +166,18 @@ impl Shared {
 
     /// Publishes a broker message on a `$sys` topic to every matching subscriber.
     fn publish_sys(&self, topic: Topic, payload: Bytes) {
-        let msg = self.sys_message(topic, payload);
-        // The broker's own messages never wait: each connection's slow-reader policy applies,
-        // so a miss is counted per connection and topic and noticed in-band.
+        self.route_own(&self.sys_message(topic, payload));
+    }
+
+    /// Routes a message the broker made itself. It never waits: each connection's
+    /// slow-reader policy applies, so a miss is counted per connection and topic and noticed
+    /// in-band.
+    fn route_own(&self, msg: &Message) {
         let mut scratch = RouteScratch::default();
         let routed = self
             .router
             .read()
-            .route(&msg, &mut scratch, &self.memory, Waiting::Never);
+            .route(msg, &mut scratch, &self.memory, Waiting::Never);
         scratch.wake_writers();
         Counters::add(&self.counters.dropped, routed.dropped);
     }
