@@ -148,15 +148,8 @@ async fn publisher(socket: &str, workload: &str, count: u64, size: usize) -> Res
     Ok(())
 }
 
-async fn idle(socket: &str, connections: usize) -> Result<()> {
-    let mut held = Vec::with_capacity(connections);
-    for i in 0..connections {
-        let client = connect(socket, &format!("idle{i}")).await?;
-        let sub = client.subscribe([format!("bench.idle.c{i}")]).await?;
-        held.push((client, sub));
-    }
-    say("ready")?;
-    // Until the controller closes our stdin.
+/// Waits until the controller closes our stdin (how it stops long-lived workers).
+async fn stdin_closed() -> Result<()> {
     tokio::task::spawn_blocking(|| {
         let mut sink = String::new();
         while std::io::stdin()
@@ -166,6 +159,18 @@ async fn idle(socket: &str, connections: usize) -> Result<()> {
         {}
     })
     .await?;
+    Ok(())
+}
+
+async fn idle(socket: &str, connections: usize) -> Result<()> {
+    let mut held = Vec::with_capacity(connections);
+    for i in 0..connections {
+        let client = connect(socket, &format!("idle{i}")).await?;
+        let sub = client.subscribe([format!("bench.idle.c{i}")]).await?;
+        held.push((client, sub));
+    }
+    say("ready")?;
+    stdin_closed().await?;
     for (client, sub) in held {
         drop(sub);
         client.close().await;
@@ -184,16 +189,7 @@ async fn responder(socket: &str) -> Result<()> {
         )
         .await?;
     say("ready")?;
-    // Until the controller closes our stdin.
-    tokio::task::spawn_blocking(|| {
-        let mut sink = String::new();
-        while std::io::stdin()
-            .read_line(&mut sink)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {}
-    })
-    .await?;
+    stdin_closed().await?;
     service.drain(Duration::from_secs(5)).await;
     client.close().await;
     Ok(())
