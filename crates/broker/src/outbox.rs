@@ -410,6 +410,10 @@ mod tests {
         fn push_message_shed(&self, m: &Message, mem: &Memory) -> Pushed {
             self.push_message(m, mem, Admission::Shed, None)
         }
+
+        fn push_message_wait(&self, m: &Message, mem: &Memory) -> Pushed {
+            self.push_message(m, mem, Admission::Wait, None)
+        }
     }
 
     #[test]
@@ -418,7 +422,7 @@ mod tests {
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
         for _ in 0..2 {
             assert!(matches!(
-                ob.push_message(&msg("keep", 1), &mem, Admission::Wait, None),
+                ob.push_message_wait(&msg("keep", 1), &mem),
                 Pushed::Queued { .. }
             ));
         }
@@ -441,20 +445,17 @@ mod tests {
         let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
         for _ in 0..2 {
             assert!(matches!(
-                ob.push_message(&msg("a", 1), &mem, Admission::Wait, None),
+                ob.push_message_wait(&msg("a", 1), &mem),
                 Pushed::Queued { .. }
             ));
         }
-        assert_eq!(
-            ob.push_message(&msg("a", 1), &mem, Admission::Wait, None),
-            Pushed::Full
-        );
+        assert_eq!(ob.push_message_wait(&msg("a", 1), &mem), Pushed::Full);
         assert_eq!(ob.stats().dropped, 0);
         let mut q = VecDeque::new();
         let batch = ob.take(&mut q);
         mem.release(batch.bytes);
         assert!(matches!(
-            ob.push_message(&msg("a", 1), &mem, Admission::Wait, None),
+            ob.push_message_wait(&msg("a", 1), &mem),
             Pushed::Queued { .. }
         ));
     }
