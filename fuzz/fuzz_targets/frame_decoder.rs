@@ -1,11 +1,13 @@
 //! Feeds arbitrary bytes to a `FrameDecoder` and checks, for every frame decoded, that
 //! encoding it and decoding the result gives back an equal frame. The stream is decoded as
 //! one connection's (with a `DecodeCache`), the round trip without one, so the cache is
-//! checked against plain decoding. Must never panic.
+//! checked against plain decoding. The messages of a run are read back: all of them for a
+//! PUBLISH_RUN (checked whole by the decoder), up to the first error for a DELIVER_RUN. Must
+//! never panic.
 #![no_main]
 
 use bytes::BytesMut;
-use daemoneye_eventbus_core::FrameDecoder;
+use daemoneye_eventbus_core::{Frame, FrameDecoder};
 use daemoneye_eventbus_core::codec::DecodeCache;
 use libfuzzer_sys::fuzz_target;
 
@@ -22,6 +24,21 @@ fuzz_target!(|data: &[u8]| {
             // Needs more bytes, or the stream is no longer trustworthy: stop either way.
             Ok(None) | Err(_) => break,
         };
+
+        match &frame {
+            Frame::PublishRun(run) => {
+                let mut size = 0;
+                for m in run.messages() {
+                    let m = m.unwrap_or_else(|e| panic!("a checked run has a bad message: {e}"));
+                    size += m.accounted_size();
+                }
+                assert_eq!(size, run.accounted_size(), "run accounting differs");
+            }
+            Frame::DeliverRun(run) => {
+                assert!(run.messages().map_while(Result::ok).count() <= run.len());
+            }
+            _ => {}
+        }
 
         // Round trip: encode, then decode with the same limit.
         let mut encoded = BytesMut::new();

@@ -265,6 +265,7 @@ impl Shared {
             rejected_publishes: load(&c.rejected_publishes),
             no_responders: load(&c.no_responders),
             reoffered: load(&c.reoffered),
+            runs: load(&c.runs),
             active_subscriptions: router.subscription_count() as u64,
             active_topics: router.topic_count() as u64,
             queued_bytes: self.memory.used() as u64,

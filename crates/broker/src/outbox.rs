@@ -6,7 +6,7 @@
 //! (replies, pongs, errors) are never evicted; a peer that lets more than
 //! [`MAX_QUEUED_CONTROL`] of them pile up is disconnected.
 
-use daemoneye_eventbus_core::codec::{DropReason, Notice, SlowReaderPolicy};
+use daemoneye_eventbus_core::codec::{DropReason, MessageRun, Notice, SlowReaderPolicy};
 use daemoneye_eventbus_core::{Frame, Message, QueueGroup, Topic};
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
@@ -57,7 +57,49 @@ pub(crate) enum Out {
     /// A message, how it was admitted (only [`Admission::Shed`] messages may be evicted) and
     /// the queue group it was given to this connection in, if any.
     Msg(Message, Admission, Option<QueueGroup>),
+    /// A run of messages on one topic (protocol 1.2), queued, evicted and written as a unit;
+    /// it counts as its number of messages against the bounds.
+    Run(MessageRun, Admission),
     Frame(Frame),
+}
+
+/// What a push queues: one message or a run.
+#[derive(Clone, Copy)]
+pub(crate) enum Item<'a> {
+    Msg(&'a Message),
+    Run(&'a MessageRun),
+}
+
+impl Item<'_> {
+    pub(crate) fn topic(&self) -> &Topic {
+        match self {
+            Self::Msg(m) => m.topic(),
+            Self::Run(r) => r.topic(),
+        }
+    }
+
+    /// Bytes charged to the bounds.
+    pub(crate) fn size(&self) -> usize {
+        match self {
+            Self::Msg(m) => m.accounted_size(),
+            Self::Run(r) => r.accounted_size(),
+        }
+    }
+
+    /// Messages it holds.
+    pub(crate) fn count(&self) -> usize {
+        match self {
+            Self::Msg(_) => 1,
+            Self::Run(r) => r.len(),
+        }
+    }
+
+    fn to_out(self, admission: Admission, group: Option<&QueueGroup>) -> Out {
+        match self {
+            Self::Msg(m) => Out::Msg(m.clone(), admission, group.cloned()),
+            Self::Run(r) => Out::Run(r.clone(), admission),
+        }
+    }
 }
 
 /// How a message enters a full queue.
@@ -107,16 +149,16 @@ impl State {
     /// Counts one drop. Consecutive drops of one topic (a stalled reader's usual pattern) are
     /// accumulated in `run` and folded into the per-topic maps only when the topic changes or
     /// the counts are read, so a drop costs a comparison and an increment.
-    fn record_drop(&mut self, topic: &Topic, reason: DropReason) {
-        self.dropped_total += 1;
+    fn record_drop(&mut self, topic: &Topic, reason: DropReason, n: u64) {
+        self.dropped_total += n;
         if self.pending_reason.is_none() || reason == DropReason::MemoryCap {
             self.pending_reason = Some(reason);
         }
         match &mut self.run {
-            Some((t, n)) if t == topic => *n += 1,
+            Some((t, dropped)) if t == topic => *dropped += n,
             _ => {
                 self.fold_run();
-                self.run = Some((topic.clone(), 1));
+                self.run = Some((topic.clone(), n));
             }
         }
     }
@@ -129,20 +171,29 @@ impl State {
         }
     }
 
-    /// Evicts the oldest message; returns its size, or `None` when no message is queued.
-    fn evict_oldest(&mut self, reason: DropReason) -> Option<usize> {
-        let pos = self
-            .queue
-            .iter()
-            .position(|o| matches!(o, Out::Msg(_, Admission::Shed, _)))?;
-        let Some(Out::Msg(m, ..)) = self.queue.remove(pos) else {
-            unreachable!("position found a message");
+    /// Evicts the oldest message or run that may be dropped; returns its size and message
+    /// count, or `None` when there is none.
+    fn evict_oldest(&mut self, reason: DropReason) -> Option<(usize, u64)> {
+        let pos = self.queue.iter().position(|o| {
+            matches!(
+                o,
+                Out::Msg(_, Admission::Shed, _) | Out::Run(_, Admission::Shed)
+            )
+        })?;
+        let (size, count) = match self.queue.remove(pos) {
+            Some(Out::Msg(m, ..)) => {
+                self.record_drop(m.topic(), reason, 1);
+                (m.accounted_size(), 1)
+            }
+            Some(Out::Run(r, _)) => {
+                self.record_drop(r.topic(), reason, r.len() as u64);
+                (r.accounted_size(), r.len())
+            }
+            _ => unreachable!("position found a message or a run"),
         };
-        let size = m.accounted_size();
-        self.msgs -= 1;
+        self.msgs -= count;
         self.bytes -= size;
-        self.record_drop(m.topic(), reason);
-        Some(size)
+        Some((size, count as u64))
     }
 }
 
@@ -195,38 +246,51 @@ impl Outbox {
         admission: Admission,
         group: Option<&QueueGroup>,
     ) -> Pushed {
-        let size = msg.accounted_size();
+        self.push(Item::Msg(msg), memory, admission, group)
+    }
+
+    /// Queues a message or a run (a run never goes to a queue group: the broker splits a run
+    /// whose topic a group subscribes to). `evicted` and drops count messages.
+    pub(crate) fn push(
+        &self,
+        item: Item<'_>,
+        memory: &Memory,
+        admission: Admission,
+        group: Option<&QueueGroup>,
+    ) -> Pushed {
+        let size = item.size();
+        let n = item.count();
         let mut st = self.state.lock();
         if st.closed {
             return Pushed::Closed;
         }
         if admission == Admission::Wait {
-            if !self.queue_has_room(&st, size) || !memory.try_reserve(size) {
+            if !self.queue_has_room(&st, size, n) || !memory.try_reserve(size) {
                 return Pushed::Full;
             }
-            return self.enqueue(st, msg, size, 0, Admission::Wait, group);
+            return self.enqueue(st, item, size, 0, Admission::Wait, group);
         }
         let mut evicted = 0;
         let mut freed = 0;
-        while st.msgs >= self.max_msgs || st.bytes + size > self.max_bytes {
+        while st.msgs + n > self.max_msgs.max(n) || st.bytes + size > self.max_bytes {
             if self.policy == SlowReaderPolicy::Disconnect {
                 // Counted, but no notice: the connection is closed instead.
-                st.dropped_total += 1;
-                *st.dropped_by_topic.entry(msg.topic().clone()).or_default() += 1;
+                st.dropped_total += n as u64;
+                *st.dropped_by_topic.entry(item.topic().clone()).or_default() += n as u64;
                 st.closed = true;
                 drop(st);
                 self.notify.notify_one();
                 return Pushed::Overflow;
             }
             match st.evict_oldest(DropReason::SlowReader) {
-                Some(n) => {
-                    freed += n;
-                    evicted += 1;
+                Some((bytes, msgs)) => {
+                    freed += bytes;
+                    evicted += msgs;
                 }
                 // Only messages that must not be dropped are queued: this one goes instead.
                 None => {
                     memory.release(freed);
-                    st.record_drop(msg.topic(), DropReason::SlowReader);
+                    st.record_drop(item.topic(), DropReason::SlowReader, n as u64);
                     return Pushed::Dropped;
                 }
             }
@@ -234,33 +298,32 @@ impl Outbox {
         memory.release(freed);
         while !memory.try_reserve(size) {
             match st.evict_oldest(DropReason::MemoryCap) {
-                Some(n) => {
-                    memory.release(n);
-                    evicted += 1;
+                Some((bytes, msgs)) => {
+                    memory.release(bytes);
+                    evicted += msgs;
                 }
                 None => {
-                    st.record_drop(msg.topic(), DropReason::MemoryCap);
+                    st.record_drop(item.topic(), DropReason::MemoryCap, n as u64);
                     return Pushed::Dropped;
                 }
             }
         }
-        self.enqueue(st, msg, size, evicted, Admission::Shed, group)
+        self.enqueue(st, item, size, evicted, Admission::Shed, group)
     }
 
-    /// Appends a message whose memory is already reserved.
+    /// Appends a message or run whose memory is already reserved.
     fn enqueue(
         &self,
         mut st: parking_lot::MutexGuard<'_, State>,
-        msg: &Message,
+        item: Item<'_>,
         size: usize,
         evicted: u64,
         admission: Admission,
         group: Option<&QueueGroup>,
     ) -> Pushed {
         let wake = st.queue.is_empty();
-        st.queue
-            .push_back(Out::Msg(msg.clone(), admission, group.cloned()));
-        st.msgs += 1;
+        st.queue.push_back(item.to_out(admission, group));
+        st.msgs += item.count();
         st.bytes += size;
         Pushed::Queued { evicted, wake }
     }
@@ -270,32 +333,34 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// Whether this queue has room for a message of `size` bytes under [`Admission::Wait`]
-    /// (one message always fits an empty queue). The one definition both sites use.
-    fn queue_has_room(&self, st: &State, size: usize) -> bool {
-        st.msgs < self.max_msgs && (st.msgs == 0 || st.bytes + size <= self.max_bytes)
+    /// Whether this queue has room for `n` messages of `size` bytes in all under
+    /// [`Admission::Wait`] (one message or run always fits an empty queue). The one
+    /// definition both sites use.
+    fn queue_has_room(&self, st: &State, size: usize, n: usize) -> bool {
+        st.msgs == 0 || (st.msgs + n <= self.max_msgs && st.bytes + size <= self.max_bytes)
     }
 
     /// Whether a message of `size` bytes would be admitted under [`Admission::Wait`] now.
     /// Whether a message of `size` bytes would enter without waiting or evicting.
     pub(crate) fn has_room_for(&self, size: usize, memory: &Memory) -> bool {
         let st = self.state.lock();
-        !st.closed && self.has_room(&st, size, memory)
+        !st.closed && self.has_room(&st, size, 1, memory)
     }
 
-    fn has_room(&self, st: &State, size: usize, memory: &Memory) -> bool {
-        self.queue_has_room(st, size) && memory.used() + size <= memory.cap()
+    fn has_room(&self, st: &State, size: usize, n: usize, memory: &Memory) -> bool {
+        self.queue_has_room(st, size, n) && memory.used() + size <= memory.cap()
     }
 
-    /// Waits until a message of `size` bytes would fit (or the outbox closed), so one refused
+    /// Waits until `item` would fit (or the outbox closed), so a message or run refused
     /// with [`Pushed::Full`] can be offered again. Returns at once only when it would fit
     /// now; otherwise waits for the writer to take the queue, rechecking after 10 ms at most
     /// because room under the broker-wide memory cap can also come from other connections.
-    pub(crate) async fn wait_for_room(&self, size: usize, memory: &Memory) {
+    pub(crate) async fn wait_for_room(&self, item: Item<'_>, memory: &Memory) {
+        let (size, n) = (item.size(), item.count());
         let taken = self.space.notified();
         {
             let st = self.state.lock();
-            if st.closed || self.has_room(&st, size, memory) {
+            if st.closed || self.has_room(&st, size, n, memory) {
                 return;
             }
         }
@@ -433,6 +498,7 @@ mod tests {
             .iter()
             .map(|o| match o {
                 Out::Msg(m, ..) => m.topic().to_string(),
+                Out::Run(r, _) => format!("run {}", r.topic()),
                 Out::Frame(_) => "frame".into(),
             })
             .collect();
@@ -500,6 +566,7 @@ mod tests {
             .iter()
             .map(|o| match o {
                 Out::Msg(m, ..) => m.topic().to_string(),
+                Out::Run(r, _) => format!("run {}", r.topic()),
                 Out::Frame(_) => "frame".into(),
             })
             .collect();
@@ -540,6 +607,65 @@ mod tests {
             }
         );
         assert!(mem.used() <= mem.cap());
+    }
+
+    /// A run of `n` one-byte messages on `topic`, as the broker receives it.
+    fn run(topic: &str, n: usize) -> MessageRun {
+        use daemoneye_eventbus_core::codec::{FrameDecoder, RunWriter};
+        let mut b = bytes::BytesMut::new();
+        let mut w = RunWriter::begin(&mut b, &Topic::new(topic).unwrap());
+        for _ in 0..n {
+            w.push(&mut b, &Header::default(), b"x");
+        }
+        match FrameDecoder::new(1 << 20).decode(&mut b) {
+            Ok(Some(Frame::PublishRun(r))) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_run_counts_as_its_messages() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(5, 1 << 20, SlowReaderPolicy::DropOldest);
+        let three = run("r", 3);
+        assert!(matches!(
+            ob.push(Item::Run(&three), &mem, Admission::Shed, None),
+            Pushed::Queued { evicted: 0, .. }
+        ));
+        assert_eq!(ob.stats().queued_msgs, 3);
+        assert_eq!(ob.stats().queued_bytes, three.accounted_size());
+        // Two more messages fit; a third evicts the whole run, counted as three drops.
+        ob.push_message_shed(&msg("m", 1), &mem);
+        ob.push_message_shed(&msg("m", 1), &mem);
+        assert_eq!(
+            ob.push_message_shed(&msg("m", 1), &mem),
+            Pushed::Queued {
+                evicted: 3,
+                wake: false
+            }
+        );
+        let mut q = VecDeque::new();
+        let batch = ob.take(&mut q);
+        assert_eq!(batch.msgs, 3);
+        match batch.notice {
+            Some(Frame::Notice(Notice::Dropped { topics, .. })) => {
+                assert_eq!(topics, vec![(Topic::new("r").unwrap(), 3)]);
+            }
+            other => panic!("expected a notice, got {other:?}"),
+        }
+        mem.release(batch.bytes);
+        // Under Wait, a run that does not fit waits; one larger than the whole bound still
+        // enters an empty queue.
+        let big = run("r", 9);
+        assert!(matches!(
+            ob.push(Item::Run(&big), &mem, Admission::Wait, None),
+            Pushed::Queued { .. }
+        ));
+        assert_eq!(
+            ob.push(Item::Run(&three), &mem, Admission::Wait, None),
+            Pushed::Full
+        );
+        assert_eq!(ob.stats().dropped, 3);
     }
 
     #[test]

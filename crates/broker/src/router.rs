@@ -3,8 +3,9 @@
 //! Owned by the broker behind one `RwLock`: publishes take the read side (no allocation, no
 //! await), subscribe / unsubscribe / connect / disconnect take the write side.
 
-use crate::outbox::{Admission, Memory, Pushed};
+use crate::outbox::{Admission, Item, Memory, Pushed};
 use crate::session::ConnShared;
+use daemoneye_eventbus_core::codec::MessageRun;
 use daemoneye_eventbus_core::{Message, Qos, QueueGroup, SubscriptionTrie, Topic, TopicFilter};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -331,22 +332,66 @@ impl Router {
         memory: &Memory,
         waiting: Waiting,
     ) -> Routed {
-        let fresh =
-            matches!(&scratch.matched, Some((t, g)) if *g == self.generation && t == msg.topic());
-        if !fresh {
-            // Sorted: a connection's entries are adjacent, its Processed one (if any) last.
-            self.trie.matches_into(msg.topic(), &mut scratch.slots);
-            scratch.matched = Some((msg.topic().clone(), self.generation));
-        }
-        if !fresh && !self.grouped.is_empty() {
-            self.grouped.matches_into(msg.topic(), &mut scratch.members);
-        } else if !fresh {
-            scratch.members.clear();
-        }
+        self.match_topic(msg.topic(), scratch);
         let mut routed = Routed::default();
         if !scratch.members.is_empty() {
             self.route_groups(msg, scratch, memory, waiting, &mut routed);
         }
+        self.route_plain(Item::Msg(msg), scratch, memory, waiting, &mut routed);
+        routed
+    }
+
+    /// Queues a run once for every connection with a matching plain filter, like
+    /// [`Router::route`]. Returns `None`, queueing nothing, when a queue group subscribes to
+    /// the topic: each message must then go to one member in turn, so the caller routes the
+    /// run's messages one by one.
+    pub(crate) fn route_run(
+        &self,
+        run: &MessageRun,
+        scratch: &mut RouteScratch,
+        memory: &Memory,
+    ) -> Option<Routed> {
+        self.match_topic(run.topic(), scratch);
+        if !scratch.members.is_empty() {
+            return None;
+        }
+        let mut routed = Routed::default();
+        self.route_plain(
+            Item::Run(run),
+            scratch,
+            memory,
+            Waiting::Allowed,
+            &mut routed,
+        );
+        Some(routed)
+    }
+
+    /// Fills `scratch.slots` and `scratch.members` with the subscriptions matching `topic`,
+    /// unless they already hold them (a burst on one topic is matched once).
+    fn match_topic(&self, topic: &Topic, scratch: &mut RouteScratch) {
+        let fresh = matches!(&scratch.matched, Some((t, g)) if *g == self.generation && t == topic);
+        if fresh {
+            return;
+        }
+        // Sorted: a connection's entries are adjacent, its Processed one (if any) last.
+        self.trie.matches_into(topic, &mut scratch.slots);
+        scratch.matched = Some((topic.clone(), self.generation));
+        if self.grouped.is_empty() {
+            scratch.members.clear();
+        } else {
+            self.grouped.matches_into(topic, &mut scratch.members);
+        }
+    }
+
+    /// Queues `item` once for every connection in `scratch.slots`.
+    fn route_plain(
+        &self,
+        item: Item<'_>,
+        scratch: &mut RouteScratch,
+        memory: &Memory,
+        waiting: Waiting,
+        routed: &mut Routed,
+    ) {
         let slots = std::mem::take(&mut scratch.slots);
         for run in slots.chunk_by(|a, b| a >> 1 == b >> 1) {
             let slot = (run[0] >> 1) as Slot;
@@ -360,16 +405,23 @@ impl Router {
             } else {
                 Admission::Shed
             };
-            let pushed = entry.conn.outbox.push_message(msg, memory, admission, None);
-            Self::account(pushed, &entry.conn, None, scratch, &mut routed);
+            let pushed = entry.conn.outbox.push(item, memory, admission, None);
+            Self::account(
+                pushed,
+                item.count() as u64,
+                &entry.conn,
+                None,
+                scratch,
+                routed,
+            );
         }
         scratch.slots = slots;
-        routed
     }
 
-    /// Books the outcome of one push.
+    /// Books the outcome of one push of `n` messages.
     fn account(
         pushed: Pushed,
+        n: u64,
         conn: &Arc<ConnShared>,
         group: Option<&QueueGroup>,
         scratch: &mut RouteScratch,
@@ -383,9 +435,9 @@ impl Router {
                     scratch.wake.push(Arc::clone(conn));
                 }
             }
-            Pushed::Dropped => routed.dropped += 1,
+            Pushed::Dropped => routed.dropped += n,
             Pushed::Overflow => {
-                routed.dropped += 1;
+                routed.dropped += n;
                 conn.overflowed();
             }
             Pushed::Full => scratch.blocked.push((Arc::clone(conn), group.cloned())),
@@ -425,7 +477,7 @@ impl Router {
                     // one thread); counted rather than lost silently.
                     routed.dropped += 1;
                 }
-                Self::account(pushed, &entry.conn, Some(&group.name), scratch, routed);
+                Self::account(pushed, 1, &entry.conn, Some(&group.name), scratch, routed);
             }
         }
         scratch.members = members;
@@ -497,7 +549,7 @@ impl Router {
             .conn
             .outbox
             .push_message(msg, memory, admission, Some(group));
-        Self::account(pushed, &entry.conn, None, scratch, &mut routed);
+        Self::account(pushed, 1, &entry.conn, None, scratch, &mut routed);
         scratch.blocked.clear();
         routed.queued > 0
     }
@@ -611,6 +663,7 @@ mod tests {
         q.into_iter()
             .filter_map(|o| match o {
                 Out::Msg(_, _, g) => Some(g.map_or_else(|| "-".to_owned(), |g| g.to_string())),
+                Out::Run(..) => Some("run".to_owned()),
                 Out::Frame(_) => None,
             })
             .collect()

@@ -6,11 +6,12 @@
 //! goes empty), never on a timer.
 
 use crate::broker::Shared;
-use crate::outbox::{Admission, Out, Outbox, Pushed};
+use crate::outbox::{Admission, Item, Out, Outbox, Pushed};
 use crate::router::{RouteScratch, SubscribeRefusal, Waiting};
 use crate::stats::{ConnCounters, Counters};
 use daemoneye_eventbus_core::codec::{
-    ErrorCode, ErrorFrame, GoingAway, Hello, Nack, PROTOCOL_MAJOR, Reply, Version, Welcome,
+    ErrorCode, ErrorFrame, GoingAway, Hello, MessageRun, Nack, PROTOCOL_MAJOR, RUNS_SINCE_MINOR,
+    Reply, Version, Welcome,
 };
 use daemoneye_eventbus_core::{Frame, FrameError, Message, Qos};
 use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, ReadError};
@@ -31,6 +32,9 @@ pub(crate) struct ConnShared {
     pub(crate) name: String,
     pub(crate) peer: PeerInfo,
     pub(crate) outbox: Outbox,
+    /// Whether the client reads message runs (protocol 1.2); older clients get a run's
+    /// messages as single deliveries.
+    pub(crate) runs: bool,
     pub(crate) counters: ConnCounters,
     /// Cancelled to tear the connection down at once (overflow, forced shutdown).
     pub(crate) cancel: CancellationToken,
@@ -53,6 +57,7 @@ impl ConnShared {
                 1 << 20,
                 daemoneye_eventbus_core::codec::SlowReaderPolicy::DropOldest,
             ),
+            runs: true,
             counters: ConnCounters::default(),
             cancel: CancellationToken::new(),
             last_error: Mutex::new(None),
@@ -158,6 +163,7 @@ async fn run_session(
             shared.config.subscriber_buffer_bytes,
             hello.slow_reader,
         ),
+        runs: hello.version.minor >= RUNS_SINCE_MINOR,
         counters: ConnCounters::default(),
         cancel: shared.kill.child_token(),
         last_error: Mutex::new(None),
@@ -265,6 +271,28 @@ fn read_error(e: &ReadError) -> ErrorFrame {
     error(code, format!("{e}; closing the connection"))
 }
 
+/// A publish waiting for room in `Processed` subscribers' queues.
+enum Pending {
+    Msg(Message),
+    Run(MessageRun),
+}
+
+impl Pending {
+    fn item(&self) -> Item<'_> {
+        match self {
+            Self::Msg(m) => Item::Msg(m),
+            Self::Run(r) => Item::Run(r),
+        }
+    }
+
+    fn message(&self) -> Option<&Message> {
+        match self {
+            Self::Msg(m) => Some(m),
+            Self::Run(_) => None,
+        }
+    }
+}
+
 /// Per-session read state: routing scratch space and counters flushed once per batch.
 struct ReadLoop<'a> {
     shared: &'a Shared,
@@ -273,8 +301,12 @@ struct ReadLoop<'a> {
     scratch: RouteScratch,
     /// A publish still waiting for room in `Processed` subscribers' queues; nothing more is
     /// read from this connection until it is delivered (backpressure, order kept).
-    pending: Option<Message>,
+    pending: Option<Pending>,
+    /// The rest of a run being routed message by message (a queue group subscribes to its
+    /// topic), held while `pending` waits. Empty whenever `pending` is.
+    backlog: VecDeque<Message>,
     published: u64,
+    runs: u64,
     bytes_in: u64,
     dropped: u64,
     rejected: u64,
@@ -290,7 +322,9 @@ impl<'a> ReadLoop<'a> {
             slot,
             scratch: RouteScratch::default(),
             pending: None,
+            backlog: VecDeque::new(),
             published: 0,
+            runs: 0,
             bytes_in: 0,
             dropped: 0,
             rejected: 0,
@@ -304,8 +338,13 @@ impl<'a> ReadLoop<'a> {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if let Some(exit) = self.deliver_pending().await {
-                return exit;
+            while self.pending.is_some() {
+                if let Some(exit) = self.deliver_pending().await {
+                    return exit;
+                }
+                if let Some(exit) = self.route_backlog() {
+                    return exit;
+                }
             }
             let read = tokio::select! {
                 biased;
@@ -403,6 +442,7 @@ impl<'a> ReadLoop<'a> {
     fn flush_counters(&mut self) {
         let c = &self.shared.counters;
         Counters::add(&c.published, std::mem::take(&mut self.published));
+        Counters::add(&c.runs, std::mem::take(&mut self.runs));
         Counters::add(&c.bytes_in, std::mem::take(&mut self.bytes_in));
         Counters::add(&c.dropped, std::mem::take(&mut self.dropped));
         Counters::add(&c.rejected_publishes, std::mem::take(&mut self.rejected));
@@ -420,6 +460,7 @@ impl<'a> ReadLoop<'a> {
     fn on_frame(&mut self, frame: Frame) -> Option<Exit> {
         match frame {
             Frame::Publish(msg) => self.on_publish(msg),
+            Frame::PublishRun(run) => self.on_publish_run(run),
             Frame::Subscribe(s) => {
                 let outcome = self.shared.router.write().subscribe(
                     self.slot,
@@ -532,7 +573,7 @@ impl<'a> ReadLoop<'a> {
         }
         if !self.scratch.blocked.is_empty() {
             // Acknowledged once every queue holds it (`deliver_pending`).
-            self.pending = Some(msg);
+            self.pending = Some(Pending::Msg(msg));
             return None;
         }
         if msg.header().qos == Qos::Processed {
@@ -541,10 +582,56 @@ impl<'a> ReadLoop<'a> {
         None
     }
 
-    /// Gives up the pending publish (shutdown, teardown): the subscribers still waited for
-    /// never get it, and that is counted as dropped.
-    fn abandon(&mut self, exit: Exit) -> Exit {
-        self.dropped += self.scratch.blocked.len() as u64;
+    /// Routes a run as a unit when it can be: every message passes the checks a PUBLISH gets
+    /// and no queue group subscribes to its topic. Otherwise its messages go through
+    /// [`ReadLoop::on_publish`] one by one, so each is refused or given to a group member
+    /// exactly as if it had come alone.
+    fn on_publish_run(&mut self, run: MessageRun) -> Option<Exit> {
+        self.runs += 1;
+        let whole = run.max_payload() <= self.shared.config.max_message_size
+            && !run.topic().is_sys()
+            && run.source().as_str() == self.conn.name;
+        let routed = if whole {
+            self.shared
+                .router
+                .read()
+                .route_run(&run, &mut self.scratch, &self.shared.memory)
+        } else {
+            None
+        };
+        let Some(routed) = routed else {
+            // The decoder checked every entry, so every message reads back.
+            self.backlog.extend(run.messages().map_while(Result::ok));
+            return self.route_backlog();
+        };
+        let n = run.len() as u64;
+        self.published += n;
+        self.bytes_in += run.payload_bytes() as u64;
+        self.dropped += routed.dropped;
+        self.conn.counters.published.fetch_add(n, Ordering::Relaxed);
+        if !self.scratch.blocked.is_empty() {
+            self.pending = Some(Pending::Run(run));
+        }
+        None
+    }
+
+    /// Routes the messages of a split run, until one has to wait for room.
+    fn route_backlog(&mut self) -> Option<Exit> {
+        while self.pending.is_none() {
+            let msg = self.backlog.pop_front()?;
+            if let Some(exit) = self.on_publish(msg) {
+                return Some(exit);
+            }
+        }
+        None
+    }
+
+    /// Gives up the pending publish of `n` messages (shutdown, teardown): the subscribers
+    /// still waited for never get them, and that is counted as dropped. The rest of a split
+    /// run was never routed, like frames left unread in the socket.
+    fn abandon(&mut self, exit: Exit, n: usize) -> Exit {
+        self.dropped += (self.scratch.blocked.len() * n) as u64;
+        self.backlog.clear();
         self.scratch.blocked.clear();
         self.flush_counters();
         exit
@@ -553,13 +640,13 @@ impl<'a> ReadLoop<'a> {
     /// Offers the pending publish to the `Processed` subscribers whose queues were full,
     /// waiting for each to make room. A subscriber that disconnects stops being waited for.
     async fn deliver_pending(&mut self) -> Option<Exit> {
-        let msg = self.pending.take()?;
+        let pending = self.pending.take()?;
         // The writers we are about to wait on must be running.
         self.scratch.wake_writers();
         let keepalive = self.shared.config.keepalive();
         let mut ping_at = tokio::time::Instant::now() + keepalive;
         while let Some((target, group)) = self.scratch.blocked.last() {
-            if let Some(g) = group
+            if let (Some(g), Some(msg)) = (group, pending.message())
                 && !self
                     .shared
                     .router
@@ -573,8 +660,8 @@ impl<'a> ReadLoop<'a> {
                 }
                 continue;
             }
-            match target.outbox.push_message(
-                &msg,
+            match target.outbox.push(
+                pending.item(),
                 &self.shared.memory,
                 Admission::Wait,
                 group.as_ref(),
@@ -586,23 +673,25 @@ impl<'a> ReadLoop<'a> {
                 Pushed::Full => {
                     tokio::select! {
                         biased;
-                        () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled)),
-                        () = self.shared.drain.cancelled() => return Some(self.abandon(Exit::Shutdown)),
-                        () = target.outbox.wait_for_room(msg.accounted_size(), &self.shared.memory) => {}
+                        () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled, pending.item().count())),
+                        () = self.shared.drain.cancelled() => return Some(self.abandon(Exit::Shutdown, pending.item().count())),
+                        () = target.outbox.wait_for_room(pending.item(), &self.shared.memory) => {}
                         // The publisher hears from us while it waits, so it does not take the
                         // wait for a dead broker.
                         () = tokio::time::sleep_until(ping_at) => {
                             ping_at += keepalive;
                             self.ping_nonce += 1;
                             if let Some(exit) = self.control(Frame::Ping(self.ping_nonce)) {
-                                return Some(self.abandon(exit));
+                                return Some(self.abandon(exit, pending.item().count()));
                             }
                         }
                     }
                 }
                 Pushed::Closed => {
                     // The member waited for went away: another member of its group gets it.
-                    if let Some((_, Some(group))) = self.scratch.blocked.pop() {
+                    if let (Some((_, Some(group))), Some(msg)) =
+                        (self.scratch.blocked.pop(), pending.message())
+                    {
                         self.shared.reoffer(vec![(msg.clone(), group)]);
                     }
                 }
@@ -611,10 +700,12 @@ impl<'a> ReadLoop<'a> {
                 }
             }
         }
-        if msg.header().qos == Qos::Processed {
-            return self.control(Frame::Ack(msg.id()));
+        match pending {
+            Pending::Msg(msg) if msg.header().qos == Qos::Processed => {
+                self.control(Frame::Ack(msg.id()))
+            }
+            _ => None,
         }
-        None
     }
 }
 
@@ -651,6 +742,18 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
                     bytes_out += m.payload().len() as u64;
                     writer.push_group_deliver(&m, &group);
                     in_flight.push((m, group));
+                }
+                Out::Run(run, _) if conn.runs => {
+                    bytes_out += run.payload_bytes() as u64;
+                    writer.push_deliver_run(&run);
+                }
+                Out::Run(run, _) => {
+                    // A client before 1.2 gets the messages one by one (the decoder checked
+                    // every entry, so every message reads back).
+                    bytes_out += run.payload_bytes() as u64;
+                    for msg in run.messages().map_while(Result::ok) {
+                        writer.push_deliver(&msg);
+                    }
                 }
                 Out::Frame(f) => writer.push(&f),
             }

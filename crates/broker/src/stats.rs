@@ -19,6 +19,7 @@ pub(crate) struct Counters {
     pub(crate) rejected_publishes: AtomicU64,
     pub(crate) no_responders: AtomicU64,
     pub(crate) reoffered: AtomicU64,
+    pub(crate) runs: AtomicU64,
 }
 
 impl Counters {
@@ -72,6 +73,11 @@ pub struct BrokerStats {
     /// Queue group deliveries given to another member because the chosen one disconnected
     /// before they were written to it.
     pub reoffered: u64,
+    /// Message runs received (PUBLISH_RUN frames, protocol 1.2): bursts of messages on one
+    /// topic that publishers sent, and the broker routed, as one unit. Their messages are
+    /// counted in `published`.
+    #[serde(default)]
+    pub runs: u64,
     /// (filter, connection) subscriptions.
     pub active_subscriptions: u64,
     /// Distinct subscribed filters.

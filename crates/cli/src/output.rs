@@ -123,6 +123,7 @@ pub(crate) fn print_stats(out: &mut impl Write, s: &BrokerStats) -> io::Result<(
         ("rejected publishes", s.rejected_publishes),
         ("requests w/o responders", s.no_responders),
         ("group deliveries re-offered", s.reoffered),
+        ("message runs received", s.runs),
         ("subscriptions", s.active_subscriptions),
         ("topics (distinct filters)", s.active_topics),
         ("queued bytes", s.queued_bytes),

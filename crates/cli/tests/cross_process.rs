@@ -8,7 +8,7 @@ mod common;
 use common::{Broker, Proc, RawPeer, TempDir, WAIT, eventbus, wait_line};
 use daemoneye_eventbus::Endpoint;
 use daemoneye_eventbus::client::{Client, ClientOptions, RecvError};
-use daemoneye_eventbus::core::codec::{ErrorCode, ErrorFrame, Subscribe};
+use daemoneye_eventbus::core::codec::{ErrorCode, ErrorFrame, RunWriter, Subscribe, Version};
 use daemoneye_eventbus::core::{
     ByteStr, Frame, Header, Message, MessageId, Qos, Topic, TopicFilter,
 };
@@ -628,4 +628,135 @@ fn stats_are_real() {
             .any(|l| l.starts_with("published") && l.ends_with(" 10")),
         "{table:?}"
     );
+}
+
+/// A raw peer subscribed to `filter` (in `group`, if any), its subscription confirmed.
+fn raw_subscriber(
+    broker: &Broker,
+    name: &str,
+    minor: u16,
+    filter: &str,
+    group: Option<&str>,
+) -> RawPeer {
+    let mut p = RawPeer::handshake_version(&broker.socket, name, Version { major: 1, minor });
+    p.send(&Frame::Subscribe(Subscribe {
+        request_id: 1,
+        qos: Qos::Realtime,
+        filter: TopicFilter::new(filter).unwrap(),
+        group: group.map(|g| daemoneye_eventbus::core::QueueGroup::new(g).unwrap()),
+    }));
+    match p.recv_until(|f| matches!(f, Frame::Reply(_))) {
+        Frame::Reply(r) => assert_eq!(r.error, None, "{r:?}"),
+        _ => unreachable!(),
+    }
+    p
+}
+
+/// A PUBLISH_RUN frame of `payloads` on `topic`, from `source`, numbered from `first`.
+fn run_frame(topic: &str, source: &str, first: u64, payloads: &[&str]) -> bytes::BytesMut {
+    let mut b = bytes::BytesMut::new();
+    let mut run = RunWriter::begin(&mut b, &Topic::new(topic).unwrap());
+    for (i, p) in payloads.iter().enumerate() {
+        let header = Header {
+            id: MessageId {
+                publisher: 7,
+                sequence: first + i as u64,
+            },
+            source: ByteStr::from(source),
+            ..Header::default()
+        };
+        run.push(&mut b, &header, p.as_bytes());
+    }
+    b
+}
+
+fn payload_of(frame: &Frame) -> String {
+    match frame {
+        Frame::Deliver(m) => String::from_utf8(m.payload().to_vec()).unwrap(),
+        Frame::DeliverGroup(d) => String::from_utf8(d.message.payload().to_vec()).unwrap(),
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+#[test]
+fn message_runs_reach_every_kind_of_subscriber() {
+    let dir = TempDir::new("runs");
+    let broker = Broker::start(dir.path(), None);
+    let mut old = raw_subscriber(&broker, "old", 0, "runs.a", None);
+    let mut new = raw_subscriber(&broker, "new", 2, "runs.+", None);
+    let mut w1 = raw_subscriber(&broker, "w1", 2, "runs.g", Some("workers"));
+    let mut w2 = raw_subscriber(&broker, "w2", 2, "runs.g", Some("workers"));
+    let mut publisher =
+        RawPeer::handshake_version(&broker.socket, "pubr", Version { major: 1, minor: 2 });
+
+    // A 1.2 subscriber gets the run's bytes as one DELIVER_RUN; a 1.0 one gets DELIVERs.
+    let sent = run_frame("runs.a", "pubr", 1, &["a1", "a2", "a3"]);
+    publisher.send_raw(&sent);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(payload_of(
+            &old.recv_until(|f| matches!(f, Frame::Deliver(_))),
+        ));
+    }
+    assert_eq!(got, ["a1", "a2", "a3"]);
+    match new.recv_until(|f| matches!(f, Frame::DeliverRun(_))) {
+        Frame::DeliverRun(run) => {
+            assert_eq!(run.wire()[..], sent[5..], "forwarded verbatim");
+            let ids: Vec<u64> = run.messages().map(|m| m.unwrap().id().sequence).collect();
+            assert_eq!(ids, [1, 2, 3]);
+        }
+        _ => unreachable!(),
+    }
+
+    // A queue group subscribes to the topic: each message goes to one member in turn.
+    publisher.send_raw(&run_frame("runs.g", "pubr", 4, &["g1", "g2", "g3", "g4"]));
+    let mut given: Vec<String> = Vec::new();
+    for w in [&mut w1, &mut w2] {
+        for _ in 0..2 {
+            given.push(payload_of(
+                &w.recv_until(|f| matches!(f, Frame::DeliverGroup(_))),
+            ));
+        }
+    }
+    given.sort();
+    assert_eq!(given, ["g1", "g2", "g3", "g4"]);
+    // The plain wildcard subscriber gets the same four as a run of its own.
+    match new.recv_until(|f| matches!(f, Frame::Deliver(_) | Frame::DeliverRun(_))) {
+        Frame::Deliver(m) => assert_eq!(m.payload().as_ref(), b"g1"),
+        other => panic!("split messages arrive one by one, got {other:?}"),
+    }
+
+    // Another connection's name as source: every message is refused on its own.
+    publisher.send_raw(&run_frame("runs.a", "someone-else", 8, &["x1", "x2"]));
+    for seq in [8, 9] {
+        match publisher.recv_until(|f| matches!(f, Frame::Nack(_))) {
+            Frame::Nack(n) => assert_eq!((n.id.sequence, n.code), (seq, ErrorCode::NotAuthorized)),
+            _ => unreachable!(),
+        }
+    }
+
+    // A malformed run (two sources) is refused whole; the connection goes on.
+    let mut mixed = run_frame("runs.a", "pubr", 10, &["m1"]);
+    let tail = run_frame("runs.a", "other", 11, &["m2"]);
+    let entry_at = 5 + 2 + "runs.a".len() + 2;
+    mixed.extend_from_slice(&tail[entry_at..]);
+    let len = u32::try_from(mixed.len() - 4).unwrap();
+    mixed[..4].copy_from_slice(&len.to_le_bytes());
+    mixed[entry_at - 2..entry_at].copy_from_slice(&2u16.to_le_bytes());
+    publisher.send_raw(&mixed);
+    match publisher.recv_until(|f| matches!(f, Frame::Error(_))) {
+        Frame::Error(e) => {
+            assert!(!e.fatal && e.code == ErrorCode::Protocol, "{e:?}");
+            assert!(e.message.contains("same source"), "{}", e.message);
+        }
+        _ => unreachable!(),
+    }
+    publisher.send_raw(&run_frame("runs.a", "pubr", 12, &["after"]));
+    assert_eq!(
+        payload_of(&old.recv_until(|f| matches!(f, Frame::Deliver(_)))),
+        "after"
+    );
+    let s = broker.stats();
+    assert_eq!(s["published"], 8);
+    assert_eq!(s["rejected_publishes"], 3);
 }

@@ -9,7 +9,9 @@ use crate::rpc::{Inbox, new_correlation_id};
 use crate::subscription::{NewSub, Sink};
 use crate::subscription::{SubTable, Subscription};
 use bytes::Bytes;
-use daemoneye_eventbus_core::codec::{ErrorCode, MAX_NAME_LEN, Subscribe, Unsubscribe};
+use daemoneye_eventbus_core::codec::{
+    ErrorCode, MAX_NAME_LEN, RUNS_SINCE_MINOR, Subscribe, Unsubscribe,
+};
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{
     ByteStr, CorrelationFilter, CorrelationMetadata, Frame, Header, Message, MessageId, Qos,
@@ -444,7 +446,8 @@ impl Client {
                     // Numbered under the queue lock, so ids follow the order on the wire.
                     header.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
                     let id = header.id;
-                    out.buf.push_publish(&p.topic, header, p.payload);
+                    let runs = inner.broker_minor.load(Ordering::Relaxed) >= RUNS_SINCE_MINOR;
+                    out.buf.push_publish(&p.topic, header, p.payload, runs);
                     out.queued_total += 1;
                     drop(out);
                     inner.counters.published.fetch_add(1, Ordering::Relaxed);

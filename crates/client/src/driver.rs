@@ -388,6 +388,12 @@ impl ReadCtx<'_> {
         let inner = self.inner;
         match frame {
             Frame::Deliver(msg) => self.deliver(msg, cancel).await,
+            Frame::DeliverRun(run) => {
+                for msg in run.messages() {
+                    let msg = msg.map_err(|e| format!("undecodable message in a run: {e}"))?;
+                    self.deliver(msg, cancel).await;
+                }
+            }
             Frame::DeliverGroup(d) => self.deliver_group(&d.group, d.message, cancel).await,
             Frame::Reply(r) => {
                 if let Some(tx) = inner.pending.lock().remove(&r.request_id) {

@@ -4,9 +4,14 @@
 //! Large payloads (at least [`VECTORED_MIN`] bytes) are not copied into the encoded buffer:
 //! only their frame head is encoded, and the caller's `Bytes` follows as its own `writev`
 //! segment.
+//!
+//! Consecutive realtime publishes on one topic that queue up while the writer is busy join
+//! one PUBLISH_RUN frame (protocol 1.2), which the broker routes once for all of them. A
+//! publish that finds the queue empty starts a run of its own, so nothing waits for a run to
+//! fill.
 
 use bytes::{Bytes, BytesMut};
-use daemoneye_eventbus_core::codec::{encode_publish, encode_publish_head};
+use daemoneye_eventbus_core::codec::{RunWriter, encode_publish, encode_publish_head, may_run};
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{Frame, Header, Message, Topic};
 use daemoneye_eventbus_transport::{FrameWriter, VECTORED_MIN};
@@ -18,12 +23,22 @@ pub(crate) enum Buf {
     Encoded {
         head: BytesMut,
         payloads: Vec<(usize, Bytes)>,
+        /// The run at the end of `head` that the next publish on its topic may join.
+        run: Option<RunWriter>,
     },
     Frames(Vec<Frame>),
 }
 
 /// Largest buffer kept for reuse between batches.
 const MAX_SPARE: usize = 1 << 20;
+
+/// A run takes no more messages once its frame would pass this size: it stays below the
+/// receiver's copy threshold (16 KiB), and a drop of the oldest queued run under a
+/// subscriber's slow-reader policy never takes more than a few dozen messages at once.
+const RUN_TARGET: usize = 15 * 1024;
+
+/// Room assumed for a message's header when deciding whether it still fits a run.
+const HEADER_ROOM: usize = 128;
 
 /// What is waiting to be written.
 pub(crate) struct OutBuf {
@@ -44,6 +59,7 @@ impl OutBuf {
             Buf::Encoded {
                 head: BytesMut::new(),
                 payloads: Vec::new(),
+                run: None,
             }
         };
         Self {
@@ -63,14 +79,42 @@ impl OutBuf {
         Self::new(matches!(self.buf, Buf::Frames(_)))
     }
 
-    pub(crate) fn push_publish(&mut self, topic: &Topic, header: Header, payload: Bytes) {
+    /// Queues a publish; `runs`: the broker reads message runs (protocol 1.2).
+    pub(crate) fn push_publish(
+        &mut self,
+        topic: &Topic,
+        header: Header,
+        payload: Bytes,
+        runs: bool,
+    ) {
         self.bytes += payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD;
         match &mut self.buf {
-            Buf::Encoded { head, payloads } if payload.len() >= VECTORED_MIN => {
+            Buf::Encoded {
+                head,
+                payloads,
+                run,
+            } if payload.len() >= VECTORED_MIN => {
+                *run = None;
                 encode_publish_head(head, topic, &header, payload.len());
                 payloads.push((head.len(), payload));
             }
-            Buf::Encoded { head, .. } => encode_publish(head, topic, &header, &payload),
+            Buf::Encoded { head, run, .. } if runs && may_run(&header) => {
+                let open = match run {
+                    Some(r)
+                        if r.topic() == topic
+                            && r.has_room()
+                            && r.frame_len(head) + HEADER_ROOM + payload.len() <= RUN_TARGET =>
+                    {
+                        r
+                    }
+                    _ => run.insert(RunWriter::begin(head, topic)),
+                };
+                open.push(head, &header, &payload);
+            }
+            Buf::Encoded { head, run, .. } => {
+                *run = None;
+                encode_publish(head, topic, &header, &payload);
+            }
             Buf::Frames(f) => f.push(Frame::Publish(Message::new(topic.clone(), header, payload))),
         }
         self.publishes += 1;
@@ -79,7 +123,8 @@ impl OutBuf {
 
     pub(crate) fn push_frame(&mut self, frame: Frame) {
         match &mut self.buf {
-            Buf::Encoded { head, .. } => {
+            Buf::Encoded { head, run, .. } => {
+                *run = None;
                 let before = head.len();
                 frame.encode(head);
                 self.bytes += head.len() - before;
@@ -110,7 +155,9 @@ impl OutBuf {
     pub(crate) fn write_into(self, writer: &mut FrameWriter) -> Option<BytesMut> {
         const HOLDS: &str = "the client's own buffer holds only complete frames";
         match self.buf {
-            Buf::Encoded { mut head, payloads } => {
+            Buf::Encoded {
+                mut head, payloads, ..
+            } => {
                 let mut written = 0;
                 for (offset, payload) in payloads {
                     let mut part = head.split_to(offset - written);
@@ -132,5 +179,83 @@ impl OutBuf {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use daemoneye_eventbus_core::codec::{FrameDecoder, max_frame_len};
+    use daemoneye_eventbus_core::{ByteStr, Qos};
+
+    fn header(qos: Qos) -> Header {
+        Header {
+            qos,
+            source: ByteStr::from("p"),
+            ..Header::default()
+        }
+    }
+
+    /// The frames queued, as (kind, messages) pairs.
+    fn frames(buf: &mut OutBuf) -> Vec<(&'static str, usize)> {
+        let Buf::Encoded { head, .. } = &mut buf.buf else {
+            unreachable!("a byte-stream buffer")
+        };
+        let dec = FrameDecoder::new(max_frame_len(1 << 20));
+        let mut out = Vec::new();
+        while let Some(f) = dec.decode(head).unwrap() {
+            out.push(match f {
+                Frame::Publish(_) => ("publish", 1),
+                Frame::PublishRun(r) => ("run", r.len()),
+                _ => ("other", 0),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn queued_realtime_publishes_on_one_topic_form_runs() {
+        let (a, b) = (Topic::new("a").unwrap(), Topic::new("b").unwrap());
+        let mut buf = OutBuf::new(false);
+        for _ in 0..3 {
+            buf.push_publish(&a, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        }
+        buf.push_publish(&b, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        // A message that must stay alone (it wants an ACK) ends the run before it.
+        buf.push_publish(&b, header(Qos::Processed), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        // So does a control frame: frames keep their order.
+        buf.push_frame(Frame::Ping(1));
+        buf.push_publish(&b, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        assert_eq!((buf.publishes, buf.frames), (7, 8));
+        assert_eq!(
+            frames(&mut buf),
+            [
+                ("run", 3),
+                ("run", 1),
+                ("publish", 1),
+                ("run", 1),
+                ("other", 0),
+                ("run", 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_stay_small_and_wait_for_a_broker_that_reads_them() {
+        let a = Topic::new("a").unwrap();
+        let mut buf = OutBuf::new(false);
+        for _ in 0..100 {
+            buf.push_publish(&a, header(Qos::Realtime), Bytes::from(vec![0; 1000]), true);
+        }
+        let runs = frames(&mut buf);
+        assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), 100);
+        assert!(runs.len() >= 7, "{runs:?}");
+        let mut old = OutBuf::new(false);
+        for _ in 0..3 {
+            old.push_publish(&a, header(Qos::Realtime), Bytes::from_static(b"x"), false);
+        }
+        assert_eq!(frames(&mut old), [("publish", 1); 3]);
     }
 }

@@ -5,7 +5,7 @@
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
     DecodeCache, ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, Reply,
-    SlowReaderPolicy, Subscribe, Version, Welcome, kind, max_frame_len,
+    RunWriter, SlowReaderPolicy, Subscribe, Version, Welcome, kind, max_frame_len, may_run,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
 use daemoneye_eventbus_core::{
@@ -63,7 +63,7 @@ fn golden_hello() {
     });
     assert_eq!(
         hex(&encode(&f)),
-        "16 00 00 00 01 01 00 01 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
+        "16 00 00 00 01 01 00 02 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
     );
 }
 
@@ -120,6 +120,131 @@ fn golden_publish() {
         "27 00 00 00 06 03 00 61 2e 62 1b 00 00 00 00 01 00 00 00 00 00 00 00 02 00 00 00 00 \
          00 00 00 03 00 00 00 00 00 00 00 01 70 68 69"
     );
+}
+
+/// A PUBLISH_RUN of `msgs` (all on the first one's topic), encoded by the client's writer.
+fn run_bytes(msgs: &[Message]) -> BytesMut {
+    let mut b = BytesMut::new();
+    let mut run = RunWriter::begin(&mut b, msgs[0].topic());
+    for m in msgs {
+        run.push(&mut b, m.header(), m.payload());
+    }
+    assert_eq!(run.len(), msgs.len());
+    assert_eq!(run.frame_len(&b), b.len());
+    b
+}
+
+#[test]
+fn golden_publish_run() {
+    let mut second = simple_message(b"yo");
+    second = Message::new(
+        second.topic().clone(),
+        Header {
+            id: MessageId {
+                publisher: 1,
+                sequence: 3,
+            },
+            ..second.header().clone()
+        },
+        second.payload().clone(),
+    );
+    let b = run_bytes(&[simple_message(b"hi"), second.clone()]);
+    assert_eq!(
+        hex(&b),
+        "52 00 00 00 10 03 00 61 2e 62 02 00 \
+         1b 00 00 00 00 01 00 00 00 00 00 00 00 02 00 00 00 00 00 00 00 03 00 00 00 00 00 00 \
+         00 01 70 02 00 00 00 68 69 \
+         1b 00 00 00 00 01 00 00 00 00 00 00 00 03 00 00 00 00 00 00 00 03 00 00 00 00 00 00 \
+         00 01 70 02 00 00 00 79 6f"
+    );
+    let run = match decode_one(&b).unwrap().unwrap() {
+        Frame::PublishRun(run) => run,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!((run.topic().as_str(), run.len()), ("a.b", 2));
+    assert_eq!((run.payload_bytes(), run.max_payload()), (4, 2));
+    assert_eq!(run.source().as_str(), "p");
+    let msgs: Vec<Message> = run.messages().map(Result::unwrap).collect();
+    assert_eq!(msgs, [simple_message(b"hi"), second]);
+    assert_eq!(
+        run.accounted_size(),
+        msgs.iter().map(Message::accounted_size).sum::<usize>()
+    );
+    // Delivered verbatim: the DELIVER_RUN body is the PUBLISH_RUN body.
+    let deliver = encode(&Frame::DeliverRun(run));
+    assert_eq!((deliver[4], &deliver[5..]), (kind::DELIVER_RUN, &b[5..]));
+}
+
+/// Decodes `bytes` as one frame, expecting a recoverable refusal whose text contains `what`.
+fn refused(bytes: &[u8], what: &str) {
+    match decode_one(bytes) {
+        Err(e) => {
+            assert!(e.is_recoverable(), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        other => panic!("expected a refusal mentioning {what:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_runs_are_refused_whole() {
+    let plain = simple_message(b"hi");
+    let with = |f: &dyn Fn(&mut Header)| {
+        let mut h = plain.header().clone();
+        f(&mut h);
+        Message::new(plain.topic().clone(), h, plain.payload().clone())
+    };
+    // A run carries only realtime messages without reply_to or status...
+    for odd in [
+        with(&|h| h.qos = Qos::Processed),
+        with(&|h| h.reply_to = Some(Topic::new("_inbox.x").unwrap())),
+        with(&|h| h.status = Some(Box::new(ReplyStatus::unavailable("busy")))),
+    ] {
+        assert!(!may_run(odd.header()));
+        refused(&run_bytes(&[plain.clone(), odd]), "only realtime messages");
+    }
+    // ...from one source.
+    let other = with(&|h| h.source = ByteStr::from("q"));
+    refused(&run_bytes(&[plain.clone(), other]), "same source");
+    // No message at all.
+    let mut empty = BytesMut::new();
+    RunWriter::begin(&mut empty, plain.topic());
+    refused(&empty, "run.count");
+    // Lengths that do not add up: a count above the entries, bytes after them, an entry cut.
+    let mut more = run_bytes(std::slice::from_ref(&plain));
+    more[10] = 2;
+    refused(&more, "run.header_len");
+    let mut trailing = run_bytes(std::slice::from_ref(&plain));
+    trailing.extend_from_slice(b"x");
+    let len = u32::try_from(trailing.len() - 4).unwrap();
+    trailing[..4].copy_from_slice(&len.to_le_bytes());
+    refused(&trailing, "trailing");
+    let mut cut = run_bytes(std::slice::from_ref(&plain));
+    cut.truncate(cut.len() - 1);
+    let len = u32::try_from(cut.len() - 4).unwrap();
+    cut[..4].copy_from_slice(&len.to_le_bytes());
+    refused(&cut, "run.payload");
+}
+
+#[test]
+fn a_delivered_run_checks_headers_as_its_messages_are_read() {
+    // The broker checked the run, so a client checks lengths first and each header as it
+    // reads the message: a bad one ends the run there with an error.
+    let mut b = run_bytes(&[simple_message(b"hi"), simple_message(b"yo")]);
+    b[4] = kind::DELIVER_RUN;
+    let second_flags = b.len() - (4 + 0x1b + 4 + 2) + 4;
+    b[second_flags] = 3;
+    let run = match decode_one(&b).unwrap().unwrap() {
+        Frame::DeliverRun(run) => run,
+        other => panic!("unexpected {other:?}"),
+    };
+    let read: Vec<_> = run.messages().collect();
+    assert_eq!(read.len(), 2);
+    assert_eq!(read[0].as_ref().unwrap().payload().as_ref(), b"hi");
+    assert!(matches!(
+        read[1],
+        Err(FrameError::InvalidValue { field: "qos", .. })
+    ));
 }
 
 #[test]
@@ -329,6 +454,34 @@ proptest! {
             let got = dec.decode(&mut buf).unwrap().unwrap();
             prop_assert_eq!(&got, f);
         }
+        prop_assert!(buf.is_empty());
+    }
+
+    /// Any realtime messages without reply_to or status, on one topic from one source, make a
+    /// run that reads back as the same messages, in order, after any other frames.
+    #[test]
+    fn runs_round_trip(msgs in prop::collection::vec(message(), 1..12), before in frame()) {
+        let topic = msgs[0].topic().clone();
+        let msgs: Vec<Message> = msgs
+            .into_iter()
+            .map(|m| {
+                let mut h = m.header().clone();
+                (h.qos, h.reply_to, h.status) = (Qos::Realtime, None, None);
+                Message::new(topic.clone(), h, m.payload().clone())
+            })
+            .collect();
+        let mut buf = BytesMut::new();
+        before.encode(&mut buf);
+        buf.extend_from_slice(&run_bytes(&msgs));
+        let dec = FrameDecoder::new(max_frame_len(1 << 20));
+        let mut cache = DecodeCache::default();
+        prop_assert_eq!(dec.decode_cached(&mut buf, &mut cache).unwrap().unwrap(), before);
+        let run = match dec.decode_cached(&mut buf, &mut cache).unwrap().unwrap() {
+            Frame::PublishRun(run) => run,
+            other => panic!("unexpected {other:?}"),
+        };
+        let got: Vec<Message> = run.messages().map(Result::unwrap).collect();
+        prop_assert_eq!(got, msgs);
         prop_assert!(buf.is_empty());
     }
 

@@ -139,6 +139,86 @@ async fn publish_and_receive_in_order(kind: Kind) {
     assert!(bus.broker.shutdown().await.drained);
 }
 
+/// A burst travels as message runs (byte streams, protocol 1.2) and arrives exactly as single
+/// messages would: complete and in order for plain and `Processed` subscribers, each message
+/// to one queue group member.
+async fn bursts_travel_as_runs(kind: Kind) {
+    let config = BrokerConfig {
+        message_buffer_size: 10_000,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let watcher = bus.client("watcher").await;
+    let mut all = watcher.subscribe(["burst.#"]).await.unwrap();
+    let careful = bus.client("careful").await;
+    let mut processed = careful
+        .subscribe_with(["burst.a"], Qos::Processed)
+        .await
+        .unwrap();
+    let mut members = Vec::new();
+    for name in ["m1", "m2"] {
+        let c = bus.client(name).await;
+        let s = c
+            .subscribe_with_options(
+                ["burst.g"],
+                SubscribeOptions::default().group(group("workers")),
+            )
+            .await
+            .unwrap();
+        members.push((c, s));
+    }
+    let publ = bus.client("pub").await;
+    let mut sent = Vec::new();
+    for i in 0..3000u32 {
+        let topic = match i % 100 {
+            99 => "burst.b",
+            _ if i < 2000 => "burst.a",
+            _ => "burst.g",
+        };
+        publ.publish(&t(topic), i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+        sent.push((topic, i));
+    }
+    let index = |m: &Message| u32::from_le_bytes(m.payload()[..].try_into().unwrap());
+    for &(topic, i) in &sent {
+        let m = next(&mut all).await;
+        assert_eq!((m.topic().as_str(), index(&m)), (topic, i));
+        assert_eq!(m.id().sequence, u64::from(i) + 1);
+    }
+    for &(_, i) in sent.iter().filter(|(topic, _)| *topic == "burst.a") {
+        assert_eq!(index(&next(&mut processed).await), i);
+    }
+    let grouped: Vec<u32> = sent
+        .iter()
+        .filter(|(topic, _)| *topic == "burst.g")
+        .map(|&(_, i)| i)
+        .collect();
+    let mut given = Vec::new();
+    for (_, s) in &mut members {
+        let mut last = None;
+        // Round robin: each member gets every other message, in order.
+        for _ in 0..grouped.len() / 2 {
+            let i = index(&next(s).await);
+            assert!(last < Some(i), "order within a member");
+            last = Some(i);
+            given.push(i);
+        }
+    }
+    given.sort_unstable();
+    assert_eq!(given, grouped);
+    let stats = bus.broker.stats();
+    assert_eq!((stats.published, stats.dropped), (3000, 0));
+    match kind {
+        Kind::InProc => assert_eq!(stats.runs, 0, "in process, frames travel as values"),
+        _ => assert!(
+            (1..=300).contains(&stats.runs),
+            "{} runs for 3000 messages",
+            stats.runs
+        ),
+    }
+}
+
 async fn wildcard_matrix(kind: Kind) {
     let bus = bus(kind, BrokerConfig::default()).await;
     let c = bus.client("sub").await;
@@ -868,6 +948,7 @@ macro_rules! conformance {
 
 conformance!(
     publish_and_receive_in_order,
+    bursts_travel_as_runs,
     wildcard_matrix,
     one_copy_when_several_filters_match,
     large_payloads_and_the_limit,

@@ -8,8 +8,8 @@
 use crate::error::ReadError;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, GroupDelivery, encode_group_frame, encode_group_frame_head, encode_message_frame,
-    kind, max_frame_len,
+    DecodeCache, GroupDelivery, MessageRun, encode_group_frame, encode_group_frame_head,
+    encode_message_frame, encode_run_frame, kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -147,9 +147,14 @@ impl StreamOut {
                 self.buf.put_u8(kind::DELIVER);
             }
         }
+        self.push_body(wire);
+    }
+
+    /// Ends the frame head encoded so far with `body`, written from its own buffer.
+    fn push_body(&mut self, body: &Bytes) {
         self.seal();
-        self.segment_bytes += wire.len();
-        self.segments.push_back(wire.clone());
+        self.segment_bytes += body.len();
+        self.segments.push_back(body.clone());
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -263,6 +268,21 @@ impl FrameWriter {
             }
             WriterKind::Stream(out) => encode_message_frame(&mut out.buf, kind::DELIVER, msg),
             WriterKind::InProc { pending, .. } => pending.push(Frame::Deliver(msg.clone())),
+        }
+    }
+
+    /// Adds a run delivery (protocol 1.2): the run's bytes verbatim, written from its shared
+    /// buffer when large.
+    pub fn push_deliver_run(&mut self, run: &MessageRun) {
+        match &mut self.kind {
+            WriterKind::Stream(out) if run.wire().len() >= VECTORED_MIN => {
+                let len = u32::try_from(run.wire().len() + 1).expect("frame below 4 GiB");
+                out.buf.put_u32_le(len);
+                out.buf.put_u8(kind::DELIVER_RUN);
+                out.push_body(run.wire());
+            }
+            WriterKind::Stream(out) => encode_run_frame(&mut out.buf, kind::DELIVER_RUN, run),
+            WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverRun(run.clone())),
         }
     }
 

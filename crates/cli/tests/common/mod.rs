@@ -245,8 +245,12 @@ impl RawPeer {
     }
 
     pub fn hello(name: &str, major: u16) -> Frame {
+        Self::hello_version(name, Version { major, minor: 0 })
+    }
+
+    pub fn hello_version(name: &str, version: Version) -> Frame {
         Frame::Hello(Hello {
-            version: Version { major, minor: 0 },
+            version,
             capabilities: 0,
             max_message_size: 1 << 20,
             keepalive_ms: 60_000,
@@ -255,10 +259,15 @@ impl RawPeer {
         })
     }
 
-    /// Connects and completes the handshake.
+    /// Connects and completes the handshake as a 1.0 client.
     pub fn handshake(socket: &Path, name: &str) -> Self {
+        Self::handshake_version(socket, name, Version { major: 1, minor: 0 })
+    }
+
+    /// Connects and completes the handshake speaking `version`.
+    pub fn handshake_version(socket: &Path, name: &str, version: Version) -> Self {
         let mut p = Self::connect(socket);
-        p.send(&Self::hello(name, 1));
+        p.send(&Self::hello_version(name, version));
         match p.recv() {
             Some(Frame::Welcome(_)) => p,
             other => panic!("expected welcome, got {other:?}"),

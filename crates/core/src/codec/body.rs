@@ -14,7 +14,7 @@ use crate::message::{
 use crate::topic::Topic;
 use bytes::{BufMut, Bytes, BytesMut};
 
-fn encode_header(dst: &mut BytesMut, h: &Header) {
+pub(super) fn encode_header(dst: &mut BytesMut, h: &Header) {
     let mut flags = h.qos.to_bits();
     if h.reply_to.is_some() {
         flags |= FLAG_REPLY_TO;
@@ -149,12 +149,12 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
 /// large read buffer alive.
 #[derive(Debug, Default)]
 pub struct DecodeCache {
-    topic: Option<Topic>,
+    pub(super) topic: Option<Topic>,
     source: Option<ByteStr>,
 }
 
 /// Decodes a header from a cursor narrowed to it.
-fn decode_header(c: &mut Cursor, cache: &mut DecodeCache) -> Result<Header, FrameError> {
+pub(super) fn decode_header(c: &mut Cursor, cache: &mut DecodeCache) -> Result<Header, FrameError> {
     let flags = c.u8("header.flags")?;
     let qos = c.qos(flags & FLAG_QOS_MASK)?;
     let id = c.id()?;

@@ -1,6 +1,7 @@
 //! Encoding and decoding of whole frames.
 
 use super::body::{DecodeCache, decode_message_body, encode_group_frame, encode_message_frame};
+use super::run::{MessageRun, encode_run_frame};
 use super::types::*;
 use super::wire::{Cursor, begin, finish, put_id, put_str8, put_str16};
 use super::{FrameError, MAX_NAME_LEN, SUBSCRIBE_GROUP, kind};
@@ -18,6 +19,8 @@ impl Frame {
             Self::Publish(_) => kind::PUBLISH,
             Self::Deliver(_) => kind::DELIVER,
             Self::DeliverGroup(_) => kind::DELIVER_GROUP,
+            Self::PublishRun(_) => kind::PUBLISH_RUN,
+            Self::DeliverRun(_) => kind::DELIVER_RUN,
             Self::Ack(_) => kind::ACK,
             Self::Nack(_) => kind::NACK,
             Self::Ping(_) => kind::PING,
@@ -35,6 +38,9 @@ impl Frame {
                 return encode_message_frame(dst, self.kind(), m);
             }
             Self::DeliverGroup(d) => return encode_group_frame(dst, d),
+            Self::PublishRun(r) | Self::DeliverRun(r) => {
+                return encode_run_frame(dst, self.kind(), r);
+            }
             _ => {}
         }
         let start = begin(dst, self.kind());
@@ -112,7 +118,11 @@ impl Frame {
                 dst.put_u32_le(g.drain_ms);
                 put_str16(dst, &g.reason);
             }
-            Self::Publish(_) | Self::Deliver(_) | Self::DeliverGroup(_) => {
+            Self::Publish(_)
+            | Self::Deliver(_)
+            | Self::DeliverGroup(_)
+            | Self::PublishRun(_)
+            | Self::DeliverRun(_) => {
                 unreachable!("handled by encode")
             }
         }
@@ -176,6 +186,12 @@ impl Frame {
             let (rest, _) = c.into_rest();
             let message = decode_message_body(rest, cache)?;
             return Ok(Frame::DeliverGroup(GroupDelivery { group, message }));
+        }
+        if kind == kind::PUBLISH_RUN {
+            return MessageRun::decode(body, true, cache).map(Frame::PublishRun);
+        }
+        if kind == kind::DELIVER_RUN {
+            return MessageRun::decode(body, false, cache).map(Frame::DeliverRun);
         }
         let mut c = Cursor::new(body);
         let frame = match kind {

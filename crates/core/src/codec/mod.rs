@@ -8,6 +8,7 @@ mod body;
 mod decoder;
 mod frame;
 mod pool;
+mod run;
 mod types;
 mod wire;
 
@@ -17,6 +18,7 @@ pub use body::{
     encode_message_frame, encode_publish, encode_publish_head,
 };
 pub use decoder::FrameDecoder;
+pub use run::{MessageRun, RunMessages, RunWriter, encode_run_frame, may_run};
 pub use types::*;
 
 use crate::group::GroupError;
@@ -25,7 +27,9 @@ use crate::topic::TopicError;
 /// Protocol major version spoken by this crate. A peer with another major is refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version spoken by this crate. Minor versions only add optional fields.
-pub const PROTOCOL_MINOR: u16 = 1;
+pub const PROTOCOL_MINOR: u16 = 2;
+/// The first minor version with message runs (PUBLISH_RUN and DELIVER_RUN frames).
+pub const RUNS_SINCE_MINOR: u16 = 2;
 /// Bytes allowed in a frame on top of the payload limit, for topic, header and correlation
 /// metadata. `max_frame_len = max_message_size + FRAME_OVERHEAD_ALLOWANCE`.
 pub const FRAME_OVERHEAD_ALLOWANCE: usize = 128 * 1024;
@@ -56,6 +60,8 @@ pub mod kind {
     pub const NOTICE: u8 = 0x0D;
     pub const GOING_AWAY: u8 = 0x0E;
     pub const DELIVER_GROUP: u8 = 0x0F;
+    pub const PUBLISH_RUN: u8 = 0x10;
+    pub const DELIVER_RUN: u8 = 0x11;
 }
 
 pub(crate) const FLAG_QOS_MASK: u8 = 0b0000_0011;
@@ -139,6 +145,9 @@ pub enum FrameError {
     /// Bytes were left over after a fixed-layout frame.
     #[error("{0} unexpected trailing bytes in frame")]
     Trailing(usize),
+    /// A message run breaks one of its rules (protocol 1.2); the frame was consumed whole.
+    #[error("invalid message run: {0}")]
+    InvalidRun(&'static str),
 }
 
 impl FrameError {
@@ -156,6 +165,7 @@ impl FrameError {
                 | Self::InvalidValue { .. }
                 | Self::Truncated(_)
                 | Self::Trailing(_)
+                | Self::InvalidRun(_)
         )
     }
 }

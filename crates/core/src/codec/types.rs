@@ -333,6 +333,10 @@ pub enum Frame {
     Deliver(Message),
     /// Broker → client message for one member of a queue group (protocol 1.1).
     DeliverGroup(GroupDelivery),
+    /// Client → broker run of realtime messages on one topic (protocol 1.2).
+    PublishRun(super::MessageRun),
+    /// Broker → client run, the publisher's bytes verbatim (protocol 1.2).
+    DeliverRun(super::MessageRun),
     /// Positive acknowledgement of a message id.
     Ack(MessageId),
     /// Negative acknowledgement.

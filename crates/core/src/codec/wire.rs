@@ -241,6 +241,21 @@ impl Cursor {
         let rest = self.base.slice(self.pos..self.end);
         (rest, self.base)
     }
+    /// Skips `n` bytes (the caller checked they are there with [`Cursor::need`]).
+    pub(super) fn skip(&mut self, n: usize) {
+        self.pos += n;
+    }
+    /// The read position.
+    pub(super) fn position(&self) -> usize {
+        self.pos
+    }
+    /// Checks that everything was read and gives the whole body back.
+    pub(super) fn finish(self) -> Result<Bytes, FrameError> {
+        match self.end - self.pos {
+            0 => Ok(self.base),
+            n => Err(FrameError::Trailing(n)),
+        }
+    }
     pub(super) fn end(self) -> Result<(), FrameError> {
         match self.end - self.pos {
             0 => Ok(()),

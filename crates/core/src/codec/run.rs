@@ -1,0 +1,293 @@
+//! Message runs: consecutive realtime messages on one topic from one publisher, carried in one
+//! PUBLISH_RUN or DELIVER_RUN frame (protocol 1.2).
+//!
+//! A publisher whose outgoing queue holds several messages for the same topic sends them as a
+//! run; the broker routes the run once and forwards its bytes verbatim to every subscriber, and
+//! the subscriber reads the messages back one by one. Nothing waits to form a run: a message
+//! published while the queue is empty leaves alone, as a run of one.
+//!
+//! Body layout (after the kind byte): `topic16`, `count: u16`, then `count` entries of
+//! `header_len: u32`, header (as in a message body), `payload_len: u32`, payload.
+
+use super::body::{DecodeCache, decode_header, encode_header};
+use super::wire::{Cursor, begin, finish};
+use super::{FrameError, LEN_PREFIX, kind};
+use crate::bytestr::ByteStr;
+use crate::message::{Header, MESSAGE_OVERHEAD, Message, Qos};
+use crate::topic::Topic;
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Whether a message may travel in a run: realtime, not a request, not a reply.
+pub fn may_run(header: &Header) -> bool {
+    header.qos == Qos::Realtime && header.reply_to.is_none() && header.status.is_none()
+}
+
+/// A run of messages on one topic, as received: the frame body is kept and forwarded verbatim,
+/// the messages are read from it on demand ([`MessageRun::messages`]).
+#[derive(Clone, Debug)]
+pub struct MessageRun {
+    topic: Topic,
+    count: u32,
+    /// The first message's source (in a PUBLISH_RUN, every message's).
+    source: ByteStr,
+    body: Bytes,
+    /// Offset of the first entry in `body`.
+    entries_at: usize,
+    payload_bytes: usize,
+    max_payload: usize,
+}
+
+impl PartialEq for MessageRun {
+    fn eq(&self, other: &Self) -> bool {
+        self.body == other.body
+    }
+}
+
+impl MessageRun {
+    /// The topic every message of the run carries.
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    /// The publisher's name, from the first message (the broker checks that every message of
+    /// a PUBLISH_RUN has the same).
+    pub fn source(&self) -> &ByteStr {
+        &self.source
+    }
+
+    /// Number of messages (at least one).
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Always `false`: a run holds at least one message.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The frame body (topic, count, entries), forwarded verbatim.
+    pub fn wire(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Sum of the payload sizes.
+    pub fn payload_bytes(&self) -> usize {
+        self.payload_bytes
+    }
+
+    /// The largest payload in the run.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload
+    }
+
+    /// Bytes charged to queues: what [`Message::accounted_size`] charges for each message.
+    pub fn accounted_size(&self) -> usize {
+        self.payload_bytes + self.len() * (self.topic.as_str().len() + MESSAGE_OVERHEAD)
+    }
+
+    /// The messages, in order, each sharing the run's bytes (the payload is not copied).
+    pub fn messages(&self) -> RunMessages<'_> {
+        let mut cursor = Cursor::new(self.body.clone());
+        cursor.skip(self.entries_at);
+        RunMessages {
+            run: self,
+            cursor,
+            left: self.count,
+            cache: DecodeCache::default(),
+        }
+    }
+
+    /// Reads a run body. Every entry's lengths are checked; with `strict` (a PUBLISH_RUN, read
+    /// by the broker) every header is decoded too and must be realtime, without `reply_to` or
+    /// status, and name the same `source` as the first. A DELIVER_RUN's headers are decoded
+    /// when its messages are read.
+    pub(super) fn decode(
+        body: Bytes,
+        strict: bool,
+        cache: &mut DecodeCache,
+    ) -> Result<Self, FrameError> {
+        let mut c = Cursor::new(body);
+        let topic = c.topic_cached("run.topic", &mut cache.topic)?;
+        let count = c.u16("run.count")?;
+        if count == 0 {
+            return Err(FrameError::InvalidValue {
+                field: "run.count",
+                value: 0,
+            });
+        }
+        let entries_at = c.position();
+        let (mut payload_bytes, mut max_payload) = (0, 0);
+        let mut source = None;
+        for i in 0..count {
+            let hlen = c.u32("run.header_len")? as usize;
+            if strict || i == 0 {
+                let outer = c.narrow(hlen, "run.header")?;
+                let header = decode_header(&mut c, cache)?;
+                c.widen(outer);
+                if strict {
+                    check_entry(&header, &mut source)?;
+                } else {
+                    source = Some(header.source);
+                }
+            } else {
+                c.need(hlen, "run.header")?;
+                c.skip(hlen);
+            }
+            let plen = c.u32("run.payload_len")? as usize;
+            c.need(plen, "run.payload")?;
+            c.skip(plen);
+            payload_bytes += plen;
+            max_payload = max_payload.max(plen);
+        }
+        let body = c.finish()?;
+        let source = source.ok_or(FrameError::InvalidRun("a run holds at least one message"))?;
+        Ok(Self {
+            topic,
+            count: u32::from(count),
+            source,
+            body,
+            entries_at,
+            payload_bytes,
+            max_payload,
+        })
+    }
+}
+
+/// The rules of a PUBLISH_RUN entry (`docs/protocol.md` §3.10).
+fn check_entry(header: &Header, source: &mut Option<ByteStr>) -> Result<(), FrameError> {
+    if !may_run(header) {
+        return Err(FrameError::InvalidRun(
+            "a run carries only realtime messages without reply_to or status",
+        ));
+    }
+    match source {
+        Some(first) if *first != header.source => Err(FrameError::InvalidRun(
+            "every message of a run must have the same source",
+        )),
+        Some(_) => Ok(()),
+        None => {
+            *source = Some(header.source.clone());
+            Ok(())
+        }
+    }
+}
+
+/// The messages of a [`MessageRun`], decoded one by one.
+pub struct RunMessages<'a> {
+    run: &'a MessageRun,
+    cursor: Cursor,
+    left: u32,
+    cache: DecodeCache,
+}
+
+impl Iterator for RunMessages<'_> {
+    type Item = Result<Message, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let c = &mut self.cursor;
+        let entry = (|| {
+            let hlen = c.u32("run.header_len")? as usize;
+            let outer = c.narrow(hlen, "run.header")?;
+            let header = decode_header(c, &mut self.cache)?;
+            c.widen(outer);
+            let plen = c.u32("run.payload_len")? as usize;
+            let payload = c.take(plen, "run.payload")?;
+            Ok(Message::new(self.run.topic.clone(), header, payload))
+        })();
+        if entry.is_err() {
+            // The rest cannot be trusted once one entry failed.
+            self.left = 0;
+        }
+        Some(entry)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.left as usize))
+    }
+}
+
+/// A PUBLISH_RUN being written into a buffer: messages are appended while it stays open, and
+/// its length prefix and count are kept up to date, so the buffer always holds complete frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunWriter {
+    topic: Topic,
+    /// Offset of the frame's length prefix in the buffer.
+    start: usize,
+    count: u16,
+}
+
+impl RunWriter {
+    /// Starts a PUBLISH_RUN on `topic` at the end of `dst`, holding no message yet (append one
+    /// before the buffer is sent: a run of zero messages is malformed).
+    pub fn begin(dst: &mut BytesMut, topic: &Topic) -> Self {
+        let start = begin(dst, kind::PUBLISH_RUN);
+        super::wire::put_str16(dst, topic.as_str());
+        dst.put_u16_le(0);
+        finish(dst, start);
+        Self {
+            topic: topic.clone(),
+            start,
+            count: 0,
+        }
+    }
+
+    /// The run's topic.
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    /// Messages appended so far.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether no message was appended yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The frame's size so far, length prefix included.
+    pub fn frame_len(&self, dst: &BytesMut) -> usize {
+        dst.len() - self.start
+    }
+
+    /// Whether the run can take another message (at most `u16::MAX`).
+    pub fn has_room(&self) -> bool {
+        self.count < u16::MAX
+    }
+
+    /// Appends one message; `dst` must end with this run (nothing written after it).
+    ///
+    /// # Panics
+    ///
+    /// When the run already holds `u16::MAX` messages ([`RunWriter::has_room`]).
+    pub fn push(&mut self, dst: &mut BytesMut, header: &Header, payload: &[u8]) {
+        assert!(self.has_room(), "a run holds at most 65535 messages");
+        let len_at = dst.len();
+        dst.put_u32_le(0);
+        encode_header(dst, header);
+        let hlen = u32::try_from(dst.len() - len_at - 4).expect("header below 4 GiB");
+        dst[len_at..len_at + 4].copy_from_slice(&hlen.to_le_bytes());
+        dst.put_u32_le(u32::try_from(payload.len()).expect("payload below 4 GiB"));
+        dst.put_slice(payload);
+        self.count += 1;
+        let count_at = self.start + LEN_PREFIX + 1 + 2 + self.topic.as_str().len();
+        dst[count_at..count_at + 2].copy_from_slice(&self.count.to_le_bytes());
+        finish(dst, self.start);
+    }
+}
+
+/// Appends a run frame of `kind` ([`kind::PUBLISH_RUN`] or [`kind::DELIVER_RUN`]) carrying the
+/// run's bytes.
+pub fn encode_run_frame(dst: &mut BytesMut, kind: u8, run: &MessageRun) {
+    let wire = run.wire();
+    let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
+    dst.reserve(LEN_PREFIX + 1 + wire.len());
+    dst.put_u32_le(len);
+    dst.put_u8(kind);
+    dst.put_slice(wire);
+}
