@@ -967,3 +967,30 @@ conformance!(
     concurrent_callers_get_only_their_replies,
     rpc_edges,
 );
+
+/// The agent's usual arrangement: a collector publishes over a socket, the embedding process
+/// subscribes in process. Runs reach the in-process subscriber as frames it reads message by
+/// message.
+#[cfg(unix)]
+#[tokio::test]
+async fn runs_from_a_socket_reach_an_in_process_subscriber() {
+    let bus = bus(Kind::Unix, BrokerConfig::default()).await;
+    let inproc = Client::connect(bus.broker.inproc_endpoint(), ClientOptions::named("agent"))
+        .await
+        .unwrap();
+    let mut s = inproc.subscribe(["events.process.+"]).await.unwrap();
+    let collector = bus.client("procmond").await;
+    for i in 0..500u32 {
+        collector
+            .publish(&t("events.process.lifecycle"), i.to_le_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    for i in 0..500u32 {
+        let m = next(&mut s).await;
+        assert_eq!(m.payload().as_ref(), i.to_le_bytes());
+        assert_eq!(m.header().source.as_str(), "procmond");
+    }
+    let stats = bus.broker.stats();
+    assert!(stats.runs >= 1 && stats.runs < 500, "{} runs", stats.runs);
+}
