@@ -6,10 +6,10 @@
 //! [`FrameWriter::flush`], which callers invoke when their queue goes empty.
 
 use crate::error::ReadError;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, GroupDelivery, MessageRun, encode_group_frame, encode_group_frame_head,
-    encode_message_frame, encode_run_frame, kind, max_frame_len,
+    DecodeCache, GroupDelivery, MessageRun, encode_frame_head, encode_group_frame,
+    encode_group_frame_head, encode_message_frame, encode_run_frame, kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -141,11 +141,7 @@ impl StreamOut {
         let wire = msg.wire();
         match group {
             Some(d) => encode_group_frame_head(&mut self.buf, d, wire.len()),
-            None => {
-                let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
-                self.buf.put_u32_le(len);
-                self.buf.put_u8(kind::DELIVER);
-            }
+            None => encode_frame_head(&mut self.buf, kind::DELIVER, wire.len()),
         }
         self.push_body(wire);
     }
@@ -276,9 +272,7 @@ impl FrameWriter {
     pub fn push_deliver_run(&mut self, run: &MessageRun) {
         match &mut self.kind {
             WriterKind::Stream(out) if run.wire().len() >= VECTORED_MIN => {
-                let len = u32::try_from(run.wire().len() + 1).expect("frame below 4 GiB");
-                out.buf.put_u32_le(len);
-                out.buf.put_u8(kind::DELIVER_RUN);
+                encode_frame_head(&mut out.buf, kind::DELIVER_RUN, run.wire().len());
                 out.push_body(run.wire());
             }
             WriterKind::Stream(out) => encode_run_frame(&mut out.buf, kind::DELIVER_RUN, run),

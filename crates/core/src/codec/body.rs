@@ -1,7 +1,7 @@
 //! The message body shared by PUBLISH and DELIVER: topic, compact header, payload.
 
 use super::types::GroupDelivery;
-use super::wire::{Cursor, begin, finish, put_opt_str16, put_str8, put_str16};
+use super::wire::{Cursor, begin, encode_frame_head, finish, put_opt_str16, put_str8, put_str16};
 use super::{
     FLAG_CORRELATION, FLAG_DEADLINE, FLAG_QOS_MASK, FLAG_REPLY_TO, FLAG_STATUS, FrameError,
     LEN_PREFIX, MAX_NAME_LEN, kind,
@@ -115,12 +115,9 @@ pub fn encode_publish(dst: &mut BytesMut, topic: &Topic, header: &Header, payloa
 /// Appends a message frame of `kind` ([`kind::PUBLISH`] or [`kind::DELIVER`]) whose body is
 /// the message's shared wire encoding.
 pub fn encode_message_frame(dst: &mut BytesMut, kind: u8, msg: &Message) {
-    let wire = msg.wire();
-    let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
-    dst.reserve(LEN_PREFIX + 1 + wire.len());
-    dst.put_u32_le(len);
-    dst.put_u8(kind);
-    dst.put_slice(wire);
+    dst.reserve(LEN_PREFIX + 1 + msg.wire().len());
+    encode_frame_head(dst, kind, msg.wire().len());
+    dst.put_slice(msg.wire());
 }
 
 /// Appends a DELIVER_GROUP frame: the group name, then the message's shared wire encoding.

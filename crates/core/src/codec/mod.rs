@@ -20,6 +20,7 @@ pub use body::{
 pub use decoder::FrameDecoder;
 pub use run::{MessageRun, RunMessages, RunWriter, encode_run_frame, may_run};
 pub use types::*;
+pub use wire::encode_frame_head;
 
 use crate::group::GroupError;
 use crate::topic::TopicError;

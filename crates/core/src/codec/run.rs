@@ -10,7 +10,7 @@
 //! `header_len: u32`, header (as in a message body), `payload_len: u32`, payload.
 
 use super::body::{DecodeCache, decode_header, encode_header};
-use super::wire::{Cursor, begin, finish};
+use super::wire::{Cursor, begin, encode_frame_head, finish};
 use super::{FrameError, LEN_PREFIX, kind};
 use crate::bytestr::ByteStr;
 use crate::message::{Header, MESSAGE_OVERHEAD, Message, Qos};
@@ -284,10 +284,7 @@ impl RunWriter {
 /// Appends a run frame of `kind` ([`kind::PUBLISH_RUN`] or [`kind::DELIVER_RUN`]) carrying the
 /// run's bytes.
 pub fn encode_run_frame(dst: &mut BytesMut, kind: u8, run: &MessageRun) {
-    let wire = run.wire();
-    let len = u32::try_from(wire.len() + 1).expect("frame below 4 GiB");
-    dst.reserve(LEN_PREFIX + 1 + wire.len());
-    dst.put_u32_le(len);
-    dst.put_u8(kind);
-    dst.put_slice(wire);
+    dst.reserve(LEN_PREFIX + 1 + run.wire().len());
+    encode_frame_head(dst, kind, run.wire().len());
+    dst.put_slice(run.wire());
 }

@@ -34,6 +34,14 @@ pub(super) fn begin(dst: &mut BytesMut, kind: u8) -> usize {
     start
 }
 
+/// Appends the length prefix and kind of a frame whose body of `body_len` bytes the caller
+/// sends next (in the same buffer, or as its own `writev` segment).
+pub fn encode_frame_head(dst: &mut BytesMut, kind: u8, body_len: usize) {
+    let len = u32::try_from(body_len + 1).expect("frame below 4 GiB");
+    dst.put_u32_le(len);
+    dst.put_u8(kind);
+}
+
 /// Back-fills the length prefix of the frame begun at `start`.
 pub(super) fn finish(dst: &mut BytesMut, start: usize) {
     let len = u32::try_from(dst.len() - start - LEN_PREFIX).expect("frame below 4 GiB");
