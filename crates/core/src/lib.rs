@@ -2,6 +2,8 @@
 //!
 //! - [`topic`]: [`Topic`] and [`TopicFilter`], validated once at the edge (`docs/topics.md`).
 //! - [`trie`]: the [`SubscriptionTrie`] used by the broker to route, and its naive oracle.
+//! - [`topic_cache`]: [`TopicCache`], the bounded table of recently seen topics that lets a
+//!   connection validate and match each topic once.
 //! - [`catalog`]: the seed topic catalogue as constants and builders.
 //! - [`message`]: [`Message`], [`Header`], ids, QoS and correlation metadata.
 //! - [`codec`]: the v1 frame format and a cancel-safe stream decoder (`docs/protocol.md`).
@@ -14,6 +16,7 @@ pub mod correlation;
 pub mod group;
 pub mod message;
 pub mod topic;
+pub mod topic_cache;
 pub mod trie;
 
 pub use bytestr::ByteStr;
@@ -24,4 +27,5 @@ pub use message::{
     CorrelationError, CorrelationMetadata, Header, Message, MessageId, Qos, ReplyStatus, StatusCode,
 };
 pub use topic::{Topic, TopicError, TopicFilter};
+pub use topic_cache::TopicCache;
 pub use trie::{NaiveMatcher, SubscriptionTrie};

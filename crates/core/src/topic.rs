@@ -402,6 +402,12 @@ impl Topic {
         Self(ByteStr::from_static(s))
     }
 
+    /// A copy in its own allocation (already valid: not checked again), so that keeping it
+    /// does not keep the buffer this topic was sliced from alive.
+    pub(crate) fn detached(&self) -> Self {
+        Self(ByteStr::from(self.as_str()))
+    }
+
     /// The topic as a string slice.
     pub fn as_str(&self) -> &str {
         self.0.as_str()

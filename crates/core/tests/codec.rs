@@ -173,6 +173,15 @@ fn golden_publish_run() {
     // Delivered verbatim: the DELIVER_RUN body is the PUBLISH_RUN body.
     let deliver = encode(&Frame::DeliverRun(run));
     assert_eq!((deliver[4], &deliver[5..]), (kind::DELIVER_RUN, &b[5..]));
+    // A subscriber reads only the first source when the run arrives, the rest with the
+    // messages.
+    let delivered = match decode_one(&deliver).unwrap().unwrap() {
+        Frame::DeliverRun(run) => run,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(delivered.source().as_str(), "p");
+    let again: Vec<Message> = delivered.messages().map(Result::unwrap).collect();
+    assert_eq!(again, msgs);
 }
 
 /// Decodes `bytes` as one frame, expecting a recoverable refusal whose text contains `what`.
@@ -493,7 +502,7 @@ proptest! {
         while let Ok(Some(_)) = dec.decode_cached(&mut buf, &mut cache) {}
     }
 
-    /// One connection's cache (last topic and source) changes nothing in what is decoded,
+    /// One connection's cache (recent topics, last source) changes nothing in what is decoded,
     /// whether strings repeat, differ by one byte or in length, or come in large frames
     /// (never remembered).
     #[test]

@@ -12,6 +12,7 @@ use crate::message::{
     MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, ReplyStatus, StatusCode, truncate_utf8,
 };
 use crate::topic::Topic;
+use crate::topic_cache::TopicCache;
 use bytes::{BufMut, Bytes, BytesMut};
 
 pub(super) fn encode_header(dst: &mut BytesMut, h: &Header) {
@@ -138,16 +139,50 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
     put_str8(dst, group);
 }
 
-/// The topic and source of the last message decoded on one connection.
+/// Topics decoded lately on one connection, and the source of its last message.
 ///
-/// Consecutive messages on a connection usually repeat both. A repeat is recognised with one
-/// comparison and shares the strings already validated, instead of being validated (and
-/// sliced) again. Only strings of small frames are remembered, so the cache never holds a
-/// large read buffer alive.
-#[derive(Debug, Default)]
+/// A connection cycles through a bounded set of topics, and its messages usually repeat one
+/// source. A topic seen lately is recognised with one hash and one comparison and shared
+/// (a [`TopicCache`] of at most [`DECODE_TOPICS`] copies), instead of being validated and
+/// sliced again; a repeated source with one comparison. Only the source of a small frame is
+/// remembered, and topics are remembered as copies, so the cache never holds a read buffer
+/// alive.
+#[derive(Debug)]
 pub struct DecodeCache {
-    pub(super) topic: Option<Topic>,
+    pub(super) topics: TopicCache<()>,
     source: Option<ByteStr>,
+}
+
+/// Most topics one connection's [`DecodeCache`] remembers.
+pub const DECODE_TOPICS: usize = 4096;
+
+impl Default for DecodeCache {
+    fn default() -> Self {
+        Self::with_source(None)
+    }
+}
+
+impl DecodeCache {
+    /// A cache that knows the source the next message probably carries.
+    pub(super) fn with_source(source: Option<ByteStr>) -> Self {
+        Self {
+            topics: TopicCache::new(DECODE_TOPICS),
+            source,
+        }
+    }
+}
+
+/// Bytes of a header before its source: flags, message id, timestamp.
+const HEADER_BEFORE_SOURCE: usize = 1 + 16 + 8;
+
+/// Reads only the source of a header, from a cursor narrowed to it.
+pub(super) fn decode_source(
+    c: &mut Cursor,
+    cache: &mut DecodeCache,
+) -> Result<ByteStr, FrameError> {
+    c.need(HEADER_BEFORE_SOURCE, "header")?;
+    c.skip(HEADER_BEFORE_SOURCE);
+    c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)
 }
 
 /// Decodes a header from a cursor narrowed to it.
@@ -231,7 +266,7 @@ fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError>
 /// (a fresh [`DecodeCache::default`] when there is no connection to speak of).
 pub fn decode_message_body(body: Bytes, cache: &mut DecodeCache) -> Result<Message, FrameError> {
     let mut c = Cursor::new(body);
-    let topic = c.topic_cached("topic", &mut cache.topic)?;
+    let topic = c.topic_cached("topic", &mut cache.topics)?;
     let hlen = c.u32("header_len")? as usize;
     let outer = c.narrow(hlen, "header")?;
     let header = decode_header(&mut c, cache)?;

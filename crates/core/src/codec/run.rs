@@ -9,7 +9,7 @@
 //! Body layout (after the kind byte): `topic16`, `count: u16`, then `count` entries of
 //! `header_len: u32`, header (as in a message body), `payload_len: u32`, payload.
 
-use super::body::{DecodeCache, decode_header, encode_header};
+use super::body::{DecodeCache, decode_header, decode_source, encode_header};
 use super::wire::{Cursor, begin, encode_frame_head, finish};
 use super::{FrameError, LEN_PREFIX, kind};
 use crate::bytestr::ByteStr;
@@ -93,21 +93,21 @@ impl MessageRun {
             run: self,
             cursor,
             left: self.count,
-            cache: DecodeCache::default(),
+            cache: DecodeCache::with_source(Some(self.source.clone())),
         }
     }
 
     /// Reads a run body. Every entry's lengths are checked; with `strict` (a PUBLISH_RUN, read
     /// by the broker) every header is decoded too and must be realtime, without `reply_to` or
-    /// status, and name the same `source` as the first. A DELIVER_RUN's headers are decoded
-    /// when its messages are read.
+    /// status, and name the same `source` as the first. Of a DELIVER_RUN's headers only the
+    /// first source is read here; the headers are decoded when the messages are read.
     pub(super) fn decode(
         body: Bytes,
         strict: bool,
         cache: &mut DecodeCache,
     ) -> Result<Self, FrameError> {
         let mut c = Cursor::new(body);
-        let topic = c.topic_cached("run.topic", &mut cache.topic)?;
+        let topic = c.topic_cached("run.topic", &mut cache.topics)?;
         let count = c.u16("run.count")?;
         if count == 0 {
             return Err(FrameError::InvalidValue {
@@ -118,17 +118,17 @@ impl MessageRun {
         let entries_at = c.position();
         let (mut payload_bytes, mut max_payload) = (0, 0);
         let mut source = None;
-        for i in 0..count {
+        for _ in 0..count {
             let hlen = c.u32("run.header_len")? as usize;
-            if strict || i == 0 {
+            if strict {
                 let outer = c.narrow(hlen, "run.header")?;
                 let header = decode_header(&mut c, cache)?;
                 c.widen(outer);
-                if strict {
-                    check_entry(&header, &mut source)?;
-                } else {
-                    source = Some(header.source);
-                }
+                check_entry(&header, &mut source)?;
+            } else if source.is_none() {
+                let outer = c.narrow(hlen, "run.header")?;
+                source = Some(decode_source(&mut c, cache)?);
+                c.widen(outer);
             } else {
                 c.need(hlen, "run.header")?;
                 c.skip(hlen);

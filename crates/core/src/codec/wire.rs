@@ -5,6 +5,7 @@ use crate::bytestr::ByteStr;
 use crate::group::QueueGroup;
 use crate::message::{MessageId, Qos};
 use crate::topic::{Topic, TopicFilter};
+use crate::topic_cache::TopicCache;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::LEN_PREFIX;
@@ -154,24 +155,23 @@ impl Cursor {
     fn may_cache(&self) -> bool {
         self.base.len() < COPY_BELOW
     }
-    /// A topic, shared with `last` (and not validated again) when it repeats it.
+    /// A topic, shared with the connection's `topics` (and not validated again) when it was
+    /// seen lately; otherwise validated and remembered (as a copy).
     pub(super) fn topic_cached(
         &mut self,
         field: &'static str,
-        last: &mut Option<Topic>,
+        topics: &mut TopicCache<()>,
     ) -> Result<Topic, FrameError> {
         let len = self.u16(field)? as usize;
         self.need(len, field)?;
-        if let Some(t) = last.as_ref()
-            && self.skip_if_equal(len, t.as_str().as_bytes())
-        {
+        let bytes = &self.base[self.pos..self.pos + len];
+        let hash = TopicCache::<()>::hash(bytes);
+        if let Some((t, ())) = topics.get(hash, bytes) {
+            self.pos += len;
             return Ok(t.clone());
         }
         let topic = Topic::from_bytes(self.take(len, field)?)?;
-        if self.may_cache() {
-            *last = Some(topic.clone());
-        }
-        Ok(topic)
+        Ok(topics.insert(hash, &topic).0.clone())
     }
     /// A `u8`-length-prefixed string kept as shared bytes, shared with `last` (and not
     /// validated again) when it repeats it.
