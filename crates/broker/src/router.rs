@@ -6,7 +6,9 @@
 use crate::outbox::{Admission, Item, Memory, Pushed};
 use crate::session::ConnShared;
 use daemoneye_eventbus_core::codec::MessageRun;
-use daemoneye_eventbus_core::{Message, Qos, QueueGroup, SubscriptionTrie, Topic, TopicFilter};
+use daemoneye_eventbus_core::{
+    Message, Qos, QueueGroup, SubscriptionTrie, Topic, TopicCache, TopicFilter,
+};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -66,21 +68,44 @@ pub(crate) enum SubscribeRefusal {
     Conflict(String),
 }
 
-/// Reusable buffers for [`Router::route`], owned by one session so routing allocates nothing.
+/// Most topics one session remembers the matches of ([`RouteScratch`]).
+pub(crate) const ROUTE_TOPICS: usize = 4096;
+
+/// The subscriptions matching one topic.
 #[derive(Default)]
-pub(crate) struct RouteScratch {
+struct Matches {
     slots: Vec<Plain>,
-    /// Queue group members matching the topic, sorted (so grouped by group).
     members: Vec<Member>,
-    /// The topic `slots` / `processed` were matched for, and the router generation then:
-    /// a burst on one topic is matched once.
-    matched: Option<(Topic, u64)>,
+}
+
+/// Reusable buffers for [`Router::route`], owned by one session so routing allocates nothing.
+pub(crate) struct RouteScratch {
+    /// Plain subscriptions matching the topic being routed, sorted (a connection's entries
+    /// adjacent, its Processed one, if any, last).
+    slots: Vec<Plain>,
+    /// Queue group members matching the topic being routed, sorted (so grouped by group).
+    members: Vec<Member>,
+    /// The topics this session published lately and their matches: a topic is matched
+    /// against the tries once per router generation, not once per message.
+    matches: TopicCache<Matches>,
     /// Connections whose `Processed` queue was full, with the group the message went to them
     /// in: the publisher waits for them.
     pub(crate) blocked: Vec<(Arc<ConnShared>, Option<QueueGroup>)>,
     /// Connections whose queue went from empty to non-empty: their writers are woken once,
     /// after the whole batch is routed ([`RouteScratch::wake_writers`]).
     wake: Vec<Arc<ConnShared>>,
+}
+
+impl Default for RouteScratch {
+    fn default() -> Self {
+        Self {
+            slots: Vec::new(),
+            members: Vec::new(),
+            matches: TopicCache::new(ROUTE_TOPICS),
+            blocked: Vec::new(),
+            wake: Vec::new(),
+        }
+    }
 }
 
 impl RouteScratch {
@@ -366,21 +391,21 @@ impl Router {
         Some(routed)
     }
 
-    /// Fills `scratch.slots` and `scratch.members` with the subscriptions matching `topic`,
-    /// unless they already hold them (a burst on one topic is matched once).
+    /// Fills `scratch.slots` and `scratch.members` with the subscriptions matching `topic`:
+    /// from the session's cache when it matched the topic in this generation already.
     fn match_topic(&self, topic: &Topic, scratch: &mut RouteScratch) {
-        let fresh = matches!(&scratch.matched, Some((t, g)) if *g == self.generation && t == topic);
-        if fresh {
-            return;
-        }
-        // Sorted: a connection's entries are adjacent, its Processed one (if any) last.
-        self.trie.matches_into(topic, &mut scratch.slots);
-        scratch.matched = Some((topic.clone(), self.generation));
-        if self.grouped.is_empty() {
-            scratch.members.clear();
-        } else {
-            self.grouped.matches_into(topic, &mut scratch.members);
-        }
+        let found = scratch.matches.derived(topic, self.generation, |found| {
+            self.trie.matches_into(topic, &mut found.slots);
+            if self.grouped.is_empty() {
+                found.members.clear();
+            } else {
+                self.grouped.matches_into(topic, &mut found.members);
+            }
+        });
+        scratch.slots.clear();
+        scratch.slots.extend_from_slice(&found.slots);
+        scratch.members.clear();
+        scratch.members.extend_from_slice(&found.members);
     }
 
     /// Queues `item` once for every connection in `scratch.slots`.
@@ -537,7 +562,6 @@ impl Router {
         // Never waits: the session re-offering is going away.
         let picked = self.pick(grp, &members, msg, memory, Waiting::Never);
         scratch.members = members;
-        scratch.matched = None;
         let Some((slot, admission)) = picked else {
             return false;
         };

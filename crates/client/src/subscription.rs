@@ -7,7 +7,7 @@ use crate::queue::{self, Taken};
 use crate::rpc::Inbox;
 use daemoneye_eventbus_core::codec::DropReason;
 use daemoneye_eventbus_core::{CorrelationFilter, QueueGroup};
-use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicFilter};
+use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicCache, TopicFilter};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -181,12 +181,17 @@ struct FilterRef {
     group: Option<QueueGroup>,
 }
 
-/// The subscriptions matched for the last delivered topic, reused while the topic and the
-/// table stay the same (a burst on one topic is matched once).
-#[derive(Default)]
-pub(crate) struct Matched {
-    ids: Vec<u64>,
-    key: Option<(Topic, u64)>,
+/// Most delivered topics one connection remembers the matching subscriptions of.
+pub(crate) const MATCHED_TOPICS: usize = 4096;
+
+/// The subscriptions matching the topics delivered lately, reused while the table stays the
+/// same: a topic is matched against the trie once per table generation, not per message.
+pub(crate) struct Matched(TopicCache<Vec<u64>>);
+
+impl Default for Matched {
+    fn default() -> Self {
+        Self(TopicCache::new(MATCHED_TOPICS))
+    }
 }
 
 /// What a new subscription asks for.
@@ -374,13 +379,10 @@ impl SubTable {
         matched: &mut Matched,
         blocked: &mut Vec<queue::Sender>,
     ) {
-        let fresh =
-            matches!(&matched.key, Some((t, g)) if *g == self.generation && t == msg.topic());
-        if !fresh {
-            self.trie.matches_into(msg.topic(), &mut matched.ids);
-            matched.key = Some((msg.topic().clone(), self.generation));
-        }
-        for id in &matched.ids {
+        let ids = matched.0.derived(msg.topic(), self.generation, |ids| {
+            self.trie.matches_into(msg.topic(), ids);
+        });
+        for id in ids {
             if let Some(entry) = self.subs.get(id) {
                 Self::offer(entry, msg, blocked);
             }

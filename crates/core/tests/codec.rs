@@ -504,7 +504,7 @@ proptest! {
 
     /// One connection's cache (recent topics, last source) changes nothing in what is decoded,
     /// whether strings repeat, differ by one byte or in length, or come in large frames
-    /// (never remembered).
+    /// (whose source is never remembered).
     #[test]
     fn a_connection_cache_decodes_the_same(
         picks in prop::collection::vec((0usize..5, 0usize..3, any::<bool>()), 1..24)
