@@ -441,7 +441,15 @@ impl Client {
                 if inner.closed.is_cancelled() {
                     return Err(PublishError::Closed);
                 }
-                if out.buf.is_empty() || out.buf.bytes + need <= inner.options.outbox_bytes {
+                let bound = if out.connected {
+                    inner
+                        .options
+                        .connected_outbox_bytes
+                        .min(inner.options.outbox_bytes)
+                } else {
+                    inner.options.outbox_bytes
+                };
+                if out.buf.is_empty() || out.buf.bytes + need <= bound {
                     let was_empty = out.buf.is_empty();
                     // Numbered under the queue lock, so ids follow the order on the wire.
                     header.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;

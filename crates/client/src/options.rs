@@ -74,9 +74,15 @@ pub struct ClientOptions {
     pub request_timeout: Duration,
     /// Reconnect behaviour.
     pub reconnect: ReconnectPolicy,
-    /// Bound of the outgoing queue in bytes (default 8 MiB). When full, publishers wait while
-    /// connected and are refused (counted as lost) while disconnected.
+    /// Bound of the outgoing queue in bytes while disconnected (default 8 MiB): what is kept
+    /// for the reconnection. When full, publishers are refused (counted as lost).
     pub outbox_bytes: usize,
+    /// Bound of the outgoing queue in bytes while connected (default 256 KiB; at most
+    /// `outbox_bytes`). When full, publishers wait for the writer to take the queue. The
+    /// writer keeps the socket busy with batches this large; a deeper queue would only add
+    /// latency and memory (a publisher ahead of the broker would fill it and write from
+    /// memory it has never touched).
+    pub connected_outbox_bytes: usize,
     /// Bound of each subscription's queue, in messages (default 4096). When full, the
     /// connection stops reading until the application catches up, so the broker's slow-reader
     /// policy applies. The application takes queued messages in batches, so a subscription
@@ -101,6 +107,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(10),
             reconnect: ReconnectPolicy::default(),
             outbox_bytes: 8 * 1024 * 1024,
+            connected_outbox_bytes: 256 * 1024,
             subscription_buffer: 4096,
             max_pending_requests: 1000,
             slow_reader: SlowReaderPolicy::DropOldest,

@@ -43,7 +43,7 @@ const HEADER_ROOM: usize = 128;
 /// What is waiting to be written.
 pub(crate) struct OutBuf {
     buf: Buf,
-    /// Bytes accounted against `outbox_bytes`.
+    /// Bytes accounted against `outbox_bytes` / `connected_outbox_bytes`.
     pub(crate) bytes: usize,
     /// Publishes waiting (lost if the connection dies while they are written).
     pub(crate) publishes: u64,

@@ -937,6 +937,36 @@ async fn rpc_edges(kind: Kind) {
     assert_eq!(fresh.pending_requests(), 0);
 }
 
+/// Polls `fut` once: its output if it completes without waiting.
+fn poll_once<F: std::future::Future>(fut: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(fut).poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// While connected, a publisher ahead of its writer waits once `connected_outbox_bytes` are
+/// queued, not at the `outbox_bytes` kept for an outage.
+async fn a_connected_publisher_waits_at_the_connected_bound(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let payload = Bytes::from(vec![7u8; 1024]);
+    let need = payload.len() + "a.b".len() + daemoneye_eventbus::core::message::MESSAGE_OVERHEAD;
+    for bound in [64 * 1024, 1024 * 1024] {
+        let mut options = ClientOptions::named("ahead");
+        options.connected_outbox_bytes = bound;
+        let client = Client::connect(&bus.endpoint, options).await.unwrap();
+        // Each publish is polled once and this task never yields, so the client's writer
+        // never runs: nothing leaves the queue.
+        let mut accepted = 0;
+        while accepted < 10_000 && poll_once(client.publish(&t("a.b"), payload.clone())).is_some() {
+            accepted += 1;
+        }
+        assert_eq!(accepted, bound / need, "bound {bound}");
+        client.close().await;
+    }
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(unix)]
@@ -948,6 +978,7 @@ macro_rules! conformance {
 
 conformance!(
     publish_and_receive_in_order,
+    a_connected_publisher_waits_at_the_connected_bound,
     bursts_travel_as_runs,
     wildcard_matrix,
     one_copy_when_several_filters_match,
