@@ -2,13 +2,13 @@
 //! encoding it and decoding the result gives back an equal frame. The stream is decoded as
 //! one connection's (with a `DecodeCache`), the round trip without one, so the cache is
 //! checked against plain decoding. The messages of a run are read back: all of them for a
-//! PUBLISH_RUN (checked whole by the decoder), up to the first error for a DELIVER_RUN. Must
-//! never panic.
+//! PUBLISH_RUN (checked whole by the decoder), and again from the run split into DELIVER
+//! frames; up to the first error for a DELIVER_RUN. Must never panic.
 #![no_main]
 
 use bytes::BytesMut;
 use daemoneye_eventbus_core::{Frame, FrameDecoder};
-use daemoneye_eventbus_core::codec::DecodeCache;
+use daemoneye_eventbus_core::codec::{DecodeCache, encode_run_as_delivers};
 use libfuzzer_sys::fuzz_target;
 
 /// Small frame limit so the fuzzer explores `TooLarge` and keeps allocations bounded.
@@ -28,14 +28,26 @@ fuzz_target!(|data: &[u8]| {
         match &frame {
             Frame::PublishRun(run) => {
                 let mut size = 0;
+                let mut delivers = BytesMut::new();
+                encode_run_as_delivers(&mut delivers, run);
                 for m in run.messages() {
                     let m = m.unwrap_or_else(|e| panic!("a checked run has a bad message: {e}"));
                     size += m.accounted_size();
+                    match decoder.decode(&mut delivers) {
+                        Ok(Some(Frame::Deliver(d))) => {
+                            assert_eq!((d.topic(), d.header()), (m.topic(), m.header()));
+                            assert_eq!(d.payload(), m.payload());
+                        }
+                        other => panic!("a run message as a DELIVER read back as {other:?}"),
+                    }
                 }
+                assert!(delivers.is_empty(), "one DELIVER per message");
                 assert_eq!(size, run.accounted_size(), "run accounting differs");
             }
             Frame::DeliverRun(run) => {
                 assert!(run.messages().map_while(Result::ok).count() <= run.len());
+                // Lengths were checked: splitting into DELIVER frames never panics.
+                encode_run_as_delivers(&mut BytesMut::new(), run);
             }
             _ => {}
         }

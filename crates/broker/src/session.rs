@@ -748,12 +748,9 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
                     writer.push_deliver_run(&run);
                 }
                 Out::Run(run, _) => {
-                    // A client before 1.2 gets the messages one by one (the decoder checked
-                    // every entry, so every message reads back).
+                    // A client before 1.2 gets the messages one by one.
                     bytes_out += run.payload_bytes() as u64;
-                    for msg in run.messages().map_while(Result::ok) {
-                        writer.push_deliver(&msg);
-                    }
+                    writer.push_run_as_delivers(&run);
                 }
                 Out::Frame(f) => writer.push(&f),
             }

@@ -5,7 +5,8 @@
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
     DecodeCache, ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, Reply,
-    RunWriter, SlowReaderPolicy, Subscribe, Version, Welcome, kind, max_frame_len, may_run,
+    RunWriter, SlowReaderPolicy, Subscribe, Version, Welcome, encode_run_as_delivers, kind,
+    max_frame_len, may_run,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
 use daemoneye_eventbus_core::{
@@ -182,6 +183,35 @@ fn golden_publish_run() {
     assert_eq!(delivered.source().as_str(), "p");
     let again: Vec<Message> = delivered.messages().map(Result::unwrap).collect();
     assert_eq!(again, msgs);
+}
+
+/// A run's messages become DELIVER frames with their header bytes verbatim: fields of a later
+/// minor version reach a client before 1.2.
+#[test]
+fn a_run_as_delivers_keeps_header_extensions() {
+    let msg = simple_message(b"hi");
+    let mut b = run_bytes(std::slice::from_ref(&msg)).to_vec();
+    // Header of 27 bytes at offset 12 (see golden_publish_run): make it 29, two extension bytes.
+    b[12] = 29;
+    b.splice(16 + 27..16 + 27, [0xEE, 0xEF]);
+    let len = u32::try_from(b.len() - 4).unwrap();
+    b[..4].copy_from_slice(&len.to_le_bytes());
+    let run = match decode_one(&b).unwrap().unwrap() {
+        Frame::PublishRun(run) => run,
+        other => panic!("unexpected {other:?}"),
+    };
+    let mut delivers = BytesMut::new();
+    encode_run_as_delivers(&mut delivers, &run);
+    let plain = encode(&Frame::Deliver(msg.clone()));
+    assert_eq!(delivers.len(), plain.len() + 2);
+    assert!(delivers.windows(2).any(|w| w == [0xEE, 0xEF]));
+    match decode_one(&delivers).unwrap().unwrap() {
+        Frame::Deliver(m) => {
+            assert_eq!((m.topic(), m.header()), (msg.topic(), msg.header()));
+            assert_eq!(m.payload(), msg.payload());
+        }
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 /// Decodes `bytes` as one frame, expecting a recoverable refusal whose text contains `what`.
@@ -490,8 +520,14 @@ proptest! {
             other => panic!("unexpected {other:?}"),
         };
         let got: Vec<Message> = run.messages().map(Result::unwrap).collect();
-        prop_assert_eq!(got, msgs);
+        prop_assert_eq!(&got, &msgs);
         prop_assert!(buf.is_empty());
+        // As DELIVER frames (a client before 1.2, a run of one): the bytes of each message's
+        // own DELIVER.
+        let mut delivers = BytesMut::new();
+        encode_run_as_delivers(&mut delivers, &run);
+        let expected: Vec<u8> = msgs.iter().flat_map(|m| encode(&Frame::Deliver(m.clone()))).collect();
+        prop_assert_eq!(&delivers[..], &expected[..]);
     }
 
     #[test]

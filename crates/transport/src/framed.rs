@@ -9,7 +9,8 @@ use crate::error::ReadError;
 use bytes::{Buf, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
     DecodeCache, GroupDelivery, MessageRun, encode_frame_head, encode_group_frame,
-    encode_group_frame_head, encode_message_frame, encode_run_frame, kind, max_frame_len,
+    encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_frame, kind,
+    max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -268,15 +269,29 @@ impl FrameWriter {
     }
 
     /// Adds a run delivery (protocol 1.2): the run's bytes verbatim, written from its shared
-    /// buffer when large.
+    /// buffer when large. A small run of one message goes as a plain DELIVER, which the
+    /// subscriber reads with less work.
     pub fn push_deliver_run(&mut self, run: &MessageRun) {
         match &mut self.kind {
             WriterKind::Stream(out) if run.wire().len() >= VECTORED_MIN => {
                 encode_frame_head(&mut out.buf, kind::DELIVER_RUN, run.wire().len());
                 out.push_body(run.wire());
             }
+            WriterKind::Stream(out) if run.len() == 1 => encode_run_as_delivers(&mut out.buf, run),
             WriterKind::Stream(out) => encode_run_frame(&mut out.buf, kind::DELIVER_RUN, run),
             WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverRun(run.clone())),
+        }
+    }
+
+    /// Adds a run's messages as DELIVER frames, for a peer before protocol 1.2: headers and
+    /// payloads are copied verbatim.
+    pub fn push_run_as_delivers(&mut self, run: &MessageRun) {
+        match &mut self.kind {
+            WriterKind::Stream(out) => encode_run_as_delivers(&mut out.buf, run),
+            // The decoder checked every entry, so every message reads back.
+            WriterKind::InProc { pending, .. } => {
+                pending.extend(run.messages().map_while(Result::ok).map(Frame::Deliver))
+            }
         }
     }
 

@@ -18,7 +18,9 @@ pub use body::{
     encode_message_frame, encode_publish, encode_publish_head,
 };
 pub use decoder::FrameDecoder;
-pub use run::{MessageRun, RunMessages, RunWriter, encode_run_frame, may_run};
+pub use run::{
+    MessageRun, RunMessages, RunWriter, encode_run_as_delivers, encode_run_frame, may_run,
+};
 pub use types::*;
 pub use wire::encode_frame_head;
 

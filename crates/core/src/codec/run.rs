@@ -281,6 +281,39 @@ impl RunWriter {
     }
 }
 
+/// Appends the run's messages as DELIVER frames, one per message, each made of the run's topic
+/// and the message's header and payload bytes copied verbatim (header fields of a later minor
+/// version included). For a client before protocol 1.2, and for a run of one message, which a
+/// subscriber reads faster as a plain DELIVER.
+pub fn encode_run_as_delivers(dst: &mut BytesMut, run: &MessageRun) {
+    let body = run.wire();
+    // `topic16`: everything before the count.
+    let topic = &body[..run.entries_at - 2];
+    let len_at = |at: usize| {
+        let mut le = [0u8; 4];
+        le.copy_from_slice(&body[at..at + 4]);
+        u32::from_le_bytes(le) as usize
+    };
+    dst.reserve(body.len() + run.len() * (LEN_PREFIX + 1 + topic.len()));
+    let mut at = run.entries_at;
+    // The decoder checked every entry's lengths against the body.
+    for _ in 0..run.count {
+        let header = &body[at..at + 4 + len_at(at)];
+        at += header.len();
+        let plen = len_at(at);
+        let payload = &body[at + 4..at + 4 + plen];
+        at += 4 + plen;
+        encode_frame_head(
+            dst,
+            kind::DELIVER,
+            topic.len() + header.len() + payload.len(),
+        );
+        dst.put_slice(topic);
+        dst.put_slice(header);
+        dst.put_slice(payload);
+    }
+}
+
 /// Appends a run frame of `kind` ([`kind::PUBLISH_RUN`] or [`kind::DELIVER_RUN`]) carrying the
 /// run's bytes.
 pub fn encode_run_frame(dst: &mut BytesMut, kind: u8, run: &MessageRun) {
