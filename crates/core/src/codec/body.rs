@@ -9,7 +9,8 @@ use super::{
 use crate::bytestr::ByteStr;
 use crate::message::{
     CorrelationMetadata, Header, MAX_CORRELATION_ID_LEN, MAX_STAGE_LEN, MAX_STATUS_MESSAGE_LEN,
-    MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, ReplyStatus, StatusCode, truncate_utf8,
+    MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, Qos, ReplyStatus, StatusCode,
+    truncate_utf8,
 };
 use crate::topic::Topic;
 use crate::topic_cache::TopicCache;
@@ -183,6 +184,45 @@ pub(super) fn decode_source(
     c.need(HEADER_BEFORE_SOURCE, "header")?;
     c.skip(HEADER_BEFORE_SOURCE);
     c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)
+}
+
+/// Checks the header of a PUBLISH_RUN entry, from a cursor narrowed to it, without building
+/// it: what [`decode_header`] checks, and the rules of a run (`docs/protocol.md` §3.10):
+/// realtime, no reply_to or status, and the source of the first entry (`source`, set by the
+/// first).
+pub(super) fn check_run_header(
+    c: &mut Cursor,
+    cache: &mut DecodeCache,
+    source: &mut Option<ByteStr>,
+) -> Result<(), FrameError> {
+    let flags = c.u8("header.flags")?;
+    if c.qos(flags & FLAG_QOS_MASK)? != Qos::Realtime || flags & (FLAG_REPLY_TO | FLAG_STATUS) != 0
+    {
+        return Err(FrameError::InvalidRun(
+            "a run carries only realtime messages without reply_to or status",
+        ));
+    }
+    c.need(HEADER_BEFORE_SOURCE - 1, "header")?;
+    c.skip(HEADER_BEFORE_SOURCE - 1);
+    match source {
+        None => *source = Some(c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)?),
+        Some(first) => {
+            let len = usize::from(c.u8("header.source")?);
+            c.need(len, "header.source")?;
+            if !c.skip_if_equal(len, first.as_str().as_bytes()) {
+                return Err(FrameError::InvalidRun(
+                    "every message of a run must have the same source",
+                ));
+            }
+        }
+    }
+    if flags & FLAG_DEADLINE != 0 {
+        c.u64("header.deadline")?;
+    }
+    if flags & FLAG_CORRELATION != 0 {
+        decode_correlation(c)?;
+    }
+    Ok(())
 }
 
 /// Decodes a header from a cursor narrowed to it.

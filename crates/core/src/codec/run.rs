@@ -9,7 +9,7 @@
 //! Body layout (after the kind byte): `topic16`, `count: u16`, then `count` entries of
 //! `header_len: u32`, header (as in a message body), `payload_len: u32`, payload.
 
-use super::body::{DecodeCache, decode_header, decode_source, encode_header};
+use super::body::{DecodeCache, check_run_header, decode_header, decode_source, encode_header};
 use super::wire::{Cursor, begin, encode_frame_head, finish};
 use super::{FrameError, LEN_PREFIX, kind};
 use crate::bytestr::ByteStr;
@@ -122,9 +122,8 @@ impl MessageRun {
             let hlen = c.u32("run.header_len")? as usize;
             if strict {
                 let outer = c.narrow(hlen, "run.header")?;
-                let header = decode_header(&mut c, cache)?;
+                check_run_header(&mut c, cache, &mut source)?;
                 c.widen(outer);
-                check_entry(&header, &mut source)?;
             } else if source.is_none() {
                 let outer = c.narrow(hlen, "run.header")?;
                 source = Some(decode_source(&mut c, cache)?);
@@ -150,25 +149,6 @@ impl MessageRun {
             payload_bytes,
             max_payload,
         })
-    }
-}
-
-/// The rules of a PUBLISH_RUN entry (`docs/protocol.md` §3.10).
-fn check_entry(header: &Header, source: &mut Option<ByteStr>) -> Result<(), FrameError> {
-    if !may_run(header) {
-        return Err(FrameError::InvalidRun(
-            "a run carries only realtime messages without reply_to or status",
-        ));
-    }
-    match source {
-        Some(first) if *first != header.source => Err(FrameError::InvalidRun(
-            "every message of a run must have the same source",
-        )),
-        Some(_) => Ok(()),
-        None => {
-            *source = Some(header.source.clone());
-            Ok(())
-        }
     }
 }
 

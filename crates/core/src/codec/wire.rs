@@ -143,7 +143,7 @@ impl Cursor {
         Ok(Topic::from_bytes(self.take(len, field)?)?)
     }
     /// Whether the next `len` bytes equal `known`; if so they are skipped.
-    fn skip_if_equal(&mut self, len: usize, known: &[u8]) -> bool {
+    pub(super) fn skip_if_equal(&mut self, len: usize, known: &[u8]) -> bool {
         let hit = known.len() == len && self.base[self.pos..self.pos + len] == *known;
         if hit {
             self.pos += len;
