@@ -6,12 +6,12 @@
 //! it against the subscription trie when a message is routed — is then done once per topic: a
 //! repeat costs one hash, one comparison and a reference count.
 //!
-//! Bounded: at most `max` entries (a power of two). A topic lives in one of four adjacent slots
-//! chosen by its hash; a new topic that finds its four slots taken replaces the one hit least
-//! recently (**full-table policy: evict the least recently hit of four**), counted in
-//! [`TopicCache::evictions`]. The table allocates nothing until its first entry and doubles while
-//! more than half full, up to `max`, so a connection that publishes one topic holds a handful of
-//! slots. A replaced entry's value is handed to the new topic as it was, so a warm table
+//! Bounded: at most `max` entries (a power of two). A topic lives in one of eight adjacent slots
+//! chosen by its hash. The table allocates nothing until its first entry and doubles while more
+//! than half full or when a new topic finds its eight slots taken, up to `max`, so a connection
+//! that publishes one topic holds a handful of slots. At the bound, a new topic that finds its
+//! eight slots taken replaces the one hit least recently (**full-table policy: evict the least
+//! recently hit of eight**), counted in [`TopicCache::evictions`]. A replaced entry's value is handed to the new topic as it was, so a warm table
 //! allocates nothing; owners overwrite it (see [`TopicCache::insert`]).
 //!
 //! Cached topics are copies: a cache never keeps a frame or payload buffer alive.
@@ -20,7 +20,7 @@ use crate::topic::Topic;
 use std::hash::Hasher;
 
 /// Slots checked for one topic.
-const WAYS: usize = 4;
+const WAYS: usize = 8;
 /// The first table allocated.
 const FIRST: usize = 16;
 
@@ -62,8 +62,14 @@ impl<V: Default> TopicCache<V> {
     pub fn hash(bytes: &[u8]) -> u64 {
         let mut h = rustc_hash::FxHasher::default();
         h.write(bytes);
-        // Fibonacci mixing: the set is taken from the high bits.
-        h.finish().wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        // A final avalanche (MurmurHash3's), so the high bits the set is taken from depend on
+        // every byte: topics often differ only in a few middle characters.
+        let mut x = h.finish();
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
+        x ^ (x >> 33)
     }
 
     /// First slot of the set `hash` falls in.
@@ -104,6 +110,10 @@ impl<V: Default> TopicCache<V> {
     /// entry's otherwise (its allocations reused). The caller must overwrite it.
     pub fn insert(&mut self, hash: u64, topic: &Topic) -> (&Topic, &mut V) {
         if (self.len + 1) * 2 > self.slots.len() && self.slots.len() < self.max {
+            self.grow();
+        }
+        // Below the bound a full set grows the table rather than evict (sets fill unevenly).
+        while self.slots.len() < self.max && self.set_is_full(hash) {
             self.grow();
         }
         let set = self.set(hash);
@@ -152,6 +162,14 @@ impl<V: Default> TopicCache<V> {
             slot.generation = Some(generation);
         }
         &slot.value
+    }
+
+    /// Whether every slot of the set `hash` falls in is taken.
+    fn set_is_full(&self, hash: u64) -> bool {
+        let set = self.set(hash);
+        self.slots[set..set + WAYS]
+            .iter()
+            .all(|s| s.topic.is_some())
     }
 
     /// Doubles the table (the first time: allocates it), keeping every entry.
@@ -300,6 +318,19 @@ mod tests {
                 "{hot} was evicted while hit"
             );
             put(&mut fresh, name, 2);
+        }
+    }
+
+    #[test]
+    fn below_its_bound_the_table_grows_instead_of_evicting() {
+        let mut cache = TopicCache::new(4096);
+        let names: Vec<String> = (0..1000).map(|i| format!("bench.w4.e{i}.data")).collect();
+        for (i, name) in names.iter().enumerate() {
+            put(&mut cache, name, i as u32);
+        }
+        assert_eq!((cache.len(), cache.evictions()), (1000, 0));
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(lookup(&mut cache, name), Some(i as u32));
         }
     }
 
