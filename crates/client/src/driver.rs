@@ -442,7 +442,7 @@ impl ReadCtx<'_> {
         self.inner.counters.received.fetch_add(1, Ordering::Relaxed);
         let reply = {
             let subs = self.inner.subs.lock();
-            let reply = msg.topic().as_str().starts_with("_inbox.") && subs.inbox_is_exclusive();
+            let reply = msg.topic().is_inbox() && subs.inbox_is_exclusive();
             if !reply {
                 subs.dispatch(&msg, &mut self.matched, &mut self.blocked);
             }

@@ -428,6 +428,13 @@ impl Topic {
         self.as_str().starts_with('$')
     }
 
+    /// Whether the topic is an RPC reply inbox (`_inbox.…`): one per call, seen once.
+    pub fn is_inbox(&self) -> bool {
+        self.as_str()
+            .strip_prefix(INBOX_ROOT)
+            .is_some_and(|rest| rest.starts_with('.'))
+    }
+
     /// Appends a segment, returning a new topic.
     ///
     /// # Errors

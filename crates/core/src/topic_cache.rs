@@ -14,7 +14,9 @@
 //! recently hit of eight**), counted in [`TopicCache::evictions`]. A replaced entry's value is handed to the new topic as it was, so a warm table
 //! allocates nothing; owners overwrite it (see [`TopicCache::insert`]).
 //!
-//! Cached topics are copies: a cache never keeps a frame or payload buffer alive.
+//! Cached topics are copies: a cache never keeps a frame or payload buffer alive. Reply inboxes
+//! (`_inbox.…`) are never cached: each is used for one call, and would only evict topics that
+//! repeat.
 
 use crate::topic::Topic;
 use std::hash::Hasher;
@@ -39,6 +41,8 @@ struct Slot<V> {
 #[derive(Debug)]
 pub struct TopicCache<V> {
     slots: Vec<Slot<V>>,
+    /// Where the value of a topic that is not cached is derived (a reply inbox).
+    uncached: V,
     len: usize,
     max: usize,
     clock: u64,
@@ -51,6 +55,7 @@ impl<V: Default> TopicCache<V> {
     pub fn new(max: usize) -> Self {
         Self {
             slots: Vec::new(),
+            uncached: V::default(),
             len: 0,
             max: max.max(FIRST).next_power_of_two(),
             clock: 0,
@@ -146,7 +151,12 @@ impl<V: Default> TopicCache<V> {
     /// subscription table that counts its changes): cached, or computed by `derive` into the
     /// slot's value (which holds a stale or replaced value to overwrite, its allocations
     /// reused) when the topic is new to the cache or was derived in another generation.
+    /// A reply inbox (`_inbox.…`, one per call) is not cached: its value is derived every time.
     pub fn derived(&mut self, topic: &Topic, generation: u64, derive: impl FnOnce(&mut V)) -> &V {
+        if topic.is_inbox() {
+            derive(&mut self.uncached);
+            return &self.uncached;
+        }
         let bytes = topic.as_str().as_bytes();
         let hash = Self::hash(bytes);
         let at = match self.find(hash, bytes) {
@@ -319,6 +329,21 @@ mod tests {
             );
             put(&mut fresh, name, 2);
         }
+    }
+
+    #[test]
+    fn reply_inboxes_are_derived_every_time_and_never_cached() {
+        let mut cache: TopicCache<u32> = TopicCache::new(16);
+        let mut calls = 0;
+        for n in 0..3 {
+            let v = *cache.derived(&t(&format!("_inbox.c1.{n}")), 1, |v| {
+                calls += 1;
+                *v = n;
+            });
+            assert_eq!(v, n);
+        }
+        assert_eq!((calls, cache.len()), (3, 0));
+        assert!(!t("_inboxes.x").is_inbox() && t("_inbox.c1").is_inbox());
     }
 
     #[test]

@@ -171,6 +171,10 @@ impl Cursor {
             return Ok(t.clone());
         }
         let topic = Topic::from_bytes(self.take(len, field)?)?;
+        if topic.is_inbox() {
+            // A reply topic is used once: remembering it would only evict topics that repeat.
+            return Ok(topic);
+        }
         Ok(topics.insert(hash, &topic).0.clone())
     }
     /// A `u8`-length-prefixed string kept as shared bytes, shared with `last` (and not
