@@ -114,6 +114,13 @@ impl<V: Default> TopicCache<V> {
     /// The value is the one the slot held before: the default in a fresh slot, the replaced
     /// entry's otherwise (its allocations reused). The caller must overwrite it.
     pub fn insert(&mut self, hash: u64, topic: &Topic) -> (&Topic, &mut V) {
+        let at = self.insert_at(hash, topic);
+        let slot = &mut self.slots[at];
+        (slot.topic.as_ref().expect("just inserted"), &mut slot.value)
+    }
+
+    /// [`TopicCache::insert`], returning the slot's index.
+    fn insert_at(&mut self, hash: u64, topic: &Topic) -> usize {
         if (self.len + 1) * 2 > self.slots.len() && self.slots.len() < self.max {
             self.grow();
         }
@@ -143,8 +150,8 @@ impl<V: Default> TopicCache<V> {
         slot.hash = hash;
         slot.used = self.clock;
         slot.generation = None;
-        let topic = slot.topic.insert(topic.detached());
-        (topic, &mut slot.value)
+        slot.topic = Some(topic.detached());
+        set + at
     }
 
     /// The value derived from `topic` in `generation` of whatever it is derived from (a
@@ -161,10 +168,7 @@ impl<V: Default> TopicCache<V> {
         let hash = Self::hash(bytes);
         let at = match self.find(hash, bytes) {
             Some(at) => at,
-            None => {
-                self.insert(hash, topic);
-                self.find(hash, bytes).expect("just inserted")
-            }
+            None => self.insert_at(hash, topic),
         };
         let slot = &mut self.slots[at];
         if slot.generation != Some(generation) {
