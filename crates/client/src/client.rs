@@ -21,10 +21,10 @@ use daemoneye_eventbus_transport::Endpoint;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, oneshot, watch};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// Connection state, observable with [`Client::state`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,9 @@ pub(crate) struct Counters {
 
 pub(crate) struct OutState {
     pub(crate) buf: OutBuf,
+    /// The header of the next publish: the publisher id and source stay, the rest is set
+    /// per message (so a publish copies no source and builds no header).
+    header: Header,
     pub(crate) connected: bool,
     /// Frames ever queued.
     pub(crate) queued_total: u64,
@@ -83,8 +86,6 @@ pub(crate) type Pending = Mutex<HashMap<u32, oneshot::Sender<Result<(), Subscrib
 pub(crate) struct Inner {
     pub(crate) options: ClientOptions,
     pub(crate) endpoint: Endpoint,
-    source: ByteStr,
-    publisher_id: u64,
     sequence: AtomicU64,
     pub(crate) out: Mutex<OutState>,
     /// Wakes the writer when the queue becomes non-empty.
@@ -103,7 +104,7 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) max_message_size: AtomicUsize,
     /// Cancelled by close / drain / the last handle's drop.
-    pub(crate) closed: CancellationToken,
+    pub(crate) closed: Closed,
     pub(crate) last_rejection: Mutex<Option<String>>,
     /// The reply inbox and the calls waiting on it.
     pub(crate) inbox: Arc<Inbox>,
@@ -142,8 +143,37 @@ impl Drop for Registration<'_> {
     }
 }
 
+/// Whether the client is closed: a token to wait on, and a flag for the check every publish
+/// makes under the queue lock (the token's own check takes a lock of its own).
+#[derive(Clone, Default)]
+pub(crate) struct Closed {
+    token: CancellationToken,
+    flag: Arc<AtomicBool>,
+}
+
+impl Closed {
+    /// Closes: every check after this sees it, then every waiter wakes.
+    pub(crate) fn cancel(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// A token cancelled when the client closes (or on its own).
+    pub(crate) fn child_token(&self) -> CancellationToken {
+        self.token.child_token()
+    }
+}
+
 /// Cancels the driver when the last [`Client`] handle is dropped.
-struct DropGuard(CancellationToken);
+struct DropGuard(Closed);
 
 impl Drop for DropGuard {
     fn drop(&mut self) {
@@ -174,6 +204,13 @@ impl std::fmt::Debug for Client {
 pub struct Publish {
     topic: Topic,
     payload: Bytes,
+    pub(crate) extras: Extras,
+}
+
+/// What a publish carries besides its topic and payload (a plain [`Client::publish`] carries
+/// the defaults).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Extras {
     qos: Qos,
     reply_to: Option<Topic>,
     deadline_ns: Option<u64>,
@@ -187,35 +224,31 @@ impl Publish {
         Self {
             topic,
             payload: payload.into(),
-            qos: Qos::Realtime,
-            reply_to: None,
-            deadline_ns: None,
-            correlation: None,
-            status: None,
+            extras: Extras::default(),
         }
     }
     /// Sets the delivery guarantee.
     #[must_use]
     pub fn qos(mut self, qos: Qos) -> Self {
-        self.qos = qos;
+        self.extras.qos = qos;
         self
     }
     /// Sets the reply-to topic.
     #[must_use]
     pub fn reply_to(mut self, topic: Topic) -> Self {
-        self.reply_to = Some(topic);
+        self.extras.reply_to = Some(topic);
         self
     }
     /// Sets the deadline (nanoseconds since the Unix epoch).
     #[must_use]
     pub fn deadline_ns(mut self, deadline: u64) -> Self {
-        self.deadline_ns = Some(deadline);
+        self.extras.deadline_ns = Some(deadline);
         self
     }
     /// Attaches correlation metadata.
     #[must_use]
     pub fn correlation(mut self, meta: CorrelationMetadata) -> Self {
-        self.correlation = Some(Box::new(meta));
+        self.extras.correlation = Some(Box::new(meta));
         self
     }
 
@@ -229,7 +262,7 @@ impl Publish {
             Some(parent) => parent.child(new_correlation_id(), now),
             None => CorrelationMetadata::root(new_correlation_id(), now),
         };
-        self.correlation = Some(Box::new(meta));
+        self.extras.correlation = Some(Box::new(meta));
         self
     }
 }
@@ -296,15 +329,21 @@ impl Client {
         });
         let publisher_id = fastrand::u64(1..);
         let inner = Arc::new(Inner {
-            source: ByteStr::from(options.name.as_str()),
             endpoint: endpoint.clone(),
-            publisher_id,
             inbox: Arc::new(Inbox::new(publisher_id)),
             rpc_metrics: Recorder::default(),
             broker_minor: AtomicU16::new(established.broker_minor()),
             sequence: AtomicU64::new(0),
             out: Mutex::new(OutState {
                 buf: OutBuf::new(in_process),
+                header: Header {
+                    id: MessageId {
+                        publisher: publisher_id,
+                        sequence: 0,
+                    },
+                    source: ByteStr::from(options.name.as_str()),
+                    ..Header::default()
+                },
                 connected: true,
                 queued_total: 0,
             }),
@@ -319,7 +358,7 @@ impl Client {
             state,
             counters: Counters::default(),
             max_message_size: AtomicUsize::new(max),
-            closed: CancellationToken::new(),
+            closed: Closed::default(),
             last_rejection: Mutex::new(None),
             options,
         });
@@ -390,8 +429,7 @@ impl Client {
         topic: &Topic,
         payload: impl Into<Bytes>,
     ) -> Result<MessageId, PublishError> {
-        self.publish_with(Publish::new(topic.clone(), payload))
-            .await
+        self.send(topic, payload.into(), Extras::default()).await
     }
 
     /// Publishes with explicit options.
@@ -404,37 +442,36 @@ impl Client {
     ///
     /// Cancel-safe: a cancelled call has either queued the message or not touched the queue.
     pub async fn publish_with(&self, p: Publish) -> Result<MessageId, PublishError> {
+        self.send(&p.topic, p.payload, p.extras).await
+    }
+
+    /// Queues one publish (both public entry points).
+    async fn send(
+        &self,
+        topic: &Topic,
+        payload: Bytes,
+        mut extras: Extras,
+    ) -> Result<MessageId, PublishError> {
         let max = self.max_message_size();
-        if p.payload.len() > max {
+        if payload.len() > max {
             return Err(PublishError::TooLarge {
-                size: p.payload.len(),
+                size: payload.len(),
                 max,
             });
         }
-        if p.topic.is_sys() {
-            return Err(PublishError::Reserved(p.topic.to_string()));
+        if topic.is_sys() {
+            return Err(PublishError::Reserved(topic.to_string()));
         }
-        if let Some(reply_to) = p.reply_to.as_ref().filter(|r| r.is_sys()) {
+        if let Some(reply_to) = extras.reply_to.as_ref().filter(|r| r.is_sys()) {
             return Err(PublishError::Reserved(reply_to.to_string()));
         }
-        if let Some(meta) = &p.correlation {
+        if let Some(meta) = &extras.correlation {
             meta.validate()?;
         }
         let inner = &self.inner;
-        let mut header = Header {
-            id: MessageId {
-                publisher: inner.publisher_id,
-                sequence: 0,
-            },
-            timestamp_ns: now_ns(),
-            qos: p.qos,
-            source: inner.source.clone(),
-            reply_to: p.reply_to,
-            deadline_ns: p.deadline_ns,
-            correlation: p.correlation,
-            status: p.status,
-        };
-        let need = p.payload.len() + p.topic.as_str().len() + MESSAGE_OVERHEAD;
+        let timestamp_ns = now_ns();
+        let need = payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD;
+        let mut payload = Some(payload);
         loop {
             let space = {
                 let mut out = inner.out.lock();
@@ -451,13 +488,24 @@ impl Client {
                 };
                 if out.buf.is_empty() || out.buf.bytes + need <= bound {
                     let was_empty = out.buf.is_empty();
-                    // Numbered under the queue lock, so ids follow the order on the wire.
-                    header.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-                    let id = header.id;
+                    let out = &mut *out;
+                    // The header template keeps this client's publisher id and source; only
+                    // what differs per message is set. Numbered under the queue lock, so ids
+                    // follow the order on the wire.
+                    let h = &mut out.header;
+                    h.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    h.timestamp_ns = timestamp_ns;
+                    h.qos = extras.qos;
+                    h.reply_to = extras.reply_to.take();
+                    h.deadline_ns = extras.deadline_ns;
+                    h.correlation = extras.correlation.take();
+                    h.status = extras.status.take();
+                    let id = h.id;
                     let runs = inner.broker_minor.load(Ordering::Relaxed) >= RUNS_SINCE_MINOR;
-                    out.buf.push_publish(&p.topic, header, p.payload, runs);
+                    let payload = payload.take().expect("a publish is queued once");
+                    out.buf.push_publish(topic, h, payload, runs);
+                    (h.reply_to, h.correlation, h.status) = (None, None, None);
                     out.queued_total += 1;
-                    drop(out);
                     inner.counters.published.fetch_add(1, Ordering::Relaxed);
                     if was_empty {
                         inner.out_ready.notify_one();

@@ -83,7 +83,7 @@ impl OutBuf {
     pub(crate) fn push_publish(
         &mut self,
         topic: &Topic,
-        header: Header,
+        header: &Header,
         payload: Bytes,
         runs: bool,
     ) {
@@ -95,13 +95,13 @@ impl OutBuf {
                 run,
             } if payload.len() >= VECTORED_MIN => {
                 *run = None;
-                encode_publish_head(head, topic, &header, payload.len());
+                encode_publish_head(head, topic, header, payload.len());
                 payloads.push((head.len(), payload));
             }
-            Buf::Encoded { head, run, .. } if runs && may_run(&header) => {
+            Buf::Encoded { head, run, .. } if runs && may_run(header) => {
                 let open = match run {
                     Some(r)
-                        if r.topic() == topic
+                        if r.is_on(head, topic)
                             && r.has_room()
                             && r.frame_len(head) + HEADER_ROOM + payload.len() <= RUN_TARGET =>
                     {
@@ -109,13 +109,17 @@ impl OutBuf {
                     }
                     _ => run.insert(RunWriter::begin(head, topic)),
                 };
-                open.push(head, &header, &payload);
+                open.push(head, header, &payload);
             }
             Buf::Encoded { head, run, .. } => {
                 *run = None;
-                encode_publish(head, topic, &header, &payload);
+                encode_publish(head, topic, header, &payload);
             }
-            Buf::Frames(f) => f.push(Frame::Publish(Message::new(topic.clone(), header, payload))),
+            Buf::Frames(f) => f.push(Frame::Publish(Message::new(
+                topic.clone(),
+                header.clone(),
+                payload,
+            ))),
         }
         self.publishes += 1;
         self.frames += 1;
@@ -219,15 +223,15 @@ mod tests {
         let (a, b) = (Topic::new("a").unwrap(), Topic::new("b").unwrap());
         let mut buf = OutBuf::new(false);
         for _ in 0..3 {
-            buf.push_publish(&a, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+            buf.push_publish(&a, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
         }
-        buf.push_publish(&b, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
         // A message that must stay alone (it wants an ACK) ends the run before it.
-        buf.push_publish(&b, header(Qos::Processed), Bytes::from_static(b"x"), true);
-        buf.push_publish(&b, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, &header(Qos::Processed), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
         // So does a control frame: frames keep their order.
         buf.push_frame(Frame::Ping(1));
-        buf.push_publish(&b, header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
         assert_eq!((buf.publishes, buf.frames), (7, 8));
         assert_eq!(
             frames(&mut buf),
@@ -247,14 +251,14 @@ mod tests {
         let a = Topic::new("a").unwrap();
         let mut buf = OutBuf::new(false);
         for _ in 0..100 {
-            buf.push_publish(&a, header(Qos::Realtime), Bytes::from(vec![0; 1000]), true);
+            buf.push_publish(&a, &header(Qos::Realtime), Bytes::from(vec![0; 1000]), true);
         }
         let runs = frames(&mut buf);
         assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), 100);
         assert!(runs.len() >= 7, "{runs:?}");
         let mut old = OutBuf::new(false);
         for _ in 0..3 {
-            old.push_publish(&a, header(Qos::Realtime), Bytes::from_static(b"x"), false);
+            old.push_publish(&a, &header(Qos::Realtime), Bytes::from_static(b"x"), false);
         }
         assert_eq!(frames(&mut old), [("publish", 1); 3]);
     }

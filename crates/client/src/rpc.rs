@@ -456,7 +456,7 @@ impl Client {
             Err(s) => (Bytes::new(), Some(s)),
         };
         let mut p = Publish::new(reply_to, payload).caused_by(request);
-        p.status = status.map(Box::new);
+        p.extras.status = status.map(Box::new);
         self.publish_with(p).await?;
         Ok(true)
     }

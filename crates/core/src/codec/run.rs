@@ -194,11 +194,16 @@ impl Iterator for RunMessages<'_> {
 /// its length prefix and count are kept up to date, so the buffer always holds complete frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunWriter {
-    topic: Topic,
     /// Offset of the frame's length prefix in the buffer.
     start: usize,
+    /// Length of the topic, which the buffer holds right after the frame's kind byte and
+    /// its own length (the writer keeps no copy of it).
+    topic_len: usize,
     count: u16,
 }
+
+/// Offset of a run's topic from the start of its frame: length prefix, kind, topic length.
+const RUN_TOPIC_AT: usize = LEN_PREFIX + 1 + 2;
 
 impl RunWriter {
     /// Starts a PUBLISH_RUN on `topic` at the end of `dst`, holding no message yet (append one
@@ -209,15 +214,16 @@ impl RunWriter {
         dst.put_u16_le(0);
         finish(dst, start);
         Self {
-            topic: topic.clone(),
             start,
+            topic_len: topic.as_str().len(),
             count: 0,
         }
     }
 
-    /// The run's topic.
-    pub fn topic(&self) -> &Topic {
-        &self.topic
+    /// Whether the run is on `topic`; `dst` is the buffer it is written into.
+    pub fn is_on(&self, dst: &[u8], topic: &Topic) -> bool {
+        let at = self.start + RUN_TOPIC_AT;
+        dst.get(at..at + self.topic_len) == Some(topic.as_str().as_bytes())
     }
 
     /// Messages appended so far.
@@ -255,7 +261,7 @@ impl RunWriter {
         dst.put_u32_le(u32::try_from(payload.len()).expect("payload below 4 GiB"));
         dst.put_slice(payload);
         self.count += 1;
-        let count_at = self.start + LEN_PREFIX + 1 + 2 + self.topic.as_str().len();
+        let count_at = self.start + RUN_TOPIC_AT + self.topic_len;
         dst[count_at..count_at + 2].copy_from_slice(&self.count.to_le_bytes());
         finish(dst, self.start);
     }
