@@ -30,10 +30,13 @@ pub(super) fn encode_header(dst: &mut BytesMut, h: &Header) {
     if h.status.is_some() {
         flags |= FLAG_STATUS;
     }
-    dst.put_u8(flags);
-    dst.put_u64_le(h.id.publisher);
-    dst.put_u64_le(h.id.sequence);
-    dst.put_u64_le(h.timestamp_ns);
+    // The fixed fields in one copy.
+    let mut fixed = [0u8; HEADER_BEFORE_SOURCE];
+    fixed[0] = flags;
+    fixed[1..9].copy_from_slice(&h.id.publisher.to_le_bytes());
+    fixed[9..17].copy_from_slice(&h.id.sequence.to_le_bytes());
+    fixed[17..].copy_from_slice(&h.timestamp_ns.to_le_bytes());
+    dst.put_slice(&fixed);
     put_str8(dst, &h.source);
     if let Some(r) = &h.reply_to {
         put_str16(dst, r.as_str());
