@@ -6,8 +6,13 @@
 //! (replies, pongs, errors) are never evicted; a peer that lets more than
 //! [`MAX_QUEUED_CONTROL`] of them pile up is disconnected.
 
-use daemoneye_eventbus_core::codec::{DropReason, MessageRun, Notice, SlowReaderPolicy};
+use bytes::BytesMut;
+use daemoneye_eventbus_core::codec::{
+    DropReason, LEN_PREFIX, MessageRun, Notice, SlowReaderPolicy, encode_message_frame,
+    encode_run_delivery, kind,
+};
 use daemoneye_eventbus_core::{Frame, Message, QueueGroup, Topic};
+use daemoneye_eventbus_transport::VECTORED_MIN;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -60,7 +65,69 @@ pub(crate) enum Out {
     /// A run of messages on one topic (protocol 1.2), queued, evicted and written as a unit;
     /// it counts as its number of messages against the bounds.
     Run(MessageRun, Admission),
+    /// Deliveries already encoded (see [`Encoding::Bytes`]), written as they are and evicted
+    /// as a unit.
+    Encoded(Chunk),
     Frame(Frame),
+}
+
+/// How a connection's deliveries wait in its outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// As shared messages and runs, encoded by the writer (in-process peers, which take
+    /// frames as values).
+    Shared,
+    /// Byte-stream peers (`runs`: the peer reads message runs, protocol 1.2). A small
+    /// delivery (below [`VECTORED_MIN`], which the writer would copy anyway) is encoded into
+    /// the chunk at the queue's tail when it is queued, while the queue holds less than
+    /// [`ENCODE_BELOW`] bytes: the frame's own buffer goes back to the pool at once instead of
+    /// waiting in the queue, and the writer hands whole chunks to `writev`. A reader that falls
+    /// behind gets shared references instead, so nothing is copied for a reader that may
+    /// never read it.
+    Bytes { runs: bool },
+}
+
+/// A queue below this many bytes encodes small deliveries when they are queued.
+pub(crate) const ENCODE_BELOW: usize = 256 * 1024;
+
+/// A chunk takes no more frames once it holds this many bytes (and never grows past its
+/// capacity): written in one piece, and evicted as a unit under drop-oldest.
+const CHUNK_BYTES: usize = 16 * 1024;
+
+/// Encoded DELIVER and DELIVER_RUN frames of one admission (see [`Encoding::Bytes`]).
+pub(crate) struct Chunk {
+    pub(crate) buf: BytesMut,
+    /// Messages it holds.
+    msgs: usize,
+    /// Bytes charged to the bounds (the messages' accounted sizes).
+    size: usize,
+    /// Payload bytes, for the statistics.
+    pub(crate) payload: usize,
+    admission: Admission,
+}
+
+impl Chunk {
+    /// The topics of the frames held, with the number of messages of each frame.
+    fn topics(&self) -> impl Iterator<Item = (&[u8], u64)> {
+        let mut at = 0;
+        let buf = &self.buf[..];
+        std::iter::from_fn(move || {
+            let field = |at: usize, n: usize| buf.get(at..at + n);
+            let len = u32::from_le_bytes(field(at, LEN_PREFIX)?.try_into().ok()?) as usize;
+            let frame = at + LEN_PREFIX;
+            let topic_len = u16::from_le_bytes(field(frame + 1, 2)?.try_into().ok()?) as usize;
+            let topic = field(frame + 3, topic_len)?;
+            let count = if buf[frame] == kind::DELIVER_RUN {
+                u64::from(u16::from_le_bytes(
+                    field(frame + 3 + topic_len, 2)?.try_into().ok()?,
+                ))
+            } else {
+                1
+            };
+            at = frame + len;
+            Some((topic, count))
+        })
+    }
 }
 
 /// What a push queues: one message or a run.
@@ -91,6 +158,30 @@ impl Item<'_> {
         match self {
             Self::Msg(_) => 1,
             Self::Run(r) => r.len(),
+        }
+    }
+
+    /// Bytes of its wire form.
+    fn wire_len(&self) -> usize {
+        match self {
+            Self::Msg(m) => m.wire().len(),
+            Self::Run(r) => r.wire().len(),
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Self::Msg(m) => m.payload().len(),
+            Self::Run(r) => r.payload_bytes(),
+        }
+    }
+
+    /// Bytes its encoding as deliveries takes at most (frame heads included).
+    fn encoded_len(&self) -> usize {
+        let head = LEN_PREFIX + 1;
+        match self {
+            Self::Msg(m) => head + m.wire().len(),
+            Self::Run(r) => r.wire().len() + r.len() * (head + 2 + r.topic().as_str().len()),
         }
     }
 
@@ -163,6 +254,55 @@ impl State {
         }
     }
 
+    /// [`State::record_drop`] for a topic read from an encoded frame (made a [`Topic`] only
+    /// when it differs from the last one dropped).
+    fn record_drop_bytes(&mut self, topic: &[u8], reason: DropReason, n: u64) {
+        match &self.run {
+            Some((t, _)) if t.as_str().as_bytes() == topic => {
+                let t = t.clone();
+                self.record_drop(&t, reason, n);
+            }
+            // The frame was encoded from a checked topic.
+            _ => match std::str::from_utf8(topic)
+                .ok()
+                .and_then(|t| Topic::new(t).ok())
+            {
+                Some(t) => self.record_drop(&t, reason, n),
+                None => self.dropped_total += n,
+            },
+        }
+    }
+
+    /// Appends `item`'s deliveries to the chunk at the tail (a new one when the tail is not a
+    /// chunk of this admission or has no room left).
+    fn append_encoded(&mut self, item: Item<'_>, runs: bool, size: usize, admission: Admission) {
+        let need = item.encoded_len();
+        let fits = |c: &Chunk| {
+            c.admission == admission
+                && c.buf.len() < CHUNK_BYTES
+                && c.buf.capacity() - c.buf.len() >= need
+        };
+        if !matches!(self.queue.back(), Some(Out::Encoded(c)) if fits(c)) {
+            self.queue.push_back(Out::Encoded(Chunk {
+                buf: BytesMut::with_capacity(CHUNK_BYTES.max(need)),
+                msgs: 0,
+                size: 0,
+                payload: 0,
+                admission,
+            }));
+        }
+        let Some(Out::Encoded(chunk)) = self.queue.back_mut() else {
+            unreachable!("the tail is a chunk with room")
+        };
+        match item {
+            Item::Msg(m) => encode_message_frame(&mut chunk.buf, kind::DELIVER, m),
+            Item::Run(r) => encode_run_delivery(&mut chunk.buf, r, runs),
+        }
+        chunk.msgs += item.count();
+        chunk.size += size;
+        chunk.payload += item.payload_len();
+    }
+
     /// Adds the accumulated run of drops to the per-topic maps.
     fn fold_run(&mut self) {
         if let Some((topic, n)) = self.run.take() {
@@ -174,11 +314,10 @@ impl State {
     /// Evicts the oldest message or run that may be dropped; returns its size and message
     /// count, or `None` when there is none.
     fn evict_oldest(&mut self, reason: DropReason) -> Option<(usize, u64)> {
-        let pos = self.queue.iter().position(|o| {
-            matches!(
-                o,
-                Out::Msg(_, Admission::Shed, _) | Out::Run(_, Admission::Shed)
-            )
+        let pos = self.queue.iter().position(|o| match o {
+            Out::Msg(_, a, _) | Out::Run(_, a) => *a == Admission::Shed,
+            Out::Encoded(c) => c.admission == Admission::Shed,
+            Out::Frame(_) => false,
         })?;
         let (size, count) = match self.queue.remove(pos) {
             Some(Out::Msg(m, ..)) => {
@@ -189,7 +328,13 @@ impl State {
                 self.record_drop(r.topic(), reason, r.len() as u64);
                 (r.accounted_size(), r.len())
             }
-            _ => unreachable!("position found a message or a run"),
+            Some(Out::Encoded(c)) => {
+                for (topic, n) in c.topics() {
+                    self.record_drop_bytes(topic, reason, n);
+                }
+                (c.size, c.msgs)
+            }
+            _ => unreachable!("position found a message, a run or a chunk"),
         };
         self.msgs -= count;
         self.bytes -= size;
@@ -224,10 +369,16 @@ pub(crate) struct Outbox {
     max_msgs: usize,
     max_bytes: usize,
     policy: SlowReaderPolicy,
+    encoding: Encoding,
 }
 
 impl Outbox {
-    pub(crate) fn new(max_msgs: usize, max_bytes: usize, policy: SlowReaderPolicy) -> Self {
+    pub(crate) fn new(
+        max_msgs: usize,
+        max_bytes: usize,
+        policy: SlowReaderPolicy,
+        encoding: Encoding,
+    ) -> Self {
         Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
@@ -235,6 +386,7 @@ impl Outbox {
             max_msgs,
             max_bytes,
             policy,
+            encoding,
         }
     }
 
@@ -322,7 +474,14 @@ impl Outbox {
         group: Option<&QueueGroup>,
     ) -> Pushed {
         let wake = st.queue.is_empty();
-        st.queue.push_back(item.to_out(admission, group));
+        match self.encoding {
+            Encoding::Bytes { runs }
+                if group.is_none() && st.bytes < ENCODE_BELOW && item.wire_len() < VECTORED_MIN =>
+            {
+                st.append_encoded(item, runs, size, admission);
+            }
+            _ => st.queue.push_back(item.to_out(admission, group)),
+        }
         st.msgs += item.count();
         st.bytes += size;
         Pushed::Queued { evicted, wake }
@@ -484,7 +643,7 @@ mod tests {
     #[test]
     fn realtime_traffic_never_evicts_processed_messages() {
         let mem = Memory::new(1 << 30);
-        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
+        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared);
         for _ in 0..2 {
             assert!(matches!(
                 ob.push_message_wait(&msg("keep", 1), &mem),
@@ -494,21 +653,14 @@ mod tests {
         assert_eq!(ob.push_message_shed(&msg("rt", 1), &mem), Pushed::Dropped);
         let mut q = VecDeque::new();
         ob.take(&mut q);
-        let topics: Vec<_> = q
-            .iter()
-            .map(|o| match o {
-                Out::Msg(m, ..) => m.topic().to_string(),
-                Out::Run(r, _) => format!("run {}", r.topic()),
-                Out::Frame(_) => "frame".into(),
-            })
-            .collect();
+        let topics: Vec<_> = q.iter().map(describe).collect();
         assert_eq!(topics, ["keep", "keep"]);
     }
 
     #[test]
     fn wait_admission_never_drops() {
         let mem = Memory::new(1 << 30);
-        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
+        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared);
         for _ in 0..2 {
             assert!(matches!(
                 ob.push_message_wait(&msg("a", 1), &mem),
@@ -526,6 +678,22 @@ mod tests {
         ));
     }
 
+    /// What a queued item is: a message's topic, `run <topic>`, the frames of a chunk, `frame`.
+    fn describe(o: &Out) -> String {
+        match o {
+            Out::Msg(m, ..) => m.topic().to_string(),
+            Out::Run(r, _) => format!("run {}", r.topic()),
+            Out::Encoded(c) => {
+                let frames: Vec<_> = c
+                    .topics()
+                    .map(|(t, n)| format!("{}x{n}", String::from_utf8_lossy(t)))
+                    .collect();
+                format!("chunk {}", frames.join(" "))
+            }
+            Out::Frame(_) => "frame".into(),
+        }
+    }
+
     fn msg(topic: &str, len: usize) -> Message {
         Message::new(
             Topic::new(topic).unwrap(),
@@ -537,7 +705,7 @@ mod tests {
     #[test]
     fn drop_oldest_counts_and_notices_per_topic() {
         let mem = Memory::new(1 << 30);
-        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest);
+        let ob = Outbox::new(2, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared);
         assert_eq!(
             ob.push_message_shed(&msg("a", 1), &mem),
             Pushed::Queued {
@@ -562,14 +730,7 @@ mod tests {
         let mut q = VecDeque::new();
         let batch = ob.take(&mut q);
         assert_eq!(batch.msgs, 2);
-        let topics: Vec<_> = q
-            .iter()
-            .map(|o| match o {
-                Out::Msg(m, ..) => m.topic().to_string(),
-                Out::Run(r, _) => format!("run {}", r.topic()),
-                Out::Frame(_) => "frame".into(),
-            })
-            .collect();
+        let topics: Vec<_> = q.iter().map(describe).collect();
         assert_eq!(topics, ["b", "c"]);
         match batch.notice {
             Some(Frame::Notice(Notice::Dropped { reason, topics })) => {
@@ -587,14 +748,14 @@ mod tests {
     fn byte_bound_and_memory_cap() {
         let one = msg("a", 100).accounted_size();
         let mem = Memory::new(one * 3);
-        let ob = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest);
+        let ob = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest, Encoding::Shared);
         for _ in 0..5 {
             ob.push_message_shed(&msg("a", 100), &mem);
         }
         assert_eq!(ob.stats().queued_bytes, one * 2);
         assert_eq!(ob.stats().dropped, 3);
         // A second queue can only take what is left of the global cap.
-        let other = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest);
+        let other = Outbox::new(100, one * 2, SlowReaderPolicy::DropOldest, Encoding::Shared);
         assert!(matches!(
             other.push_message_shed(&msg("b", 100), &mem),
             Pushed::Queued { .. }
@@ -626,7 +787,7 @@ mod tests {
     #[test]
     fn a_run_counts_as_its_messages() {
         let mem = Memory::new(1 << 30);
-        let ob = Outbox::new(5, 1 << 20, SlowReaderPolicy::DropOldest);
+        let ob = Outbox::new(5, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared);
         let three = run("r", 3);
         assert!(matches!(
             ob.push(Item::Run(&three), &mem, Admission::Shed, None),
@@ -671,7 +832,7 @@ mod tests {
     #[test]
     fn disconnect_policy_overflows() {
         let mem = Memory::new(1 << 30);
-        let ob = Outbox::new(1, 1 << 20, SlowReaderPolicy::Disconnect);
+        let ob = Outbox::new(1, 1 << 20, SlowReaderPolicy::Disconnect, Encoding::Shared);
         assert_eq!(
             ob.push_message_shed(&msg("a", 1), &mem),
             Pushed::Queued {
@@ -687,5 +848,138 @@ mod tests {
             ob.take(&mut q).notice.is_none(),
             "no drop notice: the connection closes"
         );
+    }
+
+    fn taken(ob: &Outbox) -> (Batch, Vec<Out>) {
+        let mut q = VecDeque::new();
+        let batch = ob.take(&mut q);
+        (batch, q.into())
+    }
+
+    const STREAM: Encoding = Encoding::Bytes { runs: true };
+
+    #[test]
+    fn byte_stream_deliveries_are_encoded_into_one_chunk_that_reads_back() {
+        use daemoneye_eventbus_core::codec::FrameDecoder;
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(100, 1 << 20, SlowReaderPolicy::DropOldest, STREAM);
+        let (a, b) = (msg("a", 3), msg("b", 0));
+        let (one, three) = (run("r", 1), run("s", 3));
+        for item in [
+            Item::Msg(&a),
+            Item::Run(&one),
+            Item::Run(&three),
+            Item::Msg(&b),
+        ] {
+            assert!(matches!(
+                ob.push(item, &mem, Admission::Shed, None),
+                Pushed::Queued { evicted: 0, .. }
+            ));
+        }
+        let (batch, q) = taken(&ob);
+        assert_eq!(batch.msgs, 6);
+        let described: Vec<_> = q.iter().map(describe).collect();
+        assert_eq!(described, ["chunk ax1 rx1 sx3 bx1"]);
+        let Some(Out::Encoded(chunk)) = q.into_iter().next() else {
+            unreachable!()
+        };
+        assert_eq!(chunk.payload, 3 + 1 + 3);
+        // What the writer sends: a plain DELIVER for a message and for a run of one, a
+        // DELIVER_RUN for a longer run, each as the subscriber would read it.
+        let mut wire = chunk.buf;
+        let dec = FrameDecoder::new(1 << 20);
+        let mut frames = Vec::new();
+        while let Some(f) = dec.decode(&mut wire).unwrap() {
+            frames.push(f);
+        }
+        assert!(wire.is_empty());
+        assert!(matches!(&frames[0], Frame::Deliver(m) if *m == a));
+        assert!(matches!(&frames[1], Frame::Deliver(m) if m.topic().as_str() == "r"));
+        assert!(matches!(&frames[2], Frame::DeliverRun(r) if r.len() == 3));
+        assert!(matches!(&frames[3], Frame::Deliver(m) if *m == b));
+    }
+
+    #[test]
+    fn group_deliveries_other_admissions_and_control_frames_start_new_items() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(100, 1 << 20, SlowReaderPolicy::DropOldest, STREAM);
+        let group = QueueGroup::new("g").unwrap();
+        ob.push(Item::Msg(&msg("a", 1)), &mem, Admission::Wait, None);
+        ob.push(Item::Msg(&msg("b", 1)), &mem, Admission::Shed, None);
+        ob.push(Item::Msg(&msg("c", 1)), &mem, Admission::Shed, Some(&group));
+        ob.push(Item::Msg(&msg("d", 1)), &mem, Admission::Shed, None);
+        assert!(ob.push_frame(Frame::Ping(1)));
+        ob.push(Item::Msg(&msg("e", 1)), &mem, Admission::Shed, None);
+        let (_, q) = taken(&ob);
+        let described: Vec<_> = q.iter().map(describe).collect();
+        assert_eq!(
+            described,
+            [
+                "chunk ax1",
+                "chunk bx1",
+                "c",
+                "chunk dx1",
+                "frame",
+                "chunk ex1"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_chunk_is_evicted_as_a_unit_and_its_drops_counted_per_topic() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(4, 1 << 20, SlowReaderPolicy::DropOldest, STREAM);
+        ob.push(Item::Msg(&msg("keep", 1)), &mem, Admission::Wait, None);
+        for t in ["a", "a", "b"] {
+            ob.push(Item::Msg(&msg(t, 1)), &mem, Admission::Shed, None);
+        }
+        // Full: the next one evicts the realtime chunk (three messages), never the
+        // processed one.
+        assert_eq!(
+            ob.push(Item::Msg(&msg("c", 1)), &mem, Admission::Shed, None),
+            Pushed::Queued {
+                evicted: 3,
+                wake: false
+            }
+        );
+        let (batch, q) = taken(&ob);
+        let described: Vec<_> = q.iter().map(describe).collect();
+        assert_eq!(described, ["chunk keepx1", "chunk cx1"]);
+        assert_eq!(batch.msgs, 2);
+        match batch.notice {
+            Some(Frame::Notice(Notice::Dropped { topics, .. })) => assert_eq!(
+                topics,
+                [(Topic::new("a").unwrap(), 2), (Topic::new("b").unwrap(), 1)]
+            ),
+            other => panic!("{other:?}"),
+        }
+        mem.release(batch.bytes);
+        assert_eq!(mem.used(), 0);
+        assert_eq!(ob.stats().dropped, 3);
+    }
+
+    #[test]
+    fn a_queue_holding_enough_keeps_shared_references_and_large_payloads_stay_shared() {
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(1000, 8 << 20, SlowReaderPolicy::DropOldest, STREAM);
+        let big = msg("big", VECTORED_MIN);
+        ob.push(Item::Msg(&big), &mem, Admission::Shed, None);
+        let m = msg("m", 8 * 1024);
+        let mut pushed = 1;
+        while ob.stats().queued_bytes < ENCODE_BELOW {
+            ob.push(Item::Msg(&m), &mem, Admission::Shed, None);
+            pushed += 1;
+        }
+        ob.push(Item::Msg(&m), &mem, Admission::Shed, None);
+        let (batch, q) = taken(&ob);
+        assert_eq!(batch.msgs, pushed + 1);
+        let described: Vec<_> = q.iter().map(describe).collect();
+        assert_eq!(described.first().map(String::as_str), Some("big"));
+        assert!(
+            described[1..described.len() - 1]
+                .iter()
+                .all(|d| d.starts_with("chunk m"))
+        );
+        assert_eq!(described.last().map(String::as_str), Some("m"));
     }
 }

@@ -688,6 +688,7 @@ mod tests {
             .filter_map(|o| match o {
                 Out::Msg(_, _, g) => Some(g.map_or_else(|| "-".to_owned(), |g| g.to_string())),
                 Out::Run(..) => Some("run".to_owned()),
+                Out::Encoded(_) => Some("encoded".to_owned()),
                 Out::Frame(_) => None,
             })
             .collect()

@@ -6,7 +6,7 @@
 //! goes empty), never on a timer.
 
 use crate::broker::Shared;
-use crate::outbox::{Admission, Item, Out, Outbox, Pushed};
+use crate::outbox::{Admission, Encoding, Item, Out, Outbox, Pushed};
 use crate::router::{RouteScratch, SubscribeRefusal, Waiting};
 use crate::stats::{ConnCounters, Counters};
 use daemoneye_eventbus_core::codec::{
@@ -14,7 +14,9 @@ use daemoneye_eventbus_core::codec::{
     Reply, Version, Welcome,
 };
 use daemoneye_eventbus_core::{Frame, FrameError, Message, Qos};
-use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, ReadError};
+use daemoneye_eventbus_transport::{
+    Connection, FrameReader, FrameWriter, PeerInfo, ReadError, TransportKind,
+};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -56,6 +58,7 @@ impl ConnShared {
                 max_msgs,
                 1 << 20,
                 daemoneye_eventbus_core::codec::SlowReaderPolicy::DropOldest,
+                Encoding::Shared,
             ),
             runs: true,
             counters: ConnCounters::default(),
@@ -154,6 +157,12 @@ async fn run_session(
     writer: FrameWriter,
     peer: PeerInfo,
 ) {
+    let runs = hello.version.minor >= RUNS_SINCE_MINOR;
+    let encoding = if peer.transport == TransportKind::InProc {
+        Encoding::Shared
+    } else {
+        Encoding::Bytes { runs }
+    };
     let conn = Arc::new(ConnShared {
         session_id: shared.next_session.fetch_add(1, Ordering::Relaxed),
         name: hello.client_name.clone(),
@@ -162,8 +171,9 @@ async fn run_session(
             shared.config.message_buffer_size,
             shared.config.subscriber_buffer_bytes,
             hello.slow_reader,
+            encoding,
         ),
-        runs: hello.version.minor >= RUNS_SINCE_MINOR,
+        runs,
         counters: ConnCounters::default(),
         cancel: shared.kill.child_token(),
         last_error: Mutex::new(None),
@@ -751,6 +761,12 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
                     // A client before 1.2 gets the messages one by one.
                     bytes_out += run.payload_bytes() as u64;
                     writer.push_run_as_delivers(&run);
+                }
+                Out::Encoded(chunk) => {
+                    bytes_out += chunk.payload as u64;
+                    writer
+                        .push_segment(chunk.buf.freeze())
+                        .expect("only byte-stream connections queue encoded frames");
                 }
                 Out::Frame(f) => writer.push(&f),
             }

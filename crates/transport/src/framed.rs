@@ -9,8 +9,8 @@ use crate::error::ReadError;
 use bytes::{Buf, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
     DecodeCache, GroupDelivery, MessageRun, encode_frame_head, encode_group_frame,
-    encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_frame, kind,
-    max_frame_len,
+    encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_delivery,
+    kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -125,6 +125,9 @@ struct StreamOut {
     buf: BytesMut,
     segments: std::collections::VecDeque<Bytes>,
     segment_bytes: usize,
+    /// Whether `buf` was split into a segment since the last flush (it then shares its
+    /// allocation, and is replaced after the flush).
+    split: bool,
 }
 
 impl StreamOut {
@@ -134,6 +137,7 @@ impl StreamOut {
             let head = self.buf.split().freeze();
             self.segment_bytes += head.len();
             self.segments.push_back(head);
+            self.split = true;
         }
     }
 
@@ -195,7 +199,9 @@ impl StreamOut {
                 }
             }
         }
-        self.buf = BytesMut::with_capacity(READ_CHUNK);
+        if std::mem::take(&mut self.split) {
+            self.buf = BytesMut::with_capacity(READ_CHUNK);
+        }
         self.io.flush().await
     }
 }
@@ -221,6 +227,7 @@ impl FrameWriter {
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 segments: std::collections::VecDeque::new(),
                 segment_bytes: 0,
+                split: false,
             }),
         }
     }
@@ -277,8 +284,7 @@ impl FrameWriter {
                 encode_frame_head(&mut out.buf, kind::DELIVER_RUN, run.wire().len());
                 out.push_body(run.wire());
             }
-            WriterKind::Stream(out) if run.len() == 1 => encode_run_as_delivers(&mut out.buf, run),
-            WriterKind::Stream(out) => encode_run_frame(&mut out.buf, kind::DELIVER_RUN, run),
+            WriterKind::Stream(out) => encode_run_delivery(&mut out.buf, run, true),
             WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverRun(run.clone())),
         }
     }

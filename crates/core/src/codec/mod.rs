@@ -19,7 +19,8 @@ pub use body::{
 };
 pub use decoder::FrameDecoder;
 pub use run::{
-    MessageRun, RunMessages, RunWriter, encode_run_as_delivers, encode_run_frame, may_run,
+    MessageRun, RunMessages, RunWriter, encode_run_as_delivers, encode_run_delivery,
+    encode_run_frame, may_run,
 };
 pub use types::*;
 pub use wire::encode_frame_head;

@@ -300,6 +300,17 @@ pub fn encode_run_as_delivers(dst: &mut BytesMut, run: &MessageRun) {
     }
 }
 
+/// Appends a run as a subscriber receives it: one DELIVER_RUN frame, or one DELIVER frame per
+/// message for a run of one (which a subscriber reads with less work) and for a peer before
+/// protocol 1.2 (`runs` false).
+pub fn encode_run_delivery(dst: &mut BytesMut, run: &MessageRun, runs: bool) {
+    if runs && run.len() > 1 {
+        encode_run_frame(dst, kind::DELIVER_RUN, run);
+    } else {
+        encode_run_as_delivers(dst, run);
+    }
+}
+
 /// Appends a run frame of `kind` ([`kind::PUBLISH_RUN`] or [`kind::DELIVER_RUN`]) carrying the
 /// run's bytes.
 pub fn encode_run_frame(dst: &mut BytesMut, kind: u8, run: &MessageRun) {
