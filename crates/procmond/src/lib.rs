@@ -170,6 +170,8 @@ struct Shared {
     processes: AtomicU64,
     last_scan_us: AtomicU64,
     heartbeats: AtomicU64,
+    /// Executables not hashed because the hasher's queue was full.
+    hashes_skipped: AtomicU64,
     stop: Notify,
 }
 
@@ -205,6 +207,7 @@ pub async fn run(
         processes: AtomicU64::new(0),
         last_scan_us: AtomicU64::new(0),
         heartbeats: AtomicU64::new(0),
+        hashes_skipped: AtomicU64::new(0),
         stop: Notify::new(),
     });
     let boot = procfs::parse_boot_time(&std::fs::read_to_string(proc_root.join("stat")).map_err(
@@ -220,6 +223,13 @@ pub async fn run(
             id: id.to_owned(),
             message: e.to_string(),
         })?;
+    let (hash_jobs, jobs) = tokio::sync::mpsc::channel(HASH_QUEUE);
+    let hasher = Hasher {
+        client: client.clone(),
+        shared: Arc::clone(&shared),
+        jobs,
+        hashed: HashMap::new(),
+    };
     let scanner = Scanner {
         client: client.clone(),
         shared: Arc::clone(&shared),
@@ -227,10 +237,11 @@ pub async fn run(
         boot_secs: boot,
         ticks_per_sec: clock_ticks(),
         users: HashMap::new(),
-        hashed: HashMap::new(),
+        hash_jobs,
     };
     tokio::select! {
         r = scanner.run() => r?,
+        () = hasher.run() => {}
         () = heartbeats(client.clone(), Arc::clone(&shared)) => {}
         () = shared.stop.notified() => tracing::info!("shutdown requested"),
         () = stop => {}
@@ -288,8 +299,83 @@ struct Scanner {
     boot_secs: u64,
     ticks_per_sec: u64,
     users: HashMap<u32, Option<String>>,
-    /// Digests already published, by (path, size, modification time); bounded.
+    /// Executables to hash, for the [`Hasher`].
+    hash_jobs: tokio::sync::mpsc::Sender<HashJob>,
+}
+
+/// Most executables waiting to be hashed; when full, a new one is skipped and counted
+/// (`hashes_skipped`): a scan never waits for hashing.
+const HASH_QUEUE: usize = 256;
+
+/// An executable to hash: the path a process reported, and the file itself, opened through
+/// its `/proc/<pid>/exe` link when the process was seen (so it is hashed even if the
+/// process has exited by the time the hasher gets to it).
+struct HashJob {
+    pid: u32,
+    path: String,
+    file: std::fs::File,
+}
+
+/// Hashes executables off the scan loop (a large file takes long to hash) and publishes
+/// their digests on the integrity topic.
+struct Hasher {
+    client: Client,
+    shared: Arc<Shared>,
+    jobs: tokio::sync::mpsc::Receiver<HashJob>,
+    /// Digests already computed, by (path, size, modification time); bounded.
     hashed: HashMap<(String, u64, i64), String>,
+}
+
+impl Hasher {
+    async fn run(mut self) {
+        while let Some(job) = self.jobs.recv().await {
+            self.hash(job).await;
+        }
+        // The scanner ended first; the select that drives both returns with it.
+        std::future::pending::<()>().await;
+    }
+
+    async fn hash(&mut self, job: HashJob) {
+        let HashJob { pid, path, file } = job;
+        let Ok(meta) = file.metadata() else {
+            return;
+        };
+        #[cfg(unix)]
+        let mtime = std::os::unix::fs::MetadataExt::mtime(&meta);
+        #[cfg(not(unix))]
+        let mtime = 0;
+        let key = (path.clone(), meta.len(), mtime);
+        let digest = match self.hashed.get(&key) {
+            Some(d) => d.clone(),
+            None => {
+                let Ok(Ok(d)) = tokio::task::spawn_blocking(move || sha256_file(file)).await else {
+                    return;
+                };
+                if self.hashed.len() >= 4096 {
+                    self.hashed.clear();
+                }
+                self.hashed.insert(key, d.clone());
+                d
+            }
+        };
+        let msg = epb::ExecutableHash {
+            pid,
+            executable_path: path,
+            sha256: digest,
+            size_bytes: meta.len(),
+        };
+        let publish = Publish::new(catalog::process::integrity(), msg.encode_to_vec());
+        send(&self.client, &self.shared, publish).await;
+    }
+}
+
+async fn send(client: &Client, shared: &Shared, p: Publish) {
+    match client.publish_with(p).await {
+        Ok(_) => {
+            shared.published.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "event not published"),
+    }
 }
 
 impl Scanner {
@@ -331,13 +417,13 @@ impl Scanner {
             for p in procfs::execs(&prev, &next) {
                 self.publish(p, "exec").await;
                 if settings.hash_executables {
-                    self.publish_hash(p).await;
+                    self.publish_hash(p);
                 }
             }
             for p in started {
                 self.publish(p, "start").await;
                 if settings.hash_executables {
-                    self.publish_hash(p).await;
+                    self.publish_hash(p);
                 }
             }
             for p in exited {
@@ -424,12 +510,7 @@ impl Scanner {
     }
 
     async fn send(&self, p: Publish) {
-        match self.client.publish_with(p).await {
-            Ok(_) => {
-                self.shared.published.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => tracing::warn!(error = %e, "event not published"),
-        }
+        send(&self.client, &self.shared, p).await;
     }
 
     /// Publishes a snapshot, split into messages of at most [`BATCH_BYTES`] so a host with
@@ -468,52 +549,30 @@ impl Scanner {
         .await;
     }
 
-    async fn publish_hash(&mut self, p: &ProcInfo) {
+    /// Hands `p`'s executable to the hasher (skipped, and counted, when its queue is full).
+    fn publish_hash(&self, p: &ProcInfo) {
         let Some(path) = p.executable_path.clone() else {
             return;
         };
         // Through the process's own link: the very file it runs, even in another mount
         // namespace or after the path was replaced.
-        let exe = self.root.join(p.pid.to_string()).join("exe");
-        let Ok(meta) = std::fs::metadata(&exe) else {
+        let Ok(file) = std::fs::File::open(self.root.join(p.pid.to_string()).join("exe")) else {
             return;
         };
-        #[cfg(unix)]
-        let mtime = std::os::unix::fs::MetadataExt::mtime(&meta);
-        #[cfg(not(unix))]
-        let mtime = 0;
-        let key = (path.clone(), meta.len(), mtime);
-        let digest = match self.hashed.get(&key) {
-            Some(d) => d.clone(),
-            None => {
-                let Ok(Ok(d)) = tokio::task::spawn_blocking(move || sha256_file(&exe)).await else {
-                    return;
-                };
-                if self.hashed.len() >= 4096 {
-                    self.hashed.clear();
-                }
-                self.hashed.insert(key, d.clone());
-                d
-            }
-        };
-        let msg = epb::ExecutableHash {
+        let job = HashJob {
             pid: p.pid,
-            executable_path: path,
-            sha256: digest,
-            size_bytes: meta.len(),
+            path,
+            file,
         };
-        self.send(Publish::new(
-            catalog::process::integrity(),
-            msg.encode_to_vec(),
-        ))
-        .await;
+        if self.hash_jobs.try_send(job).is_err() {
+            self.shared.hashes_skipped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
-fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+fn sha256_file(mut file: std::fs::File) -> std::io::Result<String> {
     use sha2::Digest;
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -555,6 +614,7 @@ impl Handler {
             ("events_published", l(&s.published)),
             ("last_scan_ms", l(&s.last_scan_us) / 1000.0),
             ("heartbeats", l(&s.heartbeats)),
+            ("hashes_skipped", l(&s.hashes_skipped)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
