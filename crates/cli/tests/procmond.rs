@@ -82,19 +82,31 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 
-    // A shell that then runs another program: the same pid reports an exec.
+    // A shell that then runs another program: the same pid reports an exec. The shell waits
+    // until its start was reported, and the program until its exec was, so no timing of
+    // procmond's scans can miss either.
+    let go = dir.path().join("exec-now");
     let mut shell = Command::new("sh")
-        .args(["-c", "sleep 0.7; exec sleep 0.9"])
+        .arg("-c")
+        .arg(format!(
+            "while [ ! -e '{}' ]; do sleep 0.05; done; exec sleep 30",
+            go.display()
+        ))
         .spawn()
         .unwrap();
-    let sh = shell.id();
+    let sh = u64::from(shell.id());
+    let event_of = |l: &str, what: &str| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+        v["event"]["pid"] == sh && v["event"]["metadata"]["event"] == what
+    };
+    wait_line(rx, "the shell's start", |l| event_of(l, "start"));
+    std::fs::write(&go, b"").unwrap();
+    let line = wait_line(rx, "the shell's exec", |l| event_of(l, "exec"));
+    shell.kill().unwrap();
     shell.wait().unwrap();
-    let line = wait_line(rx, "the shell's exec", |l| {
-        l.contains(&format!("\"pid\":{sh}")) && l.contains("\"event\":\"exec\"")
-    });
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["event"]["name"], "sleep");
-    assert_eq!(v["event"]["command_line"], "sleep 0.9");
+    assert_eq!(v["event"]["command_line"], "sleep 30");
 
     // The collector services answer: a health check through the CLI is a typed request, so
     // here an undecodable one is refused with the right kind.

@@ -173,22 +173,25 @@ async fn requests_held_for_a_departed_member_are_reoffered() {
             tokio::spawn(async move { c.request(&t, p, Duration::from_secs(5)).await })
         })
         .collect();
-    // Wait until the broker holds requests for the stalled member, then let it go.
+    // Wait until the broker has routed every request and holds some for the stalled member,
+    // then let it go (requests routed after it left would go to the healthy one directly).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let stats = broker.stats();
-        let held = stats["connections"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == "stalled")
-            .map_or(0, |c| c["queued_messages"].as_u64().unwrap());
-        if held > 0 {
+        let conn = |name: &str, field: &str| {
+            stats["connections"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .map_or(0, |c| c[field].as_u64().unwrap())
+        };
+        if conn("stalled", "queued_messages") > 0 && conn("caller", "published") >= 40 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "nothing queued for the stalled member"
+            "the requests were not all routed, or none was queued for the stalled member"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
