@@ -148,9 +148,8 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
 /// A connection cycles through a bounded set of topics, and its messages usually repeat one
 /// source. A topic seen lately is recognised with one hash and one comparison and shared
 /// (a [`TopicCache`] of at most [`DECODE_TOPICS`] copies), instead of being validated and
-/// sliced again; a repeated source with one comparison. Only the source of a small frame is
-/// remembered, and topics are remembered as copies, so the cache never holds a read buffer
-/// alive.
+/// sliced again; a repeated source with one comparison. Topics and the source are
+/// remembered as copies, so the cache never holds a read buffer (or a chunk) alive.
 #[derive(Debug)]
 pub struct DecodeCache {
     pub(super) topics: TopicCache<()>,

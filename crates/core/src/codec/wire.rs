@@ -9,7 +9,6 @@ use crate::topic_cache::TopicCache;
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::LEN_PREFIX;
-use super::decoder::COPY_BELOW;
 
 pub(super) fn put_str8(dst: &mut BytesMut, s: &str) {
     let len = s.len().min(u8::MAX as usize);
@@ -150,11 +149,6 @@ impl Cursor {
         }
         hit
     }
-    /// Whether what this cursor slices may be remembered in a [`DecodeCache`]: only small
-    /// bodies (their own allocation), never slices of a large read buffer.
-    fn may_cache(&self) -> bool {
-        self.base.len() < COPY_BELOW
-    }
     /// A topic, shared with the connection's `topics` (and not validated again) when it was
     /// seen lately; otherwise validated and remembered (as a copy).
     pub(super) fn topic_cached(
@@ -197,9 +191,9 @@ impl Cursor {
         }
         let s = ByteStr::from_utf8(self.take(len, field)?)
             .map_err(|_| FrameError::InvalidUtf8(field))?;
-        if self.may_cache() {
-            *last = Some(s.clone());
-        }
+        // Remembered as a copy: a slice would keep this frame's buffer (or the chunk it was
+        // carved from) alive for as long as the source repeats.
+        *last = Some(ByteStr::from(s.as_str()));
         Ok(s)
     }
     pub(super) fn filter(&mut self, field: &'static str) -> Result<TopicFilter, FrameError> {
