@@ -70,6 +70,7 @@ async fn handshake(
     // The broker enforces its own limit on what it forwards (at most 64 MiB); our option only
     // bounds what we send.
     reader.set_max_message_size(daemoneye_eventbus_core::codec::MAX_MESSAGE_SIZE_LIMIT);
+    reader.carve_small_frames();
     match reader.read_frame().await {
         Ok(Some(Frame::Welcome(welcome))) => Ok(Established {
             reader,

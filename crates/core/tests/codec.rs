@@ -615,3 +615,48 @@ fn publish_head_plus_payload_equals_publish() {
     split.extend_from_slice(&payload);
     assert_eq!(whole, split);
 }
+
+#[test]
+fn carved_frames_read_the_same_and_their_chunk_is_reused_once_they_are_gone() {
+    let dec = FrameDecoder::new(max_frame_len(1 << 20));
+    let msgs = [simple_message(b"one"), simple_message(b"two")];
+    let mut wire = BytesMut::new();
+    for m in &msgs {
+        Frame::Deliver(m.clone()).encode(&mut wire);
+    }
+    // A frame above the copy threshold is sliced from the read buffer, never carved.
+    let large = Message::new(
+        Topic::new("a.b").unwrap(),
+        msgs[0].header().clone(),
+        Bytes::from(vec![7u8; 20 * 1024]),
+    );
+    Frame::Deliver(large.clone()).encode(&mut wire);
+    let mut cache = DecodeCache::carving();
+    let mut read = Vec::new();
+    while let Some(f) = dec.decode_cached(&mut wire, &mut cache).unwrap() {
+        match f {
+            Frame::Deliver(m) => read.push(m),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(read, [msgs[0].clone(), msgs[1].clone(), large]);
+    // The two small frames sit side by side in one chunk.
+    let (first, second) = (read[0].wire().as_ptr(), read[1].wire().as_ptr());
+    assert_eq!(second as usize - first as usize, read[0].wire().len());
+    drop(read);
+    // Frames read and dropped one by one fill the chunk: once every frame carved from it is
+    // gone, the next one that does not fit is carved from its start again.
+    let mut wire = BytesMut::new();
+    while wire.len() < 2 * daemoneye_eventbus_core::codec::CARVE_CHUNK {
+        Frame::Deliver(msgs[1].clone()).encode(&mut wire);
+    }
+    let mut starts = 0;
+    while let Some(f) = dec.decode_cached(&mut wire, &mut cache).unwrap() {
+        let Frame::Deliver(m) = f else {
+            panic!("a delivery")
+        };
+        assert_eq!(m, msgs[1]);
+        starts += usize::from(m.wire().as_ptr() == first);
+    }
+    assert!(starts >= 1, "the chunk was reclaimed in place");
+}

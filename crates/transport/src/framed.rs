@@ -63,6 +63,14 @@ impl FrameReader {
         }
     }
 
+    /// Copies small frames out of the read buffer into shared chunks rather than one buffer
+    /// each ([`DecodeCache::carving`]): for readers handing messages to an application.
+    pub fn carve_small_frames(&mut self) {
+        if let ReaderKind::Stream { cache, .. } = &mut self.kind {
+            *cache = DecodeCache::carving();
+        }
+    }
+
     /// Sets the largest frame accepted, derived from a payload limit.
     pub fn set_max_message_size(&mut self, max_message_size: usize) {
         self.decoder = FrameDecoder::new(max_frame_len(max_message_size));

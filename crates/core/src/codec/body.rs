@@ -150,11 +150,20 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
 /// (a [`TopicCache`] of at most [`DECODE_TOPICS`] copies), instead of being validated and
 /// sliced again; a repeated source with one comparison. Topics and the source are
 /// remembered as copies, so the cache never holds a read buffer (or a chunk) alive.
+///
+/// It also says how small frames are copied out of the read buffer: each into a buffer of
+/// its own (the default: what the broker queues is then exactly what it accounts for), or
+/// carved from a shared chunk ([`DecodeCache::carving`]).
 #[derive(Debug)]
 pub struct DecodeCache {
     pub(super) topics: TopicCache<()>,
     source: Option<ByteStr>,
+    /// The chunk small frames are carved from, when they are.
+    pub(super) carve: Option<BytesMut>,
 }
+
+/// Bytes of the chunks [`DecodeCache::carving`] carves frames from.
+pub const CARVE_CHUNK: usize = 16 * 1024;
 
 /// Most topics one connection's [`DecodeCache`] remembers.
 pub const DECODE_TOPICS: usize = 4096;
@@ -171,6 +180,19 @@ impl DecodeCache {
         Self {
             topics: TopicCache::new(DECODE_TOPICS),
             source,
+            carve: None,
+        }
+    }
+
+    /// A cache whose connection copies small frames into shared chunks of [`CARVE_CHUNK`]
+    /// bytes instead of one buffer each: a copy then costs no allocation and no pool, and a
+    /// chunk whose frames are all dropped is reused in place. For a reader that hands messages
+    /// to an application (the client): a message the application keeps holds its whole chunk
+    /// (16 KiB at most) alive, which a broker, accounting queued bytes exactly, must not do.
+    pub fn carving() -> Self {
+        Self {
+            carve: Some(BytesMut::new()),
+            ..Self::default()
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Splitting frames off a byte stream.
 
-use super::body::DecodeCache;
+use super::body::{CARVE_CHUNK, DecodeCache};
 use super::types::Frame;
 use super::{FrameError, LEN_PREFIX};
 use bytes::{Buf, Bytes, BytesMut};
@@ -53,7 +53,7 @@ impl FrameDecoder {
         buf: &mut BytesMut,
         cache: &mut DecodeCache,
     ) -> Result<Option<Frame>, FrameError> {
-        let Some((kind, body)) = self.split_frame(buf)? else {
+        let Some((kind, body)) = self.split(buf, cache.carve.as_mut())? else {
             return Ok(None);
         };
         Frame::decode_cached(kind, body, cache).map(Some)
@@ -65,6 +65,16 @@ impl FrameDecoder {
     ///
     /// [`FrameError::TooLarge`] or [`FrameError::Empty`].
     pub fn split_frame(&self, buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, FrameError> {
+        self.split(buf, None)
+    }
+
+    /// [`FrameDecoder::split_frame`], carving small frames from `carve` when given (see
+    /// [`DecodeCache::carving`]).
+    fn split(
+        &self,
+        buf: &mut BytesMut,
+        carve: Option<&mut BytesMut>,
+    ) -> Result<Option<(u8, Bytes)>, FrameError> {
         if buf.len() < LEN_PREFIX {
             return Ok(None);
         }
@@ -90,7 +100,17 @@ impl FrameDecoder {
             // A small frame gets its own buffer (recycled, `pool`): what a queued message
             // holds is then what the broker's memory accounting charges for it, and the read
             // buffer is never shared, so it is reused instead of reallocated.
-            let frame = super::pool::copy(&buf[body]);
+            let frame = match carve {
+                Some(chunk) => {
+                    // Reclaims the chunk in place once every frame carved from it is gone.
+                    if chunk.capacity() - chunk.len() < len {
+                        chunk.reserve(CARVE_CHUNK.max(len));
+                    }
+                    chunk.extend_from_slice(&buf[body]);
+                    chunk.split().freeze()
+                }
+                None => super::pool::copy(&buf[body]),
+            };
             buf.advance(LEN_PREFIX + len);
             frame
         } else {

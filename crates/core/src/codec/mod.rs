@@ -14,8 +14,8 @@ mod wire;
 
 pub(crate) use body::encode_message_body;
 pub use body::{
-    DECODE_TOPICS, DecodeCache, decode_message_body, encode_group_frame, encode_group_frame_head,
-    encode_message_frame, encode_publish, encode_publish_head,
+    CARVE_CHUNK, DECODE_TOPICS, DecodeCache, decode_message_body, encode_group_frame,
+    encode_group_frame_head, encode_message_frame, encode_publish, encode_publish_head,
 };
 pub use decoder::FrameDecoder;
 pub use run::{
