@@ -257,19 +257,16 @@ impl State {
     /// [`State::record_drop`] for a topic read from an encoded frame (made a [`Topic`] only
     /// when it differs from the last one dropped).
     fn record_drop_bytes(&mut self, topic: &[u8], reason: DropReason, n: u64) {
-        match &self.run {
-            Some((t, _)) if t.as_str().as_bytes() == topic => {
-                let t = t.clone();
-                self.record_drop(&t, reason, n);
-            }
+        let topic = match &self.run {
+            Some((t, _)) if t.as_str().as_bytes() == topic => Some(t.clone()),
             // The frame was encoded from a checked topic.
-            _ => match std::str::from_utf8(topic)
+            _ => std::str::from_utf8(topic)
                 .ok()
-                .and_then(|t| Topic::new(t).ok())
-            {
-                Some(t) => self.record_drop(&t, reason, n),
-                None => self.dropped_total += n,
-            },
+                .and_then(|t| Topic::new(t).ok()),
+        };
+        match topic {
+            Some(t) => self.record_drop(&t, reason, n),
+            None => self.dropped_total += n,
         }
     }
 
@@ -651,8 +648,7 @@ mod tests {
             ));
         }
         assert_eq!(ob.push_message_shed(&msg("rt", 1), &mem), Pushed::Dropped);
-        let mut q = VecDeque::new();
-        ob.take(&mut q);
+        let (_, q) = taken(&ob);
         let topics: Vec<_> = q.iter().map(describe).collect();
         assert_eq!(topics, ["keep", "keep"]);
     }
@@ -669,8 +665,7 @@ mod tests {
         }
         assert_eq!(ob.push_message_wait(&msg("a", 1), &mem), Pushed::Full);
         assert_eq!(ob.stats().dropped, 0);
-        let mut q = VecDeque::new();
-        let batch = ob.take(&mut q);
+        let (batch, _) = taken(&ob);
         mem.release(batch.bytes);
         assert!(matches!(
             ob.push_message_wait(&msg("a", 1), &mem),
@@ -727,8 +722,7 @@ mod tests {
                 wake: false
             }
         );
-        let mut q = VecDeque::new();
-        let batch = ob.take(&mut q);
+        let (batch, q) = taken(&ob);
         assert_eq!(batch.msgs, 2);
         let topics: Vec<_> = q.iter().map(describe).collect();
         assert_eq!(topics, ["b", "c"]);
@@ -805,8 +799,7 @@ mod tests {
                 wake: false
             }
         );
-        let mut q = VecDeque::new();
-        let batch = ob.take(&mut q);
+        let (batch, _) = taken(&ob);
         assert_eq!(batch.msgs, 3);
         match batch.notice {
             Some(Frame::Notice(Notice::Dropped { topics, .. })) => {
@@ -843,9 +836,8 @@ mod tests {
         assert_eq!(ob.push_message_shed(&msg("a", 1), &mem), Pushed::Overflow);
         assert!(ob.is_closed());
         assert_eq!(ob.stats().dropped, 1, "the overflowing message is counted");
-        let mut q = VecDeque::new();
         assert!(
-            ob.take(&mut q).notice.is_none(),
+            taken(&ob).0.notice.is_none(),
             "no drop notice: the connection closes"
         );
     }
