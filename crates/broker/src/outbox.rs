@@ -185,10 +185,12 @@ impl Item<'_> {
         }
     }
 
+    /// What the queue keeps: exactly the item's own bytes, never the reader's buffer it may
+    /// have been lent from (so what is queued is what is accounted).
     fn to_out(self, admission: Admission, group: Option<&QueueGroup>) -> Out {
         match self {
-            Self::Msg(m) => Out::Msg(m.clone(), admission, group.cloned()),
-            Self::Run(r) => Out::Run(r.clone(), admission),
+            Self::Msg(m) => Out::Msg(m.detached(), admission, group.cloned()),
+            Self::Run(r) => Out::Run(r.detached(), admission),
         }
     }
 }
@@ -973,5 +975,39 @@ mod tests {
                 .all(|d| d.starts_with("chunk m"))
         );
         assert_eq!(described.last().map(String::as_str), Some("m"));
+    }
+
+    #[test]
+    fn a_queue_keeps_its_own_copies_of_lent_messages_and_runs() {
+        use daemoneye_eventbus_core::codec::{DecodeCache, FrameDecoder, RunWriter};
+        let mut wire = bytes::BytesMut::new();
+        Frame::Publish(msg("m", 10)).encode(&mut wire);
+        let mut w = RunWriter::begin(&mut wire, &Topic::new("r").unwrap());
+        w.push(&mut wire, &Header::default(), b"x");
+        let (dec, mut cache) = (FrameDecoder::new(1 << 20), DecodeCache::lending());
+        let mut lent = Vec::new();
+        while let Some(f) = dec.decode_cached(&mut wire, &mut cache).unwrap() {
+            lent.push(f);
+        }
+        let mem = Memory::new(1 << 30);
+        let ob = Outbox::new(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared);
+        for f in &lent {
+            let item = match f {
+                Frame::Publish(m) => Item::Msg(m),
+                Frame::PublishRun(r) => Item::Run(r),
+                other => panic!("{other:?}"),
+            };
+            ob.push(item, &mem, Admission::Shed, None);
+        }
+        let (_, q) = taken(&ob);
+        let kept: Vec<_> = q
+            .iter()
+            .map(|o| match o {
+                Out::Msg(m, ..) => (describe(o), m.is_lent()),
+                Out::Run(r, _) => (describe(o), r.is_lent()),
+                other => panic!("{}", describe(other)),
+            })
+            .collect();
+        assert_eq!(kept, [("m".into(), false), ("run r".into(), false)]);
     }
 }

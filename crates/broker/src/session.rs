@@ -195,6 +195,9 @@ async fn run_session(
     shared.announce(&conn, true);
     tracing::debug!(session = conn.session_id, name = %conn.name, peer = %conn.peer, "connected");
 
+    // Every frame is routed before the next read, and a queue that keeps one takes a copy
+    // (`Item::to_out`): nothing is copied for the subscribers that encode deliveries at once.
+    reader.lend_small_frames();
     let exit = ReadLoop::new(&shared, &conn, slot).run(&mut reader).await;
     shared.router.write().remove(slot);
     match exit {

@@ -336,6 +336,9 @@ struct Inner {
     /// The body of a message made in process, encoded once on first need. (Kept apart from
     /// `received` because filling a `OnceLock` costs a synchronised state change per message.)
     encoded: OnceLock<Bytes>,
+    /// Whether `payload` and `received` are slices of a lending reader's buffer
+    /// ([`crate::codec::DecodeCache::lending`]).
+    lent: bool,
 }
 
 impl Inner {
@@ -346,6 +349,7 @@ impl Inner {
             payload,
             received,
             encoded: OnceLock::new(),
+            lent: false,
         }
     }
 
@@ -385,8 +389,57 @@ impl Message {
         Self::make(Inner::new(topic, header, payload, None))
     }
 
-    pub(crate) fn with_wire(topic: Topic, header: Header, payload: Bytes, wire: Bytes) -> Self {
-        Self::make(Inner::new(topic, header, payload, Some(wire)))
+    /// A decoded message: `payload` is the tail of `wire`, the body as received.
+    pub(crate) fn with_wire(
+        topic: Topic,
+        header: Header,
+        payload: Bytes,
+        wire: Bytes,
+        lent: bool,
+    ) -> Self {
+        Self::make(Inner {
+            lent,
+            ..Inner::new(topic, header, payload, Some(wire))
+        })
+    }
+
+    /// A message read from a run, sharing its bytes.
+    pub(crate) fn from_run(topic: Topic, header: Header, payload: Bytes, lent: bool) -> Self {
+        Self::make(Inner {
+            lent,
+            ..Inner::new(topic, header, payload, None)
+        })
+    }
+
+    /// Whether payload and body are slices of a lending reader's buffer
+    /// ([`crate::codec::DecodeCache::lending`]), which must not be kept: see
+    /// [`Message::detached`].
+    pub fn is_lent(&self) -> bool {
+        self.inner().lent
+    }
+
+    /// This message holding only its own bytes: a lent message's body (or, read from a run,
+    /// its payload) is copied, exactly its length; any other message is cloned. Its other
+    /// fields are never slices of a lending reader's buffer.
+    #[must_use]
+    pub fn detached(&self) -> Self {
+        let inner = self.inner();
+        if !inner.lent {
+            return self.clone();
+        }
+        let (payload, received) = match &inner.received {
+            Some(wire) => {
+                let copy = crate::codec::pool::copy(wire);
+                (copy.slice(wire.len() - inner.payload.len()..), Some(copy))
+            }
+            None => (crate::codec::pool::copy(&inner.payload), None),
+        };
+        Self::make(Inner::new(
+            inner.topic.clone(),
+            inner.header.clone(),
+            payload,
+            received,
+        ))
     }
 
     fn make(contents: Inner) -> Self {

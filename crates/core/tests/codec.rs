@@ -660,3 +660,74 @@ fn carved_frames_read_the_same_and_their_chunk_is_reused_once_they_are_gone() {
     }
     assert!(starts >= 1, "the chunk was reclaimed in place");
 }
+
+#[test]
+fn lent_frames_stay_in_the_read_buffer_and_detached_copies_keep_nothing_of_it() {
+    let dec = FrameDecoder::new(max_frame_len(1 << 20));
+    // A request on an inbox topic, with a reply topic: every field that could be a slice.
+    let request = Message::new(
+        Topic::new("_inbox.c.1").unwrap(),
+        Header {
+            reply_to: Some(Topic::new("_inbox.c.2").unwrap()),
+            ..simple_message(b"").header().clone()
+        },
+        Bytes::from_static(b"ask"),
+    );
+    let plain = simple_message(b"one");
+    let in_run = [plain.clone(), simple_message(b"two")];
+    let mut buf = BytesMut::with_capacity(4096);
+    Frame::Publish(request.clone()).encode(&mut buf);
+    Frame::Publish(plain.clone()).encode(&mut buf);
+    buf.extend_from_slice(&run_bytes(&in_run));
+    let within = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+    let mut cache = DecodeCache::lending();
+    let (mut kept, mut runs) = (Vec::new(), Vec::new());
+    while let Some(f) = dec.decode_cached(&mut buf, &mut cache).unwrap() {
+        match f {
+            Frame::Publish(m) => {
+                assert!(m.is_lent() && within.contains(&(m.payload().as_ptr() as usize)));
+                let copy = m.detached();
+                assert!(!copy.is_lent() && !within.contains(&(copy.payload().as_ptr() as usize)));
+                assert_eq!(copy.wire(), m.wire());
+                kept.push(copy);
+            }
+            Frame::PublishRun(r) => {
+                assert!(r.is_lent());
+                for m in r.messages() {
+                    let m = m.unwrap();
+                    assert!(m.is_lent());
+                    kept.push(m.detached());
+                }
+                let copy = r.detached();
+                assert!(!copy.is_lent() && copy.wire() == r.wire());
+                runs.push(copy);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let expected = [&[request, plain][..], &in_run[..]].concat();
+    assert_eq!(kept, expected);
+    assert_eq!(runs.len(), 1);
+    // With only the copies alive, the read buffer is reused in place.
+    assert!(buf.try_reclaim(4096), "a copy still holds the read buffer");
+    // Frames above the copy threshold are slices whatever the reader, and never lent.
+    let large = Message::new(
+        Topic::new("a.b").unwrap(),
+        Header::default(),
+        Bytes::from(vec![7u8; 20 * 1024]),
+    );
+    Frame::Publish(large).encode(&mut buf);
+    match dec.decode_cached(&mut buf, &mut cache).unwrap() {
+        Some(Frame::Publish(m)) => assert!(!m.is_lent()),
+        other => panic!("{other:?}"),
+    }
+    // Other readers never lend.
+    Frame::Publish(simple_message(b"x")).encode(&mut buf);
+    match dec
+        .decode_cached(&mut buf, &mut DecodeCache::default())
+        .unwrap()
+    {
+        Some(Frame::Publish(m)) => assert!(!m.is_lent()),
+        other => panic!("{other:?}"),
+    }
+}

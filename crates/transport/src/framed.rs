@@ -71,6 +71,15 @@ impl FrameReader {
         }
     }
 
+    /// Leaves small frames in the read buffer ([`DecodeCache::lending`]): for a reader that
+    /// is done with each frame before reading again, and copies what it keeps
+    /// ([`Message::detached`]). The buffer is then reused in place.
+    pub fn lend_small_frames(&mut self) {
+        if let ReaderKind::Stream { cache, .. } = &mut self.kind {
+            *cache = DecodeCache::lending();
+        }
+    }
+
     /// Sets the largest frame accepted, derived from a payload limit.
     pub fn set_max_message_size(&mut self, max_message_size: usize) {
         self.decoder = FrameDecoder::new(max_frame_len(max_message_size));
@@ -104,7 +113,9 @@ impl FrameReader {
                 if let Some(frame) = self.decoder.decode_cached(buf, cache)? {
                     return Ok(Some(frame));
                 }
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                // Reuses the buffer in place once no frame lent from it is alive (or, never
+                // lent, once the bytes left are fewer than those already read).
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 && !buf.try_reclaim(READ_CHUNK / 2) {
                     buf.reserve(READ_CHUNK);
                 }
                 if io.read_buf(buf).await? == 0 {

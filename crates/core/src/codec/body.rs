@@ -151,15 +151,27 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
 /// sliced again; a repeated source with one comparison. Topics and the source are
 /// remembered as copies, so the cache never holds a read buffer (or a chunk) alive.
 ///
-/// It also says how small frames are copied out of the read buffer: each into a buffer of
-/// its own (the default: what the broker queues is then exactly what it accounts for), or
-/// carved from a shared chunk ([`DecodeCache::carving`]).
+/// It also says what becomes of small frames ([`Small`]): each copied into a buffer of its
+/// own (the default), carved from a shared chunk ([`DecodeCache::carving`]), or lent from the
+/// read buffer ([`DecodeCache::lending`]).
 #[derive(Debug)]
 pub struct DecodeCache {
     pub(super) topics: TopicCache<()>,
     source: Option<ByteStr>,
-    /// The chunk small frames are carved from, when they are.
-    pub(super) carve: Option<BytesMut>,
+    pub(super) small: Small,
+}
+
+/// Where a small frame's bytes (below [`super::decoder::COPY_BELOW`]) live once it is split off the
+/// read buffer. (Larger frames are always slices of the read buffer, which then holds
+/// mostly their own bytes.)
+#[derive(Debug)]
+pub(super) enum Small {
+    /// Copied into a recycled buffer of its own (`pool`).
+    Own,
+    /// Copied into the shared chunk (see [`DecodeCache::carving`]).
+    Carve(BytesMut),
+    /// Left in the read buffer (see [`DecodeCache::lending`]).
+    Lend,
 }
 
 /// Bytes of the chunks [`DecodeCache::carving`] carves frames from.
@@ -180,7 +192,7 @@ impl DecodeCache {
         Self {
             topics: TopicCache::new(DECODE_TOPICS),
             source,
-            carve: None,
+            small: Small::Own,
         }
     }
 
@@ -191,9 +203,27 @@ impl DecodeCache {
     /// (16 KiB at most) alive, which a broker, accounting queued bytes exactly, must not do.
     pub fn carving() -> Self {
         Self {
-            carve: Some(BytesMut::new()),
+            small: Small::Carve(BytesMut::new()),
             ..Self::default()
         }
+    }
+
+    /// A cache whose connection copies nothing: small frames stay slices of the read buffer,
+    /// and so do the payloads and bodies of the messages and runs decoded from them (marked
+    /// lent: [`Message::is_lent`]); every other field is a copy. For a reader that is done
+    /// with each frame before it reads again (the broker): the buffer is then reclaimed in
+    /// place, and whatever keeps a message longer takes [`Message::detached`] (or
+    /// [`super::MessageRun::detached`]), which copies exactly its own bytes.
+    pub fn lending() -> Self {
+        Self {
+            small: Small::Lend,
+            ..Self::default()
+        }
+    }
+
+    /// Whether messages decoded from a `body` of this length share the read buffer.
+    pub(super) fn lends(&self, body: &Bytes) -> bool {
+        matches!(self.small, Small::Lend) && body.len() < super::decoder::COPY_BELOW
     }
 }
 
@@ -257,7 +287,13 @@ pub(super) fn decode_header(c: &mut Cursor, cache: &mut DecodeCache) -> Result<H
     let timestamp_ns = c.u64("header.timestamp")?;
     let source = c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)?;
     let reply_to = if flags & FLAG_REPLY_TO != 0 {
-        Some(c.topic("header.reply_to")?)
+        let topic = c.topic("header.reply_to")?;
+        // A lending reader's messages hold no slice of its buffer but body and payload.
+        Some(if cache.lends(c.body()) {
+            topic.detached()
+        } else {
+            topic
+        })
     } else {
         None
     };
@@ -330,11 +366,12 @@ fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError>
 /// (a fresh [`DecodeCache::default`] when there is no connection to speak of).
 pub fn decode_message_body(body: Bytes, cache: &mut DecodeCache) -> Result<Message, FrameError> {
     let mut c = Cursor::new(body);
-    let topic = c.topic_cached("topic", &mut cache.topics)?;
+    let lent = cache.lends(c.body());
+    let topic = c.topic_cached("topic", &mut cache.topics, lent)?;
     let hlen = c.u32("header_len")? as usize;
     let outer = c.narrow(hlen, "header")?;
     let header = decode_header(&mut c, cache)?;
     c.widen(outer);
     let (payload, wire) = c.into_rest();
-    Ok(Message::with_wire(topic, header, payload, wire))
+    Ok(Message::with_wire(topic, header, payload, wire, lent))
 }

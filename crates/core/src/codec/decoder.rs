@@ -1,11 +1,12 @@
 //! Splitting frames off a byte stream.
 
-use super::body::{CARVE_CHUNK, DecodeCache};
+use super::body::{CARVE_CHUNK, DecodeCache, Small};
 use super::types::Frame;
 use super::{FrameError, LEN_PREFIX};
 use bytes::{Buf, Bytes, BytesMut};
 
-/// Frames shorter than this are copied out of the read buffer; longer ones are sliced.
+/// Frames shorter than this are copied out of the read buffer (unless its reader lends them:
+/// [`DecodeCache::lending`]); longer ones are sliced.
 pub const COPY_BELOW: usize = 16 * 1024;
 
 /// The most a partial frame makes [`FrameDecoder`] reserve at once.
@@ -53,7 +54,7 @@ impl FrameDecoder {
         buf: &mut BytesMut,
         cache: &mut DecodeCache,
     ) -> Result<Option<Frame>, FrameError> {
-        let Some((kind, body)) = self.split(buf, cache.carve.as_mut())? else {
+        let Some((kind, body)) = self.split(buf, &mut cache.small)? else {
             return Ok(None);
         };
         Frame::decode_cached(kind, body, cache).map(Some)
@@ -65,15 +66,14 @@ impl FrameDecoder {
     ///
     /// [`FrameError::TooLarge`] or [`FrameError::Empty`].
     pub fn split_frame(&self, buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>, FrameError> {
-        self.split(buf, None)
+        self.split(buf, &mut Small::Own)
     }
 
-    /// [`FrameDecoder::split_frame`], carving small frames from `carve` when given (see
-    /// [`DecodeCache::carving`]).
+    /// [`FrameDecoder::split_frame`], placing small frames as `small` says.
     fn split(
         &self,
         buf: &mut BytesMut,
-        carve: Option<&mut BytesMut>,
+        small: &mut Small,
     ) -> Result<Option<(u8, Bytes)>, FrameError> {
         if buf.len() < LEN_PREFIX {
             return Ok(None);
@@ -96,27 +96,31 @@ impl FrameDecoder {
         }
         let kind = buf[LEN_PREFIX];
         let body = LEN_PREFIX + 1..LEN_PREFIX + len;
-        let frame = if len < COPY_BELOW {
+        let copied = match small {
+            // A large frame (mostly its own bytes) stays a zero-copy slice of the buffer.
+            _ if len >= COPY_BELOW => None,
             // A small frame gets its own buffer (recycled, `pool`): what a queued message
-            // holds is then what the broker's memory accounting charges for it, and the read
-            // buffer is never shared, so it is reused instead of reallocated.
-            let frame = match carve {
-                Some(chunk) => {
-                    // Reclaims the chunk in place once every frame carved from it is gone.
-                    if chunk.capacity() - chunk.len() < len {
-                        chunk.reserve(CARVE_CHUNK.max(len));
-                    }
-                    chunk.extend_from_slice(&buf[body]);
-                    chunk.split().freeze()
+            // holds is then exactly its bytes, and the read buffer is never shared.
+            Small::Own => Some(super::pool::copy(&buf[body])),
+            Small::Carve(chunk) => {
+                // Reclaims the chunk in place once every frame carved from it is gone.
+                if chunk.capacity() - chunk.len() < len {
+                    chunk.reserve(CARVE_CHUNK.max(len));
                 }
-                None => super::pool::copy(&buf[body]),
-            };
-            buf.advance(LEN_PREFIX + len);
-            frame
-        } else {
-            // A large frame stays a zero-copy slice of the buffer (mostly its own bytes).
-            buf.advance(LEN_PREFIX + 1);
-            buf.split_to(len - 1).freeze()
+                chunk.extend_from_slice(&buf[body]);
+                Some(chunk.split().freeze())
+            }
+            Small::Lend => None,
+        };
+        let frame = match copied {
+            Some(frame) => {
+                buf.advance(LEN_PREFIX + len);
+                frame
+            }
+            None => {
+                buf.advance(LEN_PREFIX + 1);
+                buf.split_to(len - 1).freeze()
+            }
         };
         Ok(Some((kind, frame)))
     }

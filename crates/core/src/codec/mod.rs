@@ -7,7 +7,7 @@
 mod body;
 mod decoder;
 mod frame;
-mod pool;
+pub(crate) mod pool;
 mod run;
 mod types;
 mod wire;

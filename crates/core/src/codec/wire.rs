@@ -150,11 +150,13 @@ impl Cursor {
         hit
     }
     /// A topic, shared with the connection's `topics` (and not validated again) when it was
-    /// seen lately; otherwise validated and remembered (as a copy).
+    /// seen lately; otherwise validated and remembered (as a copy). A topic that is not
+    /// remembered (a reply inbox) is a slice of the body, or with `own` a copy.
     pub(super) fn topic_cached(
         &mut self,
         field: &'static str,
         topics: &mut TopicCache<()>,
+        own: bool,
     ) -> Result<Topic, FrameError> {
         let len = self.u16(field)? as usize;
         self.need(len, field)?;
@@ -167,7 +169,7 @@ impl Cursor {
         let topic = Topic::from_bytes(self.take(len, field)?)?;
         if topic.is_inbox() {
             // A reply topic is used once: remembering it would only evict topics that repeat.
-            return Ok(topic);
+            return Ok(if own { topic.detached() } else { topic });
         }
         Ok(topics.insert(hash, &topic).0.clone())
     }
@@ -191,10 +193,9 @@ impl Cursor {
         }
         let s = ByteStr::from_utf8(self.take(len, field)?)
             .map_err(|_| FrameError::InvalidUtf8(field))?;
-        // Remembered as a copy: a slice would keep this frame's buffer (or the chunk it was
-        // carved from) alive for as long as the source repeats.
-        *last = Some(ByteStr::from(s.as_str()));
-        Ok(s)
+        // Remembered, and returned, as a copy: a slice would keep this frame's buffer (or the
+        // chunk it was carved from) alive for as long as the source repeats.
+        Ok(last.insert(ByteStr::from(s.as_str())).clone())
     }
     pub(super) fn filter(&mut self, field: &'static str) -> Result<TopicFilter, FrameError> {
         let len = self.u16(field)? as usize;
@@ -241,6 +242,10 @@ impl Cursor {
     pub(super) fn widen(&mut self, outer: usize) {
         self.pos = self.end;
         self.end = outer;
+    }
+    /// The whole body being read.
+    pub(super) fn body(&self) -> &Bytes {
+        &self.base
     }
     /// The rest as a shared slice, and the whole body it came from.
     pub(super) fn into_rest(self) -> (Bytes, Bytes) {
