@@ -137,6 +137,11 @@ impl FrameReader {
 /// being copied into the batch buffer.
 pub const VECTORED_MIN: usize = 16 * 1024;
 
+/// Runs at least this large are written from their shared buffer with `writev` instead of
+/// being copied into the batch buffer: runs are kept below [`VECTORED_MIN`] by their writers,
+/// and copying a deep backlog of them grew the batch buffer by megabytes at a time.
+pub const RUN_SEGMENT_MIN: usize = 4 * 1024;
+
 /// A byte-stream writer: small frames are encoded into `buf`; large message bodies join the
 /// batch as shared segments, so the payload is never copied in user space.
 struct StreamOut {
@@ -218,7 +223,11 @@ impl StreamOut {
                 }
             }
         }
-        if std::mem::take(&mut self.split) {
+        // Every segment is written and gone: a buffer split into segments is unshared again
+        // and reused in place (a fresh one would fault its pages in anew).
+        if std::mem::take(&mut self.split)
+            && (self.buf.capacity() > 4 * READ_CHUNK || !self.buf.try_reclaim(READ_CHUNK))
+        {
             self.buf = BytesMut::with_capacity(READ_CHUNK);
         }
         self.io.flush().await
@@ -295,11 +304,14 @@ impl FrameWriter {
     }
 
     /// Adds a run delivery (protocol 1.2): the run's bytes verbatim, written from its shared
-    /// buffer when large. A small run of one message goes as a plain DELIVER, which the
-    /// subscriber reads with less work.
+    /// buffer when it holds at least [`RUN_SEGMENT_MIN`] bytes. A run of one message goes as
+    /// a plain DELIVER, which the subscriber reads with less work.
     pub fn push_deliver_run(&mut self, run: &MessageRun) {
         match &mut self.kind {
-            WriterKind::Stream(out) if run.wire().len() >= VECTORED_MIN => {
+            WriterKind::Stream(out)
+                if run.wire().len() >= VECTORED_MIN
+                    || (run.len() > 1 && run.wire().len() >= RUN_SEGMENT_MIN) =>
+            {
                 encode_frame_head(&mut out.buf, kind::DELIVER_RUN, run.wire().len());
                 out.push_body(run.wire());
             }
@@ -410,5 +422,70 @@ impl FrameWriter {
             out.io.shutdown().await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use daemoneye_eventbus_core::codec::{LEN_PREFIX, RunWriter};
+    use daemoneye_eventbus_core::{ByteStr, Header, Topic};
+
+    fn run_of(n: usize, size: usize) -> MessageRun {
+        let header = Header {
+            source: ByteStr::from("p"),
+            ..Header::default()
+        };
+        let mut b = BytesMut::new();
+        let mut w = RunWriter::begin(&mut b, &Topic::new("a.b").unwrap());
+        for i in 0..n {
+            w.push(&mut b, &header, &vec![u8::try_from(i).unwrap(); size]);
+        }
+        match FrameDecoder::new(1 << 20).decode(&mut b) {
+            Ok(Some(Frame::PublishRun(r))) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_are_written_from_their_own_buffer_and_the_batch_buffer_is_reused() {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let mut writer = FrameWriter::stream(Box::new(a));
+        let mut reader = FrameReader::stream(Box::new(b));
+        let (small, large) = (run_of(3, 10), run_of(20, 300));
+        assert!(large.wire().len() >= RUN_SEGMENT_MIN);
+        let WriterKind::Stream(out) = &writer.kind else {
+            unreachable!()
+        };
+        let before = out.buf.as_ptr();
+        writer.push(&Frame::Ping(1));
+        writer.push_deliver_run(&large);
+        writer.push_deliver_run(&small);
+        let WriterKind::Stream(out) = &writer.kind else {
+            unreachable!()
+        };
+        // The ping and the large run's head, then the large run's own bytes; the small run
+        // is copied into the batch buffer.
+        assert_eq!(out.segments.len(), 2);
+        assert_eq!(out.segments[1].as_ptr(), large.wire().as_ptr());
+        assert_eq!(out.buf.len(), LEN_PREFIX + 1 + small.wire().len());
+        writer.flush().await.unwrap();
+        let WriterKind::Stream(out) = &writer.kind else {
+            unreachable!()
+        };
+        assert_eq!(out.buf.as_ptr(), before, "reused in place");
+        let mut read = Vec::new();
+        for _ in 0..3 {
+            read.push(reader.read_frame().await.unwrap().unwrap());
+        }
+        assert_eq!(
+            read,
+            [
+                Frame::Ping(1),
+                Frame::DeliverRun(large),
+                Frame::DeliverRun(small)
+            ]
+        );
     }
 }

@@ -21,7 +21,7 @@ pub mod unix;
 
 pub use endpoint::Endpoint;
 pub use error::{ReadError, TransportError};
-pub use framed::{FrameReader, FrameWriter, INPROC_CHANNEL_FRAMES, VECTORED_MIN};
+pub use framed::{FrameReader, FrameWriter, INPROC_CHANNEL_FRAMES, RUN_SEGMENT_MIN, VECTORED_MIN};
 
 use std::fmt;
 
