@@ -730,6 +730,8 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
     // A flush that failed or was cancelled leaves a partial batch behind: nothing more may be
     // written after it, or the peer would read a corrupt stream.
     let mut intact = true;
+    // Whether the last batch held more than one message.
+    let mut streaming = false;
     loop {
         let batch = conn.outbox.take(&mut batch_items);
         if batch_items.is_empty() && batch.notice.is_none() {
@@ -737,9 +739,17 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
                 break;
             }
             tokio::select! {
-                () = conn.outbox.notified() => continue,
+                () = conn.outbox.notified() => {}
                 () = conn.cancel.cancelled() => break,
             }
+            if streaming {
+                // Lets the sessions routing into this queue read what arrived meanwhile
+                // first (the runtime polls the sockets before running a yielded task): one
+                // larger write, and one wake-up of the subscriber instead of several. A
+                // request/reply peer (one message per batch) is written at once.
+                tokio::task::yield_now().await;
+            }
+            continue;
         }
         if let Some(notice) = &batch.notice {
             writer.push(notice);
@@ -788,6 +798,7 @@ async fn write_loop(shared: Arc<Shared>, conn: Arc<ConnShared>, mut writer: Fram
         }
         in_flight.clear();
         let msgs = batch.msgs as u64;
+        streaming = msgs > 1;
         conn.counters.delivered.fetch_add(msgs, Ordering::Relaxed);
         Counters::add(&shared.counters.delivered, msgs);
         Counters::add(&shared.counters.bytes_out, bytes_out);
