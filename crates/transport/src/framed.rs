@@ -224,9 +224,10 @@ impl StreamOut {
             }
         }
         // Every segment is written and gone: a buffer split into segments is unshared again
-        // and reused in place (a fresh one would fault its pages in anew).
+        // and reused in place (a fresh one would fault its pages in anew), unless a burst
+        // grew it past 1 MiB (as after a write without segments).
         if std::mem::take(&mut self.split)
-            && (self.buf.capacity() > 4 * READ_CHUNK || !self.buf.try_reclaim(READ_CHUNK))
+            && !(self.buf.try_reclaim(READ_CHUNK) && self.buf.capacity() <= 4 * READ_CHUNK)
         {
             self.buf = BytesMut::with_capacity(READ_CHUNK);
         }
@@ -483,9 +484,26 @@ mod tests {
             read,
             [
                 Frame::Ping(1),
-                Frame::DeliverRun(large),
-                Frame::DeliverRun(small)
+                Frame::DeliverRun(large.clone()),
+                Frame::DeliverRun(small.clone())
             ]
         );
+        // A burst that grew the batch buffer past 1 MiB does not keep it.
+        let n = 4 * READ_CHUNK / small.wire().len() + 1;
+        for _ in 0..n {
+            writer.push_deliver_run(&small);
+        }
+        writer.push_deliver_run(&large);
+        let drain = async {
+            for _ in 0..=n {
+                reader.read_frame().await.unwrap().unwrap();
+            }
+        };
+        let (flushed, ()) = tokio::join!(writer.flush(), drain);
+        flushed.unwrap();
+        let WriterKind::Stream(out) = &writer.kind else {
+            unreachable!()
+        };
+        assert!(out.buf.capacity() <= 4 * READ_CHUNK);
     }
 }
