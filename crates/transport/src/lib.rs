@@ -18,6 +18,8 @@ mod inproc;
 mod pipe;
 #[cfg(unix)]
 pub mod unix;
+#[cfg(unix)]
+mod unix_io;
 
 pub use endpoint::Endpoint;
 pub use error::{ReadError, TransportError};
@@ -176,7 +178,7 @@ impl Listener {
             #[cfg(unix)]
             ListenerKind::Unix { listener: l, .. } => {
                 let (stream, _) = l.accept().await?;
-                Ok(unix_connection(stream))
+                unix_connection(stream)
             }
             ListenerKind::Tcp(l) => {
                 let (stream, addr) = l.accept().await?;
@@ -192,8 +194,10 @@ impl Listener {
     }
 }
 
+/// A connection over a Unix stream, registered for writability only while a write waits
+/// ([`unix_io`]).
 #[cfg(unix)]
-fn unix_connection(stream: tokio::net::UnixStream) -> Connection {
+fn unix_connection(stream: tokio::net::UnixStream) -> std::io::Result<Connection> {
     let cred = stream.peer_cred().ok();
     let peer = PeerInfo {
         pid: cred.as_ref().and_then(|c| c.pid()),
@@ -202,12 +206,12 @@ fn unix_connection(stream: tokio::net::UnixStream) -> Connection {
         addr: None,
         transport: TransportKind::Unix,
     };
-    let (r, w) = stream.into_split();
-    Connection {
+    let (r, w) = unix_io::split(stream)?;
+    Ok(Connection {
         reader: FrameReader::stream(Box::new(r)),
         writer: FrameWriter::stream(Box::new(w)),
         peer,
-    }
+    })
 }
 
 fn tcp_connection(stream: tokio::net::TcpStream, addr: Option<std::net::SocketAddr>) -> Connection {
@@ -257,7 +261,9 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Connection, TransportError> 
             let s = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(|e| TransportError::io(format!("connecting to {}", path.display()), e))?;
-            Ok(unix_connection(s))
+            unix_connection(s).map_err(|e| {
+                TransportError::io(format!("registering the socket to {}", path.display()), e)
+            })
         }
         #[cfg(not(unix))]
         Endpoint::Unix(_) => Err(TransportError::Unsupported("unix")),
