@@ -9,9 +9,11 @@
 //!
 //! Here the socket is registered for readability only. Writes go straight to the socket; a
 //! write that finds it full registers a duplicate descriptor for writability
-//! ([`UnixWriteHalf::poll_write_vectored`]) and waits on that, and the next flush (the end of
-//! the writer's batch) drops it again. A writer that never fills the socket never hears of
-//! the peer's reads.
+//! ([`UnixWriteHalf::poll_write_vectored`]) and waits on that. The registration stays while
+//! the writer keeps finding the socket full, and goes at the first flush (the end of a
+//! writer's batch) whose batch never waited: a writer that never fills the socket never hears
+//! of the peer's reads, and one streaming into a slower reader does not register and
+//! deregister for every batch. The duplicate descriptor is kept for the next time.
 
 use socket2::Socket;
 use std::io::{self, IoSlice};
@@ -45,6 +47,8 @@ pub(crate) fn split(stream: tokio::net::UnixStream) -> io::Result<(UnixReadHalf,
         UnixWriteHalf {
             socket,
             watch: None,
+            spare: None,
+            blocked: false,
         },
     ))
 }
@@ -99,8 +103,12 @@ impl AsyncRead for UnixReadHalf {
 pub(crate) struct UnixWriteHalf {
     socket: Arc<AsyncFd<Socket>>,
     /// A duplicate of the socket registered for writability, present from a write that found
-    /// the socket full to the next flush.
+    /// the socket full to the first flush of a batch that never did.
     watch: Option<AsyncFd<Socket>>,
+    /// The duplicate while it is not registered.
+    spare: Option<Socket>,
+    /// A write found the socket full since the last flush.
+    blocked: bool,
 }
 
 impl UnixWriteHalf {
@@ -108,7 +116,10 @@ impl UnixWriteHalf {
         match &mut self.watch {
             Some(w) => Ok(w),
             slot @ None => {
-                let dup = self.socket.get_ref().try_clone()?;
+                let dup = match self.spare.take() {
+                    Some(dup) => dup,
+                    None => self.socket.get_ref().try_clone()?,
+                };
                 Ok(slot.insert(register(dup, Interest::WRITABLE)?))
             }
         }
@@ -142,6 +153,7 @@ impl AsyncWrite for UnixWriteHalf {
             }
             // Full. A descriptor registered now is reported at once if room appeared
             // meanwhile (epoll checks readiness when a descriptor is added).
+            this.blocked = true;
             ready!(this.watch()?.poll_write_ready(cx))?.clear_ready();
         }
     }
@@ -151,15 +163,28 @@ impl AsyncWrite for UnixWriteHalf {
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // Everything was handed to the kernel: stop hearing about the peer's reads.
-        self.get_mut().watch = None;
+        // Everything was handed to the kernel. A batch that went out without waiting means the
+        // reader keeps up: stop hearing about its reads.
+        let this = self.get_mut();
+        if !std::mem::take(&mut this.blocked) {
+            this.unwatch();
+        }
         Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.watch = None;
+        this.unwatch();
         Poll::Ready(this.socket.get_ref().shutdown(Shutdown::Write))
+    }
+}
+
+impl UnixWriteHalf {
+    /// Deregisters the duplicate descriptor, keeping it for the next wait.
+    fn unwatch(&mut self) {
+        if let Some(w) = self.watch.take() {
+            self.spare = Some(w.into_inner());
+        }
     }
 }
 
@@ -212,10 +237,10 @@ mod tests {
         let expected = data.clone();
         let writer = tokio::spawn(async move {
             aw.write_all(&data).await.unwrap();
-            let waited = aw.watch.is_some();
+            assert!(aw.watch.is_some(), "the socket was full at least once");
             aw.flush().await.unwrap();
-            assert!(aw.watch.is_none(), "the flush drops the writability watch");
-            waited
+            assert!(aw.watch.is_some(), "kept after a batch that waited");
+            aw
         });
         let mut got = Vec::with_capacity(expected.len());
         let mut chunk = vec![0u8; 64 * 1024];
@@ -225,7 +250,14 @@ mod tests {
             got.extend_from_slice(&chunk[..n]);
         }
         assert!(got == expected, "bytes arrive whole and in order");
-        assert!(writer.await.unwrap(), "the socket was full at least once");
+        // The reader has drained everything: a batch that fits deregisters at its flush and
+        // keeps the descriptor for the next wait.
+        let mut aw = writer.await.unwrap();
+        aw.write_all(b"x").await.unwrap();
+        aw.flush().await.unwrap();
+        assert!(aw.watch.is_none() && aw.spare.is_some());
+        br.read_exact(&mut chunk[..1]).await.unwrap();
+        assert_eq!(chunk[0], b'x');
     }
 
     #[tokio::test]
