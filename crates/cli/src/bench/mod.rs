@@ -337,10 +337,13 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         progress.inc(1);
     }
     progress.finish_and_clear();
+    let isolation = report::stalled_reader_drop(&rows);
     let summary = report::Summary {
         broker_ready_ms: ready_ms,
         broker_idle_rss_kb: idle_rss,
         broker_peak_rss_kb: ctx.peak_rss_kb(),
+        stalled_reader_drop_pct: isolation.as_ref().map(|i| i.0),
+        stalled_reader_drop_pct_by_pair: isolation.map(|i| i.1),
     };
     if args.json {
         report::print_summary_json(&summary)?;
@@ -351,14 +354,19 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Pairs of W2 runs, without and with a stalled subscriber, behind the slow-reader
+/// isolation figure ([`report::stalled_reader_drop`]).
+const ISOLATION_PAIRS: u32 = 3;
+
 /// One measured step.
 #[derive(Debug, Clone, Copy)]
 enum Step {
     Floor,
     W1,
-    W2,
-    /// W2 plus a fifth, stalled subscriber (slow-reader isolation).
-    W2Stalled,
+    /// W2 and W2 plus a fifth, stalled subscriber (slow-reader isolation), run in
+    /// [`ISOLATION_PAIRS`] alternating pairs so the comparison does not rest on one sample
+    /// of each on a machine whose speed drifts between runs.
+    W2Isolation,
     /// W2 with 59 more connected clients: 64 connections with the publisher and the four
     /// subscribers (the default `max_connections`), for the broker's RSS under load.
     W2Crowded,
@@ -378,7 +386,7 @@ fn plan(w: Workload) -> Vec<Step> {
     match w {
         Workload::Floor => vec![Step::Floor],
         Workload::W1 => vec![Step::W1],
-        Workload::W2 => vec![Step::W2, Step::W2Stalled, Step::W2Crowded],
+        Workload::W2 => vec![Step::W2Isolation, Step::W2Crowded],
         Workload::W3 => vec![Step::W3],
         Workload::W4 => vec![Step::W4],
         Workload::W5 => w5.to_vec(),
@@ -386,8 +394,7 @@ fn plan(w: Workload) -> Vec<Step> {
             vec![
                 Step::Floor,
                 Step::W1,
-                Step::W2,
-                Step::W2Stalled,
+                Step::W2Isolation,
                 Step::W2Crowded,
                 Step::W3,
                 Step::W4,
@@ -403,8 +410,7 @@ impl Step {
         match self {
             Self::Floor => "floor".into(),
             Self::W1 => "w1".into(),
-            Self::W2 => "w2".into(),
-            Self::W2Stalled => "w2 + stalled subscriber".into(),
+            Self::W2Isolation => "w2 and w2 + stalled subscriber".into(),
             Self::W2Crowded => "w2 with 64 connections".into(),
             Self::W3 => "w3".into(),
             Self::W4 => "w4".into(),
@@ -425,17 +431,24 @@ impl Step {
                 size: 256,
                 stalled: false,
             })?]),
-            Self::W2 | Self::W2Stalled => {
-                let stalled = matches!(self, Self::W2Stalled);
-                Ok(vec![ctx.fan_out(&FanOut {
-                    workload: "w2",
-                    variant: ctx.variant(if stalled { "+1stalled" } else { "" }),
-                    subs: 4,
-                    filter: "events.process.+",
-                    messages: scaled(250_000, s),
-                    size: 256,
-                    stalled,
-                })?])
+            Self::W2Isolation => {
+                let mut rows = Vec::new();
+                for run in 1..=ISOLATION_PAIRS {
+                    for stalled in [false, true] {
+                        let mut row = ctx.fan_out(&FanOut {
+                            workload: "w2",
+                            variant: ctx.variant(if stalled { "+1stalled" } else { "" }),
+                            subs: 4,
+                            filter: "events.process.+",
+                            messages: scaled(250_000, s),
+                            size: 256,
+                            stalled,
+                        })?;
+                        row.run = Some(run);
+                        rows.push(row);
+                    }
+                }
+                Ok(rows)
             }
             Self::W2Crowded => {
                 let args = [

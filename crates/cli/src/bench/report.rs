@@ -24,6 +24,8 @@ pub(crate) struct Row {
     pub(crate) max_us: Option<u64>,
     pub(crate) per_sub_msgs_per_sec: Option<Vec<f64>>,
     pub(crate) broker_peak_rss_kb: Option<u64>,
+    /// Which of a repeated workload's runs this is (from 1), for workloads run more than once.
+    pub(crate) run: Option<u32>,
 }
 
 fn num(v: &Value, key: &str) -> u64 {
@@ -52,6 +54,7 @@ impl Row {
             max_us: None,
             per_sub_msgs_per_sec: None,
             broker_peak_rss_kb: None,
+            run: None,
         }
     }
 
@@ -129,6 +132,44 @@ pub(crate) struct Summary {
     pub(crate) broker_ready_ms: Option<f64>,
     pub(crate) broker_idle_rss_kb: Option<u64>,
     pub(crate) broker_peak_rss_kb: Option<u64>,
+    /// How much slower the healthy W2 subscribers received with a stalled fifth subscriber,
+    /// in percent (negative: faster): the median over the alternating pairs.
+    pub(crate) stalled_reader_drop_pct: Option<f64>,
+    /// The same for each pair, in the order run.
+    pub(crate) stalled_reader_drop_pct_by_pair: Option<Vec<f64>>,
+}
+
+/// The slow-reader isolation figure from W2's alternating runs: for each pair (same `run`),
+/// how much lower the healthy subscribers' rate was with the stalled subscriber, in percent;
+/// and the median of those. `None` without a complete pair.
+pub(crate) fn stalled_reader_drop(rows: &[Row]) -> Option<(f64, Vec<f64>)> {
+    let w2 = |stalled: bool, run: u32| {
+        rows.iter().find(|r| {
+            r.workload == "w2" && r.run == Some(run) && r.variant.ends_with(",+1stalled") == stalled
+        })
+    };
+    let runs = rows
+        .iter()
+        .filter_map(|r| r.run.filter(|_| r.workload == "w2"));
+    let mut runs: Vec<u32> = runs.collect();
+    runs.sort_unstable();
+    runs.dedup();
+    let by_pair: Vec<f64> = runs
+        .into_iter()
+        .filter_map(|run| {
+            let plain = w2(false, run)?.msgs_per_sec?;
+            let stalled = w2(true, run)?.msgs_per_sec?;
+            (plain > 0.0).then(|| (plain - stalled) / plain * 100.0)
+        })
+        .collect();
+    let mut sorted = by_pair.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = match sorted.len() {
+        0 => return None,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => f64::midpoint(sorted[n / 2 - 1], sorted[n / 2]),
+    };
+    Some((median, by_pair))
 }
 
 /// A field of `/proc/PID/status`, in kB.
@@ -234,5 +275,59 @@ pub(crate) fn print_table(rows: &[Row], s: &Summary) -> Result<()> {
         opt(s.broker_idle_rss_kb),
         opt(s.broker_peak_rss_kb)
     )?;
+    if let (Some(median), Some(pairs)) = (
+        s.stalled_reader_drop_pct,
+        s.stalled_reader_drop_pct_by_pair.as_ref(),
+    ) {
+        let pairs: Vec<String> = pairs.iter().map(|p| format!("{p:+.1}")).collect();
+        writeln!(
+            out,
+            "w2 healthy subscribers with a stalled fifth: {median:+.1} % slower (median of \
+             {} alternating pairs: {} %)",
+            pairs.len(),
+            pairs.join(", ")
+        )?;
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w2(variant: &str, run: u32, rate: f64) -> Row {
+        let mut r = Row::empty("daemoneye-eventbus", "w2", variant, 256, 1000);
+        r.msgs_per_sec = Some(rate);
+        r.run = Some(run);
+        r
+    }
+
+    #[test]
+    fn the_stalled_reader_drop_pairs_runs_by_number_and_takes_the_median() {
+        let rows = [
+            w2("uds,proc,processed", 1, 100.0),
+            w2("uds,proc,processed,+1stalled", 1, 80.0),
+            w2("uds,proc,processed", 2, 100.0),
+            w2("uds,proc,processed,+1stalled", 2, 105.0),
+            w2("uds,proc,processed", 3, 200.0),
+            w2("uds,proc,processed,+1stalled", 3, 196.0),
+            // Not part of the pairs.
+            Row::empty(
+                "daemoneye-eventbus",
+                "w2",
+                "uds,proc,processed,64conns",
+                256,
+                1,
+            ),
+        ];
+        let (median, pairs) = stalled_reader_drop(&rows).unwrap();
+        assert_eq!(pairs, vec![20.0, -5.0, 2.0]);
+        assert!((median - 2.0).abs() < 1e-9, "{median}");
+        let (median, _) = stalled_reader_drop(&rows[..4]).unwrap();
+        assert!((median - 7.5).abs() < 1e-9, "{median}");
+        assert!(
+            stalled_reader_drop(&rows[..1]).is_none(),
+            "no pair, no figure"
+        );
+    }
 }
