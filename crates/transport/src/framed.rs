@@ -6,9 +6,10 @@
 //! [`FrameWriter::flush`], which callers invoke when their queue goes empty.
 
 use crate::error::ReadError;
-use bytes::{Buf, Bytes, BytesMut};
+use crate::large::LARGE_FRAME;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, GroupDelivery, MessageRun, encode_frame_head, encode_group_frame,
+    DecodeCache, GroupDelivery, LEN_PREFIX, MessageRun, encode_frame_head, encode_group_frame,
     encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_delivery,
     kind, max_frame_len,
 };
@@ -26,12 +27,20 @@ pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 pub const INPROC_CHANNEL_FRAMES: usize = 4096;
 /// Read buffer growth step for byte streams.
 const READ_CHUNK: usize = 256 * 1024;
+/// The most the read after a large frame takes (see `after_large`).
+const HEAD_READ: usize = 4 * 1024;
 
 enum ReaderKind {
     Stream {
         io: BoxRead,
         buf: BytesMut,
         cache: DecodeCache,
+        /// A frame of [`LARGE_FRAME`] bytes or more being read into a buffer of its own
+        /// ([`crate::large`]), length prefix included.
+        large: Option<Vec<u8>>,
+        /// The last frame was large: the next read takes at most [`HEAD_READ`] bytes, so the
+        /// start of another large frame is not read into `buf` only to be copied out.
+        after_large: bool,
     },
     InProc(mpsc::Receiver<Frame>),
 }
@@ -49,6 +58,8 @@ impl FrameReader {
                 io,
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 cache: DecodeCache::default(),
+                large: None,
+                after_large: false,
             },
             decoder: FrameDecoder::new(max_frame_len(
                 daemoneye_eventbus_core::codec::DEFAULT_MAX_MESSAGE_SIZE,
@@ -109,7 +120,43 @@ impl FrameReader {
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         match &mut self.kind {
             ReaderKind::InProc(rx) => Ok(rx.recv().await),
-            ReaderKind::Stream { io, buf, cache } => loop {
+            ReaderKind::Stream {
+                io,
+                buf,
+                cache,
+                large,
+                after_large,
+            } => loop {
+                if let Some(frame) = large {
+                    // The rest of a large frame goes straight into its own buffer.
+                    let whole = self.decoder.announced(frame)?.unwrap_or_default();
+                    let want = whole - frame.len();
+                    if io.read_buf(&mut (&mut *frame).limit(want)).await? == 0 {
+                        let e = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("stream ended inside a frame of {whole} bytes"),
+                        );
+                        return Err(ReadError::Io(e));
+                    }
+                    if frame.len() == whole {
+                        *after_large = true;
+                        let frame = large.take().expect("a large frame is being read");
+                        let kind = frame[LEN_PREFIX];
+                        let body = crate::large::POOL.share(frame).slice(LEN_PREFIX + 1..);
+                        return Ok(Some(Frame::decode_cached(kind, body, cache)?));
+                    }
+                    continue;
+                }
+                match self.decoder.announced(buf)? {
+                    Some(whole) if whole >= LARGE_FRAME && buf.len() < whole => {
+                        let mut frame = crate::large::POOL.take(whole);
+                        frame.extend_from_slice(buf);
+                        buf.clear();
+                        *large = Some(frame);
+                        continue;
+                    }
+                    _ => {}
+                }
                 if let Some(frame) = self.decoder.decode_cached(buf, cache)? {
                     return Ok(Some(frame));
                 }
@@ -118,7 +165,11 @@ impl FrameReader {
                 if buf.capacity() - buf.len() < READ_CHUNK / 4 && !buf.try_reclaim(READ_CHUNK / 2) {
                     buf.reserve(READ_CHUNK);
                 }
-                if io.read_buf(buf).await? == 0 {
+                let read = match std::mem::take(after_large) {
+                    true => io.read_buf(&mut (&mut *buf).limit(HEAD_READ)).await?,
+                    false => io.read_buf(buf).await?,
+                };
+                if read == 0 {
                     if buf.is_empty() {
                         return Ok(None);
                     }
@@ -505,5 +556,72 @@ mod tests {
             unreachable!()
         };
         assert!(out.buf.capacity() <= 4 * READ_CHUNK);
+    }
+
+    fn publish(size: usize, fill: u8) -> Frame {
+        let payload = Bytes::from(vec![fill; size]);
+        Frame::Publish(Message::new(
+            Topic::new("a.b").unwrap(),
+            Header::default(),
+            payload,
+        ))
+    }
+
+    #[tokio::test]
+    async fn large_frames_are_read_into_buffers_of_their_own_between_small_ones() {
+        let (mut a, b) = tokio::io::duplex(64 * 1024);
+        let mut reader = FrameReader::stream(Box::new(b));
+        reader.set_max_message_size(8 << 20);
+        // Around the threshold, far past the read buffer and the pool's largest buffer, and
+        // small frames before, between and after.
+        let sizes = [
+            10,
+            LARGE_FRAME - 200,
+            LARGE_FRAME,
+            300 * 1024,
+            7,
+            3 << 20,
+            64 * 1024,
+            1,
+        ];
+        let frames: Vec<Frame> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| publish(n, u8::try_from(i).unwrap()))
+            .collect();
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut wire);
+        }
+        // Written in odd pieces, so frames and their prefixes arrive split.
+        let writer = async move {
+            for piece in wire.chunks(12_345) {
+                a.write_all(piece).await.unwrap();
+            }
+            drop(a);
+        };
+        let read = async {
+            let mut got = Vec::new();
+            while let Some(f) = reader.read_frame().await.unwrap() {
+                got.push(f);
+            }
+            got
+        };
+        let ((), got) = tokio::join!(writer, read);
+        assert_eq!(got, frames);
+    }
+
+    #[tokio::test]
+    async fn a_stream_ending_inside_a_large_frame_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::stream(Box::new(b));
+        let mut wire = BytesMut::new();
+        publish(200 * 1024, 1).encode(&mut wire);
+        a.write_all(&wire[..150 * 1024]).await.unwrap();
+        drop(a);
+        match reader.read_frame().await {
+            Err(ReadError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

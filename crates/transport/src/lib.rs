@@ -14,6 +14,7 @@ mod endpoint;
 mod error;
 mod framed;
 mod inproc;
+mod large;
 #[cfg(windows)]
 mod pipe;
 #[cfg(unix)]

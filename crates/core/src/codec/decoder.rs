@@ -69,16 +69,18 @@ impl FrameDecoder {
         self.split(buf, &mut Small::Own)
     }
 
-    /// [`FrameDecoder::split_frame`], placing small frames as `small` says.
-    fn split(
-        &self,
-        buf: &mut BytesMut,
-        small: &mut Small,
-    ) -> Result<Option<(u8, Bytes)>, FrameError> {
-        if buf.len() < LEN_PREFIX {
+    /// The whole length (prefix included) of the frame `buf` starts with, once its prefix is
+    /// there, checked against the limit: a reader can tell how much a frame will take before
+    /// any of its body arrived.
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`] or [`FrameError::Empty`].
+    pub fn announced(&self, buf: &[u8]) -> Result<Option<usize>, FrameError> {
+        let Some(prefix) = buf.first_chunk::<LEN_PREFIX>() else {
             return Ok(None);
-        }
-        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        };
+        let len = u32::from_le_bytes(*prefix) as usize;
         if len == 0 {
             return Err(FrameError::Empty);
         }
@@ -88,7 +90,20 @@ impl FrameDecoder {
                 max: self.max_frame_len,
             });
         }
-        if buf.len() < LEN_PREFIX + len {
+        Ok(Some(LEN_PREFIX + len))
+    }
+
+    /// [`FrameDecoder::split_frame`], placing small frames as `small` says.
+    fn split(
+        &self,
+        buf: &mut BytesMut,
+        small: &mut Small,
+    ) -> Result<Option<(u8, Bytes)>, FrameError> {
+        let Some(whole) = self.announced(buf)? else {
+            return Ok(None);
+        };
+        let len = whole - LEN_PREFIX;
+        if buf.len() < whole {
             // Grow as bytes arrive, not by the announced length: four header bytes must not
             // make the receiver reserve a whole maximum-size frame.
             buf.reserve((LEN_PREFIX + len - buf.len()).min(GROW_STEP));
