@@ -1,23 +1,14 @@
 //! The broker: listeners, sessions, statistics and the one shutdown path.
 
 use crate::config::{BrokerConfig, ConfigError};
-use crate::outbox::{Admission, Memory, Pushed};
-use crate::router::{RouteScratch, Router, Waiting};
-use crate::session::{self, ConnShared};
-use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
-use bytes::Bytes;
-use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame};
-use daemoneye_eventbus_core::{
-    ByteStr, Header, Message, MessageId, QueueGroup, ReplyStatus, StatusCode, Topic, catalog,
-};
-use daemoneye_eventbus_transport::{Endpoint, Listener, PeerInfo, TransportError, TransportKind};
-use parking_lot::RwLock;
+use crate::hub::Hub;
+use crate::session;
+use crate::stats::BrokerStats;
+use daemoneye_eventbus_core::catalog;
+use daemoneye_eventbus_transport::{Endpoint, Listener, TransportError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use std::time::Duration;
 
 /// Errors starting a broker.
 #[derive(Debug, thiserror::Error)]
@@ -37,29 +28,6 @@ pub enum BrokerError {
     },
 }
 
-/// State shared by the accept loops, sessions and the handle. Each field has one owner of
-/// its mutations: the router lock, the atomics, or the tokens.
-pub(crate) struct Shared {
-    pub(crate) config: BrokerConfig,
-    pub(crate) router: RwLock<Router>,
-    pub(crate) counters: Counters,
-    pub(crate) memory: Memory,
-    pub(crate) next_session: AtomicU64,
-    pub(crate) tracker: TaskTracker,
-    /// Stops the accept loops.
-    stop_accepting: CancellationToken,
-    /// Tells sessions to stop reading and drain.
-    pub(crate) drain: CancellationToken,
-    /// Tears every connection down at once (after the drain deadline).
-    pub(crate) kill: CancellationToken,
-    limit: Arc<Semaphore>,
-    allowed_uids: Vec<u32>,
-    /// Open sessions (id → name), listed in the shutdown report when they overrun.
-    pub(crate) sessions: parking_lot::Mutex<std::collections::BTreeMap<u64, String>>,
-    started: Instant,
-    sys_seq: AtomicU64,
-}
-
 #[cfg(unix)]
 fn own_uid() -> Option<u32> {
     Some(nix::unistd::geteuid().as_raw())
@@ -68,211 +36,6 @@ fn own_uid() -> Option<u32> {
 #[cfg(not(unix))]
 fn own_uid() -> Option<u32> {
     None
-}
-
-/// Nanoseconds since the Unix epoch, now.
-pub(crate) fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-impl Shared {
-    /// Unix peers must present credentials whose uid is allowed; other transports are
-    /// in-process or loopback-only.
-    pub(crate) fn authorize(&self, peer: &PeerInfo) -> Result<(), ErrorFrame> {
-        if peer.transport != TransportKind::Unix {
-            return Ok(());
-        }
-        let refuse = |message: String| ErrorFrame {
-            request_id: 0,
-            code: ErrorCode::NotAuthorized,
-            fatal: true,
-            message,
-        };
-        match peer.uid {
-            None => Err(refuse(
-                "peer credentials could not be read; refusing the connection".into(),
-            )),
-            Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
-            Some(uid) => Err(refuse(format!(
-                "uid {uid} is not allowed to connect (allowed: {:?}); add it to allowed_uids",
-                self.allowed_uids
-            ))),
-        }
-    }
-
-    /// The header of a message the broker itself sends.
-    fn sys_header(&self) -> Header {
-        Header {
-            id: MessageId {
-                publisher: 0,
-                sequence: self.sys_seq.fetch_add(1, Ordering::Relaxed) + 1,
-            },
-            timestamp_ns: now_ns(),
-            source: ByteStr::from_static("broker"),
-            ..Header::default()
-        }
-    }
-
-    fn sys_message(&self, topic: Topic, payload: Bytes) -> Message {
-        Message::new(topic, self.sys_header(), payload)
-    }
-
-    /// Answers a request nobody subscribes to: a reply with status `NoResponders` goes to its
-    /// reply-to topic at once, so the caller fails fast instead of waiting for its deadline.
-    pub(crate) fn no_responders(&self, request: &Message) {
-        let Some(reply_to) = request.header().reply_to.clone() else {
-            return;
-        };
-        Counters::add(&self.counters.no_responders, 1);
-        let header = Header {
-            correlation: request.header().correlation.as_ref().map(|c| {
-                let id = format!("{}.no-responders", c.correlation_id);
-                Box::new(c.child(id, now_ns()))
-            }),
-            status: Some(Box::new(ReplyStatus {
-                code: StatusCode::NoResponders,
-                message: format!("no responders for {}", request.topic()),
-            })),
-            ..self.sys_header()
-        };
-        self.route_own(&Message::new(reply_to, header, Bytes::new()));
-    }
-
-    /// Gives queue group deliveries of a departed member to other members of their group;
-    /// what no member can take is counted as dropped.
-    pub(crate) fn reoffer(&self, deliveries: Vec<(Message, QueueGroup)>) {
-        if deliveries.is_empty() {
-            return;
-        }
-        let mut scratch = RouteScratch::default();
-        let mut taken = 0;
-        let lost = {
-            let router = self.router.read();
-            deliveries
-                .iter()
-                .filter(|(msg, group)| {
-                    let ok = router.reoffer(msg, group, &mut scratch, &self.memory);
-                    taken += u64::from(ok);
-                    !ok
-                })
-                .count() as u64
-        };
-        scratch.wake_writers();
-        Counters::add(&self.counters.reoffered, taken);
-        Counters::add(&self.counters.dropped, lost);
-    }
-
-    /// Publishes a broker message on a `$sys` topic to every matching subscriber.
-    fn publish_sys(&self, topic: Topic, payload: Bytes) {
-        self.route_own(&self.sys_message(topic, payload));
-    }
-
-    /// Routes a message the broker made itself. It never waits: each connection's
-    /// slow-reader policy applies, so a miss is counted per connection and topic and noticed
-    /// in-band.
-    fn route_own(&self, msg: &Message) {
-        let mut scratch = RouteScratch::default();
-        let routed = self
-            .router
-            .read()
-            .route(msg, &mut scratch, &self.memory, Waiting::Never);
-        scratch.wake_writers();
-        Counters::add(&self.counters.dropped, routed.dropped);
-    }
-
-    /// Announces a connect or disconnect on `$sys.broker.clients.*`.
-    pub(crate) fn announce(&self, conn: &ConnShared, connected: bool) {
-        let topic = if connected {
-            catalog::sys::client_connected()
-        } else {
-            catalog::sys::client_disconnected()
-        };
-        let body = serde_json::json!({
-            "session_id": conn.session_id,
-            "name": conn.name,
-            "peer": conn.peer.to_string(),
-            "pid": conn.peer.pid,
-            "uid": conn.peer.uid,
-        });
-        self.publish_sys(topic, Bytes::from(body.to_string()));
-    }
-
-    /// Sends a fresh statistics snapshot to one connection (on subscribe).
-    pub(crate) fn send_stats_to(&self, conn: &ConnShared) {
-        let msg = self.sys_message(catalog::sys::stats(), self.stats_json());
-        let dropped = match conn
-            .outbox
-            .push_message(&msg, &self.memory, Admission::Shed, None)
-        {
-            Pushed::Queued { evicted, wake } => {
-                if wake {
-                    conn.outbox.wake();
-                }
-                evicted
-            }
-            Pushed::Dropped => 1,
-            Pushed::Overflow => {
-                conn.overflowed();
-                1
-            }
-            Pushed::Closed | Pushed::Full => 0,
-        };
-        Counters::add(&self.counters.dropped, dropped);
-    }
-
-    fn stats_json(&self) -> Bytes {
-        Bytes::from(serde_json::to_vec(&self.stats()).unwrap_or_default())
-    }
-
-    pub(crate) fn stats(&self) -> BrokerStats {
-        let c = &self.counters;
-        let router = self.router.read();
-        let connections = router
-            .connections()
-            .map(|(slot, conn)| {
-                let ob = conn.outbox.stats();
-                ConnectionStats {
-                    session_id: conn.session_id,
-                    name: conn.name.clone(),
-                    peer: conn.peer.to_string(),
-                    subscriptions: router.filter_count_of(slot) as u64,
-                    published: load(&conn.counters.published),
-                    delivered: load(&conn.counters.delivered),
-                    dropped: ob.dropped,
-                    queued_messages: ob.queued_msgs as u64,
-                    queued_bytes: ob.queued_bytes as u64,
-                    dropped_by_topic: ob
-                        .dropped_by_topic
-                        .into_iter()
-                        .map(|(t, n)| (t.to_string(), n))
-                        .collect(),
-                }
-            })
-            .collect::<Vec<_>>();
-        BrokerStats {
-            uptime_secs: self.started.elapsed().as_secs(),
-            published: load(&c.published),
-            delivered: load(&c.delivered),
-            dropped: load(&c.dropped),
-            bytes_in: load(&c.bytes_in),
-            bytes_out: load(&c.bytes_out),
-            active_connections: connections.len() as u64,
-            total_connections: load(&c.connections_total),
-            refused_connections: load(&c.connections_refused),
-            protocol_errors: load(&c.protocol_errors),
-            rejected_publishes: load(&c.rejected_publishes),
-            no_responders: load(&c.no_responders),
-            reoffered: load(&c.reoffered),
-            runs: load(&c.runs),
-            active_subscriptions: router.subscription_count() as u64,
-            active_topics: router.topic_count() as u64,
-            queued_bytes: self.memory.used() as u64,
-            memory_cap_bytes: self.memory.cap() as u64,
-            connections,
-        }
-    }
 }
 
 /// What [`Broker::shutdown`] observed.
@@ -290,13 +53,13 @@ pub struct ShutdownReport {
 /// drain in the background.
 #[derive(Clone)]
 pub struct Broker {
-    shared: Arc<Shared>,
+    hub: Arc<Hub>,
     endpoints: Arc<Vec<Endpoint>>,
     _stop_on_drop: Arc<StopOnDrop>,
 }
 
 /// Starts the shutdown sequence when the last [`Broker`] handle goes away.
-struct StopOnDrop(Arc<Shared>);
+struct StopOnDrop(Arc<Hub>);
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
@@ -367,35 +130,17 @@ impl Broker {
         } else {
             config.allowed_uids.clone()
         };
-        let kill = CancellationToken::new();
-        let shared = Arc::new(Shared {
-            router: RwLock::new(Router::default()),
-            counters: Counters::default(),
-            memory: Memory::new(config.max_memory_bytes),
-            next_session: AtomicU64::new(1),
-            tracker: TaskTracker::new(),
-            stop_accepting: CancellationToken::new(),
-            drain: CancellationToken::new(),
-            limit: Arc::new(Semaphore::new(config.max_connections)),
-            allowed_uids,
-            sessions: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
-            started: Instant::now(),
-            sys_seq: AtomicU64::new(0),
-            kill,
-            config,
-        });
+        let hub = Arc::new(Hub::new(config, allowed_uids));
         let endpoints = listeners.iter().map(|l| l.endpoint().clone()).collect();
         for listener in listeners {
-            shared
-                .tracker
-                .spawn(accept_loop(Arc::clone(&shared), listener));
+            hub.tracker.spawn(accept_loop(Arc::clone(&hub), listener));
         }
-        if shared.config.enable_statistics {
-            shared.tracker.spawn(stats_loop(Arc::clone(&shared)));
+        if hub.config.enable_statistics {
+            hub.tracker.spawn(stats_loop(Arc::clone(&hub)));
         }
         Ok(Self {
-            _stop_on_drop: Arc::new(StopOnDrop(Arc::clone(&shared))),
-            shared,
+            _stop_on_drop: Arc::new(StopOnDrop(Arc::clone(&hub))),
+            hub,
             endpoints: Arc::new(endpoints),
         })
     }
@@ -415,24 +160,24 @@ impl Broker {
 
     /// The configuration in force.
     pub fn config(&self) -> &BrokerConfig {
-        &self.shared.config
+        &self.hub.config
     }
 
     /// A statistics snapshot.
     pub fn stats(&self) -> BrokerStats {
-        self.shared.stats()
+        self.hub.stats()
     }
 
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
-        self.shared.drain.is_cancelled()
+        self.hub.drain.is_cancelled()
     }
 
     /// Shuts down: stop accepting (the socket file is removed), tell every session to drain
     /// (each gets a going-away frame after its queued messages), wait up to
     /// `shutdown_timeout_ms`, then tear down what overran and report it.
     pub async fn shutdown(&self) -> ShutdownReport {
-        let s = &self.shared;
+        let s = &self.hub;
         s.stop_accepting.cancel();
         s.drain.cancel();
         s.tracker.close();
@@ -457,24 +202,23 @@ impl Broker {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, mut listener: Listener) {
+async fn accept_loop(hub: Arc<Hub>, mut listener: Listener) {
     loop {
         let accepted = tokio::select! {
-            () = shared.stop_accepting.cancelled() => break,
+            () = hub.stop_accepting.cancelled() => break,
             r = listener.accept() => r,
         };
         match accepted {
             Ok(conn) => {
-                let permit = Arc::clone(&shared.limit).try_acquire_owned().ok();
-                shared
-                    .tracker
-                    .spawn(session::serve(Arc::clone(&shared), conn, permit));
+                let permit = Arc::clone(&hub.limit).try_acquire_owned().ok();
+                hub.tracker
+                    .spawn(session::serve(Arc::clone(&hub), conn, permit));
             }
             Err(e) => {
                 // Usually descriptor exhaustion: back off briefly instead of spinning.
                 tracing::warn!(endpoint = %listener.endpoint(), error = %e, "accept failed");
                 tokio::select! {
-                    () = shared.stop_accepting.cancelled() => break,
+                    () = hub.stop_accepting.cancelled() => break,
                     () = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
             }
@@ -482,13 +226,13 @@ async fn accept_loop(shared: Arc<Shared>, mut listener: Listener) {
     }
 }
 
-async fn stats_loop(shared: Arc<Shared>) {
-    let every = Duration::from_secs(shared.config.stats_interval_secs);
+async fn stats_loop(hub: Arc<Hub>) {
+    let every = Duration::from_secs(hub.config.stats_interval_secs);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
-            () = shared.drain.cancelled() => break,
-            _ = tick.tick() => shared.publish_sys(catalog::sys::stats(), shared.stats_json()),
+            () = hub.drain.cancelled() => break,
+            _ = tick.tick() => hub.publish_sys(catalog::sys::stats(), hub.stats_json()),
         }
     }
 }

@@ -22,8 +22,11 @@ pub struct BrokerConfig {
     pub message_buffer_size: usize,
     /// Per-connection outbound queue bound, in bytes (default 16 MiB).
     pub subscriber_buffer_bytes: usize,
-    /// Broker-wide cap on queued message bytes (default 100 MiB).
+    /// Broker-wide cap on queued message bytes and subscriptions (default 100 MiB).
     pub max_memory_bytes: usize,
+    /// Filters one connection may hold (default 10,000); more are refused with
+    /// `ResourceExhausted`.
+    pub max_subscriptions_per_connection: usize,
     /// A connection silent for this long is closed (default 30 s).
     pub connection_timeout_secs: u64,
     /// Deadline for the client's handshake (default 5000 ms).
@@ -52,6 +55,7 @@ impl Default for BrokerConfig {
             message_buffer_size: 1000,
             subscriber_buffer_bytes: 16 * 1024 * 1024,
             max_memory_bytes: 100 * 1024 * 1024,
+            max_subscriptions_per_connection: 10_000,
             connection_timeout_secs: 30,
             handshake_timeout_ms: 5000,
             keepalive_interval_ms: 10_000,
@@ -110,6 +114,12 @@ impl BrokerConfig {
             self.max_connections > 0,
             "max_connections",
             self.max_connections,
+            "must be at least 1".into(),
+        )?;
+        check(
+            self.max_subscriptions_per_connection > 0,
+            "max_subscriptions_per_connection",
+            self.max_subscriptions_per_connection,
             "must be at least 1".into(),
         )?;
         check(

@@ -3,20 +3,32 @@
 //! - [`Broker`]: start on endpoints, read [`BrokerStats`], [`Broker::shutdown`].
 //! - [`BrokerConfig`]: every bound and timeout, with the seed defaults.
 //!
-//! Inside: `session` serves one connection (handshake, read loop that routes, batched write
-//! loop); `router` holds the subscription trie; `outbox` is the bounded per-connection queue
-//! with the slow-reader policies and the broker-wide memory cap. See ARCHITECTURE.md.
+//! Inside, in three layers (ARCHITECTURE.md §3):
+//!
+//! - `session`: a connection's state machine (`session/core.rs`: frames and time in, steps
+//!   out, no I/O) and its shell (the read loop that carries out the steps, the writer task
+//!   that only moves frames);
+//! - `router`: filters → connections, answering a plan of who gets a message, never touching
+//!   a queue; `hub` applies plans to the queues and holds what every session shares;
+//! - `delivery`: the bounded queues, one per kind of subscription, each owning its QoS
+//!   policy, and the broker-wide memory cap.
+//!
+//! `conn` is what the broker records about one connection; `broker` the public handle, the
+//! accept loops and the one shutdown path.
 
 mod broker;
 mod config;
-mod outbox;
+mod conn;
+mod delivery;
+mod hub;
 mod router;
 mod session;
 mod stats;
 
 pub use broker::{Broker, BrokerError, ShutdownReport};
 pub use config::{BrokerConfig, ConfigError};
-pub use outbox::MAX_QUEUED_CONTROL;
+pub use delivery::{DROP_TOPICS, MAX_QUEUED_CONTROL};
+pub use hub::SUBSCRIPTION_CHARGE;
 pub use stats::{BrokerStats, ConnectionStats};
 
 /// Parses a `$sys.broker.stats` payload (JSON) into [`BrokerStats`].

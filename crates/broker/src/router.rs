@@ -1,29 +1,29 @@
-//! The routing table: the subscription trie plus the live connections it points at.
+//! The routing table: which connections' subscriptions match a topic. It holds filters and
+//! the connections they belong to, and answers a [`Plan`] (who gets a message, in which
+//! class of queue), never touching a queue: applying the plan is the delivery layer's job
+//! (`hub.rs`). Generic over what it records per connection (`C`), so it depends on nothing
+//! but the core.
 //!
-//! Owned by the broker behind one `RwLock`: publishes take the read side (no allocation, no
+//! Owned by the broker behind one `RwLock`: routing takes the read side (no allocation, no
 //! await), subscribe / unsubscribe / connect / disconnect take the write side.
 
-use crate::outbox::{Admission, Item, Memory, Pushed};
-use crate::session::ConnShared;
-use daemoneye_eventbus_core::codec::MessageRun;
-use daemoneye_eventbus_core::{
-    Message, Qos, QueueGroup, SubscriptionTrie, Topic, TopicCache, TopicFilter,
-};
+use daemoneye_eventbus_core::{Qos, QueueGroup, SubscriptionTrie, Topic, TopicCache, TopicFilter};
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-type Slot = u32;
-type GroupIdx = u32;
+/// A connection's place in the table.
+pub(crate) type Slot = u32;
+/// A queue group's place in the table.
+pub(crate) type GroupIdx = u32;
 
 /// A queue group subscription in the trie: group index in the high half, slot in the low.
-type Member = u64;
+type Grouped = u64;
 
-fn member(group: GroupIdx, slot: Slot) -> Member {
+fn grouped(group: GroupIdx, slot: Slot) -> Grouped {
     (u64::from(group) << 32) | u64::from(slot)
 }
 
-fn split(m: Member) -> (GroupIdx, Slot) {
+fn split(m: Grouped) -> (GroupIdx, Slot) {
     ((m >> 32) as GroupIdx, m as Slot)
 }
 
@@ -35,21 +35,96 @@ fn plain(slot: Slot, qos: Qos) -> Plain {
     (u64::from(slot) << 1) | u64::from(qos == Qos::Processed)
 }
 
-struct Entry {
-    conn: Arc<ConnShared>,
+/// Which of a connection's queues a delivery goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Class {
+    /// At most once, under the connection's slow-reader policy.
+    Realtime,
+    /// Never dropped for lack of room: the publisher waits.
+    Processed,
+}
+
+impl Class {
+    fn of(processed: bool) -> Self {
+        if processed {
+            Self::Processed
+        } else {
+            Self::Realtime
+        }
+    }
+}
+
+/// A connection with a plain subscription matching: it gets the message once, in `class`
+/// (Processed when any of its matching filters is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Target {
+    pub(crate) slot: Slot,
+    pub(crate) class: Class,
+}
+
+/// A queue group member whose subscription matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Member {
+    pub(crate) group: GroupIdx,
+    pub(crate) slot: Slot,
+    pub(crate) class: Class,
+}
+
+/// Who gets a message: every plain target, and one member of each group (chosen when the plan
+/// is applied, [`Router::turn`]).
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub(crate) plain: Vec<Target>,
+    /// Sorted by group.
+    pub(crate) members: Vec<Member>,
+}
+
+impl Plan {
+    /// The matching members, one slice per group.
+    pub(crate) fn groups(&self) -> impl Iterator<Item = &[Member]> {
+        self.members.chunk_by(|a, b| a.group == b.group)
+    }
+}
+
+/// Most topics one session remembers the plans of ([`PlanCache`]).
+pub(crate) const ROUTE_TOPICS: usize = 4096;
+
+/// The plans of the topics one session routed lately, each valid for the router generation
+/// it was made in: a topic walks the tries once while the table is unchanged, whether it
+/// repeats (a burst) or comes back (a publisher cycling through many topics).
+pub(crate) struct PlanCache {
+    plans: TopicCache<Plan>,
+    raw: Vec<u64>,
+}
+
+impl Default for PlanCache {
+    fn default() -> Self {
+        Self {
+            plans: TopicCache::new(ROUTE_TOPICS),
+            raw: Vec::new(),
+        }
+    }
+}
+
+struct Entry<C> {
+    conn: C,
     filters: HashSet<TopicFilter>,
-    /// The subset subscribed with [`Qos::Processed`]: deliveries never dropped.
+    /// The subset subscribed with [`Qos::Processed`].
     processed: HashSet<TopicFilter>,
     /// Filters subscribed in a queue group: the group and the QoS asked for.
     grouped: HashMap<TopicFilter, (GroupIdx, Qos)>,
 }
 
-impl Entry {
+impl<C> Entry<C> {
     /// Whether this connection holds a `Processed` subscription in `group`.
     fn processed_in(&self, group: GroupIdx) -> bool {
         self.grouped
             .values()
             .any(|(g, q)| *g == group && *q == Qos::Processed)
+    }
+
+    fn count(&self) -> usize {
+        self.filters.len() + self.grouped.len()
     }
 }
 
@@ -66,97 +141,46 @@ pub(crate) enum SubscribeRefusal {
     /// The connection already holds this filter in another way (plain vs. group, or another
     /// group).
     Conflict(String),
+    /// The connection holds `max_subscriptions_per_connection` filters already.
+    Limit(String),
+    /// The broker-wide memory cap leaves no room for another subscription.
+    Memory(String),
 }
 
-/// Most topics one session remembers the matches of ([`RouteScratch`]).
-pub(crate) const ROUTE_TOPICS: usize = 4096;
-
-/// The subscriptions matching one topic.
-#[derive(Default)]
-struct Matches {
-    slots: Vec<Plain>,
-    members: Vec<Member>,
-}
-
-/// Reusable buffers for [`Router::route`], owned by one session so routing allocates nothing.
-pub(crate) struct RouteScratch {
-    /// Plain subscriptions matching the topic being routed, sorted (a connection's entries
-    /// adjacent, its Processed one, if any, last).
-    slots: Vec<Plain>,
-    /// Queue group members matching the topic being routed, sorted (so grouped by group).
-    members: Vec<Member>,
-    /// The topics this session published lately and their matches: a topic is matched
-    /// against the tries once per router generation, not once per message.
-    matches: TopicCache<Matches>,
-    /// Connections whose `Processed` queue was full, with the group the message went to them
-    /// in: the publisher waits for them.
-    pub(crate) blocked: Vec<(Arc<ConnShared>, Option<QueueGroup>)>,
-    /// Connections whose queue went from empty to non-empty: their writers are woken once,
-    /// after the whole batch is routed ([`RouteScratch::wake_writers`]).
-    wake: Vec<Arc<ConnShared>>,
-}
-
-impl Default for RouteScratch {
-    fn default() -> Self {
-        Self {
-            slots: Vec::new(),
-            members: Vec::new(),
-            matches: TopicCache::new(ROUTE_TOPICS),
-            blocked: Vec::new(),
-            wake: Vec::new(),
-        }
-    }
-}
-
-impl RouteScratch {
-    /// Wakes every writer that got its first message of this batch.
-    pub(crate) fn wake_writers(&mut self) {
-        for conn in self.wake.drain(..) {
-            conn.outbox.wake();
-        }
-    }
-}
-
-/// Whether routing may leave a message waiting for a full `Processed` queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Waiting {
-    /// A client's publish: its session waits (backpressure).
-    Allowed,
-    /// The broker's own messages: the connection's slow-reader policy applies instead, so a
-    /// miss is counted per connection and topic and noticed in-band.
-    Never,
-}
-
-/// Result of routing one message.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Routed {
-    /// Recipients matched: connections with a plain subscription plus one member per queue
-    /// group. Zero means nobody could answer a request.
-    pub(crate) matched: u64,
-    /// Queues the message entered.
-    pub(crate) queued: u64,
-    /// Deliveries dropped (evicted older messages or this one).
-    pub(crate) dropped: u64,
-}
-
-/// Filters → connections.
-#[derive(Default)]
-pub(crate) struct Router {
+/// Filters → connections. See the module documentation.
+pub(crate) struct Router<C> {
     trie: SubscriptionTrie<Plain>,
     /// Queue group subscriptions.
-    grouped: SubscriptionTrie<Member>,
+    grouped: SubscriptionTrie<Grouped>,
     groups: Vec<Option<Group>>,
     group_index: HashMap<QueueGroup, GroupIdx>,
     free_groups: Vec<GroupIdx>,
-    slots: Vec<Option<Entry>>,
+    slots: Vec<Option<Entry<C>>>,
     free: Vec<Slot>,
-    /// Bumped by every change of connections or subscriptions (invalidates cached matches).
+    /// Bumped by every change of connections or subscriptions (invalidates cached plans).
     generation: u64,
+    /// Filters one connection may hold.
+    max_per_connection: usize,
 }
 
-impl Router {
+impl<C> Router<C> {
+    /// An empty table allowing each connection `max_per_connection` filters.
+    pub(crate) fn new(max_per_connection: usize) -> Self {
+        Self {
+            trie: SubscriptionTrie::default(),
+            grouped: SubscriptionTrie::default(),
+            groups: Vec::new(),
+            group_index: HashMap::new(),
+            free_groups: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            generation: 0,
+            max_per_connection,
+        }
+    }
+
     /// Registers a connection; returns its slot.
-    pub(crate) fn add(&mut self, conn: Arc<ConnShared>) -> Slot {
+    pub(crate) fn add(&mut self, conn: C) -> Slot {
         self.generation += 1;
         let entry = Entry {
             conn,
@@ -172,24 +196,38 @@ impl Router {
         Slot::try_from(self.slots.len() - 1).expect("fewer than 2^32 connections")
     }
 
-    /// Removes a connection and all its subscriptions.
-    pub(crate) fn remove(&mut self, slot: Slot) {
+    /// Removes a connection and all its subscriptions; returns its filters.
+    pub(crate) fn remove(&mut self, slot: Slot) -> Vec<TopicFilter> {
         self.generation += 1;
-        if let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::take) {
-            for f in &entry.filters {
-                let qos = if entry.processed.contains(f) {
-                    Qos::Processed
-                } else {
-                    Qos::Realtime
-                };
-                self.trie.remove(f, plain(slot, qos));
-            }
-            for (f, (g, _)) in &entry.grouped {
-                self.grouped.remove(f, member(*g, slot));
-                self.release_group(*g);
-            }
-            self.free.push(slot);
+        let Some(entry) = self.slots.get_mut(slot as usize).and_then(Option::take) else {
+            return Vec::new();
+        };
+        for f in &entry.filters {
+            let qos = if entry.processed.contains(f) {
+                Qos::Processed
+            } else {
+                Qos::Realtime
+            };
+            self.trie.remove(f, plain(slot, qos));
         }
+        for (f, (g, _)) in &entry.grouped {
+            self.grouped.remove(f, grouped(*g, slot));
+            self.release_group(*g);
+        }
+        self.free.push(slot);
+        entry
+            .filters
+            .into_iter()
+            .chain(entry.grouped.into_keys())
+            .collect()
+    }
+
+    /// What the table records for the connection in `slot`.
+    pub(crate) fn conn(&self, slot: Slot) -> Option<&C> {
+        self.slots
+            .get(slot as usize)
+            .and_then(Option::as_ref)
+            .map(|e| &e.conn)
     }
 
     /// Subscribes, in a queue group when `group` is given; returns `Ok(false)` when the
@@ -208,12 +246,13 @@ impl Router {
         let Some(entry) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
             return Ok(false);
         };
-        let held_in = entry
+        let held_in: Option<QueueGroup> = entry
             .grouped
             .get(filter)
             .and_then(|(g, _)| self.groups[*g as usize].as_ref())
             .map(|g| g.name.clone());
         let held_plain = entry.filters.contains(filter);
+        let is_new = held_in.is_none() && !held_plain;
         match (group, held_in, held_plain) {
             (None, Some(g), _) => {
                 return Err(SubscribeRefusal::Conflict(format!(
@@ -231,6 +270,13 @@ impl Router {
                 )));
             }
             _ => {}
+        }
+        if is_new && entry.count() >= self.max_per_connection {
+            return Err(SubscribeRefusal::Limit(format!(
+                "this connection holds {} subscriptions, the broker's \
+                 max_subscriptions_per_connection; unsubscribe some first",
+                entry.count()
+            )));
         }
         self.generation += 1;
         match group {
@@ -259,7 +305,7 @@ impl Router {
             }
             None => {
                 entry.grouped.insert(filter.clone(), (g, qos));
-                self.grouped.insert(filter, member(g, slot));
+                self.grouped.insert(filter, grouped(g, slot));
                 if let Some(group) = self.groups[g as usize].as_mut() {
                     group.subscriptions += 1;
                 }
@@ -332,7 +378,7 @@ impl Router {
             return false;
         };
         if let Some((g, _)) = entry.grouped.remove(filter) {
-            self.grouped.remove(filter, member(g, slot));
+            self.grouped.remove(filter, grouped(g, slot));
             self.release_group(g);
             return true;
         }
@@ -347,247 +393,75 @@ impl Router {
         self.trie.remove(filter, plain(slot, qos))
     }
 
-    /// Queues `msg` once for every connection with a matching filter: under its slow-reader
-    /// policy, or, when a matching subscription is `Processed`, without dropping (a full queue
-    /// lands in `scratch.blocked` for the publisher to wait on). Allocates nothing.
-    pub(crate) fn route(
-        &self,
-        msg: &Message,
-        scratch: &mut RouteScratch,
-        memory: &Memory,
-        waiting: Waiting,
-    ) -> Routed {
-        self.match_topic(msg.topic(), scratch);
-        let mut routed = Routed::default();
-        if !scratch.members.is_empty() {
-            self.route_groups(msg, scratch, memory, waiting, &mut routed);
-        }
-        self.route_plain(Item::Msg(msg), scratch, memory, waiting, &mut routed);
-        routed
-    }
-
-    /// Queues a run once for every connection with a matching plain filter, like
-    /// [`Router::route`]. Returns `None`, queueing nothing, when a queue group subscribes to
-    /// the topic: each message must then go to one member in turn, so the caller routes the
-    /// run's messages one by one.
-    pub(crate) fn route_run(
-        &self,
-        run: &MessageRun,
-        scratch: &mut RouteScratch,
-        memory: &Memory,
-    ) -> Option<Routed> {
-        self.match_topic(run.topic(), scratch);
-        if !scratch.members.is_empty() {
-            return None;
-        }
-        let mut routed = Routed::default();
-        self.route_plain(
-            Item::Run(run),
-            scratch,
-            memory,
-            Waiting::Allowed,
-            &mut routed,
-        );
-        Some(routed)
-    }
-
-    /// Fills `scratch.slots` and `scratch.members` with the subscriptions matching `topic`:
-    /// from the session's cache when it matched the topic in this generation already.
-    fn match_topic(&self, topic: &Topic, scratch: &mut RouteScratch) {
-        let found = scratch.matches.derived(topic, self.generation, |found| {
-            self.trie.matches_into(topic, &mut found.slots);
-            if self.grouped.is_empty() {
-                found.members.clear();
-            } else {
-                self.grouped.matches_into(topic, &mut found.members);
+    /// Who gets a message on `topic`: from the session's cache when it planned the topic in
+    /// this generation already. Allocates nothing once the cache is warm.
+    pub(crate) fn plan<'c>(&self, topic: &Topic, cache: &'c mut PlanCache) -> &'c Plan {
+        let PlanCache { plans, raw } = cache;
+        plans.derived(topic, self.generation, |plan| {
+            plan.plain.clear();
+            self.trie.matches_into(topic, raw);
+            // A connection's entries are adjacent, its Processed one (if any) last.
+            for run in raw.chunk_by(|a, b| a >> 1 == b >> 1) {
+                plan.plain.push(Target {
+                    slot: (run[0] >> 1) as Slot,
+                    class: Class::of(run.iter().any(|v| v & 1 == 1)),
+                });
             }
-        });
-        scratch.slots.clear();
-        scratch.slots.extend_from_slice(&found.slots);
-        scratch.members.clear();
-        scratch.members.extend_from_slice(&found.members);
-    }
-
-    /// Queues `item` once for every connection in `scratch.slots`.
-    fn route_plain(
-        &self,
-        item: Item<'_>,
-        scratch: &mut RouteScratch,
-        memory: &Memory,
-        waiting: Waiting,
-        routed: &mut Routed,
-    ) {
-        let slots = std::mem::take(&mut scratch.slots);
-        for run in slots.chunk_by(|a, b| a >> 1 == b >> 1) {
-            let slot = (run[0] >> 1) as Slot;
-            let processed = run.iter().any(|v| v & 1 == 1);
-            routed.matched += 1;
-            let Some(entry) = &self.slots[slot as usize] else {
-                continue;
-            };
-            let admission = if waiting == Waiting::Allowed && processed {
-                Admission::Wait
-            } else {
-                Admission::Shed
-            };
-            let pushed = entry.conn.outbox.push(item, memory, admission, None);
-            Self::account(
-                pushed,
-                item.count() as u64,
-                &entry.conn,
-                None,
-                scratch,
-                routed,
-            );
-        }
-        scratch.slots = slots;
-    }
-
-    /// Books the outcome of one push of `n` messages.
-    fn account(
-        pushed: Pushed,
-        n: u64,
-        conn: &Arc<ConnShared>,
-        group: Option<&QueueGroup>,
-        scratch: &mut RouteScratch,
-        routed: &mut Routed,
-    ) {
-        match pushed {
-            Pushed::Queued { evicted, wake } => {
-                routed.queued += 1;
-                routed.dropped += evicted;
-                if wake {
-                    scratch.wake.push(Arc::clone(conn));
-                }
+            plan.members.clear();
+            if !self.grouped.is_empty() {
+                self.grouped.matches_into(topic, raw);
+                plan.members.extend(raw.iter().map(|m| self.member(*m)));
             }
-            Pushed::Dropped => routed.dropped += n,
-            Pushed::Overflow => {
-                routed.dropped += n;
-                conn.overflowed();
-            }
-            Pushed::Full => scratch.blocked.push((Arc::clone(conn), group.cloned())),
-            Pushed::Closed => {}
-        }
+        })
     }
 
-    /// Gives `msg` to one member of every queue group in `scratch.members`: round robin,
-    /// skipping members that are closing and, when another has room, members whose queue is
-    /// full (so a stalled instance does not hold requests others could answer).
-    fn route_groups(
-        &self,
-        msg: &Message,
-        scratch: &mut RouteScratch,
-        memory: &Memory,
-        waiting: Waiting,
-        routed: &mut Routed,
-    ) {
-        let members = std::mem::take(&mut scratch.members);
-        for run in members.chunk_by(|a, b| split(*a).0 == split(*b).0) {
-            let g = split(run[0]).0;
-            let Some(group) = self.groups[g as usize].as_ref() else {
-                continue;
-            };
-            if let Some((slot, admission)) = self.pick(group, run, msg, memory, waiting) {
-                let Some(entry) = &self.slots[slot as usize] else {
-                    continue;
-                };
-                routed.matched += 1;
-                let pushed =
-                    entry
-                        .conn
-                        .outbox
-                        .push_message(msg, memory, admission, Some(&group.name));
-                if pushed == Pushed::Closed {
-                    // Closed since the pick (not possible while routing holds the read lock on
-                    // one thread); counted rather than lost silently.
-                    routed.dropped += 1;
-                }
-                Self::account(pushed, 1, &entry.conn, Some(&group.name), scratch, routed);
-            }
-        }
-        scratch.members = members;
-    }
-
-    /// Chooses the member of one group (`run`: its matching members) that gets `msg`.
-    fn pick(
-        &self,
-        group: &Group,
-        run: &[Member],
-        msg: &Message,
-        memory: &Memory,
-        waiting: Waiting,
-    ) -> Option<(Slot, Admission)> {
-        let n = run.len();
-        let start = group.cursor.fetch_add(1, Ordering::Relaxed) as usize % n;
-        let mut fallback = None;
-        for i in 0..n {
-            let (g, slot) = split(run[(start + i) % n]);
-            let Some(entry) = &self.slots[slot as usize] else {
-                continue;
-            };
-            if entry.conn.cancel.is_cancelled() || entry.conn.outbox.is_closed() {
-                continue;
-            }
-            let admission = if waiting == Waiting::Allowed && entry.processed_in(g) {
-                Admission::Wait
-            } else {
-                Admission::Shed
-            };
-            if entry.conn.outbox.has_room_for(msg.accounted_size(), memory) {
-                return Some((slot, admission));
-            }
-            fallback.get_or_insert((slot, admission));
-        }
-        fallback
-    }
-
-    /// Offers `msg` again to group `group` (a member that was given it went away before
-    /// writing it). Returns whether another member took it.
-    pub(crate) fn reoffer(
-        &self,
-        msg: &Message,
-        group: &QueueGroup,
-        scratch: &mut RouteScratch,
-        memory: &Memory,
-    ) -> bool {
-        let Some(&g) = self.group_index.get(group) else {
-            return false;
-        };
-        let Some(grp) = self.groups[g as usize].as_ref() else {
-            return false;
-        };
-        self.grouped.matches_into(msg.topic(), &mut scratch.members);
-        scratch.members.retain(|m| split(*m).0 == g);
-        let members = std::mem::take(&mut scratch.members);
-        // Never waits: the session re-offering is going away.
-        let picked = self.pick(grp, &members, msg, memory, Waiting::Never);
-        scratch.members = members;
-        let Some((slot, admission)) = picked else {
-            return false;
-        };
-        let Some(entry) = &self.slots[slot as usize] else {
-            return false;
-        };
-        let mut routed = Routed::default();
-        let pushed = entry
-            .conn
-            .outbox
-            .push_message(msg, memory, admission, Some(group));
-        Self::account(pushed, 1, &entry.conn, None, scratch, &mut routed);
-        scratch.blocked.clear();
-        routed.queued > 0
-    }
-
-    /// Whether `conn` still holds a subscription in `group` matching `topic`.
-    pub(crate) fn holds_group(&self, conn: &ConnShared, group: &QueueGroup, topic: &Topic) -> bool {
-        let slot = conn.slot.load(Ordering::Relaxed);
-        // Slots are reused: the entry must be this very connection.
-        let Some(entry) = self
+    fn member(&self, m: Grouped) -> Member {
+        let (group, slot) = split(m);
+        let processed = self
             .slots
             .get(slot as usize)
             .and_then(Option::as_ref)
-            .filter(|e| std::ptr::eq(Arc::as_ptr(&e.conn), conn))
-        else {
+            .is_some_and(|e| e.processed_in(group));
+        Member {
+            group,
+            slot,
+            class: Class::of(processed),
+        }
+    }
+
+    /// Where a group's round robin starts this time, among `members` candidates.
+    pub(crate) fn turn(&self, group: GroupIdx, members: usize) -> usize {
+        self.groups
+            .get(group as usize)
+            .and_then(Option::as_ref)
+            .map_or(0, |g| g.cursor.fetch_add(1, Ordering::Relaxed) as usize)
+            % members.max(1)
+    }
+
+    /// The name of group `g`.
+    pub(crate) fn group_name(&self, g: GroupIdx) -> Option<&QueueGroup> {
+        self.groups.get(g as usize)?.as_ref().map(|g| &g.name)
+    }
+
+    /// The members of group `group` whose subscriptions match `topic` (re-offering a
+    /// departed member's delivery), into `out`.
+    pub(crate) fn members_of(&self, group: &QueueGroup, topic: &Topic, out: &mut Vec<Member>) {
+        out.clear();
+        let Some(&g) = self.group_index.get(group) else {
+            return;
+        };
+        let mut raw = Vec::new();
+        self.grouped.matches_into(topic, &mut raw);
+        out.extend(
+            raw.into_iter()
+                .filter(|m| split(*m).0 == g)
+                .map(|m| self.member(m)),
+        );
+    }
+
+    /// Whether the connection in `slot` holds a subscription in `group` matching `topic`.
+    pub(crate) fn holds_group(&self, slot: Slot, group: &QueueGroup, topic: &Topic) -> bool {
+        let Some(entry) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
             return false;
         };
         let Some(&g) = self.group_index.get(group) else {
@@ -604,11 +478,11 @@ impl Router {
         self.slots
             .get(slot as usize)
             .and_then(Option::as_ref)
-            .map_or(0, |e| e.filters.len() + e.grouped.len())
+            .map_or(0, Entry::count)
     }
 
     /// Live connections.
-    pub(crate) fn connections(&self) -> impl Iterator<Item = (Slot, &Arc<ConnShared>)> {
+    pub(crate) fn connections(&self) -> impl Iterator<Item = (Slot, &C)> {
         self.slots
             .iter()
             .enumerate()
@@ -629,175 +503,158 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Out;
-    use bytes::Bytes;
-    use daemoneye_eventbus_core::Header;
-    use std::collections::VecDeque;
-
-    fn msg(topic: &str) -> Message {
-        Message::new(Topic::new(topic).unwrap(), Header::default(), Bytes::new())
-    }
 
     fn filter(f: &str) -> TopicFilter {
         TopicFilter::new(f).unwrap()
+    }
+
+    fn topic(t: &str) -> Topic {
+        Topic::new(t).unwrap()
     }
 
     fn group(g: &str) -> QueueGroup {
         QueueGroup::new(g).unwrap()
     }
 
-    struct Fixture {
-        router: Router,
-        memory: Memory,
-        scratch: RouteScratch,
-    }
-
-    impl Fixture {
-        fn new() -> Self {
-            Self {
-                router: Router::default(),
-                memory: Memory::new(1 << 30),
-                scratch: RouteScratch::default(),
-            }
-        }
-
-        fn connect(&mut self, name: &str, max_msgs: usize) -> (Arc<ConnShared>, Slot) {
-            let conn = Arc::new(ConnShared::for_test(name, max_msgs));
-            let slot = self.router.add(Arc::clone(&conn));
-            conn.slot.store(slot, Ordering::Relaxed);
-            (conn, slot)
-        }
-
-        fn route(&mut self, topic: &str) -> Routed {
-            let routed = self.router.route(
-                &msg(topic),
-                &mut self.scratch,
-                &self.memory,
-                Waiting::Allowed,
-            );
-            self.scratch.blocked.clear();
-            routed
-        }
-    }
-
-    /// Group names of the messages queued for `conn` (`-` for a plain delivery).
-    fn taken(conn: &ConnShared) -> Vec<String> {
-        let mut q = VecDeque::new();
-        conn.outbox.take(&mut q);
-        q.into_iter()
-            .filter_map(|o| match o {
-                Out::Msg(_, _, g) => Some(g.map_or_else(|| "-".to_owned(), |g| g.to_string())),
-                Out::Run(..) => Some("run".to_owned()),
-                Out::Encoded(_) => Some("encoded".to_owned()),
-                Out::Frame(_) => None,
-            })
+    fn plain_of(
+        r: &Router<&'static str>,
+        t: &str,
+        cache: &mut PlanCache,
+    ) -> Vec<(&'static str, Class)> {
+        let plan = r.plan(&topic(t), cache);
+        plan.plain
+            .iter()
+            .map(|t| (*r.conn(t.slot).unwrap(), t.class))
             .collect()
     }
 
     #[test]
-    fn a_group_gives_each_message_to_one_member_in_turn() {
-        let mut f = Fixture::new();
-        let (a, sa) = f.connect("a", 100);
-        let (b, sb) = f.connect("b", 100);
-        let (watcher, sw) = f.connect("watcher", 100);
-        let g = group("workers");
+    fn a_connection_is_planned_once_in_its_strongest_class() {
+        let mut r = Router::new(100);
+        let (a, b) = (r.add("a"), r.add("b"));
+        r.subscribe(a, &filter("events.+"), Qos::Realtime, None)
+            .unwrap();
+        r.subscribe(a, &filter("events.#"), Qos::Processed, None)
+            .unwrap();
+        r.subscribe(b, &filter("events.x"), Qos::Realtime, None)
+            .unwrap();
+        let mut cache = PlanCache::default();
         assert_eq!(
-            f.router
-                .subscribe(sa, &filter("job.+"), Qos::Realtime, Some(&g)),
-            Ok(true)
+            plain_of(&r, "events.x", &mut cache),
+            [("a", Class::Processed), ("b", Class::Realtime)]
         );
         assert_eq!(
-            f.router
-                .subscribe(sb, &filter("job.#"), Qos::Realtime, Some(&g)),
-            Ok(true)
+            plain_of(&r, "events", &mut cache),
+            [("a", Class::Processed)]
         );
+        // A change of the table is seen by the cached plan.
+        assert!(r.unsubscribe(a, &filter("events.#")));
         assert_eq!(
-            f.router
-                .subscribe(sw, &filter("job.#"), Qos::Realtime, None),
-            Ok(true)
+            plain_of(&r, "events.x", &mut cache),
+            [("a", Class::Realtime), ("b", Class::Realtime)]
         );
-        for _ in 0..6 {
-            assert_eq!(
-                f.route("job.x").matched,
-                2,
-                "one member plus the plain watcher"
-            );
-        }
-        let (ta, tb) = (taken(&a), taken(&b));
-        assert_eq!((ta.len(), tb.len()), (3, 3), "alternating: {ta:?} {tb:?}");
-        assert!(ta.iter().chain(&tb).all(|g| g == "workers"));
-        assert_eq!(taken(&watcher), vec!["-"; 6]);
-        // Nobody at all: matched is zero (the no-responders case).
-        assert_eq!(f.route("other").matched, 0);
+        r.remove(b);
+        assert_eq!(
+            plain_of(&r, "events.x", &mut cache),
+            [("a", Class::Realtime)]
+        );
+        assert!(plain_of(&r, "other", &mut cache).is_empty());
     }
 
     #[test]
-    fn closing_and_full_members_are_passed_over() {
-        let mut f = Fixture::new();
-        let (a, sa) = f.connect("a", 1);
-        let (b, sb) = f.connect("b", 100);
-        let g = group("g");
-        for s in [sa, sb] {
-            f.router
-                .subscribe(s, &filter("t"), Qos::Realtime, Some(&g))
-                .unwrap();
-        }
-        for _ in 0..5 {
-            f.route("t");
-        }
-        // `a` holds one message (full after it); the others went to `b`.
-        assert_eq!((taken(&a).len(), taken(&b).len()), (1, 4));
-        a.cancel.cancel();
-        for _ in 0..4 {
-            f.route("t");
-        }
-        assert_eq!((taken(&a).len(), taken(&b).len()), (0, 4));
-        // A departed member's message goes to another member of its group.
-        let m = msg("t");
-        assert!(f.router.reoffer(&m, &g, &mut f.scratch, &f.memory));
-        assert_eq!(taken(&b).len(), 1);
-        assert!(
-            !f.router
-                .reoffer(&m, &group("nobody"), &mut f.scratch, &f.memory)
+    fn group_members_are_planned_per_group_with_their_class_and_take_turns() {
+        let mut r = Router::new(100);
+        let (a, b, c) = (r.add("a"), r.add("b"), r.add("c"));
+        let (w, v) = (group("w"), group("v"));
+        r.subscribe(a, &filter("job.+"), Qos::Processed, Some(&w))
+            .unwrap();
+        r.subscribe(b, &filter("job.#"), Qos::Realtime, Some(&w))
+            .unwrap();
+        r.subscribe(c, &filter("job.x"), Qos::Realtime, Some(&v))
+            .unwrap();
+        let mut cache = PlanCache::default();
+        let plan = r.plan(&topic("job.x"), &mut cache);
+        assert!(plan.plain.is_empty());
+        let groups: Vec<Vec<(&str, Class)>> = plan
+            .groups()
+            .map(|m| {
+                m.iter()
+                    .map(|m| (*r.conn(m.slot).unwrap(), m.class))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            [
+                vec![("a", Class::Processed), ("b", Class::Realtime)],
+                vec![("c", Class::Realtime)]
+            ]
         );
+        let g = plan.members[0].group;
+        assert_eq!(r.group_name(g), Some(&w));
+        let turns: Vec<_> = (0..4).map(|_| r.turn(g, 2)).collect();
+        assert_eq!(turns, [0, 1, 0, 1]);
+        let mut members = Vec::new();
+        r.members_of(&w, &topic("job.x"), &mut members);
+        assert_eq!(members.len(), 2);
+        assert!(r.holds_group(b, &w, &topic("job.y")));
+        assert!(!r.holds_group(c, &w, &topic("job.x")));
     }
 
     #[test]
     fn a_filter_is_held_once_and_groups_are_reclaimed() {
-        let mut f = Fixture::new();
-        let (a, sa) = f.connect("a", 100);
+        let mut r = Router::new(100);
+        let a = r.add("a");
         let g = group("g");
-        f.router
-            .subscribe(sa, &filter("t"), Qos::Realtime, Some(&g))
+        r.subscribe(a, &filter("t"), Qos::Realtime, Some(&g))
             .unwrap();
         assert!(matches!(
-            f.router.subscribe(sa, &filter("t"), Qos::Realtime, None),
+            r.subscribe(a, &filter("t"), Qos::Realtime, None),
             Err(SubscribeRefusal::Conflict(_))
         ));
         assert!(matches!(
-            f.router
-                .subscribe(sa, &filter("t"), Qos::Realtime, Some(&group("h"))),
+            r.subscribe(a, &filter("t"), Qos::Realtime, Some(&group("h"))),
             Err(SubscribeRefusal::Conflict(_))
         ));
         assert_eq!(
-            f.router
-                .subscribe(sa, &filter("t"), Qos::Processed, Some(&g)),
+            r.subscribe(a, &filter("t"), Qos::Processed, Some(&g)),
             Ok(false)
         );
-        assert!(f.router.holds_group(&a, &g, &Topic::new("t").unwrap()));
-        assert!(f.router.unsubscribe(sa, &filter("t")));
-        assert!(!f.router.holds_group(&a, &g, &Topic::new("t").unwrap()));
+        assert!(r.unsubscribe(a, &filter("t")));
         assert!(
-            f.router.group_index.is_empty(),
+            r.group_index.is_empty(),
             "the last subscription frees the group"
         );
         // The freed index serves the next group.
-        f.router
-            .subscribe(sa, &filter("u"), Qos::Realtime, Some(&group("k")))
+        r.subscribe(a, &filter("u"), Qos::Realtime, Some(&group("k")))
             .unwrap();
-        assert_eq!(f.router.groups.len(), 1);
-        f.router.remove(sa);
-        assert_eq!(f.router.subscription_count(), 0);
-        assert!(f.router.group_index.is_empty());
+        assert_eq!(r.groups.len(), 1);
+        assert_eq!(r.remove(a), [filter("u")]);
+        assert_eq!(r.subscription_count(), 0);
+        assert!(r.group_index.is_empty());
+    }
+
+    #[test]
+    fn a_connection_holds_at_most_the_limit() {
+        let mut r = Router::new(2);
+        let (a, b) = (r.add("a"), r.add("b"));
+        r.subscribe(a, &filter("x"), Qos::Realtime, None).unwrap();
+        r.subscribe(a, &filter("y"), Qos::Realtime, Some(&group("g")))
+            .unwrap();
+        let refused = r.subscribe(a, &filter("z"), Qos::Realtime, None);
+        assert!(
+            matches!(&refused, Err(SubscribeRefusal::Limit(m)) if m.contains("max_subscriptions_per_connection")),
+            "{refused:?}"
+        );
+        // What it holds can still be renewed or upgraded; other connections are not limited
+        // by it.
+        assert_eq!(
+            r.subscribe(a, &filter("x"), Qos::Processed, None),
+            Ok(false)
+        );
+        assert_eq!(r.subscribe(b, &filter("z"), Qos::Realtime, None), Ok(true));
+        assert!(r.unsubscribe(a, &filter("x")));
+        assert_eq!(r.subscribe(a, &filter("z"), Qos::Realtime, None), Ok(true));
+        assert_eq!(r.filter_count_of(a), 2);
     }
 }

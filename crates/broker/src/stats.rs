@@ -84,6 +84,10 @@ pub struct BrokerStats {
     pub active_topics: u64,
     /// Bytes held in outbound queues now.
     pub queued_bytes: u64,
+    /// Bytes of the memory cap held by subscriptions (each charged its filter's length and a
+    /// fixed estimate of the routing table's bookkeeping).
+    #[serde(default)]
+    pub subscription_bytes: u64,
     /// The broker-wide cap on queued bytes.
     pub memory_cap_bytes: u64,
     /// One entry per open connection.
@@ -112,6 +116,7 @@ pub struct ConnectionStats {
     pub queued_messages: u64,
     /// Bytes waiting in its queue.
     pub queued_bytes: u64,
-    /// Drops by topic.
+    /// Drops by topic: the largest counts, at most 256 topics, and the sum of the others under
+    /// `$sys.broker.dropped.other`.
     pub dropped_by_topic: BTreeMap<String, u64>,
 }

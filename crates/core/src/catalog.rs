@@ -165,6 +165,10 @@ pub mod sys {
         client_connected = "$sys.broker.clients.connected";
         /// A client disconnected (JSON).
         client_disconnected = "$sys.broker.clients.disconnected";
+        /// Never published: in a drop notice and in statistics, the entry under this topic
+        /// sums the drops of every topic not listed one by one (the per-topic counts are
+        /// bounded, so a stalled reader of many topics costs bounded memory).
+        dropped_other = "$sys.broker.dropped.other";
     }
 }
 

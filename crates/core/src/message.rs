@@ -336,9 +336,6 @@ struct Inner {
     /// The body of a message made in process, encoded once on first need. (Kept apart from
     /// `received` because filling a `OnceLock` costs a synchronised state change per message.)
     encoded: OnceLock<Bytes>,
-    /// Whether `payload` and `received` are slices of a lending reader's buffer
-    /// ([`crate::codec::DecodeCache::lending`]).
-    lent: bool,
 }
 
 impl Inner {
@@ -349,7 +346,6 @@ impl Inner {
             payload,
             received,
             encoded: OnceLock::new(),
-            lent: false,
         }
     }
 
@@ -390,43 +386,20 @@ impl Message {
     }
 
     /// A decoded message: `payload` is the tail of `wire`, the body as received.
-    pub(crate) fn with_wire(
-        topic: Topic,
-        header: Header,
-        payload: Bytes,
-        wire: Bytes,
-        lent: bool,
-    ) -> Self {
-        Self::make(Inner {
-            lent,
-            ..Inner::new(topic, header, payload, Some(wire))
-        })
+    pub(crate) fn with_wire(topic: Topic, header: Header, payload: Bytes, wire: Bytes) -> Self {
+        Self::make(Inner::new(topic, header, payload, Some(wire)))
     }
 
     /// A message read from a run, sharing its bytes.
-    pub(crate) fn from_run(topic: Topic, header: Header, payload: Bytes, lent: bool) -> Self {
-        Self::make(Inner {
-            lent,
-            ..Inner::new(topic, header, payload, None)
-        })
+    pub(crate) fn from_run(topic: Topic, header: Header, payload: Bytes) -> Self {
+        Self::make(Inner::new(topic, header, payload, None))
     }
 
-    /// Whether payload and body are slices of a lending reader's buffer
-    /// ([`crate::codec::DecodeCache::lending`]), which must not be kept: see
-    /// [`Message::detached`].
-    pub fn is_lent(&self) -> bool {
-        self.inner().lent
-    }
-
-    /// This message holding only its own bytes: a lent message's body (or, read from a run,
-    /// its payload) is copied, exactly its length; any other message is cloned. Its other
-    /// fields are never slices of a lending reader's buffer.
-    #[must_use]
-    pub fn detached(&self) -> Self {
+    /// This message holding only its own bytes: its body (or, read from a run, its payload)
+    /// is copied, exactly its length. Its other fields are never slices of a read buffer.
+    /// What [`crate::codec::Lent::keep`] gives for a message lent from a read buffer.
+    pub(crate) fn copied(&self) -> Self {
         let inner = self.inner();
-        if !inner.lent {
-            return self.clone();
-        }
         let (payload, received) = match &inner.received {
             Some(wire) => {
                 let copy = crate::codec::pool::copy(wire);

@@ -4,8 +4,8 @@
 
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, Reply,
-    RunWriter, SlowReaderPolicy, Subscribe, Version, Welcome, encode_run_as_delivers, kind,
+    DecodeCache, ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, LentFrame,
+    Reply, RunWriter, SlowReaderPolicy, Subscribe, Version, Welcome, encode_run_as_delivers, kind,
     max_frame_len, may_run,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
@@ -662,7 +662,7 @@ fn carved_frames_read_the_same_and_their_chunk_is_reused_once_they_are_gone() {
 }
 
 #[test]
-fn lent_frames_stay_in_the_read_buffer_and_detached_copies_keep_nothing_of_it() {
+fn lent_frames_stay_in_the_read_buffer_and_kept_copies_keep_nothing_of_it() {
     let dec = FrameDecoder::new(max_frame_len(1 << 20));
     // A request on an inbox topic, with a reply topic: every field that could be a slice.
     let request = Message::new(
@@ -680,26 +680,30 @@ fn lent_frames_stay_in_the_read_buffer_and_detached_copies_keep_nothing_of_it() 
     Frame::Publish(plain.clone()).encode(&mut buf);
     buf.extend_from_slice(&run_bytes(&in_run));
     let within = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+    let outside = |m: &Message| !within.contains(&(m.payload().as_ptr() as usize));
     let mut cache = DecodeCache::lending();
     let (mut kept, mut runs) = (Vec::new(), Vec::new());
-    while let Some(f) = dec.decode_cached(&mut buf, &mut cache).unwrap() {
+    while let Some(f) = dec.decode_lent(&mut buf, &mut cache).unwrap() {
         match f {
-            Frame::Publish(m) => {
-                assert!(m.is_lent() && within.contains(&(m.payload().as_ptr() as usize)));
-                let copy = m.detached();
-                assert!(!copy.is_lent() && !within.contains(&(copy.payload().as_ptr() as usize)));
-                assert_eq!(copy.wire(), m.wire());
+            LentFrame::Publish(m) => {
+                assert!(m.shares_buffer());
+                let copy = m.keep();
+                assert!(outside(&copy));
+                assert_eq!(copy.wire().len(), m.wire_len());
                 kept.push(copy);
             }
-            Frame::PublishRun(r) => {
-                assert!(r.is_lent());
+            LentFrame::PublishRun(r) => {
+                assert!(r.shares_buffer());
                 for m in r.messages() {
                     let m = m.unwrap();
-                    assert!(m.is_lent());
-                    kept.push(m.detached());
+                    assert!(m.shares_buffer());
+                    let copy = m.keep();
+                    assert!(outside(&copy));
+                    kept.push(copy);
                 }
-                let copy = r.detached();
-                assert!(!copy.is_lent() && copy.wire() == r.wire());
+                let copy = r.keep();
+                assert_eq!(copy.wire().len(), r.wire_len());
+                assert!(!within.contains(&(copy.wire().as_ptr() as usize)));
                 runs.push(copy);
             }
             other => panic!("{other:?}"),
@@ -710,24 +714,40 @@ fn lent_frames_stay_in_the_read_buffer_and_detached_copies_keep_nothing_of_it() 
     assert_eq!(runs.len(), 1);
     // With only the copies alive, the read buffer is reused in place.
     assert!(buf.try_reclaim(4096), "a copy still holds the read buffer");
-    // Frames above the copy threshold are slices whatever the reader, and never lent.
+    // Frames above the copy threshold are slices whatever the reader, and never lent: keeping
+    // one copies nothing.
     let large = Message::new(
         Topic::new("a.b").unwrap(),
         Header::default(),
         Bytes::from(vec![7u8; 20 * 1024]),
     );
     Frame::Publish(large).encode(&mut buf);
-    match dec.decode_cached(&mut buf, &mut cache).unwrap() {
-        Some(Frame::Publish(m)) => assert!(!m.is_lent()),
+    match dec.decode_lent(&mut buf, &mut cache).unwrap() {
+        Some(LentFrame::Publish(m)) => {
+            assert!(!m.shares_buffer());
+            let (a, b) = (m.keep(), m.keep());
+            assert_eq!(a.payload().as_ptr(), b.payload().as_ptr());
+        }
         other => panic!("{other:?}"),
     }
     // Other readers never lend.
     Frame::Publish(simple_message(b"x")).encode(&mut buf);
     match dec
-        .decode_cached(&mut buf, &mut DecodeCache::default())
+        .decode_lent(&mut buf, &mut DecodeCache::default())
         .unwrap()
     {
-        Some(Frame::Publish(m)) => assert!(!m.is_lent()),
+        Some(LentFrame::Publish(m)) => assert!(!m.shares_buffer()),
+        other => panic!("{other:?}"),
+    }
+    // Deliveries are never lent, even by a lending reader: what holds them is a copy.
+    buf.clear();
+    Frame::Deliver(simple_message(b"d")).encode(&mut buf);
+    let within = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+    match dec.decode_lent(&mut buf, &mut cache).unwrap() {
+        Some(LentFrame::Other(Frame::Deliver(m))) => {
+            assert!(!within.contains(&(m.payload().as_ptr() as usize)));
+            assert_eq!(m.payload().as_ref(), b"d");
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -9,9 +9,9 @@ use crate::error::ReadError;
 use crate::large::LARGE_FRAME;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, GroupDelivery, LEN_PREFIX, MessageRun, encode_frame_head, encode_group_frame,
-    encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_delivery,
-    kind, max_frame_len,
+    DecodeCache, GroupDelivery, LEN_PREFIX, LentFrame, MessageRun, encode_frame_head,
+    encode_group_frame, encode_group_frame_head, encode_message_frame, encode_run_as_delivers,
+    encode_run_delivery, kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -41,8 +41,16 @@ enum ReaderKind {
         /// The last frame was large: the next read takes at most [`HEAD_READ`] bytes, so the
         /// start of another large frame is not read into `buf` only to be copied out.
         after_large: bool,
+        /// A large frame read whole by [`FrameReader::fill`]: its kind and body, decoded by
+        /// the next [`FrameReader::next_lent`].
+        ready: Option<(u8, Bytes)>,
     },
-    InProc(mpsc::Receiver<Frame>),
+    InProc {
+        rx: mpsc::Receiver<Frame>,
+        /// A frame received by [`FrameReader::fill`], returned by the next
+        /// [`FrameReader::next_lent`].
+        ready: Option<Frame>,
+    },
 }
 
 /// Reads frames from one connection.
@@ -60,6 +68,7 @@ impl FrameReader {
                 cache: DecodeCache::default(),
                 large: None,
                 after_large: false,
+                ready: None,
             },
             decoder: FrameDecoder::new(max_frame_len(
                 daemoneye_eventbus_core::codec::DEFAULT_MAX_MESSAGE_SIZE,
@@ -69,7 +78,7 @@ impl FrameReader {
 
     pub(crate) fn inproc(rx: mpsc::Receiver<Frame>) -> Self {
         Self {
-            kind: ReaderKind::InProc(rx),
+            kind: ReaderKind::InProc { rx, ready: None },
             decoder: FrameDecoder::new(0),
         }
     }
@@ -83,8 +92,9 @@ impl FrameReader {
     }
 
     /// Leaves small frames in the read buffer ([`DecodeCache::lending`]): for a reader that
-    /// is done with each frame before reading again, and copies what it keeps
-    /// ([`Message::detached`]). The buffer is then reused in place.
+    /// reads with [`FrameReader::fill`] and [`FrameReader::next_lent`], is done with each
+    /// frame before reading again, and keeps only copies
+    /// ([`daemoneye_eventbus_core::codec::Lent::keep`]). The buffer is then reused in place.
     pub fn lend_small_frames(&mut self) {
         if let ReaderKind::Stream { cache, .. } = &mut self.kind {
             *cache = DecodeCache::lending();
@@ -103,8 +113,93 @@ impl FrameReader {
     /// [`ReadError::Frame`] when buffered bytes do not decode.
     pub fn try_read_buffered(&mut self) -> Result<Option<Frame>, ReadError> {
         match &mut self.kind {
-            ReaderKind::Stream { buf, cache, .. } => Ok(self.decoder.decode_cached(buf, cache)?),
-            ReaderKind::InProc(rx) => Ok(rx.try_recv().ok()),
+            ReaderKind::Stream {
+                buf, cache, ready, ..
+            } => match ready.take() {
+                Some((kind, body)) => Ok(Some(Frame::decode_cached(kind, body, cache)?)),
+                None => Ok(self.decoder.decode_cached(buf, cache)?),
+            },
+            ReaderKind::InProc { rx, ready } => Ok(ready.take().or_else(|| rx.try_recv().ok())),
+        }
+    }
+
+    /// Waits until at least one whole frame is buffered; `Ok(false)` is a clean end of
+    /// stream. Take the frames with [`FrameReader::next_lent`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: partial frames stay in the reader's buffer.
+    ///
+    /// # Errors
+    ///
+    /// I/O errors, a length prefix over the limit, or a stream that ends inside a frame.
+    pub async fn fill(&mut self) -> Result<bool, ReadError> {
+        match &mut self.kind {
+            ReaderKind::InProc { rx, ready } => {
+                if ready.is_none() {
+                    *ready = rx.recv().await;
+                }
+                Ok(ready.is_some())
+            }
+            ReaderKind::Stream {
+                io,
+                buf,
+                large,
+                after_large,
+                ready,
+                ..
+            } => loop {
+                if ready.is_some() {
+                    return Ok(true);
+                }
+                if let Some(frame) = large {
+                    if read_large(io, frame, &self.decoder).await? {
+                        *after_large = true;
+                        let frame = large.take().expect("a large frame is being read");
+                        let kind = frame[LEN_PREFIX];
+                        let body = crate::large::POOL.share(frame).slice(LEN_PREFIX + 1..);
+                        *ready = Some((kind, body));
+                    }
+                    continue;
+                }
+                if start_large(buf, large, &self.decoder)? {
+                    continue;
+                }
+                if self.decoder.complete(buf)? {
+                    return Ok(true);
+                }
+                if !read_more(io, buf, after_large).await? {
+                    return Ok(false);
+                }
+            },
+        }
+    }
+
+    /// The next frame already buffered (see [`FrameReader::fill`]), without waiting; `Ok(None)`
+    /// when no whole frame is. With [`FrameReader::lend_small_frames`], a publish borrows the
+    /// read buffer until it is dropped.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Frame`] when a buffered frame does not decode (after a
+    /// [recoverable](daemoneye_eventbus_core::FrameError::is_recoverable) one, the next frame
+    /// can be read).
+    pub fn next_lent(&mut self) -> Result<Option<LentFrame<'_>>, ReadError> {
+        match &mut self.kind {
+            ReaderKind::InProc { rx, ready } => Ok(ready
+                .take()
+                .or_else(|| rx.try_recv().ok())
+                .map(LentFrame::owned)),
+            ReaderKind::Stream {
+                buf, cache, ready, ..
+            } => {
+                if let Some((kind, body)) = ready.take() {
+                    // A large frame has a buffer of its own: nothing of it is lent.
+                    let frame = Frame::decode_cached(kind, body, cache)?;
+                    return Ok(Some(LentFrame::owned(frame)));
+                }
+                Ok(self.decoder.decode_lent(buf, cache)?)
+            }
         }
     }
 
@@ -119,26 +214,23 @@ impl FrameReader {
     /// I/O errors, a malformed frame, or a stream that ends inside a frame.
     pub async fn read_frame(&mut self) -> Result<Option<Frame>, ReadError> {
         match &mut self.kind {
-            ReaderKind::InProc(rx) => Ok(rx.recv().await),
+            ReaderKind::InProc { rx, ready } => match ready.take() {
+                Some(frame) => Ok(Some(frame)),
+                None => Ok(rx.recv().await),
+            },
             ReaderKind::Stream {
                 io,
                 buf,
                 cache,
                 large,
                 after_large,
+                ready,
             } => loop {
+                if let Some((kind, body)) = ready.take() {
+                    return Ok(Some(Frame::decode_cached(kind, body, cache)?));
+                }
                 if let Some(frame) = large {
-                    // The rest of a large frame goes straight into its own buffer.
-                    let whole = self.decoder.announced(frame)?.unwrap_or_default();
-                    let want = whole - frame.len();
-                    if io.read_buf(&mut (&mut *frame).limit(want)).await? == 0 {
-                        let e = io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("stream ended inside a frame of {whole} bytes"),
-                        );
-                        return Err(ReadError::Io(e));
-                    }
-                    if frame.len() == whole {
+                    if read_large(io, frame, &self.decoder).await? {
                         *after_large = true;
                         let frame = large.take().expect("a large frame is being read");
                         let kind = frame[LEN_PREFIX];
@@ -147,41 +239,83 @@ impl FrameReader {
                     }
                     continue;
                 }
-                match self.decoder.announced(buf)? {
-                    Some(whole) if whole >= LARGE_FRAME && buf.len() < whole => {
-                        let mut frame = crate::large::POOL.take(whole);
-                        frame.extend_from_slice(buf);
-                        buf.clear();
-                        *large = Some(frame);
-                        continue;
-                    }
-                    _ => {}
+                if start_large(buf, large, &self.decoder)? {
+                    continue;
                 }
                 if let Some(frame) = self.decoder.decode_cached(buf, cache)? {
                     return Ok(Some(frame));
                 }
-                // Reuses the buffer in place once no frame lent from it is alive (or, never
-                // lent, once the bytes left are fewer than those already read).
-                if buf.capacity() - buf.len() < READ_CHUNK / 4 && !buf.try_reclaim(READ_CHUNK / 2) {
-                    buf.reserve(READ_CHUNK);
-                }
-                let read = match std::mem::take(after_large) {
-                    true => io.read_buf(&mut (&mut *buf).limit(HEAD_READ)).await?,
-                    false => io.read_buf(buf).await?,
-                };
-                if read == 0 {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let e = io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("stream ended inside a frame ({} bytes buffered)", buf.len()),
-                    );
-                    return Err(ReadError::Io(e));
+                if !read_more(io, buf, after_large).await? {
+                    return Ok(None);
                 }
             },
         }
     }
+}
+
+/// Reads more of a large frame straight into its own buffer; `true` once it is whole.
+async fn read_large(
+    io: &mut BoxRead,
+    frame: &mut Vec<u8>,
+    decoder: &FrameDecoder,
+) -> Result<bool, ReadError> {
+    let whole = decoder.announced(frame)?.unwrap_or_default();
+    let want = whole - frame.len();
+    if io.read_buf(&mut (&mut *frame).limit(want)).await? == 0 {
+        let e = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("stream ended inside a frame of {whole} bytes"),
+        );
+        return Err(ReadError::Io(e));
+    }
+    Ok(frame.len() == whole)
+}
+
+/// Moves what is buffered of a frame of [`LARGE_FRAME`] bytes or more, once its prefix has
+/// arrived, into a buffer of exactly its size; `true` when it did.
+fn start_large(
+    buf: &mut BytesMut,
+    large: &mut Option<Vec<u8>>,
+    decoder: &FrameDecoder,
+) -> Result<bool, ReadError> {
+    match decoder.announced(buf)? {
+        Some(whole) if whole >= LARGE_FRAME && buf.len() < whole => {
+            let mut frame = crate::large::POOL.take(whole);
+            frame.extend_from_slice(buf);
+            buf.clear();
+            *large = Some(frame);
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Reads more bytes into `buf`; `false` at a clean end of stream (nothing buffered).
+async fn read_more(
+    io: &mut BoxRead,
+    buf: &mut BytesMut,
+    after_large: &mut bool,
+) -> Result<bool, ReadError> {
+    // Reuses the buffer in place once no frame lent from it is alive (or, never lent, once
+    // the bytes left are fewer than those already read).
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 && !buf.try_reclaim(READ_CHUNK / 2) {
+        buf.reserve(READ_CHUNK);
+    }
+    let read = match std::mem::take(after_large) {
+        true => io.read_buf(&mut (&mut *buf).limit(HEAD_READ)).await?,
+        false => io.read_buf(buf).await?,
+    };
+    if read == 0 {
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        let e = io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("stream ended inside a frame ({} bytes buffered)", buf.len()),
+        );
+        return Err(ReadError::Io(e));
+    }
+    Ok(true)
 }
 
 /// Payloads at least this large are written from their shared buffer with `writev` instead of

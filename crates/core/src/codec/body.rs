@@ -209,11 +209,12 @@ impl DecodeCache {
     }
 
     /// A cache whose connection copies nothing: small frames stay slices of the read buffer,
-    /// and so do the payloads and bodies of the messages and runs decoded from them (marked
-    /// lent: [`Message::is_lent`]); every other field is a copy. For a reader that is done
-    /// with each frame before it reads again (the broker): the buffer is then reclaimed in
-    /// place, and whatever keeps a message longer takes [`Message::detached`] (or
-    /// [`super::MessageRun::detached`]), which copies exactly its own bytes.
+    /// and so do the payloads and bodies of the messages and runs decoded from them; every
+    /// other field is a copy. For a reader that is done with each frame before it reads
+    /// again (the broker), through [`super::FrameDecoder::decode_lent`]: its messages and
+    /// runs come as [`super::Lent`] values, which cannot outlive the read and give an owned
+    /// copy of exactly their own bytes only through [`super::Lent::keep`]. The buffer is then
+    /// reclaimed in place.
     pub fn lending() -> Self {
         Self {
             small: Small::Lend,
@@ -366,12 +367,12 @@ fn decode_correlation(c: &mut Cursor) -> Result<CorrelationMetadata, FrameError>
 /// (a fresh [`DecodeCache::default`] when there is no connection to speak of).
 pub fn decode_message_body(body: Bytes, cache: &mut DecodeCache) -> Result<Message, FrameError> {
     let mut c = Cursor::new(body);
-    let lent = cache.lends(c.body());
-    let topic = c.topic_cached("topic", &mut cache.topics, lent)?;
+    let own = cache.lends(c.body());
+    let topic = c.topic_cached("topic", &mut cache.topics, own)?;
     let hlen = c.u32("header_len")? as usize;
     let outer = c.narrow(hlen, "header")?;
     let header = decode_header(&mut c, cache)?;
     c.widen(outer);
     let (payload, wire) = c.into_rest();
-    Ok(Message::with_wire(topic, header, payload, wire, lent))
+    Ok(Message::with_wire(topic, header, payload, wire))
 }

@@ -1,6 +1,7 @@
 //! Splitting frames off a byte stream.
 
 use super::body::{CARVE_CHUNK, DecodeCache, Small};
+use super::lent::LentFrame;
 use super::types::Frame;
 use super::{FrameError, LEN_PREFIX};
 use bytes::{Buf, Bytes, BytesMut};
@@ -58,6 +59,43 @@ impl FrameDecoder {
             return Ok(None);
         };
         Frame::decode_cached(kind, body, cache).map(Some)
+    }
+
+    /// [`FrameDecoder::decode_cached`] for a lending reader ([`DecodeCache::lending`]): a
+    /// PUBLISH or PUBLISH_RUN comes as a [`super::Lent`] borrowing `buf`, so it cannot be
+    /// kept past the next read without a copy ([`super::Lent::keep`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`FrameDecoder::decode`].
+    pub fn decode_lent<'buf>(
+        &self,
+        buf: &'buf mut BytesMut,
+        cache: &mut DecodeCache,
+    ) -> Result<Option<LentFrame<'buf>>, FrameError> {
+        let Some((kind, body)) = self.split(buf, &mut cache.small)? else {
+            return Ok(None);
+        };
+        let shares = cache.lends(&body);
+        let frame = Frame::decode_cached(kind, body, cache)?;
+        Ok(Some(LentFrame::wrap(frame, shares)))
+    }
+
+    /// Whether `buf` holds a whole frame. When it holds only part of one, room for more of it
+    /// is reserved (at most 256 KiB at a time, never the whole announced length).
+    ///
+    /// # Errors
+    ///
+    /// [`FrameError::TooLarge`] or [`FrameError::Empty`], from the length prefix alone.
+    pub fn complete(&self, buf: &mut BytesMut) -> Result<bool, FrameError> {
+        let Some(whole) = self.announced(buf)? else {
+            return Ok(false);
+        };
+        if buf.len() < whole {
+            buf.reserve((whole - buf.len()).min(GROW_STEP));
+            return Ok(false);
+        }
+        Ok(true)
     }
 
     /// Like [`FrameDecoder::decode`] but returns the raw kind and body without parsing it.

@@ -7,6 +7,7 @@
 mod body;
 mod decoder;
 mod frame;
+mod lent;
 pub(crate) mod pool;
 mod run;
 mod types;
@@ -18,6 +19,7 @@ pub use body::{
     encode_group_frame_head, encode_message_frame, encode_publish, encode_publish_head,
 };
 pub use decoder::FrameDecoder;
+pub use lent::{Lent, LentFrame};
 pub use run::{
     MessageRun, RunMessages, RunWriter, encode_run_as_delivers, encode_run_delivery,
     encode_run_frame, may_run,

@@ -35,8 +35,6 @@ pub struct MessageRun {
     entries_at: usize,
     payload_bytes: usize,
     max_payload: usize,
-    /// Whether `body` is a slice of a lending reader's buffer ([`DecodeCache::lending`]).
-    lent: bool,
 }
 
 impl PartialEq for MessageRun {
@@ -87,26 +85,15 @@ impl MessageRun {
         self.payload_bytes + self.len() * (self.topic.as_str().len() + MESSAGE_OVERHEAD)
     }
 
-    /// Whether the body is a slice of a lending reader's buffer ([`DecodeCache::lending`]),
-    /// which must not be kept: see [`MessageRun::detached`].
-    pub fn is_lent(&self) -> bool {
-        self.lent
-    }
-
-    /// This run holding only its own bytes: a lent run's body is copied (exactly its
-    /// length); any other run is cloned.
-    #[must_use]
-    pub fn detached(&self) -> Self {
+    /// This run holding only its own bytes: the body is copied (exactly its length). What
+    /// [`super::Lent::keep`] gives for a run lent from a read buffer.
+    pub(crate) fn copied(&self) -> Self {
         let mut run = self.clone();
-        if run.lent {
-            run.body = super::pool::copy(&self.body);
-            run.lent = false;
-        }
+        run.body = super::pool::copy(&self.body);
         run
     }
 
-    /// The messages, in order, each sharing the run's bytes (the payload is not copied; the
-    /// messages of a lent run are lent).
+    /// The messages, in order, each sharing the run's bytes (the payload is not copied).
     pub fn messages(&self) -> RunMessages<'_> {
         let mut cursor = Cursor::new(self.body.clone());
         cursor.skip(self.entries_at);
@@ -128,8 +115,8 @@ impl MessageRun {
         cache: &mut DecodeCache,
     ) -> Result<Self, FrameError> {
         let mut c = Cursor::new(body);
-        let lent = cache.lends(c.body());
-        let topic = c.topic_cached("run.topic", &mut cache.topics, lent)?;
+        let own = cache.lends(c.body());
+        let topic = c.topic_cached("run.topic", &mut cache.topics, own)?;
         let count = c.u16("run.count")?;
         if count == 0 {
             return Err(FrameError::InvalidValue {
@@ -170,7 +157,6 @@ impl MessageRun {
             entries_at,
             payload_bytes,
             max_payload,
-            lent,
         })
     }
 }
@@ -199,12 +185,7 @@ impl Iterator for RunMessages<'_> {
             c.widen(outer);
             let plen = c.u32("run.payload_len")? as usize;
             let payload = c.take(plen, "run.payload")?;
-            Ok(Message::from_run(
-                self.run.topic.clone(),
-                header,
-                payload,
-                self.run.lent,
-            ))
+            Ok(Message::from_run(self.run.topic.clone(), header, payload))
         })();
         if entry.is_err() {
             // The rest cannot be trusted once one entry failed.

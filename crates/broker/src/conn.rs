@@ -1,0 +1,98 @@
+//! What the broker records about one connection, shared by its session, its writer and the
+//! routing table: who it is, its queues ([`Outlet`]), its counters and how to tear it down.
+
+use crate::delivery::Outlet;
+use crate::stats::ConnCounters;
+use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame};
+use daemoneye_eventbus_transport::PeerInfo;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// See the module documentation.
+pub(crate) struct Conn {
+    pub(crate) session_id: u64,
+    pub(crate) name: String,
+    pub(crate) peer: PeerInfo,
+    pub(crate) outlet: Outlet,
+    /// Whether the client reads message runs (protocol 1.2); older clients get a run's
+    /// messages as single deliveries.
+    pub(crate) runs: bool,
+    pub(crate) counters: ConnCounters,
+    /// Cancelled to tear the connection down at once (overflow, forced shutdown).
+    pub(crate) cancel: CancellationToken,
+    /// The error frame to write, best effort, when the connection is torn down.
+    last_error: Mutex<Option<ErrorFrame>>,
+    /// The connection's slot in the routing table (`u32::MAX` until registered).
+    pub(crate) slot: AtomicU32,
+    /// When the connection opened: `written_ms` counts from it.
+    opened: Instant,
+    /// Milliseconds after `opened` when the writer last finished a write.
+    written_ms: AtomicU64,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        session_id: u64,
+        name: String,
+        peer: PeerInfo,
+        outlet: Outlet,
+        runs: bool,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            session_id,
+            name,
+            peer,
+            outlet,
+            runs,
+            counters: ConnCounters::default(),
+            cancel,
+            last_error: Mutex::new(None),
+            slot: AtomicU32::new(u32::MAX),
+            opened: Instant::now(),
+            written_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The routing table slot.
+    pub(crate) fn slot(&self) -> u32 {
+        self.slot.load(Ordering::Relaxed)
+    }
+
+    /// The writer finished a write at `now`.
+    pub(crate) fn wrote(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.opened).as_millis();
+        self.written_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// When the writer last finished a write (the opening, before the first).
+    pub(crate) fn written_at(&self) -> Instant {
+        self.opened + Duration::from_millis(self.written_ms.load(Ordering::Relaxed))
+    }
+
+    /// The Realtime queue overflowed under the `Disconnect` policy.
+    pub(crate) fn overflowed(&self) {
+        self.tear_down(ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::SlowReader,
+            fatal: true,
+            message: format!(
+                "connection {:?} read too slowly and its slow-reader policy is disconnect",
+                self.name
+            ),
+        });
+    }
+
+    fn tear_down(&self, error: ErrorFrame) {
+        self.last_error.lock().get_or_insert(error);
+        self.cancel.cancel();
+    }
+
+    /// The error to write last, if the connection was torn down with one.
+    pub(crate) fn take_last_error(&self) -> Option<ErrorFrame> {
+        self.last_error.lock().take()
+    }
+}

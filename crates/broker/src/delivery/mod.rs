@@ -1,0 +1,155 @@
+//! The delivery layer: bounded queues, one per kind of subscription, each owning its QoS
+//! policy, and the broker-wide memory cap.
+//!
+//! - [`RealtimeQueue`]: a connection's at-most-once deliveries (its Realtime subscriptions,
+//!   the broker's `$sys` messages). Full: the connection's slow-reader policy, drop oldest
+//!   (counted per topic in [`Drops`], announced by NOTICE) or disconnect.
+//! - [`ProcessedQueue`]: a connection's Processed deliveries. Full: nothing is dropped; the
+//!   publisher waits ([`Pushed::Full`]).
+//! - [`Outlet`]: one connection's queues and its control frames behind one lock, what its
+//!   writer takes in one pass.
+//!
+//! What a queue keeps is decided here, in the type system: a push takes an [`Item`], a view
+//! of a [`Lent`] message or run, and keeps [`Lent::keep`]'s copy of exactly its bytes, or
+//! encodes it at once into a chunk ([`Encoding::Bytes`]). A lent frame cannot outlive the read
+//! it came from, so nothing a queue holds pins a reader's buffer, and what is queued is what
+//! is accounted.
+
+mod drops;
+mod lane;
+mod outlet;
+mod processed;
+mod realtime;
+
+pub use drops::DROP_TOPICS;
+pub(crate) use drops::Drops;
+pub(crate) use lane::Out;
+pub use outlet::MAX_QUEUED_CONTROL;
+pub(crate) use outlet::{Batch, Outlet};
+pub(crate) use processed::ProcessedQueue;
+pub(crate) use realtime::RealtimeQueue;
+
+use daemoneye_eventbus_core::codec::{Lent, MessageRun};
+use daemoneye_eventbus_core::{Message, Topic};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Broker-wide accounting of queued message bytes against `max_memory_bytes`.
+#[derive(Debug)]
+pub(crate) struct Memory {
+    used: AtomicUsize,
+    cap: usize,
+}
+
+impl Memory {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self {
+            used: AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    pub(crate) fn try_reserve(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + n <= self.cap).then_some(u + n)
+            })
+            .is_ok()
+    }
+
+    pub(crate) fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cap(&self) -> usize {
+        self.cap
+    }
+
+    /// Whether `n` more bytes would fit now.
+    pub(crate) fn has_room(&self, n: usize) -> bool {
+        self.used() + n <= self.cap
+    }
+}
+
+/// Bounds of one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// Messages queued at most (an empty queue always takes one message or run).
+    pub(crate) msgs: usize,
+    /// Charged bytes queued at most (idem).
+    pub(crate) bytes: usize,
+}
+
+/// How a connection's deliveries wait in its queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    /// As shared messages and runs, encoded by the writer (in-process peers, which take
+    /// frames as values).
+    Shared,
+    /// Byte-stream peers (`runs`: the peer reads message runs, protocol 1.2). A small
+    /// delivery (below the writer's vectored threshold, which it would copy anyway) is
+    /// encoded into the chunk at the queue's tail when it is queued, while the queue holds
+    /// less than [`lane::ENCODE_BELOW`] bytes: the frame's own buffer is free at once instead
+    /// of waiting in the queue, and the writer hands whole chunks to `writev`. A reader that
+    /// falls behind gets kept messages instead, so nothing is encoded for a reader that may
+    /// never read it.
+    Bytes {
+        /// Whether the peer reads DELIVER_RUN frames.
+        runs: bool,
+    },
+}
+
+/// What a push offers a queue: a view of one message or run, which the queue keeps only as
+/// its own copy ([`Lent::keep`]).
+#[derive(Clone, Copy)]
+pub(crate) enum Item<'a> {
+    Msg(&'a Lent<'a, Message>),
+    Run(&'a Lent<'a, MessageRun>),
+}
+
+impl Item<'_> {
+    pub(crate) fn topic(&self) -> &Topic {
+        match self {
+            Self::Msg(m) => m.topic(),
+            Self::Run(r) => r.topic(),
+        }
+    }
+
+    /// Bytes charged to the bounds.
+    pub(crate) fn size(&self) -> usize {
+        match self {
+            Self::Msg(m) => m.accounted_size(),
+            Self::Run(r) => r.accounted_size(),
+        }
+    }
+
+    /// Messages it holds.
+    pub(crate) fn count(&self) -> usize {
+        match self {
+            Self::Msg(_) => 1,
+            Self::Run(r) => r.len(),
+        }
+    }
+}
+
+/// Result of offering an item to a queue.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    /// Queued; `evicted` older messages were dropped to make room. `wake` is set when the
+    /// connection's queues were empty: the caller must then call [`Outlet::wake`] (at once,
+    /// or after the batch it is routing, so the writer takes the whole batch in one write).
+    Queued { evicted: u64, wake: bool },
+    /// Not queued, counted as dropped: the broker-wide memory cap left no room even after
+    /// evicting this connection's own oldest.
+    Dropped,
+    /// The queue was full and the policy is to disconnect; the connection must close.
+    Overflow,
+    /// The connection is closing.
+    Closed,
+    /// A Processed queue without room: nothing was queued or dropped; retry after
+    /// [`Outlet::wait_for_room`].
+    Full,
+}

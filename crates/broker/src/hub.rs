@@ -1,0 +1,548 @@
+//! What every session shares: configuration, the routing table, the memory cap, the
+//! counters, the tokens of the one shutdown path. And the step between the router and the
+//! queues: applying a [`Plan`] to the connections' [`Outlet`]s ([`Hub::route`]), with the
+//! broker's own messages, re-offers and statistics.
+
+use crate::config::BrokerConfig;
+use crate::conn::Conn;
+use crate::delivery::{Item, Memory, Pushed};
+use crate::router::{Class, Member, PlanCache, Router, Slot, SubscribeRefusal};
+use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
+use bytes::Bytes;
+use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame, Lent, Subscribe, Version, Welcome};
+use daemoneye_eventbus_core::{
+    ByteStr, Header, Message, MessageId, QueueGroup, ReplyStatus, StatusCode, Topic, TopicFilter,
+    catalog,
+};
+use daemoneye_eventbus_transport::{PeerInfo, TransportKind};
+use parking_lot::RwLock;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Bytes charged to the memory cap for each subscription on top of its filter's length: an
+/// estimate of what the routing table keeps for it (trie nodes, table entries).
+pub const SUBSCRIPTION_CHARGE: usize = 512;
+
+fn subscription_charge(filter: &TopicFilter) -> usize {
+    SUBSCRIPTION_CHARGE + filter.as_str().len()
+}
+
+/// Nanoseconds since the Unix epoch, now.
+pub(crate) fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Whether routing may leave a message waiting for a full Processed queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Waiting {
+    /// A client's publish: its session waits (backpressure).
+    Allowed,
+    /// The broker's own messages and re-offers: every connection gets them in its Realtime
+    /// queue, whose slow-reader policy applies, so a miss is counted per connection and topic
+    /// and noticed in-band.
+    Never,
+}
+
+/// Result of routing one message or run.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Routed {
+    /// Recipients matched: connections with a plain subscription plus one member per queue
+    /// group. Zero means nobody could answer a request.
+    pub(crate) matched: u64,
+    /// Deliveries dropped (evicted older messages, or this one).
+    pub(crate) dropped: u64,
+}
+
+/// A session's routing buffers, reused so routing allocates nothing.
+#[derive(Default)]
+pub(crate) struct RouteScratch {
+    /// The plans of the topics this session routed lately.
+    plans: PlanCache,
+    pub(crate) effects: Effects,
+}
+
+/// What routing left for the session to do.
+#[derive(Default)]
+pub(crate) struct Effects {
+    /// Connections whose Processed queue had no room, with the group the message went to them
+    /// in: the publisher waits for them.
+    pub(crate) blocked: Vec<(Arc<Conn>, Option<QueueGroup>)>,
+    /// Connections whose queues went from empty to non-empty: their writers are woken once,
+    /// after the whole batch is routed ([`RouteScratch::wake_writers`]).
+    wake: Vec<Arc<Conn>>,
+}
+
+impl RouteScratch {
+    /// Wakes every writer that got its first delivery of this batch.
+    pub(crate) fn wake_writers(&mut self) {
+        self.effects.wake_writers();
+    }
+}
+
+impl Effects {
+    fn wake_writers(&mut self) {
+        for conn in self.wake.drain(..) {
+            conn.outlet.wake();
+        }
+    }
+}
+
+/// See the module documentation.
+pub(crate) struct Hub {
+    pub(crate) config: BrokerConfig,
+    pub(crate) router: RwLock<Router<Arc<Conn>>>,
+    pub(crate) counters: Counters,
+    pub(crate) memory: Memory,
+    /// Bytes of the memory cap held by subscriptions.
+    subscription_bytes: AtomicUsize,
+    pub(crate) next_session: AtomicU64,
+    pub(crate) tracker: TaskTracker,
+    /// Stops the accept loops.
+    pub(crate) stop_accepting: CancellationToken,
+    /// Tells sessions to stop reading and drain.
+    pub(crate) drain: CancellationToken,
+    /// Tears every connection down at once (after the drain deadline).
+    pub(crate) kill: CancellationToken,
+    pub(crate) limit: Arc<Semaphore>,
+    allowed_uids: Vec<u32>,
+    /// Open sessions (id → name), listed in the shutdown report when they overrun.
+    pub(crate) sessions: parking_lot::Mutex<std::collections::BTreeMap<u64, String>>,
+    started: Instant,
+    sys_seq: AtomicU64,
+}
+
+impl Hub {
+    pub(crate) fn new(config: BrokerConfig, allowed_uids: Vec<u32>) -> Self {
+        Self {
+            router: RwLock::new(Router::new(config.max_subscriptions_per_connection)),
+            counters: Counters::default(),
+            memory: Memory::new(config.max_memory_bytes),
+            subscription_bytes: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+            tracker: TaskTracker::new(),
+            stop_accepting: CancellationToken::new(),
+            drain: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            allowed_uids,
+            sessions: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
+            started: Instant::now(),
+            sys_seq: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    /// Unix peers must present credentials whose uid is allowed; other transports are
+    /// in-process or loopback-only.
+    pub(crate) fn authorize(&self, peer: &PeerInfo) -> Result<(), ErrorFrame> {
+        if peer.transport != TransportKind::Unix {
+            return Ok(());
+        }
+        let refuse = |message: String| ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::NotAuthorized,
+            fatal: true,
+            message,
+        };
+        match peer.uid {
+            None => Err(refuse(
+                "peer credentials could not be read; refusing the connection".into(),
+            )),
+            Some(uid) if self.allowed_uids.contains(&uid) => Ok(()),
+            Some(uid) => Err(refuse(format!(
+                "uid {uid} is not allowed to connect (allowed: {:?}); add it to allowed_uids",
+                self.allowed_uids
+            ))),
+        }
+    }
+
+    pub(crate) fn welcome(&self, session_id: u64) -> Welcome {
+        Welcome {
+            version: Version::CURRENT,
+            session_id,
+            capabilities: 0,
+            max_message_size: u32::try_from(self.config.max_message_size).unwrap_or(u32::MAX),
+            keepalive_ms: u32::try_from(self.config.keepalive_interval_ms).unwrap_or(u32::MAX),
+            broker: concat!("daemoneye-eventbus ", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+
+    /// Registers a connection in the routing table.
+    pub(crate) fn connect(&self, conn: &Arc<Conn>) {
+        let slot = self.router.write().add(Arc::clone(conn));
+        conn.slot.store(slot, Ordering::Relaxed);
+    }
+
+    /// Removes a connection and its subscriptions from the routing table, giving their
+    /// memory back.
+    pub(crate) fn disconnect(&self, conn: &Conn) {
+        let filters = self.router.write().remove(conn.slot());
+        let charge: usize = filters.iter().map(subscription_charge).sum();
+        self.release_subscriptions(charge);
+    }
+
+    /// Subscribes, charging the subscription to the memory cap; `Ok(false)` when the
+    /// connection held the filter already.
+    pub(crate) fn subscribe(&self, slot: Slot, s: &Subscribe) -> Result<bool, SubscribeRefusal> {
+        let charge = subscription_charge(&s.filter);
+        if !self.memory.try_reserve(charge) {
+            return Err(SubscribeRefusal::Memory(format!(
+                "the broker's memory cap ({} bytes, max_memory_bytes) is reached; retry later",
+                self.memory.cap()
+            )));
+        }
+        let outcome = self
+            .router
+            .write()
+            .subscribe(slot, &s.filter, s.qos, s.group.as_ref());
+        if outcome == Ok(true) {
+            self.subscription_bytes.fetch_add(charge, Ordering::Relaxed);
+        } else {
+            self.memory.release(charge);
+        }
+        outcome
+    }
+
+    /// Unsubscribes; `false` when the connection did not hold the filter.
+    pub(crate) fn unsubscribe(&self, slot: Slot, filter: &TopicFilter) -> bool {
+        let removed = self.router.write().unsubscribe(slot, filter);
+        if removed {
+            self.release_subscriptions(subscription_charge(filter));
+        }
+        removed
+    }
+
+    fn release_subscriptions(&self, charge: usize) {
+        self.subscription_bytes.fetch_sub(charge, Ordering::Relaxed);
+        self.memory.release(charge);
+    }
+
+    /// Routes a message or run: applies the router's plan to the matching connections'
+    /// queues. A Processed queue without room (under [`Waiting::Allowed`]) lands in
+    /// `scratch.blocked` for the publisher to wait on. Returns `None`, queueing nothing, for a
+    /// run whose topic a queue group subscribes to: each message must then go to one member
+    /// in turn, so the caller routes the run's messages one by one. Allocates nothing.
+    pub(crate) fn route(
+        &self,
+        item: Item<'_>,
+        scratch: &mut RouteScratch,
+        waiting: Waiting,
+    ) -> Option<Routed> {
+        let router = self.router.read();
+        let RouteScratch { plans, effects } = scratch;
+        let plan = router.plan(item.topic(), plans);
+        let mut routed = Routed::default();
+        match item {
+            Item::Run(_) if !plan.members.is_empty() => return None,
+            Item::Msg(msg) => {
+                for members in plan.groups() {
+                    self.route_group(&router, members, msg, effects, waiting, &mut routed);
+                }
+            }
+            Item::Run(_) => {}
+        }
+        for target in &plan.plain {
+            routed.matched += 1;
+            let Some(conn) = router.conn(target.slot) else {
+                continue;
+            };
+            let pushed = match (target.class, waiting) {
+                (Class::Processed, Waiting::Allowed) => {
+                    conn.outlet.push_processed(item, &self.memory, None)
+                }
+                _ => conn.outlet.push_realtime(item, &self.memory, None),
+            };
+            account(
+                pushed,
+                item.count() as u64,
+                conn,
+                None,
+                effects,
+                &mut routed,
+            );
+        }
+        Some(routed)
+    }
+
+    /// Gives `msg` to one member of a group (`members`: the group's matching members).
+    fn route_group(
+        &self,
+        router: &Router<Arc<Conn>>,
+        members: &[Member],
+        msg: &Lent<'_, Message>,
+        effects: &mut Effects,
+        waiting: Waiting,
+        routed: &mut Routed,
+    ) {
+        let Some(name) = router.group_name(members[0].group) else {
+            return;
+        };
+        let Some((conn, class)) = self.pick(router, members, msg.accounted_size(), waiting) else {
+            return;
+        };
+        routed.matched += 1;
+        let item = Item::Msg(msg);
+        let pushed = match class {
+            Class::Processed => conn.outlet.push_processed(item, &self.memory, Some(name)),
+            Class::Realtime => conn.outlet.push_realtime(item, &self.memory, Some(name)),
+        };
+        account(pushed, 1, conn, Some(name), effects, routed);
+    }
+
+    /// Chooses the member of one group that gets a message of `size` bytes: round robin,
+    /// skipping members that are closing and, when another has room, members whose queue is
+    /// full (so a stalled instance does not hold requests others could answer).
+    fn pick<'r>(
+        &self,
+        router: &'r Router<Arc<Conn>>,
+        members: &[Member],
+        size: usize,
+        waiting: Waiting,
+    ) -> Option<(&'r Arc<Conn>, Class)> {
+        let n = members.len();
+        let start = router.turn(members[0].group, n);
+        let mut fallback = None;
+        for i in 0..n {
+            let m = members[(start + i) % n];
+            let Some(conn) = router.conn(m.slot) else {
+                continue;
+            };
+            if conn.cancel.is_cancelled() || conn.outlet.is_closed() {
+                continue;
+            }
+            let class = match waiting {
+                Waiting::Allowed => m.class,
+                Waiting::Never => Class::Realtime,
+            };
+            if conn
+                .outlet
+                .has_room(class == Class::Processed, size, &self.memory)
+            {
+                return Some((conn, class));
+            }
+            fallback.get_or_insert((conn, class));
+        }
+        fallback
+    }
+
+    /// Whether `conn` still holds a subscription in `group` matching `topic`.
+    pub(crate) fn holds_group(&self, conn: &Arc<Conn>, group: &QueueGroup, topic: &Topic) -> bool {
+        let router = self.router.read();
+        let slot = conn.slot();
+        // Slots are reused: the entry must be this very connection.
+        router.conn(slot).is_some_and(|c| Arc::ptr_eq(c, conn))
+            && router.holds_group(slot, group, topic)
+    }
+
+    /// Gives queue group deliveries of a departed member to other members of their group;
+    /// what no member can take is counted as dropped.
+    pub(crate) fn reoffer(&self, deliveries: Vec<(Message, QueueGroup)>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        let mut effects = Effects::default();
+        let mut members = Vec::new();
+        let (mut taken, mut lost) = (0, 0);
+        {
+            let router = self.router.read();
+            for (msg, group) in &deliveries {
+                router.members_of(group, msg.topic(), &mut members);
+                let picked = (!members.is_empty())
+                    .then(|| self.pick(&router, &members, msg.accounted_size(), Waiting::Never))
+                    .flatten();
+                let Some((conn, _)) = picked else {
+                    lost += 1;
+                    continue;
+                };
+                let lent = Lent::owned(msg.clone());
+                let pushed = conn
+                    .outlet
+                    .push_realtime(Item::Msg(&lent), &self.memory, Some(group));
+                let mut routed = Routed::default();
+                let queued = matches!(pushed, Pushed::Queued { .. });
+                account(pushed, 1, conn, Some(group), &mut effects, &mut routed);
+                if queued {
+                    taken += 1;
+                } else {
+                    lost += 1;
+                }
+            }
+        }
+        effects.blocked.clear();
+        effects.wake_writers();
+        Counters::add(&self.counters.reoffered, taken);
+        Counters::add(&self.counters.dropped, lost);
+    }
+
+    /// The header of a message the broker itself sends.
+    fn sys_header(&self) -> Header {
+        Header {
+            id: MessageId {
+                publisher: 0,
+                sequence: self.sys_seq.fetch_add(1, Ordering::Relaxed) + 1,
+            },
+            timestamp_ns: now_ns(),
+            source: ByteStr::from_static("broker"),
+            ..Header::default()
+        }
+    }
+
+    fn sys_message(&self, topic: Topic, payload: Bytes) -> Message {
+        Message::new(topic, self.sys_header(), payload)
+    }
+
+    /// Answers a request nobody subscribes to: a reply with status `NoResponders` goes to its
+    /// reply-to topic at once, so the caller fails fast instead of waiting for its deadline.
+    pub(crate) fn no_responders(&self, request: &Lent<'_, Message>) {
+        let Some(reply_to) = request.header().reply_to.clone() else {
+            return;
+        };
+        Counters::add(&self.counters.no_responders, 1);
+        let header = Header {
+            correlation: request.header().correlation.as_ref().map(|c| {
+                let id = format!("{}.no-responders", c.correlation_id);
+                Box::new(c.child(id, now_ns()))
+            }),
+            status: Some(Box::new(ReplyStatus {
+                code: StatusCode::NoResponders,
+                message: format!("no responders for {}", request.topic()),
+            })),
+            ..self.sys_header()
+        };
+        self.route_own(Message::new(reply_to, header, Bytes::new()));
+    }
+
+    /// Publishes a broker message on a `$sys` topic to every matching subscriber.
+    pub(crate) fn publish_sys(&self, topic: Topic, payload: Bytes) {
+        self.route_own(self.sys_message(topic, payload));
+    }
+
+    /// Routes a message the broker made itself. It never waits: each connection's
+    /// slow-reader policy applies, so a miss is counted per connection and topic and noticed
+    /// in-band.
+    fn route_own(&self, msg: Message) {
+        let mut scratch = RouteScratch::default();
+        let msg = Lent::owned(msg);
+        let routed = self.route(Item::Msg(&msg), &mut scratch, Waiting::Never);
+        scratch.wake_writers();
+        Counters::add(&self.counters.dropped, routed.map_or(0, |r| r.dropped));
+    }
+
+    /// Announces a connect or disconnect on `$sys.broker.clients.*`.
+    pub(crate) fn announce(&self, conn: &Conn, connected: bool) {
+        let topic = if connected {
+            catalog::sys::client_connected()
+        } else {
+            catalog::sys::client_disconnected()
+        };
+        let body = serde_json::json!({
+            "session_id": conn.session_id,
+            "name": conn.name,
+            "peer": conn.peer.to_string(),
+            "pid": conn.peer.pid,
+            "uid": conn.peer.uid,
+        });
+        self.publish_sys(topic, Bytes::from(body.to_string()));
+    }
+
+    /// Sends a fresh statistics snapshot to one connection (on subscribe).
+    pub(crate) fn send_stats_to(&self, conn: &Arc<Conn>) {
+        let msg = Lent::owned(self.sys_message(catalog::sys::stats(), self.stats_json()));
+        let pushed = conn
+            .outlet
+            .push_realtime(Item::Msg(&msg), &self.memory, None);
+        let mut effects = Effects::default();
+        let mut routed = Routed::default();
+        account(pushed, 1, conn, None, &mut effects, &mut routed);
+        effects.wake_writers();
+        Counters::add(&self.counters.dropped, routed.dropped);
+    }
+
+    pub(crate) fn stats_json(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(&self.stats()).unwrap_or_default())
+    }
+
+    pub(crate) fn stats(&self) -> BrokerStats {
+        let c = &self.counters;
+        let router = self.router.read();
+        let connections = router
+            .connections()
+            .map(|(slot, conn)| {
+                let ob = conn.outlet.stats();
+                ConnectionStats {
+                    session_id: conn.session_id,
+                    name: conn.name.clone(),
+                    peer: conn.peer.to_string(),
+                    subscriptions: router.filter_count_of(slot) as u64,
+                    published: load(&conn.counters.published),
+                    delivered: load(&conn.counters.delivered),
+                    dropped: ob.dropped,
+                    queued_messages: ob.queued_msgs as u64,
+                    queued_bytes: ob.queued_bytes as u64,
+                    dropped_by_topic: ob
+                        .dropped_by_topic
+                        .into_iter()
+                        .map(|(t, n)| (t.to_string(), n))
+                        .collect(),
+                }
+            })
+            .collect::<Vec<_>>();
+        let subscription_bytes = self.subscription_bytes.load(Ordering::Relaxed);
+        BrokerStats {
+            uptime_secs: self.started.elapsed().as_secs(),
+            published: load(&c.published),
+            delivered: load(&c.delivered),
+            dropped: load(&c.dropped),
+            bytes_in: load(&c.bytes_in),
+            bytes_out: load(&c.bytes_out),
+            active_connections: connections.len() as u64,
+            total_connections: load(&c.connections_total),
+            refused_connections: load(&c.connections_refused),
+            protocol_errors: load(&c.protocol_errors),
+            rejected_publishes: load(&c.rejected_publishes),
+            no_responders: load(&c.no_responders),
+            reoffered: load(&c.reoffered),
+            runs: load(&c.runs),
+            active_subscriptions: router.subscription_count() as u64,
+            active_topics: router.topic_count() as u64,
+            queued_bytes: self.memory.used().saturating_sub(subscription_bytes) as u64,
+            subscription_bytes: subscription_bytes as u64,
+            memory_cap_bytes: self.memory.cap() as u64,
+            connections,
+        }
+    }
+}
+
+/// Books the outcome of one push of `n` messages to `conn`.
+fn account(
+    pushed: Pushed,
+    n: u64,
+    conn: &Arc<Conn>,
+    group: Option<&QueueGroup>,
+    effects: &mut Effects,
+    routed: &mut Routed,
+) {
+    match pushed {
+        Pushed::Queued { evicted, wake } => {
+            routed.dropped += evicted;
+            if wake {
+                effects.wake.push(Arc::clone(conn));
+            }
+        }
+        Pushed::Dropped => routed.dropped += n,
+        Pushed::Overflow => {
+            routed.dropped += n;
+            conn.overflowed();
+        }
+        Pushed::Full => effects.blocked.push((Arc::clone(conn), group.cloned())),
+        // Closed since it was planned (not possible while routing holds the read lock on one
+        // thread); counted rather than lost silently.
+        Pushed::Closed => routed.dropped += n,
+    }
+}

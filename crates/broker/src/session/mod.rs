@@ -1,0 +1,615 @@
+//! One client connection's shell: the handshake, the read loop that feeds each frame to the
+//! session state machine ([`core`]) and carries out its steps, and the writer task that moves
+//! the connection's queued frames to the socket, one write per batch (when the queues go
+//! empty, never on a timer).
+
+mod core;
+
+use self::core::{Exit, Limits, SessionCore, Step, check_hello, fatal, read_error};
+use crate::conn::Conn;
+use crate::delivery::{Batch, Bounds, Encoding, Item, Out, Outlet, Pushed};
+use crate::hub::{Hub, RouteScratch, Routed, Waiting};
+use crate::stats::Counters;
+use daemoneye_eventbus_core::codec::{
+    ErrorCode, ErrorFrame, GoingAway, Hello, Lent, MessageRun, RUNS_SINCE_MINOR,
+};
+use daemoneye_eventbus_core::{Frame, Message, Qos, catalog};
+use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, TransportKind};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::sync::OwnedSemaphorePermit;
+
+/// How long a refusal or a last error frame may take to write.
+const LAST_WORDS: Duration = Duration::from_millis(500);
+
+/// Serves one accepted connection to the end.
+pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedSemaphorePermit>) {
+    let Connection {
+        mut reader,
+        mut writer,
+        peer,
+    } = conn;
+    let Some(permit) = permit else {
+        Counters::add(&hub.counters.connections_refused, 1);
+        let max = hub.config.max_connections;
+        let msg = format!("broker is at max_connections ({max}); retry later");
+        refuse(
+            &mut reader,
+            &mut writer,
+            fatal(ErrorCode::ConnectionLimit, msg),
+        )
+        .await;
+        return;
+    };
+    if let Err(refusal) = hub.authorize(&peer) {
+        Counters::add(&hub.counters.connections_refused, 1);
+        refuse(&mut reader, &mut writer, refusal).await;
+        return;
+    }
+    let hello = tokio::select! {
+        r = handshake(&hub, &mut reader) => r,
+        () = hub.drain.cancelled() => return,
+    };
+    let hello = match hello {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(refusal) => {
+            Counters::add(&hub.counters.connections_refused, 1);
+            refuse(&mut reader, &mut writer, refusal).await;
+            return;
+        }
+    };
+    reader.set_max_message_size(hub.config.max_message_size);
+    run_session(hub, hello, reader, writer, peer).await;
+    drop(permit);
+}
+
+/// Writes a fatal error to a peer that never became a session, then closes.
+///
+/// The peer's input is read and discarded until it closes (bounded by [`LAST_WORDS`]):
+/// closing a socket with unread input can reset it and destroy the error in flight.
+async fn refuse(reader: &mut FrameReader, writer: &mut FrameWriter, e: ErrorFrame) {
+    tracing::debug!(error = %e.message, "refusing connection");
+    writer.push(&Frame::Error(e));
+    let _ = tokio::time::timeout(LAST_WORDS, async {
+        let _ = writer.shutdown().await;
+        while let Ok(Some(_)) = reader.read_frame().await {}
+    })
+    .await;
+}
+
+async fn handshake(hub: &Hub, reader: &mut FrameReader) -> Result<Option<Hello>, ErrorFrame> {
+    // Until the handshake completes only small frames are accepted.
+    reader.set_max_message_size(0);
+    let deadline = hub.config.handshake_timeout();
+    let frame = match tokio::time::timeout(deadline, reader.read_frame()).await {
+        Err(_) => {
+            let ms = deadline.as_millis();
+            let msg = format!("no handshake received within {ms} ms; closing");
+            return Err(fatal(ErrorCode::HandshakeTimeout, msg));
+        }
+        Ok(Ok(None)) => return Ok(None),
+        Ok(Err(e)) => return Err(read_error(&e)),
+        Ok(Ok(Some(f))) => f,
+    };
+    let Frame::Hello(hello) = frame else {
+        let msg = format!(
+            "expected a hello frame first, got kind 0x{:02x}",
+            frame.kind()
+        );
+        return Err(fatal(ErrorCode::Protocol, msg));
+    };
+    check_hello(&hello)?;
+    Ok(Some(hello))
+}
+
+async fn run_session(
+    hub: Arc<Hub>,
+    hello: Hello,
+    mut reader: FrameReader,
+    writer: FrameWriter,
+    peer: PeerInfo,
+) {
+    let runs = hello.version.minor >= RUNS_SINCE_MINOR;
+    let encoding = if peer.transport == TransportKind::InProc {
+        Encoding::Shared
+    } else {
+        Encoding::Bytes { runs }
+    };
+    let bounds = Bounds {
+        msgs: hub.config.message_buffer_size,
+        bytes: hub.config.subscriber_buffer_bytes,
+    };
+    let conn = Arc::new(Conn::new(
+        hub.next_session.fetch_add(1, Ordering::Relaxed),
+        hello.client_name.clone(),
+        peer,
+        Outlet::new(bounds, hello.slow_reader, encoding),
+        runs,
+        hub.kill.child_token(),
+    ));
+    hub.sessions
+        .lock()
+        .insert(conn.session_id, conn.name.clone());
+    conn.outlet
+        .push_frame(Frame::Welcome(hub.welcome(conn.session_id)));
+    hub.connect(&conn);
+    Counters::add(&hub.counters.connections_total, 1);
+    let writer_task = hub
+        .tracker
+        .spawn(write_loop(Arc::clone(&hub), Arc::clone(&conn), writer));
+    hub.announce(&conn, true);
+    tracing::debug!(session = conn.session_id, name = %conn.name, peer = %conn.peer, "connected");
+
+    // Every frame is routed before the next read, and a queue that keeps one takes a copy
+    // (`Lent::keep`): nothing is copied for the subscribers that encode deliveries at once.
+    reader.lend_small_frames();
+    let limits = Limits {
+        max_message_size: hub.config.max_message_size,
+        keepalive: hub.config.keepalive(),
+        idle_timeout: hub.config.idle_timeout(),
+    };
+    let core = SessionCore::new(hello.client_name, limits, Instant::now());
+    let exit = ReadLoop::new(&hub, &conn, core).run(&mut reader).await;
+    hub.disconnect(&conn);
+    match exit {
+        Exit::Fatal(e) => {
+            Counters::add(&hub.counters.protocol_errors, 1);
+            tracing::debug!(session = conn.session_id, error = %e.message, "closing connection");
+            conn.outlet.close_with(Some(Frame::Error(e)));
+        }
+        Exit::Shutdown => conn.outlet.close_with(Some(Frame::GoingAway(GoingAway {
+            drain_ms: u32::try_from(hub.config.shutdown_timeout_ms).unwrap_or(u32::MAX),
+            reason: "broker shutting down".into(),
+        }))),
+        Exit::ClientClosed | Exit::Cancelled => conn.outlet.close_with(None),
+    }
+    let drain = Duration::from_millis(hub.config.shutdown_timeout_ms);
+    if tokio::time::timeout(drain, writer_task).await.is_err() {
+        conn.cancel.cancel();
+    }
+    let mut regroup = Vec::new();
+    let discarded = conn.outlet.discard(&hub.memory, &mut regroup) as u64;
+    // Queue group deliveries go to another member (or are counted as dropped there).
+    let regrouped = regroup.len() as u64;
+    hub.reoffer(regroup);
+    Counters::add(&hub.counters.dropped, discarded - regrouped);
+    hub.announce(&conn, false);
+    hub.sessions.lock().remove(&conn.session_id);
+    tracing::debug!(session = conn.session_id, "disconnected");
+}
+
+/// A publish waiting for room in Processed queues: a kept copy, since reading goes on only
+/// once it is delivered.
+enum Pending {
+    Msg(Lent<'static, Message>),
+    Run(Lent<'static, MessageRun>),
+}
+
+impl Pending {
+    fn item(&self) -> Item<'_> {
+        match self {
+            Self::Msg(m) => Item::Msg(m),
+            Self::Run(r) => Item::Run(r),
+        }
+    }
+}
+
+/// The read loop: reads batches of frames, runs each through the [`SessionCore`], and
+/// carries out its steps. Routing scratch space and counters are flushed once per batch.
+struct ReadLoop<'a> {
+    hub: &'a Hub,
+    conn: &'a Arc<Conn>,
+    core: SessionCore,
+    scratch: RouteScratch,
+    /// A publish still waiting for room in Processed queues; nothing more is read from this
+    /// connection until it is delivered (backpressure, order kept).
+    pending: Option<Pending>,
+    /// The rest of a run being routed message by message, held while `pending` waits. Empty
+    /// whenever `pending` is.
+    backlog: VecDeque<Lent<'static, Message>>,
+    published: u64,
+    runs: u64,
+    bytes_in: u64,
+    dropped: u64,
+    rejected: u64,
+}
+
+impl<'a> ReadLoop<'a> {
+    fn new(hub: &'a Hub, conn: &'a Arc<Conn>, core: SessionCore) -> Self {
+        Self {
+            hub,
+            conn,
+            core,
+            scratch: RouteScratch::default(),
+            pending: None,
+            backlog: VecDeque::new(),
+            published: 0,
+            runs: 0,
+            bytes_in: 0,
+            dropped: 0,
+            rejected: 0,
+        }
+    }
+
+    async fn run(&mut self, reader: &mut FrameReader) -> Exit {
+        // Checked twice per keepalive period, so a peer silent in either direction is pinged
+        // within 1.5 periods.
+        let every = (self.hub.config.keepalive() / 2).max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            while self.pending.is_some() {
+                if let Some(exit) = self.deliver_pending().await {
+                    return exit;
+                }
+                if let Some(exit) = self.route_backlog() {
+                    return exit;
+                }
+            }
+            let filled = tokio::select! {
+                biased;
+                () = self.conn.cancel.cancelled() => return Exit::Cancelled,
+                () = self.hub.drain.cancelled() => return Exit::Shutdown,
+                r = reader.fill() => r,
+                _ = tick.tick() => {
+                    let step = self.core.on_tick(Instant::now(), self.conn.written_at());
+                    match self.apply(step) {
+                        Some(exit) => return exit,
+                        None => continue,
+                    }
+                }
+            };
+            let exit = match filled {
+                Ok(true) => self.on_batch(reader),
+                Ok(false) => Some(Exit::ClientClosed),
+                Err(e) => {
+                    let step = self.core.on_read_error(e);
+                    self.apply(step)
+                }
+            };
+            // One wake per subscriber per batch: each writer takes the whole batch at once.
+            self.scratch.wake_writers();
+            self.flush_counters();
+            if let Some(exit) = exit {
+                return exit;
+            }
+        }
+    }
+
+    /// Handles every frame buffered, until one has to wait for room.
+    fn on_batch(&mut self, reader: &mut FrameReader) -> Option<Exit> {
+        self.core.heard(Instant::now());
+        while self.pending.is_none() {
+            let step = match reader.next_lent() {
+                Ok(Some(frame)) => self.core.on_frame(frame),
+                Ok(None) => return None,
+                Err(e) => self.core.on_read_error(e),
+            };
+            if let Some(exit) = self.apply(step) {
+                return Some(exit);
+            }
+        }
+        None
+    }
+
+    /// Carries out one step of the state machine.
+    fn apply(&mut self, step: Step<'_>) -> Option<Exit> {
+        match step {
+            Step::Route(msg) => self.publish(&msg),
+            Step::RouteRun(run) => {
+                self.runs += 1;
+                self.publish_run(&run)
+            }
+            Step::SplitRun(run) => {
+                self.runs += 1;
+                self.split_run(&run)
+            }
+            Step::Answer { frame, refused } => {
+                self.rejected += u64::from(refused);
+                self.control(frame)
+            }
+            Step::Subscribe(s) => {
+                let outcome = self.hub.subscribe(self.conn.slot(), &s);
+                let exit = self.control(SessionCore::subscribed(s.request_id, &outcome));
+                if exit.is_none() && outcome.is_ok() && s.filter.matches(&catalog::sys::stats()) {
+                    // The snapshot must include this batch's earlier publishes.
+                    self.flush_counters();
+                    self.hub.send_stats_to(self.conn);
+                }
+                exit
+            }
+            Step::Unsubscribe(u) => {
+                let removed = self.hub.unsubscribe(self.conn.slot(), &u.filter);
+                self.control(SessionCore::unsubscribed(u.request_id, removed))
+            }
+            Step::Nothing => None,
+            Step::Close(exit) => Some(exit),
+        }
+    }
+
+    /// Routes a publish that passed its checks.
+    fn publish(&mut self, msg: &Lent<'_, Message>) -> Option<Exit> {
+        let routed = self
+            .hub
+            .route(Item::Msg(msg), &mut self.scratch, Waiting::Allowed)
+            .unwrap_or_default();
+        self.count(1, msg.payload_len(), routed);
+        if routed.matched == 0 && msg.header().reply_to.is_some() {
+            self.hub.no_responders(msg);
+        }
+        if !self.scratch.effects.blocked.is_empty() {
+            // Acknowledged once every queue holds it (`deliver_pending`).
+            self.pending = Some(Pending::Msg(Lent::owned(msg.keep())));
+            return None;
+        }
+        if msg.header().qos == Qos::Processed {
+            return self.control(Frame::Ack(msg.id()));
+        }
+        None
+    }
+
+    /// Routes a run as a unit, or message by message when a queue group subscribes to its
+    /// topic (each message must then go to one member in turn).
+    fn publish_run(&mut self, run: &Lent<'_, MessageRun>) -> Option<Exit> {
+        let Some(routed) = self
+            .hub
+            .route(Item::Run(run), &mut self.scratch, Waiting::Allowed)
+        else {
+            return self.split_run(run);
+        };
+        self.count(run.len() as u64, run.payload_bytes(), routed);
+        if !self.scratch.effects.blocked.is_empty() {
+            self.pending = Some(Pending::Run(Lent::owned(run.keep())));
+        }
+        None
+    }
+
+    /// Routes a run's messages one by one, each checked and refused or given to a group
+    /// member exactly as if it had come alone; once one has to wait, the rest are kept.
+    fn split_run(&mut self, run: &Lent<'_, MessageRun>) -> Option<Exit> {
+        // The decoder checked every entry, so every message reads back.
+        for msg in run.messages().map_while(Result::ok) {
+            if self.pending.is_some() {
+                self.backlog.push_back(Lent::owned(msg.keep()));
+                continue;
+            }
+            if let Some(exit) = self.check_and_publish(&msg) {
+                return Some(exit);
+            }
+        }
+        None
+    }
+
+    fn check_and_publish(&mut self, msg: &Lent<'_, Message>) -> Option<Exit> {
+        match self.core.check(msg) {
+            Ok(()) => self.publish(msg),
+            Err(nack) => {
+                self.rejected += 1;
+                self.control(Frame::Nack(nack))
+            }
+        }
+    }
+
+    /// Routes the kept messages of a split run, until one has to wait for room.
+    fn route_backlog(&mut self) -> Option<Exit> {
+        while self.pending.is_none() {
+            let msg = self.backlog.pop_front()?;
+            if let Some(exit) = self.check_and_publish(&msg) {
+                return Some(exit);
+            }
+        }
+        None
+    }
+
+    fn count(&mut self, n: u64, payload: usize, routed: Routed) {
+        self.published += n;
+        self.bytes_in += payload as u64;
+        self.dropped += routed.dropped;
+        self.conn.counters.published.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn flush_counters(&mut self) {
+        let c = &self.hub.counters;
+        Counters::add(&c.published, std::mem::take(&mut self.published));
+        Counters::add(&c.runs, std::mem::take(&mut self.runs));
+        Counters::add(&c.bytes_in, std::mem::take(&mut self.bytes_in));
+        Counters::add(&c.dropped, std::mem::take(&mut self.dropped));
+        Counters::add(&c.rejected_publishes, std::mem::take(&mut self.rejected));
+    }
+
+    /// Queues a control frame; a peer that stopped reading them is disconnected.
+    fn control(&self, frame: Frame) -> Option<Exit> {
+        if self.conn.outlet.push_frame(frame) {
+            return None;
+        }
+        let msg = "too many unread control frames (replies, pongs); the client is not reading";
+        Some(Exit::Fatal(fatal(ErrorCode::SlowReader, msg)))
+    }
+
+    /// Gives up the pending publish of `n` messages (shutdown, teardown): the subscribers
+    /// still waited for never get them, and that is counted as dropped. The rest of a split
+    /// run was never routed, like frames left unread in the socket.
+    fn abandon(&mut self, exit: Exit, n: usize) -> Exit {
+        self.dropped += (self.scratch.effects.blocked.len() * n) as u64;
+        self.backlog.clear();
+        self.scratch.effects.blocked.clear();
+        self.flush_counters();
+        exit
+    }
+
+    /// Offers the pending publish to the Processed queues that were full, waiting for each to
+    /// make room. A subscriber that disconnects stops being waited for.
+    async fn deliver_pending(&mut self) -> Option<Exit> {
+        let pending = self.pending.take()?;
+        // The writers we are about to wait on must be running.
+        self.scratch.wake_writers();
+        let keepalive = self.hub.config.keepalive();
+        let mut ping_at = tokio::time::Instant::now() + keepalive;
+        let n = pending.item().count();
+        while let Some((target, group)) = self.scratch.effects.blocked.last() {
+            if let (Some(g), Pending::Msg(msg)) = (group, &pending)
+                && !self.hub.holds_group(target, g, msg.topic())
+            {
+                // The member left the group while we waited (a graceful drain): another
+                // member gets the request.
+                if let Some((_, Some(g))) = self.scratch.effects.blocked.pop() {
+                    self.hub.reoffer(vec![(msg.keep(), g)]);
+                }
+                continue;
+            }
+            match target
+                .outlet
+                .push_processed(pending.item(), &self.hub.memory, group.as_ref())
+            {
+                Pushed::Queued { wake, .. } => {
+                    if wake {
+                        target.outlet.wake();
+                    }
+                    self.scratch.effects.blocked.pop();
+                }
+                Pushed::Full => {
+                    tokio::select! {
+                        biased;
+                        () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled, n)),
+                        () = self.hub.drain.cancelled() => return Some(self.abandon(Exit::Shutdown, n)),
+                        () = target.outlet.wait_for_room(pending.item(), &self.hub.memory) => {}
+                        // The publisher hears from us while it waits, so it does not take the
+                        // wait for a dead broker.
+                        () = tokio::time::sleep_until(ping_at) => {
+                            ping_at += keepalive;
+                            let ping = self.core.ping();
+                            if let Some(exit) = self.control(ping) {
+                                return Some(self.abandon(exit, n));
+                            }
+                        }
+                    }
+                }
+                Pushed::Closed => {
+                    // The member waited for went away: another member of its group gets it.
+                    if let (Some((_, Some(group))), Pending::Msg(msg)) =
+                        (self.scratch.effects.blocked.pop(), &pending)
+                    {
+                        self.hub.reoffer(vec![(msg.keep(), group)]);
+                    }
+                }
+                Pushed::Dropped | Pushed::Overflow => {
+                    self.scratch.effects.blocked.pop();
+                }
+            }
+        }
+        match pending {
+            Pending::Msg(msg) if msg.header().qos == Qos::Processed => {
+                self.control(Frame::Ack(msg.id()))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Moves the connection's queued frames to the socket, one write per batch.
+async fn write_loop(hub: Arc<Hub>, conn: Arc<Conn>, mut writer: FrameWriter) {
+    let mut batch = Batch::default();
+    // Queue group deliveries of the batch being written, re-offered if the write fails.
+    let mut in_flight = Vec::new();
+    // A flush that failed or was cancelled leaves a partial batch behind: nothing more may be
+    // written after it, or the peer would read a corrupt stream.
+    let mut intact = true;
+    // Whether the last batch held more than one message.
+    let mut streaming = false;
+    loop {
+        conn.outlet.take(&mut batch);
+        if batch.is_empty() {
+            if conn.outlet.is_closed() {
+                break;
+            }
+            tokio::select! {
+                () = conn.outlet.notified() => {}
+                () = conn.cancel.cancelled() => break,
+            }
+            if streaming {
+                // Lets the sessions routing into this queue read what arrived meanwhile
+                // first (the runtime polls the sockets before running a yielded task): one
+                // larger write, and one wake-up of the subscriber instead of several. A
+                // request/reply peer (one message per batch) is written at once.
+                tokio::task::yield_now().await;
+            }
+            continue;
+        }
+        if let Some(notice) = batch.notice.take() {
+            writer.push(&notice);
+        }
+        let mut bytes_out = 0u64;
+        for out in batch.realtime.drain(..).chain(batch.processed.drain(..)) {
+            bytes_out += write_out(&mut writer, &conn, out, &mut in_flight);
+        }
+        for frame in batch.controls.drain(..) {
+            writer.push(&frame);
+        }
+        let flushed = tokio::select! {
+            r = writer.flush() => r.is_ok(),
+            () = conn.cancel.cancelled() => false,
+        };
+        hub.memory.release(batch.bytes);
+        if !flushed {
+            intact = false;
+            // Cancelled first, so the group deliveries of this batch go to another member.
+            conn.cancel.cancel();
+            hub.reoffer(std::mem::take(&mut in_flight));
+            break;
+        }
+        conn.wrote(Instant::now());
+        in_flight.clear();
+        let msgs = batch.msgs as u64;
+        streaming = msgs > 1;
+        conn.counters.delivered.fetch_add(msgs, Ordering::Relaxed);
+        Counters::add(&hub.counters.delivered, msgs);
+        Counters::add(&hub.counters.bytes_out, bytes_out);
+    }
+    if !intact {
+        return;
+    }
+    if let Some(e) = conn.take_last_error() {
+        writer.push(&Frame::Error(e));
+    }
+    let _ = tokio::time::timeout(LAST_WORDS, writer.shutdown()).await;
+}
+
+/// Hands one queued delivery to the writer; returns its payload bytes.
+fn write_out(
+    writer: &mut FrameWriter,
+    conn: &Conn,
+    out: Out,
+    in_flight: &mut Vec<(Message, daemoneye_eventbus_core::QueueGroup)>,
+) -> u64 {
+    match out {
+        Out::Msg(m, None) => {
+            writer.push_deliver(&m);
+            m.payload().len() as u64
+        }
+        Out::Msg(m, Some(group)) => {
+            writer.push_group_deliver(&m, &group);
+            let n = m.payload().len() as u64;
+            in_flight.push((m, group));
+            n
+        }
+        Out::Run(run) => {
+            if conn.runs {
+                writer.push_deliver_run(&run);
+            } else {
+                // A client before 1.2 gets the messages one by one.
+                writer.push_run_as_delivers(&run);
+            }
+            run.payload_bytes() as u64
+        }
+        Out::Encoded(chunk) => {
+            let n = chunk.payload as u64;
+            writer
+                .push_segment(chunk.buf.freeze())
+                .expect("only byte-stream connections queue encoded frames");
+            n
+        }
+    }
+}
