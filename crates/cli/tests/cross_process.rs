@@ -352,6 +352,76 @@ fn keepalive_keeps_idle_connections_and_closes_silent_ones() {
 }
 
 #[test]
+fn a_peer_that_only_publishes_hears_from_the_broker_and_never_reconnects() {
+    let dir = TempDir::new("pubonly");
+    let config = "[broker]\nkeepalive_interval_ms = 100\nconnection_timeout_secs = 2\n";
+    let broker = Broker::start(dir.path(), Some(config));
+    // A raw peer that publishes without pause and never pings: the broker hears it all the
+    // time, writes nothing to it otherwise, and must still ping it within a few periods.
+    let mut raw = RawPeer::handshake(&broker.socket, "rawpub");
+    let topic = Topic::new("nobody.listens").unwrap();
+    let header = Header {
+        source: ByteStr::from("rawpub"),
+        ..Header::default()
+    };
+    let mut out = raw.stream.try_clone().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let stop = std::sync::Arc::clone(&stop);
+        let topic = topic.clone();
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            let mut sequence = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && start.elapsed() < WAIT {
+                sequence += 1;
+                let id = MessageId {
+                    publisher: 9,
+                    sequence,
+                };
+                let h = Header {
+                    id,
+                    ..header.clone()
+                };
+                let mut b = bytes::BytesMut::new();
+                Frame::Publish(Message::new(topic.clone(), h, "x".into())).encode(&mut b);
+                std::io::Write::write_all(&mut out, &b).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            start.elapsed()
+        })
+    };
+    let pinged = raw.recv();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let published_for = publisher.join().unwrap();
+    assert!(
+        matches!(pinged, Some(Frame::Ping(_))) && published_for < WAIT,
+        "the broker pings a peer it hears but has not written to for a keepalive period: \
+         {pinged:?} after {published_for:?}"
+    );
+
+    // A client that only publishes, for five of its keepalive periods, with a liveness limit
+    // of three: it hears the broker's pings (and its own pongs), so it never takes the broker
+    // for dead.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = Endpoint::Unix(broker.socket.clone());
+    let mut options = ClientOptions::named("pubonly");
+    options.keepalive = std::time::Duration::from_millis(100);
+    let client = rt.block_on(Client::connect(&ep, options)).unwrap();
+    rt.block_on(async {
+        let start = tokio::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(500) {
+            client.publish(&topic, "y").await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    });
+    assert_eq!(client.stats().reconnects, 0, "no false reconnect");
+    assert!(matches!(
+        client.state(),
+        daemoneye_eventbus::client::ConnState::Connected { .. }
+    ));
+}
+
+#[test]
 fn connection_limit_refuses_cleanly_then_frees_the_slot() {
     let dir = TempDir::new("limit");
     let broker = Broker::start(dir.path(), Some("[broker]\nmax_connections = 2\n"));

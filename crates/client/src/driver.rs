@@ -224,6 +224,12 @@ struct Liveness {
 }
 
 impl Liveness {
+    /// How long nothing has arrived from the broker.
+    fn unheard(&self, started: Instant) -> Duration {
+        let ms = millis_since(started).saturating_sub(self.heard_ms.load(Ordering::Relaxed));
+        Duration::from_millis(ms)
+    }
+
     /// The cause to report when nothing was heard for three keepalive periods (and the reader
     /// is not merely waiting on the application).
     fn silence(&self, started: Instant, keepalive: Duration) -> Option<String> {
@@ -255,6 +261,8 @@ async fn write_loop(
     let keepalive = inner.options.keepalive;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + keepalive, keepalive);
     let mut last_write = Instant::now();
+    // A writer that is never idle checks liveness between batches instead of on the tick.
+    let mut next_check = last_write + keepalive;
     if writer.pending() > 0 && writer.flush().await.is_err() {
         return "write failed while restoring subscriptions".into();
     }
@@ -269,12 +277,9 @@ async fn write_loop(
                 () = inner.out_ready.notified() => continue,
                 () = cancel.cancelled() => return String::new(),
                 _ = tick.tick() => {
-                                        if let Some(cause) = heard.silence(started, keepalive) {
+                    next_check = Instant::now() + keepalive;
+                    if let Some(cause) = keep_alive(inner, heard, started, last_write) {
                         return cause;
-                    }
-                    if last_write.elapsed() >= keepalive {
-                        let nonce = inner.next_nonce.fetch_add(1, Ordering::Relaxed);
-                        inner.push_control(Frame::Ping(nonce));
                     }
                     continue;
                 }
@@ -296,7 +301,34 @@ async fn write_loop(
             return cause;
         }
         last_write = Instant::now();
+        if last_write >= next_check {
+            next_check = last_write + keepalive;
+            if let Some(cause) = keep_alive(inner, heard, started, last_write) {
+                return cause;
+            }
+        }
     }
+}
+
+/// The keepalive check, once per period: the cause when the broker has been silent too long,
+/// otherwise a ping when the connection was silent in either direction for a period (a
+/// client that only publishes hears nothing otherwise, and would take a live broker for a
+/// dead one).
+fn keep_alive(
+    inner: &Inner,
+    heard: &Liveness,
+    started: Instant,
+    last_write: Instant,
+) -> Option<String> {
+    let keepalive = inner.options.keepalive;
+    if let Some(cause) = heard.silence(started, keepalive) {
+        return Some(cause);
+    }
+    if last_write.elapsed() >= keepalive || heard.unheard(started) >= keepalive {
+        let nonce = inner.next_nonce.fetch_add(1, Ordering::Relaxed);
+        inner.push_control(Frame::Ping(nonce));
+    }
+    None
 }
 
 /// Reads frames, dispatches deliveries to subscriptions, completes requests.
@@ -491,10 +523,17 @@ impl ReadCtx<'_> {
     ) {
         let mut per_sub: HashMap<u64, u64> = HashMap::new();
         let mut total = 0;
+        let other = daemoneye_eventbus_core::catalog::sys::dropped_other();
         for (topic, count) in topics {
             total += count;
             let mut ids = Vec::new();
-            self.inner.subs.lock().ids_for(&topic, &mut ids);
+            if topic == other {
+                // Drops of topics the broker did not list one by one: any subscription may
+                // have missed them, so every one is told.
+                ids = self.inner.subs.lock().ids();
+            } else {
+                self.inner.subs.lock().ids_for(&topic, &mut ids);
+            }
             for id in &ids {
                 *per_sub.entry(*id).or_default() += count;
             }
