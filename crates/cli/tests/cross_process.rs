@@ -422,6 +422,23 @@ fn a_peer_that_only_publishes_hears_from_the_broker_and_never_reconnects() {
 }
 
 #[test]
+fn a_broker_killed_with_sigkill_is_replaced_at_the_first_try() {
+    let dir = TempDir::new("takeover");
+    let socket = dir.path().join("eb.sock");
+    let mut previous = Broker::start_at(&socket, dir.path(), None);
+    for _ in 0..20 {
+        previous.proc.signal(Signal::SIGKILL);
+        // Not reaped yet: the next broker starts while the killed one may still be exiting,
+        // or be a zombie. Its socket file is stale and must be taken over, not refused.
+        let next = Broker::start_at(&socket, dir.path(), None);
+        drop(previous);
+        previous = next;
+    }
+    let out = previous.run(&["pub", "after.takeover", "ok"]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[test]
 fn connection_limit_refuses_cleanly_then_frees_the_slot() {
     let dir = TempDir::new("limit");
     let broker = Broker::start(dir.path(), Some("[broker]\nmax_connections = 2\n"));

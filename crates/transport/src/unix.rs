@@ -114,16 +114,76 @@ fn clear_stale(path: &Path) -> Result<(), TransportError> {
             expected: uid(),
         });
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(TransportError::AddressInUse(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => fs::remove_file(path)
+    let remove = || {
+        fs::remove_file(path)
             .or_else(|e| match e.kind() {
                 io::ErrorKind::NotFound => Ok(()),
                 _ => Err(e),
             })
-            .map_err(|e| TransportError::io(format!("removing stale {}", path.display()), e)),
+            .map_err(|e| TransportError::io(format!("removing stale {}", path.display()), e))
+    };
+    match std::os::unix::net::UnixStream::connect(path) {
+        // A process killed a moment ago still holds its listening socket until its exit has
+        // released its files (its address space goes first): the socket accepts connections
+        // that nobody will ever answer. Its owner is told apart from a live broker by the
+        // kernel's record of it, so a restart right after `kill -9` takes the path over.
+        Ok(probe) if listener_is_dead(&probe) => remove(),
+        Ok(_) => Err(TransportError::AddressInUse(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => remove(),
         Err(e) => Err(TransportError::io(format!("probing {}", path.display()), e)),
     }
+}
+
+/// Whether the process that listens on the other end of `probe` is dead or dying: gone, a
+/// zombie, exiting, or with SIGKILL pending. `false` when it cannot be told (then the socket
+/// counts as live: a live broker is never replaced).
+#[cfg(target_os = "linux")]
+fn listener_is_dead(probe: &std::os::unix::net::UnixStream) -> bool {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let Ok(cred) = getsockopt(probe, PeerCredentials) else {
+        return false;
+    };
+    let pid = cred.pid();
+    if pid <= 0 {
+        return false;
+    }
+    let read = |what: &str| fs::read_to_string(format!("/proc/{pid}/{what}"));
+    match (read("stat"), read("status")) {
+        (Ok(stat), Ok(status)) => process_is_dying(&stat, &status),
+        (Err(e), _) | (_, Err(e)) => e.kind() == io::ErrorKind::NotFound,
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn listener_is_dead(_probe: &std::os::unix::net::UnixStream) -> bool {
+    false
+}
+
+/// The task is exiting (`PF_EXITING` in `/proc/PID/stat`'s flags).
+const PF_EXITING: u64 = 0x4;
+/// SIGKILL's bit in `/proc/PID/status`'s pending-signal masks.
+const SIGKILL_BIT: u64 = 1 << (9 - 1);
+
+/// From `/proc/PID/stat` and `/proc/PID/status`: whether the process is a zombie or dead,
+/// exiting, or has SIGKILL pending (it will never answer again).
+fn process_is_dying(stat: &str, status: &str) -> bool {
+    // The fields after the command name, which is in parentheses and may hold anything.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let state = fields.first().copied().unwrap_or("");
+    let flags = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .unwrap_or(0);
+    let kill_pending = status.lines().any(|l| {
+        l.strip_prefix("SigPnd:")
+            .or_else(|| l.strip_prefix("ShdPnd:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & SIGKILL_BIT != 0)
+    });
+    matches!(state, "Z" | "X" | "x") || flags & PF_EXITING != 0 || kill_pending
 }
 
 /// Removes the socket file on drop if it is still the one this listener bound.
@@ -211,4 +271,56 @@ fn bind_staged(
             ino,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALIVE_STATUS: &str =
+        "Name:\teventbus\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n";
+
+    #[test]
+    fn a_dying_listener_is_told_from_a_live_one() {
+        // The command name may hold spaces and parentheses.
+        let stat = |state: &str, flags: u64| {
+            format!("4242 (event bus (x)) {state} 1 4242 4242 0 -1 {flags} 0 0 0 0")
+        };
+        assert!(!process_is_dying(&stat("S", 0x0040_0000), ALIVE_STATUS));
+        assert!(!process_is_dying(&stat("R", 0x0040_0000), ALIVE_STATUS));
+        assert!(process_is_dying(&stat("Z", 0x0040_0000), ALIVE_STATUS));
+        assert!(process_is_dying(&stat("X", 0), ALIVE_STATUS));
+        assert!(
+            process_is_dying(&stat("R", 0x0040_0004), ALIVE_STATUS),
+            "exiting"
+        );
+        let killed = "SigPnd:\t0000000000000000\nShdPnd:\t0000000000000100\n";
+        assert!(process_is_dying(&stat("S", 0), killed), "SIGKILL pending");
+        let termed = "SigPnd:\t0000000000004000\nShdPnd:\t0000000000000000\n";
+        assert!(
+            !process_is_dying(&stat("S", 0), termed),
+            "only SIGTERM pending"
+        );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_live_listener_is_not_dead_and_a_refused_path_is_stale() {
+        let dir = std::env::temp_dir().join(format!("eb-unix-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let _ = fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let probe = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(!listener_is_dead(&probe), "this very process listens");
+        assert!(matches!(
+            clear_stale(&path),
+            Err(TransportError::AddressInUse(_))
+        ));
+        drop(probe);
+        drop(listener);
+        clear_stale(&path).unwrap();
+        assert!(!path.exists(), "the stale socket was removed");
+        let _ = fs::remove_dir_all(&dir);
+    }
 }
