@@ -448,6 +448,103 @@ async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
     assert_eq!(slow.stats().missed, missed);
 }
 
+/// A stalled reader of many topics: the broker's per-topic counts stay bounded, and every drop
+/// is still in exactly one entry of the notices and the statistics.
+async fn drops_of_many_topics_are_bounded_and_all_reported(kind: Kind) {
+    let config = BrokerConfig {
+        message_buffer_size: 10,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let mut options = ClientOptions::named("slow");
+    options.subscription_buffer = 1;
+    let slow = Client::connect(&bus.endpoint, options).await.unwrap();
+    let mut s = slow.subscribe(["burst.+", "end"]).await.unwrap();
+    let publ = bus.client("pub").await;
+    let (n, distinct) = (20_000u64, 1_000u64);
+    let topics: Vec<Topic> = (0..distinct).map(|i| t(&format!("burst.t{i}"))).collect();
+    for i in 0..n {
+        let topic = &topics[(i % distinct) as usize];
+        publ.publish(topic, vec![0u8; 256]).await.unwrap();
+    }
+    publ.ping().await.unwrap();
+    publ.publish(&t("end"), "end").await.unwrap();
+    let (mut received, mut missed) = (0u64, 0u64);
+    loop {
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(m) if m.topic().as_str() == "end" => break,
+            Ok(_) => received += 1,
+            Err(RecvError::Missed { count, .. }) => missed += count,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(
+        received + missed,
+        n,
+        "every message received or reported missed"
+    );
+    assert!(
+        missed > 0,
+        "a 20,000-message burst into a 10-message queue must drop"
+    );
+    let stats = bus.broker.stats();
+    let conn = stats.connections.iter().find(|c| c.name == "slow").unwrap();
+    assert_eq!(conn.dropped, missed);
+    assert!(
+        conn.dropped_by_topic.len() <= daemoneye_eventbus::broker::DROP_TOPICS + 1,
+        "{} topics counted one by one",
+        conn.dropped_by_topic.len()
+    );
+    assert_eq!(conn.dropped_by_topic.values().sum::<u64>(), missed);
+    assert!(
+        conn.dropped_by_topic
+            .contains_key(catalog::sys::dropped_other().as_str()),
+        "the topics past the bound are summed"
+    );
+    assert_eq!(slow.stats().missed, missed);
+}
+
+/// A connection holds at most `max_subscriptions_per_connection` filters; each is charged to
+/// the memory cap and given back when it goes.
+async fn subscriptions_are_limited_and_charged(kind: Kind) {
+    let config = BrokerConfig {
+        max_subscriptions_per_connection: 3,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let c = bus.client("many").await;
+    let held = c.subscribe(["a.one", "a.two", "a.three"]).await.unwrap();
+    let charged = bus.broker.stats().subscription_bytes;
+    assert_eq!(
+        charged,
+        3 * daemoneye_eventbus::broker::SUBSCRIPTION_CHARGE as u64 + 5 + 5 + 7
+    );
+    match c.subscribe(["a.four"]).await {
+        Err(SubscribeError::Refused { code, message }) => {
+            assert_eq!(
+                code,
+                daemoneye_eventbus::core::codec::ErrorCode::ResourceExhausted
+            );
+            assert!(
+                message.contains("max_subscriptions_per_connection"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Another connection is not limited by this one.
+    let other = bus.client("other").await;
+    let _fourth = other.subscribe(["a.four"]).await.unwrap();
+    held.unsubscribe().await.unwrap();
+    assert_eq!(
+        bus.broker.stats().subscription_bytes,
+        daemoneye_eventbus::broker::SUBSCRIPTION_CHARGE as u64 + 6
+    );
+    let _again = c.subscribe(["a.four", "a.five"]).await.unwrap();
+    other.close().await;
+    c.close().await;
+}
+
 async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
     let config = BrokerConfig {
         message_buffer_size: 10,
@@ -988,6 +1085,8 @@ conformance!(
     ping_and_drain,
     shutdown_sends_going_away_and_ends_streams,
     slow_reader_drops_are_counted_and_reported,
+    drops_of_many_topics_are_bounded_and_all_reported,
+    subscriptions_are_limited_and_charged,
     disconnect_policy_closes_a_slow_reader,
     processed_subscriptions_lose_nothing,
     repeated_topic_follows_subscription_changes,
