@@ -30,22 +30,10 @@ impl QueueGroup {
     /// [`GroupError`] when the name is empty, longer than [`MAX_GROUP_LEN`] bytes or holds a
     /// character other than `a-z 0-9 _ -`.
     pub fn new(name: &str) -> Result<Self, GroupError> {
-        let refuse = |reason| GroupError {
+        check_name(name).map_err(|reason| GroupError {
             name: crate::message::truncate_utf8(name.to_owned(), 80),
             reason,
-        };
-        if name.is_empty() {
-            return Err(refuse("a group name cannot be empty"));
-        }
-        if name.len() > MAX_GROUP_LEN {
-            return Err(refuse("a group name is at most 64 bytes"));
-        }
-        if !name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        {
-            return Err(refuse("a group name uses only a-z, 0-9, '_' and '-'"));
-        }
+        })?;
         Ok(Self(ByteStr::from(name)))
     }
 
@@ -62,6 +50,75 @@ impl fmt::Display for QueueGroup {
 }
 
 impl fmt::Debug for QueueGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// The rule of queue group and durable subscription names: 1 to 64 bytes of `a-z 0-9 _ -`.
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("a name cannot be empty");
+    }
+    if name.len() > MAX_GROUP_LEN {
+        return Err("a name is at most 64 bytes");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err("a name uses only a-z, 0-9, '_' and '-'");
+    }
+    Ok(())
+}
+
+/// Maximum length of a durable subscription name, in bytes.
+pub const MAX_DURABLE_LEN: usize = MAX_GROUP_LEN;
+
+/// The name of a durable subscription (protocol 1.3): 1 to [`MAX_DURABLE_LEN`] bytes of
+/// `a-z 0-9 _ -`. A durable subscription outlives the connections that attach to it: the
+/// broker keeps what it has not acknowledged while nobody is attached.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DurableName(ByteStr);
+
+/// A refused durable subscription name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid durable subscription name {name:?}: {reason}")]
+pub struct DurableNameError {
+    /// The name as given (cut to 80 bytes for display).
+    pub name: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+impl DurableName {
+    /// Validates a durable subscription name.
+    ///
+    /// # Errors
+    ///
+    /// [`DurableNameError`] when the name is empty, longer than [`MAX_DURABLE_LEN`] bytes or
+    /// holds a character other than `a-z 0-9 _ -`.
+    pub fn new(name: &str) -> Result<Self, DurableNameError> {
+        check_name(name).map_err(|reason| DurableNameError {
+            name: crate::message::truncate_utf8(name.to_owned(), 80),
+            reason,
+        })?;
+        Ok(Self(ByteStr::from(name)))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl fmt::Display for DurableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for DurableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
     }

@@ -22,7 +22,7 @@ pub mod trie;
 pub use bytestr::ByteStr;
 pub use codec::{Frame, FrameDecoder, FrameError};
 pub use correlation::CorrelationFilter;
-pub use group::{GroupError, QueueGroup};
+pub use group::{DurableName, DurableNameError, GroupError, QueueGroup};
 pub use message::{
     CorrelationError, CorrelationMetadata, Header, Message, MessageId, Qos, ReplyStatus, StatusCode,
 };

@@ -4,13 +4,15 @@
 
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, ErrorCode, ErrorFrame, FrameDecoder, GoingAway, GroupDelivery, Hello, LentFrame,
-    Reply, RunWriter, SlowReaderPolicy, Subscribe, Version, Welcome, encode_run_as_delivers, kind,
+    AckedDelivery, DecodeCache, DurableDelete, ErrorCode, ErrorFrame, FrameDecoder, GoingAway,
+    GroupDelivery, Hello, LentFrame, Reply, RunWriter, SlowReaderPolicy, SubAck, SubClose, SubEnd,
+    SubId, Subscribe, SubscribeAcked, Version, Welcome, encode_run_as_delivers, kind,
     max_frame_len, may_run,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
 use daemoneye_eventbus_core::{
-    ByteStr, Frame, FrameError, QueueGroup, ReplyStatus, StatusCode, Topic, TopicFilter,
+    ByteStr, DurableName, Frame, FrameError, QueueGroup, ReplyStatus, StatusCode, Topic,
+    TopicFilter,
 };
 use proptest::prelude::*;
 
@@ -64,7 +66,7 @@ fn golden_hello() {
     });
     assert_eq!(
         hex(&encode(&f)),
-        "16 00 00 00 01 01 00 02 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
+        "16 00 00 00 01 01 00 03 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
     );
 }
 
@@ -305,6 +307,83 @@ fn golden_ping_and_error() {
 }
 
 #[test]
+fn golden_acknowledged_subscriptions() {
+    // A durable subscription `d`, id 7, window 100, on `a.+` and `b`.
+    let open = Frame::SubscribeAcked(SubscribeAcked {
+        request_id: 3,
+        sub: SubId(7),
+        durable: Some(DurableName::new("d").unwrap()),
+        window: 100,
+        filters: vec![
+            TopicFilter::new("a.+").unwrap(),
+            TopicFilter::new("b").unwrap(),
+        ],
+    });
+    assert_eq!(
+        hex(&encode(&open)),
+        "19 00 00 00 12 03 00 00 00 07 00 00 00 01 64 00 00 00 01 64 02 03 00 61 2e 2b 01 00 62"
+    );
+    // The message of `golden_publish`, delivered as sequence 9 of subscription 7, redelivered
+    // once: the PUBLISH body follows the three fields verbatim.
+    let publish = encode(&Frame::Publish(simple_message(b"hi")));
+    let delivery = encode(&Frame::DeliverAcked(AckedDelivery {
+        sub: SubId(7),
+        seq: 9,
+        redelivered: 1,
+        message: simple_message(b"hi"),
+    }));
+    assert_eq!(
+        hex(&delivery[..19]),
+        "35 00 00 00 13 07 00 00 00 09 00 00 00 00 00 00 00 01 00"
+    );
+    assert_eq!(delivery[19..], publish[5..]);
+    let ack = Frame::SubAck(SubAck {
+        sub: SubId(7),
+        ranges: vec![(1, 9)],
+    });
+    assert_eq!(
+        hex(&encode(&ack)),
+        "17 00 00 00 14 07 00 00 00 01 00 01 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00"
+    );
+    let close = Frame::SubClose(SubClose {
+        request_id: 4,
+        sub: SubId(7),
+        delete: true,
+    });
+    assert_eq!(
+        hex(&encode(&close)),
+        "0a 00 00 00 15 04 00 00 00 07 00 00 00 01"
+    );
+    let delete = Frame::DurableDelete(DurableDelete {
+        request_id: 5,
+        name: DurableName::new("d").unwrap(),
+    });
+    assert_eq!(hex(&encode(&delete)), "07 00 00 00 16 05 00 00 00 01 64");
+    let end = Frame::SubEnd(SubEnd {
+        sub: SubId(7),
+        code: ErrorCode::Stalled,
+        message: "x".into(),
+    });
+    assert_eq!(
+        hex(&encode(&end)),
+        "0a 00 00 00 17 07 00 00 00 15 00 01 00 78"
+    );
+    for f in [open, ack, close, delete, end] {
+        assert_eq!(decode_one(&encode(&f)).unwrap().unwrap(), f);
+    }
+    // An invalid durable name is answered with the request id; the stream stays in sync.
+    let mut bad = encode(&Frame::DurableDelete(DurableDelete {
+        request_id: 5,
+        name: DurableName::new("d").unwrap(),
+    }));
+    bad[10] = b'D';
+    assert!(matches!(
+        decode_one(&bad),
+        Err(FrameError::InvalidName { request_id: 5, .. })
+    ));
+}
+
+#[test]
 fn deliver_reuses_the_publish_body() {
     let msg = simple_message(b"payload");
     let publish = encode(&Frame::Publish(msg.clone()));
@@ -477,6 +556,57 @@ fn frame() -> impl Strategy<Value = Frame> {
         (any::<u32>(), "\\PC{0,20}").prop_map(|(d, r)| Frame::GoingAway(GoingAway {
             drain_ms: d,
             reason: r,
+        })),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            prop::option::of("[a-z0-9_-]{1,64}"),
+            any::<u32>(),
+            1usize..4
+        )
+            .prop_map(
+                |(r, sub, name, window, n)| Frame::SubscribeAcked(SubscribeAcked {
+                    request_id: r,
+                    sub: SubId(sub),
+                    durable: name.map(|n| DurableName::new(&n).unwrap()),
+                    window,
+                    filters: ["a.+", "b.#", "c", "#"][..n]
+                        .iter()
+                        .map(|f| TopicFilter::new(f).unwrap())
+                        .collect(),
+                })
+            ),
+        (any::<u32>(), any::<u64>(), any::<u16>(), message()).prop_map(|(sub, seq, r, m)| {
+            Frame::DeliverAcked(AckedDelivery {
+                sub: SubId(sub),
+                seq,
+                redelivered: r,
+                message: m,
+            })
+        }),
+        (
+            any::<u32>(),
+            prop::collection::vec((0u64..1000, 0u64..1000), 0..8)
+        )
+            .prop_map(|(sub, r)| Frame::SubAck(SubAck {
+                sub: SubId(sub),
+                ranges: r.into_iter().map(|(a, b)| (a, a + b)).collect(),
+            })),
+        (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(r, sub, delete)| {
+            Frame::SubClose(SubClose {
+                request_id: r,
+                sub: SubId(sub),
+                delete,
+            })
+        }),
+        (any::<u32>(), "[a-z0-9_-]{1,64}").prop_map(|(r, n)| Frame::DurableDelete(DurableDelete {
+            request_id: r,
+            name: DurableName::new(&n).unwrap(),
+        })),
+        (any::<u32>(), "\\PC{0,20}").prop_map(|(sub, m)| Frame::SubEnd(SubEnd {
+            sub: SubId(sub),
+            code: ErrorCode::Stalled,
+            message: m,
         })),
     ]
 }

@@ -9,9 +9,10 @@ use crate::error::ReadError;
 use crate::large::LARGE_FRAME;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, GroupDelivery, LEN_PREFIX, LentFrame, MessageRun, encode_frame_head,
-    encode_group_frame, encode_group_frame_head, encode_message_frame, encode_run_as_delivers,
-    encode_run_delivery, kind, max_frame_len,
+    AckedDelivery, DecodeCache, GroupDelivery, LEN_PREFIX, LentFrame, MessageRun,
+    encode_acked_frame, encode_acked_frame_head, encode_frame_head, encode_group_frame,
+    encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_delivery,
+    kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -475,6 +476,20 @@ impl FrameWriter {
             }
             WriterKind::Stream(out) => encode_group_frame(&mut out.buf, &d),
             WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverGroup(d)),
+        }
+    }
+
+    /// Adds a delivery of an acknowledged subscription (protocol 1.3): a large body is written
+    /// from the message's own buffer, as for [`FrameWriter::push_deliver`].
+    pub fn push_acked_deliver(&mut self, d: &AckedDelivery) {
+        match &mut self.kind {
+            WriterKind::Stream(out) if d.message.wire().len() >= VECTORED_MIN => {
+                let wire = d.message.wire();
+                encode_acked_frame_head(&mut out.buf, d.sub, d.seq, d.redelivered, wire.len());
+                out.push_body(wire);
+            }
+            WriterKind::Stream(out) => encode_acked_frame(&mut out.buf, d),
+            WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverAcked(d.clone())),
         }
     }
 

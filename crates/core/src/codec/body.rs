@@ -125,6 +125,34 @@ pub fn encode_message_frame(dst: &mut BytesMut, kind: u8, msg: &Message) {
     dst.put_slice(msg.wire());
 }
 
+/// Bytes of a DELIVER_ACKED frame before the message body: subscription, sequence,
+/// redelivery count.
+pub const ACKED_HEAD: usize = 4 + 8 + 2;
+
+/// Appends a DELIVER_ACKED frame (protocol 1.3) of `d`: its fields, then the message's shared
+/// wire encoding.
+pub fn encode_acked_frame(dst: &mut BytesMut, d: &super::AckedDelivery) {
+    let wire = d.message.wire();
+    encode_acked_frame_head(dst, d.sub, d.seq, d.redelivered, wire.len());
+    dst.put_slice(wire);
+}
+
+/// Appends a DELIVER_ACKED frame without the message body, which the caller sends next from
+/// the message's own buffer (`body_len` bytes).
+pub fn encode_acked_frame_head(
+    dst: &mut BytesMut,
+    sub: super::SubId,
+    seq: u64,
+    redelivered: u16,
+    body_len: usize,
+) {
+    dst.reserve(LEN_PREFIX + 1 + ACKED_HEAD + body_len.min(super::decoder::COPY_BELOW));
+    encode_frame_head(dst, kind::DELIVER_ACKED, ACKED_HEAD + body_len);
+    dst.put_u32_le(sub.0);
+    dst.put_u64_le(seq);
+    dst.put_u16_le(redelivered);
+}
+
 /// Appends a DELIVER_GROUP frame: the group name, then the message's shared wire encoding.
 pub fn encode_group_frame(dst: &mut BytesMut, d: &GroupDelivery) {
     let wire = d.message.wire();

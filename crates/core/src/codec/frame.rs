@@ -1,10 +1,12 @@
 //! Encoding and decoding of whole frames.
 
-use super::body::{DecodeCache, decode_message_body, encode_group_frame, encode_message_frame};
+use super::body::{
+    DecodeCache, decode_message_body, encode_acked_frame, encode_group_frame, encode_message_frame,
+};
 use super::run::{MessageRun, encode_run_frame};
 use super::types::*;
 use super::wire::{Cursor, begin, finish, put_id, put_str8, put_str16};
-use super::{FrameError, MAX_NAME_LEN, SUBSCRIBE_GROUP, kind};
+use super::{FrameError, MAX_ACK_RANGES, MAX_ACKED_FILTERS, MAX_NAME_LEN, SUBSCRIBE_GROUP, kind};
 use bytes::{BufMut, Bytes, BytesMut};
 
 impl Frame {
@@ -28,6 +30,12 @@ impl Frame {
             Self::Error(_) => kind::ERROR,
             Self::Notice(_) => kind::NOTICE,
             Self::GoingAway(_) => kind::GOING_AWAY,
+            Self::SubscribeAcked(_) => kind::SUBSCRIBE_ACKED,
+            Self::DeliverAcked(_) => kind::DELIVER_ACKED,
+            Self::SubAck(_) => kind::SUB_ACK,
+            Self::SubClose(_) => kind::SUB_CLOSE,
+            Self::DurableDelete(_) => kind::DURABLE_DELETE,
+            Self::SubEnd(_) => kind::SUB_END,
         }
     }
 
@@ -38,6 +46,7 @@ impl Frame {
                 return encode_message_frame(dst, self.kind(), m);
             }
             Self::DeliverGroup(d) => return encode_group_frame(dst, d),
+            Self::DeliverAcked(d) => return encode_acked_frame(dst, d),
             Self::PublishRun(r) | Self::DeliverRun(r) => {
                 return encode_run_frame(dst, self.kind(), r);
             }
@@ -104,6 +113,21 @@ impl Frame {
                 dst.put_u8(u8::from(e.fatal));
                 put_str16(dst, &e.message);
             }
+            Self::Notice(Notice::SubDropped {
+                sub,
+                reason,
+                topics,
+            }) => {
+                dst.put_u8(2);
+                dst.put_u32_le(sub.0);
+                dst.put_u8(reason.to_u8());
+                let n = topics.len().min(u16::MAX as usize);
+                dst.put_u16_le(n as u16);
+                for (t, c) in topics.iter().take(n) {
+                    put_str16(dst, t.as_str());
+                    dst.put_u64_le(*c);
+                }
+            }
             Self::Notice(Notice::Dropped { reason, topics }) => {
                 dst.put_u8(1);
                 dst.put_u8(reason.to_u8());
@@ -118,9 +142,47 @@ impl Frame {
                 dst.put_u32_le(g.drain_ms);
                 put_str16(dst, &g.reason);
             }
+            Self::SubscribeAcked(s) => {
+                dst.put_u32_le(s.request_id);
+                dst.put_u32_le(s.sub.0);
+                dst.put_u8(u8::from(s.durable.is_some()));
+                dst.put_u32_le(s.window);
+                if let Some(name) = &s.durable {
+                    put_str8(dst, name.as_str());
+                }
+                let n = s.filters.len().min(MAX_ACKED_FILTERS);
+                dst.put_u8(n as u8);
+                for f in s.filters.iter().take(n) {
+                    put_str16(dst, f.as_str());
+                }
+            }
+            Self::SubAck(a) => {
+                dst.put_u32_le(a.sub.0);
+                let n = a.ranges.len().min(MAX_ACK_RANGES);
+                dst.put_u16_le(n as u16);
+                for (first, last) in a.ranges.iter().take(n) {
+                    dst.put_u64_le(*first);
+                    dst.put_u64_le(*last);
+                }
+            }
+            Self::SubClose(c) => {
+                dst.put_u32_le(c.request_id);
+                dst.put_u32_le(c.sub.0);
+                dst.put_u8(u8::from(c.delete));
+            }
+            Self::DurableDelete(d) => {
+                dst.put_u32_le(d.request_id);
+                put_str8(dst, d.name.as_str());
+            }
+            Self::SubEnd(e) => {
+                dst.put_u32_le(e.sub.0);
+                dst.put_u16_le(e.code.to_u16());
+                put_str16(dst, &e.message);
+            }
             Self::Publish(_)
             | Self::Deliver(_)
             | Self::DeliverGroup(_)
+            | Self::DeliverAcked(_)
             | Self::PublishRun(_)
             | Self::DeliverRun(_) => {
                 unreachable!("handled by encode")
@@ -186,6 +248,20 @@ impl Frame {
             let (rest, _) = c.into_rest();
             let message = decode_message_body(rest, cache)?;
             return Ok(Frame::DeliverGroup(GroupDelivery { group, message }));
+        }
+        if kind == kind::DELIVER_ACKED {
+            let mut c = Cursor::new(body);
+            let sub = SubId(c.u32("sub")?);
+            let seq = c.u64("seq")?;
+            let redelivered = c.u16("redelivered")?;
+            let (rest, _) = c.into_rest();
+            let message = decode_message_body(rest, cache)?;
+            return Ok(Frame::DeliverAcked(AckedDelivery {
+                sub,
+                seq,
+                redelivered,
+                message,
+            }));
         }
         if kind == kind::PUBLISH_RUN {
             return MessageRun::decode(body, true, cache).map(Frame::PublishRun);
@@ -261,6 +337,61 @@ impl Frame {
                 drain_ms: c.u32("drain_ms")?,
                 reason: c.string16(u16::MAX as usize, "reason")?,
             }),
+            kind::SUBSCRIBE_ACKED => Frame::SubscribeAcked(decode_subscribe_acked(&mut c)?),
+            kind::SUB_ACK => {
+                let sub = SubId(c.u32("sub")?);
+                let n = c.u16("count")? as usize;
+                if n > MAX_ACK_RANGES {
+                    return Err(FrameError::FieldTooLong {
+                        field: "ranges",
+                        len: n,
+                        max: MAX_ACK_RANGES,
+                    });
+                }
+                let mut ranges = Vec::with_capacity(n.min(64));
+                for _ in 0..n {
+                    let (first, last) = (c.u64("range.first")?, c.u64("range.last")?);
+                    if first > last {
+                        return Err(FrameError::InvalidValue {
+                            field: "range",
+                            value: first,
+                        });
+                    }
+                    ranges.push((first, last));
+                }
+                Frame::SubAck(SubAck { sub, ranges })
+            }
+            kind::SUB_CLOSE => {
+                let request_id = c.u32("request_id")?;
+                let sub = SubId(c.u32("sub")?);
+                let delete = match c.u8("flags")? {
+                    0 => false,
+                    1 => true,
+                    v => {
+                        return Err(FrameError::InvalidValue {
+                            field: "flags",
+                            value: u64::from(v),
+                        });
+                    }
+                };
+                Frame::SubClose(SubClose {
+                    request_id,
+                    sub,
+                    delete,
+                })
+            }
+            kind::DURABLE_DELETE => {
+                let request_id = c.u32("request_id")?;
+                Frame::DurableDelete(DurableDelete {
+                    request_id,
+                    name: c.durable(request_id)?,
+                })
+            }
+            kind::SUB_END => Frame::SubEnd(SubEnd {
+                sub: SubId(c.u32("sub")?),
+                code: ErrorCode::from_u16(c.u16("code")?),
+                message: c.string16(u16::MAX as usize, "message")?,
+            }),
             other => return Err(FrameError::UnknownKind(other)),
         };
         c.end()?;
@@ -268,14 +399,53 @@ impl Frame {
     }
 }
 
-fn decode_notice(c: &mut Cursor) -> Result<Notice, FrameError> {
-    let what = c.u8("notice.kind")?;
-    if what != 1 {
+fn decode_subscribe_acked(c: &mut Cursor) -> Result<SubscribeAcked, FrameError> {
+    let request_id = c.u32("request_id")?;
+    let sub = SubId(c.u32("sub")?);
+    let flags = c.u8("flags")?;
+    if flags > 1 {
         return Err(FrameError::InvalidValue {
-            field: "notice.kind",
-            value: u64::from(what),
+            field: "flags",
+            value: u64::from(flags),
         });
     }
+    let window = c.u32("window")?;
+    let durable = match flags {
+        1 => Some(c.durable(request_id)?),
+        _ => None,
+    };
+    let n = c.u8("count")? as usize;
+    if n == 0 {
+        return Err(FrameError::InvalidValue {
+            field: "count",
+            value: 0,
+        });
+    }
+    let mut filters = Vec::with_capacity(n);
+    for _ in 0..n {
+        filters.push(c.request_filter(request_id)?);
+    }
+    Ok(SubscribeAcked {
+        request_id,
+        sub,
+        durable,
+        window,
+        filters,
+    })
+}
+
+fn decode_notice(c: &mut Cursor) -> Result<Notice, FrameError> {
+    let what = c.u8("notice.kind")?;
+    let sub = match what {
+        1 => None,
+        2 => Some(SubId(c.u32("notice.sub")?)),
+        _ => {
+            return Err(FrameError::InvalidValue {
+                field: "notice.kind",
+                value: u64::from(what),
+            });
+        }
+    };
     let reason = DropReason::from_u8(c.u8("notice.reason")?);
     let n = c.u16("notice.count")? as usize;
     let mut topics = Vec::with_capacity(n.min(64));
@@ -283,5 +453,12 @@ fn decode_notice(c: &mut Cursor) -> Result<Notice, FrameError> {
         let t = c.topic("notice.topic")?;
         topics.push((t, c.u64("notice.dropped")?));
     }
-    Ok(Notice::Dropped { reason, topics })
+    Ok(match sub {
+        Some(sub) => Notice::SubDropped {
+            sub,
+            reason,
+            topics,
+        },
+        None => Notice::Dropped { reason, topics },
+    })
 }

@@ -222,6 +222,10 @@ impl LentFrame<'_> {
                 d.message = d.message.copied();
                 Self::Other(Frame::DeliverGroup(d))
             }
+            Frame::DeliverAcked(mut d) if shares_buffer => {
+                d.message = d.message.copied();
+                Self::Other(Frame::DeliverAcked(d))
+            }
             other => Self::Other(other),
         }
     }

@@ -15,8 +15,9 @@ mod wire;
 
 pub(crate) use body::encode_message_body;
 pub use body::{
-    CARVE_CHUNK, DECODE_TOPICS, DecodeCache, decode_message_body, encode_group_frame,
-    encode_group_frame_head, encode_message_frame, encode_publish, encode_publish_head,
+    ACKED_HEAD, CARVE_CHUNK, DECODE_TOPICS, DecodeCache, decode_message_body, encode_acked_frame,
+    encode_acked_frame_head, encode_group_frame, encode_group_frame_head, encode_message_frame,
+    encode_publish, encode_publish_head,
 };
 pub use decoder::FrameDecoder;
 pub use lent::{Lent, LentFrame};
@@ -33,9 +34,16 @@ use crate::topic::TopicError;
 /// Protocol major version spoken by this crate. A peer with another major is refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version spoken by this crate. Minor versions only add optional fields.
-pub const PROTOCOL_MINOR: u16 = 2;
+pub const PROTOCOL_MINOR: u16 = 3;
 /// The first minor version with message runs (PUBLISH_RUN and DELIVER_RUN frames).
 pub const RUNS_SINCE_MINOR: u16 = 2;
+/// The first minor version with acknowledged and durable subscriptions (SUBSCRIBE_ACKED,
+/// DELIVER_ACKED, SUB_ACK, SUB_CLOSE, DURABLE_DELETE, SUB_END).
+pub const ACKED_SINCE_MINOR: u16 = 3;
+/// Most filters one acknowledged subscription holds.
+pub const MAX_ACKED_FILTERS: usize = 255;
+/// Most ranges one SUB_ACK carries.
+pub const MAX_ACK_RANGES: usize = 1024;
 /// Bytes allowed in a frame on top of the payload limit, for topic, header and correlation
 /// metadata. `max_frame_len = max_message_size + FRAME_OVERHEAD_ALLOWANCE`.
 pub const FRAME_OVERHEAD_ALLOWANCE: usize = 128 * 1024;
@@ -68,6 +76,12 @@ pub mod kind {
     pub const DELIVER_GROUP: u8 = 0x0F;
     pub const PUBLISH_RUN: u8 = 0x10;
     pub const DELIVER_RUN: u8 = 0x11;
+    pub const SUBSCRIBE_ACKED: u8 = 0x12;
+    pub const DELIVER_ACKED: u8 = 0x13;
+    pub const SUB_ACK: u8 = 0x14;
+    pub const SUB_CLOSE: u8 = 0x15;
+    pub const DURABLE_DELETE: u8 = 0x16;
+    pub const SUB_END: u8 = 0x17;
 }
 
 pub(crate) const FLAG_QOS_MASK: u8 = 0b0000_0011;
@@ -154,6 +168,15 @@ pub enum FrameError {
     /// A message run breaks one of its rules (protocol 1.2); the frame was consumed whole.
     #[error("invalid message run: {0}")]
     InvalidRun(&'static str),
+    /// A durable subscription name is invalid; the stream is still in sync and the request
+    /// can be answered with its id (protocol 1.3).
+    #[error("request {request_id}: {error}")]
+    InvalidName {
+        /// The request.
+        request_id: u32,
+        /// Why the name was refused.
+        error: crate::group::DurableNameError,
+    },
 }
 
 impl FrameError {
@@ -172,6 +195,7 @@ impl FrameError {
                 | Self::Truncated(_)
                 | Self::Trailing(_)
                 | Self::InvalidRun(_)
+                | Self::InvalidName { .. }
         )
     }
 }

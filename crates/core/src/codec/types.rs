@@ -1,6 +1,6 @@
 //! The frame types of protocol v1.
 
-use crate::group::QueueGroup;
+use crate::group::{DurableName, QueueGroup};
 use crate::message::{Message, MessageId, Qos};
 use crate::topic::{Topic, TopicFilter};
 
@@ -145,8 +145,16 @@ pub enum ErrorCode {
     /// A queue group name was invalid (protocol 1.1).
     InvalidGroup,
     /// The connection already holds the filter another way: plainly, or in another queue
-    /// group (protocol 1.1).
+    /// group (protocol 1.1); or a durable subscription exists with other filters (1.3).
     SubscriptionConflict,
+    /// A durable subscription name was invalid (protocol 1.3).
+    InvalidName,
+    /// The durable subscription is attached to another connection (protocol 1.3).
+    DurableInUse,
+    /// No such subscription (protocol 1.3).
+    UnknownSubscription,
+    /// The subscription stopped acknowledging and was closed or parked (protocol 1.3).
+    Stalled,
     /// A code this version does not know.
     Other(u16),
 }
@@ -172,13 +180,17 @@ impl ErrorCode {
             Self::NoResponders => 15,
             Self::InvalidGroup => 16,
             Self::SubscriptionConflict => 17,
+            Self::InvalidName => 18,
+            Self::DurableInUse => 19,
+            Self::UnknownSubscription => 20,
+            Self::Stalled => 21,
             Self::Other(c) => c,
         }
     }
 
     /// Decodes a wire value (0 is "no error" and is handled by callers).
     pub fn from_u16(v: u16) -> Self {
-        const ALL: [ErrorCode; 17] = [
+        const ALL: [ErrorCode; 21] = [
             ErrorCode::Protocol,
             ErrorCode::FrameTooLarge,
             ErrorCode::MessageTooLarge,
@@ -196,6 +208,10 @@ impl ErrorCode {
             ErrorCode::NoResponders,
             ErrorCode::InvalidGroup,
             ErrorCode::SubscriptionConflict,
+            ErrorCode::InvalidName,
+            ErrorCode::DurableInUse,
+            ErrorCode::UnknownSubscription,
+            ErrorCode::Stalled,
         ];
         ALL.into_iter()
             .find(|c| c.to_u16() == v)
@@ -223,6 +239,10 @@ impl std::fmt::Display for ErrorCode {
             Self::NoResponders => "no responders",
             Self::InvalidGroup => "invalid queue group",
             Self::SubscriptionConflict => "subscription conflict",
+            Self::InvalidName => "invalid durable subscription name",
+            Self::DurableInUse => "durable subscription in use",
+            Self::UnknownSubscription => "unknown subscription",
+            Self::Stalled => "subscription stalled",
             Self::Other(c) => return write!(f, "error code {c}"),
         };
         f.write_str(s)
@@ -261,6 +281,9 @@ pub enum DropReason {
     SlowReader,
     /// The broker-wide memory cap was reached.
     MemoryCap,
+    /// A durable subscription's backlog was full while nobody was attached or its subscriber
+    /// had stalled (protocol 1.3).
+    BacklogFull,
     /// A reason this version does not know.
     Other(u8),
 }
@@ -270,6 +293,7 @@ impl DropReason {
         match self {
             Self::SlowReader => 1,
             Self::MemoryCap => 2,
+            Self::BacklogFull => 3,
             Self::Other(v) => v,
         }
     }
@@ -277,6 +301,7 @@ impl DropReason {
         match v {
             1 => Self::SlowReader,
             2 => Self::MemoryCap,
+            3 => Self::BacklogFull,
             v => Self::Other(v),
         }
     }
@@ -288,6 +313,16 @@ impl DropReason {
 pub enum Notice {
     /// Messages for this connection were dropped; counts per topic since the last notice.
     Dropped {
+        /// Why.
+        reason: DropReason,
+        /// (topic, count) pairs.
+        topics: Vec<(Topic, u64)>,
+    },
+    /// Messages kept for one acknowledged subscription were dropped (its full policy, or the
+    /// memory cap); counts per topic since the last such notice (protocol 1.3).
+    SubDropped {
+        /// The subscription.
+        sub: SubId,
         /// Why.
         reason: DropReason,
         /// (topic, count) pairs.
@@ -311,6 +346,91 @@ pub struct GroupDelivery {
     pub group: QueueGroup,
     /// The message.
     pub message: Message,
+}
+
+/// The id a client gives one of its acknowledged subscriptions on a connection (protocol
+/// 1.3): the broker tags each delivery with it, and acknowledgements name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SubId(pub u32);
+
+impl std::fmt::Display for SubId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Opens an acknowledged subscription (protocol 1.3): Processed deliveries that the client
+/// acknowledges, redelivered when it does not. Answered by a [`Reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeAcked {
+    /// Correlates the [`Reply`].
+    pub request_id: u32,
+    /// The id deliveries will carry (unique among this connection's open acknowledged
+    /// subscriptions).
+    pub sub: SubId,
+    /// A durable subscription's name: it outlives the connection; attaching to an existing
+    /// one resumes it.
+    pub durable: Option<DurableName>,
+    /// Deliveries the client accepts unacknowledged at once; 0 lets the broker choose.
+    pub window: u32,
+    /// The filters (1 to 255).
+    pub filters: Vec<TopicFilter>,
+}
+
+/// A delivery of an acknowledged subscription (protocol 1.3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckedDelivery {
+    /// The subscription.
+    pub sub: SubId,
+    /// The delivery's sequence number in the subscription, increasing; a redelivery gets a
+    /// new one.
+    pub seq: u64,
+    /// How many times this message was delivered before (0 the first time).
+    pub redelivered: u16,
+    /// The message.
+    pub message: Message,
+}
+
+/// Acknowledges deliveries of an acknowledged subscription (protocol 1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubAck {
+    /// The subscription.
+    pub sub: SubId,
+    /// Inclusive ranges of delivery sequence numbers.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Closes one of this connection's acknowledged subscriptions (protocol 1.3); answered by a
+/// [`Reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubClose {
+    /// Correlates the [`Reply`].
+    pub request_id: u32,
+    /// The subscription.
+    pub sub: SubId,
+    /// For a durable subscription: delete it (its backlog too) instead of detaching.
+    pub delete: bool,
+}
+
+/// Deletes a durable subscription that no connection holds (protocol 1.3); answered by a
+/// [`Reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableDelete {
+    /// Correlates the [`Reply`].
+    pub request_id: u32,
+    /// The durable subscription.
+    pub name: DurableName,
+}
+
+/// The broker ended one of this connection's acknowledged subscriptions (protocol 1.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubEnd {
+    /// The subscription.
+    pub sub: SubId,
+    /// Why, as a code.
+    pub code: ErrorCode,
+    /// A sentence a user can act on.
+    pub message: String,
 }
 
 /// One protocol frame.
@@ -351,4 +471,16 @@ pub enum Frame {
     Notice(Notice),
     /// Drain notice.
     GoingAway(GoingAway),
+    /// Client → broker: open an acknowledged subscription (protocol 1.3).
+    SubscribeAcked(SubscribeAcked),
+    /// Broker → client: a delivery of an acknowledged subscription (protocol 1.3).
+    DeliverAcked(AckedDelivery),
+    /// Client → broker: acknowledge deliveries (protocol 1.3).
+    SubAck(SubAck),
+    /// Client → broker: close an acknowledged subscription (protocol 1.3).
+    SubClose(SubClose),
+    /// Client → broker: delete a durable subscription (protocol 1.3).
+    DurableDelete(DurableDelete),
+    /// Broker → client: an acknowledged subscription ended (protocol 1.3).
+    SubEnd(SubEnd),
 }

@@ -2,7 +2,7 @@
 
 use super::FrameError;
 use crate::bytestr::ByteStr;
-use crate::group::QueueGroup;
+use crate::group::{DurableName, QueueGroup};
 use crate::message::{MessageId, Qos};
 use crate::topic::{Topic, TopicFilter};
 use crate::topic_cache::TopicCache;
@@ -216,6 +216,12 @@ impl Cursor {
         let len = self.u8("group")? as usize;
         let name = self.str_ref(len, u8::MAX as usize, "group")?;
         QueueGroup::new(name).map_err(|error| FrameError::InvalidGroup { request_id, error })
+    }
+    /// A `u8`-length-prefixed durable subscription name.
+    pub(super) fn durable(&mut self, request_id: u32) -> Result<DurableName, FrameError> {
+        let len = self.u8("name")? as usize;
+        let name = self.str_ref(len, u8::MAX as usize, "name")?;
+        DurableName::new(name).map_err(|error| FrameError::InvalidName { request_id, error })
     }
     pub(super) fn id(&mut self) -> Result<MessageId, FrameError> {
         Ok(MessageId {
