@@ -1,5 +1,6 @@
 //! Broker configuration (seed `BrokerConfig` defaults plus the bounds DESIGN §5 asks for).
 
+use crate::delivery::DurableFullPolicy;
 use daemoneye_eventbus_core::codec::{DEFAULT_MAX_MESSAGE_SIZE, MAX_MESSAGE_SIZE_LIMIT};
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use serde::{Deserialize, Serialize};
@@ -44,6 +45,27 @@ pub struct BrokerConfig {
     pub allowed_uids: Vec<u32>,
     /// How long shutdown waits for sessions to drain (default 5000 ms).
     pub shutdown_timeout_ms: u64,
+    /// How long a Processed subscription without room may hold its publishers back (default
+    /// 10,000 ms). Then a durable subscription stalls (its publishers go on, its backlog
+    /// keeps the newest under `durable_full_policy`), an acknowledged one is closed
+    /// (SUB_END), and a connection's Processed queue (a client before protocol 1.3) closes
+    /// its connection.
+    pub processed_stall_timeout_ms: u64,
+    /// An acknowledged delivery not acknowledged within this is sent again (default 30,000
+    /// ms).
+    pub ack_timeout_ms: u64,
+    /// Deliveries an acknowledged subscription has unacknowledged at once, at most; a client
+    /// may ask for fewer (default 4096).
+    pub ack_window: usize,
+    /// Durable subscriptions the broker keeps at most (default 1024).
+    pub max_durables: usize,
+    /// Messages one durable subscription keeps at most (default 100,000).
+    pub durable_max_messages: usize,
+    /// Charged bytes one durable subscription keeps at most (default 32 MiB).
+    pub durable_max_bytes: usize,
+    /// What a full durable subscription does with a new message while nobody is attached or
+    /// its subscriber stalled: `drop_oldest` (default) or `drop_new`. Counted either way.
+    pub durable_full_policy: DurableFullPolicy,
 }
 
 impl Default for BrokerConfig {
@@ -64,6 +86,13 @@ impl Default for BrokerConfig {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             allowed_uids: Vec::new(),
             shutdown_timeout_ms: 5000,
+            processed_stall_timeout_ms: 10_000,
+            ack_timeout_ms: 30_000,
+            ack_window: 4096,
+            max_durables: 1024,
+            durable_max_messages: 100_000,
+            durable_max_bytes: 32 * 1024 * 1024,
+            durable_full_policy: DurableFullPolicy::DropOldest,
         }
     }
 }
@@ -141,11 +170,30 @@ impl BrokerConfig {
             self.max_memory_bytes,
             "must be at least subscriber_buffer_bytes".into(),
         )?;
+        let need = m + MESSAGE_OVERHEAD + 256;
+        check(
+            self.durable_max_bytes >= need,
+            "durable_max_bytes",
+            self.durable_max_bytes,
+            format!("must hold one message of max_message_size ({need} bytes)"),
+        )?;
+        for (field, v) in [
+            ("ack_window", self.ack_window),
+            ("max_durables", self.max_durables),
+            ("durable_max_messages", self.durable_max_messages),
+        ] {
+            check(v > 0, field, v, "must be at least 1".into())?;
+        }
         for (field, v) in [
             ("connection_timeout_secs", self.connection_timeout_secs),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("keepalive_interval_ms", self.keepalive_interval_ms),
             ("stats_interval_secs", self.stats_interval_secs),
+            (
+                "processed_stall_timeout_ms",
+                self.processed_stall_timeout_ms,
+            ),
+            ("ack_timeout_ms", self.ack_timeout_ms),
         ] {
             check(v > 0, field, v, "must be greater than 0".into())?;
         }

@@ -1,11 +1,13 @@
 //! What the broker records about one connection, shared by its session, its writer and the
 //! routing table: who it is, its queues ([`Outlet`]), its counters and how to tear it down.
 
-use crate::delivery::Outlet;
+use crate::delivery::{AckedSub, Outlet};
 use crate::stats::ConnCounters;
-use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame};
+use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame, SubId};
 use daemoneye_eventbus_transport::PeerInfo;
 use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -15,7 +17,9 @@ pub(crate) struct Conn {
     pub(crate) session_id: u64,
     pub(crate) name: String,
     pub(crate) peer: PeerInfo,
-    pub(crate) outlet: Outlet,
+    pub(crate) outlet: Arc<Outlet>,
+    /// The acknowledged subscriptions this connection opened or attached, by its ids.
+    pub(crate) acked: Mutex<HashMap<SubId, Arc<AckedSub>>>,
     /// Whether the client reads message runs (protocol 1.2); older clients get a run's
     /// messages as single deliveries.
     pub(crate) runs: bool,
@@ -45,7 +49,8 @@ impl Conn {
             session_id,
             name,
             peer,
-            outlet,
+            outlet: Arc::new(outlet),
+            acked: Mutex::new(HashMap::new()),
             runs,
             counters: ConnCounters::default(),
             cancel,
@@ -71,6 +76,21 @@ impl Conn {
     /// When the writer last finished a write (the opening, before the first).
     pub(crate) fn written_at(&self) -> Instant {
         self.opened + Duration::from_millis(self.written_ms.load(Ordering::Relaxed))
+    }
+
+    /// The connection's Processed queue held its publishers back for longer than
+    /// `processed_stall_timeout_ms`: it is closed so they can go on.
+    pub(crate) fn stalled(&self, timeout_ms: u64) {
+        self.tear_down(ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::Stalled,
+            fatal: true,
+            message: format!(
+                "connection {:?} made no room in its Processed queue for {timeout_ms} ms \
+                 (processed_stall_timeout_ms) and was closed so its publishers could go on",
+                self.name
+            ),
+        });
     }
 
     /// The Realtime queue overflowed under the `Disconnect` policy.

@@ -5,17 +5,20 @@
 
 use crate::config::BrokerConfig;
 use crate::conn::Conn;
-use crate::delivery::{Item, Memory, Pushed};
+use crate::delivery::{AckedLimits, AckedSub, Attachment, Item, Memory, Outlet, Pushed, SubPushed};
 use crate::router::{Class, Member, PlanCache, Router, Slot, SubscribeRefusal};
-use crate::stats::{BrokerStats, ConnectionStats, Counters, load};
+use crate::stats::{BrokerStats, ConnectionStats, Counters, SubscriptionStats, load};
 use bytes::Bytes;
-use daemoneye_eventbus_core::codec::{ErrorCode, ErrorFrame, Lent, Subscribe, Version, Welcome};
+use daemoneye_eventbus_core::codec::{
+    ErrorCode, ErrorFrame, Lent, SubEnd, SubId, Subscribe, SubscribeAcked, Version, Welcome,
+};
 use daemoneye_eventbus_core::{
-    ByteStr, Header, Message, MessageId, QueueGroup, ReplyStatus, StatusCode, Topic, TopicFilter,
-    catalog,
+    ByteStr, DurableName, Frame, Header, Message, MessageId, QueueGroup, ReplyStatus, StatusCode,
+    Topic, TopicFilter, catalog,
 };
 use daemoneye_eventbus_transport::{PeerInfo, TransportKind};
 use parking_lot::RwLock;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -67,15 +70,26 @@ pub(crate) struct RouteScratch {
     pub(crate) effects: Effects,
 }
 
+/// The routing table as the broker instantiates it.
+pub(crate) type Table = Router<Arc<Conn>, Arc<AckedSub>>;
+
+/// A queue without room that a publisher waits for.
+#[derive(Clone)]
+pub(crate) enum Blocked {
+    /// A connection's Processed queue, and the group the message went to it in.
+    Conn(Arc<Conn>, Option<QueueGroup>),
+    /// An acknowledged subscription whose subscriber keeps up.
+    Sub(Arc<AckedSub>),
+}
+
 /// What routing left for the session to do.
 #[derive(Default)]
 pub(crate) struct Effects {
-    /// Connections whose Processed queue had no room, with the group the message went to them
-    /// in: the publisher waits for them.
-    pub(crate) blocked: Vec<(Arc<Conn>, Option<QueueGroup>)>,
-    /// Connections whose queues went from empty to non-empty: their writers are woken once,
-    /// after the whole batch is routed ([`RouteScratch::wake_writers`]).
-    wake: Vec<Arc<Conn>>,
+    /// Queues without room: the publisher waits for them.
+    pub(crate) blocked: Vec<Blocked>,
+    /// Outlets that got their first delivery: their writers are woken once, after the whole
+    /// batch is routed ([`RouteScratch::wake_writers`]).
+    wake: Vec<Arc<Outlet>>,
 }
 
 impl RouteScratch {
@@ -87,8 +101,8 @@ impl RouteScratch {
 
 impl Effects {
     fn wake_writers(&mut self) {
-        for conn in self.wake.drain(..) {
-            conn.outlet.wake();
+        for outlet in self.wake.drain(..) {
+            outlet.wake();
         }
     }
 }
@@ -96,7 +110,9 @@ impl Effects {
 /// See the module documentation.
 pub(crate) struct Hub {
     pub(crate) config: BrokerConfig,
-    pub(crate) router: RwLock<Router<Arc<Conn>>>,
+    pub(crate) router: RwLock<Table>,
+    /// Durable subscriptions by name (each also in the routing table).
+    durables: parking_lot::Mutex<HashMap<DurableName, Arc<AckedSub>>>,
     pub(crate) counters: Counters,
     pub(crate) memory: Memory,
     /// Bytes of the memory cap held by subscriptions.
@@ -121,6 +137,7 @@ impl Hub {
     pub(crate) fn new(config: BrokerConfig, allowed_uids: Vec<u32>) -> Self {
         Self {
             router: RwLock::new(Router::new(config.max_subscriptions_per_connection)),
+            durables: parking_lot::Mutex::new(HashMap::new()),
             counters: Counters::default(),
             memory: Memory::new(config.max_memory_bytes),
             subscription_bytes: AtomicUsize::new(0),
@@ -223,6 +240,264 @@ impl Hub {
         self.memory.release(charge);
     }
 
+    /// Milliseconds since the broker started: the clock acknowledged deliveries are timed by.
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Opens (or, for an existing durable subscription, attaches) an acknowledged
+    /// subscription on `conn`. `Ok(true)` when it resumed a durable subscription.
+    pub(crate) fn subscribe_acked(
+        &self,
+        conn: &Arc<Conn>,
+        s: &SubscribeAcked,
+    ) -> Result<bool, (ErrorCode, String)> {
+        if conn.acked.lock().contains_key(&s.sub) {
+            return Err((
+                ErrorCode::SubscriptionConflict,
+                format!(
+                    "subscription id {} is already open on this connection",
+                    s.sub
+                ),
+            ));
+        }
+        let c = &self.config;
+        let window = match s.window {
+            0 => c.ack_window,
+            w => (w as usize).min(c.ack_window),
+        };
+        let attachment = || Attachment {
+            outlet: Arc::downgrade(&conn.outlet),
+            sub: s.sub,
+            session_id: conn.session_id,
+            client: conn.name.clone(),
+        };
+        let (sub, resumed) = match &s.durable {
+            Some(name) => {
+                let mut durables = self.durables.lock();
+                match durables.get(name) {
+                    Some(sub) => {
+                        if !same_filters(&sub.filters, &s.filters) {
+                            return Err((
+                                ErrorCode::SubscriptionConflict,
+                                format!(
+                                    "durable subscription {name} has the filters {}; delete it \
+                                     to use others",
+                                    list(&sub.filters)
+                                ),
+                            ));
+                        }
+                        sub.attach(attachment())
+                            .map_err(|m| (ErrorCode::DurableInUse, m))?;
+                        (Arc::clone(sub), true)
+                    }
+                    None => {
+                        if durables.len() >= c.max_durables {
+                            return Err((
+                                ErrorCode::ResourceExhausted,
+                                format!(
+                                    "the broker keeps {} durable subscriptions, its \
+                                     max_durables; delete one first",
+                                    durables.len()
+                                ),
+                            ));
+                        }
+                        let limits = AckedLimits {
+                            msgs: c.durable_max_messages,
+                            bytes: c.durable_max_bytes,
+                            window,
+                        };
+                        let sub = self.create_acked(Some(name.clone()), &s.filters, limits)?;
+                        durables.insert(name.clone(), Arc::clone(&sub));
+                        (sub, false)
+                    }
+                }
+            }
+            None => {
+                let held = self.router.read().filter_count_of(conn.slot())
+                    + conn
+                        .acked
+                        .lock()
+                        .values()
+                        .filter(|a| a.name.is_none())
+                        .map(|a| a.filters.len())
+                        .sum::<usize>();
+                if held + s.filters.len() > c.max_subscriptions_per_connection {
+                    return Err((
+                        ErrorCode::ResourceExhausted,
+                        format!(
+                            "this connection holds {held} subscriptions, the broker's \
+                             max_subscriptions_per_connection is {}; unsubscribe some first",
+                            c.max_subscriptions_per_connection
+                        ),
+                    ));
+                }
+                let limits = AckedLimits {
+                    msgs: c.message_buffer_size,
+                    bytes: c.subscriber_buffer_bytes,
+                    window,
+                };
+                (self.create_acked(None, &s.filters, limits)?, false)
+            }
+        };
+        if !resumed && sub.attach(attachment()).is_err() {
+            unreachable!("a new subscription is attached to nobody");
+        }
+        conn.acked.lock().insert(s.sub, Arc::clone(&sub));
+        if !conn.outlet.attach(Arc::clone(&sub)) {
+            // The connection is closing: leave it as if never attached.
+            conn.acked.lock().remove(&s.sub);
+            self.release_acked(&sub, conn.session_id, false);
+            return Err((ErrorCode::ShuttingDown, "the connection is closing".into()));
+        }
+        Ok(resumed)
+    }
+
+    /// Makes an acknowledged subscription and puts it in the routing table, charging its
+    /// filters to the memory cap.
+    fn create_acked(
+        &self,
+        name: Option<DurableName>,
+        filters: &[TopicFilter],
+        limits: AckedLimits,
+    ) -> Result<Arc<AckedSub>, (ErrorCode, String)> {
+        let charge: usize = filters.iter().map(subscription_charge).sum();
+        if !self.memory.try_reserve(charge) {
+            return Err((
+                ErrorCode::ResourceExhausted,
+                format!(
+                    "the broker's memory cap ({} bytes, max_memory_bytes) is reached; retry later",
+                    self.memory.cap()
+                ),
+            ));
+        }
+        self.subscription_bytes.fetch_add(charge, Ordering::Relaxed);
+        let policy = self.config.durable_full_policy;
+        let sub = self.router.write().add_acked(filters, |index| {
+            Arc::new(AckedSub::new(index, name, filters.to_vec(), limits, policy))
+        });
+        let router = self.router.read();
+        Ok(Arc::clone(router.acked(sub).expect("just added")))
+    }
+
+    /// Lets an acknowledged subscription go from connection `session_id`: a durable one is
+    /// detached and kept (unless `delete`), any other is removed, what it kept counted as
+    /// dropped.
+    fn release_acked(&self, sub: &Arc<AckedSub>, session_id: u64, delete: bool) {
+        if sub.name.is_some() && !delete {
+            sub.detach(session_id);
+            return;
+        }
+        if let Some(name) = &sub.name {
+            self.durables.lock().remove(name);
+        }
+        let removed = self.router.write().remove_acked(sub.index);
+        if removed.is_some_and(|r| Arc::ptr_eq(&r, sub)) {
+            let charge: usize = sub.filters.iter().map(subscription_charge).sum();
+            self.release_subscriptions(charge);
+        }
+        Counters::add(&self.counters.dropped, sub.close(&self.memory));
+    }
+
+    /// Acknowledges deliveries of one of `conn`'s subscriptions (an unknown id is one closed
+    /// meanwhile: nothing to do).
+    pub(crate) fn ack(&self, conn: &Conn, sub: SubId, ranges: &[(u64, u64)]) {
+        let Some(s) = conn.acked.lock().get(&sub).cloned() else {
+            return;
+        };
+        if let Some(outlet) = s.ack(ranges, &self.memory) {
+            outlet.wake();
+        }
+    }
+
+    /// Closes (or for a durable subscription, detaches; with `delete`, deletes) one of
+    /// `conn`'s acknowledged subscriptions.
+    pub(crate) fn close_acked(
+        &self,
+        conn: &Conn,
+        sub: SubId,
+        delete: bool,
+    ) -> Result<(), (ErrorCode, String)> {
+        let Some(s) = conn.acked.lock().remove(&sub) else {
+            return Err((
+                ErrorCode::UnknownSubscription,
+                format!("no subscription {sub} is open on this connection"),
+            ));
+        };
+        conn.outlet.detach(s.index);
+        self.release_acked(&s, conn.session_id, delete);
+        Ok(())
+    }
+
+    /// Deletes a durable subscription no connection holds.
+    pub(crate) fn delete_durable(&self, name: &DurableName) -> Result<(), (ErrorCode, String)> {
+        let Some(sub) = self.durables.lock().get(name).cloned() else {
+            return Err((
+                ErrorCode::UnknownSubscription,
+                format!("no durable subscription {name}"),
+            ));
+        };
+        if sub.is_attached() {
+            return Err((
+                ErrorCode::DurableInUse,
+                format!(
+                    "{} is attached; close it there, or delete it from there",
+                    sub.describe()
+                ),
+            ));
+        }
+        self.release_acked(&sub, u64::MAX, true);
+        Ok(())
+    }
+
+    /// Lets go of every acknowledged subscription of a connection that is ending.
+    pub(crate) fn release_all(&self, conn: &Conn) {
+        let subs: Vec<_> = conn.acked.lock().drain().map(|(_, s)| s).collect();
+        for s in subs {
+            conn.outlet.detach(s.index);
+            self.release_acked(&s, conn.session_id, false);
+        }
+    }
+
+    /// Sends again what `conn`'s acknowledged subscriptions have had in flight for
+    /// `ack_timeout_ms`.
+    pub(crate) fn expire(&self, conn: &Conn) {
+        let now = self.now_ms();
+        for sub in conn.outlet.attached() {
+            if let Some(outlet) = sub.expire(now, self.config.ack_timeout_ms) {
+                outlet.wake();
+            }
+        }
+    }
+
+    /// An acknowledged subscription held a publisher back for `processed_stall_timeout_ms`: a
+    /// durable one stalls (its publishers go on, its backlog keeps the newest), any other is
+    /// closed and its subscriber told (SUB_END).
+    pub(crate) fn stall(&self, sub: &Arc<AckedSub>) {
+        Counters::add(&self.counters.stalled, 1);
+        let timeout = self.config.processed_stall_timeout_ms;
+        if sub.name.is_some() {
+            tracing::warn!(subscription = %sub.describe(), timeout_ms = timeout, "stalled; its publishers go on");
+            sub.stall();
+            return;
+        }
+        let message = format!(
+            "{} made no room for {timeout} ms (processed_stall_timeout_ms) and was closed so \
+             its publishers could go on; what it had not acknowledged was dropped",
+            sub.describe()
+        );
+        tracing::warn!(%message, "closing a stalled subscription");
+        if let Some((outlet, id)) = sub.attached_outlet() {
+            outlet.detach(sub.index);
+            outlet.push_frame(Frame::SubEnd(SubEnd {
+                sub: id,
+                code: ErrorCode::Stalled,
+                message,
+            }));
+        }
+        self.release_acked(sub, u64::MAX, true);
+    }
+
     /// Routes a message or run: applies the router's plan to the matching connections'
     /// queues. A Processed queue without room (under [`Waiting::Allowed`]) lands in
     /// `scratch.blocked` for the publisher to wait on. Returns `None`, queueing nothing, for a
@@ -239,10 +514,22 @@ impl Hub {
         let plan = router.plan(item.topic(), plans);
         let mut routed = Routed::default();
         match item {
-            Item::Run(_) if !plan.members.is_empty() => return None,
+            Item::Run(_) if !plan.members.is_empty() || !plan.acked.is_empty() => return None,
             Item::Msg(msg) => {
                 for members in plan.groups() {
                     self.route_group(&router, members, msg, effects, waiting, &mut routed);
+                }
+                if !plan.acked.is_empty() {
+                    let kept = msg.keep();
+                    for index in &plan.acked {
+                        let Some(sub) = router.acked(*index) else {
+                            continue;
+                        };
+                        routed.matched += 1;
+                        let pushed =
+                            sub.push(kept.clone(), &self.memory, waiting == Waiting::Allowed);
+                        account_sub(pushed, sub, effects, &mut routed);
+                    }
                 }
             }
             Item::Run(_) => {}
@@ -273,7 +560,7 @@ impl Hub {
     /// Gives `msg` to one member of a group (`members`: the group's matching members).
     fn route_group(
         &self,
-        router: &Router<Arc<Conn>>,
+        router: &Table,
         members: &[Member],
         msg: &Lent<'_, Message>,
         effects: &mut Effects,
@@ -300,7 +587,7 @@ impl Hub {
     /// full (so a stalled instance does not hold requests others could answer).
     fn pick<'r>(
         &self,
-        router: &'r Router<Arc<Conn>>,
+        router: &'r Table,
         members: &[Member],
         size: usize,
         waiting: Waiting,
@@ -493,6 +780,26 @@ impl Hub {
                 }
             })
             .collect::<Vec<_>>();
+        let subscriptions = router
+            .acked_subs()
+            .map(|sub| {
+                let st = sub.stats();
+                SubscriptionStats {
+                    durable: sub.name.as_ref().map(ToString::to_string),
+                    filters: sub.filters.iter().map(ToString::to_string).collect(),
+                    session_id: st.attached.as_ref().map(|(id, _)| *id),
+                    client: st.attached.map(|(_, name)| name),
+                    pending: st.pending,
+                    unacked: st.unacked,
+                    kept_bytes: st.kept_bytes,
+                    delivered: st.delivered,
+                    redelivered: st.redelivered,
+                    acked: st.acked,
+                    dropped: st.dropped,
+                    stalled: st.stalled,
+                }
+            })
+            .collect();
         let subscription_bytes = self.subscription_bytes.load(Ordering::Relaxed);
         BrokerStats {
             uptime_secs: self.started.elapsed().as_secs(),
@@ -514,7 +821,9 @@ impl Hub {
             queued_bytes: self.memory.used().saturating_sub(subscription_bytes) as u64,
             subscription_bytes: subscription_bytes as u64,
             memory_cap_bytes: self.memory.cap() as u64,
+            stalled: load(&c.stalled),
             connections,
+            subscriptions,
         }
     }
 }
@@ -532,7 +841,7 @@ fn account(
         Pushed::Queued { evicted, wake } => {
             routed.dropped += evicted;
             if wake {
-                effects.wake.push(Arc::clone(conn));
+                effects.wake.push(Arc::clone(&conn.outlet));
             }
         }
         Pushed::Dropped => routed.dropped += n,
@@ -540,9 +849,39 @@ fn account(
             routed.dropped += n;
             conn.overflowed();
         }
-        Pushed::Full => effects.blocked.push((Arc::clone(conn), group.cloned())),
+        Pushed::Full => effects
+            .blocked
+            .push(Blocked::Conn(Arc::clone(conn), group.cloned())),
         // Closed since it was planned (not possible while routing holds the read lock on one
         // thread); counted rather than lost silently.
         Pushed::Closed => routed.dropped += n,
     }
+}
+
+/// Books the outcome of one push to an acknowledged subscription.
+fn account_sub(pushed: SubPushed, sub: &Arc<AckedSub>, effects: &mut Effects, routed: &mut Routed) {
+    match pushed {
+        SubPushed::Kept { wake, dropped } => {
+            routed.dropped += dropped;
+            effects.wake.extend(wake);
+        }
+        SubPushed::Full => effects.blocked.push(Blocked::Sub(Arc::clone(sub))),
+        SubPushed::Dropped | SubPushed::Closed => routed.dropped += 1,
+    }
+}
+
+/// Whether two filter lists hold the same filters, in any order.
+fn same_filters(a: &[TopicFilter], b: &[TopicFilter]) -> bool {
+    let mut a: Vec<_> = a.iter().map(TopicFilter::as_str).collect();
+    let mut b: Vec<_> = b.iter().map(TopicFilter::as_str).collect();
+    a.sort_unstable();
+    a.dedup();
+    b.sort_unstable();
+    b.dedup();
+    a == b
+}
+
+fn list(filters: &[TopicFilter]) -> String {
+    let names: Vec<_> = filters.iter().map(TopicFilter::as_str).collect();
+    format!("[{}]", names.join(", "))
 }

@@ -27,9 +27,9 @@ mod stats;
 
 pub use broker::{Broker, BrokerError, ShutdownReport};
 pub use config::{BrokerConfig, ConfigError};
-pub use delivery::{DROP_TOPICS, MAX_QUEUED_CONTROL};
+pub use delivery::{DROP_TOPICS, DurableFullPolicy, MAX_QUEUED_CONTROL};
 pub use hub::SUBSCRIPTION_CHARGE;
-pub use stats::{BrokerStats, ConnectionStats};
+pub use stats::{BrokerStats, ConnectionStats, SubscriptionStats};
 
 /// Parses a `$sys.broker.stats` payload (JSON) into [`BrokerStats`].
 ///

@@ -70,13 +70,15 @@ pub(crate) struct Member {
     pub(crate) class: Class,
 }
 
-/// Who gets a message: every plain target, and one member of each group (chosen when the plan
-/// is applied, [`Router::turn`]).
+/// Who gets a message: every plain target, one member of each group (chosen when the plan is
+/// applied, [`Router::turn`]), and every acknowledged subscription whose filters match.
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
     pub(crate) plain: Vec<Target>,
     /// Sorted by group.
     pub(crate) members: Vec<Member>,
+    /// Acknowledged subscriptions, by index ([`Router::acked`]), each once.
+    pub(crate) acked: Vec<u32>,
 }
 
 impl Plan {
@@ -147,8 +149,8 @@ pub(crate) enum SubscribeRefusal {
     Memory(String),
 }
 
-/// Filters → connections. See the module documentation.
-pub(crate) struct Router<C> {
+/// Filters → connections and acknowledged subscriptions. See the module documentation.
+pub(crate) struct Router<C, A> {
     trie: SubscriptionTrie<Plain>,
     /// Queue group subscriptions.
     grouped: SubscriptionTrie<Grouped>,
@@ -161,9 +163,14 @@ pub(crate) struct Router<C> {
     generation: u64,
     /// Filters one connection may hold.
     max_per_connection: usize,
+    /// Acknowledged subscriptions' filters.
+    acked_trie: SubscriptionTrie<u32>,
+    /// Acknowledged subscriptions by index, with their filters.
+    acked: Vec<Option<(A, Vec<TopicFilter>)>>,
+    free_acked: Vec<u32>,
 }
 
-impl<C> Router<C> {
+impl<C, A> Router<C, A> {
     /// An empty table allowing each connection `max_per_connection` filters.
     pub(crate) fn new(max_per_connection: usize) -> Self {
         Self {
@@ -176,7 +183,50 @@ impl<C> Router<C> {
             free: Vec::new(),
             generation: 0,
             max_per_connection,
+            acked_trie: SubscriptionTrie::default(),
+            acked: Vec::new(),
+            free_acked: Vec::new(),
         }
+    }
+
+    /// Registers an acknowledged subscription made by `make` from its index; returns the
+    /// index.
+    pub(crate) fn add_acked(
+        &mut self,
+        filters: &[TopicFilter],
+        make: impl FnOnce(u32) -> A,
+    ) -> u32 {
+        self.generation += 1;
+        let index = self.free_acked.pop().unwrap_or_else(|| {
+            self.acked.push(None);
+            u32::try_from(self.acked.len() - 1).expect("fewer than 2^32 subscriptions")
+        });
+        for f in filters {
+            self.acked_trie.insert(f, index);
+        }
+        self.acked[index as usize] = Some((make(index), filters.to_vec()));
+        index
+    }
+
+    /// Removes an acknowledged subscription; returns it.
+    pub(crate) fn remove_acked(&mut self, index: u32) -> Option<A> {
+        self.generation += 1;
+        let (sub, filters) = self.acked.get_mut(index as usize)?.take()?;
+        for f in &filters {
+            self.acked_trie.remove(f, index);
+        }
+        self.free_acked.push(index);
+        Some(sub)
+    }
+
+    /// The acknowledged subscription `index`.
+    pub(crate) fn acked(&self, index: u32) -> Option<&A> {
+        self.acked.get(index as usize)?.as_ref().map(|(a, _)| a)
+    }
+
+    /// Every acknowledged subscription.
+    pub(crate) fn acked_subs(&self) -> impl Iterator<Item = &A> {
+        self.acked.iter().flatten().map(|(a, _)| a)
     }
 
     /// Registers a connection; returns its slot.
@@ -412,6 +462,10 @@ impl<C> Router<C> {
                 self.grouped.matches_into(topic, raw);
                 plan.members.extend(raw.iter().map(|m| self.member(*m)));
             }
+            plan.acked.clear();
+            if !self.acked_trie.is_empty() {
+                self.acked_trie.matches_into(topic, &mut plan.acked);
+            }
         })
     }
 
@@ -517,7 +571,7 @@ mod tests {
     }
 
     fn plain_of(
-        r: &Router<&'static str>,
+        r: &Router<&'static str, ()>,
         t: &str,
         cache: &mut PlanCache,
     ) -> Vec<(&'static str, Class)> {
@@ -530,7 +584,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_planned_once_in_its_strongest_class() {
-        let mut r = Router::new(100);
+        let mut r: Router<&str, ()> = Router::new(100);
         let (a, b) = (r.add("a"), r.add("b"));
         r.subscribe(a, &filter("events.+"), Qos::Realtime, None)
             .unwrap();
@@ -563,7 +617,7 @@ mod tests {
 
     #[test]
     fn group_members_are_planned_per_group_with_their_class_and_take_turns() {
-        let mut r = Router::new(100);
+        let mut r: Router<&str, ()> = Router::new(100);
         let (a, b, c) = (r.add("a"), r.add("b"), r.add("c"));
         let (w, v) = (group("w"), group("v"));
         r.subscribe(a, &filter("job.+"), Qos::Processed, Some(&w))
@@ -603,7 +657,7 @@ mod tests {
 
     #[test]
     fn a_filter_is_held_once_and_groups_are_reclaimed() {
-        let mut r = Router::new(100);
+        let mut r: Router<&str, ()> = Router::new(100);
         let a = r.add("a");
         let g = group("g");
         r.subscribe(a, &filter("t"), Qos::Realtime, Some(&g))
@@ -636,7 +690,7 @@ mod tests {
 
     #[test]
     fn a_connection_holds_at_most_the_limit() {
-        let mut r = Router::new(2);
+        let mut r: Router<&str, ()> = Router::new(2);
         let (a, b) = (r.add("a"), r.add("b"));
         r.subscribe(a, &filter("x"), Qos::Realtime, None).unwrap();
         r.subscribe(a, &filter("y"), Qos::Realtime, Some(&group("g")))

@@ -20,6 +20,7 @@ pub(crate) struct Counters {
     pub(crate) no_responders: AtomicU64,
     pub(crate) reoffered: AtomicU64,
     pub(crate) runs: AtomicU64,
+    pub(crate) stalled: AtomicU64,
 }
 
 impl Counters {
@@ -90,8 +91,47 @@ pub struct BrokerStats {
     pub subscription_bytes: u64,
     /// The broker-wide cap on queued bytes.
     pub memory_cap_bytes: u64,
+    /// Times a Processed subscription held its publishers back for
+    /// `processed_stall_timeout_ms` and stalled (durable), was closed (acknowledged) or had its
+    /// connection closed (a connection's Processed queue).
+    #[serde(default)]
+    pub stalled: u64,
     /// One entry per open connection.
     pub connections: Vec<ConnectionStats>,
+    /// One entry per acknowledged subscription (protocol 1.3): every durable one, attached or
+    /// not, and the others while their connection lives.
+    #[serde(default)]
+    pub subscriptions: Vec<SubscriptionStats>,
+}
+
+/// Statistics of one acknowledged subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SubscriptionStats {
+    /// The durable subscription's name (`None`: it lives with its connection).
+    pub durable: Option<String>,
+    /// Its filters.
+    pub filters: Vec<String>,
+    /// The session it is attached to, if any.
+    pub session_id: Option<u64>,
+    /// That session's client name.
+    pub client: Option<String>,
+    /// Messages waiting to be sent.
+    pub pending: u64,
+    /// Deliveries sent and not acknowledged.
+    pub unacked: u64,
+    /// Charged bytes kept.
+    pub kept_bytes: u64,
+    /// Deliveries sent (redeliveries included).
+    pub delivered: u64,
+    /// Redeliveries among them.
+    pub redelivered: u64,
+    /// Messages acknowledged.
+    pub acked: u64,
+    /// Messages dropped by its full policy or the memory cap.
+    pub dropped: u64,
+    /// Whether it stalled (its publishers no longer wait for it).
+    pub stalled: bool,
 }
 
 /// Statistics of one connection.

@@ -6,8 +6,12 @@
 //!   (counted per topic in [`Drops`], announced by NOTICE) or disconnect.
 //! - [`ProcessedQueue`]: a connection's Processed deliveries. Full: nothing is dropped; the
 //!   publisher waits ([`Pushed::Full`]).
+//! - [`AckedSub`]: an acknowledged subscription (protocol 1.3), its messages kept in a store
+//!   (`store.rs`, the interface a disk log implements) until the subscriber acknowledges them;
+//!   durable ones outlive connections. Full while its subscriber keeps up: the publisher
+//!   waits; detached or stalled: the durable full policy applies.
 //! - [`Outlet`]: one connection's queues and its control frames behind one lock, what its
-//!   writer takes in one pass.
+//!   writer takes in one pass (with what its attached acknowledged subscriptions may send).
 //!
 //! What a queue keeps is decided here, in the type system: a push takes an [`Item`], a view
 //! of a [`Lent`] message or run, and keeps [`Lent::keep`]'s copy of exactly its bytes, or
@@ -15,12 +19,16 @@
 //! it came from, so nothing a queue holds pins a reader's buffer, and what is queued is what
 //! is accounted.
 
+mod acked;
 mod drops;
 mod lane;
 mod outlet;
 mod processed;
 mod realtime;
+mod store;
 
+pub use acked::DurableFullPolicy;
+pub(crate) use acked::{AckedLimits, AckedSub, Attachment, SubPushed};
 pub use drops::DROP_TOPICS;
 pub(crate) use drops::Drops;
 pub(crate) use lane::Out;

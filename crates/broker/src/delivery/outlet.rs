@@ -8,12 +8,14 @@
 //! before it: a REPLY to UNSUBSCRIBE follows everything routed to the filter, a PONG follows
 //! everything routed before the PING, and GOING_AWAY comes last.
 
+use super::acked::AckedSub;
 use super::lane::Out;
 use super::{Bounds, Encoding, Item, Memory, ProcessedQueue, Pushed, RealtimeQueue};
-use daemoneye_eventbus_core::codec::SlowReaderPolicy;
+use daemoneye_eventbus_core::codec::{AckedDelivery, SlowReaderPolicy};
 use daemoneye_eventbus_core::{Frame, Message, QueueGroup, Topic};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use tokio::sync::Notify;
 
 /// Control frames allowed to wait in one outlet before the peer is disconnected.
@@ -23,6 +25,8 @@ struct State {
     realtime: RealtimeQueue,
     processed: ProcessedQueue,
     controls: VecDeque<Frame>,
+    /// Acknowledged subscriptions attached to this connection (protocol 1.3).
+    acked: Vec<Arc<AckedSub>>,
     closed: bool,
 }
 
@@ -35,10 +39,12 @@ impl State {
 /// What the writer took in one pass, in the order it writes it.
 #[derive(Default)]
 pub(crate) struct Batch {
-    /// The drop notice, written first.
-    pub(crate) notice: Option<Frame>,
+    /// Drop notices, written first.
+    pub(crate) notices: Vec<Frame>,
     pub(crate) realtime: VecDeque<Out>,
     pub(crate) processed: VecDeque<Out>,
+    /// Deliveries of acknowledged subscriptions: their messages stay kept until acknowledged.
+    pub(crate) acked: Vec<AckedDelivery>,
     /// Written last.
     pub(crate) controls: VecDeque<Frame>,
     /// Charged bytes taken (to release from [`Memory`] once written).
@@ -49,9 +55,10 @@ pub(crate) struct Batch {
 
 impl Batch {
     pub(crate) fn is_empty(&self) -> bool {
-        self.notice.is_none()
+        self.notices.is_empty()
             && self.realtime.is_empty()
             && self.processed.is_empty()
+            && self.acked.is_empty()
             && self.controls.is_empty()
     }
 }
@@ -81,6 +88,7 @@ impl Outlet {
                 realtime: RealtimeQueue::new(bounds, policy),
                 processed: ProcessedQueue::new(bounds),
                 controls: VecDeque::new(),
+                acked: Vec::new(),
                 closed: false,
             }),
             notify: Notify::new(),
@@ -197,19 +205,50 @@ impl Outlet {
         self.notify.notify_one();
     }
 
-    /// Moves everything queued into `batch` (whose queues must be empty).
-    pub(crate) fn take(&self, batch: &mut Batch) {
+    /// Moves everything queued into `batch` (whose queues must be empty), and what the
+    /// attached acknowledged subscriptions' windows allow, sent at `now_ms`.
+    pub(crate) fn take(&self, batch: &mut Batch, now_ms: u64) {
         let mut st = self.state.lock();
         let st = &mut *st;
-        batch.notice = st.realtime.drops.take_notice();
+        batch.notices.extend(st.realtime.drops.take_notice());
         let (rb, rm) = st.realtime.lane.take(&mut batch.realtime);
         let (pb, pm) = st.processed.lane.take(&mut batch.processed);
+        let mut am = 0;
+        for sub in &st.acked {
+            batch.notices.extend(sub.take_notice());
+            am += sub.take(now_ms, &mut batch.acked);
+        }
         std::mem::swap(&mut st.controls, &mut batch.controls);
         batch.bytes = rb + pb;
-        batch.msgs = rm + pm;
+        batch.msgs = rm + pm + am;
         if pm > 0 {
             self.space.notify_waiters();
         }
+    }
+
+    /// Attaches an acknowledged subscription: the writer sends what its window allows.
+    /// Refused (`false`) when the outlet is closed.
+    pub(crate) fn attach(&self, sub: Arc<AckedSub>) -> bool {
+        let mut st = self.state.lock();
+        if st.closed {
+            return false;
+        }
+        st.acked.push(sub);
+        drop(st);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Detaches the acknowledged subscription `index`; returns it.
+    pub(crate) fn detach(&self, index: u32) -> Option<Arc<AckedSub>> {
+        let mut st = self.state.lock();
+        let at = st.acked.iter().position(|s| s.index == index)?;
+        Some(st.acked.swap_remove(at))
+    }
+
+    /// The acknowledged subscriptions attached.
+    pub(crate) fn attached(&self) -> Vec<Arc<AckedSub>> {
+        self.state.lock().acked.clone()
     }
 
     /// Whether the outlet is closed (nothing more will be queued).
@@ -301,7 +340,7 @@ mod tests {
 
     fn taken(o: &Outlet) -> Batch {
         let mut b = Batch::default();
-        o.take(&mut b);
+        o.take(&mut b, 0);
         b
     }
 
@@ -326,7 +365,7 @@ mod tests {
     }
 
     fn notice_topics(b: &Batch) -> Vec<(Topic, u64)> {
-        match &b.notice {
+        match b.notices.first() {
             Some(Frame::Notice(Notice::Dropped { topics, .. })) => topics.clone(),
             other => panic!("expected a notice, got {other:?}"),
         }
@@ -427,9 +466,9 @@ mod tests {
                 wake: false
             }
         );
-        match taken(&other).notice {
+        match taken(&other).notices.first() {
             Some(Frame::Notice(Notice::Dropped { reason, .. })) => {
-                assert_eq!(reason, DropReason::MemoryCap);
+                assert_eq!(*reason, DropReason::MemoryCap);
             }
             n => panic!("{n:?}"),
         }
@@ -487,7 +526,7 @@ mod tests {
         assert!(o.is_closed());
         assert_eq!(o.stats().dropped, 1, "the overflowing message is counted");
         assert!(
-            taken(&o).notice.is_none(),
+            taken(&o).notices.is_empty(),
             "no notice: the connection closes"
         );
         assert_eq!(rt(&o, &msg("a", 1), &mem), Pushed::Closed);

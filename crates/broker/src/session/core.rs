@@ -50,6 +50,14 @@ pub(crate) enum Step<'f> {
     Subscribe(daemoneye_eventbus_core::codec::Subscribe),
     /// Carry out this unsubscribe request, then answer [`SessionCore::unsubscribed`].
     Unsubscribe(daemoneye_eventbus_core::codec::Unsubscribe),
+    /// Open or attach this acknowledged subscription, then answer [`SessionCore::answered`].
+    SubscribeAcked(daemoneye_eventbus_core::codec::SubscribeAcked),
+    /// Acknowledge these deliveries.
+    Ack(daemoneye_eventbus_core::codec::SubAck),
+    /// Close (or detach, or delete) this acknowledged subscription, then answer.
+    CloseSub(daemoneye_eventbus_core::codec::SubClose),
+    /// Delete this durable subscription, then answer.
+    DeleteDurable(daemoneye_eventbus_core::codec::DurableDelete),
     /// Nothing to do.
     Nothing,
     /// End the session.
@@ -145,6 +153,10 @@ impl SessionCore {
             }
             LentFrame::Other(Frame::Subscribe(s)) => Step::Subscribe(s),
             LentFrame::Other(Frame::Unsubscribe(u)) => Step::Unsubscribe(u),
+            LentFrame::Other(Frame::SubscribeAcked(s)) => Step::SubscribeAcked(s),
+            LentFrame::Other(Frame::SubAck(a)) => Step::Ack(a),
+            LentFrame::Other(Frame::SubClose(c)) => Step::CloseSub(c),
+            LentFrame::Other(Frame::DurableDelete(d)) => Step::DeleteDurable(d),
             LentFrame::Other(Frame::Ping(n)) => Step::Answer {
                 frame: Frame::Pong(n),
                 refused: false,
@@ -227,6 +239,14 @@ impl SessionCore {
                 }),
                 false,
             ),
+            ReadError::Frame(FrameError::InvalidName { request_id, error }) => answer(
+                Frame::Reply(Reply {
+                    request_id,
+                    error: Some(ErrorCode::InvalidName),
+                    message: error.to_string(),
+                }),
+                false,
+            ),
             ReadError::Frame(FrameError::Topic(error)) => answer(
                 Frame::Error(ErrorFrame {
                     request_id: 0,
@@ -283,6 +303,20 @@ impl SessionCore {
             Err(SubscribeRefusal::Limit(why) | SubscribeRefusal::Memory(why)) => {
                 (Some(ErrorCode::ResourceExhausted), why.clone())
             }
+        };
+        Frame::Reply(Reply {
+            request_id,
+            error,
+            message,
+        })
+    }
+
+    /// The REPLY to a request of protocol 1.3 (acknowledged subscriptions): `note` on
+    /// success (e.g. `resumed`), the refusal otherwise.
+    pub(crate) fn answered(request_id: u32, outcome: Result<&str, (ErrorCode, String)>) -> Frame {
+        let (error, message) = match outcome {
+            Ok(note) => (None, note.to_owned()),
+            Err((code, why)) => (Some(code), why),
         };
         Frame::Reply(Reply {
             request_id,
@@ -353,7 +387,9 @@ mod tests {
                 refused,
             } => format!("nack {:?} {refused}", n.code),
             Step::Answer { frame, refused } => format!("answer 0x{:02x} {refused}", frame.kind()),
-            Step::Subscribe(_) => "subscribe".into(),
+            Step::Subscribe(_) | Step::SubscribeAcked(_) => "subscribe".into(),
+            Step::Ack(_) => "ack".into(),
+            Step::CloseSub(_) | Step::DeleteDurable(_) => "close".into(),
             Step::Unsubscribe(_) => "unsubscribe".into(),
             Step::Nothing => "nothing".into(),
             Step::Close(Exit::Fatal(e)) => format!("close {:?}", e.code),

@@ -7,8 +7,8 @@ mod core;
 
 use self::core::{Exit, Limits, SessionCore, Step, check_hello, fatal, read_error};
 use crate::conn::Conn;
-use crate::delivery::{Batch, Bounds, Encoding, Item, Out, Outlet, Pushed};
-use crate::hub::{Hub, RouteScratch, Routed, Waiting};
+use crate::delivery::{Batch, Bounds, Encoding, Item, Out, Outlet, Pushed, SubPushed};
+use crate::hub::{Blocked, Hub, RouteScratch, Routed, Waiting};
 use crate::stats::Counters;
 use daemoneye_eventbus_core::codec::{
     ErrorCode, ErrorFrame, GoingAway, Hello, Lent, MessageRun, RUNS_SINCE_MINOR,
@@ -154,6 +154,8 @@ async fn run_session(
     let core = SessionCore::new(hello.client_name, limits, Instant::now());
     let exit = ReadLoop::new(&hub, &conn, core).run(&mut reader).await;
     hub.disconnect(&conn);
+    // Durable subscriptions wait for their next subscriber, with what was in flight first.
+    hub.release_all(&conn);
     match exit {
         Exit::Fatal(e) => {
             Counters::add(&hub.counters.protocol_errors, 1);
@@ -255,6 +257,7 @@ impl<'a> ReadLoop<'a> {
                 () = self.hub.drain.cancelled() => return Exit::Shutdown,
                 r = reader.fill() => r,
                 _ = tick.tick() => {
+                    self.hub.expire(self.conn);
                     let step = self.core.on_tick(Instant::now(), self.conn.written_at());
                     match self.apply(step) {
                         Some(exit) => return exit,
@@ -324,6 +327,23 @@ impl<'a> ReadLoop<'a> {
             Step::Unsubscribe(u) => {
                 let removed = self.hub.unsubscribe(self.conn.slot(), &u.filter);
                 self.control(SessionCore::unsubscribed(u.request_id, removed))
+            }
+            Step::SubscribeAcked(s) => {
+                let outcome = self.hub.subscribe_acked(self.conn, &s);
+                let note = outcome.map(|resumed| if resumed { "resumed" } else { "" });
+                self.control(SessionCore::answered(s.request_id, note))
+            }
+            Step::Ack(a) => {
+                self.hub.ack(self.conn, a.sub, &a.ranges);
+                None
+            }
+            Step::CloseSub(c) => {
+                let outcome = self.hub.close_acked(self.conn, c.sub, c.delete);
+                self.control(SessionCore::answered(c.request_id, outcome.map(|()| "")))
+            }
+            Step::DeleteDurable(d) => {
+                let outcome = self.hub.delete_durable(&d.name);
+                self.control(SessionCore::answered(d.request_id, outcome.map(|()| "")))
             }
             Step::Nothing => None,
             Step::Close(exit) => Some(exit),
@@ -441,23 +461,78 @@ impl<'a> ReadLoop<'a> {
     }
 
     /// Offers the pending publish to the Processed queues that were full, waiting for each to
-    /// make room. A subscriber that disconnects stops being waited for.
+    /// make room, each for at most `processed_stall_timeout_ms`: then it stalls (a durable
+    /// subscription), is closed (an acknowledged one), or its connection is (a connection's
+    /// Processed queue), and the publisher goes on. A subscriber that disconnects stops being
+    /// waited for.
     async fn deliver_pending(&mut self) -> Option<Exit> {
         let pending = self.pending.take()?;
         // The writers we are about to wait on must be running.
         self.scratch.wake_writers();
         let keepalive = self.hub.config.keepalive();
+        let stall = Duration::from_millis(self.hub.config.processed_stall_timeout_ms);
         let mut ping_at = tokio::time::Instant::now() + keepalive;
         let n = pending.item().count();
-        while let Some((target, group)) = self.scratch.effects.blocked.last() {
-            if let (Some(g), Pending::Msg(msg)) = (group, &pending)
-                && !self.hub.holds_group(target, g, msg.topic())
+        let size = pending.item().size();
+        // When the wait for the queue at the top of `blocked` began.
+        let mut since: Option<tokio::time::Instant> = None;
+        while let Some(blocked) = self.scratch.effects.blocked.last().cloned() {
+            let (target, group) = match blocked {
+                Blocked::Sub(sub) => {
+                    let Pending::Msg(msg) = &pending else {
+                        // Runs never wait for acknowledged subscriptions (routed one by one).
+                        self.scratch.effects.blocked.pop();
+                        continue;
+                    };
+                    match sub.push(msg.keep(), &self.hub.memory, true) {
+                        SubPushed::Kept { wake, dropped } => {
+                            if let Some(outlet) = wake {
+                                outlet.wake();
+                            }
+                            self.dropped += dropped;
+                            self.scratch.effects.blocked.pop();
+                            since = None;
+                        }
+                        SubPushed::Full => {
+                            let started = *since.get_or_insert_with(tokio::time::Instant::now);
+                            if started.elapsed() >= stall {
+                                self.hub.stall(&sub);
+                                since = None;
+                                continue;
+                            }
+                            tokio::select! {
+                                biased;
+                                () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled, n)),
+                                () = self.hub.drain.cancelled() => return Some(self.abandon(Exit::Shutdown, n)),
+                                () = sub.wait_for_room(size, &self.hub.memory) => {}
+                                () = tokio::time::sleep_until(started + stall) => {}
+                                () = tokio::time::sleep_until(ping_at) => {
+                                    ping_at += keepalive;
+                                    let ping = self.core.ping();
+                                    if let Some(exit) = self.control(ping) {
+                                        return Some(self.abandon(exit, n));
+                                    }
+                                }
+                            }
+                        }
+                        SubPushed::Dropped | SubPushed::Closed => {
+                            self.dropped += 1;
+                            self.scratch.effects.blocked.pop();
+                            since = None;
+                        }
+                    }
+                    continue;
+                }
+                Blocked::Conn(target, group) => (target, group),
+            };
+            if let (Some(g), Pending::Msg(msg)) = (&group, &pending)
+                && !self.hub.holds_group(&target, g, msg.topic())
             {
                 // The member left the group while we waited (a graceful drain): another
                 // member gets the request.
-                if let Some((_, Some(g))) = self.scratch.effects.blocked.pop() {
-                    self.hub.reoffer(vec![(msg.keep(), g)]);
-                }
+                self.scratch.effects.blocked.pop();
+                self.hub.reoffer(vec![(msg.keep(), g.clone())]);
+                since = None;
                 continue;
             }
             match target
@@ -469,13 +544,25 @@ impl<'a> ReadLoop<'a> {
                         target.outlet.wake();
                     }
                     self.scratch.effects.blocked.pop();
+                    since = None;
                 }
                 Pushed::Full => {
+                    let started = *since.get_or_insert_with(tokio::time::Instant::now);
+                    if started.elapsed() >= stall {
+                        // It never made room: it is closed, and the publisher goes on.
+                        Counters::add(&self.hub.counters.stalled, 1);
+                        target.stalled(self.hub.config.processed_stall_timeout_ms);
+                        self.dropped += n as u64;
+                        self.scratch.effects.blocked.pop();
+                        since = None;
+                        continue;
+                    }
                     tokio::select! {
                         biased;
                         () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled, n)),
                         () = self.hub.drain.cancelled() => return Some(self.abandon(Exit::Shutdown, n)),
                         () = target.outlet.wait_for_room(pending.item(), &self.hub.memory) => {}
+                        () = tokio::time::sleep_until(started + stall) => {}
                         // The publisher hears from us while it waits, so it does not take the
                         // wait for a dead broker.
                         () = tokio::time::sleep_until(ping_at) => {
@@ -489,14 +576,15 @@ impl<'a> ReadLoop<'a> {
                 }
                 Pushed::Closed => {
                     // The member waited for went away: another member of its group gets it.
-                    if let (Some((_, Some(group))), Pending::Msg(msg)) =
-                        (self.scratch.effects.blocked.pop(), &pending)
-                    {
+                    self.scratch.effects.blocked.pop();
+                    since = None;
+                    if let (Some(group), Pending::Msg(msg)) = (group, &pending) {
                         self.hub.reoffer(vec![(msg.keep(), group)]);
                     }
                 }
                 Pushed::Dropped | Pushed::Overflow => {
                     self.scratch.effects.blocked.pop();
+                    since = None;
                 }
             }
         }
@@ -520,7 +608,7 @@ async fn write_loop(hub: Arc<Hub>, conn: Arc<Conn>, mut writer: FrameWriter) {
     // Whether the last batch held more than one message.
     let mut streaming = false;
     loop {
-        conn.outlet.take(&mut batch);
+        conn.outlet.take(&mut batch, hub.now_ms());
         if batch.is_empty() {
             if conn.outlet.is_closed() {
                 break;
@@ -538,12 +626,16 @@ async fn write_loop(hub: Arc<Hub>, conn: Arc<Conn>, mut writer: FrameWriter) {
             }
             continue;
         }
-        if let Some(notice) = batch.notice.take() {
+        for notice in batch.notices.drain(..) {
             writer.push(&notice);
         }
         let mut bytes_out = 0u64;
         for out in batch.realtime.drain(..).chain(batch.processed.drain(..)) {
             bytes_out += write_out(&mut writer, &conn, out, &mut in_flight);
+        }
+        for d in batch.acked.drain(..) {
+            bytes_out += d.message.payload().len() as u64;
+            writer.push_acked_deliver(&d);
         }
         for frame in batch.controls.drain(..) {
             writer.push(&frame);
