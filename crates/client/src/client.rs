@@ -1,5 +1,6 @@
 //! The client handle: publish, subscribe, flush, drain, close, statistics.
 
+use crate::acked::{AckMode, AckReport, AckState, Unacked};
 use crate::driver;
 use crate::error::{ConnectError, PublishError, SubscribeError};
 use crate::metrics::Recorder;
@@ -10,12 +11,13 @@ use crate::subscription::{NewSub, Sink};
 use crate::subscription::{SubTable, Subscription};
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::{
-    ErrorCode, MAX_NAME_LEN, RUNS_SINCE_MINOR, Subscribe, Unsubscribe,
+    ACKED_SINCE_MINOR, DurableDelete, ErrorCode, MAX_ACKED_FILTERS, MAX_NAME_LEN, RUNS_SINCE_MINOR,
+    SubClose, Subscribe, Unsubscribe,
 };
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{
-    ByteStr, CorrelationFilter, CorrelationMetadata, Frame, Header, Message, MessageId, Qos,
-    QueueGroup, ReplyStatus, Topic, TopicFilter,
+    ByteStr, CorrelationFilter, CorrelationMetadata, DurableName, Frame, Header, Message,
+    MessageId, Qos, QueueGroup, ReplyStatus, Topic, TopicFilter,
 };
 use daemoneye_eventbus_transport::Endpoint;
 use parking_lot::Mutex;
@@ -58,6 +60,14 @@ pub struct ClientStats {
     pub missed: u64,
     /// Successful reconnections.
     pub reconnects: u64,
+    /// Processed publishes the broker acknowledged (protocol 1.3): every matching Processed
+    /// subscription holds them.
+    pub acked: u64,
+    /// Deliveries dropped as duplicates of a message already received (by message id).
+    pub duplicates: u64,
+    /// Processed publishes sent again after a reconnect, with their ids (the broker may have
+    /// had them: subscribers recognise the duplicates).
+    pub resent: u64,
 }
 
 #[derive(Default)]
@@ -68,6 +78,8 @@ pub(crate) struct Counters {
     pub(crate) received: AtomicU64,
     pub(crate) missed: AtomicU64,
     pub(crate) reconnects: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) resent: AtomicU64,
 }
 
 pub(crate) struct OutState {
@@ -78,6 +90,11 @@ pub(crate) struct OutState {
     pub(crate) connected: bool,
     /// Frames ever queued.
     pub(crate) queued_total: u64,
+    /// Processed publishes not acknowledged yet (protocol 1.3), sent again after a reconnect.
+    pub(crate) unacked: Unacked,
+    /// The highest sequence a writer took: kept publishes up to it were handed to a
+    /// connection (later ones are still queued).
+    pub(crate) taken_through: u64,
 }
 
 pub(crate) type Pending = Mutex<HashMap<u32, oneshot::Sender<Result<(), SubscribeError>>>>;
@@ -112,6 +129,17 @@ pub(crate) struct Inner {
     pub(crate) rpc_metrics: Recorder,
     /// The protocol minor version of the broker (queue groups need 1.1).
     pub(crate) broker_minor: AtomicU16,
+    /// Connections made so far: what an acknowledgement's sequence numbers belong to.
+    pub(crate) epoch: AtomicU64,
+    /// Woken when the broker acknowledges or refuses Processed publishes.
+    pub(crate) acked: Notify,
+}
+
+impl OutState {
+    /// The sequence number of the last publish numbered.
+    pub(crate) fn header_sequence(&self) -> u64 {
+        self.header.id.sequence
+    }
 }
 
 impl Inner {
@@ -277,6 +305,17 @@ pub struct SubscribeOptions {
     /// Only messages whose correlation metadata passes this filter are delivered to the
     /// subscription (applied by the client as messages arrive).
     pub correlation: Option<CorrelationFilter>,
+    /// A durable subscription's name (Processed; protocol 1.3): the broker keeps what it has
+    /// not acknowledged while no subscriber is attached, and gives it to the next subscriber
+    /// of this name.
+    pub durable: Option<DurableName>,
+    /// When a Processed subscription's messages are acknowledged (default `Auto`).
+    pub ack_mode: AckMode,
+    /// Deliveries the broker may have unacknowledged at once (0: the broker's `ack_window`).
+    pub window: u32,
+    /// Hand duplicates (a message received again, by id) to the application instead of
+    /// dropping them.
+    pub keep_duplicates: bool,
 }
 
 impl SubscribeOptions {
@@ -296,6 +335,31 @@ impl SubscribeOptions {
     #[must_use]
     pub fn correlation(mut self, filter: CorrelationFilter) -> Self {
         self.correlation = Some(filter);
+        self
+    }
+    /// Makes it a durable subscription of this name (and Processed).
+    #[must_use]
+    pub fn durable(mut self, name: DurableName) -> Self {
+        self.durable = Some(name);
+        self.qos = Qos::Processed;
+        self
+    }
+    /// Sets when messages are acknowledged.
+    #[must_use]
+    pub fn ack_mode(mut self, mode: AckMode) -> Self {
+        self.ack_mode = mode;
+        self
+    }
+    /// Sets the window of unacknowledged deliveries.
+    #[must_use]
+    pub fn window(mut self, window: u32) -> Self {
+        self.window = window;
+        self
+    }
+    /// Keeps duplicates instead of dropping them.
+    #[must_use]
+    pub fn keep_duplicates(mut self, keep: bool) -> Self {
+        self.keep_duplicates = keep;
         self
     }
 }
@@ -346,6 +410,8 @@ impl Client {
                 },
                 connected: true,
                 queued_total: 0,
+                unacked: Unacked::default(),
+                taken_through: 0,
             }),
             out_ready: Notify::new(),
             out_space: Notify::new(),
@@ -360,6 +426,8 @@ impl Client {
             max_message_size: AtomicUsize::new(max),
             closed: Closed::default(),
             last_rejection: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            acked: Notify::new(),
             options,
         });
         let handle = tokio::spawn(driver::run(Arc::clone(&inner), established));
@@ -410,6 +478,35 @@ impl Client {
             received: l(&c.received),
             missed: l(&c.missed),
             reconnects: l(&c.reconnects),
+            acked: self.inner.out.lock().unacked.acked,
+            duplicates: l(&c.duplicates),
+            resent: l(&c.resent),
+        }
+    }
+
+    /// Waits until every Processed publish made so far is acknowledged or refused by the
+    /// broker, at most `timeout`, and reports the counts. Publishes kept across a reconnect
+    /// are sent again meanwhile.
+    pub async fn wait_acked(&self, timeout: std::time::Duration) -> AckReport {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.inner.acked.notified();
+            let report = {
+                let out = self.inner.out.lock();
+                AckReport {
+                    acked: out.unacked.acked,
+                    refused: out.unacked.refused,
+                    outstanding: out.unacked.len() as u64,
+                }
+            };
+            if report.outstanding == 0 || self.inner.closed.is_cancelled() {
+                return report;
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep_until(deadline) => return report,
+                () = self.inner.closed.cancelled() => {}
+            }
         }
     }
 
@@ -471,6 +568,9 @@ impl Client {
         let inner = &self.inner;
         let timestamp_ns = now_ns();
         let need = payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD;
+        // A Processed publish is kept until the broker acknowledges it (protocol 1.3).
+        let keep = extras.qos == Qos::Processed
+            && inner.broker_minor.load(Ordering::Relaxed) >= ACKED_SINCE_MINOR;
         let mut payload = Some(payload);
         loop {
             let space = {
@@ -486,7 +586,16 @@ impl Client {
                 } else {
                     inner.options.outbox_bytes
                 };
-                if out.buf.is_empty() || out.buf.bytes + need <= bound {
+                let unacked_room = !keep
+                    || out.unacked.len() == 0
+                    || out.unacked.bytes + need <= inner.options.unacked_bytes;
+                if !unacked_room && !out.connected {
+                    inner.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    return Err(PublishError::Backlogged {
+                        queued: out.unacked.bytes,
+                    });
+                }
+                if unacked_room && (out.buf.is_empty() || out.buf.bytes + need <= bound) {
                     let was_empty = out.buf.is_empty();
                     let out = &mut *out;
                     // The header template keeps this client's publisher id and source; only
@@ -503,6 +612,11 @@ impl Client {
                     let id = h.id;
                     let runs = inner.broker_minor.load(Ordering::Relaxed) >= RUNS_SINCE_MINOR;
                     let payload = payload.take().expect("a publish is queued once");
+                    if keep {
+                        let kept = Message::new(topic.clone(), h.clone(), payload.clone());
+                        out.unacked.push(kept);
+                        out.buf.kept += 1;
+                    }
                     out.buf.push_publish(topic, h, payload, runs);
                     (h.reply_to, h.correlation, h.status) = (None, None, None);
                     out.queued_total += 1;
@@ -518,10 +632,12 @@ impl Client {
                         queued: out.buf.bytes,
                     });
                 }
-                inner.out_space.notified()
+                // Waits for the writer to take the queue, or for acknowledgements.
+                (inner.out_space.notified(), inner.acked.notified())
             };
             tokio::select! {
-                () = space => {}
+                () = space.0 => {}
+                () = space.1 => {}
                 () = inner.closed.cancelled() => return Err(PublishError::Closed),
             }
         }
@@ -650,6 +766,20 @@ impl Client {
             .into_iter()
             .map(|f| TopicFilter::new(f.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
+        let minor = self.inner.broker_minor.load(Ordering::Relaxed);
+        let acked = options.qos == Qos::Processed && options.group.is_none();
+        if acked && minor >= ACKED_SINCE_MINOR {
+            return self.subscribe_acked(filters, options).await;
+        }
+        if let Some(name) = &options.durable {
+            return Err(SubscribeError::Refused {
+                code: ErrorCode::Protocol,
+                message: format!(
+                    "the broker speaks protocol 1.{minor}, which has no durable subscriptions \
+                     (1.3 or later needed for {name}); upgrade the broker"
+                ),
+            });
+        }
         let (tx, rx) = crate::queue::channel(self.inner.options.subscription_buffer);
         let id = self
             .subscribe_sink(NewSub {
@@ -665,6 +795,121 @@ impl Client {
             filters,
             rx,
             client: Some(self.clone()),
+            acked: None,
+        })
+    }
+
+    /// Subscribes durably: a Processed subscription named `name` that outlives this client.
+    /// While no subscriber is attached, the broker keeps what it has not acknowledged (bounded
+    /// by its `durable_max_messages` and `durable_max_bytes`, under its
+    /// `durable_full_policy`), and the next subscriber of this name receives it, in order,
+    /// before anything newer (redeliveries marked in [`crate::Delivery::redelivered`]). One
+    /// subscriber at a time: another client subscribing to the same name is refused with
+    /// `DurableInUse`. Its filters are fixed when it is made: subscribing with others is
+    /// refused (delete it first).
+    ///
+    /// # Errors
+    ///
+    /// See [`SubscribeError`]; a name that is not 1 to 64 bytes of `a-z 0-9 _ -` is refused
+    /// before anything is sent.
+    pub async fn subscribe_durable<I, S>(
+        &self,
+        name: &str,
+        filters: I,
+    ) -> Result<Subscription, SubscribeError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let name = DurableName::new(name).map_err(|e| SubscribeError::Refused {
+            code: ErrorCode::InvalidName,
+            message: e.to_string(),
+        })?;
+        self.subscribe_with_options(filters, SubscribeOptions::default().durable(name))
+            .await
+    }
+
+    /// Deletes durable subscription `name` and its backlog. It must not be attached: a
+    /// subscriber deletes its own with [`Subscription::delete`].
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::Refused`] with `UnknownSubscription` or `DurableInUse`, or as
+    /// [`Client::subscribe`].
+    pub async fn delete_durable(&self, name: &str) -> Result<(), SubscribeError> {
+        let name = DurableName::new(name).map_err(|e| SubscribeError::Refused {
+            code: ErrorCode::InvalidName,
+            message: e.to_string(),
+        })?;
+        let minor = self.inner.broker_minor.load(Ordering::Relaxed);
+        if minor < ACKED_SINCE_MINOR {
+            return Err(SubscribeError::Refused {
+                code: ErrorCode::Protocol,
+                message: format!("the broker speaks protocol 1.{minor}: no durable subscriptions"),
+            });
+        }
+        self.control_request(|request_id| {
+            Frame::DurableDelete(DurableDelete {
+                request_id,
+                name: name.clone(),
+            })
+        })
+        .await
+    }
+
+    /// Opens an acknowledged subscription (protocol 1.3).
+    async fn subscribe_acked(
+        &self,
+        filters: Vec<TopicFilter>,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubscribeError> {
+        if filters.is_empty() {
+            return Err(SubscribeError::NoFilters);
+        }
+        if filters.len() > MAX_ACKED_FILTERS {
+            return Err(SubscribeError::Refused {
+                code: ErrorCode::Protocol,
+                message: format!(
+                    "a Processed subscription holds at most {MAX_ACKED_FILTERS} filters"
+                ),
+            });
+        }
+        if self.inner.closed.is_cancelled() {
+            return Err(SubscribeError::Closed);
+        }
+        let (tx, rx) = crate::queue::channel(self.inner.options.subscription_buffer);
+        let (id, open) = self.inner.subs.lock().add_acked(
+            filters.clone(),
+            options.durable,
+            options.window,
+            options.correlation,
+            Sink::Queue(tx),
+        );
+        let sub = open.sub;
+        let mut registered = Registration {
+            client: self,
+            id,
+            done: false,
+        };
+        self.control_request(|request_id| {
+            Frame::SubscribeAcked(daemoneye_eventbus_core::codec::SubscribeAcked {
+                request_id,
+                ..open
+            })
+        })
+        .await?;
+        registered.done = true;
+        Ok(Subscription {
+            id,
+            filters,
+            rx,
+            client: Some(self.clone()),
+            acked: Some(AckState::new(
+                sub,
+                options.ack_mode,
+                options.keep_duplicates,
+                self.inner.options.dedup_window,
+            )),
         })
     }
 
@@ -725,17 +970,34 @@ impl Client {
                 .await;
         }
         // The filters are gone at the broker already; nothing more to send.
-        let _ = self.inner.subs.lock().remove(id);
+        let _removed = self.inner.subs.lock().remove(id);
     }
 
-    /// Removes a subscription; with `wait`, waits for the broker's acknowledgements.
+    /// Removes a subscription; with `wait`, waits for the broker's acknowledgements. A
+    /// durable subscription is detached, or with `delete`, deleted.
     pub(crate) async fn remove_subscription(
         &self,
         id: u64,
         wait: bool,
+        delete: bool,
     ) -> Result<(), SubscribeError> {
         let gone = self.inner.subs.lock().remove(id);
-        for filter in gone {
+        if let Some(sub) = gone.acked {
+            let close = |request_id| {
+                Frame::SubClose(SubClose {
+                    request_id,
+                    sub,
+                    delete,
+                })
+            };
+            if wait {
+                return self.control_request(close).await;
+            }
+            let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+            self.inner.push_control(close(request_id));
+            return Ok(());
+        }
+        for filter in gone.filters {
             if wait {
                 self.control_request(|request_id| {
                     Frame::Unsubscribe(Unsubscribe { request_id, filter })
@@ -753,7 +1015,15 @@ impl Client {
     /// Synchronous unsubscribe used when a [`Subscription`] is dropped.
     pub(crate) fn forget_subscription(&self, id: u64) {
         let gone = self.inner.subs.lock().remove(id);
-        for filter in gone {
+        if let Some(sub) = gone.acked {
+            let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
+            self.inner.push_control(Frame::SubClose(SubClose {
+                request_id,
+                sub,
+                delete: false,
+            }));
+        }
+        for filter in gone.filters {
             let request_id = self.inner.next_request.fetch_add(1, Ordering::Relaxed);
             self.inner
                 .push_control(Frame::Unsubscribe(Unsubscribe { request_id, filter }));
@@ -765,7 +1035,7 @@ impl Client {
     pub async fn drain(&self) {
         let ids = self.inner.subs.lock().ids();
         for id in ids {
-            let _ = self.remove_subscription(id, false).await;
+            let _ = self.remove_subscription(id, false, false).await;
         }
         let _ = tokio::time::timeout(self.inner.options.request_timeout, self.flush()).await;
         self.close().await;

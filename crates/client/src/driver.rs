@@ -140,10 +140,14 @@ fn finish(inner: &Inner) {
     inner.state.send_replace(ConnState::Closed);
     let mut out = inner.out.lock();
     let left = out.buf.take(None);
+    let kept = out.unacked.len() as u64;
+    let written_kept = out.unacked.through(out.taken_through).count() as u64;
+    // Processed publishes never acknowledged are lost with the client (those still queued are
+    // counted with the queue).
     inner
         .counters
         .lost
-        .fetch_add(left.publishes, Ordering::Relaxed);
+        .fetch_add(left.publishes + (written_kept.min(kept)), Ordering::Relaxed);
     inner.consumed.send_modify(|n| *n += left.frames);
     out.connected = false;
     drop(out);
@@ -168,9 +172,15 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
             .min(welcome.max_message_size as usize),
         Ordering::Relaxed,
     );
+    // Acknowledgements name deliveries of this connection from now on.
+    inner.epoch.fetch_add(1, Ordering::Relaxed);
     if gap.is_some() {
         // Restore every subscription before anything else queued is written.
-        for (filter, qos, group) in inner.subs.lock().active_filters() {
+        let (plain, acked) = {
+            let subs = inner.subs.lock();
+            (subs.active_filters(), subs.active_acked())
+        };
+        for (filter, qos, group) in plain {
             writer.push(&Frame::Subscribe(Subscribe {
                 request_id: 0,
                 qos,
@@ -178,6 +188,19 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
                 group,
             }));
         }
+        for open in acked {
+            writer.push(&Frame::SubscribeAcked(open));
+        }
+        // Processed publishes a connection took and the broker never acknowledged go again,
+        // with their ids, before anything queued later.
+        let out = inner.out.lock();
+        let mut resent = 0;
+        for msg in out.unacked.through(out.taken_through) {
+            writer.push(&Frame::Publish(msg.clone()));
+            resent += 1;
+        }
+        drop(out);
+        inner.counters.resent.fetch_add(resent, Ordering::Relaxed);
     }
     inner.out.lock().connected = true;
     inner
@@ -270,7 +293,14 @@ async fn write_loop(
     loop {
         let batch = {
             let mut out = inner.out.lock();
-            (!out.buf.is_empty()).then(|| out.buf.take(spare.take()))
+            if out.buf.is_empty() {
+                None
+            } else {
+                // Everything numbered so far is in this batch: kept Processed publishes up to
+                // here go again after a reconnect.
+                out.taken_through = out.header_sequence();
+                Some(out.buf.take(spare.take()))
+            }
         };
         let Some(batch) = batch else {
             tokio::select! {
@@ -286,7 +316,7 @@ async fn write_loop(
             }
         };
         inner.out_space.notify_waiters();
-        let (frames, publishes) = (batch.frames, batch.publishes);
+        let (frames, publishes) = (batch.frames, batch.publishes - batch.kept);
         spare = batch.write_into(writer);
         // A write that does not finish is bounded by the same liveness rule as an idle
         // connection: a broker that is alive keeps talking (it pings while it holds us back).
@@ -444,14 +474,58 @@ impl ReadCtx<'_> {
                     let _ = tx.send(());
                 }
             }
-            Frame::Ack(_) => {}
+            Frame::Ack(id) => {
+                if inner.out.lock().unacked.ack_through(id) > 0 {
+                    inner.acked.notify_waiters();
+                }
+            }
             Frame::Nack(n) => {
                 inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(id = %n.id, code = %n.code, reason = %n.reason, "broker refused a message");
+                if inner.out.lock().unacked.refuse(n.id) {
+                    inner.acked.notify_waiters();
+                }
                 *inner.last_rejection.lock() = Some(n.reason);
+            }
+            Frame::DeliverAcked(d) => {
+                inner.counters.received.fetch_add(1, Ordering::Relaxed);
+                let tx = inner.subs.lock().acked_sender(d.sub);
+                // None: a delivery that crossed the subscription's close; the broker takes it
+                // back (or drops it, counted) with the subscription.
+                if let Some(tx) = tx {
+                    let item = Item::Acked {
+                        msg: d.message,
+                        seq: d.seq,
+                        redelivered: d.redelivered,
+                        epoch: inner.epoch.load(Ordering::Relaxed),
+                    };
+                    if let Err(item) = tx.try_send(item) {
+                        self.send(cancel, tx, item).await;
+                    }
+                }
+            }
+            Frame::SubEnd(e) => {
+                tracing::warn!(sub = %e.sub, code = %e.code, message = %e.message, "the broker ended a subscription");
+                inner.subs.lock().end_acked(e.sub, e.message);
             }
             Frame::Notice(Notice::Dropped { reason, topics }) => {
                 self.missed(reason.into(), topics, cancel).await
+            }
+            Frame::Notice(Notice::SubDropped {
+                sub,
+                reason,
+                topics,
+            }) => {
+                let count: u64 = topics.iter().map(|(_, n)| n).sum();
+                inner.counters.missed.fetch_add(count, Ordering::Relaxed);
+                let tx = inner.subs.lock().acked_sender(sub);
+                if let Some(tx) = tx {
+                    let gap = RecvError::Missed {
+                        count,
+                        reason: reason.into(),
+                    };
+                    self.send(cancel, tx, Item::Gap(gap)).await;
+                }
             }
             Frame::Error(e) if e.fatal => {
                 return Err(format!(
@@ -530,7 +604,7 @@ impl ReadCtx<'_> {
             if topic == other {
                 // Drops of topics the broker did not list one by one: any subscription may
                 // have missed them, so every one is told.
-                ids = self.inner.subs.lock().ids();
+                ids = self.inner.subs.lock().plain_ids();
             } else {
                 self.inner.subs.lock().ids_for(&topic, &mut ids);
             }

@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acked;
 mod client;
 mod driver;
 mod error;
@@ -34,6 +35,7 @@ mod queue;
 mod rpc;
 mod subscription;
 
+pub use acked::{AckMode, AckReport, Delivery};
 pub use client::{Client, ClientStats, ConnState, Publish, SubscribeOptions};
 pub use error::{ConnectError, PublishError, SubscribeError};
 pub use metrics::RpcMetrics;

@@ -96,6 +96,13 @@ pub struct ClientOptions {
     /// Largest payload this client publishes (the broker's limit applies too). Incoming
     /// messages are bounded by the broker's limit, at most 64 MiB.
     pub max_message_size: usize,
+    /// Charged bytes of Processed publishes kept until the broker acknowledges them (default
+    /// 8 MiB; protocol 1.3). When full, a Processed publish waits for acknowledgements while
+    /// connected, and is refused (`PublishError::Backlogged`, counted lost) while not.
+    pub unacked_bytes: usize,
+    /// Message ids each Processed subscription remembers to recognise duplicates (default
+    /// 4096; 0 remembers none).
+    pub dedup_window: usize,
 }
 
 impl Default for ClientOptions {
@@ -112,6 +119,8 @@ impl Default for ClientOptions {
             max_pending_requests: 1000,
             slow_reader: SlowReaderPolicy::DropOldest,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            unacked_bytes: 8 * 1024 * 1024,
+            dedup_window: 4096,
         }
     }
 }

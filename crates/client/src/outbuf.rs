@@ -47,6 +47,9 @@ pub(crate) struct OutBuf {
     pub(crate) bytes: usize,
     /// Publishes waiting (lost if the connection dies while they are written).
     pub(crate) publishes: u64,
+    /// Of them, Processed publishes also kept until acknowledged (sent again after a
+    /// reconnect, so never lost with a failed write).
+    pub(crate) kept: u64,
     /// Frames waiting.
     pub(crate) frames: u64,
 }
@@ -66,6 +69,7 @@ impl OutBuf {
             buf,
             bytes: 0,
             publishes: 0,
+            kept: 0,
             frames: 0,
         }
     }

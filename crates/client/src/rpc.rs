@@ -486,7 +486,7 @@ impl Client {
                 crate::SubscribeOptions {
                     qos: options.qos,
                     group: options.group.clone(),
-                    correlation: None,
+                    ..crate::SubscribeOptions::default()
                 },
             )
             .await?;

@@ -1,12 +1,13 @@
 //! Subscriptions: the client-side table that demultiplexes deliveries, and the
 //! [`Subscription`] stream handed to the application.
 
+use crate::acked::{AckState, Delivery, Verdict};
 use crate::error::SubscribeError;
 use crate::idmap::IdMap;
 use crate::queue::{self, Taken};
 use crate::rpc::Inbox;
-use daemoneye_eventbus_core::codec::DropReason;
-use daemoneye_eventbus_core::{CorrelationFilter, QueueGroup};
+use daemoneye_eventbus_core::codec::{DropReason, MAX_ACK_RANGES, SubAck, SubId, SubscribeAcked};
+use daemoneye_eventbus_core::{CorrelationFilter, DurableName, Frame, QueueGroup};
 use daemoneye_eventbus_core::{Message, Qos, SubscriptionTrie, Topic, TopicCache, TopicFilter};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ pub enum MissedReason {
     SlowReader,
     /// The broker's memory cap was reached.
     MemoryCap,
+    /// A durable subscription's backlog was full while nobody was attached, or its
+    /// subscriber had stalled (its full policy dropped these).
+    BacklogFull,
     /// Another broker-reported reason.
     Other,
 }
@@ -29,6 +33,7 @@ impl From<DropReason> for MissedReason {
         match r {
             DropReason::SlowReader => Self::SlowReader,
             DropReason::MemoryCap => Self::MemoryCap,
+            DropReason::BacklogFull => Self::BacklogFull,
             _ => Self::Other,
         }
     }
@@ -56,6 +61,10 @@ pub enum RecvError {
         /// How long the client was disconnected.
         outage: Duration,
     },
+    /// The broker ended the subscription (for example, it stopped acknowledging for longer
+    /// than the broker's `processed_stall_timeout_ms`); no more messages will come.
+    #[error("the broker ended the subscription: {0}")]
+    Ended(String),
     /// The subscription or client is closed; no more messages will come.
     #[error("subscription closed")]
     Closed,
@@ -63,17 +72,36 @@ pub enum RecvError {
 
 pub(crate) enum Item {
     Msg(Message),
+    /// A delivery of an acknowledged subscription: its sequence number, how often it was
+    /// delivered before, and the connection (epoch) it came on.
+    Acked {
+        msg: Message,
+        seq: u64,
+        redelivered: u16,
+        epoch: u64,
+    },
     Gap(RecvError),
 }
 
 /// A stream of messages matching the subscription's filters (each message once, even when
 /// several filters match). Dropping it unsubscribes.
+///
+/// A Processed subscription on a broker speaking protocol 1.3 acknowledges what it receives
+/// ([`crate::AckMode`]): the broker keeps each message until then, sends it again if the
+/// acknowledgement does not come in time or the connection is lost (a durable subscription
+/// across connections), and the subscription drops duplicates (by message id, within a
+/// bounded window, counted in [`crate::ClientStats::duplicates`]).
 pub struct Subscription {
     pub(crate) id: u64,
     pub(crate) filters: Vec<TopicFilter>,
     pub(crate) rx: queue::Receiver,
     pub(crate) client: Option<crate::Client>,
+    /// Acknowledgement bookkeeping of a Processed subscription (protocol 1.3).
+    pub(crate) acked: Option<AckState>,
 }
+
+/// Acknowledgements are sent at the latest when this many wait.
+const ACK_BATCH: usize = 256;
 
 impl std::fmt::Debug for Subscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,21 +113,49 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    /// The next message.
+    /// The next message. On a Processed subscription in [`crate::AckMode::Auto`], asking for
+    /// it acknowledges the message received before.
     ///
     /// # Errors
     ///
     /// [`RecvError::Missed`] / [`RecvError::Reconnected`] report a gap (call again to go on);
-    /// [`RecvError::Closed`] ends the stream.
+    /// [`RecvError::Closed`] and [`RecvError::Ended`] end the stream.
     ///
     /// # Cancel safety
     ///
     /// Cancel-safe.
     pub async fn recv(&mut self) -> Result<Message, RecvError> {
-        match self.rx.take().await {
-            Some(Item::Msg(m)) => Ok(m),
-            Some(Item::Gap(e)) => Err(e),
-            None => Err(RecvError::Closed),
+        self.recv_delivery().await.map(|d| d.message)
+    }
+
+    /// The next message with its redelivery count ([`Delivery`]); as [`Subscription::recv`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Subscription::recv`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe.
+    pub async fn recv_delivery(&mut self) -> Result<Delivery, RecvError> {
+        if let Some(a) = &mut self.acked {
+            a.next();
+        }
+        loop {
+            let item = match self.rx.try_take() {
+                Taken::Item(item) => item,
+                Taken::Empty | Taken::Closed => {
+                    // Caught up: what was acknowledged goes to the broker before waiting.
+                    self.flush_acks();
+                    match self.rx.take().await {
+                        Some(item) => item,
+                        None => return Err(RecvError::Closed),
+                    }
+                }
+            };
+            if let Some(result) = self.accept(item) {
+                return result;
+            }
         }
     }
 
@@ -110,11 +166,105 @@ impl Subscription {
     ///
     /// As [`Subscription::recv`].
     pub fn try_recv(&mut self) -> Option<Result<Message, RecvError>> {
-        match self.rx.try_take() {
-            Taken::Item(Item::Msg(m)) => Some(Ok(m)),
-            Taken::Item(Item::Gap(e)) => Some(Err(e)),
-            Taken::Empty => None,
-            Taken::Closed => Some(Err(RecvError::Closed)),
+        if let Some(a) = &mut self.acked {
+            a.next();
+        }
+        loop {
+            let item = match self.rx.try_take() {
+                Taken::Item(item) => item,
+                Taken::Empty => {
+                    self.flush_acks();
+                    return None;
+                }
+                Taken::Closed => {
+                    self.flush_acks();
+                    return Some(Err(RecvError::Closed));
+                }
+            };
+            if let Some(result) = self.accept(item) {
+                return Some(result.map(|d| d.message));
+            }
+        }
+    }
+
+    /// What a queued item gives the application (`None`: a duplicate, dropped).
+    fn accept(&mut self, item: Item) -> Option<Result<Delivery, RecvError>> {
+        match item {
+            Item::Msg(message) => Some(Ok(Delivery {
+                message,
+                redelivered: 0,
+            })),
+            Item::Gap(e) => Some(Err(e)),
+            Item::Acked {
+                msg,
+                seq,
+                redelivered,
+                epoch,
+            } => {
+                let Some(a) = &mut self.acked else {
+                    return Some(Ok(Delivery {
+                        message: msg,
+                        redelivered,
+                    }));
+                };
+                match a.arrive(msg.id(), epoch, seq) {
+                    Verdict::Deliver => Some(Ok(Delivery {
+                        message: msg,
+                        redelivered,
+                    })),
+                    Verdict::Duplicate => {
+                        if let Some(c) = &self.client {
+                            c.inner
+                                .counters
+                                .duplicates
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        self.flush_acks_if_many();
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acknowledges `msg` (a Processed subscription's message it received): the broker
+    /// forgets it. In [`crate::AckMode::Auto`] this only acknowledges it earlier than the
+    /// next receive would. Returns `false` when `msg` was not received here unacknowledged.
+    pub fn ack(&mut self, msg: &Message) -> bool {
+        let acked = self.acked.as_mut().is_some_and(|a| a.ack(msg.id()));
+        self.flush_acks_if_many();
+        acked
+    }
+
+    /// Sends the acknowledgements made so far now (they otherwise go when the subscription
+    /// has caught up with its queue, or in batches).
+    pub fn flush_acks(&mut self) {
+        let (Some(a), Some(client)) = (&mut self.acked, &self.client) else {
+            return;
+        };
+        if !a.has_due() {
+            return;
+        }
+        let epoch = client
+            .inner
+            .epoch
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let ranges = a.take_ranges(epoch);
+        for chunk in ranges.chunks(MAX_ACK_RANGES) {
+            client.inner.push_control(Frame::SubAck(SubAck {
+                sub: a.sub,
+                ranges: chunk.to_vec(),
+            }));
+        }
+    }
+
+    fn flush_acks_if_many(&mut self) {
+        if self
+            .acked
+            .as_ref()
+            .is_some_and(|a| a.due_len() >= ACK_BATCH)
+        {
+            self.flush_acks();
         }
     }
 
@@ -128,21 +278,41 @@ impl Subscription {
         &self.filters
     }
 
-    /// Unsubscribes and waits for the broker's acknowledgement.
+    /// Unsubscribes and waits for the broker's acknowledgement. A durable subscription is
+    /// detached: the broker keeps it for the next subscriber of its name.
     ///
     /// # Errors
     ///
     /// As [`crate::Client::subscribe`].
     pub async fn unsubscribe(mut self) -> Result<(), crate::SubscribeError> {
+        self.flush_acks();
         match self.client.take() {
-            Some(client) => client.remove_subscription(self.id, true).await,
+            Some(client) => client.remove_subscription(self.id, true, false).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Deletes this durable subscription (its backlog too) and ends the stream; for another
+    /// subscription, the same as [`Subscription::unsubscribe`].
+    ///
+    /// # Errors
+    ///
+    /// As [`crate::Client::subscribe`].
+    pub async fn delete(mut self) -> Result<(), crate::SubscribeError> {
+        self.flush_acks();
+        match self.client.take() {
+            Some(client) => client.remove_subscription(self.id, true, true).await,
             None => Ok(()),
         }
     }
 }
 
 impl Drop for Subscription {
+    /// Unsubscribes without waiting. What was acknowledged is sent first; a message received
+    /// and not acknowledged is sent again by the broker (to the next subscriber of a durable
+    /// subscription).
     fn drop(&mut self) {
+        self.flush_acks();
         if let Some(client) = self.client.take() {
             client.forget_subscription(self.id);
         }
@@ -162,6 +332,26 @@ struct SubEntry {
     group: Option<QueueGroup>,
     correlation: Option<CorrelationFilter>,
     sink: Sink,
+    /// An acknowledged subscription's id at the broker, durable name and window (protocol
+    /// 1.3): its deliveries are dispatched by that id, not by topic.
+    acked: Option<AckedInfo>,
+}
+
+/// What the broker knows an acknowledged subscription by.
+#[derive(Clone)]
+pub(crate) struct AckedInfo {
+    pub(crate) sub: SubId,
+    pub(crate) durable: Option<DurableName>,
+    pub(crate) window: u32,
+}
+
+/// What removing a subscription leaves for the broker to be told.
+#[derive(Default)]
+pub(crate) struct Removed {
+    /// Filters no other subscription uses (UNSUBSCRIBE).
+    pub(crate) filters: Vec<TopicFilter>,
+    /// An acknowledged subscription's id (SUB_CLOSE).
+    pub(crate) acked: Option<SubId>,
 }
 
 impl Drop for SubEntry {
@@ -219,6 +409,8 @@ pub(crate) struct SubTable {
     inbox_overlap: usize,
     /// Turns among several local subscriptions of one group matching a delivery.
     group_turn: usize,
+    /// Acknowledged subscriptions: their broker-side id → table id.
+    by_sub: HashMap<SubId, u64>,
 }
 
 /// Whether `f` could match a topic under `_inbox.`.
@@ -284,17 +476,97 @@ impl SubTable {
                 group: new.group,
                 correlation: new.correlation.filter(|c| !c.is_empty()),
                 sink: new.sink,
+                acked: None,
             },
         );
         Ok((id, fresh))
     }
 
-    /// Removes a subscription; returns the filters that became inactive (1 → 0).
-    pub(crate) fn remove(&mut self, id: u64) -> Vec<TopicFilter> {
+    /// Registers an acknowledged subscription (protocol 1.3); returns its table id and the
+    /// frame that opens it at the broker (its request id to be set).
+    pub(crate) fn add_acked(
+        &mut self,
+        filters: Vec<TopicFilter>,
+        durable: Option<DurableName>,
+        window: u32,
+        correlation: Option<CorrelationFilter>,
+        sink: Sink,
+    ) -> (u64, SubscribeAcked) {
+        self.next_id += 1;
+        let id = self.next_id;
+        // Unique among this client's open subscriptions: ids 2^32 apart are never open at once.
+        let sub = SubId(id as u32);
+        let info = AckedInfo {
+            sub,
+            durable,
+            window,
+        };
+        let open = Self::open_frame(&filters, &info);
+        self.by_sub.insert(sub, id);
+        self.subs.insert(
+            id,
+            SubEntry {
+                filters,
+                group: None,
+                correlation: correlation.filter(|c| !c.is_empty()),
+                sink,
+                acked: Some(info),
+            },
+        );
+        (id, open)
+    }
+
+    fn open_frame(filters: &[TopicFilter], info: &AckedInfo) -> SubscribeAcked {
+        SubscribeAcked {
+            request_id: 0,
+            sub: info.sub,
+            durable: info.durable.clone(),
+            window: info.window,
+            filters: filters.to_vec(),
+        }
+    }
+
+    /// The frames that open every acknowledged subscription again (after a reconnect).
+    pub(crate) fn active_acked(&self) -> Vec<SubscribeAcked> {
+        self.subs
+            .values()
+            .filter_map(|e| e.acked.as_ref().map(|a| Self::open_frame(&e.filters, a)))
+            .collect()
+    }
+
+    /// The queue of the acknowledged subscription the broker knows as `sub`.
+    pub(crate) fn acked_sender(&self, sub: SubId) -> Option<queue::Sender> {
+        self.sender(*self.by_sub.get(&sub)?)
+    }
+
+    /// Ends the acknowledged subscription `sub` (the broker ended it): its stream reports
+    /// `why`, then closes.
+    pub(crate) fn end_acked(&mut self, sub: SubId, why: String) {
+        let Some(id) = self.by_sub.remove(&sub) else {
+            return;
+        };
+        self.generation += 1;
+        if let Some(entry) = self.subs.remove(&id)
+            && let Sink::Queue(tx) = &entry.sink
+        {
+            let _ = tx.try_send(Item::Gap(RecvError::Ended(why)));
+        }
+    }
+
+    /// Removes a subscription; returns what the broker must be told: the filters that
+    /// became inactive (1 → 0), or an acknowledged subscription's id.
+    pub(crate) fn remove(&mut self, id: u64) -> Removed {
         self.generation += 1;
         let Some(mut entry) = self.subs.remove(&id) else {
-            return Vec::new();
+            return Removed::default();
         };
+        if let Some(a) = entry.acked.take() {
+            self.by_sub.remove(&a.sub);
+            return Removed {
+                filters: Vec::new(),
+                acked: Some(a.sub),
+            };
+        }
         let mut gone = Vec::new();
         let is_queue = matches!(entry.sink, Sink::Queue(_));
         for f in std::mem::take(&mut entry.filters) {
@@ -313,7 +585,10 @@ impl SubTable {
                 }
             }
         }
-        gone
+        Removed {
+            filters: gone,
+            acked: None,
+        }
     }
 
     /// Whether a delivery under `_inbox.` can only be a reply to this client's calls (no
@@ -324,13 +599,16 @@ impl SubTable {
 
     /// The filters of subscription `id` that no other subscription uses.
     pub(crate) fn only_user_of(&self, id: u64) -> Vec<TopicFilter> {
-        self.subs.get(&id).map_or_else(Vec::new, |e| {
-            e.filters
-                .iter()
-                .filter(|f| self.refs.get(*f).is_some_and(|r| r.count == 1))
-                .cloned()
-                .collect()
-        })
+        self.subs
+            .get(&id)
+            .filter(|e| e.acked.is_none())
+            .map_or_else(Vec::new, |e| {
+                e.filters
+                    .iter()
+                    .filter(|f| self.refs.get(*f).is_some_and(|r| r.count == 1))
+                    .cloned()
+                    .collect()
+            })
     }
 
     /// The QoS and group a filter is held with (for the SUBSCRIBE frame).
@@ -351,6 +629,15 @@ impl SubTable {
     /// Every subscription id.
     pub(crate) fn ids(&self) -> Vec<u64> {
         self.subs.keys().copied().collect()
+    }
+
+    /// The ids of the subscriptions that are not acknowledged ones.
+    pub(crate) fn plain_ids(&self) -> Vec<u64> {
+        self.subs
+            .iter()
+            .filter(|(_, e)| e.acked.is_none())
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Offers `msg` to one subscription; a full queue is pushed to `blocked`.
@@ -417,7 +704,8 @@ impl SubTable {
         true
     }
 
-    /// Ids of the subscriptions matching `topic`.
+    /// Ids of the subscriptions (not acknowledged ones: they get notices of their own)
+    /// matching `topic`.
     pub(crate) fn ids_for(&self, topic: &Topic, scratch: &mut Vec<u64>) {
         self.trie.matches_into(topic, scratch);
         let mut grouped = Vec::new();
@@ -437,6 +725,7 @@ impl SubTable {
     pub(crate) fn close_all(&mut self) {
         self.generation += 1;
         self.inbox_overlap = 0;
+        self.by_sub.clear();
         self.subs.clear();
     }
 }

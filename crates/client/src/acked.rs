@@ -1,0 +1,305 @@
+//! At-least-once on the client's side (protocol 1.3): acknowledging deliveries of Processed
+//! subscriptions and recognising duplicates ([`AckState`]), and keeping Processed publishes
+//! until the broker acknowledges them, to send them again after a reconnect ([`Unacked`]).
+
+use daemoneye_eventbus_core::codec::SubId;
+use daemoneye_eventbus_core::{Message, MessageId};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+/// When a Processed subscription's deliveries are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AckMode {
+    /// A message is acknowledged when the application asks its subscription for the next one
+    /// (it is done with this one), or takes it with [`crate::Subscription::ack`] first
+    /// (default).
+    #[default]
+    Auto,
+    /// Only [`crate::Subscription::ack`] acknowledges.
+    Manual,
+}
+
+/// A message of a Processed subscription, with what the broker says of its delivery.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Delivery {
+    /// The message.
+    pub message: Message,
+    /// How many times the broker delivered it before (0 the first time): after the
+    /// subscriber's acknowledgement timed out, or after it reconnected.
+    pub redelivered: u16,
+}
+
+/// What [`crate::Client::wait_acked`] observed of the Processed publishes made so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AckReport {
+    /// Acknowledged by the broker: every matching Processed subscription holds them.
+    pub acked: u64,
+    /// Refused by the broker (NACK; the reason is in [`crate::Client::last_rejection`]).
+    pub refused: u64,
+    /// Neither yet.
+    pub outstanding: u64,
+}
+
+/// Acknowledgement bookkeeping of one Processed subscription (the application's side).
+pub(crate) struct AckState {
+    pub(crate) sub: SubId,
+    pub(crate) mode: AckMode,
+    keep_duplicates: bool,
+    /// Messages handed to the application and not acknowledged yet: the (connection epoch,
+    /// delivery sequence) of each delivery of them, a redelivery included.
+    handed: HashMap<MessageId, Vec<(u64, u64)>>,
+    /// The message handed last, acknowledged on the next receive in [`AckMode::Auto`].
+    current: Option<MessageId>,
+    /// Recently acknowledged messages: a delivery of one again is a duplicate.
+    done: HashSet<MessageId>,
+    done_order: VecDeque<MessageId>,
+    dedup_window: usize,
+    /// Sequences acknowledged and not yet sent, with their connection epoch.
+    due: Vec<(u64, u64)>,
+}
+
+/// What to do with a delivery the reader queued.
+pub(crate) enum Verdict {
+    /// Hand it to the application.
+    Deliver,
+    /// A duplicate: dropped (its sequence is acknowledged with the original).
+    Duplicate,
+}
+
+impl AckState {
+    pub(crate) fn new(
+        sub: SubId,
+        mode: AckMode,
+        keep_duplicates: bool,
+        dedup_window: usize,
+    ) -> Self {
+        Self {
+            sub,
+            mode,
+            keep_duplicates,
+            handed: HashMap::new(),
+            current: None,
+            done: HashSet::new(),
+            done_order: VecDeque::new(),
+            dedup_window,
+            due: Vec::new(),
+        }
+    }
+
+    /// Acknowledges the message handed last, in [`AckMode::Auto`] (the application asked for
+    /// the next one).
+    pub(crate) fn next(&mut self) {
+        if self.mode == AckMode::Auto
+            && let Some(id) = self.current.take()
+        {
+            self.ack(id);
+        }
+    }
+
+    /// A delivery (sequence `seq` on connection `epoch`) arrives for the application.
+    pub(crate) fn arrive(&mut self, id: MessageId, epoch: u64, seq: u64) -> Verdict {
+        if !self.keep_duplicates {
+            if self.done.contains(&id) {
+                self.due.push((epoch, seq));
+                return Verdict::Duplicate;
+            }
+            if let Some(seqs) = self.handed.get_mut(&id) {
+                // Still being handled: acknowledged together with the original.
+                seqs.push((epoch, seq));
+                return Verdict::Duplicate;
+            }
+        }
+        self.handed.entry(id).or_default().push((epoch, seq));
+        self.current = Some(id);
+        Verdict::Deliver
+    }
+
+    /// Acknowledges message `id` (every delivery of it the application was handed).
+    pub(crate) fn ack(&mut self, id: MessageId) -> bool {
+        if self.current == Some(id) {
+            self.current = None;
+        }
+        let Some(seqs) = self.handed.remove(&id) else {
+            return false;
+        };
+        self.due.extend(seqs);
+        if self.dedup_window > 0 && self.done.insert(id) {
+            self.done_order.push_back(id);
+            if self.done_order.len() > self.dedup_window
+                && let Some(old) = self.done_order.pop_front()
+            {
+                self.done.remove(&old);
+            }
+        }
+        true
+    }
+
+    /// Whether acknowledgements wait to be sent.
+    pub(crate) fn has_due(&self) -> bool {
+        !self.due.is_empty()
+    }
+
+    /// How many acknowledgements wait to be sent.
+    pub(crate) fn due_len(&self) -> usize {
+        self.due.len()
+    }
+
+    /// Acknowledgements waiting to be sent, as ranges, for connection `epoch` (those of an
+    /// earlier connection name deliveries the broker already took back).
+    pub(crate) fn take_ranges(&mut self, epoch: u64) -> Vec<(u64, u64)> {
+        let mut seqs: Vec<u64> = self
+            .due
+            .drain(..)
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, s)| s)
+            .collect();
+        seqs.sort_unstable();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for s in seqs {
+            match ranges.last_mut() {
+                Some((_, last)) if *last + 1 >= s => *last = (*last).max(s),
+                _ => ranges.push((s, s)),
+            }
+        }
+        ranges
+    }
+}
+
+/// Processed publishes the broker has not acknowledged yet, in publish order, to send again
+/// with the same ids after a reconnect. Bounded in charged bytes.
+#[derive(Default)]
+pub(crate) struct Unacked {
+    msgs: VecDeque<Message>,
+    pub(crate) bytes: usize,
+    pub(crate) acked: u64,
+    pub(crate) refused: u64,
+}
+
+impl Unacked {
+    pub(crate) fn push(&mut self, msg: Message) {
+        self.bytes += msg.accounted_size();
+        self.msgs.push_back(msg);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    /// The broker acknowledged `id`: in protocol 1.3, every Processed publish of this client
+    /// up to it is either acknowledged or was refused. Returns how many were.
+    pub(crate) fn ack_through(&mut self, id: MessageId) -> usize {
+        let mut n = 0;
+        while let Some(front) = self.msgs.front() {
+            if front.id().publisher != id.publisher || front.id().sequence > id.sequence {
+                break;
+            }
+            let m = self.msgs.pop_front().expect("a front");
+            self.bytes -= m.accounted_size();
+            n += 1;
+        }
+        self.acked += n as u64;
+        n
+    }
+
+    /// The broker refused `id`; returns whether it was one of ours kept here.
+    pub(crate) fn refuse(&mut self, id: MessageId) -> bool {
+        let Some(at) = self.msgs.iter().position(|m| m.id() == id) else {
+            return false;
+        };
+        if let Some(m) = self.msgs.remove(at) {
+            self.bytes -= m.accounted_size();
+        }
+        self.refused += 1;
+        true
+    }
+
+    /// The kept publishes up to sequence `through` (those a writer already took: later ones
+    /// are still queued), in order.
+    pub(crate) fn through(&self, through: u64) -> impl Iterator<Item = &Message> {
+        self.msgs
+            .iter()
+            .take_while(move |m| m.id().sequence <= through)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use daemoneye_eventbus_core::{Header, Topic};
+
+    fn id(n: u64) -> MessageId {
+        MessageId {
+            publisher: 7,
+            sequence: n,
+        }
+    }
+
+    #[test]
+    fn auto_acknowledges_the_previous_message_and_duplicates_ride_along() {
+        let mut a = AckState::new(SubId(1), AckMode::Auto, false, 16);
+        assert!(matches!(a.arrive(id(1), 0, 1), Verdict::Deliver));
+        a.next();
+        assert!(matches!(a.arrive(id(2), 0, 2), Verdict::Deliver));
+        // A redelivery of 2 while the application still holds it.
+        assert!(matches!(a.arrive(id(2), 0, 3), Verdict::Duplicate));
+        assert_eq!(a.take_ranges(0), [(1, 1)]);
+        a.next();
+        assert_eq!(a.take_ranges(0), [(2, 3)]);
+        // A late duplicate of something acknowledged: acknowledged at once, never handed.
+        assert!(matches!(a.arrive(id(1), 0, 9), Verdict::Duplicate));
+        assert_eq!(a.take_ranges(0), [(9, 9)]);
+        assert!(a.handed.is_empty());
+    }
+
+    #[test]
+    fn manual_acks_in_any_order_become_ranges_of_the_current_connection() {
+        let mut a = AckState::new(SubId(1), AckMode::Manual, false, 2);
+        for n in 1..=4 {
+            a.arrive(id(n), 1, n);
+        }
+        a.next();
+        assert!(!a.has_due(), "manual: nothing until acknowledged");
+        assert!(a.ack(id(3)) && a.ack(id(1)) && a.ack(id(2)));
+        assert!(!a.ack(id(2)), "once");
+        assert_eq!(a.take_ranges(1), [(1, 3)]);
+        // After a reconnect (epoch 2), what the old connection delivered is not acknowledged
+        // there: the broker took it back.
+        a.ack(id(4));
+        assert!(a.take_ranges(2).is_empty());
+        // The dedup window keeps the last two acknowledged.
+        assert!(matches!(a.arrive(id(1), 2, 1), Verdict::Deliver));
+        assert!(matches!(a.arrive(id(4), 2, 2), Verdict::Duplicate));
+        let mut keep = AckState::new(SubId(1), AckMode::Manual, true, 2);
+        keep.arrive(id(1), 0, 1);
+        assert!(matches!(keep.arrive(id(1), 0, 2), Verdict::Deliver));
+    }
+
+    fn msg(n: u64) -> Message {
+        Message::new(
+            Topic::new("t").unwrap(),
+            Header {
+                id: id(n),
+                ..Header::default()
+            },
+            Bytes::from_static(b"x"),
+        )
+    }
+
+    #[test]
+    fn publishes_are_kept_until_acknowledged_or_refused() {
+        let mut u = Unacked::default();
+        for n in [2, 3, 5, 8] {
+            u.push(msg(n));
+        }
+        assert_eq!(u.ack_through(id(3)), 2);
+        assert!(u.refuse(id(5)));
+        assert!(!u.refuse(id(4)));
+        assert_eq!(u.through(7).count(), 0);
+        assert_eq!(u.through(8).count(), 1);
+        assert_eq!(u.ack_through(id(9)), 1);
+        assert_eq!((u.len(), u.bytes, u.acked, u.refused), (0, 0, 3, 1));
+    }
+}
