@@ -27,10 +27,21 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             count,
             size,
             correlation_id,
+            qos,
+            timeout,
             name,
         } => {
             let payloads = Payloads::new(payload.as_deref(), size)?;
-            publish(&socket, &name, &topic, payloads, count, correlation_id).await
+            let timeout = Duration::try_from_secs_f64(timeout).context("--timeout")?;
+            let args = PubArgs {
+                topic,
+                payloads,
+                count,
+                correlation_id,
+                qos: qos.into(),
+                timeout,
+            };
+            publish(&socket, &name, args).await
         }
         Command::Sub {
             socket,
@@ -39,13 +50,19 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             timeout,
             json,
             qos,
+            durable,
+            delete_durable,
             name,
         } => {
+            if let Some(name_to_delete) = delete_durable {
+                return delete_durable_sub(&socket, &name, &name_to_delete).await;
+            }
             let options = SubOptions {
                 count,
                 timeout,
                 json,
                 qos: qos.into(),
+                durable,
             };
             subscribe(&socket, &name, &patterns, options).await
         }
@@ -256,43 +273,96 @@ fn now_ns() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-async fn publish(
-    socket: &SocketArg,
-    name: &str,
-    topic: &str,
+/// What `pub` publishes.
+struct PubArgs {
+    topic: String,
     payloads: Payloads,
     count: u64,
     correlation_id: Option<String>,
-) -> Result<()> {
-    let topic = Topic::new(topic)?;
-    let client = connect(socket, name).await?;
-    for i in 0..count {
-        let mut p = Publish::new(topic.clone(), payloads.get(i));
-        if let Some(id) = &correlation_id {
-            p = p.correlation(CorrelationMetadata::root(id.clone(), now_ns()));
-        }
-        client.publish_with(p).await?;
-    }
-    client
-        .ping()
+    qos: daemoneye_eventbus::Qos,
+    timeout: Duration,
+}
+
+async fn publish(socket: &SocketArg, name: &str, args: PubArgs) -> Result<()> {
+    let topic = Topic::new(&args.topic)?;
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    let client = tokio::time::timeout_at(deadline, connect(socket, name))
         .await
-        .context("waiting for the broker to take every message")?;
-    let stats = client.stats();
+        .map_err(|_| anyhow!("could not connect within --timeout ({:?})", args.timeout))??;
+    let count = args.count;
+    let mut sent = 0u64;
+    let publishing = async {
+        for i in 0..count {
+            let mut p = Publish::new(topic.clone(), args.payloads.get(i)).qos(args.qos);
+            if let Some(id) = &args.correlation_id {
+                p = p.correlation(CorrelationMetadata::root(id.clone(), now_ns()));
+            }
+            client.publish_with(p).await?;
+            sent += 1;
+        }
+        anyhow::Ok(())
+    };
+    let published = tokio::time::timeout_at(deadline, publishing).await;
+    let outcome = match args.qos {
+        daemoneye_eventbus::Qos::Processed => {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let report = client.wait_acked(left).await;
+            if report.acked == count {
+                Ok(())
+            } else {
+                let why = client
+                    .last_rejection()
+                    .map(|r| format!("; last refusal: {r}"))
+                    .unwrap_or_default();
+                Err(anyhow!(
+                    "{} of {count} messages acknowledged by the broker ({} refused, {} not \
+                     acknowledged within --timeout {:?}, {} not published){why}",
+                    report.acked,
+                    report.refused,
+                    report.outstanding,
+                    args.timeout,
+                    count - sent
+                ))
+            }
+        }
+        _ => {
+            let routed = match published {
+                Ok(_) => tokio::time::timeout_at(deadline, client.ping())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .is_some(),
+                Err(_) => false,
+            };
+            let stats = client.stats();
+            if stats.rejected > 0 {
+                let why = client.last_rejection().unwrap_or_default();
+                Err(anyhow!(
+                    "broker refused {} of {count} messages: {why}",
+                    stats.rejected
+                ))
+            } else if stats.lost > 0 {
+                Err(anyhow!(
+                    "{} of {count} messages were lost while the broker was unreachable",
+                    stats.lost
+                ))
+            } else if !routed {
+                Err(anyhow!(
+                    "{sent} of {count} messages published, not confirmed routed within \
+                     --timeout {:?}",
+                    args.timeout
+                ))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    if let Ok(Err(e)) = published {
+        client.close().await;
+        return Err(e);
+    }
     client.close().await;
-    if stats.rejected > 0 {
-        let why = client.last_rejection().unwrap_or_default();
-        bail!(
-            "broker refused {} of {count} messages: {why}",
-            stats.rejected
-        );
-    }
-    if stats.lost > 0 {
-        bail!(
-            "{} of {count} messages were lost while the broker was unreachable",
-            stats.lost
-        );
-    }
-    Ok(())
+    outcome
 }
 
 /// How `sub` runs.
@@ -301,6 +371,7 @@ struct SubOptions {
     timeout: Option<f64>,
     json: bool,
     qos: daemoneye_eventbus::Qos,
+    durable: Option<String>,
 }
 
 async fn subscribe(
@@ -314,13 +385,17 @@ async fn subscribe(
         timeout,
         json,
         qos,
+        durable,
     } = o;
     let idle = timeout
         .map(Duration::try_from_secs_f64)
         .transpose()
         .context("--timeout")?;
     let client = connect(socket, name).await?;
-    let mut sub = client.subscribe_with(patterns, qos).await?;
+    let mut sub = match &durable {
+        Some(d) => client.subscribe_durable(d, patterns).await?,
+        None => client.subscribe_with(patterns, qos).await?,
+    };
     eprintln!("ready");
     let mut out = std::io::LineWriter::new(std::io::stdout().lock());
     let mut seen = 0u64;
@@ -336,14 +411,28 @@ async fn subscribe(
             Ok(msg) => {
                 seen += 1;
                 output::print_message(&mut out, &msg, json)?;
+                // Printed: acknowledged at once (a Processed subscription), so a `sub` killed
+                // later is sent again only what it had not printed.
+                sub.ack(&msg);
+                sub.flush_acks();
             }
             Err(RecvError::Closed) => bail!("the broker connection closed"),
+            Err(e @ RecvError::Ended(_)) => bail!("{e}"),
             Err(gap) => eprintln!("warning: {gap}"),
         }
     }
+    sub.flush_acks();
     drop(sub);
-    client.close().await;
+    // Writes the acknowledgements (and the unsubscribe) before leaving.
+    client.drain().await;
     Ok(())
+}
+
+async fn delete_durable_sub(socket: &SocketArg, name: &str, durable: &str) -> Result<()> {
+    let client = connect(socket, name).await?;
+    let deleted = client.delete_durable(durable).await;
+    client.close().await;
+    deleted.with_context(|| format!("deleting durable subscription {durable}"))
 }
 
 async fn stats(socket: &SocketArg, json: bool) -> Result<()> {

@@ -98,6 +98,15 @@ enum Command {
         /// Correlation id attached to every message.
         #[arg(long, value_name = "ID")]
         correlation_id: Option<String>,
+        /// Delivery guarantee: `realtime` (routed at most once; the exit status says the broker
+        /// routed every message) or `processed` (the exit status says the broker acknowledged
+        /// every message: every matching Processed subscription holds it).
+        #[arg(long, value_enum, default_value = "realtime")]
+        qos: QosArg,
+        /// Seconds the whole command may take; past them it prints how far it got and exits
+        /// non-zero.
+        #[arg(long, default_value_t = 10.0, value_name = "SECS")]
+        timeout: f64,
         /// Client name.
         #[arg(long, default_value = "eventbus-pub")]
         name: String,
@@ -107,8 +116,17 @@ enum Command {
         #[command(flatten)]
         socket: SocketArg,
         /// Topic filters (`+`, `*`, `#` wildcards).
-        #[arg(required = true)]
+        #[arg(required_unless_present = "delete_durable")]
         patterns: Vec<String>,
+        /// Subscribe durably under this name (Processed): the broker keeps what this
+        /// subscriber has not acknowledged, and what is published while nobody is subscribed,
+        /// for the next `sub --durable` of the name. Each message is acknowledged once
+        /// printed.
+        #[arg(long, value_name = "NAME", conflicts_with = "delete_durable")]
+        durable: Option<String>,
+        /// Delete the durable subscription NAME (and its backlog), then exit.
+        #[arg(long, value_name = "NAME")]
+        delete_durable: Option<String>,
         /// Stop after this many messages.
         #[arg(long)]
         count: Option<u64>,

@@ -127,7 +127,9 @@ pub(crate) fn print_stats(out: &mut impl Write, s: &BrokerStats) -> io::Result<(
         ("subscriptions", s.active_subscriptions),
         ("topics (distinct filters)", s.active_topics),
         ("queued bytes", s.queued_bytes),
+        ("subscription bytes", s.subscription_bytes),
         ("memory cap (bytes)", s.memory_cap_bytes),
+        ("stalled subscriptions", s.stalled),
     ];
     for (k, v) in rows {
         writeln!(out, "{k:<28} {v}")?;
@@ -151,6 +153,47 @@ pub(crate) fn print_stats(out: &mut impl Write, s: &BrokerStats) -> io::Result<(
             c.dropped,
             c.queued_messages
         )?;
+    }
+    if !s.subscriptions.is_empty() {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "{:<20} {:<22} {:>8} {:>8} {:>10} {:>8} {:>8} {:<8} filters",
+            "durable",
+            "attached to",
+            "pending",
+            "unacked",
+            "delivered",
+            "redeliv",
+            "dropped",
+            "state"
+        )?;
+        for d in &s.subscriptions {
+            let attached = match (&d.client, d.session_id) {
+                (Some(c), Some(id)) => format!("{c} ({id})"),
+                _ => "-".into(),
+            };
+            let state = if d.stalled {
+                "stalled"
+            } else if d.session_id.is_some() {
+                "active"
+            } else {
+                "waiting"
+            };
+            writeln!(
+                out,
+                "{:<20} {:<22} {:>8} {:>8} {:>10} {:>8} {:>8} {:<8} {}",
+                d.durable.as_deref().unwrap_or("-"),
+                attached,
+                d.pending,
+                d.unacked,
+                d.delivered,
+                d.redelivered,
+                d.dropped,
+                state,
+                d.filters.join(" ")
+            )?;
+        }
     }
     Ok(())
 }

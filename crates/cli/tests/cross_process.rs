@@ -439,6 +439,98 @@ fn a_broker_killed_with_sigkill_is_replaced_at_the_first_try() {
 }
 
 #[test]
+fn pub_processed_exits_zero_only_when_every_message_is_acknowledged() {
+    let dir = TempDir::new("pubacked");
+    let config = "[broker]\nmessage_buffer_size = 10\nprocessed_stall_timeout_ms = 60000\n";
+    let broker = Broker::start(dir.path(), Some(config));
+    // Nobody subscribes: the broker acknowledges each at once.
+    let ok = broker.run(&["pub", "jobs.a", "x", "--qos", "processed", "--count", "100"]);
+    assert_eq!(ok.code, 0, "{ok:?}");
+    // A peer of protocol 1.2 subscribes Processed and never reads: publishers wait for it
+    // (for longer than this test: processed_stall_timeout_ms is a minute).
+    let mut stuck =
+        RawPeer::handshake_version(&broker.socket, "stuck", Version { major: 1, minor: 2 });
+    stuck.send(&Frame::Subscribe(Subscribe {
+        request_id: 1,
+        qos: Qos::Processed,
+        filter: TopicFilter::new("jobs.#").unwrap(),
+        group: None,
+    }));
+    assert!(matches!(stuck.recv(), Some(Frame::Reply(_))));
+    let start = std::time::Instant::now();
+    let held = broker.run(&[
+        "pub",
+        "jobs.b",
+        "--size",
+        "4096",
+        "--qos",
+        "processed",
+        "--count",
+        "1000",
+        "--timeout",
+        "1",
+    ]);
+    let took = start.elapsed();
+    assert_ne!(held.code, 0, "{held:?}");
+    assert!(
+        held.stderr
+            .iter()
+            .any(|l| l.contains("of 1000 messages acknowledged by the broker")),
+        "{held:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "bounded by --timeout: {took:?}"
+    );
+}
+
+#[test]
+fn sub_durable_gets_what_was_published_while_it_was_away() {
+    let dir = TempDir::new("durable");
+    let broker = Broker::start(dir.path(), None);
+    // Made by a first subscriber, which leaves at once.
+    let made = broker.run(&["sub", "--durable", "audit", "audit.#", "--timeout", "0.2"]);
+    assert_eq!(made.code, 0, "{made:?}");
+    let published = broker.run(&[
+        "pub",
+        "audit.login",
+        "m",
+        "--qos",
+        "processed",
+        "--count",
+        "5",
+    ]);
+    assert_eq!(published.code, 0, "{published:?}");
+    let listed = broker.run(&["stats"]);
+    assert!(
+        listed
+            .stdout
+            .iter()
+            .any(|l| l.starts_with("audit ") && l.contains("waiting") && l.contains(" 5 ")),
+        "{listed:?}"
+    );
+    let got = broker.run(&["sub", "--durable", "audit", "audit.#", "--count", "5"]);
+    assert_eq!(got.code, 0, "{got:?}");
+    assert_eq!(got.stdout, vec!["audit.login m"; 5]);
+    // Acknowledged once printed: nothing is left for the next subscriber.
+    let stats = broker.stats();
+    assert_eq!(stats["subscriptions"][0]["pending"], 0);
+    assert_eq!(stats["subscriptions"][0]["unacked"], 0);
+    let deleted = broker.run(&["sub", "--delete-durable", "audit"]);
+    assert_eq!(deleted.code, 0, "{deleted:?}");
+    assert_eq!(broker.stats()["subscriptions"], serde_json::json!([]));
+    let again = broker.run(&["sub", "--delete-durable", "audit"]);
+    assert_eq!(again.code, 1);
+    assert!(
+        again
+            .stderr
+            .iter()
+            .any(|l| l.contains("no durable subscription audit")),
+        "{again:?}"
+    );
+}
+
+#[test]
 fn connection_limit_refuses_cleanly_then_frees_the_slot() {
     let dir = TempDir::new("limit");
     let broker = Broker::start(dir.path(), Some("[broker]\nmax_connections = 2\n"));

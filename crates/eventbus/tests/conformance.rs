@@ -7,9 +7,10 @@
 use bytes::Bytes;
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
 use daemoneye_eventbus::client::{
-    Client, ClientOptions, Publish, PublishError, RecvError, Request, RpcErrorKind, ServeOptions,
-    Service, SubscribeError, SubscribeOptions, Subscription,
+    AckMode, Client, ClientOptions, Publish, PublishError, RecvError, Request, RpcErrorKind,
+    ServeOptions, Service, SubscribeError, SubscribeOptions, Subscription,
 };
+use daemoneye_eventbus::core::codec::ErrorCode;
 use daemoneye_eventbus::core::{CorrelationFilter, CorrelationMetadata, QueueGroup, ReplyStatus};
 use daemoneye_eventbus::{Endpoint, Message, Qos, Topic, catalog};
 use std::path::PathBuf;
@@ -651,6 +652,247 @@ async fn processed_subscriptions_lose_nothing(kind: Kind) {
     assert_eq!(c.dropped, 0);
 }
 
+async fn recv(s: &mut Subscription) -> daemoneye_eventbus::client::Delivery {
+    tokio::time::timeout(WAIT, s.recv_delivery())
+        .await
+        .expect("a delivery within the deadline")
+        .unwrap()
+}
+
+fn payload_u32(m: &Message) -> u32 {
+    u32::from_le_bytes(m.payload().as_ref().try_into().unwrap())
+}
+
+async fn publish_processed(c: &Client, topic: &str, from: u32, to: u32) {
+    for i in from..to {
+        let p = Publish::new(t(topic), i.to_le_bytes().to_vec()).qos(Qos::Processed);
+        c.publish_with(p).await.unwrap();
+    }
+}
+
+/// A delivery not acknowledged within `ack_timeout_ms` comes again, marked, and an
+/// acknowledgement ends it; the publisher's ACK comes once the subscription holds the message.
+/// By default the subscription drops the redelivery of a message it still holds (a duplicate,
+/// counted) and acknowledges both together.
+async fn unacknowledged_deliveries_come_again(kind: Kind) {
+    let config = BrokerConfig {
+        ack_timeout_ms: 300,
+        keepalive_interval_ms: 100,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let c = bus.client("manual").await;
+    let manual = SubscribeOptions::default()
+        .qos(Qos::Processed)
+        .ack_mode(AckMode::Manual);
+    let mut s = c
+        .subscribe_with_options(["job"], manual.clone().keep_duplicates(true))
+        .await
+        .unwrap();
+    let mut dedup = c.subscribe_with_options(["job"], manual).await.unwrap();
+    let publ = bus.client("pub").await;
+    publish_processed(&publ, "job", 1, 3).await;
+    let report = publ.wait_acked(WAIT).await;
+    assert_eq!((report.acked, report.outstanding), (2, 0));
+    let first = recv(&mut s).await;
+    let second = recv(&mut s).await;
+    assert_eq!((payload_u32(&first.message), first.redelivered), (1, 0));
+    assert_eq!(payload_u32(&second.message), 2);
+    assert!(s.ack(&second.message));
+    s.flush_acks();
+    // The first was never acknowledged: it comes again, marked.
+    let again = recv(&mut s).await;
+    assert_eq!((payload_u32(&again.message), again.redelivered), (1, 1));
+    assert!(s.ack(&again.message));
+    s.flush_acks();
+    // The other subscription holds both unacknowledged past the timeout: the redeliveries
+    // are duplicates of what it holds, dropped and counted; acknowledging them once is enough.
+    let (a, b) = (recv(&mut dedup).await, recv(&mut dedup).await);
+    while c.stats().duplicates < 2 {
+        assert!(dedup.try_recv().is_none(), "duplicates are not handed over");
+        tokio::task::yield_now().await;
+        c.ping().await.unwrap();
+    }
+    assert!(dedup.ack(&a.message) && dedup.ack(&b.message));
+    dedup.flush_acks();
+    assert_nothing_else_acked(&publ, &c, &mut s).await;
+    let stats = bus.broker.stats();
+    let total: u64 = stats.subscriptions.iter().map(|s| s.acked).sum();
+    assert_eq!(total, 2 + 2 + 1, "{:?}", stats.subscriptions);
+    assert!(stats.subscriptions.iter().all(|s| s.redelivered >= 1));
+}
+
+/// A marker published after everything is the next message (acknowledged at once).
+async fn assert_nothing_else_acked(
+    publisher: &Client,
+    subscriber: &Client,
+    sub: &mut Subscription,
+) {
+    publish_processed(publisher, "job", 99, 100).await;
+    let m = next(sub).await;
+    assert_eq!(payload_u32(&m), 99);
+    sub.ack(&m);
+    sub.flush_acks();
+    // The broker reads a connection's frames in order: once the ping is answered, so are the
+    // acknowledgements queued before it.
+    subscriber.ping().await.unwrap();
+}
+
+/// A durable subscription outlives its subscriber: what it had not acknowledged, and what was
+/// published while nobody was attached, reaches the next subscriber of its name, in order,
+/// before anything newer.
+async fn a_durable_subscription_outlives_its_subscriber(kind: Kind) {
+    let bus = bus(kind, BrokerConfig::default()).await;
+    let publ = bus.client("pub").await;
+    let first = bus.client("first").await;
+    let mut s = first.subscribe_durable("audit", ["ev.#"]).await.unwrap();
+    publish_processed(&publ, "ev.a", 0, 10).await;
+    for i in 0..5 {
+        assert_eq!(payload_u32(&next(&mut s).await), i);
+    }
+    // Received 0..=4; 4 was never acknowledged (auto mode acknowledges on the next receive).
+    drop(s);
+    // A graceful end writes what was queued: the acknowledgements too (a close would discard
+    // them, and the broker would send those messages again).
+    first.drain().await;
+    publish_processed(&publ, "ev.b", 10, 20).await;
+    let report = publ.wait_acked(WAIT).await;
+    assert_eq!(report.outstanding, 0, "the durable subscription holds them");
+    let stats = bus.broker.stats();
+    let d = stats
+        .subscriptions
+        .iter()
+        .find(|d| d.durable.as_deref() == Some("audit"))
+        .unwrap();
+    assert!(d.session_id.is_none(), "detached");
+    assert_eq!(d.pending, 16, "4 again, 5..9, 10..19");
+    // Another subscriber of the name: 4 (redelivered), then the rest, in order.
+    let second = bus.client("second").await;
+    let mut s = second.subscribe_durable("audit", ["ev.#"]).await.unwrap();
+    let again = tokio::time::timeout(WAIT, s.recv_delivery())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((payload_u32(&again.message), again.redelivered), (4, 1));
+    for i in 5..20 {
+        assert_eq!(payload_u32(&next(&mut s).await), i);
+    }
+    // One subscriber at a time; the filters are fixed.
+    let third = bus.client("third").await;
+    match third.subscribe_durable("audit", ["ev.#"]).await {
+        Err(SubscribeError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::DurableInUse);
+            assert!(message.contains("second"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    match third.delete_durable("audit").await {
+        Err(SubscribeError::Refused { code, .. }) => assert_eq!(code, ErrorCode::DurableInUse),
+        other => panic!("{other:?}"),
+    }
+    s.delete().await.unwrap();
+    assert!(bus.broker.stats().subscriptions.is_empty());
+    match third.subscribe_durable("audit", ["other"]).await {
+        Ok(_) => {}
+        Err(e) => panic!("deleted: the name is free for other filters: {e}"),
+    }
+    assert!(matches!(
+        third.subscribe_durable("Bad Name", ["x"]).await,
+        Err(SubscribeError::Refused {
+            code: ErrorCode::InvalidName,
+            ..
+        })
+    ));
+}
+
+/// A Processed subscription that stops acknowledging holds its publishers back for at most
+/// `processed_stall_timeout_ms`: then it is closed and its subscriber told, and a durable one
+/// stalls and keeps the newest; the publisher is never held longer.
+async fn a_stalled_subscription_releases_its_publishers(kind: Kind) {
+    let config = BrokerConfig {
+        message_buffer_size: 10,
+        durable_max_messages: 10,
+        processed_stall_timeout_ms: 300,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let stuck = bus.client("stuck").await;
+    let manual = SubscribeOptions::default()
+        .qos(Qos::Processed)
+        .ack_mode(AckMode::Manual);
+    let mut s = stuck
+        .subscribe_with_options(["job"], manual.clone())
+        .await
+        .unwrap();
+    let mut d = stuck
+        .subscribe_with_options(
+            ["job"],
+            manual.durable(daemoneye_eventbus::core::DurableName::new("kept").unwrap()),
+        )
+        .await
+        .unwrap();
+    let publ = bus.client("pub").await;
+    let n = 100;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        publish_processed(&publ, "job", 0, n),
+    )
+    .await
+    .expect("the publisher is held back for a bounded time");
+    let report = publ.wait_acked(WAIT).await;
+    assert_eq!(report.acked, u64::from(n));
+    // The plain subscription was closed, and said so after what it had received.
+    let mut got = 0;
+    loop {
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Ok(_) => got += 1,
+            Err(RecvError::Ended(why)) => {
+                assert!(why.contains("processed_stall_timeout_ms"), "{why}");
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(got <= 10, "it never acknowledged: at most its window");
+    let stats = bus.broker.stats();
+    assert!(stats.stalled >= 2, "{}", stats.stalled);
+    let kept = stats
+        .subscriptions
+        .iter()
+        .find(|d| d.durable.as_deref() == Some("kept"))
+        .unwrap();
+    assert!(kept.stalled);
+    assert!(
+        kept.dropped > 0,
+        "the stalled durable subscription dropped its oldest, counted"
+    );
+    // The durable subscriber gets the newest, told of what was dropped.
+    let (mut last, mut missed) = (0, 0);
+    while let Ok(r) = tokio::time::timeout(Duration::from_millis(500), d.recv()).await {
+        match r {
+            Ok(m) => {
+                last = payload_u32(&m);
+                d.ack(&m);
+            }
+            Err(RecvError::Missed { count, reason }) => {
+                assert_eq!(
+                    reason,
+                    daemoneye_eventbus::client::MissedReason::BacklogFull
+                );
+                missed += count;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(missed, kept.dropped);
+    assert_eq!(
+        last,
+        n - 1,
+        "the newest was kept: {:?}",
+        bus.broker.stats().subscriptions
+    );
+}
+
 async fn repeated_topic_follows_subscription_changes(kind: Kind) {
     let bus = bus(kind, BrokerConfig::default()).await;
     let publ = bus.client("pub").await;
@@ -1089,6 +1331,9 @@ conformance!(
     subscriptions_are_limited_and_charged,
     disconnect_policy_closes_a_slow_reader,
     processed_subscriptions_lose_nothing,
+    unacknowledged_deliveries_come_again,
+    a_durable_subscription_outlives_its_subscriber,
+    a_stalled_subscription_releases_its_publishers,
     repeated_topic_follows_subscription_changes,
     request_reply_and_typed_errors,
     deadlines_and_cancellation,

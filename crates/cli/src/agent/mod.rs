@@ -46,9 +46,55 @@ fn part(health: Health, reason: impl Into<String>) -> Part {
     }
 }
 
-/// The broker's health from its statistics: Degraded when queues hold over 80 % of the
-/// memory cap or deliveries were dropped since the last report.
-pub(crate) fn broker_health(now: &BrokerStats, dropped_before: u64) -> Part {
+/// The broker's counters at the last report, for what happened since.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Before {
+    pub(crate) dropped: u64,
+    pub(crate) stalled: u64,
+}
+
+impl Before {
+    pub(crate) fn of(stats: &BrokerStats) -> Self {
+        Self {
+            dropped: stats.dropped,
+            stalled: stats.stalled,
+        }
+    }
+}
+
+/// The broker's health from its statistics: Degraded when a Processed subscription is
+/// stalled now (named) or stalled since the last report, when queues hold over 80 % of the
+/// memory cap, or when deliveries were dropped since the last report.
+pub(crate) fn broker_health(now: &BrokerStats, before: Before) -> Part {
+    let stalled: Vec<String> = now
+        .subscriptions
+        .iter()
+        .filter(|s| s.stalled)
+        .map(|s| match (&s.durable, &s.client) {
+            (Some(d), _) => format!("durable subscription {d}"),
+            (None, Some(c)) => format!("a subscription of {c}"),
+            (None, None) => "a subscription".into(),
+        })
+        .collect();
+    if !stalled.is_empty() {
+        return part(
+            Health::Degraded,
+            format!(
+                "stalled (not acknowledging; its publishers no longer wait): {}",
+                stalled.join(", ")
+            ),
+        );
+    }
+    let closed = now.stalled.saturating_sub(before.stalled);
+    if closed > 0 {
+        return part(
+            Health::Degraded,
+            format!(
+                "{closed} Processed subscriptions stalled and were closed so their publishers \
+                 could go on"
+            ),
+        );
+    }
     let used = now.queued_bytes.saturating_mul(100) / now.memory_cap_bytes.max(1);
     if used >= 80 {
         return part(
@@ -56,7 +102,7 @@ pub(crate) fn broker_health(now: &BrokerStats, dropped_before: u64) -> Part {
             format!("queues hold {used} % of the memory cap"),
         );
     }
-    let dropped = now.dropped.saturating_sub(dropped_before);
+    let dropped = now.dropped.saturating_sub(before.dropped);
     if dropped > 0 {
         return part(
             Health::Degraded,
@@ -196,7 +242,7 @@ struct Agent {
     supervisor: Supervisor,
     counts: Counts,
     checks: Checks,
-    dropped_before: u64,
+    before: Before,
     rpc_failures_before: u64,
     last: Instant,
 }
@@ -214,9 +260,9 @@ impl Agent {
             .collect();
         let metrics = self.client.rpc_metrics();
         let failures = metrics.errors_of("timeout") + metrics.errors_of("no_responders");
-        let broker = broker_health(&stats, self.dropped_before);
+        let broker = broker_health(&stats, self.before);
         let rpc = rpc_health(failures.saturating_sub(self.rpc_failures_before));
-        self.dropped_before = stats.dropped;
+        self.before = Before::of(&stats);
         self.rpc_failures_before = failures;
         let checks = self.checks.lock().clone();
         let mut collectors_health = collectors_health(&statuses);
@@ -463,7 +509,7 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         supervisor: supervisor.clone(),
         counts,
         checks,
-        dropped_before: 0,
+        before: Before::default(),
         rpc_failures_before: 0,
         last: Instant::now(),
     };
@@ -664,6 +710,38 @@ mod tests {
         v["queued_bytes"] = 90.into();
         v["memory_cap_bytes"] = 100.into();
         let stats: BrokerStats = serde_json::from_value(v).unwrap();
-        assert_eq!(broker_health(&stats, 0).health, Health::Degraded);
+        assert_eq!(
+            broker_health(&stats, Before::default()).health,
+            Health::Degraded
+        );
+        // A stalled durable subscription is named; one closed since the last report counts.
+        let mut v = serde_json::to_value(BrokerStats::default()).unwrap();
+        v["memory_cap_bytes"] = 100.into();
+        v["stalled"] = 1.into();
+        v["subscriptions"] = serde_json::json!([{
+            "durable": "audit", "filters": ["events.#"], "session_id": 3, "client": "siem",
+            "pending": 10, "unacked": 5, "kept_bytes": 900, "delivered": 5, "redelivered": 0,
+            "acked": 0, "dropped": 2, "stalled": true
+        }]);
+        let stats: BrokerStats = serde_json::from_value(v).unwrap();
+        let h = broker_health(&stats, Before::default());
+        assert_eq!(h.health, Health::Degraded);
+        assert!(
+            h.reason.contains("durable subscription audit"),
+            "{}",
+            h.reason
+        );
+        let mut v = serde_json::to_value(&stats).unwrap();
+        v["subscriptions"] = serde_json::json!([]);
+        let closed: BrokerStats = serde_json::from_value(v).unwrap();
+        assert!(
+            broker_health(&closed, Before::default())
+                .reason
+                .contains("closed")
+        );
+        assert_eq!(
+            broker_health(&closed, Before::of(&closed)).health,
+            Health::Healthy
+        );
     }
 }

@@ -32,13 +32,10 @@ fn wait_go() -> Result<()> {
     Ok(())
 }
 
+/// Every worker uses the default client options: the bench measures what a user gets.
 async fn connect(socket: &str, name: &str) -> Result<Client> {
     let ep = Endpoint::parse(socket)?;
-    let mut options = ClientOptions::named(name);
-    options.max_message_size = 64 << 20;
-    options.subscription_buffer = 65_536;
-    options.reconnect.enabled = false;
-    Client::connect(&ep, options)
+    Client::connect(&ep, ClientOptions::named(name))
         .await
         .with_context(|| format!("connecting to {ep}"))
 }
