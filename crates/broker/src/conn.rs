@@ -23,6 +23,8 @@ pub(crate) struct Conn {
     /// Whether the client reads message runs (protocol 1.2); older clients get a run's
     /// messages as single deliveries.
     pub(crate) runs: bool,
+    /// The protocol minor version of the client's HELLO.
+    pub(crate) minor: u16,
     pub(crate) counters: ConnCounters,
     /// Cancelled to tear the connection down at once (overflow, forced shutdown).
     pub(crate) cancel: CancellationToken,
@@ -42,7 +44,7 @@ impl Conn {
         name: String,
         peer: PeerInfo,
         outlet: Outlet,
-        runs: bool,
+        minor: u16,
         cancel: CancellationToken,
     ) -> Self {
         Self {
@@ -51,7 +53,8 @@ impl Conn {
             peer,
             outlet: Arc::new(outlet),
             acked: Mutex::new(HashMap::new()),
-            runs,
+            runs: minor >= daemoneye_eventbus_core::codec::RUNS_SINCE_MINOR,
+            minor,
             counters: ConnCounters::default(),
             cancel,
             last_error: Mutex::new(None),

@@ -11,7 +11,7 @@ use crate::delivery::{Batch, Bounds, Encoding, Item, Out, Outlet, Pushed, SubPus
 use crate::hub::{Blocked, Hub, RouteScratch, Routed, Waiting};
 use crate::stats::Counters;
 use daemoneye_eventbus_core::codec::{
-    ErrorCode, ErrorFrame, GoingAway, Hello, Lent, MessageRun, RUNS_SINCE_MINOR,
+    ACKED_SINCE_MINOR, ErrorCode, ErrorFrame, GoingAway, Hello, Lent, MessageRun, RUNS_SINCE_MINOR,
 };
 use daemoneye_eventbus_core::{Frame, Message, Qos, catalog};
 use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, TransportKind};
@@ -127,7 +127,7 @@ async fn run_session(
         hello.client_name.clone(),
         peer,
         Outlet::new(bounds, hello.slow_reader, encoding),
-        runs,
+        hello.version.minor,
         hub.kill.child_token(),
     ));
     hub.sessions
@@ -217,6 +217,9 @@ struct ReadLoop<'a> {
     bytes_in: u64,
     dropped: u64,
     rejected: u64,
+    /// The last Processed publish acknowledged and not yet answered: a client of protocol 1.3
+    /// reads an ACK as covering every earlier one, so one ACK answers a batch.
+    ack_due: Option<daemoneye_eventbus_core::MessageId>,
 }
 
 impl<'a> ReadLoop<'a> {
@@ -233,6 +236,7 @@ impl<'a> ReadLoop<'a> {
             bytes_in: 0,
             dropped: 0,
             rejected: 0,
+            ack_due: None,
         }
     }
 
@@ -251,6 +255,9 @@ impl<'a> ReadLoop<'a> {
                     return exit;
                 }
             }
+            if let Some(exit) = self.send_ack() {
+                return exit;
+            }
             let filled = tokio::select! {
                 biased;
                 () = self.conn.cancel.cancelled() => return Exit::Cancelled,
@@ -266,7 +273,7 @@ impl<'a> ReadLoop<'a> {
                 }
             };
             let exit = match filled {
-                Ok(true) => self.on_batch(reader),
+                Ok(true) => self.on_batch(reader).or_else(|| self.send_ack()),
                 Ok(false) => Some(Exit::ClientClosed),
                 Err(e) => {
                     let step = self.core.on_read_error(e);
@@ -312,6 +319,12 @@ impl<'a> ReadLoop<'a> {
             }
             Step::Answer { frame, refused } => {
                 self.rejected += u64::from(refused);
+                if refused {
+                    // A refusal must not overtake the acknowledgement of earlier publishes.
+                    if let Some(exit) = self.send_ack() {
+                        return Some(exit);
+                    }
+                }
                 self.control(frame)
             }
             Step::Subscribe(s) => {
@@ -366,9 +379,27 @@ impl<'a> ReadLoop<'a> {
             return None;
         }
         if msg.header().qos == Qos::Processed {
-            return self.control(Frame::Ack(msg.id()));
+            return self.ack(msg.id());
         }
         None
+    }
+
+    /// Acknowledges a Processed publish: at once for a client before protocol 1.3 (one ACK
+    /// per publish), otherwise with the batch (one cumulative ACK, [`ReadLoop::send_ack`]).
+    fn ack(&mut self, id: daemoneye_eventbus_core::MessageId) -> Option<Exit> {
+        if self.conn.minor < ACKED_SINCE_MINOR {
+            return self.control(Frame::Ack(id));
+        }
+        self.ack_due = Some(id);
+        None
+    }
+
+    /// Sends the cumulative ACK due, if any.
+    fn send_ack(&mut self) -> Option<Exit> {
+        match self.ack_due.take() {
+            Some(id) => self.control(Frame::Ack(id)),
+            None => None,
+        }
     }
 
     /// Routes a run as a unit, or message by message when a queue group subscribes to its
@@ -408,6 +439,9 @@ impl<'a> ReadLoop<'a> {
             Ok(()) => self.publish(msg),
             Err(nack) => {
                 self.rejected += 1;
+                if let Some(exit) = self.send_ack() {
+                    return Some(exit);
+                }
                 self.control(Frame::Nack(nack))
             }
         }
@@ -589,9 +623,7 @@ impl<'a> ReadLoop<'a> {
             }
         }
         match pending {
-            Pending::Msg(msg) if msg.header().qos == Qos::Processed => {
-                self.control(Frame::Ack(msg.id()))
-            }
+            Pending::Msg(msg) if msg.header().qos == Qos::Processed => self.ack(msg.id()),
             _ => None,
         }
     }
