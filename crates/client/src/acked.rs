@@ -2,9 +2,17 @@
 //! subscriptions and recognising duplicates ([`AckState`]), and keeping Processed publishes
 //! until the broker acknowledges them, to send them again after a reconnect ([`Unacked`]).
 
+use crate::idmap::IdBuild;
 use daemoneye_eventbus_core::codec::SubId;
 use daemoneye_eventbus_core::{Message, MessageId};
 use std::collections::{HashMap, HashSet, VecDeque};
+
+/// The deliveries of one message handed to the application: (connection epoch, sequence),
+/// the first inline (a message is usually delivered once).
+struct Handed {
+    first: (u64, u64),
+    more: Vec<(u64, u64)>,
+}
 
 /// When a Processed subscription's deliveries are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -49,11 +57,11 @@ pub(crate) struct AckState {
     keep_duplicates: bool,
     /// Messages handed to the application and not acknowledged yet: the (connection epoch,
     /// delivery sequence) of each delivery of them, a redelivery included.
-    handed: HashMap<MessageId, Vec<(u64, u64)>>,
+    handed: HashMap<MessageId, Handed, IdBuild>,
     /// The message handed last, acknowledged on the next receive in [`AckMode::Auto`].
     current: Option<MessageId>,
     /// Recently acknowledged messages: a delivery of one again is a duplicate.
-    done: HashSet<MessageId>,
+    done: HashSet<MessageId, IdBuild>,
     done_order: VecDeque<MessageId>,
     dedup_window: usize,
     /// Sequences acknowledged and not yet sent, with their connection epoch.
@@ -79,9 +87,9 @@ impl AckState {
             sub,
             mode,
             keep_duplicates,
-            handed: HashMap::new(),
+            handed: HashMap::default(),
             current: None,
-            done: HashSet::new(),
+            done: HashSet::default(),
             done_order: VecDeque::new(),
             dedup_window,
             due: Vec::new(),
@@ -105,13 +113,24 @@ impl AckState {
                 self.due.push((epoch, seq));
                 return Verdict::Duplicate;
             }
-            if let Some(seqs) = self.handed.get_mut(&id) {
+            if let Some(h) = self.handed.get_mut(&id) {
                 // Still being handled: acknowledged together with the original.
-                seqs.push((epoch, seq));
+                h.more.push((epoch, seq));
                 return Verdict::Duplicate;
             }
         }
-        self.handed.entry(id).or_default().push((epoch, seq));
+        match self.handed.get_mut(&id) {
+            Some(h) => h.more.push((epoch, seq)),
+            None => {
+                self.handed.insert(
+                    id,
+                    Handed {
+                        first: (epoch, seq),
+                        more: Vec::new(),
+                    },
+                );
+            }
+        }
         self.current = Some(id);
         Verdict::Deliver
     }
@@ -121,10 +140,11 @@ impl AckState {
         if self.current == Some(id) {
             self.current = None;
         }
-        let Some(seqs) = self.handed.remove(&id) else {
+        let Some(h) = self.handed.remove(&id) else {
             return false;
         };
-        self.due.extend(seqs);
+        self.due.push(h.first);
+        self.due.extend(h.more);
         if self.dedup_window > 0 && self.done.insert(id) {
             self.done_order.push_back(id);
             if self.done_order.len() > self.dedup_window

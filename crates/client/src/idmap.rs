@@ -18,10 +18,14 @@ impl Hasher for IdHasher {
         }
     }
     fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing spreads sequential numbers over the high bits the table uses.
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Fibonacci hashing spreads sequential numbers over the high bits the table uses; a
+        // key of several numbers (a message id) folds each in.
+        self.0 = (self.0.rotate_left(26) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
 }
 
 /// A map keyed by sequential numbers, hashed with [`IdHasher`].
 pub(crate) type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdHasher>>;
+
+/// The hasher of [`IdHasher`], for maps and sets of other sequential keys (message ids).
+pub(crate) type IdBuild = BuildHasherDefault<IdHasher>;

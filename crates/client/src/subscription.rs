@@ -140,6 +140,7 @@ impl Subscription {
     pub async fn recv_delivery(&mut self) -> Result<Delivery, RecvError> {
         if let Some(a) = &mut self.acked {
             a.next();
+            self.flush_acks_if_many();
         }
         loop {
             let item = match self.rx.try_take() {
@@ -168,6 +169,7 @@ impl Subscription {
     pub fn try_recv(&mut self) -> Option<Result<Message, RecvError>> {
         if let Some(a) = &mut self.acked {
             a.next();
+            self.flush_acks_if_many();
         }
         loop {
             let item = match self.rx.try_take() {
