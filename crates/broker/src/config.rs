@@ -19,11 +19,14 @@ pub struct BrokerConfig {
     /// Maximum concurrent connections (default 64). Extra connections are refused with a
     /// `ConnectionLimit` error.
     pub max_connections: usize,
-    /// Per-connection outbound queue bound, in messages (default 1000).
+    /// Bound of each queue (a connection's Realtime and Processed queues, an acknowledged
+    /// subscription), in messages (default 1,000,000: the byte bound binds first).
     pub message_buffer_size: usize,
-    /// Per-connection outbound queue bound, in bytes (default 16 MiB).
+    /// Bound of each queue in charged bytes (default 128 MiB: a burst of a million 256-byte
+    /// messages to a subscriber slower than its publisher, on the 2-core machine of
+    /// `docs/benchmarks.md`, with nothing dropped).
     pub subscriber_buffer_bytes: usize,
-    /// Broker-wide cap on queued message bytes and subscriptions (default 100 MiB).
+    /// Broker-wide cap on queued message bytes and subscriptions (default 512 MiB).
     pub max_memory_bytes: usize,
     /// Filters one connection may hold (default 10,000); more are refused with
     /// `ResourceExhausted`.
@@ -74,9 +77,9 @@ impl Default for BrokerConfig {
             socket_path: None,
             tcp_listen: None,
             max_connections: 64,
-            message_buffer_size: 1000,
-            subscriber_buffer_bytes: 16 * 1024 * 1024,
-            max_memory_bytes: 100 * 1024 * 1024,
+            message_buffer_size: 1_000_000,
+            subscriber_buffer_bytes: 128 * 1024 * 1024,
+            max_memory_bytes: 512 * 1024 * 1024,
             max_subscriptions_per_connection: 10_000,
             connection_timeout_secs: 30,
             handshake_timeout_ms: 5000,
@@ -216,10 +219,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn defaults_are_the_seed_values_and_valid() {
+    fn defaults_are_valid_and_bound_queues_in_bytes_first() {
         let c = BrokerConfig::default();
         assert_eq!(c.max_connections, 64);
-        assert_eq!(c.message_buffer_size, 1000);
+        // The seed's 1,000 messages dropped bursts that NATS and Mosquitto keep: bytes bind
+        // first (a million 256-byte messages charge 320 MB, more than a queue's 128 MiB).
+        assert!(c.message_buffer_size * (256 + 64) > c.subscriber_buffer_bytes);
+        assert_eq!(c.subscriber_buffer_bytes, 128 << 20);
         assert_eq!(c.max_message_size, 1024 * 1024);
         assert_eq!(c.connection_timeout_secs, 30);
         assert_eq!(c.stats_interval_secs, 30);
