@@ -26,8 +26,18 @@ fn every_workload_runs_across_processes_without_loss_and_reports_every_field() {
         .collect();
     let (summary, rows): (Vec<&Value>, Vec<&Value>) =
         rows.iter().partition(|r| r["workload"] == "summary");
-    for w in ["w1", "w2", "w3", "w4", "w5"] {
+    for w in ["w1", "w2", "w3", "w4", "w5", "w6"] {
         assert!(rows.iter().any(|r| r["workload"] == w), "no {w} row");
+    }
+    // The streaming workloads run in both guarantees, with the default client options.
+    for w in ["w1", "w2", "w4", "w5"] {
+        for qos in ["realtime", "processed"] {
+            assert!(
+                rows.iter().any(|r| r["workload"] == w
+                    && r["variant"].as_str().unwrap().contains(&format!(",{qos}"))),
+                "no {w} {qos} row"
+            );
+        }
     }
     assert!(rows.iter().any(|r| r["peer"] == "floor"), "no floor row");
     for r in &rows {
@@ -59,13 +69,14 @@ fn every_workload_runs_across_processes_without_loss_and_reports_every_field() {
             );
         }
     }
-    // W2 and W2 with a stalled subscriber alternate, three times each.
+    // W2 and W2 with a stalled subscriber alternate, three times each (in each guarantee).
     for stalled in [false, true] {
         let runs: Vec<u64> = rows
             .iter()
             .filter(|r| {
                 r["workload"] == "w2"
                     && r["run"].is_u64()
+                    && r["variant"].as_str().unwrap().contains(",realtime")
                     && r["variant"].as_str().unwrap().ends_with("+1stalled") == stalled
             })
             .map(|r| r["run"].as_u64().unwrap())

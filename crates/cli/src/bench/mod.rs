@@ -34,8 +34,12 @@ pub(crate) enum Role {
         name: String,
         #[arg(long, value_enum)]
         qos: crate::QosArg,
+        /// Attach to this durable subscription (Processed) instead.
+        #[arg(long)]
+        durable: Option<String>,
     },
-    /// Publish `count` messages of `size` bytes over the workload's topics.
+    /// Publish `count` messages of `size` bytes over the workload's topics; Processed ones
+    /// are waited for until the broker acknowledged them all.
     Pub {
         #[arg(long)]
         socket: String,
@@ -45,6 +49,8 @@ pub(crate) enum Role {
         count: u64,
         #[arg(long)]
         size: usize,
+        #[arg(long, value_enum)]
+        qos: crate::QosArg,
     },
     /// Echo requests (an RPC service) until stdin closes.
     Responder {
@@ -98,6 +104,9 @@ pub(crate) enum Workload {
     W3,
     W4,
     W5,
+    /// A durable subscription's backlog of 100,000 messages redelivered to the subscriber
+    /// that attaches.
+    W6,
     Floor,
     All,
 }
@@ -111,17 +120,37 @@ pub(crate) struct BenchArgs {
     /// Workload to run.
     #[arg(long, value_enum, default_value = "all")]
     workload: Workload,
-    /// Subscribers' delivery guarantee: `processed` (default: nothing dropped, publishers
-    /// paced to the subscribers) or `realtime` (at most once: a slower subscriber loses the
-    /// oldest, counted in `lost`).
-    #[arg(long, value_enum, default_value = "processed")]
-    qos: crate::QosArg,
+    /// Delivery guarantee of the streaming workloads (W1, W2, W4, W5): `realtime` (at most
+    /// once: a subscriber slower than the publisher loses the oldest, counted in `lost`),
+    /// `processed` (at least once: the publisher publishes Processed and waits for every
+    /// acknowledgement, the subscribers acknowledge, nothing is dropped), or `both` (default:
+    /// each workload in both).
+    #[arg(long, value_enum, default_value = "both")]
+    qos: BenchQos,
     /// Multiply message counts (for quick runs).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+}
+
+/// The guarantees the streaming workloads run in.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BenchQos {
+    Realtime,
+    Processed,
+    Both,
+}
+
+impl BenchQos {
+    fn each(self) -> Vec<crate::QosArg> {
+        match self {
+            Self::Realtime => vec![crate::QosArg::Realtime],
+            Self::Processed => vec![crate::QosArg::Processed],
+            Self::Both => vec![crate::QosArg::Realtime, crate::QosArg::Processed],
+        }
+    }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: comparable between processes on one machine.
@@ -222,6 +251,8 @@ impl Ctx {
             &count.to_string(),
             "--size",
             &size.to_string(),
+            "--qos",
+            self.qos_name(),
         ];
         Worker::spawn(&args.map(String::from), "publisher")
     }
@@ -315,18 +346,19 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             (socket, Some(pid), Some(ready))
         }
     };
-    let ctx = Ctx {
+    let mut ctx = Ctx {
         socket,
         scale: args.scale,
-        qos: args.qos,
+        qos: crate::QosArg::Realtime,
         broker_pid: pid,
     };
     let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
-    let steps = plan(args.workload);
+    let steps = plan(args.workload, args.qos);
     let progress = report::progress(steps.len() as u64, args.json);
     let mut rows = Vec::new();
-    for step in steps {
-        progress.set_message(step.label());
+    for (step, qos) in steps {
+        ctx.qos = qos;
+        progress.set_message(format!("{} {}", step.label(), ctx.qos_name()));
         let row = step
             .run(&ctx)
             .with_context(|| format!("workload {}", step.label()))?;
@@ -337,7 +369,13 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         progress.inc(1);
     }
     progress.finish_and_clear();
-    let isolation = report::stalled_reader_drop(&rows);
+    // The isolation figure is what a stalled Realtime reader costs the others.
+    let realtime: Vec<_> = rows
+        .iter()
+        .filter(|r| !r.variant.contains(",processed"))
+        .cloned()
+        .collect();
+    let isolation = report::stalled_reader_drop(&realtime);
     let summary = report::Summary {
         broker_ready_ms: ready_ms,
         broker_idle_rss_kb: idle_rss,
@@ -373,9 +411,11 @@ enum Step {
     W3,
     W4,
     W5(usize, u64, &'static str),
+    W6,
 }
 
-fn plan(w: Workload) -> Vec<Step> {
+/// The steps to run, each with the guarantee it runs in (the floor, W3 and W6 once).
+fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
     let w5 = [
         (64, 1_000_000, "64B"),
         (1024, 1_000_000, "1KiB"),
@@ -383,23 +423,32 @@ fn plan(w: Workload) -> Vec<Step> {
         (256 * 1024, 4096, "256KiB"),
     ]
     .map(|(s, n, l)| Step::W5(s, n, l));
+    let streaming = |steps: Vec<Step>| -> Vec<(Step, crate::QosArg)> {
+        qos.each()
+            .into_iter()
+            .flat_map(|q| steps.iter().map(move |s| (*s, q)))
+            .collect()
+    };
+    let once = |s: Step| vec![(s, crate::QosArg::Processed)];
     match w {
-        Workload::Floor => vec![Step::Floor],
-        Workload::W1 => vec![Step::W1],
-        Workload::W2 => vec![Step::W2Isolation, Step::W2Crowded],
-        Workload::W3 => vec![Step::W3],
-        Workload::W4 => vec![Step::W4],
-        Workload::W5 => w5.to_vec(),
+        Workload::Floor => once(Step::Floor),
+        Workload::W1 => streaming(vec![Step::W1]),
+        Workload::W2 => streaming(vec![Step::W2Isolation, Step::W2Crowded]),
+        Workload::W3 => once(Step::W3),
+        Workload::W4 => streaming(vec![Step::W4]),
+        Workload::W5 => streaming(w5.to_vec()),
+        Workload::W6 => once(Step::W6),
         Workload::All => [
-            vec![
-                Step::Floor,
-                Step::W1,
-                Step::W2Isolation,
-                Step::W2Crowded,
-                Step::W3,
-                Step::W4,
-            ],
-            w5.to_vec(),
+            once(Step::Floor),
+            streaming(
+                [
+                    vec![Step::W1, Step::W2Isolation, Step::W2Crowded, Step::W4],
+                    w5.to_vec(),
+                ]
+                .concat(),
+            ),
+            once(Step::W3),
+            once(Step::W6),
         ]
         .concat(),
     }
@@ -415,6 +464,7 @@ impl Step {
             Self::W3 => "w3".into(),
             Self::W4 => "w4".into(),
             Self::W5(_, _, l) => format!("w5 {l}"),
+            Self::W6 => "w6".into(),
         }
     }
 
@@ -475,6 +525,7 @@ impl Step {
             }
             Self::W3 => w3(ctx),
             Self::W4 => Ok(vec![w4(ctx)?]),
+            Self::W6 => Ok(vec![w6(ctx)?]),
             Self::W5(size, n, label) => {
                 let row = ctx.fan_out(&FanOut {
                     workload: "w5",
@@ -537,6 +588,53 @@ fn w3(ctx: &Ctx) -> Result<Vec<Row>> {
     }
     drop(responder);
     Ok(rows)
+}
+
+/// W6: a durable subscription's backlog, made while nobody is attached, redelivered to the
+/// subscriber that attaches; timed from its first message to its last.
+fn w6(ctx: &Ctx) -> Result<Row> {
+    let n = scaled(100_000, ctx.scale);
+    let name = format!("bench-w6-{}", std::process::id());
+    let durable = |expect: u64, label: &str| {
+        let args = [
+            "bench-worker",
+            "sub",
+            "--socket",
+            &ctx.socket,
+            "--filters",
+            "events.process.lifecycle",
+            "--expect",
+            &expect.to_string(),
+            "--name",
+            label,
+            "--qos",
+            "processed",
+            "--durable",
+            &name,
+        ];
+        Worker::spawn(&args.map(String::from), label)
+    };
+    // Made, then left: the backlog builds while nobody is attached.
+    let maker = durable(0, "w6-maker")?;
+    maker.ready()?;
+    maker.result()?;
+    let mut publisher = ctx.publisher("w6", n, 256)?;
+    publisher.ready()?;
+    publisher.go()?;
+    let p = publisher.result()?;
+    if num(&p, "lost") > 0 {
+        bail!("the backlog was not acknowledged whole: {p}");
+    }
+    let sub = durable(n, "w6-sub")?;
+    sub.ready()?;
+    let r = sub.result()?;
+    let secs = num(&r, "last_ns").saturating_sub(num(&r, "first_ns")) as f64 / 1e9;
+    Ok(Row::redelivery(
+        n,
+        num(&r, "received"),
+        secs,
+        ctx.peak_rss_kb(),
+    ))
 }
 
 fn w4(ctx: &Ctx) -> Result<Row> {

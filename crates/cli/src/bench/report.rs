@@ -115,6 +115,24 @@ impl Row {
         row
     }
 
+    /// W6: a durable subscription's backlog redelivered, from the subscriber's first message
+    /// to its last.
+    pub(crate) fn redelivery(count: u64, received: u64, secs: f64, rss: Option<u64>) -> Self {
+        let mut row = Self::empty(
+            "daemoneye-eventbus",
+            "w6",
+            "uds,proc,processed,durable-backlog",
+            256,
+            count,
+        );
+        row.seconds = Some(secs);
+        row.msgs_per_sec = rate(received, secs);
+        row.mb_per_sec = rate(received * 256, secs).map(|b| b / 1e6);
+        row.lost = count.saturating_sub(received);
+        row.broker_peak_rss_kb = rss;
+        row
+    }
+
     /// The raw socket's streaming rate.
     pub(crate) fn floor_stream(count: u64, received: u64, secs: f64) -> Self {
         let mut row = Self::empty("floor", "w1", "uds,proc", 256, count);

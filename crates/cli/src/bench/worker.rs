@@ -6,7 +6,7 @@
 
 use super::{Role, mono_ns, workload_topics};
 use anyhow::{Context, Result, bail};
-use daemoneye_eventbus::client::{Client, ClientOptions, RecvError, ServeOptions};
+use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError, ServeOptions};
 use daemoneye_eventbus::{Endpoint, Topic};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -48,13 +48,15 @@ pub(crate) async fn run(role: Role) -> Result<()> {
             expect,
             name,
             qos,
-        } => subscriber(&socket, &name, &filters, expect, qos.into()).await,
+            durable,
+        } => subscriber(&socket, &name, &filters, expect, qos.into(), durable).await,
         Role::Pub {
             socket,
             workload,
             count,
             size,
-        } => publisher(&socket, &workload, count, size).await,
+            qos,
+        } => publisher(&socket, &workload, count, size, qos.into()).await,
         Role::Responder { socket } => responder(&socket).await,
         Role::Idle {
             socket,
@@ -83,9 +85,13 @@ async fn subscriber(
     filters: &str,
     expect: u64,
     qos: daemoneye_eventbus::Qos,
+    durable: Option<String>,
 ) -> Result<()> {
     let client = connect(socket, name).await?;
-    let mut sub = client.subscribe_with(filters.split(','), qos).await?;
+    let mut sub = match &durable {
+        Some(d) => client.subscribe_durable(d, filters.split(',')).await?,
+        None => client.subscribe_with(filters.split(','), qos).await?,
+    };
     say("ready")?;
     let (mut received, mut missed, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
     while received < expect {
@@ -116,12 +122,26 @@ async fn subscriber(
         &json!({"received": received, "missed": missed, "first_ns": first, "last_ns": last})
             .to_string(),
     )?;
-    drop(sub);
-    client.close().await;
+    // Acknowledges the last message and writes the acknowledgements before leaving (a durable
+    // subscription keeps what was not acknowledged for its next subscriber).
+    sub.flush_acks();
+    if durable.is_some() && expect > 0 {
+        // The measured subscriber leaves no durable subscription behind.
+        sub.delete().await?;
+    } else {
+        drop(sub);
+    }
+    client.drain().await;
     Ok(())
 }
 
-async fn publisher(socket: &str, workload: &str, count: u64, size: usize) -> Result<()> {
+async fn publisher(
+    socket: &str,
+    workload: &str,
+    count: u64,
+    size: usize,
+    qos: daemoneye_eventbus::Qos,
+) -> Result<()> {
     let client = connect(socket, "bench-pub").await?;
     let topics: Vec<Topic> = workload_topics(workload)?;
     // One payload for every message, as the peers' benchmarks publish one buffer: static, so
@@ -133,15 +153,27 @@ async fn publisher(socket: &str, workload: &str, count: u64, size: usize) -> Res
     let start = mono_ns();
     for i in 0..count {
         let topic = &topics[(i % topics.len() as u64) as usize];
-        client.publish(topic, payload.clone()).await?;
+        if qos == daemoneye_eventbus::Qos::Processed {
+            let p = Publish::new(topic.clone(), payload.clone()).qos(qos);
+            client.publish_with(p).await?;
+        } else {
+            client.publish(topic, payload.clone()).await?;
+        }
     }
     let published = mono_ns();
-    client.ping().await?;
+    // Processed: every publish acknowledged (every subscription holds it); Realtime: routed.
+    let unacked = match qos {
+        daemoneye_eventbus::Qos::Processed => client.wait_acked(IDLE * 10).await.outstanding,
+        _ => {
+            client.ping().await?;
+            0
+        }
+    };
     let end = mono_ns();
     let s = client.stats();
     say(
         &json!({"start_ns": start, "published_ns": published, "end_ns": end,
-        "lost": s.lost + s.rejected})
+        "lost": s.lost + s.rejected + unacked})
         .to_string(),
     )?;
     client.close().await;
