@@ -271,6 +271,7 @@ impl Hub {
             sub: s.sub,
             session_id: conn.session_id,
             client: conn.name.clone(),
+            window,
         };
         let (sub, resumed) = match &s.durable {
             Some(name) => {

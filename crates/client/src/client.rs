@@ -311,7 +311,9 @@ pub struct SubscribeOptions {
     pub durable: Option<DurableName>,
     /// When a Processed subscription's messages are acknowledged (default `Auto`).
     pub ack_mode: AckMode,
-    /// Deliveries the broker may have unacknowledged at once (0: the broker's `ack_window`).
+    /// Deliveries the broker may have unacknowledged at once: at most the client's
+    /// [`ClientOptions::subscription_buffer`], which 0 (the default) asks for. The broker uses
+    /// the smaller of this and its `ack_window`.
     pub window: u32,
     /// Hand duplicates (a message received again, by id) to the application instead of
     /// dropping them.
@@ -877,11 +879,20 @@ impl Client {
         if self.inner.closed.is_cancelled() {
             return Err(SubscribeError::Closed);
         }
-        let (tx, rx) = crate::queue::channel(self.inner.options.subscription_buffer);
+        let buffer = self.inner.options.subscription_buffer.max(1);
+        // Never more unacknowledged than the queue holds: the broker may send a whole window
+        // before the REPLY that opens the subscription, and the reader must not wait for
+        // room then (the application has no `Subscription` to read from yet).
+        let cap = u32::try_from(buffer).unwrap_or(u32::MAX);
+        let window = match options.window {
+            0 => cap,
+            w => w.min(cap),
+        };
+        let (tx, rx) = crate::queue::channel(buffer);
         let (id, open) = self.inner.subs.lock().add_acked(
             filters.clone(),
             options.durable,
-            options.window,
+            window,
             options.correlation,
             Sink::Queue(tx),
         );

@@ -383,8 +383,7 @@ async fn read_loop(
         for id in ids {
             let tx = inner.subs.lock().sender(id);
             if let Some(tx) = tx {
-                ctx.send(&cancel, tx, Item::Gap(RecvError::Reconnected { outage }))
-                    .await;
+                tx.report(RecvError::Reconnected { outage });
             }
         }
     }
@@ -508,9 +507,7 @@ impl ReadCtx<'_> {
                 tracing::warn!(sub = %e.sub, code = %e.code, message = %e.message, "the broker ended a subscription");
                 inner.subs.lock().end_acked(e.sub, e.message);
             }
-            Frame::Notice(Notice::Dropped { reason, topics }) => {
-                self.missed(reason.into(), topics, cancel).await
-            }
+            Frame::Notice(Notice::Dropped { reason, topics }) => self.missed(reason.into(), topics),
             Frame::Notice(Notice::SubDropped {
                 sub,
                 reason,
@@ -524,7 +521,7 @@ impl ReadCtx<'_> {
                         count,
                         reason: reason.into(),
                     };
-                    self.send(cancel, tx, Item::Gap(gap)).await;
+                    tx.report(gap);
                 }
             }
             Frame::Error(e) if e.fatal => {
@@ -589,12 +586,7 @@ impl ReadCtx<'_> {
         }
     }
 
-    async fn missed(
-        &mut self,
-        reason: MissedReason,
-        topics: Vec<(daemoneye_eventbus_core::Topic, u64)>,
-        cancel: &CancellationToken,
-    ) {
+    fn missed(&mut self, reason: MissedReason, topics: Vec<(daemoneye_eventbus_core::Topic, u64)>) {
         let mut per_sub: HashMap<u64, u64> = HashMap::new();
         let mut total = 0;
         let other = daemoneye_eventbus_core::catalog::sys::dropped_other();
@@ -619,8 +611,7 @@ impl ReadCtx<'_> {
         for (id, count) in per_sub {
             let tx = self.inner.subs.lock().sender(id);
             if let Some(tx) = tx {
-                self.send(cancel, tx, Item::Gap(RecvError::Missed { count, reason }))
-                    .await;
+                tx.report(RecvError::Missed { count, reason });
             }
         }
     }

@@ -6,12 +6,17 @@
 //! waiting, so a busy stream costs one lock per message on the producer side and one lock per
 //! batch on the consumer side, and no wake-up at all.
 //!
-//! Bound: at most `capacity` items wait in the shared queue, and the consumer's private batch
-//! holds at most what one take moved (≤ `capacity`), so a subscription holds at most
-//! `2 × capacity` items. When the shared queue is full the producer waits
-//! ([`Sender::send`]), which stops the connection reading, so the broker's slow-reader policy
-//! applies upstream.
+//! Bound: at most `capacity` messages wait in the shared queue, and the consumer's private batch
+//! holds at most what one take moved, so a subscription holds at most `2 × capacity` messages.
+//! When the shared queue is full the producer waits ([`Sender::send`]), which stops the
+//! connection reading, so the broker's slow-reader policy applies upstream.
+//!
+//! A gap report (messages missed, the connection restored, the subscription ended) never
+//! waits ([`Sender::report`]): the reader must not stop on a notice while its consumer cannot
+//! run yet (a subscription whose opening is still unanswered). It merges into a like report at
+//! the tail, so reports are at most one per queued message plus one.
 
+use crate::RecvError;
 use crate::subscription::Item;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -20,6 +25,8 @@ use tokio::sync::Notify;
 
 struct State {
     items: VecDeque<Item>,
+    /// Gap reports among `items` (they take no room).
+    reports: usize,
     /// The consumer found the queue empty and waits on `readable`.
     consumer_waiting: bool,
     /// The producer found the queue full and waits on `writable`.
@@ -28,6 +35,13 @@ struct State {
     closed: bool,
     /// The consumer is gone; items are discarded.
     abandoned: bool,
+}
+
+impl State {
+    /// Whether `capacity` messages wait (gap reports take no room).
+    fn is_full(&self, capacity: usize) -> bool {
+        self.items.len() - self.reports >= capacity
+    }
 }
 
 struct Shared {
@@ -52,6 +66,7 @@ pub(crate) fn channel(capacity: usize) -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             items: VecDeque::new(),
+            reports: 0,
             consumer_waiting: false,
             producer_waiting: false,
             closed: false,
@@ -78,7 +93,7 @@ impl Sender {
         if st.abandoned {
             return Ok(());
         }
-        if st.items.len() >= self.0.capacity {
+        if st.is_full(self.0.capacity) {
             return Err(item);
         }
         st.items.push_back(item);
@@ -88,6 +103,34 @@ impl Sender {
             self.0.readable.notify_one();
         }
         Ok(())
+    }
+
+    /// Queues a gap report without waiting, beyond the capacity if need be; a `Missed` report
+    /// adds its count to a `Missed` report of the same reason at the tail.
+    pub(crate) fn report(&self, gap: RecvError) {
+        let mut st = self.0.state.lock();
+        if st.abandoned {
+            return;
+        }
+        if let (
+            Some(Item::Gap(RecvError::Missed { count, reason })),
+            RecvError::Missed {
+                count: more,
+                reason: r,
+            },
+        ) = (st.items.back_mut(), &gap)
+            && reason == r
+        {
+            *count += more;
+            return;
+        }
+        st.items.push_back(Item::Gap(gap));
+        st.reports += 1;
+        let wake = std::mem::take(&mut st.consumer_waiting);
+        drop(st);
+        if wake {
+            self.0.readable.notify_one();
+        }
     }
 
     /// Queues `item`, waiting for room while the queue is full.
@@ -103,7 +146,7 @@ impl Sender {
             };
             let full = {
                 let mut st = self.0.state.lock();
-                let full = st.items.len() >= self.0.capacity && !st.abandoned;
+                let full = st.is_full(self.0.capacity) && !st.abandoned;
                 st.producer_waiting |= full;
                 full
             };
@@ -150,6 +193,7 @@ impl Receiver {
             };
         }
         std::mem::swap(&mut st.items, &mut self.batch);
+        st.reports = 0;
         let wake = std::mem::take(&mut st.producer_waiting);
         drop(st);
         if wake {
@@ -194,6 +238,7 @@ impl Drop for Receiver {
         let mut st = self.shared.state.lock();
         st.abandoned = true;
         st.items.clear();
+        st.reports = 0;
         let wake = std::mem::take(&mut st.producer_waiting);
         drop(st);
         if wake {
@@ -205,7 +250,6 @@ impl Drop for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::RecvError;
     use std::time::Duration;
 
     fn gap(n: u64) -> Item {
@@ -242,6 +286,35 @@ mod tests {
         assert_eq!(rest, [1, 2, 3]);
         tx.close();
         assert!(matches!(rx.try_take(), Taken::Closed));
+    }
+
+    #[test]
+    fn reports_never_wait_take_no_room_and_merge() {
+        // (Messages stand in as `gap` items of another reason.)
+        let (tx, mut rx) = channel(2);
+        tx.report(RecvError::Missed {
+            count: 5,
+            reason: crate::MissedReason::BacklogFull,
+        });
+        assert!(tx.try_send(gap(100)).is_ok() && tx.try_send(gap(101)).is_ok());
+        assert!(tx.try_send(gap(102)).is_err(), "two messages fill it");
+        // Beyond the capacity; like reports at the tail merge.
+        for count in [1, 2] {
+            tx.report(RecvError::Missed {
+                count,
+                reason: crate::MissedReason::BacklogFull,
+            });
+        }
+        tx.report(RecvError::Ended("gone".into()));
+        let mut got = Vec::new();
+        while let Taken::Item(i) = rx.try_take() {
+            got.push(match i {
+                Item::Gap(RecvError::Ended(_)) => u64::MAX,
+                other => count_of(other),
+            });
+        }
+        assert_eq!(got, [5, 100, 101, 3, u64::MAX]);
+        assert!(tx.try_send(gap(1)).is_ok(), "the take made room");
     }
 
     #[tokio::test]

@@ -551,7 +551,7 @@ impl SubTable {
         if let Some(entry) = self.subs.remove(&id)
             && let Sink::Queue(tx) = &entry.sink
         {
-            let _ = tx.try_send(Item::Gap(RecvError::Ended(why)));
+            tx.report(RecvError::Ended(why));
         }
     }
 

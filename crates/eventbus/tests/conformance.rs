@@ -805,6 +805,47 @@ async fn a_durable_subscription_outlives_its_subscriber(kind: Kind) {
     ));
 }
 
+/// A durable backlog that outgrew its bound while nobody was attached: the next subscriber,
+/// whose queue is smaller than the broker's window, is told what was dropped first, then gets
+/// the newest in order. (The broker may send a window of deliveries and the drop notice before
+/// the REPLY that opens the subscription; the client must not stop reading for them.)
+async fn a_dropped_backlog_reaches_a_small_subscriber(kind: Kind) {
+    let config = BrokerConfig {
+        durable_max_messages: 50,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let publ = bus.client("pub").await;
+    let mut options = ClientOptions::named("small");
+    options.subscription_buffer = 8;
+    let small = Client::connect(&bus.endpoint, options).await.unwrap();
+    let s = small.subscribe_durable("backlog", ["ev"]).await.unwrap();
+    drop(s);
+    small.drain().await;
+    publish_processed(&publ, "ev", 0, 120).await;
+    assert_eq!(publ.wait_acked(WAIT).await.outstanding, 0);
+    let mut options = ClientOptions::named("small-again");
+    options.subscription_buffer = 8;
+    let again = Client::connect(&bus.endpoint, options).await.unwrap();
+    let mut s = tokio::time::timeout(WAIT, again.subscribe_durable("backlog", ["ev"]))
+        .await
+        .expect("the subscription is answered")
+        .unwrap();
+    match tokio::time::timeout(WAIT, s.recv_delivery()).await.unwrap() {
+        Err(RecvError::Missed { count, reason }) => {
+            assert_eq!(
+                (count, reason),
+                (70, daemoneye_eventbus::client::MissedReason::BacklogFull)
+            );
+        }
+        other => panic!("the drop comes first: {other:?}"),
+    }
+    for i in 70..120 {
+        assert_eq!(payload_u32(&next(&mut s).await), i);
+    }
+    s.delete().await.unwrap();
+}
+
 /// A Processed subscription that stops acknowledging holds its publishers back for at most
 /// `processed_stall_timeout_ms`: then it is closed and its subscriber told, and a durable one
 /// stalls and keeps the newest; the publisher is never held longer.
@@ -1333,6 +1374,7 @@ conformance!(
     processed_subscriptions_lose_nothing,
     unacknowledged_deliveries_come_again,
     a_durable_subscription_outlives_its_subscriber,
+    a_dropped_backlog_reaches_a_small_subscriber,
     a_stalled_subscription_releases_its_publishers,
     repeated_topic_follows_subscription_changes,
     request_reply_and_typed_errors,

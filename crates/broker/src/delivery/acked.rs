@@ -91,6 +91,11 @@ impl<S: Store> AckedQueue<S> {
         Some(msg)
     }
 
+    /// Sets how many deliveries may be in flight at once (from the next send on).
+    pub(crate) fn set_window(&mut self, window: usize) {
+        self.limits.window = window;
+    }
+
     /// Whether something can be sent now (waiting, and the window has room).
     pub(crate) fn sendable(&self) -> bool {
         !self.unsent.is_empty() && self.unacked < self.limits.window
@@ -234,6 +239,8 @@ pub(crate) struct Attachment {
     pub(crate) sub: SubId,
     pub(crate) session_id: u64,
     pub(crate) client: String,
+    /// Deliveries the attached subscriber takes unacknowledged at once.
+    pub(crate) window: usize,
 }
 
 /// Result of offering a message to an acknowledged subscription.
@@ -423,6 +430,8 @@ impl AckedSub {
                 a.client
             ));
         }
+        // A durable subscription's window is its current subscriber's, not its maker's.
+        st.queue.set_window(attachment.window);
         st.attached = Some(attachment);
         st.stalled = false;
         Ok(())
@@ -689,6 +698,7 @@ mod tests {
             sub: SubId(3),
             session_id: 1,
             client: "c".into(),
+            window: 10,
         })
         .unwrap();
         assert!(matches!(
@@ -706,6 +716,7 @@ mod tests {
             sub: SubId(1),
             session_id: 2,
             client: "other".into(),
+            window: 10,
         });
         assert!(taken.unwrap_err().contains("session 1"));
         // Stalled: the publisher moves on, the oldest goes, counted.
@@ -747,6 +758,7 @@ mod tests {
             sub: SubId(4),
             session_id: 1,
             client: "c".into(),
+            window: 1,
         })
         .unwrap();
         match s.take_notice() {
@@ -757,5 +769,11 @@ mod tests {
             })) => assert_eq!((sub, reason), (SubId(4), DropReason::BacklogFull)),
             other => panic!("{other:?}"),
         }
+        let mut out = Vec::new();
+        assert_eq!(
+            s.take(0, &mut out),
+            1,
+            "the subscriber's window, not its maker's"
+        );
     }
 }
