@@ -64,7 +64,8 @@ pub struct BrokerConfig {
     pub max_durables: usize,
     /// Messages one durable subscription keeps at most (default 100,000).
     pub durable_max_messages: usize,
-    /// Charged bytes one durable subscription keeps at most (default 32 MiB).
+    /// Charged bytes one durable subscription keeps at most (default 64 MiB: room for the
+    /// default 100,000 messages up to about 500 bytes each).
     pub durable_max_bytes: usize,
     /// What a full durable subscription does with a new message while nobody is attached or
     /// its subscriber stalled: `drop_oldest` (default) or `drop_new`. Counted either way.
@@ -94,7 +95,7 @@ impl Default for BrokerConfig {
             ack_window: 4096,
             max_durables: 1024,
             durable_max_messages: 100_000,
-            durable_max_bytes: 32 * 1024 * 1024,
+            durable_max_bytes: 64 * 1024 * 1024,
             durable_full_policy: DurableFullPolicy::DropOldest,
         }
     }
