@@ -507,7 +507,8 @@ fn message() -> impl Strategy<Value = Message> {
                 source: ByteStr::from("src"),
                 reply_to: deadline.map(|_| Topic::new("_inbox.c.1").unwrap()),
                 deadline_ns: deadline,
-                status: (q % 3 == 0)
+                status: q
+                    .is_multiple_of(3)
                     .then(|| Box::new(ReplyStatus::new(StatusCode::from_u8((s % 7) as u8), "why"))),
                 correlation: corr,
             };
@@ -542,7 +543,7 @@ fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(Frame::Pong),
         (any::<u32>(), "[a-z ]{0,30}").prop_map(|(id, m)| Frame::Reply(Reply {
             request_id: id,
-            error: (id % 2 == 0).then_some(ErrorCode::InvalidFilter),
+            error: id.is_multiple_of(2).then_some(ErrorCode::InvalidFilter),
             message: m,
         })),
         (any::<u64>(), "\\PC{0,20}").prop_map(|(s, b)| Frame::Welcome(Welcome {

@@ -34,7 +34,11 @@ impl Pool {
 
     fn give(&mut self, mut buf: Vec<u8>) {
         let cap = buf.capacity();
-        if cap == 0 || cap % CLASS != 0 || cap > POOLED_MAX || self.bytes + cap > POOL_BYTES {
+        if cap == 0
+            || !cap.is_multiple_of(CLASS)
+            || cap > POOLED_MAX
+            || self.bytes + cap > POOL_BYTES
+        {
             return;
         }
         buf.clear();
