@@ -138,10 +138,7 @@ impl Subscription {
     ///
     /// Cancel-safe.
     pub async fn recv_delivery(&mut self) -> Result<Delivery, RecvError> {
-        if let Some(a) = &mut self.acked {
-            a.next();
-            self.flush_acks_if_many();
-        }
+        self.acknowledge_handed();
         loop {
             let item = match self.rx.try_take() {
                 Taken::Item(item) => item,
@@ -167,10 +164,7 @@ impl Subscription {
     ///
     /// As [`Subscription::recv`].
     pub fn try_recv(&mut self) -> Option<Result<Message, RecvError>> {
-        if let Some(a) = &mut self.acked {
-            a.next();
-            self.flush_acks_if_many();
-        }
+        self.acknowledge_handed();
         loop {
             let item = match self.rx.try_take() {
                 Taken::Item(item) => item,
@@ -257,6 +251,15 @@ impl Subscription {
                 sub: a.sub,
                 ranges: chunk.to_vec(),
             }));
+        }
+    }
+
+    /// The application asks for the next message: in automatic mode the one handed last is
+    /// acknowledged, and acknowledgements go to the broker once [`ACK_BATCH`] are due.
+    fn acknowledge_handed(&mut self) {
+        if let Some(a) = &mut self.acked {
+            a.next();
+            self.flush_acks_if_many();
         }
     }
 

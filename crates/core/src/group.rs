@@ -6,53 +6,84 @@ use std::fmt;
 /// Maximum length of a queue group name, in bytes.
 pub const MAX_GROUP_LEN: usize = 64;
 
-/// The name of a queue group: 1 to [`MAX_GROUP_LEN`] bytes of `a-z 0-9 _ -` (the characters of
-/// a topic segment). Subscriptions of one group that match a message share it: the broker
-/// gives it to exactly one of them (see `docs/protocol.md`, SUBSCRIBE).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueGroup(ByteStr);
+/// A validated name type: `$name` holds 1 to `$max` bytes of `a-z 0-9 _ -`, refused with
+/// `$error`.
+macro_rules! segment_name {
+    (
+        $(#[$doc:meta])* $name:ident,
+        $(#[$error_doc:meta])* $error:ident = $message:literal,
+        $max:ident, $what:literal
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(ByteStr);
 
-/// A refused queue group name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid queue group {name:?}: {reason}")]
-pub struct GroupError {
-    /// The name as given (cut to 80 bytes for display).
-    pub name: String,
-    /// Why.
-    pub reason: &'static str,
+        $(#[$error_doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+        #[error($message)]
+        pub struct $error {
+            /// The name as given (cut to 80 bytes for display).
+            pub name: String,
+            /// Why.
+            pub reason: &'static str,
+        }
+
+        impl $name {
+            #[doc = concat!("Validates ", $what, ".")]
+            ///
+            /// # Errors
+            ///
+            #[doc = concat!("[`", stringify!($error), "`] when the name is empty, longer than [`",
+                stringify!($max), "`] bytes or holds a character other than `a-z 0-9 _ -`.")]
+            pub fn new(name: &str) -> Result<Self, $error> {
+                check_name(name).map_err(|reason| $error {
+                    name: crate::message::truncate_utf8(name.to_owned(), 80),
+                    reason,
+                })?;
+                Ok(Self(ByteStr::from(name)))
+            }
+
+            /// The name.
+            pub fn as_str(&self) -> &str {
+                self.0.as_str()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(self.as_str(), f)
+            }
+        }
+    };
 }
 
-impl QueueGroup {
-    /// Validates a group name.
-    ///
-    /// # Errors
-    ///
-    /// [`GroupError`] when the name is empty, longer than [`MAX_GROUP_LEN`] bytes or holds a
-    /// character other than `a-z 0-9 _ -`.
-    pub fn new(name: &str) -> Result<Self, GroupError> {
-        check_name(name).map_err(|reason| GroupError {
-            name: crate::message::truncate_utf8(name.to_owned(), 80),
-            reason,
-        })?;
-        Ok(Self(ByteStr::from(name)))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
+segment_name! {
+    /// The name of a queue group: 1 to [`MAX_GROUP_LEN`] bytes of `a-z 0-9 _ -` (the
+    /// characters of a topic segment). Subscriptions of one group that match a message share
+    /// it: the broker gives it to exactly one of them (see `docs/protocol.md`, SUBSCRIBE).
+    QueueGroup,
+    /// A refused queue group name.
+    GroupError = "invalid queue group {name:?}: {reason}",
+    MAX_GROUP_LEN, "a group name"
 }
 
-impl fmt::Display for QueueGroup {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// Maximum length of a durable subscription name, in bytes.
+pub const MAX_DURABLE_LEN: usize = MAX_GROUP_LEN;
 
-impl fmt::Debug for QueueGroup {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
+segment_name! {
+    /// The name of a durable subscription (protocol 1.3): 1 to [`MAX_DURABLE_LEN`] bytes of
+    /// `a-z 0-9 _ -`. A durable subscription outlives the connections that attach to it: the
+    /// broker keeps what it has not acknowledged while nobody is attached.
+    DurableName,
+    /// A refused durable subscription name.
+    DurableNameError = "invalid durable subscription name {name:?}: {reason}",
+    MAX_DURABLE_LEN, "a durable subscription name"
 }
 
 /// The rule of queue group and durable subscription names: 1 to 64 bytes of `a-z 0-9 _ -`.
@@ -72,58 +103,6 @@ fn check_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Maximum length of a durable subscription name, in bytes.
-pub const MAX_DURABLE_LEN: usize = MAX_GROUP_LEN;
-
-/// The name of a durable subscription (protocol 1.3): 1 to [`MAX_DURABLE_LEN`] bytes of
-/// `a-z 0-9 _ -`. A durable subscription outlives the connections that attach to it: the
-/// broker keeps what it has not acknowledged while nobody is attached.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DurableName(ByteStr);
-
-/// A refused durable subscription name.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid durable subscription name {name:?}: {reason}")]
-pub struct DurableNameError {
-    /// The name as given (cut to 80 bytes for display).
-    pub name: String,
-    /// Why.
-    pub reason: &'static str,
-}
-
-impl DurableName {
-    /// Validates a durable subscription name.
-    ///
-    /// # Errors
-    ///
-    /// [`DurableNameError`] when the name is empty, longer than [`MAX_DURABLE_LEN`] bytes or
-    /// holds a character other than `a-z 0-9 _ -`.
-    pub fn new(name: &str) -> Result<Self, DurableNameError> {
-        check_name(name).map_err(|reason| DurableNameError {
-            name: crate::message::truncate_utf8(name.to_owned(), 80),
-            reason,
-        })?;
-        Ok(Self(ByteStr::from(name)))
-    }
-
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        self.0.as_str()
-    }
-}
-
-impl fmt::Display for DurableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Debug for DurableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self.as_str(), f)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +118,14 @@ mod tests {
             assert!(!e.reason.is_empty(), "{bad:?} refused with a reason");
         }
         assert!(QueueGroup::new(&"x".repeat(64)).is_ok());
+        let e = DurableName::new("Audit").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid durable subscription name \"Audit\": a name uses only a-z, 0-9, '_' and '-'"
+        );
+        assert_eq!(
+            format!("{:?}", DurableName::new("audit").unwrap()),
+            "\"audit\""
+        );
     }
 }

@@ -402,29 +402,22 @@ async fn shutdown_sends_going_away_and_ends_streams(kind: Kind) {
     assert!(matches!(end, Err(RecvError::Closed)), "{end:?}");
 }
 
-async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
-    let config = BrokerConfig {
-        message_buffer_size: 10,
-        ..BrokerConfig::default()
-    };
-    let bus = bus(kind, config).await;
+/// A client named `slow` whose subscription queue holds one message, subscribed to `filters`.
+async fn slow_reader(bus: &Bus, filters: &[&str]) -> (Client, Subscription) {
     let mut options = ClientOptions::named("slow");
     options.subscription_buffer = 1;
     let slow = Client::connect(&bus.endpoint, options).await.unwrap();
-    let mut s = slow.subscribe(["burst", "burst.end"]).await.unwrap();
-    let publ = bus.client("pub").await;
-    let n = 20_000u64;
-    for i in 0..n {
-        publ.publish(&t("burst"), vec![0u8; 512 + (i % 2) as usize])
-            .await
-            .unwrap();
-    }
-    publ.ping().await.unwrap();
-    publ.publish(&t("burst.end"), "end").await.unwrap();
+    let s = slow.subscribe(filters.iter().copied()).await.unwrap();
+    (slow, s)
+}
+
+/// Reads a burst of `n` into a 10-message queue until a message on topic `end`: every message
+/// is received or reported missed, and some are missed. Returns how many.
+async fn missed_of_burst(s: &mut Subscription, end: &str, n: u64) -> u64 {
     let (mut received, mut missed) = (0u64, 0u64);
     loop {
         match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
-            Ok(m) if m.topic().as_str() == "burst.end" => break,
+            Ok(m) if m.topic().as_str() == end => break,
             Ok(_) => received += 1,
             Err(RecvError::Missed { count, .. }) => missed += count,
             Err(e) => panic!("unexpected {e}"),
@@ -437,8 +430,28 @@ async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
     );
     assert!(
         missed > 0,
-        "a 20,000-message burst into a 10-message queue must drop"
+        "a burst of {n} into a 10-message queue must drop"
     );
+    missed
+}
+
+async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
+    let config = BrokerConfig {
+        message_buffer_size: 10,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let (slow, mut s) = slow_reader(&bus, &["burst", "burst.end"]).await;
+    let publ = bus.client("pub").await;
+    let n = 20_000u64;
+    for i in 0..n {
+        publ.publish(&t("burst"), vec![0u8; 512 + (i % 2) as usize])
+            .await
+            .unwrap();
+    }
+    publ.ping().await.unwrap();
+    publ.publish(&t("burst.end"), "end").await.unwrap();
+    let missed = missed_of_burst(&mut s, "burst.end", n).await;
     let stats = bus.broker.stats();
     let conn = stats.connections.iter().find(|c| c.name == "slow").unwrap();
     assert_eq!(conn.dropped, missed);
@@ -457,10 +470,7 @@ async fn drops_of_many_topics_are_bounded_and_all_reported(kind: Kind) {
         ..BrokerConfig::default()
     };
     let bus = bus(kind, config).await;
-    let mut options = ClientOptions::named("slow");
-    options.subscription_buffer = 1;
-    let slow = Client::connect(&bus.endpoint, options).await.unwrap();
-    let mut s = slow.subscribe(["burst.+", "end"]).await.unwrap();
+    let (slow, mut s) = slow_reader(&bus, &["burst.+", "end"]).await;
     let publ = bus.client("pub").await;
     let (n, distinct) = (20_000u64, 1_000u64);
     let topics: Vec<Topic> = (0..distinct).map(|i| t(&format!("burst.t{i}"))).collect();
@@ -470,24 +480,7 @@ async fn drops_of_many_topics_are_bounded_and_all_reported(kind: Kind) {
     }
     publ.ping().await.unwrap();
     publ.publish(&t("end"), "end").await.unwrap();
-    let (mut received, mut missed) = (0u64, 0u64);
-    loop {
-        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
-            Ok(m) if m.topic().as_str() == "end" => break,
-            Ok(_) => received += 1,
-            Err(RecvError::Missed { count, .. }) => missed += count,
-            Err(e) => panic!("unexpected {e}"),
-        }
-    }
-    assert_eq!(
-        received + missed,
-        n,
-        "every message received or reported missed"
-    );
-    assert!(
-        missed > 0,
-        "a 20,000-message burst into a 10-message queue must drop"
-    );
+    let missed = missed_of_burst(&mut s, "end", n).await;
     let stats = bus.broker.stats();
     let conn = stats.connections.iter().find(|c| c.name == "slow").unwrap();
     assert_eq!(conn.dropped, missed);

@@ -105,21 +105,7 @@ impl Outlet {
         memory: &Memory,
         group: Option<&QueueGroup>,
     ) -> Pushed {
-        let mut st = self.state.lock();
-        if st.closed {
-            return Pushed::Closed;
-        }
-        let wake = st.is_empty();
-        match st.realtime.push(item, memory, self.encoding, group) {
-            Pushed::Queued { evicted, .. } => Pushed::Queued { evicted, wake },
-            Pushed::Overflow => {
-                st.closed = true;
-                drop(st);
-                self.notify.notify_one();
-                Pushed::Overflow
-            }
-            other => other,
-        }
+        self.push_with(|st| st.realtime.push(item, memory, self.encoding, group))
     }
 
     /// Offers a delivery to the Processed queue (see [`ProcessedQueue::push`]).
@@ -129,13 +115,25 @@ impl Outlet {
         memory: &Memory,
         group: Option<&QueueGroup>,
     ) -> Pushed {
+        self.push_with(|st| st.processed.push(item, memory, self.encoding, group))
+    }
+
+    /// Runs `push` on the open outlet's state; `wake` tells whether the writer had nothing
+    /// before, and an overflow closes the outlet.
+    fn push_with(&self, push: impl FnOnce(&mut State) -> Pushed) -> Pushed {
         let mut st = self.state.lock();
         if st.closed {
             return Pushed::Closed;
         }
         let wake = st.is_empty();
-        match st.processed.push(item, memory, self.encoding, group) {
+        match push(&mut st) {
             Pushed::Queued { evicted, .. } => Pushed::Queued { evicted, wake },
+            Pushed::Overflow => {
+                st.closed = true;
+                drop(st);
+                self.notify.notify_one();
+                Pushed::Overflow
+            }
             other => other,
         }
     }

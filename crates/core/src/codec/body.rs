@@ -179,7 +179,7 @@ pub fn encode_group_frame_head(dst: &mut BytesMut, d: &GroupDelivery, body_len: 
 /// sliced again; a repeated source with one comparison. Topics and the source are
 /// remembered as copies, so the cache never holds a read buffer (or a chunk) alive.
 ///
-/// It also says what becomes of small frames ([`Small`]): each copied into a buffer of its
+/// It also says what becomes of small frames (`Small`): each copied into a buffer of its
 /// own (the default), carved from a shared chunk ([`DecodeCache::carving`]), or lent from the
 /// read buffer ([`DecodeCache::lending`]).
 #[derive(Debug)]
