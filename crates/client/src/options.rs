@@ -86,7 +86,9 @@ pub struct ClientOptions {
     /// Bound of each subscription's queue, in messages (default 4096). When full, the
     /// connection stops reading until the application catches up, so the broker's slow-reader
     /// policy applies. The application takes queued messages in batches, so a subscription
-    /// holds at most twice this many (the queue and the batch being read).
+    /// holds at most twice this many (the queue and the batch being read). A Processed
+    /// subscription asks the broker for a window of unacknowledged deliveries no larger than
+    /// this.
     pub subscription_buffer: usize,
     /// Calls allowed to wait for a reply at once (default 1000, the seed's
     /// `max_pending_requests`); a further call fails at once with `Busy`.
