@@ -6,7 +6,10 @@
 
 use super::{Role, mono_ns, workload_topics};
 use anyhow::{Context, Result, bail};
-use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError, ServeOptions};
+use daemoneye_eventbus::client::{
+    Client, ClientOptions, ConnectError, Publish, RecvError, ServeOptions,
+};
+use daemoneye_eventbus::core::codec::ErrorCode;
 use daemoneye_eventbus::{Endpoint, Topic};
 use hdrhistogram::Histogram;
 use serde_json::json;
@@ -33,12 +36,27 @@ fn wait_go() -> Result<()> {
 }
 
 /// Every worker uses the default client options: the bench measures what a user gets.
+/// Connects with default options. A broker at `max_connections` is asked again for up to
+/// [`CONNECT_PATIENCE`]: the connections of the workload before may not all be gone yet (the
+/// broker sees a closed socket a little after its process exits).
 async fn connect(socket: &str, name: &str) -> Result<Client> {
     let ep = Endpoint::parse(socket)?;
-    Client::connect(&ep, ClientOptions::named(name))
-        .await
-        .with_context(|| format!("connecting to {ep}"))
+    let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
+    loop {
+        match Client::connect(&ep, ClientOptions::named(name)).await {
+            Err(ConnectError::Refused {
+                code: ErrorCode::ConnectionLimit,
+                ..
+            }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r.with_context(|| format!("connecting to {ep}")),
+        }
+    }
 }
+
+/// How long a worker asks again a broker at its connection limit.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(crate) async fn run(role: Role) -> Result<()> {
     match role {
