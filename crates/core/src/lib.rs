@@ -8,7 +8,9 @@
 //! - [`message`]: [`Message`], [`Header`], ids, QoS and correlation metadata.
 //! - [`codec`]: the v1 frame format and a cancel-safe stream decoder (`docs/protocol.md`).
 //! - [`bytestr`]: [`ByteStr`], a zero-copy string over shared bytes.
+//! - [`budget`]: [`Budget`], the byte budget kept messages are charged to, and [`Charge`].
 
+pub mod budget;
 pub mod bytestr;
 pub mod catalog;
 pub mod codec;
@@ -19,6 +21,7 @@ pub mod topic;
 pub mod topic_cache;
 pub mod trie;
 
+pub use budget::{Budget, Charge};
 pub use bytestr::ByteStr;
 pub use codec::{Frame, FrameDecoder, FrameError};
 pub use correlation::CorrelationFilter;

@@ -1,5 +1,6 @@
 //! Messages: topic + header + opaque payload, shared by every subscriber without copying.
 
+use crate::budget::{Budget, Charge};
 use crate::bytestr::ByteStr;
 use crate::topic::Topic;
 use bytes::Bytes;
@@ -336,6 +337,8 @@ struct Inner {
     /// The body of a message made in process, encoded once on first need. (Kept apart from
     /// `received` because filling a `OnceLock` costs a synchronised state change per message.)
     encoded: OnceLock<Bytes>,
+    /// What this copy holds of a [`Budget`] (see [`Message::copied_charged`]).
+    charge: Option<Charge>,
 }
 
 impl Inner {
@@ -346,6 +349,7 @@ impl Inner {
             payload,
             received,
             encoded: OnceLock::new(),
+            charge: None,
         }
     }
 
@@ -399,6 +403,17 @@ impl Message {
     /// is copied, exactly its length. Its other fields are never slices of a read buffer.
     /// What [`crate::codec::Lent::keep`] gives for a message lent from a read buffer.
     pub(crate) fn copied(&self) -> Self {
+        self.copy_with(None)
+    }
+
+    /// [`Message::copied`], charged to `budget` for its [`Message::accounted_size`]: the copy
+    /// holds the charge until its last clone is dropped. `None` when the budget has no room.
+    pub(crate) fn copied_charged(&self, budget: &Arc<Budget>) -> Option<Self> {
+        let charge = Charge::take(budget, self.accounted_size())?;
+        Some(self.copy_with(Some(charge)))
+    }
+
+    fn copy_with(&self, charge: Option<Charge>) -> Self {
         let inner = self.inner();
         let (payload, received) = match &inner.received {
             Some(wire) => {
@@ -407,12 +422,15 @@ impl Message {
             }
             None => (crate::codec::pool::copy(&inner.payload), None),
         };
-        Self::make(Inner::new(
-            inner.topic.clone(),
-            inner.header.clone(),
-            payload,
-            received,
-        ))
+        let mut contents = Inner::new(inner.topic.clone(), inner.header.clone(), payload, received);
+        contents.charge = charge;
+        Self::make(contents)
+    }
+
+    /// Whether this message holds a charge against a [`Budget`] (made by
+    /// [`crate::codec::Lent::keep_charged`]): whoever keeps a clone need not charge it again.
+    pub fn is_charged(&self) -> bool {
+        self.inner().charge.is_some()
     }
 
     fn make(contents: Inner) -> Self {

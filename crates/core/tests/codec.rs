@@ -793,6 +793,65 @@ fn carved_frames_read_the_same_and_their_chunk_is_reused_once_they_are_gone() {
 }
 
 #[test]
+fn a_charged_keep_is_one_copy_for_every_keeper_and_its_charge_lasts_as_long_as_it() {
+    use daemoneye_eventbus_core::{Budget, Charge};
+    use std::sync::Arc;
+    let dec = FrameDecoder::new(max_frame_len(1 << 20));
+    let mut buf = BytesMut::with_capacity(4096);
+    let plain = simple_message(b"one");
+    Frame::Publish(plain.clone()).encode(&mut buf);
+    buf.extend_from_slice(&run_bytes(&[plain.clone(), simple_message(b"two")]));
+    let mut cache = DecodeCache::lending();
+    let budget = Arc::new(Budget::new(1 << 20));
+    let mut kept = Vec::new();
+    while let Some(f) = dec.decode_lent(&mut buf, &mut cache).unwrap() {
+        match f {
+            LentFrame::Publish(m) => {
+                let (a, b) = (
+                    m.keep_charged(&budget).unwrap(),
+                    m.keep_charged(&budget).unwrap(),
+                );
+                assert!(a.is_charged() && a.wire().as_ptr() == b.wire().as_ptr());
+                assert_eq!(budget.used(), m.accounted_size(), "charged once");
+                assert!(!m.keep().is_charged(), "a plain keep is a copy of its own");
+                kept.push(a);
+            }
+            LentFrame::PublishRun(r) => {
+                let before = budget.used();
+                let (a, b) = (
+                    r.keep_charged(&budget).unwrap(),
+                    r.keep_charged(&budget).unwrap(),
+                );
+                assert!(a.is_charged() && a.wire().as_ptr() == b.wire().as_ptr());
+                assert_eq!(budget.used() - before, r.accounted_size());
+                drop((a, b));
+                assert!(budget.used() > before, "the lent run still holds its copy");
+                drop(r);
+                assert_eq!(budget.used(), before, "the run's last clone gave it back");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(kept, [plain]);
+    drop(kept);
+    assert_eq!(budget.used(), 0, "the message's last clone gave it back");
+    // No room: refused, and a later try (with room) succeeds.
+    let full = Arc::new(Budget::new(10));
+    let hold = Charge::take(&full, 10).unwrap();
+    Frame::Publish(simple_message(b"x")).encode(&mut buf);
+    let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut buf, &mut cache).unwrap() else {
+        panic!("a publish")
+    };
+    assert!(m.keep_charged(&full).is_none());
+    drop(hold);
+    let big = Arc::new(Budget::new(1 << 20));
+    assert!(m.keep_charged(&big).unwrap().is_charged());
+    // A value that shares no buffer is returned as it is, uncharged.
+    let owned = daemoneye_eventbus_core::codec::Lent::owned(simple_message(b"y"));
+    assert!(!owned.keep_charged(&big).unwrap().is_charged());
+}
+
+#[test]
 fn lent_frames_stay_in_the_read_buffer_and_kept_copies_keep_nothing_of_it() {
     let dec = FrameDecoder::new(max_frame_len(1 << 20));
     // A request on an inbox topic, with a reply topic: every field that could be a slice.

@@ -14,17 +14,22 @@ use super::body::encode_message_frame;
 use super::run::{MessageRun, encode_run_delivery};
 use super::types::Frame;
 use super::{FrameError, kind};
+use crate::budget::Budget;
 use crate::bytestr::ByteStr;
 use crate::message::{Header, Message, MessageId};
 use crate::topic::Topic;
 use bytes::BytesMut;
 use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::OnceLock;
 
 /// A message or run read from a buffer it may share. See the module documentation.
 pub struct Lent<'buf, T> {
     value: T,
     /// Whether `value`'s bytes are a slice of the reader's buffer.
     shares_buffer: bool,
+    /// The charged copy [`Lent::keep_charged`] made, shared by every later keeper.
+    kept: OnceLock<T>,
     _buffer: PhantomData<&'buf mut [u8]>,
 }
 
@@ -35,6 +40,7 @@ impl<T> Lent<'static, T> {
         Self {
             value,
             shares_buffer: false,
+            kept: OnceLock::new(),
             _buffer: PhantomData,
         }
     }
@@ -45,6 +51,7 @@ impl<T> Lent<'_, T> {
         Self {
             value,
             shares_buffer,
+            kept: OnceLock::new(),
             _buffer: PhantomData,
         }
     }
@@ -119,6 +126,22 @@ impl Lent<'_, Message> {
             self.value.clone()
         }
     }
+
+    /// Keeps it for several holders: a message that shares the read buffer is copied once,
+    /// charged to `budget` ([`Message::is_charged`]), and every later call returns that copy
+    /// (a reference-count increment). A message that shares no buffer is returned as it is,
+    /// charged or not: its holder charges it if need be. `None` when the budget has no room
+    /// for the copy (a later call tries again).
+    pub fn keep_charged(&self, budget: &Arc<Budget>) -> Option<Message> {
+        if !self.shares_buffer {
+            return Some(self.value.clone());
+        }
+        if let Some(kept) = self.kept.get() {
+            return Some(kept.clone());
+        }
+        let kept = self.value.copied_charged(budget)?;
+        Some(self.kept.get_or_init(|| kept).clone())
+    }
 }
 
 impl<'buf> Lent<'buf, MessageRun> {
@@ -175,6 +198,18 @@ impl<'buf> Lent<'buf, MessageRun> {
         } else {
             self.value.clone()
         }
+    }
+
+    /// Keeps it for several holders (see [`Lent::<Message>::keep_charged`]).
+    pub fn keep_charged(&self, budget: &Arc<Budget>) -> Option<MessageRun> {
+        if !self.shares_buffer {
+            return Some(self.value.clone());
+        }
+        if let Some(kept) = self.kept.get() {
+            return Some(kept.clone());
+        }
+        let kept = self.value.copied_charged(budget)?;
+        Some(self.kept.get_or_init(|| kept).clone())
     }
 
     /// Its messages, in order, lent from the same buffer.

@@ -35,6 +35,9 @@ pub struct MessageRun {
     entries_at: usize,
     payload_bytes: usize,
     max_payload: usize,
+    /// What this copy holds of a budget, shared by its clones (see
+    /// [`MessageRun::is_charged`]).
+    charge: Option<std::sync::Arc<crate::budget::Charge>>,
 }
 
 impl PartialEq for MessageRun {
@@ -90,7 +93,26 @@ impl MessageRun {
     pub(crate) fn copied(&self) -> Self {
         let mut run = self.clone();
         run.body = super::pool::copy(&self.body);
+        run.charge = None;
         run
+    }
+
+    /// [`MessageRun::copied`], charged to `budget` for its [`MessageRun::accounted_size`]
+    /// until its last clone is dropped. `None` when the budget has no room.
+    pub(crate) fn copied_charged(
+        &self,
+        budget: &std::sync::Arc<crate::budget::Budget>,
+    ) -> Option<Self> {
+        let charge = crate::budget::Charge::take(budget, self.accounted_size())?;
+        let mut run = self.copied();
+        run.charge = Some(std::sync::Arc::new(charge));
+        Some(run)
+    }
+
+    /// Whether this run holds a charge against a budget (made by
+    /// [`super::Lent::keep_charged`]): whoever keeps a clone need not charge it again.
+    pub fn is_charged(&self) -> bool {
+        self.charge.is_some()
     }
 
     /// The messages, in order, each sharing the run's bytes (the payload is not copied).
@@ -157,6 +179,7 @@ impl MessageRun {
             entries_at,
             payload_bytes,
             max_payload,
+            charge: None,
         })
     }
 }
