@@ -411,18 +411,23 @@ async fn slow_reader(bus: &Bus, filters: &[&str]) -> (Client, Subscription) {
     (slow, s)
 }
 
-/// Reads a burst of `n` into a 10-message queue until a message on topic `end`: every message
-/// is received or reported missed, and some are missed. Returns how many.
-async fn missed_of_burst(s: &mut Subscription, end: &str, n: u64) -> u64 {
+/// Messages received and reported missed until one on topic `end`.
+async fn missed_of(s: &mut Subscription, end: &str) -> (u64, u64) {
     let (mut received, mut missed) = (0u64, 0u64);
     loop {
         match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
-            Ok(m) if m.topic().as_str() == end => break,
+            Ok(m) if m.topic().as_str() == end => return (received, missed),
             Ok(_) => received += 1,
             Err(RecvError::Missed { count, .. }) => missed += count,
             Err(e) => panic!("unexpected {e}"),
         }
     }
+}
+
+/// Reads a burst of `n` into a 10-message queue until a message on topic `end`: every message
+/// is received or reported missed, and some are missed. Returns how many.
+async fn missed_of_burst(s: &mut Subscription, end: &str, n: u64) -> u64 {
+    let (received, missed) = missed_of(s, end).await;
     assert_eq!(
         received + missed,
         n,
@@ -460,6 +465,54 @@ async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
         missed
     );
     assert_eq!(slow.stats().missed, missed);
+}
+
+/// Four subscribers that fall behind the same burst hold one copy of each message between
+/// them: the memory cap, which four copies would overflow, drops nothing. (A frame read from a
+/// socket is kept once and charged once; in-process messages are not read from a socket and
+/// are charged per queue.)
+async fn subscribers_behind_one_burst_share_its_copies(kind: Kind) {
+    if matches!(kind, Kind::InProc) {
+        return;
+    }
+    let n = 10_000u32;
+    let one = 256 + "burst".len() + daemoneye_eventbus::core::message::MESSAGE_OVERHEAD;
+    // Room for one copy of everything (and the queues' encoded heads and slots), not for four.
+    let cap = 8 << 20;
+    assert!(4 * one * n as usize > cap && one * n as usize * 2 < cap);
+    let config = BrokerConfig {
+        max_memory_bytes: cap,
+        subscriber_buffer_bytes: 4 << 20,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let mut readers = Vec::new();
+    for i in 0..4 {
+        let mut options = ClientOptions::named(format!("behind{i}"));
+        options.subscription_buffer = 1;
+        let c = Client::connect(&bus.endpoint, options).await.unwrap();
+        let s = c.subscribe(["burst", "end"]).await.unwrap();
+        readers.push((c, s));
+    }
+    let publ = bus.client("pub").await;
+    for i in 0..n {
+        let mut payload = vec![0u8; 256];
+        payload[..4].copy_from_slice(&i.to_le_bytes());
+        publ.publish(&t("burst"), payload).await.unwrap();
+    }
+    publ.ping().await.unwrap();
+    publ.publish(&t("end"), "end").await.unwrap();
+    publ.ping().await.unwrap();
+    let stats = bus.broker.stats();
+    assert!(
+        stats.queued_bytes < (2 * one * n as usize) as u64,
+        "{} bytes charged for {n} messages held by four queues",
+        stats.queued_bytes
+    );
+    for (_, s) in &mut readers {
+        assert_eq!(missed_of(s, "end").await, (u64::from(n), 0));
+    }
+    assert_eq!(bus.broker.stats().dropped, 0);
 }
 
 /// A stalled reader of many topics: the broker's per-topic counts stay bounded, and every drop
@@ -1362,6 +1415,7 @@ conformance!(
     shutdown_sends_going_away_and_ends_streams,
     slow_reader_drops_are_counted_and_reported,
     drops_of_many_topics_are_bounded_and_all_reported,
+    subscribers_behind_one_burst_share_its_copies,
     subscriptions_are_limited_and_charged,
     disconnect_policy_closes_a_slow_reader,
     processed_subscriptions_lose_nothing,

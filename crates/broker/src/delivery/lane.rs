@@ -1,7 +1,7 @@
 //! The storage both queue kinds share: queued deliveries in order, their count and charged
 //! bytes, and the encoding of small deliveries into chunks when they are queued.
 
-use super::{Drops, Encoding, Item};
+use super::{Drops, Encoding, Item, Memory};
 use bytes::BytesMut;
 use daemoneye_eventbus_core::codec::{DropReason, LEN_PREFIX, MessageRun, kind};
 use daemoneye_eventbus_core::{Message, QueueGroup};
@@ -87,13 +87,40 @@ impl Item<'_> {
         }
     }
 
-    /// What a queue keeps: exactly the item's own bytes ([`daemoneye_eventbus_core::codec::Lent::keep`]).
-    fn keep(self, group: Option<&QueueGroup>) -> Out {
-        match self {
-            Self::Msg(m) => Out::Msg(m.keep(), group.cloned()),
-            Self::Run(r) => Out::Run(r.keep()),
-        }
+    /// What a queue keeps: one copy of exactly the item's own bytes, made by the first queue
+    /// that keeps it and shared by the others, charged to `memory` once
+    /// ([`daemoneye_eventbus_core::codec::Lent::keep_charged`]). `None` when the memory cap
+    /// has no room for the copy.
+    fn keep(self, group: Option<&QueueGroup>, memory: &Memory) -> Option<Out> {
+        let budget = memory.budget();
+        Some(match self {
+            Self::Msg(m) => Out::Msg(m.keep_charged(budget)?, group.cloned()),
+            Self::Run(r) => Out::Run(r.keep_charged(budget)?),
+        })
     }
+}
+
+/// Budget bytes one queue entry is charged when the copy it holds carries its own charge (the
+/// entry's slot in the queue).
+const ENTRY_CHARGE: usize = std::mem::size_of::<Out>();
+
+impl Out {
+    /// What this entry itself holds of the memory cap: its charged size, or only its slot
+    /// when the kept copy carries its own charge (shared with other queues).
+    fn own_charge(&self, size: usize) -> usize {
+        let carried = match self {
+            Self::Msg(m, _) => m.is_charged(),
+            Self::Run(r) => r.is_charged(),
+            Self::Encoded(_) => false,
+        };
+        if carried { ENTRY_CHARGE } else { size }
+    }
+}
+
+/// How a queue will hold an item it takes: encoded into the chunk at its tail, or kept.
+pub(crate) enum Prepared {
+    Encode { runs: bool },
+    Keep(Out),
 }
 
 /// Deliveries in order, with their count and charged bytes.
@@ -101,7 +128,11 @@ impl Item<'_> {
 pub(crate) struct Lane {
     items: VecDeque<Out>,
     pub(crate) msgs: usize,
+    /// Charged bytes of the deliveries, against the queue's bounds.
     pub(crate) bytes: usize,
+    /// What the deliveries hold of the broker-wide memory cap themselves (kept copies that
+    /// carry their own charge count only their slot).
+    cap: usize,
 }
 
 impl Lane {
@@ -109,15 +140,18 @@ impl Lane {
         self.items.is_empty()
     }
 
-    /// Appends `item` (charged `size` bytes, already reserved): encoded into the chunk at the
-    /// tail when `encoding` says so, otherwise kept. Queue group deliveries are always kept,
-    /// so that another member can be given them if this one goes away.
-    pub(crate) fn append(
-        &mut self,
+    /// How `item` would be queued, and what the queue must reserve of the memory cap for it:
+    /// encoded into the chunk at the tail when `encoding` says so (its charged size), otherwise
+    /// kept (its slot when the kept copy carries its charge, else its charged size). Queue
+    /// group deliveries are always kept, so that another member can be given them if this one
+    /// goes away. `None` when the memory cap has no room for the kept copy.
+    pub(crate) fn prepare(
+        &self,
         item: Item<'_>,
         encoding: Encoding,
         group: Option<&QueueGroup>,
-    ) {
+        memory: &Memory,
+    ) -> Option<(Prepared, usize)> {
         let size = item.size();
         match encoding {
             Encoding::Bytes { runs }
@@ -125,12 +159,27 @@ impl Lane {
                     && self.bytes < ENCODE_BELOW
                     && item.wire_len() < VECTORED_MIN =>
             {
-                self.append_encoded(item, runs, size);
+                Some((Prepared::Encode { runs }, size))
             }
-            _ => self.items.push_back(item.keep(group)),
+            _ => {
+                let out = item.keep(group, memory)?;
+                let charge = out.own_charge(size);
+                Some((Prepared::Keep(out), charge))
+            }
+        }
+    }
+
+    /// Appends `item` as `prepared` said, with `charge` bytes of the memory cap already
+    /// reserved for it.
+    pub(crate) fn append(&mut self, item: Item<'_>, prepared: Prepared, charge: usize) {
+        let size = item.size();
+        match prepared {
+            Prepared::Encode { runs } => self.append_encoded(item, runs, size),
+            Prepared::Keep(out) => self.items.push_back(out),
         }
         self.msgs += item.count();
         self.bytes += size;
+        self.cap += charge;
     }
 
     /// Appends `item`'s deliveries to the chunk at the tail (a new one when the tail is not a
@@ -159,13 +208,16 @@ impl Lane {
     }
 
     /// Evicts the oldest delivery (a message, a run or a chunk), counting it in `drops`;
-    /// returns its charged size and message count, or `None` when the lane is empty.
+    /// returns its charged size, its message count and what it held of the memory cap
+    /// (released by the caller; a shared copy gives its own charge back when its last holder
+    /// goes), or `None` when the lane is empty.
     pub(crate) fn evict_oldest(
         &mut self,
         drops: &mut Drops,
         reason: DropReason,
-    ) -> Option<(usize, u64)> {
-        let (size, count) = match self.items.pop_front()? {
+    ) -> Option<Evicted> {
+        let out = self.items.pop_front()?;
+        let (size, count) = match &out {
             Out::Msg(m, _) => {
                 drops.record(m.topic(), reason, 1);
                 (m.accounted_size(), 1)
@@ -181,32 +233,50 @@ impl Lane {
                 (c.size, c.msgs)
             }
         };
+        let charge = out.own_charge(size);
         self.msgs -= count;
         self.bytes -= size;
-        Some((size, count as u64))
+        self.cap -= charge;
+        Some(Evicted {
+            msgs: count as u64,
+            charge,
+            shared: charge != size,
+        })
     }
 
-    /// Moves every delivery into `into` (which must be empty); returns the charged bytes and
-    /// messages taken.
+    /// Moves every delivery into `into` (which must be empty); returns what they held of the
+    /// memory cap (to release once written) and the messages taken.
     pub(crate) fn take(&mut self, into: &mut VecDeque<Out>) -> (usize, usize) {
         std::mem::swap(&mut self.items, into);
+        self.bytes = 0;
         (
-            std::mem::take(&mut self.bytes),
+            std::mem::take(&mut self.cap),
             std::mem::take(&mut self.msgs),
         )
     }
 
-    /// Empties the lane; returns the charged bytes and messages discarded. Queue group
-    /// deliveries are added to `regroup` so another member of their group can be given them.
+    /// Empties the lane; returns what the deliveries held of the memory cap and the messages
+    /// discarded. Queue group deliveries are added to `regroup` so another member of their
+    /// group can be given them.
     pub(crate) fn discard(&mut self, regroup: &mut Vec<(Message, QueueGroup)>) -> (usize, usize) {
         for out in self.items.drain(..) {
             if let Out::Msg(m, Some(g)) = out {
                 regroup.push((m, g));
             }
         }
+        self.bytes = 0;
         (
-            std::mem::take(&mut self.bytes),
+            std::mem::take(&mut self.cap),
             std::mem::take(&mut self.msgs),
         )
     }
+}
+
+/// What [`Lane::evict_oldest`] took out.
+pub(crate) struct Evicted {
+    pub(crate) msgs: u64,
+    /// What it held of the memory cap, to release.
+    pub(crate) charge: usize,
+    /// It held a copy carrying its own charge (given back only by the copy's last holder).
+    pub(crate) shared: bool,
 }

@@ -37,48 +37,46 @@ pub(crate) use outlet::{Batch, Outlet};
 pub(crate) use processed::ProcessedQueue;
 pub(crate) use realtime::RealtimeQueue;
 
+use daemoneye_eventbus_core::Budget;
 use daemoneye_eventbus_core::codec::{Lent, MessageRun};
 use daemoneye_eventbus_core::{Message, Topic};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-/// Broker-wide accounting of queued message bytes against `max_memory_bytes`.
+/// Broker-wide accounting of queued message bytes against `max_memory_bytes`: the
+/// [`Budget`] that queues charge, and that a copy kept by several queues carries once (see
+/// [`daemoneye_eventbus_core::budget`]).
 #[derive(Debug)]
-pub(crate) struct Memory {
-    used: AtomicUsize,
-    cap: usize,
-}
+pub(crate) struct Memory(Arc<Budget>);
 
 impl Memory {
     pub(crate) fn new(cap: usize) -> Self {
-        Self {
-            used: AtomicUsize::new(0),
-            cap,
-        }
+        Self(Arc::new(Budget::new(cap)))
     }
 
     pub(crate) fn try_reserve(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u + n <= self.cap).then_some(u + n)
-            })
-            .is_ok()
+        self.0.try_reserve(n)
     }
 
     pub(crate) fn release(&self, n: usize) {
-        self.used.fetch_sub(n, Ordering::AcqRel);
+        self.0.release(n);
     }
 
     pub(crate) fn used(&self) -> usize {
-        self.used.load(Ordering::Acquire)
+        self.0.used()
     }
 
     pub(crate) fn cap(&self) -> usize {
-        self.cap
+        self.0.cap()
     }
 
     /// Whether `n` more bytes would fit now.
     pub(crate) fn has_room(&self, n: usize) -> bool {
-        self.used() + n <= self.cap
+        self.0.has_room(n)
+    }
+
+    /// The budget a kept copy is charged to ([`Lent::keep_charged`]).
+    pub(crate) fn budget(&self) -> &Arc<Budget> {
+        &self.0
     }
 }
 

@@ -47,7 +47,8 @@ pub(crate) struct Batch {
     pub(crate) acked: Vec<AckedDelivery>,
     /// Written last.
     pub(crate) controls: VecDeque<Frame>,
-    /// Charged bytes taken (to release from [`Memory`] once written).
+    /// What the deliveries taken held of the memory cap themselves (to release from [`Memory`]
+    /// once written; a kept copy that carries its own charge gives it back when dropped).
     pub(crate) bytes: usize,
     /// Messages taken.
     pub(crate) msgs: usize,
@@ -673,6 +674,93 @@ mod tests {
             wire.try_reclaim(4096),
             "nothing queued holds the read buffer"
         );
+    }
+
+    #[test]
+    fn queues_keeping_one_lent_frame_share_one_copy_charged_once() {
+        let mut wire = bytes::BytesMut::with_capacity(4096);
+        Frame::Publish(msg("m", 200).keep()).encode(&mut wire);
+        let (dec, mut cache) = (FrameDecoder::new(1 << 20), DecodeCache::lending());
+        let mem = Memory::new(1 << 30);
+        let outlets: Vec<Outlet> = (0..3)
+            .map(|_| outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared))
+            .collect();
+        let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap() else {
+            panic!("a publish")
+        };
+        let size = m.accounted_size();
+        assert!(matches!(rt(&outlets[0], &m, &mem), Pushed::Queued { .. }));
+        assert!(matches!(pr(&outlets[1], &m, &mem), Pushed::Queued { .. }));
+        assert!(matches!(rt(&outlets[2], &m, &mem), Pushed::Queued { .. }));
+        drop(m);
+        let entry = std::mem::size_of::<Out>();
+        assert_eq!(mem.used(), size + 3 * entry, "one copy, three slots");
+        let batches: Vec<Batch> = outlets.iter().map(taken).collect();
+        let copies: Vec<usize> = batches
+            .iter()
+            .flat_map(|b| b.realtime.iter().chain(b.processed.iter()))
+            .map(|out| match out {
+                Out::Msg(m, _) => m.wire().as_ptr() as usize,
+                other => panic!("{}", describe(other)),
+            })
+            .collect();
+        assert_eq!(copies.len(), 3);
+        assert!(copies.iter().all(|c| *c == copies[0]), "the same copy");
+        // Written: each writer gives back its slot; the copy goes with its last holder.
+        let mut batches = batches.into_iter();
+        for b in batches.by_ref().take(2) {
+            mem.release(b.bytes);
+            drop(b);
+        }
+        assert_eq!(mem.used(), size + entry);
+        let last = batches.next().unwrap();
+        mem.release(last.bytes);
+        drop(last);
+        assert_eq!(mem.used(), 0);
+    }
+
+    #[test]
+    fn under_the_cap_a_queue_evicts_only_while_that_frees_memory() {
+        // Two queues share five kept copies that fill the cap. A sixth message for the first
+        // queue alone: evicting its oldest frees only a slot (the copy lives on in the
+        // other), so it stops there and drops the new message instead of emptying itself.
+        let mut wire = bytes::BytesMut::with_capacity(1 << 16);
+        for _ in 0..6 {
+            Frame::Publish(msg("m", 200).keep()).encode(&mut wire);
+        }
+        let (dec, mut cache) = (FrameDecoder::new(1 << 20), DecodeCache::lending());
+        let one = msg("m", 200).accounted_size() + 2 * std::mem::size_of::<Out>();
+        let mem = Memory::new(one * 5);
+        let (a, b) = (
+            outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared),
+            outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared),
+        );
+        for _ in 0..5 {
+            let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap()
+            else {
+                panic!("a publish")
+            };
+            assert!(matches!(
+                rt(&a, &m, &mem),
+                Pushed::Queued { evicted: 0, .. }
+            ));
+            assert!(matches!(
+                rt(&b, &m, &mem),
+                Pushed::Queued { evicted: 0, .. }
+            ));
+        }
+        assert_eq!(mem.used(), mem.cap());
+        let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap() else {
+            panic!("a publish")
+        };
+        assert_eq!(rt(&a, &m, &mem), Pushed::Dropped);
+        assert_eq!(
+            a.stats().dropped,
+            2,
+            "one evicted in vain, then the new one"
+        );
+        assert_eq!(taken(&a).msgs, 4);
+        assert!(mem.used() <= mem.cap());
     }
 
     #[test]

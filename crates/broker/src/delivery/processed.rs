@@ -42,14 +42,18 @@ impl ProcessedQueue {
         encoding: Encoding,
         group: Option<&QueueGroup>,
     ) -> Pushed {
-        let size = item.size();
-        if !self.fits(size, item.count()) || !memory.try_reserve(size) {
+        if !self.fits(item.size(), item.count()) {
             return Pushed::Full;
         }
-        self.lane.append(item, encoding, group);
-        Pushed::Queued {
-            evicted: 0,
-            wake: false,
+        match self.lane.prepare(item, encoding, group, memory) {
+            Some((prepared, charge)) if memory.try_reserve(charge) => {
+                self.lane.append(item, prepared, charge);
+                Pushed::Queued {
+                    evicted: 0,
+                    wake: false,
+                }
+            }
+            _ => Pushed::Full,
         }
     }
 }

@@ -36,9 +36,10 @@ impl RealtimeQueue {
     }
 
     /// Queues `item` under the bounds and the broker-wide cap. `DropOldest`: the oldest
-    /// deliveries are evicted until it fits (counted per topic, announced); should the cap
-    /// leave no room even then, `item` is dropped instead. `Disconnect`: a full queue is
-    /// [`Pushed::Overflow`] (`item` counted as dropped, never announced).
+    /// deliveries are evicted until it fits the bounds (counted per topic, announced); when the
+    /// cap has no room, the oldest are evicted while that frees memory, at most
+    /// [`CAP_EVICTIONS`] of them, and then `item` is dropped instead. `Disconnect`: a full
+    /// queue is [`Pushed::Overflow`] (`item` counted as dropped, never announced).
     pub(crate) fn push(
         &mut self,
         item: Item<'_>,
@@ -54,36 +55,51 @@ impl RealtimeQueue {
                 self.drops.record_unannounced(item.topic(), n as u64);
                 return Pushed::Overflow;
             }
-            let Some((bytes, msgs)) = self
+            let Some(e) = self
                 .lane
                 .evict_oldest(&mut self.drops, DropReason::SlowReader)
             else {
                 break;
             };
-            freed += bytes;
-            evicted += msgs;
+            freed += e.charge;
+            evicted += e.msgs;
         }
         memory.release(freed);
-        while !memory.try_reserve(size) {
-            match self
-                .lane
-                .evict_oldest(&mut self.drops, DropReason::MemoryCap)
+        let mut tries = 0;
+        loop {
+            if let Some((prepared, charge)) = self.lane.prepare(item, encoding, group, memory)
+                && memory.try_reserve(charge)
             {
-                Some((bytes, msgs)) => {
-                    memory.release(bytes);
-                    evicted += msgs;
-                }
-                None => {
-                    self.drops
-                        .record(item.topic(), DropReason::MemoryCap, n as u64);
-                    return Pushed::Dropped;
-                }
+                self.lane.append(item, prepared, charge);
+                return Pushed::Queued {
+                    evicted,
+                    wake: false,
+                };
             }
-        }
-        self.lane.append(item, encoding, group);
-        Pushed::Queued {
-            evicted,
-            wake: false,
+            // The cap: the oldest of this queue go while that gives memory back (a copy other
+            // queues share gives back only its slot here).
+            let used = memory.used();
+            let gone = (tries < CAP_EVICTIONS)
+                .then(|| {
+                    self.lane
+                        .evict_oldest(&mut self.drops, DropReason::MemoryCap)
+                })
+                .flatten();
+            let Some(e) = gone else {
+                self.drops
+                    .record(item.topic(), DropReason::MemoryCap, n as u64);
+                return Pushed::Dropped;
+            };
+            memory.release(e.charge);
+            evicted += e.msgs;
+            tries += 1;
+            if e.shared && used.saturating_sub(memory.used()) <= e.charge {
+                // Its copy lives on in another queue: evicting more of ours frees nothing.
+                tries = CAP_EVICTIONS;
+            }
         }
     }
 }
+
+/// Deliveries one push evicts at most to make room under the broker-wide cap.
+pub(crate) const CAP_EVICTIONS: usize = 4096;

@@ -187,7 +187,7 @@ async fn run_session(
 /// once it is delivered.
 enum Pending {
     Msg(Lent<'static, Message>),
-    Run(Lent<'static, MessageRun>),
+    Run(Box<Lent<'static, MessageRun>>),
 }
 
 impl Pending {
@@ -413,7 +413,7 @@ impl<'a> ReadLoop<'a> {
         };
         self.count(run.len() as u64, run.payload_bytes(), routed);
         if !self.scratch.effects.blocked.is_empty() {
-            self.pending = Some(Pending::Run(Lent::owned(run.keep())));
+            self.pending = Some(Pending::Run(Box::new(Lent::owned(run.keep()))));
         }
         None
     }
