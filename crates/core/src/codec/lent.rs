@@ -63,6 +63,49 @@ impl<T> Lent<'_, T> {
     }
 }
 
+/// What can be copied out of a read buffer with a charge (a message, a run).
+pub trait ChargedCopy: Clone + sealed::Sealed {
+    /// A copy of exactly its own bytes, charged to `budget`; `None` when it has no room.
+    #[doc(hidden)]
+    fn charged_copy(&self, budget: &Arc<Budget>) -> Option<Self>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for crate::message::Message {}
+    impl Sealed for super::MessageRun {}
+}
+
+impl ChargedCopy for Message {
+    fn charged_copy(&self, budget: &Arc<Budget>) -> Option<Self> {
+        self.copied_charged(budget)
+    }
+}
+
+impl ChargedCopy for MessageRun {
+    fn charged_copy(&self, budget: &Arc<Budget>) -> Option<Self> {
+        self.copied_charged(budget)
+    }
+}
+
+impl<T: ChargedCopy> Lent<'_, T> {
+    /// Keeps it for several holders: a value that shares the read buffer is copied once,
+    /// charged to `budget` ([`Message::is_charged`], [`MessageRun::is_charged`]), and every
+    /// later call returns that copy (a reference-count increment). A value that shares no
+    /// buffer is returned as it is, charged or not: its holder charges it if need be. `None`
+    /// when the budget has no room for the copy (a later call tries again).
+    pub fn keep_charged(&self, budget: &Arc<Budget>) -> Option<T> {
+        if !self.shares_buffer {
+            return Some(self.value.clone());
+        }
+        if let Some(kept) = self.kept.get() {
+            return Some(kept.clone());
+        }
+        let kept = self.value.charged_copy(budget)?;
+        Some(self.kept.get_or_init(|| kept).clone())
+    }
+}
+
 impl std::fmt::Debug for Lent<'_, Message> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lent")
@@ -126,22 +169,6 @@ impl Lent<'_, Message> {
             self.value.clone()
         }
     }
-
-    /// Keeps it for several holders: a message that shares the read buffer is copied once,
-    /// charged to `budget` ([`Message::is_charged`]), and every later call returns that copy
-    /// (a reference-count increment). A message that shares no buffer is returned as it is,
-    /// charged or not: its holder charges it if need be. `None` when the budget has no room
-    /// for the copy (a later call tries again).
-    pub fn keep_charged(&self, budget: &Arc<Budget>) -> Option<Message> {
-        if !self.shares_buffer {
-            return Some(self.value.clone());
-        }
-        if let Some(kept) = self.kept.get() {
-            return Some(kept.clone());
-        }
-        let kept = self.value.copied_charged(budget)?;
-        Some(self.kept.get_or_init(|| kept).clone())
-    }
 }
 
 impl<'buf> Lent<'buf, MessageRun> {
@@ -198,18 +225,6 @@ impl<'buf> Lent<'buf, MessageRun> {
         } else {
             self.value.clone()
         }
-    }
-
-    /// Keeps it for several holders (see [`Lent::<Message>::keep_charged`]).
-    pub fn keep_charged(&self, budget: &Arc<Budget>) -> Option<MessageRun> {
-        if !self.shares_buffer {
-            return Some(self.value.clone());
-        }
-        if let Some(kept) = self.kept.get() {
-            return Some(kept.clone());
-        }
-        let kept = self.value.copied_charged(budget)?;
-        Some(self.kept.get_or_init(|| kept).clone())
     }
 
     /// Its messages, in order, lent from the same buffer.

@@ -20,7 +20,7 @@ pub use body::{
     encode_publish, encode_publish_head,
 };
 pub use decoder::FrameDecoder;
-pub use lent::{Lent, LentFrame};
+pub use lent::{ChargedCopy, Lent, LentFrame};
 pub use run::{
     MessageRun, RunMessages, RunWriter, encode_run_as_delivers, encode_run_delivery,
     encode_run_frame, may_run,
