@@ -413,6 +413,23 @@ impl Message {
         Some(self.copy_with(Some(charge)))
     }
 
+    /// Makes this message hold only its own bytes ([`Message::copied`]), in place when no
+    /// other clone shares it: the same allocation, header and topic, with its body copied.
+    pub(crate) fn detach(&mut self) {
+        let Some(inner) = self.0.as_mut().and_then(Arc::get_mut) else {
+            *self = self.copied();
+            return;
+        };
+        match &inner.received {
+            Some(wire) => {
+                let copy = crate::codec::pool::copy(wire);
+                inner.payload = copy.slice(wire.len() - inner.payload.len()..);
+                inner.received = Some(copy);
+            }
+            None => inner.payload = crate::codec::pool::copy(&inner.payload),
+        }
+    }
+
     fn copy_with(&self, charge: Option<Charge>) -> Self {
         let inner = self.inner();
         let (payload, received) = match &inner.received {

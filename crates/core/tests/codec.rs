@@ -793,6 +793,31 @@ fn carved_frames_read_the_same_and_their_chunk_is_reused_once_they_are_gone() {
 }
 
 #[test]
+fn an_owned_lent_message_is_copied_in_place_once_and_kept_by_reference() {
+    let dec = FrameDecoder::new(max_frame_len(1 << 20));
+    let mut buf = BytesMut::with_capacity(4096);
+    let sent = simple_message(b"processed");
+    Frame::Publish(sent.clone()).encode(&mut buf);
+    let within = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.capacity();
+    let mut cache = DecodeCache::lending();
+    let Some(LentFrame::Publish(mut m)) = dec.decode_lent(&mut buf, &mut cache).unwrap() else {
+        panic!("a publish")
+    };
+    assert!(m.shares_buffer());
+    m.own();
+    assert!(!m.shares_buffer());
+    let (a, b) = (m.keep(), m.keep());
+    assert!(
+        !within.contains(&(a.wire().as_ptr() as usize)),
+        "its own buffer"
+    );
+    assert_eq!(a.wire().as_ptr(), b.wire().as_ptr(), "kept by reference");
+    assert_eq!(a, sent);
+    drop(m);
+    assert!(buf.try_reclaim(4096), "nothing holds the read buffer");
+}
+
+#[test]
 fn a_charged_keep_is_one_copy_for_every_keeper_and_its_charge_lasts_as_long_as_it() {
     use daemoneye_eventbus_core::{Budget, Charge};
     use std::sync::Arc;

@@ -308,7 +308,13 @@ impl<'a> ReadLoop<'a> {
     /// Carries out one step of the state machine.
     fn apply(&mut self, step: Step<'_>) -> Option<Exit> {
         match step {
-            Step::Route(msg) => self.publish(&msg),
+            Step::Route(mut msg) => {
+                if msg.header().qos == Qos::Processed {
+                    // Every queue that takes it keeps it: one copy, made in place.
+                    msg.own();
+                }
+                self.publish(&msg)
+            }
             Step::RouteRun(run) => {
                 self.runs += 1;
                 self.publish_run(&run)

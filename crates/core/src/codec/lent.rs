@@ -160,6 +160,16 @@ impl Lent<'_, Message> {
         encode_message_frame(dst, kind::DELIVER, &self.value);
     }
 
+    /// Stops sharing the read buffer: the message's body is copied into its own buffer, in
+    /// place (no second message is made). Every later keep is a reference-count increment.
+    /// For a message every holder will keep anyway (a Processed publish).
+    pub fn own(&mut self) {
+        if self.shares_buffer {
+            self.value.detach();
+            self.shares_buffer = false;
+        }
+    }
+
     /// The message holding only its own bytes: a copy of exactly its body when it shares the
     /// read buffer, otherwise a reference-count increment.
     pub fn keep(&self) -> Message {
