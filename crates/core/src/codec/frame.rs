@@ -120,23 +120,11 @@ impl Frame {
             }) => {
                 dst.put_u8(2);
                 dst.put_u32_le(sub.0);
-                dst.put_u8(reason.to_u8());
-                let n = topics.len().min(u16::MAX as usize);
-                dst.put_u16_le(n as u16);
-                for (t, c) in topics.iter().take(n) {
-                    put_str16(dst, t.as_str());
-                    dst.put_u64_le(*c);
-                }
+                put_drops(dst, *reason, topics);
             }
             Self::Notice(Notice::Dropped { reason, topics }) => {
                 dst.put_u8(1);
-                dst.put_u8(reason.to_u8());
-                let n = topics.len().min(u16::MAX as usize);
-                dst.put_u16_le(n as u16);
-                for (t, c) in topics.iter().take(n) {
-                    put_str16(dst, t.as_str());
-                    dst.put_u64_le(*c);
-                }
+                put_drops(dst, *reason, topics);
             }
             Self::GoingAway(g) => {
                 dst.put_u32_le(g.drain_ms);
@@ -432,6 +420,18 @@ fn decode_subscribe_acked(c: &mut Cursor) -> Result<SubscribeAcked, FrameError> 
         window,
         filters,
     })
+}
+
+/// A drop notice's reason and per-topic counts (at most 65,535 topics; the broker keeps far
+/// fewer, section 3.8 of `docs/protocol.md`).
+fn put_drops(dst: &mut BytesMut, reason: DropReason, topics: &[(crate::Topic, u64)]) {
+    dst.put_u8(reason.to_u8());
+    let n = topics.len().min(u16::MAX as usize);
+    dst.put_u16_le(n as u16);
+    for (t, c) in topics.iter().take(n) {
+        put_str16(dst, t.as_str());
+        dst.put_u64_le(*c);
+    }
 }
 
 fn decode_notice(c: &mut Cursor) -> Result<Notice, FrameError> {
