@@ -500,6 +500,30 @@ impl<'a> ReadLoop<'a> {
         exit
     }
 
+    /// Holds the publisher of the pending `n` messages back until `room` is made or
+    /// `deadline` (its stall timeout) passes, pinging it every keepalive interval so that it
+    /// does not take the wait for a dead broker. `Some` when the session must end instead.
+    async fn held(
+        &mut self,
+        room: impl Future<Output = ()>,
+        deadline: tokio::time::Instant,
+        ping_at: &mut tokio::time::Instant,
+        n: usize,
+    ) -> Option<Exit> {
+        tokio::select! {
+            biased;
+            () = self.conn.cancel.cancelled() => Some(self.abandon(Exit::Cancelled, n)),
+            () = self.hub.drain.cancelled() => Some(self.abandon(Exit::Shutdown, n)),
+            () = room => None,
+            () = tokio::time::sleep_until(deadline) => None,
+            () = tokio::time::sleep_until(*ping_at) => {
+                *ping_at += self.hub.config.keepalive();
+                let ping = self.core.ping();
+                self.control(ping).map(|exit| self.abandon(exit, n))
+            }
+        }
+    }
+
     /// Offers the pending publish to the Processed queues that were full, waiting for each to
     /// make room, each for at most `processed_stall_timeout_ms`: then it stalls (a durable
     /// subscription), is closed (an acknowledged one), or its connection is (a connection's
@@ -540,19 +564,10 @@ impl<'a> ReadLoop<'a> {
                                 since = None;
                                 continue;
                             }
-                            tokio::select! {
-                                biased;
-                                () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled, n)),
-                                () = self.hub.drain.cancelled() => return Some(self.abandon(Exit::Shutdown, n)),
-                                () = sub.wait_for_room(size, &self.hub.memory) => {}
-                                () = tokio::time::sleep_until(started + stall) => {}
-                                () = tokio::time::sleep_until(ping_at) => {
-                                    ping_at += keepalive;
-                                    let ping = self.core.ping();
-                                    if let Some(exit) = self.control(ping) {
-                                        return Some(self.abandon(exit, n));
-                                    }
-                                }
+                            let room = sub.wait_for_room(size, &self.hub.memory);
+                            let held = self.held(room, started + stall, &mut ping_at, n).await;
+                            if held.is_some() {
+                                return held;
                             }
                         }
                         SubPushed::Dropped | SubPushed::Closed => {
@@ -597,21 +612,12 @@ impl<'a> ReadLoop<'a> {
                         since = None;
                         continue;
                     }
-                    tokio::select! {
-                        biased;
-                        () = self.conn.cancel.cancelled() => return Some(self.abandon(Exit::Cancelled, n)),
-                        () = self.hub.drain.cancelled() => return Some(self.abandon(Exit::Shutdown, n)),
-                        () = target.outlet.wait_for_room(pending.item(), &self.hub.memory) => {}
-                        () = tokio::time::sleep_until(started + stall) => {}
-                        // The publisher hears from us while it waits, so it does not take the
-                        // wait for a dead broker.
-                        () = tokio::time::sleep_until(ping_at) => {
-                            ping_at += keepalive;
-                            let ping = self.core.ping();
-                            if let Some(exit) = self.control(ping) {
-                                return Some(self.abandon(exit, n));
-                            }
-                        }
+                    let room = target
+                        .outlet
+                        .wait_for_room(pending.item(), &self.hub.memory);
+                    let held = self.held(room, started + stall, &mut ping_at, n).await;
+                    if held.is_some() {
+                        return held;
                     }
                 }
                 Pushed::Closed => {
