@@ -98,6 +98,16 @@ impl Item<'_> {
             Self::Run(r) => Out::Run(r.keep_charged(budget)?),
         })
     }
+
+    /// What a queue for an in-process peer keeps: a copy of its own, charged to the queue
+    /// until written. (The peer takes the message itself; a shared copy would carry its charge
+    /// into the application for as long as the application holds it.)
+    fn keep_own(self, group: Option<&QueueGroup>) -> Out {
+        match self {
+            Self::Msg(m) => Out::Msg(m.keep(), group.cloned()),
+            Self::Run(r) => Out::Run(r.keep()),
+        }
+    }
 }
 
 /// Budget bytes one queue entry is charged when the copy it holds carries its own charge (the
@@ -142,7 +152,9 @@ impl Lane {
 
     /// How `item` would be queued, and what the queue must reserve of the memory cap for it:
     /// encoded into the chunk at the tail when `encoding` says so (its charged size), otherwise
-    /// kept (its slot when the kept copy carries its charge, else its charged size). Queue
+    /// kept (its slot when the kept copy carries its charge, else its charged size). A
+    /// byte-stream peer's queues share one kept copy of a lent frame; an in-process peer's
+    /// queue keeps its own, since the message itself goes to the application. Queue
     /// group deliveries are always kept, so that another member can be given them if this one
     /// goes away. `None` when the memory cap has no room for the kept copy.
     pub(crate) fn prepare(
@@ -161,7 +173,12 @@ impl Lane {
             {
                 Some((Prepared::Encode { runs }, size))
             }
-            _ => {
+            Encoding::Shared => {
+                let out = item.keep_own(group);
+                let charge = out.own_charge(size);
+                Some((Prepared::Keep(out), charge))
+            }
+            Encoding::Bytes { .. } => {
                 let out = item.keep(group, memory)?;
                 let charge = out.own_charge(size);
                 Some((Prepared::Keep(out), charge))

@@ -676,6 +676,44 @@ mod tests {
         );
     }
 
+    /// A delivery a byte-stream queue keeps rather than encodes: a queue group's.
+    fn kept_rt(o: &Outlet, m: &Lent<'_, Message>, mem: &Memory) -> Pushed {
+        o.push_realtime(Item::Msg(m), mem, Some(&QueueGroup::new("g").unwrap()))
+    }
+
+    fn kept_pr(o: &Outlet, m: &Lent<'_, Message>, mem: &Memory) -> Pushed {
+        o.push_processed(Item::Msg(m), mem, Some(&QueueGroup::new("g").unwrap()))
+    }
+
+    #[test]
+    fn an_in_process_peer_keeps_a_copy_of_its_own_charged_until_written() {
+        let mut wire = bytes::BytesMut::with_capacity(4096);
+        Frame::Publish(msg("m", 200).keep()).encode(&mut wire);
+        let (dec, mut cache) = (FrameDecoder::new(1 << 20), DecodeCache::lending());
+        let mem = Memory::new(1 << 30);
+        let stream = outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, STREAM);
+        let inproc = outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared);
+        let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap() else {
+            panic!("a publish")
+        };
+        let size = m.accounted_size();
+        assert!(matches!(kept_rt(&stream, &m, &mem), Pushed::Queued { .. }));
+        assert!(matches!(rt(&inproc, &m, &mem), Pushed::Queued { .. }));
+        drop(m);
+        let entry = std::mem::size_of::<Out>();
+        assert_eq!(mem.used(), size + entry + size);
+        let b = taken(&inproc);
+        let Some(Out::Msg(own, None)) = b.realtime.front() else {
+            panic!("a kept message")
+        };
+        assert!(
+            !own.is_charged(),
+            "the application may hold it as long as it likes"
+        );
+        mem.release(b.bytes);
+        assert_eq!(mem.used(), size + entry, "written: its charge is back");
+    }
+
     #[test]
     fn queues_keeping_one_lent_frame_share_one_copy_charged_once() {
         let mut wire = bytes::BytesMut::with_capacity(4096);
@@ -683,15 +721,25 @@ mod tests {
         let (dec, mut cache) = (FrameDecoder::new(1 << 20), DecodeCache::lending());
         let mem = Memory::new(1 << 30);
         let outlets: Vec<Outlet> = (0..3)
-            .map(|_| outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared))
+            .map(|_| outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, STREAM))
             .collect();
+        // Byte-stream peers keep queue group deliveries (as they keep anything once behind).
         let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap() else {
             panic!("a publish")
         };
         let size = m.accounted_size();
-        assert!(matches!(rt(&outlets[0], &m, &mem), Pushed::Queued { .. }));
-        assert!(matches!(pr(&outlets[1], &m, &mem), Pushed::Queued { .. }));
-        assert!(matches!(rt(&outlets[2], &m, &mem), Pushed::Queued { .. }));
+        assert!(matches!(
+            kept_rt(&outlets[0], &m, &mem),
+            Pushed::Queued { .. }
+        ));
+        assert!(matches!(
+            kept_pr(&outlets[1], &m, &mem),
+            Pushed::Queued { .. }
+        ));
+        assert!(matches!(
+            kept_rt(&outlets[2], &m, &mem),
+            Pushed::Queued { .. }
+        ));
         drop(m);
         let entry = std::mem::size_of::<Out>();
         assert_eq!(mem.used(), size + 3 * entry, "one copy, three slots");
@@ -732,8 +780,8 @@ mod tests {
         let one = msg("m", 200).accounted_size() + 2 * std::mem::size_of::<Out>();
         let mem = Memory::new(one * 5);
         let (a, b) = (
-            outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared),
-            outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, Encoding::Shared),
+            outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, STREAM),
+            outlet(100, 1 << 20, SlowReaderPolicy::DropOldest, STREAM),
         );
         for _ in 0..5 {
             let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap()
@@ -741,11 +789,11 @@ mod tests {
                 panic!("a publish")
             };
             assert!(matches!(
-                rt(&a, &m, &mem),
+                kept_rt(&a, &m, &mem),
                 Pushed::Queued { evicted: 0, .. }
             ));
             assert!(matches!(
-                rt(&b, &m, &mem),
+                kept_rt(&b, &m, &mem),
                 Pushed::Queued { evicted: 0, .. }
             ));
         }
@@ -753,7 +801,7 @@ mod tests {
         let Some(LentFrame::Publish(m)) = dec.decode_lent(&mut wire, &mut cache).unwrap() else {
             panic!("a publish")
         };
-        assert_eq!(rt(&a, &m, &mem), Pushed::Dropped);
+        assert_eq!(kept_rt(&a, &m, &mem), Pushed::Dropped);
         assert_eq!(
             a.stats().dropped,
             2,
