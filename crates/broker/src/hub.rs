@@ -392,8 +392,11 @@ impl Hub {
         if let Some(name) = &sub.name {
             self.durables.lock().remove(name);
         }
-        let removed = self.router.write().remove_acked(sub.index);
-        if removed.is_some_and(|r| Arc::ptr_eq(&r, sub)) {
+        let removed = self
+            .router
+            .write()
+            .remove_acked(sub.index, |a| Arc::ptr_eq(a, sub));
+        if removed.is_some() {
             let charge: usize = sub.filters.iter().map(subscription_charge).sum();
             self.release_subscriptions(charge);
         }
@@ -425,7 +428,7 @@ impl Hub {
                 format!("no subscription {sub} is open on this connection"),
             ));
         };
-        conn.outlet.detach(s.index);
+        conn.outlet.detach(&s);
         self.release_acked(&s, conn.session_id, delete);
         Ok(())
     }
@@ -455,7 +458,7 @@ impl Hub {
     pub(crate) fn release_all(&self, conn: &Conn) {
         let subs: Vec<_> = conn.acked.lock().drain().map(|(_, s)| s).collect();
         for s in subs {
-            conn.outlet.detach(s.index);
+            conn.outlet.detach(&s);
             self.release_acked(&s, conn.session_id, false);
         }
     }
@@ -488,8 +491,20 @@ impl Hub {
             sub.describe()
         );
         tracing::warn!(%message, "closing a stalled subscription");
-        if let Some((outlet, id)) = sub.attached_outlet() {
-            outlet.detach(sub.index);
+        if let Some((outlet, id, session_id)) = sub.attached_at() {
+            // Out of its connection's table too: it no longer counts there, and its id is free.
+            let router = self.router.read();
+            if let Some((_, conn)) = router
+                .connections()
+                .find(|(_, c)| c.session_id == session_id)
+            {
+                let mut acked = conn.acked.lock();
+                if acked.get(&id).is_some_and(|a| Arc::ptr_eq(a, sub)) {
+                    acked.remove(&id);
+                }
+            }
+            drop(router);
+            outlet.detach(sub);
             outlet.push_frame(Frame::SubEnd(SubEnd {
                 sub: id,
                 code: ErrorCode::Stalled,

@@ -208,10 +208,16 @@ impl<C, A> Router<C, A> {
         index
     }
 
-    /// Removes an acknowledged subscription; returns it.
-    pub(crate) fn remove_acked(&mut self, index: u32) -> Option<A> {
+    /// Removes acknowledged subscription `index` if it is the one `is_it` recognises; returns
+    /// it.
+    pub(crate) fn remove_acked(&mut self, index: u32, is_it: impl FnOnce(&A) -> bool) -> Option<A> {
+        let entry = self.acked.get_mut(index as usize)?;
+        if !entry.as_ref().is_some_and(|(a, _)| is_it(a)) {
+            // Already gone, and the index perhaps given to another subscription since.
+            return None;
+        }
+        let (sub, filters) = entry.take()?;
         self.generation += 1;
-        let (sub, filters) = self.acked.get_mut(index as usize)?.take()?;
         for f in &filters {
             self.acked_trie.remove(f, index);
         }

@@ -978,6 +978,15 @@ async fn a_stalled_subscription_releases_its_publishers(kind: Kind) {
         "the newest was kept: {:?}",
         bus.broker.stats().subscriptions
     );
+    // The closed subscription is gone from its connection too: a subscription opened since
+    // (which may reuse its place in the broker) outlives that connection.
+    let fresh = bus.client("fresh").await;
+    let mut f = fresh.subscribe_with(["job"], Qos::Processed).await.unwrap();
+    drop((s, d));
+    stuck.drain().await;
+    drop(stuck);
+    publish_processed(&publ, "job", 1000, 1001).await;
+    assert_eq!(payload_u32(&next(&mut f).await), 1000);
 }
 
 async fn repeated_topic_follows_subscription_changes(kind: Kind) {

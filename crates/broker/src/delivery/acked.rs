@@ -512,11 +512,12 @@ impl AckedSub {
         self.state.lock().attached.is_some()
     }
 
-    /// The outlet of the connection it is attached to, with the id it has there.
-    pub(crate) fn attached_outlet(&self) -> Option<(Arc<Outlet>, SubId)> {
+    /// The outlet of the connection it is attached to, with the id it has there and the
+    /// connection's session.
+    pub(crate) fn attached_at(&self) -> Option<(Arc<Outlet>, SubId, u64)> {
         let st = self.state.lock();
         let a = st.attached.as_ref()?;
-        Some((a.outlet.upgrade()?, a.sub))
+        Some((a.outlet.upgrade()?, a.sub, a.session_id))
     }
 
     /// Closes it and forgets what it kept, giving the memory back; returns the messages

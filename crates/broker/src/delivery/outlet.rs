@@ -238,11 +238,12 @@ impl Outlet {
         true
     }
 
-    /// Detaches the acknowledged subscription `index`; returns it.
-    pub(crate) fn detach(&self, index: u32) -> Option<Arc<AckedSub>> {
+    /// Detaches the acknowledged subscription `sub` (if attached here).
+    pub(crate) fn detach(&self, sub: &Arc<AckedSub>) {
         let mut st = self.state.lock();
-        let at = st.acked.iter().position(|s| s.index == index)?;
-        Some(st.acked.swap_remove(at))
+        if let Some(at) = st.acked.iter().position(|s| Arc::ptr_eq(s, sub)) {
+            st.acked.swap_remove(at);
+        }
     }
 
     /// The acknowledged subscriptions attached.
