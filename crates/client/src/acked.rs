@@ -4,7 +4,7 @@
 
 use crate::idmap::IdBuild;
 use daemoneye_eventbus_core::codec::SubId;
-use daemoneye_eventbus_core::{Message, MessageId};
+use daemoneye_eventbus_core::{CorrelationFilter, Message, MessageId};
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// The deliveries of one message handed to the application: (connection epoch, sequence),
@@ -66,6 +66,9 @@ pub(crate) struct AckState {
     dedup_window: usize,
     /// Sequences acknowledged and not yet sent, with their connection epoch.
     due: Vec<(u64, u64)>,
+    /// Only messages whose correlation metadata passes it reach the application; the others
+    /// are acknowledged as they arrive.
+    filter: Option<CorrelationFilter>,
 }
 
 /// What to do with a delivery the reader queued.
@@ -93,7 +96,21 @@ impl AckState {
             done_order: VecDeque::new(),
             dedup_window,
             due: Vec::new(),
+            filter: None,
         }
+    }
+
+    /// Hands the application only messages whose correlation metadata passes `filter`.
+    pub(crate) fn filtered(mut self, filter: Option<CorrelationFilter>) -> Self {
+        self.filter = filter.filter(|f| !f.is_empty());
+        self
+    }
+
+    /// Whether `msg` is for the application (its correlation metadata passes the filter).
+    pub(crate) fn wants(&self, msg: &Message) -> bool {
+        self.filter
+            .as_ref()
+            .is_none_or(|f| f.matches(msg.header().correlation.as_deref()))
     }
 
     /// Acknowledges the message handed last, in [`AckMode::Auto`] (the application asked for

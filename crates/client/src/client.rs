@@ -893,7 +893,6 @@ impl Client {
             filters.clone(),
             options.durable,
             window,
-            options.correlation,
             Sink::Queue(tx),
         );
         let sub = open.sub;
@@ -915,12 +914,15 @@ impl Client {
             filters,
             rx,
             client: Some(self.clone()),
-            acked: Some(AckState::new(
-                sub,
-                options.ack_mode,
-                options.keep_duplicates,
-                self.inner.options.dedup_window,
-            )),
+            acked: Some(
+                AckState::new(
+                    sub,
+                    options.ack_mode,
+                    options.keep_duplicates,
+                    self.inner.options.dedup_window,
+                )
+                .filtered(options.correlation),
+            ),
         })
     }
 

@@ -204,6 +204,12 @@ impl Subscription {
                     }));
                 };
                 match a.arrive(msg.id(), epoch, seq) {
+                    Verdict::Deliver if !a.wants(&msg) => {
+                        // Filtered out by correlation: processed, as far as the broker goes.
+                        a.ack(msg.id());
+                        self.flush_acks_if_many();
+                        None
+                    }
                     Verdict::Deliver => Some(Ok(Delivery {
                         message: msg,
                         redelivered,
@@ -494,7 +500,6 @@ impl SubTable {
         filters: Vec<TopicFilter>,
         durable: Option<DurableName>,
         window: u32,
-        correlation: Option<CorrelationFilter>,
         sink: Sink,
     ) -> (u64, SubscribeAcked) {
         self.next_id += 1;
@@ -513,7 +518,8 @@ impl SubTable {
             SubEntry {
                 filters,
                 group: None,
-                correlation: correlation.filter(|c| !c.is_empty()),
+                // Applied where its deliveries are acknowledged (`AckState::wants`).
+                correlation: None,
                 sink,
                 acked: Some(info),
             },

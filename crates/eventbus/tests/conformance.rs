@@ -1212,6 +1212,16 @@ async fn correlation_travels_and_filters_apply(kind: Kind) {
         )
         .await
         .unwrap();
+    // The same filter on an acknowledged (Processed) subscription.
+    let mut scan_processed = watcher
+        .subscribe_with_options(
+            ["events.process.+"],
+            SubscribeOptions::default()
+                .qos(Qos::Processed)
+                .correlation(CorrelationFilter::any().id_pattern("scan.*")),
+        )
+        .await
+        .unwrap();
     let caller = bus.client("caller").await;
     let mut meta = CorrelationMetadata::root("scan.42", 1_000);
     meta.workflow_stage = Some("enrich".into());
@@ -1245,6 +1255,14 @@ async fn correlation_travels_and_filters_apply(kind: Kind) {
     );
     let got = next(&mut scan_only).await;
     assert_eq!(got.header().correlation.as_deref(), Some(&meta));
+    assert_eq!(
+        next(&mut scan_processed)
+            .await
+            .header()
+            .correlation
+            .as_deref(),
+        Some(&meta)
+    );
     // A derived event is a child of its cause without the caller building it.
     caller
         .publish_with(Publish::new(t("events.process.tree"), "d").caused_by(&got))
