@@ -39,6 +39,18 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Filters of the acknowledged subscriptions this connection opened (a durable one it
+    /// attached to counts for nobody: it outlives connections), against
+    /// `max_subscriptions_per_connection`.
+    pub(crate) fn acked_filters(&self) -> usize {
+        self.acked
+            .lock()
+            .values()
+            .filter(|a| a.name.is_none())
+            .map(|a| a.filters.len())
+            .sum()
+    }
+
     pub(crate) fn new(
         session_id: u64,
         name: String,

@@ -206,7 +206,7 @@ impl Hub {
 
     /// Subscribes, charging the subscription to the memory cap; `Ok(false)` when the
     /// connection held the filter already.
-    pub(crate) fn subscribe(&self, slot: Slot, s: &Subscribe) -> Result<bool, SubscribeRefusal> {
+    pub(crate) fn subscribe(&self, conn: &Conn, s: &Subscribe) -> Result<bool, SubscribeRefusal> {
         let charge = subscription_charge(&s.filter);
         if !self.memory.try_reserve(charge) {
             return Err(SubscribeRefusal::Memory(format!(
@@ -214,10 +214,14 @@ impl Hub {
                 self.memory.cap()
             )));
         }
-        let outcome = self
-            .router
-            .write()
-            .subscribe(slot, &s.filter, s.qos, s.group.as_ref());
+        let elsewhere = conn.acked_filters();
+        let outcome = self.router.write().subscribe_besides(
+            conn.slot(),
+            &s.filter,
+            s.qos,
+            s.group.as_ref(),
+            elsewhere,
+        );
         if outcome == Ok(true) {
             self.subscription_bytes.fetch_add(charge, Ordering::Relaxed);
         } else {
@@ -315,14 +319,7 @@ impl Hub {
                 }
             }
             None => {
-                let held = self.router.read().filter_count_of(conn.slot())
-                    + conn
-                        .acked
-                        .lock()
-                        .values()
-                        .filter(|a| a.name.is_none())
-                        .map(|a| a.filters.len())
-                        .sum::<usize>();
+                let held = self.router.read().filter_count_of(conn.slot()) + conn.acked_filters();
                 if held + s.filters.len() > c.max_subscriptions_per_connection {
                     return Err((
                         ErrorCode::ResourceExhausted,

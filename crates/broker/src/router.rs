@@ -291,13 +291,15 @@ impl<C, A> Router<C, A> {
     /// `Realtime` one).
     ///
     /// A connection holds a filter once: plainly or in one group. Asking for it the other way
-    /// is refused (unsubscribe first).
-    pub(crate) fn subscribe(
+    /// is refused (unsubscribe first). `elsewhere` filters it holds outside this table (its
+    /// acknowledged subscriptions) count against `max_subscriptions_per_connection` too.
+    pub(crate) fn subscribe_besides(
         &mut self,
         slot: Slot,
         filter: &TopicFilter,
         qos: Qos,
         group: Option<&QueueGroup>,
+        elsewhere: usize,
     ) -> Result<bool, SubscribeRefusal> {
         let Some(entry) = self.slots.get(slot as usize).and_then(Option::as_ref) else {
             return Ok(false);
@@ -327,11 +329,11 @@ impl<C, A> Router<C, A> {
             }
             _ => {}
         }
-        if is_new && entry.count() >= self.max_per_connection {
+        let held = entry.count() + elsewhere;
+        if is_new && held >= self.max_per_connection {
             return Err(SubscribeRefusal::Limit(format!(
-                "this connection holds {} subscriptions, the broker's \
-                 max_subscriptions_per_connection; unsubscribe some first",
-                entry.count()
+                "this connection holds {held} subscriptions, the broker's \
+                 max_subscriptions_per_connection; unsubscribe some first"
             )));
         }
         self.generation += 1;
@@ -339,6 +341,18 @@ impl<C, A> Router<C, A> {
             None => Ok(self.subscribe_plain(slot, filter, qos)),
             Some(name) => Ok(self.subscribe_grouped(slot, filter, qos, name)),
         }
+    }
+
+    /// [`Router::subscribe_besides`] for a connection holding nothing elsewhere.
+    #[cfg(test)]
+    pub(crate) fn subscribe(
+        &mut self,
+        slot: Slot,
+        filter: &TopicFilter,
+        qos: Qos,
+        group: Option<&QueueGroup>,
+    ) -> Result<bool, SubscribeRefusal> {
+        self.subscribe_besides(slot, filter, qos, group, 0)
     }
 
     fn subscribe_grouped(

@@ -588,6 +588,26 @@ async fn subscriptions_are_limited_and_charged(kind: Kind) {
         daemoneye_eventbus::broker::SUBSCRIPTION_CHARGE as u64 + 6
     );
     let _again = c.subscribe(["a.four", "a.five"]).await.unwrap();
+    // An acknowledged subscription's filters count against the same limit, either way round.
+    let p = bus.client("processed").await;
+    let _acked = p
+        .subscribe_with(["b.one", "b.two"], Qos::Processed)
+        .await
+        .unwrap();
+    let _plain = p.subscribe(["b.three"]).await.unwrap();
+    for refused in [
+        p.subscribe(["b.four"]).await.map(drop),
+        p.subscribe_with(["b.five"], Qos::Processed).await.map(drop),
+    ] {
+        assert!(
+            matches!(
+                &refused,
+                Err(SubscribeError::Refused { message, .. })
+                    if message.contains("max_subscriptions_per_connection")
+            ),
+            "{refused:?}"
+        );
+    }
     other.close().await;
     c.close().await;
 }

@@ -334,7 +334,7 @@ impl<'a> ReadLoop<'a> {
                 self.control(frame)
             }
             Step::Subscribe(s) => {
-                let outcome = self.hub.subscribe(self.conn.slot(), &s);
+                let outcome = self.hub.subscribe(self.conn, &s);
                 let exit = self.control(SessionCore::subscribed(s.request_id, &outcome));
                 if exit.is_none() && outcome.is_ok() && s.filter.matches(&catalog::sys::stats()) {
                     // The snapshot must include this batch's earlier publishes.
