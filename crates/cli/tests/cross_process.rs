@@ -275,6 +275,11 @@ fn reconnect_after_broker_restart_restores_subscriptions() {
         .block_on(Client::connect(&ep, ClientOptions::named("survivor")))
         .unwrap();
     let mut s = rt.block_on(client.subscribe(["after.restart"])).unwrap();
+    // A durable subscription is kept in the broker's memory: the restarted broker makes it
+    // anew, so it too is told of the outage.
+    let mut d = rt
+        .block_on(client.subscribe_durable("survivor", ["after.restart"]))
+        .unwrap();
 
     broker.proc.signal(Signal::SIGTERM);
     assert_eq!(broker.proc.wait(), 0);
@@ -292,6 +297,10 @@ fn reconnect_after_broker_restart_restores_subscriptions() {
         match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
             Err(RecvError::Reconnected { .. }) => {}
             other => panic!("expected the outage to be reported first, got {other:?}"),
+        }
+        match tokio::time::timeout(WAIT, d.recv()).await.unwrap() {
+            Err(RecvError::Reconnected { .. }) => {}
+            other => panic!("the durable subscription was not resumed: {other:?}"),
         }
         client.ping().await.unwrap();
     });

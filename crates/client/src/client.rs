@@ -113,10 +113,15 @@ pub(crate) struct Inner {
     pub(crate) consumed: watch::Sender<u64>,
     pub(crate) subs: Mutex<SubTable>,
     pub(crate) pending: Pending,
+    /// Durable subscriptions restored after a reconnect, by the request id of their
+    /// SUBSCRIBE_ACKED, with the outage: one the broker did not resume (it restarted, and
+    /// kept nothing) missed what was published meanwhile.
+    pub(crate) restored:
+        Mutex<HashMap<u32, (daemoneye_eventbus_core::codec::SubId, std::time::Duration)>>,
     /// Pings awaiting their pong, by nonce.
     pub(crate) pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) next_nonce: AtomicU64,
-    next_request: AtomicU32,
+    pub(crate) next_request: AtomicU32,
     pub(crate) state: watch::Sender<ConnState>,
     pub(crate) counters: Counters,
     pub(crate) max_message_size: AtomicUsize,
@@ -420,6 +425,7 @@ impl Client {
             consumed: watch::channel(0).0,
             subs: Mutex::new(SubTable::default()),
             pending: Mutex::new(HashMap::new()),
+            restored: Mutex::new(HashMap::new()),
             pings: Mutex::new(HashMap::new()),
             next_nonce: AtomicU64::new(1),
             next_request: AtomicU32::new(1),

@@ -188,9 +188,16 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
                 group,
             }));
         }
-        for open in acked {
+        let mut restored = inner.restored.lock();
+        restored.clear();
+        for mut open in acked {
+            if let (true, Some(outage)) = (open.durable.is_some(), gap) {
+                open.request_id = inner.next_request.fetch_add(1, Ordering::Relaxed);
+                restored.insert(open.request_id, (open.sub, outage));
+            }
             writer.push(&Frame::SubscribeAcked(open));
         }
+        drop(restored);
         // Processed publishes a connection took and the broker never acknowledged go again,
         // with their ids, before anything queued later.
         let out = inner.out.lock();
@@ -379,7 +386,8 @@ async fn read_loop(
         started,
     };
     if let Some(outage) = gap {
-        let ids = inner.subs.lock().ids();
+        // A durable subscription the broker resumes missed nothing (see `Inner::restored`).
+        let ids = inner.subs.lock().forgetful_ids();
         for id in ids {
             let tx = inner.subs.lock().sender(id);
             if let Some(tx) = tx {
@@ -463,8 +471,18 @@ impl ReadCtx<'_> {
                         None => Ok(()),
                         Some(code) => Err(refused(code, r.message)),
                     });
-                } else if let Some(code) = r.error {
-                    tracing::warn!(%code, message = %r.message, "broker refused a restored subscription");
+                } else {
+                    let restored = inner.restored.lock().remove(&r.request_id);
+                    if let Some(code) = r.error {
+                        tracing::warn!(%code, message = %r.message, "broker refused a restored subscription");
+                    } else if let Some((sub, outage)) = restored
+                        && r.message != "resumed"
+                    {
+                        // Made anew: the broker kept nothing of it (it restarted).
+                        if let Some(tx) = inner.subs.lock().acked_sender(sub) {
+                            tx.report(RecvError::Reconnected { outage });
+                        }
+                    }
                 }
             }
             Frame::Ping(n) => inner.push_control(Frame::Pong(n)),

@@ -642,6 +642,16 @@ impl SubTable {
         self.subs.keys().copied().collect()
     }
 
+    /// The ids of the subscriptions that miss what is published while the client is
+    /// disconnected: all but durable ones, whose messages the broker keeps meanwhile.
+    pub(crate) fn forgetful_ids(&self) -> Vec<u64> {
+        self.subs
+            .iter()
+            .filter(|(_, e)| e.acked.as_ref().is_none_or(|a| a.durable.is_none()))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The ids of the subscriptions that are not acknowledged ones.
     pub(crate) fn plain_ids(&self) -> Vec<u64> {
         self.subs
