@@ -779,7 +779,7 @@ impl Hub {
                     session_id: conn.session_id,
                     name: conn.name.clone(),
                     peer: conn.peer.to_string(),
-                    subscriptions: router.filter_count_of(slot) as u64,
+                    subscriptions: (router.filter_count_of(slot) + conn.acked_filters()) as u64,
                     published: load(&conn.counters.published),
                     delivered: load(&conn.counters.delivered),
                     dropped: ob.dropped,

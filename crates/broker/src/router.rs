@@ -563,14 +563,15 @@ impl<C, A> Router<C, A> {
             .filter_map(|(i, e)| e.as_ref().map(|e| (i as Slot, &e.conn)))
     }
 
-    /// (filter, connection) entries, plain and grouped.
+    /// (filter, connection) entries, plain and grouped, and acknowledged subscriptions' filters.
     pub(crate) fn subscription_count(&self) -> usize {
-        self.trie.len() + self.grouped.len()
+        self.trie.len() + self.grouped.len() + self.acked_trie.len()
     }
 
-    /// Distinct filters (a filter used plainly and in a group counts twice).
+    /// Distinct filters (a filter used plainly, in a group and by acknowledged subscriptions
+    /// counts once for each).
     pub(crate) fn topic_count(&self) -> usize {
-        self.trie.filter_count() + self.grouped.filter_count()
+        self.trie.filter_count() + self.grouped.filter_count() + self.acked_trie.filter_count()
     }
 }
 

@@ -79,7 +79,8 @@ pub struct BrokerStats {
     /// counted in `published`.
     #[serde(default)]
     pub runs: u64,
-    /// (filter, connection) subscriptions.
+    /// (filter, connection) subscriptions, and one per filter of each acknowledged
+    /// subscription.
     pub active_subscriptions: u64,
     /// Distinct subscribed filters.
     pub active_topics: u64,
@@ -144,7 +145,8 @@ pub struct ConnectionStats {
     pub name: String,
     /// Who the peer is (pid/uid or address).
     pub peer: String,
-    /// Subscribed filters.
+    /// Subscribed filters, its acknowledged subscriptions' included (the durable ones it
+    /// attached to are not: they outlive it), as `max_subscriptions_per_connection` counts.
     pub subscriptions: u64,
     /// Messages published by this connection.
     pub published: u64,

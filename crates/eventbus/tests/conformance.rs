@@ -595,6 +595,13 @@ async fn subscriptions_are_limited_and_charged(kind: Kind) {
         .await
         .unwrap();
     let _plain = p.subscribe(["b.three"]).await.unwrap();
+    let stats = bus.broker.stats();
+    let held = stats.connections.iter().find(|c| c.name == "processed");
+    assert_eq!(
+        held.map(|c| c.subscriptions),
+        Some(3),
+        "as the limit counts"
+    );
     for refused in [
         p.subscribe(["b.four"]).await.map(drop),
         p.subscribe_with(["b.five"], Qos::Processed).await.map(drop),

@@ -85,13 +85,13 @@ pub(crate) fn broker_health(now: &BrokerStats, before: Before) -> Part {
             ),
         );
     }
-    let closed = now.stalled.saturating_sub(before.stalled);
-    if closed > 0 {
+    let newly = now.stalled.saturating_sub(before.stalled);
+    if newly > 0 {
         return part(
             Health::Degraded,
             format!(
-                "{closed} Processed subscriptions stalled and were closed so their publishers \
-                 could go on"
+                "{newly} Processed subscriptions stalled since the last report (closed, or \
+                 durable and no longer waited for) so their publishers could go on"
             ),
         );
     }
