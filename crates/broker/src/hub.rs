@@ -371,11 +371,13 @@ impl Hub {
         }
         self.subscription_bytes.fetch_add(charge, Ordering::Relaxed);
         let policy = self.config.durable_full_policy;
-        let sub = self.router.write().add_acked(filters, |index| {
-            Arc::new(AckedSub::new(index, name, filters.to_vec(), limits, policy))
+        let mut made = None;
+        self.router.write().add_acked(filters, |index| {
+            let sub = Arc::new(AckedSub::new(index, name, filters.to_vec(), limits, policy));
+            made = Some(Arc::clone(&sub));
+            sub
         });
-        let router = self.router.read();
-        Ok(Arc::clone(router.acked(sub).expect("just added")))
+        Ok(made.expect("add_acked makes the subscription"))
     }
 
     /// Lets an acknowledged subscription go from connection `session_id`: a durable one is

@@ -353,6 +353,18 @@ impl Inner {
         }
     }
 
+    /// Its payload and received body in a buffer of their own (exactly the body's length): a
+    /// copy of the body and the payload as its tail, or of the payload alone.
+    fn own_body(&self) -> (Bytes, Option<Bytes>) {
+        match &self.received {
+            Some(wire) => {
+                let copy = crate::codec::pool::copy(wire);
+                (copy.slice(wire.len() - self.payload.len()..), Some(copy))
+            }
+            None => (crate::codec::pool::copy(&self.payload), None),
+        }
+    }
+
     /// An empty message holding nothing alive (what a recycled allocation contains).
     fn vacant() -> Self {
         Self::new(
@@ -420,25 +432,12 @@ impl Message {
             *self = self.copied();
             return;
         };
-        match &inner.received {
-            Some(wire) => {
-                let copy = crate::codec::pool::copy(wire);
-                inner.payload = copy.slice(wire.len() - inner.payload.len()..);
-                inner.received = Some(copy);
-            }
-            None => inner.payload = crate::codec::pool::copy(&inner.payload),
-        }
+        (inner.payload, inner.received) = inner.own_body();
     }
 
     fn copy_with(&self, charge: Option<Charge>) -> Self {
         let inner = self.inner();
-        let (payload, received) = match &inner.received {
-            Some(wire) => {
-                let copy = crate::codec::pool::copy(wire);
-                (copy.slice(wire.len() - inner.payload.len()..), Some(copy))
-            }
-            None => (crate::codec::pool::copy(&inner.payload), None),
-        };
+        let (payload, received) = inner.own_body();
         let mut contents = Inner::new(inner.topic.clone(), inner.header.clone(), payload, received);
         contents.charge = charge;
         Self::make(contents)
