@@ -529,25 +529,34 @@ impl Hub {
         let plan = router.plan(item.topic(), plans);
         let mut routed = Routed::default();
         match item {
-            Item::Run(_) if !plan.members.is_empty() || !plan.acked.is_empty() => return None,
+            Item::Run(run)
+                if !plan.members.is_empty()
+                    || plan.acked.iter().any(|index| {
+                        router
+                            .acked(*index)
+                            .is_some_and(|s| !s.takes_whole(run.len(), run.accounted_size()))
+                    }) =>
+            {
+                return None;
+            }
             Item::Msg(msg) => {
                 for members in plan.groups() {
                     self.route_group(&router, members, msg, effects, waiting, &mut routed);
                 }
-                if !plan.acked.is_empty() {
-                    let kept = msg.keep();
-                    for index in &plan.acked {
-                        let Some(sub) = router.acked(*index) else {
-                            continue;
-                        };
-                        routed.matched += 1;
-                        let pushed =
-                            sub.push(kept.clone(), &self.memory, waiting == Waiting::Allowed);
-                        account_sub(pushed, sub, effects, &mut routed);
-                    }
-                }
             }
             Item::Run(_) => {}
+        }
+        if !plan.acked.is_empty() {
+            // One copy, kept by every acknowledged subscription.
+            let kept = item.kept();
+            for index in &plan.acked {
+                let Some(sub) = router.acked(*index) else {
+                    continue;
+                };
+                routed.matched += 1;
+                let pushed = sub.push(kept.clone(), &self.memory, waiting == Waiting::Allowed);
+                account_sub(pushed, item.count() as u64, sub, effects, &mut routed);
+            }
         }
         for target in &plan.plain {
             routed.matched += 1;
@@ -874,14 +883,21 @@ fn account(
 }
 
 /// Books the outcome of one push to an acknowledged subscription.
-fn account_sub(pushed: SubPushed, sub: &Arc<AckedSub>, effects: &mut Effects, routed: &mut Routed) {
+/// Counts what offering `n` messages to an acknowledged subscription did.
+fn account_sub(
+    pushed: SubPushed,
+    n: u64,
+    sub: &Arc<AckedSub>,
+    effects: &mut Effects,
+    routed: &mut Routed,
+) {
     match pushed {
         SubPushed::Kept { wake, dropped } => {
             routed.dropped += dropped;
             effects.wake.extend(wake);
         }
         SubPushed::Full => effects.blocked.push(Blocked::Sub(Arc::clone(sub))),
-        SubPushed::Dropped | SubPushed::Closed => routed.dropped += 1,
+        SubPushed::Dropped | SubPushed::Closed => routed.dropped += n,
     }
 }
 

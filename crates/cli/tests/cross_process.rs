@@ -843,7 +843,7 @@ fn raw_subscriber(
 /// A PUBLISH_RUN frame of `payloads` on `topic`, from `source`, numbered from `first`.
 fn run_frame(topic: &str, source: &str, first: u64, payloads: &[&str]) -> bytes::BytesMut {
     let mut b = bytes::BytesMut::new();
-    let mut run = RunWriter::begin(&mut b, &Topic::new(topic).unwrap());
+    let mut run = RunWriter::begin(&mut b, &Topic::new(topic).unwrap(), Qos::Realtime);
     for (i, p) in payloads.iter().enumerate() {
         let header = Header {
             id: MessageId {

@@ -5,14 +5,14 @@ use crate::driver;
 use crate::error::{ConnectError, PublishError, SubscribeError};
 use crate::metrics::Recorder;
 use crate::options::ClientOptions;
-use crate::outbuf::OutBuf;
+use crate::outbuf::{OutBuf, Runs};
 use crate::rpc::{Inbox, new_correlation_id};
 use crate::subscription::{NewSub, Sink};
 use crate::subscription::{SubTable, Subscription};
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::{
-    ACKED_SINCE_MINOR, DurableDelete, ErrorCode, MAX_ACKED_FILTERS, MAX_NAME_LEN, RUNS_SINCE_MINOR,
-    SubClose, Subscribe, Unsubscribe,
+    ACKED_SINCE_MINOR, DurableDelete, ErrorCode, MAX_ACKED_FILTERS, MAX_NAME_LEN, SubClose,
+    Subscribe, Unsubscribe,
 };
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{
@@ -618,7 +618,7 @@ impl Client {
                     h.correlation = extras.correlation.take();
                     h.status = extras.status.take();
                     let id = h.id;
-                    let runs = inner.broker_minor.load(Ordering::Relaxed) >= RUNS_SINCE_MINOR;
+                    let runs = Runs::of_minor(inner.broker_minor.load(Ordering::Relaxed));
                     let payload = payload.take().expect("a publish is queued once");
                     if keep {
                         let kept = Message::new(topic.clone(), h.clone(), payload.clone());

@@ -521,6 +521,29 @@ impl ReadCtx<'_> {
                     }
                 }
             }
+            Frame::DeliverAckedRun(d) => {
+                inner
+                    .counters
+                    .received
+                    .fetch_add(d.run.len() as u64, Ordering::Relaxed);
+                let tx = inner.subs.lock().acked_sender(d.head.sub);
+                // None: as for DELIVER_ACKED.
+                if let Some(tx) = tx {
+                    let epoch = inner.epoch.load(Ordering::Relaxed);
+                    for (seq, msg) in (d.head.seq..).zip(d.run.messages()) {
+                        let msg = msg.map_err(|e| format!("undecodable message in a run: {e}"))?;
+                        let item = Item::Acked {
+                            msg,
+                            seq,
+                            redelivered: d.head.redelivered,
+                            epoch,
+                        };
+                        if let Err(item) = tx.try_send(item) {
+                            self.send(cancel, tx.clone(), item).await;
+                        }
+                    }
+                }
+            }
             Frame::SubEnd(e) => {
                 tracing::warn!(sub = %e.sub, code = %e.code, message = %e.message, "the broker ended a subscription");
                 inner.subs.lock().end_acked(e.sub, e.message);

@@ -40,6 +40,31 @@ const RUN_TARGET: usize = 15 * 1024;
 /// Room assumed for a message's header when deciding whether it still fits a run.
 const HEADER_ROOM: usize = 128;
 
+/// Which messages the broker reads in runs (from its protocol minor version).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Runs {
+    /// None (before 1.2): every message goes alone.
+    None,
+    /// Realtime messages (1.2, 1.3).
+    Realtime,
+    /// Realtime and Processed messages (1.4).
+    AnyQos,
+}
+
+impl Runs {
+    /// What a broker of protocol minor `minor` reads.
+    pub(crate) fn of_minor(minor: u16) -> Self {
+        use daemoneye_eventbus_core::codec::{PROCESSED_RUNS_SINCE_MINOR, RUNS_SINCE_MINOR};
+        if minor >= PROCESSED_RUNS_SINCE_MINOR {
+            Self::AnyQos
+        } else if minor >= RUNS_SINCE_MINOR {
+            Self::Realtime
+        } else {
+            Self::None
+        }
+    }
+}
+
 /// What is waiting to be written.
 pub(crate) struct OutBuf {
     buf: Buf,
@@ -83,13 +108,13 @@ impl OutBuf {
         Self::new(matches!(self.buf, Buf::Frames(_)))
     }
 
-    /// Queues a publish; `runs`: the broker reads message runs (protocol 1.2).
+    /// Queues a publish; `runs`: which message runs the broker reads.
     pub(crate) fn push_publish(
         &mut self,
         topic: &Topic,
         header: &Header,
         payload: Bytes,
-        runs: bool,
+        runs: Runs,
     ) {
         self.bytes += payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD;
         match &mut self.buf {
@@ -102,16 +127,18 @@ impl OutBuf {
                 encode_publish_head(head, topic, header, payload.len());
                 payloads.push((head.len(), payload));
             }
-            Buf::Encoded { head, run, .. } if runs && may_run(header) => {
+            Buf::Encoded { head, run, .. }
+                if runs != Runs::None && may_run(header, runs == Runs::AnyQos) =>
+            {
                 let open = match run {
                     Some(r)
-                        if r.is_on(head, topic)
+                        if r.is_on(head, topic, header.qos)
                             && r.has_room()
                             && r.frame_len(head) + HEADER_ROOM + payload.len() <= RUN_TARGET =>
                     {
                         r
                     }
-                    _ => run.insert(RunWriter::begin(head, topic)),
+                    _ => run.insert(RunWriter::begin(head, topic, header.qos)),
                 };
                 open.push(head, header, &payload);
             }
@@ -226,16 +253,17 @@ mod tests {
     fn queued_realtime_publishes_on_one_topic_form_runs() {
         let (a, b) = (Topic::new("a").unwrap(), Topic::new("b").unwrap());
         let mut buf = OutBuf::new(false);
+        let x = || Bytes::from_static(b"x");
         for _ in 0..3 {
-            buf.push_publish(&a, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
+            buf.push_publish(&a, &header(Qos::Realtime), x(), Runs::Realtime);
         }
-        buf.push_publish(&b, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
-        // A message that must stay alone (it wants an ACK) ends the run before it.
-        buf.push_publish(&b, &header(Qos::Processed), Bytes::from_static(b"x"), true);
-        buf.push_publish(&b, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, &header(Qos::Realtime), x(), Runs::Realtime);
+        // A Processed message stays alone for a broker before 1.4, and ends the run before it.
+        buf.push_publish(&b, &header(Qos::Processed), x(), Runs::Realtime);
+        buf.push_publish(&b, &header(Qos::Realtime), x(), Runs::Realtime);
         // So does a control frame: frames keep their order.
         buf.push_frame(Frame::Ping(1));
-        buf.push_publish(&b, &header(Qos::Realtime), Bytes::from_static(b"x"), true);
+        buf.push_publish(&b, &header(Qos::Realtime), x(), Runs::Realtime);
         assert_eq!((buf.publishes, buf.frames), (7, 8));
         assert_eq!(
             frames(&mut buf),
@@ -251,18 +279,49 @@ mod tests {
     }
 
     #[test]
+    fn processed_publishes_form_runs_of_their_own_for_a_broker_of_1_4() {
+        let a = Topic::new("a").unwrap();
+        let mut buf = OutBuf::new(false);
+        let x = || Bytes::from_static(b"x");
+        for qos in [
+            Qos::Processed,
+            Qos::Processed,
+            Qos::Realtime,
+            Qos::Processed,
+        ] {
+            buf.push_publish(&a, &header(qos), x(), Runs::AnyQos);
+        }
+        let mut request = header(Qos::Processed);
+        request.reply_to = Some(Topic::new("_inbox.x").unwrap());
+        buf.push_publish(&a, &request, x(), Runs::AnyQos);
+        assert_eq!(
+            frames(&mut buf),
+            [("run", 2), ("run", 1), ("run", 1), ("publish", 1)]
+        );
+        assert_eq!(Runs::of_minor(4), Runs::AnyQos);
+        assert_eq!(Runs::of_minor(3), Runs::Realtime);
+        assert_eq!(Runs::of_minor(1), Runs::None);
+    }
+
+    #[test]
     fn runs_stay_small_and_wait_for_a_broker_that_reads_them() {
         let a = Topic::new("a").unwrap();
         let mut buf = OutBuf::new(false);
         for _ in 0..100 {
-            buf.push_publish(&a, &header(Qos::Realtime), Bytes::from(vec![0; 1000]), true);
+            let payload = Bytes::from(vec![0; 1000]);
+            buf.push_publish(&a, &header(Qos::Realtime), payload, Runs::Realtime);
         }
         let runs = frames(&mut buf);
         assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), 100);
         assert!(runs.len() >= 7, "{runs:?}");
         let mut old = OutBuf::new(false);
         for _ in 0..3 {
-            old.push_publish(&a, &header(Qos::Realtime), Bytes::from_static(b"x"), false);
+            old.push_publish(
+                &a,
+                &header(Qos::Realtime),
+                Bytes::from_static(b"x"),
+                Runs::None,
+            );
         }
         assert_eq!(frames(&mut old), [("publish", 1); 3]);
     }

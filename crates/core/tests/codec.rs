@@ -4,10 +4,10 @@
 
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    AckedDelivery, DecodeCache, DurableDelete, ErrorCode, ErrorFrame, FrameDecoder, GoingAway,
-    GroupDelivery, Hello, LentFrame, Reply, RunWriter, SlowReaderPolicy, SubAck, SubClose, SubEnd,
-    SubId, Subscribe, SubscribeAcked, Version, Welcome, encode_run_as_delivers, kind,
-    max_frame_len, may_run,
+    AckedDelivery, AckedHead, DecodeCache, DurableDelete, ErrorCode, ErrorFrame, FrameDecoder,
+    GoingAway, GroupDelivery, Hello, LentFrame, Reply, RunPart, RunWriter, SlowReaderPolicy,
+    SubAck, SubClose, SubEnd, SubId, Subscribe, SubscribeAcked, Version, Welcome, encode_acked_run,
+    encode_run_as_delivers, kind, max_frame_len, may_run,
 };
 use daemoneye_eventbus_core::message::{CorrelationMetadata, Header, Message, MessageId, Qos};
 use daemoneye_eventbus_core::{
@@ -66,7 +66,7 @@ fn golden_hello() {
     });
     assert_eq!(
         hex(&encode(&f)),
-        "16 00 00 00 01 01 00 03 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
+        "16 00 00 00 01 01 00 04 00 00 00 00 00 00 00 10 00 10 27 00 00 00 03 63 6c 69"
     );
 }
 
@@ -128,7 +128,7 @@ fn golden_publish() {
 /// A PUBLISH_RUN of `msgs` (all on the first one's topic), encoded by the client's writer.
 fn run_bytes(msgs: &[Message]) -> BytesMut {
     let mut b = BytesMut::new();
-    let mut run = RunWriter::begin(&mut b, msgs[0].topic());
+    let mut run = RunWriter::begin(&mut b, msgs[0].topic(), msgs[0].header().qos);
     for m in msgs {
         run.push(&mut b, m.header(), m.payload());
     }
@@ -235,21 +235,27 @@ fn malformed_runs_are_refused_whole() {
         f(&mut h);
         Message::new(plain.topic().clone(), h, plain.payload().clone())
     };
-    // A run carries only realtime messages without reply_to or status...
+    // A run carries no request and no reply...
     for odd in [
-        with(&|h| h.qos = Qos::Processed),
         with(&|h| h.reply_to = Some(Topic::new("_inbox.x").unwrap())),
         with(&|h| h.status = Some(Box::new(ReplyStatus::unavailable("busy")))),
     ] {
-        assert!(!may_run(odd.header()));
-        refused(&run_bytes(&[plain.clone(), odd]), "only realtime messages");
+        assert!(!may_run(odd.header(), true));
+        refused(&run_bytes(&[plain.clone(), odd]), "no request");
     }
+    // ...messages of one QoS (Processed ones since 1.4)...
+    let processed = with(&|h| h.qos = Qos::Processed);
+    assert!(may_run(processed.header(), true) && !may_run(processed.header(), false));
+    let mut mixed = run_bytes(&[plain.clone(), plain.clone()]);
+    let second_flags = mixed.len() - (4 + 0x1b + 4 + 2) + 4;
+    mixed[second_flags] = 1;
+    refused(&mixed, "same QoS");
     // ...from one source.
     let other = with(&|h| h.source = ByteStr::from("q"));
     refused(&run_bytes(&[plain.clone(), other]), "same source");
     // No message at all.
     let mut empty = BytesMut::new();
-    RunWriter::begin(&mut empty, plain.topic());
+    RunWriter::begin(&mut empty, plain.topic(), Qos::Realtime);
     refused(&empty, "run.count");
     // Lengths that do not add up: a count above the entries, bytes after them, an entry cut.
     let mut more = run_bytes(std::slice::from_ref(&plain));
@@ -381,6 +387,94 @@ fn golden_acknowledged_subscriptions() {
         decode_one(&bad),
         Err(FrameError::InvalidName { request_id: 5, .. })
     ));
+}
+
+/// Protocol 1.4: a run of Processed messages, and what an acknowledged subscription sends of
+/// one: a DELIVER_ACKED_RUN of any part of it, or DELIVER_ACKED frames one by one.
+#[test]
+fn golden_processed_run_and_acknowledged_run_deliveries() {
+    let processed = |payload: &'static [u8], sequence: u64| {
+        let m = simple_message(payload);
+        let mut h = m.header().clone();
+        h.qos = Qos::Processed;
+        h.id.sequence = sequence;
+        Message::new(m.topic().clone(), h, m.payload().clone())
+    };
+    let msgs = [
+        processed(b"hi", 2),
+        processed(b"yo", 3),
+        processed(b"ok", 4),
+    ];
+    let b = run_bytes(&msgs);
+    // Flags byte 0x01 (Processed) in every header.
+    assert_eq!(b[16], 1);
+    let run = match decode_one(&b).unwrap().unwrap() {
+        Frame::PublishRun(run) => run,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(run.qos(), Qos::Processed);
+    assert_eq!(
+        run.last_id(),
+        Some(msgs[2].id()),
+        "the ACK names the last one"
+    );
+    // Entries start after topic16 and count (offsets in the body, after the kind byte); each
+    // is 4 + 27 + 4 + 2 bytes.
+    let starts = run.entry_starts();
+    assert_eq!(starts, [7, 44, 81, 118]);
+    assert_eq!(run.whole().count, 3);
+    assert_eq!(
+        run.entry_charge(starts[1], starts[2]),
+        msgs[1].accounted_size()
+    );
+    let head = AckedHead {
+        sub: SubId(7),
+        seq: 9,
+        redelivered: 0,
+    };
+    // The last two messages, as sequences 9 and 10.
+    let part = RunPart {
+        count: 2,
+        start: starts[1],
+        end: starts[3],
+    };
+    let mut as_run = BytesMut::new();
+    encode_acked_run(&mut as_run, head, &run, part, true);
+    assert_eq!(
+        hex(&as_run[..26]),
+        "60 00 00 00 18 07 00 00 00 09 00 00 00 00 00 00 00 00 00 03 00 61 2e 62 02 00"
+    );
+    assert_eq!(as_run[26..], b[49..]);
+    let delivered = match decode_one(&as_run).unwrap().unwrap() {
+        Frame::DeliverAckedRun(d) => d,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(delivered.head, head);
+    let read: Vec<Message> = delivered.run.messages().map(Result::unwrap).collect();
+    assert_eq!(read, msgs[1..]);
+    assert_eq!(run.slice(part), delivered.run);
+    assert_eq!(
+        decode_one(&encode(&Frame::DeliverAckedRun(delivered.clone())))
+            .unwrap()
+            .unwrap(),
+        Frame::DeliverAckedRun(delivered)
+    );
+    // For a subscriber before 1.4: the same as two DELIVER_ACKED frames.
+    let mut one_by_one = BytesMut::new();
+    encode_acked_run(&mut one_by_one, head, &run, part, false);
+    let mut expected = encode(&Frame::DeliverAcked(AckedDelivery {
+        sub: SubId(7),
+        seq: 9,
+        redelivered: 0,
+        message: msgs[1].clone(),
+    }));
+    expected.extend_from_slice(&encode(&Frame::DeliverAcked(AckedDelivery {
+        sub: SubId(7),
+        seq: 10,
+        redelivered: 0,
+        message: msgs[2].clone(),
+    })));
+    assert_eq!(one_by_one, expected);
 }
 
 #[test]

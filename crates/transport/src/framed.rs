@@ -9,10 +9,10 @@ use crate::error::ReadError;
 use crate::large::LARGE_FRAME;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{
-    AckedDelivery, DecodeCache, GroupDelivery, LEN_PREFIX, LentFrame, MessageRun,
-    encode_acked_frame, encode_acked_frame_head, encode_frame_head, encode_group_frame,
-    encode_group_frame_head, encode_message_frame, encode_run_as_delivers, encode_run_delivery,
-    kind, max_frame_len,
+    AckedDelivery, AckedHead, AckedRun, DecodeCache, GroupDelivery, LEN_PREFIX, LentFrame,
+    MessageRun, RunPart, encode_acked_frame, encode_acked_frame_head, encode_acked_run,
+    encode_frame_head, encode_group_frame, encode_group_frame_head, encode_message_frame,
+    encode_run_as_delivers, encode_run_delivery, kind, max_frame_len,
 };
 use daemoneye_eventbus_core::{Frame, FrameDecoder, Message, QueueGroup};
 use std::io;
@@ -493,6 +493,19 @@ impl FrameWriter {
         }
     }
 
+    /// Adds `part` of a run an acknowledged subscription kept, numbered from `head.seq`: one
+    /// DELIVER_ACKED_RUN, or DELIVER_ACKED frames for a peer before protocol 1.4 (`runs`
+    /// false) ([`encode_acked_run`]).
+    pub fn push_acked_run(&mut self, head: AckedHead, run: &MessageRun, part: RunPart, runs: bool) {
+        match &mut self.kind {
+            WriterKind::Stream(out) => encode_acked_run(&mut out.buf, head, run, part, runs),
+            WriterKind::InProc { pending, .. } => pending.push(Frame::DeliverAckedRun(AckedRun {
+                head,
+                run: run.slice(part),
+            })),
+        }
+    }
+
     /// Adds a message delivery to the batch (no payload copy for in-process peers).
     pub fn push_deliver(&mut self, msg: &Message) {
         match &mut self.kind {
@@ -639,7 +652,11 @@ mod tests {
             ..Header::default()
         };
         let mut b = BytesMut::new();
-        let mut w = RunWriter::begin(&mut b, &Topic::new("a.b").unwrap());
+        let mut w = RunWriter::begin(
+            &mut b,
+            &Topic::new("a.b").unwrap(),
+            daemoneye_eventbus_core::Qos::Realtime,
+        );
         for i in 0..n {
             w.push(&mut b, &header, &vec![u8::try_from(i).unwrap(); size]);
         }

@@ -7,10 +7,12 @@
 //! it: the queue behind a lock, whether it is attached to a connection (and which), whether
 //! it stalled, its bounds and full policy, its counters.
 
-use super::store::{MemoryStore, Pos, Store};
+use super::store::{Kept, KeptRun, MemoryStore, Pos, Store, Stored};
 use super::{Drops, Memory, Outlet};
-use daemoneye_eventbus_core::codec::{AckedDelivery, DropReason, Notice, SubId};
-use daemoneye_eventbus_core::{DurableName, Message, TopicFilter};
+use daemoneye_eventbus_core::codec::{
+    AckedDelivery, AckedHead, DropReason, Notice, RunPart, SubId,
+};
+use daemoneye_eventbus_core::{DurableName, Topic, TopicFilter};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -27,13 +29,54 @@ pub(crate) struct AckedLimits {
     pub(crate) window: usize,
 }
 
-/// A sent, unacknowledged delivery.
+/// What the writer sends for an acknowledged subscription: one delivery, or a part of a run
+/// the subscription kept, numbered from `head.seq`.
+pub(crate) enum AckedOut {
+    One(AckedDelivery),
+    Run {
+        head: AckedHead,
+        run: Arc<KeptRun>,
+        part: RunPart,
+    },
+}
+
+impl AckedOut {
+    /// Messages it holds.
+    pub(crate) fn count(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Run { part, .. } => usize::from(part.count),
+        }
+    }
+
+    fn redelivered(&self) -> u16 {
+        match self {
+            Self::One(d) => d.redelivered,
+            Self::Run { head, .. } => head.redelivered,
+        }
+    }
+}
+
+/// Positions waiting to be sent: `n` consecutive positions from `pos` (those removed meanwhile
+/// are skipped), delivered `before` times already.
+#[derive(Debug, Clone, Copy)]
+struct Unsent {
+    pos: Pos,
+    n: usize,
+    before: u16,
+}
+
+/// Deliveries sent together and not all acknowledged: sequences `seq..seq + n` are positions
+/// `pos..pos + n`.
 #[derive(Debug, Clone, Copy)]
 struct Flight {
     seq: u64,
-    /// `None` once acknowledged (removed when it reaches the front).
-    pos: Option<Pos>,
-    /// Deliveries of this position so far, this one included.
+    pos: Pos,
+    n: usize,
+    /// Of them, still kept and waited for; 0 once all are acknowledged or dropped, or the
+    /// flight was taken back to be sent again (removed when it reaches the front).
+    live: usize,
+    /// Deliveries of these positions so far, this one included.
     deliveries: u16,
     sent_ms: u64,
 }
@@ -41,12 +84,11 @@ struct Flight {
 /// The delivery state of one acknowledged subscription. See the module documentation.
 pub(crate) struct AckedQueue<S: Store> {
     store: S,
-    /// Positions to send, in order, with how often each was delivered already (redeliveries
-    /// go first, in position order).
-    unsent: VecDeque<(Pos, u16)>,
+    /// Positions to send, in order (redeliveries go first, in position order).
+    unsent: VecDeque<Unsent>,
     /// In delivery sequence order.
     in_flight: VecDeque<Flight>,
-    /// Live entries of `in_flight`.
+    /// Sum of the flights' `live`: deliveries sent and not acknowledged.
     unacked: usize,
     next_seq: u64,
     limits: AckedLimits,
@@ -64,31 +106,42 @@ impl<S: Store> AckedQueue<S> {
         }
     }
 
-    /// Whether a message of `size` charged bytes fits the bounds (an empty queue takes one).
-    pub(crate) fn fits(&self, size: usize) -> bool {
-        self.store.len() == 0
-            || (self.store.len() < self.limits.msgs
-                && self.store.bytes() + size <= self.limits.bytes)
+    /// Whether `count` messages of `size` charged bytes fit the bounds (an empty queue takes
+    /// one message of any size).
+    pub(crate) fn fits(&self, count: usize, size: usize) -> bool {
+        (self.store.len() + count <= self.limits.msgs
+            && self.store.bytes() + size <= self.limits.bytes)
+            || (self.store.len() == 0 && count == 1)
     }
 
-    /// Keeps `msg`, to be sent after everything kept before it.
-    pub(crate) fn append(&mut self, msg: Message) {
-        let pos = self.store.append(msg);
-        self.unsent.push_back((pos, 0));
+    /// Whether `count` messages of `size` bytes fit an empty queue.
+    fn could_fit(&self, count: usize, size: usize) -> bool {
+        count == 1 || (count <= self.limits.msgs && size <= self.limits.bytes)
     }
 
-    /// Drops the oldest message kept (the retention policy); returns it.
-    pub(crate) fn drop_oldest(&mut self) -> Option<Message> {
+    /// Keeps a message or run, to be sent after everything kept before it.
+    pub(crate) fn append(&mut self, kept: Kept) {
+        let n = kept.count();
+        let pos = self.store.append(kept);
+        self.unsent.push_back(Unsent { pos, n, before: 0 });
+    }
+
+    /// Drops the oldest message kept (the retention policy); returns its topic and charged
+    /// bytes. Waiting to be sent, it is skipped when its turn comes.
+    pub(crate) fn drop_oldest(&mut self) -> Option<(Topic, usize)> {
         let pos = self.store.oldest()?;
-        let msg = self.store.remove(pos)?;
-        if let Some(i) = self.unsent.iter().position(|(p, _)| *p == pos) {
-            self.unsent.remove(i);
-        } else if let Some(f) = self.in_flight.iter_mut().find(|f| f.pos == Some(pos)) {
-            f.pos = None;
+        let topic = self.store.get(pos)?.topic().clone();
+        let bytes = self.store.remove(pos)?;
+        if let Some(f) = self
+            .in_flight
+            .iter_mut()
+            .find(|f| f.live > 0 && (f.pos..f.pos + f.n as u64).contains(&pos))
+        {
+            f.live -= 1;
             self.unacked -= 1;
             self.trim();
         }
-        Some(msg)
+        Some((topic, bytes))
     }
 
     /// Sets how many deliveries may be in flight at once (from the next send on).
@@ -98,38 +151,67 @@ impl<S: Store> AckedQueue<S> {
 
     /// Whether something can be sent now (waiting, and the window has room).
     pub(crate) fn sendable(&self) -> bool {
-        !self.unsent.is_empty() && self.unacked < self.limits.window
+        self.pending() > 0 && self.unacked < self.limits.window
     }
 
-    /// Sends what the window allows: each delivery gets the next sequence number and joins
-    /// the flight at `now_ms`.
-    pub(crate) fn take(&mut self, sub: SubId, now_ms: u64, out: &mut Vec<AckedDelivery>) -> usize {
-        let mut n = 0;
+    /// Sends what the window allows: each message gets the next sequence number and joins
+    /// the flight at `now_ms`; consecutive messages of one kept run go as one part of it.
+    /// Returns how many messages.
+    pub(crate) fn take(&mut self, sub: SubId, now_ms: u64, out: &mut Vec<AckedOut>) -> usize {
+        let mut sent = 0;
         while self.unacked < self.limits.window {
-            let Some((pos, before)) = self.unsent.pop_front() else {
+            let Some(&Unsent { pos, n, before }) = self.unsent.front() else {
                 break;
             };
-            let Some(msg) = self.store.get(pos) else {
+            let room = (self.limits.window - self.unacked).min(n);
+            let head = AckedHead {
+                sub,
+                seq: self.next_seq,
+                redelivered: before,
+            };
+            let (k, item) = match self.store.get(pos) {
+                // Acknowledged or dropped since it was queued.
+                None => (1, None),
+                Some(Stored::One(msg)) => (
+                    1,
+                    Some(AckedOut::One(AckedDelivery {
+                        sub,
+                        seq: head.seq,
+                        redelivered: before,
+                        message: msg.clone(),
+                    })),
+                ),
+                Some(Stored::InRun { run, index, span }) => {
+                    let k = span.min(room);
+                    let part = run.part(index, k);
+                    let run = Arc::clone(run);
+                    (k, Some(AckedOut::Run { head, run, part }))
+                }
+            };
+            let front = self.unsent.front_mut().expect("a front");
+            if k >= front.n {
+                self.unsent.pop_front();
+            } else {
+                front.pos += k as u64;
+                front.n -= k;
+            }
+            let Some(item) = item else {
                 continue;
             };
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            out.push(AckedDelivery {
-                sub,
-                seq,
-                redelivered: before,
-                message: msg.clone(),
-            });
+            out.push(item);
             self.in_flight.push_back(Flight {
-                seq,
-                pos: Some(pos),
+                seq: head.seq,
+                pos,
+                n: k,
+                live: k,
                 deliveries: before.saturating_add(1),
                 sent_ms: now_ms,
             });
-            self.unacked += 1;
-            n += 1;
+            self.next_seq += k as u64;
+            self.unacked += k;
+            sent += k;
         }
-        n
+        sent
     }
 
     /// Acknowledges the deliveries in `ranges` (inclusive sequence numbers): their messages
@@ -137,16 +219,23 @@ impl<S: Store> AckedQueue<S> {
     pub(crate) fn ack(&mut self, ranges: &[(u64, u64)]) -> (usize, usize) {
         let (mut msgs, mut bytes) = (0, 0);
         for &(first, last) in ranges {
-            let start = self.in_flight.partition_point(|f| f.seq < first);
+            let start = self
+                .in_flight
+                .partition_point(|f| f.seq + f.n as u64 <= first);
             for f in self.in_flight.iter_mut().skip(start) {
                 if f.seq > last {
                     break;
                 }
-                if let Some(pos) = f.pos.take() {
-                    self.unacked -= 1;
-                    if let Some(m) = self.store.remove(pos) {
+                if f.live == 0 {
+                    continue;
+                }
+                let end = last.min(f.seq + f.n as u64 - 1);
+                for seq in first.max(f.seq)..=end {
+                    if let Some(b) = self.store.remove(f.pos + (seq - f.seq)) {
+                        f.live -= 1;
+                        self.unacked -= 1;
                         msgs += 1;
-                        bytes += m.accounted_size();
+                        bytes += b;
                     }
                 }
             }
@@ -156,45 +245,58 @@ impl<S: Store> AckedQueue<S> {
     }
 
     fn trim(&mut self) {
-        while matches!(self.in_flight.front(), Some(f) if f.pos.is_none()) {
+        while matches!(self.in_flight.front(), Some(f) if f.live == 0) {
             self.in_flight.pop_front();
         }
     }
 
     /// Sends again, first, what was in flight for `timeout_ms` or more at `now_ms`; returns
-    /// how many.
+    /// how many messages.
     pub(crate) fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> usize {
         self.requeue(|f| now_ms.saturating_sub(f.sent_ms) >= timeout_ms)
     }
 
-    /// Sends again, first, everything in flight (the subscriber went away); returns how many.
+    /// Sends again, first, everything in flight (the subscriber went away); returns how many
+    /// messages.
     pub(crate) fn requeue_all(&mut self) -> usize {
         self.requeue(|_| true)
     }
 
     fn requeue(&mut self, due: impl Fn(&Flight) -> bool) -> usize {
-        let mut again: Vec<(Pos, u16)> = Vec::new();
+        let mut again: Vec<Unsent> = Vec::new();
+        let mut msgs = 0;
         for f in &mut self.in_flight {
-            if let Some(pos) = f.pos
-                && due(f)
-            {
-                again.push((pos, f.deliveries));
-                f.pos = None;
+            if f.live > 0 && due(f) {
+                again.push(Unsent {
+                    pos: f.pos,
+                    n: f.n,
+                    before: f.deliveries,
+                });
+                msgs += f.live;
+                f.live = 0;
             }
         }
-        self.unacked -= again.len();
+        self.unacked -= msgs;
         self.trim();
-        let n = again.len();
-        again.sort_unstable_by_key(|(pos, _)| *pos);
-        for entry in again.into_iter().rev() {
+        again.sort_unstable_by_key(|u| u.pos);
+        // Adjacent ranges delivered as often go again together (a run sent in parts goes
+        // again as one part).
+        let mut merged: Vec<Unsent> = Vec::with_capacity(again.len());
+        for u in again {
+            match merged.last_mut() {
+                Some(m) if m.pos + m.n as u64 == u.pos && m.before == u.before => m.n += u.n,
+                _ => merged.push(u),
+            }
+        }
+        for entry in merged.into_iter().rev() {
             self.unsent.push_front(entry);
         }
-        n
+        msgs
     }
 
     /// Messages waiting to be sent.
     pub(crate) fn pending(&self) -> usize {
-        self.unsent.len()
+        self.store.len() - self.unacked
     }
 
     /// Deliveries sent and not acknowledged.
@@ -341,41 +443,42 @@ impl AckedSub {
         }
     }
 
-    /// Offers `msg`. Under `may_wait` (a client's publish), a subscription that is attached
-    /// and keeping up without room answers [`SubPushed::Full`]; otherwise (nobody attached, the
-    /// subscriber stalled, or the broker's own message) the full policy applies.
-    pub(crate) fn push(&self, msg: Message, memory: &Memory, may_wait: bool) -> SubPushed {
-        let size = msg.accounted_size();
+    /// Offers a message or run. Under `may_wait` (a client's publish), a subscription that is
+    /// attached and keeping up without room answers [`SubPushed::Full`]; otherwise (nobody
+    /// attached, the subscriber stalled, or the broker's own message) the full policy applies.
+    pub(crate) fn push(&self, kept: Kept, memory: &Memory, may_wait: bool) -> SubPushed {
+        let (count, size) = (kept.count(), kept.size());
         let mut st = self.state.lock();
         if st.closed {
             return SubPushed::Closed;
         }
-        if st.queue.fits(size) && memory.try_reserve(size) {
-            return self.keep(st, msg, 0);
+        if st.queue.fits(count, size) && memory.try_reserve(size) {
+            return self.keep(st, kept, 0);
         }
         if may_wait && st.attached.is_some() && !st.stalled {
             return SubPushed::Full;
         }
         if self.full_policy == DurableFullPolicy::DropNew {
-            st.drops.record(msg.topic(), DropReason::BacklogFull, 1);
+            st.drops
+                .record(kept.topic(), DropReason::BacklogFull, count as u64);
             return SubPushed::Dropped;
         }
         let mut dropped = 0;
         loop {
-            if st.queue.fits(size) && memory.try_reserve(size) {
-                return self.keep(st, msg, dropped);
+            if st.queue.fits(count, size) && memory.try_reserve(size) {
+                return self.keep(st, kept, dropped);
             }
-            let reason = if st.queue.fits(size) {
+            let reason = if st.queue.fits(count, size) {
                 DropReason::MemoryCap
             } else {
                 DropReason::BacklogFull
             };
-            let Some(old) = st.queue.drop_oldest() else {
-                st.drops.record(msg.topic(), reason, 1);
+            let Some((topic, bytes)) = st.queue.drop_oldest() else {
+                st.drops.record(kept.topic(), reason, count as u64);
                 return SubPushed::Dropped;
             };
-            memory.release(old.accounted_size());
-            st.drops.record(old.topic(), reason, 1);
+            memory.release(bytes);
+            st.drops.record(&topic, reason, 1);
             dropped += 1;
         }
     }
@@ -383,11 +486,11 @@ impl AckedSub {
     fn keep(
         &self,
         mut st: parking_lot::MutexGuard<'_, SubState>,
-        msg: Message,
+        kept: Kept,
         dropped: u64,
     ) -> SubPushed {
         let was_sendable = st.queue.sendable();
-        st.queue.append(msg);
+        st.queue.append(kept);
         let wake = match (&st.attached, was_sendable) {
             (Some(a), false) if st.queue.sendable() => a.outlet.upgrade(),
             _ => None,
@@ -395,17 +498,29 @@ impl AckedSub {
         SubPushed::Kept { wake, dropped }
     }
 
-    /// Waits until a message of `size` bytes would fit (or the subscription closed or
+    /// Whether a run of `count` messages of `size` bytes may be offered whole: there is room
+    /// for it now, or (nobody waits for it: detached, stalled) the retention policy can make
+    /// room by dropping older messages. Otherwise the publisher's session offers its messages
+    /// one by one, so that the bounds hold for each and a full subscription holds the
+    /// publisher back at a message, not at a run it could never take.
+    pub(crate) fn takes_whole(&self, count: usize, size: usize) -> bool {
+        let st = self.state.lock();
+        st.closed
+            || st.queue.fits(count, size)
+            || ((st.attached.is_none() || st.stalled) && st.queue.could_fit(count, size))
+    }
+
+    /// Waits until `count` messages of `size` bytes would fit (or the subscription closed or
     /// stalled), rechecking after 10 ms at most (room under the memory cap comes from
     /// elsewhere too).
-    pub(crate) async fn wait_for_room(&self, size: usize, memory: &Memory) {
+    pub(crate) async fn wait_for_room(&self, count: usize, size: usize, memory: &Memory) {
         let acked = self.space.notified();
         {
             let st = self.state.lock();
             if st.closed
                 || st.stalled
                 || st.attached.is_none()
-                || st.queue.fits(size) && memory.has_room(size)
+                || st.queue.fits(count, size) && memory.has_room(size)
             {
                 return;
             }
@@ -489,7 +604,7 @@ impl AckedSub {
     }
 
     /// Moves what the window allows into `out`, for the attached connection's writer.
-    pub(crate) fn take(&self, now_ms: u64, out: &mut Vec<AckedDelivery>) -> usize {
+    pub(crate) fn take(&self, now_ms: u64, out: &mut Vec<AckedOut>) -> usize {
         let mut st = self.state.lock();
         let Some(sub) = st.attached.as_ref().map(|a| a.sub) else {
             return 0;
@@ -497,7 +612,11 @@ impl AckedSub {
         let start = out.len();
         let n = st.queue.take(sub, now_ms, out);
         st.delivered += n as u64;
-        st.redelivered += out[start..].iter().filter(|d| d.redelivered > 0).count() as u64;
+        st.redelivered += out[start..]
+            .iter()
+            .filter(|d| d.redelivered() > 0)
+            .map(AckedOut::count)
+            .sum::<usize>() as u64;
         n
     }
 
@@ -571,10 +690,11 @@ impl AckedSub {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use daemoneye_eventbus_core::{Header, MessageId, Topic};
+    use bytes::{Bytes, BytesMut};
+    use daemoneye_eventbus_core::codec::{FrameDecoder, RunWriter, max_frame_len};
+    use daemoneye_eventbus_core::{Frame, Header, Message, MessageId, Qos, Topic};
 
-    fn msg(n: u64) -> Message {
+    fn message(n: u64) -> Message {
         Message::new(
             Topic::new("t").unwrap(),
             Header {
@@ -588,6 +708,24 @@ mod tests {
         )
     }
 
+    fn msg(n: u64) -> Kept {
+        Kept::One(message(n))
+    }
+
+    /// A run of the messages numbered `ns`, as a broker decodes it from a PUBLISH_RUN.
+    fn run(ns: std::ops::RangeInclusive<u64>) -> Kept {
+        let mut b = BytesMut::new();
+        let mut w = RunWriter::begin(&mut b, &Topic::new("t").unwrap(), Qos::Realtime);
+        for n in ns {
+            let m = message(n);
+            w.push(&mut b, m.header(), m.payload());
+        }
+        match FrameDecoder::new(max_frame_len(1 << 20)).decode(&mut b) {
+            Ok(Some(Frame::PublishRun(r))) => Kept::Run(r),
+            other => panic!("not a run: {other:?}"),
+        }
+    }
+
     fn queue(window: usize) -> AckedQueue<MemoryStore> {
         AckedQueue::new(
             MemoryStore::default(),
@@ -599,12 +737,30 @@ mod tests {
         )
     }
 
-    fn sent(q: &mut AckedQueue<MemoryStore>, now: u64) -> Vec<(u64, u16, u64)> {
+    /// What one take sends: (sequence, redelivered, message number) of each message, and the
+    /// message count of each frame.
+    fn sent_in(q: &mut AckedQueue<MemoryStore>, now: u64) -> (Vec<(u64, u16, u64)>, Vec<usize>) {
         let mut out = Vec::new();
-        q.take(SubId(1), now, &mut out);
-        out.iter()
-            .map(|d| (d.seq, d.redelivered, d.message.id().sequence))
-            .collect()
+        let n = q.take(SubId(1), now, &mut out);
+        let mut msgs = Vec::new();
+        for o in &out {
+            match o {
+                AckedOut::One(d) => msgs.push((d.seq, d.redelivered, d.message.id().sequence)),
+                AckedOut::Run { head, run, part } => {
+                    let part = run.run.slice(*part);
+                    for (i, m) in part.messages().enumerate() {
+                        let m = m.unwrap();
+                        msgs.push((head.seq + i as u64, head.redelivered, m.id().sequence));
+                    }
+                }
+            }
+        }
+        assert_eq!(n, msgs.len());
+        (msgs, out.iter().map(AckedOut::count).collect())
+    }
+
+    fn sent(q: &mut AckedQueue<MemoryStore>, now: u64) -> Vec<(u64, u16, u64)> {
+        sent_in(q, now).0
     }
 
     #[test]
@@ -660,12 +816,75 @@ mod tests {
             q.append(msg(n));
         }
         assert_eq!(sent(&mut q, 0), [(1, 0, 1)]);
-        assert_eq!(q.drop_oldest().unwrap().id().sequence, 1, "in flight");
+        let one = message(1).accounted_size();
+        assert_eq!(q.drop_oldest().unwrap().1, one, "in flight");
         assert_eq!(q.unacked(), 0);
-        assert_eq!(q.drop_oldest().unwrap().id().sequence, 2, "waiting");
+        assert_eq!(q.drop_oldest().unwrap().1, one, "waiting");
+        assert_eq!(q.pending(), 1);
         assert_eq!(sent(&mut q, 0), [(2, 0, 3)]);
         assert_eq!(q.kept().0, 1);
         assert_eq!(q.clear().0, 1);
+    }
+
+    #[test]
+    fn a_kept_run_goes_in_parts_the_window_allows_and_only_its_unacknowledged_messages_again() {
+        let mut q = queue(3);
+        q.append(run(1..=5));
+        q.append(msg(6));
+        let one = message(1).accounted_size();
+        assert_eq!(q.kept(), (6, 6 * one), "charged as its messages");
+        // Three of the run, as one part.
+        let (msgs, frames) = sent_in(&mut q, 0);
+        assert_eq!(msgs, [(1, 0, 1), (2, 0, 2), (3, 0, 3)]);
+        assert_eq!(frames, [3]);
+        // The middle one acknowledged: one place, one message of the run.
+        assert_eq!(q.ack(&[(2, 2)]), (1, one));
+        assert_eq!(sent_in(&mut q, 0), (vec![(4, 0, 4)], vec![1]));
+        assert_eq!(q.ack(&[(1, 1)]).0, 1);
+        assert_eq!(sent_in(&mut q, 0), (vec![(5, 0, 5)], vec![1]));
+        assert_eq!(q.unacked(), 3);
+        // The subscriber goes: 3, 4 and 5 go again, together (sent in three flights), and 1
+        // and 2 (acknowledged) do not.
+        assert_eq!(q.requeue_all(), 3);
+        let (msgs, frames) = sent_in(&mut q, 10);
+        assert_eq!(msgs, [(6, 1, 3), (7, 1, 4), (8, 1, 5)]);
+        assert_eq!(frames, [3]);
+        // Late acknowledgements of the taken-back sequences free nothing.
+        assert_eq!(q.ack(&[(3, 5)]).0, 0);
+        assert_eq!(q.ack(&[(6, 8)]).0, 3);
+        assert_eq!(sent(&mut q, 10), [(9, 0, 6)]);
+        assert_eq!(q.ack(&[(9, 9)]).0, 1);
+        assert_eq!((q.kept(), q.unacked(), q.pending()), ((0, 0), 0, 0));
+        assert!(q.in_flight.is_empty() && q.unsent.is_empty());
+    }
+
+    #[test]
+    fn dropping_the_oldest_message_of_a_run_in_flight_keeps_the_count_right() {
+        let mut q = queue(10);
+        q.append(run(1..=3));
+        assert_eq!(sent(&mut q, 0).len(), 3);
+        assert!(q.drop_oldest().is_some());
+        assert_eq!((q.unacked(), q.kept().0), (2, 2));
+        // Acknowledging the whole flight frees what is left, once.
+        assert_eq!(q.ack(&[(1, 3), (1, 3)]).0, 2);
+        assert!(q.in_flight.is_empty());
+        // A run that does not fit the bounds whole is not taken by a non-empty queue.
+        let mut small = AckedQueue::new(
+            MemoryStore::default(),
+            AckedLimits {
+                msgs: 4,
+                bytes: 1 << 20,
+                window: 10,
+            },
+        );
+        small.append(msg(1));
+        let r = run(2..=5);
+        assert!(!small.fits(r.count(), r.size()));
+        assert!(small.fits(3, 3 * one_size()));
+    }
+
+    fn one_size() -> usize {
+        message(1).accounted_size()
     }
 
     fn sub(policy: DurableFullPolicy) -> AckedSub {

@@ -28,7 +28,7 @@ mod realtime;
 mod store;
 
 pub use acked::DurableFullPolicy;
-pub(crate) use acked::{AckedLimits, AckedSub, Attachment, SubPushed};
+pub(crate) use acked::{AckedLimits, AckedOut, AckedSub, Attachment, SubPushed};
 pub use drops::DROP_TOPICS;
 pub(crate) use drops::Drops;
 pub(crate) use lane::Out;
@@ -36,6 +36,7 @@ pub use outlet::MAX_QUEUED_CONTROL;
 pub(crate) use outlet::{Batch, Outlet};
 pub(crate) use processed::ProcessedQueue;
 pub(crate) use realtime::RealtimeQueue;
+pub(crate) use store::Kept;
 
 use daemoneye_eventbus_core::Budget;
 use daemoneye_eventbus_core::codec::{Lent, MessageRun};
@@ -137,6 +138,14 @@ impl Item<'_> {
         match self {
             Self::Msg(_) => 1,
             Self::Run(r) => r.len(),
+        }
+    }
+
+    /// A copy an acknowledged subscription keeps (see [`Lent::keep`]).
+    pub(crate) fn kept(&self) -> Kept {
+        match self {
+            Self::Msg(m) => Kept::One(m.keep()),
+            Self::Run(r) => Kept::Run(r.keep()),
         }
     }
 }

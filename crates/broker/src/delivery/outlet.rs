@@ -8,10 +8,10 @@
 //! before it: a REPLY to UNSUBSCRIBE follows everything routed to the filter, a PONG follows
 //! everything routed before the PING, and GOING_AWAY comes last.
 
-use super::acked::AckedSub;
+use super::acked::{AckedOut, AckedSub};
 use super::lane::Out;
 use super::{Bounds, Encoding, Item, Memory, ProcessedQueue, Pushed, RealtimeQueue};
-use daemoneye_eventbus_core::codec::{AckedDelivery, SlowReaderPolicy};
+use daemoneye_eventbus_core::codec::SlowReaderPolicy;
 use daemoneye_eventbus_core::{Frame, Message, QueueGroup, Topic};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -44,7 +44,7 @@ pub(crate) struct Batch {
     pub(crate) realtime: VecDeque<Out>,
     pub(crate) processed: VecDeque<Out>,
     /// Deliveries of acknowledged subscriptions: their messages stay kept until acknowledged.
-    pub(crate) acked: Vec<AckedDelivery>,
+    pub(crate) acked: Vec<AckedOut>,
     /// Written last.
     pub(crate) controls: VecDeque<Frame>,
     /// What the deliveries taken held of the memory cap themselves (to release from [`Memory`]
@@ -320,7 +320,11 @@ mod tests {
     /// A run of `n` one-byte messages on `topic`, as the broker receives it.
     fn run(topic: &str, n: usize) -> Lent<'static, MessageRun> {
         let mut b = bytes::BytesMut::new();
-        let mut w = RunWriter::begin(&mut b, &Topic::new(topic).unwrap());
+        let mut w = RunWriter::begin(
+            &mut b,
+            &Topic::new(topic).unwrap(),
+            daemoneye_eventbus_core::Qos::Realtime,
+        );
         for _ in 0..n {
             w.push(&mut b, &Header::default(), b"x");
         }
@@ -643,7 +647,11 @@ mod tests {
     fn a_queue_keeps_its_own_copies_of_lent_messages_and_runs() {
         let mut wire = bytes::BytesMut::with_capacity(4096);
         Frame::Publish(msg("m", 10).keep()).encode(&mut wire);
-        let mut w = RunWriter::begin(&mut wire, &Topic::new("r").unwrap());
+        let mut w = RunWriter::begin(
+            &mut wire,
+            &Topic::new("r").unwrap(),
+            daemoneye_eventbus_core::Qos::Realtime,
+        );
         w.push(&mut wire, &Header::default(), b"x");
         let within = wire.as_ptr() as usize..wire.as_ptr() as usize + wire.capacity();
         let (dec, mut cache) = (FrameDecoder::new(1 << 20), DecodeCache::lending());

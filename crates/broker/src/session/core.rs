@@ -428,7 +428,11 @@ mod tests {
                 source: ByteStr::from(source),
                 ..Header::default()
             };
-            let mut w = RunWriter::begin(&mut b, &Topic::new("r").unwrap());
+            let mut w = RunWriter::begin(
+                &mut b,
+                &Topic::new("r").unwrap(),
+                daemoneye_eventbus_core::Qos::Realtime,
+            );
             w.push(&mut b, &header, &vec![0; payload]);
             w.push(&mut b, &header, b"x");
             b

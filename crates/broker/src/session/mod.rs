@@ -7,11 +7,12 @@ mod core;
 
 use self::core::{Exit, Limits, SessionCore, Step, check_hello, fatal, read_error};
 use crate::conn::Conn;
-use crate::delivery::{Batch, Bounds, Encoding, Item, Out, Outlet, Pushed, SubPushed};
+use crate::delivery::{AckedOut, Batch, Bounds, Encoding, Item, Out, Outlet, Pushed, SubPushed};
 use crate::hub::{Blocked, Hub, RouteScratch, Routed, Waiting};
 use crate::stats::Counters;
 use daemoneye_eventbus_core::codec::{
-    ACKED_SINCE_MINOR, ErrorCode, ErrorFrame, GoingAway, Hello, Lent, MessageRun, RUNS_SINCE_MINOR,
+    ACKED_SINCE_MINOR, ErrorCode, ErrorFrame, GoingAway, Hello, Lent, MessageRun,
+    PROCESSED_RUNS_SINCE_MINOR, RUNS_SINCE_MINOR,
 };
 use daemoneye_eventbus_core::{Frame, Message, Qos, catalog};
 use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, TransportKind};
@@ -419,9 +420,20 @@ impl<'a> ReadLoop<'a> {
         };
         self.count(run.len() as u64, run.payload_bytes(), routed);
         if !self.scratch.effects.blocked.is_empty() {
+            // Acknowledged once every queue holds it (`deliver_pending`).
             self.pending = Some(Pending::Run(Box::new(Lent::owned(run.keep()))));
+            return None;
         }
-        None
+        self.ack_run(run)
+    }
+
+    /// Acknowledges a run of Processed publishes (protocol 1.4): with its last message's id,
+    /// which covers every earlier one.
+    fn ack_run(&mut self, run: &Lent<'_, MessageRun>) -> Option<Exit> {
+        match run.last_id() {
+            Some(id) if run.qos() == Qos::Processed => self.ack(id),
+            _ => None,
+        }
     }
 
     /// Routes a run's messages one by one, each checked and refused or given to a group
@@ -543,12 +555,7 @@ impl<'a> ReadLoop<'a> {
         while let Some(blocked) = self.scratch.effects.blocked.last().cloned() {
             let (target, group) = match blocked {
                 Blocked::Sub(sub) => {
-                    let Pending::Msg(msg) = &pending else {
-                        // Runs never wait for acknowledged subscriptions (routed one by one).
-                        self.scratch.effects.blocked.pop();
-                        continue;
-                    };
-                    match sub.push(msg.keep(), &self.hub.memory, true) {
+                    match sub.push(pending.item().kept(), &self.hub.memory, true) {
                         SubPushed::Kept { wake, dropped } => {
                             if let Some(outlet) = wake {
                                 outlet.wake();
@@ -564,14 +571,14 @@ impl<'a> ReadLoop<'a> {
                                 since = None;
                                 continue;
                             }
-                            let room = sub.wait_for_room(size, &self.hub.memory);
+                            let room = sub.wait_for_room(n, size, &self.hub.memory);
                             let held = self.held(room, started + stall, &mut ping_at, n).await;
                             if held.is_some() {
                                 return held;
                             }
                         }
                         SubPushed::Dropped | SubPushed::Closed => {
-                            self.dropped += 1;
+                            self.dropped += n as u64;
                             self.scratch.effects.blocked.pop();
                             since = None;
                         }
@@ -636,7 +643,8 @@ impl<'a> ReadLoop<'a> {
         }
         match pending {
             Pending::Msg(msg) if msg.header().qos == Qos::Processed => self.ack(msg.id()),
-            _ => None,
+            Pending::Run(run) => self.ack_run(&run),
+            Pending::Msg(_) => None,
         }
     }
 }
@@ -677,9 +685,18 @@ async fn write_loop(hub: Arc<Hub>, conn: Arc<Conn>, mut writer: FrameWriter) {
         for out in batch.realtime.drain(..).chain(batch.processed.drain(..)) {
             bytes_out += write_out(&mut writer, &conn, out, &mut in_flight);
         }
-        for d in batch.acked.drain(..) {
-            bytes_out += d.message.payload().len() as u64;
-            writer.push_acked_deliver(&d);
+        for out in batch.acked.drain(..) {
+            bytes_out += match out {
+                AckedOut::One(d) => {
+                    writer.push_acked_deliver(&d);
+                    d.message.payload().len() as u64
+                }
+                AckedOut::Run { head, run, part } => {
+                    let runs = conn.minor >= PROCESSED_RUNS_SINCE_MINOR;
+                    writer.push_acked_run(head, &run.run, part, runs);
+                    run.payload_bytes(part) as u64
+                }
+            };
         }
         for frame in batch.controls.drain(..) {
             writer.push(&frame);

@@ -9,7 +9,7 @@ use super::{
 use crate::bytestr::ByteStr;
 use crate::message::{
     CorrelationMetadata, Header, MAX_CORRELATION_ID_LEN, MAX_STAGE_LEN, MAX_STATUS_MESSAGE_LEN,
-    MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, Qos, ReplyStatus, StatusCode,
+    MAX_TAG_KEY_LEN, MAX_TAG_VALUE_LEN, MAX_TAGS, Message, MessageId, Qos, ReplyStatus, StatusCode,
     truncate_utf8,
 };
 use crate::topic::Topic;
@@ -263,30 +263,42 @@ const HEADER_BEFORE_SOURCE: usize = 1 + 16 + 8;
 pub(super) fn decode_source(
     c: &mut Cursor,
     cache: &mut DecodeCache,
-) -> Result<ByteStr, FrameError> {
+) -> Result<(Qos, ByteStr), FrameError> {
     c.need(HEADER_BEFORE_SOURCE, "header")?;
-    c.skip(HEADER_BEFORE_SOURCE);
-    c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)
+    let flags = c.u8("header.flags")?;
+    let qos = c.qos(flags & FLAG_QOS_MASK)?;
+    c.skip(HEADER_BEFORE_SOURCE - 1);
+    Ok((
+        qos,
+        c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)?,
+    ))
 }
 
 /// Checks the header of a PUBLISH_RUN entry, from a cursor narrowed to it, without building
-/// it: what [`decode_header`] checks, and the rules of a run (`docs/protocol.md` §3.10):
-/// realtime, no reply_to or status, and the source of the first entry (`source`, set by the
-/// first).
+/// it: what [`decode_header`] checks, and the rules of a run (`docs/protocol.md` §3.10): no
+/// reply_to or status, and the QoS (`qos`) and source (`source`) of the first entry (set by
+/// the first). Returns the message's id.
 pub(super) fn check_run_header(
     c: &mut Cursor,
     cache: &mut DecodeCache,
     source: &mut Option<ByteStr>,
-) -> Result<(), FrameError> {
+    qos: &mut Option<Qos>,
+) -> Result<MessageId, FrameError> {
     let flags = c.u8("header.flags")?;
-    if c.qos(flags & FLAG_QOS_MASK)? != Qos::Realtime || flags & (FLAG_REPLY_TO | FLAG_STATUS) != 0
-    {
+    if flags & (FLAG_REPLY_TO | FLAG_STATUS) != 0 {
         return Err(FrameError::InvalidRun(
-            "a run carries only realtime messages without reply_to or status",
+            "a run carries no request (reply_to) and no reply (status)",
         ));
     }
-    c.need(HEADER_BEFORE_SOURCE - 1, "header")?;
-    c.skip(HEADER_BEFORE_SOURCE - 1);
+    let this = c.qos(flags & FLAG_QOS_MASK)?;
+    if *qos.get_or_insert(this) != this {
+        return Err(FrameError::InvalidRun(
+            "every message of a run must have the same QoS",
+        ));
+    }
+    let id = c.id()?;
+    c.need(HEADER_BEFORE_SOURCE - 17, "header")?;
+    c.skip(HEADER_BEFORE_SOURCE - 17);
     match source {
         None => *source = Some(c.str8_cached(MAX_NAME_LEN, "header.source", &mut cache.source)?),
         Some(first) => {
@@ -305,7 +317,7 @@ pub(super) fn check_run_header(
     if flags & FLAG_CORRELATION != 0 {
         decode_correlation(c)?;
     }
-    Ok(())
+    Ok(id)
 }
 
 /// Decodes a header from a cursor narrowed to it.

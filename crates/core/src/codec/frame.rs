@@ -3,7 +3,7 @@
 use super::body::{
     DecodeCache, decode_message_body, encode_acked_frame, encode_group_frame, encode_message_frame,
 };
-use super::run::{MessageRun, encode_run_frame};
+use super::run::{AckedHead, MessageRun, encode_acked_run, encode_run_frame};
 use super::types::*;
 use super::wire::{Cursor, begin, finish, put_id, put_str8, put_str16};
 use super::{FrameError, MAX_ACK_RANGES, MAX_ACKED_FILTERS, MAX_NAME_LEN, SUBSCRIBE_GROUP, kind};
@@ -32,6 +32,7 @@ impl Frame {
             Self::GoingAway(_) => kind::GOING_AWAY,
             Self::SubscribeAcked(_) => kind::SUBSCRIBE_ACKED,
             Self::DeliverAcked(_) => kind::DELIVER_ACKED,
+            Self::DeliverAckedRun(_) => kind::DELIVER_ACKED_RUN,
             Self::SubAck(_) => kind::SUB_ACK,
             Self::SubClose(_) => kind::SUB_CLOSE,
             Self::DurableDelete(_) => kind::DURABLE_DELETE,
@@ -47,6 +48,9 @@ impl Frame {
             }
             Self::DeliverGroup(d) => return encode_group_frame(dst, d),
             Self::DeliverAcked(d) => return encode_acked_frame(dst, d),
+            Self::DeliverAckedRun(d) => {
+                return encode_acked_run(dst, d.head, &d.run, d.run.whole(), true);
+            }
             Self::PublishRun(r) | Self::DeliverRun(r) => {
                 return encode_run_frame(dst, self.kind(), r);
             }
@@ -171,6 +175,7 @@ impl Frame {
             | Self::Deliver(_)
             | Self::DeliverGroup(_)
             | Self::DeliverAcked(_)
+            | Self::DeliverAckedRun(_)
             | Self::PublishRun(_)
             | Self::DeliverRun(_) => {
                 unreachable!("handled by encode")
@@ -250,6 +255,17 @@ impl Frame {
                 redelivered,
                 message,
             }));
+        }
+        if kind == kind::DELIVER_ACKED_RUN {
+            let mut c = Cursor::new(body);
+            let head = AckedHead {
+                sub: SubId(c.u32("sub")?),
+                seq: c.u64("seq")?,
+                redelivered: c.u16("redelivered")?,
+            };
+            let (rest, _) = c.into_rest();
+            let run = MessageRun::decode(rest, false, cache)?;
+            return Ok(Frame::DeliverAckedRun(AckedRun { head, run }));
         }
         if kind == kind::PUBLISH_RUN {
             return MessageRun::decode(body, true, cache).map(Frame::PublishRun);

@@ -207,6 +207,16 @@ impl<'buf> Lent<'buf, MessageRun> {
         self.value.payload_bytes()
     }
 
+    /// Its messages' QoS ([`MessageRun::qos`]).
+    pub fn qos(&self) -> crate::message::Qos {
+        self.value.qos()
+    }
+
+    /// The last message's id ([`MessageRun::last_id`]).
+    pub fn last_id(&self) -> Option<crate::message::MessageId> {
+        self.value.last_id()
+    }
+
     /// The largest payload.
     pub fn max_payload(&self) -> usize {
         self.value.max_payload()
@@ -285,6 +295,10 @@ impl LentFrame<'_> {
             Frame::DeliverAcked(mut d) if shares_buffer => {
                 d.message = d.message.copied();
                 Self::Other(Frame::DeliverAcked(d))
+            }
+            Frame::DeliverAckedRun(mut d) if shares_buffer => {
+                d.run = d.run.copied();
+                Self::Other(Frame::DeliverAckedRun(d))
             }
             other => Self::Other(other),
         }

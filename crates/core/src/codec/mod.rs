@@ -22,8 +22,8 @@ pub use body::{
 pub use decoder::FrameDecoder;
 pub use lent::{ChargedCopy, Lent, LentFrame};
 pub use run::{
-    MessageRun, RunMessages, RunWriter, encode_run_as_delivers, encode_run_delivery,
-    encode_run_frame, may_run,
+    AckedHead, MessageRun, RunMessages, RunPart, RunWriter, encode_acked_run,
+    encode_run_as_delivers, encode_run_delivery, encode_run_frame, may_run,
 };
 pub use types::*;
 pub use wire::encode_frame_head;
@@ -34,12 +34,15 @@ use crate::topic::TopicError;
 /// Protocol major version spoken by this crate. A peer with another major is refused.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Protocol minor version spoken by this crate. Minor versions only add optional fields.
-pub const PROTOCOL_MINOR: u16 = 3;
+pub const PROTOCOL_MINOR: u16 = 4;
 /// The first minor version with message runs (PUBLISH_RUN and DELIVER_RUN frames).
 pub const RUNS_SINCE_MINOR: u16 = 2;
 /// The first minor version with acknowledged and durable subscriptions (SUBSCRIBE_ACKED,
 /// DELIVER_ACKED, SUB_ACK, SUB_CLOSE, DURABLE_DELETE, SUB_END).
 pub const ACKED_SINCE_MINOR: u16 = 3;
+/// The first minor version with runs of Processed messages (PUBLISH_RUN of Processed
+/// messages, DELIVER_ACKED_RUN).
+pub const PROCESSED_RUNS_SINCE_MINOR: u16 = 4;
 /// Most filters one acknowledged subscription holds.
 pub const MAX_ACKED_FILTERS: usize = 255;
 /// Most ranges one SUB_ACK carries.
@@ -82,6 +85,7 @@ pub mod kind {
     pub const SUB_CLOSE: u8 = 0x15;
     pub const DURABLE_DELETE: u8 = 0x16;
     pub const SUB_END: u8 = 0x17;
+    pub const DELIVER_ACKED_RUN: u8 = 0x18;
 }
 
 pub(crate) const FLAG_QOS_MASK: u8 = 0b0000_0011;

@@ -1,5 +1,6 @@
-//! Message runs: consecutive realtime messages on one topic from one publisher, carried in one
-//! PUBLISH_RUN or DELIVER_RUN frame (protocol 1.2).
+//! Message runs: consecutive messages of one QoS on one topic from one publisher, carried in
+//! one PUBLISH_RUN or DELIVER_RUN frame (protocol 1.2; Processed runs, and DELIVER_ACKED_RUN,
+//! since 1.4).
 //!
 //! A publisher whose outgoing queue holds several messages for the same topic sends them as a
 //! run; the broker routes the run once and forwards its bytes verbatim to every subscriber, and
@@ -13,13 +14,29 @@ use super::body::{DecodeCache, check_run_header, decode_header, decode_source, e
 use super::wire::{Cursor, begin, encode_frame_head, finish};
 use super::{FrameError, LEN_PREFIX, kind};
 use crate::bytestr::ByteStr;
-use crate::message::{Header, MESSAGE_OVERHEAD, Message, Qos};
+use crate::message::{Header, MESSAGE_OVERHEAD, Message, MessageId, Qos};
 use crate::topic::Topic;
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Whether a message may travel in a run: realtime, not a request, not a reply.
-pub fn may_run(header: &Header) -> bool {
-    header.qos == Qos::Realtime && header.reply_to.is_none() && header.status.is_none()
+/// Whether a message may travel in a run: not a request, not a reply, and Realtime, or
+/// Processed when the peer reads Processed runs (`processed`: protocol 1.4).
+pub fn may_run(header: &Header, processed: bool) -> bool {
+    header.reply_to.is_none()
+        && header.status.is_none()
+        && (header.qos == Qos::Realtime || processed && header.qos == Qos::Processed)
+}
+
+/// A contiguous part of a run's entries: `count` entries that fill bytes `start..end` of the
+/// run's body. What a broker sends of a run an acknowledged subscription kept, when the
+/// subscriber's window, or acknowledgements, leave only part of it to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunPart {
+    /// Entries in the part (at least one).
+    pub count: u16,
+    /// Offset of the part's first entry in the body.
+    pub start: u32,
+    /// Offset just past its last entry.
+    pub end: u32,
 }
 
 /// A run of messages on one topic, as received: the frame body is kept and forwarded verbatim,
@@ -30,6 +47,10 @@ pub struct MessageRun {
     count: u32,
     /// The first message's source (in a PUBLISH_RUN, every message's).
     source: ByteStr,
+    /// The first message's QoS (in a PUBLISH_RUN, every message's).
+    qos: Qos,
+    /// The last message's id; read only for a PUBLISH_RUN (see [`MessageRun::last_id`]).
+    last_id: Option<MessageId>,
     body: Bytes,
     /// Offset of the first entry in `body`.
     entries_at: usize,
@@ -56,6 +77,17 @@ impl MessageRun {
     /// a PUBLISH_RUN has the same).
     pub fn source(&self) -> &ByteStr {
         &self.source
+    }
+
+    /// The first message's QoS; in a PUBLISH_RUN, which the broker checks, every message's.
+    pub fn qos(&self) -> Qos {
+        self.qos
+    }
+
+    /// The last message's id, read for a run a broker decoded from a PUBLISH_RUN (its
+    /// publisher's acknowledgement of a Processed run names it); `None` for a delivered run.
+    pub fn last_id(&self) -> Option<MessageId> {
+        self.last_id
     }
 
     /// Number of messages (at least one).
@@ -115,6 +147,70 @@ impl MessageRun {
         self.charge.is_some()
     }
 
+    /// The whole run as a [`RunPart`].
+    pub fn whole(&self) -> RunPart {
+        RunPart {
+            count: u16::try_from(self.count).expect("a run holds at most 65535 messages"),
+            start: u32::try_from(self.entries_at).expect("a frame is below 4 GiB"),
+            end: u32::try_from(self.body.len()).expect("a frame is below 4 GiB"),
+        }
+    }
+
+    /// Where each entry starts in the body, and (last) where the body ends: `len() + 1`
+    /// offsets. With [`MessageRun::entry_charge`], what a keeper of single entries needs.
+    pub fn entry_starts(&self) -> Vec<u32> {
+        let mut starts = Vec::with_capacity(self.len() + 1);
+        let mut at = self.entries_at;
+        // The decoder checked every entry's lengths against the body.
+        for _ in 0..self.count {
+            starts.push(u32::try_from(at).expect("a frame is below 4 GiB"));
+            at += 4 + self.len_at(at);
+            at += 4 + self.len_at(at);
+        }
+        starts.push(u32::try_from(at).expect("a frame is below 4 GiB"));
+        starts
+    }
+
+    /// What [`Message::accounted_size`] charges for the entry at `start..end` (two
+    /// consecutive [`MessageRun::entry_starts`]).
+    pub fn entry_charge(&self, start: u32, end: u32) -> usize {
+        let header = 4 + self.len_at(start as usize);
+        (end - start) as usize - header - 4 + self.topic.as_str().len() + MESSAGE_OVERHEAD
+    }
+
+    /// The run made of `part` of its entries alone, in a body of its own (copied).
+    pub fn slice(&self, part: RunPart) -> Self {
+        if part == self.whole() {
+            return self.clone();
+        }
+        let topic = &self.body[..self.entries_at - 2];
+        let entries = &self.body[part.start as usize..part.end as usize];
+        let mut body = BytesMut::with_capacity(topic.len() + 2 + entries.len());
+        body.put_slice(topic);
+        body.put_u16_le(part.count);
+        body.put_slice(entries);
+        let mut run = self.clone();
+        run.body = body.freeze();
+        run.count = u32::from(part.count);
+        run.charge = None;
+        run.last_id = None;
+        let (mut payload_bytes, mut max_payload) = (0, 0);
+        let starts = run.entry_starts();
+        for w in starts.windows(2) {
+            let plen = run.entry_charge(w[0], w[1]) - run.topic.as_str().len() - MESSAGE_OVERHEAD;
+            payload_bytes += plen;
+            max_payload = max_payload.max(plen);
+        }
+        (run.payload_bytes, run.max_payload) = (payload_bytes, max_payload);
+        run
+    }
+
+    fn len_at(&self, at: usize) -> usize {
+        let mut le = [0u8; 4];
+        le.copy_from_slice(&self.body[at..at + 4]);
+        u32::from_le_bytes(le) as usize
+    }
+
     /// The messages, in order, each sharing the run's bytes (the payload is not copied).
     pub fn messages(&self) -> RunMessages<'_> {
         let mut cursor = Cursor::new(self.body.clone());
@@ -128,9 +224,10 @@ impl MessageRun {
     }
 
     /// Reads a run body. Every entry's lengths are checked; with `strict` (a PUBLISH_RUN, read
-    /// by the broker) every header is decoded too and must be realtime, without `reply_to` or
-    /// status, and name the same `source` as the first. Of a DELIVER_RUN's headers only the
-    /// first source is read here; the headers are decoded when the messages are read.
+    /// by the broker) every header is decoded too and must have the first one's QoS
+    /// (Realtime or Processed) and `source`, and no `reply_to` or status. Of a delivered run's
+    /// headers only the first QoS and source are read here; the headers are decoded when the
+    /// messages are read.
     pub(super) fn decode(
         body: Bytes,
         strict: bool,
@@ -149,15 +246,17 @@ impl MessageRun {
         let entries_at = c.position();
         let (mut payload_bytes, mut max_payload) = (0, 0);
         let mut source = None;
+        let (mut qos, mut last_id) = (None, None);
         for _ in 0..count {
             let hlen = c.u32("run.header_len")? as usize;
             if strict {
                 let outer = c.narrow(hlen, "run.header")?;
-                check_run_header(&mut c, cache, &mut source)?;
+                last_id = Some(check_run_header(&mut c, cache, &mut source, &mut qos)?);
                 c.widen(outer);
             } else if source.is_none() {
                 let outer = c.narrow(hlen, "run.header")?;
-                source = Some(decode_source(&mut c, cache)?);
+                let (q, s) = decode_source(&mut c, cache)?;
+                (qos, source) = (Some(q), Some(s));
                 c.widen(outer);
             } else {
                 c.need(hlen, "run.header")?;
@@ -175,6 +274,8 @@ impl MessageRun {
             topic,
             count: u32::from(count),
             source,
+            qos: qos.unwrap_or_default(),
+            last_id,
             body,
             entries_at,
             payload_bytes,
@@ -231,6 +332,8 @@ pub struct RunWriter {
     /// Length of the topic, which the buffer holds right after the frame's kind byte and
     /// its own length (the writer keeps no copy of it).
     topic_len: usize,
+    /// The QoS of every message of the run.
+    qos: Qos,
     count: u16,
 }
 
@@ -238,9 +341,9 @@ pub struct RunWriter {
 const RUN_TOPIC_AT: usize = LEN_PREFIX + 1 + 2;
 
 impl RunWriter {
-    /// Starts a PUBLISH_RUN on `topic` at the end of `dst`, holding no message yet (append one
-    /// before the buffer is sent: a run of zero messages is malformed).
-    pub fn begin(dst: &mut BytesMut, topic: &Topic) -> Self {
+    /// Starts a PUBLISH_RUN of `qos` messages on `topic` at the end of `dst`, holding no
+    /// message yet (append one before the buffer is sent: a run of zero messages is malformed).
+    pub fn begin(dst: &mut BytesMut, topic: &Topic, qos: Qos) -> Self {
         let start = begin(dst, kind::PUBLISH_RUN);
         super::wire::put_str16(dst, topic.as_str());
         dst.put_u16_le(0);
@@ -248,14 +351,16 @@ impl RunWriter {
         Self {
             start,
             topic_len: topic.as_str().len(),
+            qos,
             count: 0,
         }
     }
 
-    /// Whether the run is on `topic`; `dst` is the buffer it is written into.
-    pub fn is_on(&self, dst: &[u8], topic: &Topic) -> bool {
+    /// Whether the run holds `qos` messages on `topic`; `dst` is the buffer it is written
+    /// into.
+    pub fn is_on(&self, dst: &[u8], topic: &Topic, qos: Qos) -> bool {
         let at = self.start + RUN_TOPIC_AT;
-        dst.get(at..at + self.topic_len) == Some(topic.as_str().as_bytes())
+        self.qos == qos && dst.get(at..at + self.topic_len) == Some(topic.as_str().as_bytes())
     }
 
     /// Messages appended so far.
@@ -282,9 +387,11 @@ impl RunWriter {
     ///
     /// # Panics
     ///
-    /// When the run already holds `u16::MAX` messages ([`RunWriter::has_room`]).
+    /// When the run already holds `u16::MAX` messages ([`RunWriter::has_room`]), or `header`
+    /// has another QoS than the run.
     pub fn push(&mut self, dst: &mut BytesMut, header: &Header, payload: &[u8]) {
         assert!(self.has_room(), "a run holds at most 65535 messages");
+        assert_eq!(header.qos, self.qos, "a run holds messages of one QoS");
         let len_at = dst.len();
         dst.put_u32_le(0);
         encode_header(dst, header);
@@ -349,4 +456,67 @@ pub fn encode_run_frame(dst: &mut BytesMut, kind: u8, run: &MessageRun) {
     dst.reserve(LEN_PREFIX + 1 + run.wire().len());
     encode_frame_head(dst, kind, run.wire().len());
     dst.put_slice(run.wire());
+}
+
+/// Appends `part` of a run an acknowledged subscription kept, numbered from `seq`: one
+/// DELIVER_ACKED_RUN frame (protocol 1.4) when the subscriber reads them (`runs`) and the part
+/// holds several messages, otherwise one DELIVER_ACKED frame per message, numbered `seq`,
+/// `seq + 1`, …, each made of the run's topic and the entry's header and payload bytes
+/// verbatim.
+pub fn encode_acked_run(
+    dst: &mut BytesMut,
+    head: AckedHead,
+    run: &MessageRun,
+    part: RunPart,
+    runs: bool,
+) {
+    let body = run.wire();
+    let topic = &body[..run.entries_at - 2];
+    let entries = &body[part.start as usize..part.end as usize];
+    if runs && part.count > 1 {
+        let len = super::body::ACKED_HEAD + topic.len() + 2 + entries.len();
+        dst.reserve(LEN_PREFIX + 1 + len);
+        encode_frame_head(dst, kind::DELIVER_ACKED_RUN, len);
+        dst.put_u32_le(head.sub.0);
+        dst.put_u64_le(head.seq);
+        dst.put_u16_le(head.redelivered);
+        dst.put_slice(topic);
+        dst.put_u16_le(part.count);
+        dst.put_slice(entries);
+        return;
+    }
+    dst.reserve(
+        entries.len()
+            + usize::from(part.count) * (LEN_PREFIX + 1 + super::body::ACKED_HEAD + topic.len()),
+    );
+    let mut at = part.start as usize;
+    for i in 0..u64::from(part.count) {
+        let header = &body[at..at + 4 + run.len_at(at)];
+        at += header.len();
+        let plen = run.len_at(at);
+        let payload = &body[at + 4..at + 4 + plen];
+        at += 4 + plen;
+        super::body::encode_acked_frame_head(
+            dst,
+            head.sub,
+            head.seq + i,
+            head.redelivered,
+            topic.len() + header.len() + payload.len(),
+        );
+        dst.put_slice(topic);
+        dst.put_slice(header);
+        dst.put_slice(payload);
+    }
+}
+
+/// The fields of a DELIVER_ACKED or DELIVER_ACKED_RUN frame before the messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckedHead {
+    /// The subscription.
+    pub sub: super::SubId,
+    /// The (first) message's delivery sequence number; the next messages of a run get the
+    /// next numbers.
+    pub seq: u64,
+    /// How many times the messages were delivered before.
+    pub redelivered: u16,
 }

@@ -391,6 +391,16 @@ pub struct AckedDelivery {
     pub message: Message,
 }
 
+/// Deliveries of an acknowledged subscription in one run (protocol 1.4): the run's messages
+/// are numbered `seq`, `seq + 1`, ….
+#[derive(Debug, Clone, PartialEq)]
+pub struct AckedRun {
+    /// The subscription, the first message's sequence number, the redelivery count of all.
+    pub head: super::AckedHead,
+    /// The messages.
+    pub run: super::MessageRun,
+}
+
 /// Acknowledges deliveries of an acknowledged subscription (protocol 1.3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubAck {
@@ -475,6 +485,8 @@ pub enum Frame {
     SubscribeAcked(SubscribeAcked),
     /// Broker → client: a delivery of an acknowledged subscription (protocol 1.3).
     DeliverAcked(AckedDelivery),
+    /// Broker → client: a run of deliveries of an acknowledged subscription (protocol 1.4).
+    DeliverAckedRun(AckedRun),
     /// Client → broker: acknowledge deliveries (protocol 1.3).
     SubAck(SubAck),
     /// Client → broker: close an acknowledged subscription (protocol 1.3).
