@@ -3,8 +3,10 @@
 //! until the broker acknowledges them, to send them again after a reconnect ([`Unacked`]).
 
 use crate::idmap::IdBuild;
+use bytes::Bytes;
 use daemoneye_eventbus_core::codec::SubId;
-use daemoneye_eventbus_core::{CorrelationFilter, Message, MessageId};
+use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
+use daemoneye_eventbus_core::{ByteStr, CorrelationFilter, Header, Message, MessageId, Topic};
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// The deliveries of one message handed to the application: (connection epoch, sequence),
@@ -204,36 +206,99 @@ impl AckState {
     }
 }
 
+/// A Processed publish kept until the broker acknowledges it: its header without `source`
+/// (every publish of a client carries the client's name, put back when it is sent again), and
+/// its topic unless it is the one of the publish kept before it (`None`), so that keeping a
+/// stream of publishes on one topic clones no shared buffer but the payload's.
+struct KeptPublish {
+    topic: Option<Topic>,
+    header: Header,
+    payload: Bytes,
+}
+
 /// Processed publishes the broker has not acknowledged yet, in publish order, to send again
 /// with the same ids after a reconnect. Bounded in charged bytes.
 #[derive(Default)]
 pub(crate) struct Unacked {
-    msgs: VecDeque<Message>,
+    kept: VecDeque<KeptPublish>,
+    /// The topic of the last one kept.
+    tail_topic: Option<Topic>,
     pub(crate) bytes: usize,
     pub(crate) acked: u64,
     pub(crate) refused: u64,
 }
 
+/// What a kept publish is charged: as [`Message::accounted_size`].
+fn charge(topic: &Topic, payload: &Bytes) -> usize {
+    payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD
+}
+
 impl Unacked {
-    pub(crate) fn push(&mut self, msg: Message) {
-        self.bytes += msg.accounted_size();
-        self.msgs.push_back(msg);
+    /// Keeps a publish of `header` (its `source` is not kept) on `topic`.
+    pub(crate) fn push(&mut self, topic: &Topic, header: &Header, payload: Bytes) {
+        self.bytes += charge(topic, &payload);
+        let topic = if self.tail_topic.as_ref() == Some(topic) {
+            None
+        } else {
+            self.tail_topic = Some(topic.clone());
+            Some(topic.clone())
+        };
+        let header = Header {
+            id: header.id,
+            timestamp_ns: header.timestamp_ns,
+            qos: header.qos,
+            source: ByteStr::default(),
+            reply_to: header.reply_to.clone(),
+            deadline_ns: header.deadline_ns,
+            correlation: header.correlation.clone(),
+            status: header.status.clone(),
+        };
+        self.kept.push_back(KeptPublish {
+            topic,
+            header,
+            payload,
+        });
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.msgs.len()
+        self.kept.len()
+    }
+
+    /// Removes the publish at `at`, handing its topic to the next one if that shares it;
+    /// returns its charge.
+    fn remove(&mut self, at: usize) -> Option<usize> {
+        let mut gone = self.kept.remove(at)?;
+        let topic = match gone.topic.take() {
+            Some(t) => {
+                if let Some(next) = self.kept.get_mut(at).filter(|n| n.topic.is_none()) {
+                    next.topic = Some(t.clone());
+                }
+                t
+            }
+            None => self.topic_at(at.checked_sub(1)?)?.clone(),
+        };
+        if self.kept.is_empty() {
+            self.tail_topic = None;
+        }
+        let n = charge(&topic, &gone.payload);
+        self.bytes -= n;
+        Some(n)
+    }
+
+    /// The topic of the publish at `at`.
+    fn topic_at(&self, at: usize) -> Option<&Topic> {
+        self.kept.range(..=at).rev().find_map(|k| k.topic.as_ref())
     }
 
     /// The broker acknowledged `id`: in protocol 1.3, every Processed publish of this client
     /// up to it is either acknowledged or was refused. Returns how many were.
     pub(crate) fn ack_through(&mut self, id: MessageId) -> usize {
         let mut n = 0;
-        while let Some(front) = self.msgs.front() {
-            if front.id().publisher != id.publisher || front.id().sequence > id.sequence {
+        while let Some(front) = self.kept.front() {
+            if front.header.id.publisher != id.publisher || front.header.id.sequence > id.sequence {
                 break;
             }
-            let m = self.msgs.pop_front().expect("a front");
-            self.bytes -= m.accounted_size();
+            self.remove(0);
             n += 1;
         }
         self.acked += n as u64;
@@ -242,30 +307,48 @@ impl Unacked {
 
     /// The broker refused `id`; returns whether it was one of ours kept here.
     pub(crate) fn refuse(&mut self, id: MessageId) -> bool {
-        let Some(at) = self.msgs.iter().position(|m| m.id() == id) else {
+        let Some(at) = self.kept.iter().position(|k| k.header.id == id) else {
             return false;
         };
-        if let Some(m) = self.msgs.remove(at) {
-            self.bytes -= m.accounted_size();
-        }
+        self.remove(at);
         self.refused += 1;
         true
     }
 
-    /// The kept publishes up to sequence `through` (those a writer already took: later ones
-    /// are still queued), in order.
-    pub(crate) fn through(&self, through: u64) -> impl Iterator<Item = &Message> {
-        self.msgs
+    /// How many kept publishes have a sequence up to `through` (those a writer already took:
+    /// later ones are still queued).
+    pub(crate) fn count_through(&self, through: u64) -> usize {
+        self.kept
             .iter()
-            .take_while(move |m| m.id().sequence <= through)
+            .take_while(|k| k.header.id.sequence <= through)
+            .count()
+    }
+
+    /// The kept publishes up to sequence `through`, in order, as messages from `source`.
+    pub(crate) fn through(&self, through: u64, source: &ByteStr) -> Vec<Message> {
+        let mut topic: Option<&Topic> = None;
+        let mut out = Vec::new();
+        for k in &self.kept {
+            if k.header.id.sequence > through {
+                break;
+            }
+            let t = k
+                .topic
+                .as_ref()
+                .or(topic)
+                .expect("the first kept names its topic");
+            topic = Some(t);
+            let mut header = k.header.clone();
+            header.source = source.clone();
+            out.push(Message::new(t.clone(), header, k.payload.clone()));
+        }
+        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use daemoneye_eventbus_core::{Header, Topic};
 
     fn id(n: u64) -> MessageId {
         MessageId {
@@ -314,29 +397,45 @@ mod tests {
         assert!(matches!(keep.arrive(id(1), 0, 2), Verdict::Deliver));
     }
 
-    fn msg(n: u64) -> Message {
-        Message::new(
-            Topic::new("t").unwrap(),
-            Header {
-                id: id(n),
-                ..Header::default()
-            },
-            Bytes::from_static(b"x"),
-        )
-    }
-
     #[test]
     fn publishes_are_kept_until_acknowledged_or_refused() {
         let mut u = Unacked::default();
-        for n in [2, 3, 5, 8] {
-            u.push(msg(n));
+        let (a, b) = (Topic::new("a").unwrap(), Topic::new("b").unwrap());
+        let header = |n: u64| Header {
+            id: id(n),
+            source: ByteStr::from("me"),
+            ..Header::default()
+        };
+        let x = || Bytes::from_static(b"x");
+        for (n, t) in [(2, &a), (3, &a), (5, &b), (8, &b), (9, &b)] {
+            u.push(t, &header(n), x());
         }
-        assert_eq!(u.ack_through(id(3)), 2);
-        assert!(u.refuse(id(5)));
+        let one = 1 + 1 + MESSAGE_OVERHEAD;
+        assert_eq!(u.bytes, 5 * one);
+        // 2 names topic a, 3 shares it: acknowledging 2 hands the topic to 3.
+        assert_eq!(u.ack_through(id(2)), 1);
+        assert!(u.refuse(id(5)), "5 names b; 8 takes it over");
         assert!(!u.refuse(id(4)));
-        assert_eq!(u.through(7).count(), 0);
-        assert_eq!(u.through(8).count(), 1);
-        assert_eq!(u.ack_through(id(9)), 1);
-        assert_eq!((u.len(), u.bytes, u.acked, u.refused), (0, 0, 3, 1));
+        assert_eq!(u.count_through(7), 1);
+        let again = u.through(9, &ByteStr::from("me"));
+        let seen: Vec<_> = again
+            .iter()
+            .map(|m| {
+                (
+                    m.id().sequence,
+                    m.topic().as_str(),
+                    m.header().source.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(seen, [(3, "a", "me"), (8, "b", "me"), (9, "b", "me")]);
+        assert_eq!(u.ack_through(id(8)), 2);
+        assert_eq!(u.through(9, &ByteStr::from("me"))[0].topic().as_str(), "b");
+        assert_eq!(u.ack_through(id(10)), 1);
+        assert_eq!((u.len(), u.bytes, u.acked, u.refused), (0, 0, 4, 1));
+        assert!(u.tail_topic.is_none());
+        // After emptying, the next one names its topic again.
+        u.push(&a, &header(11), x());
+        assert_eq!(u.through(11, &ByteStr::from("me"))[0].topic().as_str(), "a");
     }
 }

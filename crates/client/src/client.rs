@@ -86,7 +86,7 @@ pub(crate) struct OutState {
     pub(crate) buf: OutBuf,
     /// The header of the next publish: the publisher id and source stay, the rest is set
     /// per message (so a publish copies no source and builds no header).
-    header: Header,
+    pub(crate) header: Header,
     pub(crate) connected: bool,
     /// Frames ever queued.
     pub(crate) queued_total: u64,
@@ -620,12 +620,11 @@ impl Client {
                     let id = h.id;
                     let runs = Runs::of_minor(inner.broker_minor.load(Ordering::Relaxed));
                     let payload = payload.take().expect("a publish is queued once");
+                    out.buf.push_publish(topic, h, &payload, runs);
                     if keep {
-                        let kept = Message::new(topic.clone(), h.clone(), payload.clone());
-                        out.unacked.push(kept);
+                        out.unacked.push(topic, h, payload);
                         out.buf.kept += 1;
                     }
-                    out.buf.push_publish(topic, h, payload, runs);
                     (h.reply_to, h.correlation, h.status) = (None, None, None);
                     out.queued_total += 1;
                     inner.counters.published.fetch_add(1, Ordering::Relaxed);

@@ -141,7 +141,7 @@ fn finish(inner: &Inner) {
     let mut out = inner.out.lock();
     let left = out.buf.take(None);
     let kept = out.unacked.len() as u64;
-    let written_kept = out.unacked.through(out.taken_through).count() as u64;
+    let written_kept = out.unacked.count_through(out.taken_through) as u64;
     // Processed publishes never acknowledged are lost with the client (those still queued are
     // counted with the queue).
     inner
@@ -201,12 +201,12 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
         // Processed publishes a connection took and the broker never acknowledged go again,
         // with their ids, before anything queued later.
         let out = inner.out.lock();
-        let mut resent = 0;
-        for msg in out.unacked.through(out.taken_through) {
-            writer.push(&Frame::Publish(msg.clone()));
-            resent += 1;
-        }
+        let again = out.unacked.through(out.taken_through, &out.header.source);
         drop(out);
+        let resent = again.len() as u64;
+        for msg in again {
+            writer.push(&Frame::Publish(msg));
+        }
         inner.counters.resent.fetch_add(resent, Ordering::Relaxed);
     }
     inner.out.lock().connected = true;

@@ -113,7 +113,7 @@ impl OutBuf {
         &mut self,
         topic: &Topic,
         header: &Header,
-        payload: Bytes,
+        payload: &Bytes,
         runs: Runs,
     ) {
         self.bytes += payload.len() + topic.as_str().len() + MESSAGE_OVERHEAD;
@@ -125,7 +125,7 @@ impl OutBuf {
             } if payload.len() >= VECTORED_MIN => {
                 *run = None;
                 encode_publish_head(head, topic, header, payload.len());
-                payloads.push((head.len(), payload));
+                payloads.push((head.len(), payload.clone()));
             }
             Buf::Encoded { head, run, .. }
                 if runs != Runs::None && may_run(header, runs == Runs::AnyQos) =>
@@ -140,16 +140,16 @@ impl OutBuf {
                     }
                     _ => run.insert(RunWriter::begin(head, topic, header.qos)),
                 };
-                open.push(head, header, &payload);
+                open.push(head, header, payload);
             }
             Buf::Encoded { head, run, .. } => {
                 *run = None;
-                encode_publish(head, topic, header, &payload);
+                encode_publish(head, topic, header, payload);
             }
             Buf::Frames(f) => f.push(Frame::Publish(Message::new(
                 topic.clone(),
                 header.clone(),
-                payload,
+                payload.clone(),
             ))),
         }
         self.publishes += 1;
@@ -255,15 +255,15 @@ mod tests {
         let mut buf = OutBuf::new(false);
         let x = || Bytes::from_static(b"x");
         for _ in 0..3 {
-            buf.push_publish(&a, &header(Qos::Realtime), x(), Runs::Realtime);
+            buf.push_publish(&a, &header(Qos::Realtime), &x(), Runs::Realtime);
         }
-        buf.push_publish(&b, &header(Qos::Realtime), x(), Runs::Realtime);
+        buf.push_publish(&b, &header(Qos::Realtime), &x(), Runs::Realtime);
         // A Processed message stays alone for a broker before 1.4, and ends the run before it.
-        buf.push_publish(&b, &header(Qos::Processed), x(), Runs::Realtime);
-        buf.push_publish(&b, &header(Qos::Realtime), x(), Runs::Realtime);
+        buf.push_publish(&b, &header(Qos::Processed), &x(), Runs::Realtime);
+        buf.push_publish(&b, &header(Qos::Realtime), &x(), Runs::Realtime);
         // So does a control frame: frames keep their order.
         buf.push_frame(Frame::Ping(1));
-        buf.push_publish(&b, &header(Qos::Realtime), x(), Runs::Realtime);
+        buf.push_publish(&b, &header(Qos::Realtime), &x(), Runs::Realtime);
         assert_eq!((buf.publishes, buf.frames), (7, 8));
         assert_eq!(
             frames(&mut buf),
@@ -289,11 +289,11 @@ mod tests {
             Qos::Realtime,
             Qos::Processed,
         ] {
-            buf.push_publish(&a, &header(qos), x(), Runs::AnyQos);
+            buf.push_publish(&a, &header(qos), &x(), Runs::AnyQos);
         }
         let mut request = header(Qos::Processed);
         request.reply_to = Some(Topic::new("_inbox.x").unwrap());
-        buf.push_publish(&a, &request, x(), Runs::AnyQos);
+        buf.push_publish(&a, &request, &x(), Runs::AnyQos);
         assert_eq!(
             frames(&mut buf),
             [("run", 2), ("run", 1), ("run", 1), ("publish", 1)]
@@ -309,7 +309,7 @@ mod tests {
         let mut buf = OutBuf::new(false);
         for _ in 0..100 {
             let payload = Bytes::from(vec![0; 1000]);
-            buf.push_publish(&a, &header(Qos::Realtime), payload, Runs::Realtime);
+            buf.push_publish(&a, &header(Qos::Realtime), &payload, Runs::Realtime);
         }
         let runs = frames(&mut buf);
         assert_eq!(runs.iter().map(|r| r.1).sum::<usize>(), 100);
@@ -319,7 +319,7 @@ mod tests {
             old.push_publish(
                 &a,
                 &header(Qos::Realtime),
-                Bytes::from_static(b"x"),
+                &Bytes::from_static(b"x"),
                 Runs::None,
             );
         }
