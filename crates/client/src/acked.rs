@@ -6,7 +6,7 @@ use crate::idmap::IdBuild;
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::SubId;
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
-use daemoneye_eventbus_core::{ByteStr, CorrelationFilter, Header, Message, MessageId, Topic};
+use daemoneye_eventbus_core::{ByteStr, CorrelationFilter, Header, Message, MessageId, Qos, Topic};
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// The deliveries of one message handed to the application: (connection epoch, sequence),
@@ -206,14 +206,17 @@ impl AckState {
     }
 }
 
-/// A Processed publish kept until the broker acknowledges it: its header without `source`
-/// (every publish of a client carries the client's name, put back when it is sent again), and
-/// its topic unless it is the one of the publish kept before it (`None`), so that keeping a
-/// stream of publishes on one topic clones no shared buffer but the payload's.
+/// A Processed publish kept until the broker acknowledges it, small (a client keeps thousands):
+/// its sequence, timestamp and payload; its topic unless it is the one of the publish kept
+/// before it (`None`), so that keeping a stream of publishes on one topic clones no shared
+/// buffer; and, only when it has any, its other header fields (`rest`, without `source`: every
+/// publish of a client carries the client's name, put back when it is sent again).
 struct KeptPublish {
-    topic: Option<Topic>,
-    header: Header,
+    sequence: u64,
+    timestamp_ns: u64,
     payload: Bytes,
+    topic: Option<Topic>,
+    rest: Option<Box<Header>>,
 }
 
 /// Processed publishes the broker has not acknowledged yet, in publish order, to send again
@@ -221,6 +224,8 @@ struct KeptPublish {
 #[derive(Default)]
 pub(crate) struct Unacked {
     kept: VecDeque<KeptPublish>,
+    /// The publisher id of every publish kept (the client's).
+    publisher: u64,
     /// The topic of the last one kept.
     tail_topic: Option<Topic>,
     pub(crate) bytes: usize,
@@ -234,30 +239,51 @@ fn charge(topic: &Topic, payload: &Bytes) -> usize {
 }
 
 impl Unacked {
-    /// Keeps a publish of `header` (its `source` is not kept) on `topic`.
+    /// Keeps a Processed publish of `header` on `topic` (its `source` is not kept).
     pub(crate) fn push(&mut self, topic: &Topic, header: &Header, payload: Bytes) {
         self.bytes += charge(topic, &payload);
+        self.publisher = header.id.publisher;
         let topic = if self.tail_topic.as_ref() == Some(topic) {
             None
         } else {
             self.tail_topic = Some(topic.clone());
             Some(topic.clone())
         };
-        let header = Header {
-            id: header.id,
-            timestamp_ns: header.timestamp_ns,
-            qos: header.qos,
-            source: ByteStr::default(),
-            reply_to: header.reply_to.clone(),
-            deadline_ns: header.deadline_ns,
-            correlation: header.correlation.clone(),
-            status: header.status.clone(),
-        };
-        self.kept.push_back(KeptPublish {
-            topic,
-            header,
-            payload,
+        let plain = header.reply_to.is_none()
+            && header.deadline_ns.is_none()
+            && header.correlation.is_none()
+            && header.status.is_none();
+        let rest = (!plain).then(|| {
+            Box::new(Header {
+                source: ByteStr::default(),
+                ..header.clone()
+            })
         });
+        self.kept.push_back(KeptPublish {
+            sequence: header.id.sequence,
+            timestamp_ns: header.timestamp_ns,
+            payload,
+            topic,
+            rest,
+        });
+    }
+
+    /// The header of `k`, from `source`.
+    fn header(&self, k: &KeptPublish, source: &ByteStr) -> Header {
+        let mut h = match &k.rest {
+            Some(rest) => (**rest).clone(),
+            None => Header {
+                qos: Qos::Processed,
+                ..Header::default()
+            },
+        };
+        h.id = MessageId {
+            publisher: self.publisher,
+            sequence: k.sequence,
+        };
+        h.timestamp_ns = k.timestamp_ns;
+        h.source = source.clone();
+        h
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -295,7 +321,7 @@ impl Unacked {
     pub(crate) fn ack_through(&mut self, id: MessageId) -> usize {
         let mut n = 0;
         while let Some(front) = self.kept.front() {
-            if front.header.id.publisher != id.publisher || front.header.id.sequence > id.sequence {
+            if self.publisher != id.publisher || front.sequence > id.sequence {
                 break;
             }
             self.remove(0);
@@ -307,7 +333,10 @@ impl Unacked {
 
     /// The broker refused `id`; returns whether it was one of ours kept here.
     pub(crate) fn refuse(&mut self, id: MessageId) -> bool {
-        let Some(at) = self.kept.iter().position(|k| k.header.id == id) else {
+        if id.publisher != self.publisher {
+            return false;
+        }
+        let Some(at) = self.kept.iter().position(|k| k.sequence == id.sequence) else {
             return false;
         };
         self.remove(at);
@@ -320,7 +349,7 @@ impl Unacked {
     pub(crate) fn count_through(&self, through: u64) -> usize {
         self.kept
             .iter()
-            .take_while(|k| k.header.id.sequence <= through)
+            .take_while(|k| k.sequence <= through)
             .count()
     }
 
@@ -329,7 +358,7 @@ impl Unacked {
         let mut topic: Option<&Topic> = None;
         let mut out = Vec::new();
         for k in &self.kept {
-            if k.header.id.sequence > through {
+            if k.sequence > through {
                 break;
             }
             let t = k
@@ -338,9 +367,11 @@ impl Unacked {
                 .or(topic)
                 .expect("the first kept names its topic");
             topic = Some(t);
-            let mut header = k.header.clone();
-            header.source = source.clone();
-            out.push(Message::new(t.clone(), header, k.payload.clone()));
+            out.push(Message::new(
+                t.clone(),
+                self.header(k, source),
+                k.payload.clone(),
+            ));
         }
         out
     }
@@ -434,8 +465,19 @@ mod tests {
         assert_eq!(u.ack_through(id(10)), 1);
         assert_eq!((u.len(), u.bytes, u.acked, u.refused), (0, 0, 4, 1));
         assert!(u.tail_topic.is_none());
-        // After emptying, the next one names its topic again.
-        u.push(&a, &header(11), x());
-        assert_eq!(u.through(11, &ByteStr::from("me"))[0].topic().as_str(), "a");
+        // After emptying, the next one names its topic again; header fields beyond the id and
+        // timestamp are kept when there are any.
+        let mut full = header(11);
+        full.qos = Qos::Processed;
+        full.timestamp_ns = 42;
+        full.deadline_ns = Some(7);
+        u.push(&a, &full, x());
+        let mut plain = header(12);
+        plain.qos = Qos::Processed;
+        u.push(&a, &plain, x());
+        let again = u.through(12, &ByteStr::from("me"));
+        assert_eq!(again[0].topic().as_str(), "a");
+        assert_eq!(again[0].header(), &full);
+        assert_eq!(again[1].header(), &plain);
     }
 }
