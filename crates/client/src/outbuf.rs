@@ -5,15 +5,16 @@
 //! only their frame head is encoded, and the caller's `Bytes` follows as its own `writev`
 //! segment.
 //!
-//! Consecutive realtime publishes on one topic that queue up while the writer is busy join
-//! one PUBLISH_RUN frame (protocol 1.2), which the broker routes once for all of them. A
-//! publish that finds the queue empty starts a run of its own, so nothing waits for a run to
-//! fill.
+//! Consecutive publishes of one QoS on one topic that queue up while the writer is busy join
+//! one PUBLISH_RUN frame (protocol 1.2; Processed ones since 1.4), which the broker routes
+//! once for all of them. A publish that finds the queue empty starts a run of its own, so
+//! nothing waits for a run to fill; a Processed one waits as a plain PUBLISH until a second
+//! joins it.
 
 use bytes::{Bytes, BytesMut};
 use daemoneye_eventbus_core::codec::{RunWriter, encode_publish, encode_publish_head, may_run};
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
-use daemoneye_eventbus_core::{Frame, Header, Message, Topic};
+use daemoneye_eventbus_core::{Frame, Header, Message, Qos, Topic};
 use daemoneye_eventbus_transport::{FrameWriter, VECTORED_MIN};
 use std::mem;
 
@@ -23,8 +24,8 @@ pub(crate) enum Buf {
     Encoded {
         head: BytesMut,
         payloads: Vec<(usize, Bytes)>,
-        /// The run at the end of `head` that the next publish on its topic may join.
-        run: Option<RunWriter>,
+        /// What the end of `head` holds that the next publish on its topic may join.
+        tail: Tail,
     },
     Frames(Vec<Frame>),
 }
@@ -39,6 +40,30 @@ const RUN_TARGET: usize = 15 * 1024;
 
 /// Room assumed for a message's header when deciding whether it still fits a run.
 const HEADER_ROOM: usize = 128;
+
+/// The end of an encoded buffer, as far as the next publish goes.
+pub(crate) enum Tail {
+    /// Nothing a publish may join.
+    Closed,
+    /// A run, open for more messages of its QoS on its topic.
+    Run(RunWriter),
+    /// A lone Processed PUBLISH frame from this offset: alone, it goes as a PUBLISH (the
+    /// broker routes, keeps and acknowledges one message with less work than a run of one);
+    /// the next Processed publish on its topic turns it into a run.
+    Single(usize),
+}
+
+/// Where a PUBLISH or PUBLISH_RUN frame's topic starts: after the length prefix, the kind and
+/// the topic's length.
+const TOPIC_AT: usize = 4 + 1 + 2;
+
+/// Whether the frame at `start` of `head` is on `topic`.
+fn frame_is_on(head: &[u8], start: usize, topic: &Topic) -> bool {
+    let t = topic.as_str().as_bytes();
+    let len = u16::try_from(t.len()).unwrap_or(u16::MAX).to_le_bytes();
+    head.get(start + TOPIC_AT - 2..start + TOPIC_AT) == Some(&len[..])
+        && head.get(start + TOPIC_AT..start + TOPIC_AT + t.len()) == Some(t)
+}
 
 /// Which messages the broker reads in runs (from its protocol minor version).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +112,7 @@ impl OutBuf {
             Buf::Encoded {
                 head: BytesMut::new(),
                 payloads: Vec::new(),
-                run: None,
+                tail: Tail::Closed,
             }
         };
         Self {
@@ -121,29 +146,42 @@ impl OutBuf {
             Buf::Encoded {
                 head,
                 payloads,
-                run,
+                tail,
             } if payload.len() >= VECTORED_MIN => {
-                *run = None;
+                *tail = Tail::Closed;
                 encode_publish_head(head, topic, header, payload.len());
                 payloads.push((head.len(), payload.clone()));
             }
-            Buf::Encoded { head, run, .. }
+            Buf::Encoded { head, tail, .. }
                 if runs != Runs::None && may_run(header, runs == Runs::AnyQos) =>
             {
-                let open = match run {
-                    Some(r)
-                        if r.is_on(head, topic, header.qos)
-                            && r.has_room()
-                            && r.frame_len(head) + HEADER_ROOM + payload.len() <= RUN_TARGET =>
+                let qos = header.qos;
+                let fits =
+                    |start: usize| head.len() - start + HEADER_ROOM + payload.len() <= RUN_TARGET;
+                match tail {
+                    Tail::Run(r)
+                        if r.is_on(head, topic, qos) && r.has_room() && fits(r.start()) =>
                     {
-                        r
+                        r.push(head, header, payload);
                     }
-                    _ => run.insert(RunWriter::begin(head, topic, header.qos)),
-                };
-                open.push(head, header, payload);
+                    Tail::Single(start) if frame_is_on(head, *start, topic) && fits(*start) => {
+                        let mut r = RunWriter::from_publish(head, *start, qos);
+                        r.push(head, header, payload);
+                        *tail = Tail::Run(r);
+                    }
+                    _ if qos == Qos::Processed => {
+                        *tail = Tail::Single(head.len());
+                        encode_publish(head, topic, header, payload);
+                    }
+                    _ => {
+                        let mut r = RunWriter::begin(head, topic, qos);
+                        r.push(head, header, payload);
+                        *tail = Tail::Run(r);
+                    }
+                }
             }
-            Buf::Encoded { head, run, .. } => {
-                *run = None;
+            Buf::Encoded { head, tail, .. } => {
+                *tail = Tail::Closed;
                 encode_publish(head, topic, header, payload);
             }
             Buf::Frames(f) => f.push(Frame::Publish(Message::new(
@@ -158,8 +196,8 @@ impl OutBuf {
 
     pub(crate) fn push_frame(&mut self, frame: Frame) {
         match &mut self.buf {
-            Buf::Encoded { head, run, .. } => {
-                *run = None;
+            Buf::Encoded { head, tail, .. } => {
+                *tail = Tail::Closed;
                 let before = head.len();
                 frame.encode(head);
                 self.bytes += head.len() - before;
@@ -294,9 +332,22 @@ mod tests {
         let mut request = header(Qos::Processed);
         request.reply_to = Some(Topic::new("_inbox.x").unwrap());
         buf.push_publish(&a, &request, &x(), Runs::AnyQos);
+        // A lone Processed publish goes as a PUBLISH; the next on its topic makes it a run.
         assert_eq!(
             frames(&mut buf),
-            [("run", 2), ("run", 1), ("run", 1), ("publish", 1)]
+            [("run", 2), ("run", 1), ("publish", 1), ("publish", 1)]
+        );
+        let b = Topic::new("b").unwrap();
+        let mut buf = OutBuf::new(false);
+        for t in [&a, &b, &b, &b] {
+            buf.push_publish(t, &header(Qos::Processed), &x(), Runs::AnyQos);
+        }
+        buf.push_frame(Frame::Ping(1));
+        buf.push_publish(&b, &header(Qos::Processed), &x(), Runs::AnyQos);
+        let decoded = frames(&mut buf);
+        assert_eq!(
+            decoded,
+            [("publish", 1), ("run", 3), ("other", 0), ("publish", 1)]
         );
         assert_eq!(Runs::of_minor(4), Runs::AnyQos);
         assert_eq!(Runs::of_minor(3), Runs::Realtime);

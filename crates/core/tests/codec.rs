@@ -389,6 +389,28 @@ fn golden_acknowledged_subscriptions() {
     ));
 }
 
+/// A lone PUBLISH becomes a run of one that takes more messages: the same messages as if the
+/// run had been begun for the first.
+#[test]
+fn a_publish_turned_into_a_run_reads_as_the_run() {
+    let (first, second) = (simple_message(b"hi"), simple_message(b"yo"));
+    let mut b = BytesMut::from(&b"leading bytes"[..]);
+    let start = b.len();
+    daemoneye_eventbus_core::codec::encode_publish(
+        &mut b,
+        first.topic(),
+        first.header(),
+        first.payload(),
+    );
+    let mut run = RunWriter::from_publish(&mut b, start, Qos::Realtime);
+    assert_eq!(
+        (run.len(), run.start(), run.frame_len(&b)),
+        (1, start, b.len() - start)
+    );
+    run.push(&mut b, second.header(), second.payload());
+    assert_eq!(&b[start..], &run_bytes(&[first, second])[..]);
+}
+
 /// Protocol 1.4: a run of Processed messages, and what an acknowledged subscription sends of
 /// one: a DELIVER_ACKED_RUN of any part of it, or DELIVER_ACKED frames one by one.
 #[test]

@@ -356,6 +356,41 @@ impl RunWriter {
         }
     }
 
+    /// Turns the PUBLISH frame at the end of `dst` (from offset `start`: exactly one frame,
+    /// as [`super::encode_publish`] writes it) into a PUBLISH_RUN holding that one message,
+    /// which `qos` must be, open for more. A writer that sends a lone message as a PUBLISH
+    /// (read with less work than a run of one) calls this when a second one can join it.
+    ///
+    /// # Panics
+    ///
+    /// When `dst[start..]` is not one whole PUBLISH frame.
+    pub fn from_publish(dst: &mut BytesMut, start: usize, qos: Qos) -> Self {
+        let kind_at = start + LEN_PREFIX;
+        assert_eq!(dst[kind_at], kind::PUBLISH, "a PUBLISH frame");
+        let read_u16 = |b: &[u8], at: usize| usize::from(u16::from_le_bytes([b[at], b[at + 1]]));
+        let topic_len = read_u16(dst, kind_at + 1);
+        let topic_end = kind_at + 3 + topic_len;
+        let mut le = [0u8; 4];
+        le.copy_from_slice(&dst[topic_end..topic_end + 4]);
+        let header_end = topic_end + 4 + u32::from_le_bytes(le) as usize;
+        // Header and payload move up to make room for the count and the payload's length.
+        let tail = dst[topic_end..].to_vec();
+        dst.truncate(topic_end);
+        dst.put_u16_le(1);
+        let (header, payload) = tail.split_at(header_end - topic_end);
+        dst.put_slice(header);
+        dst.put_u32_le(u32::try_from(payload.len()).expect("payload below 4 GiB"));
+        dst.put_slice(payload);
+        dst[kind_at] = kind::PUBLISH_RUN;
+        finish(dst, start);
+        Self {
+            start,
+            topic_len,
+            qos,
+            count: 1,
+        }
+    }
+
     /// Whether the run holds `qos` messages on `topic`; `dst` is the buffer it is written
     /// into.
     pub fn is_on(&self, dst: &[u8], topic: &Topic, qos: Qos) -> bool {
@@ -366,6 +401,11 @@ impl RunWriter {
     /// Messages appended so far.
     pub fn len(&self) -> usize {
         usize::from(self.count)
+    }
+
+    /// Offset of the frame in the buffer it is written into.
+    pub fn start(&self) -> usize {
+        self.start
     }
 
     /// Whether no message was appended yet.
