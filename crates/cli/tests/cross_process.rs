@@ -842,8 +842,19 @@ fn raw_subscriber(
 
 /// A PUBLISH_RUN frame of `payloads` on `topic`, from `source`, numbered from `first`.
 fn run_frame(topic: &str, source: &str, first: u64, payloads: &[&str]) -> bytes::BytesMut {
+    run_frame_of(Qos::Realtime, topic, source, first, payloads)
+}
+
+/// [`run_frame`] of `qos` messages.
+fn run_frame_of(
+    qos: Qos,
+    topic: &str,
+    source: &str,
+    first: u64,
+    payloads: &[&str],
+) -> bytes::BytesMut {
     let mut b = bytes::BytesMut::new();
-    let mut run = RunWriter::begin(&mut b, &Topic::new(topic).unwrap(), Qos::Realtime);
+    let mut run = RunWriter::begin(&mut b, &Topic::new(topic).unwrap(), qos);
     for (i, p) in payloads.iter().enumerate() {
         let header = Header {
             id: MessageId {
@@ -851,6 +862,7 @@ fn run_frame(topic: &str, source: &str, first: u64, payloads: &[&str]) -> bytes:
                 sequence: first + i as u64,
             },
             source: ByteStr::from(source),
+            qos,
             ..Header::default()
         };
         run.push(&mut b, &header, p.as_bytes());
@@ -947,4 +959,112 @@ fn message_runs_reach_every_kind_of_subscriber() {
     let s = broker.stats();
     assert_eq!(s["published"], 8);
     assert_eq!(s["rejected_publishes"], 3);
+}
+
+/// Protocol 1.4: a run of Processed publishes is acknowledged with its last id once every
+/// acknowledged subscription keeps it; a 1.4 subscriber gets it as one DELIVER_ACKED_RUN (the
+/// publisher's entries verbatim), a 1.3 one as DELIVER_ACKED frames numbered in turn; what is
+/// not acknowledged comes again, message by message as far as it was acknowledged.
+#[test]
+fn processed_runs_reach_acknowledged_subscribers_of_each_version() {
+    use daemoneye_eventbus::core::codec::{SubAck, SubId, SubscribeAcked};
+    let dir = TempDir::new("pruns");
+    // Unacknowledged deliveries come again after 100 ms (checked every 100 ms).
+    let config = "[broker]\nack_timeout_ms = 100\nkeepalive_interval_ms = 200\n";
+    let broker = Broker::start(dir.path(), Some(config));
+    let subscribe = |name: &str, minor: u16| {
+        let mut p = RawPeer::handshake_version(&broker.socket, name, Version { major: 1, minor });
+        p.send(&Frame::SubscribeAcked(SubscribeAcked {
+            request_id: 1,
+            sub: SubId(5),
+            durable: None,
+            window: 0,
+            filters: vec![TopicFilter::new("jobs.#").unwrap()],
+        }));
+        match p.recv_until(|f| matches!(f, Frame::Reply(_))) {
+            Frame::Reply(r) => assert_eq!(r.error, None, "{r:?}"),
+            _ => unreachable!(),
+        }
+        p
+    };
+    let mut new = subscribe("new", 4);
+    let mut old = subscribe("old", 3);
+    let mut publisher =
+        RawPeer::handshake_version(&broker.socket, "pubr", Version { major: 1, minor: 4 });
+    let sent = run_frame_of(Qos::Processed, "jobs.a", "pubr", 1, &["j1", "j2", "j3"]);
+    publisher.send_raw(&sent);
+    match publisher.recv_until(|f| matches!(f, Frame::Ack(_) | Frame::Nack(_))) {
+        Frame::Ack(id) => assert_eq!(id.sequence, 3, "one ACK, for the last"),
+        other => panic!("{other:?}"),
+    }
+    match new.recv_until(|f| matches!(f, Frame::DeliverAckedRun(_))) {
+        Frame::DeliverAckedRun(d) => {
+            assert_eq!(
+                (d.head.sub, d.head.seq, d.head.redelivered),
+                (SubId(5), 1, 0)
+            );
+            assert_eq!(
+                d.run.wire()[..],
+                sent[5..],
+                "the publisher's bytes verbatim"
+            );
+        }
+        _ => unreachable!(),
+    }
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        match old.recv_until(|f| matches!(f, Frame::DeliverAcked(_))) {
+            Frame::DeliverAcked(d) => {
+                seqs.push((
+                    d.seq,
+                    String::from_utf8(d.message.payload().to_vec()).unwrap(),
+                ));
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(seqs, [(1, "j1".into()), (2, "j2".into()), (3, "j3".into())]);
+    // The 1.4 subscriber acknowledges the first and last only: the second comes again, alone,
+    // with a new number; the 1.3 one acknowledges all.
+    new.send(&Frame::SubAck(SubAck {
+        sub: SubId(5),
+        ranges: vec![(1, 1), (3, 3)],
+    }));
+    old.send(&Frame::SubAck(SubAck {
+        sub: SubId(5),
+        ranges: vec![(1, 3)],
+    }));
+    match new.recv_until(|f| matches!(f, Frame::DeliverAcked(_) | Frame::DeliverAckedRun(_))) {
+        Frame::DeliverAcked(d) => {
+            assert_eq!((d.seq, d.redelivered), (4, 1));
+            assert_eq!(d.message.payload().as_ref(), b"j2");
+        }
+        other => panic!("only the unacknowledged message comes again: {other:?}"),
+    }
+    new.send(&Frame::SubAck(SubAck {
+        sub: SubId(5),
+        ranges: vec![(4, 4)],
+    }));
+    for p in [&mut new, &mut old] {
+        p.send(&Frame::Ping(9));
+        assert!(matches!(
+            p.recv_until(|f| matches!(f, Frame::Pong(_))),
+            Frame::Pong(9)
+        ));
+    }
+    let stats = broker.stats();
+    let subs = stats["subscriptions"].as_array().unwrap();
+    let seen: Vec<(String, u64, u64, u64)> = subs
+        .iter()
+        .map(|s| {
+            (
+                s["client"].as_str().unwrap_or_default().to_string(),
+                s["unacked"].as_u64().unwrap(),
+                s["delivered"].as_u64().unwrap(),
+                s["redelivered"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(seen.contains(&("new".into(), 0, 4, 1)), "{seen:?}");
+    assert!(seen.contains(&("old".into(), 0, 3, 0)), "{seen:?}");
 }

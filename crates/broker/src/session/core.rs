@@ -347,7 +347,7 @@ mod tests {
     use daemoneye_eventbus_core::codec::{
         DecodeCache, FrameDecoder, RunWriter, SlowReaderPolicy, Version,
     };
-    use daemoneye_eventbus_core::{ByteStr, Header, Topic};
+    use daemoneye_eventbus_core::{ByteStr, Header, Qos, Topic};
 
     const KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -422,27 +422,28 @@ mod tests {
     #[test]
     fn a_run_is_routed_whole_only_when_every_message_passes() {
         let mut c = core(Instant::now());
-        let run = |source: &str, payload: usize| {
+        let run_of = |qos: Qos, source: &str, payload: usize| {
             let mut b = BytesMut::new();
             let header = Header {
                 source: ByteStr::from(source),
+                qos,
                 ..Header::default()
             };
-            let mut w = RunWriter::begin(
-                &mut b,
-                &Topic::new("r").unwrap(),
-                daemoneye_eventbus_core::Qos::Realtime,
-            );
+            let mut w = RunWriter::begin(&mut b, &Topic::new("r").unwrap(), qos);
             w.push(&mut b, &header, &vec![0; payload]);
             w.push(&mut b, &header, b"x");
             b
         };
+        let run = |source: &str, payload: usize| run_of(Qos::Realtime, source, payload);
         let dec = FrameDecoder::new(1 << 20);
         let mut cache = DecodeCache::lending();
         for (wire, expected) in [
             (run("pub", 3), "route run r"),
             (run("pub", 17), "split run r"),
             (run("other", 1), "split run r"),
+            // Protocol 1.4: Processed runs, checked alike.
+            (run_of(Qos::Processed, "pub", 3), "route run r"),
+            (run_of(Qos::Processed, "other", 3), "split run r"),
         ] {
             let mut wire = wire;
             let frame = dec.decode_lent(&mut wire, &mut cache).unwrap().unwrap();
