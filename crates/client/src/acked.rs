@@ -7,6 +7,7 @@ use bytes::Bytes;
 use daemoneye_eventbus_core::codec::SubId;
 use daemoneye_eventbus_core::message::MESSAGE_OVERHEAD;
 use daemoneye_eventbus_core::{ByteStr, CorrelationFilter, Header, Message, MessageId, Qos, Topic};
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 
 /// The deliveries of one message handed to the application: (connection epoch, sequence),
@@ -127,27 +128,23 @@ impl AckState {
 
     /// A delivery (sequence `seq` on connection `epoch`) arrives for the application.
     pub(crate) fn arrive(&mut self, id: MessageId, epoch: u64, seq: u64) -> Verdict {
-        if !self.keep_duplicates {
-            if self.done.contains(&id) {
-                self.due.push((epoch, seq));
-                return Verdict::Duplicate;
-            }
-            if let Some(h) = self.handed.get_mut(&id) {
-                // Still being handled: acknowledged together with the original.
-                h.more.push((epoch, seq));
-                return Verdict::Duplicate;
-            }
+        if !self.keep_duplicates && self.done.contains(&id) {
+            self.due.push((epoch, seq));
+            return Verdict::Duplicate;
         }
-        match self.handed.get_mut(&id) {
-            Some(h) => h.more.push((epoch, seq)),
-            None => {
-                self.handed.insert(
-                    id,
-                    Handed {
-                        first: (epoch, seq),
-                        more: Vec::new(),
-                    },
-                );
+        match self.handed.entry(id) {
+            Entry::Occupied(mut h) => {
+                h.get_mut().more.push((epoch, seq));
+                if !self.keep_duplicates {
+                    // Still being handled: acknowledged together with the original.
+                    return Verdict::Duplicate;
+                }
+            }
+            Entry::Vacant(v) => {
+                v.insert(Handed {
+                    first: (epoch, seq),
+                    more: Vec::new(),
+                });
             }
         }
         self.current = Some(id);

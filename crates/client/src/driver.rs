@@ -382,6 +382,7 @@ async fn read_loop(
         matched: Matched::default(),
         scratch: Vec::new(),
         blocked: Vec::new(),
+        run_items: std::collections::VecDeque::new(),
         liveness: &heard,
         started,
     };
@@ -435,6 +436,8 @@ struct ReadCtx<'a> {
     /// Reused by queue group dispatch.
     scratch: Vec<u64>,
     blocked: Vec<crate::queue::Sender>,
+    /// Reused for the messages of a DELIVER_ACKED_RUN.
+    run_items: std::collections::VecDeque<Item>,
     liveness: &'a Liveness,
     started: Instant,
 }
@@ -530,18 +533,23 @@ impl ReadCtx<'_> {
                 // None: as for DELIVER_ACKED.
                 if let Some(tx) = tx {
                     let epoch = inner.epoch.load(Ordering::Relaxed);
+                    let mut items = std::mem::take(&mut self.run_items);
                     for (seq, msg) in (d.head.seq..).zip(d.run.messages()) {
                         let msg = msg.map_err(|e| format!("undecodable message in a run: {e}"))?;
-                        let item = Item::Acked {
+                        items.push_back(Item::Acked {
                             msg,
                             seq,
                             redelivered: d.head.redelivered,
                             epoch,
-                        };
-                        if let Err(item) = tx.try_send(item) {
-                            self.send(cancel, tx.clone(), item).await;
-                        }
+                        });
                     }
+                    // One lock for what fits; the rest waits for room, in order.
+                    tx.try_send_many(&mut items);
+                    while let Some(item) = items.pop_front() {
+                        self.send(cancel, tx.clone(), item).await;
+                        tx.try_send_many(&mut items);
+                    }
+                    self.run_items = items;
                 }
             }
             Frame::SubEnd(e) => {

@@ -105,6 +105,30 @@ impl Sender {
         Ok(())
     }
 
+    /// Queues items from the front of `items` while there is room, under one lock; what is
+    /// left did not fit. Items for a consumer that is gone are discarded.
+    pub(crate) fn try_send_many(&self, items: &mut VecDeque<Item>) {
+        let mut st = self.0.state.lock();
+        if st.abandoned {
+            items.clear();
+            return;
+        }
+        let room = self
+            .0
+            .capacity
+            .saturating_sub(st.items.len() - st.reports)
+            .min(items.len());
+        if room == 0 {
+            return;
+        }
+        st.items.extend(items.drain(..room));
+        let wake = std::mem::take(&mut st.consumer_waiting);
+        drop(st);
+        if wake {
+            self.0.readable.notify_one();
+        }
+    }
+
     /// Queues a gap report without waiting, beyond the capacity if need be; a `Missed` report
     /// adds its count to a `Missed` report of the same reason at the tail.
     pub(crate) fn report(&self, gap: RecvError) {
@@ -286,6 +310,27 @@ mod tests {
         assert_eq!(rest, [1, 2, 3]);
         tx.close();
         assert!(matches!(rx.try_take(), Taken::Closed));
+    }
+
+    #[test]
+    fn many_items_go_under_one_lock_as_far_as_there_is_room() {
+        let (tx, mut rx) = channel(3);
+        assert!(tx.try_send(gap(0)).is_ok());
+        let mut items: VecDeque<Item> = (1..5).map(gap).collect();
+        tx.try_send_many(&mut items);
+        assert_eq!(items.len(), 2, "two fitted");
+        tx.try_send_many(&mut items);
+        assert_eq!(items.len(), 2, "none fits a full queue");
+        let mut got = Vec::new();
+        while let Taken::Item(i) = rx.try_take() {
+            got.push(count_of(i));
+        }
+        tx.try_send_many(&mut items);
+        assert!(items.is_empty());
+        while let Taken::Item(i) = rx.try_take() {
+            got.push(count_of(i));
+        }
+        assert_eq!(got, [0, 1, 2, 3, 4]);
     }
 
     #[test]
