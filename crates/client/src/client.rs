@@ -99,6 +99,18 @@ pub(crate) struct OutState {
 
 pub(crate) type Pending = Mutex<HashMap<u32, oneshot::Sender<Result<(), SubscribeError>>>>;
 
+/// An acknowledged subscription being restored after a reconnect ([`Inner::restored`]).
+pub(crate) struct Restoring {
+    /// The SUBSCRIBE_ACKED sent, to send again.
+    pub(crate) open: daemoneye_eventbus_core::codec::SubscribeAcked,
+    /// For a durable subscription, the outage: one the broker did not resume (it restarted,
+    /// and kept nothing) missed what was published meanwhile.
+    pub(crate) outage: Option<std::time::Duration>,
+    /// Refusals so far because the broker still held it for this client's previous
+    /// connection.
+    pub(crate) attempts: u32,
+}
+
 /// State shared by client handles and the driver task.
 pub(crate) struct Inner {
     pub(crate) options: ClientOptions,
@@ -113,11 +125,9 @@ pub(crate) struct Inner {
     pub(crate) consumed: watch::Sender<u64>,
     pub(crate) subs: Mutex<SubTable>,
     pub(crate) pending: Pending,
-    /// Durable subscriptions restored after a reconnect, by the request id of their
-    /// SUBSCRIBE_ACKED, with the outage: one the broker did not resume (it restarted, and
-    /// kept nothing) missed what was published meanwhile.
-    pub(crate) restored:
-        Mutex<HashMap<u32, (daemoneye_eventbus_core::codec::SubId, std::time::Duration)>>,
+    /// Acknowledged subscriptions being restored after a reconnect, by the request id of
+    /// their SUBSCRIBE_ACKED.
+    pub(crate) restored: Mutex<HashMap<u32, Restoring>>,
     /// Pings awaiting their pong, by nonce.
     pub(crate) pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) next_nonce: AtomicU64,

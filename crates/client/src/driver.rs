@@ -1,11 +1,11 @@
 //! The driver task: owns the connection, runs the reader and the writer, reconnects with
 //! backoff and restores every subscription.
 
-use crate::client::{ConnState, Inner, refused};
+use crate::client::{ConnState, Inner, Restoring, refused};
 use crate::error::ConnectError;
 use crate::options::ClientOptions;
 use crate::subscription::{Item, Matched, MissedReason, RecvError};
-use daemoneye_eventbus_core::codec::{Hello, Notice, Subscribe, Version, Welcome};
+use daemoneye_eventbus_core::codec::{ErrorCode, Hello, Notice, Subscribe, Version, Welcome};
 use daemoneye_eventbus_core::{Frame, Message};
 use daemoneye_eventbus_transport::{Endpoint, FrameReader, FrameWriter, connect};
 use std::collections::HashMap;
@@ -13,6 +13,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// How often a restored subscription the broker still holds for this client's previous
+/// connection is asked for again, and how long apart (doubling from the first delay, then
+/// every second): about a minute in all, longer than a broker with default settings takes to
+/// close a connection gone silent (`connection_timeout_secs`, 30 s).
+const RESTORE_ATTEMPTS: u32 = 70;
+const RESTORE_FIRST_DELAY: Duration = Duration::from_millis(50);
+const RESTORE_MAX_DELAY: Duration = Duration::from_secs(1);
 
 /// A connection that completed its handshake.
 pub(crate) struct Established {
@@ -191,11 +199,17 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
         let mut restored = inner.restored.lock();
         restored.clear();
         for mut open in acked {
-            if let (true, Some(outage)) = (open.durable.is_some(), gap) {
-                open.request_id = inner.next_request.fetch_add(1, Ordering::Relaxed);
-                restored.insert(open.request_id, (open.sub, outage));
-            }
-            writer.push(&Frame::SubscribeAcked(open));
+            open.request_id = inner.next_request.fetch_add(1, Ordering::Relaxed);
+            writer.push(&Frame::SubscribeAcked(open.clone()));
+            let outage = gap.filter(|_| open.durable.is_some());
+            restored.insert(
+                open.request_id,
+                Restoring {
+                    open,
+                    outage,
+                    attempts: 0,
+                },
+            );
         }
         drop(restored);
         // Processed publishes a connection took and the broker never acknowledged go again,
@@ -379,6 +393,7 @@ async fn read_loop(
 ) -> String {
     let mut ctx = ReadCtx {
         inner: &inner,
+        shared: &inner,
         matched: Matched::default(),
         scratch: Vec::new(),
         blocked: Vec::new(),
@@ -432,6 +447,8 @@ async fn read_loop(
 
 struct ReadCtx<'a> {
     inner: &'a Inner,
+    /// The same, to hand to tasks.
+    shared: &'a Arc<Inner>,
     matched: Matched,
     /// Reused by queue group dispatch.
     scratch: Vec<u64>,
@@ -457,6 +474,59 @@ impl ReadCtx<'_> {
         self.liveness.blocked.store(false, Ordering::Relaxed);
     }
 
+    /// The broker answered the restoring of an acknowledged subscription after a reconnect.
+    /// Refused because it still holds the subscription for this client's previous connection
+    /// (it has not seen that one close yet), it is asked again a little later, for a bounded
+    /// time; refused otherwise, the subscription ends with the broker's reason, so that its
+    /// application does not wait on a stream that no longer flows.
+    fn restore_answered(&self, mut r: Restoring, error: Option<ErrorCode>, message: String) {
+        let inner = self.inner;
+        let sub = r.open.sub;
+        match error {
+            None => {
+                if let Some(outage) = r.outage
+                    && message != "resumed"
+                {
+                    // Made anew: the broker kept nothing of it (it restarted).
+                    if let Some(tx) = inner.subs.lock().acked_sender(sub) {
+                        tx.report(RecvError::Reconnected { outage });
+                    }
+                }
+            }
+            Some(ErrorCode::DurableInUse) if r.attempts < RESTORE_ATTEMPTS => {
+                let delay = RESTORE_FIRST_DELAY
+                    .saturating_mul(1 << r.attempts.min(8))
+                    .min(RESTORE_MAX_DELAY);
+                r.attempts += 1;
+                let epoch = inner.epoch.load(Ordering::Relaxed);
+                let shared = Arc::clone(self.shared);
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    // A newer connection restores it on its own; a closed one is gone.
+                    if shared.epoch.load(Ordering::Relaxed) != epoch
+                        || shared.closed.is_cancelled()
+                        || shared.subs.lock().acked_sender(r.open.sub).is_none()
+                    {
+                        return;
+                    }
+                    r.open.request_id = shared.next_request.fetch_add(1, Ordering::Relaxed);
+                    let frame = Frame::SubscribeAcked(r.open.clone());
+                    shared.restored.lock().insert(r.open.request_id, r);
+                    shared.push_control(frame);
+                });
+            }
+            Some(code) => {
+                tracing::warn!(%code, %message, "broker refused a restored subscription");
+                inner.subs.lock().end_acked(
+                    sub,
+                    format!(
+                        "the broker refused to restore it after a reconnect ({code}): {message}"
+                    ),
+                );
+            }
+        }
+    }
+
     async fn on_frame(&mut self, frame: Frame, cancel: &CancellationToken) -> Result<(), String> {
         let inner = self.inner;
         match frame {
@@ -474,18 +544,8 @@ impl ReadCtx<'_> {
                         None => Ok(()),
                         Some(code) => Err(refused(code, r.message)),
                     });
-                } else {
-                    let restored = inner.restored.lock().remove(&r.request_id);
-                    if let Some(code) = r.error {
-                        tracing::warn!(%code, message = %r.message, "broker refused a restored subscription");
-                    } else if let Some((sub, outage)) = restored
-                        && r.message != "resumed"
-                    {
-                        // Made anew: the broker kept nothing of it (it restarted).
-                        if let Some(tx) = inner.subs.lock().acked_sender(sub) {
-                            tx.report(RecvError::Reconnected { outage });
-                        }
-                    }
+                } else if let Some(restoring) = inner.restored.lock().remove(&r.request_id) {
+                    self.restore_answered(restoring, r.error, r.message);
                 }
             }
             Frame::Ping(n) => inner.push_control(Frame::Pong(n)),

@@ -1,0 +1,158 @@
+//! A durable subscription restored after a reconnect while the broker still holds it for the
+//! client's previous connection: that connection died on the client's side (a network that
+//! failed, a proxy that dropped it) and the broker has not noticed yet. The client asks again
+//! until the broker lets go of it, and the application's stream goes on with nothing missed.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use bytes::Bytes;
+use daemoneye_eventbus::broker::{Broker, BrokerConfig};
+use daemoneye_eventbus::client::{Client, ClientOptions, Publish, Subscription};
+use daemoneye_eventbus::{Endpoint, Qos, Topic};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A Unix socket proxy to the broker whose connections can be cut on the client's side only:
+/// the broker's side is held open, silent, until [`Proxy::release`].
+struct Proxy {
+    cut: Arc<Notify>,
+    held: Arc<Mutex<Vec<UnixStream>>>,
+}
+
+impl Proxy {
+    fn start(listen: &PathBuf, upstream: PathBuf) -> Self {
+        let listener = UnixListener::bind(listen).unwrap();
+        let cut = Arc::new(Notify::new());
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (c, h) = (Arc::clone(&cut), Arc::clone(&held));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let up = UnixStream::connect(&upstream).await.unwrap();
+                tokio::spawn(Self::pair(client, up, Arc::clone(&c), Arc::clone(&h)));
+            }
+        });
+        Self { cut, held }
+    }
+
+    async fn pair(
+        mut client: UnixStream,
+        mut up: UnixStream,
+        cut: Arc<Notify>,
+        held: Arc<Mutex<Vec<UnixStream>>>,
+    ) {
+        let notified = cut.notified();
+        let was_cut = tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut up) => false,
+            () = notified => true,
+        };
+        if was_cut {
+            drop(client);
+            held.lock().unwrap().push(up);
+        }
+    }
+
+    /// Closes the client's side of every connection; the broker's stay open.
+    fn cut(&self) {
+        self.cut.notify_waiters();
+    }
+
+    /// Closes the broker's side of the connections cut.
+    fn release(&self) {
+        self.held.lock().unwrap().clear();
+    }
+}
+
+fn payload_u32(m: &daemoneye_eventbus::Message) -> u32 {
+    u32::from_le_bytes(m.payload()[..4].try_into().unwrap())
+}
+
+async fn next(s: &mut Subscription) -> u32 {
+    let m = tokio::time::timeout(WAIT, s.recv())
+        .await
+        .expect("a message within the deadline")
+        .unwrap();
+    payload_u32(&m)
+}
+
+async fn publish(client: &Client, range: std::ops::Range<u32>) {
+    for i in range {
+        let p = Publish::new(
+            Topic::new("jobs.a").unwrap(),
+            Bytes::copy_from_slice(&i.to_le_bytes()),
+        )
+        .qos(Qos::Processed);
+        client.publish_with(p).await.unwrap();
+    }
+    assert_eq!(client.wait_acked(WAIT).await.outstanding, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_still_held_for_a_dead_connection_is_restored_when_let_go() {
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-restore-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (bus, via) = (dir.0.join("bus.sock"), dir.0.join("proxy.sock"));
+    let broker = Broker::start_on(BrokerConfig::default(), &[Endpoint::Unix(bus.clone())])
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&via, bus.clone());
+    let subscriber = Client::connect(&Endpoint::Unix(via), ClientOptions::named("restorer"))
+        .await
+        .unwrap();
+    let mut s = subscriber
+        .subscribe_durable("kept", ["jobs.#"])
+        .await
+        .unwrap();
+    let publisher = Client::connect(&Endpoint::Unix(bus), ClientOptions::named("pub"))
+        .await
+        .unwrap();
+    publish(&publisher, 0..1).await;
+    assert_eq!(next(&mut s).await, 0);
+    let holder = |broker: &Broker| {
+        broker
+            .stats()
+            .subscriptions
+            .iter()
+            .find(|d| d.durable.as_deref() == Some("kept"))
+            .and_then(|d| d.session_id)
+    };
+    let first = holder(&broker).expect("attached");
+
+    // The subscriber's connection dies on its side only; what is published meanwhile is kept
+    // by the durable subscription, in flight on the connection the broker still holds.
+    proxy.cut();
+    publish(&publisher, 1..3).await;
+    // Reconnected: the restore was sent, and refused (the broker still holds the
+    // subscription), before the answer to this ping.
+    tokio::time::timeout(WAIT, subscriber.ping())
+        .await
+        .expect("the subscriber reconnects")
+        .unwrap();
+    assert_eq!(
+        holder(&broker),
+        Some(first),
+        "still held for the dead connection"
+    );
+
+    // The broker lets go once it sees that connection close; the client's next request
+    // attaches, and the stream goes on: the rest, once each.
+    proxy.release();
+    assert_eq!(next(&mut s).await, 1);
+    assert_eq!(next(&mut s).await, 2);
+    publish(&publisher, 3..4).await;
+    assert_eq!(next(&mut s).await, 3);
+    s.delete().await.unwrap();
+    broker.shutdown().await;
+}
