@@ -8,13 +8,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Publishes process starts and exits, snapshots and heartbeats, and answers the collector
-/// services on control.collector.<ID>.
+/// services on control.collector.{ID}.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
     /// Broker socket path or endpoint (default: the agent's default socket).
     #[arg(long, env = "EVENTBUS_SOCKET", value_name = "PATH")]
     socket: Option<String>,
-    /// Collector id (its RPC address is control.collector.<ID>).
+    /// Collector id (its RPC address is control.collector.{ID}).
     #[arg(long, env = "DAEMONEYE_COLLECTOR_ID", default_value = "procmond")]
     id: String,
     /// How often /proc is scanned, milliseconds (50 to 60000).

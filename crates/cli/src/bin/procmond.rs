@@ -10,7 +10,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 /// Publishes process starts and exits, snapshots and heartbeats, and answers the collector
-/// services on control.collector.<ID>.
+/// services on control.collector.{ID}.
 #[derive(Parser, Debug)]
 #[command(name = "procmond", version)]
 struct Cli {
