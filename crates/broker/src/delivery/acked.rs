@@ -887,6 +887,131 @@ mod tests {
         message(1).accounted_size()
     }
 
+    /// What a test does to a queue.
+    #[derive(Debug, Clone)]
+    enum Op {
+        One,
+        Run(u64),
+        Take,
+        Ack(Vec<(u64, u64)>),
+        RequeueAll,
+        /// Sends again what was sent this many operations ago or earlier.
+        Expire(u64),
+        DropOldest,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            2 => Just(Op::One),
+            2 => (1u64..6).prop_map(Op::Run),
+            4 => Just(Op::Take),
+            4 => proptest::collection::vec((1u64..60, 0u64..4), 1..4)
+                .prop_map(|r| Op::Ack(r.into_iter().map(|(a, n)| (a, a + n)).collect())),
+            1 => Just(Op::RequeueAll),
+            2 => (1u64..6).prop_map(Op::Expire),
+            1 => Just(Op::DropOldest),
+        ]
+    }
+
+    proptest::proptest! {
+        // Orders that break the bookkeeping can take a few thousand cases to come up.
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Against a model of messages and deliveries: what is kept, sent and unacknowledged
+        /// always adds up; a message is never in flight twice at once; fresh messages go out
+        /// in order; an acknowledgement frees each message once; and in the end every message
+        /// kept is delivered.
+        #[test]
+        fn runs_and_single_messages_add_up_under_any_sequence_of_operations(
+            window in 1usize..8,
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            use std::collections::{BTreeSet, HashMap};
+            let mut q = queue(window);
+            let mut next = 1u64;
+            let mut kept: BTreeSet<u64> = BTreeSet::new();
+            // In-flight sequence → (message, when sent).
+            let mut live: HashMap<u64, (u64, u64)> = HashMap::new();
+            let mut last_fresh = 0u64;
+            for (now, op) in (0u64..).zip(ops) {
+                match op {
+                    Op::One => {
+                        q.append(msg(next));
+                        kept.insert(next);
+                        next += 1;
+                    }
+                    Op::Run(n) => {
+                        q.append(run(next..=next + n - 1));
+                        kept.extend(next..next + n);
+                        next += n;
+                    }
+                    Op::Take => {
+                        for (seq, redelivered, m) in sent(&mut q, now) {
+                            proptest::prop_assert!(kept.contains(&m), "sent {m}, not kept");
+                            proptest::prop_assert!(
+                                !live.values().any(|(x, _)| *x == m),
+                                "{m} in flight twice"
+                            );
+                            if redelivered == 0 {
+                                proptest::prop_assert!(m > last_fresh, "fresh {m} after {last_fresh}");
+                                last_fresh = m;
+                            }
+                            live.insert(seq, (m, now));
+                        }
+                        proptest::prop_assert!(q.unacked() <= window);
+                    }
+                    Op::Ack(ranges) => {
+                        let mut freed = 0;
+                        for (seq, (m, _)) in live.clone() {
+                            if ranges.iter().any(|(a, b)| (*a..=*b).contains(&seq)) {
+                                live.remove(&seq);
+                                kept.remove(&m);
+                                freed += 1;
+                            }
+                        }
+                        proptest::prop_assert_eq!(q.ack(&ranges).0, freed);
+                    }
+                    Op::RequeueAll => {
+                        proptest::prop_assert_eq!(q.requeue_all(), live.len());
+                        live.clear();
+                    }
+                    Op::Expire(timeout) => {
+                        let before = live.len();
+                        live.retain(|_, (_, at)| now - *at < timeout);
+                        proptest::prop_assert_eq!(q.expire(now, timeout), before - live.len());
+                    }
+                    Op::DropOldest => {
+                        let oldest = kept.iter().next().copied();
+                        proptest::prop_assert_eq!(q.drop_oldest().is_some(), oldest.is_some());
+                        if let Some(m) = oldest {
+                            kept.remove(&m);
+                            live.retain(|_, (x, _)| *x != m);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(q.kept().0, kept.len());
+                proptest::prop_assert_eq!(q.unacked(), live.len());
+                proptest::prop_assert_eq!(q.pending(), kept.len() - live.len());
+                proptest::prop_assert_eq!(q.kept().1, kept.len() * message(1).accounted_size());
+            }
+            // Everything kept reaches the subscriber.
+            q.requeue_all();
+            let mut delivered = BTreeSet::new();
+            for _ in 0..1000 {
+                let got = sent(&mut q, 0);
+                if got.is_empty() {
+                    break;
+                }
+                let last = got.last().map(|(seq, ..)| *seq).unwrap_or_default();
+                delivered.extend(got.iter().map(|(.., m)| *m));
+                q.ack(&[(1, last)]);
+            }
+            proptest::prop_assert_eq!(delivered, kept);
+            proptest::prop_assert_eq!(q.kept(), (0, 0));
+        }
+    }
+
     fn sub(policy: DurableFullPolicy) -> AckedSub {
         AckedSub::new(
             0,
