@@ -26,6 +26,10 @@ pub enum BrokerError {
         #[source]
         source: TransportError,
     },
+    /// The data directory cannot be used (unsafe, held by another broker, or written by a
+    /// newer build).
+    #[error("cannot use the data directory: {0}")]
+    Store(#[from] daemoneye_eventbus_store::StoreError),
 }
 
 #[cfg(unix)]
@@ -131,12 +135,16 @@ impl Broker {
             config.allowed_uids.clone()
         };
         let hub = Arc::new(Hub::new(config, allowed_uids));
+        hub.restore_durables()?;
         let endpoints = listeners.iter().map(|l| l.endpoint().clone()).collect();
         for listener in listeners {
             hub.tracker.spawn(accept_loop(Arc::clone(&hub), listener));
         }
         if hub.config.enable_statistics {
             hub.tracker.spawn(stats_loop(Arc::clone(&hub)));
+        }
+        if hub.config.data_dir.is_some() {
+            hub.tracker.spawn(persist_loop(Arc::clone(&hub)));
         }
         Ok(Self {
             _stop_on_drop: Arc::new(StopOnDrop(Arc::clone(&hub))),
@@ -224,6 +232,26 @@ async fn accept_loop(hub: Arc<Hub>, mut listener: Listener) {
             }
         }
     }
+}
+
+/// Writes what durable subscriptions kept and had acknowledged to their logs: to the disk
+/// every `fsync_interval_ms` under `fsync = interval`; at the same pace, to the operating system
+/// only, under `never` (acknowledgements; kept messages are written before their publisher's
+/// ACK); and a last time at shutdown.
+async fn persist_loop(hub: Arc<Hub>) {
+    let every = Duration::from_millis(hub.config.fsync_interval_ms);
+    let sync = hub.config.fsync != crate::config::FsyncPolicy::Never;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = hub.drain.cancelled() => break,
+            _ = tick.tick() => hub.persist_durables(sync),
+        }
+    }
+    // Sessions persist what they route before each ACK; what was acknowledged since the
+    // last tick is written once more.
+    hub.persist_durables(sync);
 }
 
 async fn stats_loop(hub: Arc<Hub>) {

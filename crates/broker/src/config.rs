@@ -71,6 +71,32 @@ pub struct BrokerConfig {
     /// What a full durable subscription does with a new message while nobody is attached or
     /// its subscriber stalled: `drop_oldest` (default) or `drop_new`. Counted either way.
     pub durable_full_policy: DurableFullPolicy,
+    /// Where durable subscriptions keep their messages and acknowledgements, so that they
+    /// survive the broker process (`docs/storage.md`). `None` (default): in memory only, and
+    /// they die with the process.
+    pub data_dir: Option<PathBuf>,
+    /// When what durable subscriptions keep is made durable on the disk (with `data_dir`):
+    /// `always` (before the publisher's ACK: survives a power loss), `interval` (default:
+    /// written before the ACK, so it survives a killed broker; on the disk every
+    /// `fsync_interval_ms`), `never` (written before the ACK; the disk is left to the
+    /// operating system).
+    pub fsync: FsyncPolicy,
+    /// `fsync = interval`: how often, in milliseconds (default 100).
+    pub fsync_interval_ms: u64,
+}
+
+/// When a durable subscription's log is made durable on the disk (`BrokerConfig::fsync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Before the publisher's ACK: an acknowledged message survives a power loss.
+    Always,
+    /// Every `fsync_interval_ms`: an acknowledged message survives a killed broker; a power
+    /// loss can take the last interval's.
+    #[default]
+    Interval,
+    /// Left to the operating system: an acknowledged message survives a killed broker.
+    Never,
 }
 
 impl Default for BrokerConfig {
@@ -98,6 +124,9 @@ impl Default for BrokerConfig {
             durable_max_messages: 100_000,
             durable_max_bytes: 64 * 1024 * 1024,
             durable_full_policy: DurableFullPolicy::DropOldest,
+            data_dir: None,
+            fsync: FsyncPolicy::Interval,
+            fsync_interval_ms: 100,
         }
     }
 }
@@ -199,6 +228,7 @@ impl BrokerConfig {
                 self.processed_stall_timeout_ms,
             ),
             ("ack_timeout_ms", self.ack_timeout_ms),
+            ("fsync_interval_ms", self.fsync_interval_ms),
         ] {
             check(v > 0, field, v, "must be greater than 0".into())?;
         }

@@ -5,7 +5,10 @@
 
 use crate::config::BrokerConfig;
 use crate::conn::Conn;
-use crate::delivery::{AckedLimits, AckedSub, Attachment, Item, Memory, Outlet, Pushed, SubPushed};
+use crate::delivery::{
+    AckedLimits, AckedSub, Attachment, DiskStore, Item, KeptStore, Memory, Outlet, Pushed,
+    SubPushed,
+};
 use crate::router::{Class, Member, PlanCache, Router, Slot, SubscribeRefusal};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, SubscriptionStats, load};
 use bytes::Bytes;
@@ -90,6 +93,9 @@ pub(crate) struct Effects {
     /// Outlets that got their first delivery: their writers are woken once, after the whole
     /// batch is routed ([`RouteScratch::wake_writers`]).
     wake: Vec<Arc<Outlet>>,
+    /// Subscriptions on disk that kept something: written before the publisher's ACK
+    /// ([`Hub::persist`]).
+    pub(crate) persist: Vec<Arc<AckedSub>>,
 }
 
 impl RouteScratch {
@@ -312,7 +318,9 @@ impl Hub {
                             bytes: c.durable_max_bytes,
                             window,
                         };
-                        let sub = self.create_acked(Some(name.clone()), &s.filters, limits)?;
+                        let store = self.durable_store(name, &s.filters)?;
+                        let sub =
+                            self.create_acked(Some(name.clone()), &s.filters, limits, store)?;
                         durables.insert(name.clone(), Arc::clone(&sub));
                         (sub, false)
                     }
@@ -335,7 +343,8 @@ impl Hub {
                     bytes: c.subscriber_buffer_bytes,
                     window,
                 };
-                (self.create_acked(None, &s.filters, limits)?, false)
+                let store = KeptStore::default();
+                (self.create_acked(None, &s.filters, limits, store)?, false)
             }
         };
         if !resumed && sub.attach(attachment()).is_err() {
@@ -358,6 +367,7 @@ impl Hub {
         name: Option<DurableName>,
         filters: &[TopicFilter],
         limits: AckedLimits,
+        store: KeptStore,
     ) -> Result<Arc<AckedSub>, (ErrorCode, String)> {
         let charge: usize = filters.iter().map(subscription_charge).sum();
         if !self.memory.try_reserve(charge) {
@@ -373,7 +383,14 @@ impl Hub {
         let policy = self.config.durable_full_policy;
         let mut made = None;
         self.router.write().add_acked(filters, |index| {
-            let sub = Arc::new(AckedSub::new(index, name, filters.to_vec(), limits, policy));
+            let sub = Arc::new(AckedSub::new(
+                index,
+                name,
+                filters.to_vec(),
+                limits,
+                policy,
+                store,
+            ));
             made = Some(Arc::clone(&sub));
             sub
         });
@@ -400,6 +417,120 @@ impl Hub {
             self.release_subscriptions(charge);
         }
         Counters::add(&self.counters.dropped, sub.close(&self.memory));
+        if let (Some(name), true) = (&sub.name, sub.on_disk)
+            && let Some(dir) = self.durable_dir(name)
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not remove a deleted durable subscription's files");
+        }
+    }
+
+    /// Where durable subscription `name` keeps its files (with a data directory).
+    fn durable_dir(&self, name: &DurableName) -> Option<std::path::PathBuf> {
+        let dir = self.config.data_dir.as_ref()?;
+        Some(dir.join("durable").join(name.as_str()))
+    }
+
+    /// The store of a new durable subscription: on disk with a data directory (its
+    /// definition written first), in memory otherwise.
+    fn durable_store(
+        &self,
+        name: &DurableName,
+        filters: &[TopicFilter],
+    ) -> Result<KeptStore, (ErrorCode, String)> {
+        let Some(dir) = self.durable_dir(name) else {
+            return Ok(KeptStore::default());
+        };
+        let fail = |e: String| {
+            (
+                ErrorCode::StoreFailed,
+                format!("durable subscription {name} cannot be kept on disk: {e}"),
+            )
+        };
+        crate::durable::write_meta(&dir, name, filters).map_err(|e| fail(e.to_string()))?;
+        let opened = DiskStore::open(&dir.join("log")).map_err(|e| fail(e.to_string()))?;
+        Ok(KeptStore::Disk(Box::new(opened.store)))
+    }
+
+    /// Reads back the durable subscriptions of the data directory (detached, with what they
+    /// kept); a damaged one is set aside and reported, never a reason not to start.
+    ///
+    /// # Errors
+    ///
+    /// The data directory is unsafe, held by another broker, or was written by a newer build.
+    pub(crate) fn restore_durables(&self) -> Result<(), daemoneye_eventbus_store::StoreError> {
+        let Some(data) = &self.config.data_dir else {
+            return Ok(());
+        };
+        let found = crate::durable::restore(data)?;
+        let c = &self.config;
+        for r in found.damaged {
+            Counters::add(&self.counters.store_damaged, 1);
+            tracing::error!(what = %r, "set aside a damaged part of the data directory");
+        }
+        for d in found.durables {
+            Counters::add(&self.counters.store_torn_bytes, d.recovery.torn_bytes);
+            Counters::add(
+                &self.counters.store_damaged,
+                d.recovery.damaged.len() as u64,
+            );
+            for damaged in &d.recovery.damaged {
+                tracing::error!(
+                    durable = %d.name,
+                    moved_to = %damaged.moved_to.display(),
+                    lost_bytes = damaged.lost_bytes,
+                    reason = damaged.reason,
+                    "set aside a damaged log segment"
+                );
+            }
+            let limits = AckedLimits {
+                msgs: c.durable_max_messages,
+                bytes: c.durable_max_bytes,
+                window: c.ack_window,
+            };
+            let (kept, bytes) = d.store.kept();
+            if !self.memory.try_reserve(bytes) {
+                tracing::error!(durable = %d.name, bytes, "no room under max_memory_bytes for what a durable subscription kept; it starts empty");
+                continue;
+            }
+            let store = KeptStore::Disk(Box::new(d.store));
+            match self.create_acked(Some(d.name.clone()), &d.filters, limits, store) {
+                Ok(sub) => {
+                    tracing::info!(durable = %d.name, kept, torn_bytes = d.recovery.torn_bytes, undecodable = d.undecodable, "restored a durable subscription");
+                    self.durables.lock().insert(d.name, sub);
+                }
+                Err((_, why)) => {
+                    self.memory.release(bytes);
+                    tracing::error!(durable = %d.name, %why, "could not restore a durable subscription");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes what the durable subscriptions on disk kept and had acknowledged; with `sync`,
+    /// to the disk itself.
+    pub(crate) fn persist_durables(&self, sync: bool) {
+        let subs: Vec<_> = self.durables.lock().values().cloned().collect();
+        for sub in subs.iter().filter(|s| s.on_disk) {
+            self.persist_one(sub, sync);
+        }
+    }
+
+    /// Writes what `subs` kept before their publishers are acknowledged: to the operating
+    /// system, and under `fsync = always` to the disk.
+    pub(crate) fn persist(&self, subs: &mut Vec<Arc<AckedSub>>) {
+        let sync = self.config.fsync == crate::config::FsyncPolicy::Always;
+        for sub in subs.drain(..) {
+            self.persist_one(&sub, sync);
+        }
+    }
+
+    fn persist_one(&self, sub: &AckedSub, sync: bool) {
+        if let Err(e) = sub.persist(sync) {
+            Counters::add(&self.counters.store_errors, 1);
+            tracing::error!(subscription = %sub.describe(), error = %e, "could not write a durable subscription's log; what it keeps would not survive the broker");
+        }
     }
 
     /// Acknowledges deliveries of one of `conn`'s subscriptions (an unknown id is one closed
@@ -846,6 +977,9 @@ impl Hub {
             subscription_bytes: subscription_bytes as u64,
             memory_cap_bytes: self.memory.cap() as u64,
             stalled: load(&c.stalled),
+            store_errors: load(&c.store_errors),
+            store_torn_bytes: load(&c.store_torn_bytes),
+            store_damaged: load(&c.store_damaged),
             connections,
             subscriptions,
         }
@@ -895,6 +1029,9 @@ fn account_sub(
         SubPushed::Kept { wake, dropped } => {
             routed.dropped += dropped;
             effects.wake.extend(wake);
+            if sub.on_disk && !effects.persist.iter().any(|s| Arc::ptr_eq(s, sub)) {
+                effects.persist.push(Arc::clone(sub));
+            }
         }
         SubPushed::Full => effects.blocked.push(Blocked::Sub(Arc::clone(sub))),
         SubPushed::Dropped | SubPushed::Closed => routed.dropped += n,

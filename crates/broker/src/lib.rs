@@ -14,19 +14,21 @@
 //!   policy, and the broker-wide memory cap.
 //!
 //! `conn` is what the broker records about one connection; `broker` the public handle, the
-//! accept loops and the one shutdown path.
+//! accept loops and the one shutdown path; `durable` the durable subscriptions kept in the
+//! data directory (their definitions, and their logs through `daemoneye-eventbus-store`).
 
 mod broker;
 mod config;
 mod conn;
 mod delivery;
+mod durable;
 mod hub;
 mod router;
 mod session;
 mod stats;
 
 pub use broker::{Broker, BrokerError, ShutdownReport};
-pub use config::{BrokerConfig, ConfigError};
+pub use config::{BrokerConfig, ConfigError, FsyncPolicy};
 pub use delivery::{DROP_TOPICS, DurableFullPolicy, MAX_QUEUED_CONTROL};
 pub use hub::SUBSCRIPTION_CHARGE;
 pub use stats::{BrokerStats, ConnectionStats, SubscriptionStats};

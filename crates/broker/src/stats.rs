@@ -21,6 +21,9 @@ pub(crate) struct Counters {
     pub(crate) reoffered: AtomicU64,
     pub(crate) runs: AtomicU64,
     pub(crate) stalled: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
+    pub(crate) store_torn_bytes: AtomicU64,
+    pub(crate) store_damaged: AtomicU64,
 }
 
 impl Counters {
@@ -97,6 +100,16 @@ pub struct BrokerStats {
     /// connection closed (a connection's Processed queue).
     #[serde(default)]
     pub stalled: u64,
+    /// Writes to durable subscriptions' disk logs that failed (a full disk: the messages stay
+    /// in memory, and would not survive the broker).
+    #[serde(default)]
+    pub store_errors: u64,
+    /// Bytes of records cut short by a crash that the broker truncated when it started.
+    #[serde(default)]
+    pub store_torn_bytes: u64,
+    /// Damaged log segments (or durable subscription directories) set aside when it started.
+    #[serde(default)]
+    pub store_damaged: u64,
     /// One entry per open connection.
     pub connections: Vec<ConnectionStats>,
     /// One entry per acknowledged subscription (protocol 1.3): every durable one, attached or

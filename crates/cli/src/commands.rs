@@ -18,8 +18,9 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             socket,
             tcp,
             config,
+            data_dir,
             threads: _,
-        } => serve(&socket, tcp, config.as_deref()).await,
+        } => serve(&socket, tcp, config.as_deref(), data_dir).await,
         Command::Pub {
             socket,
             topic,
@@ -145,11 +146,15 @@ async fn serve(
     socket: &SocketArg,
     tcp: Option<std::net::SocketAddr>,
     config: Option<&Path>,
+    data_dir: Option<std::path::PathBuf>,
 ) -> Result<()> {
     let mut cfg = match config {
         Some(p) => load_config(p)?,
         None => BrokerConfig::default(),
     };
+    if data_dir.is_some() {
+        cfg.data_dir = data_dir;
+    }
     let mut endpoints = Vec::new();
     match (&socket.socket, &cfg.socket_path) {
         (None, Some(p)) => endpoints.push(Endpoint::Unix(p.clone())),

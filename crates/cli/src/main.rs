@@ -74,6 +74,10 @@ enum Command {
         /// TOML configuration file with a `[broker]` section.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Keep durable subscriptions in this directory, so that they survive the broker
+        /// (made private if missing; overrides `broker.data_dir`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
         /// Threads routing messages. One (the default) is fastest for a local bus: every
         /// session runs on one thread, so hand-overs between a publisher's reader and a
         /// subscriber's writer are plain function calls, never cross-thread wake-ups (W1

@@ -429,13 +429,23 @@ fn lock(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
         .write(true)
         .open(&path)
         .map_err(|e| StoreError::io(&path, e))?;
-    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
-        if errno == nix::errno::Errno::EWOULDBLOCK {
-            StoreError::Locked {
-                path: dir.to_path_buf(),
+    // A process killed a moment ago still holds it until the kernel has closed its files:
+    // asked again for up to two seconds before it counts as held.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
-        } else {
-            StoreError::io(&path, errno.into())
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(StoreError::Locked {
+                    path: dir.to_path_buf(),
+                });
+            }
+            Err((_, errno)) => return Err(StoreError::io(&path, errno.into())),
         }
-    })
+    }
 }

@@ -7,7 +7,7 @@
 //! it: the queue behind a lock, whether it is attached to a connection (and which), whether
 //! it stalled, its bounds and full policy, its counters.
 
-use super::store::{Kept, KeptRun, MemoryStore, Pos, Store, Stored};
+use super::store::{Kept, KeptRun, KeptStore, Pos, Store, Stored};
 use super::{Drops, Memory, Outlet};
 use daemoneye_eventbus_core::codec::{
     AckedDelivery, AckedHead, DropReason, Notice, RunPart, SubId,
@@ -95,10 +95,20 @@ pub(crate) struct AckedQueue<S: Store> {
 }
 
 impl<S: Store> AckedQueue<S> {
+    /// A queue over `store`: what it already keeps (read back from disk) waits to be sent.
     pub(crate) fn new(store: S, limits: AckedLimits) -> Self {
+        let mut unsent = VecDeque::new();
+        if let Some(first) = store.oldest() {
+            let n = usize::try_from(store.end() - first).expect("positions kept fit in memory");
+            unsent.push_back(Unsent {
+                pos: first,
+                n,
+                before: 0,
+            });
+        }
         Self {
             store,
-            unsent: VecDeque::new(),
+            unsent,
             in_flight: VecDeque::new(),
             unacked: 0,
             next_seq: 1,
@@ -142,6 +152,11 @@ impl<S: Store> AckedQueue<S> {
             self.trim();
         }
         Some((topic, bytes))
+    }
+
+    /// The store.
+    pub(crate) fn store_mut(&mut self) -> &mut S {
+        &mut self.store
     }
 
     /// Sets how many deliveries may be in flight at once (from the next send on).
@@ -362,7 +377,7 @@ pub(crate) enum SubPushed {
 }
 
 struct SubState {
-    queue: AckedQueue<MemoryStore>,
+    queue: AckedQueue<KeptStore>,
     attached: Option<Attachment>,
     /// Stalled: its publishers no longer wait for it.
     stalled: bool,
@@ -397,6 +412,9 @@ pub(crate) struct AckedSub {
     pub(crate) name: Option<DurableName>,
     pub(crate) filters: Vec<TopicFilter>,
     full_policy: DurableFullPolicy,
+    /// Whether what it keeps is also on disk (a durable subscription of a broker with a data
+    /// directory).
+    pub(crate) on_disk: bool,
     state: Mutex<SubState>,
     /// Woken when acknowledgements make room (publishers waiting).
     space: Notify,
@@ -409,14 +427,16 @@ impl AckedSub {
         filters: Vec<TopicFilter>,
         limits: AckedLimits,
         full_policy: DurableFullPolicy,
+        store: KeptStore,
     ) -> Self {
         Self {
             index,
             name,
             filters,
             full_policy,
+            on_disk: matches!(store, KeptStore::Disk(_)),
             state: Mutex::new(SubState {
-                queue: AckedQueue::new(MemoryStore::default(), limits),
+                queue: AckedQueue::new(store, limits),
                 attached: None,
                 stalled: false,
                 closed: false,
@@ -620,6 +640,19 @@ impl AckedSub {
         n
     }
 
+    /// Writes what it kept and what was acknowledged since the last call to its disk log
+    /// (nothing for a store in memory); with `sync`, to the disk itself.
+    ///
+    /// # Errors
+    ///
+    /// The log's first write error since the last success.
+    pub(crate) fn persist(&self, sync: bool) -> Result<(), daemoneye_eventbus_store::StoreError> {
+        match self.state.lock().queue.store_mut() {
+            KeptStore::Disk(d) => d.persist(sync),
+            KeptStore::Memory(_) => Ok(()),
+        }
+    }
+
     /// Marks it stalled: its publishers stop waiting for it (until it acknowledges again).
     pub(crate) fn stall(&self) {
         self.state.lock().stalled = true;
@@ -646,6 +679,8 @@ impl AckedSub {
         st.closed = true;
         st.attached = None;
         let (msgs, bytes) = st.queue.clear();
+        // Its files are closed; the owner removes them.
+        *st.queue.store_mut() = KeptStore::default();
         memory.release(bytes);
         drop(st);
         self.space.notify_waiters();
@@ -690,6 +725,7 @@ impl AckedSub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::store::MemoryStore;
     use bytes::{Bytes, BytesMut};
     use daemoneye_eventbus_core::codec::{FrameDecoder, RunWriter, max_frame_len};
     use daemoneye_eventbus_core::{Frame, Header, Message, MessageId, Qos, Topic};
@@ -1023,6 +1059,7 @@ mod tests {
                 window: 10,
             },
             policy,
+            KeptStore::default(),
         )
     }
 

@@ -20,6 +20,7 @@
 //! is accounted.
 
 mod acked;
+mod disk;
 mod drops;
 mod lane;
 mod outlet;
@@ -29,6 +30,7 @@ mod store;
 
 pub use acked::DurableFullPolicy;
 pub(crate) use acked::{AckedLimits, AckedOut, AckedSub, Attachment, SubPushed};
+pub(crate) use disk::DiskStore;
 pub use drops::DROP_TOPICS;
 pub(crate) use drops::Drops;
 pub(crate) use lane::Out;
@@ -36,7 +38,7 @@ pub use outlet::MAX_QUEUED_CONTROL;
 pub(crate) use outlet::{Batch, Outlet};
 pub(crate) use processed::ProcessedQueue;
 pub(crate) use realtime::RealtimeQueue;
-pub(crate) use store::Kept;
+pub(crate) use store::{Kept, KeptStore};
 
 use daemoneye_eventbus_core::Budget;
 use daemoneye_eventbus_core::codec::{Lent, MessageRun};

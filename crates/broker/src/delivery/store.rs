@@ -116,6 +116,8 @@ pub(crate) trait Store: Send {
     fn remove(&mut self, pos: Pos) -> Option<usize>;
     /// The position of the oldest message kept.
     fn oldest(&self) -> Option<Pos>;
+    /// One past the last position given out.
+    fn end(&self) -> Pos;
     /// Messages kept.
     fn len(&self) -> usize;
     /// Charged bytes of the messages kept ([`Message::accounted_size`]).
@@ -139,6 +141,31 @@ pub(crate) struct MemoryStore {
     base: Pos,
     len: usize,
     bytes: usize,
+}
+
+impl MemoryStore {
+    /// The position the next message appended gets.
+    pub(crate) fn next_pos(&self) -> Pos {
+        self.base + self.slots.len() as u64
+    }
+
+    /// Keeps `kept` at `pos` (at or after [`MemoryStore::next_pos`]: the positions between are
+    /// empty): a message read back from a disk log.
+    pub(crate) fn place(&mut self, pos: Pos, kept: Kept) {
+        self.skip_to(pos);
+        self.append(kept);
+    }
+
+    /// Moves the next position to `pos` (if it is later), leaving the positions between empty.
+    pub(crate) fn skip_to(&mut self, pos: Pos) {
+        if self.slots.is_empty() {
+            self.base = self.base.max(pos);
+            return;
+        }
+        while self.next_pos() < pos {
+            self.slots.push_back(Slot::Gone);
+        }
+    }
 }
 
 impl Store for MemoryStore {
@@ -201,12 +228,80 @@ impl Store for MemoryStore {
             .map(|i| self.base + i as u64)
     }
 
+    fn end(&self) -> Pos {
+        self.next_pos()
+    }
+
     fn len(&self) -> usize {
         self.len
     }
 
     fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+/// The store of one acknowledged subscription: in memory, or (a durable subscription of a
+/// broker with a data directory) in memory and on disk.
+pub(crate) enum KeptStore {
+    Memory(MemoryStore),
+    Disk(Box<super::disk::DiskStore>),
+}
+
+impl Default for KeptStore {
+    fn default() -> Self {
+        Self::Memory(MemoryStore::default())
+    }
+}
+
+impl Store for KeptStore {
+    fn append(&mut self, kept: Kept) -> Pos {
+        match self {
+            Self::Memory(s) => s.append(kept),
+            Self::Disk(s) => s.append(kept),
+        }
+    }
+
+    fn get(&self, pos: Pos) -> Option<Stored<'_>> {
+        match self {
+            Self::Memory(s) => s.get(pos),
+            Self::Disk(s) => s.get(pos),
+        }
+    }
+
+    fn remove(&mut self, pos: Pos) -> Option<usize> {
+        match self {
+            Self::Memory(s) => s.remove(pos),
+            Self::Disk(s) => s.remove(pos),
+        }
+    }
+
+    fn oldest(&self) -> Option<Pos> {
+        match self {
+            Self::Memory(s) => s.oldest(),
+            Self::Disk(s) => s.oldest(),
+        }
+    }
+
+    fn end(&self) -> Pos {
+        match self {
+            Self::Memory(s) => s.end(),
+            Self::Disk(s) => s.end(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Memory(s) => s.len(),
+            Self::Disk(s) => s.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::Memory(s) => s.bytes(),
+            Self::Disk(s) => s.bytes(),
+        }
     }
 }
 

@@ -395,6 +395,7 @@ impl<'a> ReadLoop<'a> {
     /// per publish), otherwise with the batch (one cumulative ACK, [`ReadLoop::send_ack`]).
     fn ack(&mut self, id: daemoneye_eventbus_core::MessageId) -> Option<Exit> {
         if self.conn.minor < ACKED_SINCE_MINOR {
+            self.hub.persist(&mut self.scratch.effects.persist);
             return self.control(Frame::Ack(id));
         }
         self.ack_due = Some(id);
@@ -404,7 +405,11 @@ impl<'a> ReadLoop<'a> {
     /// Sends the cumulative ACK due, if any.
     fn send_ack(&mut self) -> Option<Exit> {
         match self.ack_due.take() {
-            Some(id) => self.control(Frame::Ack(id)),
+            Some(id) => {
+                // What durable subscriptions kept goes to their logs first.
+                self.hub.persist(&mut self.scratch.effects.persist);
+                self.control(Frame::Ack(id))
+            }
             None => None,
         }
     }
@@ -559,6 +564,9 @@ impl<'a> ReadLoop<'a> {
                         SubPushed::Kept { wake, dropped } => {
                             if let Some(outlet) = wake {
                                 outlet.wake();
+                            }
+                            if sub.on_disk {
+                                self.scratch.effects.persist.push(Arc::clone(&sub));
                             }
                             self.dropped += dropped;
                             self.scratch.effects.blocked.pop();

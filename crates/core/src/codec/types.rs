@@ -155,6 +155,8 @@ pub enum ErrorCode {
     UnknownSubscription,
     /// The subscription stopped acknowledging and was closed or parked (protocol 1.3).
     Stalled,
+    /// The broker's disk store could not keep it (protocol 1.4).
+    StoreFailed,
     /// A code this version does not know.
     Other(u16),
 }
@@ -184,13 +186,14 @@ impl ErrorCode {
             Self::DurableInUse => 19,
             Self::UnknownSubscription => 20,
             Self::Stalled => 21,
+            Self::StoreFailed => 22,
             Self::Other(c) => c,
         }
     }
 
     /// Decodes a wire value (0 is "no error" and is handled by callers).
     pub fn from_u16(v: u16) -> Self {
-        const ALL: [ErrorCode; 21] = [
+        const ALL: [ErrorCode; 22] = [
             ErrorCode::Protocol,
             ErrorCode::FrameTooLarge,
             ErrorCode::MessageTooLarge,
@@ -212,6 +215,7 @@ impl ErrorCode {
             ErrorCode::DurableInUse,
             ErrorCode::UnknownSubscription,
             ErrorCode::Stalled,
+            ErrorCode::StoreFailed,
         ];
         ALL.into_iter()
             .find(|c| c.to_u16() == v)
@@ -243,6 +247,7 @@ impl std::fmt::Display for ErrorCode {
             Self::DurableInUse => "durable subscription in use",
             Self::UnknownSubscription => "unknown subscription",
             Self::Stalled => "subscription stalled",
+            Self::StoreFailed => "disk store failed",
             Self::Other(c) => return write!(f, "error code {c}"),
         };
         f.write_str(s)

@@ -1,0 +1,336 @@
+//! A durable subscription's store on disk: every message it keeps is in memory (a
+//! [`MemoryStore`], within the subscription's bounds) and in its own log
+//! (`daemoneye-eventbus-store`), so that it survives the broker process.
+//!
+//! Records (`docs/storage.md` gives their framing): [`KIND_MESSAGE`] a kept message (its
+//! position, then the PUBLISH frame it came in, or the broker's own encoding of it);
+//! [`KIND_RUN`] a kept run (its first position, then the PUBLISH_RUN frame); [`KIND_REMOVED`]
+//! positions acknowledged or dropped (ranges). Reading the log back keeps every message whose
+//! position was not removed, at the same position. Whole segments are given back once every
+//! message in them is removed.
+
+use super::store::{Kept, MemoryStore, Pos, Store, Stored};
+use bytes::{BufMut, BytesMut};
+use daemoneye_eventbus_core::Frame;
+use daemoneye_eventbus_core::codec::{
+    FrameDecoder, MAX_MESSAGE_SIZE_LIMIT, encode_message_frame, encode_run_frame, kind,
+    max_frame_len,
+};
+use daemoneye_eventbus_store::{Log, LogOptions, Recovery, StoreError};
+use std::collections::VecDeque;
+use std::path::Path;
+
+/// A kept message: position (`u64`), then one PUBLISH frame.
+pub(crate) const KIND_MESSAGE: u8 = 1;
+/// A kept run: its first position (`u64`), then one PUBLISH_RUN frame.
+pub(crate) const KIND_RUN: u8 = 2;
+/// Positions removed: inclusive ranges, (`u64` first, `u64` last) each.
+pub(crate) const KIND_REMOVED: u8 = 3;
+
+/// See the module documentation.
+pub(crate) struct DiskStore {
+    mem: MemoryStore,
+    log: Log,
+    /// The records of kept messages, in position order: (first position, count, record).
+    records: VecDeque<(Pos, usize, u64)>,
+    /// Removed positions not yet written, as ranges.
+    removed: Vec<(Pos, Pos)>,
+    scratch: BytesMut,
+    /// The first error writing the log since it last succeeded (appends go on in memory).
+    failed: Option<StoreError>,
+}
+
+/// What opening a durable subscription's log found, beyond its messages.
+pub(crate) struct Reopened {
+    pub(crate) store: DiskStore,
+    pub(crate) recovery: Recovery,
+    /// Records that could not be decoded (not counted in the recovery's records).
+    pub(crate) undecodable: u64,
+}
+
+impl DiskStore {
+    /// Opens (or creates) the log in `dir` and reads back what it keeps.
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::open`]: an unsafe or locked directory, a newer format, an I/O error.
+    pub(crate) fn open(dir: &Path) -> Result<Reopened, StoreError> {
+        let decoder = FrameDecoder::new(max_frame_len(MAX_MESSAGE_SIZE_LIMIT));
+        let mut found: Vec<(Pos, Kept, u64)> = Vec::new();
+        let mut removed: Vec<(Pos, Pos)> = Vec::new();
+        let mut undecodable = 0u64;
+        let (log, recovery) = Log::open(dir, LogOptions::default(), |r| {
+            let mut c = r.body;
+            let Some(pos) = take_u64(&mut c) else {
+                undecodable += 1;
+                return;
+            };
+            match r.kind {
+                KIND_MESSAGE | KIND_RUN => {
+                    let mut frame = BytesMut::from(c);
+                    match (r.kind, decoder.decode(&mut frame)) {
+                        (KIND_MESSAGE, Ok(Some(Frame::Publish(m)))) if frame.is_empty() => {
+                            found.push((pos, Kept::One(m), r.seq));
+                        }
+                        (KIND_RUN, Ok(Some(Frame::PublishRun(run)))) if frame.is_empty() => {
+                            found.push((pos, Kept::Run(run), r.seq));
+                        }
+                        _ => undecodable += 1,
+                    }
+                }
+                KIND_REMOVED => {
+                    let mut last_of = c;
+                    let Some(last) = take_u64(&mut last_of) else {
+                        undecodable += 1;
+                        return;
+                    };
+                    removed.push((pos, last));
+                    c = last_of;
+                    while let (Some(a), Some(b)) = (take_u64(&mut c), take_u64(&mut c)) {
+                        removed.push((a, b));
+                    }
+                }
+                _ => undecodable += 1,
+            }
+        })?;
+        let mut mem = MemoryStore::default();
+        let mut records = VecDeque::with_capacity(found.len());
+        found.sort_unstable_by_key(|(pos, ..)| *pos);
+        let mut end = 0;
+        for (pos, kept, seq) in found {
+            if pos < mem.next_pos() {
+                // Overlaps what was read already: not from this store's writes.
+                undecodable += 1;
+                continue;
+            }
+            let n = kept.count();
+            records.push_back((pos, n, seq));
+            mem.place(pos, kept);
+            end = pos + n as u64;
+        }
+        for (first, last) in removed {
+            for p in first..=last.min(end.saturating_sub(1)) {
+                mem.remove(p);
+            }
+            end = end.max(last.saturating_add(1));
+        }
+        mem.skip_to(end);
+        let mut store = Self {
+            mem,
+            log,
+            records,
+            removed: Vec::new(),
+            scratch: BytesMut::new(),
+            failed: None,
+        };
+        store.trim_records();
+        Ok(Reopened {
+            store,
+            recovery,
+            undecodable,
+        })
+    }
+
+    /// Writes what was removed since the last call, gives back whole segments that hold
+    /// nothing kept any more, and writes everything to the operating system; with `sync`,
+    /// also to the disk.
+    ///
+    /// # Errors
+    ///
+    /// The first write error since the last success (the messages stay kept in memory).
+    pub(crate) fn persist(&mut self, sync: bool) -> Result<(), StoreError> {
+        if !self.removed.is_empty() {
+            let mut body = Vec::with_capacity(self.removed.len() * 16);
+            for (a, b) in self.removed.drain(..) {
+                body.put_u64_le(a);
+                body.put_u64_le(b);
+            }
+            if let Err(e) = self.log.append(KIND_REMOVED, &body) {
+                self.failed.get_or_insert(e);
+            }
+        }
+        self.trim_records();
+        let first_kept = self
+            .records
+            .front()
+            .map_or(self.log.next_seq(), |(.., seq)| *seq);
+        let written = match self.log.remove_segments_before(first_kept) {
+            Ok(_) if sync => self.log.sync(),
+            Ok(_) => self.log.flush(),
+            Err(e) => Err(e),
+        };
+        match (self.failed.take(), written) {
+            (Some(e), _) | (None, Err(e)) => Err(e),
+            (None, Ok(())) => Ok(()),
+        }
+    }
+
+    /// Forgets the records whose messages are all removed.
+    fn trim_records(&mut self) {
+        let oldest = self.mem.oldest().unwrap_or(Pos::MAX);
+        while matches!(self.records.front(), Some((first, n, _)) if first + *n as u64 <= oldest) {
+            self.records.pop_front();
+        }
+    }
+
+    /// Messages kept, and their charged bytes.
+    pub(crate) fn kept(&self) -> (usize, usize) {
+        (self.mem.len(), self.mem.bytes())
+    }
+}
+
+fn take_u64(c: &mut &[u8]) -> Option<u64> {
+    let (head, rest) = c.split_first_chunk::<8>()?;
+    *c = rest;
+    Some(u64::from_le_bytes(*head))
+}
+
+impl Store for DiskStore {
+    fn append(&mut self, kept: Kept) -> Pos {
+        let pos = self.mem.next_pos();
+        self.scratch.clear();
+        self.scratch.put_u64_le(pos);
+        let kind = match &kept {
+            Kept::One(m) => {
+                encode_message_frame(&mut self.scratch, kind::PUBLISH, m);
+                KIND_MESSAGE
+            }
+            Kept::Run(r) => {
+                encode_run_frame(&mut self.scratch, kind::PUBLISH_RUN, r);
+                KIND_RUN
+            }
+        };
+        match self.log.append(kind, &self.scratch) {
+            Ok(seq) => self.records.push_back((pos, kept.count(), seq)),
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
+        self.mem.append(kept)
+    }
+
+    fn get(&self, pos: Pos) -> Option<Stored<'_>> {
+        self.mem.get(pos)
+    }
+
+    fn remove(&mut self, pos: Pos) -> Option<usize> {
+        let bytes = self.mem.remove(pos)?;
+        match self.removed.last_mut() {
+            Some((_, last)) if *last + 1 == pos => *last = pos,
+            _ => self.removed.push((pos, pos)),
+        }
+        Some(bytes)
+    }
+
+    fn oldest(&self) -> Option<Pos> {
+        self.mem.oldest()
+    }
+
+    fn end(&self) -> Pos {
+        self.mem.end()
+    }
+
+    fn len(&self) -> usize {
+        self.mem.len()
+    }
+
+    fn bytes(&self) -> usize {
+        self.mem.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use daemoneye_eventbus_core::codec::RunWriter;
+    use daemoneye_eventbus_core::{ByteStr, Header, Message, MessageId, Qos, Topic};
+
+    fn message(n: u64) -> Message {
+        Message::new(
+            Topic::new("t.a").unwrap(),
+            Header {
+                id: MessageId {
+                    publisher: 1,
+                    sequence: n,
+                },
+                source: ByteStr::from("p"),
+                qos: Qos::Processed,
+                ..Header::default()
+            },
+            Bytes::from(n.to_le_bytes().to_vec()),
+        )
+    }
+
+    fn run(ns: std::ops::RangeInclusive<u64>) -> Kept {
+        let mut b = BytesMut::new();
+        let mut w = RunWriter::begin(&mut b, &Topic::new("t.a").unwrap(), Qos::Processed);
+        for n in ns {
+            let m = message(n);
+            w.push(&mut b, m.header(), m.payload());
+        }
+        match FrameDecoder::new(1 << 20).decode(&mut b) {
+            Ok(Some(Frame::PublishRun(r))) => Kept::Run(r),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// (position, message number) of everything kept.
+    fn kept(s: &DiskStore) -> Vec<(Pos, u64)> {
+        let mut out = Vec::new();
+        let Some(first) = s.oldest() else {
+            return out;
+        };
+        for pos in first..s.mem.next_pos() {
+            match s.get(pos) {
+                Some(Stored::One(m)) => out.push((pos, m.id().sequence)),
+                Some(Stored::InRun { run, index, .. }) => {
+                    let part = run.run.slice(run.part(index, 1));
+                    let m = part.messages().next().unwrap().unwrap();
+                    out.push((pos, m.id().sequence));
+                }
+                None => {}
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn what_is_kept_comes_back_at_its_position_and_acknowledged_segments_go() {
+        let dir = std::env::temp_dir().join(format!("eb-disk-store-{}", std::process::id()));
+        let log = dir.join("log");
+        {
+            let mut s = DiskStore::open(&log).unwrap().store;
+            for n in 0..3 {
+                assert_eq!(s.append(Kept::One(message(n))), n);
+            }
+            assert_eq!(s.append(run(3..=6)), 3);
+            s.append(Kept::One(message(7)));
+            // Acknowledged: 0, 1, and two of the run.
+            for pos in [0, 1, 4, 5] {
+                assert!(s.remove(pos).is_some());
+            }
+            s.persist(true).unwrap();
+            // An acknowledgement not yet written when the process ends: 7 comes back, to be
+            // delivered again.
+            s.remove(7);
+        }
+        let reopened = DiskStore::open(&log).unwrap();
+        assert_eq!(reopened.undecodable, 0);
+        let mut s = reopened.store;
+        assert_eq!(kept(&s), [(2, 2), (3, 3), (6, 6), (7, 7)]);
+        assert_eq!(s.mem.next_pos(), 8, "positions go on");
+        assert_eq!(s.append(Kept::One(message(8))), 8);
+        for pos in [2, 3, 6, 7, 8] {
+            s.remove(pos);
+        }
+        s.persist(true).unwrap();
+        assert_eq!(s.records.len(), 0);
+        assert_eq!(s.log.segments().count(), 1, "nothing kept: no old segment");
+        drop(s);
+        let s = DiskStore::open(&log).unwrap().store;
+        assert!(kept(&s).is_empty());
+        assert_eq!(s.mem.next_pos(), 9);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
