@@ -1068,3 +1068,77 @@ fn processed_runs_reach_acknowledged_subscribers_of_each_version() {
     assert!(seen.contains(&("new".into(), 0, 4, 1)), "{seen:?}");
     assert!(seen.contains(&("old".into(), 0, 3, 0)), "{seen:?}");
 }
+
+/// A data directory others may write to is refused with the fix named; one a newer build
+/// wrote is refused saying so; a durable subscription whose definition is damaged is set
+/// aside, and a log cut short by a crash is truncated: the broker starts either way and
+/// counts both.
+#[test]
+fn a_bad_data_directory_is_refused_and_damage_in_a_good_one_never_stops_the_broker() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("datadir");
+    let data = dir.path().join("data");
+    let serve = |data: &std::path::Path| {
+        let mut cmd = eventbus();
+        cmd.args(["serve", "--socket"])
+            .arg(dir.path().join("s.sock"))
+            .arg("--data-dir")
+            .arg(data);
+        Proc::spawn(cmd)
+    };
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut p = serve(&data);
+    assert_eq!(p.wait(), 1);
+    let err = p.stderr_lines().join("\n");
+    assert!(
+        err.contains("other users write") && err.contains("chmod 700"),
+        "{err}"
+    );
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    // Two durable subscriptions with something kept, then the broker is killed.
+    let config = format!("[broker]\ndata_dir = \"{}\"\n", data.display());
+    let mut broker = Broker::start(dir.path(), Some(&config));
+    for name in ["good", "broken"] {
+        let mut s = broker.sub(&["--durable", name, "kept.#"]);
+        s.signal(Signal::SIGTERM);
+        s.wait();
+    }
+    let out = broker.run(&["pub", "kept.a", "x", "--count", "3", "--qos", "processed"]);
+    assert_eq!(out.code, 0, "{out:?}");
+    broker.proc.signal(Signal::SIGKILL);
+    broker.proc.wait();
+    // The broken one's definition is garbage; the good one's log ends in half a record.
+    std::fs::write(data.join("durable/broken/meta.json"), b"{not json").unwrap();
+    let log = data.join("durable/good/log/00000000000000000000.log");
+    let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::io::Write::write_all(&mut f, &[40, 0, 0, 0, 1, 2]).unwrap();
+    drop(f);
+    let broker = Broker::start(dir.path(), Some(&config));
+    let s = broker.stats();
+    assert_eq!(
+        (s["store_torn_bytes"].as_u64(), s["store_damaged"].as_u64()),
+        (Some(6), Some(1))
+    );
+    let subs = s["subscriptions"].as_array().unwrap();
+    assert_eq!(subs.len(), 1, "{subs:?}");
+    assert_eq!(
+        (subs[0]["durable"].as_str(), subs[0]["pending"].as_u64()),
+        (Some("good"), Some(3))
+    );
+    assert!(data.join("durable/broken.damaged/meta.json").exists());
+    drop(broker);
+
+    // A segment of a newer format: refused, naming it.
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[8] = 9;
+    std::fs::write(&log, &bytes).unwrap();
+    let mut p = serve(&data);
+    assert_eq!(p.wait(), 1);
+    let err = p.stderr_lines().join("\n");
+    assert!(
+        err.contains("storage format 9") && err.contains("00000000000000000000.log"),
+        "{err}"
+    );
+}
