@@ -202,3 +202,46 @@ fn no_collector_survives_an_agent_killed_with_sigkill() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The agent keeps durable subscriptions beside its socket (`state/`) by default: what was
+/// acknowledged to a publisher reaches the subscriber after the agent was killed and started
+/// again.
+#[test]
+fn durable_subscriptions_outlive_the_agent() {
+    let dir = TempDir::new("agent-durable");
+    let mut agent = start_agent(dir.path(), false);
+    let run = |args: &[&str]| {
+        let mut cmd = eventbus();
+        cmd.args(args).env("EVENTBUS_SOCKET", &agent.socket);
+        Proc::spawn(cmd)
+    };
+    let mut made = run(&["sub", "--durable", "alerts", "alerts.#"]);
+    wait_line(made.stderr.as_ref().unwrap(), "sub ready", |l| l == "ready");
+    made.signal(Signal::SIGTERM);
+    made.wait();
+    let mut published = run(&[
+        "pub",
+        "alerts.high",
+        "x",
+        "--count",
+        "3",
+        "--qos",
+        "processed",
+    ]);
+    assert_eq!(published.wait(), 0);
+    assert!(dir.path().join("state/durable/alerts/meta.json").exists());
+    agent.proc.signal(Signal::SIGKILL);
+    agent.proc.wait();
+    let agent = start_agent(dir.path(), false);
+    let mut cmd = eventbus();
+    cmd.args(["sub", "--durable", "alerts", "alerts.#", "--count", "3"])
+        .env("EVENTBUS_SOCKET", &agent.socket);
+    let mut sub = Proc::spawn(cmd);
+    assert_eq!(sub.wait(), 0);
+    let lines = sub.stdout_lines();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.starts_with("alerts.high")),
+        "{lines:?}"
+    );
+}

@@ -152,6 +152,9 @@ max_message_size = {mms}           # largest payload
 keepalive_interval_ms = {ka}
 stats_interval_secs = {si}             # $sys.broker.stats period
 allowed_uids = []                     # empty: the agent's own uid and root
+# data_dir = "/var/lib/daemoneye/eventbus"   # default: "state" beside the socket
+# fsync = "interval"                    # always | interval | never (durable subscriptions)
+# fsync_interval_ms = 100
 
 [rpc]
 default_timeout_seconds = {dt}

@@ -440,6 +440,13 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
     let signals = Signals::install()?;
     let mut broker_config = config.broker.clone();
     broker_config.tcp_listen = None;
+    if broker_config.data_dir.is_none()
+        && let Endpoint::Unix(path) = &endpoint
+        && let Some(dir) = path.parent()
+    {
+        // Durable subscriptions outlive the agent: kept beside its private socket.
+        broker_config.data_dir = Some(dir.join("state"));
+    }
     let broker = Broker::start_on(broker_config, std::slice::from_ref(&endpoint))
         .await
         .with_context(|| format!("starting the broker on {endpoint}"))?;
