@@ -28,7 +28,7 @@ pub enum BrokerError {
     },
     /// The data directory cannot be used (unsafe, held by another broker, or written by a
     /// newer build).
-    #[error("cannot use the data directory: {0}")]
+    #[error("cannot use the data directory")]
     Store(#[from] daemoneye_eventbus_store::StoreError),
 }
 

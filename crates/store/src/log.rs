@@ -133,7 +133,8 @@ impl Log {
         let mut next_seq = found.first().map_or(0, |(first, _)| *first);
         let last = found.len().saturating_sub(1);
         for (i, (first, path)) in found.into_iter().enumerate() {
-            let bytes = std::fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
+            let bytes =
+                bytes::Bytes::from(std::fs::read(&path).map_err(|e| StoreError::io(&path, e))?);
             match check_header(&bytes) {
                 Header::Valid => {}
                 Header::Newer(found) => {
@@ -169,7 +170,7 @@ impl Log {
                         break;
                     }
                     Ok((r, n)) => {
-                        visit(r);
+                        visit(r.backed(&bytes));
                         recovery.records += 1;
                         end_seq = r.seq + 1;
                         at += n;

@@ -22,7 +22,33 @@ pub struct Record<'a> {
     pub kind: u8,
     /// Its contents.
     pub body: &'a [u8],
+    /// The buffer `body` lies in, when it is shared ([`Record::body_bytes`]).
+    backing: Option<&'a Bytes>,
 }
+
+impl Record<'_> {
+    /// Its contents as [`Bytes`]: a slice of the segment read back, without a copy (it keeps
+    /// the segment's buffer alive while it lives).
+    pub fn body_bytes(&self) -> Bytes {
+        match self.backing {
+            Some(b) => b.slice_ref(self.body),
+            None => Bytes::copy_from_slice(self.body),
+        }
+    }
+
+    /// The same record, its body a slice of `backing`.
+    pub(crate) fn backed<'b>(self, backing: &'b Bytes) -> Record<'b>
+    where
+        Self: 'b,
+    {
+        Record {
+            backing: Some(backing),
+            ..self
+        }
+    }
+}
+
+use bytes::Bytes;
 
 /// Appends a segment header to `dst`.
 pub fn put_header(dst: &mut Vec<u8>) {
@@ -118,6 +144,7 @@ pub fn read_record(bytes: &[u8]) -> Result<(Record<'_>, usize), Bad> {
             seq: u64::from_le_bytes(seq),
             kind: covered[1],
             body: &covered[10..],
+            backing: None,
         },
         4 + len,
     ))
@@ -133,17 +160,8 @@ mod tests {
         put_record(&mut b, 7, 2, b"hello");
         assert_eq!(b.len(), RECORD_HEAD + 5);
         let (r, n) = read_record(&b).unwrap();
-        assert_eq!(
-            (r, n),
-            (
-                Record {
-                    seq: 7,
-                    kind: 2,
-                    body: b"hello"
-                },
-                b.len()
-            )
-        );
+        assert_eq!((r.seq, r.kind, r.body, n), (7, 2, &b"hello"[..], b.len()));
+        assert_eq!(r.body_bytes(), b"hello"[..]);
         for cut in 0..b.len() {
             assert_eq!(read_record(&b[..cut]), Err(Bad::Cut), "cut at {cut}");
         }

@@ -13,8 +13,7 @@ use super::store::{Kept, MemoryStore, Pos, Store, Stored};
 use bytes::{BufMut, BytesMut};
 use daemoneye_eventbus_core::Frame;
 use daemoneye_eventbus_core::codec::{
-    FrameDecoder, MAX_MESSAGE_SIZE_LIMIT, encode_message_frame, encode_run_frame, kind,
-    max_frame_len,
+    DecodeCache, LEN_PREFIX, encode_message_frame, encode_run_frame, kind,
 };
 use daemoneye_eventbus_store::{Log, LogOptions, Recovery, StoreError};
 use std::collections::VecDeque;
@@ -55,7 +54,9 @@ impl DiskStore {
     ///
     /// As [`Log::open`]: an unsafe or locked directory, a newer format, an I/O error.
     pub(crate) fn open(dir: &Path) -> Result<Reopened, StoreError> {
-        let decoder = FrameDecoder::new(max_frame_len(MAX_MESSAGE_SIZE_LIMIT));
+        // Messages share the segments' buffers (read once, never copied again); topics and
+        // sources repeat, and are interned as a connection's would be.
+        let mut cache = DecodeCache::default();
         let mut found: Vec<(Pos, Kept, u64)> = Vec::new();
         let mut removed: Vec<(Pos, Pos)> = Vec::new();
         let mut undecodable = 0u64;
@@ -67,12 +68,23 @@ impl DiskStore {
             };
             match r.kind {
                 KIND_MESSAGE | KIND_RUN => {
-                    let mut frame = BytesMut::from(c);
-                    match (r.kind, decoder.decode(&mut frame)) {
-                        (KIND_MESSAGE, Ok(Some(Frame::Publish(m)))) if frame.is_empty() => {
+                    // The frame after the position: length prefix, kind, body.
+                    let frame = r.body_bytes();
+                    let whole = c.len() > LEN_PREFIX
+                        && u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize + LEN_PREFIX
+                            == c.len();
+                    let decoded = whole.then(|| {
+                        Frame::decode_cached(
+                            c[LEN_PREFIX],
+                            frame.slice(8 + LEN_PREFIX + 1..),
+                            &mut cache,
+                        )
+                    });
+                    match (r.kind, decoded) {
+                        (KIND_MESSAGE, Some(Ok(Frame::Publish(m)))) => {
                             found.push((pos, Kept::One(m), r.seq));
                         }
-                        (KIND_RUN, Ok(Some(Frame::PublishRun(run)))) if frame.is_empty() => {
+                        (KIND_RUN, Some(Ok(Frame::PublishRun(run)))) => {
                             found.push((pos, Kept::Run(run), r.seq));
                         }
                         _ => undecodable += 1,
@@ -243,7 +255,7 @@ impl Store for DiskStore {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use daemoneye_eventbus_core::codec::RunWriter;
+    use daemoneye_eventbus_core::codec::{FrameDecoder, RunWriter};
     use daemoneye_eventbus_core::{ByteStr, Header, Message, MessageId, Qos, Topic};
 
     fn message(n: u64) -> Message {

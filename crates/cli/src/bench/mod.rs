@@ -133,6 +133,10 @@ pub(crate) struct BenchArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// Start the broker with this data directory (durable subscriptions on disk, W6 rows
+    /// labelled `disk`); without it the broker keeps them in memory.
+    #[arg(long, value_name = "DIR", conflicts_with = "socket")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 /// The guarantees the streaming workloads run in.
@@ -201,6 +205,8 @@ struct Ctx {
     scale: f64,
     qos: crate::QosArg,
     broker_pid: Option<u32>,
+    /// The broker keeps durable subscriptions on disk (`--data-dir`).
+    disk: bool,
 }
 
 impl Ctx {
@@ -332,10 +338,11 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         None => {
             let socket = dir.join("bench.sock").display().to_string();
             let start = Instant::now();
-            let w = Worker::spawn(
-                &["serve".into(), "--socket".into(), socket.clone()],
-                "broker",
-            )?;
+            let mut serve = vec!["serve".into(), "--socket".into(), socket.clone()];
+            if let Some(d) = &args.data_dir {
+                serve.extend(["--data-dir".into(), d.display().to_string()]);
+            }
+            let w = Worker::spawn(&serve, "broker")?;
             let line = w.line(READY_WAIT)?;
             if !line.starts_with("listening on") {
                 bail!("broker printed {line:?}");
@@ -351,6 +358,7 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         scale: args.scale,
         qos: crate::QosArg::Realtime,
         broker_pid: pid,
+        disk: args.data_dir.is_some(),
     };
     let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
     let steps = plan(args.workload, args.qos);
@@ -525,7 +533,7 @@ impl Step {
             }
             Self::W3 => w3(ctx),
             Self::W4 => Ok(vec![w4(ctx)?]),
-            Self::W6 => Ok(vec![w6(ctx)?]),
+            Self::W6 => w6(ctx),
             Self::W5(size, n, label) => {
                 let row = ctx.fan_out(&FanOut {
                     workload: "w5",
@@ -590,9 +598,10 @@ fn w3(ctx: &Ctx) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// W6: a durable subscription's backlog, made while nobody is attached, redelivered to the
-/// subscriber that attaches; timed from its first message to its last.
-fn w6(ctx: &Ctx) -> Result<Row> {
+/// W6: a durable subscription's backlog, made while nobody is attached: published (timed
+/// from the first publish to the last acknowledgement), then redelivered to the subscriber
+/// that attaches (timed from its first message to its last).
+fn w6(ctx: &Ctx) -> Result<Vec<Row>> {
     let n = scaled(100_000, ctx.scale);
     let name = format!("bench-w6-{}", std::process::id());
     let durable = |expect: u64, label: &str| {
@@ -625,16 +634,28 @@ fn w6(ctx: &Ctx) -> Result<Row> {
     if num(&p, "lost") > 0 {
         bail!("the backlog was not acknowledged whole: {p}");
     }
+    let published = num(&p, "end_ns").saturating_sub(num(&p, "start_ns")) as f64 / 1e9;
+    let publish = Row::durable(
+        "durable-publish",
+        ctx.disk,
+        n,
+        n,
+        published,
+        ctx.peak_rss_kb(),
+    );
     let sub = durable(n, "w6-sub")?;
     sub.ready()?;
     let r = sub.result()?;
     let secs = num(&r, "last_ns").saturating_sub(num(&r, "first_ns")) as f64 / 1e9;
-    Ok(Row::redelivery(
+    let backlog = Row::durable(
+        "durable-backlog",
+        ctx.disk,
         n,
         num(&r, "received"),
         secs,
         ctx.peak_rss_kb(),
-    ))
+    );
+    Ok(vec![publish, backlog])
 }
 
 fn w4(ctx: &Ctx) -> Result<Row> {

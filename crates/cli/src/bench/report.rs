@@ -117,14 +117,22 @@ impl Row {
 
     /// W6: a durable subscription's backlog redelivered, from the subscriber's first message
     /// to its last.
-    pub(crate) fn redelivery(count: u64, received: u64, secs: f64, rss: Option<u64>) -> Self {
-        let mut row = Self::empty(
-            "daemoneye-eventbus",
-            "w6",
-            "uds,proc,processed,durable-backlog",
-            256,
-            count,
+    /// W6: a durable subscription's `phase` (`durable-publish`: its backlog published, every
+    /// message acknowledged; `durable-backlog`: the backlog redelivered), `received` of
+    /// `count` in `secs`; `disk`: the broker keeps durable subscriptions on disk.
+    pub(crate) fn durable(
+        phase: &str,
+        disk: bool,
+        count: u64,
+        received: u64,
+        secs: f64,
+        rss: Option<u64>,
+    ) -> Self {
+        let variant = format!(
+            "uds,proc,processed,{phase}{}",
+            if disk { ",disk" } else { "" }
         );
+        let mut row = Self::empty("daemoneye-eventbus", "w6", &variant, 256, count);
         row.seconds = Some(secs);
         row.msgs_per_sec = rate(received, secs);
         row.mb_per_sec = rate(received * 256, secs).map(|b| b / 1e6);
