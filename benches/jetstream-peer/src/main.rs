@@ -1,0 +1,146 @@
+//! NATS JetStream through W6 of `eventbus bench`, for side-by-side figures
+//! (`docs/benchmarks.md`): a `nats-server -js` of its own (a separate process, file storage in
+//! a temporary directory, loopback), a stream on `events.process.lifecycle`, then
+//!
+//! - `durable-publish`: 100,000 × 256 B published with JetStream's publish-and-ack, a window of
+//!   acknowledgements in flight (as an async JetStream publisher does, and as our client keeps
+//!   its unacknowledged publishes), timed from the first publish to the last acknowledgement;
+//! - `durable-backlog`: a durable pull consumer created afterwards reads the backlog,
+//!   acknowledging each message, timed from its first message to its last.
+//!
+//! Usage: `jetstream-peer [--count N] [--window W] [--runs R]`. One JSON object per line.
+
+use anyhow::{Context, Result, bail};
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::VecDeque;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SUBJECT: &str = "events.process.lifecycle";
+
+struct Server {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_server(port: u16) -> Result<Server> {
+    let dir = std::env::temp_dir().join(format!("jetstream-peer-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nats-server (Debian package nats-server)")?;
+    Ok(Server { child, dir })
+}
+
+async fn connect(port: u16) -> Result<async_nats::Client> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match async_nats::connect(format!("127.0.0.1:{port}")).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => bail!("nats-server did not come up: {e}"),
+        }
+    }
+}
+
+fn row(variant: &str, count: u64, received: u64, secs: f64, run: u32) -> serde_json::Value {
+    serde_json::json!({
+        "peer": "nats-jetstream",
+        "workload": "w6",
+        "variant": variant,
+        "payload_bytes": 256,
+        "messages": count,
+        "seconds": secs,
+        "msgs_per_sec": received as f64 / secs,
+        "mb_per_sec": received as f64 * 256.0 / secs / 1e6,
+        "lost": count - received,
+        "run": run,
+    })
+}
+
+async fn run_once(port: u16, count: u64, window: usize, run: u32) -> Result<()> {
+    let _server = start_server(port)?;
+    let client = connect(port).await?;
+    let js = jetstream::new(client.clone());
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: "BENCH".into(),
+            subjects: vec![SUBJECT.into()],
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await?;
+    let payload = Bytes::from(vec![0xA5u8; 256]);
+    let start = Instant::now();
+    let mut in_flight = VecDeque::with_capacity(window);
+    for _ in 0..count {
+        if in_flight.len() >= window
+            && let Some(ack) = in_flight.pop_front()
+        {
+            let _: jetstream::publish::PublishAck = ack.await?;
+        }
+        in_flight.push_back(js.publish(SUBJECT, payload.clone()).await?);
+    }
+    for ack in in_flight {
+        let _: jetstream::publish::PublishAck = ack.await?;
+    }
+    let published = start.elapsed().as_secs_f64();
+    println!("{}", row("tcp,proc,file,durable-publish", count, count, published, run));
+
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some("w6".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let mut messages = consumer.messages().await?;
+    let (mut received, mut first) = (0u64, None);
+    while received < count {
+        let next = tokio::time::timeout(Duration::from_secs(3), messages.next()).await;
+        let Ok(Some(m)) = next else { break };
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        first.get_or_insert_with(Instant::now);
+        m.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        received += 1;
+    }
+    let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    println!("{}", row("tcp,proc,file,durable-backlog", count, received, secs, run));
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut count, mut window, mut runs) = (100_000u64, 4096usize, 2u32);
+    while let Some(a) = args.next() {
+        let v = args.next().context("a value after each flag")?;
+        match a.as_str() {
+            "--count" => count = v.parse()?,
+            "--window" => window = v.parse()?,
+            "--runs" => runs = v.parse()?,
+            other => bail!("unknown flag {other}"),
+        }
+    }
+    for run in 1..=runs {
+        run_once(14300 + run as u16, count, window, run).await?;
+    }
+    Ok(())
+}
