@@ -447,6 +447,11 @@ impl Hub {
                 format!("durable subscription {name} cannot be kept on disk: {e}"),
             )
         };
+        // No durable subscription has this name: files left under it (a deletion whose
+        // removal failed) are not this one's.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
+        }
         crate::durable::write_meta(&dir, name, filters).map_err(|e| fail(e.to_string()))?;
         let opened = DiskStore::open(&dir.join("log")).map_err(|e| fail(e.to_string()))?;
         Ok(KeptStore::Disk(Box::new(opened.store)))

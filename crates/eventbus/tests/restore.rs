@@ -156,3 +156,54 @@ async fn a_durable_subscription_still_held_for_a_dead_connection_is_restored_whe
     s.delete().await.unwrap();
     broker.shutdown().await;
 }
+
+/// With a data directory, a durable subscription lives in `durable/<name>/` until it is
+/// deleted: then its files go, and one made again under its name starts empty. A broker shut
+/// down and started again on the directory gives it back with what it kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_subscription_on_disk_comes_back_with_the_broker_and_goes_when_deleted() {
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-ondisk-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let data = dir.0.join("data");
+    let bus = dir.0.join("bus.sock");
+    let config = BrokerConfig {
+        data_dir: Some(data.clone()),
+        ..BrokerConfig::default()
+    };
+    let endpoints = [Endpoint::Unix(bus.clone())];
+    let start = || Broker::start_on(config.clone(), &endpoints);
+    let broker = start().await.unwrap();
+    let client = Client::connect(&Endpoint::Unix(bus.clone()), ClientOptions::named("c"))
+        .await
+        .unwrap();
+    drop(client.subscribe_durable("kept", ["jobs.#"]).await.unwrap());
+    publish(&client, 0..5).await;
+    client.close().await;
+    assert!(data.join("durable/kept/meta.json").exists());
+    broker.shutdown().await;
+    drop(broker);
+
+    let broker = start().await.unwrap();
+    let client = Client::connect(&Endpoint::Unix(bus.clone()), ClientOptions::named("c"))
+        .await
+        .unwrap();
+    let mut s = client.subscribe_durable("kept", ["jobs.#"]).await.unwrap();
+    for i in 0..5 {
+        assert_eq!(next(&mut s).await, i);
+    }
+    s.delete().await.unwrap();
+    assert!(
+        !data.join("durable/kept").exists(),
+        "its files went with it"
+    );
+    drop(client.subscribe_durable("kept", ["jobs.#"]).await.unwrap());
+    let stats = broker.stats();
+    let kept = stats
+        .subscriptions
+        .iter()
+        .find(|d| d.durable.as_deref() == Some("kept"))
+        .unwrap();
+    assert_eq!((kept.pending, kept.unacked), (0, 0), "made again, empty");
+    client.close().await;
+    broker.shutdown().await;
+}
