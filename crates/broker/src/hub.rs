@@ -137,6 +137,8 @@ pub(crate) struct Hub {
     pub(crate) sessions: parking_lot::Mutex<std::collections::BTreeMap<u64, String>>,
     started: Instant,
     sys_seq: AtomicU64,
+    /// When a failed write to a durable subscription's log was last logged (ms since start).
+    store_error_logged_ms: AtomicU64,
 }
 
 impl Hub {
@@ -157,6 +159,7 @@ impl Hub {
             sessions: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
             sys_seq: AtomicU64::new(0),
+            store_error_logged_ms: AtomicU64::new(0),
             config,
         }
     }
@@ -518,24 +521,39 @@ impl Hub {
     pub(crate) fn persist_durables(&self, sync: bool) {
         let subs: Vec<_> = self.durables.lock().values().cloned().collect();
         for sub in subs.iter().filter(|s| s.on_disk) {
-            self.persist_one(sub, sync);
+            // A failure is counted; sessions holding an acknowledgement ask again.
+            let _failed = self.persist_one(sub, sync);
         }
     }
 
     /// Writes what `subs` kept before their publishers are acknowledged: to the operating
-    /// system, and under `fsync = always` to the disk.
-    pub(crate) fn persist(&self, subs: &mut Vec<Arc<AckedSub>>) {
+    /// system, and under `fsync = always` to the disk. Returns whether all of it was written;
+    /// the subscriptions whose logs could not be written stay in `subs`, to be asked again.
+    pub(crate) fn persist(&self, subs: &mut Vec<Arc<AckedSub>>) -> bool {
         let sync = self.config.fsync == crate::config::FsyncPolicy::Always;
-        for sub in subs.drain(..) {
-            self.persist_one(&sub, sync);
-        }
+        // Kept: those that failed.
+        subs.retain(|sub| self.persist_one(sub, sync));
+        subs.is_empty()
     }
 
-    fn persist_one(&self, sub: &AckedSub, sync: bool) {
-        if let Err(e) = sub.persist(sync) {
-            Counters::add(&self.counters.store_errors, 1);
-            tracing::error!(subscription = %sub.describe(), error = %e, "could not write a durable subscription's log; what it keeps would not survive the broker");
+    /// Writes one subscription's log; returns whether that failed (counted; logged at most
+    /// every few seconds, since a full disk fails every attempt).
+    fn persist_one(&self, sub: &AckedSub, sync: bool) -> bool {
+        let Err(e) = sub.persist(sync) else {
+            return false;
+        };
+        Counters::add(&self.counters.store_errors, 1);
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.store_error_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 5_000)
+            && self
+                .store_error_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(subscription = %sub.describe(), error = %e, "could not write a durable subscription's log; its publishers are not acknowledged until it is written");
         }
+        true
     }
 
     /// Acknowledges deliveries of one of `conn`'s subscriptions (an unknown id is one closed

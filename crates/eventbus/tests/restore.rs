@@ -207,3 +207,91 @@ async fn a_durable_subscription_on_disk_comes_back_with_the_broker_and_goes_when
     client.close().await;
     broker.shutdown().await;
 }
+
+/// A full disk never earns a publisher an acknowledgement: Processed publishes a durable
+/// subscription could not write to its log stay unacknowledged (counted in `store_errors`)
+/// while Realtime traffic flows; once there is room again they are written and acknowledged,
+/// and survive a restart. Needs root (a 512 KiB tmpfs is mounted as the data directory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_acknowledgements_back_until_there_is_room() {
+    let root = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-full-{}", std::process::id())));
+    let mnt = dir.0.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let bus = dir.0.join("bus.sock");
+    let config = BrokerConfig {
+        data_dir: Some(mnt.join("data")),
+        ..BrokerConfig::default()
+    };
+    let endpoints = [Endpoint::Unix(bus.clone())];
+    let broker = Broker::start_on(config.clone(), &endpoints).await.unwrap();
+    let ep = Endpoint::Unix(bus.clone());
+    let client = Client::connect(&ep, ClientOptions::named("c"))
+        .await
+        .unwrap();
+    drop(client.subscribe_durable("kept", ["jobs.#"]).await.unwrap());
+    let mut live = client.subscribe(["live.#"]).await.unwrap();
+    // Fill the disk, leaving less than the publishes need.
+    let filler = mnt.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    drop(f);
+    for i in 0..50u32 {
+        let p = Publish::new(
+            Topic::new("jobs.a").unwrap(),
+            Bytes::from(vec![i as u8; 4096]),
+        )
+        .qos(Qos::Processed);
+        client.publish_with(p).await.unwrap();
+    }
+    let held = client.wait_acked(Duration::from_millis(500)).await;
+    assert_eq!(held.acked + held.refused, 0, "{held:?}");
+    assert!(broker.stats().store_errors > 0);
+    // Realtime traffic is not held.
+    client
+        .publish(&Topic::new("live.x").unwrap(), Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(WAIT, live.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload().as_ref(), b"hello");
+    // Room again: written, acknowledged.
+    std::fs::remove_file(&filler).unwrap();
+    let report = client.wait_acked(WAIT).await;
+    assert_eq!((report.acked, report.outstanding), (50, 0));
+    client.close().await;
+    broker.shutdown().await;
+    drop(broker);
+    let broker = Broker::start_on(config, &endpoints).await.unwrap();
+    let client = Client::connect(&ep, ClientOptions::named("c"))
+        .await
+        .unwrap();
+    let mut s = client.subscribe_durable("kept", ["jobs.#"]).await.unwrap();
+    for i in 0..50u8 {
+        let m = tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap();
+        assert_eq!(m.payload()[0], i);
+    }
+    s.delete().await.unwrap();
+    client.close().await;
+    broker.shutdown().await;
+}

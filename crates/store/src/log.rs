@@ -72,6 +72,8 @@ pub struct Log {
     /// In order; the last is the one appended to.
     segments: Vec<Segment>,
     file: File,
+    /// Bytes of `file` written (the active segment without what `buf` holds).
+    file_len: u64,
     /// Records appended and not yet written.
     buf: Vec<u8>,
     next_seq: u64,
@@ -226,11 +228,13 @@ impl Log {
                 file
             }
         };
+        let file_len = segments.last().map_or(0, |s| s.info.bytes);
         let log = Self {
             dir: dir.to_path_buf(),
             options,
             segments,
             file,
+            file_len,
             buf: Vec::new(),
             next_seq,
             unsynced: Vec::new(),
@@ -280,9 +284,13 @@ impl Log {
             return Ok(());
         }
         let path = &self.segments.last().expect("a log has a segment").path;
-        self.file
-            .write_all(&self.buf)
-            .map_err(|e| StoreError::io(path, e))?;
+        if let Err(e) = self.file.write_all(&self.buf) {
+            // Part of it may be in the file: cut back, so that the next attempt writes whole
+            // records after whole records.
+            let _ = self.file.set_len(self.file_len);
+            return Err(StoreError::io(path, e));
+        }
+        self.file_len += self.buf.len() as u64;
         self.buf.clear();
         Ok(())
     }
@@ -365,6 +373,7 @@ impl Log {
     fn roll(&mut self) -> Result<(), StoreError> {
         self.flush()?;
         let (segment, file) = new_segment(&self.dir, self.next_seq)?;
+        self.file_len = segment.info.bytes;
         let old = std::mem::replace(&mut self.file, file);
         self.unsynced.push(old);
         self.segments.push(segment);

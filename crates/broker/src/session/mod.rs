@@ -221,7 +221,14 @@ struct ReadLoop<'a> {
     /// The last Processed publish acknowledged and not yet answered: a client of protocol 1.3
     /// reads an ACK as covering every earlier one, so one ACK answers a batch.
     ack_due: Option<daemoneye_eventbus_core::MessageId>,
+    /// `ack_due` waits for durable subscriptions' logs that could not be written: asked
+    /// again every [`STORE_RETRY`].
+    store_retry: bool,
 }
+
+/// How often a session holding an acknowledgement asks again for a log that could not be
+/// written.
+const STORE_RETRY: Duration = Duration::from_millis(100);
 
 impl<'a> ReadLoop<'a> {
     fn new(hub: &'a Hub, conn: &'a Arc<Conn>, core: SessionCore) -> Self {
@@ -238,6 +245,7 @@ impl<'a> ReadLoop<'a> {
             dropped: 0,
             rejected: 0,
             ack_due: None,
+            store_retry: false,
         }
     }
 
@@ -264,6 +272,7 @@ impl<'a> ReadLoop<'a> {
                 () = self.conn.cancel.cancelled() => return Exit::Cancelled,
                 () = self.hub.drain.cancelled() => return Exit::Shutdown,
                 r = reader.fill() => r,
+                () = tokio::time::sleep(STORE_RETRY), if self.store_retry => continue,
                 _ = tick.tick() => {
                     self.hub.expire(self.conn);
                     let step = self.core.on_tick(Instant::now(), self.conn.written_at());
@@ -395,7 +404,19 @@ impl<'a> ReadLoop<'a> {
     /// per publish), otherwise with the batch (one cumulative ACK, [`ReadLoop::send_ack`]).
     fn ack(&mut self, id: daemoneye_eventbus_core::MessageId) -> Option<Exit> {
         if self.conn.minor < ACKED_SINCE_MINOR {
-            self.hub.persist(&mut self.scratch.effects.persist);
+            // One answer per publish: refused outright when its durable subscription's log
+            // cannot be written.
+            if !self.hub.persist(&mut self.scratch.effects.persist) {
+                self.scratch.effects.persist.clear();
+                self.rejected += 1;
+                return self.control(Frame::Nack(daemoneye_eventbus_core::codec::Nack {
+                    id,
+                    code: ErrorCode::StoreFailed,
+                    reason: "the broker could not write it to a durable subscription's log \
+                             (is its disk full?); it was not kept durably"
+                        .into(),
+                }));
+            }
             return self.control(Frame::Ack(id));
         }
         self.ack_due = Some(id);
@@ -404,14 +425,15 @@ impl<'a> ReadLoop<'a> {
 
     /// Sends the cumulative ACK due, if any.
     fn send_ack(&mut self) -> Option<Exit> {
-        match self.ack_due.take() {
-            Some(id) => {
-                // What durable subscriptions kept goes to their logs first.
-                self.hub.persist(&mut self.scratch.effects.persist);
-                self.control(Frame::Ack(id))
-            }
-            None => None,
+        let id = self.ack_due?;
+        // What durable subscriptions kept goes to their logs first. Not written (a full
+        // disk): the publisher is not told it is kept, and the write is tried again.
+        self.store_retry = !self.hub.persist(&mut self.scratch.effects.persist);
+        if self.store_retry {
+            return None;
         }
+        self.ack_due = None;
+        self.control(Frame::Ack(id))
     }
 
     /// Routes a run as a unit, or message by message when a queue group subscribes to its
