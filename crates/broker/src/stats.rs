@@ -100,8 +100,8 @@ pub struct BrokerStats {
     /// connection closed (a connection's Processed queue).
     #[serde(default)]
     pub stalled: u64,
-    /// Writes to durable subscriptions' disk logs that failed (a full disk: the messages stay
-    /// in memory, and would not survive the broker).
+    /// Attempts to write durable subscriptions' disk logs that failed (a full disk: the
+    /// publishers' acknowledgements wait, and the write is tried again).
     #[serde(default)]
     pub store_errors: u64,
     /// Bytes of records cut short by a crash that the broker truncated when it started.
