@@ -726,40 +726,10 @@ impl AckedSub {
 mod tests {
     use super::*;
     use crate::delivery::store::MemoryStore;
-    use bytes::{Bytes, BytesMut};
-    use daemoneye_eventbus_core::codec::{FrameDecoder, RunWriter, max_frame_len};
-    use daemoneye_eventbus_core::{Frame, Header, Message, MessageId, Qos, Topic};
-
-    fn message(n: u64) -> Message {
-        Message::new(
-            Topic::new("t").unwrap(),
-            Header {
-                id: MessageId {
-                    publisher: 1,
-                    sequence: n,
-                },
-                ..Header::default()
-            },
-            Bytes::from(vec![0; 10]),
-        )
-    }
+    use crate::delivery::testing::{message, run};
 
     fn msg(n: u64) -> Kept {
         Kept::One(message(n))
-    }
-
-    /// A run of the messages numbered `ns`, as a broker decodes it from a PUBLISH_RUN.
-    fn run(ns: std::ops::RangeInclusive<u64>) -> Kept {
-        let mut b = BytesMut::new();
-        let mut w = RunWriter::begin(&mut b, &Topic::new("t").unwrap(), Qos::Realtime);
-        for n in ns {
-            let m = message(n);
-            w.push(&mut b, m.header(), m.payload());
-        }
-        match FrameDecoder::new(max_frame_len(1 << 20)).decode(&mut b) {
-            Ok(Some(Frame::PublishRun(r))) => Kept::Run(r),
-            other => panic!("not a run: {other:?}"),
-        }
     }
 
     fn queue(window: usize) -> AckedQueue<MemoryStore> {

@@ -254,38 +254,7 @@ impl Store for DiskStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use daemoneye_eventbus_core::codec::{FrameDecoder, RunWriter};
-    use daemoneye_eventbus_core::{ByteStr, Header, Message, MessageId, Qos, Topic};
-
-    fn message(n: u64) -> Message {
-        Message::new(
-            Topic::new("t.a").unwrap(),
-            Header {
-                id: MessageId {
-                    publisher: 1,
-                    sequence: n,
-                },
-                source: ByteStr::from("p"),
-                qos: Qos::Processed,
-                ..Header::default()
-            },
-            Bytes::from(n.to_le_bytes().to_vec()),
-        )
-    }
-
-    fn run(ns: std::ops::RangeInclusive<u64>) -> Kept {
-        let mut b = BytesMut::new();
-        let mut w = RunWriter::begin(&mut b, &Topic::new("t.a").unwrap(), Qos::Processed);
-        for n in ns {
-            let m = message(n);
-            w.push(&mut b, m.header(), m.payload());
-        }
-        match FrameDecoder::new(1 << 20).decode(&mut b) {
-            Ok(Some(Frame::PublishRun(r))) => Kept::Run(r),
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::delivery::testing::{message, run};
 
     /// (position, message number) of everything kept.
     fn kept(s: &DiskStore) -> Vec<(Pos, u64)> {

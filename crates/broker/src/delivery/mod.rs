@@ -27,6 +27,8 @@ mod outlet;
 mod processed;
 mod realtime;
 mod store;
+#[cfg(test)]
+mod testing;
 
 pub use acked::DurableFullPolicy;
 pub(crate) use acked::{AckedLimits, AckedOut, AckedSub, Attachment, SubPushed};
