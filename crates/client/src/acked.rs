@@ -49,7 +49,7 @@ pub struct AckReport {
     pub acked: u64,
     /// Refused by the broker (NACK; the reason is in [`crate::Client::last_rejection`]).
     pub refused: u64,
-    /// Neither yet.
+    /// Neither yet (those waiting in the spool, `ClientOptions::spool_dir`, included).
     pub outstanding: u64,
 }
 

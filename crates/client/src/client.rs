@@ -128,6 +128,9 @@ pub(crate) struct Inner {
     /// Acknowledged subscriptions being restored after a reconnect, by the request id of
     /// their SUBSCRIBE_ACKED.
     pub(crate) restored: Mutex<HashMap<u32, Restoring>>,
+    /// Processed publishes made while disconnected, on disk (`ClientOptions::spool_dir`).
+    /// Locked after `out`, never before.
+    pub(crate) spool: Option<Mutex<crate::spool::Spool>>,
     /// Pings awaiting their pong, by nonce.
     pub(crate) pings: Mutex<HashMap<u64, oneshot::Sender<()>>>,
     pub(crate) next_nonce: AtomicU64,
@@ -402,7 +405,19 @@ impl Client {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
             return Err(ConnectError::InvalidName(name.clone()));
         }
+        let spooled = match &options.spool_dir {
+            Some(dir) => Some(crate::spool::Spool::open(
+                dir,
+                options.spool_max_bytes,
+                options.spool_full,
+            )?),
+            None => None,
+        };
         let established = driver::connect_once(endpoint, &options).await?;
+        let (spool, left) = match spooled {
+            Some((s, left)) => (Some(Mutex::new(s)), left),
+            None => (None, Vec::new()),
+        };
         let in_process = matches!(endpoint, Endpoint::InProc(_));
         let max = established.max_message_size(&options);
         let (state, _) = watch::channel(ConnState::Connected {
@@ -436,6 +451,7 @@ impl Client {
             subs: Mutex::new(SubTable::default()),
             pending: Mutex::new(HashMap::new()),
             restored: Mutex::new(HashMap::new()),
+            spool,
             pings: Mutex::new(HashMap::new()),
             next_nonce: AtomicU64::new(1),
             next_request: AtomicU32::new(1),
@@ -449,11 +465,43 @@ impl Client {
             options,
         });
         let handle = tokio::spawn(driver::run(Arc::clone(&inner), established));
-        Ok(Self {
+        let client = Self {
             _guard: Arc::new(DropGuard(inner.closed.clone())),
             inner,
             driver: Arc::new(Mutex::new(Some(handle))),
-        })
+        };
+        client.send_left_in_spool(left);
+        Ok(client)
+    }
+
+    /// Sends what an earlier client left in the spool, before anything this one publishes,
+    /// as this client's publishes (renumbered, from this client's name); the spool forgets
+    /// them once the broker acknowledges them.
+    fn send_left_in_spool(&self, left: Vec<Message>) {
+        let (Some(spool), false) = (&self.inner.spool, left.is_empty()) else {
+            return;
+        };
+        let inner = &self.inner;
+        let runs = Runs::of_minor(inner.broker_minor.load(Ordering::Relaxed));
+        let mut out = inner.out.lock();
+        let out = &mut *out;
+        let (mut through, n) = (0, left.len() as u64);
+        for m in left {
+            let mut h = m.header().clone();
+            h.id = MessageId {
+                publisher: out.header.id.publisher,
+                sequence: inner.sequence.fetch_add(1, Ordering::Relaxed) + 1,
+            };
+            h.source = out.header.source.clone();
+            through = h.id.sequence;
+            out.buf.push_publish(m.topic(), &h, m.payload(), runs);
+            out.unacked.push(m.topic(), &h, m.payload().clone());
+            out.buf.kept += 1;
+            out.queued_total += 1;
+        }
+        inner.counters.resent.fetch_add(n, Ordering::Relaxed);
+        spool.lock().handed_over(through);
+        inner.out_ready.notify_one();
     }
 
     /// Connects with default options and this client name.
@@ -511,10 +559,11 @@ impl Client {
             let changed = self.inner.acked.notified();
             let report = {
                 let out = self.inner.out.lock();
+                let spooled = self.inner.spool.as_ref().map_or(0, |s| s.lock().len());
                 AckReport {
                     acked: out.unacked.acked,
                     refused: out.unacked.refused,
-                    outstanding: out.unacked.len() as u64,
+                    outstanding: (out.unacked.len() + spooled) as u64,
                 }
             };
             if report.outstanding == 0 || self.inner.closed.is_cancelled() {
@@ -604,6 +653,41 @@ impl Client {
                 } else {
                     inner.options.outbox_bytes
                 };
+                if keep
+                    && !out.connected
+                    && let Some(spool) = &inner.spool
+                {
+                    // Broker away, spool configured: on disk, not in memory.
+                    let mut h = out.header.clone();
+                    h.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    h.timestamp_ns = timestamp_ns;
+                    h.qos = extras.qos;
+                    h.reply_to = extras.reply_to.take();
+                    h.deadline_ns = extras.deadline_ns;
+                    h.correlation = extras.correlation.take();
+                    h.status = extras.status.take();
+                    let id = h.id;
+                    let payload = payload.take().expect("a publish is queued once");
+                    let msg = Message::new(topic.clone(), h, payload);
+                    let mut spool = spool.lock();
+                    return match spool.push(msg) {
+                        Ok(dropped) => {
+                            inner.counters.lost.fetch_add(dropped, Ordering::Relaxed);
+                            inner.counters.published.fetch_add(1, Ordering::Relaxed);
+                            Ok(id)
+                        }
+                        Err(crate::spool::NotSpooled::Full) => {
+                            inner.counters.lost.fetch_add(1, Ordering::Relaxed);
+                            Err(PublishError::Backlogged {
+                                queued: spool.bytes(),
+                            })
+                        }
+                        Err(crate::spool::NotSpooled::Store(e)) => {
+                            inner.counters.lost.fetch_add(1, Ordering::Relaxed);
+                            Err(PublishError::Spool(e))
+                        }
+                    };
+                }
                 let unacked_room = !keep
                     || out.unacked.len() == 0
                     || out.unacked.bytes + need <= inner.options.unacked_bytes;

@@ -214,11 +214,22 @@ async fn serve(inner: &Arc<Inner>, conn: Established, gap: Option<Duration>) -> 
         drop(restored);
         // Processed publishes a connection took and the broker never acknowledged go again,
         // with their ids, before anything queued later.
-        let out = inner.out.lock();
+        let mut out = inner.out.lock();
         let again = out.unacked.through(out.taken_through, &out.header.source);
+        // Then what was spooled while the broker was away, in order: kept in memory from
+        // now on, like any publish this connection takes, and in the spool until acknowledged.
+        let spooled = inner
+            .spool
+            .as_ref()
+            .map(|s| s.lock().take())
+            .unwrap_or_default();
+        for m in &spooled {
+            out.unacked.push(m.topic(), m.header(), m.payload().clone());
+            out.taken_through = out.taken_through.max(m.id().sequence);
+        }
         drop(out);
-        let resent = again.len() as u64;
-        for msg in again {
+        let resent = (again.len() + spooled.len()) as u64;
+        for msg in again.into_iter().chain(spooled) {
             writer.push(&Frame::Publish(msg));
         }
         inner.counters.resent.fetch_add(resent, Ordering::Relaxed);
@@ -557,6 +568,11 @@ impl ReadCtx<'_> {
             Frame::Ack(id) => {
                 if inner.out.lock().unacked.ack_through(id) > 0 {
                     inner.acked.notify_waiters();
+                }
+                if let Some(spool) = &inner.spool
+                    && let Err(e) = spool.lock().acked_through(id.sequence)
+                {
+                    tracing::warn!(error = %e, "could not record acknowledged publishes in the spool; they may be sent again after a restart");
                 }
             }
             Frame::Nack(n) => {

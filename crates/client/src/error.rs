@@ -29,6 +29,9 @@ pub enum ConnectError {
     /// The broker broke the protocol during the handshake.
     #[error("handshake failed: {0}")]
     Protocol(String),
+    /// The spool directory cannot be used (`ClientOptions::spool_dir`).
+    #[error("cannot use the spool directory")]
+    Spool(#[from] daemoneye_eventbus_store::StoreError),
 }
 
 /// Errors from publishing.
@@ -62,6 +65,10 @@ pub enum PublishError {
     /// The client was closed.
     #[error("client is closed")]
     Closed,
+    /// The broker is unreachable and the spool could not write the message
+    /// (`ClientOptions::spool_dir`); it was not kept.
+    #[error("broker unreachable and the spool could not keep the message")]
+    Spool(#[source] daemoneye_eventbus_store::StoreError),
 }
 
 /// Errors from subscribe / unsubscribe.

@@ -33,12 +33,13 @@ mod options;
 mod outbuf;
 mod queue;
 mod rpc;
+mod spool;
 mod subscription;
 
 pub use acked::{AckMode, AckReport, Delivery};
 pub use client::{Client, ClientStats, ConnState, Publish, SubscribeOptions};
 pub use error::{ConnectError, PublishError, SubscribeError};
 pub use metrics::RpcMetrics;
-pub use options::{ClientOptions, ReconnectPolicy};
+pub use options::{ClientOptions, ReconnectPolicy, SpoolFull};
 pub use rpc::{Request, RpcError, RpcErrorKind, ServeOptions, Service, new_correlation_id};
 pub use subscription::{MissedReason, RecvError, Subscription};

@@ -105,6 +105,27 @@ pub struct ClientOptions {
     /// Message ids each Processed subscription remembers to recognise duplicates (default
     /// 4096; 0 remembers none).
     pub dedup_window: usize,
+    /// Store-and-forward: a directory where Processed publishes made while the broker is
+    /// unreachable are kept on disk (made private if missing), to be sent in order when it is
+    /// back, and by the next client on this directory if this process ends first. `None`
+    /// (default): they wait in memory, within `unacked_bytes` and `outbox_bytes`.
+    pub spool_dir: Option<std::path::PathBuf>,
+    /// Charged bytes the spool holds at most (default 64 MiB).
+    pub spool_max_bytes: usize,
+    /// What a Processed publish finds a full spool does (default [`SpoolFull::Refuse`]).
+    pub spool_full: SpoolFull,
+}
+
+/// What a publish made while the broker is unreachable does when the spool is full
+/// ([`ClientOptions::spool_full`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SpoolFull {
+    /// It is refused: `PublishError::Backlogged`, counted in `ClientStats::lost` (default).
+    #[default]
+    Refuse,
+    /// The oldest spooled publish is dropped to make room, counted in `ClientStats::lost`.
+    DropOldest,
 }
 
 impl Default for ClientOptions {
@@ -123,6 +144,9 @@ impl Default for ClientOptions {
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
             unacked_bytes: 8 * 1024 * 1024,
             dedup_window: 4096,
+            spool_dir: None,
+            spool_max_bytes: 64 * 1024 * 1024,
+            spool_full: SpoolFull::Refuse,
         }
     }
 }
