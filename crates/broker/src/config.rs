@@ -83,6 +83,13 @@ pub struct BrokerConfig {
     pub fsync: FsyncPolicy,
     /// `fsync = interval`: how often, in milliseconds (default 100).
     pub fsync_interval_ms: u64,
+    /// Bytes the durable subscriptions' logs may take on disk together (default 1 GiB).
+    /// Beyond, the oldest segment of the largest log is dropped, its messages counted as
+    /// dropped by that subscription (reason backlog full) and reported to its subscriber.
+    pub store_max_bytes: u64,
+    /// Size of one log segment, the unit in which disk space is given back (default 64 MiB,
+    /// at least 64 KiB; `store_max_bytes` must hold two).
+    pub store_segment_bytes: u64,
 }
 
 /// When a durable subscription's log is made durable on the disk (`BrokerConfig::fsync`).
@@ -127,6 +134,8 @@ impl Default for BrokerConfig {
             data_dir: None,
             fsync: FsyncPolicy::Interval,
             fsync_interval_ms: 100,
+            store_max_bytes: 1024 * 1024 * 1024,
+            store_segment_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -203,6 +212,18 @@ impl BrokerConfig {
             "max_memory_bytes",
             self.max_memory_bytes,
             "must be at least subscriber_buffer_bytes".into(),
+        )?;
+        check(
+            self.store_segment_bytes >= 64 * 1024,
+            "store_segment_bytes",
+            self.store_segment_bytes,
+            "must be at least 65536".into(),
+        )?;
+        check(
+            self.store_max_bytes >= 2 * self.store_segment_bytes,
+            "store_max_bytes",
+            self.store_max_bytes,
+            "must hold two segments (2 × store_segment_bytes)".into(),
         )?;
         let need = m + MESSAGE_OVERHEAD + 256;
         check(

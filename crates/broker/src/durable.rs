@@ -70,7 +70,7 @@ pub(crate) fn write_meta(
 /// The directory is unsafe, a log is held by another process or was written by a newer
 /// build, or an I/O error. A definition that cannot be read sets its subscription aside
 /// (`Found::damaged`) instead.
-pub(crate) fn restore(data: &Path) -> Result<Found, StoreError> {
+pub(crate) fn restore(data: &Path, segment_bytes: u64) -> Result<Found, StoreError> {
     ensure_private_dir(data)?;
     let root = data.join("durable");
     ensure_private_dir(&root)?;
@@ -114,7 +114,7 @@ pub(crate) fn restore(data: &Path) -> Result<Found, StoreError> {
                 continue;
             }
         };
-        let opened = DiskStore::open(&dir.join("log"))?;
+        let opened = DiskStore::open(&dir.join("log"), segment_bytes)?;
         found.durables.push(Restored {
             name,
             filters,

@@ -456,7 +456,8 @@ impl Hub {
             std::fs::remove_dir_all(&dir).map_err(|e| fail(e.to_string()))?;
         }
         crate::durable::write_meta(&dir, name, filters).map_err(|e| fail(e.to_string()))?;
-        let opened = DiskStore::open(&dir.join("log")).map_err(|e| fail(e.to_string()))?;
+        let opened = DiskStore::open(&dir.join("log"), self.config.store_segment_bytes)
+            .map_err(|e| fail(e.to_string()))?;
         Ok(KeptStore::Disk(Box::new(opened.store)))
     }
 
@@ -470,7 +471,7 @@ impl Hub {
         let Some(data) = &self.config.data_dir else {
             return Ok(());
         };
-        let found = crate::durable::restore(data)?;
+        let found = crate::durable::restore(data, self.config.store_segment_bytes)?;
         let c = &self.config;
         for r in found.damaged {
             Counters::add(&self.counters.store_damaged, 1);
@@ -517,12 +518,45 @@ impl Hub {
     }
 
     /// Writes what the durable subscriptions on disk kept and had acknowledged; with `sync`,
-    /// to the disk itself.
+    /// to the disk itself. Then keeps their logs within `store_max_bytes`.
     pub(crate) fn persist_durables(&self, sync: bool) {
         let subs: Vec<_> = self.durables.lock().values().cloned().collect();
         for sub in subs.iter().filter(|s| s.on_disk) {
             // A failure is counted; sessions holding an acknowledgement ask again.
             let _failed = self.persist_one(sub, sync);
+        }
+        self.keep_store_within_bounds(&subs);
+    }
+
+    /// While the logs take more than `store_max_bytes` together, gives back the oldest
+    /// segment of the largest (its messages dropped, counted, reported to its subscriber).
+    fn keep_store_within_bounds(&self, subs: &[Arc<AckedSub>]) {
+        let max = self.config.store_max_bytes;
+        loop {
+            let sizes: Vec<(u64, &Arc<AckedSub>)> = subs
+                .iter()
+                .filter(|s| s.on_disk)
+                .map(|s| (s.disk_bytes(), s))
+                .collect();
+            let total: u64 = sizes.iter().map(|(b, _)| b).sum();
+            let Some((_, largest)) = sizes.iter().max_by_key(|(b, _)| *b) else {
+                return;
+            };
+            if total <= max {
+                return;
+            }
+            match largest.give_back_segment(&self.memory) {
+                Ok((freed, dropped)) if freed > 0 => {
+                    Counters::add(&self.counters.dropped, dropped);
+                    tracing::warn!(subscription = %largest.describe(), dropped, freed, "the data directory reached store_max_bytes: dropped the oldest segment of the largest durable subscription");
+                }
+                Ok(_) => return,
+                Err(e) => {
+                    Counters::add(&self.counters.store_errors, 1);
+                    tracing::error!(subscription = %largest.describe(), error = %e, "could not give back a log segment");
+                    return;
+                }
+            }
         }
     }
 

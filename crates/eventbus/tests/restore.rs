@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
-use daemoneye_eventbus::client::{Client, ClientOptions, Publish, Subscription};
+use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError, Subscription};
 use daemoneye_eventbus::{Endpoint, Qos, Topic};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -290,6 +290,89 @@ async fn a_full_disk_holds_acknowledgements_back_until_there_is_room() {
     for i in 0..50u8 {
         let m = tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap();
         assert_eq!(m.payload()[0], i);
+    }
+    s.delete().await.unwrap();
+    client.close().await;
+    broker.shutdown().await;
+}
+
+/// `store_max_bytes` bounds the data directory: past it, the oldest segment of the largest
+/// log goes, its messages counted as dropped and reported to the next subscriber, who gets
+/// the newest in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_keeps_within_its_bound_by_giving_back_the_oldest_segment() {
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-bound-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let data = dir.0.join("data");
+    let bus = dir.0.join("bus.sock");
+    let config = BrokerConfig {
+        data_dir: Some(data.clone()),
+        store_segment_bytes: 64 * 1024,
+        store_max_bytes: 256 * 1024,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start_on(config, &[Endpoint::Unix(bus.clone())])
+        .await
+        .unwrap();
+    let ep = Endpoint::Unix(bus);
+    let client = Client::connect(&ep, ClientOptions::named("c"))
+        .await
+        .unwrap();
+    drop(client.subscribe_durable("big", ["jobs.#"]).await.unwrap());
+    let n = 2000u32;
+    for i in 0..n {
+        let mut payload = vec![0u8; 512];
+        payload[..4].copy_from_slice(&i.to_le_bytes());
+        let p =
+            Publish::new(Topic::new("jobs.a").unwrap(), Bytes::from(payload)).qos(Qos::Processed);
+        client.publish_with(p).await.unwrap();
+    }
+    assert_eq!(client.wait_acked(WAIT).await.outstanding, 0);
+    let disk = || -> u64 {
+        let log = data.join("durable/big/log");
+        std::fs::read_dir(log)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    // The bound is kept every fsync_interval_ms (100): wait until the drops stop.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (mut dropped, mut same) = (0, 0);
+    while same < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never within the bound: {} bytes",
+            disk()
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let s = broker.stats();
+        let now = s
+            .subscriptions
+            .iter()
+            .find(|d| d.durable.as_deref() == Some("big"))
+            .map_or(0, |d| d.dropped);
+        same = if now > 0 && now == dropped {
+            same + 1
+        } else {
+            0
+        };
+        dropped = now;
+    }
+    assert!(disk() <= 256 * 1024 + 64 * 1024, "{} bytes", disk());
+    let mut s = client.subscribe_durable("big", ["jobs.#"]).await.unwrap();
+    match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+        Err(RecvError::Missed { count, .. }) => {
+            assert_eq!(count, dropped, "told {count}, counted {dropped}")
+        }
+        other => panic!("the drop is told first: {other:?}"),
+    }
+    // The oldest went: the first `dropped` published.
+    for i in dropped..u64::from(n) {
+        let m = tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap();
+        assert_eq!(
+            u64::from(u32::from_le_bytes(m.payload()[..4].try_into().unwrap())),
+            i
+        );
     }
     s.delete().await.unwrap();
     client.close().await;

@@ -653,6 +653,54 @@ impl AckedSub {
         }
     }
 
+    /// Bytes its log takes on disk (0 in memory).
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        match self.state.lock().queue.store_mut() {
+            KeptStore::Disk(d) => d.disk_bytes(),
+            KeptStore::Memory(_) => 0,
+        }
+    }
+
+    /// Gives back its log's oldest segment (to keep the data directory within
+    /// `store_max_bytes`): the messages in it are dropped, counted (reason backlog full) and
+    /// reported to its subscriber. Returns the bytes given back and the messages dropped.
+    ///
+    /// # Errors
+    ///
+    /// The log could not be written.
+    pub(crate) fn give_back_segment(
+        &self,
+        memory: &Memory,
+    ) -> Result<(u64, u64), daemoneye_eventbus_store::StoreError> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let (before, end) = match st.queue.store_mut() {
+            KeptStore::Disk(d) => match d.oldest_segment_end() {
+                Some(end) => (d.disk_bytes(), end),
+                None => return Ok((0, 0)),
+            },
+            KeptStore::Memory(_) => return Ok((0, 0)),
+        };
+        let mut dropped = 0;
+        while matches!(st.queue.store_mut(), KeptStore::Disk(d) if d.oldest_before(end)) {
+            let Some((topic, bytes)) = st.queue.drop_oldest() else {
+                break;
+            };
+            memory.release(bytes);
+            st.drops.record(&topic, DropReason::BacklogFull, 1);
+            dropped += 1;
+        }
+        let KeptStore::Disk(d) = st.queue.store_mut() else {
+            unreachable!("checked above");
+        };
+        // The drops are written, and segments holding nothing kept go.
+        d.persist(false)?;
+        if d.oldest_segment_end() == Some(end) {
+            d.remove_oldest_segment()?;
+        }
+        Ok((before.saturating_sub(d.disk_bytes()), dropped))
+    }
+
     /// Marks it stalled: its publishers stop waiting for it (until it acknowledges again).
     pub(crate) fn stall(&self) {
         self.state.lock().stalled = true;

@@ -53,14 +53,14 @@ impl DiskStore {
     /// # Errors
     ///
     /// As [`Log::open`]: an unsafe or locked directory, a newer format, an I/O error.
-    pub(crate) fn open(dir: &Path) -> Result<Reopened, StoreError> {
+    pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<Reopened, StoreError> {
         // Messages share the segments' buffers (read once, never copied again); topics and
         // sources repeat, and are interned as a connection's would be.
         let mut cache = DecodeCache::default();
         let mut found: Vec<(Pos, Kept, u64)> = Vec::new();
         let mut removed: Vec<(Pos, Pos)> = Vec::new();
         let mut undecodable = 0u64;
-        let (log, recovery) = Log::open(dir, LogOptions::default(), |r| {
+        let (log, recovery) = Log::open(dir, LogOptions { segment_bytes }, |r| {
             let mut c = r.body;
             let Some(pos) = take_u64(&mut c) else {
                 undecodable += 1;
@@ -185,6 +185,32 @@ impl DiskStore {
         }
     }
 
+    /// Bytes of its log on disk.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.log.bytes()
+    }
+
+    /// The sequence number past the last record of the oldest segment, when there is one
+    /// besides the segment appended to (or the log could make one by closing that).
+    pub(crate) fn oldest_segment_end(&self) -> Option<u64> {
+        let first = self.log.segments().next()?;
+        (first.end_seq > first.first_seq).then_some(first.end_seq)
+    }
+
+    /// Whether the oldest kept message lies in a record before `seq`.
+    pub(crate) fn oldest_before(&self, seq: u64) -> bool {
+        let oldest = self.mem.oldest();
+        self.records
+            .iter()
+            .find(|(first, n, _)| oldest.is_some_and(|o| o < first + *n as u64))
+            .is_some_and(|(.., record)| *record < seq)
+    }
+
+    /// Removes the oldest segment once nothing kept lies in it; returns the bytes given back.
+    pub(crate) fn remove_oldest_segment(&mut self) -> Result<u64, StoreError> {
+        Ok(self.log.remove_oldest_segment()?.map_or(0, |s| s.bytes))
+    }
+
     /// Messages kept, and their charged bytes.
     pub(crate) fn kept(&self) -> (usize, usize) {
         (self.mem.len(), self.mem.bytes())
@@ -281,7 +307,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("eb-disk-store-{}", std::process::id()));
         let log = dir.join("log");
         {
-            let mut s = DiskStore::open(&log).unwrap().store;
+            let mut s = DiskStore::open(&log, 1 << 20).unwrap().store;
             for n in 0..3 {
                 assert_eq!(s.append(Kept::One(message(n))), n);
             }
@@ -296,7 +322,7 @@ mod tests {
             // delivered again.
             s.remove(7);
         }
-        let reopened = DiskStore::open(&log).unwrap();
+        let reopened = DiskStore::open(&log, 1 << 20).unwrap();
         assert_eq!(reopened.undecodable, 0);
         let mut s = reopened.store;
         assert_eq!(kept(&s), [(2, 2), (3, 3), (6, 6), (7, 7)]);
@@ -309,7 +335,7 @@ mod tests {
         assert_eq!(s.records.len(), 0);
         assert_eq!(s.log.segments().count(), 1, "nothing kept: no old segment");
         drop(s);
-        let s = DiskStore::open(&log).unwrap().store;
+        let s = DiskStore::open(&log, 1 << 20).unwrap().store;
         assert!(kept(&s).is_empty());
         assert_eq!(s.mem.next_pos(), 9);
         std::fs::remove_dir_all(&dir).unwrap();
