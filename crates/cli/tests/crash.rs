@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 const ROLE_SOCKET: &str = "EVENTBUS_CRASH_SOCKET";
 const ROLE_FROM: &str = "EVENTBUS_CRASH_FROM";
+const ROLE_SPOOL: &str = "EVENTBUS_CRASH_SPOOL";
+const ROLE_COUNT: &str = "EVENTBUS_CRASH_COUNT";
 
 fn iterations() -> usize {
     std::env::var("EVENTBUS_CRASH_ITERATIONS")
@@ -431,6 +433,150 @@ fn durable_backlog_survives_broker_kills(fsync: &str) {
     drop(sub);
     rt.block_on(subscriber.close());
     rt.block_on(publisher.close());
+}
+
+/// The publisher side of [`a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing`]:
+/// runs only when re-executed by it. With a spool: when `ROLE_COUNT` is 0 it only connects
+/// (sending what an earlier process left in the spool) and prints `acked` once all of it is
+/// acknowledged; otherwise it waits for its broker to go, then publishes `ROLE_COUNT`
+/// Processed messages from `ROLE_FROM` on, printing `spooled N` as each returns.
+#[tokio::test]
+async fn spool_publisher_role() {
+    let (Ok(socket), Ok(from), Ok(count), Ok(spool)) = (
+        std::env::var(ROLE_SOCKET),
+        std::env::var(ROLE_FROM),
+        std::env::var(ROLE_COUNT),
+        std::env::var(ROLE_SPOOL),
+    ) else {
+        return;
+    };
+    let say = |line: String| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").unwrap();
+        out.flush().unwrap();
+    };
+    let (from, count): (u64, u64) = (from.parse().unwrap(), count.parse().unwrap());
+    let mut options = client_options("crash-spool");
+    options.spool_dir = Some(spool.into());
+    let ep = Endpoint::parse(&socket).unwrap();
+    let client = Client::connect(&ep, options).await.unwrap();
+    say("connected".into());
+    if count == 0 {
+        let report = client.wait_acked(WAIT).await;
+        say(format!("acked, {} outstanding", report.outstanding));
+    } else {
+        let mut state = client.state_watch();
+        state
+            .wait_for(|s| !matches!(s, daemoneye_eventbus::client::ConnState::Connected { .. }))
+            .await
+            .unwrap();
+        for seq in from..from + count {
+            client.publish_with(publish_seq(seq)).await.unwrap();
+            say(format!("spooled {seq}"));
+        }
+    }
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A publisher with a spool (`ClientOptions::spool_dir`) is a process: its broker is killed,
+/// it publishes while the broker is away, and it is killed with SIGKILL at a random point,
+/// `iterations()` times. Each time a new process on the same spool connects to the restarted
+/// broker and sends what the killed one left: every publish that had returned reaches the
+/// durable subscriber.
+#[test]
+fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
+    let dir = TempDir::new("crash-spool");
+    let socket = dir.path().join("eb.sock");
+    let spool = dir.path().join("spool");
+    let config = format!(
+        "[broker]\ndata_dir = \"{}\"\n",
+        dir.path().join("data").display()
+    );
+    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let mut broker = start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = Endpoint::Unix(socket.clone());
+    rt.block_on(async {
+        let c = Client::connect(&ep, client_options("maker")).await.unwrap();
+        drop(c.subscribe_durable("spooled", ["crash.#"]).await.unwrap());
+        c.close().await;
+    });
+    let role = |from: u64, count: u64| {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "spool_publisher_role",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE_SOCKET, format!("unix://{}", socket.display()))
+            .env(ROLE_FROM, from.to_string())
+            .env(ROLE_COUNT, count.to_string())
+            .env(ROLE_SPOOL, &spool)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = common::lines_of(child.stdout.take().unwrap());
+        // libtest's own "test … " may come first on the line.
+        wait_line(&lines, "the publisher connected", |l| l.ends_with("connected"));
+        (child, lines)
+    };
+    let kill = |child: &mut std::process::Child| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            Signal::SIGKILL,
+        )
+        .unwrap();
+        child.wait().unwrap();
+    };
+    let mut spooled: BTreeSet<u64> = BTreeSet::new();
+    for round in 0..iterations() as u64 {
+        let (from, count) = (round * 1_000, random(1, 200));
+        let (mut child, lines) = role(from, count);
+        broker.proc.signal(Signal::SIGKILL);
+        broker.proc.wait();
+        // Killed once a random number of its publishes returned.
+        let wanted = random(1, count + 1);
+        for _ in 0..wanted {
+            let line = wait_line(&lines, "a spooled publish", |l| l.contains("spooled "));
+            spooled.insert(line.rsplit(' ').next().unwrap().parse().unwrap());
+        }
+        kill(&mut child);
+        // What it printed meanwhile returned too.
+        while let Ok(line) = lines.try_recv() {
+            if line.contains("spooled ") {
+                spooled.insert(line.rsplit(' ').next().unwrap().parse().unwrap());
+            }
+        }
+        broker = start();
+        let (mut next, lines) = role(0, 0);
+        let done = wait_line(&lines, "the spool sent", |l| l.contains("acked, "));
+        assert!(done.ends_with("acked, 0 outstanding"), "{done}");
+        kill(&mut next);
+    }
+    let subscriber = rt
+        .block_on(Client::connect(&ep, client_options("crash-sub")))
+        .unwrap();
+    let mut sub = rt
+        .block_on(subscriber.subscribe_durable("spooled", ["crash.#"]))
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    rt.block_on(collect(&mut sub, &mut seen, |seen| {
+        spooled.iter().all(|s| seen.contains_key(s))
+    }));
+    println!(
+        "{} spooling publishers killed while their broker was away: {} publishes returned, all \
+         received ({} in all)",
+        iterations(),
+        spooled.len(),
+        seen.len()
+    );
+    drop(sub);
+    rt.block_on(subscriber.close());
 }
 
 /// Waits until `client` is connected and everything it sent before is read by the broker
