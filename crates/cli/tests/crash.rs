@@ -522,7 +522,9 @@ fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
             .unwrap();
         let lines = common::lines_of(child.stdout.take().unwrap());
         // libtest's own "test … " may come first on the line.
-        wait_line(&lines, "the publisher connected", |l| l.ends_with("connected"));
+        wait_line(&lines, "the publisher connected", |l| {
+            l.ends_with("connected")
+        });
         (child, lines)
     };
     let kill = |child: &mut std::process::Child| {
