@@ -404,7 +404,6 @@ async fn read_loop(
 ) -> String {
     let mut ctx = ReadCtx {
         inner: &inner,
-        shared: &inner,
         matched: Matched::default(),
         scratch: Vec::new(),
         blocked: Vec::new(),
@@ -457,9 +456,7 @@ async fn read_loop(
 }
 
 struct ReadCtx<'a> {
-    inner: &'a Inner,
-    /// The same, to hand to tasks.
-    shared: &'a Arc<Inner>,
+    inner: &'a Arc<Inner>,
     matched: Matched,
     /// Reused by queue group dispatch.
     scratch: Vec<u64>,
@@ -510,7 +507,7 @@ impl ReadCtx<'_> {
                     .min(RESTORE_MAX_DELAY);
                 r.attempts += 1;
                 let epoch = inner.epoch.load(Ordering::Relaxed);
-                let shared = Arc::clone(self.shared);
+                let shared = Arc::clone(self.inner);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     // A newer connection restores it on its own; a closed one is gone.
