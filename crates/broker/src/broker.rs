@@ -4,6 +4,7 @@ use crate::config::{BrokerConfig, ConfigError};
 use crate::hub::Hub;
 use crate::session;
 use crate::stats::BrokerStats;
+use crate::stats::Counters;
 use daemoneye_eventbus_core::catalog;
 use daemoneye_eventbus_transport::{Endpoint, Listener, TransportError};
 use std::sync::Arc;
@@ -246,12 +247,31 @@ async fn persist_loop(hub: Arc<Hub>) {
     loop {
         tokio::select! {
             () = hub.drain.cancelled() => break,
-            _ = tick.tick() => hub.persist_durables(sync),
+            _ = tick.tick() => {
+                let jobs = hub.persist_durables(sync);
+                if jobs.is_empty() {
+                    continue;
+                }
+                // The broker's thread goes on routing while the disk syncs.
+                let synced = tokio::task::spawn_blocking(move || {
+                    jobs.into_iter().map(|j| j.run()).filter_map(Result::err).collect::<Vec<_>>()
+                })
+                .await;
+                for e in synced.unwrap_or_default() {
+                    Counters::add(&hub.counters.store_errors, 1);
+                    tracing::error!(error = %e, "could not sync a durable subscription's log");
+                }
+            }
         }
     }
     // Sessions persist what they route before each ACK; what was acknowledged since the
     // last tick is written once more.
-    hub.persist_durables(sync);
+    for job in hub.persist_durables(sync) {
+        if let Err(e) = job.run() {
+            Counters::add(&hub.counters.store_errors, 1);
+            tracing::error!(error = %e, "could not sync a durable subscription's log");
+        }
+    }
 }
 
 async fn stats_loop(hub: Arc<Hub>) {

@@ -519,13 +519,40 @@ impl Hub {
 
     /// Writes what the durable subscriptions on disk kept and had acknowledged; with `sync`,
     /// to the disk itself. Then keeps their logs within `store_max_bytes`.
-    pub(crate) fn persist_durables(&self, sync: bool) {
+    ///
+    /// With `sync`, the waits for the disk are returned, to be run on a blocking thread (the
+    /// broker's own thread never waits for the disk on this path).
+    pub(crate) fn persist_durables(&self, sync: bool) -> Vec<daemoneye_eventbus_store::SyncJob> {
         let subs: Vec<_> = self.durables.lock().values().cloned().collect();
+        let mut jobs = Vec::new();
         for sub in subs.iter().filter(|s| s.on_disk) {
             // A failure is counted; sessions holding an acknowledgement ask again.
-            let _failed = self.persist_one(sub, sync);
+            if !sync {
+                let _failed = self.persist_one(sub, false);
+                continue;
+            }
+            match sub.persist_for_sync() {
+                Ok(job) => jobs.extend(job),
+                Err(e) => self.store_failed(sub, &e),
+            }
         }
         self.keep_store_within_bounds(&subs);
+        jobs
+    }
+
+    /// Counts a failed write or sync of a log, logging it at most every few seconds.
+    pub(crate) fn store_failed(&self, sub: &AckedSub, e: &daemoneye_eventbus_store::StoreError) {
+        Counters::add(&self.counters.store_errors, 1);
+        let now = self.started.elapsed().as_millis() as u64;
+        let last = self.store_error_logged_ms.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 5_000)
+            && self
+                .store_error_logged_ms
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(subscription = %sub.describe(), error = %e, "could not write a durable subscription's log; its publishers are not acknowledged until it is written");
+        }
     }
 
     /// While the logs take more than `store_max_bytes` together, gives back the oldest
@@ -576,17 +603,7 @@ impl Hub {
         let Err(e) = sub.persist(sync) else {
             return false;
         };
-        Counters::add(&self.counters.store_errors, 1);
-        let now = self.started.elapsed().as_millis() as u64;
-        let last = self.store_error_logged_ms.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 5_000)
-            && self
-                .store_error_logged_ms
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            tracing::error!(subscription = %sub.describe(), error = %e, "could not write a durable subscription's log; its publishers are not acknowledged until it is written");
-        }
+        self.store_failed(sub, &e);
         true
     }
 

@@ -20,7 +20,7 @@ mod log;
 pub mod record;
 
 pub use dir::ensure_private_dir;
-pub use log::{Damaged, Log, LogOptions, Recovery, SegmentInfo};
+pub use log::{Damaged, Log, LogOptions, Recovery, SegmentInfo, SyncJob};
 pub use record::Record;
 
 use std::path::{Path, PathBuf};

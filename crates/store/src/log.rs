@@ -315,6 +315,25 @@ impl Log {
         Ok(())
     }
 
+    /// [`Log::sync`] in two steps, so that the wait for the disk can happen elsewhere (a
+    /// blocking thread) while the log goes on being used: writes what is buffered now, and
+    /// returns what must be synced for it to be on the disk.
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::flush`], or the segment could not be opened again for the sync.
+    pub fn flush_for_sync(&mut self) -> Result<SyncJob, StoreError> {
+        self.flush()?;
+        let path = &self.segments.last().expect("a log has a segment").path;
+        let mut files = std::mem::take(&mut self.unsynced);
+        files.push(self.file.try_clone().map_err(|e| StoreError::io(path, e))?);
+        Ok(SyncJob {
+            files,
+            dir: self.dir.clone(),
+            sync_dir: std::mem::take(&mut self.dir_dirty),
+        })
+    }
+
     /// The sequence number the next record gets.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -378,6 +397,33 @@ impl Log {
         self.unsynced.push(old);
         self.segments.push(segment);
         self.dir_dirty = true;
+        Ok(())
+    }
+}
+
+/// What a [`Log::flush_for_sync`] left to sync: segments, and the directory when segments were
+/// made or removed.
+#[derive(Debug)]
+pub struct SyncJob {
+    files: Vec<File>,
+    /// The log's directory, synced too when `sync_dir`.
+    dir: PathBuf,
+    sync_dir: bool,
+}
+
+impl SyncJob {
+    /// Waits for the disk (blocking: run it where blocking is allowed).
+    ///
+    /// # Errors
+    ///
+    /// The disk refused to sync.
+    pub fn run(self) -> Result<(), StoreError> {
+        for f in &self.files {
+            f.sync_data().map_err(|e| StoreError::io(&self.dir, e))?;
+        }
+        if self.sync_dir {
+            sync_dir(&self.dir)?;
+        }
         Ok(())
     }
 }

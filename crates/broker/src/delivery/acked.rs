@@ -653,6 +653,22 @@ impl AckedSub {
         }
     }
 
+    /// [`AckedSub::persist`] with `sync`, the wait for the disk returned to run elsewhere
+    /// (`None` for a store in memory).
+    ///
+    /// # Errors
+    ///
+    /// The log's first write error since the last success.
+    pub(crate) fn persist_for_sync(
+        &self,
+    ) -> Result<Option<daemoneye_eventbus_store::SyncJob>, daemoneye_eventbus_store::StoreError>
+    {
+        match self.state.lock().queue.store_mut() {
+            KeptStore::Disk(d) => d.persist_for_sync().map(Some),
+            KeptStore::Memory(_) => Ok(None),
+        }
+    }
+
     /// Bytes its log takes on disk (0 in memory).
     pub(crate) fn disk_bytes(&self) -> u64 {
         match self.state.lock().queue.store_mut() {

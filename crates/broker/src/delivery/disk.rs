@@ -15,7 +15,7 @@ use daemoneye_eventbus_core::Frame;
 use daemoneye_eventbus_core::codec::{
     DecodeCache, LEN_PREFIX, encode_message_frame, encode_run_frame, kind,
 };
-use daemoneye_eventbus_store::{Log, LogOptions, Recovery, StoreError};
+use daemoneye_eventbus_store::{Log, LogOptions, Recovery, StoreError, SyncJob};
 use std::collections::VecDeque;
 use std::path::Path;
 
@@ -151,6 +151,28 @@ impl DiskStore {
     ///
     /// The first write error since the last success (the messages stay kept in memory).
     pub(crate) fn persist(&mut self, sync: bool) -> Result<(), StoreError> {
+        self.prepare()?;
+        if sync {
+            self.log.sync()
+        } else {
+            self.log.flush()
+        }
+    }
+
+    /// [`DiskStore::persist`] with `sync`, the wait for the disk left to the caller (to run
+    /// on a blocking thread).
+    ///
+    /// # Errors
+    ///
+    /// As [`DiskStore::persist`].
+    pub(crate) fn persist_for_sync(&mut self) -> Result<SyncJob, StoreError> {
+        self.prepare()?;
+        self.log.flush_for_sync()
+    }
+
+    /// Appends the removals, gives back segments holding nothing kept, and reports the first
+    /// error since the last success.
+    fn prepare(&mut self) -> Result<(), StoreError> {
         if !self.removed.is_empty() {
             let mut body = Vec::with_capacity(self.removed.len() * 16);
             for (a, b) in self.removed.drain(..) {
@@ -166,14 +188,12 @@ impl DiskStore {
             .records
             .front()
             .map_or(self.log.next_seq(), |(.., seq)| *seq);
-        let written = match self.log.remove_segments_before(first_kept) {
-            Ok(_) if sync => self.log.sync(),
-            Ok(_) => self.log.flush(),
-            Err(e) => Err(e),
-        };
-        match (self.failed.take(), written) {
-            (Some(e), _) | (None, Err(e)) => Err(e),
-            (None, Ok(())) => Ok(()),
+        if let Err(e) = self.log.remove_segments_before(first_kept) {
+            self.failed.get_or_insert(e);
+        }
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 
