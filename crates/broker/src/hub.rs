@@ -597,6 +597,27 @@ impl Hub {
         subs.is_empty()
     }
 
+    /// Under `fsync = always`, writes what `subs` kept and returns the waits for the disk that
+    /// must end before their publishers are acknowledged (to run on a blocking thread).
+    /// `None` when a log could not be written: the subscriptions that failed stay in `subs`.
+    pub(crate) fn persist_for_sync(
+        &self,
+        subs: &mut Vec<Arc<AckedSub>>,
+    ) -> Option<Vec<daemoneye_eventbus_store::SyncJob>> {
+        let mut jobs = Vec::with_capacity(subs.len());
+        subs.retain(|sub| match sub.persist_for_sync() {
+            Ok(job) => {
+                jobs.extend(job);
+                false
+            }
+            Err(e) => {
+                self.store_failed(sub, &e);
+                true
+            }
+        });
+        subs.is_empty().then_some(jobs)
+    }
+
     /// Writes one subscription's log; returns whether that failed (counted; logged at most
     /// every few seconds, since a full disk fails every attempt).
     fn persist_one(&self, sub: &AckedSub, sync: bool) -> bool {

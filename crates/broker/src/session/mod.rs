@@ -224,6 +224,18 @@ struct ReadLoop<'a> {
     /// `ack_due` waits for durable subscriptions' logs that could not be written: asked
     /// again every [`STORE_RETRY`].
     store_retry: bool,
+    /// Under `fsync = always`: the disk syncing what durable subscriptions kept on a
+    /// blocking thread, and the ACK (with the subscriptions) that waits for it. The session
+    /// reads on meanwhile; what it routes waits for the next sync (a group commit per
+    /// session).
+    syncing: Option<Syncing>,
+}
+
+/// A sync in flight (see [`ReadLoop::syncing`]).
+struct Syncing {
+    ack: daemoneye_eventbus_core::MessageId,
+    subs: Vec<Arc<crate::delivery::AckedSub>>,
+    done: tokio::task::JoinHandle<Vec<daemoneye_eventbus_store::StoreError>>,
 }
 
 /// How often a session holding an acknowledgement asks again for a log that could not be
@@ -246,6 +258,7 @@ impl<'a> ReadLoop<'a> {
             rejected: 0,
             ack_due: None,
             store_retry: false,
+            syncing: None,
         }
     }
 
@@ -273,6 +286,30 @@ impl<'a> ReadLoop<'a> {
                 () = self.hub.drain.cancelled() => return Exit::Shutdown,
                 r = reader.fill() => r,
                 () = tokio::time::sleep(STORE_RETRY), if self.store_retry => continue,
+                r = async { (&mut self.syncing.as_mut().expect("checked").done).await },
+                    if self.syncing.is_some() =>
+                {
+                    let synced = self.syncing.take().expect("checked");
+                    let errors = r.unwrap_or_default();
+                    if errors.is_empty() {
+                        if let Some(exit) = self.control(Frame::Ack(synced.ack)) {
+                            return exit;
+                        }
+                    } else {
+                        // Written, not on the disk: synced again before the ACK.
+                        if let Some(sub) = synced.subs.first() {
+                            for e in &errors {
+                                self.hub.store_failed(sub, e);
+                            }
+                        }
+                        self.scratch.effects.persist.extend(synced.subs);
+                        self.ack_due = Some(self.ack_due.map_or(synced.ack, |a| {
+                            if a.sequence >= synced.ack.sequence { a } else { synced.ack }
+                        }));
+                        self.store_retry = true;
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {
                     self.hub.expire(self.conn);
                     let step = self.core.on_tick(Instant::now(), self.conn.written_at());
@@ -426,6 +463,33 @@ impl<'a> ReadLoop<'a> {
     /// Sends the cumulative ACK due, if any.
     fn send_ack(&mut self) -> Option<Exit> {
         let id = self.ack_due?;
+        if self.syncing.is_some() {
+            // The next sync starts when the one in flight ends.
+            return None;
+        }
+        let always = self.hub.config.fsync == crate::config::FsyncPolicy::Always;
+        if always && !self.scratch.effects.persist.is_empty() {
+            // Written now; on the disk when the blocking thread's sync ends, and then the ACK.
+            let subs = self.scratch.effects.persist.clone();
+            let Some(jobs) = self.hub.persist_for_sync(&mut self.scratch.effects.persist) else {
+                self.store_retry = true;
+                return None;
+            };
+            self.store_retry = false;
+            self.ack_due = None;
+            let done = tokio::task::spawn_blocking(move || {
+                jobs.into_iter()
+                    .map(daemoneye_eventbus_store::SyncJob::run)
+                    .filter_map(Result::err)
+                    .collect()
+            });
+            self.syncing = Some(Syncing {
+                ack: id,
+                subs,
+                done,
+            });
+            return None;
+        }
         // What durable subscriptions kept goes to their logs first. Not written (a full
         // disk): the publisher is not told it is kept, and the write is tried again.
         self.store_retry = !self.hub.persist(&mut self.scratch.effects.persist);
