@@ -7,7 +7,9 @@
 
 use bytes::Bytes;
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
-use daemoneye_eventbus::client::{Client, ClientOptions, Publish, RecvError, Subscription};
+use daemoneye_eventbus::client::{
+    Client, ClientOptions, ConnState, Publish, RecvError, Subscription,
+};
 use daemoneye_eventbus::{Endpoint, Qos, Topic};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -111,6 +113,12 @@ async fn a_durable_subscription_still_held_for_a_dead_connection_is_restored_whe
     let subscriber = Client::connect(&Endpoint::Unix(via), ClientOptions::named("restorer"))
         .await
         .unwrap();
+    let ConnState::Connected {
+        session_id: first_session,
+    } = subscriber.state()
+    else {
+        panic!("connected")
+    };
     let mut s = subscriber
         .subscribe_durable("kept", ["jobs.#"])
         .await
@@ -134,11 +142,21 @@ async fn a_durable_subscription_still_held_for_a_dead_connection_is_restored_whe
     // by the durable subscription, in flight on the connection the broker still holds.
     proxy.cut();
     publish(&publisher, 1..3).await;
-    // Reconnected: the restore was sent, and refused (the broker still holds the
-    // subscription), before the answer to this ping.
+    // Reconnected (a session other than the first): the restore was sent, and refused (the
+    // broker still holds the subscription), before the answer to a ping on the new session.
+    let mut state = subscriber.state_watch();
+    tokio::time::timeout(
+        WAIT,
+        state.wait_for(
+            |s| matches!(s, ConnState::Connected { session_id } if *session_id != first_session),
+        ),
+    )
+    .await
+    .expect("the subscriber reconnects")
+    .unwrap();
     tokio::time::timeout(WAIT, subscriber.ping())
         .await
-        .expect("the subscriber reconnects")
+        .expect("the reconnected session answers")
         .unwrap();
     assert_eq!(
         holder(&broker),
