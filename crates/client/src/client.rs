@@ -771,7 +771,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`SubscribeError::Timeout`] after `request_timeout`, or [`SubscribeError::Closed`].
+    /// [`SubscribeError::Timeout`] after `request_timeout`, [`SubscribeError::Disconnected`]
+    /// when the connection it was sent on is lost first, or [`SubscribeError::Closed`].
     pub async fn ping(&self) -> Result<std::time::Duration, SubscribeError> {
         let nonce = self.inner.next_nonce.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -782,7 +783,9 @@ impl Client {
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, rx) => match r {
                 Ok(Ok(())) => Ok(start.elapsed()),
-                Ok(Err(_)) => Err(SubscribeError::Closed),
+                Ok(Err(_)) if self.inner.closed.is_cancelled() => Err(SubscribeError::Closed),
+                // Its connection was lost before the answer.
+                Ok(Err(_)) => Err(SubscribeError::Disconnected),
                 Err(_) => Err(SubscribeError::Timeout(timeout)),
             },
             () = self.inner.closed.cancelled() => Err(SubscribeError::Closed),

@@ -114,6 +114,12 @@ pub(crate) async fn run(inner: Arc<Inner>, first: Established) {
                 break;
             }
             tracing::warn!(endpoint = %inner.endpoint, cause = %cause, "lost the broker; reconnecting");
+            // Requests and pings written to the lost connection are never answered: their
+            // callers learn it now rather than at their deadline.
+            for (_, tx) in inner.pending.lock().drain() {
+                let _ = tx.send(Err(crate::SubscribeError::Disconnected));
+            }
+            inner.pings.lock().clear();
             inner.out.lock().connected = false;
             // Publishers waiting for room now get `Backlogged` instead of waiting out the outage.
             inner.out_space.notify_waiters();

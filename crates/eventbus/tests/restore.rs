@@ -396,3 +396,48 @@ async fn the_store_keeps_within_its_bound_by_giving_back_the_oldest_segment() {
     client.close().await;
     broker.shutdown().await;
 }
+
+/// A ping or a subscription request in flight when its connection is lost is answered at once
+/// with `Disconnected`, not left to its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_on_a_lost_connection_fails_at_once() {
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-lost-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let (bus, via) = (dir.0.join("bus.sock"), dir.0.join("proxy.sock"));
+    let broker = Broker::start_on(BrokerConfig::default(), &[Endpoint::Unix(bus.clone())])
+        .await
+        .unwrap();
+    let proxy = Proxy::start(&via, bus);
+    let mut options = ClientOptions::named("pinger");
+    options.request_timeout = Duration::from_secs(30);
+    let client = Client::connect(&Endpoint::Unix(via), options)
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        proxy.cut();
+        // Sent on the lost connection, or on the next one: answered either way, long before
+        // the 30 s deadline.
+        let (ping, sub) = tokio::time::timeout(WAIT, async {
+            tokio::join!(client.ping(), client.subscribe(["x.#"]))
+        })
+        .await
+        .expect("answered, not left to the deadline");
+        assert!(
+            matches!(
+                ping,
+                Ok(_) | Err(daemoneye_eventbus::client::SubscribeError::Disconnected)
+            ),
+            "{ping:?}"
+        );
+        assert!(
+            matches!(
+                sub,
+                Ok(_) | Err(daemoneye_eventbus::client::SubscribeError::Disconnected)
+            ),
+            "{sub:?}"
+        );
+        proxy.release();
+    }
+    client.close().await;
+    broker.shutdown().await;
+}
