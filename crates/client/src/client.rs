@@ -264,6 +264,20 @@ pub(crate) struct Extras {
     pub(crate) status: Option<Box<ReplyStatus>>,
 }
 
+impl Extras {
+    /// Sets what differs per message in `h` (a copy of the client's header template): its
+    /// sequence, timestamp, and these options (taken).
+    fn stamp(&mut self, h: &mut Header, sequence: u64, timestamp_ns: u64) {
+        h.id.sequence = sequence;
+        h.timestamp_ns = timestamp_ns;
+        h.qos = self.qos;
+        h.reply_to = self.reply_to.take();
+        h.deadline_ns = self.deadline_ns;
+        h.correlation = self.correlation.take();
+        h.status = self.status.take();
+    }
+}
+
 impl Publish {
     /// A message for `topic`.
     pub fn new(topic: Topic, payload: impl Into<Bytes>) -> Self {
@@ -659,13 +673,8 @@ impl Client {
                 {
                     // Broker away, spool configured: on disk, not in memory.
                     let mut h = out.header.clone();
-                    h.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-                    h.timestamp_ns = timestamp_ns;
-                    h.qos = extras.qos;
-                    h.reply_to = extras.reply_to.take();
-                    h.deadline_ns = extras.deadline_ns;
-                    h.correlation = extras.correlation.take();
-                    h.status = extras.status.take();
+                    let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    extras.stamp(&mut h, sequence, timestamp_ns);
                     let id = h.id;
                     let payload = payload.take().expect("a publish is queued once");
                     let msg = Message::new(topic.clone(), h, payload);
@@ -704,13 +713,8 @@ impl Client {
                     // what differs per message is set. Numbered under the queue lock, so ids
                     // follow the order on the wire.
                     let h = &mut out.header;
-                    h.id.sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
-                    h.timestamp_ns = timestamp_ns;
-                    h.qos = extras.qos;
-                    h.reply_to = extras.reply_to.take();
-                    h.deadline_ns = extras.deadline_ns;
-                    h.correlation = extras.correlation.take();
-                    h.status = extras.status.take();
+                    let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    extras.stamp(h, sequence, timestamp_ns);
                     let id = h.id;
                     let runs = Runs::of_minor(inner.broker_minor.load(Ordering::Relaxed));
                     let payload = payload.take().expect("a publish is queued once");
