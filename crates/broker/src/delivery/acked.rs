@@ -698,7 +698,10 @@ impl AckedSub {
             KeptStore::Memory(_) => return Ok((0, 0)),
         };
         let mut dropped = 0;
-        while matches!(st.queue.store_mut(), KeptStore::Disk(d) if d.oldest_before(end)) {
+        while let KeptStore::Disk(d) = st.queue.store_mut() {
+            if !d.oldest_before(end) {
+                break;
+            }
             let Some((topic, bytes)) = st.queue.drop_oldest() else {
                 break;
             };

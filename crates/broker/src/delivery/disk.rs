@@ -217,13 +217,16 @@ impl DiskStore {
         (first.end_seq > first.first_seq).then_some(first.end_seq)
     }
 
-    /// Whether the oldest kept message lies in a record before `seq`.
-    pub(crate) fn oldest_before(&self, seq: u64) -> bool {
-        let oldest = self.mem.oldest();
-        self.records
-            .iter()
-            .find(|(first, n, _)| oldest.is_some_and(|o| o < first + *n as u64))
-            .is_some_and(|(.., record)| *record < seq)
+    /// Whether the oldest kept message lies in a record before `seq`. Records whose messages
+    /// are all gone are forgotten first, so this looks at one record (it is asked once per
+    /// message dropped).
+    pub(crate) fn oldest_before(&mut self, seq: u64) -> bool {
+        self.trim_records();
+        self.mem.oldest().is_some()
+            && self
+                .records
+                .front()
+                .is_some_and(|(.., record)| *record < seq)
     }
 
     /// Removes the oldest segment once nothing kept lies in it; returns the bytes given back.
