@@ -359,12 +359,7 @@ fn durable_backlog_survives_broker_kills(fsync: &str) {
     let mut broker = start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ep = Endpoint::Unix(socket.clone());
-    // The durable subscription exists, detached, before the first publish.
-    rt.block_on(async {
-        let c = Client::connect(&ep, client_options("maker")).await.unwrap();
-        drop(c.subscribe_durable("ondisk", ["crash.#"]).await.unwrap());
-        c.close().await;
-    });
+    make_durable(&rt, &ep, "ondisk");
     let publisher = rt
         .block_on(Client::connect(&ep, client_options("crash-pub")))
         .unwrap();
@@ -499,11 +494,7 @@ fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
     let mut broker = start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ep = Endpoint::Unix(socket.clone());
-    rt.block_on(async {
-        let c = Client::connect(&ep, client_options("maker")).await.unwrap();
-        drop(c.subscribe_durable("spooled", ["crash.#"]).await.unwrap());
-        c.close().await;
-    });
+    make_durable(&rt, &ep, "spooled");
     let role = |from: u64, count: u64| {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -579,6 +570,16 @@ fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
     );
     drop(sub);
     rt.block_on(subscriber.close());
+}
+
+/// Makes durable subscription `name` on `crash.#` and leaves it detached, before the first
+/// publish.
+fn make_durable(rt: &tokio::runtime::Runtime, ep: &Endpoint, name: &str) {
+    rt.block_on(async {
+        let c = Client::connect(ep, client_options("maker")).await.unwrap();
+        drop(c.subscribe_durable(name, ["crash.#"]).await.unwrap());
+        c.close().await;
+    });
 }
 
 /// Waits until `client` is connected and everything it sent before is read by the broker

@@ -5,7 +5,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use bytes::Bytes;
+use common::{TempDir, WAIT, publish_numbered};
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
 use daemoneye_eventbus::client::{
     Client, ClientOptions, ConnState, Publish, RecvError, Subscription,
@@ -16,16 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A Unix socket proxy to the broker whose connections can be cut on the client's side only:
 /// the broker's side is held open, silent, until [`Proxy::release`].
@@ -89,15 +82,9 @@ async fn next(s: &mut Subscription) -> u32 {
     payload_u32(&m)
 }
 
+/// [`publish_numbered`], then every publish acknowledged.
 async fn publish(client: &Client, range: std::ops::Range<u32>) {
-    for i in range {
-        let p = Publish::new(
-            Topic::new("jobs.a").unwrap(),
-            Bytes::copy_from_slice(&i.to_le_bytes()),
-        )
-        .qos(Qos::Processed);
-        client.publish_with(p).await.unwrap();
-    }
+    publish_numbered(client, range).await;
     assert_eq!(client.wait_acked(WAIT).await.outstanding, 0);
 }
 

@@ -4,22 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use bytes::Bytes;
+mod common;
+
+use common::{TempDir, WAIT, publish_numbered};
+use daemoneye_eventbus::Endpoint;
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
-use daemoneye_eventbus::client::{Client, ClientOptions, ConnState, Publish};
-use daemoneye_eventbus::{Endpoint, Qos, Topic};
+use daemoneye_eventbus::client::{Client, ClientOptions, ConnState};
 use std::path::PathBuf;
 use std::time::Duration;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn options(name: &str, spool: PathBuf) -> ClientOptions {
     let mut o = ClientOptions::named(name);
@@ -27,17 +19,6 @@ fn options(name: &str, spool: PathBuf) -> ClientOptions {
     o.reconnect.initial_delay = Duration::from_millis(10);
     o.reconnect.max_delay = Duration::from_millis(50);
     o
-}
-
-async fn publish(client: &Client, range: std::ops::Range<u32>) {
-    for i in range {
-        let p = Publish::new(
-            Topic::new("jobs.a").unwrap(),
-            Bytes::copy_from_slice(&i.to_le_bytes()),
-        )
-        .qos(Qos::Processed);
-        client.publish_with(p).await.unwrap();
-    }
 }
 
 async fn away(client: &Client) {
@@ -87,26 +68,26 @@ async fn publishes_made_while_the_broker_is_away_wait_on_disk_and_arrive_in_orde
     let collector = Client::connect(&endpoint, options("collector", spool.clone()))
         .await
         .unwrap();
-    publish(&collector, 0..10).await;
+    publish_numbered(&collector, 0..10).await;
     assert_eq!(collector.wait_acked(WAIT).await.outstanding, 0);
     broker.shutdown().await;
     drop(broker);
     away(&collector).await;
-    publish(&collector, 10..60).await;
+    publish_numbered(&collector, 10..60).await;
     assert_eq!(collector.stats().lost, 0);
     // The broker is back: the spool goes first, in order, and is acknowledged.
     let broker = Broker::start_on(config.clone(), &endpoints).await.unwrap();
     let report = collector.wait_acked(WAIT).await;
     assert_eq!((report.acked, report.outstanding), (60, 0), "{report:?}");
     assert!(collector.stats().resent >= 50);
-    publish(&collector, 60..70).await;
+    publish_numbered(&collector, 60..70).await;
     assert_eq!(collector.wait_acked(WAIT).await.outstanding, 0);
 
     // The broker goes again; the collector spools, then ends before it is back.
     broker.shutdown().await;
     drop(broker);
     away(&collector).await;
-    publish(&collector, 70..100).await;
+    publish_numbered(&collector, 70..100).await;
     collector.close().await;
     drop(collector);
     // The next collector on the spool sends what the first left, before its own.
@@ -114,7 +95,7 @@ async fn publishes_made_while_the_broker_is_away_wait_on_disk_and_arrive_in_orde
     let next = Client::connect(&endpoint, options("collector", spool))
         .await
         .unwrap();
-    publish(&next, 100..110).await;
+    publish_numbered(&next, 100..110).await;
     let report = next.wait_acked(WAIT).await;
     assert_eq!((report.acked, report.outstanding), (40, 0), "{report:?}");
     next.close().await;
