@@ -246,11 +246,12 @@ impl Log {
     }
 
     /// Appends a record of `kind`; returns its sequence number. Buffered until
-    /// [`Log::flush`] or [`Log::sync`].
+    /// [`Log::flush`] or [`Log::sync`]. A new segment that cannot be made now (a full disk)
+    /// is left to a later append: the record goes on in the current one.
     ///
     /// # Errors
     ///
-    /// [`StoreError::TooLarge`], or an I/O error while starting a new segment.
+    /// [`StoreError::TooLarge`].
     pub fn append(&mut self, kind: u8, body: &[u8]) -> Result<u64, StoreError> {
         if body.len() > MAX_BODY {
             return Err(StoreError::TooLarge {
@@ -261,7 +262,9 @@ impl Log {
         let size = (RECORD_HEAD + body.len()) as u64;
         let active = &self.segments.last().expect("a log has a segment").info;
         if active.end_seq > active.first_seq && active.bytes + size > self.options.segment_bytes {
-            self.roll()?;
+            // A segment that cannot be made now (a full disk) is made by a later append: the
+            // record goes on in this one, so that it is written with the next flush.
+            let _deferred = self.roll();
         }
         let seq = self.next_seq;
         put_record(&mut self.buf, seq, kind, body);
@@ -437,8 +440,11 @@ fn new_segment(dir: &Path, first_seq: u64) -> Result<(Segment, File), StoreError
         .map_err(|e| StoreError::io(&path, e))?;
     let mut header = Vec::with_capacity(HEADER_LEN);
     put_header(&mut header);
-    file.write_all(&header)
-        .map_err(|e| StoreError::io(&path, e))?;
+    if let Err(e) = file.write_all(&header) {
+        // Not left half made: the name is free for the next attempt.
+        let _ = std::fs::remove_file(&path);
+        return Err(StoreError::io(&path, e));
+    }
     let info = SegmentInfo {
         first_seq,
         end_seq: first_seq,

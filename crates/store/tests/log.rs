@@ -246,3 +246,63 @@ proptest! {
         prop_assert!(expected == 0 || next > written[expected - 1].0);
     }
 }
+
+/// A full disk at a segment's end loses no record: the new segment that cannot be made is
+/// made later, the records go on in the last one, and every flush that failed is made good
+/// by the next. Needs root (a small tmpfs is mounted).
+#[test]
+fn a_full_disk_at_a_segment_boundary_loses_no_record() {
+    let uid = std::process::Command::new("id").arg("-u").output().unwrap();
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let tmp = temp_dir();
+    let mnt = tmp.0.parent().unwrap().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let dir = mnt.join("log");
+    let (mut log, seen, _) = open(&dir, 8 * 1024);
+    assert!(seen.is_empty());
+    let body = vec![7u8; 1000];
+    for _ in 0..5 {
+        log.append(1, &body).unwrap();
+    }
+    log.flush().unwrap();
+    // Fill the disk.
+    let filler = mnt.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    // Past the segment's end while no segment can be made, and no write succeeds.
+    let mut failed = 0;
+    for _ in 5..20 {
+        log.append(1, &body).unwrap();
+        failed += usize::from(log.flush().is_err());
+    }
+    assert!(failed > 0, "the disk was full");
+    std::fs::remove_file(&filler).unwrap();
+    for _ in 20..25 {
+        log.append(1, &body).unwrap();
+    }
+    log.sync().unwrap();
+    assert!(segment_files(&dir).len() >= 2, "segments were made once there was room");
+    drop(log);
+    let (_, seen, recovery) = open(&dir, 8 * 1024);
+    assert_eq!(recovery.torn_bytes, 0);
+    let seqs: Vec<u64> = seen.iter().map(|(seq, ..)| *seq).collect();
+    assert_eq!(seqs, (0..25).collect::<Vec<_>>());
+}
