@@ -13,11 +13,11 @@ use crate::router::{Class, Member, PlanCache, Router, Slot, SubscribeRefusal};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, SubscriptionStats, load};
 use bytes::Bytes;
 use daemoneye_eventbus_core::codec::{
-    ErrorCode, ErrorFrame, Lent, SubEnd, SubId, Subscribe, SubscribeAcked, Version, Welcome,
+    ErrorCode, ErrorFrame, Lent, Nack, SubEnd, SubId, Subscribe, SubscribeAcked, Version, Welcome,
 };
 use daemoneye_eventbus_core::{
-    ByteStr, DurableName, Frame, Header, Message, MessageId, QueueGroup, ReplyStatus, StatusCode,
-    Topic, TopicFilter, catalog,
+    ByteStr, DurableName, Frame, Header, Message, MessageId, Qos, QueueGroup, ReplyStatus,
+    StatusCode, Topic, TopicFilter, catalog,
 };
 use daemoneye_eventbus_transport::{PeerInfo, TransportKind};
 use parking_lot::RwLock;
@@ -63,6 +63,59 @@ pub(crate) struct Routed {
     pub(crate) matched: u64,
     /// Deliveries dropped (evicted older messages, or this one).
     pub(crate) dropped: u64,
+    /// Set when nothing was queued: a Processed publish a durable subscription on disk
+    /// would keep, while the store cannot write ([`Hub::store_trouble`]).
+    pub(crate) refused: Option<StoreTrouble>,
+}
+
+/// Why the disk store cannot keep Processed publishes now: the last write to a durable
+/// subscription's log failed, and none has succeeded since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StoreTrouble {
+    /// The disk (or the user's quota) is full.
+    Full,
+    /// Another write error (the disk failing, the directory removed).
+    Failing,
+}
+
+impl StoreTrouble {
+    const OK: u8 = 0;
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Self::Full => 1,
+            Self::Failing => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Full),
+            2 => Some(Self::Failing),
+            _ => None,
+        }
+    }
+
+    /// The refusal a publisher gets.
+    pub(crate) fn nack(self, id: daemoneye_eventbus_core::MessageId) -> Nack {
+        let (code, reason) = match self {
+            Self::Full => (
+                ErrorCode::StoreFull,
+                "the broker's disk is full: a durable subscription would keep this and cannot \
+                 write it, so it was not delivered; publish it again once there is room",
+            ),
+            Self::Failing => (
+                ErrorCode::StoreFailed,
+                "the broker cannot write its durable subscriptions' logs (see its log): this \
+                 was not delivered; publish it again once the store is mended",
+            ),
+        };
+        Nack {
+            id,
+            code,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// A session's routing buffers, reused so routing allocates nothing.
@@ -139,6 +192,9 @@ pub(crate) struct Hub {
     sys_seq: AtomicU64,
     /// When a failed write to a durable subscription's log was last logged (ms since start).
     store_error_logged_ms: AtomicU64,
+    /// [`StoreTrouble`] since the last failed write, or [`StoreTrouble::OK`] once one
+    /// succeeds.
+    store_trouble: std::sync::atomic::AtomicU8,
 }
 
 impl Hub {
@@ -160,6 +216,7 @@ impl Hub {
             started: Instant::now(),
             sys_seq: AtomicU64::new(0),
             store_error_logged_ms: AtomicU64::new(0),
+            store_trouble: std::sync::atomic::AtomicU8::new(StoreTrouble::OK),
             config,
         }
     }
@@ -532,7 +589,10 @@ impl Hub {
                 continue;
             }
             match sub.persist_for_sync() {
-                Ok(job) => jobs.extend(job),
+                Ok(job) => {
+                    self.store_mended();
+                    jobs.extend(job);
+                }
                 Err(e) => self.store_failed(sub, &e),
             }
         }
@@ -543,6 +603,12 @@ impl Hub {
     /// Counts a failed write or sync of a log, logging it at most every few seconds.
     pub(crate) fn store_failed(&self, sub: &AckedSub, e: &daemoneye_eventbus_store::StoreError) {
         Counters::add(&self.counters.store_errors, 1);
+        let trouble = if e.is_full() {
+            StoreTrouble::Full
+        } else {
+            StoreTrouble::Failing
+        };
+        self.store_trouble.store(trouble.to_u8(), Ordering::Relaxed);
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.store_error_logged_ms.load(Ordering::Relaxed);
         if (last == 0 || now.saturating_sub(last) >= 5_000)
@@ -553,6 +619,20 @@ impl Hub {
         {
             tracing::error!(subscription = %sub.describe(), error = %e, "could not write a durable subscription's log; its publishers are not acknowledged until it is written");
         }
+    }
+
+    /// Notes that a log was written (or synced): the store takes publishes again.
+    pub(crate) fn store_mended(&self) {
+        if self.store_trouble.load(Ordering::Relaxed) != StoreTrouble::OK {
+            self.store_trouble
+                .store(StoreTrouble::OK, Ordering::Relaxed);
+            tracing::info!("durable subscriptions' logs can be written again");
+        }
+    }
+
+    /// Why Processed publishes for durable subscriptions on disk are refused now, if they are.
+    pub(crate) fn store_trouble(&self) -> Option<StoreTrouble> {
+        StoreTrouble::from_u8(self.store_trouble.load(Ordering::Relaxed))
     }
 
     /// While the logs take more than `store_max_bytes` together, gives back the oldest
@@ -607,6 +687,7 @@ impl Hub {
         let mut jobs = Vec::with_capacity(subs.len());
         subs.retain(|sub| match sub.persist_for_sync() {
             Ok(job) => {
+                self.store_mended();
                 jobs.extend(job);
                 false
             }
@@ -622,6 +703,7 @@ impl Hub {
     /// every few seconds, since a full disk fails every attempt).
     fn persist_one(&self, sub: &AckedSub, sync: bool) -> bool {
         let Err(e) = sub.persist(sync) else {
+            self.store_mended();
             return false;
         };
         self.store_failed(sub, &e);
@@ -754,6 +836,17 @@ impl Hub {
         let RouteScratch { plans, effects } = scratch;
         let plan = router.plan(item.topic(), plans);
         let mut routed = Routed::default();
+        if let Some(trouble) = self.store_trouble()
+            && item.qos() == Qos::Processed
+            && plan
+                .acked
+                .iter()
+                .any(|index| router.acked(*index).is_some_and(|s| s.on_disk))
+        {
+            // Refused whole, delivered to nobody: the publisher hears why at once.
+            routed.refused = Some(trouble);
+            return Some(routed);
+        }
         match item {
             Item::Run(run)
                 if !plan.members.is_empty()

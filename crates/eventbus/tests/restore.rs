@@ -213,12 +213,14 @@ async fn a_durable_subscription_on_disk_comes_back_with_the_broker_and_goes_when
     broker.shutdown().await;
 }
 
-/// A full disk never earns a publisher an acknowledgement: Processed publishes a durable
-/// subscription could not write to its log stay unacknowledged (counted in `store_errors`)
-/// while Realtime traffic flows; once there is room again they are written and acknowledged,
-/// and survive a restart. Needs root (a 512 KiB tmpfs is mounted as the data directory).
+/// A full disk never earns a publisher an acknowledgement: a Processed publish a durable
+/// subscription could not write to its log stays unacknowledged (counted in `store_errors`),
+/// and while the disk stays full the next ones are refused with `StoreFull` (delivered to
+/// nobody) while Realtime traffic flows; once there is room again the held one is written and
+/// acknowledged, new ones are taken, and exactly those survive a restart. Needs root (a
+/// 512 KiB tmpfs is mounted as the data directory).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_holds_acknowledgements_back_until_there_is_room() {
+async fn a_full_disk_holds_the_first_publish_and_refuses_the_next_until_there_is_room() {
     let root = std::process::Command::new("id").arg("-u").output().unwrap();
     if String::from_utf8_lossy(&root.stdout).trim() != "0" {
         eprintln!("skipped: mounting a small tmpfs needs root");
@@ -253,23 +255,50 @@ async fn a_full_disk_holds_acknowledgements_back_until_there_is_room() {
         .unwrap();
     drop(client.subscribe_durable("kept", ["jobs.#"]).await.unwrap());
     let mut live = client.subscribe(["live.#"]).await.unwrap();
-    // Fill the disk, leaving less than the publishes need.
+    // A plain Processed subscriber: it must get nothing that was refused.
+    let watcher = Client::connect(&ep, ClientOptions::named("w"))
+        .await
+        .unwrap();
+    let mut plain = watcher
+        .subscribe_with(["jobs.#"], Qos::Processed)
+        .await
+        .unwrap();
+    let job = |i: u32| {
+        Publish::new(
+            Topic::new("jobs.a").unwrap(),
+            Bytes::from(vec![i as u8; 4096]),
+        )
+        .qos(Qos::Processed)
+    };
+    // Fill the disk, leaving less than a publish needs.
     let filler = mnt.join("filler");
     let mut f = std::fs::File::create(&filler).unwrap();
     let chunk = vec![0u8; 4096];
     while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
     drop(f);
-    for i in 0..50u32 {
-        let p = Publish::new(
-            Topic::new("jobs.a").unwrap(),
-            Bytes::from(vec![i as u8; 4096]),
-        )
-        .qos(Qos::Processed);
-        client.publish_with(p).await.unwrap();
-    }
-    let held = client.wait_acked(Duration::from_millis(500)).await;
-    assert_eq!(held.acked + held.refused, 0, "{held:?}");
+    // The first is routed before the store knows: held, not acknowledged, not refused.
+    client.publish_with(job(0)).await.unwrap();
+    let held = client.wait_acked(Duration::from_millis(300)).await;
+    assert_eq!((held.acked, held.refused, held.outstanding), (0, 0, 1));
     assert!(broker.stats().store_errors > 0);
+    // The next are refused at once, each with StoreFull.
+    for i in 1..50u32 {
+        client.publish_with(job(i)).await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let refused = loop {
+        let r = client.wait_acked(Duration::from_millis(50)).await;
+        if r.refused == 49 || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+    };
+    assert_eq!(
+        (refused.acked, refused.refused, refused.outstanding),
+        (0, 49, 1)
+    );
+    let why = client.last_rejection().unwrap();
+    assert!(why.contains("disk is full"), "{why}");
+    assert_eq!(broker.stats().rejected_publishes, 49);
     // Realtime traffic is not held.
     client
         .publish(&Topic::new("live.x").unwrap(), Bytes::from_static(b"hello"))
@@ -280,10 +309,27 @@ async fn a_full_disk_holds_acknowledgements_back_until_there_is_room() {
         .unwrap()
         .unwrap();
     assert_eq!(m.payload().as_ref(), b"hello");
-    // Room again: written, acknowledged.
+    // Room again: the held one is written and acknowledged, and new ones are taken.
     std::fs::remove_file(&filler).unwrap();
     let report = client.wait_acked(WAIT).await;
-    assert_eq!((report.acked, report.outstanding), (50, 0));
+    assert_eq!((report.acked, report.outstanding), (1, 0));
+    for i in 50..60u32 {
+        client.publish_with(job(i)).await.unwrap();
+    }
+    let report = client.wait_acked(WAIT).await;
+    assert_eq!(
+        (report.acked, report.refused, report.outstanding),
+        (11, 49, 0)
+    );
+    // The plain subscriber saw exactly what was taken.
+    for want in std::iter::once(0u8).chain(50..60) {
+        let m = tokio::time::timeout(WAIT, plain.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.payload()[0], want);
+    }
+    watcher.close().await;
     client.close().await;
     broker.shutdown().await;
     drop(broker);
@@ -292,10 +338,16 @@ async fn a_full_disk_holds_acknowledgements_back_until_there_is_room() {
         .await
         .unwrap();
     let mut s = client.subscribe_durable("kept", ["jobs.#"]).await.unwrap();
-    for i in 0..50u8 {
+    for want in std::iter::once(0u8).chain(50..60) {
         let m = tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap();
-        assert_eq!(m.payload()[0], i);
+        assert_eq!(m.payload()[0], want);
     }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), s.recv())
+            .await
+            .is_err(),
+        "nothing refused was kept"
+    );
     s.delete().await.unwrap();
     client.close().await;
     broker.shutdown().await;

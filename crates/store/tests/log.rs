@@ -299,7 +299,10 @@ fn a_full_disk_at_a_segment_boundary_loses_no_record() {
         log.append(1, &body).unwrap();
     }
     log.sync().unwrap();
-    assert!(segment_files(&dir).len() >= 2, "segments were made once there was room");
+    assert!(
+        segment_files(&dir).len() >= 2,
+        "segments were made once there was room"
+    );
     drop(log);
     let (_, seen, recovery) = open(&dir, 8 * 1024);
     assert_eq!(recovery.torn_bytes, 0);

@@ -44,7 +44,7 @@ pub(crate) use store::{Kept, KeptStore};
 
 use daemoneye_eventbus_core::Budget;
 use daemoneye_eventbus_core::codec::{Lent, MessageRun};
-use daemoneye_eventbus_core::{Message, Topic};
+use daemoneye_eventbus_core::{Message, Qos, Topic};
 use std::sync::Arc;
 
 /// Broker-wide accounting of queued message bytes against `max_memory_bytes`: the
@@ -126,6 +126,14 @@ impl Item<'_> {
         match self {
             Self::Msg(m) => m.topic(),
             Self::Run(r) => r.topic(),
+        }
+    }
+
+    /// Its quality of service (a run has one).
+    pub(crate) fn qos(&self) -> Qos {
+        match self {
+            Self::Msg(m) => m.header().qos,
+            Self::Run(r) => r.qos(),
         }
     }
 

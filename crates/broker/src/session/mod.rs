@@ -422,6 +422,9 @@ impl<'a> ReadLoop<'a> {
             .hub
             .route(Item::Msg(msg), &mut self.scratch, Waiting::Allowed)
             .unwrap_or_default();
+        if let Some(trouble) = routed.refused {
+            return self.refuse(trouble, std::iter::once(msg.id()));
+        }
         self.count(1, msg.payload_len(), routed);
         if routed.matched == 0 && msg.header().reply_to.is_some() {
             self.hub.no_responders(msg);
@@ -457,6 +460,25 @@ impl<'a> ReadLoop<'a> {
             return self.control(Frame::Ack(id));
         }
         self.ack_due = Some(id);
+        None
+    }
+
+    /// Refuses Processed publishes the disk store cannot keep now, one NACK each, after the
+    /// acknowledgement of earlier publishes (unless that is itself held for the store).
+    fn refuse(
+        &mut self,
+        trouble: crate::hub::StoreTrouble,
+        ids: impl Iterator<Item = daemoneye_eventbus_core::MessageId>,
+    ) -> Option<Exit> {
+        if let Some(exit) = self.send_ack() {
+            return Some(exit);
+        }
+        for id in ids {
+            self.rejected += 1;
+            if let Some(exit) = self.control(Frame::Nack(trouble.nack(id))) {
+                return Some(exit);
+            }
+        }
         None
     }
 
@@ -509,6 +531,11 @@ impl<'a> ReadLoop<'a> {
         else {
             return self.split_run(run);
         };
+        if let Some(trouble) = routed.refused {
+            // The decoder checked every entry, so every message reads back.
+            let ids = run.messages().map_while(Result::ok).map(|m| m.id());
+            return self.refuse(trouble, ids);
+        }
         self.count(run.len() as u64, run.payload_bytes(), routed);
         if !self.scratch.effects.blocked.is_empty() {
             // Acknowledged once every queue holds it (`deliver_pending`).

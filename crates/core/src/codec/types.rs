@@ -157,6 +157,9 @@ pub enum ErrorCode {
     Stalled,
     /// The broker's disk store could not keep it (protocol 1.4).
     StoreFailed,
+    /// The broker's disk is full: Processed publishes that durable subscriptions would keep
+    /// are refused until there is room (protocol 1.4).
+    StoreFull,
     /// A code this version does not know.
     Other(u16),
 }
@@ -187,13 +190,14 @@ impl ErrorCode {
             Self::UnknownSubscription => 20,
             Self::Stalled => 21,
             Self::StoreFailed => 22,
+            Self::StoreFull => 23,
             Self::Other(c) => c,
         }
     }
 
     /// Decodes a wire value (0 is "no error" and is handled by callers).
     pub fn from_u16(v: u16) -> Self {
-        const ALL: [ErrorCode; 22] = [
+        const ALL: [ErrorCode; 23] = [
             ErrorCode::Protocol,
             ErrorCode::FrameTooLarge,
             ErrorCode::MessageTooLarge,
@@ -216,6 +220,7 @@ impl ErrorCode {
             ErrorCode::UnknownSubscription,
             ErrorCode::Stalled,
             ErrorCode::StoreFailed,
+            ErrorCode::StoreFull,
         ];
         ALL.into_iter()
             .find(|c| c.to_u16() == v)
@@ -248,6 +253,7 @@ impl std::fmt::Display for ErrorCode {
             Self::UnknownSubscription => "unknown subscription",
             Self::Stalled => "subscription stalled",
             Self::StoreFailed => "disk store failed",
+            Self::StoreFull => "disk store full",
             Self::Other(c) => return write!(f, "error code {c}"),
         };
         f.write_str(s)
