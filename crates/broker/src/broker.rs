@@ -253,11 +253,14 @@ async fn persist_loop(hub: Arc<Hub>) {
                     continue;
                 }
                 // The broker's thread goes on routing while the disk syncs.
+                let n = jobs.len() as u64;
                 let synced = tokio::task::spawn_blocking(move || {
                     jobs.into_iter().map(|j| j.run()).filter_map(Result::err).collect::<Vec<_>>()
                 })
-                .await;
-                for e in synced.unwrap_or_default() {
+                .await
+                .unwrap_or_default();
+                Counters::add(&hub.counters.store_syncs, n - synced.len() as u64);
+                for e in synced {
                     Counters::add(&hub.counters.store_errors, 1);
                     tracing::error!(error = %e, "could not sync a durable subscription's log");
                 }

@@ -6,8 +6,8 @@
 use crate::config::BrokerConfig;
 use crate::conn::Conn;
 use crate::delivery::{
-    AckedLimits, AckedSub, Attachment, DiskStore, Item, KeptStore, Memory, Outlet, Pushed,
-    SubPushed,
+    AckedLimits, AckedSub, Attachment, DiskStore, GroupCommit, Item, KeptStore, Memory, Outlet,
+    Pushed, SubPushed, SyncWait, Want,
 };
 use crate::router::{Class, Member, PlanCache, Router, Slot, SubscribeRefusal};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, SubscriptionStats, load};
@@ -677,26 +677,65 @@ impl Hub {
         subs.is_empty()
     }
 
-    /// Under `fsync = always`, writes what `subs` kept and returns the waits for the disk that
-    /// must end before their publishers are acknowledged (to run on a blocking thread).
-    /// `None` when a log could not be written: the subscriptions that failed stay in `subs`.
-    pub(crate) fn persist_for_sync(
-        &self,
+    /// Under `fsync = always`, writes what `subs` kept to the operating system and returns
+    /// what to wait for before their publishers are acknowledged: each log's group sync
+    /// ([`SyncPoint`]), started here when none runs (on a blocking thread). `None`, `subs`
+    /// kept whole to be asked again, when a log could not be written.
+    pub(crate) fn write_for_sync(
+        self: &Arc<Self>,
         subs: &mut Vec<Arc<AckedSub>>,
-    ) -> Option<Vec<daemoneye_eventbus_store::SyncJob>> {
-        let mut jobs = Vec::with_capacity(subs.len());
-        subs.retain(|sub| match sub.persist_for_sync() {
-            Ok(job) => {
-                self.store_mended();
-                jobs.extend(job);
-                false
+    ) -> Option<Vec<(tokio::sync::watch::Receiver<GroupCommit>, SyncWait)>> {
+        let mut waits = Vec::with_capacity(subs.len());
+        let mut failed = false;
+        for sub in subs.iter() {
+            let target = match sub.write_for_sync() {
+                Ok(Some(target)) => target,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.store_failed(sub, &e);
+                    failed = true;
+                    continue;
+                }
+            };
+            self.store_mended();
+            let (want, rx) = sub.sync.want(target);
+            match want {
+                Want::Done => {}
+                Want::Follow(w) => waits.push((rx, w)),
+                Want::Lead(w) => {
+                    waits.push((rx, w));
+                    let (hub, sub) = (Arc::clone(self), Arc::clone(sub));
+                    drop(tokio::task::spawn_blocking(move || hub.sync_group(&sub)));
+                }
             }
-            Err(e) => {
-                self.store_failed(sub, &e);
-                true
+        }
+        if failed {
+            return None;
+        }
+        subs.clear();
+        Some(waits)
+    }
+
+    /// Syncs `sub`'s log for every session waiting on it, until none waits for more (group
+    /// commit). Blocks: runs on a blocking thread.
+    fn sync_group(&self, sub: &AckedSub) {
+        sub.sync.run(|| {
+            let synced = match sub.sync_job() {
+                Ok(Some((job, through))) => job.run().map(|()| through),
+                Ok(None) => return Some(u64::MAX),
+                Err(e) => Err(e),
+            };
+            match synced {
+                Ok(through) => {
+                    Counters::add(&self.counters.store_syncs, 1);
+                    Some(through)
+                }
+                Err(e) => {
+                    self.store_failed(sub, &e);
+                    None
+                }
             }
         });
-        subs.is_empty().then_some(jobs)
     }
 
     /// Writes one subscription's log; returns whether that failed (counted; logged at most
@@ -1167,6 +1206,7 @@ impl Hub {
             stalled: load(&c.stalled),
             store_errors: load(&c.store_errors),
             store_torn_bytes: load(&c.store_torn_bytes),
+            store_syncs: load(&c.store_syncs),
             store_damaged: load(&c.store_damaged),
             connections,
             subscriptions,

@@ -23,6 +23,7 @@ pub(crate) struct Counters {
     pub(crate) stalled: AtomicU64,
     pub(crate) store_errors: AtomicU64,
     pub(crate) store_torn_bytes: AtomicU64,
+    pub(crate) store_syncs: AtomicU64,
     pub(crate) store_damaged: AtomicU64,
 }
 
@@ -104,6 +105,11 @@ pub struct BrokerStats {
     /// publishers' acknowledgements wait, and the write is tried again).
     #[serde(default)]
     pub store_errors: u64,
+    /// Syncs of durable subscriptions' logs that publishers' acknowledgements waited for
+    /// under `fsync = always` (one serves every session that wrote meanwhile), and the
+    /// periodic syncs under `interval`.
+    #[serde(default)]
+    pub store_syncs: u64,
     /// Bytes of records cut short by a crash that the broker truncated when it started.
     #[serde(default)]
     pub store_torn_bytes: u64,

@@ -8,7 +8,7 @@
 //! it stalled, its bounds and full policy, its counters.
 
 use super::store::{Kept, KeptRun, KeptStore, Pos, Store, Stored};
-use super::{Drops, Memory, Outlet};
+use super::{Drops, Memory, Outlet, SyncPoint};
 use daemoneye_eventbus_core::codec::{
     AckedDelivery, AckedHead, DropReason, Notice, RunPart, SubId,
 };
@@ -418,6 +418,9 @@ pub(crate) struct AckedSub {
     state: Mutex<SubState>,
     /// Woken when acknowledgements make room (publishers waiting).
     space: Notify,
+    /// Under `fsync = always`, the sessions waiting for its log to reach the disk, and the
+    /// sync that serves them all (group commit).
+    pub(crate) sync: SyncPoint,
 }
 
 impl AckedSub {
@@ -446,6 +449,7 @@ impl AckedSub {
                 acked: 0,
             }),
             space: Notify::new(),
+            sync: SyncPoint::default(),
         }
     }
 
@@ -665,6 +669,39 @@ impl AckedSub {
     {
         match self.state.lock().queue.store_mut() {
             KeptStore::Disk(d) => d.persist_for_sync().map(Some),
+            KeptStore::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Under `fsync = always`: writes what it kept to the operating system and returns the
+    /// log position its sessions wait for on [`AckedSub::sync`] (`None` in memory).
+    ///
+    /// # Errors
+    ///
+    /// The log's first write error since the last success.
+    pub(crate) fn write_for_sync(
+        &self,
+    ) -> Result<Option<u64>, daemoneye_eventbus_store::StoreError> {
+        match self.state.lock().queue.store_mut() {
+            KeptStore::Disk(d) => d.write_through().map(Some),
+            KeptStore::Memory(_) => Ok(None),
+        }
+    }
+
+    /// Writes what it kept and returns the wait for the disk that puts it there, with the
+    /// log position that covers (`None` in memory).
+    ///
+    /// # Errors
+    ///
+    /// The log's first write error since the last success.
+    pub(crate) fn sync_job(
+        &self,
+    ) -> Result<
+        Option<(daemoneye_eventbus_store::SyncJob, u64)>,
+        daemoneye_eventbus_store::StoreError,
+    > {
+        match self.state.lock().queue.store_mut() {
+            KeptStore::Disk(d) => d.sync_job().map(Some),
             KeptStore::Memory(_) => Ok(None),
         }
     }

@@ -170,6 +170,30 @@ impl DiskStore {
         self.log.flush_for_sync()
     }
 
+    /// Writes what is buffered to the operating system (as [`DiskStore::persist`] without
+    /// sync); returns the log position that covers it, for a group sync
+    /// ([`super::sync::SyncPoint`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`DiskStore::persist`].
+    pub(crate) fn write_through(&mut self) -> Result<u64, StoreError> {
+        self.prepare()?;
+        self.log.flush()?;
+        Ok(self.log.next_seq())
+    }
+
+    /// Writes what is buffered and returns the wait for the disk that puts it there, with the
+    /// log position that covers.
+    ///
+    /// # Errors
+    ///
+    /// As [`DiskStore::persist`].
+    pub(crate) fn sync_job(&mut self) -> Result<(SyncJob, u64), StoreError> {
+        let job = self.persist_for_sync()?;
+        Ok((job, self.log.next_seq()))
+    }
+
     /// Appends the removals, gives back segments holding nothing kept, and reports the first
     /// error since the last success.
     fn prepare(&mut self) -> Result<(), StoreError> {

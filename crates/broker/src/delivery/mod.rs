@@ -27,6 +27,7 @@ mod outlet;
 mod processed;
 mod realtime;
 mod store;
+mod sync;
 #[cfg(test)]
 mod testing;
 
@@ -41,6 +42,7 @@ pub(crate) use outlet::{Batch, Outlet};
 pub(crate) use processed::ProcessedQueue;
 pub(crate) use realtime::RealtimeQueue;
 pub(crate) use store::{Kept, KeptStore};
+pub(crate) use sync::{GroupCommit, SyncPoint, SyncWait, Want};
 
 use daemoneye_eventbus_core::Budget;
 use daemoneye_eventbus_core::codec::{Lent, MessageRun};

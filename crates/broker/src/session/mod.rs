@@ -203,7 +203,7 @@ impl Pending {
 /// The read loop: reads batches of frames, runs each through the [`SessionCore`], and
 /// carries out its steps. Routing scratch space and counters are flushed once per batch.
 struct ReadLoop<'a> {
-    hub: &'a Hub,
+    hub: &'a Arc<Hub>,
     conn: &'a Arc<Conn>,
     core: SessionCore,
     scratch: RouteScratch,
@@ -224,18 +224,19 @@ struct ReadLoop<'a> {
     /// `ack_due` waits for durable subscriptions' logs that could not be written: asked
     /// again every [`STORE_RETRY`].
     store_retry: bool,
-    /// Under `fsync = always`: the disk syncing what durable subscriptions kept on a
-    /// blocking thread, and the ACK (with the subscriptions) that waits for it. The session
-    /// reads on meanwhile; what it routes waits for the next sync (a group commit per
-    /// session).
+    /// Under `fsync = always`: the wait for the disk to hold what durable subscriptions kept,
+    /// and the ACK (with the subscriptions) that waits for it. The session reads on
+    /// meanwhile; what it routes waits for a later sync. One sync of a log serves every
+    /// session that wrote to it meanwhile (group commit, [`crate::delivery::SyncPoint`]).
     syncing: Option<Syncing>,
 }
 
-/// A sync in flight (see [`ReadLoop::syncing`]).
+/// A sync waited for (see [`ReadLoop::syncing`]).
 struct Syncing {
     ack: daemoneye_eventbus_core::MessageId,
     subs: Vec<Arc<crate::delivery::AckedSub>>,
-    done: tokio::task::JoinHandle<Vec<daemoneye_eventbus_store::StoreError>>,
+    /// `true` once every log is on the disk; `false` if a sync failed (counted by it).
+    done: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
 }
 
 /// How often a session holding an acknowledgement asks again for a log that could not be
@@ -243,7 +244,7 @@ struct Syncing {
 const STORE_RETRY: Duration = Duration::from_millis(100);
 
 impl<'a> ReadLoop<'a> {
-    fn new(hub: &'a Hub, conn: &'a Arc<Conn>, core: SessionCore) -> Self {
+    fn new(hub: &'a Arc<Hub>, conn: &'a Arc<Conn>, core: SessionCore) -> Self {
         Self {
             hub,
             conn,
@@ -286,22 +287,16 @@ impl<'a> ReadLoop<'a> {
                 () = self.hub.drain.cancelled() => return Exit::Shutdown,
                 r = reader.fill() => r,
                 () = tokio::time::sleep(STORE_RETRY), if self.store_retry => continue,
-                r = async { (&mut self.syncing.as_mut().expect("checked").done).await },
+                on_disk = async { (&mut self.syncing.as_mut().expect("checked").done).await },
                     if self.syncing.is_some() =>
                 {
                     let synced = self.syncing.take().expect("checked");
-                    let errors = r.unwrap_or_default();
-                    if errors.is_empty() {
+                    if on_disk {
                         if let Some(exit) = self.control(Frame::Ack(synced.ack)) {
                             return exit;
                         }
                     } else {
                         // Written, not on the disk: synced again before the ACK.
-                        if let Some(sub) = synced.subs.first() {
-                            for e in &errors {
-                                self.hub.store_failed(sub, e);
-                            }
-                        }
                         self.scratch.effects.persist.extend(synced.subs);
                         self.ack_due = Some(self.ack_due.map_or(synced.ack, |a| {
                             if a.sequence >= synced.ack.sequence { a } else { synced.ack }
@@ -491,19 +486,23 @@ impl<'a> ReadLoop<'a> {
         }
         let always = self.hub.config.fsync == crate::config::FsyncPolicy::Always;
         if always && !self.scratch.effects.persist.is_empty() {
-            // Written now; on the disk when the blocking thread's sync ends, and then the ACK.
+            // Written now; on the disk when the logs' syncs reach it, and then the ACK.
             let subs = self.scratch.effects.persist.clone();
-            let Some(jobs) = self.hub.persist_for_sync(&mut self.scratch.effects.persist) else {
+            let Some(waits) = self.hub.write_for_sync(&mut self.scratch.effects.persist) else {
                 self.store_retry = true;
                 return None;
             };
             self.store_retry = false;
             self.ack_due = None;
-            let done = tokio::task::spawn_blocking(move || {
-                jobs.into_iter()
-                    .map(daemoneye_eventbus_store::SyncJob::run)
-                    .filter_map(Result::err)
-                    .collect()
+            if waits.is_empty() {
+                return self.control(Frame::Ack(id));
+            }
+            let done = Box::pin(async move {
+                let mut on_disk = true;
+                for (rx, w) in waits {
+                    on_disk &= crate::delivery::SyncPoint::wait(rx, w).await;
+                }
+                on_disk
             });
             self.syncing = Some(Syncing {
                 ack: id,
