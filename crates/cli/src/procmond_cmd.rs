@@ -2,7 +2,8 @@
 //! the agent runs when no `procmond` binary sits next to `eventbus`).
 
 use anyhow::{Context, Result};
-use daemoneye_eventbus::client::{Client, ClientOptions};
+use daemoneye_eventbus::client::{Client, ClientOptions, SpoolFull};
+use daemoneye_eventbus::core::Qos;
 use daemoneye_procmond::Settings;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -29,15 +30,49 @@ pub(crate) struct Args {
     /// Publish the SHA-256 of each new process's executable on events.process.integrity.
     #[arg(long)]
     hash_executables: bool,
+    /// Keep process events made while the broker is away in this directory (made private if
+    /// missing), and send them when it is back, or from the next procmond on it if this one
+    /// ends first. Process events are then published Processed (acknowledged by the broker)
+    /// instead of Realtime; heartbeats stay Realtime.
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Bytes the spool holds at most.
+    #[arg(long, default_value_t = ClientOptions::default().spool_max_bytes, requires = "spool_dir")]
+    spool_max_bytes: usize,
+    /// What an event finds a full spool does (each lost event is counted in the client's
+    /// `lost`).
+    #[arg(long, value_enum, default_value_t = SpoolFullArg::Refuse, requires = "spool_dir")]
+    spool_full: SpoolFullArg,
     /// The proc file system to read.
     #[arg(long, default_value = "/proc", hide = true)]
     proc_root: PathBuf,
 }
 
+/// `--spool-full`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SpoolFullArg {
+    /// The new event is lost.
+    Refuse,
+    /// The oldest spooled event is dropped to make room.
+    DropOldest,
+}
+
 /// Runs procmond until SIGINT, SIGTERM or a shutdown request.
 pub(crate) async fn run(args: Args) -> Result<()> {
     let ep = crate::shared::endpoint_from(args.socket.as_deref())?;
-    let client = Client::connect(&ep, ClientOptions::named(args.id.clone()))
+    let mut options = ClientOptions::named(args.id.clone());
+    let events = if let Some(dir) = &args.spool_dir {
+        options.spool_dir = Some(dir.clone());
+        options.spool_max_bytes = args.spool_max_bytes;
+        options.spool_full = match args.spool_full {
+            SpoolFullArg::Refuse => SpoolFull::Refuse,
+            SpoolFullArg::DropOldest => SpoolFull::DropOldest,
+        };
+        Qos::Processed
+    } else {
+        Qos::Realtime
+    };
+    let client = Client::connect(&ep, options)
         .await
         .with_context(|| format!("connecting to {ep}"))?;
     let settings = Settings {
@@ -69,6 +104,6 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         }
     };
     tracing::info!(id = %args.id, endpoint = %ep, "procmond starting");
-    daemoneye_procmond::run(client, &args.id, settings, args.proc_root, stop).await?;
+    daemoneye_procmond::run(client, &args.id, settings, args.proc_root, events, stop).await?;
     Ok(())
 }

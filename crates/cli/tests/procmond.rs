@@ -117,3 +117,85 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     procmond.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(procmond.wait(), 0);
 }
+
+/// With `--spool-dir`, a process that starts and ends while the broker is down is reported
+/// once it is back, even though that procmond was killed meanwhile: its events went to the
+/// spool, and the next procmond on it sends them (into a durable subscription that survived
+/// the broker's restart on its data directory).
+#[test]
+fn procmond_with_a_spool_loses_no_event_to_a_broker_restart_and_its_own_death() {
+    let dir = TempDir::new("procmond-spool");
+    let data = dir.path().join("data");
+    let spool = dir.path().join("spool");
+    let config = format!("[broker]\ndata_dir = \"{}\"\n", data.display());
+    let socket = dir.path().join("bus.sock");
+    let mut broker = Broker::start_at(&socket, dir.path(), Some(&config));
+    // A durable subscription for process events, left detached.
+    let mut maker = broker.sub(&["--durable", "procs", "events.process.lifecycle"]);
+    maker.signal(nix::sys::signal::Signal::SIGTERM);
+    maker.wait();
+    let procmond = |socket: &std::path::Path| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+        cmd.args([
+            "--scan-interval-ms",
+            "100",
+            "--heartbeat-secs",
+            "1",
+            "--spool-dir",
+        ])
+        .arg(&spool)
+        .env("EVENTBUS_SOCKET", socket);
+        Proc::spawn(cmd)
+    };
+    let beats = broker.sub(&["control.health.heartbeat.procmond"]);
+    let mut first = procmond(&socket);
+    wait_line(beats.stdout.as_ref().unwrap(), "a heartbeat", |l| {
+        l.contains("control.health.heartbeat.procmond")
+    });
+    drop(beats);
+    // The broker goes; a process lives and ends meanwhile.
+    broker.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    broker.proc.wait();
+    let marker = format!("0.{}", 3000 + std::process::id() % 1000);
+    let mut sleeper = Command::new("sleep").arg(&marker).spawn().unwrap();
+    let pid = sleeper.id();
+    sleeper.wait().unwrap();
+    // Both its events are in the spool (its command line is in each), then procmond dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let spooled = || -> usize {
+        let Ok(entries) = std::fs::read_dir(&spool) else {
+            return 0;
+        };
+        entries
+            .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+            .map(|b| {
+                b.windows(marker.len())
+                    .filter(|w| *w == marker.as_bytes())
+                    .count()
+            })
+            .sum()
+    };
+    while spooled() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the sleep's events never reached the spool"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait();
+    // The broker and a new procmond on the same spool come back.
+    let broker = Broker::start_at(&socket, dir.path(), Some(&config));
+    let _second = procmond(&socket);
+    let sub = broker.sub(&["--durable", "procs", "--json", "events.process.lifecycle"]);
+    let rx = sub.stdout.as_ref().unwrap();
+    let mut seen = Vec::new();
+    while !seen.contains(&"exit".to_owned()) {
+        let line = wait_line(rx, "the sleep's events", |l| {
+            l.contains(&format!("\"pid\":{pid}"))
+        });
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        seen.push(v["event"]["metadata"]["event"].as_str().unwrap().to_owned());
+    }
+    assert!(seen.contains(&"start".to_owned()), "{seen:?}");
+}

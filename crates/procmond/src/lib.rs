@@ -13,7 +13,7 @@
 pub mod procfs;
 
 use daemoneye_eventbus::client::{Client, Publish, Service};
-use daemoneye_eventbus::core::{ReplyStatus, catalog};
+use daemoneye_eventbus::core::{Qos, ReplyStatus, catalog};
 use daemoneye_eventbus::rpc::{
     CollectorCall, CollectorConfig, CollectorHandler, CollectorOperation, HealthStatus,
     rpc_request, rpc_response, serve_collector,
@@ -163,6 +163,10 @@ pub enum ProcmondError {
 
 struct Shared {
     id: String,
+    /// The QoS of process events (starts, exits, snapshots, digests): `Processed` when they
+    /// must survive a broker restart (with the client's spool), `Realtime` otherwise.
+    /// Heartbeats are always `Realtime`: their worth is that they are recent.
+    events: Qos,
     settings: Mutex<(Settings, u64)>,
     started: Instant,
     scans: AtomicU64,
@@ -186,7 +190,9 @@ impl Shared {
 }
 
 /// Runs procmond as collector `id` on `client` until asked to shut down (RPC) or until
-/// `stop` completes; publishes from `proc_root` (normally `/proc`).
+/// `stop` completes; publishes from `proc_root` (normally `/proc`), process events with QoS
+/// `events` (`Processed` to have the broker acknowledge each, and the client's spool keep
+/// them while the broker is away).
 ///
 /// # Errors
 ///
@@ -196,10 +202,12 @@ pub async fn run(
     id: &str,
     settings: Settings,
     proc_root: PathBuf,
+    events: Qos,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ProcmondError> {
     let shared = Arc::new(Shared {
         id: id.to_owned(),
+        events,
         settings: Mutex::new((settings, 1)),
         started: Instant::now(),
         scans: AtomicU64::new(0),
@@ -370,7 +378,7 @@ impl Hasher {
 }
 
 async fn send(client: &Client, shared: &Shared, p: Publish) {
-    match client.publish_with(p).await {
+    match client.publish_with(p.qos(shared.events)).await {
         Ok(_) => {
             shared.published.fetch_add(1, Ordering::Relaxed);
         }
