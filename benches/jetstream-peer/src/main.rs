@@ -33,16 +33,49 @@ impl Drop for Server {
     }
 }
 
-fn start_server(port: u16) -> Result<Server> {
+/// How the server syncs its file store (`--sync`): its default (nats-server 2.10+: every two
+/// minutes; 2.9: left to the operating system), every interval, or before every
+/// acknowledgement.
+#[derive(Clone, Debug)]
+enum Sync {
+    Default,
+    Interval(String),
+    Always,
+}
+
+impl Sync {
+    fn label(&self) -> String {
+        match self {
+            Self::Default => "sync=default".into(),
+            Self::Interval(i) => format!("sync={i}"),
+            Self::Always => "sync=always".into(),
+        }
+    }
+}
+
+fn start_server(bin: &str, port: u16, sync: &Sync) -> Result<Server> {
     let dir = std::env::temp_dir().join(format!("jetstream-peer-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let child = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-        .arg(&dir)
+    let sync_line = match sync {
+        Sync::Default => String::new(),
+        Sync::Interval(i) => format!("  sync_interval: \"{i}\"\n"),
+        Sync::Always => "  sync_interval: always\n".into(),
+    };
+    let config = dir.join("server.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n{sync_line}}}\n",
+            dir.join("store").display()
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&config)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("starting nats-server (Debian package nats-server)")?;
+        .with_context(|| format!("starting {bin} (nats-server)"))?;
     Ok(Server { child, dir })
 }
 
@@ -75,8 +108,17 @@ fn row(variant: &str, count: u64, received: u64, secs: f64, run: u32) -> serde_j
     })
 }
 
-async fn run_once(port: u16, count: u64, window: usize, run: u32) -> Result<()> {
-    let _server = start_server(port)?;
+struct Setup {
+    bin: String,
+    sync: Sync,
+    count: u64,
+    window: usize,
+}
+
+async fn run_once(setup: &Setup, port: u16, run: u32) -> Result<()> {
+    let (count, window) = (setup.count, setup.window);
+    let _server = start_server(&setup.bin, port, &setup.sync)?;
+    let label = setup.sync.label();
     let client = connect(port).await?;
     let js = jetstream::new(client.clone());
     let stream = js
@@ -102,7 +144,8 @@ async fn run_once(port: u16, count: u64, window: usize, run: u32) -> Result<()> 
         let _: jetstream::publish::PublishAck = ack.await?;
     }
     let published = start.elapsed().as_secs_f64();
-    println!("{}", row("tcp,proc,file,durable-publish", count, count, published, run));
+    let variant = format!("tcp,proc,file,{label},durable-publish");
+    println!("{}", row(&variant, count, count, published, run));
 
     let consumer = stream
         .create_consumer(consumer::pull::Config {
@@ -122,25 +165,40 @@ async fn run_once(port: u16, count: u64, window: usize, run: u32) -> Result<()> 
         received += 1;
     }
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
-    println!("{}", row("tcp,proc,file,durable-backlog", count, received, secs, run));
+    let variant = format!("tcp,proc,file,{label},durable-backlog");
+    println!("{}", row(&variant, count, received, secs, run));
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut count, mut window, mut runs) = (100_000u64, 4096usize, 2u32);
+    let mut setup = Setup {
+        bin: std::env::var("NATS_SERVER").unwrap_or_else(|_| "nats-server".into()),
+        sync: Sync::Default,
+        count: 100_000,
+        window: 4096,
+    };
+    let mut runs = 2u32;
     while let Some(a) = args.next() {
         let v = args.next().context("a value after each flag")?;
         match a.as_str() {
-            "--count" => count = v.parse()?,
-            "--window" => window = v.parse()?,
+            "--count" => setup.count = v.parse()?,
+            "--window" => setup.window = v.parse()?,
             "--runs" => runs = v.parse()?,
+            "--nats-server" => setup.bin = v,
+            "--sync" => {
+                setup.sync = match v.as_str() {
+                    "default" => Sync::Default,
+                    "always" => Sync::Always,
+                    interval => Sync::Interval(interval.to_owned()),
+                }
+            }
             other => bail!("unknown flag {other}"),
         }
     }
     for run in 1..=runs {
-        run_once(14300 + run as u16, count, window, run).await?;
+        run_once(&setup, 14300 + run as u16, run).await?;
     }
     Ok(())
 }

@@ -19,8 +19,9 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             tcp,
             config,
             data_dir,
+            fsync,
             threads: _,
-        } => serve(&socket, tcp, config.as_deref(), data_dir).await,
+        } => serve(&socket, tcp, config.as_deref(), data_dir, fsync).await,
         Command::Pub {
             socket,
             topic,
@@ -147,6 +148,7 @@ async fn serve(
     tcp: Option<std::net::SocketAddr>,
     config: Option<&Path>,
     data_dir: Option<std::path::PathBuf>,
+    fsync: Option<crate::FsyncArg>,
 ) -> Result<()> {
     let mut cfg = match config {
         Some(p) => load_config(p)?,
@@ -154,6 +156,9 @@ async fn serve(
     };
     if data_dir.is_some() {
         cfg.data_dir = data_dir;
+    }
+    if let Some(f) = fsync {
+        cfg.fsync = f.into();
     }
     let mut endpoints = Vec::new();
     match (&socket.socket, &cfg.socket_path) {

@@ -78,6 +78,11 @@ enum Command {
         /// (made private if missing; overrides `broker.data_dir`).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        /// When durable subscriptions' logs reach the disk: `always` (before each
+        /// publisher's ACK), `interval` (every `fsync_interval_ms`), `never` (left to the
+        /// operating system). Overrides `broker.fsync`.
+        #[arg(long, value_enum, value_name = "MODE")]
+        fsync: Option<FsyncArg>,
         /// Threads routing messages. One (the default) is fastest for a local bus: every
         /// session runs on one thread, so hand-overs between a publisher's reader and a
         /// subscriber's writer are plain function calls, never cross-thread wake-ups (W1
@@ -212,6 +217,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--fsync` values (`broker.fsync`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FsyncArg {
+    /// Synced before each publisher's ACK: survives a power loss.
+    Always,
+    /// Synced every `fsync_interval_ms`: survives a killed broker.
+    Interval,
+    /// Left to the operating system: survives a killed broker.
+    Never,
+}
+
+impl FsyncArg {
+    /// How `eventbus serve --fsync` spells it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "always",
+            Self::Interval => "interval",
+            Self::Never => "never",
+        }
+    }
+}
+
+impl From<FsyncArg> for daemoneye_eventbus::broker::FsyncPolicy {
+    fn from(f: FsyncArg) -> Self {
+        match f {
+            FsyncArg::Always => Self::Always,
+            FsyncArg::Interval => Self::Interval,
+            FsyncArg::Never => Self::Never,
+        }
+    }
 }
 
 /// `--qos` values.

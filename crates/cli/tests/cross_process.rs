@@ -1142,3 +1142,29 @@ fn a_bad_data_directory_is_refused_and_damage_in_a_good_one_never_stops_the_brok
         "{err}"
     );
 }
+
+/// `eventbus serve --fsync` acts: under `never` no log is ever synced; under `always` the
+/// publisher's acknowledgement waited for a sync (`store_syncs`).
+#[test]
+fn serve_fsync_sets_when_the_logs_are_synced() {
+    for (mode, synced) in [("never", false), ("always", true)] {
+        let dir = TempDir::new("fsync-flag");
+        let data = dir.path().join("data");
+        let args: Vec<std::ffi::OsString> = vec![
+            "--data-dir".into(),
+            data.into_os_string(),
+            "--fsync".into(),
+            mode.into(),
+        ];
+        let broker = Broker::serve(&dir.path().join("s.sock"), &args);
+        let mut s = broker.sub(&["--durable", "kept", "kept.#"]);
+        s.signal(Signal::SIGTERM);
+        s.wait();
+        let out = broker.run(&["pub", "kept.a", "x", "--count", "3", "--qos", "processed"]);
+        assert_eq!(out.code, 0, "{out:?}");
+        let stats = broker.stats();
+        let syncs = stats["store_syncs"].as_u64().unwrap();
+        assert_eq!(syncs > 0, synced, "fsync {mode}: {syncs} syncs");
+        assert_eq!(stats["subscriptions"][0]["pending"].as_u64(), Some(3));
+    }
+}

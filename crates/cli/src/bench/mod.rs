@@ -137,6 +137,10 @@ pub(crate) struct BenchArgs {
     /// labelled `disk`); without it the broker keeps them in memory.
     #[arg(long, value_name = "DIR", conflicts_with = "socket")]
     data_dir: Option<std::path::PathBuf>,
+    /// The broker's `fsync` with `--data-dir` (default: the broker's, `interval`); W6 rows
+    /// are labelled with it.
+    #[arg(long, value_enum, value_name = "MODE", requires = "data_dir")]
+    fsync: Option<crate::FsyncArg>,
 }
 
 /// The guarantees the streaming workloads run in.
@@ -205,8 +209,8 @@ struct Ctx {
     scale: f64,
     qos: crate::QosArg,
     broker_pid: Option<u32>,
-    /// The broker keeps durable subscriptions on disk (`--data-dir`).
-    disk: bool,
+    /// The broker keeps durable subscriptions on disk (`--data-dir`), with this `fsync`.
+    disk: Option<&'static str>,
 }
 
 impl Ctx {
@@ -342,6 +346,9 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             if let Some(d) = &args.data_dir {
                 serve.extend(["--data-dir".into(), d.display().to_string()]);
             }
+            if let Some(f) = args.fsync {
+                serve.extend(["--fsync".into(), f.as_str().into()]);
+            }
             let w = Worker::spawn(&serve, "broker")?;
             let line = w.line(READY_WAIT)?;
             if !line.starts_with("listening on") {
@@ -358,7 +365,10 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
         scale: args.scale,
         qos: crate::QosArg::Realtime,
         broker_pid: pid,
-        disk: args.data_dir.is_some(),
+        disk: args
+            .data_dir
+            .is_some()
+            .then(|| args.fsync.map_or(crate::FsyncArg::Interval, |f| f).as_str()),
     };
     let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
     let steps = plan(args.workload, args.qos);

@@ -119,19 +119,20 @@ impl Row {
     /// to its last.
     /// W6: a durable subscription's `phase` (`durable-publish`: its backlog published, every
     /// message acknowledged; `durable-backlog`: the backlog redelivered), `received` of
-    /// `count` in `secs`; `disk`: the broker keeps durable subscriptions on disk.
+    /// `count` in `secs`; `disk`: the broker keeps durable subscriptions on disk, with this
+    /// `fsync`.
     pub(crate) fn durable(
         phase: &str,
-        disk: bool,
+        disk: Option<&str>,
         count: u64,
         received: u64,
         secs: f64,
         rss: Option<u64>,
     ) -> Self {
-        let variant = format!(
-            "uds,proc,processed,{phase}{}",
-            if disk { ",disk" } else { "" }
-        );
+        let variant = match disk {
+            Some(fsync) => format!("uds,proc,processed,{phase},disk,fsync={fsync}"),
+            None => format!("uds,proc,processed,{phase}"),
+        };
         let mut row = Self::empty("daemoneye-eventbus", "w6", &variant, 256, count);
         row.seconds = Some(secs);
         row.msgs_per_sec = rate(received, secs);

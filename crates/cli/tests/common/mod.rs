@@ -168,13 +168,20 @@ impl Broker {
     }
 
     pub fn start_at(socket: &Path, dir: &Path, config: Option<&str>) -> Self {
-        let mut cmd = eventbus();
-        cmd.arg("serve").arg("--socket").arg(socket);
+        let mut args = Vec::new();
         if let Some(text) = config {
             let file = dir.join("broker.toml");
             std::fs::write(&file, text).unwrap();
-            cmd.arg("--config").arg(file);
+            args.push("--config".into());
+            args.push(file.into_os_string());
         }
+        Self::serve(socket, &args)
+    }
+
+    /// `eventbus serve --socket SOCKET ARGS…`, once it is listening.
+    pub fn serve(socket: &Path, args: &[std::ffi::OsString]) -> Self {
+        let mut cmd = eventbus();
+        cmd.arg("serve").arg("--socket").arg(socket).args(args);
         let proc = Proc::spawn(cmd);
         let ready = wait_line(proc.stdout.as_ref().unwrap(), "listening line", |l| {
             l.starts_with("listening on unix:")
