@@ -134,89 +134,102 @@ impl Log {
         let mut segments: Vec<Segment> = Vec::new();
         let mut next_seq = found.first().map_or(0, |(first, _)| *first);
         let last = found.len().saturating_sub(1);
-        for (i, (first, path)) in found.into_iter().enumerate() {
-            let bytes =
-                bytes::Bytes::from(std::fs::read(&path).map_err(|e| StoreError::io(&path, e))?);
-            match check_header(&bytes) {
-                Header::Valid => {}
-                Header::Newer(found) => {
-                    return Err(StoreError::NewerFormat {
-                        path,
-                        found,
-                        supported: FORMAT_VERSION,
-                    });
-                }
-                Header::Invalid if i == last && bytes.len() < HEADER_LEN => {
-                    // Made, then the crash came before its header was written.
-                    recovery.torn_bytes += bytes.len() as u64;
-                    std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-                    continue;
-                }
-                Header::Invalid => {
-                    let moved_to = set_aside(&path)?;
-                    recovery.damaged.push(Damaged {
-                        moved_to,
-                        lost_bytes: bytes.len() as u64,
-                        reason: "not a segment header",
-                    });
-                    continue;
-                }
-            }
-            next_seq = next_seq.max(first);
-            let (mut at, mut end_seq) = (HEADER_LEN, first);
-            let mut bad = None;
-            while at < bytes.len() {
-                match read_record(&bytes[at..]) {
-                    Ok((r, _)) if r.seq < end_seq => {
-                        bad = Some(Bad::Corrupt("sequence number out of order"));
-                        break;
-                    }
-                    Ok((r, n)) => {
-                        visit(r.backed(&bytes));
-                        recovery.records += 1;
-                        end_seq = r.seq + 1;
-                        at += n;
-                    }
-                    Err(b) => {
-                        bad = Some(b);
-                        break;
+        // A reader thread reads the next segment while this one checks and hands out the
+        // records of the last (recovery takes about half the time it would in turn).
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || {
+                for (first, path) in found {
+                    let read = std::fs::read(&path);
+                    if tx.send((first, path, read)).is_err() {
+                        return;
                     }
                 }
-            }
-            if let Some(b) = bad {
-                let lost = (bytes.len() - at) as u64;
-                if i == last {
-                    // A write the crash cut short (or never finished): truncated.
-                    recovery.torn_bytes += lost;
-                    let f = OpenOptions::new()
-                        .write(true)
-                        .open(&path)
-                        .map_err(|e| StoreError::io(&path, e))?;
-                    f.set_len(at as u64).map_err(|e| StoreError::io(&path, e))?;
-                    f.sync_all().map_err(|e| StoreError::io(&path, e))?;
-                } else {
-                    let moved_to = set_aside(&path)?;
-                    write_file(&path, &bytes[..at])?;
-                    recovery.damaged.push(Damaged {
-                        moved_to,
-                        lost_bytes: lost,
-                        reason: match b {
-                            Bad::Cut => "a record cut short inside the log",
-                            Bad::Corrupt(why) => why,
-                        },
-                    });
-                }
-            }
-            next_seq = next_seq.max(end_seq);
-            segments.push(Segment {
-                info: SegmentInfo {
-                    first_seq: first,
-                    end_seq,
-                    bytes: at as u64,
-                },
-                path,
             });
-        }
+            for (i, (first, path, read)) in rx.into_iter().enumerate() {
+                let bytes = bytes::Bytes::from(read.map_err(|e| StoreError::io(&path, e))?);
+                match check_header(&bytes) {
+                    Header::Valid => {}
+                    Header::Newer(found) => {
+                        return Err(StoreError::NewerFormat {
+                            path,
+                            found,
+                            supported: FORMAT_VERSION,
+                        });
+                    }
+                    Header::Invalid if i == last && bytes.len() < HEADER_LEN => {
+                        // Made, then the crash came before its header was written.
+                        recovery.torn_bytes += bytes.len() as u64;
+                        std::fs::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+                        continue;
+                    }
+                    Header::Invalid => {
+                        let moved_to = set_aside(&path)?;
+                        recovery.damaged.push(Damaged {
+                            moved_to,
+                            lost_bytes: bytes.len() as u64,
+                            reason: "not a segment header",
+                        });
+                        continue;
+                    }
+                }
+                next_seq = next_seq.max(first);
+                let (mut at, mut end_seq) = (HEADER_LEN, first);
+                let mut bad = None;
+                while at < bytes.len() {
+                    match read_record(&bytes[at..]) {
+                        Ok((r, _)) if r.seq < end_seq => {
+                            bad = Some(Bad::Corrupt("sequence number out of order"));
+                            break;
+                        }
+                        Ok((r, n)) => {
+                            visit(r.backed(&bytes));
+                            recovery.records += 1;
+                            end_seq = r.seq + 1;
+                            at += n;
+                        }
+                        Err(b) => {
+                            bad = Some(b);
+                            break;
+                        }
+                    }
+                }
+                if let Some(b) = bad {
+                    let lost = (bytes.len() - at) as u64;
+                    if i == last {
+                        // A write the crash cut short (or never finished): truncated.
+                        recovery.torn_bytes += lost;
+                        let f = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|e| StoreError::io(&path, e))?;
+                        f.set_len(at as u64).map_err(|e| StoreError::io(&path, e))?;
+                        f.sync_all().map_err(|e| StoreError::io(&path, e))?;
+                    } else {
+                        let moved_to = set_aside(&path)?;
+                        write_file(&path, &bytes[..at])?;
+                        recovery.damaged.push(Damaged {
+                            moved_to,
+                            lost_bytes: lost,
+                            reason: match b {
+                                Bad::Cut => "a record cut short inside the log",
+                                Bad::Corrupt(why) => why,
+                            },
+                        });
+                    }
+                }
+                next_seq = next_seq.max(end_seq);
+                segments.push(Segment {
+                    info: SegmentInfo {
+                        first_seq: first,
+                        end_seq,
+                        bytes: at as u64,
+                    },
+                    path,
+                });
+            }
+            Ok(())
+        })?;
         let file = match segments.last() {
             Some(s) => OpenOptions::new()
                 .append(true)
