@@ -714,3 +714,76 @@ fn a_damaged_log_tail_is_cut_back_to_its_whole_records() {
         iterations()
     );
 }
+
+/// Messages dropped to keep the data directory within `store_max_bytes` while nobody was
+/// attached are announced, with their exact count, to the subscriber that attaches after the
+/// broker was killed and started again; it then gets every message kept, in order.
+#[test]
+fn drops_not_yet_announced_survive_a_broker_kill() {
+    let dir = TempDir::new("crash-drops");
+    let socket = dir.path().join("eb.sock");
+    let config = format!(
+        "[broker]\ndata_dir = \"{}\"\nstore_segment_bytes = 65536\nstore_max_bytes = 262144\n",
+        dir.path().join("data").display()
+    );
+    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let mut broker = start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep = Endpoint::Unix(socket.clone());
+    make_durable(&rt, &ep, "bounded");
+    let n = 2000u64;
+    rt.block_on(async {
+        let c = Client::connect(&ep, client_options("drops-pub"))
+            .await
+            .unwrap();
+        for seq in 0..n {
+            let p = Publish::new(Topic::new("crash.events").unwrap(), format!("{seq:0512}"))
+                .qos(Qos::Processed);
+            c.publish_with(p).await.unwrap();
+        }
+        assert_eq!(c.wait_acked(WAIT).await.outstanding, 0);
+        c.close().await;
+    });
+    // The bound is kept every fsync_interval_ms (100 ms): wait until the drops stop.
+    let deadline = Instant::now() + WAIT;
+    let (mut dropped, mut same) = (0, 0);
+    while same < 3 {
+        assert!(Instant::now() < deadline, "the drops never settled");
+        std::thread::sleep(Duration::from_millis(150));
+        let now = broker.stats()["subscriptions"][0]["dropped"]
+            .as_u64()
+            .unwrap();
+        same = if now > 0 && now == dropped {
+            same + 1
+        } else {
+            0
+        };
+        dropped = now;
+    }
+    broker.proc.signal(Signal::SIGKILL);
+    broker.proc.wait();
+    let _broker = start();
+    rt.block_on(async {
+        let c = Client::connect(&ep, client_options("drops-sub"))
+            .await
+            .unwrap();
+        let mut s = c.subscribe_durable("bounded", ["crash.#"]).await.unwrap();
+        match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
+            Err(RecvError::Missed { count, .. }) => {
+                assert_eq!(
+                    count, dropped,
+                    "told {count}, counted {dropped} before the kill"
+                );
+            }
+            other => panic!("the drop is told first: {other:?}"),
+        }
+        for seq in dropped..n {
+            let m = tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap();
+            let got: u64 = std::str::from_utf8(m.payload()).unwrap().parse().unwrap();
+            assert_eq!(got, seq);
+        }
+        s.delete().await.unwrap();
+        c.close().await;
+    });
+    println!("{dropped} of {n} dropped for the store bound, announced after a broker kill");
+}

@@ -397,6 +397,20 @@ impl Log {
         self.remove_first().map(Some)
     }
 
+    /// Closes the segment appended to, when it holds records, and starts the next: what
+    /// is appended from now on is not in the segments before.
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::flush`], or the new segment could not be made.
+    pub fn start_segment(&mut self) -> Result<(), StoreError> {
+        let active = &self.segments.last().expect("a log has a segment").info;
+        if active.end_seq == active.first_seq {
+            return Ok(());
+        }
+        self.roll()
+    }
+
     fn remove_first(&mut self) -> Result<SegmentInfo, StoreError> {
         let s = self.segments.remove(0);
         std::fs::remove_file(&s.path).map_err(|e| StoreError::io(&s.path, e))?;

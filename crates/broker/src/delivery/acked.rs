@@ -383,9 +383,26 @@ struct SubState {
     stalled: bool,
     closed: bool,
     drops: Drops,
+    /// [`Drops::changes`] when the drops were last written to its log (on disk).
+    drops_written: u64,
     delivered: u64,
     redelivered: u64,
     acked: u64,
+}
+
+impl SubState {
+    /// Writes the drops still to be announced to its log (on disk) when they changed since
+    /// last written, so that a broker started again announces them.
+    fn write_drops(&mut self) {
+        if self.drops.changes() == self.drops_written {
+            return;
+        }
+        let KeptStore::Disk(d) = self.queue.store_mut() else {
+            return;
+        };
+        d.write_drops(self.drops.unannounced().as_ref());
+        self.drops_written = self.drops.changes();
+    }
 }
 
 /// Statistics of one acknowledged subscription.
@@ -430,8 +447,15 @@ impl AckedSub {
         filters: Vec<TopicFilter>,
         limits: AckedLimits,
         full_policy: DurableFullPolicy,
-        store: KeptStore,
+        mut store: KeptStore,
     ) -> Self {
+        // What a previous broker process dropped and did not announce is announced still.
+        let mut drops = Drops::default();
+        if let KeptStore::Disk(d) = &mut store
+            && let Some((reason, topics)) = d.take_restored_drops()
+        {
+            drops.restore(reason, &topics);
+        }
         Self {
             index,
             name,
@@ -443,7 +467,8 @@ impl AckedSub {
                 attached: None,
                 stalled: false,
                 closed: false,
-                drops: Drops::default(),
+                drops_written: drops.changes(),
+                drops,
                 delivered: 0,
                 redelivered: 0,
                 acked: 0,
@@ -651,7 +676,9 @@ impl AckedSub {
     ///
     /// The log's first write error since the last success.
     pub(crate) fn persist(&self, sync: bool) -> Result<(), daemoneye_eventbus_store::StoreError> {
-        match self.state.lock().queue.store_mut() {
+        let mut st = self.state.lock();
+        st.write_drops();
+        match st.queue.store_mut() {
             KeptStore::Disk(d) => d.persist(sync),
             KeptStore::Memory(_) => Ok(()),
         }
@@ -667,7 +694,9 @@ impl AckedSub {
         &self,
     ) -> Result<Option<daemoneye_eventbus_store::SyncJob>, daemoneye_eventbus_store::StoreError>
     {
-        match self.state.lock().queue.store_mut() {
+        let mut st = self.state.lock();
+        st.write_drops();
+        match st.queue.store_mut() {
             KeptStore::Disk(d) => d.persist_for_sync().map(Some),
             KeptStore::Memory(_) => Ok(None),
         }
@@ -682,7 +711,9 @@ impl AckedSub {
     pub(crate) fn write_for_sync(
         &self,
     ) -> Result<Option<u64>, daemoneye_eventbus_store::StoreError> {
-        match self.state.lock().queue.store_mut() {
+        let mut st = self.state.lock();
+        st.write_drops();
+        match st.queue.store_mut() {
             KeptStore::Disk(d) => d.write_through().map(Some),
             KeptStore::Memory(_) => Ok(None),
         }
@@ -700,7 +731,9 @@ impl AckedSub {
         Option<(daemoneye_eventbus_store::SyncJob, u64)>,
         daemoneye_eventbus_store::StoreError,
     > {
-        match self.state.lock().queue.store_mut() {
+        let mut st = self.state.lock();
+        st.write_drops();
+        match st.queue.store_mut() {
             KeptStore::Disk(d) => d.sync_job().map(Some),
             KeptStore::Memory(_) => Ok(None),
         }
@@ -727,6 +760,12 @@ impl AckedSub {
     ) -> Result<(u64, u64), daemoneye_eventbus_store::StoreError> {
         let mut st = self.state.lock();
         let st = &mut *st;
+        if let KeptStore::Disk(d) = st.queue.store_mut()
+            && d.single_segment()
+        {
+            // What is written below goes to a segment of its own, not to the one given back.
+            d.start_segment()?;
+        }
         let (before, end) = match st.queue.store_mut() {
             KeptStore::Disk(d) => match d.oldest_segment_end() {
                 Some(end) => (d.disk_bytes(), end),
@@ -746,10 +785,11 @@ impl AckedSub {
             st.drops.record(&topic, DropReason::BacklogFull, 1);
             dropped += 1;
         }
+        st.write_drops();
         let KeptStore::Disk(d) = st.queue.store_mut() else {
             unreachable!("checked above");
         };
-        // The drops are written, and segments holding nothing kept go.
+        // The removals and drops are written, and segments holding nothing kept go.
         d.persist(false)?;
         if d.oldest_segment_end() == Some(end) {
             d.remove_oldest_segment()?;

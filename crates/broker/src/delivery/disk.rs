@@ -11,10 +11,10 @@
 
 use super::store::{Kept, MemoryStore, Pos, Store, Stored};
 use bytes::{BufMut, BytesMut};
-use daemoneye_eventbus_core::Frame;
 use daemoneye_eventbus_core::codec::{
-    DecodeCache, LEN_PREFIX, encode_message_frame, encode_run_frame, kind,
+    DecodeCache, DropReason, LEN_PREFIX, encode_message_frame, encode_run_frame, kind,
 };
+use daemoneye_eventbus_core::{Frame, Topic};
 use daemoneye_eventbus_store::{Log, LogOptions, Recovery, StoreError, SyncJob};
 use std::collections::VecDeque;
 use std::path::Path;
@@ -25,6 +25,13 @@ pub(crate) const KIND_MESSAGE: u8 = 1;
 pub(crate) const KIND_RUN: u8 = 2;
 /// Positions removed: inclusive ranges, (`u64` first, `u64` last) each.
 pub(crate) const KIND_REMOVED: u8 = 3;
+/// The drops not yet announced to a subscriber, as they stand (the last such record holds):
+/// their total (`u64`), the reason (`u8`, as in NOTICE), the number of topics (`u16`), then
+/// each topic (`u16` length, bytes) and its count (`u64`). A total of 0: none.
+pub(crate) const KIND_DROPS: u8 = 4;
+
+/// Drops to be announced: why, and how many per topic.
+pub(crate) type Unannounced = (DropReason, Vec<(Topic, u64)>);
 
 /// See the module documentation.
 pub(crate) struct DiskStore {
@@ -37,6 +44,11 @@ pub(crate) struct DiskStore {
     scratch: BytesMut,
     /// The first error writing the log since it last succeeded (appends go on in memory).
     failed: Option<StoreError>,
+    /// The last [`KIND_DROPS`] record announcing something, and its sequence number: written
+    /// again before the segment holding it is given back.
+    drops: Option<(Vec<u8>, u64)>,
+    /// The drops the log held when it was opened, until [`DiskStore::take_restored_drops`].
+    restored_drops: Option<Unannounced>,
 }
 
 /// What opening a durable subscription's log found, beyond its messages.
@@ -59,6 +71,7 @@ impl DiskStore {
         let mut cache = DecodeCache::default();
         let mut found: Vec<(Pos, Kept, u64)> = Vec::new();
         let mut removed: Vec<(Pos, Pos)> = Vec::new();
+        let mut drops: Option<(Vec<u8>, u64)> = None;
         let mut undecodable = 0u64;
         let (log, recovery) = Log::open(dir, LogOptions { segment_bytes }, |r| {
             let mut c = r.body;
@@ -90,6 +103,12 @@ impl DiskStore {
                         _ => undecodable += 1,
                     }
                 }
+                KIND_DROPS => match decode_drops(r.body) {
+                    // The last one holds.
+                    Some(Some(_)) => drops = Some((r.body.to_vec(), r.seq)),
+                    Some(None) => drops = None,
+                    None => undecodable += 1,
+                },
                 KIND_REMOVED => {
                     let mut last_of = c;
                     let Some(last) = take_u64(&mut last_of) else {
@@ -127,6 +146,7 @@ impl DiskStore {
             end = end.max(last.saturating_add(1));
         }
         mem.skip_to(end);
+        let restored_drops = drops.as_ref().and_then(|(body, _)| decode_drops(body)?);
         let mut store = Self {
             mem,
             log,
@@ -134,6 +154,8 @@ impl DiskStore {
             removed: Vec::new(),
             scratch: BytesMut::new(),
             failed: None,
+            drops,
+            restored_drops,
         };
         store.trim_records();
         Ok(Reopened {
@@ -212,6 +234,7 @@ impl DiskStore {
             .records
             .front()
             .map_or(self.log.next_seq(), |(.., seq)| *seq);
+        self.keep_drops_before(first_kept);
         if let Err(e) = self.log.remove_segments_before(first_kept) {
             self.failed.get_or_insert(e);
         }
@@ -255,13 +278,113 @@ impl DiskStore {
 
     /// Removes the oldest segment once nothing kept lies in it; returns the bytes given back.
     pub(crate) fn remove_oldest_segment(&mut self) -> Result<u64, StoreError> {
+        if self.single_segment() {
+            // The drops record, written again, must not land in the segment given back.
+            self.log.start_segment()?;
+        }
+        if let Some(end) = self.oldest_segment_end() {
+            self.keep_drops_before(end);
+            self.log.flush()?;
+        }
         Ok(self.log.remove_oldest_segment()?.map_or(0, |s| s.bytes))
+    }
+
+    /// Whether its log has one segment (the one appended to).
+    pub(crate) fn single_segment(&self) -> bool {
+        self.log.segments().nth(1).is_none()
+    }
+
+    /// Closes the segment appended to (see [`Log::start_segment`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`Log::start_segment`].
+    pub(crate) fn start_segment(&mut self) -> Result<(), StoreError> {
+        self.log.start_segment()
+    }
+
+    /// Writes the drops to be announced as they stand now (`None`: none), so that a broker
+    /// started again on this log still announces them.
+    pub(crate) fn write_drops(&mut self, drops: Option<&Unannounced>) {
+        if drops.is_none() && self.drops.is_none() {
+            return;
+        }
+        let body = encode_drops(drops);
+        match self.log.append(KIND_DROPS, &body) {
+            Ok(seq) => self.drops = drops.is_some().then_some((body, seq)),
+            Err(e) => {
+                self.failed.get_or_insert(e);
+            }
+        }
+    }
+
+    /// The drops the log held when it was opened (once).
+    pub(crate) fn take_restored_drops(&mut self) -> Option<Unannounced> {
+        self.restored_drops.take()
+    }
+
+    /// Appends the drops record again when the segments before `seq`, which hold it, are
+    /// about to go.
+    fn keep_drops_before(&mut self, seq: u64) {
+        let Some((body, at)) = self.drops.take() else {
+            return;
+        };
+        if at >= seq {
+            self.drops = Some((body, at));
+            return;
+        }
+        match self.log.append(KIND_DROPS, &body) {
+            Ok(at) => self.drops = Some((body, at)),
+            Err(e) => {
+                self.drops = Some((body, at));
+                self.failed.get_or_insert(e);
+            }
+        }
     }
 
     /// Messages kept, and their charged bytes.
     pub(crate) fn kept(&self) -> (usize, usize) {
         (self.mem.len(), self.mem.bytes())
     }
+}
+
+fn encode_drops(drops: Option<&Unannounced>) -> Vec<u8> {
+    let mut body = Vec::new();
+    let Some((reason, topics)) = drops else {
+        body.put_u64_le(0);
+        return body;
+    };
+    body.put_u64_le(topics.iter().map(|(_, n)| n).sum());
+    body.put_u8(reason.to_u8());
+    // At most DROP_TOPICS + 1 entries.
+    body.put_u16_le(topics.len() as u16);
+    for (topic, n) in topics {
+        let t = topic.as_str().as_bytes();
+        body.put_u16_le(t.len() as u16);
+        body.put_slice(t);
+        body.put_u64_le(*n);
+    }
+    body
+}
+
+/// `None`: not a drops record; `Some(None)`: nothing to announce.
+fn decode_drops(mut c: &[u8]) -> Option<Option<Unannounced>> {
+    let total = take_u64(&mut c)?;
+    if total == 0 {
+        return Some(None);
+    }
+    let (&reason, rest) = c.split_first()?;
+    let (n, mut rest) = rest.split_first_chunk::<2>()?;
+    let mut topics = Vec::with_capacity(usize::from(u16::from_le_bytes(*n)));
+    for _ in 0..u16::from_le_bytes(*n) {
+        let (len, r) = rest.split_first_chunk::<2>()?;
+        let len = usize::from(u16::from_le_bytes(*len));
+        let (topic, mut r) = (r.get(..len)?, r.get(len..)?);
+        let topic = Topic::new(std::str::from_utf8(topic).ok()?).ok()?;
+        topics.push((topic, take_u64(&mut r)?));
+        rest = r;
+    }
+    Some(Some((DropReason::from_u8(reason), topics)))
 }
 
 fn take_u64(c: &mut &[u8]) -> Option<u64> {
@@ -386,5 +509,61 @@ mod tests {
         assert!(kept(&s).is_empty());
         assert_eq!(s.mem.next_pos(), 9);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unannounced_drops_come_back_until_announced_even_as_their_segments_go() {
+        let dir = std::env::temp_dir().join(format!("eb-disk-drops-{}", std::process::id()));
+        let log = dir.join("log");
+        let topic = |t: &str| Topic::new(t).unwrap();
+        let drops = (
+            DropReason::BacklogFull,
+            vec![(topic("a.b"), 7), (topic("c"), 2)],
+        );
+        {
+            // Small segments: the drops record's segment is given back as messages go.
+            let mut s = DiskStore::open(&log, 256).unwrap().store;
+            assert!(s.take_restored_drops().is_none());
+            s.write_drops(Some(&drops));
+            for n in 0..20 {
+                s.append(Kept::One(message(n)));
+                s.persist(false).unwrap();
+            }
+            for n in 0..19 {
+                s.remove(n);
+            }
+            s.persist(false).unwrap();
+            assert!(s.log.segments().count() < 5, "old segments went");
+            s.remove_oldest_segment().unwrap();
+        }
+        let mut s = DiskStore::open(&log, 256).unwrap().store;
+        assert_eq!(s.take_restored_drops(), Some(drops));
+        assert_eq!(s.take_restored_drops(), None, "once");
+        // Announced: nothing comes back.
+        s.write_drops(None);
+        s.persist(false).unwrap();
+        drop(s);
+        let mut s = DiskStore::open(&log, 256).unwrap().store;
+        assert_eq!(s.take_restored_drops(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    proptest::proptest! {
+        /// A drops record reads back as written; any other bytes read as something or
+        /// nothing, never a panic.
+        #[test]
+        fn drops_records_round_trip_and_garbage_never_panics(
+            counts in proptest::collection::vec(("[a-z]{1,8}(\\.[a-z]{1,8}){0,3}", 1u64..1_000_000), 0..20),
+            reason in 1u8..=3,
+            garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let topics: Vec<(Topic, u64)> = counts
+                .iter()
+                .map(|(t, n)| (Topic::new(t.as_str()).unwrap(), *n))
+                .collect();
+            let drops = (!topics.is_empty()).then(|| (DropReason::from_u8(reason), topics));
+            proptest::prop_assert_eq!(decode_drops(&encode_drops(drops.as_ref())), Some(drops));
+            let _ = decode_drops(&garbage);
+        }
     }
 }

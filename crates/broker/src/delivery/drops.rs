@@ -74,6 +74,9 @@ pub(crate) struct Drops {
     reason: Option<DropReason>,
     /// Drops of one topic not yet added to the tables.
     run: Option<(Topic, u64)>,
+    /// Changes to what is to be announced (a drop, a notice taken): a durable subscription
+    /// on disk writes [`Drops::unannounced`] when this moved.
+    changes: u64,
 }
 
 impl Drops {
@@ -82,6 +85,7 @@ impl Drops {
     /// topic changes or the counts are read, so a drop costs a comparison and an increment.
     pub(crate) fn record(&mut self, topic: &Topic, reason: DropReason, n: u64) {
         self.total += n;
+        self.changes += 1;
         if self.reason.is_none() || reason == DropReason::MemoryCap {
             self.reason = Some(reason);
         }
@@ -127,6 +131,7 @@ impl Drops {
     pub(crate) fn take_notice(&mut self) -> Option<Frame> {
         let reason = self.reason.take()?;
         self.fold();
+        self.changes += 1;
         let pending = std::mem::take(&mut self.pending);
         if pending.is_empty() {
             return None;
@@ -135,6 +140,26 @@ impl Drops {
             reason,
             topics: pending.entries(),
         }))
+    }
+
+    /// How often what is to be announced changed (a drop, a notice taken).
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// The drops not yet announced: why, and how many per topic (`None`: none).
+    pub(crate) fn unannounced(&mut self) -> Option<(DropReason, Vec<(Topic, u64)>)> {
+        let reason = self.reason?;
+        self.fold();
+        (!self.pending.is_empty()).then(|| (reason, self.pending.entries()))
+    }
+
+    /// Takes back drops a previous broker process counted and did not announce.
+    pub(crate) fn restore(&mut self, reason: DropReason, topics: &[(Topic, u64)]) {
+        for (topic, n) in topics {
+            self.record(topic, reason, *n);
+        }
+        self.fold();
     }
 
     /// Total drops.

@@ -300,7 +300,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub(super) fn to_u8(self) -> u8 {
+    /// Its wire value (NOTICE `reason`).
+    pub fn to_u8(self) -> u8 {
         match self {
             Self::SlowReader => 1,
             Self::MemoryCap => 2,
@@ -308,7 +309,8 @@ impl DropReason {
             Self::Other(v) => v,
         }
     }
-    pub(super) fn from_u8(v: u8) -> Self {
+    /// Reads a wire value (unknown ones are kept as [`DropReason::Other`]).
+    pub fn from_u8(v: u8) -> Self {
         match v {
             1 => Self::SlowReader,
             2 => Self::MemoryCap,
