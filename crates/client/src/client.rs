@@ -161,6 +161,20 @@ impl OutState {
 }
 
 impl Inner {
+    /// The next publish's sequence number (taken under the queue lock, so that ids follow
+    /// the order on the wire). On a spool, crossing into the next generation's numbers
+    /// names it in the spool first, so that no later client on it takes them.
+    pub(crate) fn next_sequence(&self) -> u64 {
+        let seq = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        if seq & ((1 << crate::spool::GENERATION_SHIFT) - 1) == 0
+            && let Some(spool) = &self.spool
+            && let Err(e) = spool.lock().next_generation()
+        {
+            tracing::warn!(error = %e, "could not record this client's next generation of message ids in its spool; the next client on it may reuse some");
+        }
+        seq
+    }
+
     /// Queues a control frame (not subject to the outbox byte bound).
     pub(crate) fn push_control(&self, frame: Frame) {
         let mut out = self.out.lock();
@@ -419,31 +433,40 @@ impl Client {
         if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
             return Err(ConnectError::InvalidName(name.clone()));
         }
+        let fresh = fastrand::u64(1..);
         let spooled = match &options.spool_dir {
             Some(dir) => Some(crate::spool::Spool::open(
                 dir,
                 options.spool_max_bytes,
                 options.spool_full,
+                fresh,
             )?),
             None => None,
         };
         let established = driver::connect_once(endpoint, &options).await?;
-        let (spool, left) = match spooled {
-            Some((s, left)) => (Some(Mutex::new(s)), left),
-            None => (None, Vec::new()),
+        let (spool, identity, left) = match spooled {
+            Some((s, identity, left)) => (Some(Mutex::new(s)), identity, left),
+            None => (
+                None,
+                crate::spool::Identity {
+                    publisher: fresh,
+                    generation: 0,
+                },
+                Vec::new(),
+            ),
         };
         let in_process = matches!(endpoint, Endpoint::InProc(_));
         let max = established.max_message_size(&options);
         let (state, _) = watch::channel(ConnState::Connected {
             session_id: established.session_id(),
         });
-        let publisher_id = fastrand::u64(1..);
+        let publisher_id = identity.publisher;
         let inner = Arc::new(Inner {
             endpoint: endpoint.clone(),
             inbox: Arc::new(Inbox::new(publisher_id)),
             rpc_metrics: Recorder::default(),
             broker_minor: AtomicU16::new(established.broker_minor()),
-            sequence: AtomicU64::new(0),
+            sequence: AtomicU64::new(identity.first_sequence()),
             out: Mutex::new(OutState {
                 buf: OutBuf::new(in_process),
                 header: Header {
@@ -489,8 +512,10 @@ impl Client {
     }
 
     /// Sends what an earlier client left in the spool, before anything this one publishes,
-    /// as this client's publishes (renumbered, from this client's name); the spool forgets
-    /// them once the broker acknowledges them.
+    /// from this client's name and with their ids (this client is the same publisher, in a
+    /// later generation: see `spool.rs`); the spool forgets them once the broker acknowledges
+    /// them. Publishes of another publisher id (a spool written before identities were kept)
+    /// are renumbered.
     fn send_left_in_spool(&self, left: Vec<Message>) {
         let (Some(spool), false) = (&self.inner.spool, left.is_empty()) else {
             return;
@@ -500,12 +525,16 @@ impl Client {
         let mut out = inner.out.lock();
         let out = &mut *out;
         let (mut through, n) = (0, left.len() as u64);
+        let publisher = out.header.id.publisher;
+        let renumber = left.iter().any(|m| m.id().publisher != publisher);
         for m in left {
             let mut h = m.header().clone();
-            h.id = MessageId {
-                publisher: out.header.id.publisher,
-                sequence: inner.sequence.fetch_add(1, Ordering::Relaxed) + 1,
-            };
+            if renumber {
+                h.id = MessageId {
+                    publisher,
+                    sequence: inner.next_sequence(),
+                };
+            }
             h.source = out.header.source.clone();
             through = h.id.sequence;
             out.buf.push_publish(m.topic(), &h, m.payload(), runs);
@@ -673,7 +702,7 @@ impl Client {
                 {
                     // Broker away, spool configured: on disk, not in memory.
                     let mut h = out.header.clone();
-                    let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    let sequence = inner.next_sequence();
                     extras.stamp(&mut h, sequence, timestamp_ns);
                     let id = h.id;
                     let payload = payload.take().expect("a publish is queued once");
@@ -713,7 +742,7 @@ impl Client {
                     // what differs per message is set. Numbered under the queue lock, so ids
                     // follow the order on the wire.
                     let h = &mut out.header;
-                    let sequence = inner.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+                    let sequence = inner.next_sequence();
                     extras.stamp(h, sequence, timestamp_ns);
                     let id = h.id;
                     let runs = Runs::of_minor(inner.broker_minor.load(Ordering::Relaxed));

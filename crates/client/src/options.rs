@@ -107,8 +107,10 @@ pub struct ClientOptions {
     pub dedup_window: usize,
     /// Store-and-forward: a directory where Processed publishes made while the broker is
     /// unreachable are kept on disk (made private if missing), to be sent in order when it is
-    /// back, and by the next client on this directory if this process ends first. `None`
-    /// (default): they wait in memory, within `unacked_bytes` and `outbox_bytes`.
+    /// back, and by the next client on this directory if this process ends first, with the
+    /// same message ids (the clients on one spool share its publisher id). One client at a
+    /// time uses a spool. `None` (default): they wait in memory, within `unacked_bytes` and
+    /// `outbox_bytes`.
     pub spool_dir: Option<std::path::PathBuf>,
     /// Charged bytes the spool holds at most (default 64 MiB).
     pub spool_max_bytes: usize,

@@ -32,18 +32,21 @@ async fn away(client: &Client) {
     .unwrap();
 }
 
-/// Reads the durable subscription `kept` until it has `0..n`, in order.
-async fn receive_all(endpoint: &Endpoint, n: u32) {
+/// Reads the durable subscription `kept` until it has `0..n`, in order; returns their ids.
+async fn receive_all(endpoint: &Endpoint, n: u32) -> Vec<daemoneye_eventbus::MessageId> {
     let c = Client::connect(endpoint, ClientOptions::named("reader"))
         .await
         .unwrap();
     let mut s = c.subscribe_durable("kept", ["jobs.#"]).await.unwrap();
+    let mut ids = Vec::new();
     for i in 0..n {
         let m = tokio::time::timeout(WAIT, s.recv()).await.unwrap().unwrap();
         assert_eq!(u32::from_le_bytes(m.payload()[..4].try_into().unwrap()), i);
+        ids.push(m.id());
     }
     s.delete().await.unwrap();
     c.close().await;
+    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,18 +90,24 @@ async fn publishes_made_while_the_broker_is_away_wait_on_disk_and_arrive_in_orde
     broker.shutdown().await;
     drop(broker);
     away(&collector).await;
-    publish_numbered(&collector, 70..100).await;
+    let left = publish_numbered(&collector, 70..100).await;
     collector.close().await;
     drop(collector);
-    // The next collector on the spool sends what the first left, before its own.
+    // The next collector on the spool sends what the first left, before its own, with the
+    // ids the first gave them (a copy a broker got before would be recognised); its own are
+    // numbered after anything the first could have used.
     let broker = Broker::start_on(config, &endpoints).await.unwrap();
     let next = Client::connect(&endpoint, options("collector", spool))
         .await
         .unwrap();
-    publish_numbered(&next, 100..110).await;
+    let own = publish_numbered(&next, 100..110).await;
     let report = next.wait_acked(WAIT).await;
     assert_eq!((report.acked, report.outstanding), (40, 0), "{report:?}");
     next.close().await;
-    receive_all(&endpoint, 110).await;
+    let ids = receive_all(&endpoint, 110).await;
+    assert_eq!(ids[70..100], left[..], "the left publishes keep their ids");
+    assert_eq!(ids[100..], own[..]);
+    assert!(own.iter().all(|o| o.publisher == left[0].publisher));
+    assert!(own[0].sequence > ids[..100].iter().map(|i| i.sequence).max().unwrap());
     broker.shutdown().await;
 }

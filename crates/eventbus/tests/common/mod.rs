@@ -20,13 +20,18 @@ impl Drop for TempDir {
 }
 
 /// Publishes `range` Processed on `jobs.a`, each payload its number's bytes.
-pub async fn publish_numbered(client: &Client, range: std::ops::Range<u32>) {
+pub async fn publish_numbered(
+    client: &Client,
+    range: std::ops::Range<u32>,
+) -> Vec<daemoneye_eventbus::MessageId> {
+    let mut ids = Vec::with_capacity(range.len());
     for i in range {
         let p = Publish::new(
             Topic::new("jobs.a").unwrap(),
             Bytes::copy_from_slice(&i.to_le_bytes()),
         )
         .qos(Qos::Processed);
-        client.publish_with(p).await.unwrap();
+        ids.push(client.publish_with(p).await.unwrap());
     }
+    ids
 }
