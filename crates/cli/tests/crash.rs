@@ -143,9 +143,11 @@ fn killed_durable_subscribers_lose_nothing_acknowledged() {
     let missing: Vec<u64> = (0..total).filter(|s| !seen.contains_key(s)).collect();
     assert!(
         missing.is_empty(),
-        "{} acknowledged messages never reached the durable subscriber: {:?}…",
+        "{} acknowledged messages never reached the durable subscriber: {:?}…; the broker's \
+         view of it: {}",
         missing.len(),
-        &missing[..missing.len().min(10)]
+        &missing[..missing.len().min(10)],
+        broker.stats()["subscriptions"]
     );
     let duplicates: u32 = seen.values().map(|n| n - 1).sum();
     println!(
