@@ -13,6 +13,7 @@ use daemoneye_eventbus_core::codec::{
     AckedDelivery, AckedHead, DropReason, Notice, RunPart, SubId,
 };
 use daemoneye_eventbus_core::{DurableName, Topic, TopicFilter};
+use daemoneye_eventbus_store::{StoreError, SyncJob};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -669,19 +670,28 @@ impl AckedSub {
         n
     }
 
+    /// Runs `write` on its disk store, after the drops still to be announced are written to
+    /// it (`None`, nothing done, for a store in memory).
+    fn on_disk<T>(
+        &self,
+        write: impl FnOnce(&mut super::DiskStore) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let mut st = self.state.lock();
+        st.write_drops();
+        match st.queue.store_mut() {
+            KeptStore::Disk(d) => write(d).map(Some),
+            KeptStore::Memory(_) => Ok(None),
+        }
+    }
+
     /// Writes what it kept and what was acknowledged since the last call to its disk log
     /// (nothing for a store in memory); with `sync`, to the disk itself.
     ///
     /// # Errors
     ///
     /// The log's first write error since the last success.
-    pub(crate) fn persist(&self, sync: bool) -> Result<(), daemoneye_eventbus_store::StoreError> {
-        let mut st = self.state.lock();
-        st.write_drops();
-        match st.queue.store_mut() {
-            KeptStore::Disk(d) => d.persist(sync),
-            KeptStore::Memory(_) => Ok(()),
-        }
+    pub(crate) fn persist(&self, sync: bool) -> Result<(), StoreError> {
+        self.on_disk(|d| d.persist(sync)).map(|_| ())
     }
 
     /// [`AckedSub::persist`] with `sync`, the wait for the disk returned to run elsewhere
@@ -690,16 +700,8 @@ impl AckedSub {
     /// # Errors
     ///
     /// The log's first write error since the last success.
-    pub(crate) fn persist_for_sync(
-        &self,
-    ) -> Result<Option<daemoneye_eventbus_store::SyncJob>, daemoneye_eventbus_store::StoreError>
-    {
-        let mut st = self.state.lock();
-        st.write_drops();
-        match st.queue.store_mut() {
-            KeptStore::Disk(d) => d.persist_for_sync().map(Some),
-            KeptStore::Memory(_) => Ok(None),
-        }
+    pub(crate) fn persist_for_sync(&self) -> Result<Option<SyncJob>, StoreError> {
+        self.on_disk(super::DiskStore::persist_for_sync)
     }
 
     /// Under `fsync = always`: writes what it kept to the operating system and returns the
@@ -708,15 +710,8 @@ impl AckedSub {
     /// # Errors
     ///
     /// The log's first write error since the last success.
-    pub(crate) fn write_for_sync(
-        &self,
-    ) -> Result<Option<u64>, daemoneye_eventbus_store::StoreError> {
-        let mut st = self.state.lock();
-        st.write_drops();
-        match st.queue.store_mut() {
-            KeptStore::Disk(d) => d.write_through().map(Some),
-            KeptStore::Memory(_) => Ok(None),
-        }
+    pub(crate) fn write_for_sync(&self) -> Result<Option<u64>, StoreError> {
+        self.on_disk(super::DiskStore::write_through)
     }
 
     /// Writes what it kept and returns the wait for the disk that puts it there, with the
@@ -725,18 +720,8 @@ impl AckedSub {
     /// # Errors
     ///
     /// The log's first write error since the last success.
-    pub(crate) fn sync_job(
-        &self,
-    ) -> Result<
-        Option<(daemoneye_eventbus_store::SyncJob, u64)>,
-        daemoneye_eventbus_store::StoreError,
-    > {
-        let mut st = self.state.lock();
-        st.write_drops();
-        match st.queue.store_mut() {
-            KeptStore::Disk(d) => d.sync_job().map(Some),
-            KeptStore::Memory(_) => Ok(None),
-        }
+    pub(crate) fn sync_job(&self) -> Result<Option<(SyncJob, u64)>, StoreError> {
+        self.on_disk(super::DiskStore::sync_job)
     }
 
     /// Bytes its log takes on disk (0 in memory).
@@ -754,10 +739,7 @@ impl AckedSub {
     /// # Errors
     ///
     /// The log could not be written.
-    pub(crate) fn give_back_segment(
-        &self,
-        memory: &Memory,
-    ) -> Result<(u64, u64), daemoneye_eventbus_store::StoreError> {
+    pub(crate) fn give_back_segment(&self, memory: &Memory) -> Result<(u64, u64), StoreError> {
         let mut st = self.state.lock();
         let st = &mut *st;
         if let KeptStore::Disk(d) = st.queue.store_mut()
