@@ -758,6 +758,12 @@ impl Hub {
         if let Some(outlet) = s.ack(ranges, &self.memory) {
             outlet.wake();
         }
+        // On disk at once (to the operating system; to the disk itself with the next sync):
+        // a message its subscriber acknowledged does not come back after the broker is killed.
+        if s.on_disk {
+            // A failure is counted; the removals are written with the next write.
+            let _failed = self.persist_one(&s, false);
+        }
     }
 
     /// Closes (or for a durable subscription, detaches; with `delete`, deletes) one of
