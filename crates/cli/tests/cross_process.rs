@@ -1096,6 +1096,15 @@ fn a_bad_data_directory_is_refused_and_damage_in_a_good_one_never_stops_the_brok
         "{err}"
     );
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    // Another user's (we are root in CI; as another user the chown is refused, skipped).
+    let nobody = Some(nix::unistd::Uid::from_raw(65534));
+    if nix::unistd::chown(&data, nobody, None).is_ok() {
+        let mut p = serve(&data);
+        assert_eq!(p.wait(), 1);
+        let err = p.stderr_lines().join("\n");
+        assert!(err.contains("owned by uid 65534"), "{err}");
+        nix::unistd::chown(&data, Some(nix::unistd::getuid()), None).unwrap();
+    }
 
     // Two durable subscriptions with something kept, then the broker is killed.
     let config = format!("[broker]\ndata_dir = \"{}\"\n", data.display());
