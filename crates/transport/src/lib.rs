@@ -37,6 +37,11 @@ pub struct PeerInfo {
     pub uid: Option<u32>,
     /// Group id (Unix sockets).
     pub gid: Option<u32>,
+    /// The peer process's executable (Unix sockets on Linux): read through a pidfd the kernel
+    /// gave for the connecting process, and kept only if that very process was still alive
+    /// after it was read, so a pid reused by another process is never mistaken for the peer.
+    /// `None` when it could not be read that way.
+    pub exe: Option<std::path::PathBuf>,
     /// Remote address (TCP).
     pub addr: Option<std::net::SocketAddr>,
     /// Which transport carried the connection.
@@ -200,10 +205,12 @@ impl Listener {
 #[cfg(unix)]
 fn unix_connection(stream: tokio::net::UnixStream) -> std::io::Result<Connection> {
     let cred = stream.peer_cred().ok();
+    let pid = cred.as_ref().and_then(|c| c.pid());
     let peer = PeerInfo {
-        pid: cred.as_ref().and_then(|c| c.pid()),
+        pid,
         uid: cred.as_ref().map(|c| c.uid()),
         gid: cred.as_ref().map(|c| c.gid()),
+        exe: pid.and_then(|pid| unix::peer_exe(&stream, pid)),
         addr: None,
         transport: TransportKind::Unix,
     };

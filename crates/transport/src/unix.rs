@@ -273,6 +273,31 @@ fn bind_staged(
     ))
 }
 
+/// The executable of the process at the other end of `stream`, whose pid the kernel gave as
+/// `pid` (Linux): read from `/proc/PID/exe`, then kept only if the pidfd the kernel gave for
+/// the connecting process still names `pid` (it stayed alive, so the pid was not reused by
+/// another process meanwhile). `None` where pidfds are missing (before Linux 6.5) or the peer
+/// is gone.
+#[cfg(target_os = "linux")]
+pub(crate) fn peer_exe(stream: &tokio::net::UnixStream, pid: i32) -> Option<std::path::PathBuf> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerPidfd};
+    use std::os::fd::AsRawFd;
+    let pidfd = getsockopt(stream, PeerPidfd).ok()?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+    let alive_as = info
+        .lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok())?;
+    (alive_as == pid).then_some(exe)
+}
+
+/// Executables are read on Linux only.
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn peer_exe(_: &tokio::net::UnixStream, _: i32) -> Option<std::path::PathBuf> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
