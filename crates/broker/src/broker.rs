@@ -31,6 +31,9 @@ pub enum BrokerError {
     /// newer build).
     #[error("cannot use the data directory")]
     Store(#[from] daemoneye_eventbus_store::StoreError),
+    /// `acl_file` could not be read or is not a policy.
+    #[error("cannot use broker.acl_file: {0}")]
+    Acl(#[from] crate::acl::PolicyError),
 }
 
 #[cfg(unix)]
@@ -114,6 +117,12 @@ impl Broker {
         endpoints: &[Endpoint],
     ) -> Result<Self, BrokerError> {
         config.validate()?;
+        // Read before anything listens: a broker never runs without the policy it was given.
+        let policy = config
+            .acl_file
+            .as_deref()
+            .map(crate::acl::Policy::load)
+            .transpose()?;
         let mut all = endpoints.to_vec();
         let n = INPROC_SEQ.fetch_add(1, Ordering::Relaxed);
         all.push(Endpoint::InProc(format!(
@@ -136,6 +145,7 @@ impl Broker {
             config.allowed_uids.clone()
         };
         let hub = Arc::new(Hub::new(config, allowed_uids));
+        hub.set_policy(policy);
         hub.restore_durables()?;
         let endpoints = listeners.iter().map(|l| l.endpoint().clone()).collect();
         for listener in listeners {
@@ -175,6 +185,17 @@ impl Broker {
     /// A statistics snapshot.
     pub fn stats(&self) -> BrokerStats {
         self.hub.stats()
+    }
+
+    /// Reads `acl_file` again and puts it in force for every connection (their next frames
+    /// are checked against it). Returns how many rules it has.
+    ///
+    /// # Errors
+    ///
+    /// The file could not be read or is not a policy: the policy in force stays, and the
+    /// error says why. A broker without `acl_file` has nothing to read.
+    pub fn reload_acl(&self) -> Result<usize, crate::acl::PolicyError> {
+        self.hub.reload_acl()
     }
 
     /// Whether shutdown has begun.

@@ -17,8 +17,20 @@ pub struct BrokerConfig {
     /// Also listen on this loopback TCP address (plain TCP, loopback only).
     pub tcp_listen: Option<SocketAddr>,
     /// Maximum concurrent connections (default 64). Extra connections are refused with a
-    /// `ConnectionLimit` error.
+    /// `ConnectionLimit` error. The broker's own in-process clients are not counted.
     pub max_connections: usize,
+    /// Connections one identity may hold at once (default 32): a Unix peer's uid and
+    /// executable, a TCP peer's address. More are refused with `ConnectionLimit`, counted per
+    /// identity (`BrokerStats.refused_by_identity`), so one identity cannot take every
+    /// connection; the broker's own in-process clients are not counted.
+    pub max_connections_per_identity: usize,
+    /// Who may do what: a policy file (TOML, or YAML for `.yaml` / `.yml`) of rules keyed by
+    /// identity granting publish, subscribe, request and reply on topic filters; anything not
+    /// granted is denied (`docs/security.md`). Read at start (a bad file stops the broker) and
+    /// again on `Broker::reload_acl` (SIGHUP for `eventbus serve` and the agent; a bad file
+    /// keeps the policy in force). `None` (default): every client whose uid is allowed may
+    /// publish, subscribe, request and reply on every topic but `$sys`.
+    pub acl_file: Option<PathBuf>,
     /// Bound of each queue (a connection's Realtime and Processed queues, an acknowledged
     /// subscription), in messages (default 1,000,000: the byte bound binds first).
     pub message_buffer_size: usize,
@@ -112,6 +124,8 @@ impl Default for BrokerConfig {
             socket_path: None,
             tcp_listen: None,
             max_connections: 64,
+            max_connections_per_identity: 32,
+            acl_file: None,
             message_buffer_size: 1_000_000,
             subscriber_buffer_bytes: 256 * 1024 * 1024,
             max_memory_bytes: 512 * 1024 * 1024,
@@ -186,6 +200,12 @@ impl BrokerConfig {
             self.max_connections > 0,
             "max_connections",
             self.max_connections,
+            "must be at least 1".into(),
+        )?;
+        check(
+            self.max_connections_per_identity > 0,
+            "max_connections_per_identity",
+            self.max_connections_per_identity,
             "must be at least 1".into(),
         )?;
         check(

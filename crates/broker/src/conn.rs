@@ -38,7 +38,25 @@ pub(crate) struct Conn {
     written_ms: AtomicU64,
 }
 
+/// The identity a connection from `peer` named `name` has for the ACL.
+pub(crate) fn identity_of<'a>(peer: &'a PeerInfo, name: &'a str) -> crate::acl::Identity<'a> {
+    crate::acl::Identity {
+        in_process: peer.transport == daemoneye_eventbus_transport::TransportKind::InProc,
+        uid: peer.uid,
+        gid: peer.gid,
+        exe: peer.exe.as_deref(),
+        collector: None,
+        tls_subject: None,
+        name,
+    }
+}
+
 impl Conn {
+    /// Its identity for the ACL.
+    pub(crate) fn identity(&self) -> crate::acl::Identity<'_> {
+        identity_of(&self.peer, &self.name)
+    }
+
     /// Filters of the acknowledged subscriptions this connection opened (a durable one it
     /// attached to counts for nobody: it outlives connections), against
     /// `max_subscriptions_per_connection`.

@@ -195,6 +195,15 @@ pub(crate) struct Hub {
     /// [`StoreTrouble`] since the last failed write, or [`StoreTrouble::OK`] once one
     /// succeeds.
     store_trouble: std::sync::atomic::AtomicU8,
+    /// The policy in force (`acl_file`), `None` without one: every allowed client may do
+    /// anything. Sessions resolve their grants again when `acl_generation` moves.
+    acl: RwLock<Option<Arc<crate::acl::Policy>>>,
+    pub(crate) acl_generation: AtomicU64,
+    /// Connections each identity holds now ([`Hub::admit_identity`]).
+    identities: parking_lot::Mutex<HashMap<String, usize>>,
+    /// Connections refused per identity (for the per-identity limit, a disallowed uid or a
+    /// kept name), bounded like drop counts.
+    refused_by_identity: parking_lot::Mutex<crate::stats::IdentityCounts>,
 }
 
 impl Hub {
@@ -217,8 +226,108 @@ impl Hub {
             sys_seq: AtomicU64::new(0),
             store_error_logged_ms: AtomicU64::new(0),
             store_trouble: std::sync::atomic::AtomicU8::new(StoreTrouble::OK),
+            acl: RwLock::new(None),
+            acl_generation: AtomicU64::new(0),
+            identities: parking_lot::Mutex::new(HashMap::new()),
+            refused_by_identity: parking_lot::Mutex::new(crate::stats::IdentityCounts::default()),
             config,
         }
+    }
+
+    /// Puts `policy` in force (`None`: no topic ACL).
+    pub(crate) fn set_policy(&self, policy: Option<crate::acl::Policy>) {
+        *self.acl.write() = policy.map(Arc::new);
+        self.acl_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// See [`crate::Broker::reload_acl`].
+    pub(crate) fn reload_acl(&self) -> Result<usize, crate::acl::PolicyError> {
+        let Some(path) = &self.config.acl_file else {
+            return Err(crate::acl::PolicyError(
+                "the broker has no acl_file to read again".into(),
+            ));
+        };
+        match crate::acl::Policy::load(path) {
+            Ok(p) => {
+                let rules = p.len();
+                self.set_policy(Some(p));
+                tracing::info!(file = %path.display(), rules, "reloaded the ACL policy");
+                Ok(rules)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the ACL policy was not reloaded; the one in force stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// What a connection of identity `id` may do under the policy in force, with the
+    /// policy's generation.
+    pub(crate) fn grants(&self, id: &crate::acl::Identity<'_>) -> (Arc<crate::acl::Grants>, u64) {
+        let acl = self.acl.read();
+        let generation = self.acl_generation.load(Ordering::Acquire);
+        let grants = match acl.as_deref() {
+            Some(p) => p.grants(id),
+            None => crate::acl::Grants::everything(),
+        };
+        (Arc::new(grants), generation)
+    }
+
+    /// Whether `id` may use its client name under the policy in force.
+    pub(crate) fn check_name(&self, id: &crate::acl::Identity<'_>) -> Result<(), ErrorFrame> {
+        let acl = self.acl.read();
+        let Some(p) = acl.as_deref() else {
+            return Ok(());
+        };
+        p.check_name(id).map_err(|message| ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::NotAuthorized,
+            fatal: true,
+            message,
+        })
+    }
+
+    /// Counts a connection of `peer`'s identity against `max_connections_per_identity`;
+    /// the returned key is given back with [`Hub::release_identity`]. The broker's own
+    /// in-process clients are not counted (`Ok(None)`).
+    pub(crate) fn admit_identity(&self, peer: &PeerInfo) -> Result<Option<String>, ErrorFrame> {
+        if peer.transport == TransportKind::InProc {
+            return Ok(None);
+        }
+        let key = identity_key(peer);
+        let max = self.config.max_connections_per_identity;
+        let mut held = self.identities.lock();
+        let n = held.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            drop(held);
+            self.refused(&key);
+            return Err(ErrorFrame {
+                request_id: 0,
+                code: ErrorCode::ConnectionLimit,
+                fatal: true,
+                message: format!(
+                    "{key} already holds max_connections_per_identity ({max}) connections; close some or retry later"
+                ),
+            });
+        }
+        *n += 1;
+        Ok(Some(key))
+    }
+
+    /// Gives back a connection counted by [`Hub::admit_identity`].
+    pub(crate) fn release_identity(&self, key: &str) {
+        let mut held = self.identities.lock();
+        if let Some(n) = held.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(key);
+            }
+        }
+    }
+
+    /// Counts a refused connection of identity `key`.
+    pub(crate) fn refused(&self, key: &str) {
+        self.refused_by_identity.lock().add(key);
     }
 
     /// Unix peers must present credentials whose uid is allowed; other transports are
@@ -1122,6 +1231,8 @@ impl Hub {
             "peer": conn.peer.to_string(),
             "pid": conn.peer.pid,
             "uid": conn.peer.uid,
+            "gid": conn.peer.gid,
+            "exe": conn.peer.exe.as_ref().map(|e| e.display().to_string()),
         });
         self.publish_sys(topic, Bytes::from(body.to_string()));
     }
@@ -1154,6 +1265,11 @@ impl Hub {
                     session_id: conn.session_id,
                     name: conn.name.clone(),
                     peer: conn.peer.to_string(),
+                    uid: conn.peer.uid,
+                    gid: conn.peer.gid,
+                    pid: conn.peer.pid,
+                    exe: conn.peer.exe.as_ref().map(|e| e.display().to_string()),
+                    denied: load(&conn.counters.denied),
                     subscriptions: (router.filter_count_of(slot) + conn.acked_filters()) as u64,
                     published: load(&conn.counters.published),
                     delivered: load(&conn.counters.delivered),
@@ -1213,6 +1329,9 @@ impl Hub {
             store_errors: load(&c.store_errors),
             store_torn_bytes: load(&c.store_torn_bytes),
             store_syncs: load(&c.store_syncs),
+            acl_denials: load(&c.acl_denials),
+            acl_rules: self.acl.read().as_ref().map(|p| p.len() as u64),
+            refused_by_identity: self.refused_by_identity.lock().snapshot(),
             store_damaged: load(&c.store_damaged),
             connections,
             subscriptions,
@@ -1286,4 +1405,15 @@ fn same_filters(a: &[TopicFilter], b: &[TopicFilter]) -> bool {
 fn list(filters: &[TopicFilter]) -> String {
     let names: Vec<_> = filters.iter().map(TopicFilter::as_str).collect();
     format!("[{}]", names.join(", "))
+}
+
+/// The identity `max_connections_per_identity` counts: a Unix peer's uid and executable, a
+/// TCP peer's address.
+pub(crate) fn identity_key(peer: &PeerInfo) -> String {
+    match (peer.transport, peer.uid, &peer.exe, peer.addr) {
+        (_, _, _, Some(addr)) => format!("tcp {}", addr.ip()),
+        (_, Some(uid), Some(exe), _) => format!("uid {uid} {}", exe.display()),
+        (_, Some(uid), None, _) => format!("uid {uid}"),
+        (kind, ..) => format!("{kind:?} peer"),
+    }
 }

@@ -17,6 +17,7 @@
 //! accept loops and the one shutdown path; `durable` the durable subscriptions kept in the
 //! data directory (their definitions, and their logs through `daemoneye-eventbus-store`).
 
+pub mod acl;
 mod broker;
 mod config;
 mod conn;

@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     pub(crate) store_torn_bytes: AtomicU64,
     pub(crate) store_syncs: AtomicU64,
     pub(crate) store_damaged: AtomicU64,
+    pub(crate) acl_denials: AtomicU64,
 }
 
 impl Counters {
@@ -44,6 +45,8 @@ pub(crate) fn load(c: &AtomicU64) -> u64 {
 pub(crate) struct ConnCounters {
     pub(crate) published: AtomicU64,
     pub(crate) delivered: AtomicU64,
+    /// Publishes and subscriptions the ACL refused.
+    pub(crate) denied: AtomicU64,
 }
 
 /// A point-in-time view of the broker. Every figure is measured, none estimated.
@@ -116,6 +119,17 @@ pub struct BrokerStats {
     /// Damaged log segments (or durable subscription directories) set aside when it started.
     #[serde(default)]
     pub store_damaged: u64,
+    /// Publishes and subscriptions the ACL (`acl_file`) refused, every connection's.
+    #[serde(default)]
+    pub acl_denials: u64,
+    /// Rules of the ACL policy in force; `None` without `acl_file` (no topic ACL).
+    #[serde(default)]
+    pub acl_rules: Option<u64>,
+    /// Connections refused per identity (a uid not allowed, `max_connections`,
+    /// `max_connections_per_identity`, a client name the policy keeps for others): at most
+    /// 256 identities, the others summed under `other`.
+    #[serde(default)]
+    pub refused_by_identity: BTreeMap<String, u64>,
     /// One entry per open connection.
     pub connections: Vec<ConnectionStats>,
     /// One entry per acknowledged subscription (protocol 1.3): every durable one, attached or
@@ -164,6 +178,21 @@ pub struct ConnectionStats {
     pub name: String,
     /// Who the peer is (pid/uid or address).
     pub peer: String,
+    /// The peer's uid (Unix sockets: from the kernel).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The peer's gid (Unix sockets: from the kernel).
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// The peer's process id (Unix sockets: from the kernel).
+    #[serde(default)]
+    pub pid: Option<i32>,
+    /// The peer's executable (Linux: read through the pidfd the kernel gave for it).
+    #[serde(default)]
+    pub exe: Option<String>,
+    /// Its publishes and subscriptions the ACL refused.
+    #[serde(default)]
+    pub denied: u64,
     /// Subscribed filters, its acknowledged subscriptions' included (the durable ones it
     /// attached to are not: they outlive it), as `max_subscriptions_per_connection` counts.
     pub subscriptions: u64,
@@ -180,4 +209,35 @@ pub struct ConnectionStats {
     /// Drops by topic: the largest counts, at most 256 topics, and the sum of the others under
     /// `$sys.broker.dropped.other`.
     pub dropped_by_topic: BTreeMap<String, u64>,
+}
+
+/// Identities counted apart at most (the others are summed under `other`).
+pub(crate) const COUNTED_IDENTITIES: usize = 256;
+
+/// Counts per identity, bounded: past [`COUNTED_IDENTITIES`] identities the others are summed.
+#[derive(Debug, Default)]
+pub(crate) struct IdentityCounts {
+    counts: BTreeMap<String, u64>,
+    other: u64,
+}
+
+impl IdentityCounts {
+    pub(crate) fn add(&mut self, key: &str) {
+        if let Some(n) = self.counts.get_mut(key) {
+            *n += 1;
+        } else if self.counts.len() < COUNTED_IDENTITIES {
+            self.counts.insert(key.to_owned(), 1);
+        } else {
+            self.other += 1;
+        }
+    }
+
+    /// Every count, the others' sum under `other`.
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, u64> {
+        let mut m = self.counts.clone();
+        if self.other > 0 {
+            m.insert("other".into(), self.other);
+        }
+        m
+    }
 }

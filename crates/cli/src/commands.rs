@@ -72,6 +72,11 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Agent { socket, config } => crate::agent::run(&socket, config.as_deref()).await,
         Command::Config(ConfigCommand::Check { file }) => crate::agent::config_command(Some(&file)),
         Command::Config(ConfigCommand::Default) => crate::agent::config_command(None),
+        Command::Acl(crate::AclCommand::Check { file }) => {
+            let policy = daemoneye_eventbus::broker::acl::Policy::load(&file)?;
+            println!("{}: {} rules, valid", file.display(), policy.len());
+            Ok(())
+        }
         Command::Procmond(args) => crate::procmond_cmd::run(args).await,
         Command::Reply {
             socket,
@@ -181,7 +186,18 @@ async fn serve(
         }
         out.flush()?;
     }
-    signals.wait().await?;
+    let mut reload = Reload::install()?;
+    let wait = signals.wait();
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            r = &mut wait => {
+                r?;
+                break;
+            }
+            () = reload.next() => reload_acl(&broker),
+        }
+    }
     let report = broker.shutdown().await;
     if !report.drained {
         eprintln!(
@@ -227,6 +243,46 @@ impl Signals {
     #[cfg(not(unix))]
     pub(crate) async fn wait(self) -> Result<()> {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
+    }
+}
+
+/// SIGHUP: read `broker.acl_file` again (never on systems without it).
+pub(crate) struct Reload {
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Reload {
+    /// Installs the SIGHUP handler (before the ready line, like [`Signals`]).
+    #[cfg(unix)]
+    pub(crate) fn install() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    #[cfg(not(unix))]
+    pub(crate) fn install() -> Result<Self> {
+        Ok(Self {})
+    }
+
+    /// The next SIGHUP.
+    pub(crate) async fn next(&mut self) {
+        #[cfg(unix)]
+        if self.hup.recv().await.is_some() {
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Reads the broker's ACL policy again and says what happened (the policy in force stays
+/// when the file is bad).
+pub(crate) fn reload_acl(broker: &Broker) {
+    match broker.reload_acl() {
+        Ok(rules) => eprintln!("ACL policy reloaded: {rules} rules"),
+        Err(e) => eprintln!("ACL policy not reloaded, the one in force stays: {e}"),
     }
 }
 

@@ -47,6 +47,17 @@ enum ConfigCommand {
     Default,
 }
 
+/// `eventbus acl` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum AclCommand {
+    /// Check a policy file (`broker.acl_file`: TOML, or YAML by its .yaml/.yml extension):
+    /// prints how many rules it has, or what is wrong with it.
+    Check {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent: the embedded broker, the supervised collectors (the bundled procmond
@@ -61,6 +72,9 @@ enum Command {
     /// Check or print the agent's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// The broker's access control policy (`broker.acl_file`).
+    #[command(subcommand)]
+    Acl(AclCommand),
     /// The process collector (the same as the `procmond` binary).
     #[command(hide = true)]
     Procmond(procmond_cmd::Args),

@@ -1177,3 +1177,155 @@ fn serve_fsync_sets_when_the_logs_are_synced() {
         assert_eq!(stats["subscriptions"][0]["pending"].as_u64(), Some(3));
     }
 }
+
+/// `broker.acl_file` decides by identity from the kernel (uid, and the executable read
+/// through a pidfd): the `eventbus` CLI of root may publish jobs and read events, but not
+/// publish events, subscribe to control topics or connect as "procmond"; the procmond binary
+/// may, under its name. `max_connections_per_identity` keeps one executable from taking every
+/// connection while another still connects. SIGHUP puts an edited policy in force; a broken
+/// one is refused and the one in force stays. `eventbus acl check` validates a file.
+#[test]
+fn an_acl_file_decides_by_uid_and_executable_and_reloads_on_sighup() {
+    let dir = TempDir::new("acl");
+    let canonical = |p: &str| std::fs::canonicalize(p).unwrap().display().to_string();
+    let eventbus_exe = canonical(env!("CARGO_BIN_EXE_eventbus"));
+    let procmond_exe = canonical(env!("CARGO_BIN_EXE_procmond"));
+    let policy = dir.path().join("acl.toml");
+    let write_policy = |root_publishes: &str| {
+        let text = format!(
+            "version = 1\n\n\
+             [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\"]\npublish = [{root_publishes}]\n\n\
+             [[rule]]\nexe = \"{procmond_exe}\"\nname = \"procmond\"\n\
+             publish = [\"events.process.#\", \"control.health.#\"]\n\
+             reply = [\"control.collector.procmond\"]\n"
+        );
+        std::fs::write(&policy, text).unwrap();
+    };
+    write_policy("\"jobs.#\"");
+    let config = format!(
+        "[broker]\nacl_file = \"{}\"\nmax_connections_per_identity = 3\n",
+        policy.display()
+    );
+    let mut broker = Broker::start(dir.path(), Some(&config));
+    let check = broker.run(&["acl", "check", policy.to_str().unwrap()]);
+    assert_eq!(check.code, 0, "{check:?}");
+    assert!(check.stdout[0].ends_with("2 rules, valid"), "{check:?}");
+
+    let publish = |broker: &Broker, topic: &str, name: &str| {
+        broker.run(&[
+            "pub",
+            topic,
+            "x",
+            "--qos",
+            "processed",
+            "--name",
+            name,
+            "--timeout",
+            "5",
+        ])
+    };
+    assert_eq!(publish(&broker, "jobs.a", "eventbus-pub").code, 0);
+    let denied = publish(&broker, "events.process.lifecycle", "eventbus-pub");
+    assert_ne!(denied.code, 0);
+    assert!(
+        denied
+            .stderr
+            .join("\n")
+            .contains("not allowed to publish on events.process.lifecycle"),
+        "{denied:?}"
+    );
+    let sub = broker.run(&["sub", "control.#", "--timeout", "1"]);
+    assert_ne!(sub.code, 0);
+    assert!(
+        sub.stderr
+            .join("\n")
+            .contains("not allowed to subscribe to control.#"),
+        "{sub:?}"
+    );
+    let impostor = publish(&broker, "jobs.a", "procmond");
+    assert_ne!(impostor.code, 0);
+    assert!(
+        impostor
+            .stderr
+            .join("\n")
+            .contains("kept by broker.acl_file"),
+        "{impostor:?}"
+    );
+    let stats = broker.stats();
+    assert_eq!(stats["acl_rules"], 2);
+    assert_eq!(stats["acl_denials"], 2, "{stats}");
+    let me = format!("uid 0 {eventbus_exe}");
+    assert_eq!(stats["refused_by_identity"][&me], 1, "{stats}");
+    let own = &stats["connections"].as_array().unwrap()[0];
+    assert_eq!(
+        (own["uid"].as_u64(), own["exe"].as_str()),
+        (Some(0), Some(eventbus_exe.as_str()))
+    );
+
+    // Three connections of the eventbus executable: a fourth is refused, procmond still
+    // connects and publishes under its name.
+    let held: Vec<Proc> = (0..3).map(|_| broker.sub(&["events.#"])).collect();
+    let fourth = broker.run(&["sub", "events.#", "--timeout", "1"]);
+    assert_ne!(fourth.code, 0);
+    assert!(
+        fourth
+            .stderr
+            .join("\n")
+            .contains("max_connections_per_identity (3)"),
+        "{fourth:?}"
+    );
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_procmond"));
+    cmd.args(["--heartbeat-secs", "1"])
+        .env("EVENTBUS_SOCKET", &broker.socket);
+    let _procmond = Proc::spawn(cmd);
+    drop(held);
+    let deadline = std::time::Instant::now() + WAIT;
+    let procmond = loop {
+        let stats = broker.stats();
+        let found = stats["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "procmond" && c["published"].as_u64() > Some(0))
+            .cloned();
+        if let Some(c) = found {
+            assert_eq!(stats["refused_by_identity"][&me], 2, "{stats}");
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "procmond never published: {stats}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(procmond["exe"].as_str(), Some(procmond_exe.as_str()));
+    assert_eq!(procmond["denied"], 0);
+
+    // An edited policy is in force after SIGHUP; a broken one is refused, the last stays.
+    let stderr = broker.proc.stderr.take().unwrap();
+    write_policy("\"jobs.#\", \"events.process.#\"");
+    broker.proc.signal(Signal::SIGHUP);
+    wait_line(&stderr, "the reload", |l| {
+        l.contains("ACL policy reloaded: 2 rules")
+    });
+    assert_eq!(
+        publish(&broker, "events.process.lifecycle", "eventbus-pub").code,
+        0
+    );
+    std::fs::write(
+        &policy,
+        "version = 1\n[[rule]]\nuid = 0\npublish = [\"a..b\"]\n",
+    )
+    .unwrap();
+    broker.proc.signal(Signal::SIGHUP);
+    let refused = wait_line(&stderr, "the refusal", |l| l.contains("not reloaded"));
+    assert!(refused.contains("rule 1 (publish)"), "{refused}");
+    assert_eq!(
+        publish(&broker, "events.process.lifecycle", "eventbus-pub").code,
+        0
+    );
+    assert_ne!(
+        publish(&broker, "control.agent.lifecycle", "eventbus-pub").code,
+        0
+    );
+}

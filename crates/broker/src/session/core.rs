@@ -3,12 +3,14 @@
 //! parameter, and the shell (`session/mod.rs`) reads the frames, calls this, and carries out
 //! the [`Step`]s.
 
+use crate::acl::{Denied, Grants};
 use crate::router::SubscribeRefusal;
 use daemoneye_eventbus_core::codec::{
     ErrorCode, ErrorFrame, Hello, Lent, LentFrame, MessageRun, Nack, PROTOCOL_MAJOR, Reply,
 };
 use daemoneye_eventbus_core::{Frame, FrameError, Message};
 use daemoneye_eventbus_transport::ReadError;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A fatal error frame.
@@ -108,15 +110,44 @@ pub(crate) struct SessionCore {
     limits: Limits,
     last_heard: Instant,
     ping_nonce: u64,
+    /// What the connection may do (the ACL policy resolved for its identity).
+    grants: Arc<Grants>,
+    /// Publishes and subscriptions the ACL refused, not yet taken by [`SessionCore::take_denials`].
+    denials: u64,
 }
 
 impl SessionCore {
-    pub(crate) fn new(name: String, limits: Limits, now: Instant) -> Self {
+    pub(crate) fn new(name: String, limits: Limits, now: Instant, grants: Arc<Grants>) -> Self {
         Self {
             name,
             limits,
             last_heard: now,
             ping_nonce: 0,
+            grants,
+            denials: 0,
+        }
+    }
+
+    /// Puts a reloaded policy's grants in force.
+    pub(crate) fn set_grants(&mut self, grants: Arc<Grants>) {
+        self.grants = grants;
+    }
+
+    /// The ACL refusals since the last call.
+    pub(crate) fn take_denials(&mut self) -> u64 {
+        std::mem::take(&mut self.denials)
+    }
+
+    /// A REPLY refusing a subscription the ACL does not allow.
+    fn deny_subscribe(&mut self, request_id: u32, d: &Denied) -> Step<'static> {
+        self.denials += 1;
+        Step::Answer {
+            frame: Frame::Reply(Reply {
+                request_id,
+                error: Some(ErrorCode::NotAuthorized),
+                message: d.to_string(),
+            }),
+            refused: false,
         }
     }
 
@@ -142,18 +173,32 @@ impl SessionCore {
                 },
             },
             LentFrame::PublishRun(run) => {
+                // A run holds no requests: its entries carry no reply topic.
                 let whole = run.max_payload() <= self.limits.max_message_size
                     && !run.topic().is_sys()
-                    && run.source().as_str() == self.name;
+                    && run.source().as_str() == self.name
+                    && self.grants.check_publish(run.topic(), false).is_ok();
                 if whole {
                     Step::RouteRun(run)
                 } else {
                     Step::SplitRun(run)
                 }
             }
-            LentFrame::Other(Frame::Subscribe(s)) => Step::Subscribe(s),
+            LentFrame::Other(Frame::Subscribe(s)) => match self.grants.check_subscribe(&s.filter) {
+                Ok(()) => Step::Subscribe(s),
+                Err(d) => self.deny_subscribe(s.request_id, &d),
+            },
             LentFrame::Other(Frame::Unsubscribe(u)) => Step::Unsubscribe(u),
-            LentFrame::Other(Frame::SubscribeAcked(s)) => Step::SubscribeAcked(s),
+            LentFrame::Other(Frame::SubscribeAcked(s)) => {
+                match s
+                    .filters
+                    .iter()
+                    .find_map(|f| self.grants.check_subscribe(f).err())
+                {
+                    None => Step::SubscribeAcked(s),
+                    Some(d) => self.deny_subscribe(s.request_id, &d),
+                }
+            }
             LentFrame::Other(Frame::SubAck(a)) => Step::Ack(a),
             LentFrame::Other(Frame::SubClose(c)) => Step::CloseSub(c),
             LentFrame::Other(Frame::DurableDelete(d)) => Step::DeleteDurable(d),
@@ -179,7 +224,7 @@ impl SessionCore {
     }
 
     /// The checks every publish passes: size, reserved topics, source.
-    pub(crate) fn check(&self, msg: &Lent<'_, Message>) -> Result<(), Nack> {
+    pub(crate) fn check(&mut self, msg: &Lent<'_, Message>) -> Result<(), Nack> {
         let refuse = |code, reason| {
             Err(Nack {
                 id: msg.id(),
@@ -213,6 +258,13 @@ impl SessionCore {
                 self.name
             );
             return refuse(ErrorCode::NotAuthorized, reason);
+        }
+        if let Err(d) = self
+            .grants
+            .check_publish(msg.topic(), msg.header().reply_to.is_some())
+        {
+            self.denials += 1;
+            return refuse(ErrorCode::NotAuthorized, d.to_string());
         }
         Ok(())
     }
@@ -357,7 +409,7 @@ mod tests {
             keepalive: KEEPALIVE,
             idle_timeout: Duration::from_secs(30),
         };
-        SessionCore::new("pub".into(), limits, now)
+        SessionCore::new("pub".into(), limits, now, Arc::new(Grants::everything()))
     }
 
     fn message(topic: &str, source: &str, payload: usize) -> Message {
@@ -449,6 +501,64 @@ mod tests {
             let frame = dec.decode_lent(&mut wire, &mut cache).unwrap().unwrap();
             assert_eq!(describe(&c.on_frame(frame)), expected);
         }
+    }
+
+    #[test]
+    fn the_acl_refuses_what_it_does_not_grant_and_counts_it() {
+        let policy = crate::acl::Policy::parse(
+            "version = 1\n[[rule]]\nuid = 5\npublish = [\"jobs.#\"]\nsubscribe = [\"events.#\"]\n",
+            false,
+        )
+        .unwrap();
+        let id = crate::acl::Identity {
+            uid: Some(5),
+            name: "pub",
+            ..crate::acl::Identity::default()
+        };
+        let mut c = core(Instant::now());
+        c.set_grants(Arc::new(policy.grants(&id)));
+        assert_eq!(step_of(&mut c, message("jobs.a", "pub", 1)), "route jobs.a");
+        assert_eq!(
+            step_of(&mut c, message("events.a", "pub", 1)),
+            "nack NotAuthorized true"
+        );
+        // A run on a topic not granted is split: each message refused on its own.
+        let mut b = BytesMut::new();
+        let header = Header {
+            source: ByteStr::from("pub"),
+            ..Header::default()
+        };
+        let mut w = RunWriter::begin(&mut b, &Topic::new("events.a").unwrap(), Qos::Realtime);
+        w.push(&mut b, &header, b"x");
+        w.push(&mut b, &header, b"y");
+        let dec = FrameDecoder::new(1 << 20);
+        let mut cache = DecodeCache::lending();
+        let frame = dec.decode_lent(&mut b, &mut cache).unwrap().unwrap();
+        assert_eq!(describe(&c.on_frame(frame)), "split run events.a");
+        let subscribe = |filter: &str| {
+            Frame::Subscribe(daemoneye_eventbus_core::codec::Subscribe {
+                request_id: 9,
+                qos: Qos::Realtime,
+                filter: daemoneye_eventbus_core::TopicFilter::new(filter).unwrap(),
+                group: None,
+            })
+        };
+        assert_eq!(
+            describe(&c.on_frame(LentFrame::owned(subscribe("events.+")))),
+            "subscribe"
+        );
+        let step = c.on_frame(LentFrame::owned(subscribe("jobs.#")));
+        let Step::Answer {
+            frame: Frame::Reply(r),
+            refused: false,
+        } = step
+        else {
+            panic!("a refusal")
+        };
+        assert_eq!(r.error, Some(ErrorCode::NotAuthorized));
+        assert!(r.message.contains("subscribe to jobs.#"), "{}", r.message);
+        assert_eq!(c.take_denials(), 2);
+        assert_eq!(c.take_denials(), 0);
     }
 
     #[test]

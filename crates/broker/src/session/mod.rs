@@ -32,8 +32,10 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
         mut writer,
         peer,
     } = conn;
-    let Some(permit) = permit else {
+    // The broker's own in-process clients always have room.
+    if permit.is_none() && peer.transport != TransportKind::InProc {
         Counters::add(&hub.counters.connections_refused, 1);
+        hub.refused(&crate::hub::identity_key(&peer));
         let max = hub.config.max_connections;
         let msg = format!("broker is at max_connections ({max}); retry later");
         refuse(
@@ -43,21 +45,46 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
         )
         .await;
         return;
-    };
-    if let Err(refusal) = hub.authorize(&peer) {
-        Counters::add(&hub.counters.connections_refused, 1);
-        refuse(&mut reader, &mut writer, refusal).await;
-        return;
     }
+    let admitted = hub
+        .authorize(&peer)
+        .and_then(|()| hub.admit_identity(&peer));
+    let key = match admitted {
+        Ok(key) => key,
+        Err(refusal) => {
+            Counters::add(&hub.counters.connections_refused, 1);
+            if refusal.code != ErrorCode::ConnectionLimit {
+                hub.refused(&crate::hub::identity_key(&peer));
+            }
+            refuse(&mut reader, &mut writer, refusal).await;
+            return;
+        }
+    };
+    // Given back however the session ends.
+    struct Held(Arc<Hub>, Option<String>);
+    impl Drop for Held {
+        fn drop(&mut self) {
+            if let Some(key) = &self.1 {
+                self.0.release_identity(key);
+            }
+        }
+    }
+    let _held = Held(Arc::clone(&hub), key);
     let hello = tokio::select! {
         r = handshake(&hub, &mut reader) => r,
         () = hub.drain.cancelled() => return,
     };
-    let hello = match hello {
+    let hello = match hello.and_then(|h| match h {
+        Some(h) => hub
+            .check_name(&crate::conn::identity_of(&peer, &h.client_name))
+            .map(|()| Some(h)),
+        None => Ok(None),
+    }) {
         Ok(Some(h)) => h,
         Ok(None) => return,
         Err(refusal) => {
             Counters::add(&hub.counters.connections_refused, 1);
+            hub.refused(&crate::hub::identity_key(&peer));
             refuse(&mut reader, &mut writer, refusal).await;
             return;
         }
@@ -152,8 +179,11 @@ async fn run_session(
         keepalive: hub.config.keepalive(),
         idle_timeout: hub.config.idle_timeout(),
     };
-    let core = SessionCore::new(hello.client_name, limits, Instant::now());
-    let exit = ReadLoop::new(&hub, &conn, core).run(&mut reader).await;
+    let (grants, generation) = hub.grants(&conn.identity());
+    let core = SessionCore::new(hello.client_name, limits, Instant::now(), grants);
+    let exit = ReadLoop::new(&hub, &conn, core, generation)
+        .run(&mut reader)
+        .await;
     hub.disconnect(&conn);
     // Durable subscriptions wait for their next subscriber, with what was in flight first.
     hub.release_all(&conn);
@@ -224,6 +254,8 @@ struct ReadLoop<'a> {
     /// `ack_due` waits for durable subscriptions' logs that could not be written: asked
     /// again every [`STORE_RETRY`].
     store_retry: bool,
+    /// The ACL policy generation the core's grants were resolved in.
+    acl_generation: u64,
     /// Under `fsync = always`: the wait for the disk to hold what durable subscriptions kept,
     /// and the ACK (with the subscriptions) that waits for it. The session reads on
     /// meanwhile; what it routes waits for a later sync. One sync of a log serves every
@@ -244,11 +276,12 @@ struct Syncing {
 const STORE_RETRY: Duration = Duration::from_millis(100);
 
 impl<'a> ReadLoop<'a> {
-    fn new(hub: &'a Arc<Hub>, conn: &'a Arc<Conn>, core: SessionCore) -> Self {
+    fn new(hub: &'a Arc<Hub>, conn: &'a Arc<Conn>, core: SessionCore, acl_generation: u64) -> Self {
         Self {
             hub,
             conn,
             core,
+            acl_generation,
             scratch: RouteScratch::default(),
             pending: None,
             backlog: VecDeque::new(),
@@ -334,6 +367,12 @@ impl<'a> ReadLoop<'a> {
     /// Handles every frame buffered, until one has to wait for room.
     fn on_batch(&mut self, reader: &mut FrameReader) -> Option<Exit> {
         self.core.heard(Instant::now());
+        if self.hub.acl_generation.load(Ordering::Acquire) != self.acl_generation {
+            // A reloaded policy: this batch is checked against it.
+            let (grants, generation) = self.hub.grants(&self.conn.identity());
+            self.core.set_grants(grants);
+            self.acl_generation = generation;
+        }
         while self.pending.is_none() {
             let step = match reader.next_lent() {
                 Ok(Some(frame)) => self.core.on_frame(frame),
@@ -602,6 +641,11 @@ impl<'a> ReadLoop<'a> {
 
     fn flush_counters(&mut self) {
         let c = &self.hub.counters;
+        let denied = self.core.take_denials();
+        if denied > 0 {
+            Counters::add(&c.acl_denials, denied);
+            Counters::add(&self.conn.counters.denied, denied);
+        }
         Counters::add(&c.published, std::mem::take(&mut self.published));
         Counters::add(&c.runs, std::mem::take(&mut self.runs));
         Counters::add(&c.bytes_in, std::mem::take(&mut self.bytes_in));

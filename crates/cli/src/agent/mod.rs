@@ -438,6 +438,7 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         _ => crate::commands::endpoint(socket)?,
     };
     let signals = Signals::install()?;
+    let mut reload = crate::commands::Reload::install()?;
     let mut broker_config = config.broker.clone();
     broker_config.tcp_listen = None;
     if broker_config.data_dir.is_none()
@@ -533,6 +534,7 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
                 r?;
                 break;
             }
+            () = reload.next() => crate::commands::reload_acl(&agent.broker),
             _ = redraw.tick() => {
                 let report = agent.report().await?;
                 publish_report(&agent.client, &report).await;

@@ -203,6 +203,9 @@ fn scaled(n: u64, scale: f64) -> u64 {
     ((n as f64 * scale).round() as u64).max(1)
 }
 
+/// Connections of W2 crowded: as many as one identity may hold by default, less one.
+const CROWDED: usize = 31;
+
 /// Everything a workload needs to know about the run.
 struct Ctx {
     socket: String,
@@ -423,8 +426,9 @@ enum Step {
     /// [`ISOLATION_PAIRS`] alternating pairs so the comparison does not rest on one sample
     /// of each on a machine whose speed drifts between runs.
     W2Isolation,
-    /// W2 with 59 more connected clients: 64 connections with the publisher and the four
-    /// subscribers (the default `max_connections`), for the broker's RSS under load.
+    /// W2 with more connected clients: as many connections as one executable may hold by
+    /// default (`max_connections_per_identity`, 32), less one, with the publisher and the
+    /// four subscribers, for the broker's RSS under load.
     W2Crowded,
     W3,
     W4,
@@ -478,7 +482,7 @@ impl Step {
             Self::Floor => "floor".into(),
             Self::W1 => "w1".into(),
             Self::W2Isolation => "w2 and w2 + stalled subscriber".into(),
-            Self::W2Crowded => "w2 with 64 connections".into(),
+            Self::W2Crowded => format!("w2 with {CROWDED} connections"),
             Self::W3 => "w3".into(),
             Self::W4 => "w4".into(),
             Self::W5(_, _, l) => format!("w5 {l}"),
@@ -519,19 +523,21 @@ impl Step {
                 Ok(rows)
             }
             Self::W2Crowded => {
+                // Every worker is the same executable of the same uid: one identity.
+                let idle_connections = (CROWDED - 5).to_string();
                 let args = [
                     "bench-worker",
                     "idle",
                     "--socket",
                     &ctx.socket,
                     "--connections",
-                    "59",
+                    &idle_connections,
                 ];
                 let idle = Worker::spawn(&args.map(String::from), "idle clients")?;
                 idle.ready()?;
                 let row = ctx.fan_out(&FanOut {
                     workload: "w2",
-                    variant: ctx.variant("64conns"),
+                    variant: ctx.variant(&format!("{CROWDED}conns")),
                     subs: 4,
                     filter: "events.process.+",
                     messages: scaled(250_000, s),
@@ -745,4 +751,18 @@ fn floor_rows(ctx: &Ctx) -> Result<Vec<Row>> {
     let stream = Row::floor_stream(count, received, secs);
     let latency = Row::latency("floor", "w3", "uds,proc,pingpong", pingpong, &c, None);
     Ok(vec![stream, latency])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_crowded_workload_fits_one_identity_by_default() {
+        let limit =
+            daemoneye_eventbus::broker::BrokerConfig::default().max_connections_per_identity;
+        assert!(
+            super::CROWDED < limit,
+            "{} connections, limit {limit}",
+            super::CROWDED
+        );
+    }
 }

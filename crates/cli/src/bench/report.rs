@@ -342,7 +342,7 @@ mod tests {
             Row::empty(
                 "daemoneye-eventbus",
                 "w2",
-                "uds,proc,processed,64conns",
+                "uds,proc,processed,31conns",
                 256,
                 1,
             ),
