@@ -427,6 +427,10 @@ pub struct Grants {
     everything: bool,
     allow: Ops<FilterSet>,
     deny: Ops<FilterSet>,
+    /// Topic prefixes (`a.b.`) under which every plain publish is allowed: from granted
+    /// filters `a.b.#` that no denial overlaps. A publisher streaming on such topics is
+    /// answered by comparing a few bytes, without walking the tries.
+    open_publish: Vec<String>,
 }
 
 impl Grants {
@@ -445,10 +449,25 @@ impl Grants {
             request: FilterSet::new(o.request),
             reply: FilterSet::new(o.reply),
         };
+        let open_publish = allow
+            .publish
+            .iter()
+            .filter(|f| !deny.publish.iter().any(|d| overlaps(d, f)))
+            .filter_map(|f| {
+                let prefix = f.as_str().strip_suffix('#')?;
+                // Literal segments only, and at least one (`#` alone also refuses `$sys`);
+                // never over `_inbox` (answers are checked as replies).
+                let literal = !prefix.is_empty()
+                    && !prefix.split('.').any(|s| s == "+")
+                    && !prefix.starts_with("_inbox.");
+                literal.then(|| prefix.to_owned())
+            })
+            .collect();
         Self {
             everything: false,
             allow: set(allow),
             deny: set(deny),
+            open_publish,
         }
     }
 
@@ -465,7 +484,13 @@ impl Grants {
     ///
     /// The operation and topic refused.
     pub fn check_publish(&self, topic: &Topic, request: bool) -> Result<(), Denied> {
-        if self.everything {
+        if self.everything
+            || (!request
+                && self
+                    .open_publish
+                    .iter()
+                    .any(|p| topic.as_str().starts_with(p.as_str())))
+        {
             return Ok(());
         }
         let op = if request {
@@ -638,6 +663,28 @@ mod tests {
             let overlapping = u.iter().any(|topic| s.matches(topic) && g.matches(topic));
             prop_assert_eq!(covers(&g, &s), covered, "covers({}, {})", g, s);
             prop_assert_eq!(overlaps(&g, &s), overlapping, "overlaps({}, {})", g, s);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+        /// The prefix fast path answers as the tries do.
+        #[test]
+        fn open_prefixes_answer_as_the_tries(
+            allow in proptest::collection::vec(filter_strategy(), 0..4),
+            deny in proptest::collection::vec(filter_strategy(), 0..3),
+        ) {
+            let ops = |publish: Vec<TopicFilter>| Ops { publish, ..Ops::default() };
+            let fast = Grants::new(ops(allow.clone()), ops(deny.clone()));
+            let mut slow = Grants::new(ops(allow), ops(deny));
+            slow.open_publish.clear();
+            for topic in universe() {
+                prop_assert_eq!(
+                    fast.check_publish(&topic, false).is_ok(),
+                    slow.check_publish(&topic, false).is_ok(),
+                    "{} with prefixes {:?}", topic, fast.open_publish
+                );
+            }
         }
     }
 
