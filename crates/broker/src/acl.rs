@@ -217,7 +217,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Reads a policy from `text`, TOML unless `yaml` (see `docs/security.md` for the form).
+    /// Reads a policy from `text`, TOML unless `yaml` (`SECURITY.md` shows the form).
     ///
     /// # Errors
     ///

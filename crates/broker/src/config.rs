@@ -26,7 +26,7 @@ pub struct BrokerConfig {
     pub max_connections_per_identity: usize,
     /// Who may do what: a policy file (TOML, or YAML for `.yaml` / `.yml`) of rules keyed by
     /// identity granting publish, subscribe, request and reply on topic filters; anything not
-    /// granted is denied (`docs/security.md`). Read at start (a bad file stops the broker) and
+    /// granted is denied (`SECURITY.md`). Read at start (a bad file stops the broker) and
     /// again on `Broker::reload_acl` (SIGHUP for `eventbus serve` and the agent; a bad file
     /// keeps the policy in force). `None` (default): every client whose uid is allowed may
     /// publish, subscribe, request and reply on every topic but `$sys`.
