@@ -198,6 +198,23 @@ impl Broker {
         self.hub.reload_acl()
     }
 
+    /// Binds collector `id` to the process `pid` a supervisor started: only that process may
+    /// connect under the name `id`; its connections are the identity `collector = id` for
+    /// `acl_file` rules, and are outside `max_connections` and `max_connections_per_identity`
+    /// (a collector always has room). A new pid for the same id replaces the old.
+    pub fn register_collector(&self, id: &str, pid: u32) {
+        if let Ok(pid) = i32::try_from(pid) {
+            self.hub.register_collector(id, pid);
+        }
+    }
+
+    /// Forgets the collector process `pid` (it ended): its name is free again.
+    pub fn unregister_collector(&self, pid: u32) {
+        if let Ok(pid) = i32::try_from(pid) {
+            self.hub.unregister_collector(pid);
+        }
+    }
+
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.hub.drain.is_cancelled()

@@ -17,6 +17,9 @@ pub(crate) struct Conn {
     pub(crate) session_id: u64,
     pub(crate) name: String,
     pub(crate) peer: PeerInfo,
+    /// The supervised collector it is: its pid registered by the supervisor (when it
+    /// connected, or since: [`crate::Hub::register_collector`]).
+    pub(crate) collector: Mutex<Option<Arc<str>>>,
     pub(crate) outlet: Arc<Outlet>,
     /// The acknowledged subscriptions this connection opened or attached, by its ids.
     pub(crate) acked: Mutex<HashMap<SubId, Arc<AckedSub>>>,
@@ -39,22 +42,37 @@ pub(crate) struct Conn {
 }
 
 /// The identity a connection from `peer` named `name` has for the ACL.
-pub(crate) fn identity_of<'a>(peer: &'a PeerInfo, name: &'a str) -> crate::acl::Identity<'a> {
+pub(crate) fn identity_of<'a>(
+    peer: &'a PeerInfo,
+    name: &'a str,
+    collector: Option<&'a str>,
+) -> crate::acl::Identity<'a> {
     crate::acl::Identity {
         in_process: peer.transport == daemoneye_eventbus_transport::TransportKind::InProc,
         uid: peer.uid,
         gid: peer.gid,
         exe: peer.exe.as_deref(),
-        collector: None,
+        collector,
         tls_subject: None,
         name,
     }
 }
 
 impl Conn {
-    /// Its identity for the ACL.
-    pub(crate) fn identity(&self) -> crate::acl::Identity<'_> {
-        identity_of(&self.peer, &self.name)
+    /// Runs `f` with its identity for the ACL.
+    pub(crate) fn with_identity<R>(&self, f: impl FnOnce(&crate::acl::Identity<'_>) -> R) -> R {
+        let collector = self.collector.lock().clone();
+        f(&identity_of(&self.peer, &self.name, collector.as_deref()))
+    }
+
+    /// Tears the connection down because its name belongs to a collector it is not.
+    pub(crate) fn impostor(&self, message: String) {
+        self.tear_down(ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::NotAuthorized,
+            fatal: true,
+            message,
+        });
     }
 
     /// Filters of the acknowledged subscriptions this connection opened (a durable one it
@@ -76,11 +94,13 @@ impl Conn {
         outlet: Outlet,
         minor: u16,
         cancel: CancellationToken,
+        collector: Option<Arc<str>>,
     ) -> Self {
         Self {
             session_id,
             name,
             peer,
+            collector: Mutex::new(collector),
             outlet: Arc::new(outlet),
             acked: Mutex::new(HashMap::new()),
             runs: minor >= daemoneye_eventbus_core::codec::RUNS_SINCE_MINOR,

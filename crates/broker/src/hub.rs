@@ -201,6 +201,9 @@ pub(crate) struct Hub {
     pub(crate) acl_generation: AtomicU64,
     /// Connections each identity holds now ([`Hub::admit_identity`]).
     identities: parking_lot::Mutex<HashMap<String, usize>>,
+    /// Collector processes the supervisor started: pid → collector id
+    /// ([`crate::Broker::register_collector`]).
+    collectors: parking_lot::RwLock<HashMap<i32, Arc<str>>>,
     /// Connections refused per identity (for the per-identity limit, a disallowed uid or a
     /// kept name), bounded like drop counts.
     refused_by_identity: parking_lot::Mutex<crate::stats::IdentityCounts>,
@@ -229,6 +232,7 @@ impl Hub {
             acl: RwLock::new(None),
             acl_generation: AtomicU64::new(0),
             identities: parking_lot::Mutex::new(HashMap::new()),
+            collectors: parking_lot::RwLock::new(HashMap::new()),
             refused_by_identity: parking_lot::Mutex::new(crate::stats::IdentityCounts::default()),
             config,
         }
@@ -287,11 +291,75 @@ impl Hub {
         })
     }
 
+    /// Binds collector `id` to the process `pid` the supervisor started (see
+    /// [`crate::Broker::register_collector`]).
+    pub(crate) fn register_collector(&self, id: &str, pid: i32) {
+        let id: Arc<str> = Arc::from(id);
+        {
+            let mut c = self.collectors.write();
+            c.retain(|_, have| **have != *id);
+            c.insert(pid, Arc::clone(&id));
+        }
+        // A collector may have connected before it was registered: its connections become
+        // the collector; another process's connection under its name goes.
+        for conn in self.router.read().connections().map(|(_, c)| c) {
+            if conn.peer.transport != TransportKind::Unix {
+                continue;
+            }
+            if conn.peer.pid == Some(pid) {
+                *conn.collector.lock() = Some(Arc::clone(&id));
+            } else if conn.name == *id {
+                conn.impostor(format!(
+                    "the client name {id:?} belongs to the collector the supervisor started (pid {pid})"
+                ));
+            }
+        }
+        // Their grants are resolved again.
+        self.acl_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Forgets the collector process `pid` (it ended).
+    pub(crate) fn unregister_collector(&self, pid: i32) {
+        self.collectors.write().remove(&pid);
+    }
+
+    /// The supervised collector a peer is, by its pid.
+    pub(crate) fn collector_of(&self, peer: &PeerInfo) -> Option<Arc<str>> {
+        if peer.transport != TransportKind::Unix {
+            return None;
+        }
+        self.collectors.read().get(&peer.pid?).cloned()
+    }
+
+    /// Whether `name` is a supervised collector's id that `peer` is not: only the process the
+    /// supervisor started may connect under its collector's name.
+    pub(crate) fn check_collector_name(
+        &self,
+        peer: &PeerInfo,
+        name: &str,
+    ) -> Result<(), ErrorFrame> {
+        let c = self.collectors.read();
+        let Some((pid, _)) = c.iter().find(|(_, id)| &***id == name) else {
+            return Ok(());
+        };
+        if peer.transport == TransportKind::InProc || peer.pid == Some(*pid) {
+            return Ok(());
+        }
+        Err(ErrorFrame {
+            request_id: 0,
+            code: ErrorCode::NotAuthorized,
+            fatal: true,
+            message: format!(
+                "the client name {name:?} belongs to the collector the supervisor started (pid {pid}); connect under another name"
+            ),
+        })
+    }
+
     /// Counts a connection of `peer`'s identity against `max_connections_per_identity`;
     /// the returned key is given back with [`Hub::release_identity`]. The broker's own
     /// in-process clients are not counted (`Ok(None)`).
     pub(crate) fn admit_identity(&self, peer: &PeerInfo) -> Result<Option<String>, ErrorFrame> {
-        if peer.transport == TransportKind::InProc {
+        if peer.transport == TransportKind::InProc || self.collector_of(peer).is_some() {
             return Ok(None);
         }
         let key = identity_key(peer);
@@ -1233,6 +1301,7 @@ impl Hub {
             "uid": conn.peer.uid,
             "gid": conn.peer.gid,
             "exe": conn.peer.exe.as_ref().map(|e| e.display().to_string()),
+            "collector": conn.collector.lock().as_deref(),
         });
         self.publish_sys(topic, Bytes::from(body.to_string()));
     }
@@ -1270,6 +1339,7 @@ impl Hub {
                     pid: conn.peer.pid,
                     exe: conn.peer.exe.as_ref().map(|e| e.display().to_string()),
                     denied: load(&conn.counters.denied),
+                    collector: conn.collector.lock().as_deref().map(str::to_owned),
                     subscriptions: (router.filter_count_of(slot) + conn.acked_filters()) as u64,
                     published: load(&conn.counters.published),
                     delivered: load(&conn.counters.delivered),

@@ -193,6 +193,9 @@ pub struct ConnectionStats {
     /// Its publishes and subscriptions the ACL refused.
     #[serde(default)]
     pub denied: u64,
+    /// The supervised collector it is: its pid is the one the supervisor started.
+    #[serde(default)]
+    pub collector: Option<String>,
     /// Subscribed filters, its acknowledged subscriptions' included (the durable ones it
     /// attached to are not: they outlive it), as `max_subscriptions_per_connection` counts.
     pub subscriptions: u64,

@@ -103,6 +103,46 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
     assert_eq!(healthy["collectors"][0]["state"], "running");
     let pid = procmond_pid(&healthy);
 
+    // The broker knows procmond's process: its connection is the collector, and no other
+    // process may connect under its name.
+    let mut stats = eventbus();
+    stats
+        .args(["stats", "--json"])
+        .env("EVENTBUS_SOCKET", &agent.socket);
+    let mut stats = Proc::spawn(stats);
+    assert_eq!(stats.wait(), 0);
+    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
+    let conn = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "procmond")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (conn["collector"].as_str(), conn["pid"].as_u64()),
+        (Some("procmond"), Some(u64::from(pid)))
+    );
+    let mut impostor = eventbus();
+    impostor
+        .args([
+            "pub",
+            "events.process.lifecycle",
+            "forged",
+            "--name",
+            "procmond",
+        ])
+        .env("EVENTBUS_SOCKET", &agent.socket);
+    let mut impostor = Proc::spawn(impostor);
+    assert_ne!(impostor.wait(), 0);
+    let why = impostor.stderr_lines().join("\n");
+    assert!(
+        why.contains(&format!(
+            "belongs to the collector the supervisor started (pid {pid})"
+        )),
+        "{why}"
+    );
+
     // Lifecycle requests to the agent act on its supervisor.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -32,8 +32,9 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
         mut writer,
         peer,
     } = conn;
-    // The broker's own in-process clients always have room.
-    if permit.is_none() && peer.transport != TransportKind::InProc {
+    // The broker's own in-process clients and supervised collectors always have room.
+    let collector = hub.collector_of(&peer);
+    if permit.is_none() && peer.transport != TransportKind::InProc && collector.is_none() {
         Counters::add(&hub.counters.connections_refused, 1);
         hub.refused(&crate::hub::identity_key(&peer));
         let max = hub.config.max_connections;
@@ -76,7 +77,14 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
     };
     let hello = match hello.and_then(|h| match h {
         Some(h) => hub
-            .check_name(&crate::conn::identity_of(&peer, &h.client_name))
+            .check_collector_name(&peer, &h.client_name)
+            .and_then(|()| {
+                hub.check_name(&crate::conn::identity_of(
+                    &peer,
+                    &h.client_name,
+                    collector.as_deref(),
+                ))
+            })
             .map(|()| Some(h)),
         None => Ok(None),
     }) {
@@ -90,7 +98,7 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
         }
     };
     reader.set_max_message_size(hub.config.max_message_size);
-    run_session(hub, hello, reader, writer, peer).await;
+    run_session(hub, hello, reader, writer, peer, collector).await;
     drop(permit);
 }
 
@@ -139,6 +147,7 @@ async fn run_session(
     mut reader: FrameReader,
     writer: FrameWriter,
     peer: PeerInfo,
+    collector: Option<Arc<str>>,
 ) {
     let runs = hello.version.minor >= RUNS_SINCE_MINOR;
     let encoding = if peer.transport == TransportKind::InProc {
@@ -157,6 +166,7 @@ async fn run_session(
         Outlet::new(bounds, hello.slow_reader, encoding),
         hello.version.minor,
         hub.kill.child_token(),
+        collector,
     ));
     hub.sessions
         .lock()
@@ -164,6 +174,13 @@ async fn run_session(
     conn.outlet
         .push_frame(Frame::Welcome(hub.welcome(conn.session_id)));
     hub.connect(&conn);
+    // A collector registered since the accept is seen here, or sees this connection.
+    if let Some(id) = hub.collector_of(&conn.peer) {
+        *conn.collector.lock() = Some(id);
+    }
+    if let Err(e) = hub.check_collector_name(&conn.peer, &conn.name) {
+        conn.impostor(e.message);
+    }
     Counters::add(&hub.counters.connections_total, 1);
     let writer_task = hub
         .tracker
@@ -179,7 +196,7 @@ async fn run_session(
         keepalive: hub.config.keepalive(),
         idle_timeout: hub.config.idle_timeout(),
     };
-    let (grants, generation) = hub.grants(&conn.identity());
+    let (grants, generation) = conn.with_identity(|id| hub.grants(id));
     let core = SessionCore::new(hello.client_name, limits, Instant::now(), grants);
     let exit = ReadLoop::new(&hub, &conn, core, generation)
         .run(&mut reader)
@@ -369,7 +386,7 @@ impl<'a> ReadLoop<'a> {
         self.core.heard(Instant::now());
         if self.hub.acl_generation.load(Ordering::Acquire) != self.acl_generation {
             // A reloaded policy: this batch is checked against it.
-            let (grants, generation) = self.hub.grants(&self.conn.identity());
+            let (grants, generation) = self.conn.with_identity(|id| self.hub.grants(id));
             self.core.set_grants(grants);
             self.acl_generation = generation;
         }

@@ -472,11 +472,15 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
             .or_insert_with(|| endpoint_arg(&endpoint));
     }
     let names: Vec<String> = collectors.iter().map(|c| c.id.clone()).collect();
-    let supervisor = Supervisor::start_with_rpc(
+    // The broker learns which process each collector is: only it may use the collector's name.
+    let registry: std::sync::Arc<dyn daemoneye_eventbus::supervisor::CollectorRegistry> =
+        std::sync::Arc::new(broker.clone());
+    let supervisor = Supervisor::start_registered(
         config.process_manager.clone(),
         collectors,
         Some(client.clone()),
         config.rpc.clone(),
+        Some(registry),
     )
     .await?;
     let lifecycle = serve_services_at(

@@ -20,6 +20,7 @@ use spawn::{Spawned, Spawner};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -197,6 +198,26 @@ enum Cmd {
     Shutdown(oneshot::Sender<Vec<CollectorStatus>>),
 }
 
+/// Told when a collector's process starts and when it ends, so that the broker can bind the
+/// collector's id to that process ([`crate::broker::Broker::register_collector`]): only it
+/// may then connect under the collector's name.
+pub trait CollectorRegistry: Send + Sync + 'static {
+    /// Collector `id` runs as process `pid` (told before it can connect).
+    fn started(&self, id: &str, pid: u32);
+    /// The process `pid` of collector `id` ended.
+    fn ended(&self, id: &str, pid: u32);
+}
+
+impl CollectorRegistry for crate::broker::Broker {
+    fn started(&self, id: &str, pid: u32) {
+        self.register_collector(id, pid);
+    }
+
+    fn ended(&self, _id: &str, pid: u32) {
+        self.unregister_collector(pid);
+    }
+}
+
 /// A handle on the supervisor task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Supervisor {
@@ -230,6 +251,22 @@ impl Supervisor {
         bus: Option<Client>,
         rpc_config: RpcConfig,
     ) -> Result<Self, SupervisorError> {
+        Self::start_registered(config, collectors, bus, rpc_config, None).await
+    }
+
+    /// [`Supervisor::start_with_rpc`], telling `registry` (the embedded broker) which process
+    /// each collector runs as.
+    ///
+    /// # Errors
+    ///
+    /// As [`Supervisor::start`].
+    pub async fn start_registered(
+        config: ProcessManagerConfig,
+        collectors: Vec<CollectorSpec>,
+        bus: Option<Client>,
+        rpc_config: RpcConfig,
+        registry: Option<Arc<dyn CollectorRegistry>>,
+    ) -> Result<Self, SupervisorError> {
         let mut seen = std::collections::BTreeSet::new();
         for c in &collectors {
             if !seen.insert(c.id.clone()) {
@@ -260,6 +297,7 @@ impl Supervisor {
             spawner,
             rpc,
             exits,
+            registry,
         };
         if let Some(client) = bus {
             tokio::spawn(watch_heartbeats(client, cmds.clone()));
@@ -483,6 +521,7 @@ struct Actor {
     spawner: Spawner,
     rpc: Option<CollectorRpcClient>,
     exits: mpsc::UnboundedSender<(String, u64, Option<ExitStatus>)>,
+    registry: Option<Arc<dyn CollectorRegistry>>,
 }
 
 impl Actor {
@@ -592,15 +631,23 @@ impl Actor {
     }
 
     fn started(&mut self, id: &str, spawned: Spawned) -> CollectorStatus {
+        let registry = self.registry.clone();
+        if let Some(r) = &registry {
+            r.started(id, spawned.pid);
+        }
         let exits = self.exits.clone();
         let slot = self.slots.get_mut(id).expect("checked by the caller");
         slot.run += 1;
         let run = slot.run;
         let mut exit = spawned.exit.clone();
         let owner = id.to_owned();
-        // Reports the end of this run to the actor.
+        let pid = spawned.pid;
+        // Reports the end of this run to the actor (and the registry).
         tokio::spawn(async move {
             let status = exit.wait_for(Option::is_some).await.ok().and_then(|s| *s);
+            if let Some(r) = registry {
+                r.ended(&owner, pid);
+            }
             let _ = exits.send((owner, run, status));
         });
         slot.running = Some(Running {
