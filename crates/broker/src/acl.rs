@@ -524,7 +524,9 @@ impl Grants {
     ///
     /// The filter refused.
     pub fn check_subscribe(&self, filter: &TopicFilter) -> Result<(), Denied> {
-        if self.everything {
+        if self.everything || inbox_token(filter).is_some() {
+            // A reply inbox of its own: the broker keeps each inbox to the connection that
+            // subscribed to it first.
             return Ok(());
         }
         let by = |op: Operation| {
@@ -538,6 +540,16 @@ impl Grants {
                 target: filter.as_str().to_owned(),
             })
         }
+    }
+}
+
+/// The token of a filter on one reply inbox (`_inbox.TOKEN`, and below it): `None` for any
+/// other filter, wildcards over inboxes included.
+pub fn inbox_token(filter: &TopicFilter) -> Option<&str> {
+    let mut segs = filter.segments();
+    match (segs.next(), segs.next()) {
+        (Some(Segment::Literal("_inbox")), Some(Segment::Literal(token))) => Some(token),
+        _ => None,
     }
 }
 

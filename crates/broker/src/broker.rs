@@ -34,6 +34,15 @@ pub enum BrokerError {
     /// `acl_file` could not be read or is not a policy.
     #[error("cannot use broker.acl_file: {0}")]
     Acl(#[from] crate::acl::PolicyError),
+    /// `audit_log` could not be opened.
+    #[error("cannot use broker.audit_log {path}: {source}")]
+    Audit {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[cfg(unix)]
@@ -144,8 +153,24 @@ impl Broker {
         } else {
             config.allowed_uids.clone()
         };
+        let audit = match &config.audit_log {
+            Some(path) => Some(
+                crate::audit::AuditLog::open(
+                    path,
+                    crate::audit::Rotation {
+                        max_bytes: config.audit_max_bytes,
+                    },
+                )
+                .map_err(|source| BrokerError::Audit {
+                    path: path.clone(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
         let hub = Arc::new(Hub::new(config, allowed_uids));
         hub.set_policy(policy);
+        hub.set_audit(audit);
         hub.restore_durables()?;
         let endpoints = listeners.iter().map(|l| l.endpoint().clone()).collect();
         for listener in listeners {

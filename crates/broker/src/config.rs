@@ -31,6 +31,14 @@ pub struct BrokerConfig {
     /// keeps the policy in force). `None` (default): every client whose uid is allowed may
     /// publish, subscribe, request and reply on every topic but `$sys`.
     pub acl_file: Option<PathBuf>,
+    /// The audit trail: control requests and their answers, ACL denials, policy reloads,
+    /// refused connections and the first connection of each identity, one SHA-256-chained
+    /// JSON record per line, synced as written (`SECURITY.md`; check it with `eventbus audit
+    /// verify`). `None` (default): no trail.
+    pub audit_log: Option<PathBuf>,
+    /// Size at which the audit trail moves to `audit_log.N` and starts a new file, the chain
+    /// going on (default 16 MiB, at least 4 KiB).
+    pub audit_max_bytes: u64,
     /// Bound of each queue (a connection's Realtime and Processed queues, an acknowledged
     /// subscription), in messages (default 1,000,000: the byte bound binds first).
     pub message_buffer_size: usize,
@@ -126,6 +134,8 @@ impl Default for BrokerConfig {
             max_connections: 64,
             max_connections_per_identity: 32,
             acl_file: None,
+            audit_log: None,
+            audit_max_bytes: 16 * 1024 * 1024,
             message_buffer_size: 1_000_000,
             subscriber_buffer_bytes: 256 * 1024 * 1024,
             max_memory_bytes: 512 * 1024 * 1024,
@@ -201,6 +211,12 @@ impl BrokerConfig {
             "max_connections",
             self.max_connections,
             "must be at least 1".into(),
+        )?;
+        check(
+            self.audit_max_bytes >= 4096,
+            "audit_max_bytes",
+            self.audit_max_bytes,
+            "must be at least 4096".into(),
         )?;
         check(
             self.max_connections_per_identity > 0,

@@ -20,6 +20,8 @@ pub(crate) struct Conn {
     /// The supervised collector it is: its pid registered by the supervisor (when it
     /// connected, or since: [`crate::Hub::register_collector`]).
     pub(crate) collector: Mutex<Option<Arc<str>>>,
+    /// The reply inboxes it holds (`Hub::claim_inbox`), given back when it goes.
+    pub(crate) inboxes: Mutex<Vec<String>>,
     pub(crate) outlet: Arc<Outlet>,
     /// The acknowledged subscriptions this connection opened or attached, by its ids.
     pub(crate) acked: Mutex<HashMap<SubId, Arc<AckedSub>>>,
@@ -101,6 +103,7 @@ impl Conn {
             name,
             peer,
             collector: Mutex::new(collector),
+            inboxes: Mutex::new(Vec::new()),
             outlet: Arc::new(outlet),
             acked: Mutex::new(HashMap::new()),
             runs: minor >= daemoneye_eventbus_core::codec::RUNS_SINCE_MINOR,

@@ -201,6 +201,17 @@ pub(crate) struct Hub {
     pub(crate) acl_generation: AtomicU64,
     /// Connections each identity holds now ([`Hub::admit_identity`]).
     identities: parking_lot::Mutex<HashMap<String, usize>>,
+    /// Reply inboxes, each kept to the connection that subscribed to it first: token →
+    /// session id (bounded by the subscriptions connections may hold).
+    inboxes: parking_lot::Mutex<HashMap<String, u64>>,
+    /// The audit trail (`audit_log`).
+    audit: std::sync::OnceLock<crate::audit::AuditLog>,
+    /// Identities whose first connection was recorded (bounded: past it, every connection
+    /// of a new identity is recorded).
+    seen_identities: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Control requests waiting for their answer, by reply topic (bounded, oldest first
+    /// forgotten): their answers are recorded in the audit trail.
+    pending_control: parking_lot::Mutex<std::collections::VecDeque<(Topic, Topic)>>,
     /// Collector processes the supervisor started: pid → collector id
     /// ([`crate::Broker::register_collector`]).
     collectors: parking_lot::RwLock<HashMap<i32, Arc<str>>>,
@@ -233,6 +244,10 @@ impl Hub {
             acl_generation: AtomicU64::new(0),
             identities: parking_lot::Mutex::new(HashMap::new()),
             collectors: parking_lot::RwLock::new(HashMap::new()),
+            inboxes: parking_lot::Mutex::new(HashMap::new()),
+            audit: std::sync::OnceLock::new(),
+            seen_identities: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            pending_control: parking_lot::Mutex::new(std::collections::VecDeque::new()),
             refused_by_identity: parking_lot::Mutex::new(crate::stats::IdentityCounts::default()),
             config,
         }
@@ -256,11 +271,95 @@ impl Hub {
                 let rules = p.len();
                 self.set_policy(Some(p));
                 tracing::info!(file = %path.display(), rules, "reloaded the ACL policy");
+                self.audit(|| {
+                    serde_json::json!({"kind": "policy_reload", "file": path.display().to_string(), "ok": true, "rules": rules})
+                });
                 Ok(rules)
             }
             Err(e) => {
                 tracing::error!(error = %e, "the ACL policy was not reloaded; the one in force stays");
+                self.audit(|| {
+                    serde_json::json!({"kind": "policy_reload", "file": path.display().to_string(), "ok": false, "error": e.to_string()})
+                });
                 Err(e)
+            }
+        }
+    }
+
+    /// Puts the audit trail in place (at start).
+    pub(crate) fn set_audit(&self, audit: Option<crate::audit::AuditLog>) {
+        if let Some(a) = audit {
+            let _ = self.audit.set(a);
+        }
+    }
+
+    /// Records an event in the audit trail, if there is one (`event` is only made then).
+    pub(crate) fn audit(&self, event: impl FnOnce() -> serde_json::Value) {
+        if let Some(a) = self.audit.get() {
+            a.record(event());
+        }
+    }
+
+    /// Records the first connection of `conn`'s identity.
+    pub(crate) fn audit_connection(&self, conn: &Conn) {
+        if self.audit.get().is_none() {
+            return;
+        }
+        let key = identity_key(&conn.peer);
+        let first = {
+            let mut seen = self.seen_identities.lock();
+            if seen.len() >= SEEN_IDENTITIES {
+                !seen.contains(&key)
+            } else {
+                seen.insert(key)
+            }
+        };
+        if first {
+            self.audit(|| {
+                serde_json::json!({"kind": "first_connection", "who": audit_identity(&conn.peer, &conn.name, conn.collector.lock().as_deref(), Some(conn.session_id))})
+            });
+        }
+    }
+
+    /// Records a refused connection.
+    pub(crate) fn audit_refusal(&self, peer: &PeerInfo, why: &str) {
+        self.audit(|| {
+            serde_json::json!({"kind": "connection_refused", "who": audit_identity(peer, "", None, None), "reason": why})
+        });
+    }
+
+    /// Records a publish on a control topic with a reply topic (a control request), and the
+    /// answer to one recorded before.
+    pub(crate) fn audit_publish(&self, conn: &Conn, msg: &Lent<'_, Message>) {
+        if self.audit.get().is_none() {
+            return;
+        }
+        let topic = msg.topic();
+        if let Some(reply_to) = &msg.header().reply_to {
+            if topic.as_str().starts_with("control.") {
+                {
+                    let mut pending = self.pending_control.lock();
+                    if pending.len() >= PENDING_CONTROL {
+                        pending.pop_front();
+                    }
+                    pending.push_back((reply_to.clone(), topic.clone()));
+                }
+                self.audit(|| {
+                    serde_json::json!({"kind": "control_request", "who": audit_identity(&conn.peer, &conn.name, conn.collector.lock().as_deref(), Some(conn.session_id)), "topic": topic.as_str(), "reply_to": reply_to.as_str(), "payload_bytes": msg.payload_len()})
+                });
+            }
+        } else if topic.is_inbox() {
+            let request = {
+                let mut pending = self.pending_control.lock();
+                pending
+                    .iter()
+                    .position(|(r, _)| r == topic)
+                    .and_then(|at| pending.remove(at))
+            };
+            if let Some((_, request)) = request {
+                self.audit(|| {
+                    serde_json::json!({"kind": "control_reply", "who": audit_identity(&conn.peer, &conn.name, conn.collector.lock().as_deref(), Some(conn.session_id)), "request_topic": request.as_str(), "reply_to": topic.as_str(), "status": msg.header().status.as_ref().map_or_else(|| "ok".to_owned(), |s| format!("{:?}: {}", s.code, s.message))})
+                });
             }
         }
     }
@@ -441,7 +540,37 @@ impl Hub {
 
     /// Removes a connection and its subscriptions from the routing table, giving their
     /// memory back.
+    /// Keeps reply inbox `token` to `conn`, the first connection to subscribe to it: another
+    /// is refused while `conn` lives (a caller's replies are its own).
+    fn claim_inbox(&self, conn: &Conn, token: &str) -> Result<(), SubscribeRefusal> {
+        let mut inboxes = self.inboxes.lock();
+        match inboxes.get(token) {
+            Some(owner) if *owner != conn.session_id => Err(SubscribeRefusal::Inbox(format!(
+                "_inbox.{token} is another connection's reply inbox"
+            ))),
+            Some(_) => Ok(()),
+            None => {
+                let mut held = conn.inboxes.lock();
+                let max = self.config.max_subscriptions_per_connection;
+                if held.len() >= max {
+                    return Err(SubscribeRefusal::Limit(format!(
+                        "this connection claimed {max} reply inboxes (max_subscriptions_per_connection)"
+                    )));
+                }
+                inboxes.insert(token.to_owned(), conn.session_id);
+                held.push(token.to_owned());
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn disconnect(&self, conn: &Conn) {
+        {
+            let mut inboxes = self.inboxes.lock();
+            for token in conn.inboxes.lock().drain(..) {
+                inboxes.remove(&token);
+            }
+        }
         let filters = self.router.write().remove(conn.slot());
         let charge: usize = filters.iter().map(subscription_charge).sum();
         self.release_subscriptions(charge);
@@ -450,6 +579,9 @@ impl Hub {
     /// Subscribes, charging the subscription to the memory cap; `Ok(false)` when the
     /// connection held the filter already.
     pub(crate) fn subscribe(&self, conn: &Conn, s: &Subscribe) -> Result<bool, SubscribeRefusal> {
+        if let Some(token) = crate::acl::inbox_token(&s.filter) {
+            self.claim_inbox(conn, token)?;
+        }
         let charge = subscription_charge(&s.filter);
         if !self.memory.try_reserve(charge) {
             return Err(SubscribeRefusal::Memory(format!(
@@ -499,6 +631,15 @@ impl Hub {
         conn: &Arc<Conn>,
         s: &SubscribeAcked,
     ) -> Result<bool, (ErrorCode, String)> {
+        for token in s.filters.iter().filter_map(crate::acl::inbox_token) {
+            self.claim_inbox(conn, token).map_err(|e| match e {
+                SubscribeRefusal::Inbox(why) => (ErrorCode::NotAuthorized, why),
+                SubscribeRefusal::Conflict(why) => (ErrorCode::SubscriptionConflict, why),
+                SubscribeRefusal::Limit(why) | SubscribeRefusal::Memory(why) => {
+                    (ErrorCode::ResourceExhausted, why)
+                }
+            })?;
+        }
         if conn.acked.lock().contains_key(&s.sub) {
             return Err((
                 ErrorCode::SubscriptionConflict,
@@ -1400,6 +1541,10 @@ impl Hub {
             store_torn_bytes: load(&c.store_torn_bytes),
             store_syncs: load(&c.store_syncs),
             acl_denials: load(&c.acl_denials),
+            audit_records: self.audit.get().map_or(0, |a| load(&a.counts.records)),
+            audit_dropped: self.audit.get().map_or(0, |a| load(&a.counts.dropped)),
+            audit_errors: self.audit.get().map_or(0, |a| load(&a.counts.errors)),
+            audit_head: self.audit.get().map(|a| a.counts.head.lock().clone()),
             acl_rules: self.acl.read().as_ref().map(|p| p.len() as u64),
             refused_by_identity: self.refused_by_identity.lock().snapshot(),
             store_damaged: load(&c.store_damaged),
@@ -1486,4 +1631,30 @@ pub(crate) fn identity_key(peer: &PeerInfo) -> String {
         (_, Some(uid), None, _) => format!("uid {uid}"),
         (kind, ..) => format!("{kind:?} peer"),
     }
+}
+
+/// Identities whose first connection the audit trail remembers.
+const SEEN_IDENTITIES: usize = 4096;
+
+/// Control requests whose answer the audit trail waits for at most.
+const PENDING_CONTROL: usize = 1024;
+
+/// Who, as the audit trail records it.
+pub(crate) fn audit_identity(
+    peer: &PeerInfo,
+    name: &str,
+    collector: Option<&str>,
+    session: Option<u64>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "transport": format!("{:?}", peer.transport),
+        "uid": peer.uid,
+        "gid": peer.gid,
+        "pid": peer.pid,
+        "exe": peer.exe.as_ref().map(|e| e.display().to_string()),
+        "addr": peer.addr.map(|a| a.to_string()),
+        "name": name,
+        "collector": collector,
+        "session": session,
+    })
 }

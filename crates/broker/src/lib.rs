@@ -18,6 +18,7 @@
 //! data directory (their definitions, and their logs through `daemoneye-eventbus-store`).
 
 pub mod acl;
+pub mod audit;
 mod broker;
 mod config;
 mod conn;

@@ -147,6 +147,8 @@ pub(crate) enum SubscribeRefusal {
     Limit(String),
     /// The broker-wide memory cap leaves no room for another subscription.
     Memory(String),
+    /// The filter is another connection's reply inbox.
+    Inbox(String),
 }
 
 /// Filters → connections and acknowledged subscriptions. See the module documentation.

@@ -125,6 +125,20 @@ pub struct BrokerStats {
     /// Rules of the ACL policy in force; `None` without `acl_file` (no topic ACL).
     #[serde(default)]
     pub acl_rules: Option<u64>,
+    /// Records written to the audit trail (`audit_log`), synced.
+    #[serde(default)]
+    pub audit_records: u64,
+    /// Records the audit trail dropped because its writer fell behind (each gap is itself
+    /// recorded, with its count).
+    #[serde(default)]
+    pub audit_dropped: u64,
+    /// Failed writes or rotations of the audit trail.
+    #[serde(default)]
+    pub audit_errors: u64,
+    /// The audit trail's last record (`eventbus audit verify --head SEQ:HASH` checks that the
+    /// files end there); `None` without `audit_log`.
+    #[serde(default)]
+    pub audit_head: Option<crate::audit::Head>,
     /// Connections refused per identity (a uid not allowed, `max_connections`,
     /// `max_connections_per_identity`, a client name the policy keeps for others): at most
     /// 256 identities, the others summed under `other`.

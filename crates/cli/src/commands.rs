@@ -72,6 +72,14 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Agent { socket, config } => crate::agent::run(&socket, config.as_deref()).await,
         Command::Config(ConfigCommand::Check { file }) => crate::agent::config_command(Some(&file)),
         Command::Config(ConfigCommand::Default) => crate::agent::config_command(None),
+        Command::Audit(crate::AuditCommand::Verify {
+            files,
+            head,
+            anchored,
+        }) => audit_verify(&files, head.as_deref(), anchored),
+        Command::Audit(crate::AuditCommand::Tail { file, lines, json }) => {
+            audit_tail(&file, lines, json)
+        }
         Command::Acl(crate::AclCommand::Check { file }) => {
             let policy = daemoneye_eventbus::broker::acl::Policy::load(&file)?;
             println!("{}: {} rules, valid", file.display(), policy.len());
@@ -244,6 +252,123 @@ impl Signals {
     pub(crate) async fn wait(self) -> Result<()> {
         tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")
     }
+}
+
+/// `eventbus audit verify`: exits 1 (with the broken link) unless the chain holds.
+fn audit_verify(files: &[std::path::PathBuf], head: Option<&str>, anchored: bool) -> Result<()> {
+    use daemoneye_eventbus::broker::audit;
+    let mut paths = files.to_vec();
+    if let [only] = files {
+        // The current file alone: its rotated files come first.
+        let mut all =
+            audit::rotated(only).with_context(|| format!("listing {}", only.display()))?;
+        all.push(only.clone());
+        paths = all;
+    }
+    let texts = paths
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|t| (p.display().to_string(), t))
+                .with_context(|| format!("reading {}", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let expect = head
+        .map(|h| {
+            let (seq, hash) = h
+                .split_once(':')
+                .context("--head is SEQ:HASH, as the broker's audit_head")?;
+            Ok::<_, anyhow::Error>(audit::Head {
+                seq: seq.parse().context("--head: SEQ is a number")?,
+                hash: hash.to_owned(),
+            })
+        })
+        .transpose()?;
+    match audit::verify(
+        texts.iter().map(|(a, b)| (a.as_str(), b.as_str())),
+        anchored,
+        expect.as_ref(),
+    ) {
+        Ok(v) => {
+            println!(
+                "{} records in {} files, chain intact; head {}:{}",
+                v.records,
+                texts.len(),
+                v.head.seq,
+                v.head.hash
+            );
+            Ok(())
+        }
+        Err(broken) => anyhow::bail!("audit trail broken at {broken}"),
+    }
+}
+
+/// `eventbus audit tail`.
+fn audit_tail(file: &Path, lines: usize, json: bool) -> Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let all: Vec<&str> = text.lines().collect();
+    let mut out = std::io::stdout().lock();
+    for line in &all[all.len().saturating_sub(lines)..] {
+        if json {
+            writeln!(out, "{line}")?;
+            continue;
+        }
+        let Ok(r) = serde_json::from_str::<daemoneye_eventbus::broker::audit::Record>(line) else {
+            writeln!(out, "(not a record) {line}")?;
+            continue;
+        };
+        let when = humantime_ms(r.time_ms);
+        let kind = r.event["kind"].as_str().unwrap_or("?");
+        let who = &r.event["who"];
+        let who = if who.is_null() {
+            String::new()
+        } else {
+            format!(
+                " {}uid {} {}{}",
+                who["name"]
+                    .as_str()
+                    .filter(|n| !n.is_empty())
+                    .map(|n| format!("{n} "))
+                    .unwrap_or_default(),
+                who["uid"],
+                who["exe"].as_str().unwrap_or("-"),
+                who["collector"]
+                    .as_str()
+                    .map(|c| format!(" (collector {c})"))
+                    .unwrap_or_default(),
+            )
+        };
+        let mut rest = r.event.clone();
+        if let Some(m) = rest.as_object_mut() {
+            m.remove("kind");
+            m.remove("who");
+        }
+        writeln!(out, "{when} #{} {kind}{who} {rest}", r.seq)?;
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn humantime_ms(ms: u64) -> String {
+    let (secs, millis) = (ms / 1000, ms % 1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// SIGHUP: read `broker.acl_file` again (never on systems without it).
@@ -518,4 +643,20 @@ async fn stats(socket: &SocketArg, json: bool) -> Result<()> {
         output::print_stats(&mut out, &stats)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod audit_time_tests {
+    #[test]
+    fn milliseconds_print_as_utc() {
+        assert_eq!(super::humantime_ms(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::humantime_ms(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            super::humantime_ms(951_782_400_000),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
 }

@@ -58,6 +58,38 @@ pub(crate) enum AclCommand {
     },
 }
 
+/// `eventbus audit` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum AuditCommand {
+    /// Check the SHA-256 chain of audit files (`broker.audit_log`): give the rotated files and
+    /// the current one, oldest first (`audit.log.1 audit.log.2 … audit.log`), or just the
+    /// current one to have its rotated files found. Prints the first broken link and exits 1
+    /// on any change, removal, reordering or truncation.
+    Verify {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The chain must end at this record, `SEQ:HASH` (the broker's `audit_head` in
+        /// `eventbus stats --json`): records cut off the end show too.
+        #[arg(long, value_name = "SEQ:HASH")]
+        head: Option<String>,
+        /// The files start later in the chain (older files were removed).
+        #[arg(long)]
+        anchored: bool,
+    },
+    /// Print the last records of an audit file readably.
+    Tail {
+        /// The file.
+        file: PathBuf,
+        /// How many records.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// The records as written, one JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent: the embedded broker, the supervised collectors (the bundled procmond
@@ -75,6 +107,9 @@ enum Command {
     /// The broker's access control policy (`broker.acl_file`).
     #[command(subcommand)]
     Acl(AclCommand),
+    /// The broker's audit trail (`broker.audit_log`).
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// The process collector (the same as the `procmond` binary).
     #[command(hide = true)]
     Procmond(procmond_cmd::Args),

@@ -1329,3 +1329,141 @@ fn an_acl_file_decides_by_uid_and_executable_and_reloads_on_sighup() {
         0
     );
 }
+
+/// `broker.audit_log` records, chained: the first connection of an identity, a refused
+/// connection, ACL denials, a control request and its answer, policy reloads. `eventbus audit
+/// verify` finds the chain intact up to the broker's head, and finds a changed byte, a removed
+/// record and records cut off the end; `eventbus audit tail` prints the records.
+#[test]
+fn the_audit_trail_records_control_actions_and_shows_tampering() {
+    let dir = TempDir::new("audit");
+    let policy = dir.path().join("acl.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\"]\n\
+         request = [\"control.collector.+\"]\nreply = [\"control.collector.fake\"]\n\
+         [[rule]]\nname = \"procmond\"\nexe = \"/nonexistent/procmond\"\n",
+    )
+    .unwrap();
+    let trail = dir.path().join("audit").join("audit.log");
+    let config = format!(
+        "[broker]\nacl_file = \"{}\"\naudit_log = \"{}\"\n",
+        policy.display(),
+        trail.display()
+    );
+    let broker = Broker::start(dir.path(), Some(&config));
+    // A responder on a control topic, a request answered by it, a denial, a refused name.
+    let mut cmd = eventbus();
+    cmd.args(["reply", "control.collector.fake", "--echo", "--count", "1"])
+        .env("EVENTBUS_SOCKET", &broker.socket);
+    let mut reply = Proc::spawn(cmd);
+    wait_line(reply.stderr.as_ref().unwrap(), "responder ready", |l| {
+        l.starts_with("replying on control.collector.fake")
+    });
+    let call = broker.run(&[
+        "request",
+        "control.collector.fake",
+        "status?",
+        "--timeout",
+        "5",
+    ]);
+    assert_eq!(call.code, 0, "{call:?}");
+    assert_eq!(reply.wait(), 0);
+    assert_ne!(broker.run(&["pub", "events.x", "forged"]).code, 0);
+    assert_ne!(
+        broker
+            .run(&["pub", "jobs.a", "x", "--name", "procmond"])
+            .code,
+        0
+    );
+    broker.proc.signal(Signal::SIGHUP);
+    wait_line(broker.proc.stderr.as_ref().unwrap(), "the reload", |l| {
+        l.contains("ACL policy reloaded")
+    });
+    // The records are synced once the broker's head says so.
+    let deadline = std::time::Instant::now() + WAIT;
+    let head = loop {
+        let s = broker.stats();
+        let kinds = std::fs::read_to_string(&trail).unwrap_or_default();
+        if kinds.contains("policy_reload") && kinds.contains("control_reply") {
+            break s["audit_head"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not recorded: {kinds}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let text = std::fs::read_to_string(&trail).unwrap();
+    for kind in [
+        "first_connection",
+        "connection_refused",
+        "acl_denied",
+        "control_request",
+        "control_reply",
+        "policy_reload",
+    ] {
+        assert!(
+            text.contains(&format!("\"kind\":\"{kind}\"")),
+            "{kind} missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains("\"operation\":\"publish on\",\"target\":\"events.x\"")
+            || text.contains("events.x")
+    );
+    let head_arg = format!("{}:{}", head["seq"], head["hash"].as_str().unwrap());
+    let verify = |files: &[&std::path::Path], head: Option<&str>| {
+        let mut cmd = eventbus();
+        cmd.args(["audit", "verify"]).args(files);
+        if let Some(h) = head {
+            cmd.args(["--head", h]);
+        }
+        let mut p = Proc::spawn(cmd);
+        let code = p.wait();
+        (
+            code,
+            p.stdout_lines().join("\n"),
+            p.stderr_lines().join("\n"),
+        )
+    };
+    let (code, out, err) = verify(&[&trail], Some(&head_arg));
+    assert_eq!(code, 0, "{out} {err}");
+    assert!(out.contains("chain intact"), "{out}");
+    // Tampered copies.
+    let copy = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let changed = copy("changed.log", &text.replacen("events.x", "events.y", 1));
+    let (code, _, err) = verify(&[&changed], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("was changed"), "{err}");
+    let lines: Vec<&str> = text.lines().collect();
+    let without: String = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 1)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let removed = copy("removed.log", &without);
+    let (code, _, err) = verify(&[&removed], None);
+    assert_eq!(code, 1);
+    assert!(err.contains("follows record 1"), "{err}");
+    let short: String = lines[..lines.len() - 1]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let cut = copy("cut.log", &short);
+    let (code, _, err) = verify(&[&cut], Some(&head_arg));
+    assert_eq!(code, 1);
+    assert!(err.contains("cut off the end"), "{err}");
+    let tail = broker.run(&["audit", "tail", trail.to_str().unwrap(), "-n", "3"]);
+    assert_eq!(tail.code, 0);
+    assert_eq!(tail.stdout.len(), 3);
+    assert!(
+        tail.stdout.iter().any(|l| l.contains("policy_reload")),
+        "{tail:?}"
+    );
+}

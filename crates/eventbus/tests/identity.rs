@@ -72,3 +72,35 @@ async fn a_collector_name_belongs_to_the_registered_process() {
     early.close().await;
     broker.shutdown().await;
 }
+
+/// A reply inbox belongs to the connection that subscribed to it first: another is refused
+/// while it lives, and may have it once it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_inbox_is_kept_to_its_first_subscriber() {
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-inbox-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let ep = Endpoint::Unix(dir.0.join("bus.sock"));
+    let broker = Broker::start_on(BrokerConfig::default(), std::slice::from_ref(&ep))
+        .await
+        .unwrap();
+    let owner = Client::connect(&ep, options("caller")).await.unwrap();
+    let _mine = owner.subscribe(["_inbox.feed.+"]).await.unwrap();
+    let other = Client::connect(&ep, options("snoop")).await.unwrap();
+    match other.subscribe(["_inbox.feed.#"]).await {
+        Err(daemoneye_eventbus::client::SubscribeError::Refused { message, .. }) => {
+            assert!(
+                message.contains("another connection's reply inbox"),
+                "{message}"
+            );
+        }
+        other => panic!("refused: {other:?}"),
+    }
+    owner.close().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while other.subscribe(["_inbox.feed.#"]).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "never given back");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    other.close().await;
+    broker.shutdown().await;
+}

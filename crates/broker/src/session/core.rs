@@ -114,7 +114,12 @@ pub(crate) struct SessionCore {
     grants: Arc<Grants>,
     /// Publishes and subscriptions the ACL refused, not yet taken by [`SessionCore::take_denials`].
     denials: u64,
+    /// The first [`DENIALS_KEPT`] of them, for the audit trail.
+    denied: Vec<Denied>,
 }
+
+/// Refusals a session keeps the details of between two batches (the rest are counted).
+const DENIALS_KEPT: usize = 64;
 
 impl SessionCore {
     pub(crate) fn new(name: String, limits: Limits, now: Instant, grants: Arc<Grants>) -> Self {
@@ -125,6 +130,7 @@ impl SessionCore {
             ping_nonce: 0,
             grants,
             denials: 0,
+            denied: Vec::new(),
         }
     }
 
@@ -133,14 +139,24 @@ impl SessionCore {
         self.grants = grants;
     }
 
-    /// The ACL refusals since the last call.
-    pub(crate) fn take_denials(&mut self) -> u64 {
-        std::mem::take(&mut self.denials)
+    /// The ACL refusals since the last call: how many, and the details of the first ones.
+    pub(crate) fn take_denials(&mut self) -> (u64, Vec<Denied>) {
+        (
+            std::mem::take(&mut self.denials),
+            std::mem::take(&mut self.denied),
+        )
+    }
+
+    fn deny(&mut self, d: &Denied) {
+        self.denials += 1;
+        if self.denied.len() < DENIALS_KEPT {
+            self.denied.push(d.clone());
+        }
     }
 
     /// A REPLY refusing a subscription the ACL does not allow.
     fn deny_subscribe(&mut self, request_id: u32, d: &Denied) -> Step<'static> {
-        self.denials += 1;
+        self.deny(d);
         Step::Answer {
             frame: Frame::Reply(Reply {
                 request_id,
@@ -263,7 +279,7 @@ impl SessionCore {
             .grants
             .check_publish(msg.topic(), msg.header().reply_to.is_some())
         {
-            self.denials += 1;
+            self.deny(&d);
             return refuse(ErrorCode::NotAuthorized, d.to_string());
         }
         Ok(())
@@ -355,6 +371,7 @@ impl SessionCore {
             Err(SubscribeRefusal::Limit(why) | SubscribeRefusal::Memory(why)) => {
                 (Some(ErrorCode::ResourceExhausted), why.clone())
             }
+            Err(SubscribeRefusal::Inbox(why)) => (Some(ErrorCode::NotAuthorized), why.clone()),
         };
         Frame::Reply(Reply {
             request_id,
@@ -557,8 +574,10 @@ mod tests {
         };
         assert_eq!(r.error, Some(ErrorCode::NotAuthorized));
         assert!(r.message.contains("subscribe to jobs.#"), "{}", r.message);
-        assert_eq!(c.take_denials(), 2);
-        assert_eq!(c.take_denials(), 0);
+        let (n, details) = c.take_denials();
+        assert_eq!((n, details.len()), (2, 2));
+        assert_eq!(details[1].target, "jobs.#");
+        assert_eq!(c.take_denials().0, 0);
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
         hub.refused(&crate::hub::identity_key(&peer));
         let max = hub.config.max_connections;
         let msg = format!("broker is at max_connections ({max}); retry later");
+        hub.audit_refusal(&peer, &msg);
         refuse(
             &mut reader,
             &mut writer,
@@ -57,6 +58,7 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
             if refusal.code != ErrorCode::ConnectionLimit {
                 hub.refused(&crate::hub::identity_key(&peer));
             }
+            hub.audit_refusal(&peer, &refusal.message);
             refuse(&mut reader, &mut writer, refusal).await;
             return;
         }
@@ -93,6 +95,7 @@ pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedS
         Err(refusal) => {
             Counters::add(&hub.counters.connections_refused, 1);
             hub.refused(&crate::hub::identity_key(&peer));
+            hub.audit_refusal(&peer, &refusal.message);
             refuse(&mut reader, &mut writer, refusal).await;
             return;
         }
@@ -181,6 +184,7 @@ async fn run_session(
     if let Err(e) = hub.check_collector_name(&conn.peer, &conn.name) {
         conn.impostor(e.message);
     }
+    hub.audit_connection(&conn);
     Counters::add(&hub.counters.connections_total, 1);
     let writer_task = hub
         .tracker
@@ -469,6 +473,10 @@ impl<'a> ReadLoop<'a> {
 
     /// Routes a publish that passed its checks.
     fn publish(&mut self, msg: &Lent<'_, Message>) -> Option<Exit> {
+        if msg.header().reply_to.is_some() || msg.topic().is_inbox() {
+            // Control requests and their answers go to the audit trail.
+            self.hub.audit_publish(self.conn, msg);
+        }
         let routed = self
             .hub
             .route(Item::Msg(msg), &mut self.scratch, Waiting::Allowed)
@@ -580,6 +588,12 @@ impl<'a> ReadLoop<'a> {
     /// Routes a run as a unit, or message by message when a queue group subscribes to its
     /// topic (each message must then go to one member in turn).
     fn publish_run(&mut self, run: &Lent<'_, MessageRun>) -> Option<Exit> {
+        if run.topic().is_inbox() {
+            // Answers to control requests go to the audit trail (a run holds no requests).
+            for msg in run.messages().map_while(Result::ok) {
+                self.hub.audit_publish(self.conn, &msg);
+            }
+        }
         let Some(routed) = self
             .hub
             .route(Item::Run(run), &mut self.scratch, Waiting::Allowed)
@@ -658,16 +672,40 @@ impl<'a> ReadLoop<'a> {
 
     fn flush_counters(&mut self) {
         let c = &self.hub.counters;
-        let denied = self.core.take_denials();
+        let (denied, details) = self.core.take_denials();
         if denied > 0 {
             Counters::add(&c.acl_denials, denied);
             Counters::add(&self.conn.counters.denied, denied);
+            self.audit_denials(denied, details);
         }
         Counters::add(&c.published, std::mem::take(&mut self.published));
         Counters::add(&c.runs, std::mem::take(&mut self.runs));
         Counters::add(&c.bytes_in, std::mem::take(&mut self.bytes_in));
         Counters::add(&c.dropped, std::mem::take(&mut self.dropped));
         Counters::add(&c.rejected_publishes, std::mem::take(&mut self.rejected));
+    }
+
+    /// Records ACL refusals in the audit trail: each one kept, and how many more.
+    fn audit_denials(&self, denied: u64, details: Vec<crate::acl::Denied>) {
+        let more = denied - details.len() as u64;
+        let who = || {
+            crate::hub::audit_identity(
+                &self.conn.peer,
+                &self.conn.name,
+                self.conn.collector.lock().as_deref(),
+                Some(self.conn.session_id),
+            )
+        };
+        for d in details {
+            self.hub.audit(|| {
+                serde_json::json!({"kind": "acl_denied", "who": who(), "operation": d.operation.to_string(), "target": d.target})
+            });
+        }
+        if more > 0 {
+            self.hub.audit(
+                || serde_json::json!({"kind": "acl_denied_more", "who": who(), "count": more}),
+            );
+        }
     }
 
     /// Queues a control frame; a peer that stopped reading them is disconnected.
