@@ -107,7 +107,12 @@ impl Broker {
     pub async fn start(config: BrokerConfig) -> Result<Self, BrokerError> {
         let mut endpoints = vec![match &config.socket_path {
             Some(path) => Endpoint::Unix(path.clone()),
-            None => daemoneye_eventbus_transport::default_endpoint(),
+            None => daemoneye_eventbus_transport::default_endpoint().map_err(|source| {
+                BrokerError::Bind {
+                    endpoint: Endpoint::Unix(std::path::PathBuf::from("(default)")),
+                    source,
+                }
+            })?,
         }];
         if let Some(addr) = config.tcp_listen {
             endpoints.push(Endpoint::Tcp(addr));

@@ -19,7 +19,7 @@ pub(crate) fn init_logging() {
 /// Unix socket path (made absolute); the default endpoint when absent.
 pub(crate) fn endpoint_from(socket: Option<&str>) -> Result<Endpoint> {
     match socket {
-        None => Ok(daemoneye_eventbus::transport::default_endpoint()),
+        None => Ok(daemoneye_eventbus::transport::default_endpoint()?),
         Some(s) if s.contains("://") || s.starts_with("unix:") => Ok(Endpoint::parse(s)?),
         Some(s) => Ok(Endpoint::Unix(std::path::absolute(s)?)),
     }

@@ -1467,3 +1467,80 @@ fn the_audit_trail_records_control_actions_and_shows_tampering() {
         "{tail:?}"
     );
 }
+
+/// Socket paths another user could have prepared are refused, by the broker before binding
+/// and by the client before connecting, saying why: a directory of another user, a symbolic
+/// link on the way, a directory others may write to, a socket of another user. Without
+/// `XDG_RUNTIME_DIR`, root's default socket is under /run and another user has none (never a
+/// shared temporary directory).
+#[test]
+fn unsafe_socket_paths_are_refused_by_broker_and_client() {
+    let dir = TempDir::new("paths");
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = eventbus();
+        cmd.args(args).env_remove("XDG_RUNTIME_DIR");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut p = Proc::spawn(cmd);
+        let code = p.wait();
+        (code, p.stderr_lines().join("\n"))
+    };
+    // Another user's directory, with a socket in it: the client will not connect.
+    let foreign = dir.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    let impostor = std::os::unix::net::UnixListener::bind(foreign.join("s.sock")).unwrap();
+    nix::unistd::chown(&foreign, Some(nobody), None).unwrap();
+    let sock = foreign.join("s.sock");
+    let (code, err) = run(&["stats", "--socket", sock.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("owned by uid 65534, neither this user (0) nor root"),
+        "{err}"
+    );
+    drop(impostor);
+    // Our directory, another user's socket.
+    let ours = dir.path().join("ours");
+    std::fs::create_dir(&ours).unwrap();
+    let theirs = ours.join("s.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nobody), None).unwrap();
+    let (code, err) = run(&["stats", "--socket", theirs.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("the socket is owned by uid 65534"), "{err}");
+    drop(listener);
+    // A symbolic link on the way: the broker does not follow it (it would have bound in /etc).
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink("/etc", &link).unwrap();
+    let through = link.join("s.sock");
+    let (code, err) = run(&["serve", "--socket", through.to_str().unwrap()], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("is a symbolic link (to /etc)"), "{err}");
+    assert!(!std::path::Path::new("/etc/s.sock").exists());
+    // A directory others may write to.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = run(
+        &["serve", "--socket", open.join("s.sock").to_str().unwrap()],
+        &[],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("chmod go-w"), "{err}");
+    // Root's default without XDG_RUNTIME_DIR is under /run; another user has none.
+    let (_, err) = run(&["stats"], &[]);
+    assert!(err.contains("/run/daemoneye/eventbus.sock"), "{err}");
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_eventbus"))
+        .arg("stats")
+        .env_remove("XDG_RUNTIME_DIR");
+    let mut p = Proc::spawn(cmd);
+    assert_ne!(p.wait(), 0);
+    let err = p.stderr_lines().join("\n");
+    assert!(
+        err.contains("no default socket path: XDG_RUNTIME_DIR is not set"),
+        "{err}"
+    );
+}

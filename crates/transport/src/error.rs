@@ -51,10 +51,25 @@ pub enum TransportError {
     InProcNameTaken(String),
     /// Plain TCP was requested on a non-loopback address.
     #[error(
-        "plain TCP is only allowed on loopback, not {0}; mutual TLS is required for other \
-         addresses"
+        "plain TCP is only allowed on loopback, not {0}: the broker serves no other address \
+         (use the Unix socket, or a loopback address)"
     )]
     NonLoopbackTcp(std::net::SocketAddr),
+    /// A directory on the way to the socket, or the socket itself, could be replaced by
+    /// another user.
+    #[error("{path} is not safe for a socket: {reason}")]
+    UnsafePath {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
+    /// There is no default socket path for this user.
+    #[error(
+        "no default socket path: XDG_RUNTIME_DIR is not set, and only root has one outside it \
+         (/run/daemoneye); set XDG_RUNTIME_DIR or give the socket path (--socket PATH)"
+    )]
+    NoDefaultPath,
     /// The transport does not exist on this platform.
     #[error("{0} endpoints are not supported on this platform")]
     Unsupported(&'static str),

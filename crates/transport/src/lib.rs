@@ -250,11 +250,15 @@ fn inproc_connection(ends: inproc::InProcEnds) -> Connection {
 
 /// The platform's default broker endpoint: the private Unix socket path
 /// ([`unix::default_socket_path`]) on Unix, the named pipe `daemoneye-eventbus` on Windows.
-pub fn default_endpoint() -> Endpoint {
+///
+/// # Errors
+///
+/// [`TransportError::NoDefaultPath`] for a user other than root without `XDG_RUNTIME_DIR`.
+pub fn default_endpoint() -> Result<Endpoint, TransportError> {
     #[cfg(unix)]
-    return Endpoint::Unix(unix::default_socket_path());
+    return unix::default_socket_path().map(Endpoint::Unix);
     #[cfg(not(unix))]
-    return Endpoint::NamedPipe("daemoneye-eventbus".into());
+    return Ok(Endpoint::NamedPipe("daemoneye-eventbus".into()));
 }
 
 /// Opens a connection to `endpoint`.
@@ -266,6 +270,7 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Connection, TransportError> 
     match endpoint {
         #[cfg(unix)]
         Endpoint::Unix(path) => {
+            unix::check_socket(path)?;
             let s = tokio::net::UnixStream::connect(path)
                 .await
                 .map_err(|e| TransportError::io(format!("connecting to {}", path.display()), e))?;

@@ -1,7 +1,11 @@
 //! Unix domain sockets with safe paths (DESIGN §6).
 //!
-//! - The default socket lives in a directory of ours with mode 0700 (`$XDG_RUNTIME_DIR/daemoneye`
-//!   or `/tmp/daemoneye-<uid>`); an existing directory must be ours and not a symlink.
+//! - The default socket lives in a directory of ours with mode 0700 (`$XDG_RUNTIME_DIR/daemoneye`,
+//!   or for root `/run/daemoneye`; never a shared temporary directory); an existing directory
+//!   must be ours and not a symlink.
+//! - Broker and client check the directory chain of every socket path (no symlink, each
+//!   directory ours or root's, none writable by others unless sticky), and a client the
+//!   socket's owner (us or root), before binding or connecting.
 //! - An existing socket path is replaced only when it is a socket of ours that nobody answers
 //!   on (stale); a live broker's socket is never stolen; symlinks are never followed.
 //! - The socket is bound inside a fresh 0700 staging directory, set to 0600, then renamed into
@@ -25,15 +29,125 @@ fn uid() -> u32 {
     nix::unistd::geteuid().as_raw()
 }
 
+/// Where root's default socket lives when `XDG_RUNTIME_DIR` is not set: a directory only root
+/// can create.
+pub const ROOT_SOCKET_DIR: &str = "/run/daemoneye";
+
 /// The default socket path: `$XDG_RUNTIME_DIR/daemoneye/eventbus.sock` when that variable
-/// names an existing directory, else `/tmp/daemoneye-<uid>/eventbus.sock`.
-pub fn default_socket_path() -> PathBuf {
+/// names an existing directory (one only its user can create in), else for root
+/// `/run/daemoneye/eventbus.sock`. Other users have none: a shared temporary directory is
+/// one another user could create first.
+///
+/// # Errors
+///
+/// [`TransportError::NoDefaultPath`].
+pub fn default_socket_path() -> Result<PathBuf, TransportError> {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute() && p.is_dir())
         .map(|p| p.join("daemoneye"));
-    base.unwrap_or_else(|| std::env::temp_dir().join(format!("daemoneye-{}", uid())))
-        .join(DEFAULT_SOCKET_NAME)
+    match base {
+        Some(b) => Ok(b.join(DEFAULT_SOCKET_NAME)),
+        None if uid() == 0 => Ok(Path::new(ROOT_SOCKET_DIR).join(DEFAULT_SOCKET_NAME)),
+        None => Err(TransportError::NoDefaultPath),
+    }
+}
+
+/// Checks every directory from `/` down to `dir` (absolute): none a symbolic link, each owned
+/// by us or root, none writable by its group or others unless sticky (like `/tmp`, where only
+/// an entry's owner may remove it). Another user could otherwise put their own socket, or a
+/// link elsewhere, where ours is expected.
+///
+/// # Errors
+///
+/// [`TransportError::UnsafePath`] naming the first unsafe component and what to do, or an
+/// I/O error.
+pub fn check_dir_chain(dir: &Path) -> Result<(), TransportError> {
+    let me = uid();
+    let dir = std::path::absolute(dir)
+        .map_err(|e| TransportError::io(format!("resolving {}", dir.display()), e))?;
+    let mut at = PathBuf::new();
+    for part in dir.components() {
+        at.push(part);
+        let meta = match fs::symlink_metadata(&at) {
+            // Nothing further to trust or distrust: binding or connecting will say it is
+            // missing.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(TransportError::io(
+                    format!("inspecting {}", at.display()),
+                    e,
+                ));
+            }
+            Ok(m) => m,
+        };
+        let unsafe_because = |reason: String| TransportError::UnsafePath {
+            path: at.clone(),
+            reason,
+        };
+        if meta.file_type().is_symlink() {
+            let to = fs::read_link(&at).map_or_else(|_| "?".into(), |t| t.display().to_string());
+            return Err(unsafe_because(format!(
+                "it is a symbolic link (to {to}), which is never followed; give the real path"
+            )));
+        }
+        if !meta.is_dir() {
+            return Err(unsafe_because("it is not a directory".into()));
+        }
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(unsafe_because(format!(
+                "it is owned by uid {}, neither this user ({me}) nor root: that user could put another socket there; use a directory of your own",
+                meta.uid()
+            )));
+        }
+        let mode = meta.mode();
+        if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+            return Err(unsafe_because(format!(
+                "its mode {:o} lets others write to it, and it is not sticky: they could replace the socket; chmod go-w it",
+                mode & 0o7777
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a socket before connecting to it: its directory chain ([`check_dir_chain`]), and
+/// the socket itself, a socket (not a link) owned by us or root.
+///
+/// # Errors
+///
+/// As [`check_dir_chain`]; [`TransportError::UnsafePath`] for the socket.
+pub fn check_socket(path: &Path) -> Result<(), TransportError> {
+    let path = std::path::absolute(path)
+        .map_err(|e| TransportError::io(format!("resolving {}", path.display()), e))?;
+    if let Some(parent) = path.parent() {
+        check_dir_chain(parent)?;
+    }
+    let meta = match fs::symlink_metadata(&path) {
+        // Connecting will say there is no broker.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(TransportError::io(
+                format!("inspecting {}", path.display()),
+                e,
+            ));
+        }
+        Ok(m) => m,
+    };
+    if meta.file_type().is_symlink() {
+        return Err(TransportError::Symlink(path));
+    }
+    let me = uid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(TransportError::UnsafePath {
+            path,
+            reason: format!(
+                "the socket is owned by uid {}, neither this user ({me}) nor root: it is not a broker of ours",
+                meta.uid()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Creates `dir` with mode 0700, or checks an existing one: a real directory (not a symlink)
@@ -218,13 +332,13 @@ impl Drop for SocketGuard {
 ///
 /// Any [`TransportError`] naming the path and the reason.
 pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketGuard), TransportError> {
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if path == default_socket_path() {
+    let path = &std::path::absolute(path)
+        .map_err(|e| TransportError::io(format!("resolving {}", path.display()), e))?;
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    if default_socket_path().is_ok_and(|d| d == *path) {
         ensure_private_dir(parent)?;
     }
+    check_dir_chain(parent)?;
     clear_stale(path)?;
     let staging = parent.join(format!(
         ".eventbus-bind-{}-{:016x}",
