@@ -74,13 +74,20 @@ pub struct Denied {
     pub operation: Operation,
     /// The topic or filter it named.
     pub target: String,
+    /// Whether the built-in default policy refused it (no `acl_file`).
+    pub by_default: bool,
 }
 
 impl fmt::Display for Denied {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let why = if self.by_default {
+            "the default policy keeps this to the agent and its collectors; grant it in broker.acl_file"
+        } else {
+            "broker.acl_file grants this connection's identity no such right"
+        };
         write!(
             f,
-            "not allowed to {} {} (broker.acl_file grants this connection's identity no such right)",
+            "not allowed to {} {} ({why})",
             self.operation, self.target
         )
     }
@@ -180,6 +187,9 @@ struct Selector {
     collector: Option<String>,
     tls_subject: Option<String>,
     name: Option<String>,
+    /// Only connections that are not supervised collectors (the default policy's; a file
+    /// cannot say it).
+    not_collector: bool,
 }
 
 impl Selector {
@@ -188,7 +198,8 @@ impl Selector {
     }
 
     fn matches_but_name(&self, id: &Identity<'_>) -> bool {
-        self.uid.is_none_or(|u| id.uid == Some(u))
+        (!self.not_collector || id.collector.is_none())
+            && self.uid.is_none_or(|u| id.uid == Some(u))
             && self.gid.is_none_or(|g| id.gid == Some(g))
             && self.exe.as_deref().is_none_or(|e| id.exe == Some(e))
             && self
@@ -214,9 +225,72 @@ struct Rule {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// The built-in default ([`Policy::default_policy`]), not a file's.
+    by_default: bool,
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 impl Policy {
+    /// The policy of a broker without `acl_file` (`SECURITY.md`): the broker's own process
+    /// may do everything; a supervised collector may publish events and its own health
+    /// topics, serve `control.collector.<its id>`, and read events and `$sys`; every other
+    /// client may subscribe to anything but others' calls (`control.collector.#`, the agent's
+    /// lifecycle, shutdown, tasks and coordination topics, the broker's admin topic, other
+    /// callers' inboxes), publish, call and serve anything outside `control.#`, and publish
+    /// outside `events.#` too.
+    pub fn default_policy() -> Self {
+        let collectors = Rule {
+            who: Selector {
+                collector: Some("*".into()),
+                ..Selector::default()
+            },
+            allow: Ops {
+                publish: strings(&["events.#", "control.health.+.{collector}"]),
+                subscribe: strings(&["events.#", "$sys.#"]),
+                request: Vec::new(),
+                reply: strings(&["control.collector.{collector}"]),
+            },
+            deny: Ops::default(),
+        };
+        let others = Rule {
+            who: Selector {
+                not_collector: true,
+                ..Selector::default()
+            },
+            allow: Ops {
+                publish: strings(&["#"]),
+                subscribe: strings(&["#", "$sys.#"]),
+                request: strings(&["#"]),
+                reply: strings(&["#"]),
+            },
+            deny: Ops {
+                publish: strings(&["control.#", "events.#"]),
+                subscribe: strings(&[
+                    "control.collector.#",
+                    "control.agent.lifecycle",
+                    "control.agent.shutdown",
+                    "control.agent.tasks",
+                    "control.agent.coordination",
+                    "control.broker.admin",
+                    "_inbox.#",
+                ]),
+                request: strings(&["control.#"]),
+                reply: strings(&["control.#"]),
+            },
+        };
+        Self {
+            rules: vec![collectors, others],
+            by_default: true,
+        }
+    }
+
+    /// Whether this is the built-in default, not a file's.
+    pub fn is_default(&self) -> bool {
+        self.by_default
+    }
     /// Reads a policy from `text`, TOML unless `yaml` (`SECURITY.md` shows the form).
     ///
     /// # Errors
@@ -279,12 +353,16 @@ impl Policy {
                     collector: r.collector,
                     tls_subject: r.tls_subject,
                     name: r.name,
+                    not_collector: false,
                 },
                 allow,
                 deny,
             });
         }
-        Ok(Self { rules })
+        Ok(Self {
+            rules,
+            by_default: false,
+        })
     }
 
     /// Reads a policy file (YAML for `.yaml` / `.yml`, TOML otherwise).
@@ -328,7 +406,9 @@ impl Policy {
                     .extend(rule.deny.get(op).iter().filter_map(resolve));
             }
         }
-        Grants::new(allow, deny)
+        let mut g = Grants::new(allow, deny);
+        g.by_default = self.by_default;
+        g
     }
 
     /// Whether `id` may use its client name: a name some rule gives (`name = …`) is kept for
@@ -431,6 +511,12 @@ pub struct Grants {
     /// filters `a.b.#` that no denial overlaps. A publisher streaming on such topics is
     /// answered by comparing a few bytes, without walking the tries.
     open_publish: Vec<String>,
+    /// When `#` is granted for plain publishes and every denial is a literal `a.b.#`: those
+    /// denials' prefixes (`a.b.`), under which alone publishes are refused. The default
+    /// policy's case: answered by comparing a few bytes.
+    all_but: Option<Vec<String>>,
+    /// Resolved from the built-in default policy (said in refusals).
+    by_default: bool,
 }
 
 impl Grants {
@@ -449,25 +535,39 @@ impl Grants {
             request: FilterSet::new(o.request),
             reply: FilterSet::new(o.reply),
         };
+        // Literal segments then `#`, at least one segment (`#` alone also refuses `$sys`),
+        // never over `_inbox` (answers are checked as replies).
+        let literal_prefix = |f: &TopicFilter| {
+            let prefix = f.as_str().strip_suffix('#')?;
+            (!prefix.is_empty()
+                && !prefix.split('.').any(|s| s == "+")
+                && !prefix.starts_with("_inbox."))
+            .then(|| prefix.to_owned())
+        };
         let open_publish = allow
             .publish
             .iter()
             .filter(|f| !deny.publish.iter().any(|d| overlaps(d, f)))
-            .filter_map(|f| {
-                let prefix = f.as_str().strip_suffix('#')?;
-                // Literal segments only, and at least one (`#` alone also refuses `$sys`);
-                // never over `_inbox` (answers are checked as replies).
-                let literal = !prefix.is_empty()
-                    && !prefix.split('.').any(|s| s == "+")
-                    && !prefix.starts_with("_inbox.");
-                literal.then(|| prefix.to_owned())
-            })
+            .filter_map(literal_prefix)
             .collect();
+        let all_but = allow
+            .publish
+            .iter()
+            .any(|f| f.as_str() == "#")
+            .then(|| {
+                deny.publish
+                    .iter()
+                    .map(literal_prefix)
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten();
         Self {
             everything: false,
             allow: set(allow),
             deny: set(deny),
             open_publish,
+            all_but,
+            by_default: false,
         }
     }
 
@@ -484,12 +584,19 @@ impl Grants {
     ///
     /// The operation and topic refused.
     pub fn check_publish(&self, topic: &Topic, request: bool) -> Result<(), Denied> {
+        let t = topic.as_str();
         if self.everything
-            || (!request
-                && self
-                    .open_publish
-                    .iter()
-                    .any(|p| topic.as_str().starts_with(p.as_str())))
+            || (!request && self.open_publish.iter().any(|p| t.starts_with(p.as_str())))
+        {
+            return Ok(());
+        }
+        if !request
+            && !topic.is_inbox()
+            && !topic.is_sys()
+            && let Some(denied) = &self.all_but
+            && !denied
+                .iter()
+                .any(|p| t.starts_with(p.as_str()) || Some(t) == p.strip_suffix('.'))
         {
             return Ok(());
         }
@@ -513,6 +620,7 @@ impl Grants {
             Err(Denied {
                 operation: op,
                 target: topic.as_str().to_owned(),
+                by_default: self.by_default,
             })
         }
     }
@@ -532,12 +640,15 @@ impl Grants {
         let by = |op: Operation| {
             self.allow.get(op).covers(filter) && !self.deny.get(op).overlaps(filter)
         };
-        if by(Operation::Subscribe) || by(Operation::Reply) {
+        // Serving calls never needs another's inbox: a reply grant does not reach inboxes.
+        let inboxes = TopicFilter::new("_inbox.#").expect("a valid filter");
+        if by(Operation::Subscribe) || (by(Operation::Reply) && !overlaps(&inboxes, filter)) {
             Ok(())
         } else {
             Err(Denied {
                 operation: Operation::Subscribe,
                 target: filter.as_str().to_owned(),
+                by_default: self.by_default,
             })
         }
     }
@@ -688,8 +799,23 @@ mod tests {
         ) {
             let ops = |publish: Vec<TopicFilter>| Ops { publish, ..Ops::default() };
             let fast = Grants::new(ops(allow.clone()), ops(deny.clone()));
-            let mut slow = Grants::new(ops(allow), ops(deny));
+            let mut slow = Grants::new(ops(allow.clone()), ops(deny.clone()));
             slow.open_publish.clear();
+            slow.all_but = None;
+            // With `#` granted too (the default policy's shape).
+            let mut everything_but = allow;
+            everything_but.push(TopicFilter::new("#").unwrap());
+            let fast_all = Grants::new(ops(everything_but.clone()), ops(deny.clone()));
+            let mut slow_all = Grants::new(ops(everything_but), ops(deny));
+            slow_all.open_publish.clear();
+            slow_all.all_but = None;
+            for topic in universe() {
+                prop_assert_eq!(
+                    fast_all.check_publish(&topic, false).is_ok(),
+                    slow_all.check_publish(&topic, false).is_ok(),
+                    "{} with # and denials {:?}", topic, fast_all.all_but
+                );
+            }
             for topic in universe() {
                 prop_assert_eq!(
                     fast.check_publish(&topic, false).is_ok(),
@@ -800,6 +926,76 @@ exe = "/usr/bin/procmond"
             ..Identity::default()
         };
         assert!(p.grants(&agent).is_everything());
+    }
+
+    #[test]
+    fn the_default_policy_keeps_control_and_events_to_collectors() {
+        let p = Policy::default_policy();
+        assert!(p.is_default());
+        let procmond = Identity {
+            collector: Some("procmond"),
+            name: "procmond",
+            ..Identity::default()
+        };
+        let c = p.grants(&procmond);
+        assert!(
+            c.check_publish(&t("events.process.lifecycle"), false)
+                .is_ok()
+        );
+        assert!(
+            c.check_publish(&t("control.health.heartbeat.procmond"), false)
+                .is_ok()
+        );
+        assert!(
+            c.check_publish(&t("control.health.heartbeat.netmond"), false)
+                .is_err()
+        );
+        assert!(c.check_subscribe(&f("control.collector.procmond")).is_ok());
+        assert!(c.check_subscribe(&f("control.collector.netmond")).is_err());
+        assert!(
+            c.check_publish(&t("_inbox.00ab.1"), false).is_ok(),
+            "it answers calls"
+        );
+        let other = p.grants(&id(0));
+        let e = other
+            .check_publish(&t("events.process.lifecycle"), false)
+            .unwrap_err();
+        assert!(e.by_default && e.to_string().contains("grant it in broker.acl_file"));
+        assert!(
+            other
+                .check_publish(&t("control.health.heartbeat.procmond"), false)
+                .is_err()
+        );
+        assert!(
+            other
+                .check_publish(&t("control.agent.lifecycle"), true)
+                .is_err()
+        );
+        assert!(other.check_publish(&t("jobs.a"), false).is_ok());
+        assert!(other.check_publish(&t("svc.echo"), true).is_ok());
+        assert!(
+            other.check_publish(&t("_inbox.00ab.1"), false).is_ok(),
+            "answers its own services' calls"
+        );
+        for denied in [
+            "#",
+            "control.collector.#",
+            "control.agent.lifecycle",
+            "_inbox.#",
+            "_inbox.+.x",
+        ] {
+            assert!(other.check_subscribe(&f(denied)).is_err(), "{denied}");
+        }
+        for allowed in [
+            "events.#",
+            "$sys.#",
+            "control.agent.status",
+            "control.health.#",
+            "_inbox.00ab.+",
+            "svc.echo",
+        ] {
+            assert!(other.check_subscribe(&f(allowed)).is_ok(), "{allowed}");
+        }
     }
 
     #[test]

@@ -255,7 +255,8 @@ impl Hub {
 
     /// Puts `policy` in force (`None`: no topic ACL).
     pub(crate) fn set_policy(&self, policy: Option<crate::acl::Policy>) {
-        *self.acl.write() = policy.map(Arc::new);
+        let policy = policy.unwrap_or_else(crate::acl::Policy::default_policy);
+        *self.acl.write() = Some(Arc::new(policy));
         self.acl_generation.fetch_add(1, Ordering::Release);
     }
 

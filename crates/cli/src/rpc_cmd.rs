@@ -200,7 +200,9 @@ impl CallFailed {
         match self.0.kind {
             RpcErrorKind::NoResponders => 3,
             RpcErrorKind::Timeout => 4,
-            RpcErrorKind::InvalidOperation | RpcErrorKind::ExecutionError => 5,
+            RpcErrorKind::InvalidOperation
+            | RpcErrorKind::ExecutionError
+            | RpcErrorKind::Refused => 5,
             _ => 6,
         }
     }

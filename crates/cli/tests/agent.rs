@@ -22,17 +22,45 @@ struct Agent {
     socket: PathBuf,
 }
 
+/// The agent with `acl_file` granting what these tests do, or (`policy` false) under the
+/// default policy.
 fn start_agent(dir: &Path, auto_restart: bool) -> Agent {
+    start_agent_with(dir, auto_restart, true)
+}
+
+fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent {
     let socket = dir.join("agent.sock");
     let config = dir.join("agent.yaml");
+    // Supervised collectors as the default policy has them, root's tools reading, and this
+    // test (by its executable) calling the agent's lifecycle service as an operator.
+    let policy = dir.join("acl.toml");
+    let operator = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    std::fs::write(
+        &policy,
+        format!(
+            "version = 1\n\
+             [[rule]]\ncollector = \"*\"\npublish = [\"events.#\", \"control.health.+.{{collector}}\"]\n\
+             subscribe = [\"events.#\", \"$sys.#\"]\nreply = [\"control.collector.{{collector}}\"]\n\
+             [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\", \"control.agent.status\", \"control.health.#\", \"alerts.#\"]\n\
+             publish = [\"alerts.#\"]\n\
+             [[rule]]\nexe = \"{}\"\nrequest = [\"control.agent.lifecycle\"]\n",
+            operator.display()
+        ),
+    )
+    .unwrap();
     std::fs::write(
         &config,
         format!(
-            "broker:\n  socket_path: {}\nprocess_manager:\n  health_check_interval_seconds: 2\n  \
+            "broker:\n  socket_path: {}\n{}process_manager:\n  health_check_interval_seconds: 2\n  \
              enable_auto_restart: {auto_restart}\n  graceful_shutdown_timeout_seconds: 5\n\
              rpc:\n  health_check_interval_seconds: 1\n\
              agent:\n  status_interval_seconds: 1\n",
-            socket.display()
+            socket.display(),
+            if policy_file {
+                format!("  acl_file: {}\n", policy.display())
+            } else {
+                String::new()
+            }
         ),
     )
     .unwrap();
@@ -226,10 +254,12 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
 #[test]
 fn no_collector_survives_an_agent_killed_with_sigkill() {
     let dir = TempDir::new("agent-kill");
-    let mut agent = start_agent(dir.path(), false);
+    // The default policy: the supervised procmond's heartbeats get through.
+    let mut agent = start_agent_with(dir.path(), false, false);
     let sub = status_sub(&agent.socket);
-    let pid = procmond_pid(&wait_report(&sub, "procmond running", |r| {
+    let pid = procmond_pid(&wait_report(&sub, "procmond running and heard", |r| {
         r["collectors"][0]["pid"].is_number()
+            && r["collectors"][0]["heartbeat_age_secs"].is_number()
     }));
     agent.proc.signal(Signal::SIGKILL);
     agent.proc.wait();

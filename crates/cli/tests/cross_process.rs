@@ -26,7 +26,7 @@ fn json_lines(lines: &[String]) -> Vec<Value> {
 #[test]
 fn publish_in_one_process_receive_in_another() {
     let dir = TempDir::new("pubsub");
-    let mut broker = Broker::start(dir.path(), None);
+    let mut broker = Broker::start(dir.path(), Some(&common::open_policy_config(dir.path())));
     let mut sub = broker.sub(&["events.process.+", "--count", "3", "--json"]);
     let out = broker.run(&[
         "pub",
@@ -70,7 +70,7 @@ fn publish_in_one_process_receive_in_another() {
 #[test]
 fn wildcard_matrix_across_processes() {
     let dir = TempDir::new("wild");
-    let broker = Broker::start(dir.path(), None);
+    let broker = Broker::start(dir.path(), Some(&common::open_policy_config(dir.path())));
     let cases: [(&str, &[&str]); 5] = [
         (
             "events.process.*",
@@ -1543,4 +1543,72 @@ fn unsafe_socket_paths_are_refused_by_broker_and_client() {
         err.contains("no default socket path: XDG_RUNTIME_DIR is not set"),
         "{err}"
     );
+}
+
+/// Without `acl_file` the default policy applies: a client that is neither the agent nor a
+/// collector the agent started may read events and `$sys`, and use topics of its own, but not
+/// forge events or heartbeats, call the agent's or a collector's control services, or read
+/// others' calls and answers; each refusal is immediate and says what to do.
+#[test]
+fn the_default_policy_keeps_control_and_events_to_the_agent_and_its_collectors() {
+    let dir = TempDir::new("default-acl");
+    let broker = Broker::start(dir.path(), None);
+    let stats = broker.stats();
+    assert_eq!(stats["acl_rules"], 2, "the default policy's two rules");
+    let refused = |out: &common::Output, what: &str| {
+        assert_ne!(out.code, 0, "{out:?}");
+        let err = out.stderr.join("\n");
+        assert!(err.contains(what), "{what}: {err}");
+        assert!(err.contains("grant it in broker.acl_file"), "{err}");
+    };
+    let forged = broker.run(&[
+        "pub",
+        "events.process.lifecycle",
+        "forged",
+        "--qos",
+        "processed",
+    ]);
+    refused(
+        &forged,
+        "not allowed to publish on events.process.lifecycle",
+    );
+    let heartbeat = broker.run(&[
+        "pub",
+        "control.health.heartbeat.procmond",
+        "{}",
+        "--qos",
+        "processed",
+    ]);
+    refused(
+        &heartbeat,
+        "not allowed to publish on control.health.heartbeat.procmond",
+    );
+    for topic in ["control.agent.lifecycle", "control.collector.procmond"] {
+        let started = std::time::Instant::now();
+        let call = broker.run(&["request", topic, "stop", "--timeout", "20"]);
+        assert_eq!(call.code, 5, "{call:?}");
+        let err = call.stderr.join("\n");
+        assert!(
+            err.contains(&format!("not allowed to send requests on {topic}")),
+            "{err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "refused at once"
+        );
+    }
+    for filter in ["control.collector.#", "_inbox.#", "#"] {
+        let sub = broker.run(&["sub", filter, "--timeout", "1"]);
+        refused(&sub, &format!("not allowed to subscribe to {filter}"));
+    }
+    // What others may do.
+    let _events = broker.sub(&["events.#"]);
+    let _status = broker.sub(&["control.agent.status"]);
+    assert_eq!(
+        broker
+            .run(&["pub", "jobs.a", "x", "--qos", "processed"])
+            .code,
+        0
+    );
+    assert_eq!(broker.stats()["acl_denials"], 7);
 }

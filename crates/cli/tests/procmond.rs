@@ -10,10 +10,33 @@ use common::{Broker, Proc, TempDir, wait_line};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+/// The policy a standalone procmond needs (the agent's supervised one has the default
+/// collector grants): procmond, by its executable and under its name, publishes process
+/// events and its health and serves its control topic; root's tools read and call it.
+fn procmond_policy(dir: &std::path::Path) -> String {
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_procmond")).unwrap();
+    let policy = dir.join("acl.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "version = 1\n\
+             [[rule]]\nexe = \"{}\"\nname = \"procmond\"\n\
+             publish = [\"events.process.#\", \"control.health.#\"]\n\
+             reply = [\"control.collector.procmond\"]\nsubscribe = [\"$sys.#\"]\n\
+             [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"control.health.#\", \"$sys.#\"]\n\
+             request = [\"control.collector.+\"]\n",
+            exe.display()
+        ),
+    )
+    .unwrap();
+    policy.display().to_string()
+}
+
 #[test]
 fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     let dir = TempDir::new("procmond");
-    let broker = Broker::start(dir.path(), None);
+    let config = format!("[broker]\nacl_file = \"{}\"\n", procmond_policy(dir.path()));
+    let broker = Broker::start(dir.path(), Some(&config));
     let sub = broker.sub(&[
         "--json",
         "events.process.lifecycle",
@@ -127,7 +150,11 @@ fn procmond_with_a_spool_loses_no_event_to_a_broker_restart_and_its_own_death() 
     let dir = TempDir::new("procmond-spool");
     let data = dir.path().join("data");
     let spool = dir.path().join("spool");
-    let config = format!("[broker]\ndata_dir = \"{}\"\n", data.display());
+    let config = format!(
+        "[broker]\ndata_dir = \"{}\"\nacl_file = \"{}\"\n",
+        data.display(),
+        procmond_policy(dir.path())
+    );
     let socket = dir.path().join("bus.sock");
     let mut broker = Broker::start_at(&socket, dir.path(), Some(&config));
     // A durable subscription for process events, left detached.

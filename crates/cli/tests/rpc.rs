@@ -31,7 +31,8 @@ fn json_reply(broker: &Broker, topic: &str, payload: &str) -> serde_json::Value 
 #[test]
 fn requests_replies_and_every_error_kind() {
     let dir = TempDir::new("rpc");
-    let broker = Broker::start(dir.path(), None);
+    // Calls to control topics are the agent's under the default policy; these are RPC's tests.
+    let broker = Broker::start(dir.path(), Some(&common::open_policy_config(dir.path())));
     let _echo = responder(&broker, &["svc.echo", "--echo", "--concurrency", "8"]);
     let _upper = responder(&broker, &["svc.upper", "--exec", "tr a-z A-Z"]);
     let _fail = responder(

@@ -581,6 +581,7 @@ impl ReadCtx<'_> {
             Frame::Nack(n) => {
                 inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(id = %n.id, code = %n.code, reason = %n.reason, "broker refused a message");
+                inner.inbox.refused(n.id.sequence, &n.reason);
                 if inner.out.lock().unacked.refuse(n.id) {
                     inner.acked.notify_waiters();
                 }

@@ -53,6 +53,9 @@ pub enum RpcErrorKind {
     /// Too many calls in flight on this client (`max_pending_requests`), or the responder
     /// reported it is overloaded or stopping.
     Busy,
+    /// The broker refused the request itself (its access policy, its size…): sent nowhere,
+    /// reported at once.
+    Refused,
 }
 
 impl RpcErrorKind {
@@ -66,6 +69,7 @@ impl RpcErrorKind {
             Self::CommunicationError => "communication_error",
             Self::Cancelled => "cancelled",
             Self::Busy => "busy",
+            Self::Refused => "refused",
         }
     }
 
@@ -136,6 +140,9 @@ pub(crate) struct Inbox {
     /// `_inbox.<id>`, the parent of every reply-to topic.
     topic: Topic,
     pending: Mutex<IdMap<Waiter>>,
+    /// The message sequence of each request waiting, to the call it belongs to: a request
+    /// the broker refuses (NACK) fails at once ([`Inbox::refused`]).
+    sent: Mutex<IdMap<u64>>,
     next: AtomicU64,
     subscribed: OnceCell<()>,
 }
@@ -149,6 +156,7 @@ impl Inbox {
             prefix: topic.as_str().to_owned(),
             topic,
             pending: Mutex::new(IdMap::default()),
+            sent: Mutex::new(IdMap::default()),
             next: AtomicU64::new(1),
             subscribed: OnceCell::new(),
         }
@@ -209,11 +217,34 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &str {
 struct PendingGuard<'a> {
     inbox: &'a Inbox,
     n: u64,
+    /// The request's message sequence, once sent.
+    sequence: Option<u64>,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.inbox.pending.lock().remove(&self.n);
+        if let Some(seq) = self.sequence {
+            self.inbox.sent.lock().remove(&seq);
+        }
+    }
+}
+
+impl Inbox {
+    /// The broker refused the message of sequence `sequence`: the call that sent it, if any,
+    /// fails at once with the broker's reason. Returns whether one did.
+    pub(crate) fn refused(&self, sequence: u64, reason: &str) -> bool {
+        let Some(n) = self.sent.lock().remove(&sequence) else {
+            return false;
+        };
+        let Some(tx) = self.pending.lock().remove(&n) else {
+            return false;
+        };
+        let _ = tx.send(Err(RpcError::new(
+            RpcErrorKind::Refused,
+            format!("the broker refused the request: {reason}"),
+        )));
+        true
     }
 }
 
@@ -359,7 +390,11 @@ impl Client {
             }
             pending.insert(n, tx);
         }
-        let _guard = PendingGuard { inbox, n };
+        let mut guard = PendingGuard {
+            inbox,
+            n,
+            sequence: None,
+        };
         let reply_to = inbox
             .topic
             .child(itoa(n, &mut [0; 20]))
@@ -371,7 +406,7 @@ impl Client {
             .unwrap_or_else(|| CorrelationMetadata::root(new_correlation_id(), now));
         // Boxed: the publish future would otherwise make every call future (and every task
         // spawned around one) larger.
-        Box::pin(
+        let id = Box::pin(
             self.publish_with(
                 Publish::new(req.topic, req.payload)
                     .qos(req.qos)
@@ -381,6 +416,10 @@ impl Client {
             ),
         )
         .await?;
+        // A refusal read before this line finds no entry; the reply wait then ends at the
+        // deadline as before. Refusals come after the write, so this is almost always first.
+        inbox.sent.lock().insert(id.sequence, n);
+        guard.sequence = Some(id.sequence);
         tokio::select! {
             r = rx => match r {
                 Ok(outcome) => outcome,

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
 use daemoneye_eventbus::client::{Client, ClientOptions};
 use daemoneye_eventbus::core::{CorrelationMetadata, ReplyStatus};
@@ -207,9 +209,12 @@ async fn agent(tag: &str) -> Agent {
     let dir = std::env::temp_dir().join(format!("eb-rpc-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("agent.sock");
-    let broker = Broker::start_on(BrokerConfig::default(), &[Endpoint::Unix(path.clone())])
-        .await
-        .unwrap();
+    let broker = Broker::start_on(
+        common::open(BrokerConfig::default()),
+        &[Endpoint::Unix(path.clone())],
+    )
+    .await
+    .unwrap();
     let socket = format!("unix://{}", path.display());
     let client = Client::connect(
         &Endpoint::parse(&socket).unwrap(),

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use bytes::Bytes;
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
 use daemoneye_eventbus::client::{
@@ -65,7 +67,10 @@ async fn bus(kind: Kind, config: BrokerConfig) -> Bus {
         Kind::Tcp => (vec![Endpoint::Tcp("127.0.0.1:0".parse().unwrap())], None),
         Kind::InProc => (vec![], None),
     };
-    let broker = Broker::start_on(config, &endpoints).await.unwrap();
+    // Routing is what this suite checks; the ACL has tests of its own.
+    let broker = Broker::start_on(common::open(config), &endpoints)
+        .await
+        .unwrap();
     let endpoint = match kind {
         Kind::InProc => broker.inproc_endpoint().clone(),
         _ => broker.endpoints()[0].clone(),

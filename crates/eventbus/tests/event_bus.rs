@@ -52,7 +52,25 @@ async fn agent_receives_events_from_a_collector_process() {
     let dir = std::env::temp_dir().join(format!("eb-seed-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("agent.sock");
-    let broker = DaemoneyeBroker::new(&socket).await.unwrap();
+    // A collector the agent did not start publishes events only where a policy lets it:
+    // this one, by its executable.
+    let policy = dir.join("acl.toml");
+    let exe = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    std::fs::write(
+        &policy,
+        format!(
+            "version = 1\n[[rule]]\nexe = \"{}\"\npublish = [\"events.process.#\"]\nsubscribe = [\"$sys.#\"]\n",
+            exe.display()
+        ),
+    )
+    .unwrap();
+    let broker = DaemoneyeBroker::with_config(daemoneye_eventbus::broker::BrokerConfig {
+        socket_path: Some(socket.clone()),
+        acl_file: Some(policy),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut bus = DaemoneyeEventBus::from_broker(broker).await.unwrap();
     let mut rx = bus
         .subscribe(EventSubscription::new("detection", ["events.process.*"]))

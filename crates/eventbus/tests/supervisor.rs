@@ -5,6 +5,8 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use daemoneye_eventbus::broker::{Broker, BrokerConfig};
 use daemoneye_eventbus::client::{Client, ClientOptions};
 use daemoneye_eventbus::core::ReplyStatus;
@@ -318,9 +320,12 @@ fn child_spec(id: &str, role: &str, socket: &str) -> CollectorSpec {
 
 async fn broker(dir: &Path) -> (Broker, String, Client) {
     let path = dir.join("bus.sock");
-    let broker = Broker::start_on(BrokerConfig::default(), &[Endpoint::Unix(path.clone())])
-        .await
-        .unwrap();
+    let broker = Broker::start_on(
+        common::open(BrokerConfig::default()),
+        &[Endpoint::Unix(path.clone())],
+    )
+    .await
+    .unwrap();
     let socket = format!("unix://{}", path.display());
     let client = Client::connect(broker.inproc_endpoint(), ClientOptions::named("supervisor"))
         .await

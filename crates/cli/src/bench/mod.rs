@@ -191,7 +191,7 @@ pub(crate) fn workload_topics(workload: &str) -> Result<Vec<Topic>> {
             .into_iter()
             .map(|(t, _)| Ok(Topic::new(t)?))
             .collect(),
-        _ => Ok(vec![Topic::new("events.process.lifecycle")?]),
+        _ => Ok(vec![Topic::new("bench.process.lifecycle")?]),
     }
 }
 
@@ -498,7 +498,7 @@ impl Step {
                 workload: "w1",
                 variant: ctx.variant(""),
                 subs: 1,
-                filter: "events.process.lifecycle",
+                filter: "bench.process.lifecycle",
                 messages: scaled(1_000_000, s),
                 size: 256,
                 stalled: false,
@@ -511,7 +511,7 @@ impl Step {
                             workload: "w2",
                             variant: ctx.variant(if stalled { "+1stalled" } else { "" }),
                             subs: 4,
-                            filter: "events.process.+",
+                            filter: "bench.process.+",
                             messages: scaled(250_000, s),
                             size: 256,
                             stalled,
@@ -539,7 +539,7 @@ impl Step {
                     workload: "w2",
                     variant: ctx.variant(&format!("{CROWDED}conns")),
                     subs: 4,
-                    filter: "events.process.+",
+                    filter: "bench.process.+",
                     messages: scaled(250_000, s),
                     size: 256,
                     stalled: false,
@@ -555,7 +555,7 @@ impl Step {
                     workload: "w5",
                     variant: ctx.variant(label),
                     subs: 1,
-                    filter: "events.process.lifecycle",
+                    filter: "bench.process.lifecycle",
                     messages: scaled(n, s),
                     size,
                     stalled: false,
@@ -627,7 +627,7 @@ fn w6(ctx: &Ctx) -> Result<Vec<Row>> {
             "--socket",
             &ctx.socket,
             "--filters",
-            "events.process.lifecycle",
+            "bench.process.lifecycle",
             "--expect",
             &expect.to_string(),
             "--name",

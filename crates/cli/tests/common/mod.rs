@@ -321,3 +321,16 @@ impl RawPeer {
         }
     }
 }
+
+/// A `[broker]` configuration whose `acl_file` grants every connection everything (written in
+/// `dir`), for tests of other things than the ACL, which have tests of their own.
+pub fn open_policy_config(dir: &Path) -> String {
+    let policy = dir.join("open-acl.toml");
+    std::fs::write(
+        &policy,
+        "version = 1\n[[rule]]\npublish = [\"#\"]\nsubscribe = [\"#\", \"$sys.#\"]\n\
+         request = [\"#\"]\nreply = [\"#\"]\n",
+    )
+    .unwrap();
+    format!("[broker]\nacl_file = \"{}\"\n", policy.display())
+}

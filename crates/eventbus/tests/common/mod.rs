@@ -35,3 +35,30 @@ pub async fn publish_numbered(
     }
     ids
 }
+
+/// A policy file granting every connection everything (`broker.acl_file`), for tests of
+/// other things than the ACL, which have tests of their own: written once per process.
+#[allow(dead_code)]
+pub fn open_policy() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("eb-open-policy-{}.toml", std::process::id()));
+    if !path.exists() {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(
+            &tmp,
+            "version = 1\n[[rule]]\npublish = [\"#\"]\nsubscribe = [\"#\", \"$sys.#\"]\n\
+             request = [\"#\"]\nreply = [\"#\"]\n",
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    path
+}
+
+/// `config` with [`open_policy`] unless it names a policy.
+#[allow(dead_code)]
+pub fn open(
+    mut config: daemoneye_eventbus::broker::BrokerConfig,
+) -> daemoneye_eventbus::broker::BrokerConfig {
+    config.acl_file.get_or_insert_with(open_policy);
+    config
+}
