@@ -515,6 +515,8 @@ pub struct Grants {
     /// denials' prefixes (`a.b.`), under which alone publishes are refused. The default
     /// policy's case: answered by comparing a few bytes.
     all_but: Option<Vec<String>>,
+    /// The same for requests.
+    all_but_request: Option<Vec<String>>,
     /// Resolved from the built-in default policy (said in refusals).
     by_default: bool,
 }
@@ -550,23 +552,22 @@ impl Grants {
             .filter(|f| !deny.publish.iter().any(|d| overlaps(d, f)))
             .filter_map(literal_prefix)
             .collect();
-        let all_but = allow
-            .publish
-            .iter()
-            .any(|f| f.as_str() == "#")
-            .then(|| {
-                deny.publish
-                    .iter()
-                    .map(literal_prefix)
-                    .collect::<Option<Vec<_>>>()
-            })
-            .flatten();
+        let all_but = |allow: &[TopicFilter], deny: &[TopicFilter]| {
+            allow
+                .iter()
+                .any(|f| f.as_str() == "#")
+                .then(|| deny.iter().map(literal_prefix).collect::<Option<Vec<_>>>())
+                .flatten()
+        };
+        let all_but_request = all_but(&allow.request, &deny.request);
+        let all_but = all_but(&allow.publish, &deny.publish);
         Self {
             everything: false,
             allow: set(allow),
             deny: set(deny),
             open_publish,
             all_but,
+            all_but_request,
             by_default: false,
         }
     }
@@ -590,10 +591,14 @@ impl Grants {
         {
             return Ok(());
         }
-        if !request
-            && !topic.is_inbox()
+        let all_but = if request {
+            &self.all_but_request
+        } else {
+            &self.all_but
+        };
+        if (request || !topic.is_inbox())
             && !topic.is_sys()
-            && let Some(denied) = &self.all_but
+            && let Some(denied) = all_but
             && !denied
                 .iter()
                 .any(|p| t.starts_with(p.as_str()) || Some(t) == p.strip_suffix('.'))
@@ -797,11 +802,16 @@ mod tests {
             allow in proptest::collection::vec(filter_strategy(), 0..4),
             deny in proptest::collection::vec(filter_strategy(), 0..3),
         ) {
-            let ops = |publish: Vec<TopicFilter>| Ops { publish, ..Ops::default() };
+            let ops = |publish: Vec<TopicFilter>| Ops {
+                request: publish.clone(),
+                publish,
+                ..Ops::default()
+            };
             let fast = Grants::new(ops(allow.clone()), ops(deny.clone()));
             let mut slow = Grants::new(ops(allow.clone()), ops(deny.clone()));
             slow.open_publish.clear();
             slow.all_but = None;
+            slow.all_but_request = None;
             // With `#` granted too (the default policy's shape).
             let mut everything_but = allow;
             everything_but.push(TopicFilter::new("#").unwrap());
@@ -809,12 +819,15 @@ mod tests {
             let mut slow_all = Grants::new(ops(everything_but), ops(deny));
             slow_all.open_publish.clear();
             slow_all.all_but = None;
+            slow_all.all_but_request = None;
             for topic in universe() {
-                prop_assert_eq!(
-                    fast_all.check_publish(&topic, false).is_ok(),
-                    slow_all.check_publish(&topic, false).is_ok(),
-                    "{} with # and denials {:?}", topic, fast_all.all_but
-                );
+                for request in [false, true] {
+                    prop_assert_eq!(
+                        fast_all.check_publish(&topic, request).is_ok(),
+                        slow_all.check_publish(&topic, request).is_ok(),
+                        "{} (request {}) with # and denials {:?}", topic, request, fast_all.all_but
+                    );
+                }
             }
             for topic in universe() {
                 prop_assert_eq!(
