@@ -517,6 +517,9 @@ pub struct Grants {
     all_but: Option<Vec<String>>,
     /// The same for requests.
     all_but_request: Option<Vec<String>>,
+    /// Every answer (a publish on an `_inbox` topic) is allowed: a reply grant, and no reply
+    /// denial reaching inboxes.
+    answers: bool,
     /// Resolved from the built-in default policy (said in refusals).
     by_default: bool,
 }
@@ -560,6 +563,8 @@ impl Grants {
                 .flatten()
         };
         let all_but_request = all_but(&allow.request, &deny.request);
+        let inboxes = TopicFilter::new("_inbox.#").expect("a valid filter");
+        let answers = !allow.reply.is_empty() && !deny.reply.iter().any(|d| overlaps(d, &inboxes));
         let all_but = all_but(&allow.publish, &deny.publish);
         Self {
             everything: false,
@@ -568,6 +573,7 @@ impl Grants {
             open_publish,
             all_but,
             all_but_request,
+            answers,
             by_default: false,
         }
     }
@@ -588,6 +594,7 @@ impl Grants {
         let t = topic.as_str();
         if self.everything
             || (!request && self.open_publish.iter().any(|p| t.starts_with(p.as_str())))
+            || (!request && self.answers && topic.is_inbox())
         {
             return Ok(());
         }
@@ -812,6 +819,7 @@ mod tests {
             slow.open_publish.clear();
             slow.all_but = None;
             slow.all_but_request = None;
+            slow.answers = false;
             // With `#` granted too (the default policy's shape).
             let mut everything_but = allow;
             everything_but.push(TopicFilter::new("#").unwrap());
@@ -820,6 +828,7 @@ mod tests {
             slow_all.open_publish.clear();
             slow_all.all_but = None;
             slow_all.all_but_request = None;
+            slow_all.answers = false;
             for topic in universe() {
                 for request in [false, true] {
                     prop_assert_eq!(

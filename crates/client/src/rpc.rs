@@ -139,10 +139,9 @@ pub(crate) struct Inbox {
     prefix: String,
     /// `_inbox.<id>`, the parent of every reply-to topic.
     topic: Topic,
-    pending: Mutex<IdMap<Waiter>>,
-    /// The message sequence of each request waiting, to the call it belongs to: a request
-    /// the broker refuses (NACK) fails at once ([`Inbox::refused`]).
-    sent: Mutex<IdMap<u64>>,
+    /// Calls waiting, by number: who waits, and the sequence of the request once sent (a
+    /// request the broker refuses fails at once: [`Inbox::refused`]).
+    pending: Mutex<IdMap<(Waiter, u64)>>,
     next: AtomicU64,
     subscribed: OnceCell<()>,
 }
@@ -156,7 +155,6 @@ impl Inbox {
             prefix: topic.as_str().to_owned(),
             topic,
             pending: Mutex::new(IdMap::default()),
-            sent: Mutex::new(IdMap::default()),
             next: AtomicU64::new(1),
             subscribed: OnceCell::new(),
         }
@@ -172,7 +170,7 @@ impl Inbox {
         else {
             return;
         };
-        let Some(waiter) = self.pending.lock().remove(&n) else {
+        let Some((waiter, _)) = self.pending.lock().remove(&n) else {
             return;
         };
         let outcome = match &msg.header().status {
@@ -184,7 +182,7 @@ impl Inbox {
 
     /// Fails every waiting call with `Cancelled` (the client is shutting down).
     pub(crate) fn cancel_all(&self) {
-        let waiters: Vec<Waiter> = self.pending.lock().drain().map(|(_, w)| w).collect();
+        let waiters: Vec<Waiter> = self.pending.lock().drain().map(|(_, (w, _))| w).collect();
         for w in waiters {
             let _ = w.send(Err(RpcError::new(
                 RpcErrorKind::Cancelled,
@@ -217,16 +215,11 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &str {
 struct PendingGuard<'a> {
     inbox: &'a Inbox,
     n: u64,
-    /// The request's message sequence, once sent.
-    sequence: Option<u64>,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         self.inbox.pending.lock().remove(&self.n);
-        if let Some(seq) = self.sequence {
-            self.inbox.sent.lock().remove(&seq);
-        }
     }
 }
 
@@ -234,10 +227,18 @@ impl Inbox {
     /// The broker refused the message of sequence `sequence`: the call that sent it, if any,
     /// fails at once with the broker's reason. Returns whether one did.
     pub(crate) fn refused(&self, sequence: u64, reason: &str) -> bool {
-        let Some(n) = self.sent.lock().remove(&sequence) else {
-            return false;
+        // Refusals are rare, and the calls waiting bounded (`max_pending_requests`).
+        let tx = {
+            let mut pending = self.pending.lock();
+            let Some(n) = pending
+                .iter()
+                .find_map(|(n, (_, seq))| (*seq == sequence).then_some(*n))
+            else {
+                return false;
+            };
+            pending.remove(&n).map(|(tx, _)| tx)
         };
-        let Some(tx) = self.pending.lock().remove(&n) else {
+        let Some(tx) = tx else {
             return false;
         };
         let _ = tx.send(Err(RpcError::new(
@@ -388,13 +389,9 @@ impl Client {
                     ),
                 ));
             }
-            pending.insert(n, tx);
+            pending.insert(n, (tx, 0));
         }
-        let mut guard = PendingGuard {
-            inbox,
-            n,
-            sequence: None,
-        };
+        let _guard = PendingGuard { inbox, n };
         let reply_to = inbox
             .topic
             .child(itoa(n, &mut [0; 20]))
@@ -418,8 +415,9 @@ impl Client {
         .await?;
         // A refusal read before this line finds no entry; the reply wait then ends at the
         // deadline as before. Refusals come after the write, so this is almost always first.
-        inbox.sent.lock().insert(id.sequence, n);
-        guard.sequence = Some(id.sequence);
+        if let Some(entry) = inbox.pending.lock().get_mut(&n) {
+            entry.1 = id.sequence;
+        }
         tokio::select! {
             r = rx => match r {
                 Ok(outcome) => outcome,
