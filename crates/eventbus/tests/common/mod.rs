@@ -42,7 +42,10 @@ pub async fn publish_numbered(
 pub fn open_policy() -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("eb-open-policy-{}.toml", std::process::id()));
     if !path.exists() {
-        let tmp = path.with_extension("tmp");
+        // Tests run in parallel: each writes its own file, and the renames agree.
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp{n}"));
         std::fs::write(
             &tmp,
             "version = 1\n[[rule]]\npublish = [\"#\"]\nsubscribe = [\"#\", \"$sys.#\"]\n\
