@@ -28,8 +28,10 @@ pub struct BrokerConfig {
     /// identity granting publish, subscribe, request and reply on topic filters; anything not
     /// granted is denied (`SECURITY.md`). Read at start (a bad file stops the broker) and
     /// again on `Broker::reload_acl` (SIGHUP for `eventbus serve` and the agent; a bad file
-    /// keeps the policy in force). `None` (default): every client whose uid is allowed may
-    /// publish, subscribe, request and reply on every topic but `$sys`.
+    /// keeps the policy in force). `None` (default): the default policy
+    /// ([`crate::acl::Policy::default_policy`]): control topics and events are the agent's and
+    /// its supervised collectors'; other clients may read events and `$sys` and use topics of
+    /// their own.
     pub acl_file: Option<PathBuf>,
     /// The audit trail: control requests and their answers, ACL denials, policy reloads,
     /// refused connections and the first connection of each identity, one SHA-256-chained
