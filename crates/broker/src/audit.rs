@@ -10,7 +10,7 @@
 //! rotated by size (`audit.log` → `audit.log.1`, `.2`, …, the newest the highest), the chain
 //! going on across them.
 //!
-//! [`Chain`] and [`verify`] are pure; [`AuditLog`] is the writer: a thread of its own, fed
+//! [`Chain`] and [`verify`] are pure; `AuditLog` is the writer: a thread of its own, fed
 //! through a bounded queue (full: the record is dropped, counted, and the next record written
 //! says how many went), writing each batch then syncing it once.
 
