@@ -1412,6 +1412,46 @@ impl Hub {
         self.route_own(Message::new(reply_to, header, Bytes::new()));
     }
 
+    /// Answers a request on `control.broker.admin`, the broker's own service (the ACL let it
+    /// through): `acl reload` reads `acl_file` again. Anything else is an invalid operation.
+    pub(crate) fn admin(&self, request: &Lent<'_, Message>) {
+        let Some(reply_to) = request.header().reply_to.clone() else {
+            return;
+        };
+        let kept = request.keep();
+        let asked = std::str::from_utf8(kept.payload()).unwrap_or("").trim();
+        let (payload, status) = match asked {
+            "acl reload" => match self.reload_acl() {
+                Ok(rules) => (format!("ACL policy reloaded: {rules} rules"), None),
+                Err(e) => (
+                    String::new(),
+                    Some(ReplyStatus {
+                        code: StatusCode::ExecutionError,
+                        message: format!("ACL policy not reloaded, the one in force stays: {e}"),
+                    }),
+                ),
+            },
+            other => (
+                String::new(),
+                Some(ReplyStatus {
+                    code: StatusCode::InvalidOperation,
+                    message: format!(
+                        "{other:?} is not an operation of control.broker.admin (known: \"acl reload\")"
+                    ),
+                }),
+            ),
+        };
+        let header = Header {
+            correlation: request.header().correlation.as_ref().map(|c| {
+                let id = format!("{}.admin", c.correlation_id);
+                Box::new(c.child(id, now_ns()))
+            }),
+            status: status.map(Box::new),
+            ..self.sys_header()
+        };
+        self.route_own(Message::new(reply_to, header, Bytes::from(payload)));
+    }
+
     /// Publishes a broker message on a `$sys` topic to every matching subscriber.
     pub(crate) fn publish_sys(&self, topic: Topic, payload: Bytes) {
         self.route_own(self.sys_message(topic, payload));

@@ -80,6 +80,20 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Audit(crate::AuditCommand::Tail { file, lines, json }) => {
             audit_tail(&file, lines, json)
         }
+        Command::Acl(crate::AclCommand::Reload { socket }) => {
+            let client = connect(&socket, "eventbus-acl").await?;
+            let asked = client
+                .request(
+                    &daemoneye_eventbus::core::catalog::broker::admin(),
+                    "acl reload",
+                    Duration::from_secs(10),
+                )
+                .await;
+            client.close().await;
+            let reply = asked.map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{}", String::from_utf8_lossy(reply.payload()));
+            Ok(())
+        }
         Command::Acl(crate::AclCommand::Check { file }) => {
             let policy = daemoneye_eventbus::broker::acl::Policy::load(&file)?;
             println!("{}: {} rules, valid", file.display(), policy.len());

@@ -56,6 +56,12 @@ pub(crate) enum AclCommand {
         /// The file.
         file: PathBuf,
     },
+    /// Ask a running broker to read its `acl_file` again (a request on
+    /// `control.broker.admin`, which its policy must grant you; SIGHUP does the same).
+    Reload {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
 }
 
 /// `eventbus audit` subcommands.

@@ -1194,7 +1194,8 @@ fn an_acl_file_decides_by_uid_and_executable_and_reloads_on_sighup() {
     let write_policy = |root_publishes: &str| {
         let text = format!(
             "version = 1\n\n\
-             [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\"]\npublish = [{root_publishes}]\n\n\
+             [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\"]\npublish = [{root_publishes}]\n\
+             request = [\"control.broker.admin\"]\n\n\
              [[rule]]\nexe = \"{procmond_exe}\"\nname = \"procmond\"\n\
              publish = [\"events.process.#\", \"control.health.#\"]\n\
              reply = [\"control.collector.procmond\"]\n"
@@ -1326,6 +1327,21 @@ fn an_acl_file_decides_by_uid_and_executable_and_reloads_on_sighup() {
     );
     assert_ne!(
         publish(&broker, "control.agent.lifecycle", "eventbus-pub").code,
+        0
+    );
+    // `eventbus acl reload` asks the broker itself, as the policy lets root.
+    let bad = broker.run(&["acl", "reload"]);
+    assert_ne!(bad.code, 0, "{bad:?}");
+    assert!(
+        bad.stderr.join("\n").contains("rule 1 (publish)"),
+        "{bad:?}"
+    );
+    write_policy("\"jobs.#\"");
+    let good = broker.run(&["acl", "reload"]);
+    assert_eq!(good.code, 0, "{good:?}");
+    assert_eq!(good.stdout, ["ACL policy reloaded: 2 rules"]);
+    assert_ne!(
+        publish(&broker, "events.process.lifecycle", "eventbus-pub").code,
         0
     );
 }
@@ -1601,6 +1617,16 @@ fn the_default_policy_keeps_control_and_events_to_the_agent_and_its_collectors()
         let sub = broker.run(&["sub", filter, "--timeout", "1"]);
         refused(&sub, &format!("not allowed to subscribe to {filter}"));
     }
+    // The broker's own control service is not theirs either.
+    let reload = broker.run(&["acl", "reload"]);
+    assert_ne!(reload.code, 0);
+    assert!(
+        reload
+            .stderr
+            .join("\n")
+            .contains("not allowed to send requests on control.broker.admin"),
+        "{reload:?}"
+    );
     // What others may do.
     let _events = broker.sub(&["events.#"]);
     let _status = broker.sub(&["control.agent.status"]);
@@ -1610,5 +1636,5 @@ fn the_default_policy_keeps_control_and_events_to_the_agent_and_its_collectors()
             .code,
         0
     );
-    assert_eq!(broker.stats()["acl_denials"], 7);
+    assert_eq!(broker.stats()["acl_denials"], 8);
 }

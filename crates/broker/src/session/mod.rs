@@ -476,6 +476,14 @@ impl<'a> ReadLoop<'a> {
         if msg.header().reply_to.is_some() || msg.topic().is_inbox() {
             // Control requests and their answers go to the audit trail.
             self.hub.audit_publish(self.conn, msg);
+            if msg.header().reply_to.is_some() && *msg.topic() == catalog::broker::admin() {
+                // The broker's own service: answered here, after the earlier publishes.
+                if let Some(exit) = self.send_ack() {
+                    return Some(exit);
+                }
+                self.hub.admin(msg);
+                return None;
+            }
         }
         let routed = self
             .hub
