@@ -141,7 +141,7 @@ pub(crate) struct Inbox {
     topic: Topic,
     /// Calls waiting, by number: who waits, and the sequence of the request once sent (a
     /// request the broker refuses fails at once: [`Inbox::refused`]).
-    pending: Mutex<IdMap<(Waiter, u64)>>,
+    pending: Mutex<IdMap<(Waiter, Arc<AtomicU64>)>>,
     next: AtomicU64,
     subscribed: OnceCell<()>,
 }
@@ -232,7 +232,7 @@ impl Inbox {
             let mut pending = self.pending.lock();
             let Some(n) = pending
                 .iter()
-                .find_map(|(n, (_, seq))| (*seq == sequence).then_some(*n))
+                .find_map(|(n, (_, seq))| (seq.load(Ordering::Relaxed) == sequence).then_some(*n))
             else {
                 return false;
             };
@@ -376,6 +376,8 @@ impl Client {
         self.ensure_inbox().await?;
         let inbox = &inner.inbox;
         let (tx, rx) = oneshot::channel();
+        // Where the request's sequence goes once sent, without taking the lock again.
+        let sent = Arc::new(AtomicU64::new(0));
         let n = inbox.next.fetch_add(1, Ordering::Relaxed);
         {
             let mut pending = inbox.pending.lock();
@@ -389,7 +391,7 @@ impl Client {
                     ),
                 ));
             }
-            pending.insert(n, (tx, 0));
+            pending.insert(n, (tx, Arc::clone(&sent)));
         }
         let _guard = PendingGuard { inbox, n };
         let reply_to = inbox
@@ -415,9 +417,7 @@ impl Client {
         .await?;
         // A refusal read before this line finds no entry; the reply wait then ends at the
         // deadline as before. Refusals come after the write, so this is almost always first.
-        if let Some(entry) = inbox.pending.lock().get_mut(&n) {
-            entry.1 = id.sequence;
-        }
+        sent.store(id.sequence, Ordering::Relaxed);
         tokio::select! {
             r = rx => match r {
                 Ok(outcome) => outcome,
