@@ -353,19 +353,13 @@ fn a_durable_backlog_on_disk_survives_broker_kills() {
 }
 
 fn durable_backlog_survives_broker_kills(fsync: &str) {
-    let dir = TempDir::new("crash-disk");
-    let socket = dir.path().join("eb.sock");
-    let config = format!(
-        "[broker]\ndata_dir = \"{}\"\nfsync = \"{fsync}\"\n",
-        dir.path().join("data").display()
-    );
-    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let scene = DiskScene::new("crash-disk", &format!("fsync = \"{fsync}\"\n"));
+    let (rt, ep) = (&scene.rt, &scene.ep);
+    let start = || scene.start();
     let mut broker = start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ep = Endpoint::Unix(socket.clone());
-    make_durable(&rt, &ep, "ondisk");
+    make_durable(rt, ep, "ondisk");
     let publisher = rt
-        .block_on(Client::connect(&ep, client_options("crash-pub")))
+        .block_on(Client::connect(ep, client_options("crash-pub")))
         .unwrap();
     let mut seq = 0u64;
     let mut restored = Vec::new();
@@ -383,7 +377,7 @@ fn durable_backlog_survives_broker_kills(fsync: &str) {
         broker.proc.signal(Signal::SIGKILL);
         broker.proc.wait();
         broker = start();
-        attached(&rt, &publisher);
+        attached(rt, &publisher);
         let kept = broker.stats()["subscriptions"][0]["pending"]
             .as_u64()
             .unwrap();
@@ -395,7 +389,7 @@ fn durable_backlog_survives_broker_kills(fsync: &str) {
         (seq, 0, 0)
     );
     let subscriber = rt
-        .block_on(Client::connect(&ep, client_options("crash-sub")))
+        .block_on(Client::connect(ep, client_options("crash-sub")))
         .unwrap();
     let mut sub = rt
         .block_on(subscriber.subscribe_durable("ondisk", ["crash.#"]))
@@ -487,18 +481,12 @@ async fn spool_publisher_role() {
 /// durable subscriber.
 #[test]
 fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
-    let dir = TempDir::new("crash-spool");
-    let socket = dir.path().join("eb.sock");
-    let spool = dir.path().join("spool");
-    let config = format!(
-        "[broker]\ndata_dir = \"{}\"\n",
-        dir.path().join("data").display()
-    );
-    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let scene = DiskScene::new("crash-spool", "");
+    let (rt, ep, socket) = (&scene.rt, &scene.ep, &scene.socket);
+    let spool = scene.dir.path().join("spool");
+    let start = || scene.start();
     let mut broker = start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ep = Endpoint::Unix(socket.clone());
-    make_durable(&rt, &ep, "spooled");
+    make_durable(rt, ep, "spooled");
     let role = |from: u64, count: u64| {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -556,7 +544,7 @@ fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
         kill(&mut next);
     }
     let subscriber = rt
-        .block_on(Client::connect(&ep, client_options("crash-sub")))
+        .block_on(Client::connect(ep, client_options("crash-sub")))
         .unwrap();
     let mut sub = rt
         .block_on(subscriber.subscribe_durable("spooled", ["crash.#"]))
@@ -574,6 +562,59 @@ fn a_spooling_publisher_killed_while_its_broker_is_away_loses_nothing() {
     );
     drop(sub);
     rt.block_on(subscriber.close());
+}
+
+/// A broker with a data directory in a directory of its own, started again on the same
+/// socket and directory after each kill, with a runtime for the test's clients.
+struct DiskScene {
+    dir: TempDir,
+    socket: std::path::PathBuf,
+    config: String,
+    rt: tokio::runtime::Runtime,
+    ep: Endpoint,
+}
+
+impl DiskScene {
+    /// `extra`: more `[broker]` lines after `data_dir`.
+    fn new(name: &str, extra: &str) -> Self {
+        let dir = TempDir::new(name);
+        let socket = dir.path().join("eb.sock");
+        let config = format!(
+            "[broker]\ndata_dir = \"{}\"\n{extra}",
+            dir.path().join("data").display()
+        );
+        let ep = Endpoint::Unix(socket.clone());
+        Self {
+            dir,
+            socket,
+            config,
+            rt: tokio::runtime::Runtime::new().unwrap(),
+            ep,
+        }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn start(&self) -> Broker {
+        Broker::start_at(&self.socket, self.dir.path(), Some(&self.config))
+    }
+
+    /// Publishes `publishes` Processed from a client of its own and waits until all are
+    /// acknowledged.
+    fn publish_acked(&self, name: &str, publishes: impl IntoIterator<Item = Publish>) {
+        self.rt.block_on(async {
+            let c = Client::connect(&self.ep, client_options(name))
+                .await
+                .unwrap();
+            for p in publishes {
+                c.publish_with(p).await.unwrap();
+            }
+            assert_eq!(c.wait_acked(WAIT).await.outstanding, 0);
+            c.close().await;
+        });
+    }
 }
 
 /// Makes durable subscription `name` on `crash.#` and leaves it detached, before the first
@@ -618,24 +659,17 @@ fn record_starts(bytes: &[u8]) -> Vec<usize> {
 /// delivers them in order; every round starts again on the same data directory.
 #[test]
 fn a_damaged_log_tail_is_cut_back_to_its_whole_records() {
-    let dir = TempDir::new("crash-tail");
-    let socket = dir.path().join("eb.sock");
-    let data = dir.path().join("data");
-    let config = format!(
-        "[broker]\ndata_dir = \"{}\"\nfsync = \"never\"\n",
-        data.display()
-    );
-    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let scene = DiskScene::new("crash-tail", "fsync = \"never\"\n");
+    let (rt, ep, data) = (&scene.rt, &scene.ep, scene.data());
+    let start = || scene.start();
     let mut broker = start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ep = Endpoint::Unix(socket.clone());
     let (mut truncated, mut overwritten) = (0, 0);
     for round in 0..iterations() {
         let name = format!("tail{round}");
         let topic = Topic::new(format!("tail.{round}")).unwrap();
         let n = random(20, 60);
         rt.block_on(async {
-            let c = Client::connect(&ep, client_options("tail-pub"))
+            let c = Client::connect(ep, client_options("tail-pub"))
                 .await
                 .unwrap();
             drop(c.subscribe_durable(&name, [topic.as_str()]).await.unwrap());
@@ -698,7 +732,7 @@ fn a_damaged_log_tail_is_cut_back_to_its_whole_records() {
             .unwrap();
         assert_eq!(sub["pending"].as_u64(), Some(kept as u64), "round {round}");
         rt.block_on(async {
-            let c = Client::connect(&ep, client_options("tail-sub"))
+            let c = Client::connect(ep, client_options("tail-sub"))
                 .await
                 .unwrap();
             let mut s = c.subscribe_durable(&name, [topic.as_str()]).await.unwrap();
@@ -722,30 +756,22 @@ fn a_damaged_log_tail_is_cut_back_to_its_whole_records() {
 /// broker was killed and started again; it then gets every message kept, in order.
 #[test]
 fn drops_not_yet_announced_survive_a_broker_kill() {
-    let dir = TempDir::new("crash-drops");
-    let socket = dir.path().join("eb.sock");
-    let config = format!(
-        "[broker]\ndata_dir = \"{}\"\nstore_segment_bytes = 65536\nstore_max_bytes = 262144\n",
-        dir.path().join("data").display()
+    let scene = DiskScene::new(
+        "crash-drops",
+        "store_segment_bytes = 65536\nstore_max_bytes = 262144\n",
     );
-    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let (rt, ep) = (&scene.rt, &scene.ep);
+    let start = || scene.start();
     let mut broker = start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ep = Endpoint::Unix(socket.clone());
-    make_durable(&rt, &ep, "bounded");
+    make_durable(rt, ep, "bounded");
     let n = 2000u64;
-    rt.block_on(async {
-        let c = Client::connect(&ep, client_options("drops-pub"))
-            .await
-            .unwrap();
-        for seq in 0..n {
-            let p = Publish::new(Topic::new("crash.events").unwrap(), format!("{seq:0512}"))
-                .qos(Qos::Processed);
-            c.publish_with(p).await.unwrap();
-        }
-        assert_eq!(c.wait_acked(WAIT).await.outstanding, 0);
-        c.close().await;
-    });
+    scene.publish_acked(
+        "drops-pub",
+        (0..n).map(|seq| {
+            Publish::new(Topic::new("crash.events").unwrap(), format!("{seq:0512}"))
+                .qos(Qos::Processed)
+        }),
+    );
     // The bound is kept every fsync_interval_ms (100 ms): wait until the drops stop.
     let deadline = Instant::now() + WAIT;
     let (mut dropped, mut same) = (0, 0);
@@ -766,7 +792,7 @@ fn drops_not_yet_announced_survive_a_broker_kill() {
     broker.proc.wait();
     let _broker = start();
     rt.block_on(async {
-        let c = Client::connect(&ep, client_options("drops-sub"))
+        let c = Client::connect(ep, client_options("drops-sub"))
             .await
             .unwrap();
         let mut s = c.subscribe_durable("bounded", ["crash.#"]).await.unwrap();
@@ -799,33 +825,18 @@ fn drops_not_yet_announced_survive_a_broker_kill() {
 #[test]
 fn acknowledged_messages_never_come_back_after_a_broker_kill() {
     use daemoneye_eventbus::client::{AckMode, SubscribeOptions};
-    let dir = TempDir::new("crash-acks");
-    let socket = dir.path().join("eb.sock");
-    let config = format!(
-        "[broker]\ndata_dir = \"{}\"\n",
-        dir.path().join("data").display()
-    );
-    let start = || Broker::start_at(&socket, dir.path(), Some(&config));
+    let scene = DiskScene::new("crash-acks", "");
+    let (rt, ep) = (&scene.rt, &scene.ep);
+    let start = || scene.start();
     let mut broker = start();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let ep = Endpoint::Unix(socket.clone());
-    make_durable(&rt, &ep, "acks");
+    make_durable(rt, ep, "acks");
     let total = 60 * iterations() as u64;
-    rt.block_on(async {
-        let c = Client::connect(&ep, client_options("acks-pub"))
-            .await
-            .unwrap();
-        for seq in 0..total {
-            c.publish_with(publish_seq(seq)).await.unwrap();
-        }
-        assert_eq!(c.wait_acked(WAIT).await.outstanding, 0);
-        c.close().await;
-    });
+    scene.publish_acked("acks-pub", (0..total).map(publish_seq));
     let mut next = 0u64;
     for round in 0..iterations() {
         let take = random(1, 50);
         let subscriber = rt
-            .block_on(Client::connect(&ep, client_options("acks-sub")))
+            .block_on(Client::connect(ep, client_options("acks-sub")))
             .unwrap();
         rt.block_on(async {
             let options = SubscribeOptions::default()
