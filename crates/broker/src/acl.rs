@@ -24,6 +24,10 @@ use std::path::{Path, PathBuf};
 /// The placeholder a rule's filters may hold for the supervised collector's id.
 pub const COLLECTOR_PLACEHOLDER: &str = "{collector}";
 
+/// A rule's filter list entry standing for the event topics the supervisor declared for the
+/// collector (`CollectorSpec::events`).
+pub const EVENTS_PLACEHOLDER: &str = "{events}";
+
 /// An operation a rule grants ([module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -61,6 +65,8 @@ pub struct Identity<'a> {
     pub exe: Option<&'a Path>,
     /// The supervised collector it is (its pid registered by the supervisor).
     pub collector: Option<&'a str>,
+    /// The event topics the supervisor declared for that collector.
+    pub collector_events: &'a [TopicFilter],
     /// The verified subject of its TLS client certificate.
     pub tls_subject: Option<&'a str>,
     /// The client name of its handshake.
@@ -235,8 +241,9 @@ fn strings(list: &[&str]) -> Vec<String> {
 
 impl Policy {
     /// The policy of a broker without `acl_file` (`SECURITY.md`): the broker's own process
-    /// may do everything; a supervised collector may publish events and its own health
-    /// topics, serve `control.collector.<its id>`, and read events and `$sys`; every other
+    /// may do everything; a supervised collector may publish on the event topics its
+    /// supervisor declared for it and on its own health topics, serve
+    /// `control.collector.<its id>`, and read events and `$sys`; every other
     /// client may subscribe to anything but others' calls (`control.collector.#`, the agent's
     /// lifecycle, shutdown, tasks and coordination topics, the broker's admin topic, other
     /// callers' inboxes), publish, call and serve anything outside `control.#`, and publish
@@ -248,7 +255,7 @@ impl Policy {
                 ..Selector::default()
             },
             allow: Ops {
-                publish: strings(&["events.#", "control.health.+.{collector}"]),
+                publish: strings(&["{events}", "control.health.+.{collector}"]),
                 subscribe: strings(&["events.#", "$sys.#"]),
                 request: Vec::new(),
                 reply: strings(&["control.collector.{collector}"]),
@@ -398,12 +405,17 @@ impl Policy {
         let mut deny: Ops<Vec<TopicFilter>> = Ops::default();
         for rule in self.rules.iter().filter(|r| r.who.matches(id)) {
             for op in OPERATIONS {
-                let resolve = |f: &String| resolve(f, id.collector);
-                allow
-                    .get_mut(op)
-                    .extend(rule.allow.get(op).iter().filter_map(resolve));
-                deny.get_mut(op)
-                    .extend(rule.deny.get(op).iter().filter_map(resolve));
+                for (from, to) in [(&rule.allow, &mut allow), (&rule.deny, &mut deny)] {
+                    for f in from.get(op) {
+                        if f == EVENTS_PLACEHOLDER {
+                            if id.collector.is_some() {
+                                to.get_mut(op).extend(id.collector_events.iter().cloned());
+                            }
+                        } else if let Some(f) = resolve(f, id.collector) {
+                            to.get_mut(op).push(f);
+                        }
+                    }
+                }
             }
         }
         let mut g = Grants::new(allow, deny);
@@ -448,6 +460,13 @@ fn op_key(op: Operation) -> &'static str {
 /// A filter as written in a rule: valid once `{collector}` is put in (only in a rule about
 /// collectors).
 fn check_pattern(f: &str, about_collectors: bool) -> Result<(), String> {
+    if f == EVENTS_PLACEHOLDER {
+        return if about_collectors {
+            Ok(())
+        } else {
+            Err(format!("{f:?} only a rule with `collector` may use"))
+        };
+    }
     if f.contains(COLLECTOR_PLACEHOLDER) && !about_collectors {
         return Err(format!(
             "{f:?} uses {COLLECTOR_PLACEHOLDER}, which only a rule with `collector` may"
@@ -954,8 +973,10 @@ exe = "/usr/bin/procmond"
     fn the_default_policy_keeps_control_and_events_to_collectors() {
         let p = Policy::default_policy();
         assert!(p.is_default());
+        let events = [f("events.process.#")];
         let procmond = Identity {
             collector: Some("procmond"),
+            collector_events: &events,
             name: "procmond",
             ..Identity::default()
         };
@@ -963,6 +984,10 @@ exe = "/usr/bin/procmond"
         assert!(
             c.check_publish(&t("events.process.lifecycle"), false)
                 .is_ok()
+        );
+        assert!(
+            c.check_publish(&t("events.network.dns"), false).is_err(),
+            "only its own event domain"
         );
         assert!(
             c.check_publish(&t("control.health.heartbeat.procmond"), false)

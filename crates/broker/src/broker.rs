@@ -5,7 +5,7 @@ use crate::hub::Hub;
 use crate::session;
 use crate::stats::BrokerStats;
 use crate::stats::Counters;
-use daemoneye_eventbus_core::catalog;
+use daemoneye_eventbus_core::{TopicFilter, catalog};
 use daemoneye_eventbus_transport::{Endpoint, Listener, TransportError};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -230,11 +230,12 @@ impl Broker {
 
     /// Binds collector `id` to the process `pid` a supervisor started: only that process may
     /// connect under the name `id`; its connections are the identity `collector = id` for
-    /// `acl_file` rules, and are outside `max_connections` and `max_connections_per_identity`
-    /// (a collector always has room). A new pid for the same id replaces the old.
-    pub fn register_collector(&self, id: &str, pid: u32) {
+    /// the policy, which lets it publish on `events` (the `{events}` of a rule), and are
+    /// outside `max_connections` and `max_connections_per_identity` (a collector always has
+    /// room). A new pid for the same id replaces the old.
+    pub fn register_collector(&self, id: &str, pid: u32, events: &[TopicFilter]) {
         if let Ok(pid) = i32::try_from(pid) {
-            self.hub.register_collector(id, pid);
+            self.hub.register_collector(id, pid, events);
         }
     }
 

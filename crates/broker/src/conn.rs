@@ -55,6 +55,8 @@ pub(crate) fn identity_of<'a>(
         gid: peer.gid,
         exe: peer.exe.as_deref(),
         collector,
+        // The hub adds them when it resolves grants (`Hub::grants`).
+        collector_events: &[],
         tls_subject: None,
         name,
     }

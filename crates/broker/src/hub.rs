@@ -215,6 +215,8 @@ pub(crate) struct Hub {
     /// Collector processes the supervisor started: pid → collector id
     /// ([`crate::Broker::register_collector`]).
     collectors: parking_lot::RwLock<HashMap<i32, Arc<str>>>,
+    /// The event topics the supervisor declared for each registered collector, by id.
+    collector_events: parking_lot::RwLock<HashMap<Arc<str>, Arc<[TopicFilter]>>>,
     /// Connections refused per identity (for the per-identity limit, a disallowed uid or a
     /// kept name), bounded like drop counts.
     refused_by_identity: parking_lot::Mutex<crate::stats::IdentityCounts>,
@@ -244,6 +246,7 @@ impl Hub {
             acl_generation: AtomicU64::new(0),
             identities: parking_lot::Mutex::new(HashMap::new()),
             collectors: parking_lot::RwLock::new(HashMap::new()),
+            collector_events: parking_lot::RwLock::new(HashMap::new()),
             inboxes: parking_lot::Mutex::new(HashMap::new()),
             audit: std::sync::OnceLock::new(),
             seen_identities: parking_lot::Mutex::new(std::collections::HashSet::new()),
@@ -368,6 +371,14 @@ impl Hub {
     /// What a connection of identity `id` may do under the policy in force, with the
     /// policy's generation.
     pub(crate) fn grants(&self, id: &crate::acl::Identity<'_>) -> (Arc<crate::acl::Grants>, u64) {
+        // A collector's declared event topics complete its identity.
+        let events = id
+            .collector
+            .and_then(|c| self.collector_events.read().get(c).cloned());
+        let id = &crate::acl::Identity {
+            collector_events: events.as_deref().unwrap_or(&[]),
+            ..*id
+        };
         let acl = self.acl.read();
         let generation = self.acl_generation.load(Ordering::Acquire);
         let grants = match acl.as_deref() {
@@ -393,13 +404,16 @@ impl Hub {
 
     /// Binds collector `id` to the process `pid` the supervisor started (see
     /// [`crate::Broker::register_collector`]).
-    pub(crate) fn register_collector(&self, id: &str, pid: i32) {
+    pub(crate) fn register_collector(&self, id: &str, pid: i32, events: &[TopicFilter]) {
         let id: Arc<str> = Arc::from(id);
         {
             let mut c = self.collectors.write();
             c.retain(|_, have| **have != *id);
             c.insert(pid, Arc::clone(&id));
         }
+        self.collector_events
+            .write()
+            .insert(Arc::clone(&id), Arc::from(events));
         // A collector may have connected before it was registered: its connections become
         // the collector; another process's connection under its name goes.
         for conn in self.router.read().connections().map(|(_, c)| c) {
@@ -420,7 +434,9 @@ impl Hub {
 
     /// Forgets the collector process `pid` (it ended).
     pub(crate) fn unregister_collector(&self, pid: i32) {
-        self.collectors.write().remove(&pid);
+        if let Some(id) = self.collectors.write().remove(&pid) {
+            self.collector_events.write().remove(&id);
+        }
     }
 
     /// The supervised collector a peer is, by its pid.

@@ -261,6 +261,23 @@ fn no_collector_survives_an_agent_killed_with_sigkill() {
         r["collectors"][0]["pid"].is_number()
             && r["collectors"][0]["heartbeat_age_secs"].is_number()
     }));
+    // Its snapshot (events.process.batch, its declared domain) and heartbeats got through.
+    let mut stats = eventbus();
+    stats
+        .args(["stats", "--json"])
+        .env("EVENTBUS_SOCKET", &agent.socket);
+    let mut stats = Proc::spawn(stats);
+    assert_eq!(stats.wait(), 0);
+    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
+    let procmond = stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["collector"] == "procmond")
+        .cloned()
+        .unwrap();
+    assert_eq!(procmond["denied"], 0, "{procmond}");
+    assert!(procmond["published"].as_u64() > Some(1), "{procmond}");
     agent.proc.signal(Signal::SIGKILL);
     agent.proc.wait();
     let deadline = Instant::now() + Duration::from_secs(15);

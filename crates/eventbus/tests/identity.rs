@@ -38,7 +38,7 @@ async fn a_collector_name_belongs_to_the_registered_process() {
     // Connected before its registration: it becomes the collector.
     let early = Client::connect(&ep, options("procmond")).await.unwrap();
     assert_eq!(collector_of(&broker, "procmond"), Some(None));
-    broker.register_collector("procmond", me);
+    broker.register_collector("procmond", me, &[]);
     assert_eq!(
         collector_of(&broker, "procmond"),
         Some(Some("procmond".into()))
@@ -46,7 +46,7 @@ async fn a_collector_name_belongs_to_the_registered_process() {
     // Another process's connection under a collector's name goes when the collector is
     // registered, and a new one is refused.
     let squatter = Client::connect(&ep, options("netmond")).await.unwrap();
-    broker.register_collector("netmond", 1);
+    broker.register_collector("netmond", 1, &[]);
     let deadline = tokio::time::Instant::now() + WAIT;
     while collector_of(&broker, "netmond").is_some() {
         assert!(

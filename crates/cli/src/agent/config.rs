@@ -127,6 +127,8 @@ impl AgentConfig {
             s
         };
         spec.args.extend(["--socket".into(), socket.into()]);
+        // What the default policy lets it publish, besides its health.
+        spec.events = vec!["events.process.#".into()];
         Ok(vec![spec])
     }
 
@@ -203,6 +205,7 @@ live_view = {lv}                     # redraw a status view when stdout is a ter
 # working_dir = "/"
 # heartbeats = true
 # enabled = true
+# events = ["events.process.#"]      # topics the default policy lets it publish on
 # limits = {{ max_memory_bytes = 268435456, max_open_files = 1024, max_cpu_seconds = 3600 }}
 "#,
             mc = b.max_connections,

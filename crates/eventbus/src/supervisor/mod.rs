@@ -14,6 +14,7 @@ mod spawn;
 pub use policy::{Decision, ProcessManagerConfig, RestartPolicy};
 
 use crate::client::Client;
+use crate::core::TopicFilter;
 use crate::rpc::{CollectorRpcClient, RpcConfig, RpcErrorKind, RpcRequest};
 use serde::{Deserialize, Serialize};
 use spawn::{Spawned, Spawner};
@@ -65,6 +66,11 @@ pub struct CollectorSpec {
     /// Start it with the supervisor (default true).
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// The event topics it publishes on (filters, such as `events.process.#`): what the
+    /// broker's default policy lets it publish, besides its own health topics (the `{events}`
+    /// of a policy file's collector rule). Default: none.
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -86,6 +92,7 @@ impl CollectorSpec {
             limits: ResourceLimits::default(),
             heartbeats: true,
             enabled: true,
+            events: Vec::new(),
         }
     }
 }
@@ -202,15 +209,16 @@ enum Cmd {
 /// collector's id to that process ([`crate::broker::Broker::register_collector`]): only it
 /// may then connect under the collector's name.
 pub trait CollectorRegistry: Send + Sync + 'static {
-    /// Collector `id` runs as process `pid` (told before it can connect).
-    fn started(&self, id: &str, pid: u32);
+    /// Collector `id` runs as process `pid` and publishes on `events` (told before it can
+    /// connect).
+    fn started(&self, id: &str, pid: u32, events: &[TopicFilter]);
     /// The process `pid` of collector `id` ended.
     fn ended(&self, id: &str, pid: u32);
 }
 
 impl CollectorRegistry for crate::broker::Broker {
-    fn started(&self, id: &str, pid: u32) {
-        self.register_collector(id, pid);
+    fn started(&self, id: &str, pid: u32, events: &[TopicFilter]) {
+        self.register_collector(id, pid, events);
     }
 
     fn ended(&self, _id: &str, pid: u32) {
@@ -268,6 +276,7 @@ impl Supervisor {
         registry: Option<Arc<dyn CollectorRegistry>>,
     ) -> Result<Self, SupervisorError> {
         let mut seen = std::collections::BTreeSet::new();
+        let mut events = Vec::with_capacity(collectors.len());
         for c in &collectors {
             if !seen.insert(c.id.clone()) {
                 return Err(SupervisorError::Process {
@@ -275,6 +284,16 @@ impl Supervisor {
                     message: "two collectors have this id; ids must be unique".into(),
                 });
             }
+            let filters = c
+                .events
+                .iter()
+                .map(TopicFilter::new)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| SupervisorError::Process {
+                    id: c.id.clone(),
+                    message: format!("events: {e}"),
+                })?;
+            events.push(filters);
         }
         let spawner = Spawner::start().map_err(|e| SupervisorError::Process {
             id: "supervisor".into(),
@@ -292,7 +311,8 @@ impl Supervisor {
             config,
             slots: collectors
                 .into_iter()
-                .map(|spec| (spec.id.clone(), Slot::new(spec)))
+                .zip(events)
+                .map(|(spec, events)| (spec.id.clone(), Slot::new(spec, events)))
                 .collect(),
             spawner,
             rpc,
@@ -422,6 +442,8 @@ struct Running {
 
 struct Slot {
     spec: CollectorSpec,
+    /// `spec.events`, checked.
+    events: Vec<TopicFilter>,
     state: CollectorState,
     running: Option<Running>,
     /// Restarts in a row (for the policy) and in total (reported).
@@ -439,9 +461,10 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(spec: CollectorSpec) -> Self {
+    fn new(spec: CollectorSpec, events: Vec<TopicFilter>) -> Self {
         Self {
             spec,
+            events,
             state: CollectorState::Stopped,
             running: None,
             in_a_row: 0,
@@ -633,7 +656,8 @@ impl Actor {
     fn started(&mut self, id: &str, spawned: Spawned) -> CollectorStatus {
         let registry = self.registry.clone();
         if let Some(r) = &registry {
-            r.started(id, spawned.pid);
+            let events = &self.slots.get(id).expect("checked by the caller").events;
+            r.started(id, spawned.pid, events);
         }
         let exits = self.exits.clone();
         let slot = self.slots.get_mut(id).expect("checked by the caller");
