@@ -45,6 +45,24 @@ pub enum BrokerError {
     },
 }
 
+/// Gives the socket at `path` to group `gid`, mode 0660 (`BrokerConfig::socket_group`).
+#[cfg(unix)]
+fn share_socket(path: &std::path::Path, gid: u32) -> Result<(), TransportError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e: std::io::Error, what: &str| TransportError::UnsafePath {
+        path: path.to_path_buf(),
+        reason: format!("{what}: {e}"),
+    };
+    nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).map_err(|e| {
+        io(
+            e.into(),
+            &format!("could not give the socket to group {gid} (socket_group)"),
+        )
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| io(e, "could not make the socket mode 0660 (socket_group)"))
+}
+
 #[cfg(unix)]
 fn own_uid() -> Option<u32> {
     Some(nix::unistd::geteuid().as_raw())
@@ -151,6 +169,13 @@ impl Broker {
                     endpoint: endpoint.clone(),
                     source,
                 })?;
+            #[cfg(unix)]
+            if let (Some(gid), Endpoint::Unix(path)) = (config.socket_group, endpoint) {
+                share_socket(path, gid).map_err(|source| BrokerError::Bind {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?;
+            }
             listeners.push(l);
         }
         let allowed_uids = if config.allowed_uids.is_empty() {

@@ -16,6 +16,11 @@ pub struct BrokerConfig {
     pub socket_path: Option<PathBuf>,
     /// Also listen on this loopback TCP address (plain TCP, loopback only).
     pub tcp_listen: Option<SocketAddr>,
+    /// Let this group (gid) reach the Unix socket: the socket is given to it with mode 0660
+    /// (0600 otherwise, the broker's user alone). Its members must also be in
+    /// `allowed_uids`, and able to search the socket's directory (the default directory is
+    /// 0700: give `socket_path` in a directory the group can search). `None` (default).
+    pub socket_group: Option<u32>,
     /// Maximum concurrent connections (default 64). Extra connections are refused with a
     /// `ConnectionLimit` error. The broker's own in-process clients are not counted.
     pub max_connections: usize,
@@ -132,6 +137,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             socket_path: None,
+            socket_group: None,
             tcp_listen: None,
             max_connections: 64,
             max_connections_per_identity: 32,

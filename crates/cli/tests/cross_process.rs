@@ -1638,3 +1638,65 @@ fn the_default_policy_keeps_control_and_events_to_the_agent_and_its_collectors()
     );
     assert_eq!(broker.stats()["acl_denials"], 8);
 }
+
+/// Clients of other uids (run through setpriv): the broker sees their uid from the kernel.
+/// An allowed uid gets what the default policy gives any other client (its events forged and
+/// control calls refused, its own topics and event reading allowed); a uid not in
+/// `allowed_uids` is refused before the handshake, counted under its identity. With
+/// `socket_group`, the socket is the group's, mode 0660.
+#[test]
+fn clients_of_other_uids_get_what_the_policy_gives_them() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("uids");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("bus.sock");
+    let config = "[broker]\nallowed_uids = [0, 65534]\nsocket_group = 65534\n";
+    let broker = Broker::start_at(&socket, dir.path(), Some(config));
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (65534, 0o660));
+    let as_uid = |uid: u32, args: &[&str]| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args([
+            "--reuid",
+            &uid.to_string(),
+            "--regid",
+            "65534",
+            "--clear-groups",
+        ])
+        .arg(env!("CARGO_BIN_EXE_eventbus"))
+        .args(args)
+        .args(["--socket", socket.to_str().unwrap()]);
+        let mut p = Proc::spawn(cmd);
+        let code = p.wait();
+        (code, p.stderr_lines().join("\n"))
+    };
+    let (code, err) = as_uid(
+        65534,
+        &["pub", "events.process.lifecycle", "x", "--qos", "processed"],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("not allowed to publish on events.process.lifecycle"),
+        "{err}"
+    );
+    let (code, err) = as_uid(65534, &["request", "control.agent.lifecycle", "stop"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(
+        err.contains("not allowed to send requests on control.agent.lifecycle"),
+        "{err}"
+    );
+    let (code, err) = as_uid(65534, &["pub", "jobs.a", "x", "--qos", "processed"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = as_uid(65534, &["sub", "events.#", "--timeout", "0.2"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = as_uid(65533, &["pub", "jobs.a", "x"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("uid 65533 is not allowed to connect"), "{err}");
+    let stats = broker.stats();
+    assert_eq!(stats["acl_denials"], 2, "{stats}");
+    let refused = stats["refused_by_identity"].as_object().unwrap();
+    assert!(
+        refused.keys().any(|k| k.starts_with("uid 65533")),
+        "{refused:?}"
+    );
+}
