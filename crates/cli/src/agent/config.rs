@@ -157,6 +157,11 @@ allowed_uids = []                     # empty: the agent's own uid and root
 # data_dir = "/var/lib/daemoneye/eventbus"   # default: "state" beside the socket
 # fsync = "interval"                    # always | interval | never (durable subscriptions)
 # fsync_interval_ms = 100
+# max_connections_per_identity = 32    # per uid and executable; the agent and collectors exempt
+# acl_file = "/etc/daemoneye/acl.toml"  # default: the built-in policy (SECURITY.md)
+# audit_log = "/var/log/daemoneye/audit.log"   # SHA-256-chained; eventbus audit verify
+# audit_max_bytes = 16777216
+# socket_group = 1000                   # let a group reach the socket (mode 0660)
 
 [rpc]
 default_timeout_seconds = {dt}
