@@ -73,6 +73,24 @@ fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent 
     Agent { proc, socket }
 }
 
+/// The connection `pred` picks in the statistics of the broker at `socket`.
+fn connection(socket: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut stats = eventbus();
+    stats
+        .args(["stats", "--json"])
+        .env("EVENTBUS_SOCKET", socket);
+    let mut stats = Proc::spawn(stats);
+    assert_eq!(stats.wait(), 0);
+    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
+    stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| pred(c))
+        .cloned()
+        .unwrap_or_else(|| panic!("no such connection: {stats}"))
+}
+
 /// Waits for a `control.agent.status` report satisfying `pred`.
 fn wait_report(
     sub: &Proc,
@@ -133,20 +151,7 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
 
     // The broker knows procmond's process: its connection is the collector, and no other
     // process may connect under its name.
-    let mut stats = eventbus();
-    stats
-        .args(["stats", "--json"])
-        .env("EVENTBUS_SOCKET", &agent.socket);
-    let mut stats = Proc::spawn(stats);
-    assert_eq!(stats.wait(), 0);
-    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
-    let conn = stats["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "procmond")
-        .cloned()
-        .unwrap();
+    let conn = connection(&agent.socket, |c| c["name"] == "procmond");
     assert_eq!(
         (conn["collector"].as_str(), conn["pid"].as_u64()),
         (Some("procmond"), Some(u64::from(pid)))
@@ -262,20 +267,7 @@ fn no_collector_survives_an_agent_killed_with_sigkill() {
             && r["collectors"][0]["heartbeat_age_secs"].is_number()
     }));
     // Its snapshot (events.process.batch, its declared domain) and heartbeats got through.
-    let mut stats = eventbus();
-    stats
-        .args(["stats", "--json"])
-        .env("EVENTBUS_SOCKET", &agent.socket);
-    let mut stats = Proc::spawn(stats);
-    assert_eq!(stats.wait(), 0);
-    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
-    let procmond = stats["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["collector"] == "procmond")
-        .cloned()
-        .unwrap();
+    let procmond = connection(&agent.socket, |c| c["collector"] == "procmond");
     assert_eq!(procmond["denied"], 0, "{procmond}");
     assert!(procmond["published"].as_u64() > Some(1), "{procmond}");
     agent.proc.signal(Signal::SIGKILL);
