@@ -582,8 +582,7 @@ impl Grants {
                 .flatten()
         };
         let all_but_request = all_but(&allow.request, &deny.request);
-        let inboxes = TopicFilter::new("_inbox.#").expect("a valid filter");
-        let answers = !allow.reply.is_empty() && !deny.reply.iter().any(|d| overlaps(d, &inboxes));
+        let answers = !allow.reply.is_empty() && !deny.reply.iter().any(|d| overlaps(d, inboxes()));
         let all_but = all_but(&allow.publish, &deny.publish);
         Self {
             everything: false,
@@ -672,8 +671,7 @@ impl Grants {
             self.allow.get(op).covers(filter) && !self.deny.get(op).overlaps(filter)
         };
         // Serving calls never needs another's inbox: a reply grant does not reach inboxes.
-        let inboxes = TopicFilter::new("_inbox.#").expect("a valid filter");
-        if by(Operation::Subscribe) || (by(Operation::Reply) && !overlaps(&inboxes, filter)) {
+        if by(Operation::Subscribe) || (by(Operation::Reply) && !overlaps(inboxes(), filter)) {
             Ok(())
         } else {
             Err(Denied {
@@ -683,6 +681,13 @@ impl Grants {
             })
         }
     }
+}
+
+/// `_inbox.#`: every reply inbox.
+fn inboxes() -> &'static TopicFilter {
+    static INBOXES: std::sync::LazyLock<TopicFilter> =
+        std::sync::LazyLock::new(|| TopicFilter::new("_inbox.#").expect("a valid filter"));
+    &INBOXES
 }
 
 /// The token of a filter on one reply inbox (`_inbox.TOKEN`, and below it): `None` for any

@@ -211,7 +211,7 @@ pub(crate) struct Hub {
     seen_identities: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// Control requests waiting for their answer, by reply topic (bounded, oldest first
     /// forgotten): their answers are recorded in the audit trail.
-    pending_control: parking_lot::Mutex<std::collections::VecDeque<(Topic, Topic)>>,
+    pending_control: parking_lot::Mutex<PendingControl>,
     /// Collector processes the supervisor started: pid → collector id
     /// ([`crate::Broker::register_collector`]).
     collectors: parking_lot::RwLock<HashMap<i32, Arc<str>>>,
@@ -250,7 +250,7 @@ impl Hub {
             inboxes: parking_lot::Mutex::new(HashMap::new()),
             audit: std::sync::OnceLock::new(),
             seen_identities: parking_lot::Mutex::new(std::collections::HashSet::new()),
-            pending_control: parking_lot::Mutex::new(std::collections::VecDeque::new()),
+            pending_control: parking_lot::Mutex::new(PendingControl::default()),
             refused_by_identity: parking_lot::Mutex::new(crate::stats::IdentityCounts::default()),
             config,
         }
@@ -341,26 +341,16 @@ impl Hub {
         let topic = msg.topic();
         if let Some(reply_to) = &msg.header().reply_to {
             if topic.as_str().starts_with("control.") {
-                {
-                    let mut pending = self.pending_control.lock();
-                    if pending.len() >= PENDING_CONTROL {
-                        pending.pop_front();
-                    }
-                    pending.push_back((reply_to.clone(), topic.clone()));
-                }
+                self.pending_control
+                    .lock()
+                    .insert(reply_to.clone(), topic.clone());
                 self.audit(|| {
                     serde_json::json!({"kind": "control_request", "who": audit_identity(&conn.peer, &conn.name, conn.collector.lock().as_deref(), Some(conn.session_id)), "topic": topic.as_str(), "reply_to": reply_to.as_str(), "payload_bytes": msg.payload_len()})
                 });
             }
         } else if topic.is_inbox() {
-            let request = {
-                let mut pending = self.pending_control.lock();
-                pending
-                    .iter()
-                    .position(|(r, _)| r == topic)
-                    .and_then(|at| pending.remove(at))
-            };
-            if let Some((_, request)) = request {
+            let request = self.pending_control.lock().take(topic);
+            if let Some(request) = request {
                 self.audit(|| {
                     serde_json::json!({"kind": "control_reply", "who": audit_identity(&conn.peer, &conn.name, conn.collector.lock().as_deref(), Some(conn.session_id)), "request_topic": request.as_str(), "reply_to": topic.as_str(), "status": msg.header().status.as_ref().map_or_else(|| "ok".to_owned(), |s| format!("{:?}: {}", s.code, s.message))})
                 });
@@ -1714,4 +1704,69 @@ pub(crate) fn audit_identity(
         "collector": collector,
         "session": session,
     })
+}
+
+/// Control requests waiting for their answer (`Hub::audit_publish`): request topic by reply
+/// topic, at most [`PENDING_CONTROL`], the oldest forgotten first. An answer is found without
+/// a scan (every RPC answer is looked up while the trail is on).
+#[derive(Default)]
+pub(crate) struct PendingControl {
+    by_reply: HashMap<Topic, Topic>,
+    order: std::collections::VecDeque<Topic>,
+}
+
+impl PendingControl {
+    fn insert(&mut self, reply_to: Topic, request: Topic) {
+        if self.by_reply.len() >= PENDING_CONTROL {
+            // Forget the oldest still waiting (answered ones are skipped).
+            while let Some(old) = self.order.pop_front() {
+                if self.by_reply.remove(&old).is_some() {
+                    break;
+                }
+            }
+        }
+        if self.by_reply.insert(reply_to.clone(), request).is_none() {
+            self.order.push_back(reply_to);
+        }
+        // Answered entries leave `order` lazily: keep it within twice the bound.
+        if self.order.len() > 2 * PENDING_CONTROL {
+            let by_reply = &self.by_reply;
+            self.order.retain(|t| by_reply.contains_key(t));
+        }
+    }
+
+    fn take(&mut self, reply_to: &Topic) -> Option<Topic> {
+        self.by_reply.remove(reply_to)
+    }
+}
+
+#[cfg(test)]
+mod pending_control_tests {
+    use super::*;
+
+    fn t(s: String) -> Topic {
+        Topic::new(s).unwrap()
+    }
+
+    #[test]
+    fn answers_are_found_and_the_oldest_unanswered_go_past_the_bound() {
+        let mut p = PendingControl::default();
+        for i in 0..PENDING_CONTROL + 10 {
+            p.insert(t(format!("_inbox.a.{i}")), t(format!("control.x.{i}")));
+        }
+        assert_eq!(p.by_reply.len(), PENDING_CONTROL);
+        assert_eq!(p.take(&t("_inbox.a.9".into())), None, "the oldest went");
+        let last = PENDING_CONTROL + 9;
+        assert_eq!(
+            p.take(&t(format!("_inbox.a.{last}"))),
+            Some(t(format!("control.x.{last}")))
+        );
+        // Calls answered as they come leave nothing behind.
+        for i in 0..10 * PENDING_CONTROL {
+            p.insert(t(format!("_inbox.b.{i}")), t("control.y".into()));
+            assert!(p.take(&t(format!("_inbox.b.{i}"))).is_some());
+        }
+        assert!(p.order.len() <= 2 * PENDING_CONTROL);
+        assert_eq!(p.by_reply.len(), PENDING_CONTROL - 1);
+    }
 }

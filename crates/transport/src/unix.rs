@@ -53,6 +53,12 @@ pub fn default_socket_path() -> Result<PathBuf, TransportError> {
     }
 }
 
+/// `path` made absolute (from the working directory), or why not.
+fn absolute(path: &Path) -> Result<PathBuf, TransportError> {
+    std::path::absolute(path)
+        .map_err(|e| TransportError::io(format!("resolving {}", path.display()), e))
+}
+
 /// Checks every directory from `/` down to `dir` (absolute): none a symbolic link, each owned
 /// by us or root, none writable by its group or others unless sticky (like `/tmp`, where only
 /// an entry's owner may remove it). Another user could otherwise put their own socket, or a
@@ -64,8 +70,7 @@ pub fn default_socket_path() -> Result<PathBuf, TransportError> {
 /// I/O error.
 pub fn check_dir_chain(dir: &Path) -> Result<(), TransportError> {
     let me = uid();
-    let dir = std::path::absolute(dir)
-        .map_err(|e| TransportError::io(format!("resolving {}", dir.display()), e))?;
+    let dir = absolute(dir)?;
     let mut at = PathBuf::new();
     for part in dir.components() {
         at.push(part);
@@ -118,8 +123,7 @@ pub fn check_dir_chain(dir: &Path) -> Result<(), TransportError> {
 ///
 /// As [`check_dir_chain`]; [`TransportError::UnsafePath`] for the socket.
 pub fn check_socket(path: &Path) -> Result<(), TransportError> {
-    let path = std::path::absolute(path)
-        .map_err(|e| TransportError::io(format!("resolving {}", path.display()), e))?;
+    let path = absolute(path)?;
     if let Some(parent) = path.parent() {
         check_dir_chain(parent)?;
     }
@@ -332,8 +336,7 @@ impl Drop for SocketGuard {
 ///
 /// Any [`TransportError`] naming the path and the reason.
 pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketGuard), TransportError> {
-    let path = &std::path::absolute(path)
-        .map_err(|e| TransportError::io(format!("resolving {}", path.display()), e))?;
+    let path = &absolute(path)?;
     let parent = path.parent().unwrap_or(Path::new("/"));
     if default_socket_path().is_ok_and(|d| d == *path) {
         ensure_private_dir(parent)?;
