@@ -462,3 +462,59 @@ async fn a_forced_stop_cuts_a_graceful_stop_short() {
     sup.shutdown().await;
     broker.shutdown().await;
 }
+
+/// What a registry saw: for each start, the pid and the program that pid ran at that moment.
+#[derive(Default)]
+struct Seen {
+    started: Vec<(String, u32, Option<PathBuf>)>,
+    ended: Vec<(String, u32)>,
+}
+
+struct Recording(std::sync::Mutex<Seen>);
+
+impl daemoneye_eventbus::supervisor::CollectorRegistry for Recording {
+    fn started(&self, id: &str, pid: u32, _events: &[daemoneye_eventbus::core::TopicFilter]) {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+        self.0.lock().unwrap().started.push((id.into(), pid, exe));
+    }
+
+    fn ended(&self, id: &str, pid: u32) {
+        self.0.lock().unwrap().ended.push((id.into(), pid));
+    }
+}
+
+/// The registry (the broker) hears of a collector's pid before the collector runs its
+/// program, so it cannot connect, publish or serve before the broker knows it; a program that
+/// cannot be started is registered and then forgotten.
+#[tokio::test]
+async fn the_registry_knows_a_collector_before_its_program_runs() {
+    let seen = std::sync::Arc::new(Recording(std::sync::Mutex::default()));
+    let mut missing = sh("missing", "");
+    missing.binary = PathBuf::from("/nonexistent/collector");
+    let mut config = fast();
+    config.enable_auto_restart = false;
+    let sup = Supervisor::start_registered(
+        config,
+        vec![sh("quick", "exit 0"), missing],
+        None,
+        daemoneye_eventbus::rpc::RpcConfig::default(),
+        Some(seen.clone()),
+    )
+    .await
+    .unwrap();
+    wait_for(&sup, "quick", |s| s.state != CollectorState::Running).await;
+    wait_for(&sup, "missing", |s| s.state == CollectorState::Failed).await;
+    sup.shutdown().await;
+    let seen = seen.0.lock().unwrap();
+    let me = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    let quick = seen.started.iter().find(|s| s.0 == "quick").unwrap();
+    // Still the forked copy of this test, not yet /bin/sh.
+    assert_eq!(quick.2.as_deref(), Some(me.as_path()), "{:?}", seen.started);
+    let missing = seen.started.iter().find(|s| s.0 == "missing").unwrap();
+    let mut ended = seen.ended.clone();
+    ended.sort();
+    assert_eq!(
+        ended,
+        vec![("missing".into(), missing.1), ("quick".into(), quick.1)]
+    );
+}

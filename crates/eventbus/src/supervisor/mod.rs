@@ -637,10 +637,19 @@ impl Actor {
             });
         }
         let spec = slot.spec.clone();
+        let events = slot.events.clone();
         let env = vec![("DAEMONEYE_COLLECTOR_ID".to_owned(), spec.id.clone())];
-        match self.spawner.spawn(&spec, env).await {
+        // The broker learns the collector's pid before the collector runs its program.
+        let before_exec = self.registry.clone().map(|r| {
+            let owner = id.to_owned();
+            Box::new(move |pid| r.started(&owner, pid, &events)) as spawn::BeforeExec
+        });
+        match self.spawner.spawn(&spec, env, before_exec).await {
             Ok(spawned) => Ok(self.started(id, spawned)),
-            Err(e) => {
+            Err(spawn::SpawnError { error: e, pid }) => {
+                if let (Some(r), Some(pid)) = (&self.registry, pid) {
+                    r.ended(id, pid);
+                }
                 let slot = self.slot(id)?;
                 slot.state = CollectorState::Failed;
                 slot.last_exit = Some(format!("could not start: {e}"));
@@ -655,10 +664,6 @@ impl Actor {
 
     fn started(&mut self, id: &str, spawned: Spawned) -> CollectorStatus {
         let registry = self.registry.clone();
-        if let Some(r) = &registry {
-            let events = &self.slots.get(id).expect("checked by the caller").events;
-            r.started(id, spawned.pid, events);
-        }
         let exits = self.exits.clone();
         let slot = self.slots.get_mut(id).expect("checked by the caller");
         slot.run += 1;
