@@ -34,6 +34,9 @@ pub enum BrokerError {
     /// `acl_file` could not be read or is not a policy.
     #[error("cannot use broker.acl_file: {0}")]
     Acl(#[from] crate::acl::PolicyError),
+    /// `tls` could not be used: a certificate, key or CA file is missing or wrong.
+    #[error("cannot use broker.tls: {0}")]
+    Tls(#[source] TransportError),
     /// `audit_log` could not be opened.
     #[error("cannot use broker.audit_log {path}: {source}")]
     Audit {
@@ -116,7 +119,7 @@ static INPROC_SEQ: AtomicU64 = AtomicU64::new(0);
 impl Broker {
     /// Starts a broker on the configured Unix socket (`socket_path`, or the platform default:
     /// the private socket path on Unix, a named pipe on Windows), the optional loopback TCP
-    /// address, and an in-process endpoint.
+    /// address, the optional mutual TLS address (`tls`), and an in-process endpoint.
     ///
     /// # Errors
     ///
@@ -134,6 +137,9 @@ impl Broker {
         }];
         if let Some(addr) = config.tcp_listen {
             endpoints.push(Endpoint::Tcp(addr));
+        }
+        if let Some(tls) = &config.tls {
+            endpoints.push(tls.endpoint()?);
         }
         Self::start_on(config, &endpoints).await
     }
@@ -161,9 +167,26 @@ impl Broker {
             "broker-{}-{n}",
             std::process::id()
         )));
+        // A `tls://` endpoint listens with `config.tls`'s certificates, read before anything
+        // listens.
+        let tls = match (
+            &config.tls,
+            all.iter().find(|e| matches!(e, Endpoint::Tls(_))),
+        ) {
+            (_, None) => None,
+            (Some(tls), Some(_)) => Some(
+                daemoneye_eventbus_transport::tls::ServerTls::load(&tls.files())
+                    .map_err(BrokerError::Tls)?,
+            ),
+            (None, Some(endpoint)) => {
+                return Err(BrokerError::Tls(TransportError::TlsNotConfigured(
+                    endpoint.clone(),
+                )));
+            }
+        };
         let mut listeners = Vec::with_capacity(all.len());
         for endpoint in &all {
-            let l = Listener::bind(endpoint)
+            let l = Listener::bind_with(endpoint, tls.as_ref())
                 .await
                 .map_err(|source| BrokerError::Bind {
                     endpoint: endpoint.clone(),
@@ -312,10 +335,10 @@ async fn accept_loop(hub: Arc<Hub>, mut listener: Listener) {
             r = listener.accept() => r,
         };
         match accepted {
-            Ok(conn) => {
+            Ok(incoming) => {
                 let permit = Arc::clone(&hub.limit).try_acquire_owned().ok();
                 hub.tracker
-                    .spawn(session::serve(Arc::clone(&hub), conn, permit));
+                    .spawn(session::serve(Arc::clone(&hub), incoming, permit));
             }
             Err(e) => {
                 // Usually descriptor exhaustion: back off briefly instead of spinning.

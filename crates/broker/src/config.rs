@@ -16,6 +16,8 @@ pub struct BrokerConfig {
     pub socket_path: Option<PathBuf>,
     /// Also listen on this loopback TCP address (plain TCP, loopback only).
     pub tcp_listen: Option<SocketAddr>,
+    /// Also serve other hosts: TCP with mutual TLS (`SECURITY.md`). `None` (default).
+    pub tls: Option<TlsListen>,
     /// Let this group (gid) reach the Unix socket: the socket is given to it with mode 0660
     /// (0600 otherwise, the broker's user alone). Its members must also be in
     /// `allowed_uids`, and able to search the socket's directory (the default directory is
@@ -119,6 +121,47 @@ pub struct BrokerConfig {
     pub store_segment_bytes: u64,
 }
 
+/// TCP with mutual TLS (`BrokerConfig::tls`): every client must present a certificate that
+/// chains to `client_ca`; its subject is the identity the ACL's `tls_subject` names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListen {
+    /// Where to listen, `HOST:PORT` (`[IPV6]:PORT`); any address, port 0 for any free port.
+    pub listen: String,
+    /// The broker's certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// The broker's private key, PEM.
+    pub key: PathBuf,
+    /// The CA certificates (PEM) its clients' certificates must chain to.
+    pub client_ca: PathBuf,
+}
+
+impl TlsListen {
+    /// The endpoint to listen on.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] if `listen` is not `HOST:PORT`.
+    pub fn endpoint(&self) -> Result<daemoneye_eventbus_transport::Endpoint, ConfigError> {
+        daemoneye_eventbus_transport::Endpoint::parse(&format!("tls://{}", self.listen)).map_err(
+            |e| ConfigError {
+                field: "tls.listen",
+                value: self.listen.clone(),
+                reason: e.to_string(),
+            },
+        )
+    }
+
+    /// The files, as the transport takes them.
+    pub fn files(&self) -> daemoneye_eventbus_transport::tls::TlsFiles {
+        daemoneye_eventbus_transport::tls::TlsFiles {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            ca: self.client_ca.clone(),
+        }
+    }
+}
+
 /// When a durable subscription's log is made durable on the disk (`BrokerConfig::fsync`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -137,6 +180,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             socket_path: None,
+            tls: None,
             socket_group: None,
             tcp_listen: None,
             max_connections: 64,
@@ -220,6 +264,9 @@ impl BrokerConfig {
             self.max_connections,
             "must be at least 1".into(),
         )?;
+        if let Some(tls) = &self.tls {
+            tls.endpoint()?;
+        }
         check(
             self.audit_max_bytes >= 4096,
             "audit_max_bytes",

@@ -57,7 +57,7 @@ pub(crate) fn identity_of<'a>(
         collector,
         // The hub adds them when it resolves grants (`Hub::grants`).
         collector_events: &[],
-        tls_subject: None,
+        tls_subject: peer.tls_subject.as_deref(),
         name,
     }
 }

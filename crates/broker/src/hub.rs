@@ -1490,6 +1490,7 @@ impl Hub {
             "gid": conn.peer.gid,
             "exe": conn.peer.exe.as_ref().map(|e| e.display().to_string()),
             "collector": conn.collector.lock().as_deref(),
+            "tls_subject": conn.peer.tls_subject.as_deref(),
         });
         self.publish_sys(topic, Bytes::from(body.to_string()));
     }
@@ -1528,6 +1529,7 @@ impl Hub {
                     exe: conn.peer.exe.as_ref().map(|e| e.display().to_string()),
                     denied: load(&conn.counters.denied),
                     collector: conn.collector.lock().as_deref().map(str::to_owned),
+                    tls_subject: conn.peer.tls_subject.clone(),
                     subscriptions: (router.filter_count_of(slot) + conn.acked_filters()) as u64,
                     published: load(&conn.counters.published),
                     delivered: load(&conn.counters.delivered),
@@ -1588,6 +1590,7 @@ impl Hub {
             store_torn_bytes: load(&c.store_torn_bytes),
             store_syncs: load(&c.store_syncs),
             acl_denials: load(&c.acl_denials),
+            tls_refused: load(&c.tls_refused),
             audit_records: self.audit.get().map_or(0, |a| load(&a.counts.records)),
             audit_dropped: self.audit.get().map_or(0, |a| load(&a.counts.dropped)),
             audit_errors: self.audit.get().map_or(0, |a| load(&a.counts.errors)),
@@ -1673,6 +1676,13 @@ fn list(filters: &[TopicFilter]) -> String {
 /// TCP peer's address.
 pub(crate) fn identity_key(peer: &PeerInfo) -> String {
     match (peer.transport, peer.uid, &peer.exe, peer.addr) {
+        (TransportKind::Tls, ..) => match &peer.tls_subject {
+            Some(subject) => format!("tls {subject}"),
+            None => format!(
+                "tls {}",
+                peer.addr.map(|a| a.ip().to_string()).unwrap_or_default()
+            ),
+        },
         (_, _, _, Some(addr)) => format!("tcp {}", addr.ip()),
         (_, Some(uid), Some(exe), _) => format!("uid {uid} {}", exe.display()),
         (_, Some(uid), None, _) => format!("uid {uid}"),
@@ -1700,6 +1710,7 @@ pub(crate) fn audit_identity(
         "pid": peer.pid,
         "exe": peer.exe.as_ref().map(|e| e.display().to_string()),
         "addr": peer.addr.map(|a| a.to_string()),
+        "tls_subject": peer.tls_subject.as_deref(),
         "name": name,
         "collector": collector,
         "session": session,

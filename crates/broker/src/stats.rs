@@ -26,6 +26,7 @@ pub(crate) struct Counters {
     pub(crate) store_syncs: AtomicU64,
     pub(crate) store_damaged: AtomicU64,
     pub(crate) acl_denials: AtomicU64,
+    pub(crate) tls_refused: AtomicU64,
 }
 
 impl Counters {
@@ -122,6 +123,10 @@ pub struct BrokerStats {
     /// Publishes and subscriptions the ACL (`acl_file`) refused, every connection's.
     #[serde(default)]
     pub acl_denials: u64,
+    /// TLS connections refused at the handshake (no client certificate, one from another
+    /// CA, expired, not TLS at all, or too slow); also counted in `refused_connections`.
+    #[serde(default)]
+    pub tls_refused: u64,
     /// Rules of the ACL policy in force; `None` without `acl_file` (no topic ACL).
     #[serde(default)]
     pub acl_rules: Option<u64>,
@@ -210,6 +215,9 @@ pub struct ConnectionStats {
     /// The supervised collector it is: its pid is the one the supervisor started.
     #[serde(default)]
     pub collector: Option<String>,
+    /// The verified subject of its TLS client certificate.
+    #[serde(default)]
+    pub tls_subject: Option<String>,
     /// Subscribed filters, its acknowledged subscriptions' included (the durable ones it
     /// attached to are not: they outlive it), as `max_subscriptions_per_connection` counts.
     pub subscriptions: u64,

@@ -7,7 +7,7 @@ use crate::options::ClientOptions;
 use crate::subscription::{Item, Matched, MissedReason, RecvError};
 use daemoneye_eventbus_core::codec::{ErrorCode, Hello, Notice, Subscribe, Version, Welcome};
 use daemoneye_eventbus_core::{Frame, Message};
-use daemoneye_eventbus_transport::{Endpoint, FrameReader, FrameWriter, connect};
+use daemoneye_eventbus_transport::{Endpoint, FrameReader, FrameWriter, connect_with};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -61,7 +61,8 @@ async fn handshake(
     endpoint: &Endpoint,
     options: &ClientOptions,
 ) -> Result<Established, ConnectError> {
-    let conn = connect(endpoint).await?;
+    let conn = connect_with(endpoint, options.tls.as_ref()).await?;
+    let tls = matches!(endpoint, Endpoint::Tls(_));
     let (mut reader, mut writer) = (conn.reader, conn.writer);
     writer.push(&Frame::Hello(Hello {
         version: Version::CURRENT,
@@ -93,9 +94,11 @@ async fn handshake(
             "expected a welcome frame, got kind 0x{:02x}",
             other.kind()
         ))),
+        Ok(None) if tls => Err(ConnectError::TlsRefused("the connection was closed".into())),
         Ok(None) => Err(ConnectError::Protocol(
             "broker closed the connection during the handshake".into(),
         )),
+        Err(e) if tls => Err(ConnectError::TlsRefused(e.to_string())),
         Err(e) => Err(ConnectError::Protocol(e.to_string())),
     }
 }

@@ -26,6 +26,13 @@ pub enum ConnectError {
     /// The client name cannot be sent.
     #[error("invalid client name {0:?}: it must be 1 to 255 bytes of printable text")]
     InvalidName(String),
+    /// A TLS broker ended the connection after its handshake: it refused this client's
+    /// certificate (TLS 1.3 tells the client only then).
+    #[error(
+        "the broker refused this client's TLS certificate ({0}); check that the certificate \
+         (--tls-cert, EVENTBUS_TLS_CERT) chains to the broker's client CA and has not expired"
+    )]
+    TlsRefused(String),
     /// The broker broke the protocol during the handshake.
     #[error("handshake failed: {0}")]
     Protocol(String),

@@ -38,6 +38,7 @@ mod subscription;
 
 pub use acked::{AckMode, AckReport, Delivery};
 pub use client::{Client, ClientStats, ConnState, Publish, SubscribeOptions};
+pub use daemoneye_eventbus_transport::tls::{ClientTls, TlsFiles};
 pub use error::{ConnectError, PublishError, SubscribeError};
 pub use metrics::RpcMetrics;
 pub use options::{ClientOptions, ReconnectPolicy, SpoolFull};

@@ -1,6 +1,7 @@
 //! Client options and the reconnect backoff (a pure function, tested without a clock).
 
 use daemoneye_eventbus_core::codec::{DEFAULT_MAX_MESSAGE_SIZE, SlowReaderPolicy};
+use daemoneye_eventbus_transport::tls::ClientTls;
 use std::time::Duration;
 
 /// How the client reconnects after losing its broker.
@@ -116,6 +117,9 @@ pub struct ClientOptions {
     pub spool_max_bytes: usize,
     /// What a Processed publish finds a full spool does (default [`SpoolFull::Refuse`]).
     pub spool_full: SpoolFull,
+    /// The certificate, key and CA for a `tls://` endpoint ([`ClientTls::load`]); ignored by
+    /// other endpoints. `None` (default): a `tls://` endpoint is refused.
+    pub tls: Option<ClientTls>,
 }
 
 /// What a publish made while the broker is unreachable does when the spool is full
@@ -149,6 +153,7 @@ impl Default for ClientOptions {
             spool_dir: None,
             spool_max_bytes: 64 * 1024 * 1024,
             spool_full: SpoolFull::Refuse,
+            tls: None,
         }
     }
 }

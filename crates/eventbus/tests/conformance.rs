@@ -1,5 +1,5 @@
 //! Conformance suite: the same behaviour checked on every transport (Unix socket, loopback
-//! TCP, in-process). Named pipes share this code path on Windows, where this suite runs for
+//! TCP, TCP with mutual TLS, in-process). Named pipes share this code path on Windows, where this suite runs for
 //! them too.
 
 #![allow(clippy::unwrap_used)]
@@ -24,12 +24,15 @@ const WAIT: Duration = Duration::from_secs(10);
 enum Kind {
     Unix,
     Tcp,
+    Tls,
     InProc,
 }
 
 struct Bus {
     broker: Broker,
     endpoint: Endpoint,
+    /// A client certificate the broker accepts (TLS).
+    tls: Option<daemoneye_eventbus::client::ClientTls>,
     _dir: Option<TempDir>,
 }
 
@@ -58,13 +61,28 @@ fn fastrand_u64() -> u64 {
     h.finish()
 }
 
-async fn bus(kind: Kind, config: BrokerConfig) -> Bus {
+async fn bus(kind: Kind, mut config: BrokerConfig) -> Bus {
+    let mut tls = None;
     let (endpoints, dir) = match kind {
         Kind::Unix => {
             let d = temp_dir();
             (vec![Endpoint::Unix(d.0.join("bus.sock"))], Some(d))
         }
         Kind::Tcp => (vec![Endpoint::Tcp("127.0.0.1:0".parse().unwrap())], None),
+        Kind::Tls => {
+            let d = temp_dir();
+            let pki = common::pki::Pki::new(&d.0);
+            let listen = daemoneye_eventbus::broker::TlsListen {
+                listen: "127.0.0.1:0".into(),
+                cert: pki.broker.cert.clone(),
+                key: pki.broker.key.clone(),
+                client_ca: pki.ca.clone(),
+            };
+            let endpoint = listen.endpoint().unwrap();
+            config.tls = Some(listen);
+            tls = Some(pki.client_a.client());
+            (vec![endpoint], Some(d))
+        }
         Kind::InProc => (vec![], None),
     };
     // Routing is what this suite checks; the ACL has tests of its own.
@@ -78,15 +96,22 @@ async fn bus(kind: Kind, config: BrokerConfig) -> Bus {
     Bus {
         broker,
         endpoint,
+        tls,
         _dir: dir,
     }
 }
 
 impl Bus {
     async fn client(&self, name: &str) -> Client {
-        Client::connect(&self.endpoint, ClientOptions::named(name))
+        Client::connect(&self.endpoint, self.tls(ClientOptions::named(name)))
             .await
             .unwrap()
+    }
+
+    /// `options` with the client certificate of a TLS bus.
+    fn tls(&self, mut options: ClientOptions) -> ClientOptions {
+        options.tls.clone_from(&self.tls);
+        options
     }
 }
 
@@ -399,7 +424,9 @@ async fn shutdown_sends_going_away_and_ends_streams(kind: Kind) {
     let bus = bus(kind, BrokerConfig::default()).await;
     let mut options = ClientOptions::named("c");
     options.reconnect.enabled = false;
-    let c = Client::connect(&bus.endpoint, options).await.unwrap();
+    let c = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let mut s = c.subscribe(["x"]).await.unwrap();
     let report = bus.broker.shutdown().await;
     assert!(report.drained, "{report:?}");
@@ -411,7 +438,9 @@ async fn shutdown_sends_going_away_and_ends_streams(kind: Kind) {
 async fn slow_reader(bus: &Bus, filters: &[&str]) -> (Client, Subscription) {
     let mut options = ClientOptions::named("slow");
     options.subscription_buffer = 1;
-    let slow = Client::connect(&bus.endpoint, options).await.unwrap();
+    let slow = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let s = slow.subscribe(filters.iter().copied()).await.unwrap();
     (slow, s)
 }
@@ -495,7 +524,9 @@ async fn subscribers_behind_one_burst_share_its_copies(kind: Kind) {
     for i in 0..4 {
         let mut options = ClientOptions::named(format!("behind{i}"));
         options.subscription_buffer = 1;
-        let c = Client::connect(&bus.endpoint, options).await.unwrap();
+        let c = Client::connect(&bus.endpoint, bus.tls(options))
+            .await
+            .unwrap();
         let s = c.subscribe(["burst", "end"]).await.unwrap();
         readers.push((c, s));
     }
@@ -634,7 +665,9 @@ async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
     options.subscription_buffer = 1;
     options.reconnect.enabled = false;
     options.slow_reader = daemoneye_eventbus::core::codec::SlowReaderPolicy::Disconnect;
-    let strict = Client::connect(&bus.endpoint, options).await.unwrap();
+    let strict = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let mut s = strict.subscribe(["burst"]).await.unwrap();
     let publ = bus.client("pub").await;
     for _ in 0..20_000 {
@@ -673,7 +706,7 @@ async fn processed_subscriptions_lose_nothing(kind: Kind) {
     let bus = bus(kind, config).await;
     let mut options = ClientOptions::named("careful");
     options.subscription_buffer = 1;
-    let careful = Client::connect(&bus.endpoint, options.clone())
+    let careful = Client::connect(&bus.endpoint, bus.tls(options.clone()))
         .await
         .unwrap();
     let mut s = careful
@@ -681,7 +714,9 @@ async fn processed_subscriptions_lose_nothing(kind: Kind) {
         .await
         .unwrap();
     options.name = "careless".into();
-    let careless = Client::connect(&bus.endpoint, options).await.unwrap();
+    let careless = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let mut r = careless.subscribe(["burst"]).await.unwrap();
     let publ = bus.client("pub").await;
     let n = 20_000u32;
@@ -896,7 +931,9 @@ async fn a_dropped_backlog_reaches_a_small_subscriber(kind: Kind) {
     let publ = bus.client("pub").await;
     let mut options = ClientOptions::named("small");
     options.subscription_buffer = 8;
-    let small = Client::connect(&bus.endpoint, options).await.unwrap();
+    let small = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let s = small.subscribe_durable("backlog", ["ev"]).await.unwrap();
     drop(s);
     small.drain().await;
@@ -904,7 +941,9 @@ async fn a_dropped_backlog_reaches_a_small_subscriber(kind: Kind) {
     assert_eq!(publ.wait_acked(WAIT).await.outstanding, 0);
     let mut options = ClientOptions::named("small-again");
     options.subscription_buffer = 8;
-    let again = Client::connect(&bus.endpoint, options).await.unwrap();
+    let again = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let mut s = tokio::time::timeout(WAIT, again.subscribe_durable("backlog", ["ev"]))
         .await
         .expect("the subscription is answered")
@@ -1156,7 +1195,9 @@ async fn deadlines_and_cancellation(kind: Kind) {
     // A bounded pending map: the second concurrent call is refused at once.
     let mut options = ClientOptions::named("tight");
     options.max_pending_requests = 1;
-    let tight = Client::connect(&bus.endpoint, options).await.unwrap();
+    let tight = Client::connect(&bus.endpoint, bus.tls(options))
+        .await
+        .unwrap();
     let first = {
         let tight = tight.clone();
         tokio::spawn(async move { tight.request(&t("svc.slow"), "1", WAIT).await })
@@ -1440,7 +1481,9 @@ async fn a_connected_publisher_waits_at_the_connected_bound(kind: Kind) {
     for bound in [64 * 1024, 1024 * 1024] {
         let mut options = ClientOptions::named("ahead");
         options.connected_outbox_bytes = bound;
-        let client = Client::connect(&bus.endpoint, options).await.unwrap();
+        let client = Client::connect(&bus.endpoint, bus.tls(options))
+            .await
+            .unwrap();
         // Each publish is polled once and this task never yields, so the client's writer
         // never runs: nothing leaves the queue.
         let mut accepted = 0;
@@ -1457,6 +1500,7 @@ macro_rules! conformance {
         #[cfg(unix)]
         mod unix { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Unix).await } )* }
         mod tcp { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Tcp).await } )* }
+        mod tls { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Tls).await } )* }
         mod inproc { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::InProc).await } )* }
     };
 }

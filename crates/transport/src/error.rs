@@ -70,6 +70,24 @@ pub enum TransportError {
          (/run/daemoneye); set XDG_RUNTIME_DIR or give the socket path (--socket PATH)"
     )]
     NoDefaultPath,
+    /// A TLS file could not be used, or a TLS setting is wrong.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// A `tls://` endpoint was given without the certificates it needs.
+    #[error(
+        "{0} needs TLS settings: a certificate, its key and a CA (for the command line \
+         --tls-cert, --tls-key and --tls-ca, or EVENTBUS_TLS_CERT, EVENTBUS_TLS_KEY and \
+         EVENTBUS_TLS_CA; for a broker, broker.tls)"
+    )]
+    TlsNotConfigured(crate::Endpoint),
+    /// The TLS handshake failed: the peer's certificate was refused, or it refused ours.
+    #[error("TLS handshake with {peer} failed: {error}")]
+    Handshake {
+        /// The peer's address.
+        peer: String,
+        /// What went wrong, as the TLS library says it.
+        error: io::Error,
+    },
     /// The transport does not exist on this platform.
     #[error("{0} endpoints are not supported on this platform")]
     Unsupported(&'static str),

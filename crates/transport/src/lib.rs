@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `unix:///path` | Unix stream socket | 0600 socket in a 0700 directory, stale-socket replacement ([`unix`]) |
 //! | `tcp://127.0.0.1:port` | TCP | plain TCP on loopback only; `TCP_NODELAY` |
+//! | `tls://host:port` | TCP with mutual TLS | any address; both ends present certificates ([`tls`]) |
 //! | `inproc://name` | bounded frame channels | payloads are never serialised |
 //! | `pipe://name` | Windows named pipe | `cfg(windows)` only |
 
@@ -17,12 +18,13 @@ mod inproc;
 mod large;
 #[cfg(windows)]
 mod pipe;
+pub mod tls;
 #[cfg(unix)]
 pub mod unix;
 #[cfg(unix)]
 mod unix_io;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, TlsAddr};
 pub use error::{ReadError, TransportError};
 pub use framed::{FrameReader, FrameWriter, INPROC_CHANNEL_FRAMES, RUN_SEGMENT_MIN, VECTORED_MIN};
 
@@ -42,8 +44,11 @@ pub struct PeerInfo {
     /// after it was read, so a pid reused by another process is never mistaken for the peer.
     /// `None` when it could not be read that way.
     pub exe: Option<std::path::PathBuf>,
-    /// Remote address (TCP).
+    /// Remote address (TCP and TLS).
     pub addr: Option<std::net::SocketAddr>,
+    /// The subject of the certificate a TLS peer presented, verified against the client CA
+    /// (`CN=procmond, O=DaemonEye`: attributes in certificate order).
+    pub tls_subject: Option<String>,
     /// Which transport carried the connection.
     pub transport: TransportKind,
 }
@@ -57,6 +62,8 @@ pub enum TransportKind {
     Unix,
     /// TCP.
     Tcp,
+    /// TCP with mutual TLS.
+    Tls,
     /// In process.
     InProc,
     /// Windows named pipe.
@@ -66,6 +73,10 @@ pub enum TransportKind {
 impl fmt::Display for PeerInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.transport, self.pid, self.uid, self.addr) {
+            (TransportKind::Tls, _, _, Some(addr)) => match &self.tls_subject {
+                Some(subject) => write!(f, "tls {addr} ({subject})"),
+                None => write!(f, "tls {addr}"),
+            },
             (_, _, _, Some(addr)) => write!(f, "tcp {addr}"),
             (TransportKind::InProc, ..) => f.write_str("in-process"),
             (_, Some(pid), Some(uid), _) => write!(f, "pid {pid} uid {uid}"),
@@ -100,6 +111,7 @@ enum ListenerKind {
         _guard: unix::SocketGuard,
     },
     Tcp(tokio::net::TcpListener),
+    Tls(tokio::net::TcpListener, tls::ServerTls),
     InProc(inproc::InProcListener),
     #[cfg(windows)]
     Pipe(pipe::PipeListener),
@@ -120,14 +132,122 @@ impl fmt::Debug for Listener {
     }
 }
 
+/// A connection accepted by a [`Listener`], to be established ([`Incoming::establish`]) in
+/// the task that serves it: a TLS handshake happens there, not in the accept loop.
+pub struct Incoming {
+    kind: IncomingKind,
+}
+
+// Moved once, into the task that serves it: not worth a box.
+#[allow(clippy::large_enum_variant)]
+enum IncomingKind {
+    Ready(Connection),
+    Tls {
+        stream: tokio::net::TcpStream,
+        addr: std::net::SocketAddr,
+        tls: tls::ServerTls,
+    },
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming")
+            .field("peer", &self.peer())
+            .finish()
+    }
+}
+
+impl Incoming {
+    /// What is known of the peer before the connection is established: everything for a
+    /// Unix socket, only the address for TLS (its subject comes with the handshake).
+    pub fn peer(&self) -> PeerInfo {
+        match &self.kind {
+            IncomingKind::Ready(c) => c.peer.clone(),
+            IncomingKind::Tls { addr, .. } => PeerInfo {
+                addr: Some(*addr),
+                transport: TransportKind::Tls,
+                ..PeerInfo::default()
+            },
+        }
+    }
+
+    /// Finishes the connection: for TLS, the handshake, which verifies the client's
+    /// certificate. Not bounded in time: the caller applies its deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Handshake`] when the handshake fails (no certificate, one from
+    /// another CA, expired…).
+    pub async fn establish(self) -> Result<Connection, TransportError> {
+        match self.kind {
+            IncomingKind::Ready(c) => Ok(c),
+            IncomingKind::Tls { stream, addr, tls } => {
+                let stream = tls.acceptor.accept(stream).await.map_err(|error| {
+                    TransportError::Handshake {
+                        peer: addr.to_string(),
+                        error,
+                    }
+                })?;
+                let subject = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(tls::subject);
+                let peer = PeerInfo {
+                    addr: Some(addr),
+                    tls_subject: subject,
+                    transport: TransportKind::Tls,
+                    ..PeerInfo::default()
+                };
+                Ok(split_stream(stream, peer))
+            }
+        }
+    }
+}
+
+impl From<Connection> for Incoming {
+    fn from(c: Connection) -> Self {
+        Self {
+            kind: IncomingKind::Ready(c),
+        }
+    }
+}
+
+/// A connection over any byte stream, read and written through halves that share it.
+fn split_stream<S>(stream: S, peer: PeerInfo) -> Connection
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (r, w) = tokio::io::split(stream);
+    Connection {
+        reader: FrameReader::stream(Box::new(r)),
+        writer: FrameWriter::stream(Box::new(w)),
+        peer,
+    }
+}
+
 impl Listener {
     /// Starts listening on `endpoint`.
     ///
     /// # Errors
     ///
     /// A [`TransportError`] naming the endpoint and the problem (address in use, unsafe path,
-    /// non-loopback TCP, unsupported on this platform…).
+    /// non-loopback TCP, unsupported on this platform…); for `tls://`, which needs its
+    /// settings, [`TransportError::TlsNotConfigured`] (use [`Listener::bind_with`]).
     pub async fn bind(endpoint: &Endpoint) -> Result<Self, TransportError> {
+        Self::bind_with(endpoint, None).await
+    }
+
+    /// Starts listening on `endpoint`, with `tls` for a `tls://` endpoint (ignored by others).
+    ///
+    /// # Errors
+    ///
+    /// As [`Listener::bind`].
+    pub async fn bind_with(
+        endpoint: &Endpoint,
+        tls: Option<&tls::ServerTls>,
+    ) -> Result<Self, TransportError> {
         let kind = match endpoint {
             #[cfg(unix)]
             Endpoint::Unix(path) => {
@@ -148,23 +268,37 @@ impl Listener {
                     .map_err(|e| TransportError::io(format!("binding tcp {addr}"), e))?;
                 ListenerKind::Tcp(l)
             }
+            Endpoint::Tls(addr) => {
+                let tls = tls.ok_or_else(|| TransportError::TlsNotConfigured(endpoint.clone()))?;
+                let l = tokio::net::TcpListener::bind((addr.host.as_str(), addr.port))
+                    .await
+                    .map_err(|e| TransportError::io(format!("binding tls {addr}"), e))?;
+                ListenerKind::Tls(l, tls.clone())
+            }
             Endpoint::InProc(name) => ListenerKind::InProc(inproc::InProcListener::bind(name)?),
             #[cfg(windows)]
             Endpoint::NamedPipe(name) => ListenerKind::Pipe(pipe::PipeListener::bind(name)?),
             #[cfg(not(windows))]
             Endpoint::NamedPipe(_) => return Err(TransportError::Unsupported("named pipe")),
         };
-        let endpoint = match &kind {
-            ListenerKind::Tcp(l) => Endpoint::Tcp(
+        let endpoint = match (&kind, endpoint) {
+            (ListenerKind::Tcp(l), _) => Endpoint::Tcp(
                 l.local_addr()
                     .map_err(|e| TransportError::io("reading the bound tcp address", e))?,
             ),
+            (ListenerKind::Tls(l, _), Endpoint::Tls(addr)) => Endpoint::Tls(TlsAddr {
+                host: addr.host.clone(),
+                port: l
+                    .local_addr()
+                    .map_err(|e| TransportError::io("reading the bound tls address", e))?
+                    .port(),
+            }),
             _ => endpoint.clone(),
         };
         Ok(Self { kind, endpoint })
     }
 
-    /// The endpoint actually bound (with the real port for `tcp://…:0`).
+    /// The endpoint actually bound (with the real port for `tcp://…:0` and `tls://…:0`).
     pub fn endpoint(&self) -> &Endpoint {
         &self.endpoint
     }
@@ -179,24 +313,35 @@ impl Listener {
     ///
     /// I/O errors from `accept` (often transient, such as running out of descriptors); the
     /// listener stays usable.
-    pub async fn accept(&mut self) -> std::io::Result<Connection> {
-        match &mut self.kind {
+    pub async fn accept(&mut self) -> std::io::Result<Incoming> {
+        Ok(match &mut self.kind {
             #[cfg(unix)]
             ListenerKind::Unix { listener: l, .. } => {
                 let (stream, _) = l.accept().await?;
-                unix_connection(stream)
+                unix_connection(stream)?.into()
             }
             ListenerKind::Tcp(l) => {
                 let (stream, addr) = l.accept().await?;
-                Ok(tcp_connection(stream, Some(addr)))
+                tcp_connection(stream, Some(addr)).into()
+            }
+            ListenerKind::Tls(l, tls) => {
+                let (stream, addr) = l.accept().await?;
+                let _ = stream.set_nodelay(true);
+                Incoming {
+                    kind: IncomingKind::Tls {
+                        stream,
+                        addr,
+                        tls: tls.clone(),
+                    },
+                }
             }
             ListenerKind::InProc(l) => match l.accept().await {
-                Some(ends) => Ok(inproc_connection(ends)),
+                Some(ends) => inproc_connection(ends).into(),
                 None => std::future::pending().await,
             },
             #[cfg(windows)]
-            ListenerKind::Pipe(l) => l.accept().await,
-        }
+            ListenerKind::Pipe(l) => l.accept().await?.into(),
+        })
     }
 }
 
@@ -211,8 +356,8 @@ fn unix_connection(stream: tokio::net::UnixStream) -> std::io::Result<Connection
         uid: cred.as_ref().map(|c| c.uid()),
         gid: cred.as_ref().map(|c| c.gid()),
         exe: pid.and_then(|pid| unix::peer_exe(&stream, pid)),
-        addr: None,
         transport: TransportKind::Unix,
+        ..PeerInfo::default()
     };
     let (r, w) = unix_io::split(stream)?;
     Ok(Connection {
@@ -265,8 +410,23 @@ pub fn default_endpoint() -> Result<Endpoint, TransportError> {
 ///
 /// # Errors
 ///
-/// A [`TransportError`] naming the endpoint.
+/// A [`TransportError`] naming the endpoint; for `tls://`, which needs its settings,
+/// [`TransportError::TlsNotConfigured`] (use [`connect_with`]).
 pub async fn connect(endpoint: &Endpoint) -> Result<Connection, TransportError> {
+    connect_with(endpoint, None).await
+}
+
+/// Opens a connection to `endpoint`, with `tls` for a `tls://` endpoint (ignored by others):
+/// the TLS handshake is part of it.
+///
+/// # Errors
+///
+/// As [`connect`]; [`TransportError::Handshake`] when the broker's certificate is refused
+/// (another CA, not valid for the host dialled, expired).
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    tls: Option<&tls::ClientTls>,
+) -> Result<Connection, TransportError> {
     match endpoint {
         #[cfg(unix)]
         Endpoint::Unix(path) => {
@@ -285,6 +445,27 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Connection, TransportError> 
                 .await
                 .map_err(|e| TransportError::io(format!("connecting to tcp {addr}"), e))?;
             Ok(tcp_connection(s, Some(*addr)))
+        }
+        Endpoint::Tls(addr) => {
+            let tls = tls.ok_or_else(|| TransportError::TlsNotConfigured(endpoint.clone()))?;
+            let name = tls::server_name(&addr.host)?;
+            let s = tokio::net::TcpStream::connect((addr.host.as_str(), addr.port))
+                .await
+                .map_err(|e| TransportError::io(format!("connecting to tls {addr}"), e))?;
+            let _ = s.set_nodelay(true);
+            let remote = s.peer_addr().ok();
+            let stream = tls.connector.connect(name, s).await.map_err(|error| {
+                TransportError::Handshake {
+                    peer: addr.to_string(),
+                    error,
+                }
+            })?;
+            let peer = PeerInfo {
+                addr: remote,
+                transport: TransportKind::Tls,
+                ..PeerInfo::default()
+            };
+            Ok(split_stream(stream, peer))
         }
         Endpoint::InProc(name) => Ok(inproc_connection(inproc::connect(name).await?)),
         #[cfg(windows)]

@@ -1,7 +1,6 @@
 //! Windows named pipes (`\\.\pipe\NAME`). Compiled only on Windows.
 
 use crate::error::TransportError;
-use crate::framed::{FrameReader, FrameWriter};
 use crate::{Connection, PeerInfo, TransportKind};
 use std::time::Duration;
 use tokio::net::windows::named_pipe::{ClientOptions, NamedPipeServer, ServerOptions};
@@ -46,15 +45,13 @@ fn pipe_connection<S>(stream: S) -> Connection
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
-    let (r, w) = tokio::io::split(stream);
-    Connection {
-        reader: FrameReader::stream(Box::new(r)),
-        writer: FrameWriter::stream(Box::new(w)),
-        peer: PeerInfo {
+    crate::split_stream(
+        stream,
+        PeerInfo {
             transport: TransportKind::NamedPipe,
             ..PeerInfo::default()
         },
-    }
+    )
 }
 
 pub(crate) async fn connect(name: &str) -> Result<Connection, TransportError> {

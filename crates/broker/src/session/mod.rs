@@ -15,7 +15,9 @@ use daemoneye_eventbus_core::codec::{
     PROCESSED_RUNS_SINCE_MINOR, RUNS_SINCE_MINOR,
 };
 use daemoneye_eventbus_core::{Frame, Message, Qos, catalog};
-use daemoneye_eventbus_transport::{Connection, FrameReader, FrameWriter, PeerInfo, TransportKind};
+use daemoneye_eventbus_transport::{
+    Connection, FrameReader, FrameWriter, Incoming, PeerInfo, TransportKind,
+};
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,8 +27,33 @@ use tokio::sync::OwnedSemaphorePermit;
 /// How long a refusal or a last error frame may take to write.
 const LAST_WORDS: Duration = Duration::from_millis(500);
 
-/// Serves one accepted connection to the end.
-pub(crate) async fn serve(hub: Arc<Hub>, conn: Connection, permit: Option<OwnedSemaphorePermit>) {
+/// Serves one accepted connection to the end: a TLS connection first finishes its handshake
+/// within the handshake deadline.
+pub(crate) async fn serve(hub: Arc<Hub>, incoming: Incoming, permit: Option<OwnedSemaphorePermit>) {
+    let before = incoming.peer();
+    let deadline = hub.config.handshake_timeout();
+    let established = tokio::select! {
+        r = tokio::time::timeout(deadline, incoming.establish()) => r,
+        () = hub.drain.cancelled() => return,
+    };
+    let conn = match established {
+        Ok(Ok(conn)) => conn,
+        failed => {
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!(
+                    "no TLS handshake within {} ms; closing",
+                    deadline.as_millis()
+                ),
+            };
+            Counters::add(&hub.counters.connections_refused, 1);
+            Counters::add(&hub.counters.tls_refused, 1);
+            hub.refused(&crate::hub::identity_key(&before));
+            hub.audit_refusal(&before, &why);
+            tracing::info!(peer = %before, error = %why, "refused a TLS connection");
+            return;
+        }
+    };
     let Connection {
         mut reader,
         mut writer,

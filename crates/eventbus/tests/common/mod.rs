@@ -65,3 +65,4 @@ pub fn open(
     config.acl_file.get_or_insert_with(open_policy);
     config
 }
+pub mod pki;
