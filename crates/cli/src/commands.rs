@@ -1,6 +1,6 @@
 //! The subcommands.
 
-use crate::{Command, ConfigCommand, SocketArg};
+use crate::{BrokerArg, Command, ConfigCommand, ServeTlsArg, SocketArg};
 use crate::{output, rpc_cmd};
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::Bytes;
@@ -17,11 +17,12 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         Command::Serve {
             socket,
             tcp,
+            tls,
             config,
             data_dir,
             fsync,
             threads: _,
-        } => serve(&socket, tcp, config.as_deref(), data_dir, fsync).await,
+        } => serve(&socket, tcp, &tls, config.as_deref(), data_dir, fsync).await,
         Command::Pub {
             socket,
             topic,
@@ -94,6 +95,13 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             println!("{}", String::from_utf8_lossy(reply.payload()));
             Ok(())
         }
+        Command::Tls(crate::TlsCommand::Subject { cert }) => {
+            println!(
+                "{}",
+                daemoneye_eventbus::transport::tls::subject_of_file(&cert)?
+            );
+            Ok(())
+        }
         Command::Acl(crate::AclCommand::Check { file }) => {
             let policy = daemoneye_eventbus::broker::acl::Policy::load(&file)?;
             println!("{}: {} rules, valid", file.display(), policy.len());
@@ -151,6 +159,42 @@ pub(crate) fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
     crate::shared::endpoint_from(arg.socket.as_deref())
 }
 
+impl ServeTlsArg {
+    /// `broker.tls` with these flags over it; `None` when neither sets a listen address.
+    fn apply(
+        &self,
+        tls: Option<daemoneye_eventbus::broker::TlsListen>,
+    ) -> Result<Option<daemoneye_eventbus::broker::TlsListen>> {
+        let given =
+            self.tls_cert.is_some() || self.tls_key.is_some() || self.tls_client_ca.is_some();
+        let Some(listen) = self
+            .tls_listen
+            .clone()
+            .or_else(|| tls.as_ref().map(|t| t.listen.clone()))
+        else {
+            if given {
+                bail!("--tls-cert, --tls-key and --tls-client-ca need --tls-listen HOST:PORT");
+            }
+            return Ok(None);
+        };
+        let pick = |flag: &Option<std::path::PathBuf>, from: Option<&std::path::PathBuf>, name| {
+            flag.clone()
+                .or_else(|| from.cloned())
+                .ok_or_else(|| anyhow!("--tls-listen needs {name} (or its broker.tls key)"))
+        };
+        Ok(Some(daemoneye_eventbus::broker::TlsListen {
+            listen,
+            cert: pick(&self.tls_cert, tls.as_ref().map(|t| &t.cert), "--tls-cert")?,
+            key: pick(&self.tls_key, tls.as_ref().map(|t| &t.key), "--tls-key")?,
+            client_ca: pick(
+                &self.tls_client_ca,
+                tls.as_ref().map(|t| &t.client_ca),
+                "--tls-client-ca",
+            )?,
+        }))
+    }
+}
+
 /// Configuration file layout: sections by component.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +217,7 @@ fn load_config(path: &Path) -> Result<BrokerConfig> {
 async fn serve(
     socket: &SocketArg,
     tcp: Option<std::net::SocketAddr>,
+    tls: &ServeTlsArg,
     config: Option<&Path>,
     data_dir: Option<std::path::PathBuf>,
     fsync: Option<crate::FsyncArg>,
@@ -196,6 +241,10 @@ async fn serve(
         endpoints.push(Endpoint::Tcp(addr));
     }
     cfg.tcp_listen = None;
+    cfg.tls = tls.apply(cfg.tls.take())?;
+    if let Some(tls) = &cfg.tls {
+        endpoints.push(tls.endpoint()?);
+    }
     // Handlers go in before the ready line, so a signal sent right after it is handled.
     let signals = Signals::install()?;
     let broker = Broker::start_on(cfg, &endpoints).await?;
@@ -463,9 +512,10 @@ impl Payloads {
     }
 }
 
-pub(crate) async fn connect(socket: &SocketArg, name: &str) -> Result<Client> {
-    let ep = endpoint(socket)?;
+pub(crate) async fn connect(socket: &BrokerArg, name: &str) -> Result<Client> {
+    let (ep, tls) = socket.resolve()?;
     let mut options = ClientOptions::named(name);
+    options.tls = tls;
     options.max_message_size = daemoneye_eventbus::core::codec::MAX_MESSAGE_SIZE_LIMIT;
     options.reconnect.max_attempts = Some(5);
     // The error names the endpoint already.
@@ -488,7 +538,7 @@ struct PubArgs {
     timeout: Duration,
 }
 
-async fn publish(socket: &SocketArg, name: &str, args: PubArgs) -> Result<()> {
+async fn publish(socket: &BrokerArg, name: &str, args: PubArgs) -> Result<()> {
     let topic = Topic::new(&args.topic)?;
     let deadline = tokio::time::Instant::now() + args.timeout;
     let client = tokio::time::timeout_at(deadline, connect(socket, name))
@@ -580,7 +630,7 @@ struct SubOptions {
 }
 
 async fn subscribe(
-    socket: &SocketArg,
+    socket: &BrokerArg,
     name: &str,
     patterns: &[String],
     o: SubOptions,
@@ -633,14 +683,14 @@ async fn subscribe(
     Ok(())
 }
 
-async fn delete_durable_sub(socket: &SocketArg, name: &str, durable: &str) -> Result<()> {
+async fn delete_durable_sub(socket: &BrokerArg, name: &str, durable: &str) -> Result<()> {
     let client = connect(socket, name).await?;
     let deleted = client.delete_durable(durable).await;
     client.close().await;
     deleted.with_context(|| format!("deleting durable subscription {durable}"))
 }
 
-async fn stats(socket: &SocketArg, json: bool) -> Result<()> {
+async fn stats(socket: &BrokerArg, json: bool) -> Result<()> {
     let client = connect(socket, "eventbus-stats").await?;
     let mut sub = client.subscribe([catalog::sys::stats().as_str()]).await?;
     let msg = tokio::time::timeout(Duration::from_secs(5), sub.recv())

@@ -11,6 +11,8 @@ mod procmond_cmd;
 mod rpc_cmd;
 mod shared;
 
+use shared::BrokerArg;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,34 @@ pub(crate) struct SocketArg {
     /// Socket path or endpoint (unix:///path, tcp://127.0.0.1:PORT).
     #[arg(long, env = "EVENTBUS_SOCKET", value_name = "PATH")]
     socket: Option<String>,
+}
+
+/// `eventbus serve`'s mutual TLS listener (each overrides its `broker.tls` key).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub(crate) struct ServeTlsArg {
+    /// Also serve other hosts on this address, `HOST:PORT`, over TCP with mutual TLS.
+    #[arg(long, value_name = "HOST:PORT")]
+    tls_listen: Option<String>,
+    /// The broker's certificate chain (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The broker's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The CA certificates (PEM) clients' certificates must chain to.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+/// `eventbus tls` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum TlsCommand {
+    /// Print the subject of the first certificate in a PEM file, as the broker reports a
+    /// client presenting it and as a policy rule's `tls_subject` names it.
+    Subject {
+        /// The certificate file.
+        cert: PathBuf,
+    },
 }
 
 /// `eventbus config` subcommands.
@@ -60,7 +90,7 @@ pub(crate) enum AclCommand {
     /// `control.broker.admin`, which its policy must grant you; SIGHUP does the same).
     Reload {
         #[command(flatten)]
-        socket: SocketArg,
+        socket: BrokerArg,
     },
 }
 
@@ -116,6 +146,9 @@ enum Command {
     /// The broker's audit trail (`broker.audit_log`).
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// TCP with mutual TLS.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// The process collector (the same as the `procmond` binary).
     #[command(hide = true)]
     Procmond(procmond_cmd::Args),
@@ -126,6 +159,8 @@ enum Command {
         /// Also listen on this loopback TCP address (plain TCP).
         #[arg(long, value_name = "ADDR")]
         tcp: Option<std::net::SocketAddr>,
+        #[command(flatten)]
+        tls: ServeTlsArg,
         /// TOML configuration file with a `[broker]` section.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -148,7 +183,7 @@ enum Command {
     /// Publish one or more messages.
     Pub {
         #[command(flatten)]
-        socket: SocketArg,
+        socket: BrokerArg,
         /// Topic to publish on.
         topic: String,
         /// Payload text, or '-' to read it from stdin.
@@ -178,7 +213,7 @@ enum Command {
     /// Subscribe and print messages.
     Sub {
         #[command(flatten)]
-        socket: SocketArg,
+        socket: BrokerArg,
         /// Topic filters (`+`, `*`, `#` wildcards).
         #[arg(required_unless_present = "delete_durable")]
         patterns: Vec<String>,
@@ -211,7 +246,7 @@ enum Command {
     /// Answer requests on a topic: echo them, or run a command for each.
     Reply {
         #[command(flatten)]
-        socket: SocketArg,
+        socket: BrokerArg,
         /// Topic filter to serve (`+`, `*`, `#` wildcards).
         topic: String,
         /// Answer with the request's payload.
@@ -242,7 +277,7 @@ enum Command {
     /// 4 timeout, 5 the responder refused or failed, 6 other RPC failure, 1 anything else.
     Request {
         #[command(flatten)]
-        socket: SocketArg,
+        socket: BrokerArg,
         /// Topic to send the request to.
         topic: String,
         /// Payload text, or '-' to read it from stdin (default: empty).
@@ -267,7 +302,7 @@ enum Command {
     /// Print broker statistics.
     Stats {
         #[command(flatten)]
-        socket: SocketArg,
+        socket: BrokerArg,
         /// Print the raw JSON snapshot.
         #[arg(long)]
         json: bool,

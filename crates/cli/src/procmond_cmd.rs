@@ -12,9 +12,9 @@ use std::time::Duration;
 /// services on control.collector.{ID}.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
-    /// Broker socket path or endpoint (default: the agent's default socket).
-    #[arg(long, env = "EVENTBUS_SOCKET", value_name = "PATH")]
-    socket: Option<String>,
+    /// The broker (default: the agent's default socket); over tls:// with a certificate.
+    #[command(flatten)]
+    broker: crate::shared::BrokerArg,
     /// Collector id (its RPC address is control.collector.{ID}).
     #[arg(long, env = "DAEMONEYE_COLLECTOR_ID", default_value = "procmond")]
     id: String,
@@ -59,8 +59,9 @@ enum SpoolFullArg {
 
 /// Runs procmond until SIGINT, SIGTERM or a shutdown request.
 pub(crate) async fn run(args: Args) -> Result<()> {
-    let ep = crate::shared::endpoint_from(args.socket.as_deref())?;
+    let (ep, tls) = args.broker.resolve()?;
     let mut options = ClientOptions::named(args.id.clone());
+    options.tls = tls;
     let events = if let Some(dir) = &args.spool_dir {
         options.spool_dir = Some(dir.clone());
         options.spool_max_bytes = args.spool_max_bytes;

@@ -32,7 +32,7 @@ pub(crate) struct ReplyArgs {
     pub(crate) name: String,
 }
 
-pub(crate) async fn reply(socket: &crate::SocketArg, a: ReplyArgs) -> Result<()> {
+pub(crate) async fn reply(socket: &crate::BrokerArg, a: ReplyArgs) -> Result<()> {
     let group = a
         .group
         .as_deref()
@@ -208,7 +208,7 @@ impl CallFailed {
     }
 }
 
-pub(crate) async fn request(socket: &crate::SocketArg, a: RequestArgs) -> Result<()> {
+pub(crate) async fn request(socket: &crate::BrokerArg, a: RequestArgs) -> Result<()> {
     let timeout = Duration::try_from_secs_f64(a.timeout)
         .ok()
         .filter(|d| !d.is_zero())

@@ -1700,3 +1700,120 @@ fn clients_of_other_uids_get_what_the_policy_gives_them() {
         "{refused:?}"
     );
 }
+
+#[path = "../../eventbus/tests/common/pki.rs"]
+mod pki;
+
+/// `eventbus serve --tls-listen` with the command-line clients over `tls://`: certificates by
+/// flag or by environment, the verified subject shown and held to the policy (the default
+/// one: a remote client is any other client), and clear refusals for a missing or untrusted
+/// certificate.
+#[test]
+fn clients_on_other_hosts_connect_over_mutual_tls() {
+    let dir = TempDir::new("tls");
+    let pki = pki::Pki::new(dir.path());
+    let os = |p: &std::path::Path| p.as_os_str().to_owned();
+    let broker = Broker::serve(
+        &dir.path().join("bus.sock"),
+        &[
+            "--tls-listen".into(),
+            "127.0.0.1:0".into(),
+            "--tls-cert".into(),
+            os(&pki.broker.cert),
+            "--tls-key".into(),
+            os(&pki.broker.key),
+            "--tls-client-ca".into(),
+            os(&pki.ca),
+        ],
+    );
+    let line = wait_line(broker.proc.stdout.as_ref().unwrap(), "tls line", |l| {
+        l.starts_with("listening on tls:")
+    });
+    let port = line.rsplit(':').next().unwrap().to_owned();
+    let tls = format!("tls://localhost:{port}");
+    let client = |files: &pki::Files, args: &[&str]| {
+        let mut cmd = eventbus();
+        cmd.args(args)
+            .env("EVENTBUS_SOCKET", &tls)
+            .env("EVENTBUS_TLS_CERT", &files.cert)
+            .env("EVENTBUS_TLS_KEY", &files.key)
+            .env("EVENTBUS_TLS_CA", &files.ca);
+        cmd
+    };
+    // A subscriber with its certificate by flag, a publisher by environment.
+    let mut sub = eventbus();
+    sub.args(["sub", "jobs.#", "--count", "3", "--json", "--socket", &tls])
+        .arg("--tls-cert")
+        .arg(&pki.client_b.cert)
+        .arg("--tls-key")
+        .arg(&pki.client_b.key)
+        .arg("--tls-ca")
+        .arg(&pki.ca);
+    let mut sub = Proc::spawn(sub);
+    wait_line(sub.stderr.as_ref().unwrap(), "sub ready", |l| l == "ready");
+    let stats = broker.stats();
+    let subject_of = |stats: &Value, name: &str| {
+        stats["connections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .map(|c| c["tls_subject"].clone())
+    };
+    assert_eq!(
+        subject_of(&stats, "eventbus-sub"),
+        Some(Value::from(pki::CLIENT_B)),
+        "{stats}"
+    );
+    let mut publish = Proc::spawn(client(
+        &pki.client_a,
+        &[
+            "pub",
+            "jobs.remote",
+            "x",
+            "--count",
+            "3",
+            "--qos",
+            "processed",
+        ],
+    ));
+    assert_eq!(publish.wait(), 0, "{:?}", publish.stderr_lines());
+    assert_eq!(sub.wait(), 0);
+    assert_eq!(sub.stdout_lines().len(), 3);
+    // The default policy holds for a remote client as for any other: no forged events.
+    let mut forged = Proc::spawn(client(
+        &pki.client_a,
+        &["pub", "events.process.lifecycle", "x", "--qos", "processed"],
+    ));
+    assert_ne!(forged.wait(), 0);
+    let err = forged.stderr_lines().join("\n");
+    assert!(
+        err.contains("not allowed to publish on events.process.lifecycle"),
+        "{err}"
+    );
+    // Refusals a user can act on.
+    let mut bare = eventbus();
+    bare.args(["pub", "jobs.x", "x", "--socket", &tls])
+        .env_remove("EVENTBUS_TLS_CERT")
+        .env_remove("EVENTBUS_TLS_KEY")
+        .env_remove("EVENTBUS_TLS_CA");
+    let mut bare = Proc::spawn(bare);
+    assert_ne!(bare.wait(), 0);
+    let err = bare.stderr_lines().join("\n");
+    assert!(
+        err.contains("needs --tls-cert, --tls-key and --tls-ca"),
+        "{err}"
+    );
+    let mut untrusted = Proc::spawn(client(&pki.client_other_ca, &["pub", "jobs.x", "x"]));
+    assert_ne!(untrusted.wait(), 0);
+    let err = untrusted.stderr_lines().join("\n");
+    assert!(
+        err.contains("the broker refused this client's TLS certificate"),
+        "{err}"
+    );
+    let stats = broker.stats();
+    assert_eq!(stats["tls_refused"], 1, "{stats}");
+    // The subject a rule names, from the certificate file.
+    let out = broker.run(&["tls", "subject", pki.client_a.cert.to_str().unwrap()]);
+    assert_eq!(out.stdout, vec![pki::CLIENT_A.to_owned()], "{out:?}");
+}

@@ -448,9 +448,21 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         // Durable subscriptions outlive the agent: kept beside its private socket.
         broker_config.data_dir = Some(dir.join("state"));
     }
-    let broker = Broker::start_on(broker_config, std::slice::from_ref(&endpoint))
+    // Other hosts' collectors over mutual TLS (broker.tls), besides the local socket.
+    let mut endpoints = vec![endpoint.clone()];
+    if let Some(tls) = &broker_config.tls {
+        endpoints.push(tls.endpoint()?);
+    }
+    let broker = Broker::start_on(broker_config, &endpoints)
         .await
         .with_context(|| format!("starting the broker on {endpoint}"))?;
+    let listening = broker
+        .endpoints()
+        .iter()
+        .filter(|e| !matches!(e, Endpoint::InProc(_)))
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ");
     let mut options = ClientOptions::named("agent");
     config.rpc.apply_to(&mut options);
     let client = Client::connect(broker.inproc_endpoint(), options)
@@ -507,7 +519,7 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         checks.clone(),
     ));
     println!(
-        "agent ready: broker on {endpoint}, collectors: {}",
+        "agent ready: broker on {listening}, collectors: {}",
         if names.is_empty() {
             "none".to_owned()
         } else {
