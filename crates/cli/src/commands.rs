@@ -102,6 +102,11 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Tls(crate::TlsCommand::DevPki {
+            dir,
+            hosts,
+            clients,
+        }) => crate::tls_cmd::dev_pki_command(&dir, &hosts, &clients),
         Command::Acl(crate::AclCommand::Check { file }) => {
             let policy = daemoneye_eventbus::broker::acl::Policy::load(&file)?;
             println!("{}: {} rules, valid", file.display(), policy.len());

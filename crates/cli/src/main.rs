@@ -10,6 +10,7 @@ mod output;
 mod procmond_cmd;
 mod rpc_cmd;
 mod shared;
+mod tls_cmd;
 
 use shared::BrokerArg;
 
@@ -62,6 +63,20 @@ pub(crate) enum TlsCommand {
     Subject {
         /// The certificate file.
         cert: PathBuf,
+    },
+    /// Make a development PKI in DIR: a CA (`ca.pem`, `ca.key`), a broker certificate for
+    /// localhost, 127.0.0.1, ::1 and each --host (`broker.pem`, `broker.key`), and a client
+    /// certificate per --client (`client-NAME.pem`, `.key`), valid 90 days. For trying mutual
+    /// TLS and benchmarking it; production brokers use certificates from your own CA.
+    DevPki {
+        /// Where to write them (created private; the files must not exist yet).
+        dir: PathBuf,
+        /// Another name or address the broker certificate is valid for.
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// A client certificate for this name (its subject's CN).
+        #[arg(long = "client", value_name = "NAME", default_values_t = ["client".to_owned()])]
+        clients: Vec<String>,
     },
 }
 

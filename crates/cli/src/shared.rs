@@ -35,13 +35,13 @@ pub(crate) struct BrokerArg {
     pub(crate) socket: Option<String>,
     /// For tls://: this client's certificate chain (PEM).
     #[arg(long, env = "EVENTBUS_TLS_CERT", value_name = "FILE")]
-    tls_cert: Option<PathBuf>,
+    pub(crate) tls_cert: Option<PathBuf>,
     /// For tls://: this client's private key (PEM).
     #[arg(long, env = "EVENTBUS_TLS_KEY", value_name = "FILE")]
-    tls_key: Option<PathBuf>,
+    pub(crate) tls_key: Option<PathBuf>,
     /// For tls://: the CA certificates (PEM) the broker's certificate must chain to.
     #[arg(long, env = "EVENTBUS_TLS_CA", value_name = "FILE")]
-    tls_ca: Option<PathBuf>,
+    pub(crate) tls_ca: Option<PathBuf>,
 }
 
 impl BrokerArg {

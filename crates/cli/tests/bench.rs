@@ -107,3 +107,21 @@ fn the_table_reports_the_stalled_reader_comparison() {
         "{out}"
     );
 }
+
+/// `--tls`: the workers reach the broker over TCP with mutual TLS (a development PKI made for
+/// the run), and the rows say so.
+#[test]
+fn workloads_run_over_mutual_tls() {
+    for w in ["w1", "w3"] {
+        let rows: Vec<Value> = run(&["--json", "--tls", "--workload", w, "--scale", "0.002"])
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|r: &Value| r["workload"] == w)
+            .collect();
+        assert!(!rows.is_empty(), "no {w} row");
+        for r in &rows {
+            assert!(r["variant"].as_str().unwrap().starts_with("tls,"), "{r}");
+            assert_eq!(r["lost"], 0, "{r}");
+        }
+    }
+}

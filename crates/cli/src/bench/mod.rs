@@ -141,6 +141,11 @@ pub(crate) struct BenchArgs {
     /// are labelled with it.
     #[arg(long, value_enum, value_name = "MODE", requires = "data_dir")]
     fsync: Option<crate::FsyncArg>,
+    /// Connect every worker over TCP with mutual TLS (rows labelled `tls`) instead of the
+    /// Unix socket: the broker listens on 127.0.0.1 with a development PKI made for the run
+    /// (`eventbus tls dev-pki`).
+    #[arg(long, conflicts_with = "socket")]
+    tls: bool,
 }
 
 /// The guarantees the streaming workloads run in.
@@ -214,6 +219,8 @@ struct Ctx {
     broker_pid: Option<u32>,
     /// The broker keeps durable subscriptions on disk (`--data-dir`), with this `fsync`.
     disk: Option<&'static str>,
+    /// How workers reach the broker: `uds` or `tls`.
+    transport: &'static str,
 }
 
 impl Ctx {
@@ -244,7 +251,7 @@ impl Ctx {
 
     /// Variant label: transport, process model, QoS, and an optional detail.
     fn variant(&self, detail: &str) -> String {
-        let base = format!("uds,proc,{}", self.qos_name());
+        let base = format!("{},proc,{}", self.transport, self.qos_name());
         if detail.is_empty() {
             base
         } else {
@@ -352,11 +359,37 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             if let Some(f) = args.fsync {
                 serve.extend(["--fsync".into(), f.as_str().into()]);
             }
+            if args.tls {
+                let pki = crate::tls_cmd::dev_pki(&dir.join("pki"), &[], &["bench".into()])?;
+                let (_, cert, key) = &pki.clients[0];
+                let env = [
+                    ("EVENTBUS_TLS_CERT", cert),
+                    ("EVENTBUS_TLS_KEY", key),
+                    ("EVENTBUS_TLS_CA", &pki.ca),
+                ];
+                let _ =
+                    process::WORKER_ENV.set(env.map(|(k, v)| (k.to_owned(), v.clone())).to_vec());
+                serve.extend(["--tls-listen".into(), "127.0.0.1:0".into()]);
+                for (flag, path) in [
+                    ("--tls-cert", &pki.broker_cert),
+                    ("--tls-key", &pki.broker_key),
+                    ("--tls-client-ca", &pki.ca),
+                ] {
+                    serve.extend([flag.into(), path.display().to_string()]);
+                }
+            }
             let w = Worker::spawn(&serve, "broker")?;
-            let line = w.line(READY_WAIT)?;
+            let mut line = w.line(READY_WAIT)?;
             if !line.starts_with("listening on") {
                 bail!("broker printed {line:?}");
             }
+            if args.tls {
+                line = w.line(READY_WAIT)?;
+            }
+            let socket = match line.strip_prefix("listening on tls:") {
+                Some(addr) => format!("tls://{addr}"),
+                None => socket,
+            };
             let ready = start.elapsed().as_secs_f64() * 1000.0;
             let pid = w.child.id();
             broker = Some(w);
@@ -372,6 +405,7 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             .data_dir
             .is_some()
             .then(|| args.fsync.map_or(crate::FsyncArg::Interval, |f| f).as_str()),
+        transport: if args.tls { "tls" } else { "uds" },
     };
     let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
     let steps = plan(args.workload, args.qos);
@@ -579,9 +613,14 @@ fn w3(ctx: &Ctx) -> Result<Vec<Row>> {
     )?;
     responder.ready()?;
     let mut rows = Vec::new();
+    let t = ctx.transport;
     for (inflight, count, variant) in [
-        (1, scaled(20_000, ctx.scale), "uds,proc,rpc"),
-        (64, scaled(200_000, ctx.scale), "uds,proc,rpc,64inflight"),
+        (1, scaled(20_000, ctx.scale), format!("{t},proc,rpc")),
+        (
+            64,
+            scaled(200_000, ctx.scale),
+            format!("{t},proc,rpc,64inflight"),
+        ),
     ] {
         let args = [
             "bench-worker",
@@ -604,7 +643,7 @@ fn w3(ctx: &Ctx) -> Result<Vec<Row>> {
         rows.push(Row::latency(
             "daemoneye-eventbus",
             "w3",
-            variant,
+            &variant,
             count,
             &r,
             ctx.peak_rss_kb(),
@@ -652,6 +691,7 @@ fn w6(ctx: &Ctx) -> Result<Vec<Row>> {
     }
     let published = num(&p, "end_ns").saturating_sub(num(&p, "start_ns")) as f64 / 1e9;
     let publish = Row::durable(
+        ctx.transport,
         "durable-publish",
         ctx.disk,
         n,
@@ -664,6 +704,7 @@ fn w6(ctx: &Ctx) -> Result<Vec<Row>> {
     let r = sub.result()?;
     let secs = num(&r, "last_ns").saturating_sub(num(&r, "first_ns")) as f64 / 1e9;
     let backlog = Row::durable(
+        ctx.transport,
         "durable-backlog",
         ctx.disk,
         n,

@@ -10,6 +10,11 @@ use std::time::Duration;
 pub(super) const READY_WAIT: Duration = Duration::from_secs(30);
 const RESULT_WAIT: Duration = Duration::from_secs(600);
 
+/// Environment every worker gets (the client certificate of a TLS run), set once by the
+/// controller before it starts any.
+pub(super) static WORKER_ENV: std::sync::OnceLock<Vec<(String, std::path::PathBuf)>> =
+    std::sync::OnceLock::new();
+
 /// A worker process; killed on drop if still running.
 pub(super) struct Worker {
     pub(super) child: Child,
@@ -23,6 +28,7 @@ impl Worker {
         let exe = std::env::current_exe().context("locating the eventbus binary")?;
         let mut child = Command::new(exe)
             .args(args)
+            .envs(WORKER_ENV.get().into_iter().flatten().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

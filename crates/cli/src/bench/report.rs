@@ -117,11 +117,12 @@ impl Row {
 
     /// W6: a durable subscription's backlog redelivered, from the subscriber's first message
     /// to its last.
-    /// W6: a durable subscription's `phase` (`durable-publish`: its backlog published, every
+    /// W6 over `transport` (`uds`, `tls`): a durable subscription's `phase` (`durable-publish`: its backlog published, every
     /// message acknowledged; `durable-backlog`: the backlog redelivered), `received` of
     /// `count` in `secs`; `disk`: the broker keeps durable subscriptions on disk, with this
     /// `fsync`.
     pub(crate) fn durable(
+        transport: &str,
         phase: &str,
         disk: Option<&str>,
         count: u64,
@@ -130,8 +131,8 @@ impl Row {
         rss: Option<u64>,
     ) -> Self {
         let variant = match disk {
-            Some(fsync) => format!("uds,proc,processed,{phase},disk,fsync={fsync}"),
-            None => format!("uds,proc,processed,{phase}"),
+            Some(fsync) => format!("{transport},proc,processed,{phase},disk,fsync={fsync}"),
+            None => format!("{transport},proc,processed,{phase}"),
         };
         let mut row = Self::empty("daemoneye-eventbus", "w6", &variant, 256, count);
         row.seconds = Some(secs);

@@ -6,11 +6,11 @@
 
 use super::{Role, mono_ns, workload_topics};
 use anyhow::{Context, Result, bail};
+use daemoneye_eventbus::Topic;
 use daemoneye_eventbus::client::{
     Client, ClientOptions, ConnectError, Publish, RecvError, ServeOptions,
 };
 use daemoneye_eventbus::core::codec::ErrorCode;
-use daemoneye_eventbus::{Endpoint, Topic};
 use hdrhistogram::Histogram;
 use serde_json::json;
 use std::io::{BufRead, Write};
@@ -40,10 +40,20 @@ fn wait_go() -> Result<()> {
 /// [`CONNECT_PATIENCE`]: the connections of the workload before may not all be gone yet (the
 /// broker sees a closed socket a little after its process exits).
 async fn connect(socket: &str, name: &str) -> Result<Client> {
-    let ep = Endpoint::parse(socket)?;
+    // A tls:// broker: the certificate the controller made, from the environment.
+    let var = |k| std::env::var_os(k).map(std::path::PathBuf::from);
+    let broker = crate::shared::BrokerArg {
+        socket: Some(socket.to_owned()),
+        tls_cert: var("EVENTBUS_TLS_CERT"),
+        tls_key: var("EVENTBUS_TLS_KEY"),
+        tls_ca: var("EVENTBUS_TLS_CA"),
+    };
+    let (ep, tls) = broker.resolve()?;
     let deadline = tokio::time::Instant::now() + CONNECT_PATIENCE;
     loop {
-        match Client::connect(&ep, ClientOptions::named(name)).await {
+        let mut options = ClientOptions::named(name);
+        options.tls.clone_from(&tls);
+        match Client::connect(&ep, options).await {
             Err(ConnectError::Refused {
                 code: ErrorCode::ConnectionLimit,
                 ..
