@@ -336,9 +336,8 @@ async fn accept_loop(hub: Arc<Hub>, mut listener: Listener) {
         };
         match accepted {
             Ok(incoming) => {
-                let permit = Arc::clone(&hub.limit).try_acquire_owned().ok();
                 hub.tracker
-                    .spawn(session::serve(Arc::clone(&hub), incoming, permit));
+                    .spawn(session::serve(Arc::clone(&hub), incoming));
             }
             Err(e) => {
                 // Usually descriptor exhaustion: back off briefly instead of spinning.

@@ -185,6 +185,10 @@ pub(crate) struct Hub {
     /// Tears every connection down at once (after the drain deadline).
     pub(crate) kill: CancellationToken,
     pub(crate) limit: Arc<Semaphore>,
+    /// TLS handshakes in progress, at most [`MAX_PENDING_HANDSHAKES`]: they hold no
+    /// `max_connections` slot, so network peers that never finish one cannot lock local
+    /// clients out.
+    pub(crate) handshakes: Arc<Semaphore>,
     allowed_uids: Vec<u32>,
     /// Open sessions (id → name), listed in the shutdown report when they overrun.
     pub(crate) sessions: parking_lot::Mutex<std::collections::BTreeMap<u64, String>>,
@@ -236,6 +240,7 @@ impl Hub {
             drain: CancellationToken::new(),
             kill: CancellationToken::new(),
             limit: Arc::new(Semaphore::new(config.max_connections)),
+            handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
             allowed_uids,
             sessions: parking_lot::Mutex::new(std::collections::BTreeMap::new()),
             started: Instant::now(),
@@ -1689,6 +1694,10 @@ pub(crate) fn identity_key(peer: &PeerInfo) -> String {
         (kind, ..) => format!("{kind:?} peer"),
     }
 }
+
+/// TLS handshakes in progress at once; a connection beyond is closed at once, counted in
+/// `tls_refused`.
+pub(crate) const MAX_PENDING_HANDSHAKES: usize = 64;
 
 /// Identities whose first connection the audit trail remembers.
 const SEEN_IDENTITIES: usize = 4096;

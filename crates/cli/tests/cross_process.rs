@@ -1401,7 +1401,9 @@ fn the_audit_trail_records_control_actions_and_shows_tampering() {
     let head = loop {
         let s = broker.stats();
         let kinds = std::fs::read_to_string(&trail).unwrap_or_default();
-        if kinds.contains("policy_reload") && kinds.contains("control_reply") {
+        // The head and the file agree (nothing was written between the two readings).
+        let agree = s["audit_head"]["seq"].as_u64() == Some(kinds.lines().count() as u64);
+        if agree && kinds.contains("policy_reload") && kinds.contains("control_reply") {
             break s["audit_head"].clone();
         }
         assert!(

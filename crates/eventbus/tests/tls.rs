@@ -348,3 +348,70 @@ async fn bad_tls_files_are_named() {
     };
     assert!(bad.validate().is_err());
 }
+
+/// Network peers that open connections and never finish a handshake hold no
+/// `max_connections` slot: local clients keep connecting; past 64 handshakes in progress, a
+/// further connection is closed at once and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_handshakes_never_lock_local_clients_out() {
+    let d = dir("pending");
+    let pki = Pki::new(&d.0);
+    let listen = TlsListen {
+        listen: "127.0.0.1:0".into(),
+        cert: pki.broker.cert.clone(),
+        key: pki.broker.key.clone(),
+        client_ca: pki.ca.clone(),
+    };
+    let unix = Endpoint::Unix(d.0.join("bus.sock"));
+    let config = common::open(BrokerConfig {
+        max_connections: 4,
+        // Far beyond this test: what is refused is refused for the handshakes in progress.
+        handshake_timeout_ms: 60_000,
+        tls: Some(listen.clone()),
+        ..BrokerConfig::default()
+    });
+    let broker = Broker::start_on(config, &[unix.clone(), listen.endpoint().unwrap()])
+        .await
+        .unwrap();
+    let tls_port = port(&broker.endpoints()[1]);
+    let mut silent = Vec::new();
+    for _ in 0..65 {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+                .await
+                .unwrap(),
+        );
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while broker.stats().tls_refused < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            broker.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(broker.stats().tls_refused, 1);
+    // Every local slot is free.
+    let mut locals = Vec::new();
+    for i in 0..4 {
+        let mut o = ClientOptions::named(format!("local{i}"));
+        o.reconnect.enabled = false;
+        locals.push(Client::connect(&unix, o).await.unwrap());
+    }
+    // And a network peer with a certificate gets in once the silent ones are gone.
+    drop(silent);
+    drop(locals);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let a = loop {
+        match connect(&broker.endpoints()[1], "a", &pki.client_a).await {
+            Ok(a) => break a,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    a.close().await;
+    broker.shutdown().await;
+}

@@ -22,30 +22,40 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::OwnedSemaphorePermit;
 
 /// How long a refusal or a last error frame may take to write.
 const LAST_WORDS: Duration = Duration::from_millis(500);
 
 /// Serves one accepted connection to the end: a TLS connection first finishes its handshake
 /// within the handshake deadline.
-pub(crate) async fn serve(hub: Arc<Hub>, incoming: Incoming, permit: Option<OwnedSemaphorePermit>) {
+pub(crate) async fn serve(hub: Arc<Hub>, incoming: Incoming) {
     let before = incoming.peer();
+    let tls = before.transport == TransportKind::Tls;
+    let tls_slot = tls.then(|| Arc::clone(&hub.handshakes).try_acquire_owned());
     let deadline = hub.config.handshake_timeout();
-    let established = tokio::select! {
-        r = tokio::time::timeout(deadline, incoming.establish()) => r,
-        () = hub.drain.cancelled() => return,
-    };
-    let conn = match established {
-        Ok(Ok(conn)) => conn,
-        failed => {
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!(
+    let established = match tls_slot {
+        Some(Err(_)) => Err(format!(
+            "{} TLS handshakes are in progress already; closing",
+            crate::hub::MAX_PENDING_HANDSHAKES
+        )),
+        _ => tokio::select! {
+            r = tokio::time::timeout(deadline, incoming.establish()) => match r {
+                Ok(Ok(conn)) => Ok(conn),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!(
                     "no TLS handshake within {} ms; closing",
                     deadline.as_millis()
-                ),
-            };
+                )),
+            },
+            () = hub.drain.cancelled() => return,
+        },
+    };
+    drop(tls_slot);
+    // A connection takes a `max_connections` slot once established.
+    let permit = Arc::clone(&hub.limit).try_acquire_owned().ok();
+    let conn = match established {
+        Ok(conn) => conn,
+        Err(why) => {
             Counters::add(&hub.counters.connections_refused, 1);
             Counters::add(&hub.counters.tls_refused, 1);
             hub.refused(&crate::hub::identity_key(&before));
