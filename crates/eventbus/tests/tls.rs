@@ -48,6 +48,23 @@ async fn connect(ep: &Endpoint, name: &str, files: &Files) -> Result<Client, Con
     Client::connect(ep, o).await
 }
 
+/// `from` publishes on `topic`, and `to` receives it.
+async fn published(
+    from: &Client,
+    to: &mut daemoneye_eventbus::client::Subscription,
+    topic: &str,
+) -> daemoneye_eventbus::Message {
+    from.publish(&Topic::new(topic).unwrap(), "x")
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(WAIT, to.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.topic().as_str(), topic);
+    m
+}
+
 /// Rules naming the two good clients by subject.
 fn policy(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("acl.toml");
@@ -93,14 +110,7 @@ async fn a_verified_subject_is_the_identity_the_policy_names() {
     assert_eq!(reply.payload().as_ref(), b"re: status");
     let refused = a.request(&topic, "status", WAIT).await.unwrap_err();
     assert_eq!(refused.kind, RpcErrorKind::Refused, "{refused}");
-    a.publish(&Topic::new("events.a.seen").unwrap(), "x")
-        .await
-        .unwrap();
-    let m = tokio::time::timeout(WAIT, events.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(m.topic().as_str(), "events.a.seen");
+    let m = published(&a, &mut events, "events.a.seen").await;
     assert_eq!(m.header().source.as_str(), "a");
     // The broker shows who they are.
     let stats = broker.stats();
@@ -222,14 +232,7 @@ async fn peers_that_cannot_prove_who_they_are_are_refused_and_counted() {
     );
     // Everyone else was served throughout.
     let a = connect(&ep, "a", &pki.client_a).await.unwrap();
-    a.publish(&Topic::new("events.a.after").unwrap(), "x")
-        .await
-        .unwrap();
-    let m = tokio::time::timeout(WAIT, events.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(m.topic().as_str(), "events.a.after");
+    published(&a, &mut events, "events.a.after").await;
     // Each refusal is in the audit trail with its reason.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {

@@ -102,6 +102,15 @@ fn roots(path: &Path) -> Result<Arc<rustls::RootCertStore>, TransportError> {
     Ok(Arc::new(store))
 }
 
+/// A certificate and key that do not go together (or a key rustls cannot use).
+fn mismatched(files: &TlsFiles, e: &rustls::Error) -> TransportError {
+    bad(format!(
+        "the certificate {} with the key {}: {e}",
+        files.cert.display(),
+        files.key.display()
+    ))
+}
+
 impl ServerTls {
     /// Reads the broker's certificate and key, and the CA its clients' certificates must
     /// chain to. Every client must present such a certificate.
@@ -124,13 +133,7 @@ impl ServerTls {
             .map_err(|e| bad(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
-            .map_err(|e| {
-                bad(format!(
-                    "the certificate {} with the key {}: {e}",
-                    files.cert.display(),
-                    files.key.display()
-                ))
-            })?;
+            .map_err(|e| mismatched(files, &e))?;
         Ok(Self {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         })
@@ -152,13 +155,7 @@ impl ClientTls {
             .map_err(|e| bad(e.to_string()))?
             .with_root_certificates(roots(&files.ca)?)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| {
-                bad(format!(
-                    "the certificate {} with the key {}: {e}",
-                    files.cert.display(),
-                    files.key.display()
-                ))
-            })?;
+            .map_err(|e| mismatched(files, &e))?;
         Ok(Self {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         })
