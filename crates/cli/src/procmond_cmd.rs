@@ -43,9 +43,26 @@ pub(crate) struct Args {
     /// `lost`).
     #[arg(long, value_enum, default_value_t = SpoolFullArg::Refuse, requires = "spool_dir")]
     spool_full: SpoolFullArg,
+    /// Where process events come from: `auto` (the kernel's process-events connector when
+    /// procmond may listen to it: root, in the initial namespaces; else scanning /proc),
+    /// `kernel` (the connector or nothing), `proc` (scanning /proc every --scan-interval-ms:
+    /// a process living less may be missed).
+    #[arg(long, value_enum, default_value_t = SourceArg::Auto)]
+    source: SourceArg,
     /// The proc file system to read.
     #[arg(long, default_value = "/proc", hide = true)]
     proc_root: PathBuf,
+}
+
+/// `--source`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SourceArg {
+    /// The connector when allowed, else /proc.
+    Auto,
+    /// The connector only.
+    Kernel,
+    /// /proc only.
+    Proc,
 }
 
 /// `--spool-full`.
@@ -81,6 +98,11 @@ pub(crate) async fn run(args: Args) -> Result<()> {
         batch_interval: Duration::from_secs(args.batch_interval_secs),
         heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
         hash_executables: args.hash_executables,
+        source: match args.source {
+            SourceArg::Auto => daemoneye_procmond::SourceChoice::Auto,
+            SourceArg::Kernel => daemoneye_procmond::SourceChoice::Kernel,
+            SourceArg::Proc => daemoneye_procmond::SourceChoice::Proc,
+        },
     };
     let stop = async {
         #[cfg(unix)]

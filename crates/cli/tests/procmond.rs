@@ -32,6 +32,8 @@ fn procmond_policy(dir: &std::path::Path) -> String {
     policy.display().to_string()
 }
 
+/// Scanning `/proc` (`--source proc`, the fallback): a process that lives a few scan
+/// intervals is reported, start and exit, from the scans.
 #[test]
 fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     let dir = TempDir::new("procmond");
@@ -52,6 +54,8 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
         "--id",
         "procmond",
         "--hash-executables",
+        "--source",
+        "proc",
     ])
     .env("EVENTBUS_SOCKET", &broker.socket);
     let mut procmond = Proc::spawn(cmd);
@@ -83,6 +87,7 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
         }
         assert_eq!(e["ppid"], std::process::id());
         assert!(e["metadata"]["uid"].as_str().is_some());
+        assert_eq!(e["metadata"]["source"], "proc");
         let what = e["metadata"]["event"].as_str().unwrap().to_owned();
         if what == "exit" {
             // Seen last after its exec (a start may be seen between fork and exec, still
@@ -225,4 +230,65 @@ fn procmond_with_a_spool_loses_no_event_to_a_broker_restart_and_its_own_death() 
         seen.push(v["event"]["metadata"]["event"].as_str().unwrap().to_owned());
     }
     assert!(seen.contains(&"start".to_owned()), "{seen:?}");
+}
+
+/// The subscriber's next `events.process.lifecycle` event, within `deadline`.
+fn next_event(rx: &std::sync::mpsc::Receiver<String>, deadline: Instant) -> serde_json::Value {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).expect("an event before the deadline");
+        if line.contains("events.process.lifecycle") {
+            return serde_json::from_str::<serde_json::Value>(&line).unwrap()["event"].clone();
+        }
+    }
+}
+
+/// From the kernel (`--source kernel`, as root): 200 processes that each live about a
+/// millisecond are every one reported, start and exit, and the source is in the events.
+#[test]
+fn procmond_from_the_kernel_sees_processes_that_live_a_millisecond() {
+    let dir = TempDir::new("procmond-kernel");
+    let config = format!("[broker]\nacl_file = \"{}\"\n", procmond_policy(dir.path()));
+    let broker = Broker::start(dir.path(), Some(&config));
+    let sub = broker.sub(&[
+        "--json",
+        "events.process.lifecycle",
+        "control.health.heartbeat.+",
+    ]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+    cmd.args(["--heartbeat-secs", "1", "--source", "kernel"])
+        .env("EVENTBUS_SOCKET", &broker.socket);
+    let mut procmond = Proc::spawn(cmd);
+    let rx = sub.stdout.as_ref().unwrap();
+    wait_line(rx, "a heartbeat", |l| {
+        l.contains("control.health.heartbeat.procmond")
+    });
+    let mut pids = std::collections::BTreeMap::new();
+    for _ in 0..200 {
+        let mut child = Command::new("/bin/true").spawn().unwrap();
+        pids.insert(child.id(), (false, false));
+        child.wait().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.values().any(|seen| *seen != (true, true)) {
+        let e = next_event(rx, deadline);
+        let Some(seen) = e["pid"]
+            .as_u64()
+            .and_then(|p| pids.get_mut(&u32::try_from(p).unwrap()))
+        else {
+            continue;
+        };
+        assert_eq!(e["metadata"]["source"], "kernel", "{e}");
+        match e["metadata"]["event"].as_str().unwrap() {
+            "start" => seen.0 = true,
+            "exit" => {
+                assert!(seen.0, "an exit before its start: {e}");
+                assert_eq!(e["metadata"]["exit_code"], "0", "{e}");
+                seen.1 = true;
+            }
+            _ => {}
+        }
+    }
+    procmond.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(procmond.wait(), 0);
 }

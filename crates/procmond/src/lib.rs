@@ -5,11 +5,21 @@
 //! `control.collector.<id>` (health, heartbeat, metrics, configuration, capabilities,
 //! shutdown).
 //!
-//! A process that lives at least one scan interval is seen: its start is reported at the
-//! first scan after it appeared and its exit at the first scan after it was gone, so both
-//! within one interval (default 500 ms). A process that runs another program (`exec`: same
-//! pid and start time, another executable) is reported with `metadata.event = "exec"`.
+//! Process events come from the kernel's process-events connector when procmond may listen
+//! to it (Linux, `CAP_NET_ADMIN`, the initial namespaces: [`connector`]): every fork, exec
+//! and exit as it happens, so even a process that lives a millisecond is reported, with what
+//! `/proc` still shows of it; `/proc` is read again every [`RECONCILE_SCANS`] scan intervals
+//! to fill in and to catch what was lost. Otherwise procmond scans `/proc`: a process that
+//! lives at least one scan interval is seen, its start reported at the first scan after it
+//! appeared and its exit at the first scan after it was gone, so both within one interval
+//! (default 500 ms). A process that runs another program (`exec`) is reported with
+//! `metadata.event = "exec"`. Every event says its `metadata.source` (`kernel` or `proc`).
+//!
+//! Health is measured ([`health`]): Unhealthy while `/proc` cannot be read, Degraded for a
+//! minute after events were lost, could not be published, or executables went unhashed.
 
+pub mod connector;
+pub mod health;
 pub mod procfs;
 
 use daemoneye_eventbus::client::{Client, Publish, Service};
@@ -46,7 +56,24 @@ pub struct Settings {
     pub heartbeat_interval: Duration,
     /// Publish the SHA-256 of each new process's executable.
     pub hash_executables: bool,
+    /// Where process events come from (chosen at start).
+    pub source: SourceChoice,
 }
+
+/// Where procmond takes process events from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceChoice {
+    /// The kernel's connector when it may listen, `/proc` scanning otherwise (default).
+    #[default]
+    Auto,
+    /// The kernel's connector, or procmond does not start.
+    Kernel,
+    /// `/proc` scanning only.
+    Proc,
+}
+
+/// With the kernel's events, `/proc` is read again every this many scan intervals.
+pub const RECONCILE_SCANS: u32 = 10;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -55,6 +82,7 @@ impl Default for Settings {
             batch_interval: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             hash_executables: false,
+            source: SourceChoice::Auto,
         }
     }
 }
@@ -151,6 +179,11 @@ pub enum ProcmondError {
         /// Why.
         source: std::io::Error,
     },
+    /// `--source kernel` was asked for and the connector cannot be used.
+    #[error(
+        "cannot listen to the kernel's process events: {0} (run as root, in the initial namespaces, or use --source auto)"
+    )]
+    Connector(std::io::Error),
     /// The collector services could not be served.
     #[error("cannot serve control.collector.{id}: {message}")]
     Serve {
@@ -175,8 +208,49 @@ struct Shared {
     last_scan_us: AtomicU64,
     heartbeats: AtomicU64,
     /// Executables not hashed because the hasher's queue was full.
-    hashes_skipped: AtomicU64,
+    hashes_skipped: Loss,
+    /// Events not published.
+    publish_failures: Loss,
+    /// Times process events were lost.
+    events_lost: Loss,
+    /// Kernel events received.
+    kernel_events: AtomicU64,
+    /// The last read of `/proc` failed with this (none succeeded since).
+    scan_failing: Mutex<Option<String>>,
+    /// Where process events come from.
+    source: Mutex<health::Source>,
     stop: Notify,
+}
+
+/// A kind of loss: counted, with when the last one happened.
+#[derive(Default)]
+struct Loss {
+    count: AtomicU64,
+    last: Mutex<Option<Instant>>,
+}
+
+impl Loss {
+    fn add(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.count.fetch_add(n, Ordering::Relaxed);
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    fn seen(&self) -> health::Losses {
+        health::Losses {
+            count: self.count.load(Ordering::Relaxed),
+            since_last: self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .map(|t| t.elapsed()),
+        }
+    }
 }
 
 impl Shared {
@@ -186,6 +260,36 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0
             .clone()
+    }
+
+    fn source(&self) -> health::Source {
+        self.source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_source(&self, source: health::Source) {
+        tracing::info!(source = %source.describe(), "process events");
+        *self
+            .source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = source;
+    }
+
+    /// The status and its reason, from what was measured.
+    fn health(&self) -> (HealthStatus, String) {
+        health::assess(&health::Observed {
+            source: self.source(),
+            scan_failing: self
+                .scan_failing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            events_lost: self.events_lost.seen(),
+            publish_failures: self.publish_failures.seen(),
+            hashes_skipped: self.hashes_skipped.seen(),
+        })
     }
 }
 
@@ -208,16 +312,25 @@ pub async fn run(
     let shared = Arc::new(Shared {
         id: id.to_owned(),
         events,
-        settings: Mutex::new((settings, 1)),
+        settings: Mutex::new((settings.clone(), 1)),
         started: Instant::now(),
         scans: AtomicU64::new(0),
         published: AtomicU64::new(0),
         processes: AtomicU64::new(0),
         last_scan_us: AtomicU64::new(0),
         heartbeats: AtomicU64::new(0),
-        hashes_skipped: AtomicU64::new(0),
+        hashes_skipped: Loss::default(),
+        publish_failures: Loss::default(),
+        events_lost: Loss::default(),
+        kernel_events: AtomicU64::new(0),
+        scan_failing: Mutex::new(None),
+        source: Mutex::new(health::Source::Proc {
+            every: settings.scan_interval,
+            why: None,
+        }),
         stop: Notify::new(),
     });
+    let kernel = kernel_events(&shared, &settings)?;
     let boot = procfs::parse_boot_time(&std::fs::read_to_string(proc_root.join("stat")).map_err(
         |source| ProcmondError::Proc {
             path: proc_root.join("stat"),
@@ -246,9 +359,11 @@ pub async fn run(
         ticks_per_sec: clock_ticks(),
         users: HashMap::new(),
         hash_jobs,
+        recent_exits: HashMap::new(),
+        exit_code: None,
     };
     tokio::select! {
-        r = scanner.run() => r?,
+        r = scanner.run(kernel) => r?,
         () = hasher.run() => {}
         () = heartbeats(client.clone(), Arc::clone(&shared)) => {}
         () = shared.stop.notified() => tracing::info!("shutdown requested"),
@@ -257,6 +372,51 @@ pub async fn run(
     service.drain(Duration::from_secs(5)).await;
     client.drain().await;
     Ok(())
+}
+
+/// The kernel's process events, as `settings.source` asks and the system allows; the source
+/// in use is set in `shared` either way.
+#[cfg(target_os = "linux")]
+fn kernel_events(
+    shared: &Shared,
+    settings: &Settings,
+) -> Result<Option<connector::Listener>, ProcmondError> {
+    if settings.source == SourceChoice::Proc {
+        return Ok(None);
+    }
+    match connector::Listener::start() {
+        Ok(l) => {
+            shared.set_source(health::Source::Kernel {
+                reconcile: settings.scan_interval * RECONCILE_SCANS,
+            });
+            Ok(Some(l))
+        }
+        Err(e) if settings.source == SourceChoice::Kernel => Err(ProcmondError::Connector(e)),
+        Err(e) => {
+            shared.set_source(health::Source::Proc {
+                every: settings.scan_interval,
+                why: Some(e.to_string()),
+            });
+            Ok(None)
+        }
+    }
+}
+
+/// Off Linux there is no connector: `/proc` scanning, or (asked for the kernel) an error.
+#[cfg(not(target_os = "linux"))]
+fn kernel_events(
+    shared: &Shared,
+    settings: &Settings,
+) -> Result<Option<std::convert::Infallible>, ProcmondError> {
+    let why = "the proc connector exists on Linux only".to_owned();
+    if settings.source == SourceChoice::Kernel {
+        return Err(ProcmondError::Connector(std::io::Error::other(why)));
+    }
+    shared.set_source(health::Source::Proc {
+        every: settings.scan_interval,
+        why: (settings.source == SourceChoice::Auto).then_some(why),
+    });
+    Ok(None)
 }
 
 #[cfg(unix)]
@@ -290,7 +450,7 @@ async fn heartbeats(client: Client, shared: Arc<Shared>) {
             collector_id: shared.id.clone(),
             sequence: n,
             timestamp_ns: now_ns(),
-            status: HealthStatus::Healthy as i32,
+            status: shared.health().0 as i32,
             pid: std::process::id(),
         };
         if let Err(e) = client.publish(&topic, beat.encode_to_vec()).await {
@@ -298,6 +458,69 @@ async fn heartbeats(client: Client, shared: Arc<Shared>) {
         }
         tokio::time::sleep(shared.settings().heartbeat_interval).await;
     }
+}
+
+#[cfg(target_os = "linux")]
+type KernelSource = connector::Listener;
+#[cfg(not(target_os = "linux"))]
+type KernelSource = std::convert::Infallible;
+
+/// The kernel's events as the scanner reads them, with the losses it has reported.
+struct Kernel {
+    #[cfg(target_os = "linux")]
+    listener: connector::Listener,
+    reported_lost: u64,
+}
+
+#[cfg(target_os = "linux")]
+impl From<connector::Listener> for Kernel {
+    fn from(listener: connector::Listener) -> Self {
+        Self {
+            listener,
+            reported_lost: 0,
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl From<std::convert::Infallible> for Kernel {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
+impl Kernel {
+    /// Losses since the last call (each one means `/proc` must be read again).
+    fn new_losses(&mut self) -> u64 {
+        #[cfg(target_os = "linux")]
+        {
+            let c = &self.listener.counts;
+            c.resync.store(false, Ordering::Release);
+            let lost = c.lost.load(Ordering::Relaxed);
+            let new = lost - self.reported_lost;
+            self.reported_lost = lost;
+            new
+        }
+        #[cfg(not(target_os = "linux"))]
+        self.reported_lost
+    }
+}
+
+/// The next batch of kernel events; never, without them; `None` when they stopped.
+async fn next_batch(kernel: &mut Option<Kernel>) -> Option<Vec<connector::KernelEvent>> {
+    match kernel {
+        #[cfg(target_os = "linux")]
+        Some(k) => k.listener.events.recv().await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// The key of the process `pid` in `known`, if there is one.
+fn known_pid(known: &Snapshot, pid: u32) -> Option<(u32, u64)> {
+    known
+        .range((pid, 0)..=(pid, u64::MAX))
+        .next()
+        .map(|(k, _)| *k)
 }
 
 struct Scanner {
@@ -309,6 +532,11 @@ struct Scanner {
     users: HashMap<u32, Option<String>>,
     /// Executables to hash, for the [`Hasher`].
     hash_jobs: tokio::sync::mpsc::Sender<HashJob>,
+    /// Pids whose exit was reported, and when: not reported again, nor as a start while a
+    /// scan still lists them.
+    recent_exits: HashMap<u32, Instant>,
+    /// The wait status of the exit being published (kernel events).
+    exit_code: Option<u32>,
 }
 
 /// Most executables waiting to be hashed; when full, a new one is skipped and counted
@@ -382,7 +610,10 @@ async fn send(client: &Client, shared: &Shared, p: Publish) {
         Ok(_) => {
             shared.published.fetch_add(1, Ordering::Relaxed);
         }
-        Err(e) => tracing::warn!(error = %e, "event not published"),
+        Err(e) => {
+            shared.publish_failures.add(1);
+            tracing::warn!(error = %e, "event not published");
+        }
     }
 }
 
@@ -401,19 +632,67 @@ impl Scanner {
             })
     }
 
-    async fn run(mut self) -> Result<(), ProcmondError> {
-        let mut prev = self.snapshot().await?;
+    /// Reads `/proc`, keeping the living (a zombie has exited): `Err` with the reason when it
+    /// cannot be read, noted for the health report.
+    async fn living(&self) -> Result<Snapshot, ProcmondError> {
+        let read = self.snapshot().await;
+        *self
+            .shared
+            .scan_failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            read.as_ref().err().map(ToString::to_string);
+        let mut snap = read?;
+        snap.retain(|_, p| !matches!(p.state, 'Z' | 'X'));
+        Ok(snap)
+    }
+
+    async fn run(mut self, kernel: Option<KernelSource>) -> Result<(), ProcmondError> {
+        let mut known = self.living().await?;
         self.shared
             .processes
-            .store(prev.len() as u64, Ordering::Relaxed);
+            .store(known.len() as u64, Ordering::Relaxed);
         let mut last_batch = Instant::now();
-        self.learn_users(&prev).await;
-        self.publish_batch(&prev).await;
+        self.learn_users(&known).await;
+        self.publish_batch(&known).await;
+        let mut kernel = kernel.map(Kernel::from);
+        let mut next_scan = tokio::time::Instant::now();
         loop {
             let settings = self.shared.settings();
-            tokio::time::sleep(settings.scan_interval).await;
+            let every = match kernel {
+                Some(_) => settings.scan_interval * RECONCILE_SCANS,
+                None => settings.scan_interval,
+            };
+            next_scan = next_scan.max(tokio::time::Instant::now() - every) + every;
+            tokio::select! {
+                () = tokio::time::sleep_until(next_scan) => {}
+                batch = next_batch(&mut kernel) => {
+                    match batch {
+                        Some(batch) => {
+                            self.on_kernel(&mut known, &batch, &settings).await;
+                            // Events were lost: read /proc now to catch up.
+                            let lost = kernel.as_mut().map_or(0, Kernel::new_losses);
+                            if lost > 0 {
+                                self.shared.events_lost.add(lost);
+                                next_scan = tokio::time::Instant::now() - every;
+                            } else {
+                                next_scan -= every;
+                            }
+                        }
+                        None => {
+                            kernel = None;
+                            self.shared.set_source(health::Source::Proc {
+                                every: settings.scan_interval,
+                                why: Some("the kernel's process events stopped".into()),
+                            });
+                            next_scan -= every;
+                        }
+                    }
+                    continue;
+                }
+            }
             let began = Instant::now();
-            let next = match self.snapshot().await {
+            let next = match self.living().await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "scan failed");
@@ -421,41 +700,157 @@ impl Scanner {
                 }
             };
             self.learn_users(&next).await;
-            let (started, exited) = procfs::diff(&prev, &next);
-            for p in procfs::execs(&prev, &next) {
-                self.publish(p, "exec").await;
-                if settings.hash_executables {
-                    self.publish_hash(p);
-                }
-            }
-            for p in started {
-                self.publish(p, "start").await;
-                if settings.hash_executables {
-                    self.publish_hash(p);
-                }
-            }
-            for p in exited {
-                self.publish(p, "exit").await;
-            }
+            self.reconcile(&mut known, next, &settings).await;
             self.shared.scans.fetch_add(1, Ordering::Relaxed);
             self.shared
                 .processes
-                .store(next.len() as u64, Ordering::Relaxed);
+                .store(known.len() as u64, Ordering::Relaxed);
             self.shared.last_scan_us.store(
                 u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
                 Ordering::Relaxed,
             );
             if !settings.batch_interval.is_zero() && last_batch.elapsed() >= settings.batch_interval
             {
-                self.publish_batch(&next).await;
+                self.publish_batch(&known).await;
                 last_batch = Instant::now();
             }
-            prev = next;
         }
+    }
+
+    /// Reports what a scan shows changed since `known` (everything, without the kernel's
+    /// events; what they missed, with them), and makes the scan the new `known`.
+    async fn reconcile(&mut self, known: &mut Snapshot, next: Snapshot, settings: &Settings) {
+        let (started, exited) = procfs::diff(known, &next);
+        let execs: Vec<ProcInfo> = procfs::execs(known, &next).into_iter().cloned().collect();
+        let started: Vec<ProcInfo> = started
+            .into_iter()
+            .filter(|p| !self.recent_exits.contains_key(&p.pid))
+            .cloned()
+            .collect();
+        let exited: Vec<ProcInfo> = exited.into_iter().cloned().collect();
+        for p in &execs {
+            self.publish(p, "exec", "proc").await;
+            if settings.hash_executables {
+                self.publish_hash(p);
+            }
+        }
+        for p in &started {
+            self.publish(p, "start", "proc").await;
+            if settings.hash_executables {
+                self.publish_hash(p);
+            }
+        }
+        for p in &exited {
+            self.publish(p, "exit", "proc").await;
+            // Its exit may still be queued among the kernel's events: reported once.
+            self.recent_exits.insert(p.pid, Instant::now());
+        }
+        // A pid the kernel said exited stays refused as a start while /proc still lists it
+        // (a zombie not yet reaped shows as one at most a scan later).
+        self.recent_exits
+            .retain(|_, at| at.elapsed() < settings.scan_interval * (2 * RECONCILE_SCANS));
+        *known = next;
+    }
+
+    /// Reports the kernel's events: a new process at its fork (as `/proc` shows it then, or
+    /// by its pid alone if it is already gone), a new program at its exec, an exit at once.
+    async fn on_kernel(
+        &mut self,
+        known: &mut Snapshot,
+        batch: &[connector::KernelEvent],
+        settings: &Settings,
+    ) {
+        use connector::KernelEvent as K;
+        self.shared
+            .kernel_events
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for event in batch {
+            match *event {
+                K::Fork {
+                    parent_tgid,
+                    child_pid,
+                    child_tgid,
+                } if child_pid == child_tgid => {
+                    if known_pid(known, child_pid).is_some() {
+                        continue;
+                    }
+                    let p = match procfs::read_process(&self.root, child_pid) {
+                        Some(p) => {
+                            self.learn_user(p.uid).await;
+                            known.insert((p.pid, p.start_ticks), p.clone());
+                            p
+                        }
+                        None => ProcInfo::gone(child_pid, parent_tgid),
+                    };
+                    self.recent_exits.remove(&child_pid);
+                    self.publish(&p, "start", "kernel").await;
+                }
+                K::Exec { tgid, .. } => {
+                    let Some(now) = procfs::read_process(&self.root, tgid) else {
+                        // Gone already: what was known of it, or its pid.
+                        let was = known_pid(known, tgid).map_or_else(
+                            || ProcInfo::gone(tgid, 0),
+                            |k| {
+                                known
+                                    .get(&k)
+                                    .cloned()
+                                    .unwrap_or_else(|| ProcInfo::gone(tgid, 0))
+                            },
+                        );
+                        self.publish(&was, "exec", "kernel").await;
+                        continue;
+                    };
+                    self.learn_user(now.uid).await;
+                    let fresh = known
+                        .insert((now.pid, now.start_ticks), now.clone())
+                        .is_none();
+                    self.publish(&now, if fresh { "start" } else { "exec" }, "kernel")
+                        .await;
+                    if settings.hash_executables {
+                        self.publish_hash(&now);
+                    }
+                }
+                K::Exit {
+                    pid,
+                    tgid,
+                    exit_code,
+                    parent_tgid,
+                } if pid == tgid => {
+                    let gone = match known_pid(known, pid) {
+                        Some(k) => known.remove(&k),
+                        None if self.recent_exits.contains_key(&pid) => continue,
+                        None => None,
+                    };
+                    let p = gone.unwrap_or_else(|| ProcInfo::gone(pid, parent_tgid));
+                    self.recent_exits.insert(pid, Instant::now());
+                    self.exit_code = Some(exit_code);
+                    self.publish(&p, "exit", "kernel").await;
+                    self.exit_code = None;
+                }
+                _ => {}
+            }
+        }
+        self.shared
+            .processes
+            .store(known.len() as u64, Ordering::Relaxed);
     }
 
     fn user(&self, uid: u32) -> Option<String> {
         self.users.get(&uid).cloned().flatten()
+    }
+
+    /// Looks up the name of `uid` if not seen before (off this thread).
+    async fn learn_user(&mut self, uid: Option<u32>) {
+        let Some(uid) = uid.filter(|u| !self.users.contains_key(u)) else {
+            return;
+        };
+        let name = tokio::task::spawn_blocking(move || user_name(uid))
+            .await
+            .unwrap_or_default();
+        if self.users.len() > 65_536 {
+            self.users.clear();
+        }
+        self.users.insert(uid, name);
     }
 
     /// Looks up the names of the uids of `snap` not seen before, off this thread (a user
@@ -485,11 +880,26 @@ impl Scanner {
         self.users.extend(found);
     }
 
-    fn event(&mut self, p: &ProcInfo, what: &str) -> ProcessEvent {
+    fn event(&mut self, p: &ProcInfo, what: &str, source: &str) -> ProcessEvent {
         let mut metadata = HashMap::new();
         metadata.insert("event".to_owned(), what.to_owned());
         metadata.insert("collector".to_owned(), self.shared.id.clone());
-        metadata.insert("state".to_owned(), p.state.to_string());
+        metadata.insert("source".to_owned(), source.to_owned());
+        if p.is_gone() {
+            metadata.insert(
+                "details".to_owned(),
+                "unavailable: the process ended before /proc could be read".to_owned(),
+            );
+        } else {
+            metadata.insert("state".to_owned(), p.state.to_string());
+        }
+        if let Some(status) = self.exit_code {
+            // A wait status: the code in bits 8-15, or the signal that ended it.
+            match status & 0x7f {
+                0 => metadata.insert("exit_code".to_owned(), ((status >> 8) & 0xff).to_string()),
+                signal => metadata.insert("exit_signal".to_owned(), signal.to_string()),
+            };
+        }
         if let Some(uid) = p.uid {
             metadata.insert("uid".to_owned(), uid.to_string());
             if let Some(name) = self.user(uid) {
@@ -503,16 +913,17 @@ impl Scanner {
             name: p.name.clone(),
             command_line: p.command_line.clone(),
             executable_path: p.executable_path.clone(),
-            ppid: Some(p.ppid),
+            ppid: (p.ppid != 0 || !p.is_gone()).then_some(p.ppid),
             start_time: u64::try_from(start_ns)
                 .ok()
+                .filter(|_| !p.is_gone())
                 .map(|ns| UNIX_EPOCH + Duration::from_nanos(ns)),
             metadata,
         }
     }
 
-    async fn publish(&mut self, p: &ProcInfo, what: &str) {
-        let event = CollectionEvent::Process(self.event(p, what));
+    async fn publish(&mut self, p: &ProcInfo, what: &str, source: &str) {
+        let event = CollectionEvent::Process(self.event(p, what, source));
         let topic = event.topic();
         self.send(Publish::new(topic, event.encode())).await;
     }
@@ -529,7 +940,7 @@ impl Scanner {
         let mut bytes = 0;
         let all: Vec<epb::ProcessEvent> = snap
             .values()
-            .map(|p| epb::ProcessEvent::from(&self.event(p, "snapshot")))
+            .map(|p| epb::ProcessEvent::from(&self.event(p, "snapshot", "proc")))
             .collect();
         for p in all {
             let len = p.encoded_len() + 8;
@@ -573,7 +984,7 @@ impl Scanner {
             file,
         };
         if self.hash_jobs.try_send(job).is_err() {
-            self.shared.hashes_skipped.fetch_add(1, Ordering::Relaxed);
+            self.shared.hashes_skipped.add(1);
         }
     }
 }
@@ -622,7 +1033,14 @@ impl Handler {
             ("events_published", l(&s.published)),
             ("last_scan_ms", l(&s.last_scan_us) / 1000.0),
             ("heartbeats", l(&s.heartbeats)),
-            ("hashes_skipped", l(&s.hashes_skipped)),
+            ("hashes_skipped", l(&s.hashes_skipped.count)),
+            ("publish_failures", l(&s.publish_failures.count)),
+            ("events_lost", l(&s.events_lost.count)),
+            ("kernel_events", l(&s.kernel_events)),
+            (
+                "source_kernel",
+                f64::from(u8::from(s.source().name() == "kernel")),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -660,26 +1078,31 @@ impl CollectorHandler for Handler {
                      the agent (control.agent.lifecycle), which supervises it",
             )),
             (CollectorOperation::HealthCheck, Q::HealthCheck(h)) => {
+                let (status, message) = shared.health();
                 Ok(A::HealthCheck(pb::HealthCheckResponse {
-                    status: HealthStatus::Healthy as i32,
-                    message: format!(
-                        "scanning every {} ms",
-                        shared.settings().scan_interval.as_millis()
-                    ),
+                    status: status as i32,
+                    message,
                     metrics: if h.include_metrics {
                         self.metrics()
                     } else {
                         HashMap::new()
                     },
                     uptime_seconds: shared.started.elapsed().as_secs(),
-                    components: HashMap::new(),
+                    components: [(
+                        "source".to_owned(),
+                        pb::ComponentHealth {
+                            status: HealthStatus::Healthy as i32,
+                            message: shared.source().describe(),
+                        },
+                    )]
+                    .into(),
                 }))
             }
             (CollectorOperation::Heartbeat, Q::Heartbeat(h)) => Ok(A::Heartbeat(pb::Heartbeat {
                 collector_id: shared.id.clone(),
                 sequence: h.sequence,
                 timestamp_ns: now_ns(),
-                status: HealthStatus::Healthy as i32,
+                status: shared.health().0 as i32,
                 pid: std::process::id(),
             })),
             (CollectorOperation::GetMetrics, _) => Ok(A::Metrics(pb::MetricsResponse {

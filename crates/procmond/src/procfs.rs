@@ -25,6 +25,28 @@ pub struct ProcInfo {
     pub state: char,
 }
 
+impl ProcInfo {
+    /// A process known only by its pid (and parent, when known: else 0): it ended before
+    /// `/proc` could be read.
+    pub fn gone(pid: u32, ppid: u32) -> Self {
+        Self {
+            pid,
+            ppid,
+            name: String::new(),
+            command_line: None,
+            executable_path: None,
+            start_ticks: 0,
+            uid: None,
+            state: '?',
+        }
+    }
+
+    /// Whether this is [`ProcInfo::gone`]'s.
+    pub fn is_gone(&self) -> bool {
+        self.state == '?'
+    }
+}
+
 /// The fields of `/proc/<pid>/stat` procmond uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stat {
