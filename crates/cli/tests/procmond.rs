@@ -168,11 +168,15 @@ fn procmond_with_a_spool_loses_no_event_to_a_broker_restart_and_its_own_death() 
     maker.wait();
     let procmond = |socket: &std::path::Path| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+        // Scanning /proc: the kernel's events would also fill the spool with every short
+        // process of the tests running beside this one, which is not what this test is about.
         cmd.args([
             "--scan-interval-ms",
             "100",
             "--heartbeat-secs",
             "1",
+            "--source",
+            "proc",
             "--spool-dir",
         ])
         .arg(&spool)
