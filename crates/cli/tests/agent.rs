@@ -139,6 +139,17 @@ fn gone(pid: u32) -> bool {
 fn the_agent_supervises_procmond_and_reports_its_health() {
     let dir = TempDir::new("agent");
     let mut agent = start_agent(dir.path(), false);
+    // The first report waits until procmond was heard: it does not say Degraded because
+    // procmond was still starting.
+    let first = wait_line(
+        agent.proc.stdout.as_ref().unwrap(),
+        "the first report",
+        |l| l.starts_with("agent: health"),
+    );
+    assert!(
+        first.starts_with("agent: health Healthy") && first.contains("procmond running"),
+        "{first}"
+    );
     let sub = status_sub(&agent.socket);
     // Heartbeats arrive and the health check over RPC answers.
     let healthy = wait_report(&sub, "a healthy report", |r| {
@@ -217,6 +228,15 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
             "procmond stops gracefully over RPC: {s:?}"
         );
         assert!(gone(pid));
+        // A stopped collector is reported stopped, without the health check of its last run.
+        let report = wait_report(&sub, "procmond stopped", |r| {
+            r["collectors"][0]["state"] == "stopped"
+        });
+        assert!(
+            report["collectors"][0]["health_check"].is_null(),
+            "{report}"
+        );
+        assert_eq!(report["health"], "Degraded", "{report}");
         let started = rpc
             .call(call(CollectorOperation::Start), Duration::from_secs(20))
             .await

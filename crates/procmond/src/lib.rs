@@ -159,6 +159,26 @@ impl Settings {
                 ),
             }
         }
+        // What procmond cannot change itself is refused, not acknowledged and ignored.
+        if c.limits.is_some() {
+            err(
+                "limits",
+                "procmond cannot change its own resource limits: the supervisor applies them \
+                 when it starts procmond (collectors[].limits in the agent's configuration)"
+                    .into(),
+            );
+        }
+        let published = Self::default().to_config().enabled_topics;
+        if !c.enabled_topics.is_empty() && c.enabled_topics != published {
+            err(
+                "enabled_topics",
+                format!(
+                    "procmond publishes on {} and cannot turn one off (process events, \
+                     snapshots with batch_interval_ms = 0, digests with hash_executables)",
+                    published.join(", ")
+                ),
+            );
+        }
         if errors.is_empty() {
             Ok(s)
         } else {
@@ -1198,6 +1218,31 @@ impl CollectorHandler for Handler {
                 "{} is not supported by procmond",
                 op.as_str_name()
             ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configuration_is_applied_whole_or_refused_with_every_reason() {
+        let mut c = Settings::default().to_config();
+        c.scan_interval_ms = 250;
+        c.settings.insert("hash_executables".into(), "true".into());
+        let s = Settings::from_config(&c).unwrap();
+        assert_eq!(s.scan_interval, Duration::from_millis(250));
+        assert!(s.hash_executables);
+        // Its own topics, as it reports them, are accepted; others and limits are not.
+        c.enabled_topics = vec!["events.process.lifecycle".into()];
+        c.limits = Some(pb::ResourceLimits::default());
+        c.settings.insert("colour".into(), "blue".into());
+        let errors = Settings::from_config(&c).unwrap_err();
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields.len(), 3, "{errors:?}");
+        for f in ["limits", "enabled_topics", "settings.colour"] {
+            assert!(fields.contains(&f), "{f}: {errors:?}");
         }
     }
 }

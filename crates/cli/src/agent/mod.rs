@@ -168,8 +168,9 @@ struct CollectorView {
 /// subscription's queue fill: the client would stop reading, heartbeats included).
 type Counts = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, u64>>>;
 
-/// Last health check result per collector (`Ok` or the failure).
-type Checks = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, Result<String, String>>>>;
+/// Last health check result per collector, with the pid it was of (`Ok` or the failure): a
+/// check speaks only for the run it checked.
+type Checks = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, (u32, Result<String, String>)>>>;
 
 async fn count_events(mut events: Subscription, counts: Counts) {
     loop {
@@ -182,7 +183,8 @@ async fn count_events(mut events: Subscription, counts: Counts) {
     }
 }
 
-/// Health-checks every running collector over RPC every `every`.
+/// Health-checks every running collector over RPC every `every`, once it has been heard
+/// (its first heartbeat: before, it may not serve yet, and a check would only fail).
 async fn health_checks(
     rpc: daemoneye_eventbus::rpc::CollectorRpcClient,
     supervisor: Supervisor,
@@ -195,10 +197,9 @@ async fn health_checks(
         let Ok(statuses) = supervisor.status().await else {
             return;
         };
-        for s in statuses
-            .iter()
-            .filter(|s| s.state == CollectorState::Running)
-        {
+        for s in statuses.iter().filter(|s| {
+            s.state == CollectorState::Running && s.last_heartbeat.is_some() && s.pid.is_some()
+        }) {
             let request = daemoneye_eventbus::rpc::RpcRequest::health_check(
                 String::new(),
                 format!("control.collector.{}", s.id),
@@ -216,7 +217,9 @@ async fn health_checks(
                 },
                 Err(e) => Err(e.to_string()),
             };
-            checks.lock().insert(s.id.clone(), outcome);
+            checks
+                .lock()
+                .insert(s.id.clone(), (s.pid.unwrap_or(0), outcome));
         }
     }
 }
@@ -266,10 +269,16 @@ impl Agent {
         self.rpc_failures_before = failures;
         let checks = self.checks.lock().clone();
         let mut collectors_health = collectors_health(&statuses);
+        // The last check of each collector's current run, if it is running.
+        let check_of = |s: &CollectorStatus| {
+            checks
+                .get(&s.id)
+                .filter(|(pid, _)| s.state == CollectorState::Running && s.pid == Some(*pid))
+                .map(|(_, r)| r.clone())
+        };
         let failed: Vec<String> = statuses
             .iter()
-            .filter(|s| s.state == CollectorState::Running)
-            .filter_map(|s| match checks.get(&s.id) {
+            .filter_map(|s| match check_of(s) {
                 Some(Err(e)) => Some(format!("{} health check: {e}", s.id)),
                 _ => None,
             })
@@ -292,10 +301,7 @@ impl Agent {
                     .last_heartbeat
                     .and_then(|t| now.duration_since(t).ok())
                     .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
-                health_check: checks.get(&s.id).map(|r| match r {
-                    Ok(ok) => ok.clone(),
-                    Err(e) => e.clone(),
-                }),
+                health_check: check_of(s).map(|r| r.unwrap_or_else(|e| e)),
             })
             .collect();
         Ok(Report {
@@ -542,6 +548,11 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
     let mut redraw = tokio::time::interval(if live { Duration::from_secs(1) } else { every });
     redraw.tick().await;
     let mut last_health = None;
+    // The first report waits until every running collector was heard (at most a heartbeat
+    // timeout): before, it would only say that they are starting.
+    let heard_by =
+        Instant::now() + Duration::from_secs(config.process_manager.health_check_interval_seconds);
+    let mut heard = false;
     let wait = signals.wait();
     tokio::pin!(wait);
     loop {
@@ -552,6 +563,18 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
             }
             () = reload.next() => crate::commands::reload_acl(&agent.broker),
             _ = redraw.tick() => {
+                if !heard {
+                    let statuses = agent.supervisor.status().await?;
+                    heard = Instant::now() >= heard_by
+                        || statuses.iter().all(|s| {
+                            s.state != CollectorState::Running || s.last_heartbeat.is_some()
+                        });
+                    if !heard {
+                        // Looked at again soon, not a whole interval later.
+                        redraw.reset_after(Duration::from_millis(100));
+                        continue;
+                    }
+                }
                 let report = agent.report().await?;
                 publish_report(&agent.client, &report).await;
                 if live {
