@@ -20,6 +20,7 @@ const EVENT_HEADER: usize = 16;
 const PROC_EVENT_NONE: u32 = 0;
 const PROC_EVENT_FORK: u32 = 0x0000_0001;
 const PROC_EVENT_EXEC: u32 = 0x0000_0002;
+const PROC_EVENT_COMM: u32 = 0x0000_0200;
 const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 /// `PROC_CN_MCAST_LISTEN` / `PROC_CN_MCAST_IGNORE`.
 const MCAST_LISTEN: u32 = 1;
@@ -44,6 +45,15 @@ pub enum KernelEvent {
         pid: u32,
         /// Its process.
         tgid: u32,
+    },
+    /// Task `pid` of process `tgid` took the name `comm` (an exec does, before its `Exec`).
+    Comm {
+        /// The task.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// The new name (at most 15 bytes, as `/proc/<pid>/comm` shows it).
+        comm: [u8; 16],
     },
     /// The kernel's answer to a subscription whose `ack` field was `ack - 1`: `err` is 0 when
     /// accepted, an errno otherwise. Every listener sees every answer.
@@ -169,6 +179,16 @@ fn parse_cn(body: &[u8], out: &mut Vec<KernelEvent>) -> Result<(), ParseError> {
                 tgid: field(1)?,
             })
         })(),
+        PROC_EVENT_COMM => (|| {
+            Some(KernelEvent::Comm {
+                pid: field(0)?,
+                tgid: field(1)?,
+                comm: ev
+                    .get(EVENT_HEADER + 8..EVENT_HEADER + 24)?
+                    .try_into()
+                    .ok()?,
+            })
+        })(),
         PROC_EVENT_EXIT => (|| {
             Some(KernelEvent::Exit {
                 pid: field(0)?,
@@ -212,14 +232,36 @@ pub fn listen_message(port: u32, listen: bool, nonce: u32) -> Vec<u8> {
 #[cfg(target_os = "linux")]
 pub use linux::Listener;
 
+/// What `/proc` showed of an event's process when it was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Nothing: the process was gone, or there is nothing to read (an exit, a name).
+    Nothing,
+    /// A new process's `stat` alone ([`crate::procfs::read_stat`]): it still runs its
+    /// parent's program.
+    Forked(crate::procfs::ProcInfo),
+    /// Everything ([`crate::procfs::read_process`]), read at its exec. A fork whose exec came
+    /// in the same batch carries this, and the exec is not repeated: one start, showing the
+    /// new program.
+    Execed(crate::procfs::ProcInfo),
+}
+
+/// An event and what `/proc` showed of its process.
+pub type Observed = (KernelEvent, Seen);
+
 #[cfg(target_os = "linux")]
 mod linux {
-    use super::{CN_IDX_PROC, KernelEvent, listen_message, parse};
-    use std::os::fd::{AsRawFd, OwnedFd};
+    use super::{CN_IDX_PROC, KernelEvent, Observed, Seen, listen_message, parse};
+    use crate::procfs;
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::path::Path;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::time::Duration;
     use tokio::sync::mpsc;
+
+    /// Datagrams read into one batch at most (after the one waited for).
+    const BATCH_DATAGRAMS: usize = 63;
 
     /// Batches of events waiting for procmond, at most; a batch that finds the channel full
     /// is dropped and counted (`lost`), and procmond reads `/proc` again to catch up.
@@ -239,20 +281,22 @@ mod linux {
 
     /// A socket listening to process events, read by a thread that sends batches.
     pub struct Listener {
-        /// The events, a batch per datagram read.
-        pub events: mpsc::Receiver<Vec<KernelEvent>>,
+        /// The events, a batch per datagram read, each with what `/proc` showed at once.
+        pub events: mpsc::Receiver<Vec<Observed>>,
         /// What the thread counts.
         pub counts: Arc<Counts>,
     }
 
     impl Listener {
-        /// Opens the socket, subscribes, and starts the thread.
+        /// Opens the socket, subscribes, and starts the thread, which reads each new
+        /// process's details under `root` (normally `/proc`) as soon as it hears of it: a
+        /// process that lives a millisecond is often gone a scheduling delay later.
         ///
         /// # Errors
         ///
         /// The socket cannot be made or bound, or the kernel refuses the subscription
         /// (`EPERM` without `CAP_NET_ADMIN`, or outside the initial network namespace).
-        pub fn start() -> std::io::Result<Self> {
+        pub fn start(root: &Path) -> std::io::Result<Self> {
             let socket = socket2::Socket::new(
                 socket2::Domain::from(nix::libc::AF_NETLINK),
                 socket2::Type::DGRAM,
@@ -278,14 +322,18 @@ mod linux {
             .map_err(std::io::Error::from)?;
             let counts = Arc::new(Counts::default());
             let (tx, events) = mpsc::channel(QUEUE_BATCHES);
-            let first = first_answer(&fd, nonce + 1)?;
+            let root = root.to_path_buf();
+            // Events before the kernel's answer: those of the moment of subscribing.
+            let mut first = Batch::new(&root);
+            first.add_events(first_answer(&fd, nonce + 1)?);
+            let first = first.finish();
             if !first.is_empty() {
                 let _ = tx.try_send(first);
             }
             let thread_counts = Arc::clone(&counts);
             std::thread::Builder::new()
                 .name("proc-connector".into())
-                .spawn(move || read_loop(&fd, &tx, &thread_counts))?;
+                .spawn(move || read_loop(&fd, &root, &tx, &thread_counts))?;
             Ok(Self { events, counts })
         }
     }
@@ -332,7 +380,82 @@ mod linux {
         ))
     }
 
-    fn read_loop(fd: &OwnedFd, tx: &mpsc::Sender<Vec<KernelEvent>>, counts: &Counts) {
+    /// Events of interest read from datagrams, with what `/proc` shows of their process: an
+    /// exec's process read at once (a short process is soon gone), a fork's at the end of the
+    /// batch unless its exec came first (then one read serves both).
+    struct Batch<'a> {
+        root: &'a Path,
+        events: Vec<Observed>,
+        /// Forks of this batch not yet read, by pid: their index in `events`.
+        forks: std::collections::HashMap<u32, usize>,
+    }
+
+    impl<'a> Batch<'a> {
+        fn new(root: &'a Path) -> Self {
+            Self {
+                root,
+                events: Vec::new(),
+                forks: std::collections::HashMap::new(),
+            }
+        }
+
+        fn add(&mut self, datagram: &[u8]) {
+            let mut parsed = Vec::new();
+            if let Err(e) = parse(datagram, &mut parsed) {
+                tracing::debug!(error = %e, "a process-events datagram did not parse");
+            }
+            self.add_events(parsed);
+        }
+
+        fn add_events(&mut self, parsed: Vec<KernelEvent>) {
+            for e in parsed {
+                match e {
+                    KernelEvent::Fork {
+                        child_pid,
+                        child_tgid,
+                        ..
+                    } if child_pid == child_tgid => {
+                        self.forks.insert(child_pid, self.events.len());
+                        self.events.push((e, Seen::Nothing));
+                    }
+                    KernelEvent::Exec { tgid, .. } => {
+                        let seen = procfs::read_process(self.root, tgid)
+                            .map_or(Seen::Nothing, Seen::Execed);
+                        match self.forks.remove(&tgid) {
+                            Some(i) => self.events[i].1 = seen,
+                            None => self.events.push((e, seen)),
+                        }
+                    }
+                    KernelEvent::Exit { pid, tgid, .. } | KernelEvent::Comm { pid, tgid, .. }
+                        if pid == tgid =>
+                    {
+                        self.events.push((e, Seen::Nothing));
+                    }
+                    // Threads, and answers to subscriptions.
+                    _ => {}
+                }
+            }
+        }
+
+        /// Whether a fork of this batch could still be followed by its exec.
+        fn awaits_exec(&self) -> bool {
+            !self.forks.is_empty()
+        }
+
+        fn finish(mut self) -> Vec<Observed> {
+            for (pid, i) in self.forks.drain() {
+                self.events[i].1 =
+                    procfs::read_stat(self.root, pid).map_or(Seen::Nothing, Seen::Forked);
+            }
+            self.events
+        }
+    }
+
+    /// How long a batch holding a fork waits for more events (its exec, usually within a
+    /// few hundred microseconds), once.
+    const LINGER_MS: u8 = 1;
+
+    fn read_loop(fd: &OwnedFd, root: &Path, tx: &mpsc::Sender<Vec<Observed>>, counts: &Counts) {
         let mut buf = vec![0u8; 8192];
         let lost = || {
             counts.lost.fetch_add(1, Ordering::Relaxed);
@@ -345,10 +468,34 @@ mod linux {
                 nix::sys::socket::MsgFlags::empty(),
             ) {
                 Ok(n) => {
-                    let mut batch = Vec::new();
-                    if let Err(e) = parse(&buf[..n], &mut batch) {
-                        tracing::debug!(error = %e, "a process-events datagram did not parse");
+                    // What else is queued joins the batch, so a burst wakes procmond's task
+                    // once, not once per event.
+                    let mut batch = Batch::new(root);
+                    batch.add(&buf[..n]);
+                    let mut lingered = false;
+                    for _ in 0..BATCH_DATAGRAMS {
+                        match nix::sys::socket::recv(
+                            fd.as_raw_fd(),
+                            &mut buf,
+                            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                        ) {
+                            Ok(n) => batch.add(&buf[..n]),
+                            Err(nix::errno::Errno::ENOBUFS) => lost(),
+                            Err(nix::errno::Errno::EAGAIN) if batch.awaits_exec() && !lingered => {
+                                lingered = true;
+                                let mut fds = [nix::poll::PollFd::new(
+                                    fd.as_fd(),
+                                    nix::poll::PollFlags::POLLIN,
+                                )];
+                                let _ = nix::poll::poll(
+                                    &mut fds,
+                                    nix::poll::PollTimeout::from(LINGER_MS),
+                                );
+                            }
+                            Err(_) => break,
+                        }
                     }
+                    let batch = batch.finish();
                     if batch.is_empty() {
                         continue;
                     }
@@ -411,7 +558,15 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        parse(&datagram(0x200, &[11, 11, 0, 0, 0, 0]), &mut out).unwrap();
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"true");
+        let c = |i: usize| u32::from_ne_bytes(comm[i * 4..i * 4 + 4].try_into().unwrap());
+        parse(
+            &datagram(PROC_EVENT_COMM, &[11, 11, c(0), c(1), c(2), c(3)]),
+            &mut out,
+        )
+        .unwrap();
+        parse(&datagram(0x4, &[11, 11, 0, 0]), &mut out).unwrap();
         let mut ack = datagram(PROC_EVENT_NONE, &[1]);
         ack[NLMSG_HDRLEN + 12..NLMSG_HDRLEN + 16].copy_from_slice(&8u32.to_ne_bytes());
         parse(&ack, &mut out).unwrap();
@@ -429,6 +584,11 @@ mod tests {
                     tgid: 11,
                     exit_code: 256,
                     parent_tgid: 10
+                },
+                KernelEvent::Comm {
+                    pid: 11,
+                    tgid: 11,
+                    comm
                 },
                 KernelEvent::Ack { ack: 8, err: 1 },
             ]

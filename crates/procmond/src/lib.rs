@@ -22,6 +22,7 @@ pub mod connector;
 pub mod health;
 pub mod procfs;
 
+use connector::Seen;
 use daemoneye_eventbus::client::{Client, Publish, Service};
 use daemoneye_eventbus::core::{Qos, ReplyStatus, catalog};
 use daemoneye_eventbus::rpc::{
@@ -350,7 +351,7 @@ pub async fn run(
         }),
         stop: Notify::new(),
     });
-    let kernel = kernel_events(&shared, &settings)?;
+    let kernel = kernel_events(&shared, &settings, &proc_root)?;
     let boot = procfs::parse_boot_time(&std::fs::read_to_string(proc_root.join("stat")).map_err(
         |source| ProcmondError::Proc {
             path: proc_root.join("stat"),
@@ -400,11 +401,12 @@ pub async fn run(
 fn kernel_events(
     shared: &Shared,
     settings: &Settings,
+    proc_root: &std::path::Path,
 ) -> Result<Option<connector::Listener>, ProcmondError> {
     if settings.source == SourceChoice::Proc {
         return Ok(None);
     }
-    match connector::Listener::start() {
+    match connector::Listener::start(proc_root) {
         Ok(l) => {
             shared.set_source(health::Source::Kernel {
                 reconcile: settings.scan_interval * RECONCILE_SCANS,
@@ -427,6 +429,7 @@ fn kernel_events(
 fn kernel_events(
     shared: &Shared,
     settings: &Settings,
+    _proc_root: &std::path::Path,
 ) -> Result<Option<std::convert::Infallible>, ProcmondError> {
     let why = "the proc connector exists on Linux only".to_owned();
     if settings.source == SourceChoice::Kernel {
@@ -527,7 +530,7 @@ impl Kernel {
 }
 
 /// The next batch of kernel events; never, without them; `None` when they stopped.
-async fn next_batch(kernel: &mut Option<Kernel>) -> Option<Vec<connector::KernelEvent>> {
+async fn next_batch(kernel: &mut Option<Kernel>) -> Option<Vec<connector::Observed>> {
     match kernel {
         #[cfg(target_os = "linux")]
         Some(k) => k.listener.events.recv().await,
@@ -689,7 +692,7 @@ impl Scanner {
                 batch = next_batch(&mut kernel) => {
                     match batch {
                         Some(batch) => {
-                            self.on_kernel(&mut known, &batch, &settings).await;
+                            self.on_kernel(&mut known, batch, &settings).await;
                             // Events were lost: read /proc now to catch up.
                             let lost = kernel.as_mut().map_or(0, Kernel::new_losses);
                             if lost > 0 {
@@ -772,52 +775,67 @@ impl Scanner {
         *known = next;
     }
 
-    /// Reports the kernel's events: a new process at its fork (as `/proc` shows it then, or
-    /// by its pid alone if it is already gone), a new program at its exec, an exit at once.
+    /// Reports the kernel's events: a new process at its fork (running its parent's program
+    /// until it execs: command line, executable and user are its parent's; or, when its exec
+    /// came with it, the new program), a new program at its exec (as `/proc` showed it at
+    /// once), an exit at once. A process gone before `/proc` could be read is reported by its
+    /// pid and parent.
     async fn on_kernel(
         &mut self,
         known: &mut Snapshot,
-        batch: &[connector::KernelEvent],
+        batch: Vec<connector::Observed>,
         settings: &Settings,
     ) {
         use connector::KernelEvent as K;
         self.shared
             .kernel_events
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        for event in batch {
-            match *event {
+        for (event, seen) in batch {
+            match event {
                 K::Fork {
                     parent_tgid,
                     child_pid,
-                    child_tgid,
-                } if child_pid == child_tgid => {
+                    ..
+                } => {
                     if known_pid(known, child_pid).is_some() {
                         continue;
                     }
-                    let p = match procfs::read_process(&self.root, child_pid) {
-                        Some(p) => {
-                            self.learn_user(p.uid).await;
+                    let p = match seen {
+                        Seen::Forked(mut p) => {
+                            // Its parent's program until it execs.
+                            if let Some(parent) =
+                                known_pid(known, parent_tgid).and_then(|k| known.get(&k))
+                            {
+                                p.command_line.clone_from(&parent.command_line);
+                                p.executable_path.clone_from(&parent.executable_path);
+                                p.uid = parent.uid;
+                            }
                             known.insert((p.pid, p.start_ticks), p.clone());
                             p
                         }
-                        None => ProcInfo::gone(child_pid, parent_tgid),
+                        // Its exec came with its fork: one start, with the new program.
+                        Seen::Execed(p) => {
+                            self.learn_user(p.uid).await;
+                            known.insert((p.pid, p.start_ticks), p.clone());
+                            if settings.hash_executables {
+                                self.publish_hash(&p);
+                            }
+                            p
+                        }
+                        Seen::Nothing => ProcInfo::gone(child_pid, parent_tgid),
                     };
                     self.recent_exits.remove(&child_pid);
                     self.publish(&p, "start", "kernel").await;
                 }
                 K::Exec { tgid, .. } => {
-                    let Some(now) = procfs::read_process(&self.root, tgid) else {
-                        // Gone already: what was known of it, or its pid.
-                        let was = known_pid(known, tgid).map_or_else(
-                            || ProcInfo::gone(tgid, 0),
-                            |k| {
-                                known
-                                    .get(&k)
-                                    .cloned()
-                                    .unwrap_or_else(|| ProcInfo::gone(tgid, 0))
-                            },
-                        );
-                        self.publish(&was, "exec", "kernel").await;
+                    let (Seen::Execed(now) | Seen::Forked(now)) = seen else {
+                        // Gone before /proc could be read: its new program is unknown (what
+                        // was known is its parent's), so it is reported by pid and parent.
+                        let ppid = known_pid(known, tgid)
+                            .and_then(|k| known.remove(&k))
+                            .map_or(0, |p| p.ppid);
+                        self.publish(&ProcInfo::gone(tgid, ppid), "exec", "kernel")
+                            .await;
                         continue;
                     };
                     self.learn_user(now.uid).await;
@@ -832,10 +850,10 @@ impl Scanner {
                 }
                 K::Exit {
                     pid,
-                    tgid,
                     exit_code,
                     parent_tgid,
-                } if pid == tgid => {
+                    ..
+                } => {
                     let gone = match known_pid(known, pid) {
                         Some(k) => known.remove(&k),
                         None if self.recent_exits.contains_key(&pid) => continue,
@@ -847,7 +865,15 @@ impl Scanner {
                     self.publish(&p, "exit", "kernel").await;
                     self.exit_code = None;
                 }
-                _ => {}
+                K::Comm { pid, comm, .. } => {
+                    // An exec names the process before its `Exec` event: the name holds even
+                    // if the process is gone before /proc can be read.
+                    if let Some(p) = known_pid(known, pid).and_then(|k| known.get_mut(&k)) {
+                        let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+                        p.name = String::from_utf8_lossy(&comm[..end]).into_owned();
+                    }
+                }
+                K::Ack { .. } => {}
             }
         }
         self.shared

@@ -106,6 +106,22 @@ pub fn parse_boot_time(stat: &str) -> Option<u64> {
         .ok()
 }
 
+/// Reads one process's `stat` only (name, parent, start, state; no command line, executable
+/// or user); `None` when it vanished meanwhile.
+pub fn read_stat(root: &Path, pid: u32) -> Option<ProcInfo> {
+    let stat = parse_stat(&std::fs::read_to_string(root.join(pid.to_string()).join("stat")).ok()?)?;
+    Some(ProcInfo {
+        pid,
+        ppid: stat.ppid,
+        name: stat.name,
+        command_line: None,
+        executable_path: None,
+        start_ticks: stat.start_ticks,
+        uid: None,
+        state: stat.state,
+    })
+}
+
 /// Reads one process; `None` when it vanished meanwhile (or is unreadable).
 pub fn read_process(root: &Path, pid: u32) -> Option<ProcInfo> {
     let dir = root.join(pid.to_string());

@@ -5,6 +5,7 @@
 //! workers (`eventbus bench-worker …`), waits until every subscriber is subscribed, starts the
 //! publisher, and computes figures from CLOCK_MONOTONIC timestamps the workers report.
 
+mod collector;
 mod floor;
 mod process;
 mod report;
@@ -107,6 +108,9 @@ pub(crate) enum Workload {
     /// A durable subscription's backlog of 100,000 messages redelivered to the subscriber
     /// that attaches.
     W6,
+    /// procmond under the agent: its CPU idle and with 200 process starts per second, and
+    /// the time from a process's exec to its event at a subscriber.
+    W7,
     Floor,
     All,
 }
@@ -221,6 +225,8 @@ struct Ctx {
     disk: Option<&'static str>,
     /// How workers reach the broker: `uds` or `tls`.
     transport: &'static str,
+    /// The run's temporary directory.
+    dir: std::path::PathBuf,
 }
 
 impl Ctx {
@@ -406,6 +412,7 @@ fn run_in(args: &BenchArgs, dir: &std::path::Path) -> Result<()> {
             .is_some()
             .then(|| args.fsync.map_or(crate::FsyncArg::Interval, |f| f).as_str()),
         transport: if args.tls { "tls" } else { "uds" },
+        dir: dir.to_path_buf(),
     };
     let idle_rss = pid.and_then(|p| report::status_kb(p, "VmRSS"));
     let steps = plan(args.workload, args.qos);
@@ -468,6 +475,7 @@ enum Step {
     W4,
     W5(usize, u64, &'static str),
     W6,
+    W7,
 }
 
 /// The steps to run, each with the guarantee it runs in (the floor, W3 and W6 once).
@@ -494,6 +502,7 @@ fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
         Workload::W4 => streaming(vec![Step::W4]),
         Workload::W5 => streaming(w5.to_vec()),
         Workload::W6 => once(Step::W6),
+        Workload::W7 => once(Step::W7),
         Workload::All => [
             once(Step::Floor),
             streaming(
@@ -505,6 +514,7 @@ fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
             ),
             once(Step::W3),
             once(Step::W6),
+            once(Step::W7),
         ]
         .concat(),
     }
@@ -521,6 +531,7 @@ impl Step {
             Self::W4 => "w4".into(),
             Self::W5(_, _, l) => format!("w5 {l}"),
             Self::W6 => "w6".into(),
+            Self::W7 => "w7".into(),
         }
     }
 
@@ -584,6 +595,7 @@ impl Step {
             Self::W3 => w3(ctx),
             Self::W4 => Ok(vec![w4(ctx)?]),
             Self::W6 => w6(ctx),
+            Self::W7 => collector::w7(&ctx.dir, s),
             Self::W5(size, n, label) => {
                 let row = ctx.fan_out(&FanOut {
                     workload: "w5",

@@ -26,6 +26,8 @@ pub(crate) struct Row {
     pub(crate) broker_peak_rss_kb: Option<u64>,
     /// Which of a repeated workload's runs this is (from 1), for workloads run more than once.
     pub(crate) run: Option<u32>,
+    /// W7: the collector's CPU over the row's seconds, percent of one core.
+    pub(crate) collector_cpu_pct: Option<f64>,
 }
 
 fn num(v: &Value, key: &str) -> u64 {
@@ -55,7 +57,16 @@ impl Row {
             per_sub_msgs_per_sec: None,
             broker_peak_rss_kb: None,
             run: None,
+            collector_cpu_pct: None,
         }
+    }
+
+    /// W7: `messages` processes started over `secs` (the rest is filled in by the caller).
+    pub(crate) fn collector(workload: &str, variant: &str, messages: u64, secs: f64) -> Self {
+        let mut row = Self::empty("procmond", workload, variant, 0, messages);
+        row.seconds = Some(secs);
+        row.msgs_per_sec = rate(messages, secs);
+        row
     }
 
     /// Deliveries over (last receive on any subscriber − first publish).
@@ -286,6 +297,9 @@ pub(crate) fn print_table(rows: &[Row], s: &Summary) -> Result<()> {
             opt(r.p999_us),
             opt(r.max_us)
         )?;
+        if let Some(cpu) = r.collector_cpu_pct {
+            writeln!(out, "{:<26} procmond CPU: {cpu:.2} % of one core", "")?;
+        }
         if let Some(per) = &r.per_sub_msgs_per_sec {
             let per: Vec<String> = per.iter().map(|v| human(Some(*v))).collect();
             writeln!(out, "{:<26} per subscriber msg/s: {}", "", per.join(" | "))?;

@@ -1,0 +1,215 @@
+//! W7: procmond under the agent, as deployed (`eventbus agent` with no configuration: its
+//! bundled procmond, process events from the kernel when it may listen to them). Measures
+//! procmond's CPU on an idle host and while processes start at 200 per second, and the time
+//! from a process's exec to its event reaching a subscriber.
+
+use super::process::{READY_WAIT, Worker};
+use super::report::Row;
+use super::{mono_ns, scaled};
+use anyhow::{Context, Result, bail};
+use daemoneye_eventbus::client::{Client, ClientOptions};
+use daemoneye_eventbus::{CollectionEvent, Endpoint};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Process starts per second under load.
+const STARTS_PER_SEC: u64 = 200;
+
+/// The CPU time `pid` used so far, in clock ticks (user and system).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(") ")?.1;
+    let f: Vec<&str> = rest.split(' ').collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .map_or(100.0, |t| t as f64)
+}
+
+/// The child of `parent` (procmond under the agent), found through /proc.
+fn child_of(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let ppid: u32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
+        (ppid == parent).then_some(pid)
+    })
+}
+
+/// procmond's CPU over `during` as a percentage of one core, with what `during` does.
+fn cpu_pct<T>(pid: u32, during: impl FnOnce() -> Result<T>) -> Result<(f64, T)> {
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid));
+    let out = during()?;
+    let (secs, c1) = (t0.elapsed().as_secs_f64(), cpu_ticks(pid));
+    let (Some(c0), Some(c1)) = (c0, c1) else {
+        bail!("procmond (pid {pid}) ended during the measurement");
+    };
+    Ok(((c1 - c0) as f64 / ticks_per_sec() / secs * 100.0, out))
+}
+
+/// When each process's event showing its new program reached the subscriber
+/// (CLOCK_MONOTONIC ns), by pid; and the source procmond named in them (`kernel`, `proc`).
+type Seen = Arc<Mutex<(HashMap<u32, u64>, Option<String>)>>;
+
+/// Subscribes to process events on the agent at `socket` and notes, per pid, when the first
+/// event showing `/bin/true` running arrived (its exec, or its start if procmond first saw it
+/// then); until `stop` is set.
+fn subscriber(socket: &Path, seen: Seen, stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = Client::connect(
+            &Endpoint::Unix(socket.to_path_buf()),
+            ClientOptions::named("bench-w7"),
+        )
+        .await?;
+        let mut sub = client.subscribe(["events.process.lifecycle"]).await?;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await
+            else {
+                continue;
+            };
+            let at = mono_ns();
+            let Ok(CollectionEvent::Process(p)) = CollectionEvent::decode(m.payload()) else {
+                continue;
+            };
+            // Its new program, by executable or (an exiting process's link is gone) by name.
+            let runs_true = p.name == "true"
+                || p.executable_path
+                    .as_deref()
+                    .is_some_and(|e| e.ends_with("/true"));
+            if runs_true {
+                let mut s = seen
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                s.0.entry(p.pid).or_insert(at);
+                if s.1.is_none() {
+                    s.1 = p.metadata.get("source").cloned();
+                }
+            }
+        }
+        client.close().await;
+        anyhow::Ok(())
+    })
+}
+
+pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
+    let socket = dir.join("w7.sock");
+    let config = dir.join("w7.yaml");
+    std::fs::write(
+        &config,
+        format!("broker:\n  socket_path: {}\n", socket.display()),
+    )?;
+    let agent = Worker::spawn(
+        &[
+            "agent".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        "agent",
+    )?;
+    let deadline = Instant::now() + READY_WAIT;
+    loop {
+        let line = agent.line(READY_WAIT)?;
+        if line.starts_with("agent ready") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not get ready: {line}");
+        }
+    }
+    let procmond = {
+        let deadline = Instant::now() + READY_WAIT;
+        loop {
+            if let Some(pid) = child_of(agent.child.id()) {
+                break pid;
+            }
+            if Instant::now() > deadline {
+                bail!("the agent started no procmond");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let seen: Seen = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sub = {
+        let (socket, seen, stop) = (socket.clone(), Arc::clone(&seen), Arc::clone(&stop));
+        std::thread::spawn(move || subscriber(&socket, seen, stop))
+    };
+    // Settled: procmond's first snapshot and the subscriber are done.
+    std::thread::sleep(Duration::from_secs(1));
+    let idle_secs = Duration::from_secs_f64((10.0 * scale).max(1.0));
+    let (idle_cpu, ()) = cpu_pct(procmond, || {
+        std::thread::sleep(idle_secs);
+        Ok(())
+    })?;
+    let n = scaled(STARTS_PER_SEC * 10, scale);
+    let (load_cpu, spawned) = cpu_pct(procmond, || {
+        let start = Instant::now();
+        let mut spawned = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let due = start + Duration::from_nanos(i * 1_000_000_000 / STARTS_PER_SEC);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            // `spawn` returns once the child ran exec: the time it returns is the exec's.
+            let mut child = std::process::Command::new("/bin/true")
+                .spawn()
+                .context("starting /bin/true")?;
+            spawned.push((child.id(), mono_ns()));
+            child.wait()?;
+        }
+        Ok(spawned)
+    })?;
+    // Events still in flight arrive within a few seconds.
+    let until = Instant::now() + Duration::from_secs(5);
+    let count = |seen: &Seen| {
+        let s = seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        spawned.iter().filter(|(p, _)| s.0.contains_key(p)).count()
+    };
+    while count(&seen) < spawned.len() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sub.join()
+        .map_err(|_| anyhow::anyhow!("the subscriber panicked"))??;
+    drop(agent);
+    let seen = seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut lat: Vec<u64> = spawned
+        .iter()
+        .filter_map(|(pid, at)| Some(seen.0.get(pid)?.saturating_sub(*at) / 1000))
+        .collect();
+    lat.sort_unstable();
+    let pct = |q: f64| {
+        lat.get(((lat.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+    };
+    let source = seen.1.as_deref().unwrap_or("unknown");
+    let mut idle = Row::collector("w7", &format!("{source},idle"), 0, idle_secs.as_secs_f64());
+    idle.collector_cpu_pct = Some(idle_cpu);
+    let mut load = Row::collector(
+        "w7",
+        &format!("{source},{STARTS_PER_SEC}starts/s"),
+        n,
+        n as f64 / STARTS_PER_SEC as f64,
+    );
+    load.collector_cpu_pct = Some(load_cpu);
+    load.lost = n - lat.len() as u64;
+    load.p50_us = pct(0.5);
+    load.p99_us = pct(0.99);
+    load.p999_us = pct(0.999);
+    load.max_us = lat.last().copied();
+    Ok(vec![idle, load])
+}
