@@ -344,3 +344,38 @@ fn durable_subscriptions_outlive_the_agent() {
         "{lines:?}"
     );
 }
+
+/// `broker.tcp_listen` acts: the agent's broker also listens on that loopback address, and a
+/// client reaches it there.
+#[test]
+fn the_agent_listens_on_broker_tcp_listen() {
+    let dir = TempDir::new("agent-tcp");
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker:\n  socket_path: {}\n  tcp_listen: 127.0.0.1:0\ncollectors: []\n",
+            dir.path().join("agent.sock").display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = eventbus();
+    cmd.arg("agent").arg("--config").arg(&config);
+    let mut agent = Proc::spawn(cmd);
+    let ready = wait_line(agent.stdout.as_ref().unwrap(), "agent ready", |l| {
+        l.starts_with("agent ready")
+    });
+    let tcp = ready
+        .split_whitespace()
+        .find_map(|w| w.trim_end_matches(',').strip_prefix("tcp:"))
+        .unwrap_or_else(|| panic!("no tcp endpoint: {ready}"))
+        .to_owned();
+    let mut stats = eventbus();
+    stats
+        .args(["stats", "--json", "--socket", &format!("tcp://{tcp}")])
+        .env_remove("EVENTBUS_SOCKET");
+    let mut stats = Proc::spawn(stats);
+    assert_eq!(stats.wait(), 0, "{:?}", stats.stderr_lines());
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(), 0);
+}

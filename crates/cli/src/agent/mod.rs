@@ -446,7 +446,6 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
     let signals = Signals::install()?;
     let mut reload = crate::commands::Reload::install()?;
     let mut broker_config = config.broker.clone();
-    broker_config.tcp_listen = None;
     if broker_config.data_dir.is_none()
         && let Endpoint::Unix(path) = &endpoint
         && let Some(dir) = path.parent()
@@ -454,8 +453,12 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         // Durable subscriptions outlive the agent: kept beside its private socket.
         broker_config.data_dir = Some(dir.join("state"));
     }
-    // Other hosts' collectors over mutual TLS (broker.tls), besides the local socket.
+    // Besides the local socket: loopback TCP (broker.tcp_listen) and other hosts'
+    // collectors over mutual TLS (broker.tls).
     let mut endpoints = vec![endpoint.clone()];
+    if let Some(addr) = broker_config.tcp_listen {
+        endpoints.push(Endpoint::Tcp(addr));
+    }
     if let Some(tls) = &broker_config.tls {
         endpoints.push(tls.endpoint()?);
     }
