@@ -102,6 +102,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             );
             Ok(())
         }
+        Command::Collector(action) => crate::collector_cmd::run(action).await,
         Command::Tls(crate::TlsCommand::DevPki {
             dir,
             hosts,

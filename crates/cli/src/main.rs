@@ -5,6 +5,7 @@
 mod agent;
 #[cfg(unix)]
 mod bench;
+mod collector_cmd;
 mod commands;
 mod output;
 mod procmond_cmd;
@@ -164,6 +165,10 @@ enum Command {
     /// TCP with mutual TLS.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// The agent's collectors: list, status, start, stop, restart, pause, resume (through its
+    /// lifecycle service, control.agent.lifecycle). Exit status as `request`'s.
+    #[command(subcommand)]
+    Collector(collector_cmd::Action),
     /// The process collector (the same as the `procmond` binary).
     #[command(hide = true)]
     Procmond(procmond_cmd::Args),

@@ -35,6 +35,7 @@ fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent 
     // test (by its executable) calling the agent's lifecycle service as an operator.
     let policy = dir.join("acl.toml");
     let operator = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    let cli = std::fs::canonicalize(env!("CARGO_BIN_EXE_eventbus")).unwrap();
     std::fs::write(
         &policy,
         format!(
@@ -43,8 +44,10 @@ fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent 
              subscribe = [\"events.#\", \"$sys.#\"]\nreply = [\"control.collector.{{collector}}\"]\n\
              [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\", \"control.agent.status\", \"control.health.#\", \"alerts.#\"]\n\
              publish = [\"alerts.#\"]\n\
-             [[rule]]\nexe = \"{}\"\nrequest = [\"control.agent.lifecycle\"]\n",
-            operator.display()
+             [[rule]]\nexe = \"{}\"\nrequest = [\"control.agent.lifecycle\"]\n\
+             [[rule]]\nexe = \"{}\"\nname = \"eventbus-collector\"\nrequest = [\"control.agent.lifecycle\"]\n",
+            operator.display(),
+            cli.display()
         ),
     )
     .unwrap();
@@ -378,4 +381,78 @@ fn the_agent_listens_on_broker_tcp_listen() {
     assert_eq!(stats.wait(), 0, "{:?}", stats.stderr_lines());
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(), 0);
+}
+
+/// `eventbus collector` drives the supervisor through the agent's lifecycle service: list,
+/// pause (the process stopped), resume, restart (a new pid), stop and start; an unknown id and
+/// a client the policy does not grant are refused with exit status 5.
+#[test]
+fn the_collector_command_drives_the_agents_collectors() {
+    let dir = TempDir::new("agent-collector");
+    let mut agent = start_agent(dir.path(), false);
+    let run = |args: &[&str]| {
+        let mut cmd = eventbus();
+        cmd.arg("collector")
+            .args(args)
+            .env("EVENTBUS_SOCKET", &agent.socket);
+        let mut p = Proc::spawn(cmd);
+        let code = p.wait();
+        (code, p.stdout_lines(), p.stderr_lines())
+    };
+    let status = |args: &[&str]| {
+        let (code, out, err) = run(args);
+        assert_eq!(code, 0, "{args:?}: {err:?}");
+        assert_eq!(out.len(), 1, "{out:?}");
+        serde_json::from_str::<serde_json::Value>(&out[0]).unwrap()
+    };
+    let listed = status(&["list", "--json"]);
+    assert_eq!(listed["id"], "procmond");
+    assert_eq!(listed["state"], "running");
+    let pid = u32::try_from(listed["pid"].as_u64().unwrap()).unwrap();
+    let proc_state = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        stat.rsplit_once(") ").unwrap().1[..1].to_owned()
+    };
+    assert_eq!(status(&["pause", "procmond", "--json"])["state"], "paused");
+    assert_eq!(proc_state(pid), "T");
+    assert_eq!(
+        status(&["resume", "procmond", "--json"])["state"],
+        "running"
+    );
+    assert_ne!(proc_state(pid), "T");
+    let restarted = status(&["restart", "procmond", "--json"]);
+    assert_eq!(restarted["state"], "running");
+    assert_ne!(restarted["pid"], pid);
+    assert_eq!(status(&["stop", "procmond", "--json"])["state"], "stopped");
+    let (code, out, _) = run(&["list"]);
+    assert_eq!(code, 0);
+    assert!(
+        out[0].starts_with("procmond") && out[0].contains("stopped"),
+        "{out:?}"
+    );
+    assert_eq!(status(&["start", "procmond", "--json"])["state"], "running");
+    let (code, _, err) = run(&["status", "netmond"]);
+    assert_eq!(code, 5, "{err:?}");
+    assert!(
+        err.join(" ").contains("no collector \"netmond\""),
+        "{err:?}"
+    );
+    agent.proc.signal(Signal::SIGTERM);
+    assert_eq!(agent.proc.wait(), 0);
+
+    // Under the default policy, only an operator the policy names may drive collectors.
+    let dir = TempDir::new("agent-collector-default");
+    let mut agent = start_agent_with(dir.path(), false, false);
+    let mut cmd = eventbus();
+    cmd.args(["collector", "list"])
+        .env("EVENTBUS_SOCKET", &agent.socket);
+    let mut p = Proc::spawn(cmd);
+    assert_eq!(p.wait(), 5);
+    let err = p.stderr_lines().join(" ");
+    assert!(
+        err.contains("not allowed to send requests on control.agent.lifecycle"),
+        "{err}"
+    );
+    agent.proc.signal(Signal::SIGTERM);
+    assert_eq!(agent.proc.wait(), 0);
 }

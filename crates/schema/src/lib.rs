@@ -57,7 +57,7 @@ impl rpc::CollectorOperation {
     pub fn body_name(self) -> &'static str {
         use rpc::CollectorOperation as O;
         match self {
-            O::Start | O::Stop | O::Restart | O::Status => "lifecycle",
+            O::Start | O::Stop | O::Restart | O::Status | O::Pause | O::Resume => "lifecycle",
             O::HealthCheck => "health_check",
             O::Heartbeat => "heartbeat",
             O::GetMetrics => "metrics",

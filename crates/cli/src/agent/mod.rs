@@ -168,9 +168,21 @@ struct CollectorView {
 /// subscription's queue fill: the client would stop reading, heartbeats included).
 type Counts = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, u64>>>;
 
-/// Last health check result per collector, with the pid it was of (`Ok` or the failure): a
-/// check speaks only for the run it checked.
-type Checks = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, (u32, Result<String, String>)>>>;
+/// Last health check per collector: the pid it was of (a check speaks only for the run it
+/// checked), the status, and `ok` or the reason (a collector that did not answer is
+/// Unhealthy, with the error).
+type Checks = std::sync::Arc<parking_lot::Mutex<BTreeMap<String, (u32, HealthStatus, String)>>>;
+
+/// The last check of `s`'s current run, if it is running and was checked.
+fn check_of(
+    checks: &BTreeMap<String, (u32, HealthStatus, String)>,
+    s: &CollectorStatus,
+) -> Option<(HealthStatus, String)> {
+    checks
+        .get(&s.id)
+        .filter(|(pid, ..)| s.state == CollectorState::Running && s.pid == Some(*pid))
+        .map(|(_, h, m)| (*h, m.clone()))
+}
 
 async fn count_events(mut events: Subscription, counts: Counts) {
     loop {
@@ -205,21 +217,25 @@ async fn health_checks(
                 format!("control.collector.{}", s.id),
                 Duration::from_secs(5),
             );
-            let outcome = match rpc.call(request, Duration::from_secs(20)).await {
+            let (status, message) = match rpc.call(request, Duration::from_secs(20)).await {
                 Ok(r) => match r.health_check() {
-                    Some(h) if h.status == HealthStatus::Healthy as i32 => Ok("ok".to_owned()),
-                    Some(h) => Err(format!(
-                        "{}: {}",
-                        HealthStatus::try_from(h.status).map_or("unknown", |v| v.as_str_name()),
-                        h.message
-                    )),
-                    None => Err("the reply is not a health check".to_owned()),
+                    Some(h) if h.status == HealthStatus::Healthy as i32 => {
+                        (HealthStatus::Healthy, "ok".to_owned())
+                    }
+                    Some(h) => (
+                        HealthStatus::try_from(h.status).unwrap_or(HealthStatus::Unknown),
+                        h.message.clone(),
+                    ),
+                    None => (
+                        HealthStatus::Unhealthy,
+                        "the reply is not a health check".to_owned(),
+                    ),
                 },
-                Err(e) => Err(e.to_string()),
+                Err(e) => (HealthStatus::Unhealthy, e.to_string()),
             };
             checks
                 .lock()
-                .insert(s.id.clone(), (s.pid.unwrap_or(0), outcome));
+                .insert(s.id.clone(), (s.pid.unwrap_or(0), status, message));
         }
     }
 }
@@ -269,16 +285,15 @@ impl Agent {
         self.rpc_failures_before = failures;
         let checks = self.checks.lock().clone();
         let mut collectors_health = collectors_health(&statuses);
-        // The last check of each collector's current run, if it is running.
-        let check_of = |s: &CollectorStatus| {
-            checks
-                .get(&s.id)
-                .filter(|(pid, _)| s.state == CollectorState::Running && s.pid == Some(*pid))
-                .map(|(_, r)| r.clone())
+        let shown = |s: &CollectorStatus| {
+            check_of(&checks, s).map(|(h, m)| match h {
+                HealthStatus::Healthy => Ok(m),
+                other => Err(format!("{}: {m}", other.as_str_name())),
+            })
         };
         let failed: Vec<String> = statuses
             .iter()
-            .filter_map(|s| match check_of(s) {
+            .filter_map(|s| match shown(s) {
                 Some(Err(e)) => Some(format!("{} health check: {e}", s.id)),
                 _ => None,
             })
@@ -301,7 +316,7 @@ impl Agent {
                     .last_heartbeat
                     .and_then(|t| now.duration_since(t).ok())
                     .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
-                health_check: check_of(s).map(|r| r.unwrap_or_else(|e| e)),
+                health_check: shown(s).map(|r| r.unwrap_or_else(|e| e)),
             })
             .collect();
         Ok(Report {
@@ -322,9 +337,11 @@ impl Agent {
 /// The lifecycle services of the agent: act on the supervisor.
 struct Lifecycle {
     supervisor: Supervisor,
+    checks: Checks,
 }
 
-fn status_pb(s: &CollectorStatus) -> pb::CollectorStatus {
+fn status_pb(s: &CollectorStatus, check: Option<(HealthStatus, String)>) -> pb::CollectorStatus {
+    let (health, health_message) = check.unwrap_or((HealthStatus::Unknown, String::new()));
     let state = match s.state {
         CollectorState::Stopped => pb::CollectorState::Stopped,
         CollectorState::Running => pb::CollectorState::Running,
@@ -345,6 +362,8 @@ fn status_pb(s: &CollectorStatus) -> pb::CollectorStatus {
             .last_heartbeat
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        health: health as i32,
+        health_message,
     }
 }
 
@@ -353,13 +372,34 @@ impl CollectorHandler for Lifecycle {
         use CollectorOperation as O;
         let sup = &self.supervisor;
         match (call.operation, call.body) {
-            (O::Start | O::Stop | O::Restart | O::Status, rpc_request::Body::Lifecycle(l)) => {
+            // Every collector: STATUS of none.
+            (O::Status, rpc_request::Body::Lifecycle(l)) if l.collector_id.is_empty() => {
+                let all = sup
+                    .status()
+                    .await
+                    .map_err(|e| ReplyStatus::unavailable(e.to_string()))?;
+                let checks = self.checks.lock().clone();
+                Ok(rpc_response::Body::Lifecycle(pb::LifecycleResponse {
+                    success: true,
+                    collectors: all
+                        .iter()
+                        .map(|s| status_pb(s, check_of(&checks, s)))
+                        .collect(),
+                    ..Default::default()
+                }))
+            }
+            (
+                O::Start | O::Stop | O::Restart | O::Status | O::Pause | O::Resume,
+                rpc_request::Body::Lifecycle(l),
+            ) => {
                 let id = l.collector_id.as_str();
                 let started = Instant::now();
                 let r = match call.operation {
                     O::Start => sup.start_collector(id).await,
                     O::Stop => sup.stop_collector(id, !l.force).await,
                     O::Restart => sup.restart_collector(id).await,
+                    O::Pause => sup.pause(id).await,
+                    O::Resume => sup.resume(id).await,
                     _ => sup.status().await.and_then(|all| {
                         all.into_iter().find(|s| s.id == id).ok_or_else(|| {
                             daemoneye_eventbus::supervisor::SupervisorError::UnknownCollector(
@@ -369,15 +409,17 @@ impl CollectorHandler for Lifecycle {
                     }),
                 };
                 let s = r.map_err(|e| match e {
-                    daemoneye_eventbus::supervisor::SupervisorError::UnknownCollector(_) => {
+                    daemoneye_eventbus::supervisor::SupervisorError::UnknownCollector(_)
+                    | daemoneye_eventbus::supervisor::SupervisorError::WrongState { .. } => {
                         ReplyStatus::invalid_operation(e.to_string())
                     }
                     other => ReplyStatus::execution_error(other.to_string()),
                 })?;
+                let check = check_of(&self.checks.lock(), &s);
                 Ok(rpc_response::Body::Lifecycle(pb::LifecycleResponse {
                     success: true,
                     collector_id: s.id.clone(),
-                    status: Some(status_pb(&s)),
+                    status: Some(status_pb(&s, check)),
                     shutdown_duration_ms: u32::try_from(started.elapsed().as_millis())
                         .unwrap_or(u32::MAX),
                     ..Default::default()
@@ -419,7 +461,7 @@ impl CollectorHandler for Lifecycle {
                 }))
             }
             (op, _) => Err(ReplyStatus::invalid_operation(format!(
-                "the agent answers start, stop, restart, status and health check, not {}",
+                "the agent answers start, stop, restart, pause, resume, status and health check, not {}",
                 op.as_str_name()
             ))),
         }
@@ -504,17 +546,18 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         Some(registry),
     )
     .await?;
+    let checks = Checks::default();
     let lifecycle = serve_services_at(
         &client,
         &catalog::agent::lifecycle(),
         QueueGroup::new("agent")?,
         Lifecycle {
             supervisor: supervisor.clone(),
+            checks: checks.clone(),
         },
     )
     .await?;
     let counts = Counts::default();
-    let checks = Checks::default();
     let events = client.subscribe(["events.#"]).await?;
     let counter = tokio::spawn(count_events(events, counts.clone()));
     let checker = tokio::spawn(health_checks(

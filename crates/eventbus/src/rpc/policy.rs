@@ -128,9 +128,14 @@ impl OperationClass {
             O::HealthCheck | O::GetMetrics | O::GetCapabilities => Self::HealthCheck,
             O::GetConfig | O::ValidateConfig | O::UpdateConfig => Self::Configuration,
             O::Heartbeat => Self::Heartbeat,
-            O::Start | O::Stop | O::Restart | O::Status | O::Shutdown | O::Unspecified => {
-                Self::Lifecycle
-            }
+            O::Start
+            | O::Stop
+            | O::Restart
+            | O::Status
+            | O::Shutdown
+            | O::Pause
+            | O::Resume
+            | O::Unspecified => Self::Lifecycle,
         }
     }
 }
