@@ -75,10 +75,14 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
     sleeper.wait().unwrap();
     let mut seen = Vec::new();
     let mut digest = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
     while seen.len() < 2 || digest.is_none() {
-        let line = wait_line(rx, "the sleep's events", |l| {
-            l.contains("events.process.") && l.contains(&format!("\"pid\":{pid}"))
-        });
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = match rx.recv_timeout(left) {
+            Ok(l) if l.contains("events.process.") && l.contains(&format!("\"pid\":{pid}")) => l,
+            Ok(_) => continue,
+            Err(_) => panic!("the sleep's events: seen {seen:?}, digest {digest:?}"),
+        };
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         let e = &v["event"];
         if v["topic"] == "events.process.integrity" {

@@ -33,7 +33,7 @@ use daemoneye_eventbus::schema::{events as epb, rpc as pb};
 use daemoneye_eventbus::{CollectionEvent, ProcessEvent};
 use procfs::{ProcInfo, Snapshot};
 use prost::Message as _;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -241,6 +241,9 @@ struct Shared {
     /// Where process events come from.
     source: Mutex<health::Source>,
     stop: Notify,
+    /// Set once the first reading of `/proc` is done: procmond watches from then on, and its
+    /// heartbeats say so (none before).
+    watching: tokio::sync::watch::Sender<bool>,
 }
 
 /// A kind of loss: counted, with when the last one happened.
@@ -350,8 +353,12 @@ pub async fn run(
             why: None,
         }),
         stop: Notify::new(),
+        watching: tokio::sync::watch::Sender::new(false),
     });
+    // Before subscribing: a process that starts later has a start time at least this.
+    let before_subscribing = boot_ticks();
     let kernel = kernel_events(&shared, &settings, &proc_root)?;
+    let subscribed = kernel.as_ref().and(before_subscribing);
     let boot = procfs::parse_boot_time(&std::fs::read_to_string(proc_root.join("stat")).map_err(
         |source| ProcmondError::Proc {
             path: proc_root.join("stat"),
@@ -382,9 +389,10 @@ pub async fn run(
         hash_jobs,
         recent_exits: HashMap::new(),
         exit_code: None,
+        after_subscription: HashSet::new(),
     };
     tokio::select! {
-        r = scanner.run(kernel) => r?,
+        r = scanner.run(kernel, subscribed) => r?,
         () = hasher.run() => {}
         () = heartbeats(client.clone(), Arc::clone(&shared)) => {}
         () = shared.stop.notified() => tracing::info!("shutdown requested"),
@@ -467,6 +475,11 @@ async fn heartbeats(client: Client, shared: Arc<Shared>) {
     let Ok(topic) = catalog::health::heartbeat_of(&shared.id) else {
         return;
     };
+    // Heard only once watching: a process started after the first heartbeat is reported.
+    let mut watching = shared.watching.subscribe();
+    if watching.wait_for(|w| *w).await.is_err() {
+        return;
+    }
     loop {
         let n = shared.heartbeats.fetch_add(1, Ordering::Relaxed) + 1;
         let beat = pb::Heartbeat {
@@ -538,6 +551,22 @@ async fn next_batch(kernel: &mut Option<Kernel>) -> Option<Vec<connector::Observ
     }
 }
 
+/// Clock ticks since boot now (what `/proc/PID/stat` counts a process's start in).
+#[cfg(target_os = "linux")]
+fn boot_ticks() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let ticks = clock_ticks();
+    Some(
+        u64::try_from(t.tv_sec()).ok()? * ticks
+            + u64::try_from(t.tv_nsec()).ok()? * ticks / 1_000_000_000,
+    )
+}
+
+#[cfg(not(target_os = "linux"))]
+fn boot_ticks() -> Option<u64> {
+    None
+}
+
 /// The key of the process `pid` in `known`, if there is one.
 fn known_pid(known: &Snapshot, pid: u32) -> Option<(u32, u64)> {
     known
@@ -555,11 +584,15 @@ struct Scanner {
     users: HashMap<u32, Option<String>>,
     /// Executables to hash, for the [`Hasher`].
     hash_jobs: tokio::sync::mpsc::Sender<HashJob>,
-    /// Pids whose exit was reported, and when: not reported again, nor as a start while a
-    /// scan still lists them.
-    recent_exits: HashMap<u32, Instant>,
+    /// Processes whose exit was reported: pid → start ticks (0 when unknown) and when. Their
+    /// exit is not reported again, nor the same process (pid and start) as a start while a
+    /// scan still lists it; another process that reuses the pid is a start like any other.
+    recent_exits: HashMap<u32, (u64, Instant)>,
     /// The wait status of the exit being published (kernel events).
     exit_code: Option<u32>,
+    /// Pids of the first reading of `/proc` that began after the kernel's events were
+    /// subscribed to (until the first reconciliation).
+    after_subscription: HashSet<u32>,
 }
 
 /// Most executables waiting to be hashed; when full, a new one is skipped and counted
@@ -670,8 +703,22 @@ impl Scanner {
         Ok(snap)
     }
 
-    async fn run(mut self, kernel: Option<KernelSource>) -> Result<(), ProcmondError> {
+    async fn run(
+        mut self,
+        kernel: Option<KernelSource>,
+        subscribed: Option<u64>,
+    ) -> Result<(), ProcmondError> {
+        // Processes of the first reading that began after the kernel's events were subscribed
+        // to: their fork is among the events, and is reported as their start.
         let mut known = self.living().await?;
+        self.after_subscription = subscribed.map_or_else(HashSet::new, |t| {
+            known
+                .keys()
+                .filter(|(_, start)| *start >= t)
+                .map(|(pid, _)| *pid)
+                .collect()
+        });
+        self.shared.watching.send_replace(true);
         self.shared
             .processes
             .store(known.len() as u64, Ordering::Relaxed);
@@ -743,11 +790,16 @@ impl Scanner {
     /// Reports what a scan shows changed since `known` (everything, without the kernel's
     /// events; what they missed, with them), and makes the scan the new `known`.
     async fn reconcile(&mut self, known: &mut Snapshot, next: Snapshot, settings: &Settings) {
+        self.after_subscription.clear();
         let (started, exited) = procfs::diff(known, &next);
         let execs: Vec<ProcInfo> = procfs::execs(known, &next).into_iter().cloned().collect();
         let started: Vec<ProcInfo> = started
             .into_iter()
-            .filter(|p| !self.recent_exits.contains_key(&p.pid))
+            .filter(|p| {
+                self.recent_exits
+                    .get(&p.pid)
+                    .is_none_or(|(start, _)| *start != p.start_ticks)
+            })
             .cloned()
             .collect();
         let exited: Vec<ProcInfo> = exited.into_iter().cloned().collect();
@@ -766,12 +818,13 @@ impl Scanner {
         for p in &exited {
             self.publish(p, "exit", "proc").await;
             // Its exit may still be queued among the kernel's events: reported once.
-            self.recent_exits.insert(p.pid, Instant::now());
+            self.recent_exits
+                .insert(p.pid, (p.start_ticks, Instant::now()));
         }
         // A pid the kernel said exited stays refused as a start while /proc still lists it
         // (a zombie not yet reaped shows as one at most a scan later).
         self.recent_exits
-            .retain(|_, at| at.elapsed() < settings.scan_interval * (2 * RECONCILE_SCANS));
+            .retain(|_, (_, at)| at.elapsed() < settings.scan_interval * (2 * RECONCILE_SCANS));
         *known = next;
     }
 
@@ -797,7 +850,13 @@ impl Scanner {
                     child_pid,
                     ..
                 } => {
-                    if known_pid(known, child_pid).is_some() {
+                    if let Some(k) = known_pid(known, child_pid) {
+                        // Known from the first reading, begun after subscribing: its start.
+                        if self.after_subscription.remove(&child_pid)
+                            && let Some(p) = known.get(&k).cloned()
+                        {
+                            self.publish(&p, "start", "kernel").await;
+                        }
                         continue;
                     }
                     let p = match seen {
@@ -860,7 +919,8 @@ impl Scanner {
                         None => None,
                     };
                     let p = gone.unwrap_or_else(|| ProcInfo::gone(pid, parent_tgid));
-                    self.recent_exits.insert(pid, Instant::now());
+                    self.recent_exits
+                        .insert(pid, (p.start_ticks, Instant::now()));
                     self.exit_code = Some(exit_code);
                     self.publish(&p, "exit", "kernel").await;
                     self.exit_code = None;

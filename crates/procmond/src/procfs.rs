@@ -106,10 +106,106 @@ pub fn parse_boot_time(stat: &str) -> Option<u64> {
         .ok()
 }
 
+/// One process's directory under `/proc`, opened once: its files are read relative to it
+/// (one lookup of the pid, not one per file), each in one `read` into a reused buffer.
+struct ProcDir {
+    #[cfg(unix)]
+    dir: std::os::fd::OwnedFd,
+    #[cfg(not(unix))]
+    dir: std::path::PathBuf,
+    buf: Vec<u8>,
+}
+
+impl ProcDir {
+    #[cfg(unix)]
+    fn open(root: &Path, pid: u32) -> Option<Self> {
+        use nix::fcntl::{OFlag, open};
+        let dir = open(
+            &root.join(pid.to_string()),
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()?;
+        Some(Self {
+            dir,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    #[cfg(not(unix))]
+    fn open(root: &Path, pid: u32) -> Option<Self> {
+        Some(Self {
+            dir: root.join(pid.to_string()),
+            buf: Vec::new(),
+        })
+    }
+
+    /// The whole file `name`, `None` if it cannot be read.
+    #[cfg(unix)]
+    fn read(&mut self, name: &str) -> Option<&[u8]> {
+        use nix::fcntl::{OFlag, openat};
+        let fd = openat(
+            &self.dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok()?;
+        self.buf.clear();
+        loop {
+            let len = self.buf.len();
+            if self.buf.capacity() - len < 1024 {
+                self.buf.reserve(4096);
+            }
+            let spare = self.buf.capacity() - len;
+            self.buf.resize(len + spare, 0);
+            match nix::unistd::read(&fd, &mut self.buf[len..]) {
+                Ok(0) => {
+                    self.buf.truncate(len);
+                    break;
+                }
+                Ok(n) => {
+                    self.buf.truncate(len + n);
+                    // A file of /proc gives all it has in one read when there is room: a
+                    // short read is its end.
+                    if n < spare {
+                        break;
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => self.buf.truncate(len),
+                Err(_) => return None,
+            }
+        }
+        Some(&self.buf)
+    }
+
+    #[cfg(not(unix))]
+    fn read(&mut self, name: &str) -> Option<&[u8]> {
+        self.buf = std::fs::read(self.dir.join(name)).ok()?;
+        Some(&self.buf)
+    }
+
+    #[cfg(unix)]
+    fn link(&self, name: &str) -> Option<String> {
+        let target = nix::fcntl::readlinkat(&self.dir, name).ok()?;
+        Some(target.to_string_lossy().into_owned())
+    }
+
+    #[cfg(not(unix))]
+    fn link(&self, name: &str) -> Option<String> {
+        let target = std::fs::read_link(self.dir.join(name)).ok()?;
+        Some(target.to_string_lossy().into_owned())
+    }
+
+    fn stat(&mut self) -> Option<Stat> {
+        parse_stat(std::str::from_utf8(self.read("stat")?).ok()?)
+    }
+}
+
 /// Reads one process's `stat` only (name, parent, start, state; no command line, executable
 /// or user); `None` when it vanished meanwhile.
 pub fn read_stat(root: &Path, pid: u32) -> Option<ProcInfo> {
-    let stat = parse_stat(&std::fs::read_to_string(root.join(pid.to_string()).join("stat")).ok()?)?;
+    let stat = ProcDir::open(root, pid)?.stat()?;
     Some(ProcInfo {
         pid,
         ppid: stat.ppid,
@@ -124,17 +220,14 @@ pub fn read_stat(root: &Path, pid: u32) -> Option<ProcInfo> {
 
 /// Reads one process; `None` when it vanished meanwhile (or is unreadable).
 pub fn read_process(root: &Path, pid: u32) -> Option<ProcInfo> {
-    let dir = root.join(pid.to_string());
-    let stat = parse_stat(&std::fs::read_to_string(dir.join("stat")).ok()?)?;
-    let command_line = std::fs::read(dir.join("cmdline"))
-        .ok()
-        .and_then(|b| parse_cmdline(&b));
-    let executable_path = std::fs::read_link(dir.join("exe"))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned());
-    let uid = std::fs::read_to_string(dir.join("status"))
-        .ok()
-        .and_then(|s| parse_uid(&s));
+    let mut dir = ProcDir::open(root, pid)?;
+    let stat = dir.stat()?;
+    let command_line = dir.read("cmdline").and_then(parse_cmdline);
+    let executable_path = dir.link("exe");
+    let uid = dir
+        .read("status")
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(parse_uid);
     Some(ProcInfo {
         pid,
         ppid: stat.ppid,
