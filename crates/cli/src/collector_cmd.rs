@@ -20,11 +20,11 @@ pub(crate) enum Action {
     /// One collector's status.
     Status(One),
     /// Start a stopped or failed collector.
-    Start(One),
+    Start(Starting),
     /// Stop a collector: its shutdown service, then SIGTERM, then SIGKILL (`--force`: at once).
     Stop(Stop),
     /// Stop and start a collector.
-    Restart(One),
+    Restart(Starting),
     /// Pause a collector (SIGSTOP to its processes): it neither works nor heartbeats.
     Pause(One),
     /// Resume a paused collector (SIGCONT).
@@ -59,22 +59,65 @@ pub(crate) struct One {
 pub(crate) struct Stop {
     #[command(flatten)]
     one: One,
-    /// Skip the graceful phase: SIGKILL at once.
-    #[arg(long)]
+    /// Skip the graceful phase: SIGTERM at once, then SIGKILL.
+    #[arg(long, conflicts_with = "grace")]
     force: bool,
+    /// Seconds the graceful phase may take this time (default: the agent's
+    /// `process_manager.graceful_shutdown_timeout_seconds`).
+    #[arg(long, value_name = "SECS")]
+    grace: Option<u32>,
+}
+
+/// `start` and `restart`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct Starting {
+    #[command(flatten)]
+    one: One,
+    /// Add `KEY=VALUE` to the collector's environment, for this run and its restarts (until
+    /// another start or restart sets one). Repeatable.
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = key_value)]
+    env: Vec<(String, String)>,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
+            Ok((k.to_owned(), v.to_owned()))
+        }
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 pub(crate) async fn run(action: Action) -> Result<()> {
     use CollectorOperation as O;
-    let (op, id, force, common) = match action {
-        Action::List(c) => (O::Status, String::new(), false, c),
-        Action::Status(o) => (O::Status, o.id, false, o.common),
-        Action::Start(o) => (O::Start, o.id, false, o.common),
-        Action::Stop(s) => (O::Stop, s.one.id, s.force, s.one.common),
-        Action::Restart(o) => (O::Restart, o.id, false, o.common),
-        Action::Pause(o) => (O::Pause, o.id, false, o.common),
-        Action::Resume(o) => (O::Resume, o.id, false, o.common),
+    let mut request = pb::LifecycleRequest::default();
+    let (op, one) = match action {
+        Action::List(c) => (
+            O::Status,
+            One {
+                id: String::new(),
+                common: c,
+            },
+        ),
+        Action::Status(o) => (O::Status, o),
+        Action::Start(s) => {
+            request.environment = s.env.into_iter().collect();
+            (O::Start, s.one)
+        }
+        Action::Stop(s) => {
+            request.force = s.force;
+            request.timeout_seconds = s.grace.unwrap_or(0);
+            (O::Stop, s.one)
+        }
+        Action::Restart(s) => {
+            request.environment = s.env.into_iter().collect();
+            (O::Restart, s.one)
+        }
+        Action::Pause(o) => (O::Pause, o),
+        Action::Resume(o) => (O::Resume, o),
     };
+    request.collector_id = one.id;
+    let common = one.common;
     let timeout = Duration::try_from_secs_f64(common.timeout)
         .ok()
         .filter(|d| !d.is_zero())
@@ -85,11 +128,7 @@ pub(crate) async fn run(action: Action) -> Result<()> {
         String::new(),
         daemoneye_eventbus::core::catalog::agent::lifecycle().to_string(),
         op,
-        pb::LifecycleRequest {
-            collector_id: id,
-            force,
-            ..Default::default()
-        },
+        request,
         timeout,
     );
     let answer = rpc.call(request, timeout).await;
@@ -98,6 +137,9 @@ pub(crate) async fn run(action: Action) -> Result<()> {
     let Some(l) = answer.lifecycle() else {
         anyhow::bail!("the agent's answer is not a lifecycle response");
     };
+    if !l.success {
+        anyhow::bail!("{}", l.error_message);
+    }
     let statuses: Vec<&CollectorStatus> = match &l.status {
         Some(s) => vec![s],
         None => l.collectors.iter().collect(),

@@ -245,6 +245,43 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
             .await
             .unwrap();
         assert_ne!(started.lifecycle().unwrap().status.as_ref().unwrap().pid, 0);
+        // A restart's configuration is sent to the collector once it serves: applied, or
+        // refused with the collector's reasons.
+        let restart_with = |config| {
+            let mut req = CollectorLifecycleRequest::status("procmond");
+            req.config = Some(config);
+            RpcRequest::lifecycle(
+                String::new(),
+                "control.agent.lifecycle".into(),
+                CollectorOperation::Restart,
+                req,
+                Duration::from_secs(30),
+            )
+        };
+        let applied = rpc
+            .call(
+                restart_with(daemoneye_eventbus::rpc::CollectorConfig {
+                    scan_interval_ms: 250,
+                    ..Default::default()
+                }),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        let l = applied.lifecycle().unwrap();
+        assert!(l.success, "{l:?}");
+        let refused = rpc
+            .call(
+                restart_with(daemoneye_eventbus::rpc::CollectorConfig {
+                    limits: Some(Default::default()),
+                    ..Default::default()
+                }),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
+        let l = refused.lifecycle().unwrap();
+        assert!(!l.success && l.error_message.contains("limits"), "{l:?}");
         let unknown = RpcRequest::lifecycle(
             String::new(),
             "control.agent.lifecycle".into(),
@@ -420,10 +457,27 @@ fn the_collector_command_drives_the_agents_collectors() {
         "running"
     );
     assert_ne!(proc_state(pid), "T");
-    let restarted = status(&["restart", "procmond", "--json"]);
+    let restarted = status(&[
+        "restart",
+        "procmond",
+        "--json",
+        "--env",
+        "DAEMONEYE_TEST=on",
+    ]);
     assert_eq!(restarted["state"], "running");
     assert_ne!(restarted["pid"], pid);
-    assert_eq!(status(&["stop", "procmond", "--json"])["state"], "stopped");
+    let new = restarted["pid"].as_u64().unwrap();
+    let environ = std::fs::read(format!("/proc/{new}/environ")).unwrap();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"DAEMONEYE_TEST=on"),
+        "the restart's environment"
+    );
+    assert_eq!(
+        status(&["stop", "procmond", "--json", "--grace", "2"])["state"],
+        "stopped"
+    );
     let (code, out, _) = run(&["list"]);
     assert_eq!(code, 0);
     assert!(

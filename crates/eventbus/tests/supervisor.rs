@@ -518,3 +518,74 @@ async fn the_registry_knows_a_collector_before_its_program_runs() {
         vec![("missing".into(), missing.1), ("quick".into(), quick.1)]
     );
 }
+
+/// A stop's own grace replaces `graceful_shutdown_timeout_seconds`; a start's environment is
+/// its runs' (restarts included) and a refused start changes nothing.
+#[tokio::test]
+async fn lifecycle_requests_act_on_their_grace_and_environment() {
+    if std::env::var(ROLE_ENV).is_ok() {
+        return;
+    }
+    let dir = TempDir::new("grace-env");
+    let (broker, socket, client) = broker(&dir.0).await;
+    let mut lingers = child_spec("lingers", "accepts-but-stays", &socket);
+    lingers.heartbeats = false;
+    let out = dir.0.join("foo");
+    let mut env = sh(
+        "env",
+        &format!("echo \"$FOO\" > '{}'; exec sleep 30", out.display()),
+    );
+    env.heartbeats = false;
+    let config = ProcessManagerConfig {
+        graceful_shutdown_timeout_seconds: 60,
+        ..fast()
+    };
+    let sup = Supervisor::start(config, vec![lingers, env], Some(client.clone()))
+        .await
+        .unwrap();
+    wait_serving(&client, "lingers").await;
+    let started = Instant::now();
+    let s = sup
+        .stop_collector_within("lingers", true, Some(Duration::from_secs(1)))
+        .await
+        .unwrap();
+    assert!(
+        s.last_exit
+            .as_deref()
+            .unwrap()
+            .starts_with("stopped by SIGTERM"),
+        "{s:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "not the 60 s grace"
+    );
+
+    let written = |what: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if std::fs::read_to_string(&out).is_ok_and(|t| t.trim() == what) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{out:?} never said {what:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    written("");
+    // Running: a start is refused, and its environment is not kept.
+    let env = |v: &str| Some(vec![("FOO".to_owned(), v.to_owned())]);
+    assert!(
+        sup.start_collector_with("env", env("refused"))
+            .await
+            .is_err()
+    );
+    std::fs::remove_file(&out).unwrap();
+    sup.restart_collector_with("env", env("bar")).await.unwrap();
+    written("bar");
+    // A restart without one keeps it.
+    std::fs::remove_file(&out).unwrap();
+    sup.restart_collector("env").await.unwrap();
+    written("bar");
+    sup.shutdown().await;
+    broker.shutdown().await;
+}

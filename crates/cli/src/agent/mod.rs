@@ -338,6 +338,56 @@ impl Agent {
 struct Lifecycle {
     supervisor: Supervisor,
     checks: Checks,
+    /// Sends a start's or restart's configuration to the collector.
+    rpc: daemoneye_eventbus::rpc::CollectorRpcClient,
+}
+
+/// How long a started collector has to serve its configuration service.
+const CONFIG_WITHIN: Duration = Duration::from_secs(10);
+
+impl Lifecycle {
+    /// Applies `config` to collector `id` just started: its configuration service is asked
+    /// until it serves (within [`CONFIG_WITHIN`]); `Err` says what it refused, or why it was
+    /// not asked.
+    async fn apply_config(&self, id: &str, config: pb::CollectorConfig) -> Result<(), String> {
+        let deadline = Instant::now() + CONFIG_WITHIN;
+        loop {
+            let ask = daemoneye_eventbus::rpc::RpcRequest::update_config(
+                String::new(),
+                format!("control.collector.{id}"),
+                config.clone(),
+                false,
+                Duration::from_secs(5),
+            );
+            match self.rpc.call(ask, Duration::from_secs(5)).await {
+                Ok(r) => {
+                    let Some(u) = r.update() else {
+                        return Err("the collector's answer is not a configuration update".into());
+                    };
+                    if u.success && u.applied {
+                        return Ok(());
+                    }
+                    let fields: Vec<String> = u
+                        .validation_errors
+                        .iter()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect();
+                    return Err(format!(
+                        "the collector refused the configuration: {} {}",
+                        u.error_message,
+                        fields.join("; ")
+                    ));
+                }
+                Err(e)
+                    if e.kind == daemoneye_eventbus::rpc::RpcErrorKind::NoResponders
+                        && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(format!("the configuration was not applied: {e}")),
+            }
+        }
+    }
 }
 
 fn status_pb(s: &CollectorStatus, check: Option<(HealthStatus, String)>) -> pb::CollectorStatus {
@@ -394,10 +444,20 @@ impl CollectorHandler for Lifecycle {
             ) => {
                 let id = l.collector_id.as_str();
                 let started = Instant::now();
+                // Every field of the request acts: the environment for the runs it starts,
+                // the graceful stop's timeout, and the configuration once it serves.
+                let env = (!l.environment.is_empty()).then(|| {
+                    l.environment
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect::<Vec<_>>()
+                });
+                let grace = (l.timeout_seconds > 0)
+                    .then(|| Duration::from_secs(u64::from(l.timeout_seconds)));
                 let r = match call.operation {
-                    O::Start => sup.start_collector(id).await,
-                    O::Stop => sup.stop_collector(id, !l.force).await,
-                    O::Restart => sup.restart_collector(id).await,
+                    O::Start => sup.start_collector_with(id, env).await,
+                    O::Stop => sup.stop_collector_within(id, !l.force, grace).await,
+                    O::Restart => sup.restart_collector_with(id, env).await,
                     O::Pause => sup.pause(id).await,
                     O::Resume => sup.resume(id).await,
                     _ => sup.status().await.and_then(|all| {
@@ -415,9 +475,14 @@ impl CollectorHandler for Lifecycle {
                     }
                     other => ReplyStatus::execution_error(other.to_string()),
                 })?;
+                let applied = match (call.operation, l.config) {
+                    (O::Start | O::Restart, Some(config)) => self.apply_config(id, config).await,
+                    _ => Ok(()),
+                };
                 let check = check_of(&self.checks.lock(), &s);
                 Ok(rpc_response::Body::Lifecycle(pb::LifecycleResponse {
-                    success: true,
+                    success: applied.is_ok(),
+                    error_message: applied.err().unwrap_or_default(),
                     collector_id: s.id.clone(),
                     status: Some(status_pb(&s, check)),
                     shutdown_duration_ms: u32::try_from(started.elapsed().as_millis())
@@ -554,6 +619,11 @@ pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Resul
         Lifecycle {
             supervisor: supervisor.clone(),
             checks: checks.clone(),
+            rpc: daemoneye_eventbus::rpc::CollectorRpcClient::new(
+                client.clone(),
+                "agent",
+                config.rpc.clone(),
+            ),
         },
     )
     .await?;

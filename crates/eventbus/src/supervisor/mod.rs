@@ -181,18 +181,24 @@ pub enum SupervisorError {
     ShutDown,
 }
 
+/// Extra environment for a collector's runs (`None`: keep what it has).
+type Env = Option<Vec<(String, String)>>;
+
 enum Cmd {
     Start(
         String,
+        Env,
         oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
     ),
     Stop(
         String,
         bool,
+        Option<Duration>,
         oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
     ),
     Restart(
         String,
+        Env,
         oneshot::Sender<Result<CollectorStatus, SupervisorError>>,
     ),
     Pause(
@@ -344,7 +350,22 @@ impl Supervisor {
     ///
     /// [`SupervisorError`].
     pub async fn start_collector(&self, id: &str) -> Result<CollectorStatus, SupervisorError> {
-        self.ask(|tx| Cmd::Start(id.to_owned(), tx)).await?
+        self.start_collector_with(id, None).await
+    }
+
+    /// [`Supervisor::start_collector`], with `env` added to the collector's environment for
+    /// this run and the later ones (restarts included) until another request sets it
+    /// (`None`: keep what it has).
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn start_collector_with(
+        &self,
+        id: &str,
+        env: Option<Vec<(String, String)>>,
+    ) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Start(id.to_owned(), env, tx)).await?
     }
 
     /// Stops a collector: gracefully (shutdown request, then SIGTERM after
@@ -360,7 +381,22 @@ impl Supervisor {
         id: &str,
         graceful: bool,
     ) -> Result<CollectorStatus, SupervisorError> {
-        self.ask(|tx| Cmd::Stop(id.to_owned(), graceful, tx))
+        self.stop_collector_within(id, graceful, None).await
+    }
+
+    /// [`Supervisor::stop_collector`], the graceful phase lasting `grace` instead of
+    /// `graceful_shutdown_timeout_seconds` (`None`: that).
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn stop_collector_within(
+        &self,
+        id: &str,
+        graceful: bool,
+        grace: Option<Duration>,
+    ) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Stop(id.to_owned(), graceful, grace, tx))
             .await?
     }
 
@@ -370,7 +406,21 @@ impl Supervisor {
     ///
     /// [`SupervisorError`].
     pub async fn restart_collector(&self, id: &str) -> Result<CollectorStatus, SupervisorError> {
-        self.ask(|tx| Cmd::Restart(id.to_owned(), tx)).await?
+        self.restart_collector_with(id, None).await
+    }
+
+    /// [`Supervisor::restart_collector`], with `env` as in
+    /// [`Supervisor::start_collector_with`].
+    ///
+    /// # Errors
+    ///
+    /// [`SupervisorError`].
+    pub async fn restart_collector_with(
+        &self,
+        id: &str,
+        env: Option<Vec<(String, String)>>,
+    ) -> Result<CollectorStatus, SupervisorError> {
+        self.ask(|tx| Cmd::Restart(id.to_owned(), env, tx)).await?
     }
 
     /// Pauses a running collector (SIGSTOP to its process group).
@@ -458,6 +508,8 @@ struct Slot {
     force: std::sync::Arc<tokio::sync::Notify>,
     /// Requests waiting for the stop in progress to end.
     waiters: Vec<Then>,
+    /// Environment a start or restart request added for its runs.
+    env: Vec<(String, String)>,
 }
 
 impl Slot {
@@ -475,6 +527,7 @@ impl Slot {
             run: 0,
             force: std::sync::Arc::new(tokio::sync::Notify::new()),
             waiters: Vec::new(),
+            env: Vec::new(),
         }
     }
 
@@ -596,11 +649,27 @@ impl Actor {
 
     async fn on_cmd(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Start(id, tx) => {
-                let _ = tx.send(self.start(&id).await);
+            Cmd::Start(id, env, tx) => {
+                // The environment is the run's only if the start is accepted.
+                let before = match (env, self.slots.get_mut(&id)) {
+                    (Some(env), Some(slot)) => Some(std::mem::replace(&mut slot.env, env)),
+                    _ => None,
+                };
+                let r = self.start(&id).await;
+                if let (Err(_), Some(before), Some(slot)) = (&r, before, self.slots.get_mut(&id)) {
+                    slot.env = before;
+                }
+                let _ = tx.send(r);
             }
-            Cmd::Stop(id, graceful, tx) => self.stop(&id, graceful, Then::Reply(tx)),
-            Cmd::Restart(id, tx) => self.stop(&id, true, Then::Start(tx)),
+            Cmd::Stop(id, graceful, grace, tx) => {
+                self.stop(&id, graceful, grace, Then::Reply(tx));
+            }
+            Cmd::Restart(id, env, tx) => {
+                if let (Some(env), Some(slot)) = (env, self.slots.get_mut(&id)) {
+                    slot.env = env;
+                }
+                self.stop(&id, true, None, Then::Start(tx));
+            }
             Cmd::Pause(id, pause, tx) => {
                 let _ = tx.send(self.pause(&id, pause));
             }
@@ -638,7 +707,8 @@ impl Actor {
         }
         let spec = slot.spec.clone();
         let events = slot.events.clone();
-        let env = vec![("DAEMONEYE_COLLECTOR_ID".to_owned(), spec.id.clone())];
+        let mut env = slot.env.clone();
+        env.push(("DAEMONEYE_COLLECTOR_ID".to_owned(), spec.id.clone()));
         // The broker learns the collector's pid before the collector runs its program.
         let before_exec = self.registry.clone().map(|r| {
             let owner = id.to_owned();
@@ -816,7 +886,7 @@ impl Actor {
     /// Starts stopping a collector in a task of its own (a graceful stop may take a minute;
     /// meanwhile the supervisor keeps answering and checking the others). `then` runs when
     /// it has ended.
-    fn stop(&mut self, id: &str, graceful: bool, then: Then) {
+    fn stop(&mut self, id: &str, graceful: bool, grace: Option<Duration>, then: Then) {
         let slot = match self.slot(id) {
             Ok(s) => s,
             Err(e) => return then.fail(e),
@@ -843,7 +913,10 @@ impl Actor {
         };
         slot.state = CollectorState::Stopping;
         let force = std::sync::Arc::clone(&slot.force);
-        let (owner, rpc, cfg) = (id.to_owned(), self.rpc.clone(), self.config.clone());
+        let (owner, rpc, mut cfg) = (id.to_owned(), self.rpc.clone(), self.config.clone());
+        if let Some(grace) = grace {
+            cfg.graceful_shutdown_timeout_seconds = grace.as_secs();
+        }
         self.stopping.spawn(async move {
             let how = stop_process(&owner, run, graceful, rpc, &cfg, &force).await;
             (owner, how, then)
@@ -901,7 +974,7 @@ impl Actor {
         let ids: Vec<String> = self.slots.keys().cloned().collect();
         for id in ids {
             if self.slots[&id].state != CollectorState::Stopping {
-                self.stop(&id, true, Then::Nothing);
+                self.stop(&id, true, None, Then::Nothing);
             }
         }
         while let Some(done) = self.stopping.join_next().await {
