@@ -116,6 +116,7 @@ impl Log {
         #[cfg(unix)]
         let lock = lock(dir)?;
         let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        let mut recovery = Recovery::default();
         for entry in std::fs::read_dir(dir).map_err(|e| StoreError::io(dir, e))? {
             let entry = entry.map_err(|e| StoreError::io(dir, e))?;
             let path = entry.path();
@@ -125,12 +126,24 @@ impl Log {
                 .and_then(|n| n.strip_suffix(".log"))
                 .filter(|n| n.len() == 20)
                 .and_then(|n| n.parse::<u64>().ok());
-            if let Some(first) = first {
+            let Some(first) = first else { continue };
+            // Only a regular file is read: a pipe would block the start for ever, a link
+            // could lead anywhere, a directory is no segment.
+            let regular = entry
+                .file_type()
+                .map_err(|e| StoreError::io(&path, e))?
+                .is_file();
+            if regular {
                 found.push((first, path));
+            } else {
+                recovery.damaged.push(Damaged {
+                    moved_to: set_aside(&path)?,
+                    lost_bytes: 0,
+                    reason: "not a regular file",
+                });
             }
         }
         found.sort_unstable();
-        let mut recovery = Recovery::default();
         let mut segments: Vec<Segment> = Vec::new();
         let mut next_seq = found.first().map_or(0, |(first, _)| *first);
         let last = found.len().saturating_sub(1);

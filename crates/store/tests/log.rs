@@ -309,3 +309,45 @@ fn a_full_disk_at_a_segment_boundary_loses_no_record() {
     let seqs: Vec<u64> = seen.iter().map(|(seq, ..)| *seq).collect();
     assert_eq!(seqs, (0..25).collect::<Vec<_>>());
 }
+
+/// Something other than a regular file under a segment's name (a pipe, whose reading would
+/// block the start for ever; a link; a directory) is set aside, never read.
+#[cfg(unix)]
+#[test]
+fn what_is_not_a_regular_file_is_set_aside_unread() {
+    let dir = temp_dir();
+    let (mut log, _, _) = open(&dir.0, 150);
+    for i in 0..3u8 {
+        log.append(0, &[i; 50]).unwrap();
+    }
+    log.flush().unwrap();
+    drop(log);
+    let name = |n: u64| dir.0.join(format!("{n:020}.log"));
+    let status = std::process::Command::new("mkfifo")
+        .arg(name(1000))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::os::unix::fs::symlink("/etc/passwd", name(1001)).unwrap();
+    std::fs::create_dir(name(1002)).unwrap();
+    // Bounded: reading the pipe would never return.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let at = dir.0.clone();
+    std::thread::spawn(move || {
+        let (_, seen, rec) = open(&at, 150);
+        let _ = tx.send((seen, rec));
+    });
+    let (seen, rec) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the log opened");
+    assert_eq!(seen.len(), 3);
+    assert_eq!(rec.damaged.len(), 3, "{:?}", rec.damaged);
+    for d in &rec.damaged {
+        assert_eq!((d.reason, d.lost_bytes), ("not a regular file", 0));
+        assert!(d.moved_to.to_string_lossy().contains(".damaged"), "{d:?}");
+    }
+    assert!(
+        std::fs::read_to_string("/etc/passwd").is_ok(),
+        "the link's target is untouched"
+    );
+}
