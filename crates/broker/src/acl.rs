@@ -379,7 +379,12 @@ impl Policy {
     /// The file could not be read, or [`Policy::parse`] refused it; the message names the
     /// file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
-        let text = std::fs::read_to_string(path)
+        let text = daemoneye_eventbus_store::read_regular(path)
+            .and_then(|b| {
+                String::from_utf8(b).map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text")
+                })
+            })
             .map_err(|e| PolicyError(format!("{}: {e}", path.display())))?;
         let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
         Self::parse(&text, yaml).map_err(|e| PolicyError(format!("{}: {e}", path.display())))
@@ -758,6 +763,35 @@ pub fn overlaps(a: &TopicFilter, b: &TopicFilter) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A policy path that is a named pipe is refused at once (reading it would block the
+    /// reload, and the broker with it, until some process wrote to it).
+    #[cfg(unix)]
+    #[test]
+    fn a_pipe_is_refused_without_waiting() {
+        let dir = std::env::temp_dir().join(format!("eb-acl-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("acl.toml");
+        let _ = std::fs::remove_file(&fifo);
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Policy::load(&path).map(|p| p.len()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("answered without waiting")
+            .unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     fn f(s: &str) -> TopicFilter {
         TopicFilter::new(s).unwrap()

@@ -249,7 +249,7 @@ pub fn verify<'a>(
 /// The last whole record of `path` (`None`: no file or no record), and whether the file ends in
 /// something that is not one.
 fn last_record(path: &Path) -> std::io::Result<(Option<Record>, bool)> {
-    let file = match File::open(path) {
+    let file = match daemoneye_eventbus_store::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, false)),
         Err(e) => return Err(e),
@@ -360,7 +360,7 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 
 /// Cuts `path` back to its whole records.
 fn truncate_to_records(path: &Path) -> std::io::Result<()> {
-    let text = std::fs::read(path)?;
+    let text = daemoneye_eventbus_store::read_regular(path)?;
     let mut keep = 0;
     for line in text.split_inclusive(|b| *b == b'\n') {
         if !line.ends_with(b"\n")

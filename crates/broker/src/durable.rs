@@ -134,7 +134,7 @@ enum MetaError {
 /// The definition in `dir`, or `None` when it has none (a subscription whose making was cut
 /// short before its definition was written: nothing was promised for it).
 fn read_meta(dir: &Path) -> Result<Option<(DurableName, Vec<TopicFilter>)>, MetaError> {
-    let bytes = match std::fs::read(dir.join("meta.json")) {
+    let bytes = match daemoneye_eventbus_store::read_regular(&dir.join("meta.json")) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(MetaError::Damaged(e.to_string())),

@@ -104,3 +104,41 @@ mod tests {
         std::fs::remove_dir_all(&base).unwrap();
     }
 }
+
+/// Reads the regular file at `path` whole. Anything else is refused without waiting: a named
+/// pipe (opening or reading one would block until another process writes), a device, a
+/// directory.
+///
+/// # Errors
+///
+/// The file cannot be opened or read, or is not a regular file
+/// (`ErrorKind::InvalidInput`, saying so).
+pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_regular(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Opens the regular file at `path` for reading, refusing anything else without waiting (see
+/// [`read_regular`]).
+///
+/// # Errors
+///
+/// As [`read_regular`].
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    // Opening a pipe for reading blocks until it has a writer, unless non-blocking (which
+    // changes nothing for a regular file).
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, nix::libc::O_NONBLOCK);
+    let file = open.open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}

@@ -19,7 +19,7 @@ mod dir;
 mod log;
 pub mod record;
 
-pub use dir::ensure_private_dir;
+pub use dir::{ensure_private_dir, open_regular, read_regular};
 pub use log::{Damaged, Log, LogOptions, Recovery, SegmentInfo, SyncJob};
 pub use record::Record;
 
