@@ -34,6 +34,20 @@ pub enum BrokerError {
     /// `acl_file` could not be read or is not a policy.
     #[error("cannot use broker.acl_file: {0}")]
     Acl(#[from] crate::acl::PolicyError),
+    /// The runtime stopped while the broker was starting.
+    #[error("the async runtime stopped while the broker was starting")]
+    Interrupted,
+    /// The start took longer than `startup_timeout_seconds`.
+    #[error(
+        "the broker did not start within startup_timeout_seconds ({secs} s): {doing}; raise \
+         it, or see why (a slow disk, or another broker holding the data directory)"
+    )]
+    StartupTimeout {
+        /// The limit.
+        secs: u64,
+        /// What it was doing.
+        doing: &'static str,
+    },
     /// `tls` could not be used: a certificate, key or CA file is missing or wrong.
     #[error("cannot use broker.tls: {0}")]
     Tls(#[source] TransportError),
@@ -154,6 +168,7 @@ impl Broker {
         config: BrokerConfig,
         endpoints: &[Endpoint],
     ) -> Result<Self, BrokerError> {
+        let started = std::time::Instant::now();
         config.validate()?;
         // Read before anything listens: a broker never runs without the policy it was given.
         let policy = config
@@ -224,7 +239,25 @@ impl Broker {
         let hub = Arc::new(Hub::new(config, allowed_uids));
         hub.set_policy(policy);
         hub.set_audit(audit);
-        hub.restore_durables()?;
+        // Reading back the durable subscriptions may take a while (a large data directory, a
+        // log another broker still holds): off this thread, within the startup deadline.
+        let limit = Duration::from_secs(hub.config.startup_timeout_seconds);
+        let left = limit.saturating_sub(started.elapsed());
+        let restoring = tokio::task::spawn_blocking({
+            let hub = Arc::clone(&hub);
+            move || hub.restore_durables()
+        });
+        match tokio::time::timeout(left, restoring).await {
+            Ok(Ok(restored)) => restored?,
+            Ok(Err(e)) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Ok(Err(_)) => return Err(BrokerError::Interrupted),
+            Err(_) => {
+                return Err(BrokerError::StartupTimeout {
+                    secs: limit.as_secs(),
+                    doing: "reading back the durable subscriptions of data_dir",
+                });
+            }
+        }
         let endpoints = listeners.iter().map(|l| l.endpoint().clone()).collect();
         for listener in listeners {
             hub.tracker.spawn(accept_loop(Arc::clone(&hub), listener));

@@ -61,14 +61,25 @@ pub struct BrokerConfig {
     /// Filters one connection may hold (default 10,000); more are refused with
     /// `ResourceExhausted`.
     pub max_subscriptions_per_connection: usize,
+    /// Subscribers one topic filter may have (connections holding it plainly or in a queue
+    /// group, and acknowledged subscriptions; default 10,000; the seed's `max_subscribers`).
+    /// One more is refused with `ResourceExhausted`, naming the filter.
+    pub max_subscribers: usize,
     /// A connection silent for this long is closed (default 30 s).
     pub connection_timeout_secs: u64,
     /// Deadline for the client's handshake (default 5000 ms).
     pub handshake_timeout_ms: u64,
+    /// How long the broker's start may take (default 30 s, the seed's): binding its
+    /// endpoints and reading back the durable subscriptions kept in `data_dir` (about a
+    /// second per GiB; a log another broker still holds is waited for). Past it the start
+    /// fails with `BrokerError::StartupTimeout`.
+    pub startup_timeout_seconds: u64,
     /// Keepalive interval announced to clients; the broker pings a silent client after it
     /// (default 10000 ms).
     pub keepalive_interval_ms: u64,
-    /// Publish statistics on `$sys.broker.stats` (default true).
+    /// Publish statistics on `$sys.broker.stats` (default true; the seed's
+    /// `enable_metrics` is the same key).
+    #[serde(alias = "enable_metrics")]
     pub enable_statistics: bool,
     /// Interval between `$sys.broker.stats` publications (default 30 s).
     pub stats_interval_secs: u64,
@@ -192,8 +203,10 @@ impl Default for BrokerConfig {
             subscriber_buffer_bytes: 256 * 1024 * 1024,
             max_memory_bytes: 512 * 1024 * 1024,
             max_subscriptions_per_connection: 10_000,
+            max_subscribers: 10_000,
             connection_timeout_secs: 30,
             handshake_timeout_ms: 5000,
+            startup_timeout_seconds: 30,
             keepalive_interval_ms: 10_000,
             enable_statistics: true,
             stats_interval_secs: 30,
@@ -257,6 +270,18 @@ impl BrokerConfig {
             "max_message_size",
             m,
             format!("must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes"),
+        )?;
+        check(
+            self.max_subscribers > 0,
+            "max_subscribers",
+            self.max_subscribers,
+            "must be at least 1".into(),
+        )?;
+        check(
+            self.startup_timeout_seconds > 0,
+            "startup_timeout_seconds",
+            self.startup_timeout_seconds,
+            "must be at least 1".into(),
         )?;
         check(
             self.max_connections > 0,

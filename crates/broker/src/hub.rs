@@ -229,7 +229,10 @@ pub(crate) struct Hub {
 impl Hub {
     pub(crate) fn new(config: BrokerConfig, allowed_uids: Vec<u32>) -> Self {
         Self {
-            router: RwLock::new(Router::new(config.max_subscriptions_per_connection)),
+            router: RwLock::new(Router::new(
+                config.max_subscriptions_per_connection,
+                config.max_subscribers,
+            )),
             durables: parking_lot::Mutex::new(HashMap::new()),
             counters: Counters::default(),
             memory: Memory::new(config.max_memory_bytes),
@@ -673,6 +676,18 @@ impl Hub {
             client: conn.name.clone(),
             window,
         };
+        // A new subscription is a new subscriber of each of its filters (a durable one
+        // resumed already was one).
+        let resuming = s
+            .durable
+            .as_ref()
+            .is_some_and(|name| self.durables.lock().contains_key(name));
+        if !resuming {
+            self.router
+                .read()
+                .room_for_subscribers(&s.filters)
+                .map_err(|why| (ErrorCode::ResourceExhausted, why))?;
+        }
         let (sub, resumed) = match &s.durable {
             Some(name) => {
                 let mut durables = self.durables.lock();

@@ -165,6 +165,8 @@ pub(crate) struct Router<C, A> {
     generation: u64,
     /// Filters one connection may hold.
     max_per_connection: usize,
+    /// Subscribers one filter may have (plain, in groups and acknowledged).
+    max_subscribers: usize,
     /// Acknowledged subscriptions' filters.
     acked_trie: SubscriptionTrie<u32>,
     /// Acknowledged subscriptions by index, with their filters.
@@ -173,8 +175,9 @@ pub(crate) struct Router<C, A> {
 }
 
 impl<C, A> Router<C, A> {
-    /// An empty table allowing each connection `max_per_connection` filters.
-    pub(crate) fn new(max_per_connection: usize) -> Self {
+    /// An empty table allowing each connection `max_per_connection` filters, and each filter
+    /// `max_subscribers` subscribers.
+    pub(crate) fn new(max_per_connection: usize, max_subscribers: usize) -> Self {
         Self {
             trie: SubscriptionTrie::default(),
             grouped: SubscriptionTrie::default(),
@@ -185,10 +188,33 @@ impl<C, A> Router<C, A> {
             free: Vec::new(),
             generation: 0,
             max_per_connection,
+            max_subscribers,
             acked_trie: SubscriptionTrie::default(),
             acked: Vec::new(),
             free_acked: Vec::new(),
         }
+    }
+
+    /// How many subscribers `filter` has: connections holding it plainly or in a group, and
+    /// acknowledged subscriptions.
+    pub(crate) fn subscribers_of(&self, filter: &TopicFilter) -> usize {
+        self.trie.subscribers_of(filter)
+            + self.grouped.subscribers_of(filter)
+            + self.acked_trie.subscribers_of(filter)
+    }
+
+    /// Refuses a new subscriber of a filter that has `max_subscribers` already.
+    pub(crate) fn room_for_subscribers(&self, filters: &[TopicFilter]) -> Result<(), String> {
+        for f in filters {
+            let n = self.subscribers_of(f);
+            if n >= self.max_subscribers {
+                return Err(format!(
+                    "{f} has {n} subscribers, the broker's max_subscribers; retry when one has \
+                     gone"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Registers an acknowledged subscription made by `make` from its index; returns the
@@ -337,6 +363,10 @@ impl<C, A> Router<C, A> {
                 "this connection holds {held} subscriptions, the broker's \
                  max_subscriptions_per_connection; unsubscribe some first"
             )));
+        }
+        if is_new {
+            self.room_for_subscribers(std::slice::from_ref(filter))
+                .map_err(SubscribeRefusal::Limit)?;
         }
         self.generation += 1;
         match group {
@@ -607,7 +637,7 @@ mod tests {
 
     #[test]
     fn a_connection_is_planned_once_in_its_strongest_class() {
-        let mut r: Router<&str, ()> = Router::new(100);
+        let mut r: Router<&str, ()> = Router::new(100, usize::MAX);
         let (a, b) = (r.add("a"), r.add("b"));
         r.subscribe(a, &filter("events.+"), Qos::Realtime, None)
             .unwrap();
@@ -640,7 +670,7 @@ mod tests {
 
     #[test]
     fn group_members_are_planned_per_group_with_their_class_and_take_turns() {
-        let mut r: Router<&str, ()> = Router::new(100);
+        let mut r: Router<&str, ()> = Router::new(100, usize::MAX);
         let (a, b, c) = (r.add("a"), r.add("b"), r.add("c"));
         let (w, v) = (group("w"), group("v"));
         r.subscribe(a, &filter("job.+"), Qos::Processed, Some(&w))
@@ -680,7 +710,7 @@ mod tests {
 
     #[test]
     fn a_filter_is_held_once_and_groups_are_reclaimed() {
-        let mut r: Router<&str, ()> = Router::new(100);
+        let mut r: Router<&str, ()> = Router::new(100, usize::MAX);
         let a = r.add("a");
         let g = group("g");
         r.subscribe(a, &filter("t"), Qos::Realtime, Some(&g))
@@ -713,7 +743,7 @@ mod tests {
 
     #[test]
     fn a_connection_holds_at_most_the_limit() {
-        let mut r: Router<&str, ()> = Router::new(2);
+        let mut r: Router<&str, ()> = Router::new(2, usize::MAX);
         let (a, b) = (r.add("a"), r.add("b"));
         r.subscribe(a, &filter("x"), Qos::Realtime, None).unwrap();
         r.subscribe(a, &filter("y"), Qos::Realtime, Some(&group("g")))

@@ -124,6 +124,24 @@ impl<S: Copy + Eq> SubscriptionTrie<S> {
         id
     }
 
+    /// How many subscribers `filter` has (exactly this filter, not the ones matching it).
+    pub fn subscribers_of(&self, filter: &TopicFilter) -> usize {
+        let mut node = ROOT;
+        for seg in filter.segments() {
+            let n = &self.nodes[node as usize];
+            let next = match seg {
+                Segment::Literal(lit) => n.literal.get(lit).copied(),
+                Segment::Single => n.single,
+                Segment::Multi => n.multi,
+            };
+            match next {
+                Some(id) => node = id,
+                None => return 0,
+            }
+        }
+        self.nodes[node as usize].subscribers.len()
+    }
+
     /// Adds `subscriber` under `filter`. Returns `false` when it was already there.
     pub fn insert(&mut self, filter: &TopicFilter, subscriber: S) -> bool {
         let mut node = ROOT;

@@ -589,6 +589,48 @@ async fn drops_of_many_topics_are_bounded_and_all_reported(kind: Kind) {
 
 /// A connection holds at most `max_subscriptions_per_connection` filters; each is charged to
 /// the memory cap and given back when it goes.
+/// `max_subscribers`: a filter has that many subscribers at most (plain and acknowledged
+/// alike); one more is refused, naming it, and is let in once one has gone.
+async fn a_filter_has_max_subscribers_at_most(kind: Kind) {
+    let config = BrokerConfig {
+        max_subscribers: 2,
+        ..BrokerConfig::default()
+    };
+    let bus = bus(kind, config).await;
+    let (a, b, c) = (
+        bus.client("a").await,
+        bus.client("b").await,
+        bus.client("c").await,
+    );
+    let first = a.subscribe(["jobs.x"]).await.unwrap();
+    let _second = b.subscribe(["jobs.x"]).await.unwrap();
+    let refused = |r: Result<Subscription, SubscribeError>| match r {
+        Err(SubscribeError::Refused { code, message }) => {
+            assert_eq!(code, ErrorCode::ResourceExhausted);
+            assert!(
+                message.contains("jobs.x") && message.contains("max_subscribers"),
+                "{message}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    refused(c.subscribe(["jobs.x"]).await);
+    refused(
+        c.subscribe_with_options(
+            ["jobs.x"],
+            SubscribeOptions {
+                qos: Qos::Processed,
+                ..SubscribeOptions::default()
+            },
+        )
+        .await,
+    );
+    // Other filters are not limited by this one.
+    let _y = c.subscribe(["jobs.y"]).await.unwrap();
+    first.unsubscribe().await.unwrap();
+    let _third = c.subscribe(["jobs.x"]).await.unwrap();
+}
+
 async fn subscriptions_are_limited_and_charged(kind: Kind) {
     let config = BrokerConfig {
         max_subscriptions_per_connection: 3,
@@ -1520,6 +1562,7 @@ conformance!(
     drops_of_many_topics_are_bounded_and_all_reported,
     subscribers_behind_one_burst_share_its_copies,
     subscriptions_are_limited_and_charged,
+    a_filter_has_max_subscribers_at_most,
     disconnect_policy_closes_a_slow_reader,
     processed_subscriptions_lose_nothing,
     unacknowledged_deliveries_come_again,

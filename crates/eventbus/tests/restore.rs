@@ -480,3 +480,60 @@ async fn a_request_on_a_lost_connection_fails_at_once() {
     client.close().await;
     broker.shutdown().await;
 }
+
+/// `startup_timeout_seconds` bounds the start: a durable subscription's log another process
+/// holds is waited for (two seconds) before the start fails as locked, unless the startup
+/// deadline comes first; once let go, the broker starts and the subscription is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_is_bounded_by_startup_timeout_seconds() {
+    let dir = TempDir(std::env::temp_dir().join(format!("eb-startup-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let data = dir.0.join("data");
+    let endpoints = [Endpoint::Unix(dir.0.join("bus.sock"))];
+    let config = |secs| BrokerConfig {
+        data_dir: Some(data.clone()),
+        startup_timeout_seconds: secs,
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start_on(config(30), &endpoints).await.unwrap();
+    let client = Client::connect(&endpoints[0], ClientOptions::named("c"))
+        .await
+        .unwrap();
+    drop(client.subscribe_durable("kept", ["jobs.#"]).await.unwrap());
+    client.close().await;
+    broker.shutdown().await;
+    drop(broker);
+    // Another process holds the log's lock (`-o`: flock itself, not the command it runs).
+    let mut holder = std::process::Command::new("flock")
+        .arg("-o")
+        .arg(data.join("durable/kept/log/LOCK"))
+        .args(["-c", "echo held; exec sleep 60"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "held");
+    let e = Broker::start_on(config(1), &endpoints).await.unwrap_err();
+    assert!(
+        e.to_string().contains("startup_timeout_seconds (1 s)"),
+        "{e}"
+    );
+    let e = Broker::start_on(config(30), &endpoints).await.unwrap_err();
+    assert!(!e.to_string().contains("startup_timeout_seconds"), "{e}");
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    let broker = Broker::start_on(config(1), &endpoints).await.unwrap();
+    assert!(
+        broker
+            .stats()
+            .subscriptions
+            .iter()
+            .any(|s| s.durable.as_deref() == Some("kept"))
+    );
+    broker.shutdown().await;
+}

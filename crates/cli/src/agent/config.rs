@@ -145,23 +145,7 @@ impl AgentConfig {
 # unknown keys are refused. `eventbus config check FILE` checks a file.
 
 [broker]
-# socket_path = "/run/daemoneye/eventbus.sock"   # default: $XDG_RUNTIME_DIR/daemoneye/eventbus.sock
-max_connections = {mc}                # connections beyond are refused
-message_buffer_size = {mbs}           # per-connection queue, messages
-subscriber_buffer_bytes = {sbb}   # per-connection queue, bytes
-max_memory_bytes = {mmb}         # all queues together
-max_message_size = {mms}           # largest payload
-keepalive_interval_ms = {ka}
-stats_interval_secs = {si}             # $sys.broker.stats period
-allowed_uids = []                     # empty: the agent's own uid and root
-# data_dir = "/var/lib/daemoneye/eventbus"   # default: "state" beside the socket
-# fsync = "interval"                    # always | interval | never (durable subscriptions)
-# fsync_interval_ms = 100
-# max_connections_per_identity = 32    # per uid and executable; the agent and collectors exempt
-# acl_file = "/etc/daemoneye/acl.toml"  # default: the built-in policy (SECURITY.md)
-# audit_log = "/var/log/daemoneye/audit.log"   # SHA-256-chained; eventbus audit verify
-# audit_max_bytes = 16777216
-# socket_group = 1000                   # let a group reach the socket (mode 0660)
+{broker}
 
 [rpc]
 default_timeout_seconds = {dt}
@@ -213,13 +197,7 @@ live_view = {lv}                     # redraw a status view when stdout is a ter
 # events = ["events.process.#"]      # topics the default policy lets it publish on
 # limits = {{ max_memory_bytes = 268435456, max_open_files = 1024, max_cpu_seconds = 3600 }}
 "#,
-            mc = b.max_connections,
-            mbs = b.message_buffer_size,
-            sbb = b.subscriber_buffer_bytes,
-            mmb = b.max_memory_bytes,
-            mms = b.max_message_size,
-            ka = b.keepalive_interval_ms,
-            si = b.stats_interval_secs,
+            broker = broker_section(b),
             dt = r.default_timeout_seconds,
             hci = r.health_check_interval_seconds,
             ect = r.enable_correlation_tracking,
@@ -259,6 +237,106 @@ pub(crate) fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 
+/// Every key of `[broker]` with its default (serialised, so none is forgotten), and a note:
+/// keys without a default are shown commented out, with an example.
+fn broker_section(b: &daemoneye_eventbus::broker::BrokerConfig) -> String {
+    const NOTES: &[(&str, &str, &str)] = &[
+        (
+            "socket_path",
+            "\"/run/daemoneye/eventbus.sock\"",
+            "default: $XDG_RUNTIME_DIR/daemoneye/eventbus.sock",
+        ),
+        (
+            "tcp_listen",
+            "\"127.0.0.1:4222\"",
+            "also listen here (plain TCP, loopback only)",
+        ),
+        (
+            "tls",
+            "{ listen = \"0.0.0.0:4443\", cert = \"/etc/daemoneye/tls/broker.pem\", key = \"/etc/daemoneye/tls/broker.key\", client_ca = \"/etc/daemoneye/tls/clients-ca.pem\" }",
+            "other hosts over mutual TLS",
+        ),
+        (
+            "socket_group",
+            "1000",
+            "let a group reach the socket (mode 0660)",
+        ),
+        (
+            "acl_file",
+            "\"/etc/daemoneye/acl.toml\"",
+            "default: the built-in policy (SECURITY.md)",
+        ),
+        (
+            "audit_log",
+            "\"/var/log/daemoneye/audit.log\"",
+            "SHA-256-chained; eventbus audit verify",
+        ),
+        (
+            "data_dir",
+            "\"/var/lib/daemoneye/eventbus\"",
+            "default: \"state\" beside the socket",
+        ),
+        ("max_connections", "", "connections beyond are refused"),
+        (
+            "max_connections_per_identity",
+            "",
+            "per uid and executable or TLS subject",
+        ),
+        ("max_subscribers", "", "subscribers of one topic filter"),
+        (
+            "startup_timeout_seconds",
+            "",
+            "binding and reading back data_dir",
+        ),
+        (
+            "enable_statistics",
+            "",
+            "$sys.broker.stats (the seed's enable_metrics)",
+        ),
+        ("message_buffer_size", "", "each queue, messages"),
+        ("subscriber_buffer_bytes", "", "each queue, bytes"),
+        ("max_memory_bytes", "", "all queues together"),
+        ("max_message_size", "", "largest payload"),
+        ("allowed_uids", "", "empty: the agent's own uid and root"),
+        (
+            "fsync",
+            "",
+            "always | interval | never (durable subscriptions)",
+        ),
+        ("durable_full_policy", "", "drop_oldest | drop_new"),
+    ];
+    let value = serde_json::to_value(b).unwrap_or_default();
+    let Some(keys) = value.as_object() else {
+        return String::new();
+    };
+    let mut out = Vec::new();
+    for (key, v) in keys {
+        let note = NOTES.iter().find(|(k, ..)| k == key);
+        let comment = note.map_or(String::new(), |(_, _, n)| format!("   # {n}"));
+        let line = match (v, note) {
+            (serde_json::Value::Null, Some((_, example, _))) => {
+                format!("# {key} = {example}{comment}")
+            }
+            (serde_json::Value::Null, None) => format!("# {key} ={comment}"),
+            (v, _) => {
+                let mut t = toml::Table::new();
+                match toml::Value::try_from(v) {
+                    Ok(v) => {
+                        t.insert(key.clone(), v);
+                        format!(
+                            "{}{comment}",
+                            toml::to_string(&t).unwrap_or_default().trim_end()
+                        )
+                    }
+                    Err(_) => format!("# {key} ={comment}"),
+                }
+            }
+        };
+        out.push(line);
+    }
+    out.join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,6 +359,43 @@ mod tests {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u8(1);
         h.finish()
+    }
+
+    /// `eventbus config default` shows every broker key, so none is forgotten when added.
+    #[test]
+    fn the_default_names_every_broker_key() {
+        let text = AgentConfig::default_toml();
+        let keys =
+            serde_json::to_value(daemoneye_eventbus::broker::BrokerConfig::default()).unwrap();
+        for key in keys.as_object().unwrap().keys() {
+            assert!(
+                text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
+                "{key} missing from eventbus config default"
+            );
+        }
+    }
+
+    /// The seed's configuration sections, as seed 003 writes them, are accepted and act.
+    #[test]
+    fn the_seeds_sections_as_written_are_accepted() {
+        let d = tmp();
+        let p = write(
+            &d,
+            "seed.yaml",
+            "broker:\n  socket_path: /tmp/daemoneye-eventbus.sock\n  startup_timeout_seconds: 30\n  \
+             max_subscribers: 100\n  message_buffer_size: 10000\n  enable_metrics: true\n\
+             rpc:\n  default_timeout_seconds: 30\n  health_check_interval_seconds: 60\n  \
+             enable_correlation_tracking: true\n  max_pending_requests: 1000\n\
+             process_manager:\n  graceful_shutdown_timeout_seconds: 60\n  \
+             force_shutdown_timeout_seconds: 5\n  health_check_interval_seconds: 120\n  \
+             enable_auto_restart: true\n  max_restart_attempts: 3\n  restart_backoff_seconds: 5\n",
+        );
+        let c = AgentConfig::load(&p).unwrap();
+        assert_eq!(c.broker.max_subscribers, 100);
+        assert_eq!(c.broker.startup_timeout_seconds, 30);
+        assert_eq!(c.broker.message_buffer_size, 10_000);
+        assert!(c.broker.enable_statistics);
+        let _ = std::fs::remove_dir_all(d);
     }
 
     #[test]
