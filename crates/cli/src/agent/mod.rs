@@ -212,12 +212,14 @@ async fn health_checks(
         for s in statuses.iter().filter(|s| {
             s.state == CollectorState::Running && s.last_heartbeat.is_some() && s.pid.is_some()
         }) {
+            // The operation's policy (rpc.policies.health_check) times each attempt, and
+            // rpc.default_timeout_seconds the whole call.
             let request = daemoneye_eventbus::rpc::RpcRequest::health_check(
                 String::new(),
                 format!("control.collector.{}", s.id),
-                Duration::from_secs(5),
+                rpc.config().policies.health_check.timeout(),
             );
-            let (status, message) = match rpc.call(request, Duration::from_secs(20)).await {
+            let (status, message) = match rpc.call(request, Duration::ZERO).await {
                 Ok(r) => match r.health_check() {
                     Some(h) if h.status == HealthStatus::Healthy as i32 => {
                         (HealthStatus::Healthy, "ok".to_owned())

@@ -1057,14 +1057,22 @@ async fn stop_escalating(
     let force = Duration::from_secs(config.force_shutdown_timeout_seconds);
     if graceful && let Some(rpc) = rpc {
         let target = format!("control.collector.{id}");
+        // The answer to the request is awaited as the lifecycle policy says
+        // (rpc.policies.lifecycle), within the grace.
+        let answer_within = rpc
+            .config()
+            .policies
+            .lifecycle
+            .timeout()
+            .min(grace.max(Duration::from_secs(1)));
         let ask = RpcRequest::shutdown(
             String::new(),
             target,
             "stopped by the supervisor",
             grace,
-            Duration::from_secs(5).min(grace.max(Duration::from_secs(1))),
+            answer_within,
         );
-        match rpc.call(ask, Duration::from_secs(5)).await {
+        match rpc.call(ask, answer_within).await {
             Ok(_) => {
                 let ended = tokio::select! {
                     e = ended_within(run, grace) => e,
