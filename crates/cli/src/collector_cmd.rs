@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// What to do.
 #[derive(clap::Subcommand, Debug)]
 pub(crate) enum Action {
-    /// Every collector: state, pid, restarts, last heartbeat, health and its reason.
+    /// Every collector: state, pid, restarts, last heartbeat, health and its reason, and what
+    /// a running one is and can do.
     List(Common),
     /// One collector's status.
     Status(One),
@@ -199,6 +200,13 @@ fn line(s: &CollectorStatus) -> String {
         heartbeat_age(s).map_or("never".to_owned(), |a| format!("{a:.1}s ago")),
         health(s)
     );
+    if !s.collector_type.is_empty() {
+        l.push_str(&format!(
+            "; type {} ({})",
+            s.collector_type,
+            s.capabilities.join(", ")
+        ));
+    }
     if !s.health_message.is_empty() && s.health_message != "ok" {
         l.push_str(&format!(" ({})", s.health_message));
     }
@@ -211,6 +219,8 @@ fn line(s: &CollectorStatus) -> String {
 fn json(s: &CollectorStatus) -> serde_json::Value {
     serde_json::json!({
         "id": s.collector_id,
+        "type": (!s.collector_type.is_empty()).then_some(&s.collector_type),
+        "capabilities": s.capabilities,
         "state": state(s),
         "pid": (s.pid != 0).then_some(s.pid),
         "uptime_secs": s.uptime_seconds,

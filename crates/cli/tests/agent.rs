@@ -442,9 +442,26 @@ fn the_collector_command_drives_the_agents_collectors() {
         assert_eq!(out.len(), 1, "{out:?}");
         serde_json::from_str::<serde_json::Value>(&out[0]).unwrap()
     };
-    let listed = status(&["list", "--json"]);
+    // Once procmond was heard, the list says what it is and can do.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let listed = status(&["list", "--json"]);
+        if listed["type"] == "process" {
+            break listed;
+        }
+        assert!(Instant::now() < deadline, "{listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(listed["id"], "procmond");
     assert_eq!(listed["state"], "running");
+    assert!(
+        listed["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "process-lifecycle"),
+        "{listed}"
+    );
     let pid = u32::try_from(listed["pid"].as_u64().unwrap()).unwrap();
     let proc_state = |pid: u32| {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

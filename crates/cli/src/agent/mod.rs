@@ -348,6 +348,25 @@ struct Lifecycle {
 const CONFIG_WITHIN: Duration = Duration::from_secs(10);
 
 impl Lifecycle {
+    /// What a running collector it has heard is and can do (its GET_CAPABILITIES), or
+    /// nothing if it does not answer within a second.
+    async fn describe(&self, status: &mut pb::CollectorStatus, s: &CollectorStatus) {
+        if s.state != CollectorState::Running || s.last_heartbeat.is_none() {
+            return;
+        }
+        let ask = daemoneye_eventbus::rpc::RpcRequest::capabilities(
+            String::new(),
+            format!("control.collector.{}", s.id),
+            Duration::from_secs(1),
+        );
+        if let Ok(r) = self.rpc.call(ask, Duration::from_secs(1)).await
+            && let Some(c) = r.capabilities()
+        {
+            status.collector_type.clone_from(&c.collector_type);
+            status.capabilities.clone_from(&c.capabilities);
+        }
+    }
+
     /// Applies `config` to collector `id` just started: its configuration service is asked
     /// until it serves (within [`CONFIG_WITHIN`]); `Err` says what it refused, or why it was
     /// not asked.
@@ -416,6 +435,7 @@ fn status_pb(s: &CollectorStatus, check: Option<(HealthStatus, String)>) -> pb::
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         health: health as i32,
         health_message,
+        ..Default::default()
     }
 }
 
@@ -431,12 +451,15 @@ impl CollectorHandler for Lifecycle {
                     .await
                     .map_err(|e| ReplyStatus::unavailable(e.to_string()))?;
                 let checks = self.checks.lock().clone();
+                let mut collectors = Vec::with_capacity(all.len());
+                for s in &all {
+                    let mut status = status_pb(s, check_of(&checks, s));
+                    self.describe(&mut status, s).await;
+                    collectors.push(status);
+                }
                 Ok(rpc_response::Body::Lifecycle(pb::LifecycleResponse {
                     success: true,
-                    collectors: all
-                        .iter()
-                        .map(|s| status_pb(s, check_of(&checks, s)))
-                        .collect(),
+                    collectors,
                     ..Default::default()
                 }))
             }
@@ -482,11 +505,15 @@ impl CollectorHandler for Lifecycle {
                     _ => Ok(()),
                 };
                 let check = check_of(&self.checks.lock(), &s);
+                let mut status = status_pb(&s, check);
+                if call.operation == O::Status {
+                    self.describe(&mut status, &s).await;
+                }
                 Ok(rpc_response::Body::Lifecycle(pb::LifecycleResponse {
                     success: applied.is_ok(),
                     error_message: applied.err().unwrap_or_default(),
                     collector_id: s.id.clone(),
-                    status: Some(status_pb(&s, check)),
+                    status: Some(status),
                     shutdown_duration_ms: u32::try_from(started.elapsed().as_millis())
                         .unwrap_or(u32::MAX),
                     ..Default::default()
