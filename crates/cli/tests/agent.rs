@@ -303,6 +303,11 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
     let degraded = wait_report(&sub, "a degraded report", |r| r["health"] == "Degraded");
     assert_eq!(degraded["collectors"][0]["state"], "unhealthy");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+    // Heard again: running and healthy, the same process.
+    let again = wait_report(&sub, "procmond healthy again", |r| {
+        r["collectors"][0]["state"] == "running" && r["health"] == "Healthy"
+    });
+    assert_eq!(procmond_pid(&again), pid);
 
     // SIGTERM: collectors first, then the broker; everything reaped.
     agent.proc.signal(Signal::SIGTERM);
