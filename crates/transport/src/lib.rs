@@ -171,6 +171,12 @@ impl Incoming {
         }
     }
 
+    /// Whether [`Incoming::establish`] has a handshake to do (TLS); otherwise it returns at
+    /// once.
+    pub fn needs_handshake(&self) -> bool {
+        matches!(self.kind, IncomingKind::Tls { .. })
+    }
+
     /// Finishes the connection: for TLS, the handshake, which verifies the client's
     /// certificate. Not bounded in time: the caller applies its deadline.
     ///

@@ -54,6 +54,18 @@ pub fn default_socket_path() -> Result<PathBuf, TransportError> {
 }
 
 /// `path` made absolute (from the working directory), or why not.
+/// What `path` itself is (a link is not followed); `None` when nothing is there.
+fn inspect(path: &Path) -> Result<Option<fs::Metadata>, TransportError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(TransportError::io(
+            format!("inspecting {}", path.display()),
+            e,
+        )),
+    }
+}
+
 fn absolute(path: &Path) -> Result<PathBuf, TransportError> {
     std::path::absolute(path)
         .map_err(|e| TransportError::io(format!("resolving {}", path.display()), e))
@@ -74,17 +86,9 @@ pub fn check_dir_chain(dir: &Path) -> Result<(), TransportError> {
     let mut at = PathBuf::new();
     for part in dir.components() {
         at.push(part);
-        let meta = match fs::symlink_metadata(&at) {
-            // Nothing further to trust or distrust: binding or connecting will say it is
-            // missing.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => {
-                return Err(TransportError::io(
-                    format!("inspecting {}", at.display()),
-                    e,
-                ));
-            }
-            Ok(m) => m,
+        // Missing: nothing further to trust or distrust; binding or connecting will say so.
+        let Some(meta) = inspect(&at)? else {
+            return Ok(());
         };
         let unsafe_because = |reason: String| TransportError::UnsafePath {
             path: at.clone(),
@@ -127,16 +131,9 @@ pub fn check_socket(path: &Path) -> Result<(), TransportError> {
     if let Some(parent) = path.parent() {
         check_dir_chain(parent)?;
     }
-    let meta = match fs::symlink_metadata(&path) {
-        // Connecting will say there is no broker.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => {
-            return Err(TransportError::io(
-                format!("inspecting {}", path.display()),
-                e,
-            ));
-        }
-        Ok(m) => m,
+    // Missing: connecting will say there is no broker.
+    let Some(meta) = inspect(&path)? else {
+        return Ok(());
     };
     if meta.file_type().is_symlink() {
         return Err(TransportError::Symlink(path));

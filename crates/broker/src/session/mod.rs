@@ -29,8 +29,10 @@ const LAST_WORDS: Duration = Duration::from_millis(500);
 /// Serves one accepted connection to the end: a TLS connection first finishes its handshake
 /// within the handshake deadline.
 pub(crate) async fn serve(hub: Arc<Hub>, incoming: Incoming) {
-    let before = incoming.peer();
-    let tls = before.transport == TransportKind::Tls;
+    // For a TLS connection that fails its handshake, what is known of it (its address); a
+    // Unix connection is established already.
+    let before = incoming.needs_handshake().then(|| incoming.peer());
+    let tls = before.is_some();
     let tls_slot = tls.then(|| Arc::clone(&hub.handshakes).try_acquire_owned());
     let deadline = hub.config.handshake_timeout();
     let established = match tls_slot {
@@ -56,6 +58,7 @@ pub(crate) async fn serve(hub: Arc<Hub>, incoming: Incoming) {
     let conn = match established {
         Ok(conn) => conn,
         Err(why) => {
+            let before = before.unwrap_or_default();
             Counters::add(&hub.counters.connections_refused, 1);
             Counters::add(&hub.counters.tls_refused, 1);
             hub.refused(&crate::hub::identity_key(&before));
