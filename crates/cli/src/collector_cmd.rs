@@ -201,11 +201,10 @@ fn line(s: &CollectorStatus) -> String {
         health(s)
     );
     if !s.collector_type.is_empty() {
-        l.push_str(&format!(
-            "; type {} ({})",
-            s.collector_type,
-            s.capabilities.join(", ")
-        ));
+        l.push_str(&format!("; type {}", s.collector_type));
+    }
+    if !s.capabilities.is_empty() {
+        l.push_str(&format!(" ({})", s.capabilities.join(", ")));
     }
     if !s.health_message.is_empty() && s.health_message != "ok" {
         l.push_str(&format!(" ({})", s.health_message));

@@ -70,9 +70,13 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             subscribe(&socket, &name, &patterns, options).await
         }
         Command::Stats { socket, json } => stats(&socket, json).await,
-        Command::Agent { socket, config } => crate::agent::run(&socket, config.as_deref()).await,
-        Command::Config(ConfigCommand::Check { file }) => crate::agent::config_command(Some(&file)),
-        Command::Config(ConfigCommand::Default) => crate::agent::config_command(None),
+        Command::Agent { socket, config } => {
+            crate::agent_cmd::run(&socket, config.as_deref()).await
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            crate::agent_cmd::config_command(Some(&file))
+        }
+        Command::Config(ConfigCommand::Default) => crate::agent_cmd::config_command(None),
         Command::Audit(crate::AuditCommand::Verify {
             files,
             head,
@@ -113,7 +117,6 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             println!("{}: {} rules, valid", file.display(), policy.len());
             Ok(())
         }
-        Command::Procmond(args) => crate::procmond_cmd::run(args).await,
         Command::Reply {
             socket,
             topic,
@@ -162,7 +165,9 @@ pub(crate) async fn run(command: Command) -> Result<()> {
 }
 
 pub(crate) fn endpoint(arg: &SocketArg) -> Result<Endpoint> {
-    crate::shared::endpoint_from(arg.socket.as_deref())
+    Ok(daemoneye_eventbus::collector::cli::endpoint_from(
+        arg.socket.as_deref(),
+    )?)
 }
 
 impl ServeTlsArg {

@@ -2,18 +2,16 @@
 //!
 //! Every error exits non-zero with one line on stderr.
 
-mod agent;
+mod agent_cmd;
 #[cfg(unix)]
 mod bench;
 mod collector_cmd;
 mod commands;
 mod output;
-mod procmond_cmd;
 mod rpc_cmd;
-mod shared;
 mod tls_cmd;
 
-use shared::BrokerArg;
+use daemoneye_eventbus::collector::cli::BrokerArg;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -169,9 +167,6 @@ enum Command {
     /// lifecycle service, control.agent.lifecycle). Exit status as `request`'s.
     #[command(subcommand)]
     Collector(collector_cmd::Action),
-    /// The process collector (the same as the `procmond` binary).
-    #[command(hide = true)]
-    Procmond(procmond_cmd::Args),
     /// Run a broker in the foreground until SIGINT or SIGTERM.
     Serve {
         #[command(flatten)]
@@ -381,13 +376,13 @@ impl From<QosArg> for daemoneye_eventbus::Qos {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    shared::init_logging();
+    daemoneye_eventbus::collector::cli::init_logging();
     // A benchmark participant is one connection doing one thing, and a broker on one thread
     // hands messages from reader to writer without cross-thread wake-ups.
     let builder = match &cli.command {
         #[cfg(unix)]
         Command::BenchWorker(_) => tokio::runtime::Builder::new_current_thread(),
-        Command::Serve { threads: 1, .. } | Command::Agent { .. } | Command::Procmond(_) => {
+        Command::Serve { threads: 1, .. } | Command::Agent { .. } => {
             tokio::runtime::Builder::new_current_thread()
         }
         Command::Serve { threads, .. } => {

@@ -58,6 +58,36 @@ fn process_json(p: &daemoneye_eventbus::schema::events::ProcessEvent) -> serde_j
     })
 }
 
+fn network_json(n: &daemoneye_eventbus::schema::events::NetworkEvent) -> serde_json::Value {
+    use daemoneye_eventbus::schema::events as epb;
+    let change = epb::SocketChange::try_from(n.change).map_or("unknown", |c| match c {
+        epb::SocketChange::Opened => "opened",
+        epb::SocketChange::Closed => "closed",
+        epb::SocketChange::Present => "present",
+        epb::SocketChange::Unspecified => "unspecified",
+    });
+    let protocol = epb::Protocol::try_from(n.protocol).map_or("unknown", |p| match p {
+        epb::Protocol::Tcp => "tcp",
+        epb::Protocol::Udp => "udp",
+        epb::Protocol::Unspecified => "unspecified",
+    });
+    serde_json::json!({
+        "change": change,
+        "protocol": protocol,
+        "ip_version": n.ip_version,
+        "local_address": n.local_address,
+        "local_port": n.local_port,
+        "remote_address": n.remote_address,
+        "remote_port": n.remote_port,
+        "state": n.state,
+        "inode": n.inode,
+        "uid": n.uid,
+        "pid": n.pid,
+        "process_name": n.process_name,
+        "observed_at_ns": n.observed_at_ns,
+    })
+}
+
 /// The decoded fields of a message whose topic has a known schema (`None` otherwise, or when
 /// the payload does not decode).
 pub(crate) fn decode_known(msg: &Message) -> Option<serde_json::Value> {
@@ -89,6 +119,17 @@ pub(crate) fn decode_known(msg: &Message) -> Option<serde_json::Value> {
             match e.event? {
                 epb::collection_event::Event::Process(p) => Some(process_json(&p)),
             }
+        }
+        ["events", "network", "batch"] => {
+            let b = epb::NetworkBatch::decode(payload).ok()?;
+            Some(serde_json::json!({
+                "collector_id": b.collector_id,
+                "collected_at_ns": b.collected_at_ns,
+                "sockets": b.sockets.iter().map(network_json).collect::<Vec<_>>(),
+            }))
+        }
+        ["events", "network", "connections"] => {
+            Some(network_json(&epb::NetworkEvent::decode(payload).ok()?))
         }
         ["control", "agent", "status"] => serde_json::from_slice(payload).ok(),
         ["control", "health", "heartbeat", _] => {

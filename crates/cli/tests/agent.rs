@@ -71,7 +71,8 @@ fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent 
     cmd.arg("agent").arg("--config").arg(&config);
     let proc = Proc::spawn(cmd);
     wait_line(proc.stdout.as_ref().unwrap(), "agent ready", |l| {
-        l.starts_with("agent ready: broker on unix:") && l.ends_with("collectors: procmond")
+        l.starts_with("agent ready: broker on unix:")
+            && l.ends_with("collectors: netmond, procmond")
     });
     Agent { proc, socket }
 }
@@ -125,8 +126,16 @@ fn status_sub(socket: &Path) -> Proc {
     p
 }
 
+/// Collector `id` in a status report.
+fn col<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    report["collectors"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["id"] == id))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
 fn procmond_pid(report: &serde_json::Value) -> u32 {
-    u32::try_from(report["collectors"][0]["pid"].as_u64().unwrap()).unwrap()
+    u32::try_from(col(report, "procmond")["pid"].as_u64().unwrap()).unwrap()
 }
 
 fn gone(pid: u32) -> bool {
@@ -157,10 +166,12 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
     // Heartbeats arrive and the health check over RPC answers.
     let healthy = wait_report(&sub, "a healthy report", |r| {
         r["health"] == "Healthy"
-            && r["collectors"][0]["heartbeat_age_secs"].is_number()
-            && r["collectors"][0]["health_check"] == "ok"
+            && col(r, "procmond")["heartbeat_age_secs"].is_number()
+            && col(r, "procmond")["health"] == "HEALTHY"
+            && col(r, "procmond")["health_reason"] == "ok"
+            && col(r, "netmond")["health"] == "HEALTHY"
     });
-    assert_eq!(healthy["collectors"][0]["state"], "running");
+    assert_eq!(col(&healthy, "procmond")["state"], "running");
     let pid = procmond_pid(&healthy);
 
     // The broker knows procmond's process: its connection is the collector, and no other
@@ -233,10 +244,15 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
         assert!(gone(pid));
         // A stopped collector is reported stopped, without the health check of its last run.
         let report = wait_report(&sub, "procmond stopped", |r| {
-            r["collectors"][0]["state"] == "stopped"
+            col(r, "procmond")["state"] == "stopped"
         });
+        let stopped = col(&report, "procmond");
+        assert_eq!(stopped["health"], "UNHEALTHY", "{report}");
         assert!(
-            report["collectors"][0]["health_check"].is_null(),
+            stopped["health_reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("stopped: stopped on request"),
             "{report}"
         );
         assert_eq!(report["health"], "Degraded", "{report}");
@@ -286,26 +302,26 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
             String::new(),
             "control.agent.lifecycle".into(),
             CollectorOperation::Status,
-            CollectorLifecycleRequest::status("netmond"),
+            CollectorLifecycleRequest::status("filemond"),
             Duration::from_secs(5),
         );
         let e = rpc.call(unknown, Duration::from_secs(5)).await.unwrap_err();
-        assert!(e.message.contains("no collector \"netmond\""), "{e}");
+        assert!(e.message.contains("no collector \"filemond\""), "{e}");
         client.close().await;
     });
 
     // Heartbeats stop (procmond frozen): the agent is Degraded.
     let report = wait_report(&sub, "procmond running again", |r| {
-        r["collectors"][0]["state"] == "running" && r["health"] == "Healthy"
+        col(r, "procmond")["state"] == "running" && r["health"] == "Healthy"
     });
     let pid = procmond_pid(&report);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
     let degraded = wait_report(&sub, "a degraded report", |r| r["health"] == "Degraded");
-    assert_eq!(degraded["collectors"][0]["state"], "unhealthy");
+    assert_eq!(col(&degraded, "procmond")["state"], "unhealthy");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
     // Heard again: running and healthy, the same process.
     let again = wait_report(&sub, "procmond healthy again", |r| {
-        r["collectors"][0]["state"] == "running" && r["health"] == "Healthy"
+        col(r, "procmond")["state"] == "running" && r["health"] == "Healthy"
     });
     assert_eq!(procmond_pid(&again), pid);
 
@@ -328,8 +344,8 @@ fn no_collector_survives_an_agent_killed_with_sigkill() {
     let mut agent = start_agent_with(dir.path(), false, false);
     let sub = status_sub(&agent.socket);
     let pid = procmond_pid(&wait_report(&sub, "procmond running and heard", |r| {
-        r["collectors"][0]["pid"].is_number()
-            && r["collectors"][0]["heartbeat_age_secs"].is_number()
+        col(r, "procmond")["pid"].is_number()
+            && col(r, "procmond")["heartbeat_age_secs"].is_number()
     }));
     // Its snapshot (events.process.batch, its declared domain) and heartbeats got through.
     let procmond = connection(&agent.socket, |c| c["collector"] == "procmond");
@@ -447,16 +463,34 @@ fn the_collector_command_drives_the_agents_collectors() {
         assert_eq!(out.len(), 1, "{out:?}");
         serde_json::from_str::<serde_json::Value>(&out[0]).unwrap()
     };
-    // Once procmond was heard, the list says what it is and can do.
+    // Once the collectors were heard, the list says what each is and can do.
     let deadline = Instant::now() + Duration::from_secs(20);
     let listed = loop {
-        let listed = status(&["list", "--json"]);
-        if listed["type"] == "process" {
-            break listed;
+        let (code, out, err) = run(&["list", "--json"]);
+        assert_eq!(code, 0, "{err:?}");
+        let all: Vec<serde_json::Value> = out
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(all.len(), 2, "{out:?}");
+        let heard = |id: &str, can: &str| {
+            all.iter().find(|c| c["id"] == id).filter(|c| {
+                c["capabilities"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|x| x == can))
+            })
+        };
+        if let (Some(p), Some(n)) = (
+            heard("procmond", "process-lifecycle"),
+            heard("netmond", "network-connections"),
+        ) {
+            assert_eq!(n["type"], "netmond");
+            break p.clone();
         }
-        assert!(Instant::now() < deadline, "{listed}");
+        assert!(Instant::now() < deadline, "{out:?}");
         std::thread::sleep(Duration::from_millis(100));
     };
+    assert_eq!(listed["type"], "procmond");
     assert_eq!(listed["id"], "procmond");
     assert_eq!(listed["state"], "running");
     assert!(
@@ -503,14 +537,15 @@ fn the_collector_command_drives_the_agents_collectors() {
     let (code, out, _) = run(&["list"]);
     assert_eq!(code, 0);
     assert!(
-        out[0].starts_with("procmond") && out[0].contains("stopped"),
+        out.iter()
+            .any(|l| l.starts_with("procmond") && l.contains("stopped")),
         "{out:?}"
     );
     assert_eq!(status(&["start", "procmond", "--json"])["state"], "running");
-    let (code, _, err) = run(&["status", "netmond"]);
+    let (code, _, err) = run(&["status", "filemond"]);
     assert_eq!(code, 5, "{err:?}");
     assert!(
-        err.join(" ").contains("no collector \"netmond\""),
+        err.join(" ").contains("no collector \"filemond\""),
         "{err:?}"
     );
     agent.proc.signal(Signal::SIGTERM);
@@ -531,4 +566,61 @@ fn the_collector_command_drives_the_agents_collectors() {
     );
     agent.proc.signal(Signal::SIGTERM);
     assert_eq!(agent.proc.wait(), 0);
+}
+
+/// Several instances of one collector type: two procmond under distinct ids, one type, each
+/// its own process, heard and health-checked apart.
+#[test]
+fn the_agent_runs_two_instances_of_one_collector_type() {
+    let dir = TempDir::new("agent-instances");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("agent.toml");
+    let procmond = common::collector_bin("procmond");
+    let entry = |id: &str| {
+        format!(
+            "[[collectors]]\nid = \"{id}\"\ncollector_type = \"procmond\"\nbinary = \"{}\"\n\
+             args = [\"--heartbeat-secs\", \"1\", \"--source\", \"proc\"]\n\
+             events = [\"events.process.#\"]\n",
+            procmond.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nsocket_path = \"{}\"\n[process_manager]\nhealth_check_interval_seconds = 2\n\
+             [rpc]\nhealth_check_interval_seconds = 1\n[agent]\nstatus_interval_seconds = 1\n{}{}",
+            socket.display(),
+            entry("procmond-a"),
+            entry("procmond-b")
+        ),
+    )
+    .unwrap();
+    let mut cmd = eventbus();
+    cmd.arg("agent").arg("--config").arg(&config);
+    let mut agent = Proc::spawn(cmd);
+    wait_line(agent.stdout.as_ref().unwrap(), "agent ready", |l| {
+        l.ends_with("collectors: procmond-a, procmond-b")
+    });
+    let sub = status_sub(&socket);
+    let report = wait_report(&sub, "both instances healthy", |r| {
+        ["procmond-a", "procmond-b"]
+            .iter()
+            .all(|id| col(r, id)["health"] == "HEALTHY")
+    });
+    let (a, b) = (col(&report, "procmond-a"), col(&report, "procmond-b"));
+    assert_eq!(
+        (&a["collector_type"], &b["collector_type"]),
+        (&"procmond".into(), &"procmond".into())
+    );
+    assert_ne!(a["pid"], b["pid"]);
+    assert!(
+        a["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "process-lifecycle"),
+        "{report}"
+    );
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait(), 0);
 }

@@ -1187,9 +1187,9 @@ fn serve_fsync_sets_when_the_logs_are_synced() {
 #[test]
 fn an_acl_file_decides_by_uid_and_executable_and_reloads_on_sighup() {
     let dir = TempDir::new("acl");
-    let canonical = |p: &str| std::fs::canonicalize(p).unwrap().display().to_string();
-    let eventbus_exe = canonical(env!("CARGO_BIN_EXE_eventbus"));
-    let procmond_exe = canonical(env!("CARGO_BIN_EXE_procmond"));
+    let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap().display().to_string();
+    let eventbus_exe = canonical(std::path::Path::new(env!("CARGO_BIN_EXE_eventbus")));
+    let procmond_exe = canonical(&common::collector_bin("procmond"));
     let policy = dir.path().join("acl.toml");
     let write_policy = |root_publishes: &str| {
         let text = format!(
@@ -1275,7 +1275,7 @@ fn an_acl_file_decides_by_uid_and_executable_and_reloads_on_sighup() {
             .contains("max_connections_per_identity (3)"),
         "{fourth:?}"
     );
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_procmond"));
+    let mut cmd = std::process::Command::new(common::collector_bin("procmond"));
     cmd.args(["--heartbeat-secs", "1"])
         .env("EVENTBUS_SOCKET", &broker.socket);
     let _procmond = Proc::spawn(cmd);

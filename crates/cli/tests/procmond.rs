@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 /// collector grants): procmond, by its executable and under its name, publishes process
 /// events and its health and serves its control topic; root's tools read and call it.
 fn procmond_policy(dir: &std::path::Path) -> String {
-    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_procmond")).unwrap();
+    let exe = std::fs::canonicalize(common::collector_bin("procmond")).unwrap();
     let policy = dir.join("acl.toml");
     std::fs::write(
         &policy,
@@ -45,7 +45,7 @@ fn procmond_reports_a_process_start_and_exit_and_answers_health_checks() {
         "events.process.integrity",
         "control.health.heartbeat.+",
     ]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+    let mut cmd = Command::new(common::collector_bin("procmond"));
     cmd.args([
         "--scan-interval-ms",
         "200",
@@ -171,7 +171,7 @@ fn procmond_with_a_spool_loses_no_event_to_a_broker_restart_and_its_own_death() 
     maker.signal(nix::sys::signal::Signal::SIGTERM);
     maker.wait();
     let procmond = |socket: &std::path::Path| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+        let mut cmd = Command::new(common::collector_bin("procmond"));
         // Scanning /proc: the kernel's events would also fill the spool with every short
         // process of the tests running beside this one, which is not what this test is about.
         cmd.args([
@@ -263,7 +263,7 @@ fn procmond_from_the_kernel_sees_processes_that_live_a_millisecond() {
         "events.process.lifecycle",
         "control.health.heartbeat.+",
     ]);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_procmond"));
+    let mut cmd = Command::new(common::collector_bin("procmond"));
     cmd.args(["--heartbeat-secs", "1", "--source", "kernel"])
         .env("EVENTBUS_SOCKET", &broker.socket);
     let mut procmond = Proc::spawn(cmd);

@@ -38,8 +38,10 @@ pub mod process {
 pub mod network {
     use super::*;
     topics! {
-        /// Connection events.
+        /// Connection events: a socket opened or closed.
         connections = "events.network.connections";
+        /// Periodic socket snapshots.
+        batch = "events.network.batch";
         /// Traffic analysis.
         traffic = "events.network.traffic";
         /// DNS queries.

@@ -1,11 +1,11 @@
 //! The seed-compatible API: [`DaemoneyeBroker`], [`DaemoneyeEventBus`] and the [`EventBus`]
 //! trait, built on the broker and client crates.
 
-use crate::event::{CollectionEvent, EventDecodeError};
 use daemoneye_eventbus_broker::{Broker, BrokerConfig, BrokerError, BrokerStats, ShutdownReport};
 use daemoneye_eventbus_client::{
     Client, ClientOptions, ConnectError, Publish, PublishError, RecvError, SubscribeError,
 };
+use daemoneye_eventbus_collector::{CollectionEvent, EventDecodeError};
 use daemoneye_eventbus_core::{CorrelationMetadata, MessageId, Topic, catalog};
 use daemoneye_eventbus_transport::Endpoint;
 use std::collections::HashMap;

@@ -15,7 +15,7 @@
 //! | [`broker`] | `daemoneye-eventbus-broker` | the broker |
 //! | [`client`] | `daemoneye-eventbus-client` | the client |
 //! | [`schema`] | `daemoneye-eventbus-schema` | protobuf schemas |
-//! | [`rpc`] | this crate | collector services over RPC, retry policies |
+//! | [`collector`] | `daemoneye-eventbus-collector` | typed events, collector services over RPC ([`rpc`]), retry policies |
 //!
 //! ## Basic usage (the seed example, unchanged)
 //!
@@ -56,8 +56,6 @@
 //! ```
 
 mod bus;
-mod event;
-pub mod rpc;
 #[cfg(unix)]
 pub mod supervisor;
 
@@ -65,10 +63,11 @@ pub use bus::{
     BusEvent, DaemoneyeBroker, DaemoneyeEventBus, EVENT_CHANNEL_CAPACITY, EventBus, EventBusError,
     EventBusStatistics, EventSubscription,
 };
-pub use event::{CollectionEvent, EventDecodeError, ProcessEvent};
+pub use daemoneye_eventbus_collector::{CollectionEvent, EventDecodeError, ProcessEvent, rpc};
 
 pub use daemoneye_eventbus_broker as broker;
 pub use daemoneye_eventbus_client as client;
+pub use daemoneye_eventbus_collector as collector;
 pub use daemoneye_eventbus_core as core;
 pub use daemoneye_eventbus_schema as schema;
 pub use daemoneye_eventbus_transport as transport;

@@ -5,11 +5,10 @@
 //! not hashed because the hasher fell behind; Healthy otherwise. The message names the source
 //! of process events in use either way.
 
-use daemoneye_eventbus::rpc::HealthStatus;
+use daemoneye_eventbus_collector::rpc::HealthStatus;
 use std::time::Duration;
 
-/// How long a loss keeps procmond Degraded.
-pub const RECENT: Duration = Duration::from_secs(60);
+pub use daemoneye_eventbus_collector::services::RECENT;
 
 /// Where process events come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,20 +58,7 @@ impl Source {
     }
 }
 
-/// A loss of some kind: how many, and how long ago the last one was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Losses {
-    /// Since procmond started.
-    pub count: u64,
-    /// Time since the last one; `None` if none.
-    pub since_last: Option<Duration>,
-}
-
-impl Losses {
-    fn recent(&self) -> bool {
-        self.since_last.is_some_and(|d| d < RECENT)
-    }
-}
+pub use daemoneye_eventbus_collector::services::Losses;
 
 /// What procmond measured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +85,7 @@ pub fn assess(o: &Observed) -> (HealthStatus, String) {
         );
     }
     let mut problems = Vec::new();
-    let ago = |l: &Losses| l.since_last.map_or(0, |d| d.as_secs());
+    let ago = Losses::ago_secs;
     if o.events_lost.recent() {
         problems.push(format!(
             "process events were lost {} times, the last {} s ago (read again from /proc)",

@@ -23,28 +23,29 @@ pub mod health;
 pub mod procfs;
 
 use connector::Seen;
-use daemoneye_eventbus::client::{Client, Publish, Service};
-use daemoneye_eventbus::core::{Qos, ReplyStatus, catalog};
-use daemoneye_eventbus::rpc::{
-    CollectorCall, CollectorConfig, CollectorHandler, CollectorOperation, HealthStatus,
-    rpc_request, rpc_response, serve_collector,
-};
-use daemoneye_eventbus::schema::{events as epb, rpc as pb};
-use daemoneye_eventbus::{CollectionEvent, ProcessEvent};
+use daemoneye_eventbus_client::{Client, Publish, Service};
+use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
+use daemoneye_eventbus_collector::services::{Collector, Loss, Services, heartbeats, now_ns};
+use daemoneye_eventbus_collector::{CollectionEvent, ProcessEvent};
+use daemoneye_eventbus_core::{Qos, catalog};
+use daemoneye_eventbus_schema::{events as epb, rpc as pb};
 use procfs::{ProcInfo, Snapshot};
 use prost::Message as _;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 use tokio::sync::Notify;
 
 /// Largest `events.process.batch` message (one snapshot may take several).
 pub const BATCH_BYTES: usize = 512 * 1024;
 
 /// The collector type announced in capabilities and configuration.
-pub const COLLECTOR_TYPE: &str = "process";
+pub const COLLECTOR_TYPE: &str = "procmond";
+
+/// What procmond can do, announced in capabilities.
+pub const CAPABILITIES: [&str; 3] = ["process-lifecycle", "process-snapshot", "executable-hash"];
 
 /// procmond's settings (changeable at run time with the configuration service).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,37 +247,6 @@ struct Shared {
     watching: tokio::sync::watch::Sender<bool>,
 }
 
-/// A kind of loss: counted, with when the last one happened.
-#[derive(Default)]
-struct Loss {
-    count: AtomicU64,
-    last: Mutex<Option<Instant>>,
-}
-
-impl Loss {
-    fn add(&self, n: u64) {
-        if n == 0 {
-            return;
-        }
-        self.count.fetch_add(n, Ordering::Relaxed);
-        *self
-            .last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
-    }
-
-    fn seen(&self) -> health::Losses {
-        health::Losses {
-            count: self.count.load(Ordering::Relaxed),
-            since_last: self
-                .last
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .map(|t| t.elapsed()),
-        }
-    }
-}
-
 impl Shared {
     fn settings(&self) -> Settings {
         self.settings
@@ -366,7 +336,7 @@ pub async fn run(
         },
     )?)
     .unwrap_or(0);
-    let service: Service = serve_collector(&client, id, Handler(Arc::clone(&shared)))
+    let service: Service = serve_collector(&client, id, Services(Arc::clone(&shared)))
         .await
         .map_err(|e| ProcmondError::Serve {
             id: id.to_owned(),
@@ -394,7 +364,7 @@ pub async fn run(
     tokio::select! {
         r = scanner.run(kernel, subscribed) => r?,
         () = hasher.run() => {}
-        () = heartbeats(client.clone(), Arc::clone(&shared)) => {}
+        () = heartbeats(client.clone(), Arc::clone(&shared), shared.watching.subscribe()) => {}
         () = shared.stop.notified() => tracing::info!("shutdown requested"),
         () = stop => {}
     }
@@ -463,37 +433,6 @@ fn clock_ticks() -> u64 {
 #[cfg(not(unix))]
 fn clock_ticks() -> u64 {
     100
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-async fn heartbeats(client: Client, shared: Arc<Shared>) {
-    let Ok(topic) = catalog::health::heartbeat_of(&shared.id) else {
-        return;
-    };
-    // Heard only once watching: a process started after the first heartbeat is reported.
-    let mut watching = shared.watching.subscribe();
-    if watching.wait_for(|w| *w).await.is_err() {
-        return;
-    }
-    loop {
-        let n = shared.heartbeats.fetch_add(1, Ordering::Relaxed) + 1;
-        let beat = pb::Heartbeat {
-            collector_id: shared.id.clone(),
-            sequence: n,
-            timestamp_ns: now_ns(),
-            status: shared.health().0 as i32,
-            pid: std::process::id(),
-        };
-        if let Err(e) = client.publish(&topic, beat.encode_to_vec()).await {
-            tracing::warn!(error = %e, "heartbeat not sent");
-        }
-        tokio::time::sleep(shared.settings().heartbeat_interval).await;
-    }
 }
 
 #[cfg(target_os = "linux")]
@@ -1127,25 +1066,58 @@ fn user_name(_uid: u32) -> Option<String> {
     None
 }
 
-struct Handler(Arc<Shared>);
+impl Collector for Shared {
+    fn id(&self) -> &str {
+        &self.id
+    }
 
-impl Handler {
+    fn program(&self) -> &'static str {
+        "procmond"
+    }
+
+    fn collector_type(&self) -> &'static str {
+        COLLECTOR_TYPE
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        CAPABILITIES.iter().map(|&c| c.to_owned()).collect()
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn health(&self) -> (HealthStatus, String) {
+        Shared::health(self)
+    }
+
+    fn components(&self) -> HashMap<String, pb::ComponentHealth> {
+        let (status, _) = Shared::health(self);
+        [(
+            "source".to_owned(),
+            pb::ComponentHealth {
+                status: status as i32,
+                message: self.source().describe(),
+            },
+        )]
+        .into()
+    }
+
     fn metrics(&self) -> HashMap<String, f64> {
-        let s = &self.0;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
         [
-            ("processes", l(&s.processes)),
-            ("scans", l(&s.scans)),
-            ("events_published", l(&s.published)),
-            ("last_scan_ms", l(&s.last_scan_us) / 1000.0),
-            ("heartbeats", l(&s.heartbeats)),
-            ("hashes_skipped", l(&s.hashes_skipped.count)),
-            ("publish_failures", l(&s.publish_failures.count)),
-            ("events_lost", l(&s.events_lost.count)),
-            ("kernel_events", l(&s.kernel_events)),
+            ("processes", l(&self.processes)),
+            ("scans", l(&self.scans)),
+            ("events_published", l(&self.published)),
+            ("last_scan_ms", l(&self.last_scan_us) / 1000.0),
+            ("heartbeats", l(&self.heartbeats)),
+            ("hashes_skipped", self.hashes_skipped.count() as f64),
+            ("publish_failures", self.publish_failures.count() as f64),
+            ("events_lost", self.events_lost.count() as f64),
+            ("kernel_events", l(&self.kernel_events)),
             (
                 "source_kernel",
-                f64::from(u8::from(s.source().name() == "kernel")),
+                f64::from(u8::from(self.source().name() == "kernel")),
             ),
         ]
         .into_iter()
@@ -1153,158 +1125,43 @@ impl Handler {
         .collect()
     }
 
-    fn status(&self) -> pb::CollectorStatus {
-        pb::CollectorStatus {
-            collector_id: self.0.id.clone(),
-            state: pb::CollectorState::Running as i32,
-            pid: std::process::id(),
-            uptime_seconds: self.0.started.elapsed().as_secs(),
-            ..Default::default()
-        }
+    fn events_published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
     }
-}
 
-impl CollectorHandler for Handler {
-    async fn handle(&self, call: CollectorCall) -> Result<rpc_response::Body, ReplyStatus> {
-        use rpc_request::Body as Q;
-        use rpc_response::Body as A;
-        let shared = &self.0;
-        match (call.operation, call.body) {
-            (CollectorOperation::Status, _) => Ok(A::Lifecycle(pb::LifecycleResponse {
-                success: true,
-                collector_id: shared.id.clone(),
-                status: Some(self.status()),
-                ..Default::default()
-            })),
-            (
-                CollectorOperation::Start | CollectorOperation::Stop | CollectorOperation::Restart,
-                _,
-            ) => Err(ReplyStatus::invalid_operation(
-                "procmond cannot start, stop or restart itself; send lifecycle requests to \
-                     the agent (control.agent.lifecycle), which supervises it",
-            )),
-            (CollectorOperation::HealthCheck, Q::HealthCheck(h)) => {
-                let (status, message) = shared.health();
-                Ok(A::HealthCheck(pb::HealthCheckResponse {
-                    status: status as i32,
-                    message,
-                    metrics: if h.include_metrics {
-                        self.metrics()
-                    } else {
-                        HashMap::new()
-                    },
-                    uptime_seconds: shared.started.elapsed().as_secs(),
-                    components: [(
-                        "source".to_owned(),
-                        pb::ComponentHealth {
-                            status: HealthStatus::Healthy as i32,
-                            message: shared.source().describe(),
-                        },
-                    )]
-                    .into(),
-                }))
-            }
-            (CollectorOperation::Heartbeat, Q::Heartbeat(h)) => Ok(A::Heartbeat(pb::Heartbeat {
-                collector_id: shared.id.clone(),
-                sequence: h.sequence,
-                timestamp_ns: now_ns(),
-                status: shared.health().0 as i32,
-                pid: std::process::id(),
-            })),
-            (CollectorOperation::GetMetrics, _) => Ok(A::Metrics(pb::MetricsResponse {
-                metrics: self.metrics(),
-                events_published: shared.published.load(Ordering::Relaxed),
-                uptime_seconds: shared.started.elapsed().as_secs(),
-            })),
-            (CollectorOperation::GetConfig, _) => {
-                let g = shared
-                    .settings
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                Ok(A::Config(pb::ConfigResponse {
-                    config: Some(g.0.to_config()),
-                    version: g.1,
-                }))
-            }
-            (CollectorOperation::ValidateConfig, Q::ValidateConfig(v)) => {
-                let errors = Settings::from_config(&v.config.unwrap_or_default())
-                    .err()
-                    .unwrap_or_default();
-                Ok(A::ValidateConfig(pb::ValidateConfigResponse {
-                    valid: errors.is_empty(),
-                    errors,
-                }))
-            }
-            (CollectorOperation::UpdateConfig, Q::UpdateConfig(u)) => {
-                match Settings::from_config(&u.new_config.unwrap_or_default()) {
-                    Err(errors) => Ok(A::UpdateConfig(pb::UpdateConfigResponse {
-                        success: false,
-                        error_message: format!(
-                            "{} invalid field(s); nothing applied",
-                            errors.len()
-                        ),
-                        validation_errors: errors,
-                        ..Default::default()
-                    })),
-                    Ok(s) => {
-                        let mut g = shared
-                            .settings
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner);
-                        if !u.validate_only {
-                            g.0 = s;
-                            g.1 += 1;
-                        }
-                        Ok(A::UpdateConfig(pb::UpdateConfigResponse {
-                            success: true,
-                            applied: !u.validate_only,
-                            version: g.1,
-                            ..Default::default()
-                        }))
-                    }
-                }
-            }
-            (CollectorOperation::GetCapabilities, _) => {
-                use CollectorOperation as O;
-                Ok(A::Capabilities(pb::CapabilitiesResponse {
-                    collector_id: shared.id.clone(),
-                    collector_type: COLLECTOR_TYPE.into(),
-                    capabilities: vec![
-                        "process-lifecycle".into(),
-                        "process-snapshot".into(),
-                        "executable-hash".into(),
-                    ],
-                    topics: shared.settings().to_config().enabled_topics,
-                    operations: [
-                        O::Status,
-                        O::HealthCheck,
-                        O::Heartbeat,
-                        O::GetMetrics,
-                        O::GetConfig,
-                        O::ValidateConfig,
-                        O::UpdateConfig,
-                        O::GetCapabilities,
-                        O::Shutdown,
-                    ]
-                    .into_iter()
-                    .map(|o| o as i32)
-                    .collect(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                }))
-            }
-            (CollectorOperation::Shutdown, Q::Shutdown(s)) => {
-                tracing::info!(reason = %s.reason, "shutdown requested over RPC");
-                shared.stop.notify_one();
-                Ok(A::Shutdown(pb::ShutdownResponse {
-                    accepted: true,
-                    message: "procmond is stopping".into(),
-                }))
-            }
-            (op, _) => Err(ReplyStatus::invalid_operation(format!(
-                "{} is not supported by procmond",
-                op.as_str_name()
-            ))),
-        }
+    fn config(&self) -> (CollectorConfig, u64) {
+        let g = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (g.0.to_config(), g.1)
+    }
+
+    fn validate(&self, config: &CollectorConfig) -> Vec<pb::ConfigValidationError> {
+        Settings::from_config(config).err().unwrap_or_default()
+    }
+
+    fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<pb::ConfigValidationError>> {
+        let s = Settings::from_config(config)?;
+        let mut g = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 = s;
+        g.1 += 1;
+        Ok(g.1)
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.settings().heartbeat_interval
+    }
+
+    fn next_heartbeat(&self) -> u64 {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn stop(&self) {
+        self.stop.notify_one();
     }
 }
 

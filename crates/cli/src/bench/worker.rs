@@ -42,7 +42,7 @@ fn wait_go() -> Result<()> {
 async fn connect(socket: &str, name: &str) -> Result<Client> {
     // A tls:// broker: the certificate the controller made, from the environment.
     let var = |k| std::env::var_os(k).map(std::path::PathBuf::from);
-    let broker = crate::shared::BrokerArg {
+    let broker = daemoneye_eventbus::collector::cli::BrokerArg {
         socket: Some(socket.to_owned()),
         tls_cert: var("EVENTBUS_TLS_CERT"),
         tls_key: var("EVENTBUS_TLS_KEY"),

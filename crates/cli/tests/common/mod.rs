@@ -22,6 +22,18 @@ pub fn eventbus() -> Command {
     c
 }
 
+/// A bundled collector's program (`procmond`, `netmond`): built beside `eventbus` by the
+/// workspace (`cargo test --workspace` builds every package's binaries).
+pub fn collector_bin(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_eventbus")).with_file_name(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the collectors first (cargo build --workspace)",
+        path.display()
+    );
+    path
+}
+
 /// A private temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 

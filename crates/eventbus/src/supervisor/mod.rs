@@ -45,6 +45,10 @@ pub struct CollectorSpec {
     /// The collector's id: its RPC address is `control.collector.<id>`, its heartbeats come
     /// on `control.health.heartbeat.<id>`.
     pub id: String,
+    /// Its type (`procmond`, `netmond`, …), shared by the instances of one collector
+    /// (`None`: the id is the type). Lifecycle requests that name a type must name this one.
+    #[serde(default)]
+    pub collector_type: Option<String>,
     /// The program.
     pub binary: PathBuf,
     /// Its arguments.
@@ -81,10 +85,17 @@ fn yes() -> bool {
 const STARTUP_GRACE: Duration = Duration::from_secs(10);
 
 impl CollectorSpec {
+    /// Its type: `collector_type`, or the id when unset.
+    #[must_use]
+    pub fn kind(&self) -> &str {
+        self.collector_type.as_deref().unwrap_or(&self.id)
+    }
+
     /// A collector running `binary` with the defaults.
     pub fn new(id: &str, binary: impl Into<PathBuf>) -> Self {
         Self {
             id: id.to_owned(),
+            collector_type: None,
             binary: binary.into(),
             args: Vec::new(),
             env: BTreeMap::new(),
@@ -137,6 +148,8 @@ impl std::fmt::Display for CollectorState {
 pub struct CollectorStatus {
     /// Its id.
     pub id: String,
+    /// Its type ([`CollectorSpec::kind`]).
+    pub collector_type: String,
     /// Its state.
     pub state: CollectorState,
     /// Process id while it runs.
@@ -534,6 +547,7 @@ impl Slot {
     fn status(&self) -> CollectorStatus {
         CollectorStatus {
             id: self.spec.id.clone(),
+            collector_type: self.spec.kind().to_owned(),
             state: self.state,
             pid: self.running.as_ref().map(|r| r.pid),
             uptime: self.running.as_ref().map(|r| r.started.elapsed()),

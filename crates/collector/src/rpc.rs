@@ -2,8 +2,8 @@
 //! caller with retry policies per operation class, and a server side for collectors.
 //!
 //! ```no_run
-//! # async fn demo(client: daemoneye_eventbus::Client) -> Result<(), Box<dyn std::error::Error>> {
-//! use daemoneye_eventbus::rpc::{
+//! # async fn demo(client: daemoneye_eventbus_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+//! use daemoneye_eventbus_collector::rpc::{
 //!     CollectorLifecycleRequest, CollectorOperation, CollectorRpcClient, RpcConfig, RpcRequest,
 //! };
 //! use std::time::Duration;
@@ -27,8 +27,8 @@ mod service;
 pub use policy::{Backoff, OperationClass, RetryPolicies, RetryPolicy, RpcConfig};
 pub use service::{CollectorCall, CollectorHandler, serve_collector, serve_services_at};
 
-pub use crate::client::{RpcError, RpcErrorKind};
-pub use crate::schema::rpc::{
+pub use daemoneye_eventbus_client::{RpcError, RpcErrorKind};
+pub use daemoneye_eventbus_schema::rpc::{
     CapabilitiesResponse, CollectorConfig, CollectorOperation, CollectorState, CollectorStatus,
     ConfigResponse, ConfigValidationError, HealthCheckResponse, HealthStatus, Heartbeat,
     LifecycleResponse, MetricsResponse, ResourceLimits, ShutdownResponse, UpdateConfigResponse,
@@ -36,11 +36,11 @@ pub use crate::schema::rpc::{
 };
 
 /// The body of start / stop / restart / status requests (the seed's name).
-pub type CollectorLifecycleRequest = crate::schema::rpc::LifecycleRequest;
+pub type CollectorLifecycleRequest = daemoneye_eventbus_schema::rpc::LifecycleRequest;
 
-use crate::client::{Client, Request};
-use crate::core::{CorrelationMetadata, Topic};
-use crate::schema::rpc as pb;
+use daemoneye_eventbus_client::{Client, Request};
+use daemoneye_eventbus_core::{CorrelationMetadata, Topic};
+use daemoneye_eventbus_schema::rpc as pb;
 use prost::Message as _;
 use std::time::{Duration, Instant};
 
@@ -410,7 +410,7 @@ impl CollectorRpcClient {
 }
 
 fn decode_response(
-    reply: &crate::Message,
+    reply: &daemoneye_eventbus_core::Message,
     operation: CollectorOperation,
 ) -> Result<RpcResponse, RpcError> {
     let response = pb::RpcResponse::decode(reply.payload().as_ref()).map_err(|e| {

@@ -2,21 +2,76 @@
 //! `process_manager`, `collectors`) and `agent`. Unknown keys are refused; every error names
 //! the file, the field and why.
 
-use anyhow::{Result, anyhow, bail};
 use daemoneye_eventbus::broker::BrokerConfig;
 use daemoneye_eventbus::rpc::RpcConfig;
 use daemoneye_eventbus::supervisor::{CollectorSpec, ProcessManagerConfig};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// Why a configuration was refused. The message names the file, the field and why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The extension names no format this reader knows.
+    #[error("{}: unknown configuration format; name the file *.toml, *.yaml or *.yml", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The text does not parse, or names an unknown key (the parser's message shows the line,
+    /// the key and the value).
+    #[error("{}: {message}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("{}{reason}", path.as_ref().map(|p| format!("{}: ", p.display())).unwrap_or_default())]
+    Invalid {
+        /// The file, when read from one.
+        path: Option<PathBuf>,
+        /// Which field and why.
+        reason: String,
+    },
+    /// A bundled collector is not where it should be.
+    #[error(
+        "the bundled collector {name} is not at {}: build the workspace (`cargo build --release` \
+         builds eventbus, procmond and netmond side by side) or configure [[collectors]]",
+        path.display()
+    )]
+    BundledMissing {
+        /// The collector.
+        name: &'static str,
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+}
+
+fn invalid(reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: None,
+        reason: reason.into(),
+    }
+}
+
 /// The `agent` section.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct AgentSection {
+pub struct AgentSection {
     /// Seconds between statistics lines in the log, and `control.agent.status` reports.
-    pub(crate) status_interval_seconds: u64,
+    pub status_interval_seconds: u64,
     /// The live status view on a terminal (`false`: log lines only).
-    pub(crate) live_view: bool,
+    pub live_view: bool,
 }
 
 impl Default for AgentSection {
@@ -28,71 +83,111 @@ impl Default for AgentSection {
     }
 }
 
-/// Everything `eventbus agent` reads.
+/// Everything the agent reads: the seeds' sections (`broker`, `rpc`, `process_manager`,
+/// `collectors`) and `agent`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct AgentConfig {
-    pub(crate) broker: BrokerConfig,
-    pub(crate) rpc: RpcConfig,
-    pub(crate) process_manager: ProcessManagerConfig,
-    /// `None`: the bundled procmond, found next to the `eventbus` binary.
-    pub(crate) collectors: Option<Vec<CollectorSpec>>,
-    pub(crate) agent: AgentSection,
+pub struct AgentConfig {
+    /// The embedded broker.
+    pub broker: BrokerConfig,
+    /// Calls to the collectors: timeouts, retry policies per operation class.
+    pub rpc: RpcConfig,
+    /// The supervisor: shutdown, heartbeats, restarts.
+    pub process_manager: ProcessManagerConfig,
+    /// `None`: the bundled collectors (procmond and netmond), found beside the program.
+    pub collectors: Option<Vec<CollectorSpec>>,
+    /// The agent's own settings.
+    pub agent: AgentSection,
 }
 
+/// The bundled collectors run when no `[[collectors]]` is configured: their names (also
+/// their programs' names and their ids) and the event topics they publish on.
+pub const BUNDLED: [(&str, &str); 2] = [
+    ("procmond", "events.process.#"),
+    ("netmond", "events.network.#"),
+];
+
 /// The file format, from the extension.
-fn is_yaml(path: &Path) -> Result<bool> {
+fn is_yaml(path: &Path) -> Result<bool, ConfigError> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("toml") => Ok(false),
         Some("yaml" | "yml") => Ok(true),
-        _ => bail!(
-            "{}: unknown configuration format; name the file *.toml, *.yaml or *.yml",
-            path.display()
-        ),
+        _ => Err(ConfigError::Format {
+            path: path.to_owned(),
+        }),
     }
 }
 
 impl AgentConfig {
     /// Reads and checks a file.
-    pub(crate) fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?;
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming the file, the field and why.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let parse = |message: String| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        };
         let config: Self = if is_yaml(path)? {
-            serde_norway::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+            serde_norway::from_str(&text).map_err(|e| parse(e.to_string()))?
         } else {
             // The error's own text shows the line, the key and the value it refused.
-            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+            toml::from_str(&text).map_err(|e| parse(e.to_string()))?
         };
-        config
-            .validate()
-            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { reason, .. } => ConfigError::Invalid {
+                path: Some(path.to_owned()),
+                reason,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
-    /// Checks every section; the error names the field.
-    pub(crate) fn validate(&self) -> Result<()> {
-        self.broker.validate().map_err(|e| anyhow!("broker: {e}"))?;
-        self.rpc.validate().map_err(|e| anyhow!("{e}"))?;
+    /// Checks every section.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.broker
+            .validate()
+            .map_err(|e| invalid(format!("broker: {e}")))?;
+        self.rpc.validate().map_err(|e| invalid(e.to_string()))?;
         self.process_manager
             .validate()
-            .map_err(|e| anyhow!("{e}"))?;
+            .map_err(|e| invalid(e.to_string()))?;
         if self.agent.status_interval_seconds == 0 {
-            bail!("agent.status_interval_seconds must be at least 1");
+            return Err(invalid("agent.status_interval_seconds must be at least 1"));
         }
         if let Some(cs) = &self.collectors {
             let mut seen = std::collections::BTreeSet::new();
             for (i, c) in cs.iter().enumerate() {
                 if daemoneye_eventbus::core::QueueGroup::new(&c.id).is_err() {
-                    bail!(
+                    return Err(invalid(format!(
                         "collectors[{i}].id {:?}: 1 to 64 characters of a-z 0-9 _ -",
                         c.id
-                    );
+                    )));
                 }
                 if !seen.insert(&c.id) {
-                    bail!("collectors[{i}].id {:?} appears twice", c.id);
+                    return Err(invalid(format!(
+                        "collectors[{i}].id {:?} appears twice (instances of one type need \
+                         distinct ids; the type is collector_type)",
+                        c.id
+                    )));
+                }
+                if c.collector_type.as_deref() == Some("") {
+                    return Err(invalid(format!(
+                        "collectors[{i}].collector_type is empty (leave it out: the id is the type)"
+                    )));
                 }
                 if c.binary.as_os_str().is_empty() {
-                    bail!("collectors[{i}].binary is empty");
+                    return Err(invalid(format!("collectors[{i}].binary is empty")));
                 }
                 let l = &c.limits;
                 for (name, v) in [
@@ -101,7 +196,9 @@ impl AgentConfig {
                     ("max_cpu_seconds", l.max_cpu_seconds),
                 ] {
                     if v == Some(0) {
-                        bail!("collectors[{i}].limits.{name} must be at least 1 (or left out)");
+                        return Err(invalid(format!(
+                            "collectors[{i}].limits.{name} must be at least 1 (or left out)"
+                        )));
                     }
                 }
             }
@@ -109,31 +206,46 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The collectors to run: the configured ones, or procmond next to this binary.
-    pub(crate) fn collectors(&self, socket: &str) -> Result<Vec<CollectorSpec>> {
+    /// The collectors to run: the configured ones, or the bundled ones ([`BUNDLED`]) found in
+    /// `bundled_dir`, each told the broker's endpoint `socket` and to heartbeat well within
+    /// the heartbeat timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::BundledMissing`] when a bundled collector is not in `bundled_dir`.
+    pub fn collectors(
+        &self,
+        socket: &str,
+        bundled_dir: &Path,
+    ) -> Result<Vec<CollectorSpec>, ConfigError> {
         if let Some(cs) = &self.collectors {
             return Ok(cs.clone());
         }
-        let exe = std::env::current_exe()
-            .map_err(|e| anyhow!("cannot locate the eventbus binary: {e}"))?;
-        // The procmond binary next to this one, or this binary in procmond mode (`cargo run`
-        // builds only `eventbus`).
-        let procmond = exe.with_file_name("procmond");
-        let mut spec = if procmond.is_file() {
-            CollectorSpec::new("procmond", procmond)
-        } else {
-            let mut s = CollectorSpec::new("procmond", exe);
-            s.args = vec!["procmond".into()];
-            s
-        };
-        spec.args.extend(["--socket".into(), socket.into()]);
-        // What the default policy lets it publish, besides its health.
-        spec.events = vec!["events.process.#".into()];
-        Ok(vec![spec])
+        let every = (self.process_manager.health_check_interval_seconds / 4).max(1);
+        BUNDLED
+            .iter()
+            .map(|&(name, events)| {
+                let path = bundled_dir.join(name);
+                if !path.is_file() {
+                    return Err(ConfigError::BundledMissing { name, path });
+                }
+                let mut spec = CollectorSpec::new(name, path);
+                spec.args = vec![
+                    "--socket".into(),
+                    socket.into(),
+                    "--heartbeat-secs".into(),
+                    every.to_string(),
+                ];
+                // What the default policy lets it publish, besides its health.
+                spec.events = vec![events.into()];
+                Ok(spec)
+            })
+            .collect()
     }
 
     /// The commented default configuration (`eventbus config default`).
-    pub(crate) fn default_toml() -> String {
+    #[must_use]
+    pub fn default_toml() -> String {
         let d = Self::default();
         let b = &d.broker;
         let r = &d.rpc;
@@ -185,9 +297,11 @@ restart_backoff_seconds = {rbs}             # doubled per restart in a row
 status_interval_seconds = {asi}           # log line and control.agent.status report
 live_view = {lv}                     # redraw a status view when stdout is a terminal
 
-# Without [[collectors]], the agent runs the bundled procmond found next to `eventbus`.
+# Without [[collectors]], the agent runs the bundled procmond and netmond found next to
+# `eventbus`. Several instances of one type take distinct ids and the same collector_type.
 # [[collectors]]
 # id = "procmond"
+# collector_type = "procmond"         # default: the id
 # binary = "/usr/local/bin/procmond"
 # args = ["--scan-interval-ms", "500"]
 # env = {{ EVENTBUS_LOG = "info" }}
@@ -222,18 +336,23 @@ live_view = {lv}                     # redraw a status view when stdout is a ter
     }
 }
 
-/// `eventbus config check FILE`.
-pub(crate) fn check(path: &Path) -> Result<String> {
+/// `eventbus config check FILE`: what the file configures, in one line.
+///
+/// # Errors
+///
+/// [`ConfigError`] naming the file, the field and why.
+pub fn check(path: &Path) -> Result<String, ConfigError> {
     let c = AgentConfig::load(path)?;
     let collectors = c.collectors.as_ref().map_or_else(
-        || "the bundled procmond".to_owned(),
+        || "the bundled collectors".to_owned(),
         |cs| format!("{} collector(s)", cs.len()),
     );
     Ok(format!("{}: ok ({collectors})", path.display()))
 }
 
 /// The path given, made absolute for messages.
-pub(crate) fn absolute(p: &Path) -> PathBuf {
+#[must_use]
+pub fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
 

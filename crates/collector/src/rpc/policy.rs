@@ -5,7 +5,7 @@
 //! with an immediate retry. Only transient failures are retried (timeout, no responders,
 //! communication errors, busy); a refused or failed operation never is.
 
-use crate::schema::rpc::CollectorOperation;
+use daemoneye_eventbus_schema::rpc::CollectorOperation;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -232,7 +232,7 @@ impl Default for RpcConfig {
 
 impl RpcConfig {
     /// Sets the client options this section governs (`max_pending_requests`).
-    pub fn apply_to(&self, options: &mut crate::client::ClientOptions) {
+    pub fn apply_to(&self, options: &mut daemoneye_eventbus_client::ClientOptions) {
         options.max_pending_requests = self.max_pending_requests;
     }
 

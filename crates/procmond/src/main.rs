@@ -1,20 +1,24 @@
-//! procmond's command line, shared by the `procmond` binary and `eventbus procmond` (which
-//! the agent runs when no `procmond` binary sits next to `eventbus`).
+//! `procmond`: the process collector. Started by the agent's supervisor, or by hand against
+//! any broker. Links the client side of the bus only.
 
 use anyhow::{Context, Result};
-use daemoneye_eventbus::client::{Client, ClientOptions, SpoolFull};
-use daemoneye_eventbus::core::Qos;
+use clap::Parser;
+use daemoneye_eventbus_client::{Client, ClientOptions, SpoolFull};
+use daemoneye_eventbus_collector::cli::BrokerArg;
+use daemoneye_eventbus_core::Qos;
 use daemoneye_procmond::Settings;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 /// Publishes process starts and exits, snapshots and heartbeats, and answers the collector
 /// services on control.collector.{ID}.
-#[derive(clap::Args, Debug)]
-pub(crate) struct Args {
+#[derive(Parser, Debug)]
+#[command(name = "procmond", version)]
+struct Args {
     /// The broker (default: the agent's default socket); over tls:// with a certificate.
     #[command(flatten)]
-    broker: crate::shared::BrokerArg,
+    broker: BrokerArg,
     /// Collector id (its RPC address is control.collector.{ID}).
     #[arg(long, env = "DAEMONEYE_COLLECTOR_ID", default_value = "procmond")]
     id: String,
@@ -74,8 +78,12 @@ enum SpoolFullArg {
     DropOldest,
 }
 
+fn main() -> ExitCode {
+    daemoneye_eventbus_collector::cli::main_with(run(Args::parse()))
+}
+
 /// Runs procmond until SIGINT, SIGTERM or a shutdown request.
-pub(crate) async fn run(args: Args) -> Result<()> {
+async fn run(args: Args) -> Result<()> {
     let (ep, tls) = args.broker.resolve()?;
     let mut options = ClientOptions::named(args.id.clone());
     options.tls = tls;
@@ -104,28 +112,7 @@ pub(crate) async fn run(args: Args) -> Result<()> {
             SourceArg::Proc => daemoneye_procmond::SourceChoice::Proc,
         },
     };
-    let stop = async {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{SignalKind, signal};
-            match (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
-                    }
-                }
-                _ => std::future::pending().await,
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    };
+    let stop = daemoneye_eventbus_collector::cli::terminated();
     tracing::info!(id = %args.id, endpoint = %ep, "procmond starting");
     daemoneye_procmond::run(client, &args.id, settings, args.proc_root, events, stop).await?;
     Ok(())

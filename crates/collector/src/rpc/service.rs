@@ -1,10 +1,10 @@
 //! The collector side: answer the collector services on `control.collector.<id>`.
 
 use super::{CollectorOperation, rpc_request, rpc_response};
-use crate::client::{Client, ServeOptions, Service, SubscribeError};
-use crate::core::{Message, QueueGroup, ReplyStatus, catalog};
-use crate::schema::rpc as pb;
 use bytes::Bytes;
+use daemoneye_eventbus_client::{Client, ServeOptions, Service, SubscribeError};
+use daemoneye_eventbus_core::{Message, QueueGroup, ReplyStatus, catalog};
+use daemoneye_eventbus_schema::rpc as pb;
 use prost::Message as _;
 use std::future::Future;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub async fn serve_collector<H: CollectorHandler>(
 /// [`SubscribeError`] when the subscription fails.
 pub async fn serve_services_at<H: CollectorHandler>(
     client: &Client,
-    topic: &crate::core::Topic,
+    topic: &daemoneye_eventbus_core::Topic,
     group: QueueGroup,
     handler: H,
 ) -> Result<Service, SubscribeError> {

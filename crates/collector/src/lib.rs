@@ -1,0 +1,16 @@
+//! # daemoneye-eventbus-collector
+//!
+//! What a collector process links, and nothing of the broker: the typed collection events
+//! and their protobuf form ([`ProcessEvent`], [`CollectionEvent`]), the collector services
+//! over RPC with their retry policies ([`rpc`]), and, behind the `cli` feature, the
+//! command-line arguments that name the broker (`cli`). `procmond` and `netmond` are built
+//! on it; the agent uses its caller side.
+
+mod event;
+pub mod rpc;
+pub mod services;
+
+#[cfg(feature = "cli")]
+pub mod cli;
+
+pub use event::{CollectionEvent, EventDecodeError, ProcessEvent};

@@ -1,0 +1,752 @@
+//! netmond, the network collector (Linux): reads the kernel's TCP and UDP socket tables
+//! (`/proc/net/{tcp,tcp6,udp,udp6}`) every scan interval, finds the process holding each new
+//! socket through `/proc/<pid>/fd`, publishes each socket opened and closed on
+//! `events.network.connections` and a snapshot of every socket on `events.network.batch`
+//! (protobuf `NetworkEvent` / `NetworkBatch`), heartbeats on
+//! `control.health.heartbeat.<id>`, and answers the collector services on
+//! `control.collector.<id>`.
+//!
+//! A socket is reported if it is open at one scan: one opened and closed between two scans
+//! is not seen (the documented minimum lifetime is one scan interval, default 500 ms). A
+//! socket left to the kernel (TIME_WAIT, inode 0) counts as closed. Health is measured:
+//! Unhealthy while the tables cannot be read, Degraded for a minute after lines did not parse
+//! or events could not be published.
+
+pub mod owners;
+pub mod procnet;
+pub mod tracker;
+
+use daemoneye_eventbus_client::{Client, Publish, Service};
+use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
+use daemoneye_eventbus_collector::services::{
+    Collector, Loss, Losses, Services, heartbeats, now_ns,
+};
+use daemoneye_eventbus_core::{Qos, catalog};
+use daemoneye_eventbus_schema::{events as epb, rpc as pb};
+use owners::Owner;
+use procnet::{Proto, Socket};
+use prost::Message as _;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+use tracker::Tracker;
+
+/// The collector type announced in capabilities and configuration.
+pub const COLLECTOR_TYPE: &str = "netmond";
+
+/// What netmond can do, announced in capabilities.
+pub const CAPABILITIES: [&str; 2] = ["network-connections", "network-snapshot"];
+
+/// Largest `events.network.batch` message (one snapshot may take several).
+pub const BATCH_BYTES: usize = 512 * 1024;
+
+/// netmond's settings (changeable at run time with the configuration service).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How often the socket tables are read.
+    pub scan_interval: Duration,
+    /// How often a snapshot of every socket is published (zero: never).
+    pub batch_interval: Duration,
+    /// How often a heartbeat is published.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            scan_interval: Duration::from_millis(500),
+            batch_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The topics netmond publishes on.
+fn topics() -> Vec<String> {
+    vec![
+        catalog::network::connections().to_string(),
+        catalog::network::batch().to_string(),
+    ]
+}
+
+impl Settings {
+    fn to_config(&self) -> CollectorConfig {
+        let settings = [
+            ("batch_interval_ms", self.batch_interval.as_millis()),
+            ("heartbeat_interval_ms", self.heartbeat_interval.as_millis()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_string()))
+        .collect();
+        CollectorConfig {
+            collector_type: COLLECTOR_TYPE.into(),
+            scan_interval_ms: u32::try_from(self.scan_interval.as_millis()).unwrap_or(u32::MAX),
+            settings,
+            limits: None,
+            enabled_topics: topics(),
+        }
+    }
+
+    /// Reads a configuration sent over RPC: applied whole, or every problem listed with its
+    /// field (what netmond cannot change is refused, not acknowledged and ignored).
+    ///
+    /// # Errors
+    ///
+    /// Every field that cannot be applied, with why.
+    pub fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
+        let mut errors = Vec::new();
+        let mut err = |field: &str, message: String| {
+            errors.push(pb::ConfigValidationError {
+                field: field.into(),
+                message,
+            });
+        };
+        if !c.collector_type.is_empty() && c.collector_type != COLLECTOR_TYPE {
+            err(
+                "collector_type",
+                format!(
+                    "netmond is a {COLLECTOR_TYPE:?} collector, not {:?}",
+                    c.collector_type
+                ),
+            );
+        }
+        let mut s = Self::default();
+        match c.scan_interval_ms {
+            0 => {}
+            ms if !(50..=60_000).contains(&ms) => err(
+                "scan_interval_ms",
+                format!("{ms} is out of range: 50 to 60000 ms"),
+            ),
+            ms => s.scan_interval = Duration::from_millis(u64::from(ms)),
+        }
+        for (k, v) in &c.settings {
+            match (k.as_str(), v.parse::<u64>()) {
+                ("batch_interval_ms", Ok(ms)) => s.batch_interval = Duration::from_millis(ms),
+                ("heartbeat_interval_ms", Ok(ms)) if ms >= 100 => {
+                    s.heartbeat_interval = Duration::from_millis(ms);
+                }
+                ("batch_interval_ms", _) => err(
+                    "settings.batch_interval_ms",
+                    format!("{v:?} is not a number of milliseconds"),
+                ),
+                ("heartbeat_interval_ms", _) => err(
+                    "settings.heartbeat_interval_ms",
+                    format!("{v:?} must be at least 100 ms"),
+                ),
+                (other, _) => err(
+                    &format!("settings.{other}"),
+                    "unknown setting (known: batch_interval_ms, heartbeat_interval_ms)".into(),
+                ),
+            }
+        }
+        if c.limits.is_some() {
+            err(
+                "limits",
+                "netmond cannot change its own resource limits: the supervisor applies them \
+                 when it starts netmond (collectors[].limits in the agent's configuration)"
+                    .into(),
+            );
+        }
+        if !c.enabled_topics.is_empty() && c.enabled_topics != topics() {
+            err(
+                "enabled_topics",
+                format!(
+                    "netmond publishes on {} and cannot turn one off (snapshots off with \
+                     batch_interval_ms = 0)",
+                    topics().join(", ")
+                ),
+            );
+        }
+        if errors.is_empty() {
+            Ok(s)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// What netmond measured, for its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observed {
+    /// The last reading failed with this, and none succeeded since.
+    pub scan_failing: Option<String>,
+    /// Table lines that did not parse.
+    pub malformed: Losses,
+    /// Events that could not be published.
+    pub publish_failures: Losses,
+    /// How often the tables are read.
+    pub scan_interval: Duration,
+    /// Sockets open at the last reading.
+    pub sockets: u64,
+}
+
+/// The status and its reason, from what was measured (pure).
+#[must_use]
+pub fn assess(o: &Observed) -> (HealthStatus, String) {
+    let what = format!(
+        "reading /proc/net every {} ms, {} sockets open",
+        o.scan_interval.as_millis(),
+        o.sockets
+    );
+    if let Some(e) = &o.scan_failing {
+        return (
+            HealthStatus::Unhealthy,
+            format!("reading /proc/net fails: {e}"),
+        );
+    }
+    let mut problems = Vec::new();
+    if o.malformed.recent() {
+        problems.push(format!(
+            "{} socket table lines did not parse, the last {} s ago",
+            o.malformed.count,
+            o.malformed.ago_secs()
+        ));
+    }
+    if o.publish_failures.recent() {
+        problems.push(format!(
+            "{} events could not be published, the last {} s ago",
+            o.publish_failures.count,
+            o.publish_failures.ago_secs()
+        ));
+    }
+    if problems.is_empty() {
+        (HealthStatus::Healthy, what)
+    } else {
+        (
+            HealthStatus::Degraded,
+            format!("{}; {what}", problems.join("; ")),
+        )
+    }
+}
+
+/// Errors that stop netmond.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetmondError {
+    /// The socket tables cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The collector services could not be served.
+    #[error("cannot serve control.collector.{id}: {message}")]
+    Serve {
+        /// The collector id.
+        id: String,
+        /// Why.
+        message: String,
+    },
+}
+
+struct Shared {
+    id: String,
+    settings: Mutex<(Settings, u64)>,
+    started: Instant,
+    scans: AtomicU64,
+    published: AtomicU64,
+    sockets: AtomicU64,
+    last_scan_us: AtomicU64,
+    heartbeats: AtomicU64,
+    owners_found: AtomicU64,
+    owners_missing: AtomicU64,
+    descriptors_read: AtomicU64,
+    malformed: Loss,
+    publish_failures: Loss,
+    scan_failing: Mutex<Option<String>>,
+    stop: Notify,
+    watching: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    fn settings(&self) -> Settings {
+        self.settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    fn observed(&self) -> Observed {
+        Observed {
+            scan_failing: self
+                .scan_failing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            malformed: self.malformed.seen(),
+            publish_failures: self.publish_failures.seen(),
+            scan_interval: self.settings().scan_interval,
+            sockets: self.sockets.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Collector for Shared {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn program(&self) -> &'static str {
+        "netmond"
+    }
+
+    fn collector_type(&self) -> &'static str {
+        COLLECTOR_TYPE
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        CAPABILITIES.iter().map(|&c| c.to_owned()).collect()
+    }
+
+    fn started(&self) -> Instant {
+        self.started
+    }
+
+    fn health(&self) -> (HealthStatus, String) {
+        assess(&self.observed())
+    }
+
+    fn components(&self) -> HashMap<String, pb::ComponentHealth> {
+        let (status, message) = self.health();
+        [(
+            "socket_tables".to_owned(),
+            pb::ComponentHealth {
+                status: status as i32,
+                message,
+            },
+        )]
+        .into()
+    }
+
+    fn metrics(&self) -> HashMap<String, f64> {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        [
+            ("sockets", l(&self.sockets)),
+            ("scans", l(&self.scans)),
+            ("events_published", l(&self.published)),
+            ("last_scan_ms", l(&self.last_scan_us) / 1000.0),
+            ("heartbeats", l(&self.heartbeats)),
+            ("owners_found", l(&self.owners_found)),
+            ("owners_missing", l(&self.owners_missing)),
+            ("descriptors_read", l(&self.descriptors_read)),
+            ("malformed_lines", self.malformed.count() as f64),
+            ("publish_failures", self.publish_failures.count() as f64),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    fn events_published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    fn config(&self) -> (CollectorConfig, u64) {
+        let g = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (g.0.to_config(), g.1)
+    }
+
+    fn validate(&self, config: &CollectorConfig) -> Vec<pb::ConfigValidationError> {
+        Settings::from_config(config).err().unwrap_or_default()
+    }
+
+    fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<pb::ConfigValidationError>> {
+        let s = Settings::from_config(config)?;
+        let mut g = self
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 = s;
+        g.1 += 1;
+        Ok(g.1)
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.settings().heartbeat_interval
+    }
+
+    fn next_heartbeat(&self) -> u64 {
+        self.heartbeats.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn stop(&self) {
+        self.stop.notify_one();
+    }
+}
+
+/// One reading of the four tables: the sockets, and the lines that did not parse.
+fn read_tables(root: &Path) -> Result<(Vec<Socket>, usize), NetmondError> {
+    let mut sockets = Vec::new();
+    let mut bad = 0;
+    for (name, proto) in procnet::TABLES {
+        let path = root.join("net").join(name);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            // A kernel without IPv6 has no tcp6 / udp6.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && name.ends_with('6') => {
+                continue;
+            }
+            Err(source) => return Err(NetmondError::Proc { path, source }),
+        };
+        let (mut s, errors) = procnet::parse_table(&text, proto);
+        if let Some(first) = errors.first() {
+            tracing::warn!(file = %path.display(), error = %first, count = errors.len(), "socket table lines not parsed");
+        }
+        bad += errors.len();
+        sockets.append(&mut s);
+    }
+    Ok((sockets, bad))
+}
+
+/// The scanner's state, owned by the blocking reader between scans.
+struct Scanner {
+    root: PathBuf,
+    tracker: Tracker,
+    /// Holders of the open sockets (pruned to them at each reading: bounded by the table).
+    owners: HashMap<(Proto, u64), Owner>,
+}
+
+/// What one scan found.
+struct Scan {
+    opened: Vec<(Socket, Option<Owner>)>,
+    closed: Vec<(Socket, Option<Owner>)>,
+    malformed: usize,
+    found: u64,
+    missing: u64,
+    descriptors: u64,
+    open: u64,
+}
+
+impl Scanner {
+    /// Reads the tables, finds the holders of new sockets, and says what changed.
+    fn scan(&mut self) -> Result<Scan, NetmondError> {
+        let (now, malformed) = read_tables(&self.root)?;
+        let changes = self.tracker.update(now);
+        let wanted: HashSet<u64> = changes.opened.iter().map(|s| s.inode).collect();
+        let (found, walk) =
+            owners::find(&self.root, &wanted).map_err(|source| NetmondError::Proc {
+                path: self.root.clone(),
+                source,
+            })?;
+        let mut scan = Scan {
+            opened: Vec::with_capacity(changes.opened.len()),
+            closed: Vec::with_capacity(changes.closed.len()),
+            malformed,
+            found: 0,
+            missing: 0,
+            descriptors: walk.descriptors,
+            open: self.tracker.len() as u64,
+        };
+        for s in changes.opened {
+            let owner = found.get(&s.inode).cloned();
+            if let Some(o) = &owner {
+                scan.found += 1;
+                self.owners.insert((s.proto, s.inode), o.clone());
+            } else {
+                scan.missing += 1;
+            }
+            scan.opened.push((s, owner));
+        }
+        for s in changes.closed {
+            let owner = self.owners.remove(&(s.proto, s.inode));
+            scan.closed.push((s, owner));
+        }
+        Ok(scan)
+    }
+}
+
+fn event(
+    s: &Socket,
+    owner: Option<&Owner>,
+    change: epb::SocketChange,
+    at: u64,
+) -> epb::NetworkEvent {
+    epb::NetworkEvent {
+        change: change as i32,
+        protocol: match s.proto {
+            Proto::Tcp => epb::Protocol::Tcp,
+            Proto::Udp => epb::Protocol::Udp,
+        } as i32,
+        ip_version: if s.local.is_ipv4() { 4 } else { 6 },
+        local_address: s.local.ip().to_string(),
+        local_port: u32::from(s.local.port()),
+        remote_address: s.remote.ip().to_string(),
+        remote_port: u32::from(s.remote.port()),
+        state: s.state_name().into(),
+        inode: s.inode,
+        uid: s.uid,
+        pid: owner.map(|o| o.pid),
+        process_name: owner.map(|o| o.name.clone()),
+        observed_at_ns: at,
+    }
+}
+
+async fn send(client: &Client, shared: &Shared, p: Publish) {
+    match client.publish_with(p.qos(Qos::Realtime)).await {
+        Ok(_) => {
+            shared.published.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            shared.publish_failures.add(1);
+            tracing::warn!(error = %e, "event not published");
+        }
+    }
+}
+
+/// Publishes a snapshot of every open socket, in messages of at most [`BATCH_BYTES`].
+async fn publish_batch(client: &Client, shared: &Shared, scanner: &Scanner) {
+    let at = now_ns();
+    let all: Vec<epb::NetworkEvent> = scanner
+        .tracker
+        .open()
+        .map(|s| {
+            event(
+                s,
+                scanner.owners.get(&(s.proto, s.inode)),
+                epb::SocketChange::Present,
+                at,
+            )
+        })
+        .collect();
+    let mut sockets = Vec::new();
+    let mut bytes = 0;
+    let send_batch = |sockets: Vec<epb::NetworkEvent>| {
+        let batch = epb::NetworkBatch {
+            collector_id: shared.id.clone(),
+            collected_at_ns: at,
+            sockets,
+        };
+        send(
+            client,
+            shared,
+            Publish::new(catalog::network::batch(), batch.encode_to_vec()),
+        )
+    };
+    for e in all {
+        let len = e.encoded_len() + 8;
+        if bytes + len > BATCH_BYTES && !sockets.is_empty() {
+            send_batch(std::mem::take(&mut sockets)).await;
+            bytes = 0;
+        }
+        bytes += len;
+        sockets.push(e);
+    }
+    send_batch(sockets).await;
+}
+
+/// Runs netmond as collector `id` on `client` until asked to shut down (RPC) or until
+/// `stop` completes, reading the tables under `proc_root` (normally `/proc`).
+///
+/// # Errors
+///
+/// [`NetmondError`] when the tables cannot be read at start or the services cannot be
+/// served.
+pub async fn run(
+    client: Client,
+    id: &str,
+    settings: Settings,
+    proc_root: PathBuf,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), NetmondError> {
+    let shared = Arc::new(Shared {
+        id: id.to_owned(),
+        settings: Mutex::new((settings, 1)),
+        started: Instant::now(),
+        scans: AtomicU64::new(0),
+        published: AtomicU64::new(0),
+        sockets: AtomicU64::new(0),
+        last_scan_us: AtomicU64::new(0),
+        heartbeats: AtomicU64::new(0),
+        owners_found: AtomicU64::new(0),
+        owners_missing: AtomicU64::new(0),
+        descriptors_read: AtomicU64::new(0),
+        malformed: Loss::default(),
+        publish_failures: Loss::default(),
+        scan_failing: Mutex::new(None),
+        stop: Notify::new(),
+        watching: tokio::sync::watch::Sender::new(false),
+    });
+    // The first reading: what is open when netmond starts is its baseline, published in the
+    // first snapshot, not as opened.
+    let mut scanner = Scanner {
+        root: proc_root,
+        tracker: Tracker::default(),
+        owners: HashMap::new(),
+    };
+    let first = scanner.scan()?;
+    shared.sockets.store(first.open, Ordering::Relaxed);
+    let service: Service = serve_collector(&client, id, Services(Arc::clone(&shared)))
+        .await
+        .map_err(|e| NetmondError::Serve {
+            id: id.to_owned(),
+            message: e.to_string(),
+        })?;
+    shared.watching.send_replace(true);
+    let scanning = scan_loop(client.clone(), Arc::clone(&shared), scanner);
+    tokio::select! {
+        () = scanning => {}
+        () = heartbeats(client.clone(), Arc::clone(&shared), shared.watching.subscribe()) => {}
+        () = shared.stop.notified() => tracing::info!("shutdown requested"),
+        () = stop => {}
+    }
+    service.drain(Duration::from_secs(5)).await;
+    client.drain().await;
+    Ok(())
+}
+
+/// Reads the tables every scan interval (on a blocking thread), publishes what opened and
+/// closed, and a snapshot every batch interval.
+async fn scan_loop(client: Client, shared: Arc<Shared>, scanner: Scanner) {
+    let mut scanner = Some(scanner);
+    let mut last_batch: Option<Instant> = None;
+    loop {
+        let settings = shared.settings();
+        let batch_due = !settings.batch_interval.is_zero()
+            && last_batch.is_none_or(|t| t.elapsed() >= settings.batch_interval);
+        if batch_due && let Some(s) = &scanner {
+            publish_batch(&client, &shared, s).await;
+            last_batch = Some(Instant::now());
+        }
+        tokio::time::sleep(settings.scan_interval).await;
+        let Some(mut s) = scanner.take() else {
+            return;
+        };
+        let began = Instant::now();
+        let Ok((back, result)) = tokio::task::spawn_blocking(move || {
+            let r = s.scan();
+            (s, r)
+        })
+        .await
+        else {
+            tracing::error!("the socket table reader panicked");
+            return;
+        };
+        scanner = Some(back);
+        shared.scans.fetch_add(1, Ordering::Relaxed);
+        shared.last_scan_us.store(
+            u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        let scan = match result {
+            Ok(scan) => {
+                *shared
+                    .scan_failing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                scan
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "socket tables not read");
+                *shared
+                    .scan_failing
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                continue;
+            }
+        };
+        shared.malformed.add(scan.malformed as u64);
+        shared.sockets.store(scan.open, Ordering::Relaxed);
+        shared.owners_found.fetch_add(scan.found, Ordering::Relaxed);
+        shared
+            .owners_missing
+            .fetch_add(scan.missing, Ordering::Relaxed);
+        shared
+            .descriptors_read
+            .fetch_add(scan.descriptors, Ordering::Relaxed);
+        let at = now_ns();
+        let changes = scan
+            .opened
+            .iter()
+            .map(|(s, o)| (s, o, epb::SocketChange::Opened))
+            .chain(
+                scan.closed
+                    .iter()
+                    .map(|(s, o)| (s, o, epb::SocketChange::Closed)),
+            );
+        for (s, o, change) in changes {
+            let e = event(s, o.as_ref(), change, at);
+            send(
+                &client,
+                &shared,
+                Publish::new(catalog::network::connections(), e.encode_to_vec()),
+            )
+            .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configuration_is_applied_whole_or_refused_with_every_reason() {
+        let mut c = Settings::default().to_config();
+        c.scan_interval_ms = 200;
+        assert_eq!(
+            Settings::from_config(&c).unwrap().scan_interval,
+            Duration::from_millis(200)
+        );
+        c.scan_interval_ms = 10;
+        c.settings.insert("colour".into(), "blue".into());
+        c.limits = Some(pb::ResourceLimits::default());
+        c.enabled_topics = vec!["events.network.connections".into()];
+        let fields: Vec<String> = Settings::from_config(&c)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "scan_interval_ms",
+                "settings.colour",
+                "limits",
+                "enabled_topics"
+            ]
+        );
+    }
+
+    #[test]
+    fn health_is_measured() {
+        let fine = Observed {
+            scan_failing: None,
+            malformed: Losses::default(),
+            publish_failures: Losses::default(),
+            scan_interval: Duration::from_millis(500),
+            sockets: 3,
+        };
+        assert_eq!(assess(&fine).0, HealthStatus::Healthy);
+        assert!(assess(&fine).1.contains("3 sockets open"));
+        let failing = Observed {
+            scan_failing: Some("permission denied".into()),
+            ..fine.clone()
+        };
+        assert_eq!(assess(&failing).0, HealthStatus::Unhealthy);
+        let lossy = Observed {
+            publish_failures: Losses {
+                count: 2,
+                since_last: Some(Duration::from_secs(1)),
+            },
+            ..fine.clone()
+        };
+        assert_eq!(assess(&lossy).0, HealthStatus::Degraded);
+        let old = Observed {
+            publish_failures: Losses {
+                count: 2,
+                since_last: Some(Duration::from_secs(600)),
+            },
+            ..fine
+        };
+        assert_eq!(assess(&old).0, HealthStatus::Healthy);
+    }
+}
