@@ -43,9 +43,16 @@ fn now_ns() -> u64 {
 
 /// A TCP connection the test opens is reported opened with the test's pid and the ports,
 /// observed within two scan intervals of being opened, then closed; snapshots carry the
-/// listening socket; SIGTERM ends it cleanly.
+/// listening socket; SIGTERM ends it cleanly. From both sources: the kernel's socket dump
+/// and the /proc/net tables.
 #[test]
 fn netmond_reports_a_connection_with_its_process_and_ports() {
+    for source in ["kernel", "proc"] {
+        reports_a_connection(source);
+    }
+}
+
+fn reports_a_connection(source: &str) {
     const SCAN_MS: u64 = 500;
     let dir = TempDir::new("netmond");
     let config = format!("[broker]\nacl_file = \"{}\"\n", netmond_policy(dir.path()));
@@ -64,6 +71,8 @@ fn netmond_reports_a_connection_with_its_process_and_ports() {
         "1",
         "--batch-interval-secs",
         "1",
+        "--source",
+        source,
     ])
     .env("EVENTBUS_SOCKET", &broker.socket);
     let mut netmond = Proc::spawn(cmd);
@@ -72,7 +81,7 @@ fn netmond_reports_a_connection_with_its_process_and_ports() {
         l.contains("control.health.heartbeat.netmond")
     });
     let beat: serde_json::Value = serde_json::from_str(&beat).unwrap();
-    assert_eq!(beat["event"]["status"], "HEALTHY");
+    assert_eq!(beat["event"]["status"], "HEALTHY", "{source}");
 
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = u64::from(listener.local_addr().unwrap().port());

@@ -1,5 +1,6 @@
-//! netmond, the network collector (Linux): reads the kernel's TCP and UDP socket tables
-//! (`/proc/net/{tcp,tcp6,udp,udp6}`) every scan interval, finds the process holding each new
+//! netmond, the network collector (Linux): reads the kernel's TCP and UDP sockets every scan
+//! interval — from the kernel's socket dump (`NETLINK_SOCK_DIAG`, [`diag`]) when it answers,
+//! else from the tables `/proc/net/{tcp,tcp6,udp,udp6}` ([`procnet`]) — finds the process holding each new
 //! socket through `/proc/<pid>/fd`, publishes each socket opened and closed on
 //! `events.network.connections` and a snapshot of every socket on `events.network.batch`
 //! (protobuf `NetworkEvent` / `NetworkBatch`), heartbeats on
@@ -12,6 +13,7 @@
 //! Unhealthy while the tables cannot be read, Degraded for a minute after lines did not parse
 //! or events could not be published.
 
+pub mod diag;
 pub mod owners;
 pub mod procnet;
 pub mod tracker;
@@ -43,6 +45,44 @@ pub const CAPABILITIES: [&str; 2] = ["network-connections", "network-snapshot"];
 /// Largest `events.network.batch` message (one snapshot may take several).
 pub const BATCH_BYTES: usize = 512 * 1024;
 
+/// Where sockets are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SourceChoice {
+    /// The kernel's socket dump when it answers, else `/proc/net`.
+    #[default]
+    Auto,
+    /// The kernel's socket dump, or nothing.
+    Kernel,
+    /// The `/proc/net` tables.
+    Proc,
+}
+
+/// The source in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// The kernel's socket dump.
+    Kernel,
+    /// The `/proc/net` tables, and why not the dump (if it was tried).
+    Proc {
+        /// Why the dump is not used.
+        why: Option<String>,
+    },
+}
+
+impl Source {
+    /// In words, for health messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Kernel => "sockets from the kernel's socket dump (sock_diag)".into(),
+            Self::Proc { why: None } => "sockets from /proc/net".into(),
+            Self::Proc { why: Some(w) } => {
+                format!("sockets from /proc/net (the kernel's socket dump: {w})")
+            }
+        }
+    }
+}
+
 /// netmond's settings (changeable at run time with the configuration service).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -52,6 +92,8 @@ pub struct Settings {
     pub batch_interval: Duration,
     /// How often a heartbeat is published.
     pub heartbeat_interval: Duration,
+    /// Where sockets are read from (chosen at start).
+    pub source: SourceChoice,
 }
 
 impl Default for Settings {
@@ -60,6 +102,7 @@ impl Default for Settings {
             scan_interval: Duration::from_millis(500),
             batch_interval: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
+            source: SourceChoice::Auto,
         }
     }
 }
@@ -177,24 +220,27 @@ pub struct Observed {
     pub malformed: Losses,
     /// Events that could not be published.
     pub publish_failures: Losses,
-    /// How often the tables are read.
+    /// How often the sockets are read.
     pub scan_interval: Duration,
     /// Sockets open at the last reading.
     pub sockets: u64,
+    /// Where they are read from.
+    pub source: Source,
 }
 
 /// The status and its reason, from what was measured (pure).
 #[must_use]
 pub fn assess(o: &Observed) -> (HealthStatus, String) {
     let what = format!(
-        "reading /proc/net every {} ms, {} sockets open",
+        "{} every {} ms, {} open",
+        o.source.describe(),
         o.scan_interval.as_millis(),
         o.sockets
     );
     if let Some(e) = &o.scan_failing {
         return (
             HealthStatus::Unhealthy,
-            format!("reading /proc/net fails: {e}"),
+            format!("reading sockets fails: {e}; {what}"),
         );
     }
     let mut problems = Vec::new();
@@ -226,6 +272,12 @@ pub fn assess(o: &Observed) -> (HealthStatus, String) {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetmondError {
+    /// `--source kernel` was asked for and the kernel's socket dump cannot be used.
+    #[error("cannot use the kernel's socket dump: {0} (use --source auto or proc)")]
+    Kernel(String),
+    /// The kernel's socket dump failed.
+    #[error("the kernel's socket dump failed: {0}")]
+    Dump(String),
     /// The socket tables cannot be read.
     #[error("cannot read {path}: {source}")]
     Proc {
@@ -259,6 +311,7 @@ struct Shared {
     malformed: Loss,
     publish_failures: Loss,
     scan_failing: Mutex<Option<String>>,
+    source: Mutex<Source>,
     stop: Notify,
     watching: tokio::sync::watch::Sender<bool>,
 }
@@ -283,6 +336,11 @@ impl Shared {
             publish_failures: self.publish_failures.seen(),
             scan_interval: self.settings().scan_interval,
             sockets: self.sockets.load(Ordering::Relaxed),
+            source: self
+                .source
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
         }
     }
 }
@@ -407,8 +465,36 @@ fn read_tables(root: &Path) -> Result<(Vec<Socket>, usize), NetmondError> {
     Ok((sockets, bad))
 }
 
+/// Where the scanner reads sockets.
+enum Reader {
+    #[cfg(target_os = "linux")]
+    Kernel(diag::Dumper),
+    Proc,
+}
+
+impl Reader {
+    /// The reader `choice` asks for and the system allows, and the source it is.
+    fn choose(choice: SourceChoice) -> Result<(Self, Source), NetmondError> {
+        if choice == SourceChoice::Proc {
+            return Ok((Self::Proc, Source::Proc { why: None }));
+        }
+        #[cfg(target_os = "linux")]
+        let tried = diag::Dumper::open().map_err(|e| e.to_string());
+        #[cfg(not(target_os = "linux"))]
+        let tried: Result<std::convert::Infallible, String> =
+            Err("not available on this system".into());
+        match (tried, choice) {
+            #[cfg(target_os = "linux")]
+            (Ok(d), _) => Ok((Self::Kernel(d), Source::Kernel)),
+            (Err(e), SourceChoice::Kernel) => Err(NetmondError::Kernel(e)),
+            (Err(e), _) => Ok((Self::Proc, Source::Proc { why: Some(e) })),
+        }
+    }
+}
+
 /// The scanner's state, owned by the blocking reader between scans.
 struct Scanner {
+    reader: Reader,
     root: PathBuf,
     tracker: Tracker,
     /// Holders of the open sockets (pruned to them at each reading: bounded by the table).
@@ -429,7 +515,11 @@ struct Scan {
 impl Scanner {
     /// Reads the tables, finds the holders of new sockets, and says what changed.
     fn scan(&mut self) -> Result<Scan, NetmondError> {
-        let (now, malformed) = read_tables(&self.root)?;
+        let (now, malformed) = match &mut self.reader {
+            #[cfg(target_os = "linux")]
+            Reader::Kernel(d) => (d.read().map_err(|e| NetmondError::Dump(e.to_string()))?, 0),
+            Reader::Proc => read_tables(&self.root)?,
+        };
         let changes = self.tracker.update(now);
         let wanted: HashSet<u64> = changes.opened.iter().map(|s| s.inode).collect();
         let (found, walk) =
@@ -572,12 +662,20 @@ pub async fn run(
         malformed: Loss::default(),
         publish_failures: Loss::default(),
         scan_failing: Mutex::new(None),
+        source: Mutex::new(Source::Proc { why: None }),
         stop: Notify::new(),
         watching: tokio::sync::watch::Sender::new(false),
     });
+    let (reader, source) = Reader::choose(shared.settings().source)?;
+    tracing::info!(source = %source.describe(), "sockets");
+    *shared
+        .source
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = source;
     // The first reading: what is open when netmond starts is its baseline, published in the
     // first snapshot, not as opened.
     let mut scanner = Scanner {
+        reader,
         root: proc_root,
         tracker: Tracker::default(),
         owners: HashMap::new(),
@@ -724,9 +822,14 @@ mod tests {
             publish_failures: Losses::default(),
             scan_interval: Duration::from_millis(500),
             sockets: 3,
+            source: Source::Kernel,
         };
         assert_eq!(assess(&fine).0, HealthStatus::Healthy);
-        assert!(assess(&fine).1.contains("3 sockets open"));
+        assert!(
+            assess(&fine).1.contains("(sock_diag) every 500 ms, 3 open"),
+            "{}",
+            assess(&fine).1
+        );
         let failing = Observed {
             scan_failing: Some("permission denied".into()),
             ..fine.clone()

@@ -31,9 +31,25 @@ struct Args {
     /// How often a heartbeat is published, seconds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_secs: u64,
+    /// Where sockets are read from: `auto` (the kernel's socket dump, sock_diag, when it
+    /// answers; else /proc/net), `kernel` (the dump or nothing), `proc` (the /proc/net tables,
+    /// which the kernel regenerates as text at each reading: costlier with many sockets).
+    #[arg(long, value_enum, default_value_t = SourceArg::Auto)]
+    source: SourceArg,
     /// The proc file system to read.
     #[arg(long, default_value = "/proc", hide = true)]
     proc_root: PathBuf,
+}
+
+/// `--source`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum SourceArg {
+    /// The socket dump when it answers, else /proc/net.
+    Auto,
+    /// The socket dump only.
+    Kernel,
+    /// /proc/net only.
+    Proc,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +68,11 @@ async fn run(args: Args) -> Result<()> {
         scan_interval: Duration::from_millis(args.scan_interval_ms),
         batch_interval: Duration::from_secs(args.batch_interval_secs),
         heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
+        source: match args.source {
+            SourceArg::Auto => daemoneye_netmond::SourceChoice::Auto,
+            SourceArg::Kernel => daemoneye_netmond::SourceChoice::Kernel,
+            SourceArg::Proc => daemoneye_netmond::SourceChoice::Proc,
+        },
     };
     tracing::info!(id = %args.id, endpoint = %ep, "netmond starting");
     daemoneye_netmond::run(
