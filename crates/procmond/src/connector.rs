@@ -455,13 +455,59 @@ mod linux {
     /// few hundred microseconds), once.
     const LINGER_MS: u8 = 1;
 
+    /// How long exits (and name changes) wait for more events before they are sent, when
+    /// nothing else came with them: a start never waits for them, and at a steady rate of
+    /// processes each exit rides with the next start instead of waking procmond on its own.
+    const EXIT_LINGER: Duration = Duration::from_millis(20);
+
+    /// Exits held back at most (then sent at once).
+    const EXIT_HOLD: usize = 256;
+
+    /// Whether `batch` holds only exits and name changes.
+    fn only_exits(batch: &[Observed]) -> bool {
+        batch
+            .iter()
+            .all(|(e, _)| matches!(e, KernelEvent::Exit { .. } | KernelEvent::Comm { .. }))
+    }
+
     fn read_loop(fd: &OwnedFd, root: &Path, tx: &mpsc::Sender<Vec<Observed>>, counts: &Counts) {
         let mut buf = vec![0u8; 8192];
         let lost = || {
             counts.lost.fetch_add(1, Ordering::Relaxed);
             counts.resync.store(true, Ordering::Release);
         };
+        // Exits waiting for company, and since when.
+        let mut held: Vec<Observed> = Vec::new();
+        let mut held_since = std::time::Instant::now();
+        let send = |batch: Vec<Observed>| {
+            counts
+                .events
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            match tx.try_send(batch) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    lost();
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        };
         while !tx.is_closed() {
+            if !held.is_empty() {
+                let left = EXIT_LINGER.saturating_sub(held_since.elapsed());
+                let mut fds = [nix::poll::PollFd::new(
+                    fd.as_fd(),
+                    nix::poll::PollFlags::POLLIN,
+                )];
+                let timeout =
+                    nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::ZERO);
+                if left.is_zero() || matches!(nix::poll::poll(&mut fds, timeout), Ok(0)) {
+                    if !send(std::mem::take(&mut held)) {
+                        break;
+                    }
+                    continue;
+                }
+            }
             match nix::sys::socket::recv(
                 fd.as_raw_fd(),
                 &mut buf,
@@ -495,17 +541,21 @@ mod linux {
                             Err(_) => break,
                         }
                     }
-                    let batch = batch.finish();
+                    let mut batch = batch.finish();
                     if batch.is_empty() {
                         continue;
                     }
-                    counts
-                        .events
-                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    match tx.try_send(batch) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(_)) => lost(),
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    if only_exits(&batch) && held.len() + batch.len() < EXIT_HOLD {
+                        if held.is_empty() {
+                            held_since = std::time::Instant::now();
+                        }
+                        held.append(&mut batch);
+                        continue;
+                    }
+                    // Exits held first: events keep their order.
+                    held.append(&mut batch);
+                    if !send(std::mem::take(&mut held)) {
+                        break;
                     }
                 }
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}

@@ -1,7 +1,9 @@
-//! W7: procmond under the agent, as deployed (`eventbus agent` with no configuration: its
-//! bundled procmond, process events from the kernel when it may listen to them). Measures
-//! procmond's CPU on an idle host and while processes start at 200 per second, and the time
-//! from a process's exec to its event reaching a subscriber.
+//! W7: the bundled collectors under the agent, as deployed (`eventbus agent` with no
+//! configuration: procmond, with process events from the kernel when it may listen to them,
+//! and netmond). Measures each one's CPU on an idle host; procmond's while processes start
+//! at 200 per second, with the time from a process's exec to its event reaching a
+//! subscriber; netmond's while 200 TCP connections per second open (each held a second),
+//! with how many of them it reported.
 
 use super::process::{READY_WAIT, Worker};
 use super::report::Row;
@@ -33,14 +35,83 @@ fn ticks_per_sec() -> f64 {
         .map_or(100.0, |t| t as f64)
 }
 
-/// The child of `parent` (procmond under the agent), found through /proc.
-fn child_of(parent: u32) -> Option<u32> {
+/// The child of `parent` named `name` (a collector under the agent), found through /proc.
+fn child_of(parent: u32, name: &str) -> Option<u32> {
     std::fs::read_dir("/proc").ok()?.find_map(|e| {
         let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let ppid: u32 = stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()?;
-        (ppid == parent).then_some(pid)
+        let (head, rest) = stat.rsplit_once(") ")?;
+        let ppid: u32 = rest.split(' ').nth(1)?.parse().ok()?;
+        (ppid == parent && head.split_once(" (")?.1 == name).then_some(pid)
     })
+}
+
+/// New TCP connections per second under load.
+const CONNECTIONS_PER_SEC: u64 = 200;
+
+/// Counts the `events.network.connections` openings towards `port` on the agent at
+/// `socket`, until `stop` is set.
+fn connection_counter(
+    socket: &Path,
+    port: u16,
+    seen: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<()> {
+    use daemoneye_eventbus::schema::events as epb;
+    use prost::Message as _;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = Client::connect(
+            &Endpoint::Unix(socket.to_path_buf()),
+            ClientOptions::named("bench-w7-net"),
+        )
+        .await?;
+        let mut sub = client.subscribe(["events.network.connections"]).await?;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await
+            else {
+                continue;
+            };
+            if let Ok(e) = epb::NetworkEvent::decode(m.payload().as_ref())
+                && e.change == epb::SocketChange::Opened as i32
+                && e.remote_port == u32::from(port)
+            {
+                seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        client.close().await;
+        anyhow::Ok(())
+    })
+}
+
+/// Both ends of the connections opened in the last second.
+type Held = std::collections::VecDeque<(Instant, std::net::TcpStream, std::net::TcpStream)>;
+
+/// Opens `n` loopback TCP connections at [`CONNECTIONS_PER_SEC`] to `listener`, holding each
+/// (both ends) for a second; returns those opened in the last second, still open (closed
+/// by the caller once netmond had time to see them).
+fn open_connections(listener: &std::net::TcpListener, n: u64) -> Result<Held> {
+    let addr = listener.local_addr()?;
+    let start = Instant::now();
+    let mut held = Held::new();
+    for i in 0..n {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / CONNECTIONS_PER_SEC);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let client = std::net::TcpStream::connect(addr).context("connecting")?;
+        let (server, _) = listener.accept().context("accepting")?;
+        held.push_back((Instant::now(), client, server));
+        while held
+            .front()
+            .is_some_and(|(t, ..)| t.elapsed() >= Duration::from_secs(1))
+        {
+            held.pop_front();
+        }
+    }
+    Ok(held)
 }
 
 /// procmond's CPU over `during` as a percentage of one core, with what `during` does.
@@ -126,18 +197,20 @@ pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
             bail!("the agent did not get ready: {line}");
         }
     }
-    let procmond = {
+    let collector = |name: &str| {
         let deadline = Instant::now() + READY_WAIT;
         loop {
-            if let Some(pid) = child_of(agent.child.id()) {
-                break pid;
+            if let Some(pid) = child_of(agent.child.id(), name) {
+                break Ok(pid);
             }
             if Instant::now() > deadline {
-                bail!("the agent started no procmond");
+                bail!("the agent started no {name}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     };
+    let procmond = collector("procmond")?;
+    let netmond = collector("netmond")?;
     let seen: Seen = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sub = {
@@ -147,9 +220,11 @@ pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
     // Settled: procmond's first snapshot and the subscriber are done.
     std::thread::sleep(Duration::from_secs(1));
     let idle_secs = Duration::from_secs_f64((10.0 * scale).max(1.0));
-    let (idle_cpu, ()) = cpu_pct(procmond, || {
-        std::thread::sleep(idle_secs);
-        Ok(())
+    let (net_idle_cpu, (idle_cpu, ())) = cpu_pct(netmond, || {
+        cpu_pct(procmond, || {
+            std::thread::sleep(idle_secs);
+            Ok(())
+        })
     })?;
     let n = scaled(STARTS_PER_SEC * 10, scale);
     let (load_cpu, spawned) = cpu_pct(procmond, || {
@@ -180,9 +255,28 @@ pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
     while count(&seen) < spawned.len() && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(20));
     }
+    // netmond under 200 new connections per second.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let opened = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = {
+        let (socket, opened, stop) = (socket.clone(), Arc::clone(&opened), Arc::clone(&stop));
+        std::thread::spawn(move || connection_counter(&socket, port, opened, stop))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let conns = scaled(CONNECTIONS_PER_SEC * 10, scale);
+    let (net_load_cpu, held) = cpu_pct(netmond, || open_connections(&listener, conns))?;
+    let until = Instant::now() + Duration::from_secs(3);
+    while opened.load(std::sync::atomic::Ordering::Relaxed) < conns && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     sub.join()
         .map_err(|_| anyhow::anyhow!("the subscriber panicked"))??;
+    counter
+        .join()
+        .map_err(|_| anyhow::anyhow!("the connection counter panicked"))??;
     drop(agent);
     let seen = seen
         .lock()
@@ -197,9 +291,16 @@ pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
             .copied()
     };
     let source = seen.1.as_deref().unwrap_or("unknown");
-    let mut idle = Row::collector("w7", &format!("{source},idle"), 0, idle_secs.as_secs_f64());
+    let mut idle = Row::collector(
+        "procmond",
+        "w7",
+        &format!("{source},idle"),
+        0,
+        idle_secs.as_secs_f64(),
+    );
     idle.collector_cpu_pct = Some(idle_cpu);
     let mut load = Row::collector(
+        "procmond",
         "w7",
         &format!("{source},{STARTS_PER_SEC}starts/s"),
         n,
@@ -211,5 +312,16 @@ pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
     load.p99_us = pct(0.99);
     load.p999_us = pct(0.999);
     load.max_us = lat.last().copied();
-    Ok(vec![idle, load])
+    let mut net_idle = Row::collector("netmond", "w7", "idle", 0, idle_secs.as_secs_f64());
+    net_idle.collector_cpu_pct = Some(net_idle_cpu);
+    let mut net_load = Row::collector(
+        "netmond",
+        "w7",
+        &format!("{CONNECTIONS_PER_SEC}conns/s"),
+        conns,
+        conns as f64 / CONNECTIONS_PER_SEC as f64,
+    );
+    net_load.collector_cpu_pct = Some(net_load_cpu);
+    net_load.lost = conns.saturating_sub(opened.load(std::sync::atomic::Ordering::Relaxed));
+    Ok(vec![idle, load, net_idle, net_load])
 }

@@ -62,8 +62,14 @@ impl Row {
     }
 
     /// W7: `messages` processes started over `secs` (the rest is filled in by the caller).
-    pub(crate) fn collector(workload: &str, variant: &str, messages: u64, secs: f64) -> Self {
-        let mut row = Self::empty("procmond", workload, variant, 0, messages);
+    pub(crate) fn collector(
+        collector: &str,
+        workload: &str,
+        variant: &str,
+        messages: u64,
+        secs: f64,
+    ) -> Self {
+        let mut row = Self::empty(collector, workload, variant, 0, messages);
         row.seconds = Some(secs);
         row.msgs_per_sec = rate(messages, secs);
         row
@@ -298,7 +304,7 @@ pub(crate) fn print_table(rows: &[Row], s: &Summary) -> Result<()> {
             opt(r.max_us)
         )?;
         if let Some(cpu) = r.collector_cpu_pct {
-            writeln!(out, "{:<26} procmond CPU: {cpu:.2} % of one core", "")?;
+            writeln!(out, "{:<26} {} CPU: {cpu:.2} % of one core", "", r.peer)?;
         }
         if let Some(per) = &r.per_sub_msgs_per_sec {
             let per: Vec<String> = per.iter().map(|v| human(Some(*v))).collect();
