@@ -93,7 +93,7 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 /// [`DiagError`]; the sockets read before it are kept in `out`.
 pub fn parse(datagram: &[u8], proto: Proto, out: &mut Vec<Socket>) -> Result<bool, DiagError> {
     let mut at = 0;
-    while datagram.len() - at >= NLMSG_HDRLEN {
+    while datagram.len().saturating_sub(at) >= NLMSG_HDRLEN {
         let msg = &datagram[at..];
         let len = u32_at(msg, 0).map_or(0, |l| l as usize);
         if len < NLMSG_HDRLEN || len > msg.len() {
@@ -298,6 +298,16 @@ mod tests {
             parse(&bad, Proto::Tcp, &mut out),
             Err(DiagError::Truncated { need: MSG_LEN, .. })
         ));
+    }
+
+    #[test]
+    fn a_message_whose_padding_runs_past_the_datagram_ends_it() {
+        // Found by the fuzzer: a length not a multiple of 4 on the last message.
+        let mut m = vec![0u8; 17];
+        m[0..4].copy_from_slice(&17u32.to_ne_bytes());
+        m[4..6].copy_from_slice(&99u16.to_ne_bytes());
+        let mut out = Vec::new();
+        assert_eq!(parse(&m, Proto::Udp, &mut out), Ok(false));
     }
 
     #[test]
