@@ -29,19 +29,22 @@ fn every_workload_runs_across_processes_without_loss_and_reports_every_field() {
     for w in ["w1", "w2", "w3", "w4", "w5", "w6", "w7"] {
         assert!(rows.iter().any(|r| r["workload"] == w), "no {w} row");
     }
-    // W7 measures procmond under the agent: its CPU idle and under load, the latency of the
-    // processes it reported with their program (a process gone before /proc could be read is
-    // reported without it: counted in `lost`).
+    // W7 measures the collectors under the agent: procmond's CPU idle and under load, the
+    // latency of the processes it reported with their program (a process gone before /proc
+    // could be read is reported without it: counted in `lost`); netmond's CPU idle and while
+    // connections open, and the connections it did not report.
     let (w7, rows): (Vec<&Value>, Vec<&Value>) = rows.iter().partition(|r| r["workload"] == "w7");
-    assert_eq!(w7.len(), 2, "{w7:?}");
+    let peers: Vec<&str> = w7.iter().map(|r| r["peer"].as_str().unwrap()).collect();
+    assert_eq!(peers, ["procmond", "procmond", "netmond", "netmond"], "{w7:?}");
     for r in &w7 {
         assert!(r["collector_cpu_pct"].as_f64().is_some(), "{r}");
     }
-    assert!(
-        w7[1]["lost"].as_u64() < w7[1]["messages"].as_u64(),
-        "{}",
-        w7[1]
-    );
+    for loaded in [w7[1], w7[3]] {
+        assert!(
+            loaded["lost"].as_u64() < loaded["messages"].as_u64(),
+            "{loaded}"
+        );
+    }
     // The streaming workloads run in both guarantees, with the default client options.
     for w in ["w1", "w2", "w4", "w5"] {
         for qos in ["realtime", "processed"] {
