@@ -35,7 +35,11 @@ fn every_workload_runs_across_processes_without_loss_and_reports_every_field() {
     // connections open, and the connections it did not report.
     let (w7, rows): (Vec<&Value>, Vec<&Value>) = rows.iter().partition(|r| r["workload"] == "w7");
     let peers: Vec<&str> = w7.iter().map(|r| r["peer"].as_str().unwrap()).collect();
-    assert_eq!(peers, ["procmond", "procmond", "netmond", "netmond"], "{w7:?}");
+    assert_eq!(
+        peers,
+        ["procmond", "procmond", "netmond", "netmond"],
+        "{w7:?}"
+    );
     for r in &w7 {
         assert!(r["collector_cpu_pct"].as_f64().is_some(), "{r}");
     }
