@@ -20,6 +20,7 @@ const EVENT_HEADER: usize = 16;
 const PROC_EVENT_NONE: u32 = 0;
 const PROC_EVENT_FORK: u32 = 0x0000_0001;
 const PROC_EVENT_EXEC: u32 = 0x0000_0002;
+const PROC_EVENT_UID: u32 = 0x0000_0004;
 const PROC_EVENT_COMM: u32 = 0x0000_0200;
 const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 /// `PROC_CN_MCAST_LISTEN` / `PROC_CN_MCAST_IGNORE`.
@@ -45,6 +46,17 @@ pub enum KernelEvent {
         pid: u32,
         /// Its process.
         tgid: u32,
+    },
+    /// Task `pid` of process `tgid` changed its user ids (`setuid` and its kin).
+    Uid {
+        /// The task.
+        pid: u32,
+        /// Its process.
+        tgid: u32,
+        /// The real uid now.
+        ruid: u32,
+        /// The effective uid now.
+        euid: u32,
     },
     /// Task `pid` of process `tgid` took the name `comm` (an exec does, before its `Exec`).
     Comm {
@@ -179,6 +191,14 @@ fn parse_cn(body: &[u8], out: &mut Vec<KernelEvent>) -> Result<(), ParseError> {
                 tgid: field(1)?,
             })
         })(),
+        PROC_EVENT_UID => (|| {
+            Some(KernelEvent::Uid {
+                pid: field(0)?,
+                tgid: field(1)?,
+                ruid: field(2)?,
+                euid: field(3)?,
+            })
+        })(),
         PROC_EVENT_COMM => (|| {
             Some(KernelEvent::Comm {
                 pid: field(0)?,
@@ -260,9 +280,6 @@ mod linux {
     use std::time::Duration;
     use tokio::sync::mpsc;
 
-    /// Datagrams read into one batch at most (after the one waited for).
-    const BATCH_DATAGRAMS: usize = 63;
-
     /// Batches of events waiting for procmond, at most; a batch that finds the channel full
     /// is dropped and counted (`lost`), and procmond reads `/proc` again to catch up.
     pub const QUEUE_BATCHES: usize = 1024;
@@ -324,7 +341,8 @@ mod linux {
             let (tx, events) = mpsc::channel(QUEUE_BATCHES);
             let root = root.to_path_buf();
             // Events before the kernel's answer: those of the moment of subscribing.
-            let mut first = Batch::new(&root);
+            let mut uids = Uids::default();
+            let mut first = Batch::new(&root, &mut uids);
             first.add_events(first_answer(&fd, nonce + 1)?);
             let first = first.finish();
             if !first.is_empty() {
@@ -333,7 +351,7 @@ mod linux {
             let thread_counts = Arc::clone(&counts);
             std::thread::Builder::new()
                 .name("proc-connector".into())
-                .spawn(move || read_loop(&fd, &root, &tx, &thread_counts))?;
+                .spawn(move || read_loop(&fd, &root, uids, &tx, &thread_counts))?;
             Ok(Self { events, counts })
         }
     }
@@ -380,20 +398,60 @@ mod linux {
         ))
     }
 
+    /// The real uid of the processes the thread has seen, by pid: a child's is its parent's
+    /// (a fork copies it, an exec keeps it), a `setuid` is told by a `Uid` event, so a new
+    /// process's `status` is read only when its parent is unknown. Bounded by the processes
+    /// alive (an exit removes one) and cleared when events were lost or it holds
+    /// [`UIDS_MAX`].
+    #[derive(Default)]
+    struct Uids(std::collections::HashMap<u32, u32>);
+
+    /// Processes whose uid is kept at most.
+    const UIDS_MAX: usize = 1 << 16;
+
+    impl Uids {
+        fn get(&self, pid: u32) -> Option<u32> {
+            self.0.get(&pid).copied()
+        }
+
+        fn set(&mut self, pid: u32, uid: u32) {
+            if self.0.len() >= UIDS_MAX {
+                self.0.clear();
+            }
+            self.0.insert(pid, uid);
+        }
+
+        fn learn(&mut self, pid: u32, uid: u32) {
+            if !self.0.contains_key(&pid) {
+                self.set(pid, uid);
+            }
+        }
+
+        fn forget(&mut self, pid: u32) {
+            self.0.remove(&pid);
+        }
+
+        fn clear(&mut self) {
+            self.0.clear();
+        }
+    }
+
     /// Events of interest read from datagrams, with what `/proc` shows of their process: an
     /// exec's process read at once (a short process is soon gone), a fork's at the end of the
     /// batch unless its exec came first (then one read serves both).
     struct Batch<'a> {
         root: &'a Path,
+        uids: &'a mut Uids,
         events: Vec<Observed>,
-        /// Forks of this batch not yet read, by pid: their index in `events`.
-        forks: std::collections::HashMap<u32, usize>,
+        /// Forks of this batch not yet read, by pid: their index in `events` and the parent.
+        forks: std::collections::HashMap<u32, (usize, u32)>,
     }
 
     impl<'a> Batch<'a> {
-        fn new(root: &'a Path) -> Self {
+        fn new(root: &'a Path, uids: &'a mut Uids) -> Self {
             Self {
                 root,
+                uids,
                 events: Vec::new(),
                 forks: std::collections::HashMap::new(),
             }
@@ -411,24 +469,47 @@ mod linux {
             for e in parsed {
                 match e {
                     KernelEvent::Fork {
+                        parent_tgid,
                         child_pid,
                         child_tgid,
-                        ..
                     } if child_pid == child_tgid => {
-                        self.forks.insert(child_pid, self.events.len());
+                        if let Some(uid) = self.uids.get(parent_tgid) {
+                            self.uids.set(child_pid, uid);
+                        }
+                        self.forks
+                            .insert(child_pid, (self.events.len(), parent_tgid));
                         self.events.push((e, Seen::Nothing));
                     }
                     KernelEvent::Exec { tgid, .. } => {
-                        let seen = procfs::read_process(self.root, tgid)
+                        let known = self.uids.get(tgid);
+                        let seen = procfs::read_process_with(self.root, tgid, known)
                             .map_or(Seen::Nothing, Seen::Execed);
-                        match self.forks.remove(&tgid) {
-                            Some(i) => self.events[i].1 = seen,
+                        let fork = self.forks.remove(&tgid);
+                        if let (Seen::Execed(p), None) = (&seen, known)
+                            && let Some(uid) = p.uid
+                        {
+                            self.uids.set(tgid, uid);
+                            // Its parent had this real uid when it forked.
+                            if let Some((_, parent)) = fork {
+                                self.uids.learn(parent, uid);
+                            }
+                        }
+                        match fork {
+                            Some((i, _)) => self.events[i].1 = seen,
                             None => self.events.push((e, seen)),
                         }
                     }
-                    KernelEvent::Exit { pid, tgid, .. } | KernelEvent::Comm { pid, tgid, .. }
-                        if pid == tgid =>
-                    {
+                    KernelEvent::Uid {
+                        pid, tgid, ruid, ..
+                    } if pid == tgid => {
+                        self.uids.set(tgid, ruid);
+                        self.events.push((e, Seen::Nothing));
+                    }
+                    KernelEvent::Exit { pid, tgid, .. } if pid == tgid => {
+                        self.uids.forget(pid);
+                        self.events.push((e, Seen::Nothing));
+                    }
+                    KernelEvent::Comm { pid, tgid, .. } if pid == tgid => {
                         self.events.push((e, Seen::Nothing));
                     }
                     // Threads, and answers to subscriptions.
@@ -443,7 +524,7 @@ mod linux {
         }
 
         fn finish(mut self) -> Vec<Observed> {
-            for (pid, i) in self.forks.drain() {
+            for (pid, (i, _)) in self.forks.drain() {
                 self.events[i].1 =
                     procfs::read_stat(self.root, pid).map_or(Seen::Nothing, Seen::Forked);
             }
@@ -470,8 +551,67 @@ mod linux {
             .all(|(e, _)| matches!(e, KernelEvent::Exit { .. } | KernelEvent::Comm { .. }))
     }
 
-    fn read_loop(fd: &OwnedFd, root: &Path, tx: &mpsc::Sender<Vec<Observed>>, counts: &Counts) {
-        let mut buf = vec![0u8; 8192];
+    /// Datagrams one read takes at most, and the room for each (an event's is under 100
+    /// bytes).
+    const DATAGRAMS: usize = 64;
+    const DATAGRAM_BYTES: usize = 1024;
+
+    /// Buffers for reading many datagrams in one system call (`recvmmsg`).
+    struct Datagrams {
+        bufs: Vec<Vec<u8>>,
+        lens: Vec<usize>,
+        headers: nix::sys::socket::MultiHeaders<nix::sys::socket::NetlinkAddr>,
+    }
+
+    impl Datagrams {
+        fn new() -> Self {
+            Self {
+                bufs: vec![vec![0u8; DATAGRAM_BYTES]; DATAGRAMS],
+                lens: Vec::with_capacity(DATAGRAMS),
+                headers: nix::sys::socket::MultiHeaders::preallocate(DATAGRAMS, None),
+            }
+        }
+
+        /// Reads what is queued, waiting for the first datagram (up to the socket's read
+        /// timeout) when `wait`: how many were read.
+        fn read(&mut self, fd: &OwnedFd, wait: bool) -> nix::Result<usize> {
+            use nix::sys::socket::MsgFlags;
+            let flags = if wait {
+                MsgFlags::MSG_WAITFORONE
+            } else {
+                MsgFlags::MSG_DONTWAIT
+            };
+            let mut iovs: Vec<[std::io::IoSliceMut<'_>; 1]> = self
+                .bufs
+                .iter_mut()
+                .map(|b| [std::io::IoSliceMut::new(b)])
+                .collect();
+            let read = nix::sys::socket::recvmmsg(
+                fd.as_raw_fd(),
+                &mut self.headers,
+                iovs.iter_mut(),
+                flags,
+                None,
+            )?;
+            self.lens.clear();
+            self.lens.extend(read.map(|m| m.bytes));
+            Ok(self.lens.len())
+        }
+
+        /// Datagram `i` of the last read.
+        fn get(&self, i: usize) -> &[u8] {
+            &self.bufs[i][..self.lens[i].min(DATAGRAM_BYTES)]
+        }
+    }
+
+    fn read_loop(
+        fd: &OwnedFd,
+        root: &Path,
+        mut uids: Uids,
+        tx: &mpsc::Sender<Vec<Observed>>,
+        counts: &Counts,
+    ) {
+        let mut grams = Datagrams::new();
         let lost = || {
             counts.lost.fetch_add(1, Ordering::Relaxed);
             counts.resync.store(true, Ordering::Release);
@@ -492,56 +632,53 @@ mod linux {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         };
+        let readable_within = |ms: nix::poll::PollTimeout| {
+            let mut fds = [nix::poll::PollFd::new(
+                fd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0)
+        };
         while !tx.is_closed() {
             if !held.is_empty() {
                 let left = EXIT_LINGER.saturating_sub(held_since.elapsed());
-                let mut fds = [nix::poll::PollFd::new(
-                    fd.as_fd(),
-                    nix::poll::PollFlags::POLLIN,
-                )];
                 let timeout =
                     nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::ZERO);
-                if left.is_zero() || matches!(nix::poll::poll(&mut fds, timeout), Ok(0)) {
+                if left.is_zero() || !readable_within(timeout) {
                     if !send(std::mem::take(&mut held)) {
                         break;
                     }
                     continue;
                 }
             }
-            match nix::sys::socket::recv(
-                fd.as_raw_fd(),
-                &mut buf,
-                nix::sys::socket::MsgFlags::empty(),
-            ) {
+            match grams.read(fd, true) {
                 Ok(n) => {
-                    // What else is queued joins the batch, so a burst wakes procmond's task
-                    // once, not once per event.
-                    let mut batch = Batch::new(root);
-                    batch.add(&buf[..n]);
-                    let mut lingered = false;
-                    for _ in 0..BATCH_DATAGRAMS {
-                        match nix::sys::socket::recv(
-                            fd.as_raw_fd(),
-                            &mut buf,
-                            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-                        ) {
-                            Ok(n) => batch.add(&buf[..n]),
-                            Err(nix::errno::Errno::ENOBUFS) => lost(),
-                            Err(nix::errno::Errno::EAGAIN) if batch.awaits_exec() && !lingered => {
-                                lingered = true;
-                                let mut fds = [nix::poll::PollFd::new(
-                                    fd.as_fd(),
-                                    nix::poll::PollFlags::POLLIN,
-                                )];
-                                let _ = nix::poll::poll(
-                                    &mut fds,
-                                    nix::poll::PollTimeout::from(LINGER_MS),
-                                );
+                    // Everything queued is one batch, so a burst wakes procmond's task once,
+                    // not once per event.
+                    let mut dropped = false;
+                    let mut batch = Batch::new(root, &mut uids);
+                    for i in 0..n {
+                        batch.add(grams.get(i));
+                    }
+                    // A fork whose exec has not come yet: waited for once, briefly.
+                    if batch.awaits_exec()
+                        && readable_within(nix::poll::PollTimeout::from(LINGER_MS))
+                    {
+                        match grams.read(fd, false) {
+                            Ok(n) => {
+                                for i in 0..n {
+                                    batch.add(grams.get(i));
+                                }
                             }
-                            Err(_) => break,
+                            Err(nix::errno::Errno::ENOBUFS) => dropped = true,
+                            Err(_) => {}
                         }
                     }
                     let mut batch = batch.finish();
+                    if dropped {
+                        lost();
+                        uids.clear();
+                    }
                     if batch.is_empty() {
                         continue;
                     }
@@ -559,7 +696,11 @@ mod linux {
                     }
                 }
                 Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => {}
-                Err(nix::errno::Errno::ENOBUFS) => lost(),
+                Err(nix::errno::Errno::ENOBUFS) => {
+                    // Events were lost, a setuid among them perhaps: uids are learnt again.
+                    lost();
+                    uids.clear();
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "reading process events failed; stopping");
                     lost();
@@ -572,6 +713,84 @@ mod linux {
             &listen_message(0, false, 0),
             nix::sys::socket::MsgFlags::empty(),
         );
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A fake `/proc` entry for `pid` run by real uid `uid`.
+        fn entry(root: &Path, pid: u32, uid: u32) {
+            let dir = root.join(pid.to_string());
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(
+                dir.join("stat"),
+                format!("{pid} (true) R 1 {pid} {pid} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 4242 0 0"),
+            )
+            .unwrap();
+            std::fs::write(dir.join("cmdline"), b"/bin/true\0").unwrap();
+            std::fs::write(
+                dir.join("status"),
+                format!("Name:\ttrue\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+            )
+            .unwrap();
+        }
+
+        fn uid_of(events: &[Observed], pid: u32) -> Option<u32> {
+            events.iter().find_map(|(_, seen)| match seen {
+                Seen::Execed(p) if p.pid == pid => p.uid,
+                _ => None,
+            })
+        }
+
+        #[test]
+        fn a_child_has_its_parents_uid_until_a_setuid_says_otherwise() {
+            let root = std::env::temp_dir().join(format!("procmond-uids-{}", std::process::id()));
+            // The files say 1000 for every child; what the thread knows wins when it knows.
+            for pid in [101, 102, 103] {
+                entry(&root, pid, 1000);
+            }
+            let mut uids = Uids::default();
+            let fork = |child| KernelEvent::Fork {
+                parent_tgid: 7,
+                child_pid: child,
+                child_tgid: child,
+            };
+            let exec = |pid| KernelEvent::Exec { pid, tgid: pid };
+            // Parent 7 unknown: its child's status is read, and teaches the parent's uid.
+            let mut b = Batch::new(&root, &mut uids);
+            b.add_events(vec![fork(101), exec(101)]);
+            assert_eq!(uid_of(&b.finish(), 101), Some(1000));
+            assert_eq!(uids.get(7), Some(1000));
+            // The parent becomes uid 0 (setuid): its next child is 0 without reading status.
+            let mut b = Batch::new(&root, &mut uids);
+            b.add_events(vec![
+                KernelEvent::Uid {
+                    pid: 7,
+                    tgid: 7,
+                    ruid: 0,
+                    euid: 0,
+                },
+                fork(102),
+                exec(102),
+            ]);
+            assert_eq!(uid_of(&b.finish(), 102), Some(0));
+            // Exits forget; a loss forgets everything, and status is read again.
+            let mut b = Batch::new(&root, &mut uids);
+            b.add_events(vec![KernelEvent::Exit {
+                pid: 102,
+                tgid: 102,
+                exit_code: 0,
+                parent_tgid: 7,
+            }]);
+            b.finish();
+            assert_eq!(uids.get(102), None);
+            uids.clear();
+            let mut b = Batch::new(&root, &mut uids);
+            b.add_events(vec![fork(103), exec(103)]);
+            assert_eq!(uid_of(&b.finish(), 103), Some(1000));
+            std::fs::remove_dir_all(&root).unwrap();
+        }
     }
 }
 
@@ -599,7 +818,7 @@ mod tests {
     }
 
     #[test]
-    fn fork_exec_exit_are_read_and_others_skipped() {
+    fn fork_exec_exit_comm_and_uid_are_read_and_others_skipped() {
         let mut out = Vec::new();
         parse(&datagram(PROC_EVENT_FORK, &[10, 10, 11, 11]), &mut out).unwrap();
         parse(&datagram(PROC_EVENT_EXEC, &[11, 11]), &mut out).unwrap();
@@ -616,7 +835,9 @@ mod tests {
             &mut out,
         )
         .unwrap();
-        parse(&datagram(0x4, &[11, 11, 0, 0]), &mut out).unwrap();
+        parse(&datagram(PROC_EVENT_UID, &[11, 11, 1000, 0]), &mut out).unwrap();
+        // Kinds not followed (a session id change) are skipped.
+        parse(&datagram(0x80, &[11, 11]), &mut out).unwrap();
         let mut ack = datagram(PROC_EVENT_NONE, &[1]);
         ack[NLMSG_HDRLEN + 12..NLMSG_HDRLEN + 16].copy_from_slice(&8u32.to_ne_bytes());
         parse(&ack, &mut out).unwrap();
@@ -639,6 +860,12 @@ mod tests {
                     pid: 11,
                     tgid: 11,
                     comm
+                },
+                KernelEvent::Uid {
+                    pid: 11,
+                    tgid: 11,
+                    ruid: 1000,
+                    euid: 0
                 },
                 KernelEvent::Ack { ack: 8, err: 1 },
             ]

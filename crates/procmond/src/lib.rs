@@ -872,6 +872,13 @@ impl Scanner {
                         p.name = String::from_utf8_lossy(&comm[..end]).into_owned();
                     }
                 }
+                K::Uid { tgid, ruid, .. } => {
+                    // setuid and its kin: what the process runs as from now on.
+                    self.learn_user(Some(ruid)).await;
+                    if let Some(p) = known_pid(known, tgid).and_then(|k| known.get_mut(&k)) {
+                        p.uid = Some(ruid);
+                    }
+                }
                 K::Ack { .. } => {}
             }
         }

@@ -220,14 +220,21 @@ pub fn read_stat(root: &Path, pid: u32) -> Option<ProcInfo> {
 
 /// Reads one process; `None` when it vanished meanwhile (or is unreadable).
 pub fn read_process(root: &Path, pid: u32) -> Option<ProcInfo> {
+    read_process_with(root, pid, None)
+}
+
+/// Reads one process, its real uid `uid` when the caller knows it (`status` is then not
+/// read); `None` when it vanished meanwhile (or is unreadable).
+pub fn read_process_with(root: &Path, pid: u32, uid: Option<u32>) -> Option<ProcInfo> {
     let mut dir = ProcDir::open(root, pid)?;
     let stat = dir.stat()?;
     let command_line = dir.read("cmdline").and_then(parse_cmdline);
     let executable_path = dir.link("exe");
-    let uid = dir
-        .read("status")
-        .and_then(|s| std::str::from_utf8(s).ok())
-        .and_then(parse_uid);
+    let uid = uid.or_else(|| {
+        dir.read("status")
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(parse_uid)
+    });
     Some(ProcInfo {
         pid,
         ppid: stat.ppid,
