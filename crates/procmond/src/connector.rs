@@ -532,9 +532,9 @@ mod linux {
         }
     }
 
-    /// How long a batch holding a fork waits for more events (its exec, usually within a
-    /// few hundred microseconds), once.
-    const LINGER_MS: u8 = 1;
+    /// How long a batch holding a fork waits for its exec (usually within a few hundred
+    /// microseconds).
+    const LINGER: Duration = Duration::from_millis(1);
 
     /// How long exits (and name changes) wait for more events before they are sent, when
     /// nothing else came with them: a start never waits for them, and at a steady rate of
@@ -632,19 +632,19 @@ mod linux {
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
             }
         };
-        let readable_within = |ms: nix::poll::PollTimeout| {
+        // Whether a datagram is there within `wait` (to the microsecond: `ppoll`).
+        let readable_within = |wait: Duration| {
             let mut fds = [nix::poll::PollFd::new(
                 fd.as_fd(),
                 nix::poll::PollFlags::POLLIN,
             )];
-            matches!(nix::poll::poll(&mut fds, ms), Ok(n) if n > 0)
+            let wait = nix::sys::time::TimeSpec::from_duration(wait);
+            matches!(nix::poll::ppoll(&mut fds, Some(wait), None), Ok(n) if n > 0)
         };
         while !tx.is_closed() {
             if !held.is_empty() {
                 let left = EXIT_LINGER.saturating_sub(held_since.elapsed());
-                let timeout =
-                    nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::ZERO);
-                if left.is_zero() || !readable_within(timeout) {
+                if left.is_zero() || !readable_within(left) {
                     if !send(std::mem::take(&mut held)) {
                         break;
                     }
@@ -660,10 +660,14 @@ mod linux {
                     for i in 0..n {
                         batch.add(grams.get(i));
                     }
-                    // A fork whose exec has not come yet: waited for once, briefly.
-                    if batch.awaits_exec()
-                        && readable_within(nix::poll::PollTimeout::from(LINGER_MS))
-                    {
+                    // A fork whose exec has not come yet is waited for, briefly (what comes
+                    // meanwhile, such as the new name an exec announces first, joins).
+                    let linger = std::time::Instant::now() + LINGER;
+                    while batch.awaits_exec() {
+                        let left = linger.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() || !readable_within(left) {
+                            break;
+                        }
                         match grams.read(fd, false) {
                             Ok(n) => {
                                 for i in 0..n {
@@ -671,7 +675,7 @@ mod linux {
                                 }
                             }
                             Err(nix::errno::Errno::ENOBUFS) => dropped = true,
-                            Err(_) => {}
+                            Err(_) => break,
                         }
                     }
                     let mut batch = batch.finish();

@@ -206,6 +206,9 @@ pub enum ProcmondError {
         "cannot listen to the kernel's process events: {0} (run as root, in the initial namespaces, or use --source auto)"
     )]
     Connector(std::io::Error),
+    /// The scanner's task ended abnormally (a bug: it panicked).
+    #[error("the scanner stopped: {0}")]
+    Scanner(String),
     /// The collector services could not be served.
     #[error("cannot serve control.collector.{id}: {message}")]
     Serve {
@@ -361,13 +364,17 @@ pub async fn run(
         exit_code: None,
         after_subscription: HashSet::new(),
     };
+    // The scanner on a task of its own: a batch of the kernel's events wakes it alone.
+    let mut scanning = tokio::spawn(scanner.run(kernel, subscribed));
+    let hashing = tokio::spawn(hasher.run());
     tokio::select! {
-        r = scanner.run(kernel, subscribed) => r?,
-        () = hasher.run() => {}
+        r = &mut scanning => r.map_err(|e| ProcmondError::Scanner(e.to_string()))??,
         () = heartbeats(client.clone(), Arc::clone(&shared), shared.watching.subscribe()) => {}
         () = shared.stop.notified() => tracing::info!("shutdown requested"),
         () = stop => {}
     }
+    scanning.abort();
+    hashing.abort();
     service.drain(Duration::from_secs(5)).await;
     client.drain().await;
     Ok(())
@@ -666,6 +673,10 @@ impl Scanner {
         self.publish_batch(&known).await;
         let mut kernel = kernel.map(Kernel::from);
         let mut next_scan = tokio::time::Instant::now();
+        // One timer, moved only when the next scan moves (not re-armed for every batch of
+        // the kernel's events).
+        let timer = tokio::time::sleep_until(next_scan);
+        tokio::pin!(timer);
         loop {
             let settings = self.shared.settings();
             let every = match kernel {
@@ -673,8 +684,11 @@ impl Scanner {
                 None => settings.scan_interval,
             };
             next_scan = next_scan.max(tokio::time::Instant::now() - every) + every;
+            if timer.deadline() != next_scan {
+                timer.as_mut().reset(next_scan);
+            }
             tokio::select! {
-                () = tokio::time::sleep_until(next_scan) => {}
+                () = &mut timer => {}
                 batch = next_batch(&mut kernel) => {
                     match batch {
                         Some(batch) => {
