@@ -28,11 +28,9 @@ fn start_agent(dir: &Path, auto_restart: bool) -> Agent {
     start_agent_with(dir, auto_restart, true)
 }
 
-fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent {
-    let socket = dir.join("agent.sock");
-    let config = dir.join("agent.yaml");
-    // Supervised collectors as the default policy has them, root's tools reading, and this
-    // test (by its executable) calling the agent's lifecycle service as an operator.
+/// Supervised collectors as the default policy has them, root's tools reading, and this
+/// test (by its executable) calling the agent's lifecycle service as an operator.
+fn write_policy(dir: &Path) -> PathBuf {
     let policy = dir.join("acl.toml");
     let operator = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
     let cli = std::fs::canonicalize(env!("CARGO_BIN_EXE_eventbus")).unwrap();
@@ -51,6 +49,13 @@ fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent 
         ),
     )
     .unwrap();
+    policy
+}
+
+fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent {
+    let socket = dir.join("agent.sock");
+    let config = dir.join("agent.yaml");
+    let policy = write_policy(dir);
     std::fs::write(
         &config,
         format!(
@@ -587,9 +592,11 @@ fn the_agent_runs_two_instances_of_one_collector_type() {
     std::fs::write(
         &config,
         format!(
-            "[broker]\nsocket_path = \"{}\"\n[process_manager]\nhealth_check_interval_seconds = 2\n\
+            "[broker]\nsocket_path = \"{}\"\nacl_file = \"{}\"\n\
+             [process_manager]\nhealth_check_interval_seconds = 2\n\
              [rpc]\nhealth_check_interval_seconds = 1\n[agent]\nstatus_interval_seconds = 1\n{}{}",
             socket.display(),
+            write_policy(dir.path()).display(),
             entry("procmond-a"),
             entry("procmond-b")
         ),
@@ -621,6 +628,47 @@ fn the_agent_runs_two_instances_of_one_collector_type() {
             .any(|c| c == "process-lifecycle"),
         "{report}"
     );
+    // A lifecycle request naming a type acts only on a collector of that type.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(
+            &Endpoint::Unix(socket.clone()),
+            ClientOptions::named("operator"),
+        )
+        .await
+        .unwrap();
+        let rpc = CollectorRpcClient::new(client.clone(), "operator", RpcConfig::default());
+        let stop_as = |kind: &str| {
+            let mut body = CollectorLifecycleRequest::status("procmond-b");
+            body.collector_type = kind.into();
+            RpcRequest::lifecycle(
+                String::new(),
+                "control.agent.lifecycle".into(),
+                CollectorOperation::Stop,
+                body,
+                Duration::from_secs(10),
+            )
+        };
+        let e = rpc
+            .call(stop_as("netmond"), Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(
+            e.message
+                .contains("procmond-b is a procmond, not a netmond"),
+            "{e}"
+        );
+        let stopped = rpc
+            .call(stop_as("procmond"), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let s = stopped.lifecycle().unwrap().status.clone().unwrap();
+        assert_eq!((s.collector_id.as_str(), s.pid), ("procmond-b", 0));
+        client.close().await;
+    });
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(), 0);
 }
