@@ -84,43 +84,178 @@ impl Loss {
     }
 }
 
-/// A collector as its services see it.
+/// Where a collector's events come from: the kernel's own interface (procmond: the
+/// process-events connector; netmond: the socket dump) or `/proc`. Chosen at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+pub enum SourceChoice {
+    /// The kernel's interface when the collector may use it, `/proc` otherwise.
+    #[default]
+    Auto,
+    /// The kernel's interface, or the collector does not start.
+    Kernel,
+    /// `/proc` only.
+    Proc,
+}
+
+/// A collector's settings as the configuration service changes them.
+pub trait CollectorSettings: Clone + Send + Sync + 'static {
+    /// As sent over RPC.
+    fn to_config(&self) -> CollectorConfig;
+    /// Read from RPC: applied whole, or every field that cannot be applied, with why.
+    ///
+    /// # Errors
+    ///
+    /// Each field that cannot be applied.
+    fn from_config(config: &CollectorConfig) -> Result<Self, Vec<ConfigValidationError>>;
+    /// How often the collector heartbeats with these settings.
+    fn heartbeat_interval(&self) -> Duration;
+}
+
+/// What every collector keeps the same way: its id, when it started, its settings with their
+/// version, the events it published and could not, its heartbeats, and a stop request.
+#[derive(Debug)]
+pub struct Basics<S> {
+    id: String,
+    started: Instant,
+    settings: Mutex<(S, u64)>,
+    /// Events published.
+    pub published: AtomicU64,
+    /// Events that could not be published.
+    pub publish_failures: Loss,
+    heartbeats: AtomicU64,
+    stop: tokio::sync::Notify,
+}
+
+impl<S: CollectorSettings> Basics<S> {
+    /// A collector `id` starting now with `settings` (version 1).
+    pub fn new(id: &str, settings: S) -> Self {
+        Self {
+            id: id.to_owned(),
+            started: Instant::now(),
+            settings: Mutex::new((settings, 1)),
+            published: AtomicU64::new(0),
+            publish_failures: Loss::default(),
+            heartbeats: AtomicU64::new(0),
+            stop: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Its id.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Its settings now.
+    pub fn settings(&self) -> S {
+        self.settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Heartbeats sent.
+    pub fn heartbeats(&self) -> u64 {
+        self.heartbeats.load(Ordering::Relaxed)
+    }
+
+    /// Counts the result of a publish: published, or a failure (logged).
+    pub fn count_publish<T, E: std::fmt::Display>(&self, result: Result<T, E>) {
+        match result {
+            Ok(_) => {
+                self.published.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.publish_failures.add(1);
+                tracing::warn!(error = %e, "event not published");
+            }
+        }
+    }
+
+    /// Completes when a shutdown was requested ([`Collector::stop`]).
+    pub async fn stopped(&self) {
+        self.stop.notified().await;
+    }
+}
+
+/// A collector as its services see it. The required methods are what it measured; the
+/// others come from its [`Basics`].
 pub trait Collector: Send + Sync + 'static {
-    /// Its id (its RPC address is `control.collector.<id>`).
-    fn id(&self) -> &str;
+    /// Its settings.
+    type Settings: CollectorSettings;
+    /// What it keeps the same way as every collector.
+    fn basics(&self) -> &Basics<Self::Settings>;
     /// Its program's name, for messages (`procmond`).
     fn program(&self) -> &'static str;
     /// Its type, announced in capabilities and configuration (`process`, `network`).
     fn collector_type(&self) -> &'static str;
     /// What it can do (`process-lifecycle`, `network-connections`, …).
     fn capabilities(&self) -> Vec<String>;
-    /// When it started.
-    fn started(&self) -> Instant;
     /// Its health from what it measured, and why.
     fn health(&self) -> (HealthStatus, String);
     /// Its parts' health (e.g. its event source), for health checks.
     fn components(&self) -> HashMap<String, pb::ComponentHealth>;
     /// Its counters.
     fn metrics(&self) -> HashMap<String, f64>;
+
+    /// Its id (its RPC address is `control.collector.<id>`).
+    fn id(&self) -> &str {
+        self.basics().id()
+    }
+    /// When it started.
+    fn started(&self) -> Instant {
+        self.basics().started
+    }
     /// Events published since it started.
-    fn events_published(&self) -> u64;
+    fn events_published(&self) -> u64 {
+        self.basics().published.load(Ordering::Relaxed)
+    }
     /// Its configuration now and its version.
-    fn config(&self) -> (CollectorConfig, u64);
+    fn config(&self) -> (CollectorConfig, u64) {
+        let g = self
+            .basics()
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (g.0.to_config(), g.1)
+    }
     /// The problems of `config`, each with its field; none if it can be applied whole.
-    fn validate(&self, config: &CollectorConfig) -> Vec<ConfigValidationError>;
+    fn validate(&self, config: &CollectorConfig) -> Vec<ConfigValidationError> {
+        Self::Settings::from_config(config)
+            .err()
+            .unwrap_or_default()
+    }
     /// Applies `config` whole and returns the new version, or applies nothing and returns
     /// every problem.
     ///
     /// # Errors
     ///
     /// Each field that cannot be applied, with why.
-    fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<ConfigValidationError>>;
+    fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<ConfigValidationError>> {
+        let s = Self::Settings::from_config(config)?;
+        let mut g = self
+            .basics()
+            .settings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        g.0 = s;
+        g.1 += 1;
+        Ok(g.1)
+    }
     /// How often it heartbeats now.
-    fn heartbeat_interval(&self) -> Duration;
+    fn heartbeat_interval(&self) -> Duration {
+        self.basics().settings().heartbeat_interval()
+    }
     /// Counts a heartbeat and returns its sequence number (from 1).
-    fn next_heartbeat(&self) -> u64;
+    fn next_heartbeat(&self) -> u64 {
+        self.basics().heartbeats.fetch_add(1, Ordering::Relaxed) + 1
+    }
     /// Asks it to stop (a shutdown request).
-    fn stop(&self);
+    fn stop(&self) {
+        self.basics().stop.notify_one();
+    }
 }
 
 /// Nanoseconds since the Unix epoch.
@@ -305,5 +440,193 @@ impl<C: Collector> CollectorHandler for Services<C> {
                 c.program()
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daemoneye_eventbus_core::{Header, Message, Topic};
+
+    /// Settings with one field a configuration may change: the heartbeat interval.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Every(Duration);
+
+    impl CollectorSettings for Every {
+        fn to_config(&self) -> CollectorConfig {
+            CollectorConfig {
+                settings: [(
+                    "heartbeat_interval_ms".to_owned(),
+                    self.0.as_millis().to_string(),
+                )]
+                .into(),
+                ..Default::default()
+            }
+        }
+
+        fn from_config(c: &CollectorConfig) -> Result<Self, Vec<ConfigValidationError>> {
+            let refuse = |field: &str| ConfigValidationError {
+                field: field.into(),
+                message: "no".into(),
+            };
+            let mut errors: Vec<_> = c
+                .settings
+                .keys()
+                .filter(|k| *k != "heartbeat_interval_ms")
+                .map(|k| refuse(k))
+                .collect();
+            if c.limits.is_some() {
+                errors.push(refuse("limits"));
+            }
+            let ms = c
+                .settings
+                .get("heartbeat_interval_ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1000);
+            if errors.is_empty() {
+                Ok(Self(Duration::from_millis(ms)))
+            } else {
+                Err(errors)
+            }
+        }
+
+        fn heartbeat_interval(&self) -> Duration {
+            self.0
+        }
+    }
+
+    struct Fake(Basics<Every>);
+
+    impl Collector for Fake {
+        type Settings = Every;
+        fn basics(&self) -> &Basics<Every> {
+            &self.0
+        }
+        fn program(&self) -> &'static str {
+            "fakemond"
+        }
+        fn collector_type(&self) -> &'static str {
+            "fakemond"
+        }
+        fn capabilities(&self) -> Vec<String> {
+            vec!["nothing".into()]
+        }
+        fn health(&self) -> (HealthStatus, String) {
+            (HealthStatus::Degraded, "measured".into())
+        }
+        fn components(&self) -> HashMap<String, pb::ComponentHealth> {
+            HashMap::new()
+        }
+        fn metrics(&self) -> HashMap<String, f64> {
+            HashMap::new()
+        }
+    }
+
+    fn call(operation: CollectorOperation, body: rpc_request::Body) -> CollectorCall {
+        CollectorCall {
+            operation,
+            body,
+            client_id: "test".into(),
+            message: Message::new(
+                Topic::new("control.collector.fake").unwrap(),
+                Header::default(),
+                bytes::Bytes::new(),
+            ),
+        }
+    }
+
+    fn update(
+        s: &Services<Fake>,
+        config: CollectorConfig,
+        validate_only: bool,
+    ) -> pb::UpdateConfigResponse {
+        let body = rpc_request::Body::UpdateConfig(pb::UpdateConfigRequest {
+            new_config: Some(config),
+            validate_only,
+            ..Default::default()
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        match rt.block_on(s.handle(call(CollectorOperation::UpdateConfig, body))) {
+            Ok(rpc_response::Body::UpdateConfig(u)) => u,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_configuration_is_applied_whole_or_not_at_all_and_versions_count() {
+        let s = Services(Arc::new(Fake(Basics::new(
+            "fake",
+            Every(Duration::from_secs(5)),
+        ))));
+        let mut good = Every(Duration::from_millis(250)).to_config();
+        // Validating applies nothing.
+        let v = update(&s, good.clone(), true);
+        assert!(v.success && !v.applied && v.version == 1, "{v:?}");
+        assert_eq!(s.0.heartbeat_interval(), Duration::from_secs(5));
+        let u = update(&s, good.clone(), false);
+        assert!(u.success && u.applied && u.version == 2, "{u:?}");
+        assert_eq!(s.0.heartbeat_interval(), Duration::from_millis(250));
+        // One field it cannot apply: nothing applied, every problem named.
+        good.settings
+            .insert("heartbeat_interval_ms".into(), "900".into());
+        good.settings.insert("colour".into(), "blue".into());
+        good.limits = Some(pb::ResourceLimits::default());
+        let r = update(&s, good, false);
+        assert!(!r.success && !r.applied, "{r:?}");
+        let mut fields: Vec<&str> = r
+            .validation_errors
+            .iter()
+            .map(|e| e.field.as_str())
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(fields, ["colour", "limits"]);
+        assert_eq!(
+            (s.0.config().1, s.0.heartbeat_interval()),
+            (2, Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn lifecycle_requests_go_to_the_agent_and_health_is_what_was_measured() {
+        let s = Services(Arc::new(Fake(Basics::new(
+            "fake",
+            Every(Duration::from_secs(5)),
+        ))));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let stop = call(
+            CollectorOperation::Stop,
+            rpc_request::Body::Lifecycle(pb::LifecycleRequest::default()),
+        );
+        let e = rt.block_on(s.handle(stop)).unwrap_err();
+        assert!(e.message.contains("fakemond cannot start, stop"), "{e:?}");
+        let status = call(
+            CollectorOperation::Status,
+            rpc_request::Body::Lifecycle(pb::LifecycleRequest::default()),
+        );
+        let Ok(rpc_response::Body::Lifecycle(l)) = rt.block_on(s.handle(status)) else {
+            panic!("no status");
+        };
+        let st = l.status.unwrap();
+        assert_eq!(
+            (
+                st.health,
+                st.health_message.as_str(),
+                st.collector_type.as_str()
+            ),
+            (HealthStatus::Degraded as i32, "measured", "fakemond")
+        );
+        // Heartbeats count from 1; a shutdown request is seen by `stopped`.
+        assert_eq!((s.0.next_heartbeat(), s.0.next_heartbeat()), (1, 2));
+        s.0.stop();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), s.0.basics().stopped())
+                .await
+                .unwrap();
+        });
     }
 }

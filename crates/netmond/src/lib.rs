@@ -20,8 +20,9 @@ pub mod tracker;
 
 use daemoneye_eventbus_client::{Client, Publish, Service};
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
+pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
-    Collector, Loss, Losses, Services, heartbeats, now_ns,
+    Basics, Collector, CollectorSettings, Loss, Losses, Services, heartbeats, now_ns,
 };
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
@@ -33,7 +34,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 use tracker::Tracker;
 
 /// The collector type announced in capabilities and configuration.
@@ -44,18 +44,6 @@ pub const CAPABILITIES: [&str; 2] = ["network-connections", "network-snapshot"];
 
 /// Largest `events.network.batch` message (one snapshot may take several).
 pub const BATCH_BYTES: usize = 512 * 1024;
-
-/// Where sockets are read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SourceChoice {
-    /// The kernel's socket dump when it answers, else `/proc/net`.
-    #[default]
-    Auto,
-    /// The kernel's socket dump, or nothing.
-    Kernel,
-    /// The `/proc/net` tables.
-    Proc,
-}
 
 /// The source in use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +103,7 @@ fn topics() -> Vec<String> {
     ]
 }
 
-impl Settings {
+impl CollectorSettings for Settings {
     fn to_config(&self) -> CollectorConfig {
         let settings = [
             ("batch_interval_ms", self.batch_interval.as_millis()),
@@ -133,13 +121,8 @@ impl Settings {
         }
     }
 
-    /// Reads a configuration sent over RPC: applied whole, or every problem listed with its
-    /// field (what netmond cannot change is refused, not acknowledged and ignored).
-    ///
-    /// # Errors
-    ///
-    /// Every field that cannot be applied, with why.
-    pub fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
+    /// What netmond cannot change is refused, not acknowledged and ignored.
+    fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
         let mut errors = Vec::new();
         let mut err = |field: &str, message: String| {
             errors.push(pb::ConfigValidationError {
@@ -208,6 +191,10 @@ impl Settings {
         } else {
             Err(errors)
         }
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
     }
 }
 
@@ -297,32 +284,22 @@ pub enum NetmondError {
 }
 
 struct Shared {
-    id: String,
-    settings: Mutex<(Settings, u64)>,
-    started: Instant,
+    basics: Basics<Settings>,
     scans: AtomicU64,
-    published: AtomicU64,
     sockets: AtomicU64,
     last_scan_us: AtomicU64,
-    heartbeats: AtomicU64,
     owners_found: AtomicU64,
     owners_missing: AtomicU64,
     descriptors_read: AtomicU64,
     malformed: Loss,
-    publish_failures: Loss,
     scan_failing: Mutex<Option<String>>,
     source: Mutex<Source>,
-    stop: Notify,
     watching: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
     fn settings(&self) -> Settings {
-        self.settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .clone()
+        self.basics.settings()
     }
 
     fn observed(&self) -> Observed {
@@ -333,7 +310,7 @@ impl Shared {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
             malformed: self.malformed.seen(),
-            publish_failures: self.publish_failures.seen(),
+            publish_failures: self.basics.publish_failures.seen(),
             scan_interval: self.settings().scan_interval,
             sockets: self.sockets.load(Ordering::Relaxed),
             source: self
@@ -346,8 +323,10 @@ impl Shared {
 }
 
 impl Collector for Shared {
-    fn id(&self) -> &str {
-        &self.id
+    type Settings = Settings;
+
+    fn basics(&self) -> &Basics<Settings> {
+        &self.basics
     }
 
     fn program(&self) -> &'static str {
@@ -360,10 +339,6 @@ impl Collector for Shared {
 
     fn capabilities(&self) -> Vec<String> {
         CAPABILITIES.iter().map(|&c| c.to_owned()).collect()
-    }
-
-    fn started(&self) -> Instant {
-        self.started
     }
 
     fn health(&self) -> (HealthStatus, String) {
@@ -387,57 +362,21 @@ impl Collector for Shared {
         [
             ("sockets", l(&self.sockets)),
             ("scans", l(&self.scans)),
-            ("events_published", l(&self.published)),
+            ("events_published", l(&self.basics.published)),
             ("last_scan_ms", l(&self.last_scan_us) / 1000.0),
-            ("heartbeats", l(&self.heartbeats)),
+            ("heartbeats", self.basics.heartbeats() as f64),
             ("owners_found", l(&self.owners_found)),
             ("owners_missing", l(&self.owners_missing)),
             ("descriptors_read", l(&self.descriptors_read)),
             ("malformed_lines", self.malformed.count() as f64),
-            ("publish_failures", self.publish_failures.count() as f64),
+            (
+                "publish_failures",
+                self.basics.publish_failures.count() as f64,
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
-    }
-
-    fn events_published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
-    }
-
-    fn config(&self) -> (CollectorConfig, u64) {
-        let g = self
-            .settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (g.0.to_config(), g.1)
-    }
-
-    fn validate(&self, config: &CollectorConfig) -> Vec<pb::ConfigValidationError> {
-        Settings::from_config(config).err().unwrap_or_default()
-    }
-
-    fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<pb::ConfigValidationError>> {
-        let s = Settings::from_config(config)?;
-        let mut g = self
-            .settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.0 = s;
-        g.1 += 1;
-        Ok(g.1)
-    }
-
-    fn heartbeat_interval(&self) -> Duration {
-        self.settings().heartbeat_interval
-    }
-
-    fn next_heartbeat(&self) -> u64 {
-        self.heartbeats.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    fn stop(&self) {
-        self.stop.notify_one();
     }
 }
 
@@ -581,15 +520,9 @@ fn event(
 }
 
 async fn send(client: &Client, shared: &Shared, p: Publish) {
-    match client.publish_with(p.qos(Qos::Realtime)).await {
-        Ok(_) => {
-            shared.published.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            shared.publish_failures.add(1);
-            tracing::warn!(error = %e, "event not published");
-        }
-    }
+    shared
+        .basics
+        .count_publish(client.publish_with(p.qos(Qos::Realtime)).await);
 }
 
 /// Publishes a snapshot of every open socket, in messages of at most [`BATCH_BYTES`].
@@ -611,7 +544,7 @@ async fn publish_batch(client: &Client, shared: &Shared, scanner: &Scanner) {
     let mut bytes = 0;
     let send_batch = |sockets: Vec<epb::NetworkEvent>| {
         let batch = epb::NetworkBatch {
-            collector_id: shared.id.clone(),
+            collector_id: shared.basics.id().to_owned(),
             collected_at_ns: at,
             sockets,
         };
@@ -648,22 +581,16 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), NetmondError> {
     let shared = Arc::new(Shared {
-        id: id.to_owned(),
-        settings: Mutex::new((settings, 1)),
-        started: Instant::now(),
+        basics: Basics::new(id, settings),
         scans: AtomicU64::new(0),
-        published: AtomicU64::new(0),
         sockets: AtomicU64::new(0),
         last_scan_us: AtomicU64::new(0),
-        heartbeats: AtomicU64::new(0),
         owners_found: AtomicU64::new(0),
         owners_missing: AtomicU64::new(0),
         descriptors_read: AtomicU64::new(0),
         malformed: Loss::default(),
-        publish_failures: Loss::default(),
         scan_failing: Mutex::new(None),
         source: Mutex::new(Source::Proc { why: None }),
-        stop: Notify::new(),
         watching: tokio::sync::watch::Sender::new(false),
     });
     let (reader, source) = Reader::choose(shared.settings().source)?;
@@ -693,7 +620,7 @@ pub async fn run(
     tokio::select! {
         () = scanning => {}
         () = heartbeats(client.clone(), Arc::clone(&shared), shared.watching.subscribe()) => {}
-        () = shared.stop.notified() => tracing::info!("shutdown requested"),
+        () = shared.basics.stopped() => tracing::info!("shutdown requested"),
         () = stop => {}
     }
     service.drain(Duration::from_secs(5)).await;

@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use daemoneye_eventbus_client::{Client, ClientOptions};
 use daemoneye_eventbus_collector::cli::BrokerArg;
+use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_netmond::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,22 +35,11 @@ struct Args {
     /// Where sockets are read from: `auto` (the kernel's socket dump, sock_diag, when it
     /// answers; else /proc/net), `kernel` (the dump or nothing), `proc` (the /proc/net tables,
     /// which the kernel regenerates as text at each reading: costlier with many sockets).
-    #[arg(long, value_enum, default_value_t = SourceArg::Auto)]
-    source: SourceArg,
+    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
+    source: SourceChoice,
     /// The proc file system to read.
     #[arg(long, default_value = "/proc", hide = true)]
     proc_root: PathBuf,
-}
-
-/// `--source`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum SourceArg {
-    /// The socket dump when it answers, else /proc/net.
-    Auto,
-    /// The socket dump only.
-    Kernel,
-    /// /proc/net only.
-    Proc,
 }
 
 fn main() -> ExitCode {
@@ -68,11 +58,7 @@ async fn run(args: Args) -> Result<()> {
         scan_interval: Duration::from_millis(args.scan_interval_ms),
         batch_interval: Duration::from_secs(args.batch_interval_secs),
         heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
-        source: match args.source {
-            SourceArg::Auto => daemoneye_netmond::SourceChoice::Auto,
-            SourceArg::Kernel => daemoneye_netmond::SourceChoice::Kernel,
-            SourceArg::Proc => daemoneye_netmond::SourceChoice::Proc,
-        },
+        source: args.source,
     };
     tracing::info!(id = %args.id, endpoint = %ep, "netmond starting");
     daemoneye_netmond::run(

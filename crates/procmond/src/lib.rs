@@ -25,7 +25,10 @@ pub mod procfs;
 use connector::Seen;
 use daemoneye_eventbus_client::{Client, Publish, Service};
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
-use daemoneye_eventbus_collector::services::{Collector, Loss, Services, heartbeats, now_ns};
+pub use daemoneye_eventbus_collector::services::SourceChoice;
+use daemoneye_eventbus_collector::services::{
+    Basics, Collector, CollectorSettings, Loss, Services, heartbeats, now_ns,
+};
 use daemoneye_eventbus_collector::{CollectionEvent, ProcessEvent};
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
@@ -36,7 +39,6 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
-use tokio::sync::Notify;
 
 /// Largest `events.process.batch` message (one snapshot may take several).
 pub const BATCH_BYTES: usize = 512 * 1024;
@@ -62,18 +64,6 @@ pub struct Settings {
     pub source: SourceChoice,
 }
 
-/// Where procmond takes process events from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SourceChoice {
-    /// The kernel's connector when it may listen, `/proc` scanning otherwise (default).
-    #[default]
-    Auto,
-    /// The kernel's connector, or procmond does not start.
-    Kernel,
-    /// `/proc` scanning only.
-    Proc,
-}
-
 /// With the kernel's events, `/proc` is read again every this many scan intervals.
 pub const RECONCILE_SCANS: u32 = 10;
 
@@ -89,7 +79,7 @@ impl Default for Settings {
     }
 }
 
-impl Settings {
+impl CollectorSettings for Settings {
     fn to_config(&self) -> CollectorConfig {
         let mut settings = HashMap::new();
         settings.insert(
@@ -114,8 +104,8 @@ impl Settings {
         }
     }
 
-    /// Reads a configuration sent over RPC; every problem is listed with its field.
-    pub fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
+    /// What procmond cannot change is refused, not acknowledged and ignored.
+    fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
         let mut errors = Vec::new();
         let mut err = |field: &str, message: String| {
             errors.push(pb::ConfigValidationError {
@@ -187,6 +177,10 @@ impl Settings {
             Err(errors)
         }
     }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
 }
 
 /// Errors that stop procmond.
@@ -220,22 +214,16 @@ pub enum ProcmondError {
 }
 
 struct Shared {
-    id: String,
+    basics: Basics<Settings>,
     /// The QoS of process events (starts, exits, snapshots, digests): `Processed` when they
     /// must survive a broker restart (with the client's spool), `Realtime` otherwise.
     /// Heartbeats are always `Realtime`: their worth is that they are recent.
     events: Qos,
-    settings: Mutex<(Settings, u64)>,
-    started: Instant,
     scans: AtomicU64,
-    published: AtomicU64,
     processes: AtomicU64,
     last_scan_us: AtomicU64,
-    heartbeats: AtomicU64,
     /// Executables not hashed because the hasher's queue was full.
     hashes_skipped: Loss,
-    /// Events not published.
-    publish_failures: Loss,
     /// Times process events were lost.
     events_lost: Loss,
     /// Kernel events received.
@@ -244,7 +232,6 @@ struct Shared {
     scan_failing: Mutex<Option<String>>,
     /// Where process events come from.
     source: Mutex<health::Source>,
-    stop: Notify,
     /// Set once the first reading of `/proc` is done: procmond watches from then on, and its
     /// heartbeats say so (none before).
     watching: tokio::sync::watch::Sender<bool>,
@@ -252,11 +239,7 @@ struct Shared {
 
 impl Shared {
     fn settings(&self) -> Settings {
-        self.settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .0
-            .clone()
+        self.basics.settings()
     }
 
     fn source(&self) -> health::Source {
@@ -284,7 +267,7 @@ impl Shared {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone(),
             events_lost: self.events_lost.seen(),
-            publish_failures: self.publish_failures.seen(),
+            publish_failures: self.basics.publish_failures.seen(),
             hashes_skipped: self.hashes_skipped.seen(),
         })
     }
@@ -307,17 +290,12 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ProcmondError> {
     let shared = Arc::new(Shared {
-        id: id.to_owned(),
+        basics: Basics::new(id, settings.clone()),
         events,
-        settings: Mutex::new((settings.clone(), 1)),
-        started: Instant::now(),
         scans: AtomicU64::new(0),
-        published: AtomicU64::new(0),
         processes: AtomicU64::new(0),
         last_scan_us: AtomicU64::new(0),
-        heartbeats: AtomicU64::new(0),
         hashes_skipped: Loss::default(),
-        publish_failures: Loss::default(),
         events_lost: Loss::default(),
         kernel_events: AtomicU64::new(0),
         scan_failing: Mutex::new(None),
@@ -325,7 +303,6 @@ pub async fn run(
             every: settings.scan_interval,
             why: None,
         }),
-        stop: Notify::new(),
         watching: tokio::sync::watch::Sender::new(false),
     });
     // Before subscribing: a process that starts later has a start time at least this.
@@ -370,7 +347,7 @@ pub async fn run(
     tokio::select! {
         r = &mut scanning => r.map_err(|e| ProcmondError::Scanner(e.to_string()))??,
         () = heartbeats(client.clone(), Arc::clone(&shared), shared.watching.subscribe()) => {}
-        () = shared.stop.notified() => tracing::info!("shutdown requested"),
+        () = shared.basics.stopped() => tracing::info!("shutdown requested"),
         () = stop => {}
     }
     scanning.abort();
@@ -608,15 +585,9 @@ impl Hasher {
 }
 
 async fn send(client: &Client, shared: &Shared, p: Publish) {
-    match client.publish_with(p.qos(shared.events)).await {
-        Ok(_) => {
-            shared.published.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            shared.publish_failures.add(1);
-            tracing::warn!(error = %e, "event not published");
-        }
-    }
+    shared
+        .basics
+        .count_publish(client.publish_with(p.qos(shared.events)).await);
 }
 
 impl Scanner {
@@ -949,7 +920,7 @@ impl Scanner {
     fn event(&mut self, p: &ProcInfo, what: &str, source: &str) -> ProcessEvent {
         let mut metadata = HashMap::new();
         metadata.insert("event".to_owned(), what.to_owned());
-        metadata.insert("collector".to_owned(), self.shared.id.clone());
+        metadata.insert("collector".to_owned(), self.shared.basics.id().to_owned());
         metadata.insert("source".to_owned(), source.to_owned());
         if p.is_gone() {
             metadata.insert(
@@ -1023,7 +994,7 @@ impl Scanner {
 
     async fn send_batch(&self, collected_at_ns: u64, processes: Vec<epb::ProcessEvent>) {
         let batch = epb::ProcessBatch {
-            collector_id: self.shared.id.clone(),
+            collector_id: self.shared.basics.id().to_owned(),
             collected_at_ns,
             processes,
         };
@@ -1088,8 +1059,10 @@ fn user_name(_uid: u32) -> Option<String> {
 }
 
 impl Collector for Shared {
-    fn id(&self) -> &str {
-        &self.id
+    type Settings = Settings;
+
+    fn basics(&self) -> &Basics<Settings> {
+        &self.basics
     }
 
     fn program(&self) -> &'static str {
@@ -1102,10 +1075,6 @@ impl Collector for Shared {
 
     fn capabilities(&self) -> Vec<String> {
         CAPABILITIES.iter().map(|&c| c.to_owned()).collect()
-    }
-
-    fn started(&self) -> Instant {
-        self.started
     }
 
     fn health(&self) -> (HealthStatus, String) {
@@ -1129,11 +1098,14 @@ impl Collector for Shared {
         [
             ("processes", l(&self.processes)),
             ("scans", l(&self.scans)),
-            ("events_published", l(&self.published)),
+            ("events_published", l(&self.basics.published)),
             ("last_scan_ms", l(&self.last_scan_us) / 1000.0),
-            ("heartbeats", l(&self.heartbeats)),
+            ("heartbeats", self.basics.heartbeats() as f64),
             ("hashes_skipped", self.hashes_skipped.count() as f64),
-            ("publish_failures", self.publish_failures.count() as f64),
+            (
+                "publish_failures",
+                self.basics.publish_failures.count() as f64,
+            ),
             ("events_lost", self.events_lost.count() as f64),
             ("kernel_events", l(&self.kernel_events)),
             (
@@ -1144,45 +1116,6 @@ impl Collector for Shared {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect()
-    }
-
-    fn events_published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
-    }
-
-    fn config(&self) -> (CollectorConfig, u64) {
-        let g = self
-            .settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        (g.0.to_config(), g.1)
-    }
-
-    fn validate(&self, config: &CollectorConfig) -> Vec<pb::ConfigValidationError> {
-        Settings::from_config(config).err().unwrap_or_default()
-    }
-
-    fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<pb::ConfigValidationError>> {
-        let s = Settings::from_config(config)?;
-        let mut g = self
-            .settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.0 = s;
-        g.1 += 1;
-        Ok(g.1)
-    }
-
-    fn heartbeat_interval(&self) -> Duration {
-        self.settings().heartbeat_interval
-    }
-
-    fn next_heartbeat(&self) -> u64 {
-        self.heartbeats.fetch_add(1, Ordering::Relaxed) + 1
-    }
-
-    fn stop(&self) {
-        self.stop.notify_one();
     }
 }
 

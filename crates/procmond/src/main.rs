@@ -5,6 +5,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use daemoneye_eventbus_client::{Client, ClientOptions, SpoolFull};
 use daemoneye_eventbus_collector::cli::BrokerArg;
+use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_core::Qos;
 use daemoneye_procmond::Settings;
 use std::path::PathBuf;
@@ -51,22 +52,11 @@ struct Args {
     /// procmond may listen to it: root, in the initial namespaces; else scanning /proc),
     /// `kernel` (the connector or nothing), `proc` (scanning /proc every --scan-interval-ms:
     /// a process living less may be missed).
-    #[arg(long, value_enum, default_value_t = SourceArg::Auto)]
-    source: SourceArg,
+    #[arg(long, value_enum, default_value_t = SourceChoice::Auto)]
+    source: SourceChoice,
     /// The proc file system to read.
     #[arg(long, default_value = "/proc", hide = true)]
     proc_root: PathBuf,
-}
-
-/// `--source`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum SourceArg {
-    /// The connector when allowed, else /proc.
-    Auto,
-    /// The connector only.
-    Kernel,
-    /// /proc only.
-    Proc,
 }
 
 /// `--spool-full`.
@@ -106,11 +96,7 @@ async fn run(args: Args) -> Result<()> {
         batch_interval: Duration::from_secs(args.batch_interval_secs),
         heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
         hash_executables: args.hash_executables,
-        source: match args.source {
-            SourceArg::Auto => daemoneye_procmond::SourceChoice::Auto,
-            SourceArg::Kernel => daemoneye_procmond::SourceChoice::Kernel,
-            SourceArg::Proc => daemoneye_procmond::SourceChoice::Proc,
-        },
+        source: args.source,
     };
     let stop = daemoneye_eventbus_collector::cli::terminated();
     tracing::info!(id = %args.id, endpoint = %ep, "procmond starting");
