@@ -112,6 +112,142 @@ pub trait CollectorSettings: Clone + Send + Sync + 'static {
     fn heartbeat_interval(&self) -> Duration;
 }
 
+/// Reads a configuration sent over RPC for one collector, collecting every problem with its
+/// field: a collector applies a configuration whole or not at all, and what it cannot change
+/// is refused, never acknowledged and ignored.
+#[derive(Debug)]
+pub struct ConfigReader<'a> {
+    config: &'a CollectorConfig,
+    program: &'static str,
+    errors: Vec<ConfigValidationError>,
+}
+
+impl<'a> ConfigReader<'a> {
+    /// Starts reading `config` for `program`, a collector of type `collector_type` (a
+    /// configuration for another type is refused).
+    #[must_use]
+    pub fn new(config: &'a CollectorConfig, program: &'static str, collector_type: &str) -> Self {
+        let mut r = Self {
+            config,
+            program,
+            errors: Vec::new(),
+        };
+        if !config.collector_type.is_empty() && config.collector_type != collector_type {
+            r.refuse(
+                "collector_type",
+                format!(
+                    "{program} is a {collector_type:?} collector, not {:?}",
+                    config.collector_type
+                ),
+            );
+        }
+        r
+    }
+
+    /// Counts a problem with `field`.
+    pub fn refuse(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(ConfigValidationError {
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+
+    /// `scan_interval_ms` (50 to 60000; 0 leaves `current`).
+    pub fn scan_interval(&mut self, current: Duration) -> Duration {
+        match self.config.scan_interval_ms {
+            0 => current,
+            ms if (50..=60_000).contains(&ms) => Duration::from_millis(u64::from(ms)),
+            ms => {
+                self.refuse(
+                    "scan_interval_ms",
+                    format!("{ms} is out of range: 50 to 60000 ms"),
+                );
+                current
+            }
+        }
+    }
+
+    /// Setting `key` = `value` in milliseconds, at least `min`.
+    pub fn millis(&mut self, key: &str, value: &str, min: u64) -> Option<Duration> {
+        match value.parse::<u64>() {
+            Ok(ms) if ms >= min => Some(Duration::from_millis(ms)),
+            Ok(_) => {
+                self.refuse(
+                    &format!("settings.{key}"),
+                    format!("{value:?} must be at least {min} ms"),
+                );
+                None
+            }
+            Err(_) => {
+                self.refuse(
+                    &format!("settings.{key}"),
+                    format!("{value:?} is not a number of milliseconds"),
+                );
+                None
+            }
+        }
+    }
+
+    /// Setting `key` = `value`, `true` or `false`.
+    pub fn flag(&mut self, key: &str, value: &str) -> Option<bool> {
+        let b = value.parse::<bool>().ok();
+        if b.is_none() {
+            self.refuse(
+                &format!("settings.{key}"),
+                format!("{value:?} is not true or false"),
+            );
+        }
+        b
+    }
+
+    /// A setting the collector does not have; `known` lists those it has.
+    pub fn unknown(&mut self, key: &str, known: &str) {
+        self.refuse(
+            &format!("settings.{key}"),
+            format!("unknown setting (known: {known})"),
+        );
+    }
+
+    /// Refuses what a collector cannot change itself: its resource limits (the supervisor
+    /// applies them) and the topics it publishes on (`topics`, all of them; `how` says how
+    /// parts are turned off).
+    pub fn fixed(&mut self, topics: &[String], how: &str) {
+        let program = self.program;
+        if self.config.limits.is_some() {
+            self.refuse(
+                "limits",
+                format!(
+                    "{program} cannot change its own resource limits: the supervisor applies \
+                     them when it starts {program} (collectors[].limits in the agent's \
+                     configuration)"
+                ),
+            );
+        }
+        if !self.config.enabled_topics.is_empty() && self.config.enabled_topics != topics {
+            self.refuse(
+                "enabled_topics",
+                format!(
+                    "{program} publishes on {} and cannot turn one off ({how})",
+                    topics.join(", ")
+                ),
+            );
+        }
+    }
+
+    /// `value` if nothing was refused, else every problem.
+    ///
+    /// # Errors
+    ///
+    /// Every field refused.
+    pub fn finish<T>(self, value: T) -> Result<T, Vec<ConfigValidationError>> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.errors)
+        }
+    }
+}
+
 /// What every collector keeps the same way: its id, when it started, its settings with their
 /// version, the events it published and could not, its heartbeats, and a stop request.
 #[derive(Debug)]

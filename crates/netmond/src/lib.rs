@@ -22,7 +22,7 @@ use daemoneye_eventbus_client::{Client, Publish, Service};
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
 pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
-    Basics, Collector, CollectorSettings, Loss, Losses, Services, heartbeats, now_ns,
+    Basics, Collector, CollectorSettings, ConfigReader, Loss, Losses, Services, heartbeats, now_ns,
 };
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
@@ -123,74 +123,26 @@ impl CollectorSettings for Settings {
 
     /// What netmond cannot change is refused, not acknowledged and ignored.
     fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
-        let mut errors = Vec::new();
-        let mut err = |field: &str, message: String| {
-            errors.push(pb::ConfigValidationError {
-                field: field.into(),
-                message,
-            });
-        };
-        if !c.collector_type.is_empty() && c.collector_type != COLLECTOR_TYPE {
-            err(
-                "collector_type",
-                format!(
-                    "netmond is a {COLLECTOR_TYPE:?} collector, not {:?}",
-                    c.collector_type
-                ),
-            );
-        }
+        let mut r = ConfigReader::new(c, "netmond", COLLECTOR_TYPE);
         let mut s = Self::default();
-        match c.scan_interval_ms {
-            0 => {}
-            ms if !(50..=60_000).contains(&ms) => err(
-                "scan_interval_ms",
-                format!("{ms} is out of range: 50 to 60000 ms"),
-            ),
-            ms => s.scan_interval = Duration::from_millis(u64::from(ms)),
-        }
+        s.scan_interval = r.scan_interval(s.scan_interval);
         for (k, v) in &c.settings {
-            match (k.as_str(), v.parse::<u64>()) {
-                ("batch_interval_ms", Ok(ms)) => s.batch_interval = Duration::from_millis(ms),
-                ("heartbeat_interval_ms", Ok(ms)) if ms >= 100 => {
-                    s.heartbeat_interval = Duration::from_millis(ms);
+            match k.as_str() {
+                "batch_interval_ms" => {
+                    if let Some(d) = r.millis(k, v, 0) {
+                        s.batch_interval = d;
+                    }
                 }
-                ("batch_interval_ms", _) => err(
-                    "settings.batch_interval_ms",
-                    format!("{v:?} is not a number of milliseconds"),
-                ),
-                ("heartbeat_interval_ms", _) => err(
-                    "settings.heartbeat_interval_ms",
-                    format!("{v:?} must be at least 100 ms"),
-                ),
-                (other, _) => err(
-                    &format!("settings.{other}"),
-                    "unknown setting (known: batch_interval_ms, heartbeat_interval_ms)".into(),
-                ),
+                "heartbeat_interval_ms" => {
+                    if let Some(d) = r.millis(k, v, 100) {
+                        s.heartbeat_interval = d;
+                    }
+                }
+                other => r.unknown(other, "batch_interval_ms, heartbeat_interval_ms"),
             }
         }
-        if c.limits.is_some() {
-            err(
-                "limits",
-                "netmond cannot change its own resource limits: the supervisor applies them \
-                 when it starts netmond (collectors[].limits in the agent's configuration)"
-                    .into(),
-            );
-        }
-        if !c.enabled_topics.is_empty() && c.enabled_topics != topics() {
-            err(
-                "enabled_topics",
-                format!(
-                    "netmond publishes on {} and cannot turn one off (snapshots off with \
-                     batch_interval_ms = 0)",
-                    topics().join(", ")
-                ),
-            );
-        }
-        if errors.is_empty() {
-            Ok(s)
-        } else {
-            Err(errors)
-        }
+        r.fixed(&topics(), "snapshots off with batch_interval_ms = 0");
+        r.finish(s)
     }
 
     fn heartbeat_interval(&self) -> Duration {

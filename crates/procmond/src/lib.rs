@@ -27,7 +27,7 @@ use daemoneye_eventbus_client::{Client, Publish, Service};
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
 pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
-    Basics, Collector, CollectorSettings, Loss, Services, heartbeats, now_ns,
+    Basics, Collector, CollectorSettings, ConfigReader, Loss, Services, heartbeats, now_ns,
 };
 use daemoneye_eventbus_collector::{CollectionEvent, ProcessEvent};
 use daemoneye_eventbus_core::{Qos, catalog};
@@ -106,76 +106,37 @@ impl CollectorSettings for Settings {
 
     /// What procmond cannot change is refused, not acknowledged and ignored.
     fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
-        let mut errors = Vec::new();
-        let mut err = |field: &str, message: String| {
-            errors.push(pb::ConfigValidationError {
-                field: field.into(),
-                message,
-            });
-        };
-        if !c.collector_type.is_empty() && c.collector_type != COLLECTOR_TYPE {
-            err(
-                "collector_type",
-                format!(
-                    "procmond is a {COLLECTOR_TYPE:?} collector, not {:?}",
-                    c.collector_type
-                ),
-            );
-        }
+        let mut r = ConfigReader::new(c, "procmond", COLLECTOR_TYPE);
         let mut s = Self::default();
-        match c.scan_interval_ms {
-            0 => {}
-            ms if !(50..=60_000).contains(&ms) => err(
-                "scan_interval_ms",
-                format!("{ms} is out of range: 50 to 60000 ms"),
-            ),
-            ms => s.scan_interval = Duration::from_millis(u64::from(ms)),
-        }
+        s.scan_interval = r.scan_interval(s.scan_interval);
         for (k, v) in &c.settings {
             match k.as_str() {
-                "batch_interval_ms" => match v.parse::<u64>() {
-                    Ok(ms) => s.batch_interval = Duration::from_millis(ms),
-                    Err(_) => err("settings.batch_interval_ms", format!("{v:?} is not a number of milliseconds")),
-                },
-                "heartbeat_interval_ms" => match v.parse::<u64>() {
-                    Ok(ms) if ms >= 100 => s.heartbeat_interval = Duration::from_millis(ms),
-                    _ => err("settings.heartbeat_interval_ms", format!("{v:?} must be at least 100 ms")),
-                },
-                "hash_executables" => match v.parse::<bool>() {
-                    Ok(b) => s.hash_executables = b,
-                    Err(_) => err("settings.hash_executables", format!("{v:?} is not true or false")),
-                },
-                other => err(
-                    &format!("settings.{other}"),
-                    "unknown setting (known: batch_interval_ms, heartbeat_interval_ms, hash_executables)".into(),
+                "batch_interval_ms" => {
+                    if let Some(d) = r.millis(k, v, 0) {
+                        s.batch_interval = d;
+                    }
+                }
+                "heartbeat_interval_ms" => {
+                    if let Some(d) = r.millis(k, v, 100) {
+                        s.heartbeat_interval = d;
+                    }
+                }
+                "hash_executables" => {
+                    if let Some(b) = r.flag(k, v) {
+                        s.hash_executables = b;
+                    }
+                }
+                other => r.unknown(
+                    other,
+                    "batch_interval_ms, heartbeat_interval_ms, hash_executables",
                 ),
             }
         }
-        // What procmond cannot change itself is refused, not acknowledged and ignored.
-        if c.limits.is_some() {
-            err(
-                "limits",
-                "procmond cannot change its own resource limits: the supervisor applies them \
-                 when it starts procmond (collectors[].limits in the agent's configuration)"
-                    .into(),
-            );
-        }
-        let published = Self::default().to_config().enabled_topics;
-        if !c.enabled_topics.is_empty() && c.enabled_topics != published {
-            err(
-                "enabled_topics",
-                format!(
-                    "procmond publishes on {} and cannot turn one off (process events, \
-                     snapshots with batch_interval_ms = 0, digests with hash_executables)",
-                    published.join(", ")
-                ),
-            );
-        }
-        if errors.is_empty() {
-            Ok(s)
-        } else {
-            Err(errors)
-        }
+        r.fixed(
+            &Self::default().to_config().enabled_topics,
+            "process events, snapshots with batch_interval_ms = 0, digests with hash_executables",
+        );
+        r.finish(s)
     }
 
     fn heartbeat_interval(&self) -> Duration {
