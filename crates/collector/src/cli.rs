@@ -111,6 +111,52 @@ impl BrokerArg {
     }
 }
 
+/// What every collector program takes: the broker, its id, and how often it reads its
+/// source, publishes a snapshot and heartbeats.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CollectorArgs {
+    /// The broker (default: the agent's default socket); over tls:// with a certificate.
+    #[command(flatten)]
+    pub broker: BrokerArg,
+    /// Collector id (its RPC address is control.collector.{ID}; default: the program's
+    /// name). The agent's supervisor sets it.
+    #[arg(long, env = "DAEMONEYE_COLLECTOR_ID")]
+    pub id: Option<String>,
+    /// How often the source is read, milliseconds (50 to 60000).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub scan_interval_ms: u64,
+    /// How often a snapshot of everything seen is published, seconds (0: never).
+    #[arg(long, default_value_t = 30)]
+    pub batch_interval_secs: u64,
+    /// How often a heartbeat is published, seconds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub heartbeat_secs: u64,
+}
+
+impl CollectorArgs {
+    /// The id: `--id`, or `program`.
+    #[must_use]
+    pub fn id_or(&self, program: &str) -> String {
+        self.id.clone().unwrap_or_else(|| program.to_owned())
+    }
+
+    /// The scan, snapshot and heartbeat intervals.
+    #[must_use]
+    pub fn intervals(
+        &self,
+    ) -> (
+        std::time::Duration,
+        std::time::Duration,
+        std::time::Duration,
+    ) {
+        (
+            std::time::Duration::from_millis(self.scan_interval_ms),
+            std::time::Duration::from_secs(self.batch_interval_secs),
+            std::time::Duration::from_secs(self.heartbeat_secs),
+        )
+    }
+}
+
 /// Completes on SIGTERM or SIGINT (Ctrl-C elsewhere); never if the handlers cannot be
 /// installed.
 pub async fn terminated() {

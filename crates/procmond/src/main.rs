@@ -4,34 +4,21 @@
 use anyhow::{Context, Result};
 use clap::Parser;
 use daemoneye_eventbus_client::{Client, ClientOptions, SpoolFull};
-use daemoneye_eventbus_collector::cli::BrokerArg;
+use daemoneye_eventbus_collector::cli::CollectorArgs;
 use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_core::Qos;
 use daemoneye_procmond::Settings;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// Publishes process starts and exits, snapshots and heartbeats, and answers the collector
 /// services on control.collector.{ID}.
 #[derive(Parser, Debug)]
 #[command(name = "procmond", version)]
 struct Args {
-    /// The broker (default: the agent's default socket); over tls:// with a certificate.
+    /// The broker, the id and the intervals.
     #[command(flatten)]
-    broker: BrokerArg,
-    /// Collector id (its RPC address is control.collector.{ID}).
-    #[arg(long, env = "DAEMONEYE_COLLECTOR_ID", default_value = "procmond")]
-    id: String,
-    /// How often /proc is scanned, milliseconds (50 to 60000).
-    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
-    scan_interval_ms: u64,
-    /// How often a snapshot of every process is published, seconds (0: never).
-    #[arg(long, default_value_t = 30)]
-    batch_interval_secs: u64,
-    /// How often a heartbeat is published, seconds.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
-    heartbeat_secs: u64,
+    common: CollectorArgs,
     /// Publish the SHA-256 of each new process's executable on events.process.integrity.
     #[arg(long)]
     hash_executables: bool,
@@ -74,8 +61,9 @@ fn main() -> ExitCode {
 
 /// Runs procmond until SIGINT, SIGTERM or a shutdown request.
 async fn run(args: Args) -> Result<()> {
-    let (ep, tls) = args.broker.resolve()?;
-    let mut options = ClientOptions::named(args.id.clone());
+    let id = args.common.id_or("procmond");
+    let (ep, tls) = args.common.broker.resolve()?;
+    let mut options = ClientOptions::named(id.clone());
     options.tls = tls;
     let events = if let Some(dir) = &args.spool_dir {
         options.spool_dir = Some(dir.clone());
@@ -91,15 +79,16 @@ async fn run(args: Args) -> Result<()> {
     let client = Client::connect(&ep, options)
         .await
         .with_context(|| format!("connecting to {ep}"))?;
+    let (scan_interval, batch_interval, heartbeat_interval) = args.common.intervals();
     let settings = Settings {
-        scan_interval: Duration::from_millis(args.scan_interval_ms),
-        batch_interval: Duration::from_secs(args.batch_interval_secs),
-        heartbeat_interval: Duration::from_secs(args.heartbeat_secs),
+        scan_interval,
+        batch_interval,
+        heartbeat_interval,
         hash_executables: args.hash_executables,
         source: args.source,
     };
     let stop = daemoneye_eventbus_collector::cli::terminated();
-    tracing::info!(id = %args.id, endpoint = %ep, "procmond starting");
-    daemoneye_procmond::run(client, &args.id, settings, args.proc_root, events, stop).await?;
+    tracing::info!(id = %id, endpoint = %ep, "procmond starting");
+    daemoneye_procmond::run(client, &id, settings, args.proc_root, events, stop).await?;
     Ok(())
 }
