@@ -49,6 +49,35 @@ fn child_of(parent: u32, name: &str) -> Option<u32> {
 /// New TCP connections per second under load.
 const CONNECTIONS_PER_SEC: u64 = 200;
 
+/// Subscribes to `topic` on the agent at `socket` (default options) and hands each message
+/// with the time it arrived (CLOCK_MONOTONIC ns) to `each`, until `stop` is set.
+fn watch(
+    socket: &Path,
+    name: &str,
+    topic: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    mut each: impl FnMut(&daemoneye_eventbus::Message, u64),
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let client = Client::connect(
+            &Endpoint::Unix(socket.to_path_buf()),
+            ClientOptions::named(name),
+        )
+        .await?;
+        let mut sub = client.subscribe([topic]).await?;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+                each(&m, mono_ns());
+            }
+        }
+        client.close().await;
+        anyhow::Ok(())
+    })
+}
+
 /// Counts the `events.network.connections` openings towards `port` on the agent at
 /// `socket`, until `stop` is set.
 fn connection_counter(
@@ -59,31 +88,20 @@ fn connection_counter(
 ) -> Result<()> {
     use daemoneye_eventbus::schema::events as epb;
     use prost::Message as _;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let client = Client::connect(
-            &Endpoint::Unix(socket.to_path_buf()),
-            ClientOptions::named("bench-w7-net"),
-        )
-        .await?;
-        let mut sub = client.subscribe(["events.network.connections"]).await?;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await
-            else {
-                continue;
-            };
+    watch(
+        socket,
+        "bench-w7-net",
+        "events.network.connections",
+        &stop,
+        |m, _| {
             if let Ok(e) = epb::NetworkEvent::decode(m.payload().as_ref())
                 && e.change == epb::SocketChange::Opened as i32
                 && e.remote_port == u32::from(port)
             {
                 seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-        }
-        client.close().await;
-        anyhow::Ok(())
-    })
+        },
+    )
 }
 
 /// Both ends of the connections opened in the last second.
@@ -133,24 +151,14 @@ type Seen = Arc<Mutex<(HashMap<u32, u64>, Option<String>)>>;
 /// event showing `/bin/true` running arrived (its exec, or its start if procmond first saw it
 /// then); until `stop` is set.
 fn subscriber(socket: &Path, seen: Seen, stop: Arc<std::sync::atomic::AtomicBool>) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let client = Client::connect(
-            &Endpoint::Unix(socket.to_path_buf()),
-            ClientOptions::named("bench-w7"),
-        )
-        .await?;
-        let mut sub = client.subscribe(["events.process.lifecycle"]).await?;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await
-            else {
-                continue;
-            };
-            let at = mono_ns();
+    watch(
+        socket,
+        "bench-w7",
+        "events.process.lifecycle",
+        &stop,
+        |m, at| {
             let Ok(CollectionEvent::Process(p)) = CollectionEvent::decode(m.payload()) else {
-                continue;
+                return;
             };
             // Its new program, by executable or (an exiting process's link is gone) by name.
             let runs_true = p.name == "true"
@@ -166,10 +174,8 @@ fn subscriber(socket: &Path, seen: Seen, stop: Arc<std::sync::atomic::AtomicBool
                     s.1 = p.metadata.get("source").cloned();
                 }
             }
-        }
-        client.close().await;
-        anyhow::Ok(())
-    })
+        },
+    )
 }
 
 pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
