@@ -21,8 +21,10 @@ fn private_dir(tag: &str) -> PathBuf {
 #[tokio::test]
 async fn an_embedder_starts_reports_and_stops_the_agent() {
     let dir = private_dir("run");
-    let mut config = AgentConfig::default();
-    config.collectors = Some(Vec::new());
+    let config = AgentConfig {
+        collectors: Some(Vec::new()),
+        ..AgentConfig::default()
+    };
     let endpoint = Endpoint::Unix(dir.join("agent.sock"));
     let options = AgentOptions {
         bundled_dir: dir.clone(),
