@@ -8,9 +8,9 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut first = Vec::new();
-    let r1 = parse(data, Proto::Tcp, &mut first);
+    let r1 = parse(data, Proto::Tcp, 0, &mut first);
     let mut second = Vec::new();
-    let r2 = parse(data, Proto::Tcp, &mut second);
+    let r2 = parse(data, Proto::Tcp, 0, &mut second);
     assert_eq!(r1, r2);
     assert_eq!(first, second);
     // A socket takes a 16-byte header and a 72-byte message.

@@ -45,8 +45,9 @@ pub enum ConfigError {
     },
     /// A bundled collector is not where it should be.
     #[error(
-        "the bundled collector {name} is not at {}: build the workspace (`cargo build --release` \
-         builds eventbus, procmond and netmond side by side) or configure [[collectors]]",
+        "the bundled collector {name} is not at {}: install it there (from a checkout, \
+         `cargo build --release` builds eventbus, procmond and netmond side by side), point \
+         AgentOptions::bundled_dir at it when embedding the agent, or configure [[collectors]]",
         path.display()
     )]
     BundledMissing {

@@ -149,6 +149,7 @@ mod tests {
         CollectorStatus {
             id: id.into(),
             collector_type: id.into(),
+            heartbeats: true,
             state,
             pid: None,
             uptime: None,

@@ -324,9 +324,9 @@ impl Agent {
         &self.supervisor
     }
 
-    /// Waits until every running collector was heard (its first heartbeat), at most a
-    /// heartbeat timeout (`process_manager.health_check_interval_seconds`): a report before
-    /// would only say that they are starting.
+    /// Waits until every running collector was heard (its first heartbeat) and health-checked
+    /// once, at most a heartbeat timeout (`process_manager.health_check_interval_seconds`): a
+    /// report before would only say that they are starting.
     ///
     /// # Errors
     ///
@@ -335,10 +335,10 @@ impl Agent {
         let by = tokio::time::Instant::now() + self.heartbeat_timeout;
         loop {
             let statuses = self.supervisor.status().await?;
-            if statuses
-                .iter()
-                .all(|s| s.state != CollectorState::Running || s.last_heartbeat.is_some())
-                || tokio::time::Instant::now() >= by
+            let checks = self.checks.lock().clone();
+            if statuses.iter().all(|s| {
+                s.state != CollectorState::Running || (s.heard() && check_of(&checks, s).is_some())
+            }) || tokio::time::Instant::now() >= by
             {
                 return Ok(());
             }

@@ -6,7 +6,7 @@ use crate::health::{Health, collectors_health};
 use daemoneye_eventbus::core::ReplyStatus;
 use daemoneye_eventbus::rpc::{
     CollectorCall, CollectorHandler, CollectorOperation, CollectorRpcClient, HealthStatus,
-    RpcErrorKind, RpcRequest, rpc_request, rpc_response,
+    RpcRequest, rpc_request, rpc_response,
 };
 use daemoneye_eventbus::schema::rpc as pb;
 use daemoneye_eventbus::supervisor::{
@@ -21,6 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Check {
     pub(crate) pid: u32,
+    /// When it was made.
+    pub(crate) at: Instant,
     pub(crate) health: HealthStatus,
     pub(crate) message: String,
     pub(crate) collector_type: String,
@@ -54,16 +56,20 @@ async fn capabilities_of(rpc: &CollectorRpcClient, id: &str) -> (String, Vec<Str
     }
 }
 
-/// Health-checks every running collector over RPC every `every`, once it has been heard
-/// (its first heartbeat: before, it may not serve yet, and a check would only fail); asks
-/// each new run once what it is and can do.
+/// How often the health checker looks whether a collector is due: a run just heard is
+/// checked within this, not an interval later.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Health-checks every running collector over RPC once it has been heard (its first
+/// heartbeat: before, it may not serve yet, and a check would only fail), and then every
+/// `every`; asks each new run once what it is and can do.
 pub(crate) async fn health_checks(
     rpc: CollectorRpcClient,
     supervisor: Supervisor,
     every: Duration,
     checks: Checks,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(LOOK_EVERY.min(every));
     loop {
         tick.tick().await;
         let Ok(statuses) = supervisor.status().await else {
@@ -72,10 +78,15 @@ pub(crate) async fn health_checks(
         checks
             .lock()
             .retain(|id, _| statuses.iter().any(|s| &s.id == id));
-        for s in statuses.iter().filter(|s| {
-            s.state == CollectorState::Running && s.last_heartbeat.is_some() && s.pid.is_some()
-        }) {
+        for s in statuses.iter().filter(|s| s.heard() && s.pid.is_some()) {
             let pid = s.pid.unwrap_or(0);
+            let due = checks
+                .lock()
+                .get(&s.id)
+                .is_none_or(|c| c.pid != pid || c.at.elapsed() >= every);
+            if !due {
+                continue;
+            }
             let known = checks
                 .lock()
                 .get(&s.id)
@@ -112,6 +123,7 @@ pub(crate) async fn health_checks(
                 s.id.clone(),
                 Check {
                     pid,
+                    at: Instant::now(),
                     health,
                     message,
                     collector_type,
@@ -137,7 +149,7 @@ impl Lifecycle {
     /// What a running collector it has heard is and can do (its GET_CAPABILITIES), or
     /// nothing if it does not answer within a second.
     async fn describe(&self, status: &mut pb::CollectorStatus, s: &CollectorStatus) {
-        if s.state != CollectorState::Running || s.last_heartbeat.is_none() {
+        if !s.heard() {
             return;
         }
         let known = check_of(&self.checks.lock(), s).filter(|c| !c.collector_type.is_empty());
@@ -160,43 +172,61 @@ impl Lifecycle {
         status.capabilities = capabilities;
     }
 
-    /// Applies `config` to collector `id` just started: its configuration service is asked
-    /// until it serves (within [`CONFIG_WITHIN`]); `Err` says what it refused, or why it was
-    /// not asked.
+    /// Applies `config` to collector `id` just started: asked once it was heard (its first
+    /// heartbeat: then it serves), within [`CONFIG_WITHIN`]; `Err` says what it refused, or
+    /// why it was not asked.
     async fn apply_config(&self, id: &str, config: pb::CollectorConfig) -> Result<(), String> {
         let deadline = Instant::now() + CONFIG_WITHIN;
         loop {
-            let ask = RpcRequest::update_config(
-                String::new(),
-                format!("control.collector.{id}"),
-                config.clone(),
-                false,
-                Duration::from_secs(5),
-            );
-            match self.rpc.call(ask, Duration::from_secs(5)).await {
-                Ok(r) => {
-                    let Some(u) = r.update() else {
-                        return Err("the collector's answer is not a configuration update".into());
-                    };
-                    if u.success && u.applied {
-                        return Ok(());
-                    }
-                    let fields: Vec<String> = u
-                        .validation_errors
-                        .iter()
-                        .map(|e| format!("{}: {}", e.field, e.message))
-                        .collect();
+            let all = self
+                .supervisor
+                .status()
+                .await
+                .map_err(|e| format!("the configuration was not applied: {e}"))?;
+            match all.iter().find(|s| s.id == id) {
+                Some(s) if s.heard() => break,
+                Some(s) if s.state == CollectorState::Running && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Some(s) => {
                     return Err(format!(
-                        "the collector refused the configuration: {} {}",
-                        u.error_message,
-                        fields.join("; ")
+                        "the configuration was not applied: collector {id} is {} and was not \
+                         heard within {} s",
+                        s.state,
+                        CONFIG_WITHIN.as_secs()
                     ));
                 }
-                Err(e) if e.kind == RpcErrorKind::NoResponders && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(format!("the configuration was not applied: {e}")),
+                None => return Err(format!("no collector {id:?} is configured")),
             }
+        }
+        let policy = self.rpc.config().policies.configuration.timeout();
+        let ask = RpcRequest::update_config(
+            String::new(),
+            format!("control.collector.{id}"),
+            config,
+            false,
+            policy,
+        );
+        match self.rpc.call(ask, Duration::ZERO).await {
+            Ok(r) => {
+                let Some(u) = r.update() else {
+                    return Err("the collector's answer is not a configuration update".into());
+                };
+                if u.success && u.applied {
+                    return Ok(());
+                }
+                let fields: Vec<String> = u
+                    .validation_errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.field, e.message))
+                    .collect();
+                Err(format!(
+                    "the collector refused the configuration: {} {}",
+                    u.error_message,
+                    fields.join("; ")
+                ))
+            }
+            Err(e) => Err(format!("the configuration was not applied: {e}")),
         }
     }
 }
@@ -245,7 +275,11 @@ impl CollectorHandler for Lifecycle {
                     .map_err(|e| ReplyStatus::unavailable(e.to_string()))?;
                 let checks = self.checks.lock().clone();
                 let mut collectors = Vec::with_capacity(all.len());
-                for s in &all {
+                // A type named: the collectors of that type.
+                for s in all
+                    .iter()
+                    .filter(|s| l.collector_type.is_empty() || s.collector_type == l.collector_type)
+                {
                     let mut status = status_pb(s, check_of(&checks, s));
                     self.describe(&mut status, s).await;
                     collectors.push(status);

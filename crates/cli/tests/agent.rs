@@ -164,7 +164,9 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
         |l| l.starts_with("agent: health"),
     );
     assert!(
-        first.starts_with("agent: health Healthy") && first.contains("procmond running"),
+        first.starts_with("agent: health Healthy")
+            && first.contains("procmond running HEALTHY")
+            && first.contains("netmond running HEALTHY"),
         "{first}"
     );
     let sub = status_sub(&agent.socket);

@@ -102,12 +102,13 @@ pub enum SourceChoice {
 pub trait CollectorSettings: Clone + Send + Sync + 'static {
     /// As sent over RPC.
     fn to_config(&self) -> CollectorConfig;
-    /// Read from RPC: applied whole, or every field that cannot be applied, with why.
+    /// These settings with what `config` (from RPC) names changed, the rest kept: applied
+    /// whole, or every field that cannot be applied, with why.
     ///
     /// # Errors
     ///
     /// Each field that cannot be applied.
-    fn from_config(config: &CollectorConfig) -> Result<Self, Vec<ConfigValidationError>>;
+    fn updated(&self, config: &CollectorConfig) -> Result<Self, Vec<ConfigValidationError>>;
     /// How often the collector heartbeats with these settings.
     fn heartbeat_interval(&self) -> Duration;
 }
@@ -325,7 +326,7 @@ pub trait Collector: Send + Sync + 'static {
     fn basics(&self) -> &Basics<Self::Settings>;
     /// Its program's name, for messages (`procmond`).
     fn program(&self) -> &'static str;
-    /// Its type, announced in capabilities and configuration (`process`, `network`).
+    /// Its type, announced in capabilities and configuration (`procmond`, `netmond`).
     fn collector_type(&self) -> &'static str;
     /// What it can do (`process-lifecycle`, `network-connections`, …).
     fn capabilities(&self) -> Vec<String>;
@@ -359,7 +360,9 @@ pub trait Collector: Send + Sync + 'static {
     }
     /// The problems of `config`, each with its field; none if it can be applied whole.
     fn validate(&self, config: &CollectorConfig) -> Vec<ConfigValidationError> {
-        Self::Settings::from_config(config)
+        self.basics()
+            .settings()
+            .updated(config)
             .err()
             .unwrap_or_default()
     }
@@ -370,13 +373,12 @@ pub trait Collector: Send + Sync + 'static {
     ///
     /// Each field that cannot be applied, with why.
     fn apply(&self, config: &CollectorConfig) -> Result<u64, Vec<ConfigValidationError>> {
-        let s = Self::Settings::from_config(config)?;
         let mut g = self
             .basics()
             .settings
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        g.0 = s;
+        g.0 = g.0.updated(config)?;
         g.1 += 1;
         Ok(g.1)
     }
@@ -600,7 +602,7 @@ mod tests {
             }
         }
 
-        fn from_config(c: &CollectorConfig) -> Result<Self, Vec<ConfigValidationError>> {
+        fn updated(&self, c: &CollectorConfig) -> Result<Self, Vec<ConfigValidationError>> {
             let refuse = |field: &str| ConfigValidationError {
                 field: field.into(),
                 message: "no".into(),
@@ -614,13 +616,13 @@ mod tests {
             if c.limits.is_some() {
                 errors.push(refuse("limits"));
             }
-            let ms = c
+            let every = c
                 .settings
                 .get("heartbeat_interval_ms")
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(1000);
+                .map_or(self.0, Duration::from_millis);
             if errors.is_empty() {
-                Ok(Self(Duration::from_millis(ms)))
+                Ok(Self(every))
             } else {
                 Err(errors)
             }
@@ -722,6 +724,10 @@ mod tests {
             (s.0.config().1, s.0.heartbeat_interval()),
             (2, Duration::from_millis(250))
         );
+        // An update that names nothing changes nothing (but the version).
+        let u = update(&s, CollectorConfig::default(), false);
+        assert!(u.success && u.version == 3, "{u:?}");
+        assert_eq!(s.0.heartbeat_interval(), Duration::from_millis(250));
     }
 
     #[test]

@@ -86,12 +86,19 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Reads one datagram of a dump: its sockets appended to `out`; `true` once the dump is done.
+/// Reads one datagram of the dump asked for with sequence number `seq`: its sockets appended
+/// to `out`; `true` once that dump is done. Messages of another request (left over from one
+/// that failed part way) are skipped, so a dump never takes another's sockets or end.
 ///
 /// # Errors
 ///
 /// [`DiagError`]; the sockets read before it are kept in `out`.
-pub fn parse(datagram: &[u8], proto: Proto, out: &mut Vec<Socket>) -> Result<bool, DiagError> {
+pub fn parse(
+    datagram: &[u8],
+    proto: Proto,
+    seq: u32,
+    out: &mut Vec<Socket>,
+) -> Result<bool, DiagError> {
     let mut at = 0;
     while datagram.len().saturating_sub(at) >= NLMSG_HDRLEN {
         let msg = &datagram[at..];
@@ -103,6 +110,10 @@ pub fn parse(datagram: &[u8], proto: Proto, out: &mut Vec<Socket>) -> Result<boo
             });
         }
         let body = &msg[NLMSG_HDRLEN..len];
+        if u32_at(msg, 8) != Some(seq) {
+            at += (len + 3) & !3;
+            continue;
+        }
         match u16_at(msg, 4) {
             Some(NLMSG_DONE) => return Ok(true),
             Some(NLMSG_ERROR) => {
@@ -228,7 +239,7 @@ mod linux {
                         nix::sys::socket::MsgFlags::empty(),
                     )
                     .map_err(std::io::Error::from)?;
-                    if n == 0 || parse(&self.buf[..n], proto, &mut out)? {
+                    if n == 0 || parse(&self.buf[..n], proto, self.seq, &mut out)? {
                         break;
                     }
                 }
@@ -242,7 +253,7 @@ mod linux {
 mod tests {
     use super::*;
 
-    /// A dump message as the kernel writes it.
+    /// A dump message as the kernel writes it (sequence number 1).
     fn message(family: u8, state: u8, src: &[u8], sport: u16, inode: u32) -> Vec<u8> {
         let mut b = vec![0u8; MSG_LEN];
         b[0] = family;
@@ -254,7 +265,9 @@ mod tests {
         let mut m = Vec::new();
         m.extend_from_slice(&u32::try_from(NLMSG_HDRLEN + MSG_LEN).unwrap().to_ne_bytes());
         m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[0; 2]);
+        m.extend_from_slice(&1u32.to_ne_bytes());
+        m.extend_from_slice(&[0; 4]);
         m.extend_from_slice(&b);
         m
     }
@@ -266,9 +279,21 @@ mod tests {
         let mut done = vec![0u8; 20];
         done[0..4].copy_from_slice(&20u32.to_ne_bytes());
         done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        done[8..12].copy_from_slice(&1u32.to_ne_bytes());
+        // What is left of another request is not this dump's.
+        let mut other = d.clone();
+        for at in [8, NLMSG_HDRLEN + MSG_LEN + 8] {
+            other[at..at + 4].copy_from_slice(&7u32.to_ne_bytes());
+        }
+        let mut stale = other.clone();
+        stale.extend_from_slice(&done);
+        stale[other.len() + 8..other.len() + 12].copy_from_slice(&7u32.to_ne_bytes());
+        let mut skipped = Vec::new();
+        assert_eq!(parse(&stale, Proto::Tcp, 1, &mut skipped), Ok(false));
+        assert!(skipped.is_empty());
         let mut out = Vec::new();
-        assert_eq!(parse(&d, Proto::Tcp, &mut out), Ok(false));
-        assert_eq!(parse(&done, Proto::Tcp, &mut out), Ok(true));
+        assert_eq!(parse(&d, Proto::Tcp, 1, &mut out), Ok(false));
+        assert_eq!(parse(&done, Proto::Tcp, 1, &mut out), Ok(true));
         assert_eq!(out[0].local, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(
             (out[0].state_name(), out[0].inode, out[0].uid),
@@ -285,17 +310,20 @@ mod tests {
         d.truncate(whole + 30);
         let mut out = Vec::new();
         assert!(matches!(
-            parse(&d, Proto::Tcp, &mut out),
+            parse(&d, Proto::Tcp, 1, &mut out),
             Err(DiagError::Truncated { .. })
         ));
         assert_eq!(out.len(), 1);
         let mut bad = message(7, 10, &[0; 4], 1, 1);
-        assert_eq!(parse(&bad, Proto::Tcp, &mut out), Err(DiagError::Family(7)));
+        assert_eq!(
+            parse(&bad, Proto::Tcp, 1, &mut out),
+            Err(DiagError::Family(7))
+        );
         bad.truncate(NLMSG_HDRLEN + 10);
         let len = u32::try_from(bad.len()).unwrap();
         bad[0..4].copy_from_slice(&len.to_ne_bytes());
         assert!(matches!(
-            parse(&bad, Proto::Tcp, &mut out),
+            parse(&bad, Proto::Tcp, 1, &mut out),
             Err(DiagError::Truncated { need: MSG_LEN, .. })
         ));
     }
@@ -307,7 +335,7 @@ mod tests {
         m[0..4].copy_from_slice(&17u32.to_ne_bytes());
         m[4..6].copy_from_slice(&99u16.to_ne_bytes());
         let mut out = Vec::new();
-        assert_eq!(parse(&m, Proto::Udp, &mut out), Ok(false));
+        assert_eq!(parse(&m, Proto::Udp, 0, &mut out), Ok(false));
     }
 
     #[test]
@@ -339,7 +367,7 @@ mod tests {
             bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)
         ) {
             let mut out = Vec::new();
-            let _ = parse(&bytes, Proto::Tcp, &mut out);
+            let _ = parse(&bytes, Proto::Tcp, 0, &mut out);
         }
     }
 }

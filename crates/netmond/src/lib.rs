@@ -122,9 +122,9 @@ impl CollectorSettings for Settings {
     }
 
     /// What netmond cannot change is refused, not acknowledged and ignored.
-    fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
+    fn updated(&self, c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
         let mut r = ConfigReader::new(c, "netmond", COLLECTOR_TYPE);
-        let mut s = Self::default();
+        let mut s = self.clone();
         s.scan_interval = r.scan_interval(s.scan_interval);
         for (k, v) in &c.settings {
             match k.as_str() {
@@ -670,14 +670,15 @@ mod tests {
         let mut c = Settings::default().to_config();
         c.scan_interval_ms = 200;
         assert_eq!(
-            Settings::from_config(&c).unwrap().scan_interval,
+            Settings::default().updated(&c).unwrap().scan_interval,
             Duration::from_millis(200)
         );
         c.scan_interval_ms = 10;
         c.settings.insert("colour".into(), "blue".into());
         c.limits = Some(pb::ResourceLimits::default());
         c.enabled_topics = vec!["events.network.connections".into()];
-        let fields: Vec<String> = Settings::from_config(&c)
+        let fields: Vec<String> = Settings::default()
+            .updated(&c)
             .unwrap_err()
             .into_iter()
             .map(|e| e.field)

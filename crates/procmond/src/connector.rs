@@ -393,8 +393,9 @@ mod linux {
             }
         }
         Err(std::io::Error::other(
-            "the kernel did not answer the subscription to process events (procmond runs \
-             outside the initial user or pid namespace?)",
+            "the kernel did not answer the subscription to process events: it answers only a \
+             listener with CAP_NET_ADMIN in the initial user, pid and network namespaces \
+             (procmond in a container?)",
         ))
     }
 
@@ -473,8 +474,11 @@ mod linux {
                         child_pid,
                         child_tgid,
                     } if child_pid == child_tgid => {
-                        if let Some(uid) = self.uids.get(parent_tgid) {
-                            self.uids.set(child_pid, uid);
+                        // A new process: what was kept under its pid (a process that
+                        // ended unseen, its pid reused) no longer speaks for it.
+                        match self.uids.get(parent_tgid) {
+                            Some(uid) => self.uids.set(child_pid, uid),
+                            None => self.uids.forget(child_pid),
                         }
                         self.forks
                             .insert(child_pid, (self.events.len(), parent_tgid));
@@ -793,6 +797,20 @@ mod linux {
             let mut b = Batch::new(&root, &mut uids);
             b.add_events(vec![fork(103), exec(103)]);
             assert_eq!(uid_of(&b.finish(), 103), Some(1000));
+            // A pid kept for a process that ended unseen, reused by a child of an unknown
+            // parent: its status is read, not the stale uid taken.
+            uids.clear();
+            uids.set(101, 0);
+            let mut b = Batch::new(&root, &mut uids);
+            b.add_events(vec![
+                KernelEvent::Fork {
+                    parent_tgid: 8,
+                    child_pid: 101,
+                    child_tgid: 101,
+                },
+                exec(101),
+            ]);
+            assert_eq!(uid_of(&b.finish(), 101), Some(1000));
             std::fs::remove_dir_all(&root).unwrap();
         }
     }

@@ -105,9 +105,9 @@ impl CollectorSettings for Settings {
     }
 
     /// What procmond cannot change is refused, not acknowledged and ignored.
-    fn from_config(c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
+    fn updated(&self, c: &CollectorConfig) -> Result<Self, Vec<pb::ConfigValidationError>> {
         let mut r = ConfigReader::new(c, "procmond", COLLECTOR_TYPE);
-        let mut s = Self::default();
+        let mut s = self.clone();
         s.scan_interval = r.scan_interval(s.scan_interval);
         for (k, v) in &c.settings {
             match k.as_str() {
@@ -1089,14 +1089,14 @@ mod tests {
         let mut c = Settings::default().to_config();
         c.scan_interval_ms = 250;
         c.settings.insert("hash_executables".into(), "true".into());
-        let s = Settings::from_config(&c).unwrap();
+        let s = Settings::default().updated(&c).unwrap();
         assert_eq!(s.scan_interval, Duration::from_millis(250));
         assert!(s.hash_executables);
         // Its own topics, as it reports them, are accepted; others and limits are not.
         c.enabled_topics = vec!["events.process.lifecycle".into()];
         c.limits = Some(pb::ResourceLimits::default());
         c.settings.insert("colour".into(), "blue".into());
-        let errors = Settings::from_config(&c).unwrap_err();
+        let errors = Settings::default().updated(&c).unwrap_err();
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields.len(), 3, "{errors:?}");
         for f in ["limits", "enabled_topics", "settings.colour"] {

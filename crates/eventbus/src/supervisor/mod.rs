@@ -150,6 +150,8 @@ pub struct CollectorStatus {
     pub id: String,
     /// Its type ([`CollectorSpec::kind`]).
     pub collector_type: String,
+    /// Whether it sends heartbeats ([`CollectorSpec::heartbeats`]).
+    pub heartbeats: bool,
     /// Its state.
     pub state: CollectorState,
     /// Process id while it runs.
@@ -162,6 +164,15 @@ pub struct CollectorStatus {
     pub last_exit: Option<String>,
     /// When its last heartbeat arrived.
     pub last_heartbeat: Option<SystemTime>,
+}
+
+impl CollectorStatus {
+    /// Running and heard from: its first heartbeat of this run came, or it sends none. Before,
+    /// it may not serve its services yet.
+    #[must_use]
+    pub fn heard(&self) -> bool {
+        self.state == CollectorState::Running && (self.last_heartbeat.is_some() || !self.heartbeats)
+    }
 }
 
 /// Why a supervisor command failed.
@@ -548,6 +559,7 @@ impl Slot {
         CollectorStatus {
             id: self.spec.id.clone(),
             collector_type: self.spec.kind().to_owned(),
+            heartbeats: self.spec.heartbeats,
             state: self.state,
             pid: self.running.as_ref().map(|r| r.pid),
             uptime: self.running.as_ref().map(|r| r.started.elapsed()),
