@@ -249,6 +249,55 @@ pub fn listen_message(port: u32, listen: bool, nonce: u32) -> Vec<u8> {
     b
 }
 
+/// One instruction of a classic BPF program (`struct sock_filter`): opcode, jump if true,
+/// jump if false, constant.
+pub type BpfInsn = (u16, u8, u8, u32);
+
+/// Offsets in a datagram: the event's kind, then its first four fields.
+const AT_WHAT: u32 = (NLMSG_HDRLEN + CN_MSG_LEN) as u32;
+const AT_FIELD: u32 = AT_WHAT + EVENT_HEADER as u32;
+
+/// The socket filter that keeps, in the kernel, only what procmond reads: answers to
+/// subscriptions, and the forks, execs, uid changes, names and exits of processes (not of
+/// threads: a fork's new task is its process, an event's task is its process's leader). On a
+/// host whose programs start and end threads all the time, most events never reach procmond.
+/// A word is loaded in network order: the kinds are compared in the host's order turned so.
+#[must_use]
+pub fn thread_filter() -> Vec<BpfInsn> {
+    const LD_W_ABS: u16 = 0x20;
+    const ST: u16 = 0x02;
+    const LDX_W_MEM: u16 = 0x61;
+    const JEQ_K: u16 = 0x15;
+    const JEQ_X: u16 = 0x1d;
+    const RET_K: u16 = 0x06;
+    let kind = |v: u32| u32::from_be_bytes(v.to_ne_bytes());
+    // A task and its process (for a fork, the new ones) are at fields `task` and `task + 1`.
+    let same = |task: u32| {
+        [
+            (LD_W_ABS, 0, 0, AT_FIELD + 4 * task),
+            (ST, 0, 0, 0),
+            (LD_W_ABS, 0, 0, AT_FIELD + 4 * task + 4),
+            (LDX_W_MEM, 0, 0, 0),
+        ]
+    };
+    let mut p = vec![
+        (LD_W_ABS, 0, 0, AT_WHAT),
+        (JEQ_K, 15, 0, kind(PROC_EVENT_NONE)), // → keep
+        (JEQ_K, 4, 0, kind(PROC_EVENT_FORK)),  // → the fork's check
+        (JEQ_K, 8, 0, kind(PROC_EVENT_EXEC)),  // → the task's check
+        (JEQ_K, 7, 0, kind(PROC_EVENT_UID)),
+        (JEQ_K, 6, 0, kind(PROC_EVENT_COMM)),
+        (JEQ_K, 5, 11, kind(PROC_EVENT_EXIT)), // else → drop
+    ];
+    p.extend(same(2)); // fork: child_pid == child_tgid
+    p.push((JEQ_X, 5, 6, 0));
+    p.extend(same(0)); // others: pid == tgid
+    p.push((JEQ_X, 0, 1, 0));
+    p.push((RET_K, 0, 0, 0x0004_0000)); // keep (whole)
+    p.push((RET_K, 0, 0, 0)); // drop
+    p
+}
+
 #[cfg(target_os = "linux")]
 pub use linux::Listener;
 
@@ -323,6 +372,15 @@ mod linux {
             let _ = socket.set_recv_buffer_size(4 * 1024 * 1024);
             // The thread looks up every so often whether procmond still wants events.
             socket.set_read_timeout(Some(Duration::from_millis(250)))?;
+            // Threads' events are dropped in the kernel; without the filter they are read and
+            // dropped here.
+            let filter: Vec<socket2::SockFilter> = super::thread_filter()
+                .into_iter()
+                .map(|(code, jt, jf, k)| socket2::SockFilter::new(code, jt, jf, k))
+                .collect();
+            if let Err(e) = socket.attach_filter(&filter) {
+                tracing::warn!(error = %e, "threads' events are filtered by procmond, not the kernel");
+            }
             let fd = OwnedFd::from(socket);
             let addr = nix::sys::socket::NetlinkAddr::new(0, CN_IDX_PROC);
             nix::sys::socket::bind(fd.as_raw_fd(), &addr).map_err(std::io::Error::from)?;
@@ -837,6 +895,63 @@ mod tests {
         let len = u32::try_from(b.len()).unwrap();
         b[..4].copy_from_slice(&len.to_ne_bytes());
         b
+    }
+
+    /// Runs a classic BPF program over `packet` (the instructions [`thread_filter`] uses):
+    /// the bytes kept.
+    fn run_filter(prog: &[BpfInsn], packet: &[u8]) -> u32 {
+        let (mut a, mut x, mut m) = (0u32, 0u32, [0u32; 16]);
+        let mut pc = 0;
+        loop {
+            let (code, jt, jf, k) = prog[pc];
+            pc += 1;
+            match code {
+                0x20 => match packet.get(k as usize..k as usize + 4) {
+                    Some(w) => a = u32::from_be_bytes(w.try_into().unwrap()),
+                    None => return 0,
+                },
+                0x02 => m[k as usize] = a,
+                0x61 => x = m[k as usize],
+                0x15 | 0x1d => {
+                    let other = if code == 0x15 { k } else { x };
+                    pc += usize::from(if a == other { jt } else { jf });
+                }
+                0x06 => return k,
+                other => panic!("opcode {other:#x} not expected"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_filter_keeps_processes_and_answers_and_drops_threads() {
+        let prog = thread_filter();
+        let kept = |d: Vec<u8>| run_filter(&prog, &d) > 0;
+        assert!(kept(datagram(PROC_EVENT_FORK, &[10, 10, 11, 11])));
+        assert!(
+            !kept(datagram(PROC_EVENT_FORK, &[10, 10, 12, 11])),
+            "a new thread"
+        );
+        for what in [
+            PROC_EVENT_EXEC,
+            PROC_EVENT_UID,
+            PROC_EVENT_COMM,
+            PROC_EVENT_EXIT,
+        ] {
+            assert!(kept(datagram(what, &[11, 11, 0, 0, 0, 0])), "{what:#x}");
+            assert!(
+                !kept(datagram(what, &[12, 11, 0, 0, 0, 0])),
+                "a thread's {what:#x}"
+            );
+        }
+        assert!(
+            kept(datagram(PROC_EVENT_NONE, &[0])),
+            "answers to subscriptions"
+        );
+        assert!(
+            !kept(datagram(0x80, &[11, 11])),
+            "kinds procmond does not read"
+        );
+        assert!(!kept(vec![0; 20]), "a datagram too short to say");
     }
 
     #[test]
