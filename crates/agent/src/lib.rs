@@ -33,7 +33,7 @@ use daemoneye_eventbus::client::{
     Client, ClientOptions, ConnectError, SubscribeError, Subscription,
 };
 use daemoneye_eventbus::core::{QueueGroup, catalog};
-use daemoneye_eventbus::rpc::{CollectorRpcClient, HealthStatus, serve_services_at};
+use daemoneye_eventbus::rpc::{CollectorRpcClient, serve_services_at};
 use daemoneye_eventbus::supervisor::{
     CollectorRegistry, CollectorState, CollectorStatus, Supervisor, SupervisorError,
 };
@@ -369,28 +369,7 @@ impl Agent {
         self.before = Before::of(&stats);
         self.rpc_failures_before = failures;
         let checks = self.checks.lock().clone();
-        let mut collectors_health = collectors_health(&statuses);
-        let failed: Vec<String> = statuses
-            .iter()
-            .filter_map(|s| {
-                check_of(&checks, s)
-                    .filter(|c| c.health != HealthStatus::Healthy)
-                    .map(|c| {
-                        format!(
-                            "{} health check: {}: {}",
-                            s.id,
-                            c.health.as_str_name(),
-                            c.message
-                        )
-                    })
-            })
-            .collect();
-        if !failed.is_empty() && collectors_health.health == Health::Healthy {
-            collectors_health = Part {
-                health: Health::Degraded,
-                reason: failed.join("; "),
-            };
-        }
+        let collectors_health = lifecycle::collectors_part(&statuses, &checks);
         let health = broker.health.max(rpc.health).max(collectors_health.health);
         let now = SystemTime::now();
         let collectors = statuses
@@ -441,33 +420,7 @@ impl Agent {
 /// A collector as the report shows it: its health from its last check of this run, or from
 /// its state when it is not running or not checked yet.
 fn view(s: &CollectorStatus, check: Option<lifecycle::Check>, now: SystemTime) -> CollectorView {
-    let (health, health_reason, capabilities) = match (s.state, check) {
-        (CollectorState::Running, Some(c)) => {
-            (c.health.as_str_name().to_owned(), c.message, c.capabilities)
-        }
-        (CollectorState::Running, None) => (
-            HealthStatus::Unknown.as_str_name().to_owned(),
-            if s.last_heartbeat.is_some() {
-                "not checked yet".to_owned()
-            } else {
-                "no heartbeat yet".to_owned()
-            },
-            Vec::new(),
-        ),
-        (state, _) => {
-            let health = match state {
-                CollectorState::Paused | CollectorState::BackingOff | CollectorState::Stopping => {
-                    HealthStatus::Degraded
-                }
-                _ => HealthStatus::Unhealthy,
-            };
-            let reason = match &s.last_exit {
-                Some(e) => format!("{state}: {e}"),
-                None => state.to_string(),
-            };
-            (health.as_str_name().to_owned(), reason, Vec::new())
-        }
-    };
+    let (health, health_reason, capabilities) = lifecycle::measured(s, check);
     CollectorView {
         id: s.id.clone(),
         collector_type: s.collector_type.clone(),
@@ -481,7 +434,7 @@ fn view(s: &CollectorStatus, check: Option<lifecycle::Check>, now: SystemTime) -
             .last_heartbeat
             .and_then(|t| now.duration_since(t).ok())
             .map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
-        health,
+        health: health.as_str_name().to_owned(),
         health_reason,
     }
 }

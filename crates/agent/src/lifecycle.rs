@@ -40,6 +40,72 @@ pub(crate) fn check_of(checks: &BTreeMap<String, Check>, s: &CollectorStatus) ->
         .cloned()
 }
 
+/// A collector's health as the agent measured it, why, and what it can do: its health check's
+/// answer while it runs and was checked; else what its state says (Unhealthy when failed,
+/// stopped or silent, Degraded when paused, restarting or stopping, Unknown before its first
+/// check).
+pub(crate) fn measured(
+    s: &CollectorStatus,
+    check: Option<Check>,
+) -> (HealthStatus, String, Vec<String>) {
+    match (s.state, check) {
+        (CollectorState::Running, Some(c)) => (c.health, c.message, c.capabilities),
+        (CollectorState::Running, None) => (
+            HealthStatus::Unknown,
+            if s.heard() {
+                "not checked yet".to_owned()
+            } else {
+                "no heartbeat yet".to_owned()
+            },
+            Vec::new(),
+        ),
+        (state, _) => {
+            let health = match state {
+                CollectorState::Paused | CollectorState::BackingOff | CollectorState::Stopping => {
+                    HealthStatus::Degraded
+                }
+                _ => HealthStatus::Unhealthy,
+            };
+            let reason = match &s.last_exit {
+                Some(e) => format!("{state}: {e}"),
+                None => state.to_string(),
+            };
+            (health, reason, Vec::new())
+        }
+    }
+}
+
+/// The collectors' part of the agent's health: from their states ([`collectors_health`]),
+/// Degraded too when a running collector's last health check failed (naming it).
+pub(crate) fn collectors_part(
+    statuses: &[CollectorStatus],
+    checks: &BTreeMap<String, Check>,
+) -> crate::Part {
+    let part = collectors_health(statuses);
+    let failed: Vec<String> = statuses
+        .iter()
+        .filter_map(|s| {
+            check_of(checks, s)
+                .filter(|c| c.health != HealthStatus::Healthy)
+                .map(|c| {
+                    format!(
+                        "{} health check: {}: {}",
+                        s.id,
+                        c.health.as_str_name(),
+                        c.message
+                    )
+                })
+        })
+        .collect();
+    if !failed.is_empty() && part.health == Health::Healthy {
+        return crate::Part {
+            health: Health::Degraded,
+            reason: failed.join("; "),
+        };
+    }
+    part
+}
+
 /// What collector `id` says it is and can do (GET_CAPABILITIES), timed by the health-check
 /// policy; empty if it does not say.
 async fn capabilities_of(rpc: &CollectorRpcClient, id: &str) -> (String, Vec<String>) {
@@ -359,11 +425,13 @@ impl CollectorHandler for Lifecycle {
                 }))
             }
             (O::HealthCheck, _) => {
+                // The same verdicts as the status reports (control.agent.status).
                 let statuses = sup
                     .status()
                     .await
                     .map_err(|e| ReplyStatus::unavailable(e.to_string()))?;
-                let c = collectors_health(&statuses);
+                let checks = self.checks.lock().clone();
+                let c = collectors_part(&statuses, &checks);
                 let status = match c.health {
                     Health::Healthy => HealthStatus::Healthy,
                     Health::Degraded => HealthStatus::Degraded,
@@ -372,16 +440,12 @@ impl CollectorHandler for Lifecycle {
                 let components = statuses
                     .iter()
                     .map(|s| {
-                        let h = if s.state == CollectorState::Running {
-                            HealthStatus::Healthy
-                        } else {
-                            HealthStatus::Degraded
-                        };
+                        let (h, message, _) = measured(s, check_of(&checks, s));
                         (
                             s.id.clone(),
                             pb::ComponentHealth {
                                 status: h as i32,
-                                message: s.state.to_string(),
+                                message,
                             },
                         )
                     })

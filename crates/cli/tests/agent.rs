@@ -11,7 +11,8 @@ use common::{Proc, TempDir, eventbus, wait_line};
 use daemoneye_eventbus::Endpoint;
 use daemoneye_eventbus::client::{Client, ClientOptions};
 use daemoneye_eventbus::rpc::{
-    CollectorLifecycleRequest, CollectorOperation, CollectorRpcClient, RpcConfig, RpcRequest,
+    CollectorLifecycleRequest, CollectorOperation, CollectorRpcClient, HealthStatus, RpcConfig,
+    RpcRequest,
 };
 use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
@@ -669,6 +670,29 @@ fn the_agent_runs_two_instances_of_one_collector_type() {
             .unwrap();
         let s = stopped.lifecycle().unwrap().status.clone().unwrap();
         assert_eq!((s.collector_id.as_str(), s.pid), ("procmond-b", 0));
+        // The agent's own health check says what its status reports say, collector by
+        // collector.
+        let health = rpc
+            .call(
+                RpcRequest::health_check(
+                    String::new(),
+                    "control.agent.lifecycle".into(),
+                    Duration::from_secs(10),
+                ),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        let h = health.health_check().unwrap();
+        assert_eq!(h.status, HealthStatus::Degraded as i32, "{h:?}");
+        assert_eq!(
+            h.components["procmond-a"].status,
+            HealthStatus::Healthy as i32,
+            "{h:?}"
+        );
+        let b = &h.components["procmond-b"];
+        assert_eq!(b.status, HealthStatus::Unhealthy as i32, "{h:?}");
+        assert!(b.message.starts_with("stopped"), "{h:?}");
         client.close().await;
     });
     agent.signal(Signal::SIGTERM);
