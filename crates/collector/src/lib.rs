@@ -7,6 +7,7 @@
 //! on it; the agent uses its caller side.
 
 mod event;
+pub mod netlink;
 pub mod rpc;
 pub mod services;
 

@@ -6,9 +6,9 @@
 use crate::procnet::{Proto, Socket};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const NLMSG_HDRLEN: usize = 16;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
+use daemoneye_eventbus_collector::netlink::{
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, messages, u32_at,
+};
 /// `SOCK_DIAG_BY_FAMILY`.
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 0x1;
@@ -78,14 +78,6 @@ pub enum DiagError {
     Family(u8),
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 /// Reads one datagram of the dump asked for with sequence number `seq`: its sockets appended
 /// to `out`; `true` once that dump is done. Messages of another request (left over from one
 /// that failed part way) are skipped, so a dump never takes another's sockets or end.
@@ -99,31 +91,20 @@ pub fn parse(
     seq: u32,
     out: &mut Vec<Socket>,
 ) -> Result<bool, DiagError> {
-    let mut at = 0;
-    while datagram.len().saturating_sub(at) >= NLMSG_HDRLEN {
-        let msg = &datagram[at..];
-        let len = u32_at(msg, 0).map_or(0, |l| l as usize);
-        if len < NLMSG_HDRLEN || len > msg.len() {
-            return Err(DiagError::Truncated {
-                have: msg.len(),
-                need: len.max(NLMSG_HDRLEN),
-            });
-        }
-        let body = &msg[NLMSG_HDRLEN..len];
-        if u32_at(msg, 8) != Some(seq) {
-            at += (len + 3) & !3;
+    for msg in messages(datagram) {
+        let msg = msg.map_err(|t| DiagError::Truncated {
+            have: t.have,
+            need: t.need,
+        })?;
+        if msg.seq != seq {
             continue;
         }
-        match u16_at(msg, 4) {
-            Some(NLMSG_DONE) => return Ok(true),
-            Some(NLMSG_ERROR) => {
-                let errno = u32_at(body, 0).map_or(0, |e| e as i32);
-                return Err(DiagError::Refused(errno.saturating_neg()));
-            }
-            Some(SOCK_DIAG_BY_FAMILY) => out.push(socket(body, proto)?),
+        match msg.kind {
+            NLMSG_DONE => return Ok(true),
+            NLMSG_ERROR if msg.errno() != 0 => return Err(DiagError::Refused(msg.errno())),
+            SOCK_DIAG_BY_FAMILY => out.push(socket(msg.body, proto)?),
             _ => {}
         }
-        at += (len + 3) & !3;
     }
     Ok(false)
 }

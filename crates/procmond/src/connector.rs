@@ -9,10 +9,9 @@
 /// The connector's index and value for process events (`CN_IDX_PROC`, `CN_VAL_PROC`).
 pub const CN_IDX_PROC: u32 = 1;
 const CN_VAL_PROC: u32 = 1;
-/// `NLMSG_DONE`: the type the connector's messages carry.
-const NLMSG_DONE: u16 = 3;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
+use daemoneye_eventbus_collector::netlink::{
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, messages, u16_at, u32_at,
+};
 const CN_MSG_LEN: usize = 20;
 /// `what`, `cpu`, `timestamp_ns` before the event's own fields.
 const EVENT_HEADER: usize = 16;
@@ -105,14 +104,6 @@ pub enum ParseError {
     Refused(i32),
 }
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
 /// Appends the fork, exec and exit events of one datagram to `out` (other connectors' and
 /// other kinds of events are skipped).
 ///
@@ -121,32 +112,16 @@ fn u16_at(b: &[u8], at: usize) -> Option<u16> {
 /// [`ParseError`] for a datagram cut short or an error from the kernel; the events before it
 /// are kept.
 pub fn parse(datagram: &[u8], out: &mut Vec<KernelEvent>) -> Result<(), ParseError> {
-    let mut at = 0;
-    while datagram.len() - at >= NLMSG_HDRLEN {
-        let msg = &datagram[at..];
-        let len = u32_at(msg, 0).map_or(0, |l| l as usize);
-        if len < NLMSG_HDRLEN || len > msg.len() {
-            return Err(ParseError::Truncated {
-                have: msg.len(),
-                need: len.max(NLMSG_HDRLEN),
-            });
-        }
-        let body = &msg[NLMSG_HDRLEN..len];
-        match u16_at(msg, 4) {
-            Some(NLMSG_ERROR) => {
-                let errno = u32_at(body, 0).map_or(0, |e| e as i32);
-                if errno != 0 {
-                    // Negative as the kernel writes it; any value read as one.
-                    return Err(ParseError::Refused(errno.saturating_neg()));
-                }
-            }
-            Some(NLMSG_DONE) => parse_cn(body, out)?,
+    for msg in messages(datagram) {
+        let msg = msg.map_err(|t| ParseError::Truncated {
+            have: t.have,
+            need: t.need,
+        })?;
+        match msg.kind {
+            // The connector's messages carry NLMSG_DONE.
+            NLMSG_DONE => parse_cn(msg.body, out)?,
+            NLMSG_ERROR if msg.errno() != 0 => return Err(ParseError::Refused(msg.errno())),
             _ => {}
-        }
-        // Messages are aligned to 4 bytes.
-        at += (len + 3) & !3;
-        if at > datagram.len() {
-            break;
         }
     }
     Ok(())
