@@ -140,6 +140,23 @@ impl CollectorArgs {
         self.id.clone().unwrap_or_else(|| program.to_owned())
     }
 
+    /// The id (`--id`, or `program`), the broker's endpoint, and client options named after
+    /// the id with the broker's TLS settings.
+    ///
+    /// # Errors
+    ///
+    /// [`BrokerArgError`] when the broker arguments name no broker this program can reach.
+    pub fn client(
+        &self,
+        program: &str,
+    ) -> Result<(String, Endpoint, daemoneye_eventbus_client::ClientOptions), BrokerArgError> {
+        let id = self.id_or(program);
+        let (endpoint, tls) = self.broker.resolve()?;
+        let mut options = daemoneye_eventbus_client::ClientOptions::named(id.clone());
+        options.tls = tls;
+        Ok((id, endpoint, options))
+    }
+
     /// The scan, snapshot and heartbeat intervals.
     #[must_use]
     pub fn intervals(

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use daemoneye_eventbus_client::{Client, ClientOptions};
+use daemoneye_eventbus_client::Client;
 use daemoneye_eventbus_collector::cli::CollectorArgs;
 use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_netmond::Settings;
@@ -34,10 +34,7 @@ fn main() -> ExitCode {
 
 /// Runs netmond until SIGINT, SIGTERM or a shutdown request.
 async fn run(args: Args) -> Result<()> {
-    let id = args.common.id_or("netmond");
-    let (ep, tls) = args.common.broker.resolve()?;
-    let mut options = ClientOptions::named(id.clone());
-    options.tls = tls;
+    let (id, ep, options) = args.common.client("netmond")?;
     let client = Client::connect(&ep, options)
         .await
         .with_context(|| format!("connecting to {ep}"))?;

@@ -61,10 +61,7 @@ fn main() -> ExitCode {
 
 /// Runs procmond until SIGINT, SIGTERM or a shutdown request.
 async fn run(args: Args) -> Result<()> {
-    let id = args.common.id_or("procmond");
-    let (ep, tls) = args.common.broker.resolve()?;
-    let mut options = ClientOptions::named(id.clone());
-    options.tls = tls;
+    let (id, ep, mut options) = args.common.client("procmond")?;
     let events = if let Some(dir) = &args.spool_dir {
         options.spool_dir = Some(dir.clone());
         options.spool_max_bytes = args.spool_max_bytes;
