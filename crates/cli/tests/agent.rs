@@ -132,6 +132,29 @@ fn status_sub(socket: &Path) -> Proc {
     p
 }
 
+/// Runs `calls` as the operator the policy names (this test's executable) on the agent at
+/// `socket`: a client and an RPC caller over it, the client closed after.
+fn operator<F, Fut>(socket: &Path, calls: F)
+where
+    F: FnOnce(Client, CollectorRpcClient) -> Fut,
+    Fut: std::future::Future<Output = Client>,
+{
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = Client::connect(
+            &Endpoint::Unix(socket.to_path_buf()),
+            ClientOptions::named("operator"),
+        )
+        .await
+        .unwrap();
+        let rpc = CollectorRpcClient::new(client.clone(), "operator", RpcConfig::default());
+        calls(client, rpc).await.close().await;
+    });
+}
+
 /// Collector `id` in a status report.
 fn col<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
     report["collectors"]
@@ -210,18 +233,8 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
     );
 
     // Lifecycle requests to the agent act on its supervisor.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = Client::connect(
-            &Endpoint::Unix(agent.socket.clone()),
-            ClientOptions::named("operator"),
-        )
-        .await
-        .unwrap();
-        let rpc = CollectorRpcClient::new(client.clone(), "operator", RpcConfig::default());
+    let sub = &sub;
+    operator(&agent.socket, |client, rpc| async move {
         let call = |op| {
             RpcRequest::lifecycle(
                 String::new(),
@@ -251,7 +264,7 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
         );
         assert!(gone(pid));
         // A stopped collector is reported stopped, without the health check of its last run.
-        let report = wait_report(&sub, "procmond stopped", |r| {
+        let report = wait_report(sub, "procmond stopped", |r| {
             col(r, "procmond")["state"] == "stopped"
         });
         let stopped = col(&report, "procmond");
@@ -315,20 +328,20 @@ fn the_agent_supervises_procmond_and_reports_its_health() {
         );
         let e = rpc.call(unknown, Duration::from_secs(5)).await.unwrap_err();
         assert!(e.message.contains("no collector \"filemond\""), "{e}");
-        client.close().await;
+        client
     });
 
     // Heartbeats stop (procmond frozen): the agent is Degraded.
-    let report = wait_report(&sub, "procmond running again", |r| {
+    let report = wait_report(sub, "procmond running again", |r| {
         col(r, "procmond")["state"] == "running" && r["health"] == "Healthy"
     });
     let pid = procmond_pid(&report);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
-    let degraded = wait_report(&sub, "a degraded report", |r| r["health"] == "Degraded");
+    let degraded = wait_report(sub, "a degraded report", |r| r["health"] == "Degraded");
     assert_eq!(col(&degraded, "procmond")["state"], "unhealthy");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
     // Heard again: running and healthy, the same process.
-    let again = wait_report(&sub, "procmond healthy again", |r| {
+    let again = wait_report(sub, "procmond healthy again", |r| {
         col(r, "procmond")["state"] == "running" && r["health"] == "Healthy"
     });
     assert_eq!(procmond_pid(&again), pid);
@@ -632,18 +645,7 @@ fn the_agent_runs_two_instances_of_one_collector_type() {
         "{report}"
     );
     // A lifecycle request naming a type acts only on a collector of that type.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = Client::connect(
-            &Endpoint::Unix(socket.clone()),
-            ClientOptions::named("operator"),
-        )
-        .await
-        .unwrap();
-        let rpc = CollectorRpcClient::new(client.clone(), "operator", RpcConfig::default());
+    operator(&socket, |client, rpc| async move {
         let stop_as = |kind: &str| {
             let mut body = CollectorLifecycleRequest::status("procmond-b");
             body.collector_type = kind.into();
@@ -693,7 +695,7 @@ fn the_agent_runs_two_instances_of_one_collector_type() {
         let b = &h.components["procmond-b"];
         assert_eq!(b.status, HealthStatus::Unhealthy as i32, "{h:?}");
         assert!(b.message.starts_with("stopped"), "{h:?}");
-        client.close().await;
+        client
     });
     agent.signal(Signal::SIGTERM);
     assert_eq!(agent.wait(), 0);
