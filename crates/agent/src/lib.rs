@@ -264,7 +264,7 @@ impl Agent {
         let checks = Checks::default();
         let lifecycle = serve_services_at(
             &client,
-            &catalog::agent::lifecycle(),
+            &[catalog::agent::lifecycle()],
             QueueGroup::new("agent").map_err(|e| {
                 AgentError::Config(ConfigError::Invalid {
                     path: None,

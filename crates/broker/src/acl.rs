@@ -243,7 +243,8 @@ impl Policy {
     /// The policy of a broker without `acl_file` (`SECURITY.md`): the broker's own process
     /// may do everything; a supervised collector may publish on the event topics its
     /// supervisor declared for it and on its own health topics, serve
-    /// `control.collector.<its id>`, and read events and `$sys`; every other
+    /// `control.collector.<its id>` and take tasks on `control.collector.task.<its id>`, and
+    /// read events and `$sys`; every other
     /// client may subscribe to anything but others' calls (`control.collector.#`, the agent's
     /// lifecycle, shutdown, tasks and coordination topics, the broker's admin topic, other
     /// callers' inboxes), publish, call and serve anything outside `control.#`, and publish
@@ -258,7 +259,10 @@ impl Policy {
                 publish: strings(&["{events}", "control.health.+.{collector}"]),
                 subscribe: strings(&["events.#", "$sys.#"]),
                 request: Vec::new(),
-                reply: strings(&["control.collector.{collector}"]),
+                reply: strings(&[
+                    "control.collector.{collector}",
+                    "control.collector.task.{collector}",
+                ]),
             },
             deny: Ops::default(),
         };

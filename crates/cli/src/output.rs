@@ -131,6 +131,24 @@ pub(crate) fn decode_known(msg: &Message) -> Option<serde_json::Value> {
         ["events", "network", "connections"] => {
             Some(network_json(&epb::NetworkEvent::decode(payload).ok()?))
         }
+        ["events", "alert", _] => {
+            let a = epb::Alert::decode(payload).ok()?;
+            let severity =
+                epb::Severity::try_from(a.severity).map_or("unknown", |s| s.as_str_name());
+            Some(serde_json::json!({
+                "rule_id": a.rule_id,
+                "rule_name": a.rule_name,
+                "severity": severity.to_ascii_lowercase(),
+                "description": a.description,
+                "rows": a.rows.iter().map(|r| &r.columns).collect::<Vec<_>>(),
+                "rows_left_out": a.rows_left_out,
+                "task_correlation_id": a.task_correlation_id,
+                "answered": a.answered,
+                "missing": a.missing,
+                "raised_at_ns": a.raised_at_ns,
+                "event_correlation_ids": a.event_correlation_ids,
+            }))
+        }
         ["control", "agent", "status"] => serde_json::from_slice(payload).ok(),
         ["control", "health", "heartbeat", _] => {
             let h = rpb::Heartbeat::decode(payload).ok()?;

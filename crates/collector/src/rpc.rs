@@ -29,7 +29,7 @@ pub use service::{CollectorCall, CollectorHandler, serve_collector, serve_servic
 
 pub use daemoneye_eventbus_client::{RpcError, RpcErrorKind};
 pub use daemoneye_eventbus_schema::rpc::{
-    CapabilitiesResponse, CollectorConfig, CollectorOperation, CollectorState, CollectorStatus,
+    CapabilitiesResponse, TableRows, TaskRequest, TaskResponse, CollectorConfig, CollectorOperation, CollectorState, CollectorStatus,
     ConfigResponse, ConfigValidationError, HealthCheckResponse, HealthStatus, Heartbeat,
     LifecycleResponse, MetricsResponse, ResourceLimits, ShutdownResponse, UpdateConfigResponse,
     ValidateConfigResponse, rpc_request, rpc_response,
@@ -209,6 +209,23 @@ impl RpcRequest {
         )
     }
 
+    /// A collection task for collector `collector_id`: the rows of `tables` (sent on
+    /// `control.collector.task.<collector_id>`).
+    pub fn task(
+        client_id: String,
+        collector_id: &str,
+        task: pb::TaskRequest,
+        timeout: Duration,
+    ) -> Self {
+        Self::new(
+            client_id,
+            format!("{}.{collector_id}", daemoneye_eventbus_core::catalog::collector::task()),
+            CollectorOperation::ExecuteTask,
+            rpc_request::Body::Task(task),
+            timeout,
+        )
+    }
+
     /// Asks the collector to shut down gracefully within `grace`.
     pub fn shutdown(
         client_id: String,
@@ -298,6 +315,9 @@ impl RpcResponse {
     body_accessor!(
         /// The capabilities.
         capabilities, Capabilities, CapabilitiesResponse);
+    body_accessor!(
+        /// The rows a collection task asked for.
+        task, Task, TaskResponse);
     body_accessor!(
         /// The shutdown answer.
         shutdown, Shutdown, ShutdownResponse);

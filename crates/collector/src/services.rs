@@ -10,6 +10,7 @@ use crate::rpc::{
 };
 use daemoneye_eventbus_client::Client;
 use daemoneye_eventbus_core::{ReplyStatus, catalog};
+use crate::tables::Table;
 use daemoneye_eventbus_schema::rpc as pb;
 use prost::Message as _;
 use std::collections::HashMap;
@@ -261,6 +262,7 @@ pub struct Basics<S> {
     /// Events that could not be published.
     pub publish_failures: Loss,
     heartbeats: AtomicU64,
+    answers: AtomicU64,
     stop: tokio::sync::Notify,
 }
 
@@ -274,6 +276,7 @@ impl<S: CollectorSettings> Basics<S> {
             published: AtomicU64::new(0),
             publish_failures: Loss::default(),
             heartbeats: AtomicU64::new(0),
+            answers: AtomicU64::new(0),
             stop: tokio::sync::Notify::new(),
         }
     }
@@ -336,6 +339,25 @@ pub trait Collector: Send + Sync + 'static {
     fn components(&self) -> HashMap<String, pb::ComponentHealth>;
     /// Its counters.
     fn metrics(&self) -> HashMap<String, f64>;
+    /// The tables it answers collection tasks for (each also among its capabilities).
+    fn tables(&self) -> &'static [Table] {
+        &[]
+    }
+    /// The rows of `table` (one of [`Collector::tables`]) as it sees them now, at most
+    /// `max_rows` (0: its own bound).
+    ///
+    /// # Errors
+    ///
+    /// Why it cannot answer now.
+    fn rows(
+        &self,
+        table: Table,
+        max_rows: usize,
+    ) -> impl std::future::Future<Output = Result<pb::TableRows, String>> + Send {
+        let _ = max_rows;
+        let program = self.program();
+        async move { Err(format!("{program} does not answer table {table}")) }
+    }
 
     /// Its id (its RPC address is `control.collector.<id>`).
     fn id(&self) -> &str {
@@ -385,6 +407,10 @@ pub trait Collector: Send + Sync + 'static {
     /// How often it heartbeats now.
     fn heartbeat_interval(&self) -> Duration {
         self.basics().settings().heartbeat_interval()
+    }
+    /// Counts an answer to a task and returns its sequence number (from 1).
+    fn next_answer(&self) -> u64 {
+        self.basics().answers.fetch_add(1, Ordering::Relaxed) + 1
     }
     /// Counts a heartbeat and returns its sequence number (from 1).
     fn next_heartbeat(&self) -> u64 {
@@ -459,7 +485,8 @@ impl<C: Collector> Services<C> {
     }
 }
 
-/// The operations every collector served through [`Services`] answers.
+/// The operations every collector served through [`Services`] answers (collection tasks
+/// too when it has [`Collector::tables`]).
 pub const OPERATIONS: [CollectorOperation; 9] = [
     CollectorOperation::Status,
     CollectorOperation::HealthCheck,
@@ -561,9 +588,43 @@ impl<C: Collector> CollectorHandler for Services<C> {
                 collector_type: c.collector_type().into(),
                 capabilities: c.capabilities(),
                 topics: c.config().0.enabled_topics,
-                operations: OPERATIONS.into_iter().map(|o| o as i32).collect(),
+                operations: OPERATIONS
+                    .into_iter()
+                    .chain((!c.tables().is_empty()).then_some(O::ExecuteTask))
+                    .map(|o| o as i32)
+                    .collect(),
                 version: env!("CARGO_PKG_VERSION").into(),
             })),
+            (O::ExecuteTask, Q::Task(t)) => {
+                let mut tables = Vec::with_capacity(t.tables.len());
+                for name in &t.tables {
+                    let Some(table) =
+                        Table::from_name(name).filter(|table| c.tables().contains(table))
+                    else {
+                        let answers: Vec<&str> = c.tables().iter().map(|t| t.name()).collect();
+                        return Err(ReplyStatus::invalid_operation(format!(
+                            "{} does not answer table {name:?} (it answers: {})",
+                            c.program(),
+                            if answers.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                answers.join(", ")
+                            }
+                        )));
+                    };
+                    let rows = c
+                        .rows(table, t.max_rows as usize)
+                        .await
+                        .map_err(ReplyStatus::unavailable)?;
+                    tables.push(rows);
+                }
+                Ok(A::Task(pb::TaskResponse {
+                    task_id: t.task_id,
+                    collector_id: c.id().to_owned(),
+                    sequence: c.next_answer(),
+                    tables,
+                }))
+            }
             (O::Shutdown, Q::Shutdown(s)) => {
                 tracing::info!(reason = %s.reason, "shutdown requested over RPC");
                 c.stop();

@@ -81,6 +81,21 @@ pub mod performance {
     }
 }
 
+/// Alerts raised by the agent's detection rules (`events.alert.<severity>`).
+pub mod alert {
+    use super::*;
+    topics! {
+        /// Low severity.
+        low = "events.alert.low";
+        /// Medium severity.
+        medium = "events.alert.medium";
+        /// High severity.
+        high = "events.alert.high";
+        /// Critical severity.
+        critical = "events.alert.critical";
+    }
+}
+
 /// Collector control (`control.collector.*`).
 pub mod collector {
     use super::*;
@@ -100,6 +115,15 @@ pub mod collector {
     /// When `collector_id` is not a valid segment.
     pub fn addressed(collector_id: &str) -> Result<Topic, TopicError> {
         Topic::from_static("control.collector").child(collector_id)
+    }
+
+    /// `control.collector.task.<collector_id>`: where one collector takes collection tasks.
+    ///
+    /// # Errors
+    ///
+    /// When `collector_id` is not a valid segment.
+    pub fn tasks_of(collector_id: &str) -> Result<Topic, TopicError> {
+        task().child(collector_id)
     }
 }
 
@@ -202,6 +226,7 @@ mod tests {
         let groups = [
             process::all(),
             network::all(),
+            alert::all(),
             filesystem::all(),
             performance::all(),
             collector::all(),

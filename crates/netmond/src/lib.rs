@@ -19,6 +19,7 @@ pub mod procnet;
 pub mod tracker;
 
 use daemoneye_eventbus_client::{Client, Publish, Service};
+use daemoneye_eventbus_collector::tables::Table;
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
 pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
@@ -39,8 +40,13 @@ use tracker::Tracker;
 /// The collector type announced in capabilities and configuration.
 pub const COLLECTOR_TYPE: &str = "netmond";
 
-/// What netmond can do, announced in capabilities.
-pub const CAPABILITIES: [&str; 2] = ["network-connections", "network-snapshot"];
+/// What netmond can do, announced in capabilities (`network_connections`: it answers that
+/// table).
+pub const CAPABILITIES: [&str; 3] = [
+    "network-connections",
+    "network-snapshot",
+    "network_connections",
+];
 
 /// Largest `events.network.batch` message (one snapshot may take several).
 pub const BATCH_BYTES: usize = 512 * 1024;
@@ -247,7 +253,16 @@ struct Shared {
     scan_failing: Mutex<Option<String>>,
     source: Mutex<Source>,
     watching: tokio::sync::watch::Sender<bool>,
+    /// Collection tasks for the scan loop, which owns the socket table: how many rows at
+    /// most, and where the answer goes.
+    tasks: tokio::sync::mpsc::Sender<TableAsk>,
 }
+
+/// A collection task's question to the scan loop: rows at most, and where the answer goes.
+type TableAsk = (usize, tokio::sync::oneshot::Sender<pb::TableRows>);
+
+/// Collection tasks waiting for the scan loop at most (others are refused as busy).
+const TASKS_WAITING: usize = 16;
 
 impl Shared {
     fn settings(&self) -> Settings {
@@ -295,6 +310,21 @@ impl Collector for Shared {
 
     fn health(&self) -> (HealthStatus, String) {
         assess(&self.observed())
+    }
+
+    fn tables(&self) -> &'static [Table] {
+        &[Table::NetworkConnections]
+    }
+
+    async fn rows(&self, table: Table, max_rows: usize) -> Result<pb::TableRows, String> {
+        if table != Table::NetworkConnections {
+            return Err(format!("netmond does not answer table {table}"));
+        }
+        let (answer, rows) = tokio::sync::oneshot::channel();
+        self.tasks.try_send((max_rows, answer)).map_err(|_| {
+            format!("netmond has {TASKS_WAITING} collection tasks waiting already; try again")
+        })?;
+        rows.await.map_err(|_| "netmond is stopping".to_owned())
     }
 
     fn components(&self) -> HashMap<String, pb::ComponentHealth> {
@@ -471,6 +501,33 @@ fn event(
     }
 }
 
+/// The `network_connections` table: the sockets of the last reading, with their holders.
+fn rows(id: &str, scanner: &Scanner, max_rows: usize) -> pb::TableRows {
+    use daemoneye_eventbus_collector::tables::{Rows, int, null, text};
+    let mut rows = Rows::new(Table::NetworkConnections, max_rows);
+    for s in scanner.tracker.open() {
+        let owner = scanner.owners.get(&(s.proto, s.inode));
+        rows.push(vec![
+            text(match s.proto {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+            }),
+            text(if s.local.is_ipv4() { "ipv4" } else { "ipv6" }),
+            text(s.local.ip().to_string()),
+            int(s.local.port()),
+            text(s.remote.ip().to_string()),
+            int(s.remote.port()),
+            text(s.state_name()),
+            int(i64::try_from(s.inode).unwrap_or(i64::MAX)),
+            int(s.uid),
+            owner.map_or_else(null, |o| int(o.pid)),
+            owner.map_or_else(null, |o| text(o.name.as_str())),
+            text(id),
+        ]);
+    }
+    rows.finish()
+}
+
 async fn send(client: &Client, shared: &Shared, p: Publish) {
     shared
         .basics
@@ -532,6 +589,7 @@ pub async fn run(
     proc_root: PathBuf,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), NetmondError> {
+    let (tasks, asks) = tokio::sync::mpsc::channel(TASKS_WAITING);
     let shared = Arc::new(Shared {
         basics: Basics::new(id, settings),
         scans: AtomicU64::new(0),
@@ -544,6 +602,7 @@ pub async fn run(
         scan_failing: Mutex::new(None),
         source: Mutex::new(Source::Proc { why: None }),
         watching: tokio::sync::watch::Sender::new(false),
+        tasks,
     });
     let (reader, source) = Reader::choose(shared.settings().source)?;
     tracing::info!(source = %source.describe(), "sockets");
@@ -568,7 +627,7 @@ pub async fn run(
             message: e.to_string(),
         })?;
     shared.watching.send_replace(true);
-    let scanning = scan_loop(client.clone(), Arc::clone(&shared), scanner);
+    let scanning = scan_loop(client.clone(), Arc::clone(&shared), scanner, asks);
     tokio::select! {
         () = scanning => {}
         () = heartbeats(client.clone(), Arc::clone(&shared), shared.watching.subscribe()) => {}
@@ -581,8 +640,14 @@ pub async fn run(
 }
 
 /// Reads the tables every scan interval (on a blocking thread), publishes what opened and
-/// closed, and a snapshot every batch interval.
-async fn scan_loop(client: Client, shared: Arc<Shared>, scanner: Scanner) {
+/// closed, and a snapshot every batch interval; between readings, answers collection tasks
+/// from the last one.
+async fn scan_loop(
+    client: Client,
+    shared: Arc<Shared>,
+    scanner: Scanner,
+    mut asks: tokio::sync::mpsc::Receiver<TableAsk>,
+) {
     let mut scanner = Some(scanner);
     let mut last_batch: Option<Instant> = None;
     loop {
@@ -593,7 +658,17 @@ async fn scan_loop(client: Client, shared: Arc<Shared>, scanner: Scanner) {
             publish_batch(&client, &shared, s).await;
             last_batch = Some(Instant::now());
         }
-        tokio::time::sleep(settings.scan_interval).await;
+        let wake = tokio::time::Instant::now() + settings.scan_interval;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => break,
+                Some((max_rows, answer)) = asks.recv() => {
+                    if let Some(s) = &scanner {
+                        let _ = answer.send(rows(shared.basics.id(), s, max_rows));
+                    }
+                }
+            }
+        }
         let Some(mut s) = scanner.take() else {
             return;
         };

@@ -29,6 +29,7 @@ pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
     Basics, Collector, CollectorSettings, ConfigReader, Loss, Services, heartbeats, now_ns,
 };
+use daemoneye_eventbus_collector::tables::Table;
 use daemoneye_eventbus_collector::{CollectionEvent, ProcessEvent};
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
@@ -46,8 +47,13 @@ pub const BATCH_BYTES: usize = 512 * 1024;
 /// The collector type announced in capabilities and configuration.
 pub const COLLECTOR_TYPE: &str = "procmond";
 
-/// What procmond can do, announced in capabilities.
-pub const CAPABILITIES: [&str; 3] = ["process-lifecycle", "process-snapshot", "executable-hash"];
+/// What procmond can do, announced in capabilities (`processes`: it answers that table).
+pub const CAPABILITIES: [&str; 4] = [
+    "process-lifecycle",
+    "process-snapshot",
+    "executable-hash",
+    "processes",
+];
 
 /// procmond's settings (changeable at run time with the configuration service).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,7 +202,16 @@ struct Shared {
     /// Set once the first reading of `/proc` is done: procmond watches from then on, and its
     /// heartbeats say so (none before).
     watching: tokio::sync::watch::Sender<bool>,
+    /// Collection tasks for the scanner, which owns the process table: how many rows at most,
+    /// and where the answer goes.
+    tasks: tokio::sync::mpsc::Sender<TableAsk>,
 }
+
+/// A collection task's question to the scanner: rows at most, and where the answer goes.
+type TableAsk = (usize, tokio::sync::oneshot::Sender<pb::TableRows>);
+
+/// Collection tasks waiting for the scanner at most (others are refused as busy).
+const TASKS_WAITING: usize = 16;
 
 impl Shared {
     fn settings(&self) -> Settings {
@@ -250,6 +265,7 @@ pub async fn run(
     events: Qos,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ProcmondError> {
+    let (tasks, asks) = tokio::sync::mpsc::channel(TASKS_WAITING);
     let shared = Arc::new(Shared {
         basics: Basics::new(id, settings.clone()),
         events,
@@ -265,6 +281,7 @@ pub async fn run(
             why: None,
         }),
         watching: tokio::sync::watch::Sender::new(false),
+        tasks,
     });
     // Before subscribing: a process that starts later has a start time at least this.
     let before_subscribing = boot_ticks();
@@ -301,6 +318,7 @@ pub async fn run(
         recent_exits: HashMap::new(),
         exit_code: None,
         after_subscription: HashSet::new(),
+        asks,
     };
     // The scanner on a task of its own: a batch of the kernel's events wakes it alone.
     let mut scanning = tokio::spawn(scanner.run(kernel, subscribed));
@@ -477,6 +495,8 @@ struct Scanner {
     /// Pids of the first reading of `/proc` that began after the kernel's events were
     /// subscribed to (until the first reconciliation).
     after_subscription: HashSet<u32>,
+    /// Collection tasks' questions ([`Shared::tasks`]).
+    asks: tokio::sync::mpsc::Receiver<TableAsk>,
 }
 
 /// Most executables waiting to be hashed; when full, a new one is skipped and counted
@@ -621,6 +641,10 @@ impl Scanner {
             }
             tokio::select! {
                 () = &mut timer => {}
+                Some((max_rows, answer)) = self.asks.recv() => {
+                    let _ = answer.send(self.rows(&known, max_rows));
+                    continue;
+                }
                 batch = next_batch(&mut kernel) => {
                     match batch {
                         Some(batch) => {
@@ -878,6 +902,39 @@ impl Scanner {
         self.users.extend(found);
     }
 
+    /// The `processes` table: every process known now.
+    fn rows(&self, known: &Snapshot, max_rows: usize) -> pb::TableRows {
+        use daemoneye_eventbus_collector::tables::{Rows, Table, int, null, text};
+        let mut rows = Rows::new(Table::Processes, max_rows);
+        let opt_text = |v: Option<&str>| v.map_or_else(null, text);
+        for p in known.values() {
+            let (exe, deleted) = match p.executable_path.as_deref() {
+                Some(e) => match e.strip_suffix(" (deleted)") {
+                    Some(path) => (Some(path), 1),
+                    None => (Some(e), 0),
+                },
+                None => (None, 0),
+            };
+            let start_secs = (!p.is_gone()).then(|| {
+                self.boot_secs + p.start_ticks / self.ticks_per_sec.max(1)
+            });
+            rows.push(vec![
+                int(p.pid),
+                int(p.ppid),
+                text(p.name.as_str()),
+                opt_text(p.command_line.as_deref()),
+                opt_text(exe),
+                int(deleted),
+                p.uid.map_or_else(null, int),
+                opt_text(p.uid.and_then(|u| self.user(u)).as_deref()),
+                text(p.state.to_string()),
+                start_secs.map_or_else(null, |s| int(i64::try_from(s).unwrap_or(i64::MAX))),
+                text(self.shared.basics.id()),
+            ]);
+        }
+        rows.finish()
+    }
+
     fn event(&mut self, p: &ProcInfo, what: &str, source: &str) -> ProcessEvent {
         let mut metadata = HashMap::new();
         metadata.insert("event".to_owned(), what.to_owned());
@@ -1040,6 +1097,22 @@ impl Collector for Shared {
 
     fn health(&self) -> (HealthStatus, String) {
         Shared::health(self)
+    }
+
+    fn tables(&self) -> &'static [Table] {
+        &[Table::Processes]
+    }
+
+    async fn rows(&self, table: Table, max_rows: usize) -> Result<pb::TableRows, String> {
+        if table != Table::Processes {
+            return Err(format!("procmond does not answer table {table}"));
+        }
+        let (answer, rows) = tokio::sync::oneshot::channel();
+        self.tasks.try_send((max_rows, answer)).map_err(|_| {
+            format!("procmond has {TASKS_WAITING} collection tasks waiting already; try again")
+        })?;
+        rows.await
+            .map_err(|_| "procmond is stopping".to_owned())
     }
 
     fn components(&self) -> HashMap<String, pb::ComponentHealth> {

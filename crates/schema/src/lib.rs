@@ -66,6 +66,7 @@ impl rpc::CollectorOperation {
             O::UpdateConfig => "update_config",
             O::GetCapabilities => "capabilities",
             O::Shutdown => "shutdown",
+            O::ExecuteTask => "task",
             O::Unspecified => "none",
         }
     }
@@ -85,6 +86,7 @@ impl rpc::rpc_request::Body {
             B::UpdateConfig(_) => "update_config",
             B::Capabilities(_) => "capabilities",
             B::Shutdown(_) => "shutdown",
+            B::Task(_) => "task",
         }
     }
 }
@@ -103,6 +105,7 @@ impl rpc::rpc_response::Body {
             B::UpdateConfig(_) => "update_config",
             B::Capabilities(_) => "capabilities",
             B::Shutdown(_) => "shutdown",
+            B::Task(_) => "task",
         }
     }
 }

@@ -125,7 +125,10 @@ impl OperationClass {
     pub fn of(op: CollectorOperation) -> Self {
         use CollectorOperation as O;
         match op {
-            O::HealthCheck | O::GetMetrics | O::GetCapabilities => Self::HealthCheck,
+            // Collection tasks read, like health checks: retrying one is harmless.
+            O::HealthCheck | O::GetMetrics | O::GetCapabilities | O::ExecuteTask => {
+                Self::HealthCheck
+            }
             O::GetConfig | O::ValidateConfig | O::UpdateConfig => Self::Configuration,
             O::Heartbeat => Self::Heartbeat,
             O::Start

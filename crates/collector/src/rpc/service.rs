@@ -33,7 +33,8 @@ pub trait CollectorHandler: Send + Sync + 'static {
     ) -> impl Future<Output = Result<rpc_response::Body, ReplyStatus>> + Send;
 }
 
-/// Serves the collector services of `collector_id` on `control.collector.<collector_id>`, in
+/// Serves the collector services of `collector_id` on `control.collector.<collector_id>` (and
+/// its collection tasks on `control.collector.task.<collector_id>`), in
 /// queue group `<collector_id>`: several instances of one collector share the calls.
 /// Requests that cannot be decoded, name no operation, or carry a body that does not match
 /// their operation are answered with `InvalidOperation` and never reach `handler`.
@@ -47,8 +48,9 @@ pub async fn serve_collector<H: CollectorHandler>(
     handler: H,
 ) -> Result<Service, SubscribeError> {
     let topic = catalog::collector::addressed(collector_id)?;
+    let tasks = catalog::collector::tasks_of(collector_id)?;
     let group = QueueGroup::new(collector_id)?;
-    serve_services_at(client, &topic, group, handler).await
+    serve_services_at(client, &[topic, tasks], group, handler).await
 }
 
 /// Serves the collector services' envelopes at any topic, in queue group `group` (the agent
@@ -59,14 +61,14 @@ pub async fn serve_collector<H: CollectorHandler>(
 /// [`SubscribeError`] when the subscription fails.
 pub async fn serve_services_at<H: CollectorHandler>(
     client: &Client,
-    topic: &daemoneye_eventbus_core::Topic,
+    topics: &[daemoneye_eventbus_core::Topic],
     group: QueueGroup,
     handler: H,
 ) -> Result<Service, SubscribeError> {
     let handler = Arc::new(handler);
     client
         .serve(
-            [topic.as_str()],
+            topics.iter().map(daemoneye_eventbus_core::Topic::as_str),
             ServeOptions::default().group(group).concurrency(4),
             move |msg: Message| {
                 let handler = Arc::clone(&handler);
