@@ -73,6 +73,11 @@ pub struct AgentSection {
     pub status_interval_seconds: u64,
     /// The live status view on a terminal (`false`: log lines only).
     pub live_view: bool,
+    /// Detection rules, one per YAML or TOML file (`docs/rules.md`); unset: the built-in
+    /// example rules.
+    pub rules_dir: Option<PathBuf>,
+    /// Deadline of a collection task and of a rule's query, in seconds.
+    pub task_timeout_seconds: u64,
 }
 
 impl Default for AgentSection {
@@ -80,6 +85,8 @@ impl Default for AgentSection {
         Self {
             status_interval_seconds: 10,
             live_view: true,
+            rules_dir: None,
+            task_timeout_seconds: 5,
         }
     }
 }
@@ -165,6 +172,17 @@ impl AgentConfig {
             .map_err(|e| invalid(e.to_string()))?;
         if self.agent.status_interval_seconds == 0 {
             return Err(invalid("agent.status_interval_seconds must be at least 1"));
+        }
+        if !(1..=300).contains(&self.agent.task_timeout_seconds) {
+            return Err(invalid("agent.task_timeout_seconds must be 1 to 300"));
+        }
+        if let Some(dir) = &self.agent.rules_dir
+            && !dir.is_dir()
+        {
+            return Err(invalid(format!(
+                "agent.rules_dir {}: not a directory",
+                dir.display()
+            )));
         }
         if let Some(cs) = &self.collectors {
             let mut seen = std::collections::BTreeSet::new();

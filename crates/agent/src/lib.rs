@@ -22,6 +22,10 @@
 //! ```
 
 pub mod config;
+pub mod detection;
+pub mod engine;
+pub mod rules;
+pub mod tasks;
 mod health;
 mod lifecycle;
 
@@ -154,6 +158,8 @@ pub struct Report {
     pub connections: u64,
     /// Events per second by topic since the previous report.
     pub events_per_sec: BTreeMap<String, f64>,
+    /// Detection: rules, alerts, collection tasks.
+    pub detection: detection::DetectionView,
 }
 
 /// Events counted per topic by a task of their own (the agent's reports must never let the
@@ -194,6 +200,8 @@ pub struct Agent {
     heartbeat_timeout: Duration,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     lifecycle: daemoneye_eventbus::client::Service,
+    detection: detection::SharedView,
+    collection: tasks::Tasks,
 }
 
 impl Agent {
@@ -280,7 +288,29 @@ impl Agent {
         .await?;
         let counts = Counts::default();
         let events = client.subscribe(["events.#"]).await?;
+        let rules_engine = |e: engine::EngineError| {
+            AgentError::Config(ConfigError::Invalid {
+                path: None,
+                reason: format!("the rules' SQL engine: {e}"),
+            })
+        };
+        let (rules, refused) =
+            detection::load_rules(config.agent.rules_dir.as_deref()).map_err(rules_engine)?;
+        let collection = tasks::Tasks::new(rpc.clone());
+        let view = detection::SharedView::default();
+        let detection = detection::Detection::new(
+            rules,
+            refused,
+            collection.clone(),
+            client.clone(),
+            supervisor.clone(),
+            checks.clone(),
+            Duration::from_secs(config.agent.task_timeout_seconds),
+            view.clone(),
+        )
+        .map_err(rules_engine)?;
         let tasks = vec![
+            tokio::spawn(detection.run()),
             tokio::spawn(count_events(events, counts.clone())),
             tokio::spawn(lifecycle::health_checks(
                 rpc,
@@ -303,6 +333,8 @@ impl Agent {
             ),
             tasks,
             lifecycle,
+            detection: view,
+            collection,
         })
     }
 
@@ -387,6 +419,11 @@ impl Agent {
             dropped: stats.dropped,
             connections: stats.active_connections,
             events_per_sec,
+            detection: {
+                let mut d = self.detection.lock().clone();
+                d.tasks = self.collection.view();
+                d
+            },
         })
     }
 

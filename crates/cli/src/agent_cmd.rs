@@ -13,11 +13,18 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Runs the agent until SIGINT or SIGTERM.
-pub(crate) async fn run(socket: &SocketArg, config_path: Option<&Path>) -> Result<()> {
-    let config = match config_path {
+pub(crate) async fn run(
+    socket: &SocketArg,
+    config_path: Option<&Path>,
+    rules: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let mut config = match config_path {
         Some(p) => AgentConfig::load(&config::absolute(p))?,
         None => AgentConfig::default(),
     };
+    if let Some(dir) = rules {
+        config.agent.rules_dir = Some(config::absolute(&dir));
+    }
     let endpoint = match (&socket.socket, &config.broker.socket_path) {
         (None, Some(p)) => Endpoint::Unix(p.clone()),
         _ => crate::commands::endpoint(socket)?,
@@ -142,13 +149,14 @@ fn log_line(r: &Report) {
         .map(|c| format!("{} {} {}", c.id, c.state, c.health))
         .collect();
     println!(
-        "agent: health {:?} | published {} delivered {} dropped {} connections {} | collectors: {} | events/s: {}",
+        "agent: health {:?} | published {} delivered {} dropped {} connections {} | collectors: {} | alerts {} | events/s: {}",
         r.health,
         r.published,
         r.delivered,
         r.dropped,
         r.connections,
         collectors.join(", "),
+        r.detection.alerts,
         r.events_per_sec
             .iter()
             .map(|(t, n)| format!("{t} {n}"))
@@ -181,6 +189,31 @@ fn draw(r: &Report) {
     for c in &r.collectors {
         out.push_str(&format!("  {}\n", collector_line(c)));
     }
+    let d = &r.detection;
+    out.push_str(&format!(
+        "\ndetection: {} rules, {} alerts raised; tasks {} in flight, {} complete, {} partial, {} late\n",
+        d.rules.len(),
+        d.alerts,
+        d.tasks.in_flight,
+        d.tasks.complete,
+        d.tasks.partial,
+        d.tasks.late
+    ));
+    for rule in &d.rules {
+        out.push_str(&format!(
+            "  {:<28} {:<8} every {:>4} s  evaluations {:<5} matches {:<4} alerts {:<4} {}\n",
+            rule.id,
+            rule.severity,
+            rule.interval_secs,
+            rule.evaluations,
+            rule.matches,
+            rule.alerts,
+            rule.last_problem.as_deref().unwrap_or("")
+        ));
+    }
+    for refused in &d.refused {
+        out.push_str(&format!("  refused: {refused}\n"));
+    }
     out.push_str("\nevents/s by topic:\n");
     if r.events_per_sec.is_empty() {
         out.push_str("  (none yet)\n");
@@ -200,4 +233,34 @@ pub(crate) fn config_command(check: Option<&Path>) -> Result<()> {
         None => print!("{}", AgentConfig::default_toml()),
     }
     Ok(())
+}
+
+/// `eventbus rules check [DIR]`: each rule, or each file's problem; an error (exit 1) when any
+/// rule is refused.
+pub(crate) fn rules_check(dir: Option<&Path>) -> Result<()> {
+    let (rules, refused) = daemoneye_agent::detection::load_rules(dir)?;
+    for r in &rules {
+        let tables: Vec<&str> = r.tables.iter().map(|t| t.name()).collect();
+        println!(
+            "{}: rule {} ({}, every {} s, reads {}): valid",
+            r.source,
+            r.id,
+            r.severity.as_str(),
+            r.interval.as_secs(),
+            tables.join(", ")
+        );
+    }
+    for e in &refused {
+        println!("{e}");
+    }
+    if refused.is_empty() {
+        println!("{} rules, valid", rules.len());
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "{} of {} rules refused",
+            refused.len(),
+            rules.len() + refused.len()
+        )
+    }
 }

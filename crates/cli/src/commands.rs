@@ -70,8 +70,13 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             subscribe(&socket, &name, &patterns, options).await
         }
         Command::Stats { socket, json } => stats(&socket, json).await,
-        Command::Agent { socket, config } => {
-            crate::agent_cmd::run(&socket, config.as_deref()).await
+        Command::Agent {
+            socket,
+            config,
+            rules,
+        } => crate::agent_cmd::run(&socket, config.as_deref(), rules).await,
+        Command::Rules(crate::RulesCommand::Check { dir }) => {
+            crate::agent_cmd::rules_check(dir.as_deref())
         }
         Command::Config(ConfigCommand::Check { file }) => {
             crate::agent_cmd::config_command(Some(&file))

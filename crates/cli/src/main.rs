@@ -91,6 +91,17 @@ enum ConfigCommand {
     Default,
 }
 
+/// `eventbus rules` subcommands.
+#[derive(Subcommand, Debug)]
+pub(crate) enum RulesCommand {
+    /// Check the rule files of a directory (without one, the built-in example rules): prints
+    /// each rule, or each file's problem; exits 1 if any rule is refused.
+    Check {
+        /// The directory.
+        dir: Option<PathBuf>,
+    },
+}
+
 /// `eventbus acl` subcommands.
 #[derive(Subcommand, Debug)]
 pub(crate) enum AclCommand {
@@ -150,7 +161,14 @@ enum Command {
         /// Configuration file (TOML or YAML; see `eventbus config default`).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Detection rules: a directory of rule files (overrides `agent.rules_dir`; unset:
+        /// the built-in example rules).
+        #[arg(long, value_name = "DIR")]
+        rules: Option<PathBuf>,
     },
+    /// Detection rules (`docs/rules.md`).
+    #[command(subcommand)]
+    Rules(RulesCommand),
     /// Check or print the agent's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -1,0 +1,345 @@
+//! Detection: each rule on its interval becomes a collection task for the tables it reads,
+//! the answers are aggregated, the rule's SQL runs over them ([`crate::engine`]), and each
+//! new match raises one [`Alert`](daemoneye_eventbus::schema::events::Alert) on
+//! `events.alert.<severity>` (published `Processed`). A match that persists is not raised
+//! again until it has cleared; a partial answer clears nothing (a collector that did not
+//! answer says nothing about what it would have shown).
+
+use crate::engine::{Engine, Output};
+use crate::lifecycle::{Checks, check_of};
+use crate::rules::{Rule, RuleError};
+use crate::tasks::{Candidate, TaskView, Tasks};
+use daemoneye_eventbus::client::{Client, Publish};
+use daemoneye_eventbus::collector::tables::Table;
+use daemoneye_eventbus::core::Qos;
+use daemoneye_eventbus::rpc::HealthStatus;
+use daemoneye_eventbus::schema::events as epb;
+use daemoneye_eventbus::supervisor::{CollectorState, Supervisor};
+use prost::Message as _;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Rows one alert carries at most (the rest are counted in it).
+pub const ALERT_ROWS_MAX: usize = 100;
+
+/// Matches remembered per rule at most (to raise each once while it persists).
+pub const MATCHES_KEPT_MAX: usize = 10_000;
+
+/// One rule as the report shows it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RuleView {
+    /// Its id.
+    pub id: String,
+    /// Its severity.
+    pub severity: String,
+    /// Seconds between evaluations.
+    pub interval_secs: u64,
+    /// Evaluations run (with rows or not).
+    pub evaluations: u64,
+    /// Rows it matched at its last evaluation.
+    pub matches: u64,
+    /// Alerts it raised.
+    pub alerts: u64,
+    /// Evaluations that failed.
+    pub errors: u64,
+    /// Why the last one failed, or what was missing from its last answer.
+    pub last_problem: Option<String>,
+}
+
+/// Detection as the report shows it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DetectionView {
+    /// The rules running.
+    pub rules: Vec<RuleView>,
+    /// Rules refused when loaded, each with its file and why.
+    pub refused: Vec<String>,
+    /// Alerts raised.
+    pub alerts: u64,
+    /// Collection tasks.
+    pub tasks: TaskView,
+}
+
+/// Where detection's view is shared with the report.
+pub type SharedView = Arc<parking_lot::Mutex<DetectionView>>;
+
+struct Running {
+    rule: Rule,
+    /// Matches at the last evaluation (each row's values).
+    last: HashSet<Vec<Option<String>>>,
+    view: RuleView,
+    next: tokio::time::Instant,
+    evaluations: u64,
+}
+
+/// The detection loop's state (owned by its task).
+pub struct Detection {
+    rules: Vec<Running>,
+    engine: Engine,
+    tasks: Tasks,
+    client: Client,
+    supervisor: Supervisor,
+    checks: Checks,
+    deadline: Duration,
+    view: SharedView,
+}
+
+impl std::fmt::Debug for Detection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Detection")
+            .field("rules", &self.rules.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The collectors that may take tasks now: running, answered their last health check (not
+/// unhealthy), with the tables their capabilities name.
+pub(crate) async fn candidates(supervisor: &Supervisor, checks: &Checks) -> Vec<Candidate> {
+    let Ok(statuses) = supervisor.status().await else {
+        return Vec::new();
+    };
+    let checks = checks.lock().clone();
+    statuses
+        .iter()
+        .filter(|s| s.state == CollectorState::Running)
+        .filter_map(|s| {
+            let check = check_of(&checks, s)?;
+            if check.health == HealthStatus::Unhealthy {
+                return None;
+            }
+            Some(Candidate {
+                id: s.id.clone(),
+                collector_type: s.collector_type.clone(),
+                tables: check
+                    .capabilities
+                    .iter()
+                    .filter_map(|c| Table::from_name(c))
+                    .collect(),
+            })
+        })
+        .filter(|c| !c.tables.is_empty())
+        .collect()
+}
+
+/// Loads the rules of `dir` (the built-in examples when `None`) and checks each with SQLite
+/// too (its columns and functions exist, it is read-only): the rules that passed, and an
+/// error naming the file, the rule and the reason for each that did not.
+///
+/// # Errors
+///
+/// When SQLite cannot open its database in memory.
+pub fn load_rules(
+    dir: Option<&std::path::Path>,
+) -> Result<(Vec<Rule>, Vec<RuleError>), crate::engine::EngineError> {
+    let (rules, mut refused) = crate::rules::load(dir);
+    let engine = Engine::new()?;
+    let mut passed = Vec::with_capacity(rules.len());
+    for rule in rules {
+        match engine.check(&rule.sql) {
+            Ok(()) => passed.push(rule),
+            Err(e) => refused.push(RuleError {
+                origin: rule.source.clone(),
+                rule: Some(rule.id.clone()),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    Ok((passed, refused))
+}
+
+impl Detection {
+    /// Detection of `rules` (checked by [`load_rules`]; `refused` are reported), tasks within
+    /// `deadline`, alerts published with `client`.
+    ///
+    /// # Errors
+    ///
+    /// When SQLite cannot open its database in memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        rules: Vec<Rule>,
+        refused: Vec<RuleError>,
+        tasks: Tasks,
+        client: Client,
+        supervisor: Supervisor,
+        checks: Checks,
+        deadline: Duration,
+        view: SharedView,
+    ) -> Result<Self, crate::engine::EngineError> {
+        let engine = Engine::new()?;
+        let now = tokio::time::Instant::now();
+        let mut running = Vec::new();
+        for rule in rules {
+            running.push(Running {
+                view: RuleView {
+                    id: rule.id.clone(),
+                    severity: rule.severity.as_str().into(),
+                    interval_secs: rule.interval.as_secs(),
+                    ..RuleView::default()
+                },
+                // The first evaluation once the collectors had a moment to be heard.
+                next: now + rule.interval.min(Duration::from_secs(2)),
+                rule,
+                last: HashSet::new(),
+                evaluations: 0,
+            });
+        }
+        for e in &refused {
+            tracing::warn!(error = %e, "rule refused");
+        }
+        {
+            let mut v = view.lock();
+            v.refused = refused.iter().map(ToString::to_string).collect();
+            v.rules = running.iter().map(|r| r.view.clone()).collect();
+        }
+        Ok(Self {
+            rules: running,
+            engine,
+            tasks,
+            client,
+            supervisor,
+            checks,
+            deadline,
+            view,
+        })
+    }
+
+    /// Evaluates each rule on its interval, until the task is stopped.
+    pub async fn run(mut self) {
+        if self.rules.is_empty() {
+            return;
+        }
+        loop {
+            let next = self.rules.iter().map(|r| r.next).min().unwrap_or_else(|| {
+                tokio::time::Instant::now() + Duration::from_secs(3600)
+            });
+            tokio::time::sleep_until(next).await;
+            let now = tokio::time::Instant::now();
+            for i in 0..self.rules.len() {
+                if self.rules[i].next <= now {
+                    self.evaluate(i).await;
+                    let r = &mut self.rules[i];
+                    r.next = (r.next + r.rule.interval).max(tokio::time::Instant::now());
+                }
+            }
+            let mut v = self.view.lock();
+            v.rules = self.rules.iter().map(|r| r.view.clone()).collect();
+            v.tasks = self.tasks.view();
+        }
+    }
+
+    async fn evaluate(&mut self, i: usize) {
+        let candidates = candidates(&self.supervisor, &self.checks).await;
+        let (id, tables) = {
+            let r = &mut self.rules[i];
+            r.evaluations += 1;
+            r.view.evaluations += 1;
+            (
+                format!("{}.{}", r.rule.id, r.evaluations),
+                r.rule.tables.clone(),
+            )
+        };
+        let outcome = self
+            .tasks
+            .run(&id, &tables, &candidates, self.deadline)
+            .await;
+        let problem = outcome
+            .partial()
+            .then(|| format!("no answer from {}", outcome.missing.join(", ")));
+        if outcome.answered.is_empty() {
+            let r = &mut self.rules[i];
+            r.view.errors += 1;
+            r.view.last_problem = problem.or_else(|| Some("no collector answered".into()));
+            return;
+        }
+        let result = self
+            .engine
+            .load(&outcome.tables)
+            .and_then(|()| self.engine.query(&self.rules[i].rule.sql, self.deadline));
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                let r = &mut self.rules[i];
+                tracing::warn!(rule = %r.rule.id, error = %e, "rule evaluation failed");
+                r.view.errors += 1;
+                r.view.last_problem = Some(e.to_string());
+                return;
+            }
+        };
+        let r = &mut self.rules[i];
+        r.view.last_problem = problem;
+        r.view.matches = out.rows.len() as u64;
+        let fresh: Vec<&Vec<Option<String>>> =
+            out.rows.iter().filter(|row| !r.last.contains(*row)).collect();
+        let alert = (!fresh.is_empty()).then(|| alert_of(&r.rule, &out, &fresh, &outcome));
+        let now: HashSet<Vec<Option<String>>> = out.rows.iter().cloned().collect();
+        if outcome.partial() {
+            // What did not answer clears nothing.
+            r.last.extend(now);
+        } else {
+            r.last = now;
+        }
+        if r.last.len() > MATCHES_KEPT_MAX {
+            r.last.clear();
+        }
+        if let Some(alert) = alert {
+            let topic = r.rule.severity.topic();
+            let sent = self
+                .client
+                .publish_with(Publish::new(topic, alert.encode_to_vec()).qos(Qos::Processed))
+                .await;
+            match sent {
+                Ok(_) => {
+                    r.view.alerts += 1;
+                    self.view.lock().alerts += 1;
+                    tracing::info!(rule = %r.rule.id, rows = fresh.len(), "alert raised");
+                }
+                Err(e) => {
+                    r.view.errors += 1;
+                    r.view.last_problem = Some(format!("alert not published: {e}"));
+                }
+            }
+        }
+    }
+}
+
+/// The alert for `fresh`, the new rows of `out`.
+fn alert_of(
+    rule: &Rule,
+    out: &Output,
+    fresh: &[&Vec<Option<String>>],
+    outcome: &crate::tasks::Outcome,
+) -> epb::Alert {
+    let rows = fresh
+        .iter()
+        .take(ALERT_ROWS_MAX)
+        .map(|row| epb::AlertRow {
+            columns: out
+                .columns
+                .iter()
+                .zip(row.iter())
+                .filter_map(|(c, v)| Some((c.clone(), v.clone()?)))
+                .collect::<BTreeMap<_, _>>()
+                .into_iter()
+                .collect(),
+        })
+        .collect();
+    epb::Alert {
+        rule_id: rule.id.clone(),
+        rule_name: rule.name.clone(),
+        severity: match rule.severity {
+            crate::rules::Severity::Low => epb::Severity::Low,
+            crate::rules::Severity::Medium => epb::Severity::Medium,
+            crate::rules::Severity::High => epb::Severity::High,
+            crate::rules::Severity::Critical => epb::Severity::Critical,
+        } as i32,
+        description: rule.description.trim().to_owned(),
+        rows,
+        rows_left_out: fresh.len().saturating_sub(ALERT_ROWS_MAX) as u64 + out.rows_left_out,
+        task_correlation_id: outcome.task_id.clone(),
+        answered: outcome.answered.clone(),
+        missing: outcome.missing.clone(),
+        raised_at_ns: daemoneye_eventbus::collector::services::now_ns(),
+        event_correlation_ids: Vec::new(),
+    }
+}

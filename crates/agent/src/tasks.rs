@@ -1,0 +1,548 @@
+//! Collection tasks (seed 003, "Multi-Collector Coordination"): the agent asks the
+//! collectors for the rows of the tables a rule or query reads.
+//!
+//! - [`Dispatcher`] (pure) chooses, for each collector type that answers one of the tables,
+//!   its running and healthy instances in round-robin order, skipping those at capacity; the
+//!   first answers, the others take over when it fails (redistribution).
+//! - [`Aggregate`] (pure) matches answers to their task by id, keeps one answer per collector
+//!   (a redelivery is a duplicate), orders them by the collector's sequence number, merges
+//!   the rows per table without duplicates, and at the deadline completes as partial, naming
+//!   the collector types that did not answer. An answer after that is late: counted, never
+//!   merged.
+//! - [`Tasks`] is the shell: RPC calls (`EXECUTE_TASK` on `control.collector.task.<id>`)
+//!   with the task's correlation id and deadlines, and the counters.
+
+use daemoneye_eventbus::collector::tables::Table;
+use daemoneye_eventbus::core::CorrelationMetadata;
+use daemoneye_eventbus::rpc::{CollectorRpcClient, RpcRequest};
+use daemoneye_eventbus::schema::rpc as pb;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A collector that may take tasks: running, and not unhealthy at its last check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its id.
+    pub id: String,
+    /// Its type: one instance of a type answers for all of them.
+    pub collector_type: String,
+    /// The tables it answers (its capabilities that are table names).
+    pub tables: BTreeSet<Table>,
+}
+
+/// Tasks one collector instance is given at once, at most (collectors queue 16 each).
+pub const CAPACITY: u32 = 4;
+
+/// Who a task goes to: per collector type, its instances in the order to try them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Per type, the tables it is asked for and its instances in order.
+    pub groups: BTreeMap<String, (BTreeSet<Table>, Vec<String>)>,
+    /// Tables no running collector answers.
+    pub unanswered: BTreeSet<Table>,
+    /// Types whose every instance is at capacity (their tables are unanswered this time).
+    pub busy: BTreeSet<String>,
+}
+
+/// Round-robin over the instances of each type, within each instance's capacity.
+#[derive(Debug, Default)]
+pub struct Dispatcher {
+    /// Per type, where the next task starts.
+    next: HashMap<String, usize>,
+    /// Tasks in flight per instance.
+    in_flight: HashMap<String, u32>,
+}
+
+impl Dispatcher {
+    /// Chooses the collectors for a task reading `tables` among `candidates`, and counts the
+    /// first of each type as busy with it (until [`Dispatcher::done`]).
+    pub fn plan(&mut self, tables: &BTreeSet<Table>, candidates: &[Candidate]) -> Plan {
+        let mut plan = Plan::default();
+        let mut by_type: BTreeMap<&str, Vec<&Candidate>> = BTreeMap::new();
+        for c in candidates {
+            if c.tables.iter().any(|t| tables.contains(t)) {
+                by_type.entry(&c.collector_type).or_default().push(c);
+            }
+        }
+        for t in tables {
+            if !candidates.iter().any(|c| c.tables.contains(t)) {
+                plan.unanswered.insert(*t);
+            }
+        }
+        for (kind, mut instances) in by_type {
+            instances.sort_by(|a, b| a.id.cmp(&b.id));
+            let n = instances.len();
+            let start = self.next.get(kind).copied().unwrap_or(0) % n;
+            self.next.insert(kind.to_owned(), (start + 1) % n);
+            let order: Vec<String> = (0..n)
+                .map(|i| instances[(start + i) % n])
+                .filter(|c| self.in_flight.get(&c.id).copied().unwrap_or(0) < CAPACITY)
+                .map(|c| c.id.clone())
+                .collect();
+            let asked: BTreeSet<Table> = instances
+                .iter()
+                .flat_map(|c| c.tables.iter().copied())
+                .filter(|t| tables.contains(t))
+                .collect();
+            let Some(first) = order.first() else {
+                plan.busy.insert(kind.to_owned());
+                plan.unanswered.extend(asked);
+                continue;
+            };
+            *self.in_flight.entry(first.clone()).or_default() += 1;
+            plan.groups.insert(kind.to_owned(), (asked, order));
+        }
+        plan
+    }
+
+    /// Counts instance `id` as busy with one more task (a redistribution to it).
+    pub fn took(&mut self, id: &str) {
+        *self.in_flight.entry(id.to_owned()).or_default() += 1;
+    }
+
+    /// Instance `id` is done with one task (answered or failed).
+    pub fn done(&mut self, id: &str) {
+        if let Some(n) = self.in_flight.get_mut(id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.in_flight.remove(id);
+            }
+        }
+    }
+
+    /// Tasks in flight across instances.
+    #[must_use]
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.values().map(|n| u64::from(*n)).sum()
+    }
+}
+
+/// What an answer was to its aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Merged.
+    New,
+    /// This collector had answered already (a redelivery): not merged again.
+    Duplicate,
+    /// The aggregate had completed: counted, not merged.
+    Late,
+    /// For another task, or from a collector type it did not ask.
+    Foreign,
+}
+
+/// The answers to one task until its deadline.
+#[derive(Debug)]
+pub struct Aggregate {
+    task_id: String,
+    /// Types asked, and the one instance whose answer counts for each.
+    asked: BTreeMap<String, Option<String>>,
+    /// Answers by collector id: its sequence number and rows.
+    answers: BTreeMap<String, (u64, Vec<pb::TableRows>)>,
+    complete: bool,
+}
+
+/// A completed aggregate.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    /// The task's id (also its correlation id).
+    pub task_id: String,
+    /// Rows per table, merged across collectors without duplicates.
+    pub tables: Vec<pb::TableRows>,
+    /// Collectors that answered.
+    pub answered: Vec<String>,
+    /// Collector types that did not answer by the deadline (or had no instance to ask), and
+    /// tables no collector answers.
+    pub missing: Vec<String>,
+    /// Rows collectors left out of their answers (bounds).
+    pub rows_left_out: u64,
+}
+
+impl Outcome {
+    /// Whether something asked for did not answer.
+    #[must_use]
+    pub fn partial(&self) -> bool {
+        !self.missing.is_empty()
+    }
+}
+
+impl Aggregate {
+    /// Awaits answers to `task_id` from one instance of each of `types`.
+    #[must_use]
+    pub fn new(task_id: &str, types: impl IntoIterator<Item = String>) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            asked: types.into_iter().map(|t| (t, None)).collect(),
+            answers: BTreeMap::new(),
+            complete: false,
+        }
+    }
+
+    /// Takes `answer` from an instance of `collector_type`.
+    pub fn accept(&mut self, collector_type: &str, answer: pb::TaskResponse) -> Accepted {
+        if answer.task_id != self.task_id {
+            return Accepted::Foreign;
+        }
+        let Some(who) = self.asked.get_mut(collector_type) else {
+            return Accepted::Foreign;
+        };
+        if self.complete {
+            return Accepted::Late;
+        }
+        if who.is_some() || self.answers.contains_key(&answer.collector_id) {
+            return Accepted::Duplicate;
+        }
+        *who = Some(answer.collector_id.clone());
+        self.answers
+            .insert(answer.collector_id, (answer.sequence, answer.tables));
+        Accepted::New
+    }
+
+    /// Whether every type asked has answered.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.asked.values().all(Option::is_some)
+    }
+
+    /// Completes the aggregate (at its deadline, or when full): later answers are late.
+    pub fn complete(&mut self, unanswered: &BTreeSet<Table>) -> Outcome {
+        self.complete = true;
+        let mut answers: Vec<(&String, &(u64, Vec<pb::TableRows>))> = self.answers.iter().collect();
+        // Per collector in the order it numbered its answers (ids break ties).
+        answers.sort_by(|a, b| (a.1.0, a.0).cmp(&(b.1.0, b.0)));
+        let mut merged: BTreeMap<String, (pb::TableRows, HashSet<Vec<u8>>)> = BTreeMap::new();
+        let mut rows_left_out = 0;
+        for (_, (_, tables)) in &answers {
+            for t in tables {
+                rows_left_out += t.rows_left_out;
+                let (into, seen) = merged.entry(t.table.clone()).or_insert_with(|| {
+                    (
+                        pb::TableRows {
+                            table: t.table.clone(),
+                            columns: t.columns.clone(),
+                            ..pb::TableRows::default()
+                        },
+                        HashSet::new(),
+                    )
+                });
+                if into.columns != t.columns {
+                    // Two collectors with different columns for one table: kept apart.
+                    continue;
+                }
+                // The same row from two collectors (or twice from one) once: compared
+                // without the column that names the collector.
+                let skip = t.columns.iter().position(|c| c == "collector_id");
+                for row in &t.rows {
+                    let key: Vec<u8> = row
+                        .values
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| Some(*i) != skip)
+                        .flat_map(|(_, v)| prost::Message::encode_to_vec(v).into_iter().chain([0xff]))
+                        .collect();
+                    if seen.insert(key) {
+                        into.rows.push(row.clone());
+                    }
+                }
+            }
+        }
+        let mut missing: Vec<String> = self
+            .asked
+            .iter()
+            .filter(|(_, who)| who.is_none())
+            .map(|(t, _)| t.clone())
+            .collect();
+        missing.extend(unanswered.iter().map(|t| format!("table {t}")));
+        Outcome {
+            task_id: self.task_id.clone(),
+            tables: merged.into_values().map(|(t, _)| t).collect(),
+            answered: answers.iter().map(|(id, _)| (*id).clone()).collect(),
+            missing,
+            rows_left_out,
+        }
+    }
+}
+
+/// Counters of tasks (in the agent's report).
+#[derive(Debug, Default)]
+pub struct TaskCounts {
+    /// Tasks started.
+    pub started: AtomicU64,
+    /// Tasks whose every collector answered.
+    pub complete: AtomicU64,
+    /// Tasks completed as partial.
+    pub partial: AtomicU64,
+    /// Calls to an instance that failed or timed out (the task went to another if any).
+    pub failed_calls: AtomicU64,
+    /// Tasks given to another instance after one failed.
+    pub redistributed: AtomicU64,
+    /// Answers after their task had completed.
+    pub late: AtomicU64,
+    /// Answers from a collector that had answered already.
+    pub duplicates: AtomicU64,
+}
+
+/// Task counters as a report shows them.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct TaskView {
+    /// Tasks started.
+    pub started: u64,
+    /// In flight now.
+    pub in_flight: u64,
+    /// Completed with every answer.
+    pub complete: u64,
+    /// Completed as partial.
+    pub partial: u64,
+    /// Calls that failed or timed out.
+    pub failed_calls: u64,
+    /// Tasks moved to another instance.
+    pub redistributed: u64,
+    /// Late answers.
+    pub late: u64,
+    /// Duplicate answers.
+    pub duplicates: u64,
+}
+
+/// The task shell: dispatches over RPC and aggregates.
+#[derive(Clone)]
+pub struct Tasks {
+    rpc: CollectorRpcClient,
+    dispatcher: Arc<parking_lot::Mutex<Dispatcher>>,
+    counts: Arc<TaskCounts>,
+}
+
+impl std::fmt::Debug for Tasks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tasks").finish_non_exhaustive()
+    }
+}
+
+/// What one collector type's part of a task came to.
+struct Part {
+    collector_type: String,
+    answer: Option<pb::TaskResponse>,
+}
+
+impl Tasks {
+    /// Tasks sent with `rpc`.
+    #[must_use]
+    pub fn new(rpc: CollectorRpcClient) -> Self {
+        Self {
+            rpc,
+            dispatcher: Arc::default(),
+            counts: Arc::default(),
+        }
+    }
+
+    /// The counters now.
+    #[must_use]
+    pub fn view(&self) -> TaskView {
+        let c = &self.counts;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        TaskView {
+            started: l(&c.started),
+            in_flight: self.dispatcher.lock().in_flight(),
+            complete: l(&c.complete),
+            partial: l(&c.partial),
+            failed_calls: l(&c.failed_calls),
+            redistributed: l(&c.redistributed),
+            late: l(&c.late),
+            duplicates: l(&c.duplicates),
+        }
+    }
+
+    /// Runs one task: the rows of `tables` from `candidates`, aggregated by `deadline` from
+    /// now. `task_id` is its id and correlation id.
+    pub async fn run(
+        &self,
+        task_id: &str,
+        tables: &BTreeSet<Table>,
+        candidates: &[Candidate],
+        deadline: Duration,
+    ) -> Outcome {
+        self.counts.started.fetch_add(1, Ordering::Relaxed);
+        let plan = self.dispatcher.lock().plan(tables, candidates);
+        let mut aggregate = Aggregate::new(task_id, plan.groups.keys().cloned());
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Part>(plan.groups.len().max(1));
+        let until = tokio::time::Instant::now() + deadline;
+        for (kind, (asked, order)) in plan.groups {
+            let tx = tx.clone();
+            let this = self.clone();
+            let task_id = task_id.to_owned();
+            tokio::spawn(async move {
+                let answer = this.ask(&task_id, &asked, &order, until, deadline).await;
+                let part = Part {
+                    collector_type: kind,
+                    answer,
+                };
+                if let Err(late) = tx.send(part).await
+                    && late.0.answer.is_some()
+                {
+                    // The aggregate completed without it.
+                    this.counts.late.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        drop(tx);
+        while !aggregate.is_full() {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(Part {
+                    collector_type,
+                    answer: Some(answer),
+                })) => {
+                    if aggregate.accept(&collector_type, answer) == Accepted::Duplicate {
+                        self.counts.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let outcome = aggregate.complete(&plan.unanswered);
+        let counter = if outcome.partial() {
+            &self.counts.partial
+        } else {
+            &self.counts.complete
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// Asks the instances of one type in `order` until one answers: each gets half the time
+    /// left, the last all of it and as long again (its answer may then come late).
+    async fn ask(
+        &self,
+        task_id: &str,
+        tables: &BTreeSet<Table>,
+        order: &[String],
+        until: tokio::time::Instant,
+        deadline: Duration,
+    ) -> Option<pb::TaskResponse> {
+        for (i, id) in order.iter().enumerate() {
+            if i > 0 {
+                self.dispatcher.lock().took(id);
+                self.counts.redistributed.fetch_add(1, Ordering::Relaxed);
+            }
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let last = i + 1 == order.len();
+            let timeout = if last {
+                left + deadline
+            } else {
+                (left / 2).max(Duration::from_millis(50))
+            };
+            let request = RpcRequest::task(
+                String::new(),
+                id,
+                pb::TaskRequest {
+                    task_id: task_id.to_owned(),
+                    tables: tables.iter().map(|t| t.name().to_owned()).collect(),
+                    attempt: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                    max_rows: 0,
+                },
+                timeout,
+            )
+            .with_correlation(CorrelationMetadata::root(
+                task_id,
+                daemoneye_eventbus::collector::services::now_ns(),
+            ));
+            let result = self.rpc.call(request, timeout).await;
+            self.dispatcher.lock().done(id);
+            match result.map(|r| r.task().cloned()) {
+                Ok(Some(answer)) => return Some(answer),
+                Ok(None) => {
+                    tracing::warn!(collector = %id, "a task's answer carried no rows");
+                }
+                Err(e) => {
+                    tracing::warn!(collector = %id, error = %e, "a collection task failed");
+                }
+            }
+            self.counts.failed_calls.fetch_add(1, Ordering::Relaxed);
+            if tokio::time::Instant::now() >= until && !last {
+                break;
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daemoneye_eventbus::collector::tables::{Rows, int, text};
+
+    fn candidate(id: &str, kind: &str, tables: &[Table]) -> Candidate {
+        Candidate {
+            id: id.into(),
+            collector_type: kind.into(),
+            tables: tables.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn instances_of_a_type_take_turns_within_capacity_and_tables_nobody_answers_are_named() {
+        let mut d = Dispatcher::default();
+        let cands = [
+            candidate("procmond-a", "procmond", &[Table::Processes]),
+            candidate("procmond-b", "procmond", &[Table::Processes]),
+            candidate("netmond", "netmond", &[Table::NetworkConnections]),
+        ];
+        let procs = BTreeSet::from([Table::Processes]);
+        let first = d.plan(&procs, &cands);
+        let second = d.plan(&procs, &cands);
+        assert_eq!(first.groups["procmond"].1, ["procmond-a", "procmond-b"]);
+        assert_eq!(second.groups["procmond"].1, ["procmond-b", "procmond-a"]);
+        assert!(!first.groups.contains_key("netmond"));
+        let both = BTreeSet::from([Table::Processes, Table::NetworkConnections]);
+        let p = d.plan(&both, &cands[..2]);
+        assert_eq!(p.unanswered, BTreeSet::from([Table::NetworkConnections]));
+        // Fill procmond-a and -b to capacity: the type is busy.
+        for _ in 0..2 * CAPACITY {
+            d.plan(&procs, &cands);
+        }
+        let p = d.plan(&procs, &cands);
+        assert!(p.busy.contains("procmond"), "{p:?}");
+        d.done("procmond-b");
+        let p = d.plan(&procs, &cands);
+        assert_eq!(p.groups["procmond"].1, ["procmond-b"]);
+    }
+
+    fn answer(task: &str, collector: &str, seq: u64, pids: &[i64]) -> pb::TaskResponse {
+        let mut rows = Rows::new(Table::NetworkConnections, 0);
+        for pid in pids {
+            let mut v: Vec<pb::Value> = Table::NetworkConnections
+                .columns()
+                .iter()
+                .map(|_| daemoneye_eventbus::collector::tables::null())
+                .collect();
+            v[9] = int(*pid);
+            v[11] = text(collector);
+            rows.push(v);
+        }
+        pb::TaskResponse {
+            task_id: task.into(),
+            collector_id: collector.into(),
+            sequence: seq,
+            tables: vec![rows.finish()],
+        }
+    }
+
+    #[test]
+    fn answers_merge_once_and_the_deadline_makes_a_partial_with_late_answers_counted() {
+        let mut a = Aggregate::new("t1", ["netmond".to_owned(), "procmond".to_owned()]);
+        assert_eq!(a.accept("netmond", answer("t0", "n1", 1, &[1])), Accepted::Foreign);
+        assert_eq!(a.accept("other", answer("t1", "x", 1, &[1])), Accepted::Foreign);
+        assert_eq!(a.accept("netmond", answer("t1", "n1", 2, &[1, 2, 2])), Accepted::New);
+        assert_eq!(a.accept("netmond", answer("t1", "n1", 2, &[1])), Accepted::Duplicate);
+        assert_eq!(a.accept("netmond", answer("t1", "n2", 1, &[3])), Accepted::Duplicate);
+        assert!(!a.is_full());
+        let out = a.complete(&BTreeSet::new());
+        assert!(out.partial());
+        assert_eq!(out.missing, ["procmond"]);
+        assert_eq!(out.answered, ["n1"]);
+        // Pid 2 twice in one answer: once.
+        assert_eq!(out.tables[0].rows.len(), 2);
+        assert_eq!(a.accept("procmond", answer("t1", "p1", 1, &[])), Accepted::Late);
+    }
+}
