@@ -210,9 +210,12 @@ impl Detection {
             return;
         }
         loop {
-            let next = self.rules.iter().map(|r| r.next).min().unwrap_or_else(|| {
-                tokio::time::Instant::now() + Duration::from_secs(3600)
-            });
+            let next = self
+                .rules
+                .iter()
+                .map(|r| r.next)
+                .min()
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::time::sleep_until(next).await;
             let now = tokio::time::Instant::now();
             for i in 0..self.rules.len() {
@@ -269,8 +272,11 @@ impl Detection {
         let r = &mut self.rules[i];
         r.view.last_problem = problem;
         r.view.matches = out.rows.len() as u64;
-        let fresh: Vec<&Vec<Option<String>>> =
-            out.rows.iter().filter(|row| !r.last.contains(*row)).collect();
+        let fresh: Vec<&Vec<Option<String>>> = out
+            .rows
+            .iter()
+            .filter(|row| !r.last.contains(*row))
+            .collect();
         let alert = (!fresh.is_empty()).then(|| alert_of(&r.rule, &out, &fresh, &outcome));
         let now: HashSet<Vec<Option<String>>> = out.rows.iter().cloned().collect();
         if outcome.partial() {

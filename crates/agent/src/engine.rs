@@ -72,8 +72,12 @@ impl Engine {
                 .iter()
                 .map(|c| format!("{} {}", c.name, c.kind.sql()))
                 .collect();
-            conn.execute_batch(&format!("CREATE TABLE {} ({})", t.name(), columns.join(", ")))
-                .map_err(|e| EngineError::Invalid(e.to_string()))?;
+            conn.execute_batch(&format!(
+                "CREATE TABLE {} ({})",
+                t.name(),
+                columns.join(", ")
+            ))
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
         }
         Ok(Self { conn })
     }
@@ -114,8 +118,8 @@ impl Engine {
                 table: rows.table.clone(),
                 reason,
             };
-            let table = Table::from_name(&rows.table)
-                .ok_or_else(|| load_err("no such table".into()))?;
+            let table =
+                Table::from_name(&rows.table).ok_or_else(|| load_err("no such table".into()))?;
             // The collector's column order: every column it sent must be ours.
             for c in &rows.columns {
                 if !table.columns().iter().any(|k| k.name == c) {
@@ -176,7 +180,11 @@ impl Engine {
             if !stmt.readonly() {
                 return Err(EngineError::Writes);
             }
-            let columns: Vec<String> = stmt.column_names().iter().map(|c| (*c).to_owned()).collect();
+            let columns: Vec<String> = stmt
+                .column_names()
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect();
             let width = columns.len();
             let mut out = Output {
                 columns,
@@ -232,15 +240,23 @@ mod tests {
     #[test]
     fn rows_are_loaded_queried_and_replaced() {
         let mut e = Engine::new().unwrap();
-        e.load(&[processes(&[(1, "init", Some("/sbin/init")), (42, "x", Some("/tmp/x"))])])
-            .unwrap();
+        e.load(&[processes(&[
+            (1, "init", Some("/sbin/init")),
+            (42, "x", Some("/tmp/x")),
+        ])])
+        .unwrap();
         let sql = "SELECT pid, name FROM processes WHERE executable_path LIKE '/tmp/%'";
         e.check(sql).unwrap();
         let out = e.query(sql, Duration::from_secs(1)).unwrap();
         assert_eq!(out.columns, ["pid", "name"]);
         assert_eq!(out.rows, vec![vec![Some("42".into()), Some("x".into())]]);
         e.load(&[processes(&[(1, "init", None)])]).unwrap();
-        assert!(e.query(sql, Duration::from_secs(1)).unwrap().rows.is_empty());
+        assert!(
+            e.query(sql, Duration::from_secs(1))
+                .unwrap()
+                .rows
+                .is_empty()
+        );
     }
 
     #[test]
@@ -249,7 +265,10 @@ mod tests {
         let err = e.check("SELECT nope FROM processes").unwrap_err();
         assert!(err.to_string().contains("no such column: nope"), "{err}");
         assert!(e.check("DELETE FROM processes").is_err());
-        assert!(e.query("DELETE FROM processes", Duration::from_secs(1)).is_err());
+        assert!(
+            e.query("DELETE FROM processes", Duration::from_secs(1))
+                .is_err()
+        );
         e.load(&[processes(&[(1, "a", None)])]).unwrap();
         // A recursive query that never ends on its own.
         let endless = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \

@@ -24,10 +24,10 @@
 pub mod config;
 pub mod detection;
 pub mod engine;
-pub mod rules;
-pub mod tasks;
 mod health;
 mod lifecycle;
+pub mod rules;
+pub mod tasks;
 
 pub use config::{AgentConfig, AgentSection, BUNDLED, ConfigError};
 pub use health::{Before, Health, Part, broker_health, collectors_health, rpc_health};

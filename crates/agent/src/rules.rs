@@ -193,7 +193,10 @@ pub fn parse(source: &str, text: &str) -> Result<Rule, RuleError> {
 /// Why not, for people.
 pub fn check_sql(sql: &str) -> Result<BTreeSet<Table>, String> {
     if sql.len() > SQL_MAX {
-        return Err(format!("the query is {} bytes; at most {SQL_MAX}", sql.len()));
+        return Err(format!(
+            "the query is {} bytes; at most {SQL_MAX}",
+            sql.len()
+        ));
     }
     let statements =
         Parser::parse_sql(&SQLiteDialect {}, sql).map_err(|e| format!("SQL syntax: {e}"))?;
@@ -401,10 +404,16 @@ mod tests {
             ("DROP TABLE processes", "only a read-only SELECT"),
             ("ATTACH DATABASE '/tmp/x' AS x", "only a read-only SELECT"),
             ("PRAGMA query_only = 0", "only a read-only SELECT"),
-            ("SELECT 1; SELECT 2", "one SELECT statement expected, found 2"),
+            (
+                "SELECT 1; SELECT 2",
+                "one SELECT statement expected, found 2",
+            ),
             ("SELEC pid FROM processes", "SQL syntax"),
             ("SELECT * FROM files", "unknown table \"files\""),
-            ("SELECT * FROM processes p JOIN sqlite_master m", "unknown table"),
+            (
+                "SELECT * FROM processes p JOIN sqlite_master m",
+                "unknown table",
+            ),
             ("SELECT 1", "reads no collector table"),
         ] {
             let e = parse("bad.yaml", &rule(sql)).unwrap_err();
@@ -413,8 +422,11 @@ mod tests {
         }
         let e = parse("bad.yaml", &rule("SELECT 1").replace("high", "urgent")).unwrap_err();
         assert!(e.reason.contains("severity"), "{e}");
-        let e = parse("bad.yaml", &rule("SELECT 1").replace("interval_seconds: 5", "interval_seconds: 0"))
-            .unwrap_err();
+        let e = parse(
+            "bad.yaml",
+            &rule("SELECT 1").replace("interval_seconds: 5", "interval_seconds: 0"),
+        )
+        .unwrap_err();
         assert!(e.reason.contains("interval_seconds"), "{e}");
         let e = parse("bad.yaml", &format!("{}extra: 1\n", rule("SELECT 1"))).unwrap_err();
         assert!(e.reason.contains("unknown field"), "{e}");

@@ -240,7 +240,9 @@ impl Aggregate {
                         .iter()
                         .enumerate()
                         .filter(|(i, _)| Some(*i) != skip)
-                        .flat_map(|(_, v)| prost::Message::encode_to_vec(v).into_iter().chain([0xff]))
+                        .flat_map(|(_, v)| {
+                            prost::Message::encode_to_vec(v).into_iter().chain([0xff])
+                        })
                         .collect();
                     if seen.insert(key) {
                         into.rows.push(row.clone());
@@ -531,11 +533,26 @@ mod tests {
     #[test]
     fn answers_merge_once_and_the_deadline_makes_a_partial_with_late_answers_counted() {
         let mut a = Aggregate::new("t1", ["netmond".to_owned(), "procmond".to_owned()]);
-        assert_eq!(a.accept("netmond", answer("t0", "n1", 1, &[1])), Accepted::Foreign);
-        assert_eq!(a.accept("other", answer("t1", "x", 1, &[1])), Accepted::Foreign);
-        assert_eq!(a.accept("netmond", answer("t1", "n1", 2, &[1, 2, 2])), Accepted::New);
-        assert_eq!(a.accept("netmond", answer("t1", "n1", 2, &[1])), Accepted::Duplicate);
-        assert_eq!(a.accept("netmond", answer("t1", "n2", 1, &[3])), Accepted::Duplicate);
+        assert_eq!(
+            a.accept("netmond", answer("t0", "n1", 1, &[1])),
+            Accepted::Foreign
+        );
+        assert_eq!(
+            a.accept("other", answer("t1", "x", 1, &[1])),
+            Accepted::Foreign
+        );
+        assert_eq!(
+            a.accept("netmond", answer("t1", "n1", 2, &[1, 2, 2])),
+            Accepted::New
+        );
+        assert_eq!(
+            a.accept("netmond", answer("t1", "n1", 2, &[1])),
+            Accepted::Duplicate
+        );
+        assert_eq!(
+            a.accept("netmond", answer("t1", "n2", 1, &[3])),
+            Accepted::Duplicate
+        );
         assert!(!a.is_full());
         let out = a.complete(&BTreeSet::new());
         assert!(out.partial());
@@ -543,6 +560,9 @@ mod tests {
         assert_eq!(out.answered, ["n1"]);
         // Pid 2 twice in one answer: once.
         assert_eq!(out.tables[0].rows.len(), 2);
-        assert_eq!(a.accept("procmond", answer("t1", "p1", 1, &[])), Accepted::Late);
+        assert_eq!(
+            a.accept("procmond", answer("t1", "p1", 1, &[])),
+            Accepted::Late
+        );
     }
 }

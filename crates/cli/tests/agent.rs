@@ -40,7 +40,7 @@ fn write_policy(dir: &Path) -> PathBuf {
         format!(
             "version = 1\n\
              [[rule]]\ncollector = \"*\"\npublish = [\"events.#\", \"control.health.+.{{collector}}\"]\n\
-             subscribe = [\"events.#\", \"$sys.#\"]\nreply = [\"control.collector.{{collector}}\"]\n\
+             subscribe = [\"events.#\", \"$sys.#\"]\nreply = [\"control.collector.{{collector}}\", \"control.collector.task.{{collector}}\"]\n\
              [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"$sys.#\", \"control.agent.status\", \"control.health.#\", \"alerts.#\"]\n\
              publish = [\"alerts.#\"]\n\
              [[rule]]\nexe = \"{}\"\nrequest = [\"control.agent.lifecycle\"]\n\

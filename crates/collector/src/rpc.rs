@@ -29,10 +29,10 @@ pub use service::{CollectorCall, CollectorHandler, serve_collector, serve_servic
 
 pub use daemoneye_eventbus_client::{RpcError, RpcErrorKind};
 pub use daemoneye_eventbus_schema::rpc::{
-    CapabilitiesResponse, TableRows, TaskRequest, TaskResponse, CollectorConfig, CollectorOperation, CollectorState, CollectorStatus,
+    CapabilitiesResponse, CollectorConfig, CollectorOperation, CollectorState, CollectorStatus,
     ConfigResponse, ConfigValidationError, HealthCheckResponse, HealthStatus, Heartbeat,
-    LifecycleResponse, MetricsResponse, ResourceLimits, ShutdownResponse, UpdateConfigResponse,
-    ValidateConfigResponse, rpc_request, rpc_response,
+    LifecycleResponse, MetricsResponse, ResourceLimits, ShutdownResponse, TableRows, TaskRequest,
+    TaskResponse, UpdateConfigResponse, ValidateConfigResponse, rpc_request, rpc_response,
 };
 
 /// The body of start / stop / restart / status requests (the seed's name).
@@ -219,7 +219,10 @@ impl RpcRequest {
     ) -> Self {
         Self::new(
             client_id,
-            format!("{}.{collector_id}", daemoneye_eventbus_core::catalog::collector::task()),
+            format!(
+                "{}.{collector_id}",
+                daemoneye_eventbus_core::catalog::collector::task()
+            ),
             CollectorOperation::ExecuteTask,
             rpc_request::Body::Task(task),
             timeout,

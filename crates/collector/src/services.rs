@@ -8,9 +8,9 @@ use crate::rpc::{
     CollectorCall, CollectorConfig, CollectorHandler, CollectorOperation, ConfigValidationError,
     HealthStatus, rpc_request, rpc_response,
 };
+use crate::tables::Table;
 use daemoneye_eventbus_client::Client;
 use daemoneye_eventbus_core::{ReplyStatus, catalog};
-use crate::tables::Table;
 use daemoneye_eventbus_schema::rpc as pb;
 use prost::Message as _;
 use std::collections::HashMap;

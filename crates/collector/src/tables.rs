@@ -45,7 +45,11 @@ use ColumnType::{Integer, Text};
 const PROCESSES: &[Column] = &[
     col("pid", Integer, "Process id."),
     col("ppid", Integer, "Parent's process id."),
-    col("name", Text, "Program name (at most 15 bytes, as the kernel keeps it)."),
+    col(
+        "name",
+        Text,
+        "Program name (at most 15 bytes, as the kernel keeps it).",
+    ),
     col(
         "command_line",
         Text,
@@ -64,7 +68,11 @@ const PROCESSES: &[Column] = &[
     col("uid", Integer, "Real user id (NULL when unknown)."),
     col("user", Text, "User name of `uid` (NULL when it has none)."),
     col("state", Text, "State letter: R, S, D, Z, T, …"),
-    col("start_time", Integer, "Start, in Unix seconds (NULL when unknown)."),
+    col(
+        "start_time",
+        Integer,
+        "Start, in Unix seconds (NULL when unknown).",
+    ),
     col("collector_id", Text, "The collector that answered."),
 ];
 
@@ -73,7 +81,11 @@ const NETWORK_CONNECTIONS: &[Column] = &[
     col("family", Text, "`ipv4` or `ipv6`."),
     col("local_address", Text, "Local address."),
     col("local_port", Integer, "Local port."),
-    col("remote_address", Text, "Remote address (unspecified for a listener)."),
+    col(
+        "remote_address",
+        Text,
+        "Remote address (unspecified for a listener).",
+    ),
     col("remote_port", Integer, "Remote port (0 for a listener)."),
     col(
         "state",
@@ -82,8 +94,16 @@ const NETWORK_CONNECTIONS: &[Column] = &[
     ),
     col("inode", Integer, "The socket's inode."),
     col("uid", Integer, "Owner's user id."),
-    col("pid", Integer, "A process holding the socket (NULL when none was found)."),
-    col("process_name", Text, "That process's name (NULL when none was found)."),
+    col(
+        "pid",
+        Integer,
+        "A process holding the socket (NULL when none was found).",
+    ),
+    col(
+        "process_name",
+        Text,
+        "That process's name (NULL when none was found).",
+    ),
     col("collector_id", Text, "The collector that answered."),
 ];
 

@@ -19,12 +19,12 @@ pub mod procnet;
 pub mod tracker;
 
 use daemoneye_eventbus_client::{Client, Publish, Service};
-use daemoneye_eventbus_collector::tables::Table;
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
 pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
     Basics, Collector, CollectorSettings, ConfigReader, Loss, Losses, Services, heartbeats, now_ns,
 };
+use daemoneye_eventbus_collector::tables::Table;
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
 use owners::Owner;

@@ -915,9 +915,8 @@ impl Scanner {
                 },
                 None => (None, 0),
             };
-            let start_secs = (!p.is_gone()).then(|| {
-                self.boot_secs + p.start_ticks / self.ticks_per_sec.max(1)
-            });
+            let start_secs =
+                (!p.is_gone()).then(|| self.boot_secs + p.start_ticks / self.ticks_per_sec.max(1));
             rows.push(vec![
                 int(p.pid),
                 int(p.ppid),
@@ -1111,8 +1110,7 @@ impl Collector for Shared {
         self.tasks.try_send((max_rows, answer)).map_err(|_| {
             format!("procmond has {TASKS_WAITING} collection tasks waiting already; try again")
         })?;
-        rows.await
-            .map_err(|_| "procmond is stopping".to_owned())
+        rows.await.map_err(|_| "procmond is stopping".to_owned())
     }
 
     fn components(&self) -> HashMap<String, pb::ComponentHealth> {
