@@ -1,4 +1,5 @@
-//! Detection: each rule on its interval becomes a collection task for the tables it reads,
+//! Detection: each rule on its interval (and soon after events of the tables it reads)
+//! becomes a collection task for those tables,
 //! the answers are aggregated, the rule's SQL runs over them ([`crate::engine`]), and each
 //! new match raises one [`Alert`](daemoneye_eventbus::schema::events::Alert) on
 //! `events.alert.<severity>` (published `Processed`). A match that persists is not raised
@@ -71,7 +72,24 @@ struct Running {
     view: RuleView,
     next: tokio::time::Instant,
     evaluations: u64,
+    /// When it was last evaluated.
+    evaluated: Option<tokio::time::Instant>,
+    /// Ids of the events since then of the tables it reads (correlation ids, else message
+    /// ids), at most [`EVENTS_KEPT`].
+    events: Vec<String>,
 }
+
+/// The events that make rules run soon: process and connection changes.
+const EVENT_TOPICS: [&str; 2] = ["events.process.lifecycle", "events.network.connections"];
+
+/// How soon after an event of its tables a rule runs (events of a burst are taken together).
+pub const EVENT_DELAY: Duration = Duration::from_millis(100);
+
+/// Shortest time between two evaluations of a rule that events bring forward.
+pub const EVENT_GAP: Duration = Duration::from_secs(1);
+
+/// Event ids kept per rule for its next alert.
+pub const EVENTS_KEPT: usize = 16;
 
 /// The detection loop's state (owned by its task).
 pub struct Detection {
@@ -182,6 +200,8 @@ impl Detection {
                 rule,
                 last: HashSet::new(),
                 evaluations: 0,
+                evaluated: None,
+                events: Vec::new(),
             });
         }
         for e in &refused {
@@ -204,11 +224,19 @@ impl Detection {
         })
     }
 
-    /// Evaluates each rule on its interval, until the task is stopped.
+    /// Evaluates each rule on its interval, and soon after events of the tables it reads
+    /// (at most once per [`EVENT_GAP`]), until the task is stopped.
     pub async fn run(mut self) {
         if self.rules.is_empty() {
             return;
         }
+        let mut events = match self.client.subscribe(EVENT_TOPICS).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "rules run on their intervals only");
+                None
+            }
+        };
         loop {
             let next = self
                 .rules
@@ -216,7 +244,16 @@ impl Detection {
                 .map(|r| r.next)
                 .min()
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-            tokio::time::sleep_until(next).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                m = async { events.as_mut()?.recv().await.ok() }, if events.is_some() => {
+                    match m {
+                        Some(m) => self.heard(&m),
+                        None => events = None,
+                    }
+                    continue;
+                }
+            }
             let now = tokio::time::Instant::now();
             for i in 0..self.rules.len() {
                 if self.rules[i].next <= now {
@@ -231,17 +268,52 @@ impl Detection {
         }
     }
 
+    /// An event of a table: the rules reading it are evaluated soon.
+    fn heard(&mut self, m: &daemoneye_eventbus::core::Message) {
+        let table = match m.topic().as_str().split('.').nth(1) {
+            Some("process") => Table::Processes,
+            Some("network") => Table::NetworkConnections,
+            _ => return,
+        };
+        let id = m
+            .header()
+            .correlation
+            .as_ref()
+            .map_or_else(|| m.id().to_string(), |c| c.correlation_id.clone());
+        let soon = tokio::time::Instant::now() + EVENT_DELAY;
+        for r in &mut self.rules {
+            if !r.rule.tables.contains(&table) {
+                continue;
+            }
+            let earliest = r.evaluated.map_or(soon, |t| (t + EVENT_GAP).max(soon));
+            if earliest < r.next {
+                r.next = earliest;
+            }
+            if r.events.len() < EVENTS_KEPT {
+                r.events.push(id.clone());
+            }
+        }
+    }
+
     async fn evaluate(&mut self, i: usize) {
         let candidates = candidates(&self.supervisor, &self.checks).await;
         let (id, tables) = {
             let r = &mut self.rules[i];
             r.evaluations += 1;
             r.view.evaluations += 1;
+            r.evaluated = Some(tokio::time::Instant::now());
             (
                 format!("{}.{}", r.rule.id, r.evaluations),
                 r.rule.tables.clone(),
             )
         };
+        if candidates.is_empty() {
+            // No task for nobody: said in the rule's view, not counted as a partial task.
+            let r = &mut self.rules[i];
+            r.view.errors += 1;
+            r.view.last_problem = Some("no running, checked collector answers its tables".into());
+            return;
+        }
         let outcome = self
             .tasks
             .run(&id, &tables, &candidates, self.deadline)
@@ -277,7 +349,8 @@ impl Detection {
             .iter()
             .filter(|row| !r.last.contains(*row))
             .collect();
-        let alert = (!fresh.is_empty()).then(|| alert_of(&r.rule, &out, &fresh, &outcome));
+        let events = std::mem::take(&mut r.events);
+        let alert = (!fresh.is_empty()).then(|| alert_of(&r.rule, &out, &fresh, &outcome, events));
         let now: HashSet<Vec<Option<String>>> = out.rows.iter().cloned().collect();
         if outcome.partial() {
             // What did not answer clears nothing.
@@ -315,6 +388,7 @@ fn alert_of(
     out: &Output,
     fresh: &[&Vec<Option<String>>],
     outcome: &crate::tasks::Outcome,
+    events: Vec<String>,
 ) -> epb::Alert {
     let rows = fresh
         .iter()
@@ -346,6 +420,6 @@ fn alert_of(
         answered: outcome.answered.clone(),
         missing: outcome.missing.clone(),
         raised_at_ns: daemoneye_eventbus::collector::services::now_ns(),
-        event_correlation_ids: Vec::new(),
+        event_correlation_ids: events,
     }
 }

@@ -26,6 +26,7 @@ pub mod detection;
 pub mod engine;
 mod health;
 mod lifecycle;
+pub mod query;
 pub mod rules;
 pub mod tasks;
 
@@ -202,6 +203,7 @@ pub struct Agent {
     lifecycle: daemoneye_eventbus::client::Service,
     detection: detection::SharedView,
     collection: tasks::Tasks,
+    queries: daemoneye_eventbus::client::Service,
 }
 
 impl Agent {
@@ -309,6 +311,14 @@ impl Agent {
             view.clone(),
         )
         .map_err(rules_engine)?;
+        let queries = query::serve(
+            &client,
+            collection.clone(),
+            supervisor.clone(),
+            checks.clone(),
+            Duration::from_secs(config.agent.task_timeout_seconds),
+        )
+        .await?;
         let tasks = vec![
             tokio::spawn(detection.run()),
             tokio::spawn(count_events(events, counts.clone())),
@@ -335,6 +345,7 @@ impl Agent {
             lifecycle,
             detection: view,
             collection,
+            queries,
         })
     }
 
@@ -447,6 +458,7 @@ impl Agent {
             t.abort();
         }
         self.lifecycle.drain(Duration::from_secs(2)).await;
+        self.queries.drain(Duration::from_secs(2)).await;
         let collectors = self.supervisor.shutdown().await;
         self.client.close().await;
         let report = self.broker.shutdown().await;

@@ -246,7 +246,7 @@ impl Policy {
     /// `control.collector.<its id>` and take tasks on `control.collector.task.<its id>`, and
     /// read events and `$sys`; every other
     /// client may subscribe to anything but others' calls (`control.collector.#`, the agent's
-    /// lifecycle, shutdown, tasks and coordination topics, the broker's admin topic, other
+    /// lifecycle, shutdown, tasks, coordination and query topics, the broker's admin topic, other
     /// callers' inboxes), publish, call and serve anything outside `control.#`, and publish
     /// outside `events.#` too.
     pub fn default_policy() -> Self {
@@ -285,6 +285,7 @@ impl Policy {
                     "control.agent.shutdown",
                     "control.agent.tasks",
                     "control.agent.coordination",
+                    "control.agent.query",
                     "control.broker.admin",
                     "_inbox.#",
                 ]),

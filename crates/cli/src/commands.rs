@@ -75,6 +75,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             config,
             rules,
         } => crate::agent_cmd::run(&socket, config.as_deref(), rules).await,
+        Command::Query(args) => crate::query_cmd::run(args).await,
         Command::Rules(crate::RulesCommand::Check { dir }) => {
             crate::agent_cmd::rules_check(dir.as_deref())
         }

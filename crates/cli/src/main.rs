@@ -8,6 +8,7 @@ mod bench;
 mod collector_cmd;
 mod commands;
 mod output;
+mod query_cmd;
 mod rpc_cmd;
 mod tls_cmd;
 
@@ -169,6 +170,10 @@ enum Command {
     /// Detection rules (`docs/rules.md`).
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Run one SELECT over the collectors' tables through a running agent
+    /// (`control.agent.query`, which the broker's policy must grant you): rows as a table or
+    /// JSON, with the collectors that answered. Exit status as `request`'s.
+    Query(query_cmd::QueryArgs),
     /// Check or print the agent's configuration.
     #[command(subcommand)]
     Config(ConfigCommand),

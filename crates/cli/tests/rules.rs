@@ -214,3 +214,233 @@ fn rules_check_names_each_bad_rule_and_fails() {
     }
     assert!(out.contains("rule good"), "{out}");
 }
+
+/// A policy file: collectors as the default policy has them, and `eventbus` (the CLI) may
+/// query the agent.
+fn query_policy(dir: &Path) -> std::path::PathBuf {
+    let policy = dir.join("acl.toml");
+    let cli = std::fs::canonicalize(env!("CARGO_BIN_EXE_eventbus")).unwrap();
+    std::fs::write(
+        &policy,
+        format!(
+            "version = 1\n\
+             [[rule]]\ncollector = \"*\"\npublish = [\"events.#\", \"control.health.+.{{collector}}\"]\n\
+             subscribe = [\"events.#\", \"$sys.#\"]\n\
+             reply = [\"control.collector.{{collector}}\", \"control.collector.task.{{collector}}\"]\n\
+             [[rule]]\nuid = 0\nsubscribe = [\"events.#\", \"control.agent.status\"]\n\
+             [[rule]]\nexe = \"{}\"\nrequest = [\"control.agent.query\"]\n",
+            cli.display()
+        ),
+    )
+    .unwrap();
+    policy
+}
+
+fn query(socket: &Path, args: &[&str]) -> (i32, Vec<String>) {
+    let mut cmd = eventbus();
+    cmd.arg("query").args(args).env("EVENTBUS_SOCKET", socket);
+    let mut p = Proc::spawn(cmd);
+    let code = p.wait();
+    (code, p.stdout_lines())
+}
+
+/// `eventbus query` against a running agent: a join over both tables answered by both
+/// collectors, as a table and as JSON; a write and an unknown column refused with the reason
+/// (exit 5), and the agent serving on.
+#[test]
+fn a_query_is_answered_through_the_agent_by_both_collectors() {
+    let dir = TempDir::new("query");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("agent.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker:\n  socket_path: {}\n  acl_file: {}\nrpc:\n  health_check_interval_seconds: 1\n",
+            socket.display(),
+            query_policy(dir.path()).display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = eventbus();
+    cmd.arg("agent").arg("--config").arg(&config);
+    let mut agent = Proc::spawn(cmd);
+    wait_line(agent.stdout.as_ref().unwrap(), "agent ready", |l| {
+        l.starts_with("agent ready")
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sql = format!(
+        "SELECT p.pid, n.local_port FROM network_connections n JOIN processes p USING (pid) \
+         WHERE n.state = 'LISTEN' AND n.local_port = {port}"
+    );
+    // Until both collectors were checked and netmond read this listener.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let (code, lines) = query(&socket, &["--json", &sql]);
+        if code == 0 {
+            let v: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+            if v["rows"].as_array().is_some_and(|r| !r.is_empty()) {
+                break v;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer with the listener: {lines:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        answer["rows"],
+        serde_json::json!([[std::process::id().to_string(), port.to_string()]])
+    );
+    assert_eq!(answer["columns"], serde_json::json!(["pid", "local_port"]));
+    let mut answered: Vec<String> = serde_json::from_value(answer["answered"].clone()).unwrap();
+    answered.sort();
+    assert_eq!(answered, ["netmond", "procmond"]);
+    let (code, lines) = query(&socket, &[&sql]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["pid", "local_port"]
+    );
+    assert!(
+        lines.last().unwrap().starts_with("(1 rows; answered by"),
+        "{lines:?}"
+    );
+    for (bad, why) in [
+        ("DELETE FROM processes", "only a read-only SELECT"),
+        ("SELECT nope FROM processes", "no such column: nope"),
+    ] {
+        let mut cmd = eventbus();
+        cmd.args(["query", bad]).env("EVENTBUS_SOCKET", &socket);
+        let mut p = Proc::spawn(cmd);
+        assert_eq!(p.wait(), 5, "{bad}");
+        let err = p.stderr_lines().join("\n");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    assert_eq!(query(&socket, &["--json", &sql]).0, 0);
+    drop(listener);
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(agent.wait(), 0);
+}
+
+/// Two procmond instances under one agent: tasks take turns between them; one that stops
+/// answering (SIGSTOP) has its tasks taken over by the other, and once it is killed
+/// (SIGKILL) the other answers alone: every aggregate complete, none partial. When the last
+/// one is silent too, the aggregate is partial at its deadline and its answer, once it goes
+/// on, is counted late.
+#[test]
+fn a_silent_or_killed_instance_has_its_tasks_redistributed() {
+    let dir = TempDir::new("redistribute");
+    let socket = dir.path().join("agent.sock");
+    let config = dir.path().join("agent.toml");
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("all.yaml"),
+        "id: every-process\nname: Every process\nseverity: low\ninterval_seconds: 1\n\
+         sql: SELECT pid FROM processes WHERE pid = 1\n",
+    )
+    .unwrap();
+    let procmond = common::collector_bin("procmond");
+    let entry = |id: &str| {
+        format!(
+            "[[collectors]]\nid = \"{id}\"\ncollector_type = \"procmond\"\nbinary = \"{}\"\n\
+             args = [\"--heartbeat-secs\", \"1\", \"--source\", \"proc\"]\n\
+             events = [\"events.process.#\"]\n",
+            procmond.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "[broker]\nsocket_path = \"{}\"\n[process_manager]\nenable_auto_restart = false\n\
+             [rpc]\nhealth_check_interval_seconds = 1\n[agent]\nstatus_interval_seconds = 1\n\
+             task_timeout_seconds = 4\n{}{}",
+            socket.display(),
+            entry("procmond-a"),
+            entry("procmond-b")
+        ),
+    )
+    .unwrap();
+    let mut cmd = eventbus();
+    cmd.arg("agent")
+        .arg("--config")
+        .arg(&config)
+        .arg("--rules")
+        .arg(&rules);
+    let mut agent = Proc::spawn(cmd);
+    wait_line(agent.stdout.as_ref().unwrap(), "agent ready", |l| {
+        l.ends_with("collectors: procmond-a, procmond-b")
+    });
+    let mut sub = eventbus();
+    sub.args(["sub", "--json", "control.agent.status"])
+        .env("EVENTBUS_SOCKET", &socket);
+    let sub = Proc::spawn(sub);
+    wait_line(sub.stderr.as_ref().unwrap(), "sub ready", |l| l == "ready");
+    let report = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            let line = wait_line(sub.stdout.as_ref().unwrap(), what, |l| {
+                l.contains("control.agent.status")
+            });
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if pred(&v["event"]) {
+                return v["event"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no report with {what}: {}",
+                v["event"]
+            );
+        }
+    };
+    let tasks = |r: &serde_json::Value, k: &str| r["detection"]["tasks"][k].as_u64().unwrap();
+    let r = report("tasks answered by both", &|r| tasks(r, "complete") >= 4);
+    assert_eq!(tasks(&r, "partial"), 0, "{r}");
+    assert_eq!(tasks(&r, "redistributed"), 0, "{r}");
+    let pid_a = r["collectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "procmond-a")
+        .and_then(|c| c["pid"].as_u64())
+        .unwrap();
+    let pid_a = nix::unistd::Pid::from_raw(i32::try_from(pid_a).unwrap());
+    nix::sys::signal::kill(pid_a, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let r = report("a task redistributed", &|r| tasks(r, "redistributed") >= 1);
+    assert_eq!(tasks(&r, "partial"), 0, "{r}");
+    assert!(tasks(&r, "failed_calls") >= 1, "{r}");
+    nix::sys::signal::kill(pid_a, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let before = tasks(&r, "complete");
+    let r = report("tasks answered by procmond-b alone", &|r| {
+        tasks(r, "complete") >= before + 3
+    });
+    assert_eq!(tasks(&r, "partial"), 0, "{r}");
+    let rule = &r["detection"]["rules"][0];
+    assert_eq!(rule["id"], "every-process");
+    assert_eq!(rule["alerts"], 1, "{r}");
+    // The last instance silent: the aggregate completes as partial at its deadline, naming
+    // the type; its answer, once it goes on, is late: counted, not merged.
+    let pid_b = r["collectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "procmond-b")
+        .and_then(|c| c["pid"].as_u64())
+        .unwrap();
+    let pid_b = nix::unistd::Pid::from_raw(i32::try_from(pid_b).unwrap());
+    nix::sys::signal::kill(pid_b, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let r = report("a partial task", &|r| tasks(r, "partial") >= 1);
+    nix::sys::signal::kill(pid_b, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert!(
+        r["detection"]["rules"][0]["last_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("no answer from procmond")),
+        "{r}"
+    );
+    let r = report("a late answer", &|r| tasks(r, "late") >= 1);
+    assert_eq!(r["detection"]["rules"][0]["alerts"], 1, "{r}");
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(agent.wait(), 0);
+}

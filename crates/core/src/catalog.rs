@@ -164,6 +164,8 @@ pub mod agent {
         lifecycle = "control.agent.lifecycle";
         /// Graceful shutdown coordination.
         shutdown = "control.agent.shutdown";
+        /// Ad-hoc queries (`eventbus query`): a SELECT answered through collection tasks.
+        query = "control.agent.query";
     }
 }
 

@@ -1,0 +1,108 @@
+//! Ad-hoc queries (`eventbus query`): one `SELECT` served on `control.agent.query` through
+//! the path rules take — checked by the SQL parser, collection tasks to the collectors that
+//! answer its tables, aggregation, SQLite — answered with its rows and who answered.
+
+use crate::detection::candidates;
+use crate::engine::{Engine, EngineError};
+use crate::lifecycle::Checks;
+use crate::tasks::Tasks;
+use daemoneye_eventbus::client::{Client, ServeOptions, Service, SubscribeError};
+use daemoneye_eventbus::core::{Message, ReplyStatus, catalog};
+use daemoneye_eventbus::supervisor::Supervisor;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// A query's answer (the reply's JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryAnswer {
+    /// The collection task's id (its correlation id).
+    pub task_id: String,
+    /// Column names.
+    pub columns: Vec<String>,
+    /// Rows, values as text (`None`: NULL).
+    pub rows: Vec<Vec<Option<String>>>,
+    /// Rows not returned (bounds of the answers or of the result).
+    pub rows_left_out: u64,
+    /// Collectors that answered.
+    pub answered: Vec<String>,
+    /// Collector types (or tables) that did not answer: the rows may be incomplete.
+    pub missing: Vec<String>,
+}
+
+struct Ctx {
+    tasks: Tasks,
+    supervisor: Supervisor,
+    checks: Checks,
+    deadline: Duration,
+    next: AtomicU64,
+}
+
+/// Serves queries on `control.agent.query` (four at a time).
+pub(crate) async fn serve(
+    client: &Client,
+    tasks: Tasks,
+    supervisor: Supervisor,
+    checks: Checks,
+    deadline: Duration,
+) -> Result<Service, SubscribeError> {
+    let ctx = Arc::new(Ctx {
+        tasks,
+        supervisor,
+        checks,
+        deadline,
+        next: AtomicU64::new(1),
+    });
+    client
+        .serve(
+            [catalog::agent::query().as_str()],
+            ServeOptions::default().concurrency(4),
+            move |msg: Message| {
+                let ctx = Arc::clone(&ctx);
+                async move { answer(&ctx, &msg).await }
+            },
+        )
+        .await
+}
+
+async fn answer(ctx: &Ctx, msg: &Message) -> Result<bytes::Bytes, ReplyStatus> {
+    let sql = std::str::from_utf8(msg.payload())
+        .map_err(|_| ReplyStatus::invalid_operation("the query is not UTF-8 text"))?;
+    let tables = crate::rules::check_sql(sql).map_err(ReplyStatus::invalid_operation)?;
+    let task_id = format!("query.{}", ctx.next.fetch_add(1, Ordering::Relaxed));
+    let candidates = candidates(&ctx.supervisor, &ctx.checks).await;
+    let outcome = ctx
+        .tasks
+        .run(&task_id, &tables, &candidates, ctx.deadline)
+        .await;
+    if outcome.answered.is_empty() {
+        return Err(ReplyStatus::unavailable(format!(
+            "no collector answered (missing: {})",
+            outcome.missing.join(", ")
+        )));
+    }
+    let out = (|| {
+        let mut engine = Engine::new()?;
+        engine.check(sql)?;
+        engine.load(&outcome.tables)?;
+        engine.query(sql, ctx.deadline)
+    })()
+    .map_err(|e| match e {
+        EngineError::Deadline(_) => {
+            ReplyStatus::new(daemoneye_eventbus::core::StatusCode::Timeout, e.to_string())
+        }
+        other => ReplyStatus::invalid_operation(other.to_string()),
+    })?;
+    let answer = QueryAnswer {
+        task_id,
+        columns: out.columns,
+        rows: out.rows,
+        rows_left_out: out.rows_left_out + outcome.rows_left_out,
+        answered: outcome.answered,
+        missing: outcome.missing,
+    };
+    serde_json::to_vec(&answer)
+        .map(bytes::Bytes::from)
+        .map_err(|e| ReplyStatus::invalid_operation(format!("the answer did not encode: {e}")))
+}
