@@ -34,7 +34,8 @@ pub trait CollectorHandler: Send + Sync + 'static {
 }
 
 /// Serves the collector services of `collector_id` on `control.collector.<collector_id>` (and
-/// its collection tasks on `control.collector.task.<collector_id>`), in
+/// its collection tasks on `control.collector.task.<collector_id>`, unless the broker's policy
+/// refuses that topic: then without them, and a warning says so), in
 /// queue group `<collector_id>`: several instances of one collector share the calls.
 /// Requests that cannot be decoded, name no operation, or carry a body that does not match
 /// their operation are answered with `InvalidOperation` and never reach `handler`.
@@ -50,7 +51,22 @@ pub async fn serve_collector<H: CollectorHandler>(
     let topic = catalog::collector::addressed(collector_id)?;
     let tasks = catalog::collector::tasks_of(collector_id)?;
     let group = QueueGroup::new(collector_id)?;
-    serve_services_at(client, &[topic, tasks], group, handler).await
+    let handler = Arc::new(handler);
+    match serve_shared(client, &[topic.clone(), tasks.clone()], group.clone(), &handler).await {
+        // A policy written before collection tasks: the services without them.
+        Err(SubscribeError::Refused {
+            code: daemoneye_eventbus_core::codec::ErrorCode::NotAuthorized,
+            message,
+        }) => {
+            tracing::warn!(
+                %message,
+                "collection tasks are not served: the broker's policy does not let this \
+                 collector answer on {tasks}"
+            );
+            serve_shared(client, &[topic], group, &handler).await
+        }
+        served => served,
+    }
 }
 
 /// Serves the collector services' envelopes at any topic, in queue group `group` (the agent
@@ -65,7 +81,16 @@ pub async fn serve_services_at<H: CollectorHandler>(
     group: QueueGroup,
     handler: H,
 ) -> Result<Service, SubscribeError> {
-    let handler = Arc::new(handler);
+    serve_shared(client, topics, group, &Arc::new(handler)).await
+}
+
+async fn serve_shared<H: CollectorHandler>(
+    client: &Client,
+    topics: &[daemoneye_eventbus_core::Topic],
+    group: QueueGroup,
+    handler: &Arc<H>,
+) -> Result<Service, SubscribeError> {
+    let handler = Arc::clone(handler);
     client
         .serve(
             topics.iter().map(daemoneye_eventbus_core::Topic::as_str),
