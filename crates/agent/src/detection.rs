@@ -134,9 +134,10 @@ pub(crate) async fn candidates(supervisor: &Supervisor, checks: &Checks) -> Vec<
                     .iter()
                     .filter_map(|c| Table::from_name(c))
                     .collect(),
+                capacity: check.task_capacity,
             })
         })
-        .filter(|c| !c.tables.is_empty())
+        .filter(|c| !c.tables.is_empty() && c.capacity > 0)
         .collect()
 }
 

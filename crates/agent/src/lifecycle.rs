@@ -27,6 +27,16 @@ pub(crate) struct Check {
     pub(crate) message: String,
     pub(crate) collector_type: String,
     pub(crate) capabilities: Vec<String>,
+    /// Collection tasks it takes at once, as it said.
+    pub(crate) task_capacity: u32,
+}
+
+/// What a collector says it is and can do (GET_CAPABILITIES).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Said {
+    pub(crate) collector_type: String,
+    pub(crate) capabilities: Vec<String>,
+    pub(crate) task_capacity: u32,
 }
 
 /// The last [`Check`] per collector id (one entry per configured collector: bounded).
@@ -108,15 +118,17 @@ pub(crate) fn collectors_part(
 
 /// What collector `id` says it is and can do (GET_CAPABILITIES), timed by the health-check
 /// policy; empty if it does not say.
-async fn capabilities_of(rpc: &CollectorRpcClient, id: &str) -> (String, Vec<String>) {
+async fn capabilities_of(rpc: &CollectorRpcClient, id: &str) -> Said {
     let ask = RpcRequest::capabilities(
         String::new(),
         format!("control.collector.{id}"),
         rpc.config().policies.health_check.timeout(),
     );
     match rpc.call(ask, Duration::ZERO).await {
-        Ok(r) => r.capabilities().map_or_else(Default::default, |c| {
-            (c.collector_type.clone(), c.capabilities.clone())
+        Ok(r) => r.capabilities().map_or_else(Default::default, |c| Said {
+            collector_type: c.collector_type.clone(),
+            capabilities: c.capabilities.clone(),
+            task_capacity: c.task_capacity,
         }),
         Err(_) => Default::default(),
     }
@@ -157,8 +169,12 @@ pub(crate) async fn health_checks(
                 .lock()
                 .get(&s.id)
                 .filter(|c| c.pid == pid && !c.collector_type.is_empty())
-                .map(|c| (c.collector_type.clone(), c.capabilities.clone()));
-            let (collector_type, capabilities) = match known {
+                .map(|c| Said {
+                    collector_type: c.collector_type.clone(),
+                    capabilities: c.capabilities.clone(),
+                    task_capacity: c.task_capacity,
+                });
+            let said = match known {
                 Some(k) => k,
                 None => capabilities_of(&rpc, &s.id).await,
             };
@@ -192,8 +208,9 @@ pub(crate) async fn health_checks(
                     at: Instant::now(),
                     health,
                     message,
-                    collector_type,
-                    capabilities,
+                    collector_type: said.collector_type,
+                    capabilities: said.capabilities,
+                    task_capacity: said.task_capacity,
                 },
             );
         }
@@ -221,7 +238,10 @@ impl Lifecycle {
         let known = check_of(&self.checks.lock(), s).filter(|c| !c.collector_type.is_empty());
         let (said_type, capabilities) = match known {
             Some(c) => (c.collector_type, c.capabilities),
-            None => capabilities_of(&self.rpc, &s.id).await,
+            None => {
+                let said = capabilities_of(&self.rpc, &s.id).await;
+                (said.collector_type, said.capabilities)
+            }
         };
         if !said_type.is_empty() && said_type != s.collector_type {
             // What it says it is, beside what the supervisor was told it is.

@@ -2,7 +2,8 @@
 //! collectors for the rows of the tables a rule or query reads.
 //!
 //! - [`Dispatcher`] (pure) chooses, for each collector type that answers one of the tables,
-//!   its running and healthy instances in round-robin order, skipping those at capacity; the
+//!   its running and healthy instances in round-robin order, skipping those at the capacity
+//!   they announced (`task_capacity` in their capabilities); the
 //!   first answers, the others take over when it fails (redistribution).
 //! - [`Aggregate`] (pure) matches answers to their task by id, keeps one answer per collector
 //!   (a redelivery is a duplicate), orders them by the collector's sequence number, merges
@@ -31,10 +32,9 @@ pub struct Candidate {
     pub collector_type: String,
     /// The tables it answers (its capabilities that are table names).
     pub tables: BTreeSet<Table>,
+    /// Tasks it takes at once, as it said (at least 1).
+    pub capacity: u32,
 }
-
-/// Tasks one collector instance is given at once, at most (collectors queue 16 each).
-pub const CAPACITY: u32 = 4;
 
 /// Who a task goes to: per collector type, its instances in the order to try them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -79,7 +79,7 @@ impl Dispatcher {
             self.next.insert(kind.to_owned(), (start + 1) % n);
             let order: Vec<String> = (0..n)
                 .map(|i| instances[(start + i) % n])
-                .filter(|c| self.in_flight.get(&c.id).copied().unwrap_or(0) < CAPACITY)
+                .filter(|c| self.in_flight.get(&c.id).copied().unwrap_or(0) < c.capacity.max(1))
                 .map(|c| c.id.clone())
                 .collect();
             let asked: BTreeSet<Table> = instances
@@ -474,11 +474,14 @@ mod tests {
     use super::*;
     use daemoneye_eventbus::collector::tables::{Rows, int, text};
 
+    const CAPACITY: u32 = 3;
+
     fn candidate(id: &str, kind: &str, tables: &[Table]) -> Candidate {
         Candidate {
             id: id.into(),
             collector_type: kind.into(),
             tables: tables.iter().copied().collect(),
+            capacity: CAPACITY,
         }
     }
 

@@ -343,6 +343,10 @@ pub trait Collector: Send + Sync + 'static {
     fn tables(&self) -> &'static [Table] {
         &[]
     }
+    /// Collection tasks it takes at once (announced in its capabilities).
+    fn task_capacity(&self) -> u32 {
+        if self.tables().is_empty() { 0 } else { 1 }
+    }
     /// The rows of `table` (one of [`Collector::tables`]) as it sees them now, at most
     /// `max_rows` (0: its own bound).
     ///
@@ -594,6 +598,7 @@ impl<C: Collector> CollectorHandler for Services<C> {
                     .map(|o| o as i32)
                     .collect(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                task_capacity: c.task_capacity(),
             })),
             (O::ExecuteTask, Q::Task(t)) => {
                 let mut tables = Vec::with_capacity(t.tables.len());

@@ -267,4 +267,19 @@ mod tests {
         assert_eq!(out.rows_left_out, 1);
         assert_eq!(out.columns[3], "local_port");
     }
+
+    #[test]
+    fn docs_rules_md_lists_every_table_and_column() {
+        let doc = include_str!("../../../docs/rules.md");
+        for t in Table::ALL {
+            assert!(doc.contains(&format!("### `{}`", t.name())), "{t}");
+            for c in t.columns() {
+                assert!(
+                    doc.contains(&format!("| `{}` | {} |", c.name, c.kind.sql())),
+                    "docs/rules.md lacks {t}.{}",
+                    c.name
+                );
+            }
+        }
+    }
 }

@@ -316,6 +316,10 @@ impl Collector for Shared {
         &[Table::NetworkConnections]
     }
 
+    fn task_capacity(&self) -> u32 {
+        TASKS_WAITING as u32
+    }
+
     async fn rows(&self, table: Table, max_rows: usize) -> Result<pb::TableRows, String> {
         if table != Table::NetworkConnections {
             return Err(format!("netmond does not answer table {table}"));

@@ -1102,6 +1102,10 @@ impl Collector for Shared {
         &[Table::Processes]
     }
 
+    fn task_capacity(&self) -> u32 {
+        TASKS_WAITING as u32
+    }
+
     async fn rows(&self, table: Table, max_rows: usize) -> Result<pb::TableRows, String> {
         if table != Table::Processes {
             return Err(format!("procmond does not answer table {table}"));

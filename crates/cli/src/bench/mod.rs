@@ -9,6 +9,7 @@ mod collector;
 mod floor;
 mod process;
 mod report;
+mod tasks;
 mod worker;
 
 use anyhow::{Context, Result, bail};
@@ -111,6 +112,9 @@ pub(crate) enum Workload {
     /// procmond under the agent: its CPU idle and with 200 process starts per second, and
     /// the time from a process's exec to its event at a subscriber.
     W7,
+    /// Collection tasks and rule SQL under the agent: a query over 2,000 processes through
+    /// `control.agent.query`, one at a time and eight in flight.
+    W8,
     Floor,
     All,
 }
@@ -476,6 +480,7 @@ enum Step {
     W5(usize, u64, &'static str),
     W6,
     W7,
+    W8,
 }
 
 /// The steps to run, each with the guarantee it runs in (the floor, W3 and W6 once).
@@ -503,6 +508,7 @@ fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
         Workload::W5 => streaming(w5.to_vec()),
         Workload::W6 => once(Step::W6),
         Workload::W7 => once(Step::W7),
+        Workload::W8 => once(Step::W8),
         Workload::All => [
             once(Step::Floor),
             streaming(
@@ -515,6 +521,7 @@ fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
             once(Step::W3),
             once(Step::W6),
             once(Step::W7),
+            once(Step::W8),
         ]
         .concat(),
     }
@@ -532,6 +539,7 @@ impl Step {
             Self::W5(_, _, l) => format!("w5 {l}"),
             Self::W6 => "w6".into(),
             Self::W7 => "w7".into(),
+            Self::W8 => "w8".into(),
         }
     }
 
@@ -596,6 +604,7 @@ impl Step {
             Self::W4 => Ok(vec![w4(ctx)?]),
             Self::W6 => w6(ctx),
             Self::W7 => collector::w7(&ctx.dir, s),
+            Self::W8 => tasks::w8(&ctx.dir, s),
             Self::W5(size, n, label) => {
                 let row = ctx.fan_out(&FanOut {
                     workload: "w5",

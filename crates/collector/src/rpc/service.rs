@@ -52,7 +52,14 @@ pub async fn serve_collector<H: CollectorHandler>(
     let tasks = catalog::collector::tasks_of(collector_id)?;
     let group = QueueGroup::new(collector_id)?;
     let handler = Arc::new(handler);
-    match serve_shared(client, &[topic.clone(), tasks.clone()], group.clone(), &handler).await {
+    match serve_shared(
+        client,
+        &[topic.clone(), tasks.clone()],
+        group.clone(),
+        &handler,
+    )
+    .await
+    {
         // A policy written before collection tasks: the services without them.
         Err(SubscribeError::Refused {
             code: daemoneye_eventbus_core::codec::ErrorCode::NotAuthorized,
