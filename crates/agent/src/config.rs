@@ -289,7 +289,7 @@ timeout_seconds = {lt}
 max_retries = {lr}
 backoff = {{ kind = "immediate" }}
 
-[rpc.policies.health_check]           # health check, metrics, capabilities
+[rpc.policies.health_check]           # health check, metrics, capabilities, collection tasks
 timeout_seconds = {ht}
 max_retries = {hr}
 backoff = {{ kind = "exponential", initial_ms = 100, multiplier = 2.0, max_ms = 1000 }}
@@ -315,6 +315,8 @@ restart_backoff_seconds = {rbs}             # doubled per restart in a row
 [agent]
 status_interval_seconds = {asi}           # log line and control.agent.status report
 live_view = {lv}                     # redraw a status view when stdout is a terminal
+task_timeout_seconds = {tts}             # deadline of a collection task and of a rule's query
+# rules_dir = "/etc/daemoneye/rules"  # detection rules (docs/rules.md); unset: the built-in ones
 
 # Without [[collectors]], the agent runs the bundled procmond and netmond found next to
 # `eventbus`. Several instances of one type take distinct ids and the same collector_type.
@@ -351,6 +353,7 @@ live_view = {lv}                     # redraw a status view when stdout is a ter
             rbs = p.restart_backoff_seconds,
             asi = d.agent.status_interval_seconds,
             lv = d.agent.live_view,
+            tts = d.agent.task_timeout_seconds,
         )
     }
 }
@@ -499,13 +502,20 @@ mod tests {
         h.finish()
     }
 
-    /// `eventbus config default` shows every broker key, so none is forgotten when added.
+    /// `eventbus config default` shows every broker and agent key, so none is forgotten
+    /// when added.
     #[test]
-    fn the_default_names_every_broker_key() {
+    fn the_default_names_every_broker_and_agent_key() {
         let text = AgentConfig::default_toml();
-        let keys =
+        let broker =
             serde_json::to_value(daemoneye_eventbus::broker::BrokerConfig::default()).unwrap();
-        for key in keys.as_object().unwrap().keys() {
+        let agent = serde_json::to_value(AgentSection::default()).unwrap();
+        let keys = broker
+            .as_object()
+            .unwrap()
+            .keys()
+            .chain(agent.as_object().unwrap().keys());
+        for key in keys {
             assert!(
                 text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
                 "{key} missing from eventbus config default"
@@ -533,6 +543,34 @@ mod tests {
         assert_eq!(c.broker.startup_timeout_seconds, 30);
         assert_eq!(c.broker.message_buffer_size, 10_000);
         assert!(c.broker.enable_statistics);
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn a_rules_directory_that_is_not_one_and_a_task_timeout_out_of_range_are_refused() {
+        let d = tmp();
+        let p = write(&d, "a.yaml", "agent:\n  rules_dir: /nonexistent/rules\n");
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.rules_dir /nonexistent/rules: not a directory"),
+            "{e}"
+        );
+        let p = write(&d, "b.yaml", "agent:\n  task_timeout_seconds: 0\n");
+        let e = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.task_timeout_seconds must be 1 to 300"),
+            "{e}"
+        );
+        let p = write(
+            &d,
+            "c.yaml",
+            &format!(
+                "agent:\n  rules_dir: {}\n  task_timeout_seconds: 2\n",
+                d.display()
+            ),
+        );
+        let c = AgentConfig::load(&p).unwrap();
+        assert_eq!(c.agent.rules_dir.as_deref(), Some(d.as_path()));
         let _ = std::fs::remove_dir_all(d);
     }
 

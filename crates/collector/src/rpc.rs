@@ -25,7 +25,9 @@ mod policy;
 mod service;
 
 pub use policy::{Backoff, OperationClass, RetryPolicies, RetryPolicy, RpcConfig};
-pub use service::{CollectorCall, CollectorHandler, serve_collector, serve_services_at};
+pub use service::{
+    CollectorCall, CollectorHandler, CollectorService, serve_collector, serve_services_at,
+};
 
 pub use daemoneye_eventbus_client::{RpcError, RpcErrorKind};
 pub use daemoneye_eventbus_schema::rpc::{

@@ -263,6 +263,7 @@ pub struct Basics<S> {
     pub publish_failures: Loss,
     heartbeats: AtomicU64,
     answers: AtomicU64,
+    tasks_refused: std::sync::atomic::AtomicBool,
     stop: tokio::sync::Notify,
 }
 
@@ -277,6 +278,7 @@ impl<S: CollectorSettings> Basics<S> {
             publish_failures: Loss::default(),
             heartbeats: AtomicU64::new(0),
             answers: AtomicU64::new(0),
+            tasks_refused: std::sync::atomic::AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
         }
     }
@@ -504,6 +506,10 @@ pub const OPERATIONS: [CollectorOperation; 9] = [
 ];
 
 impl<C: Collector> CollectorHandler for Services<C> {
+    fn tasks_refused(&self) {
+        self.0.basics().tasks_refused.store(true, Ordering::Relaxed);
+    }
+
     async fn handle(&self, call: CollectorCall) -> Result<rpc_response::Body, ReplyStatus> {
         use CollectorOperation as O;
         use rpc_request::Body as Q;
@@ -598,7 +604,12 @@ impl<C: Collector> CollectorHandler for Services<C> {
                     .map(|o| o as i32)
                     .collect(),
                 version: env!("CARGO_PKG_VERSION").into(),
-                task_capacity: c.task_capacity(),
+                // None when the broker's policy keeps tasks from it.
+                task_capacity: if c.basics().tasks_refused.load(Ordering::Relaxed) {
+                    0
+                } else {
+                    c.task_capacity()
+                },
             })),
             (O::ExecuteTask, Q::Task(t)) => {
                 let mut tables = Vec::with_capacity(t.tables.len());

@@ -241,6 +241,49 @@ impl Rows {
     }
 }
 
+/// Collection tasks waiting at most for the part of a collector that owns its table (one
+/// more is refused as busy): what a collector announces as its `task_capacity`.
+pub const TASKS_WAITING: usize = 16;
+
+/// A collection task's question to the owner of a table: rows at most, and where the answer
+/// goes.
+pub type TableAsk = (usize, tokio::sync::oneshot::Sender<pb::TableRows>);
+
+/// The sending side of a collector's bounded queue of collection tasks (full: refused, the
+/// caller told the collector is busy).
+#[derive(Debug, Clone)]
+pub struct TaskSender {
+    tx: tokio::sync::mpsc::Sender<TableAsk>,
+    program: &'static str,
+}
+
+/// A queue of collection tasks from `program`'s services to the owner of its table, which
+/// answers each from the receiver.
+#[must_use]
+pub fn task_queue(program: &'static str) -> (TaskSender, tokio::sync::mpsc::Receiver<TableAsk>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(TASKS_WAITING);
+    (TaskSender { tx, program }, rx)
+}
+
+impl TaskSender {
+    /// Asks the owner for at most `max_rows` rows.
+    ///
+    /// # Errors
+    ///
+    /// The queue is full (busy), or the owner has stopped.
+    pub async fn ask(&self, max_rows: usize) -> Result<pb::TableRows, String> {
+        let (answer, rows) = tokio::sync::oneshot::channel();
+        self.tx.try_send((max_rows, answer)).map_err(|_| {
+            format!(
+                "{} has {TASKS_WAITING} collection tasks waiting already; try again",
+                self.program
+            )
+        })?;
+        rows.await
+            .map_err(|_| format!("{} is stopping", self.program))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,13 +18,15 @@ pub mod owners;
 pub mod procnet;
 pub mod tracker;
 
-use daemoneye_eventbus_client::{Client, Publish, Service};
+use daemoneye_eventbus_client::{Client, Publish};
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
 pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
     Basics, Collector, CollectorSettings, ConfigReader, Loss, Losses, Services, heartbeats, now_ns,
 };
-use daemoneye_eventbus_collector::tables::Table;
+use daemoneye_eventbus_collector::tables::{
+    TASKS_WAITING, Table, TableAsk, TaskSender, task_queue,
+};
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
 use owners::Owner;
@@ -253,16 +255,9 @@ struct Shared {
     scan_failing: Mutex<Option<String>>,
     source: Mutex<Source>,
     watching: tokio::sync::watch::Sender<bool>,
-    /// Collection tasks for the scan loop, which owns the socket table: how many rows at
-    /// most, and where the answer goes.
-    tasks: tokio::sync::mpsc::Sender<TableAsk>,
+    /// Collection tasks for the scan loop, which owns the socket table.
+    tasks: TaskSender,
 }
-
-/// A collection task's question to the scan loop: rows at most, and where the answer goes.
-type TableAsk = (usize, tokio::sync::oneshot::Sender<pb::TableRows>);
-
-/// Collection tasks waiting for the scan loop at most (others are refused as busy).
-const TASKS_WAITING: usize = 16;
 
 impl Shared {
     fn settings(&self) -> Settings {
@@ -324,11 +319,7 @@ impl Collector for Shared {
         if table != Table::NetworkConnections {
             return Err(format!("netmond does not answer table {table}"));
         }
-        let (answer, rows) = tokio::sync::oneshot::channel();
-        self.tasks.try_send((max_rows, answer)).map_err(|_| {
-            format!("netmond has {TASKS_WAITING} collection tasks waiting already; try again")
-        })?;
-        rows.await.map_err(|_| "netmond is stopping".to_owned())
+        self.tasks.ask(max_rows).await
     }
 
     fn components(&self) -> HashMap<String, pb::ComponentHealth> {
@@ -593,7 +584,7 @@ pub async fn run(
     proc_root: PathBuf,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), NetmondError> {
-    let (tasks, asks) = tokio::sync::mpsc::channel(TASKS_WAITING);
+    let (tasks, asks) = task_queue("netmond");
     let shared = Arc::new(Shared {
         basics: Basics::new(id, settings),
         scans: AtomicU64::new(0),
@@ -624,7 +615,7 @@ pub async fn run(
     };
     let first = scanner.scan()?;
     shared.sockets.store(first.open, Ordering::Relaxed);
-    let service: Service = serve_collector(&client, id, Services(Arc::clone(&shared)))
+    let service = serve_collector(&client, id, Services(Arc::clone(&shared)))
         .await
         .map_err(|e| NetmondError::Serve {
             id: id.to_owned(),

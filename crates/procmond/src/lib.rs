@@ -23,13 +23,15 @@ pub mod health;
 pub mod procfs;
 
 use connector::Seen;
-use daemoneye_eventbus_client::{Client, Publish, Service};
+use daemoneye_eventbus_client::{Client, Publish};
 use daemoneye_eventbus_collector::rpc::{CollectorConfig, HealthStatus, serve_collector};
 pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
     Basics, Collector, CollectorSettings, ConfigReader, Loss, Services, heartbeats, now_ns,
 };
-use daemoneye_eventbus_collector::tables::Table;
+use daemoneye_eventbus_collector::tables::{
+    TASKS_WAITING, Table, TableAsk, TaskSender, task_queue,
+};
 use daemoneye_eventbus_collector::{CollectionEvent, ProcessEvent};
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
@@ -202,16 +204,9 @@ struct Shared {
     /// Set once the first reading of `/proc` is done: procmond watches from then on, and its
     /// heartbeats say so (none before).
     watching: tokio::sync::watch::Sender<bool>,
-    /// Collection tasks for the scanner, which owns the process table: how many rows at most,
-    /// and where the answer goes.
-    tasks: tokio::sync::mpsc::Sender<TableAsk>,
+    /// Collection tasks for the scanner, which owns the process table.
+    tasks: TaskSender,
 }
-
-/// A collection task's question to the scanner: rows at most, and where the answer goes.
-type TableAsk = (usize, tokio::sync::oneshot::Sender<pb::TableRows>);
-
-/// Collection tasks waiting for the scanner at most (others are refused as busy).
-const TASKS_WAITING: usize = 16;
 
 impl Shared {
     fn settings(&self) -> Settings {
@@ -265,7 +260,7 @@ pub async fn run(
     events: Qos,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ProcmondError> {
-    let (tasks, asks) = tokio::sync::mpsc::channel(TASKS_WAITING);
+    let (tasks, asks) = task_queue("procmond");
     let shared = Arc::new(Shared {
         basics: Basics::new(id, settings.clone()),
         events,
@@ -294,7 +289,7 @@ pub async fn run(
         },
     )?)
     .unwrap_or(0);
-    let service: Service = serve_collector(&client, id, Services(Arc::clone(&shared)))
+    let service = serve_collector(&client, id, Services(Arc::clone(&shared)))
         .await
         .map_err(|e| ProcmondError::Serve {
             id: id.to_owned(),
@@ -1110,11 +1105,7 @@ impl Collector for Shared {
         if table != Table::Processes {
             return Err(format!("procmond does not answer table {table}"));
         }
-        let (answer, rows) = tokio::sync::oneshot::channel();
-        self.tasks.try_send((max_rows, answer)).map_err(|_| {
-            format!("procmond has {TASKS_WAITING} collection tasks waiting already; try again")
-        })?;
-        rows.await.map_err(|_| "procmond is stopping".to_owned())
+        self.tasks.ask(max_rows).await
     }
 
     fn components(&self) -> HashMap<String, pb::ComponentHealth> {

@@ -1,4 +1,5 @@
-//! The collector side: answer the collector services on `control.collector.<id>`.
+//! The collector side: answer the collector services on `control.collector.<id>`, and
+//! collection tasks on `control.collector.task.<id>`.
 
 use super::{CollectorOperation, rpc_request, rpc_response};
 use bytes::Bytes;
@@ -31,14 +32,47 @@ pub trait CollectorHandler: Send + Sync + 'static {
         &self,
         call: CollectorCall,
     ) -> impl Future<Output = Result<rpc_response::Body, ReplyStatus>> + Send;
+
+    /// The broker's policy refused the collection tasks' topic: they will not come.
+    fn tasks_refused(&self) {}
 }
 
-/// Serves the collector services of `collector_id` on `control.collector.<collector_id>` (and
-/// its collection tasks on `control.collector.task.<collector_id>`, unless the broker's policy
-/// refuses that topic: then without them, and a warning says so), in
-/// queue group `<collector_id>`: several instances of one collector share the calls.
-/// Requests that cannot be decoded, name no operation, or carry a body that does not match
-/// their operation are answered with `InvalidOperation` and never reach `handler`.
+/// What [`serve_collector`] serves: the collector's services, and its collection tasks when
+/// the broker's policy lets it take them. Drain it to stop.
+#[derive(Debug)]
+pub struct CollectorService {
+    calls: Service,
+    tasks: Option<Service>,
+}
+
+impl CollectorService {
+    /// Whether collection tasks are served (the policy may refuse their topic).
+    #[must_use]
+    pub fn takes_tasks(&self) -> bool {
+        self.tasks.is_some()
+    }
+
+    /// Stops taking calls and tasks, and waits at most `timeout` for those in hand.
+    pub async fn drain(self, timeout: std::time::Duration) {
+        match self.tasks {
+            Some(tasks) => {
+                tokio::join!(self.calls.drain(timeout), tasks.drain(timeout));
+            }
+            None => self.calls.drain(timeout).await,
+        }
+    }
+}
+
+/// Serves the collector services of `collector_id` on `control.collector.<collector_id>`, and
+/// its collection tasks (`EXECUTE_TASK`, and nothing else) on
+/// `control.collector.task.<collector_id>`, each in queue group `<collector_id>`: several
+/// instances of one collector share the calls. Tasks have their own four handlers, so they
+/// never hold up health checks. When the broker's policy refuses the task topic, the
+/// services are served without tasks, a warning says so, and the handler is told
+/// ([`CollectorHandler::tasks_refused`]: a collector then announces no task capacity).
+/// Requests that cannot be decoded, name no operation, carry a body that does not match
+/// their operation, or come on the other topic than their operation's are answered with
+/// `InvalidOperation` and never reach `handler`.
 ///
 /// # Errors
 ///
@@ -47,19 +81,22 @@ pub async fn serve_collector<H: CollectorHandler>(
     client: &Client,
     collector_id: &str,
     handler: H,
-) -> Result<Service, SubscribeError> {
+) -> Result<CollectorService, SubscribeError> {
     let topic = catalog::collector::addressed(collector_id)?;
-    let tasks = catalog::collector::tasks_of(collector_id)?;
+    let task_topic = catalog::collector::tasks_of(collector_id)?;
     let group = QueueGroup::new(collector_id)?;
     let handler = Arc::new(handler);
-    match serve_shared(
+    let calls = serve_shared(client, &[topic], group.clone(), Taking::Calls, &handler).await?;
+    let tasks = match serve_shared(
         client,
-        &[topic.clone(), tasks.clone()],
-        group.clone(),
+        std::slice::from_ref(&task_topic),
+        group,
+        Taking::Tasks,
         &handler,
     )
     .await
     {
+        Ok(tasks) => Some(tasks),
         // A policy written before collection tasks: the services without them.
         Err(SubscribeError::Refused {
             code: daemoneye_eventbus_core::codec::ErrorCode::NotAuthorized,
@@ -68,16 +105,22 @@ pub async fn serve_collector<H: CollectorHandler>(
             tracing::warn!(
                 %message,
                 "collection tasks are not served: the broker's policy does not let this \
-                 collector answer on {tasks}"
+                 collector answer on {task_topic}"
             );
-            serve_shared(client, &[topic], group, &handler).await
+            handler.tasks_refused();
+            None
         }
-        served => served,
-    }
+        Err(e) => {
+            calls.drain(std::time::Duration::ZERO).await;
+            return Err(e);
+        }
+    };
+    Ok(CollectorService { calls, tasks })
 }
 
 /// Serves the collector services' envelopes at any topic, in queue group `group` (the agent
-/// uses it for `control.agent.lifecycle`). Requests are checked as by [`serve_collector`].
+/// uses it for `control.agent.lifecycle`). Requests are checked as by [`serve_collector`]
+/// (collection tasks are refused).
 ///
 /// # Errors
 ///
@@ -88,13 +131,21 @@ pub async fn serve_services_at<H: CollectorHandler>(
     group: QueueGroup,
     handler: H,
 ) -> Result<Service, SubscribeError> {
-    serve_shared(client, topics, group, &Arc::new(handler)).await
+    serve_shared(client, topics, group, Taking::Calls, &Arc::new(handler)).await
+}
+
+/// What a service takes: the services' calls, or collection tasks only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Taking {
+    Calls,
+    Tasks,
 }
 
 async fn serve_shared<H: CollectorHandler>(
     client: &Client,
     topics: &[daemoneye_eventbus_core::Topic],
     group: QueueGroup,
+    taking: Taking,
     handler: &Arc<H>,
 ) -> Result<Service, SubscribeError> {
     let handler = Arc::clone(handler);
@@ -104,13 +155,17 @@ async fn serve_shared<H: CollectorHandler>(
             ServeOptions::default().group(group).concurrency(4),
             move |msg: Message| {
                 let handler = Arc::clone(&handler);
-                async move { dispatch(handler.as_ref(), msg).await }
+                async move { dispatch(handler.as_ref(), taking, msg).await }
             },
         )
         .await
 }
 
-async fn dispatch<H: CollectorHandler>(handler: &H, msg: Message) -> Result<Bytes, ReplyStatus> {
+async fn dispatch<H: CollectorHandler>(
+    handler: &H,
+    taking: Taking,
+    msg: Message,
+) -> Result<Bytes, ReplyStatus> {
     let request = pb::RpcRequest::decode(msg.payload().as_ref()).map_err(|e| {
         ReplyStatus::invalid_operation(format!("the request is not an RpcRequest: {e}"))
     })?;
@@ -123,6 +178,20 @@ async fn dispatch<H: CollectorHandler>(handler: &H, msg: Message) -> Result<Byte
                 request.operation
             ))
         })?;
+    match (taking, operation == CollectorOperation::ExecuteTask) {
+        (Taking::Calls, true) => {
+            return Err(ReplyStatus::invalid_operation(
+                "collection tasks go to control.collector.task.<id>",
+            ));
+        }
+        (Taking::Tasks, false) => {
+            return Err(ReplyStatus::invalid_operation(format!(
+                "only EXECUTE_TASK is taken here; send {} to control.collector.<id>",
+                operation.as_str_name()
+            )));
+        }
+        _ => {}
+    }
     let body = request.body.ok_or_else(|| {
         ReplyStatus::invalid_operation(format!(
             "{} needs a {} body",
