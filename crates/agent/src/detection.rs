@@ -2,15 +2,17 @@
 //! becomes a collection task for those tables,
 //! the answers are aggregated, the rule's SQL runs over them ([`crate::engine`]), and each
 //! new match raises one [`Alert`](daemoneye_eventbus::schema::events::Alert) on
-//! `events.alert.<severity>` (published `Processed`). A match that persists is not raised
-//! again until it has cleared; a partial answer clears nothing (a collector that did not
-//! answer says nothing about what it would have shown).
+//! `events.alert.<severity>` (published `Processed`). A match (a row, all its values) that
+//! persists is not raised again until it has cleared; an alert that could not be published
+//! leaves its matches new. A partial answer is not evaluated (a collector that did not answer
+//! says nothing about what it would have shown). SQLite runs on a blocking thread, never on
+//! the agent's runtime, which the embedded broker shares.
 
 use crate::engine::{Engine, Output};
 use crate::lifecycle::{Checks, check_of};
 use crate::rules::{Rule, RuleError};
 use crate::tasks::{Candidate, TaskView, Tasks};
-use daemoneye_eventbus::client::{Client, Publish};
+use daemoneye_eventbus::client::{Client, Publish, RecvError};
 use daemoneye_eventbus::collector::tables::Table;
 use daemoneye_eventbus::core::Qos;
 use daemoneye_eventbus::rpc::HealthStatus;
@@ -94,7 +96,8 @@ pub const EVENTS_KEPT: usize = 16;
 /// The detection loop's state (owned by its task).
 pub struct Detection {
     rules: Vec<Running>,
-    engine: Engine,
+    /// SQLite, lent to a blocking thread for each evaluation.
+    engine: Option<Engine>,
     tasks: Tasks,
     client: Client,
     supervisor: Supervisor,
@@ -215,7 +218,7 @@ impl Detection {
         }
         Ok(Self {
             rules: running,
-            engine,
+            engine: Some(engine),
             tasks,
             client,
             supervisor,
@@ -247,10 +250,16 @@ impl Detection {
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 () = tokio::time::sleep_until(next) => {}
-                m = async { events.as_mut()?.recv().await.ok() }, if events.is_some() => {
-                    match m {
-                        Some(m) => self.heard(&m),
-                        None => events = None,
+                r = async { Some(events.as_mut()?.recv().await) }, if events.is_some() => {
+                    match r {
+                        Some(Ok(m)) => self.heard(&m),
+                        Some(Err(RecvError::Closed | RecvError::Ended(_))) | None => {
+                            tracing::warn!("events stopped: rules run on their intervals only");
+                            events = None;
+                        }
+                        // A gap (events dropped while an evaluation ran, a reconnection):
+                        // every rule runs soon.
+                        Some(Err(_)) => self.heard_gap(),
                     }
                     continue;
                 }
@@ -266,6 +275,15 @@ impl Detection {
             let mut v = self.view.lock();
             v.rules = self.rules.iter().map(|r| r.view.clone()).collect();
             v.tasks = self.tasks.view();
+        }
+    }
+
+    /// Events were lost: every rule runs soon.
+    fn heard_gap(&mut self) {
+        let soon = tokio::time::Instant::now() + EVENT_DELAY;
+        for r in &mut self.rules {
+            let earliest = r.evaluated.map_or(soon, |t| (t + EVENT_GAP).max(soon));
+            r.next = r.next.min(earliest);
         }
     }
 
@@ -297,76 +315,89 @@ impl Detection {
     }
 
     async fn evaluate(&mut self, i: usize) {
-        let candidates = candidates(&self.supervisor, &self.checks).await;
-        let (id, tables) = {
+        let (id, tables, sql) = {
             let r = &mut self.rules[i];
             r.evaluations += 1;
             r.view.evaluations += 1;
             r.evaluated = Some(tokio::time::Instant::now());
             (
-                format!("{}.{}", r.rule.id, r.evaluations),
+                self.tasks.next_id(&r.rule.id),
                 r.rule.tables.clone(),
+                r.rule.sql.clone(),
             )
         };
-        if candidates.is_empty() {
+        let failed = |r: &mut Running, problem: String| {
+            r.view.errors += 1;
+            r.view.last_problem = Some(problem);
+        };
+        let Some(outcome) = collect(
+            &self.tasks,
+            &self.supervisor,
+            &self.checks,
+            &id,
+            &tables,
+            self.deadline,
+        )
+        .await
+        else {
             // No task for nobody: said in the rule's view, not counted as a partial task.
-            let r = &mut self.rules[i];
-            r.view.errors += 1;
-            r.view.last_problem = Some("no running, checked collector answers its tables".into());
+            failed(
+                &mut self.rules[i],
+                "no running, checked collector answers its tables".into(),
+            );
+            return;
+        };
+        if outcome.partial() {
+            // Rows missing from a table can make a rule match what is not there (`NOT
+            // EXISTS`) as much as miss what is: not evaluated, nothing raised or cleared.
+            failed(
+                &mut self.rules[i],
+                format!(
+                    "not evaluated: no answer from {}",
+                    outcome.missing.join(", ")
+                ),
+            );
             return;
         }
-        let outcome = self
-            .tasks
-            .run(&id, &tables, &candidates, self.deadline)
-            .await;
-        let problem = outcome
-            .partial()
-            .then(|| format!("no answer from {}", outcome.missing.join(", ")));
-        if outcome.answered.is_empty() {
-            let r = &mut self.rules[i];
-            r.view.errors += 1;
-            r.view.last_problem = problem.or_else(|| Some("no collector answered".into()));
-            return;
-        }
-        let result = self
-            .engine
-            .load(&outcome.tables)
-            .and_then(|()| self.engine.query(&self.rules[i].rule.sql, self.deadline));
+        let engine = match self.engine.take() {
+            Some(e) => e,
+            None => match Engine::new() {
+                Ok(e) => e,
+                Err(e) => {
+                    failed(&mut self.rules[i], e.to_string());
+                    return;
+                }
+            },
+        };
+        let (engine, result) =
+            crate::engine::run_blocking(engine, outcome.tables.clone(), sql, self.deadline).await;
+        self.engine = engine;
         let out = match result {
             Ok(out) => out,
             Err(e) => {
                 let r = &mut self.rules[i];
                 tracing::warn!(rule = %r.rule.id, error = %e, "rule evaluation failed");
-                r.view.errors += 1;
-                r.view.last_problem = Some(e.to_string());
+                failed(r, e.to_string());
                 return;
             }
         };
         let r = &mut self.rules[i];
-        r.view.last_problem = problem;
+        r.view.last_problem = None;
         r.view.matches = out.rows.len() as u64;
         let fresh: Vec<&Vec<Option<String>>> = out
             .rows
             .iter()
             .filter(|row| !r.last.contains(*row))
             .collect();
-        let events = std::mem::take(&mut r.events);
-        let alert = (!fresh.is_empty()).then(|| alert_of(&r.rule, &out, &fresh, &outcome, events));
-        let now: HashSet<Vec<Option<String>>> = out.rows.iter().cloned().collect();
-        if outcome.partial() {
-            // What did not answer clears nothing.
-            r.last.extend(now);
-        } else {
-            r.last = now;
-        }
-        if r.last.len() > MATCHES_KEPT_MAX {
-            r.last.clear();
-        }
-        if let Some(alert) = alert {
-            let topic = r.rule.severity.topic();
+        if !fresh.is_empty() {
+            let events = std::mem::take(&mut r.events);
+            let alert = alert_of(&r.rule, &out, &fresh, &outcome, events);
             let sent = self
                 .client
-                .publish_with(Publish::new(topic, alert.encode_to_vec()).qos(Qos::Processed))
+                .publish_with(
+                    Publish::new(r.rule.severity.topic(), alert.encode_to_vec())
+                        .qos(Qos::Processed),
+                )
                 .await;
             match sent {
                 Ok(_) => {
@@ -375,12 +406,35 @@ impl Detection {
                     tracing::info!(rule = %r.rule.id, rows = fresh.len(), "alert raised");
                 }
                 Err(e) => {
-                    r.view.errors += 1;
-                    r.view.last_problem = Some(format!("alert not published: {e}"));
+                    // Not raised: the matches stay new for the next evaluation.
+                    failed(r, format!("alert not published: {e}"));
+                    return;
                 }
             }
+        } else {
+            r.events.clear();
         }
+        // The matches now, at most MATCHES_KEPT_MAX (those beyond are raised again while
+        // they last: counted in the alert's rows, never silently).
+        r.last = out.rows.iter().take(MATCHES_KEPT_MAX).cloned().collect();
     }
+}
+
+/// Collects the rows of `tables` as task `id`: a collection task to the collectors that may
+/// take it now, aggregated by `deadline`; `None` when no collector may.
+pub(crate) async fn collect(
+    tasks: &Tasks,
+    supervisor: &Supervisor,
+    checks: &Checks,
+    id: &str,
+    tables: &std::collections::BTreeSet<Table>,
+    deadline: Duration,
+) -> Option<crate::tasks::Outcome> {
+    let candidates = candidates(supervisor, checks).await;
+    if candidates.is_empty() {
+        return None;
+    }
+    Some(tasks.run(id, tables, &candidates, deadline).await)
 }
 
 /// The alert for `fresh`, the new rows of `out`.
@@ -416,7 +470,9 @@ fn alert_of(
         } as i32,
         description: rule.description.trim().to_owned(),
         rows,
-        rows_left_out: fresh.len().saturating_sub(ALERT_ROWS_MAX) as u64 + out.rows_left_out,
+        rows_left_out: (fresh.len().saturating_sub(ALERT_ROWS_MAX) as u64)
+            .saturating_add(out.rows_left_out)
+            .saturating_add(outcome.rows_left_out),
         task_correlation_id: outcome.task_id.clone(),
         answered: outcome.answered.clone(),
         missing: outcome.missing.clone(),

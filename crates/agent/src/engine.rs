@@ -7,6 +7,7 @@
 use daemoneye_eventbus::collector::tables::Table;
 use daemoneye_eventbus::schema::rpc as pb;
 use rusqlite::Connection;
+use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
 use rusqlite::types::ValueRef;
 use std::time::{Duration, Instant};
 
@@ -89,14 +90,15 @@ impl Engine {
     ///
     /// [`EngineError::Invalid`] with SQLite's reason, or [`EngineError::Writes`].
     pub fn check(&self, sql: &str) -> Result<(), EngineError> {
-        let stmt = self
-            .conn
-            .prepare(sql)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        if !stmt.readonly() {
-            return Err(EngineError::Writes);
+        self.conn.authorizer(Some(authorize));
+        let prepared = self.conn.prepare(sql).map(|stmt| stmt.readonly());
+        self.conn
+            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+        match prepared {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EngineError::Writes),
+            Err(e) => Err(EngineError::Invalid(e.to_string())),
         }
-        Ok(())
     }
 
     /// Replaces the rows of each table in `data` (tables not in it keep none).
@@ -172,6 +174,7 @@ impl Engine {
         self.conn
             .pragma_update(None, "query_only", true)
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        self.conn.authorizer(Some(authorize));
         let result = (|| {
             let mut stmt = self
                 .conn
@@ -215,8 +218,57 @@ impl Engine {
             }
             Ok(out)
         })();
-        let _ = self.conn.pragma_update(None, "query_only", false);
+        self.conn
+            .authorizer(None::<fn(AuthContext<'_>) -> Authorization>);
+        // Loading needs writes again: a connection that cannot go back is refused whole.
+        self.conn
+            .pragma_update(None, "query_only", false)
+            .map_err(|e| EngineError::Invalid(format!("the database stays read-only: {e}")))?;
         result
+    }
+}
+
+/// What a rule's statement may do, as SQLite prepares it: select, read the collector tables
+/// (not SQLite's own: a read of a real table names its database) and what its `WITH` clauses
+/// define (those name none), call functions and recurse; nothing else (no `ATTACH`, which
+/// SQLite counts as read-only, no `PRAGMA`, no writes, no transactions).
+fn authorize(ctx: AuthContext<'_>) -> Authorization {
+    match ctx.action {
+        AuthAction::Select | AuthAction::Recursive | AuthAction::Function { .. } => {
+            Authorization::Allow
+        }
+        AuthAction::Read { table_name, .. }
+            if ctx.database_name.is_none()
+                || (ctx.database_name == Some("main") && Table::from_name(table_name).is_some()) =>
+        {
+            Authorization::Allow
+        }
+        _ => Authorization::Deny,
+    }
+}
+
+/// Loads `tables` into `engine` and runs `sql` on a blocking thread (SQLite must not hold
+/// up the async runtime: a query may run up to its `deadline`). The engine comes back, unless
+/// the thread panicked (`None`: make another).
+pub async fn run_blocking(
+    mut engine: Engine,
+    tables: Vec<pb::TableRows>,
+    sql: String,
+    deadline: Duration,
+) -> (Option<Engine>, Result<Output, EngineError>) {
+    let ran = tokio::task::spawn_blocking(move || {
+        let out = engine
+            .load(&tables)
+            .and_then(|()| engine.query(&sql, deadline));
+        (engine, out)
+    })
+    .await;
+    match ran {
+        Ok((engine, out)) => (Some(engine), out),
+        Err(e) => (
+            None,
+            Err(EngineError::Invalid(format!("the query's thread failed: {e}"))),
+        ),
     }
 }
 
@@ -268,6 +320,23 @@ mod tests {
         assert!(
             e.query("DELETE FROM processes", Duration::from_secs(1))
                 .is_err()
+        );
+        // What SQLite itself calls read-only, and what reads its own tables: refused too.
+        for sql in [
+            "ATTACH DATABASE ':memory:' AS other",
+            "PRAGMA query_only = 0",
+            "SELECT * FROM sqlite_master",
+            "SELECT * FROM sqlite_master, (WITH sqlite_master AS (SELECT 1) SELECT * FROM processes)",
+        ] {
+            assert!(e.check(sql).is_err(), "{sql}");
+            assert!(e.query(sql, Duration::from_secs(1)).is_err(), "{sql}");
+        }
+        assert!(
+            e.check(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3) \
+                 SELECT * FROM n, processes"
+            )
+            .is_ok()
         );
         e.load(&[processes(&[(1, "a", None)])]).unwrap();
         // A recursive query that never ends on its own.

@@ -2,8 +2,8 @@
 //! the path rules take — checked by the SQL parser, collection tasks to the collectors that
 //! answer its tables, aggregation, SQLite — answered with its rows and who answered.
 
-use crate::detection::candidates;
-use crate::engine::{Engine, EngineError};
+use crate::detection::collect;
+use crate::engine::{Engine, EngineError, run_blocking};
 use crate::lifecycle::Checks;
 use crate::tasks::Tasks;
 use daemoneye_eventbus::client::{Client, ServeOptions, Service, SubscribeError};
@@ -11,7 +11,6 @@ use daemoneye_eventbus::core::{Message, ReplyStatus, catalog};
 use daemoneye_eventbus::supervisor::Supervisor;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// A query's answer (the reply's JSON).
@@ -36,7 +35,6 @@ struct Ctx {
     supervisor: Supervisor,
     checks: Checks,
     deadline: Duration,
-    next: AtomicU64,
 }
 
 /// Serves queries on `control.agent.query` (four at a time).
@@ -52,7 +50,6 @@ pub(crate) async fn serve(
         supervisor,
         checks,
         deadline,
-        next: AtomicU64::new(1),
     });
     client
         .serve(
@@ -66,39 +63,69 @@ pub(crate) async fn serve(
         .await
 }
 
+/// Bytes of rows an answer carries at most (the rest are counted in `rows_left_out`): the
+/// reply stays under the broker's default message limit.
+pub const ANSWER_BYTES: usize = 512 * 1024;
+
 async fn answer(ctx: &Ctx, msg: &Message) -> Result<bytes::Bytes, ReplyStatus> {
     let sql = std::str::from_utf8(msg.payload())
         .map_err(|_| ReplyStatus::invalid_operation("the query is not UTF-8 text"))?;
     let tables = crate::rules::check_sql(sql).map_err(ReplyStatus::invalid_operation)?;
-    let task_id = format!("query.{}", ctx.next.fetch_add(1, Ordering::Relaxed));
-    let candidates = candidates(&ctx.supervisor, &ctx.checks).await;
-    let outcome = ctx
-        .tasks
-        .run(&task_id, &tables, &candidates, ctx.deadline)
-        .await;
+    // Refused before any collector is asked.
+    let engine = Engine::new().map_err(|e| ReplyStatus::unavailable(e.to_string()))?;
+    engine
+        .check(sql)
+        .map_err(|e| ReplyStatus::invalid_operation(e.to_string()))?;
+    let task_id = ctx.tasks.next_id("query");
+    let outcome = collect(
+        &ctx.tasks,
+        &ctx.supervisor,
+        &ctx.checks,
+        &task_id,
+        &tables,
+        ctx.deadline,
+    )
+    .await
+    .ok_or_else(|| {
+        ReplyStatus::unavailable("no running, checked collector answers the query's tables")
+    })?;
     if outcome.answered.is_empty() {
         return Err(ReplyStatus::unavailable(format!(
             "no collector answered (missing: {})",
             outcome.missing.join(", ")
         )));
     }
-    let out = (|| {
-        let mut engine = Engine::new()?;
-        engine.check(sql)?;
-        engine.load(&outcome.tables)?;
-        engine.query(sql, ctx.deadline)
-    })()
-    .map_err(|e| match e {
+    let (_, out) = run_blocking(engine, outcome.tables, sql.to_owned(), ctx.deadline).await;
+    let mut out = out.map_err(|e| match e {
         EngineError::Deadline(_) => {
             ReplyStatus::new(daemoneye_eventbus::core::StatusCode::Timeout, e.to_string())
         }
         other => ReplyStatus::invalid_operation(other.to_string()),
     })?;
+    // Within ANSWER_BYTES: the rows beyond are counted.
+    let mut bytes = 0;
+    let keep = out
+        .rows
+        .iter()
+        .take_while(|row| {
+            bytes += row
+                .iter()
+                .map(|v| v.as_ref().map_or(4, |s| s.len() + 3))
+                .sum::<usize>()
+                + 2;
+            bytes <= ANSWER_BYTES
+        })
+        .count();
+    let cut = (out.rows.len() - keep) as u64;
+    out.rows.truncate(keep);
     let answer = QueryAnswer {
         task_id,
         columns: out.columns,
         rows: out.rows,
-        rows_left_out: out.rows_left_out + outcome.rows_left_out,
+        rows_left_out: out
+            .rows_left_out
+            .saturating_add(outcome.rows_left_out)
+            .saturating_add(cut),
         answered: outcome.answered,
         missing: outcome.missing,
     };

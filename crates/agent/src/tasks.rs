@@ -14,7 +14,9 @@
 //!   with the task's correlation id and deadlines, and the counters.
 
 use daemoneye_eventbus::collector::tables::Table;
-use daemoneye_eventbus::core::CorrelationMetadata;
+use daemoneye_eventbus::client::Request;
+use daemoneye_eventbus::core::{CorrelationMetadata, Topic};
+use prost::Message as _;
 use daemoneye_eventbus::rpc::{CollectorRpcClient, RpcRequest};
 use daemoneye_eventbus::schema::rpc as pb;
 use serde::Serialize;
@@ -207,45 +209,64 @@ impl Aggregate {
     }
 
     /// Completes the aggregate (at its deadline, or when full): later answers are late.
+    /// Each answer's rows are taken in this agent's column order (a column it does not know
+    /// is left out, one the collector did not send is NULL), at most
+    /// [`tables::MAX_ROWS`](daemoneye_eventbus::collector::tables::MAX_ROWS) per table and
+    /// answer; rows beyond, or with a value count that is not their columns', are counted in
+    /// `rows_left_out`.
     pub fn complete(&mut self, unanswered: &BTreeSet<Table>) -> Outcome {
+        use daemoneye_eventbus::collector::tables::MAX_ROWS;
         self.complete = true;
         let mut answers: Vec<(&String, &(u64, Vec<pb::TableRows>))> = self.answers.iter().collect();
         // Per collector in the order it numbered its answers (ids break ties).
         answers.sort_by(|a, b| (a.1.0, a.0).cmp(&(b.1.0, b.0)));
-        let mut merged: BTreeMap<String, (pb::TableRows, HashSet<Vec<u8>>)> = BTreeMap::new();
-        let mut rows_left_out = 0;
+        let mut merged: BTreeMap<Table, (pb::TableRows, HashSet<Vec<u8>>)> = BTreeMap::new();
+        let mut rows_left_out: u64 = 0;
         for (_, (_, tables)) in &answers {
             for t in tables {
-                rows_left_out += t.rows_left_out;
-                let (into, seen) = merged.entry(t.table.clone()).or_insert_with(|| {
+                rows_left_out = rows_left_out.saturating_add(t.rows_left_out);
+                let Some(table) = Table::from_name(&t.table) else {
+                    rows_left_out = rows_left_out.saturating_add(t.rows.len() as u64);
+                    continue;
+                };
+                let (into, seen) = merged.entry(table).or_insert_with(|| {
                     (
                         pb::TableRows {
-                            table: t.table.clone(),
-                            columns: t.columns.clone(),
+                            table: table.name().to_owned(),
+                            columns: table.columns().iter().map(|c| c.name.to_owned()).collect(),
                             ..pb::TableRows::default()
                         },
                         HashSet::new(),
                     )
                 });
-                if into.columns != t.columns {
-                    // Two collectors with different columns for one table: kept apart.
-                    continue;
-                }
-                // The same row from two collectors (or twice from one) once: compared
-                // without the column that names the collector.
-                let skip = t.columns.iter().position(|c| c == "collector_id");
-                for row in &t.rows {
-                    let key: Vec<u8> = row
-                        .values
+                // Where each of our columns is in the answer's.
+                let from: Vec<Option<usize>> = table
+                    .columns()
+                    .iter()
+                    .map(|c| t.columns.iter().position(|a| a == c.name))
+                    .collect();
+                let collector = table.columns().iter().position(|c| c.name == "collector_id");
+                for (n, row) in t.rows.iter().enumerate() {
+                    if n >= MAX_ROWS || row.values.len() != t.columns.len() {
+                        rows_left_out = rows_left_out.saturating_add(1);
+                        continue;
+                    }
+                    let values: Vec<pb::Value> = from
+                        .iter()
+                        .map(|at| at.map_or_else(pb::Value::default, |i| row.values[i].clone()))
+                        .collect();
+                    // The same row from two collectors (or twice from one) once: compared
+                    // without the column that names the collector.
+                    let key: Vec<u8> = values
                         .iter()
                         .enumerate()
-                        .filter(|(i, _)| Some(*i) != skip)
+                        .filter(|(i, _)| Some(*i) != collector)
                         .flat_map(|(_, v)| {
                             prost::Message::encode_to_vec(v).into_iter().chain([0xff])
                         })
                         .collect();
                     if seen.insert(key) {
-                        into.rows.push(row.clone());
+                        into.rows.push(pb::Row { values });
                     }
                 }
             }
@@ -282,8 +303,6 @@ pub struct TaskCounts {
     pub redistributed: AtomicU64,
     /// Answers after their task had completed.
     pub late: AtomicU64,
-    /// Answers from a collector that had answered already.
-    pub duplicates: AtomicU64,
 }
 
 /// Task counters as a report shows them.
@@ -303,8 +322,6 @@ pub struct TaskView {
     pub redistributed: u64,
     /// Late answers.
     pub late: u64,
-    /// Duplicate answers.
-    pub duplicates: u64,
 }
 
 /// The task shell: dispatches over RPC and aggregates.
@@ -313,6 +330,9 @@ pub struct Tasks {
     rpc: CollectorRpcClient,
     dispatcher: Arc<parking_lot::Mutex<Dispatcher>>,
     counts: Arc<TaskCounts>,
+    /// This agent run's prefix of task ids.
+    run: Arc<str>,
+    next: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Tasks {
@@ -335,6 +355,8 @@ impl Tasks {
             rpc,
             dispatcher: Arc::default(),
             counts: Arc::default(),
+            run: format!("{:08x}", fastrand::u32(..)).into(),
+            next: Arc::new(AtomicU64::new(1)),
         }
     }
 
@@ -351,7 +373,6 @@ impl Tasks {
             failed_calls: l(&c.failed_calls),
             redistributed: l(&c.redistributed),
             late: l(&c.late),
-            duplicates: l(&c.duplicates),
         }
     }
 
@@ -394,9 +415,8 @@ impl Tasks {
                     collector_type,
                     answer: Some(answer),
                 })) => {
-                    if aggregate.accept(&collector_type, answer) == Accepted::Duplicate {
-                        self.counts.duplicates.fetch_add(1, Ordering::Relaxed);
-                    }
+                    // One part per type: never a duplicate here.
+                    aggregate.accept(&collector_type, answer);
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
@@ -413,7 +433,9 @@ impl Tasks {
     }
 
     /// Asks the instances of one type in `order` until one answers: each gets half the time
-    /// left, the last all of it and as long again (its answer may then come late).
+    /// left, the last all of it and twice as long again (its answer may then come late). Each
+    /// call is one attempt (no retry policy: the next instance is the retry). An answer is
+    /// taken as from the instance called, with the tables it was asked for only.
     async fn ask(
         &self,
         task_id: &str,
@@ -430,31 +452,20 @@ impl Tasks {
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             let last = i + 1 == order.len();
             let timeout = if last {
-                left + deadline
+                left + 2 * deadline
             } else {
                 (left / 2).max(Duration::from_millis(50))
             };
-            let request = RpcRequest::task(
-                String::new(),
-                id,
-                pb::TaskRequest {
-                    task_id: task_id.to_owned(),
-                    tables: tables.iter().map(|t| t.name().to_owned()).collect(),
-                    attempt: u32::try_from(i + 1).unwrap_or(u32::MAX),
-                    max_rows: 0,
-                },
-                timeout,
-            )
-            .with_correlation(CorrelationMetadata::root(
-                task_id,
-                daemoneye_eventbus::collector::services::now_ns(),
-            ));
-            let result = self.rpc.call(request, timeout).await;
+            let result = self.call(task_id, tables, id, i, timeout).await;
             self.dispatcher.lock().done(id);
-            match result.map(|r| r.task().cloned()) {
-                Ok(Some(answer)) => return Some(answer),
-                Ok(None) => {
-                    tracing::warn!(collector = %id, "a task's answer carried no rows");
+            match result {
+                Ok(mut answer) => {
+                    answer.collector_id.clone_from(id);
+                    answer.task_id = task_id.to_owned();
+                    answer
+                        .tables
+                        .retain(|t| Table::from_name(&t.table).is_some_and(|t| tables.contains(&t)));
+                    return Some(answer);
                 }
                 Err(e) => {
                     tracing::warn!(collector = %id, error = %e, "a collection task failed");
@@ -466,6 +477,61 @@ impl Tasks {
             }
         }
         None
+    }
+
+    /// One attempt of a task at instance `id`.
+    async fn call(
+        &self,
+        task_id: &str,
+        tables: &BTreeSet<Table>,
+        id: &str,
+        attempt: usize,
+        timeout: Duration,
+    ) -> Result<pb::TaskResponse, String> {
+        let request = RpcRequest::task(
+            String::new(),
+            id,
+            pb::TaskRequest {
+                task_id: task_id.to_owned(),
+                tables: tables.iter().map(|t| t.name().to_owned()).collect(),
+                attempt: u32::try_from(attempt + 1).unwrap_or(u32::MAX),
+                max_rows: 0,
+            },
+            timeout,
+        );
+        let topic = Topic::new(&request.target).map_err(|e| e.to_string())?;
+        let reply = self
+            .rpc
+            .client()
+            .call(
+                Request::new(topic, request.encode())
+                    .timeout(timeout)
+                    .operation("execute_task")
+                    .correlation(CorrelationMetadata::root(
+                        task_id,
+                        daemoneye_eventbus::collector::services::now_ns(),
+                    )),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match pb::RpcResponse::decode(reply.payload().as_ref()) {
+            Ok(pb::RpcResponse {
+                body: Some(pb::rpc_response::Body::Task(answer)),
+                ..
+            }) => Ok(answer),
+            Ok(_) => Err("the reply is not a task's answer".into()),
+            Err(e) => Err(format!("the reply is not an RpcResponse: {e}")),
+        }
+    }
+
+    /// A new task id: this agent run's, the label (a rule's id, `query`) and a number.
+    #[must_use]
+    pub fn next_id(&self, label: &str) -> String {
+        format!(
+            "{}-{label}.{}",
+            self.run,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
     }
 }
 
@@ -567,5 +633,34 @@ mod tests {
             a.accept("procmond", answer("t1", "p1", 1, &[])),
             Accepted::Late
         );
+    }
+
+    #[test]
+    fn answers_are_taken_in_our_column_order_and_bad_rows_are_counted_not_merged() {
+        let mut a = Aggregate::new("t", ["netmond".to_owned(), "other".to_owned()]);
+        // netmond's columns reversed, with one we do not know: reordered, the unknown left out.
+        let mut n = answer("t", "n1", 1, &[7]);
+        let t = &mut n.tables[0];
+        t.columns.reverse();
+        t.columns.push("secret".into());
+        for row in &mut t.rows {
+            row.values.reverse();
+            row.values.push(text("x"));
+        }
+        // A row whose values are not its columns', and a sum that would overflow.
+        t.rows.push(pb::Row {
+            values: vec![int(1)],
+        });
+        t.rows_left_out = u64::MAX;
+        assert_eq!(a.accept("netmond", n), Accepted::New);
+        // Another type's answer with the same table, in our order: no duplicate row.
+        assert_eq!(a.accept("other", answer("t", "o1", 1, &[7])), Accepted::New);
+        let out = a.complete(&BTreeSet::new());
+        let t = &out.tables[0];
+        assert_eq!(t.columns[9], "pid");
+        assert_eq!(t.rows.len(), 1, "{t:?}");
+        assert_eq!(t.rows[0].values[9], int(7));
+        assert_eq!(t.rows[0].values.len(), t.columns.len());
+        assert_eq!(out.rows_left_out, u64::MAX);
     }
 }
