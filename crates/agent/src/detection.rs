@@ -20,7 +20,7 @@ use daemoneye_eventbus::schema::events as epb;
 use daemoneye_eventbus::supervisor::{CollectorState, Supervisor};
 use prost::Message as _;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,7 +73,6 @@ struct Running {
     last: HashSet<Vec<Option<String>>>,
     view: RuleView,
     next: tokio::time::Instant,
-    evaluations: u64,
     /// When it was last evaluated.
     evaluated: Option<tokio::time::Instant>,
     /// Ids of the events since then of the tables it reads (correlation ids, else message
@@ -203,7 +202,6 @@ impl Detection {
                 next: now + rule.interval.min(Duration::from_secs(2)),
                 rule,
                 last: HashSet::new(),
-                evaluations: 0,
                 evaluated: None,
                 events: Vec::new(),
             });
@@ -265,11 +263,20 @@ impl Detection {
                 }
             }
             let now = tokio::time::Instant::now();
-            for i in 0..self.rules.len() {
-                if self.rules[i].next <= now {
-                    self.evaluate(i).await;
-                    let r = &mut self.rules[i];
-                    r.next = (r.next + r.rule.interval).max(tokio::time::Instant::now());
+            // Rules due now that read the same tables share one collection task.
+            let mut groups: BTreeMap<BTreeSet<Table>, Vec<usize>> = BTreeMap::new();
+            for (i, r) in self.rules.iter().enumerate() {
+                if r.next <= now {
+                    groups.entry(r.rule.tables.clone()).or_default().push(i);
+                }
+            }
+            for (tables, due) in &groups {
+                self.evaluate(tables, due).await;
+            }
+            let after = tokio::time::Instant::now();
+            for r in &mut self.rules {
+                if r.next <= now {
+                    r.next = (r.next + r.rule.interval).max(after);
                 }
             }
             let mut v = self.view.lock();
@@ -314,70 +321,89 @@ impl Detection {
         }
     }
 
-    async fn evaluate(&mut self, i: usize) {
-        let (id, tables, sql) = {
+    /// Evaluates the rules `due` (indices), which read the same `tables`: one collection
+    /// task for all of them, their queries over the same rows.
+    async fn evaluate(&mut self, tables: &BTreeSet<Table>, due: &[usize]) {
+        for &i in due {
             let r = &mut self.rules[i];
-            r.evaluations += 1;
             r.view.evaluations += 1;
             r.evaluated = Some(tokio::time::Instant::now());
-            (
-                self.tasks.next_id(&r.rule.id),
-                r.rule.tables.clone(),
-                r.rule.sql.clone(),
-            )
+        }
+        let label = match due {
+            [one] => self.rules[*one].rule.id.clone(),
+            [first, rest @ ..] => format!("{}+{}", self.rules[*first].rule.id, rest.len()),
+            [] => return,
         };
-        let failed = |r: &mut Running, problem: String| {
-            r.view.errors += 1;
-            r.view.last_problem = Some(problem);
-        };
+        let id = self.tasks.next_id(&label);
         let Some(outcome) = collect(
             &self.tasks,
             &self.supervisor,
             &self.checks,
             &id,
-            &tables,
+            tables,
             self.deadline,
         )
         .await
         else {
-            // No task for nobody: said in the rule's view, not counted as a partial task.
-            failed(
-                &mut self.rules[i],
-                "no running, checked collector answers its tables".into(),
-            );
+            // No task for nobody: said in the rules' view, not counted as a partial task.
+            self.failed(due, "no running, checked collector answers its tables");
             return;
         };
         if outcome.partial() {
             // Rows missing from a table can make a rule match what is not there (`NOT
             // EXISTS`) as much as miss what is: not evaluated, nothing raised or cleared.
-            failed(
-                &mut self.rules[i],
-                format!(
-                    "not evaluated: no answer from {}",
-                    outcome.missing.join(", ")
-                ),
+            let why = format!(
+                "not evaluated: no answer from {}",
+                outcome.missing.join(", ")
             );
+            self.failed(due, &why);
             return;
         }
-        let engine = match self.engine.take() {
-            Some(e) => e,
-            None => match Engine::new() {
-                Ok(e) => e,
-                Err(e) => {
-                    failed(&mut self.rules[i], e.to_string());
-                    return;
-                }
-            },
+        let engine = match self.engine.take().map_or_else(Engine::new, Ok) {
+            Ok(e) => e,
+            Err(e) => {
+                self.failed(due, &e.to_string());
+                return;
+            }
         };
-        let (engine, result) =
-            crate::engine::run_blocking(engine, outcome.tables.clone(), sql, self.deadline).await;
+        let sqls = due
+            .iter()
+            .map(|&i| self.rules[i].rule.sql.clone())
+            .collect();
+        let (engine, results) =
+            crate::engine::run_blocking(engine, outcome.tables.clone(), sqls, self.deadline).await;
         self.engine = engine;
+        match results {
+            Ok(results) => {
+                for (&i, result) in due.iter().zip(results) {
+                    self.conclude(i, result, &outcome).await;
+                }
+            }
+            Err(e) => self.failed(due, &e.to_string()),
+        }
+    }
+
+    /// Records why the rules `due` were not evaluated.
+    fn failed(&mut self, due: &[usize], why: &str) {
+        for &i in due {
+            let r = &mut self.rules[i];
+            tracing::warn!(rule = %r.rule.id, problem = %why, "rule not evaluated");
+            r.view.errors += 1;
+            r.view.last_problem = Some(why.to_owned());
+        }
+    }
+
+    /// Rule `i`'s query came to `result`: its new matches raise an alert.
+    async fn conclude(
+        &mut self,
+        i: usize,
+        result: Result<Output, crate::engine::EngineError>,
+        outcome: &crate::tasks::Outcome,
+    ) {
         let out = match result {
             Ok(out) => out,
             Err(e) => {
-                let r = &mut self.rules[i];
-                tracing::warn!(rule = %r.rule.id, error = %e, "rule evaluation failed");
-                failed(r, e.to_string());
+                self.failed(&[i], &e.to_string());
                 return;
             }
         };
@@ -389,9 +415,11 @@ impl Detection {
             .iter()
             .filter(|row| !r.last.contains(*row))
             .collect();
-        if !fresh.is_empty() {
+        if fresh.is_empty() {
+            r.events.clear();
+        } else {
             let events = std::mem::take(&mut r.events);
-            let alert = alert_of(&r.rule, &out, &fresh, &outcome, events);
+            let alert = alert_of(&r.rule, &out, &fresh, outcome, events);
             let sent = self
                 .client
                 .publish_with(
@@ -407,12 +435,10 @@ impl Detection {
                 }
                 Err(e) => {
                     // Not raised: the matches stay new for the next evaluation.
-                    failed(r, format!("alert not published: {e}"));
+                    self.failed(&[i], &format!("alert not published: {e}"));
                     return;
                 }
             }
-        } else {
-            r.events.clear();
         }
         // The matches now, at most MATCHES_KEPT_MAX (those beyond are raised again while
         // they last: counted in the alert's rows, never silently).

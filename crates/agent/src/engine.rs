@@ -239,7 +239,8 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
         }
         AuthAction::Read { table_name, .. }
             if ctx.database_name.is_none()
-                || (ctx.database_name == Some("main") && Table::from_name(table_name).is_some()) =>
+                || (ctx.database_name == Some("main")
+                    && Table::from_name(table_name).is_some()) =>
         {
             Authorization::Allow
         }
@@ -247,19 +248,25 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
     }
 }
 
-/// Loads `tables` into `engine` and runs `sql` on a blocking thread (SQLite must not hold
-/// up the async runtime: a query may run up to its `deadline`). The engine comes back, unless
-/// the thread panicked (`None`: make another).
+/// Loads `tables` into `engine` and runs each of `sqls` over them on a blocking thread
+/// (SQLite must not hold up the async runtime: each query may run up to `deadline`): the
+/// loading's failure, or each query's result. The engine comes back, unless the thread
+/// panicked (`None`: make another).
 pub async fn run_blocking(
     mut engine: Engine,
     tables: Vec<pb::TableRows>,
-    sql: String,
+    sqls: Vec<String>,
     deadline: Duration,
-) -> (Option<Engine>, Result<Output, EngineError>) {
+) -> (
+    Option<Engine>,
+    Result<Vec<Result<Output, EngineError>>, EngineError>,
+) {
     let ran = tokio::task::spawn_blocking(move || {
-        let out = engine
-            .load(&tables)
-            .and_then(|()| engine.query(&sql, deadline));
+        let out = engine.load(&tables).map(|()| {
+            sqls.iter()
+                .map(|sql| engine.query(sql, deadline))
+                .collect::<Vec<_>>()
+        });
         (engine, out)
     })
     .await;
@@ -267,7 +274,9 @@ pub async fn run_blocking(
         Ok((engine, out)) => (Some(engine), out),
         Err(e) => (
             None,
-            Err(EngineError::Invalid(format!("the query's thread failed: {e}"))),
+            Err(EngineError::Invalid(format!(
+                "the query's thread failed: {e}"
+            ))),
         ),
     }
 }

@@ -95,7 +95,11 @@ async fn answer(ctx: &Ctx, msg: &Message) -> Result<bytes::Bytes, ReplyStatus> {
             outcome.missing.join(", ")
         )));
     }
-    let (_, out) = run_blocking(engine, outcome.tables, sql.to_owned(), ctx.deadline).await;
+    let (_, out) = run_blocking(engine, outcome.tables, vec![sql.to_owned()], ctx.deadline).await;
+    let out = out.and_then(|mut outs| {
+        outs.pop()
+            .unwrap_or_else(|| Err(EngineError::Invalid("no result".into())))
+    });
     let mut out = out.map_err(|e| match e {
         EngineError::Deadline(_) => {
             ReplyStatus::new(daemoneye_eventbus::core::StatusCode::Timeout, e.to_string())

@@ -13,12 +13,12 @@
 //! - [`Tasks`] is the shell: RPC calls (`EXECUTE_TASK` on `control.collector.task.<id>`)
 //!   with the task's correlation id and deadlines, and the counters.
 
-use daemoneye_eventbus::collector::tables::Table;
 use daemoneye_eventbus::client::Request;
+use daemoneye_eventbus::collector::tables::Table;
 use daemoneye_eventbus::core::{CorrelationMetadata, Topic};
-use prost::Message as _;
 use daemoneye_eventbus::rpc::{CollectorRpcClient, RpcRequest};
 use daemoneye_eventbus::schema::rpc as pb;
+use prost::Message as _;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -245,7 +245,10 @@ impl Aggregate {
                     .iter()
                     .map(|c| t.columns.iter().position(|a| a == c.name))
                     .collect();
-                let collector = table.columns().iter().position(|c| c.name == "collector_id");
+                let collector = table
+                    .columns()
+                    .iter()
+                    .position(|c| c.name == "collector_id");
                 for (n, row) in t.rows.iter().enumerate() {
                     if n >= MAX_ROWS || row.values.len() != t.columns.len() {
                         rows_left_out = rows_left_out.saturating_add(1);
@@ -462,9 +465,9 @@ impl Tasks {
                 Ok(mut answer) => {
                     answer.collector_id.clone_from(id);
                     answer.task_id = task_id.to_owned();
-                    answer
-                        .tables
-                        .retain(|t| Table::from_name(&t.table).is_some_and(|t| tables.contains(&t)));
+                    answer.tables.retain(|t| {
+                        Table::from_name(&t.table).is_some_and(|t| tables.contains(&t))
+                    });
                     return Some(answer);
                 }
                 Err(e) => {
