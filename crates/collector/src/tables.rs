@@ -63,11 +63,15 @@ const PROCESSES: &[Column] = &[
     col(
         "executable_deleted",
         Integer,
-        "1 when the executable file was deleted or replaced since the process started, else 0.",
+        "1 when the executable file was deleted or replaced since the process started, else 0 (as of procmond's last reading of the process: its exec, or its last `/proc` scan).",
     ),
     col("uid", Integer, "Real user id (NULL when unknown)."),
     col("user", Text, "User name of `uid` (NULL when it has none)."),
-    col("state", Text, "State letter: R, S, D, Z, T, …"),
+    col(
+        "state",
+        Text,
+        "State letter at the last reading: R, S, D, T, I, … (a process that has exited, a zombie, is not listed).",
+    ),
     col(
         "start_time",
         Integer,
