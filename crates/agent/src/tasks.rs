@@ -291,6 +291,9 @@ impl Aggregate {
     }
 }
 
+/// How long a task waits before asking its collectors again when each failed at once.
+pub const RETRY_AFTER: Duration = Duration::from_millis(200);
+
 /// Counters of tasks (in the agent's report).
 #[derive(Debug, Default)]
 pub struct TaskCounts {
@@ -437,8 +440,10 @@ impl Tasks {
 
     /// Asks the instances of one type in `order` until one answers: each gets half the time
     /// left, the last all of it and twice as long again (its answer may then come late). Each
-    /// call is one attempt (no retry policy: the next instance is the retry). An answer is
-    /// taken as from the instance called, with the tables it was asked for only.
+    /// call is one attempt (the next instance is the retry); when every instance failed fast
+    /// (busy, restarting) and time is left, they are asked again, [`RETRY_AFTER`] later: at
+    /// least once within the deadline. An answer is taken as from the instance called, with
+    /// the tables it was asked for only.
     async fn ask(
         &self,
         task_id: &str,
@@ -447,39 +452,49 @@ impl Tasks {
         until: tokio::time::Instant,
         deadline: Duration,
     ) -> Option<pb::TaskResponse> {
-        for (i, id) in order.iter().enumerate() {
-            if i > 0 {
-                self.dispatcher.lock().took(id);
-                self.counts.redistributed.fetch_add(1, Ordering::Relaxed);
-            }
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            let last = i + 1 == order.len();
-            let timeout = if last {
-                left + 2 * deadline
-            } else {
-                (left / 2).max(Duration::from_millis(50))
-            };
-            let result = self.call(task_id, tables, id, i, timeout).await;
-            self.dispatcher.lock().done(id);
-            match result {
-                Ok(mut answer) => {
-                    answer.collector_id.clone_from(id);
-                    answer.task_id = task_id.to_owned();
-                    answer.tables.retain(|t| {
-                        Table::from_name(&t.table).is_some_and(|t| tables.contains(&t))
-                    });
-                    return Some(answer);
+        let mut attempt = 0;
+        let mut previous: Option<&String> = None;
+        loop {
+            for (i, id) in order.iter().enumerate() {
+                if attempt > 0 {
+                    self.dispatcher.lock().took(id);
+                    if previous != Some(id) {
+                        self.counts.redistributed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(collector = %id, error = %e, "a collection task failed");
+                previous = Some(id);
+                attempt += 1;
+                let left = until.saturating_duration_since(tokio::time::Instant::now());
+                let timeout = if i + 1 == order.len() {
+                    left + 2 * deadline
+                } else {
+                    (left / 2).max(Duration::from_millis(50))
+                };
+                let result = self.call(task_id, tables, id, attempt, timeout).await;
+                self.dispatcher.lock().done(id);
+                match result {
+                    Ok(mut answer) => {
+                        answer.collector_id.clone_from(id);
+                        answer.task_id = task_id.to_owned();
+                        answer.tables.retain(|t| {
+                            Table::from_name(&t.table).is_some_and(|t| tables.contains(&t))
+                        });
+                        return Some(answer);
+                    }
+                    Err(e) => {
+                        tracing::warn!(collector = %id, error = %e, "a collection task failed");
+                    }
+                }
+                self.counts.failed_calls.fetch_add(1, Ordering::Relaxed);
+                if tokio::time::Instant::now() >= until {
+                    return None;
                 }
             }
-            self.counts.failed_calls.fetch_add(1, Ordering::Relaxed);
-            if tokio::time::Instant::now() >= until && !last {
-                break;
+            if tokio::time::Instant::now() + RETRY_AFTER >= until {
+                return None;
             }
+            tokio::time::sleep(RETRY_AFTER).await;
         }
-        None
     }
 
     /// One attempt of a task at instance `id`.
@@ -488,7 +503,7 @@ impl Tasks {
         task_id: &str,
         tables: &BTreeSet<Table>,
         id: &str,
-        attempt: usize,
+        attempt: u32,
         timeout: Duration,
     ) -> Result<pb::TaskResponse, String> {
         let request = RpcRequest::task(
@@ -497,7 +512,7 @@ impl Tasks {
             pb::TaskRequest {
                 task_id: task_id.to_owned(),
                 tables: tables.iter().map(|t| t.name().to_owned()).collect(),
-                attempt: u32::try_from(attempt + 1).unwrap_or(u32::MAX),
+                attempt,
                 max_rows: 0,
             },
             timeout,

@@ -94,6 +94,18 @@ fn alert_naming(
     }
 }
 
+/// The pid of collector `id` in status report `r`.
+fn pid_of(r: &serde_json::Value, id: &str) -> nix::unistd::Pid {
+    let pid = r["collectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .and_then(|c| c["pid"].as_u64())
+        .unwrap();
+    nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap())
+}
+
 fn now_ns() -> u64 {
     u64::try_from(
         SystemTime::now()
@@ -439,14 +451,7 @@ fn a_silent_or_killed_instance_has_its_tasks_redistributed() {
     let r = report("tasks answered by both", &|r| tasks(r, "complete") >= 4);
     assert_eq!(tasks(&r, "partial"), 0, "{r}");
     assert_eq!(tasks(&r, "redistributed"), 0, "{r}");
-    let pid_a = r["collectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "procmond-a")
-        .and_then(|c| c["pid"].as_u64())
-        .unwrap();
-    let pid_a = nix::unistd::Pid::from_raw(i32::try_from(pid_a).unwrap());
+    let pid_a = pid_of(&r, "procmond-a");
     nix::sys::signal::kill(pid_a, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let r = report("a task redistributed", &|r| tasks(r, "redistributed") >= 1);
     assert_eq!(tasks(&r, "partial"), 0, "{r}");
@@ -462,14 +467,7 @@ fn a_silent_or_killed_instance_has_its_tasks_redistributed() {
     assert_eq!(rule["alerts"], 1, "{r}");
     // The last instance silent: the aggregate completes as partial at its deadline, naming
     // the type; its answer, once it goes on, is late: counted, not merged.
-    let pid_b = r["collectors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["id"] == "procmond-b")
-        .and_then(|c| c["pid"].as_u64())
-        .unwrap();
-    let pid_b = nix::unistd::Pid::from_raw(i32::try_from(pid_b).unwrap());
+    let pid_b = pid_of(&r, "procmond-b");
     nix::sys::signal::kill(pid_b, nix::sys::signal::Signal::SIGSTOP).unwrap();
     let r = report("a partial task", &|r| tasks(r, "partial") >= 1);
     nix::sys::signal::kill(pid_b, nix::sys::signal::Signal::SIGCONT).unwrap();

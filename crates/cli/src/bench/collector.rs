@@ -46,6 +46,28 @@ fn child_of(parent: u32, name: &str) -> Option<u32> {
     })
 }
 
+/// `eventbus agent --config CONFIG`, once it says it is ready.
+pub(super) fn start_agent(config: &Path) -> Result<Worker> {
+    let agent = Worker::spawn(
+        &[
+            "agent".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ],
+        "agent",
+    )?;
+    let deadline = Instant::now() + READY_WAIT;
+    loop {
+        let line = agent.line(READY_WAIT)?;
+        if line.starts_with("agent ready") {
+            return Ok(agent);
+        }
+        if Instant::now() > deadline {
+            bail!("the agent did not get ready: {line}");
+        }
+    }
+}
+
 /// New TCP connections per second under load.
 const CONNECTIONS_PER_SEC: u64 = 200;
 
@@ -185,24 +207,7 @@ pub(super) fn w7(dir: &Path, scale: f64) -> Result<Vec<Row>> {
         &config,
         format!("broker:\n  socket_path: {}\n", socket.display()),
     )?;
-    let agent = Worker::spawn(
-        &[
-            "agent".into(),
-            "--config".into(),
-            config.display().to_string(),
-        ],
-        "agent",
-    )?;
-    let deadline = Instant::now() + READY_WAIT;
-    loop {
-        let line = agent.line(READY_WAIT)?;
-        if line.starts_with("agent ready") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the agent did not get ready: {line}");
-        }
-    }
+    let agent = start_agent(&config)?;
     let collector = |name: &str| {
         let deadline = Instant::now() + READY_WAIT;
         loop {

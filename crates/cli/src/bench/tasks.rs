@@ -5,7 +5,6 @@
 //! query run, the answer back): one at a time for the end-to-end latency, then eight in
 //! flight for the rate.
 
-use super::process::{READY_WAIT, Worker};
 use super::report::Row;
 use super::scaled;
 use anyhow::{Context, Result, bail};
@@ -126,24 +125,7 @@ pub(super) fn w8(dir: &Path, scale: f64) -> Result<Vec<Row>> {
             entry("procmond-b")
         ),
     )?;
-    let agent = Worker::spawn(
-        &[
-            "agent".into(),
-            "--config".into(),
-            config.display().to_string(),
-        ],
-        "agent",
-    )?;
-    let deadline = Instant::now() + READY_WAIT;
-    loop {
-        let line = agent.line(READY_WAIT)?;
-        if line.starts_with("agent ready") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the agent did not get ready: {line}");
-        }
-    }
+    let agent = super::collector::start_agent(&config)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
