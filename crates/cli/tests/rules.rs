@@ -297,8 +297,9 @@ fn query(socket: &Path, args: &[&str]) -> (i32, Vec<String>) {
 }
 
 /// `eventbus query` against a running agent: a join over both tables answered by both
-/// collectors, as a table and as JSON; a write and an unknown column refused with the reason
-/// (exit 5), and the agent serving on.
+/// collectors, as a table and as JSON; a write, an unknown column and SQLite's own table
+/// refused with the reason (exit 5), a query that runs on stopped at its deadline (exit 4),
+/// and the agent serving on.
 #[test]
 fn a_query_is_answered_through_the_agent_by_both_collectors() {
     let dir = TempDir::new("query");
@@ -307,7 +308,8 @@ fn a_query_is_answered_through_the_agent_by_both_collectors() {
     std::fs::write(
         &config,
         format!(
-            "broker:\n  socket_path: {}\n  acl_file: {}\nrpc:\n  health_check_interval_seconds: 1\n",
+            "broker:\n  socket_path: {}\n  acl_file: {}\nrpc:\n  health_check_interval_seconds: 1\n\
+             agent:\n  task_timeout_seconds: 2\n",
             socket.display(),
             query_policy(dir.path()).display()
         ),
@@ -359,14 +361,26 @@ fn a_query_is_answered_through_the_agent_by_both_collectors() {
         lines.last().unwrap().starts_with("(1 rows; answered by"),
         "{lines:?}"
     );
-    for (bad, why) in [
-        ("DELETE FROM processes", "only a read-only SELECT"),
-        ("SELECT nope FROM processes", "no such column: nope"),
+    for (bad, code, why) in [
+        ("DELETE FROM processes", 5, "only a read-only SELECT"),
+        ("SELECT nope FROM processes", 5, "no such column: nope"),
+        (
+            "SELECT * FROM sqlite_master, processes",
+            5,
+            "unknown table \"sqlite_master\"",
+        ),
+        // Runs until the agent stops it at its deadline (agent.task_timeout_seconds).
+        (
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) \
+             SELECT count(*) FROM n, processes",
+            4,
+            "ran past its deadline",
+        ),
     ] {
         let mut cmd = eventbus();
         cmd.args(["query", bad]).env("EVENTBUS_SOCKET", &socket);
         let mut p = Proc::spawn(cmd);
-        assert_eq!(p.wait(), 5, "{bad}");
+        assert_eq!(p.wait(), code, "{bad}");
         let err = p.stderr_lines().join("\n");
         assert!(err.contains(why), "{bad}: {err}");
     }
