@@ -78,6 +78,15 @@ struct Running {
     /// Ids of the events since then of the tables it reads (correlation ids, else message
     /// ids), at most [`EVENTS_KEPT`].
     events: Vec<String>,
+    /// Whether an evaluation of it is under way (it is not started again meanwhile).
+    busy: bool,
+}
+
+/// An evaluation of one rule came to an end: its query's rows, or why there are none.
+struct Done {
+    rule: usize,
+    outcome: Option<Arc<crate::tasks::Outcome>>,
+    result: Result<Output, String>,
 }
 
 /// The events that make rules run soon: process and connection changes.
@@ -95,8 +104,6 @@ pub const EVENTS_KEPT: usize = 16;
 /// The detection loop's state (owned by its task).
 pub struct Detection {
     rules: Vec<Running>,
-    /// SQLite, lent to a blocking thread for each evaluation.
-    engine: Option<Engine>,
     tasks: Tasks,
     client: Client,
     supervisor: Supervisor,
@@ -187,7 +194,8 @@ impl Detection {
         deadline: Duration,
         view: SharedView,
     ) -> Result<Self, crate::engine::EngineError> {
-        let engine = Engine::new()?;
+        // SQLite works (each evaluation opens its own database).
+        Engine::new()?;
         let now = tokio::time::Instant::now();
         let mut running = Vec::new();
         for rule in rules {
@@ -204,6 +212,7 @@ impl Detection {
                 last: HashSet::new(),
                 evaluated: None,
                 events: Vec::new(),
+                busy: false,
             });
         }
         for e in &refused {
@@ -216,7 +225,6 @@ impl Detection {
         }
         Ok(Self {
             rules: running,
-            engine: Some(engine),
             tasks,
             client,
             supervisor,
@@ -239,15 +247,22 @@ impl Detection {
                 None
             }
         };
+        // Evaluations under way: each rule's query on a thread of its own, so one that runs
+        // to its deadline holds up no other. Bounded: a rule has one at most.
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Done>(self.rules.len());
+        let mut work = tokio::task::JoinSet::new();
         loop {
             let next = self
                 .rules
                 .iter()
+                .filter(|r| !r.busy)
                 .map(|r| r.next)
                 .min()
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                () = tokio::time::sleep_until(next) => {}
+                () = tokio::time::sleep_until(next) => self.start_due(&mut work, &done_tx),
+                Some(done) = done_rx.recv() => self.finish(done).await,
+                Some(_) = work.join_next(), if !work.is_empty() => {}
                 r = async { Some(events.as_mut()?.recv().await) }, if events.is_some() => {
                     match r {
                         Some(Ok(m)) => self.heard(&m),
@@ -262,26 +277,67 @@ impl Detection {
                     continue;
                 }
             }
-            let now = tokio::time::Instant::now();
-            // Rules due now that read the same tables share one collection task.
-            let mut groups: BTreeMap<BTreeSet<Table>, Vec<usize>> = BTreeMap::new();
-            for (i, r) in self.rules.iter().enumerate() {
-                if r.next <= now {
-                    groups.entry(r.rule.tables.clone()).or_default().push(i);
-                }
-            }
-            for (tables, due) in &groups {
-                self.evaluate(tables, due).await;
-            }
-            let after = tokio::time::Instant::now();
-            for r in &mut self.rules {
-                if r.next <= now {
-                    r.next = (r.next + r.rule.interval).max(after);
-                }
-            }
             let mut v = self.view.lock();
             v.rules = self.rules.iter().map(|r| r.view.clone()).collect();
             v.tasks = self.tasks.view();
+        }
+    }
+
+    /// Starts the evaluations due now: rules that read the same tables share one collection
+    /// task, then each runs its query over the rows on a thread of its own.
+    fn start_due(
+        &mut self,
+        work: &mut tokio::task::JoinSet<()>,
+        done: &tokio::sync::mpsc::Sender<Done>,
+    ) {
+        let now = tokio::time::Instant::now();
+        let mut groups: BTreeMap<BTreeSet<Table>, Vec<usize>> = BTreeMap::new();
+        for (i, r) in self.rules.iter_mut().enumerate() {
+            if r.busy || r.next > now {
+                continue;
+            }
+            r.busy = true;
+            r.view.evaluations += 1;
+            r.evaluated = Some(now);
+            r.next = (r.next + r.rule.interval).max(now);
+            groups.entry(r.rule.tables.clone()).or_default().push(i);
+        }
+        for (tables, due) in groups {
+            let label = match due.as_slice() {
+                [one] => self.rules[*one].rule.id.clone(),
+                [first, rest @ ..] => format!("{}+{}", self.rules[*first].rule.id, rest.len()),
+                [] => continue,
+            };
+            let id = self.tasks.next_id(&label);
+            let queries: Vec<(usize, String)> = due
+                .iter()
+                .map(|&i| (i, self.rules[i].rule.sql.clone()))
+                .collect();
+            work.spawn(evaluate(
+                self.tasks.clone(),
+                self.supervisor.clone(),
+                self.checks.clone(),
+                id,
+                tables,
+                queries,
+                self.deadline,
+                done.clone(),
+            ));
+        }
+    }
+
+    /// An evaluation ended: its rule may start again, and its rows are concluded.
+    async fn finish(&mut self, done: Done) {
+        let Some(r) = self.rules.get_mut(done.rule) else {
+            return;
+        };
+        r.busy = false;
+        match (done.result, done.outcome) {
+            (Ok(out), Some(outcome)) => self.conclude(done.rule, out, &outcome).await,
+            (Ok(_), None) => self.failed(&[done.rule], "no rows"),
+            (Err(why), _) => {
+                self.failed(&[done.rule], &why);
+            }
         }
     }
 
@@ -321,68 +377,6 @@ impl Detection {
         }
     }
 
-    /// Evaluates the rules `due` (indices), which read the same `tables`: one collection
-    /// task for all of them, their queries over the same rows.
-    async fn evaluate(&mut self, tables: &BTreeSet<Table>, due: &[usize]) {
-        for &i in due {
-            let r = &mut self.rules[i];
-            r.view.evaluations += 1;
-            r.evaluated = Some(tokio::time::Instant::now());
-        }
-        let label = match due {
-            [one] => self.rules[*one].rule.id.clone(),
-            [first, rest @ ..] => format!("{}+{}", self.rules[*first].rule.id, rest.len()),
-            [] => return,
-        };
-        let id = self.tasks.next_id(&label);
-        let Some(outcome) = collect(
-            &self.tasks,
-            &self.supervisor,
-            &self.checks,
-            &id,
-            tables,
-            self.deadline,
-        )
-        .await
-        else {
-            // No task for nobody: said in the rules' view, not counted as a partial task.
-            self.failed(due, "no running, checked collector answers its tables");
-            return;
-        };
-        if outcome.partial() {
-            // Rows missing from a table can make a rule match what is not there (`NOT
-            // EXISTS`) as much as miss what is: not evaluated, nothing raised or cleared.
-            let why = format!(
-                "not evaluated: no answer from {}",
-                outcome.missing.join(", ")
-            );
-            self.failed(due, &why);
-            return;
-        }
-        let engine = match self.engine.take().map_or_else(Engine::new, Ok) {
-            Ok(e) => e,
-            Err(e) => {
-                self.failed(due, &e.to_string());
-                return;
-            }
-        };
-        let sqls = due
-            .iter()
-            .map(|&i| self.rules[i].rule.sql.clone())
-            .collect();
-        let (engine, results) =
-            crate::engine::run_blocking(engine, outcome.tables.clone(), sqls, self.deadline).await;
-        self.engine = engine;
-        match results {
-            Ok(results) => {
-                for (&i, result) in due.iter().zip(results) {
-                    self.conclude(i, result, &outcome).await;
-                }
-            }
-            Err(e) => self.failed(due, &e.to_string()),
-        }
-    }
-
     /// Records why the rules `due` were not evaluated.
     fn failed(&mut self, due: &[usize], why: &str) {
         for &i in due {
@@ -394,19 +388,7 @@ impl Detection {
     }
 
     /// Rule `i`'s query came to `result`: its new matches raise an alert.
-    async fn conclude(
-        &mut self,
-        i: usize,
-        result: Result<Output, crate::engine::EngineError>,
-        outcome: &crate::tasks::Outcome,
-    ) {
-        let out = match result {
-            Ok(out) => out,
-            Err(e) => {
-                self.failed(&[i], &e.to_string());
-                return;
-            }
-        };
+    async fn conclude(&mut self, i: usize, out: Output, outcome: &crate::tasks::Outcome) {
         let r = &mut self.rules[i];
         r.view.last_problem = None;
         r.view.matches = out.rows.len() as u64;
@@ -444,6 +426,81 @@ impl Detection {
         // they last: counted in the alert's rows, never silently).
         r.last = out.rows.iter().take(MATCHES_KEPT_MAX).cloned().collect();
     }
+}
+
+/// One evaluation of the rules `queries` (index and SQL), which read the same `tables`: one
+/// collection task as `id`, then each query over its rows on a blocking thread of its own
+/// (SQLite never runs on the runtime the broker shares); each rule's end is sent on `done`.
+#[allow(clippy::too_many_arguments)]
+async fn evaluate(
+    tasks: Tasks,
+    supervisor: Supervisor,
+    checks: Checks,
+    id: String,
+    tables: BTreeSet<Table>,
+    queries: Vec<(usize, String)>,
+    deadline: Duration,
+    done: tokio::sync::mpsc::Sender<Done>,
+) {
+    let failed = |why: String| {
+        let done = done.clone();
+        let rules: Vec<usize> = queries.iter().map(|(i, _)| *i).collect();
+        async move {
+            for rule in rules {
+                let _ = done
+                    .send(Done {
+                        rule,
+                        outcome: None,
+                        result: Err(why.clone()),
+                    })
+                    .await;
+            }
+        }
+    };
+    let Some(outcome) = collect(&tasks, &supervisor, &checks, &id, &tables, deadline).await else {
+        // No task for nobody: said in the rules' view, not counted as a partial task.
+        failed("no running, checked collector answers its tables".into()).await;
+        return;
+    };
+    if outcome.partial() {
+        // Rows missing from a table can make a rule match what is not there (`NOT EXISTS`)
+        // as much as miss what is: not evaluated, nothing raised or cleared.
+        failed(format!(
+            "not evaluated: no answer from {}",
+            outcome.missing.join(", ")
+        ))
+        .await;
+        return;
+    }
+    let outcome = Arc::new(outcome);
+    let mut queries_run = tokio::task::JoinSet::new();
+    for (rule, sql) in queries {
+        let (outcome, done) = (Arc::clone(&outcome), done.clone());
+        queries_run.spawn(async move {
+            let result = match Engine::new() {
+                Ok(engine) => {
+                    let (_, r) = crate::engine::run_blocking(
+                        engine,
+                        outcome.tables.clone(),
+                        vec![sql],
+                        deadline,
+                    )
+                    .await;
+                    r.and_then(|mut outs| outs.pop().unwrap_or_else(|| Ok(Output::default())))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            let _ = done
+                .send(Done {
+                    rule,
+                    outcome: Some(outcome),
+                    result,
+                })
+                .await;
+        });
+    }
+    while queries_run.join_next().await.is_some() {}
 }
 
 /// Collects the rows of `tables` as task `id`: a collection task to the collectors that may
