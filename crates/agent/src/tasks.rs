@@ -45,7 +45,7 @@ pub struct Plan {
     pub groups: BTreeMap<String, (BTreeSet<Table>, Vec<String>)>,
     /// Tables no running collector answers.
     pub unanswered: BTreeSet<Table>,
-    /// Types whose every instance is at capacity (their tables are unanswered this time).
+    /// Types whose every instance is at capacity: not asked this time (named as missing).
     pub busy: BTreeSet<String>,
 }
 
@@ -91,7 +91,6 @@ impl Dispatcher {
                 .collect();
             let Some(first) = order.first() else {
                 plan.busy.insert(kind.to_owned());
-                plan.unanswered.extend(asked);
                 continue;
             };
             *self.in_flight.entry(first.clone()).or_default() += 1;
@@ -428,7 +427,12 @@ impl Tasks {
                 Ok(None) | Err(_) => break,
             }
         }
-        let outcome = aggregate.complete(&plan.unanswered);
+        let mut outcome = aggregate.complete(&plan.unanswered);
+        outcome.missing.extend(
+            plan.busy
+                .iter()
+                .map(|t| format!("{t} (every instance at capacity)")),
+        );
         let counter = if outcome.partial() {
             &self.counts.partial
         } else {

@@ -345,9 +345,14 @@ pub trait Collector: Send + Sync + 'static {
     fn tables(&self) -> &'static [Table] {
         &[]
     }
-    /// Collection tasks it takes at once (announced in its capabilities).
+    /// Collection tasks it takes at once (announced in its capabilities): none without
+    /// tables, else what its queue holds ([`crate::tables::task_queue`]).
     fn task_capacity(&self) -> u32 {
-        if self.tables().is_empty() { 0 } else { 1 }
+        if self.tables().is_empty() {
+            0
+        } else {
+            crate::tables::TASKS_WAITING as u32
+        }
     }
     /// The rows of `table` (one of [`Collector::tables`]) as it sees them now, at most
     /// `max_rows` (0: its own bound).

@@ -24,9 +24,7 @@ pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
     Basics, Collector, CollectorSettings, ConfigReader, Loss, Losses, Services, heartbeats, now_ns,
 };
-use daemoneye_eventbus_collector::tables::{
-    TASKS_WAITING, Table, TableAsk, TaskSender, task_queue,
-};
+use daemoneye_eventbus_collector::tables::{Table, TableAsk, TaskSender, task_queue};
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
 use owners::Owner;
@@ -311,14 +309,8 @@ impl Collector for Shared {
         &[Table::NetworkConnections]
     }
 
-    fn task_capacity(&self) -> u32 {
-        TASKS_WAITING as u32
-    }
-
-    async fn rows(&self, table: Table, max_rows: usize) -> Result<pb::TableRows, String> {
-        if table != Table::NetworkConnections {
-            return Err(format!("netmond does not answer table {table}"));
-        }
+    // Its one table (the services pass only tables it lists).
+    async fn rows(&self, _: Table, max_rows: usize) -> Result<pb::TableRows, String> {
         self.tasks.ask(max_rows).await
     }
 

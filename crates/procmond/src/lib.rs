@@ -29,9 +29,7 @@ pub use daemoneye_eventbus_collector::services::SourceChoice;
 use daemoneye_eventbus_collector::services::{
     Basics, Collector, CollectorSettings, ConfigReader, Loss, Services, heartbeats, now_ns,
 };
-use daemoneye_eventbus_collector::tables::{
-    TASKS_WAITING, Table, TableAsk, TaskSender, task_queue,
-};
+use daemoneye_eventbus_collector::tables::{Table, TableAsk, TaskSender, task_queue};
 use daemoneye_eventbus_collector::{CollectionEvent, ProcessEvent};
 use daemoneye_eventbus_core::{Qos, catalog};
 use daemoneye_eventbus_schema::{events as epb, rpc as pb};
@@ -1097,14 +1095,8 @@ impl Collector for Shared {
         &[Table::Processes]
     }
 
-    fn task_capacity(&self) -> u32 {
-        TASKS_WAITING as u32
-    }
-
-    async fn rows(&self, table: Table, max_rows: usize) -> Result<pb::TableRows, String> {
-        if table != Table::Processes {
-            return Err(format!("procmond does not answer table {table}"));
-        }
+    // Its one table (the services pass only tables it lists).
+    async fn rows(&self, _: Table, max_rows: usize) -> Result<pb::TableRows, String> {
         self.tasks.ask(max_rows).await
     }
 
