@@ -6,8 +6,8 @@
 use crate::config::BrokerConfig;
 use crate::conn::Conn;
 use crate::delivery::{
-    AckedLimits, AckedSub, Attachment, DiskStore, GroupCommit, Item, KeptStore, Memory, Outlet,
-    Pushed, SubPushed, SyncWait, Want,
+    AckedLimits, AckedSub, Attachment, DiskStore, DropCause, GroupCommit, Item, KeptStore, Memory,
+    Outlet, Pushed, SubPushed, SyncWait, Want,
 };
 use crate::router::{Class, Member, PlanCache, Router, Slot, SubscribeRefusal};
 use crate::stats::{BrokerStats, ConnectionStats, Counters, SubscriptionStats, load};
@@ -61,8 +61,9 @@ pub(crate) struct Routed {
     /// Recipients matched: connections with a plain subscription plus one member per queue
     /// group. Zero means nobody could answer a request.
     pub(crate) matched: u64,
-    /// Deliveries dropped (evicted older messages, or this one).
-    pub(crate) dropped: u64,
+    /// Deliveries not made because their connection or subscription was closing (the other
+    /// drops, evictions included, are counted by the queues themselves).
+    pub(crate) closed: u64,
     /// Set when nothing was queued: a Processed publish a durable subscription on disk
     /// would keep, while the store cannot write ([`Hub::store_trouble`]).
     pub(crate) refused: Option<StoreTrouble>,
@@ -795,6 +796,7 @@ impl Hub {
                 limits,
                 policy,
                 store,
+                Arc::clone(&self.counters.drops),
             ));
             made = Some(Arc::clone(&sub));
             sub
@@ -821,7 +823,9 @@ impl Hub {
             let charge: usize = sub.filters.iter().map(subscription_charge).sum();
             self.release_subscriptions(charge);
         }
-        Counters::add(&self.counters.dropped, sub.close(&self.memory));
+        self.counters
+            .drops
+            .add(DropCause::Closed, sub.close(&self.memory));
         if let (Some(name), true) = (&sub.name, sub.on_disk)
             && let Some(dir) = self.durable_dir(name)
             && let Err(e) = std::fs::remove_dir_all(&dir)
@@ -998,8 +1002,8 @@ impl Hub {
                 return;
             }
             match largest.give_back_segment(&self.memory) {
+                // Counted by the subscription (a full backlog).
                 Ok((freed, dropped)) if freed > 0 => {
-                    Counters::add(&self.counters.dropped, dropped);
                     tracing::warn!(subscription = %largest.describe(), dropped, freed, "the data directory reached store_max_bytes: dropped the oldest segment of the largest durable subscription");
                 }
                 Ok(_) => return,
@@ -1369,6 +1373,7 @@ impl Hub {
         let mut effects = Effects::default();
         let mut members = Vec::new();
         let (mut taken, mut lost) = (0, 0);
+        let mut routed = Routed::default();
         {
             let router = self.router.read();
             for (msg, group) in &deliveries {
@@ -1384,20 +1389,20 @@ impl Hub {
                 let pushed = conn
                     .outlet
                     .push_realtime(Item::Msg(&lent), &self.memory, Some(group));
-                let mut routed = Routed::default();
-                let queued = matches!(pushed, Pushed::Queued { .. });
-                account(pushed, 1, conn, Some(group), &mut effects, &mut routed);
-                if queued {
+                if matches!(pushed, Pushed::Queued { .. }) {
                     taken += 1;
-                } else {
-                    lost += 1;
                 }
+                // A miss there is counted by that member's queue, or as closed.
+                account(pushed, 1, conn, Some(group), &mut effects, &mut routed);
             }
         }
         effects.blocked.clear();
         effects.wake_writers();
         Counters::add(&self.counters.reoffered, taken);
-        Counters::add(&self.counters.dropped, lost);
+        // No member left to take them.
+        self.counters
+            .drops
+            .add(DropCause::Closed, lost + routed.closed);
     }
 
     /// The header of a message the broker itself sends.
@@ -1491,7 +1496,9 @@ impl Hub {
         let msg = Lent::owned(msg);
         let routed = self.route(Item::Msg(&msg), &mut scratch, Waiting::Never);
         scratch.wake_writers();
-        Counters::add(&self.counters.dropped, routed.map_or(0, |r| r.dropped));
+        self.counters
+            .drops
+            .add(DropCause::Closed, routed.map_or(0, |r| r.closed));
     }
 
     /// Announces a connect or disconnect on `$sys.broker.clients.*`.
@@ -1525,7 +1532,7 @@ impl Hub {
         let mut routed = Routed::default();
         account(pushed, 1, conn, None, &mut effects, &mut routed);
         effects.wake_writers();
-        Counters::add(&self.counters.dropped, routed.dropped);
+        self.counters.drops.add(DropCause::Closed, routed.closed);
     }
 
     pub(crate) fn stats_json(&self) -> Bytes {
@@ -1585,11 +1592,16 @@ impl Hub {
             })
             .collect();
         let subscription_bytes = self.subscription_bytes.load(Ordering::Relaxed);
+        let drops = c.drops.get();
         BrokerStats {
             uptime_secs: self.started.elapsed().as_secs(),
             published: load(&c.published),
             delivered: load(&c.delivered),
-            dropped: load(&c.dropped),
+            dropped: drops.iter().map(|(_, n)| n).sum(),
+            dropped_by_cause: drops
+                .iter()
+                .map(|(cause, n)| (cause.as_str().to_owned(), *n))
+                .collect(),
             bytes_in: load(&c.bytes_in),
             bytes_out: load(&c.bytes_out),
             active_connections: connections.len() as u64,
@@ -1634,23 +1646,20 @@ fn account(
     routed: &mut Routed,
 ) {
     match pushed {
-        Pushed::Queued { evicted, wake } => {
-            routed.dropped += evicted;
+        // Evictions and drops are counted by the queue (with their cause).
+        Pushed::Queued { wake, .. } => {
             if wake {
                 effects.wake.push(Arc::clone(&conn.outlet));
             }
         }
-        Pushed::Dropped => routed.dropped += n,
-        Pushed::Overflow => {
-            routed.dropped += n;
-            conn.overflowed();
-        }
+        Pushed::Dropped => {}
+        Pushed::Overflow => conn.overflowed(),
         Pushed::Full => effects
             .blocked
             .push(Blocked::Conn(Arc::clone(conn), group.cloned())),
         // Closed since it was planned (not possible while routing holds the read lock on one
         // thread); counted rather than lost silently.
-        Pushed::Closed => routed.dropped += n,
+        Pushed::Closed => routed.closed += n,
     }
 }
 
@@ -1664,15 +1673,16 @@ fn account_sub(
     routed: &mut Routed,
 ) {
     match pushed {
-        SubPushed::Kept { wake, dropped } => {
-            routed.dropped += dropped;
+        // Drops are counted by the subscription (with their cause).
+        SubPushed::Kept { wake, .. } => {
             effects.wake.extend(wake);
             if sub.on_disk && !effects.persist.iter().any(|s| Arc::ptr_eq(s, sub)) {
                 effects.persist.push(Arc::clone(sub));
             }
         }
         SubPushed::Full => effects.blocked.push(Blocked::Sub(Arc::clone(sub))),
-        SubPushed::Dropped | SubPushed::Closed => routed.dropped += n,
+        SubPushed::Dropped => {}
+        SubPushed::Closed => routed.closed += n,
     }
 }
 

@@ -31,7 +31,7 @@ mod stats;
 
 pub use broker::{Broker, BrokerError, ShutdownReport};
 pub use config::{BrokerConfig, ConfigError, FsyncPolicy, TlsListen};
-pub use delivery::{DROP_TOPICS, DurableFullPolicy, MAX_QUEUED_CONTROL};
+pub use delivery::{DROP_TOPICS, DropCause, DurableFullPolicy, MAX_QUEUED_CONTROL};
 pub use hub::SUBSCRIPTION_CHARGE;
 pub use stats::{BrokerStats, ConnectionStats, SubscriptionStats};
 

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Counters {
     pub(crate) published: AtomicU64,
     pub(crate) delivered: AtomicU64,
-    pub(crate) dropped: AtomicU64,
+    /// Deliveries dropped, by cause: every queue's [`crate::delivery::Drops`] adds to it, and
+    /// the hub adds what closed connections and subscriptions held.
+    pub(crate) drops: std::sync::Arc<crate::delivery::DropTotals>,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) connections_total: AtomicU64,
@@ -60,8 +62,13 @@ pub struct BrokerStats {
     pub published: u64,
     /// Message deliveries written to subscribers.
     pub delivered: u64,
-    /// Deliveries dropped (slow reader, memory cap, or discarded at disconnect).
+    /// Deliveries dropped (slow reader, memory cap, full backlog, or discarded at
+    /// disconnect): the sum of `dropped_by_cause`.
     pub dropped: u64,
+    /// Deliveries dropped by cause (`slow_reader`, `memory_cap`, `backlog_full`, `closed`;
+    /// see [`crate::DropCause`]), every cause listed.
+    #[serde(default)]
+    pub dropped_by_cause: BTreeMap<String, u64>,
     /// Payload bytes accepted from publishers.
     pub bytes_in: u64,
     /// Payload bytes written to subscribers.

@@ -498,6 +498,10 @@ async fn slow_reader_drops_are_counted_and_reported(kind: Kind) {
         conn.dropped_by_topic.get("burst").copied().unwrap_or(0),
         missed
     );
+    // The broker-wide count, by cause.
+    assert_eq!(stats.dropped, missed);
+    assert_eq!(stats.dropped_by_cause["slow_reader"], missed);
+    assert_eq!(stats.dropped_by_cause.values().sum::<u64>(), stats.dropped);
     assert_eq!(slow.stats().missed, missed);
 }
 
@@ -738,6 +742,11 @@ async fn disconnect_policy_closes_a_slow_reader(kind: Kind) {
             .iter()
             .all(|c| c.name != "strict")
     );
+    // The message that overflowed its queue is a slow reader's drop; what the queue held
+    // when the connection closed, a closed one's.
+    let stats = bus.broker.stats();
+    assert!(stats.dropped_by_cause["slow_reader"] >= 1, "{stats:?}");
+    assert_eq!(stats.dropped_by_cause.values().sum::<u64>(), stats.dropped);
 }
 
 async fn processed_subscriptions_lose_nothing(kind: Kind) {
@@ -1085,6 +1094,10 @@ async fn a_stalled_subscription_releases_its_publishers(kind: Kind) {
         }
     }
     assert_eq!(missed, kept.dropped);
+    assert!(
+        bus.broker.stats().dropped_by_cause["backlog_full"] >= kept.dropped,
+        "the durable subscription's drops are counted broker-wide as a full backlog"
+    );
     assert_eq!(
         last,
         n - 1,

@@ -8,7 +8,7 @@
 //! it stalled, its bounds and full policy, its counters.
 
 use super::store::{Kept, KeptRun, KeptStore, Pos, Store, Stored};
-use super::{Drops, Memory, Outlet, SyncPoint};
+use super::{DropTotals, Drops, Memory, Outlet, SyncPoint};
 use daemoneye_eventbus_core::codec::{
     AckedDelivery, AckedHead, DropReason, Notice, RunPart, SubId,
 };
@@ -364,11 +364,8 @@ pub(crate) struct Attachment {
 /// Result of offering a message to an acknowledged subscription.
 pub(crate) enum SubPushed {
     /// Kept; `wake` is the attached connection's outlet when its writer has something to send
-    /// now. `dropped` older messages were dropped (retention) to make room.
-    Kept {
-        wake: Option<Arc<Outlet>>,
-        dropped: u64,
-    },
+    /// now. Older messages dropped (retention) to make room are counted by the subscription.
+    Kept { wake: Option<Arc<Outlet>> },
     /// No room while the subscriber is attached and keeping up: the publisher waits.
     Full,
     /// Not kept (retention policy or memory cap), counted.
@@ -449,9 +446,10 @@ impl AckedSub {
         limits: AckedLimits,
         full_policy: DurableFullPolicy,
         mut store: KeptStore,
+        totals: Arc<DropTotals>,
     ) -> Self {
         // What a previous broker process dropped and did not announce is announced still.
-        let mut drops = Drops::default();
+        let mut drops = Drops::counted_in(totals);
         if let KeptStore::Disk(d) = &mut store
             && let Some((reason, topics)) = d.take_restored_drops()
         {
@@ -503,7 +501,7 @@ impl AckedSub {
             return SubPushed::Closed;
         }
         if st.queue.fits(count, size) && memory.try_reserve(size) {
-            return self.keep(st, kept, 0);
+            return self.keep(st, kept);
         }
         if may_wait && st.attached.is_some() && !st.stalled {
             return SubPushed::Full;
@@ -513,10 +511,9 @@ impl AckedSub {
                 .record(kept.topic(), DropReason::BacklogFull, count as u64);
             return SubPushed::Dropped;
         }
-        let mut dropped = 0;
         loop {
             if st.queue.fits(count, size) && memory.try_reserve(size) {
-                return self.keep(st, kept, dropped);
+                return self.keep(st, kept);
             }
             let reason = if st.queue.fits(count, size) {
                 DropReason::MemoryCap
@@ -529,7 +526,6 @@ impl AckedSub {
             };
             memory.release(bytes);
             st.drops.record(&topic, reason, 1);
-            dropped += 1;
         }
     }
 
@@ -537,7 +533,6 @@ impl AckedSub {
         &self,
         mut st: parking_lot::MutexGuard<'_, SubState>,
         kept: Kept,
-        dropped: u64,
     ) -> SubPushed {
         let was_sendable = st.queue.sendable();
         st.queue.append(kept);
@@ -545,7 +540,7 @@ impl AckedSub {
             (Some(a), false) if st.queue.sendable() => a.outlet.upgrade(),
             _ => None,
         };
-        SubPushed::Kept { wake, dropped }
+        SubPushed::Kept { wake }
     }
 
     /// Whether a run of `count` messages of `size` bytes may be offered whole: there is room
@@ -1156,6 +1151,7 @@ mod tests {
             },
             policy,
             KeptStore::default(),
+            Arc::default(),
         )
     }
 
@@ -1170,6 +1166,7 @@ mod tests {
             },
             daemoneye_eventbus_core::codec::SlowReaderPolicy::DropOldest,
             super::super::Encoding::Shared,
+            Arc::default(),
         ));
         s.attach(Attachment {
             outlet: Arc::downgrade(&outlet),
@@ -1199,17 +1196,12 @@ mod tests {
         assert!(taken.unwrap_err().contains("session 1"));
         // Stalled: the publisher moves on, the oldest goes, counted.
         s.stall();
-        assert!(matches!(
-            s.push(msg(3), &mem, true),
-            SubPushed::Kept { dropped: 1, .. }
-        ));
+        assert!(matches!(s.push(msg(3), &mem, true), SubPushed::Kept { .. }));
         assert_eq!(s.stats().dropped, 1);
         // Detached: never waits either.
         assert!(s.detach(1));
-        assert!(matches!(
-            s.push(msg(4), &mem, true),
-            SubPushed::Kept { dropped: 1, .. }
-        ));
+        assert!(matches!(s.push(msg(4), &mem, true), SubPushed::Kept { .. }));
+        assert_eq!(s.stats().dropped, 2);
         let mut out = Vec::new();
         assert_eq!(s.take(0, &mut out), 0, "nobody attached");
         assert_eq!(s.close(&mem), 2);

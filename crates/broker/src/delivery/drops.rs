@@ -9,6 +9,83 @@
 use daemoneye_eventbus_core::codec::{DropReason, Notice};
 use daemoneye_eventbus_core::{Frame, Topic, catalog};
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why deliveries were dropped, as the broker-wide statistics count them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum DropCause {
+    /// A subscriber's queue was full (messages or bytes): older deliveries evicted, or the
+    /// connection closed under the `disconnect` policy.
+    SlowReader,
+    /// The broker-wide memory cap (`max_memory_bytes`) left no room.
+    MemoryCap,
+    /// An acknowledged or durable subscription's backlog was full (or its disk store reached
+    /// `store_max_bytes`).
+    BacklogFull,
+    /// Queued for a connection or subscription that closed before they were written.
+    Closed,
+}
+
+impl DropCause {
+    /// Every cause, in a fixed order.
+    pub const ALL: [Self; 4] = [
+        Self::SlowReader,
+        Self::MemoryCap,
+        Self::BacklogFull,
+        Self::Closed,
+    ];
+
+    /// Its name in statistics and metrics (`slow_reader`, `memory_cap`, `backlog_full`,
+    /// `closed`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SlowReader => "slow_reader",
+            Self::MemoryCap => "memory_cap",
+            Self::BacklogFull => "backlog_full",
+            Self::Closed => "closed",
+        }
+    }
+
+    fn of(reason: DropReason) -> Self {
+        match reason {
+            DropReason::SlowReader => Self::SlowReader,
+            DropReason::MemoryCap => Self::MemoryCap,
+            DropReason::BacklogFull => Self::BacklogFull,
+            // The broker records only the reasons above; another would be a newer peer's.
+            _ => Self::SlowReader,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Self::SlowReader => 0,
+            Self::MemoryCap => 1,
+            Self::BacklogFull => 2,
+            Self::Closed => 3,
+        }
+    }
+}
+
+/// Drops counted broker-wide by cause, shared by every queue's [`Drops`] (and added to by the
+/// hub for deliveries of closed connections and subscriptions).
+#[derive(Debug, Default)]
+pub(crate) struct DropTotals([AtomicU64; 4]);
+
+impl DropTotals {
+    pub(crate) fn add(&self, cause: DropCause, n: u64) {
+        if n > 0 {
+            self.0[cause.index()].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Each cause with its count.
+    pub(crate) fn get(&self) -> [(DropCause, u64); 4] {
+        DropCause::ALL.map(|c| (c, self.0[c.index()].load(Ordering::Relaxed)))
+    }
+}
 
 /// Topics one table counts one by one; the rest are summed under
 /// [`catalog::sys::dropped_other`].
@@ -77,13 +154,28 @@ pub(crate) struct Drops {
     /// Changes to what is to be announced (a drop, a notice taken): a durable subscription
     /// on disk writes [`Drops::unannounced`] when this moved.
     changes: u64,
+    /// The broker-wide counts by cause this queue adds to.
+    totals: Arc<DropTotals>,
 }
 
 impl Drops {
+    /// Drops that add to the broker-wide `totals` too.
+    pub(crate) fn counted_in(totals: Arc<DropTotals>) -> Self {
+        Self {
+            totals,
+            ..Self::default()
+        }
+    }
+
     /// Counts `n` drops of `topic`, to be announced. Consecutive drops of one topic (a
     /// stalled reader's usual pattern) are accumulated and added to the tables only when the
     /// topic changes or the counts are read, so a drop costs a comparison and an increment.
     pub(crate) fn record(&mut self, topic: &Topic, reason: DropReason, n: u64) {
+        self.totals.add(DropCause::of(reason), n);
+        self.count(topic, reason, n);
+    }
+
+    fn count(&mut self, topic: &Topic, reason: DropReason, n: u64) {
         self.total += n;
         self.changes += 1;
         if self.reason.is_none() || reason == DropReason::MemoryCap {
@@ -113,8 +205,10 @@ impl Drops {
         self.record(&topic, reason, n);
     }
 
-    /// Counts drops that are never announced (the connection is closing instead).
+    /// Counts drops that are never announced (a full queue under the `disconnect` policy: the
+    /// connection is closing instead).
     pub(crate) fn record_unannounced(&mut self, topic: &Topic, n: u64) {
+        self.totals.add(DropCause::SlowReader, n);
         self.fold();
         self.total += n;
         self.by_topic.add(topic, n);
@@ -154,10 +248,11 @@ impl Drops {
         (!self.pending.is_empty()).then(|| (reason, self.pending.entries()))
     }
 
-    /// Takes back drops a previous broker process counted and did not announce.
+    /// Takes back drops a previous broker process counted and did not announce (to be
+    /// announced; the broker-wide totals, this process's, do not count them again).
     pub(crate) fn restore(&mut self, reason: DropReason, topics: &[(Topic, u64)]) {
         for (topic, n) in topics {
-            self.record(topic, reason, *n);
+            self.count(topic, reason, *n);
         }
         self.fold();
     }
@@ -223,5 +318,29 @@ mod tests {
         assert_eq!(topics, [(topic(1), 5), (topic(2), 2)]);
         assert_eq!(d.total(), 11);
         assert_eq!(d.by_topic(), [(topic(1), 5), (topic(3), 4), (topic(2), 2)]);
+    }
+
+    #[test]
+    fn broker_wide_totals_count_each_cause_once_and_not_what_is_restored() {
+        let totals = Arc::new(DropTotals::default());
+        let mut d = Drops::counted_in(Arc::clone(&totals));
+        d.record(&topic(1), DropReason::SlowReader, 2);
+        d.record(&topic(1), DropReason::MemoryCap, 3);
+        d.record_bytes(b"t.2", DropReason::BacklogFull, 4);
+        d.record_unannounced(&topic(3), 5);
+        // A previous process's drops: announced again, not counted again.
+        d.restore(DropReason::SlowReader, &[(topic(4), 100)]);
+        totals.add(DropCause::Closed, 6);
+        let got: Vec<_> = totals.get().iter().map(|(c, n)| (c.as_str(), *n)).collect();
+        assert_eq!(
+            got,
+            [
+                ("slow_reader", 7),
+                ("memory_cap", 3),
+                ("backlog_full", 4),
+                ("closed", 6)
+            ]
+        );
+        assert_eq!(d.total(), 114);
     }
 }

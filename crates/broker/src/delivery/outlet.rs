@@ -10,7 +10,7 @@
 
 use super::acked::{AckedOut, AckedSub};
 use super::lane::Out;
-use super::{Bounds, Encoding, Item, Memory, ProcessedQueue, Pushed, RealtimeQueue};
+use super::{Bounds, DropTotals, Encoding, Item, Memory, ProcessedQueue, Pushed, RealtimeQueue};
 use daemoneye_eventbus_core::codec::SlowReaderPolicy;
 use daemoneye_eventbus_core::{Frame, Message, QueueGroup, Topic};
 use parking_lot::Mutex;
@@ -83,10 +83,16 @@ pub(crate) struct Outlet {
 }
 
 impl Outlet {
-    pub(crate) fn new(bounds: Bounds, policy: SlowReaderPolicy, encoding: Encoding) -> Self {
+    /// A connection's queues; their drops add to the broker-wide `totals`.
+    pub(crate) fn new(
+        bounds: Bounds,
+        policy: SlowReaderPolicy,
+        encoding: Encoding,
+        totals: Arc<DropTotals>,
+    ) -> Self {
         Self {
             state: Mutex::new(State {
-                realtime: RealtimeQueue::new(bounds, policy),
+                realtime: RealtimeQueue::new(bounds, policy, totals),
                 processed: ProcessedQueue::new(bounds),
                 controls: VecDeque::new(),
                 acked: Vec::new(),
@@ -306,7 +312,7 @@ mod tests {
     const STREAM: Encoding = Encoding::Bytes { runs: true };
 
     fn outlet(msgs: usize, bytes: usize, policy: SlowReaderPolicy, encoding: Encoding) -> Outlet {
-        Outlet::new(Bounds { msgs, bytes }, policy, encoding)
+        Outlet::new(Bounds { msgs, bytes }, policy, encoding, Arc::default())
     }
 
     fn msg(topic: &str, len: usize) -> Lent<'static, Message> {

@@ -3,9 +3,10 @@
 //! slow-reader policy applies.
 
 use super::lane::Lane;
-use super::{Bounds, Drops, Encoding, Item, Memory, Pushed};
+use super::{Bounds, DropTotals, Drops, Encoding, Item, Memory, Pushed};
 use daemoneye_eventbus_core::QueueGroup;
 use daemoneye_eventbus_core::codec::{DropReason, SlowReaderPolicy};
+use std::sync::Arc;
 
 /// See the module documentation.
 pub(crate) struct RealtimeQueue {
@@ -16,10 +17,10 @@ pub(crate) struct RealtimeQueue {
 }
 
 impl RealtimeQueue {
-    pub(crate) fn new(bounds: Bounds, policy: SlowReaderPolicy) -> Self {
+    pub(crate) fn new(bounds: Bounds, policy: SlowReaderPolicy, totals: Arc<DropTotals>) -> Self {
         Self {
             lane: Lane::default(),
-            drops: Drops::default(),
+            drops: Drops::counted_in(totals),
             bounds,
             policy,
         }

@@ -7,7 +7,9 @@ mod core;
 
 use self::core::{Exit, Limits, SessionCore, Step, check_hello, fatal, read_error};
 use crate::conn::Conn;
-use crate::delivery::{AckedOut, Batch, Bounds, Encoding, Item, Out, Outlet, Pushed, SubPushed};
+use crate::delivery::{
+    AckedOut, Batch, Bounds, DropCause, Encoding, Item, Out, Outlet, Pushed, SubPushed,
+};
 use crate::hub::{Blocked, Hub, RouteScratch, Routed, Waiting};
 use crate::stats::Counters;
 use daemoneye_eventbus_core::codec::{
@@ -206,7 +208,12 @@ async fn run_session(
         hub.next_session.fetch_add(1, Ordering::Relaxed),
         hello.client_name.clone(),
         peer,
-        Outlet::new(bounds, hello.slow_reader, encoding),
+        Outlet::new(
+            bounds,
+            hello.slow_reader,
+            encoding,
+            Arc::clone(&hub.counters.drops),
+        ),
         hello.version.minor,
         hub.kill.child_token(),
         collector,
@@ -269,7 +276,9 @@ async fn run_session(
     // Queue group deliveries go to another member (or are counted as dropped there).
     let regrouped = regroup.len() as u64;
     hub.reoffer(regroup);
-    Counters::add(&hub.counters.dropped, discarded - regrouped);
+    hub.counters
+        .drops
+        .add(DropCause::Closed, discarded - regrouped);
     hub.announce(&conn, false);
     hub.sessions.lock().remove(&conn.session_id);
     tracing::debug!(session = conn.session_id, "disconnected");
@@ -307,7 +316,9 @@ struct ReadLoop<'a> {
     published: u64,
     runs: u64,
     bytes_in: u64,
-    dropped: u64,
+    /// Deliveries not made because their connection or subscription was closing, or this
+    /// session ended while it waited for them.
+    closed: u64,
     rejected: u64,
     /// The last Processed publish acknowledged and not yet answered: a client of protocol 1.3
     /// reads an ACK as covering every earlier one, so one ACK answers a batch.
@@ -349,7 +360,7 @@ impl<'a> ReadLoop<'a> {
             published: 0,
             runs: 0,
             bytes_in: 0,
-            dropped: 0,
+            closed: 0,
             rejected: 0,
             ack_due: None,
             store_retry: false,
@@ -714,7 +725,7 @@ impl<'a> ReadLoop<'a> {
     fn count(&mut self, n: u64, payload: usize, routed: Routed) {
         self.published += n;
         self.bytes_in += payload as u64;
-        self.dropped += routed.dropped;
+        self.closed += routed.closed;
         self.conn.counters.published.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -729,7 +740,8 @@ impl<'a> ReadLoop<'a> {
         Counters::add(&c.published, std::mem::take(&mut self.published));
         Counters::add(&c.runs, std::mem::take(&mut self.runs));
         Counters::add(&c.bytes_in, std::mem::take(&mut self.bytes_in));
-        Counters::add(&c.dropped, std::mem::take(&mut self.dropped));
+        c.drops
+            .add(DropCause::Closed, std::mem::take(&mut self.closed));
         Counters::add(&c.rejected_publishes, std::mem::take(&mut self.rejected));
     }
 
@@ -769,7 +781,7 @@ impl<'a> ReadLoop<'a> {
     /// still waited for never get them, and that is counted as dropped. The rest of a split
     /// run was never routed, like frames left unread in the socket.
     fn abandon(&mut self, exit: Exit, n: usize) -> Exit {
-        self.dropped += (self.scratch.effects.blocked.len() * n) as u64;
+        self.closed += (self.scratch.effects.blocked.len() * n) as u64;
         self.backlog.clear();
         self.scratch.effects.blocked.clear();
         self.flush_counters();
@@ -819,15 +831,16 @@ impl<'a> ReadLoop<'a> {
         while let Some(blocked) = self.scratch.effects.blocked.last().cloned() {
             let (target, group) = match blocked {
                 Blocked::Sub(sub) => {
-                    match sub.push(pending.item().kept(), &self.hub.memory, true) {
-                        SubPushed::Kept { wake, dropped } => {
+                    let pushed = sub.push(pending.item().kept(), &self.hub.memory, true);
+                    match pushed {
+                        // Drops are counted by the subscription.
+                        SubPushed::Kept { wake, .. } => {
                             if let Some(outlet) = wake {
                                 outlet.wake();
                             }
                             if sub.on_disk {
                                 self.scratch.effects.persist.push(Arc::clone(&sub));
                             }
-                            self.dropped += dropped;
                             self.scratch.effects.blocked.pop();
                             since = None;
                         }
@@ -844,8 +857,11 @@ impl<'a> ReadLoop<'a> {
                                 return held;
                             }
                         }
+                        // A drop is counted by the subscription; a closed one's here.
                         SubPushed::Dropped | SubPushed::Closed => {
-                            self.dropped += n as u64;
+                            if matches!(pushed, SubPushed::Closed) {
+                                self.closed += n as u64;
+                            }
                             self.scratch.effects.blocked.pop();
                             since = None;
                         }
@@ -881,7 +897,7 @@ impl<'a> ReadLoop<'a> {
                         // It never made room: it is closed, and the publisher goes on.
                         Counters::add(&self.hub.counters.stalled, 1);
                         target.stalled(self.hub.config.processed_stall_timeout_ms);
-                        self.dropped += n as u64;
+                        self.hub.counters.drops.add(DropCause::SlowReader, n as u64);
                         self.scratch.effects.blocked.pop();
                         since = None;
                         continue;
