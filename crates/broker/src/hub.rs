@@ -1588,12 +1588,15 @@ impl Hub {
                     acked: st.acked,
                     dropped: st.dropped,
                     stalled: st.stalled,
+                    disk_bytes: if sub.on_disk { sub.disk_bytes() } else { 0 },
                 }
             })
-            .collect();
+            .collect::<Vec<SubscriptionStats>>();
         let subscription_bytes = self.subscription_bytes.load(Ordering::Relaxed);
         let drops = c.drops.get();
+        let store_bytes = subscriptions.iter().map(|s| s.disk_bytes).sum();
         BrokerStats {
+            store_bytes,
             uptime_secs: self.started.elapsed().as_secs(),
             published: load(&c.published),
             delivered: load(&c.delivered),

@@ -121,6 +121,9 @@ pub struct BrokerStats {
     /// periodic syncs under `interval`.
     #[serde(default)]
     pub store_syncs: u64,
+    /// Bytes the durable subscriptions' logs hold on disk now (`store_max_bytes` bounds it).
+    #[serde(default)]
+    pub store_bytes: u64,
     /// Bytes of records cut short by a crash that the broker truncated when it started.
     #[serde(default)]
     pub store_torn_bytes: u64,
@@ -192,6 +195,9 @@ pub struct SubscriptionStats {
     pub dropped: u64,
     /// Whether it stalled (its publishers no longer wait for it).
     pub stalled: bool,
+    /// Bytes of its log on disk (0 for one kept in memory).
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 /// Statistics of one connection.
