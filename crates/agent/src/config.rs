@@ -78,6 +78,32 @@ pub struct AgentSection {
     pub rules_dir: Option<PathBuf>,
     /// Deadline of a collection task and of a rule's query, in seconds.
     pub task_timeout_seconds: u64,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`host:port`), or `off`.
+    /// Loopback by default ([`DEFAULT_METRICS_LISTEN`]); unauthenticated, so another address
+    /// exposes the figures to whoever reaches it.
+    pub metrics_listen: String,
+}
+
+/// Where the agent serves its metrics and health endpoints unless configured otherwise.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9477";
+
+impl AgentSection {
+    /// The metrics address: `None` when `metrics_listen` is `off`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] when it is neither `off` nor `host:port` (an IP address).
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.metrics_listen == "off" {
+            return Ok(None);
+        }
+        self.metrics_listen.parse().map(Some).map_err(|_| {
+            invalid(format!(
+                "agent.metrics_listen must be `off` or an IP address and port such as {DEFAULT_METRICS_LISTEN}, not {:?}",
+                self.metrics_listen
+            ))
+        })
+    }
 }
 
 impl Default for AgentSection {
@@ -87,6 +113,7 @@ impl Default for AgentSection {
             live_view: true,
             rules_dir: None,
             task_timeout_seconds: 5,
+            metrics_listen: DEFAULT_METRICS_LISTEN.into(),
         }
     }
 }
@@ -176,6 +203,7 @@ impl AgentConfig {
         if !(1..=300).contains(&self.agent.task_timeout_seconds) {
             return Err(invalid("agent.task_timeout_seconds must be 1 to 300"));
         }
+        self.agent.metrics_addr()?;
         if let Some(dir) = &self.agent.rules_dir
             && !dir.is_dir()
         {
@@ -316,6 +344,7 @@ restart_backoff_seconds = {rbs}             # doubled per restart in a row
 status_interval_seconds = {asi}           # log line and control.agent.status report
 live_view = {lv}                     # redraw a status view when stdout is a terminal
 task_timeout_seconds = {tts}             # deadline of a collection task and of a rule's query
+metrics_listen = "{ml}"      # /metrics, /healthz, /readyz over HTTP; "off" to disable
 # rules_dir = "/etc/daemoneye/rules"  # detection rules (docs/rules.md); unset: the built-in ones
 
 # Without [[collectors]], the agent runs the bundled procmond and netmond found next to
@@ -354,6 +383,7 @@ task_timeout_seconds = {tts}             # deadline of a collection task and of 
             asi = d.agent.status_interval_seconds,
             lv = d.agent.live_view,
             tts = d.agent.task_timeout_seconds,
+            ml = d.agent.metrics_listen,
         )
     }
 }

@@ -25,13 +25,16 @@ pub mod config;
 pub mod detection;
 pub mod engine;
 mod health;
+pub mod http;
 mod lifecycle;
+pub mod metrics;
 pub mod query;
 pub mod rules;
 pub mod tasks;
 
-pub use config::{AgentConfig, AgentSection, BUNDLED, ConfigError};
+pub use config::{AgentConfig, AgentSection, BUNDLED, ConfigError, DEFAULT_METRICS_LISTEN};
 pub use health::{Before, Health, Part, broker_health, collectors_health, rpc_health};
+pub use http::{MetricsServer, Probe};
 
 use daemoneye_eventbus::broker::{BrokerError, ShutdownReport};
 use daemoneye_eventbus::client::{
@@ -77,6 +80,14 @@ pub enum AgentError {
     /// Where the bundled collectors are could not be found out.
     #[error("cannot locate this program (the bundled collectors are looked for beside it): {0}")]
     Locate(std::io::Error),
+    /// The metrics endpoint could not listen on its configured address.
+    #[error("serving metrics on {addr} (agent.metrics_listen): {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// How an embedder runs the agent, besides its configuration.
@@ -168,10 +179,13 @@ pub struct Report {
 /// per topic seen since the last report.
 type Counts = Arc<parking_lot::Mutex<BTreeMap<String, u64>>>;
 
-async fn count_events(mut events: Subscription, counts: Counts) {
+async fn count_events(mut events: Subscription, counts: Counts, totals: http::EventTotals) {
     loop {
         match events.recv().await {
-            Ok(m) => *counts.lock().entry(m.topic().to_string()).or_default() += 1,
+            Ok(m) => {
+                *counts.lock().entry(m.topic().to_string()).or_default() += 1;
+                totals.lock().add(m.topic().as_str());
+            }
             Err(daemoneye_eventbus::client::RecvError::Closed) => return,
             // A gap: the counts are a little low, and counting goes on.
             Err(_) => {}
@@ -204,6 +218,7 @@ pub struct Agent {
     detection: detection::SharedView,
     collection: tasks::Tasks,
     queries: daemoneye_eventbus::client::Service,
+    metrics: Option<MetricsServer>,
 }
 
 impl Agent {
@@ -319,9 +334,22 @@ impl Agent {
             Duration::from_secs(config.agent.task_timeout_seconds),
         )
         .await?;
+        let totals = http::EventTotals::default();
+        let probe = Probe::agent(
+            broker.clone(),
+            http::AgentParts {
+                client: client.clone(),
+                supervisor: supervisor.clone(),
+                checks: checks.clone(),
+                detection: view.clone(),
+                collection: collection.clone(),
+                events: totals.clone(),
+            },
+        );
+        let metrics = start_metrics(&config.agent, probe).await?;
         let tasks = vec![
             tokio::spawn(detection.run()),
-            tokio::spawn(count_events(events, counts.clone())),
+            tokio::spawn(count_events(events, counts.clone(), totals)),
             tokio::spawn(lifecycle::health_checks(
                 rpc,
                 supervisor.clone(),
@@ -346,7 +374,14 @@ impl Agent {
             detection: view,
             collection,
             queries,
+            metrics,
         })
+    }
+
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if they are.
+    #[must_use]
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(MetricsServer::local_addr)
     }
 
     /// The embedded broker.
@@ -457,12 +492,41 @@ impl Agent {
         for t in &self.tasks {
             t.abort();
         }
+        if let Some(m) = &self.metrics {
+            m.stop();
+        }
         self.lifecycle.drain(Duration::from_secs(2)).await;
         self.queries.drain(Duration::from_secs(2)).await;
         let collectors = self.supervisor.shutdown().await;
         self.client.close().await;
         let report = self.broker.shutdown().await;
         (collectors, report)
+    }
+}
+
+/// Starts the metrics endpoint where `agent.metrics_listen` says. The default address taken
+/// by another process (a second agent on the host) is logged and the agent runs without it;
+/// an address configured and not available is an error.
+async fn start_metrics(
+    agent: &AgentSection,
+    probe: Probe,
+) -> Result<Option<MetricsServer>, AgentError> {
+    let Some(addr) = agent.metrics_addr()? else {
+        return Ok(None);
+    };
+    match MetricsServer::start(addr, probe).await {
+        Ok(m) => {
+            tracing::info!(addr = %m.local_addr(), "serving /metrics, /healthz and /readyz");
+            Ok(Some(m))
+        }
+        Err(e)
+            if agent.metrics_listen == DEFAULT_METRICS_LISTEN
+                && e.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            tracing::warn!(%addr, "metrics not served: the default address is in use (set agent.metrics_listen)");
+            Ok(None)
+        }
+        Err(source) => Err(AgentError::Metrics { addr, source }),
     }
 }
 

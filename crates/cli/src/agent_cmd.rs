@@ -17,6 +17,7 @@ pub(crate) async fn run(
     socket: &SocketArg,
     config_path: Option<&Path>,
     rules: Option<std::path::PathBuf>,
+    metrics: Option<String>,
 ) -> Result<()> {
     let mut config = match config_path {
         Some(p) => AgentConfig::load(&config::absolute(p))?,
@@ -24,6 +25,9 @@ pub(crate) async fn run(
     };
     if let Some(dir) = rules {
         config.agent.rules_dir = Some(config::absolute(&dir));
+    }
+    if let Some(addr) = metrics {
+        config.agent.metrics_listen = addr;
     }
     let endpoint = match (&socket.socket, &config.broker.socket_path) {
         (None, Some(p)) => Endpoint::Unix(p.clone()),
@@ -57,6 +61,9 @@ pub(crate) async fn run(
             names.join(", ")
         }
     );
+    if let Some(addr) = agent.metrics_addr() {
+        println!("metrics on http://{addr}/metrics");
+    }
     let _ = std::io::stdout().flush();
     let wait = signals.wait();
     tokio::pin!(wait);

@@ -22,7 +22,11 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             data_dir,
             fsync,
             threads: _,
-        } => serve(&socket, tcp, &tls, config.as_deref(), data_dir, fsync).await,
+            metrics,
+        } => {
+            let storage = (data_dir, fsync);
+            serve(&socket, tcp, &tls, config.as_deref(), storage, metrics).await
+        }
         Command::Pub {
             socket,
             topic,
@@ -74,7 +78,8 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             socket,
             config,
             rules,
-        } => crate::agent_cmd::run(&socket, config.as_deref(), rules).await,
+            metrics,
+        } => crate::agent_cmd::run(&socket, config.as_deref(), rules, metrics).await,
         Command::Query(args) => crate::query_cmd::run(args).await,
         Command::Rules(crate::RulesCommand::Check { dir }) => {
             crate::agent_cmd::rules_check(dir.as_deref())
@@ -236,8 +241,8 @@ async fn serve(
     tcp: Option<std::net::SocketAddr>,
     tls: &ServeTlsArg,
     config: Option<&Path>,
-    data_dir: Option<std::path::PathBuf>,
-    fsync: Option<crate::FsyncArg>,
+    (data_dir, fsync): (Option<std::path::PathBuf>, Option<crate::FsyncArg>),
+    metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let mut cfg = match config {
         Some(p) => load_config(p)?,
@@ -265,12 +270,26 @@ async fn serve(
     // Handlers go in before the ready line, so a signal sent right after it is handled.
     let signals = Signals::install()?;
     let broker = Broker::start_on(cfg, &endpoints).await?;
+    let metrics = match metrics {
+        Some(addr) => Some(
+            daemoneye_agent::MetricsServer::start(
+                addr,
+                daemoneye_agent::Probe::broker(broker.clone()),
+            )
+            .await
+            .with_context(|| format!("serving metrics on {addr} (--metrics)"))?,
+        ),
+        None => None,
+    };
     {
         let mut out = std::io::stdout().lock();
         for e in broker.endpoints() {
             if !matches!(e, Endpoint::InProc(_)) {
                 writeln!(out, "listening on {e}")?;
             }
+        }
+        if let Some(m) = &metrics {
+            writeln!(out, "metrics on http://{}/metrics", m.local_addr())?;
         }
         out.flush()?;
     }

@@ -166,6 +166,10 @@ enum Command {
         /// the built-in example rules).
         #[arg(long, value_name = "DIR")]
         rules: Option<PathBuf>,
+        /// Serve `/metrics`, `/healthz` and `/readyz` on this `HOST:PORT`, or `off`
+        /// (overrides `agent.metrics_listen`; default 127.0.0.1:9477).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Detection rules (`docs/rules.md`).
     #[command(subcommand)]
@@ -217,6 +221,10 @@ enum Command {
         /// measured +18 % against two threads on a 2-core machine, `docs/benchmarks.md`).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: u16,
+        /// Serve `/metrics`, `/healthz` and `/readyz` over HTTP on this address (off by
+        /// default; unauthenticated, so keep it on loopback).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Publish one or more messages.
     Pub {

@@ -40,7 +40,7 @@ pub use acked::{AckMode, AckReport, Delivery};
 pub use client::{Client, ClientStats, ConnState, Publish, SubscribeOptions};
 pub use daemoneye_eventbus_transport::tls::{ClientTls, TlsFiles};
 pub use error::{ConnectError, PublishError, SubscribeError};
-pub use metrics::RpcMetrics;
+pub use metrics::{LatencyHistogram, OperationMetrics, RpcMetrics};
 pub use options::{ClientOptions, ReconnectPolicy, SpoolFull};
 pub use rpc::{Request, RpcError, RpcErrorKind, ServeOptions, Service, new_correlation_id};
 pub use subscription::{MissedReason, RecvError, Subscription};

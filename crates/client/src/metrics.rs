@@ -37,6 +37,8 @@ pub struct LatencyHistogram {
     pub p999_us: u64,
     /// Largest, µs.
     pub max_us: u64,
+    /// Sum of every observation, µs (exact, not from the histogram's buckets).
+    pub sum_us: u64,
     /// Cumulative counts: observations ≤ each bound of [`BUCKET_BOUNDS_US`] (Prometheus
     /// style; the total is `count`).
     pub buckets: Vec<(u64, u64)>,
@@ -84,6 +86,7 @@ struct Op {
     ok: u64,
     errors: BTreeMap<&'static str, u64>,
     latency: Histogram<u64>,
+    sum_us: u64,
 }
 
 impl Op {
@@ -94,6 +97,7 @@ impl Op {
             errors: BTreeMap::new(),
             latency: Histogram::new_with_bounds(1, MAX_TRACKED_US, 3)
                 .expect("static histogram bounds are valid"),
+            sum_us: 0,
         }
     }
 }
@@ -124,6 +128,7 @@ impl Recorder {
         }
         let us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
         op.latency.saturating_record(us.clamp(1, MAX_TRACKED_US));
+        op.sum_us = op.sum_us.saturating_add(us);
     }
 
     pub(crate) fn snapshot(&self) -> RpcMetrics {
@@ -158,6 +163,7 @@ impl Recorder {
                         p99_us: q(0.99),
                         p999_us: q(0.999),
                         max_us: if h.is_empty() { 0 } else { h.max() },
+                        sum_us: op.sum_us,
                         buckets,
                     },
                 };
@@ -184,6 +190,7 @@ mod tests {
         assert_eq!((op.calls, op.ok), (6, 5));
         assert_eq!(op.errors["timeout"], 1);
         assert_eq!(op.latency.count, 6);
+        assert_eq!(op.latency.sum_us, 100 + 200 + 300 + 400 + 10_000 + 5_000);
         assert!(
             (299..=301).contains(&op.latency.p50_us),
             "{}",

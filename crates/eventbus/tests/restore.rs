@@ -420,7 +420,7 @@ async fn the_store_keeps_within_its_bound_by_giving_back_the_oldest_segment() {
     // a full backlog.
     let stats = broker.stats();
     assert_eq!(stats.store_bytes, disk());
-    assert_eq!(stats.dropped_by_cause["backlog_full"], u64::from(dropped));
+    assert_eq!(stats.dropped_by_cause["backlog_full"], dropped);
     let mut s = client.subscribe_durable("big", ["jobs.#"]).await.unwrap();
     match tokio::time::timeout(WAIT, s.recv()).await.unwrap() {
         Err(RecvError::Missed { count, .. }) => {

@@ -529,11 +529,7 @@ impl AckedSub {
         }
     }
 
-    fn keep(
-        &self,
-        mut st: parking_lot::MutexGuard<'_, SubState>,
-        kept: Kept,
-    ) -> SubPushed {
+    fn keep(&self, mut st: parking_lot::MutexGuard<'_, SubState>, kept: Kept) -> SubPushed {
         let was_sendable = st.queue.sendable();
         st.queue.append(kept);
         let wake = match (&st.attached, was_sendable) {
