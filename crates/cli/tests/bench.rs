@@ -8,6 +8,11 @@ mod common;
 use common::{Proc, eventbus};
 use serde_json::Value;
 
+fn r_has(rows: &[&Value], workload: &str, variant: &str) -> bool {
+    rows.iter()
+        .any(|r| r["workload"] == workload && r["variant"].as_str().unwrap().contains(variant))
+}
+
 fn run(args: &[&str]) -> Vec<String> {
     let mut cmd = eventbus();
     cmd.arg("bench").args(args);
@@ -26,9 +31,20 @@ fn every_workload_runs_across_processes_without_loss_and_reports_every_field() {
         .collect();
     let (summary, rows): (Vec<&Value>, Vec<&Value>) =
         rows.iter().partition(|r| r["workload"] == "summary");
-    for w in ["w1", "w2", "w3", "w4", "w5", "w6", "w7"] {
+    for w in ["w1", "w2", "w3", "w4", "w5", "w6", "w7", "w8", "w9"] {
         assert!(rows.iter().any(|r| r["workload"] == w), "no {w} row");
     }
+    // W9: the scrapes timed, then W1 pairs without and with a scrape every second.
+    let w9: Vec<&str> = rows
+        .iter()
+        .filter(|r| r["workload"] == "w9")
+        .map(|r| r["variant"].as_str().unwrap())
+        .collect();
+    assert!(w9[0].starts_with("scrape,64conns,1024filters"), "{w9:?}");
+    assert!(
+        r_has(&rows, "w9", "scraped-every-1s") && w9.len() == 7,
+        "{w9:?}"
+    );
     // W7 measures the collectors under the agent: procmond's CPU idle and under load, the
     // latency of the processes it reported with their program (a process gone before /proc
     // could be read is reported without it: counted in `lost`); netmond's CPU idle and while

@@ -9,6 +9,7 @@ mod collector;
 mod floor;
 mod process;
 mod report;
+mod scrape;
 mod tasks;
 mod worker;
 
@@ -79,6 +80,9 @@ pub(crate) enum Role {
         socket: String,
         #[arg(long)]
         connections: usize,
+        /// Filters each connection subscribes to (`bench.idle.c<i>.f<j>`).
+        #[arg(long, default_value_t = 1)]
+        filters: usize,
     },
     /// Raw socket floor: the receiving side.
     FloorServer {
@@ -115,6 +119,9 @@ pub(crate) enum Workload {
     /// Collection tasks and rule SQL under the agent: a query over 2,000 processes through
     /// `control.agent.query`, one at a time and eight in flight.
     W8,
+    /// The metrics endpoint: `/metrics` scraped with 64 connections and 1,024 filters, and
+    /// W1 without and with a scrape every second.
+    W9,
     Floor,
     All,
 }
@@ -220,6 +227,7 @@ fn scaled(n: u64, scale: f64) -> u64 {
 const CROWDED: usize = 31;
 
 /// Everything a workload needs to know about the run.
+#[derive(Clone)]
 struct Ctx {
     socket: String,
     scale: f64,
@@ -481,6 +489,7 @@ enum Step {
     W6,
     W7,
     W8,
+    W9,
 }
 
 /// The steps to run, each with the guarantee it runs in (the floor, W3 and W6 once).
@@ -509,6 +518,7 @@ fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
         Workload::W6 => once(Step::W6),
         Workload::W7 => once(Step::W7),
         Workload::W8 => once(Step::W8),
+        Workload::W9 => vec![(Step::W9, crate::QosArg::Realtime)],
         Workload::All => [
             once(Step::Floor),
             streaming(
@@ -522,6 +532,7 @@ fn plan(w: Workload, qos: BenchQos) -> Vec<(Step, crate::QosArg)> {
             once(Step::W6),
             once(Step::W7),
             once(Step::W8),
+            vec![(Step::W9, crate::QosArg::Realtime)],
         ]
         .concat(),
     }
@@ -540,6 +551,7 @@ impl Step {
             Self::W6 => "w6".into(),
             Self::W7 => "w7".into(),
             Self::W8 => "w8".into(),
+            Self::W9 => "w9".into(),
         }
     }
 
@@ -605,6 +617,7 @@ impl Step {
             Self::W6 => w6(ctx),
             Self::W7 => collector::w7(&ctx.dir, s),
             Self::W8 => tasks::w8(&ctx.dir, s),
+            Self::W9 => scrape::w9(ctx),
             Self::W5(size, n, label) => {
                 let row = ctx.fan_out(&FanOut {
                     workload: "w5",

@@ -39,7 +39,13 @@ fn rate(n: u64, secs: f64) -> Option<f64> {
 }
 
 impl Row {
-    fn empty(peer: &str, workload: &str, variant: &str, payload: usize, messages: u64) -> Self {
+    pub(crate) fn empty(
+        peer: &str,
+        workload: &str,
+        variant: &str,
+        payload: usize,
+        messages: u64,
+    ) -> Self {
         Self {
             peer: peer.into(),
             workload: workload.into(),

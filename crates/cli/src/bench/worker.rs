@@ -89,7 +89,8 @@ pub(crate) async fn run(role: Role) -> Result<()> {
         Role::Idle {
             socket,
             connections,
-        } => idle(&socket, connections).await,
+            filters,
+        } => idle(&socket, connections, filters).await,
         Role::Requester {
             socket,
             count,
@@ -222,11 +223,13 @@ async fn stdin_closed() -> Result<()> {
     Ok(())
 }
 
-async fn idle(socket: &str, connections: usize) -> Result<()> {
+async fn idle(socket: &str, connections: usize, filters: usize) -> Result<()> {
     let mut held = Vec::with_capacity(connections);
     for i in 0..connections {
         let client = connect(socket, &format!("idle{i}")).await?;
-        let sub = client.subscribe([format!("bench.idle.c{i}")]).await?;
+        let sub = client
+            .subscribe((0..filters).map(|j| format!("bench.idle.c{i}.f{j}")))
+            .await?;
         held.push((client, sub));
     }
     say("ready")?;
