@@ -367,7 +367,8 @@ pub(crate) enum FsyncArg {
 }
 
 impl FsyncArg {
-    /// How `eventbus serve --fsync` spells it.
+    /// How `eventbus serve --fsync` spells it (the benchmarks' labels; Unix only).
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Always => "always",

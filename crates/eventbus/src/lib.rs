@@ -56,7 +56,6 @@
 //! ```
 
 mod bus;
-#[cfg(unix)]
 pub mod supervisor;
 
 pub use bus::{

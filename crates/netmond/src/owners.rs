@@ -36,7 +36,6 @@ pub struct Walk {
 ///
 /// When `root` itself cannot be listed.
 pub fn find(root: &Path, wanted: &HashSet<u64>) -> std::io::Result<(HashMap<u64, Owner>, Walk)> {
-    use std::os::unix::ffi::OsStrExt as _;
     let mut found = HashMap::new();
     let mut walk = Walk::default();
     if wanted.is_empty() {
@@ -58,7 +57,7 @@ pub fn find(root: &Path, wanted: &HashSet<u64>) -> std::io::Result<(HashMap<u64,
             let Ok(target) = std::fs::read_link(fd.path()) else {
                 continue;
             };
-            let Some(inode) = socket_inode(target.as_os_str().as_bytes()) else {
+            let Some(inode) = socket_inode(target.as_os_str().as_encoded_bytes()) else {
                 continue;
             };
             if !wanted.contains(&inode) || found.contains_key(&inode) {

@@ -17,7 +17,7 @@ use crate::client::Client;
 use crate::core::TopicFilter;
 use crate::rpc::{CollectorRpcClient, RpcConfig, RpcErrorKind, RpcRequest};
 use serde::{Deserialize, Serialize};
-use spawn::{Spawned, Spawner};
+use spawn::{Sig, Spawned, Spawner};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitStatus;
@@ -203,6 +203,14 @@ pub enum SupervisorError {
     /// The supervisor has shut down.
     #[error("the supervisor has shut down")]
     ShutDown,
+    /// What was asked cannot be done on this platform.
+    #[error("collector {id}: {what}")]
+    Unsupported {
+        /// The collector.
+        id: String,
+        /// What, and why not.
+        what: String,
+    },
 }
 
 /// Extra environment for a collector's runs (`None`: keep what it has).
@@ -509,6 +517,7 @@ async fn watch_heartbeats(client: Client, cmds: mpsc::Sender<Cmd>) {
 
 struct Running {
     pid: u32,
+    handle: spawn::Handle,
     started: Instant,
     exit: watch::Receiver<Option<ExitStatus>>,
     paused: bool,
@@ -777,6 +786,7 @@ impl Actor {
         });
         slot.running = Some(Running {
             pid: spawned.pid,
+            handle: spawned.handle,
             started: Instant::now(),
             exit: spawned.exit,
             paused: false,
@@ -801,7 +811,7 @@ impl Actor {
             return;
         };
         // What the collector started in its process group goes with it.
-        signal_group(ended.pid, nix_signal::SIGKILL);
+        ended.handle.signal(Sig::Kill);
         let ran = ended.started.elapsed();
         let why = describe(status);
         tracing::warn!(collector = id, how = %why, "collector ended");
@@ -866,15 +876,15 @@ impl Actor {
             if since.elapsed() >= allowed {
                 slot.state = CollectorState::Unhealthy;
                 tracing::warn!(collector = %slot.spec.id, "no heartbeat for {} s", limit.as_secs());
-                stale.push((slot.spec.id.clone(), run.pid));
+                stale.push((slot.spec.id.clone(), run.handle.clone()));
             }
         }
         if !self.config.enable_auto_restart {
             return;
         }
-        for (id, pid) in stale {
+        for (id, handle) in stale {
             // Killed; its end goes through `on_exit`, which applies the restart policy.
-            signal_group(pid, nix_signal::SIGKILL);
+            handle.signal(Sig::Kill);
             tracing::warn!(collector = %id, "killed for a restart");
         }
     }
@@ -895,12 +905,18 @@ impl Actor {
                 what: "it has just ended".into(),
             });
         }
+        let sig = if pause { Sig::Stop } else { Sig::Continue };
+        if !run.handle.signal(sig) {
+            return Err(SupervisorError::Unsupported {
+                id: id.to_owned(),
+                what: "pausing and resuming a collector (SIGSTOP, SIGCONT) work on Unix only"
+                    .into(),
+            });
+        }
         if pause {
-            signal_group(run.pid, nix_signal::SIGSTOP);
             run.paused = true;
             slot.state = CollectorState::Paused;
         } else {
-            signal_group(run.pid, nix_signal::SIGCONT);
             run.paused = false;
             slot.state = CollectorState::Running;
             // Heartbeats could not come while it was stopped.
@@ -1026,19 +1042,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-mod nix_signal {
-    #[cfg(unix)]
-    pub(super) use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP, SIGTERM};
-}
-
-/// Sends `sig` to the process group led by `pid` (collectors lead their own group).
-#[cfg(unix)]
-fn signal_group(pid: u32, sig: nix::sys::signal::Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        // ESRCH: already gone.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
-    }
-}
 
 /// Waits until the run has ended, at most `limit`; returns how it ended.
 async fn ended_within(run: &mut Running, limit: Duration) -> Option<Option<ExitStatus>> {
@@ -1063,11 +1066,11 @@ async fn stop_process(
         return format!("had already ended ({})", describe(Some(status)));
     }
     if run.paused {
-        signal_group(run.pid, nix_signal::SIGCONT);
+        run.handle.signal(Sig::Continue);
     }
     let how = stop_escalating(id, &mut run, graceful, rpc, config, force).await;
     // Whatever the collector started in its process group goes with it.
-    signal_group(run.pid, nix_signal::SIGKILL);
+    run.handle.signal(Sig::Kill);
     how
 }
 
@@ -1115,11 +1118,11 @@ async fn stop_escalating(
     if let Some(status) = *run.exit.borrow() {
         return format!("ended before SIGTERM ({})", describe(Some(status)));
     }
-    signal_group(run.pid, nix_signal::SIGTERM);
+    run.handle.signal(Sig::Terminate);
     if let Some(status) = ended_within(run, force).await {
         return format!("stopped by SIGTERM ({})", describe(status));
     }
-    signal_group(run.pid, nix_signal::SIGKILL);
+    run.handle.signal(Sig::Kill);
     let status = ended_within(run, Duration::from_secs(10)).await;
     format!(
         "killed with SIGKILL after ignoring SIGTERM for {} s ({})",

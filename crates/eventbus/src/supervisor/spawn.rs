@@ -21,7 +21,66 @@ pub(crate) struct Spawned {
     pub(crate) pid: u32,
     /// `Some` once the child has ended (set by its waiter thread).
     pub(crate) exit: watch::Receiver<Option<ExitStatus>>,
+    /// What signals it.
+    pub(crate) handle: Handle,
 }
+
+/// What the supervisor asks of a running child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sig {
+    /// Suspend (SIGSTOP; Unix only).
+    Stop,
+    /// Resume (SIGCONT; Unix only).
+    Continue,
+    /// Ask to end (SIGTERM; off Unix, the same as [`Sig::Kill`]).
+    Terminate,
+    /// End now (SIGKILL; off Unix, `TerminateProcess` through the standard library).
+    Kill,
+}
+
+/// Signals one child: on Unix its process group (collectors lead their own), elsewhere the
+/// process itself through its waiter thread, which holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Handle {
+    #[cfg(unix)]
+    pid: u32,
+    /// Set to have the waiter thread kill the child.
+    #[cfg(not(unix))]
+    kill: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Handle {
+    /// Sends `sig`; `false` when this platform cannot (suspending and resuming off Unix).
+    pub(crate) fn signal(&self, sig: Sig) -> bool {
+        #[cfg(unix)]
+        {
+            use nix::sys::signal::Signal;
+            let sig = match sig {
+                Sig::Stop => Signal::SIGSTOP,
+                Sig::Continue => Signal::SIGCONT,
+                Sig::Terminate => Signal::SIGTERM,
+                Sig::Kill => Signal::SIGKILL,
+            };
+            if let Ok(pid) = i32::try_from(self.pid) {
+                // ESRCH: already gone.
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), sig);
+            }
+            true
+        }
+        #[cfg(not(unix))]
+        match sig {
+            Sig::Stop | Sig::Continue => false,
+            Sig::Terminate | Sig::Kill => {
+                self.kill.store(true, std::sync::atomic::Ordering::Release);
+                true
+            }
+        }
+    }
+}
+
+/// How often a waiter thread off Unix looks whether its child ended or is to be killed.
+#[cfg(not(unix))]
+const WAIT_STEP: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Run with the child's pid after its fork and before its exec (the child waits for it).
 pub(crate) type BeforeExec = Box<dyn FnOnce(u32) + Send>;
@@ -138,17 +197,40 @@ fn spawn_one(
         f(pid);
     }
     let (tx, exit) = watch::channel(None);
+    #[cfg(unix)]
+    let handle = Handle { pid };
+    #[cfg(not(unix))]
+    let handle = Handle {
+        kill: std::sync::Arc::default(),
+    };
+    #[cfg(not(unix))]
+    let kill = std::sync::Arc::clone(&handle.kill);
     std::thread::Builder::new()
         .name(format!("reap-{}", spec.id))
         .spawn(move || {
+            #[cfg(unix)]
             let status = child.wait();
+            // No process groups or signals: the waiter holds the child, looks every step
+            // whether it ended, and kills it when asked.
+            #[cfg(not(unix))]
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(s)) => break Ok(s),
+                    Ok(None) if kill.load(std::sync::atomic::Ordering::Acquire) => {
+                        let _ = child.kill();
+                        break child.wait();
+                    }
+                    Ok(None) => std::thread::sleep(WAIT_STEP),
+                    Err(e) => break Err(e),
+                }
+            };
             // A wait error leaves `None`: the supervisor then learns of the end from the
             // sender being dropped.
             if let Ok(s) = status {
                 let _ = tx.send(Some(s));
             }
         })?;
-    Ok(Spawned { pid, exit })
+    Ok(Spawned { pid, exit, handle })
 }
 
 /// The two pipes between a forked child and a thread of ours: the child writes its pid on
@@ -214,8 +296,9 @@ impl Gate {
     }
 }
 
-/// The gate's descriptors as the child sees them after the fork.
+/// The gate's descriptors as the child sees them after the fork (off Unix, never made).
 #[derive(Clone, Copy)]
+#[cfg_attr(not(unix), allow(dead_code))]
 struct GateFds {
     pid_w: i32,
     go_r: i32,
