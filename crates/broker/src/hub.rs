@@ -1706,7 +1706,7 @@ fn list(filters: &[TopicFilter]) -> String {
 }
 
 /// The identity `max_connections_per_identity` counts: a Unix peer's uid and executable, a
-/// TCP peer's address.
+/// TCP peer's address, a named pipe client's executable.
 pub(crate) fn identity_key(peer: &PeerInfo) -> String {
     match (peer.transport, peer.uid, &peer.exe, peer.addr) {
         (TransportKind::Tls, ..) => match &peer.tls_subject {
@@ -1717,6 +1717,7 @@ pub(crate) fn identity_key(peer: &PeerInfo) -> String {
             ),
         },
         (_, _, _, Some(addr)) => format!("tcp {}", addr.ip()),
+        (TransportKind::NamedPipe, None, Some(exe), _) => format!("pipe {}", exe.display()),
         (_, Some(uid), Some(exe), _) => format!("uid {uid} {}", exe.display()),
         (_, Some(uid), None, _) => format!("uid {uid}"),
         (kind, ..) => format!("{kind:?} peer"),

@@ -1,6 +1,7 @@
 //! `eventbus bench` end to end, at a tiny scale: every workload runs across real processes,
 //! nothing is lost, and the report carries every field `docs/benchmarks.md` relies on. No
 //! figure is judged here (figures belong to the benchmark, not to tests).
+#![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
 mod common;

@@ -1,6 +1,7 @@
 //! Request / reply across real processes: `eventbus serve`, `eventbus reply` responders and
 //! `eventbus request` callers.
 
+#![cfg(unix)]
 #![allow(clippy::unwrap_used)]
 
 mod common;

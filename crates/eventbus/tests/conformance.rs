@@ -22,7 +22,10 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
+    #[cfg(unix)]
     Unix,
+    #[cfg(windows)]
+    Pipe,
     Tcp,
     Tls,
     InProc,
@@ -64,10 +67,20 @@ fn fastrand_u64() -> u64 {
 async fn bus(kind: Kind, mut config: BrokerConfig) -> Bus {
     let mut tls = None;
     let (endpoints, dir) = match kind {
+        #[cfg(unix)]
         Kind::Unix => {
             let d = temp_dir();
             (vec![Endpoint::Unix(d.0.join("bus.sock"))], Some(d))
         }
+        #[cfg(windows)]
+        Kind::Pipe => (
+            vec![Endpoint::NamedPipe(format!(
+                "eb-conf-{}-{:x}",
+                std::process::id(),
+                fastrand_u64()
+            ))],
+            None,
+        ),
         Kind::Tcp => (vec![Endpoint::Tcp("127.0.0.1:0".parse().unwrap())], None),
         Kind::Tls => {
             let d = temp_dir();
@@ -1554,6 +1567,8 @@ macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         #[cfg(unix)]
         mod unix { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Unix).await } )* }
+        #[cfg(windows)]
+        mod pipe { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Pipe).await } )* }
         mod tcp { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Tcp).await } )* }
         mod tls { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::Tls).await } )* }
         mod inproc { use super::*; $( #[tokio::test] async fn $name() { super::$name(Kind::InProc).await } )* }

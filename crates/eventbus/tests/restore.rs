@@ -3,6 +3,7 @@
 //! failed, a proxy that dropped it) and the broker has not noticed yet. The client asks again
 //! until the broker lets go of it, and the application's stream goes on with nothing missed.
 
+#![cfg(unix)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

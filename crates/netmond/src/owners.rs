@@ -92,6 +92,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn this_process_holds_its_own_socket() {
         use std::os::unix::fs::MetadataExt as _;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,12 +1,24 @@
 //! Windows named pipes (`\\.\pipe\NAME`). Compiled only on Windows.
+//!
+//! Every instance of the broker's pipe carries an owner-only security descriptor
+//! ([`OWNER_ONLY`]: the user who runs the broker, and the system), refuses remote clients, and
+//! each accepted client is identified by its process id (`GetNamedPipeClientProcessId`, from
+//! the kernel) and that process's executable. The system calls are the transport's only
+//! `unsafe` code, each with its SAFETY comment.
 
 use crate::error::TransportError;
 use crate::{Connection, PeerInfo, TransportKind};
+use std::os::windows::io::AsRawHandle;
 use std::time::Duration;
 use tokio::net::windows::named_pipe::{ClientOptions, NamedPipeServer, ServerOptions};
 
 /// Windows error code for "all pipe instances are busy".
 const ERROR_PIPE_BUSY: i32 = 231;
+
+/// The pipe's security descriptor, in SDDL: a protected DACL granting all access to the
+/// object's owner (the user running the broker, `OW`) and to the system (`SY`), and to
+/// nobody else.
+pub const OWNER_ONLY: &str = "D:P(A;;GA;;;OW)(A;;GA;;;SY)";
 
 fn full_name(name: &str) -> String {
     format!(r"\\.\pipe\{name}")
@@ -22,36 +34,112 @@ impl PipeListener {
     pub(crate) fn bind(name: &str) -> Result<Self, TransportError> {
         let name = full_name(name);
         // `first_pipe_instance` refuses to start when another broker owns the name.
-        let next = ServerOptions::new()
-            .first_pipe_instance(true)
-            .reject_remote_clients(true)
-            .create(&name)
+        let next = create(&name, true)
             .map_err(|e| TransportError::io(format!("creating pipe {name}"), e))?;
         Ok(Self { name, next })
     }
 
     pub(crate) async fn accept(&mut self) -> std::io::Result<Connection> {
         self.next.connect().await?;
-        let fresh = ServerOptions::new()
-            .reject_remote_clients(true)
-            .create(&self.name)?;
+        let fresh = create(&self.name, false)?;
         let connected = std::mem::replace(&mut self.next, fresh);
-        Ok(pipe_connection(connected))
+        let pid = client_pid(&connected);
+        let peer = PeerInfo {
+            pid: pid.and_then(|p| i32::try_from(p).ok()),
+            exe: pid.and_then(executable_of),
+            transport: TransportKind::NamedPipe,
+            ..PeerInfo::default()
+        };
+        Ok(crate::split_stream(connected, peer))
     }
 }
 
-/// A connection over either end of a pipe.
-fn pipe_connection<S>(stream: S) -> Connection
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    crate::split_stream(
-        stream,
-        PeerInfo {
-            transport: TransportKind::NamedPipe,
-            ..PeerInfo::default()
-        },
-    )
+/// One instance of the pipe `name`, with the owner-only security descriptor.
+#[allow(unsafe_code)]
+fn create(name: &str, first: bool) -> std::io::Result<NamedPipeServer> {
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+    };
+    use windows_sys::Win32::Security::SECURITY_ATTRIBUTES;
+    let sddl: Vec<u16> = OWNER_ONLY.encode_utf16().chain(Some(0)).collect();
+    let mut descriptor = std::ptr::null_mut();
+    // SAFETY: `sddl` is a NUL-terminated UTF-16 string that lives across the call, and
+    // `descriptor` is a valid place for the pointer the call allocates (freed below with
+    // LocalFree, as the function's contract says); the size is not asked for (null).
+    let converted = unsafe {
+        ConvertStringSecurityDescriptorToSecurityDescriptorW(
+            sddl.as_ptr(),
+            SDDL_REVISION_1,
+            &mut descriptor,
+            std::ptr::null_mut(),
+        )
+    };
+    if converted == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut attributes = SECURITY_ATTRIBUTES {
+        nLength: u32::try_from(std::mem::size_of::<SECURITY_ATTRIBUTES>()).unwrap_or(u32::MAX),
+        lpSecurityDescriptor: descriptor,
+        bInheritHandle: 0,
+    };
+    let mut options = ServerOptions::new();
+    options
+        .first_pipe_instance(first)
+        .reject_remote_clients(true);
+    // SAFETY: `attributes` is a valid SECURITY_ATTRIBUTES whose descriptor was made above
+    // and is alive until after the call; CreateNamedPipeW reads them and keeps no pointer.
+    let created = unsafe {
+        options
+            .create_with_security_attributes_raw(name, std::ptr::from_mut(&mut attributes).cast())
+    };
+    // SAFETY: `descriptor` was allocated by the conversion above and is not used again.
+    unsafe {
+        LocalFree(descriptor);
+    }
+    created
+}
+
+/// The connected client's process id, as the kernel knows it.
+#[allow(unsafe_code)]
+fn client_pid(server: &NamedPipeServer) -> Option<u32> {
+    use windows_sys::Win32::System::Pipes::GetNamedPipeClientProcessId;
+    let mut pid = 0u32;
+    // SAFETY: the handle is the live, connected pipe instance `server` owns, and `pid` is a
+    // valid place for the answer.
+    let ok = unsafe { GetNamedPipeClientProcessId(server.as_raw_handle(), &mut pid) };
+    (ok != 0 && pid != 0).then_some(pid)
+}
+
+/// The executable of process `pid`, if it can be read.
+#[allow(unsafe_code)]
+fn executable_of(pid: u32) -> Option<std::path::PathBuf> {
+    use windows_sys::Win32::Foundation::CloseHandle;
+    use windows_sys::Win32::System::Threading::{
+        OpenProcess, PROCESS_NAME_WIN32, PROCESS_QUERY_LIMITED_INFORMATION,
+        QueryFullProcessImageNameW,
+    };
+    // SAFETY: plain call; a null handle is checked below.
+    let process = unsafe { OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid) };
+    if process.is_null() {
+        return None;
+    }
+    let mut buf = vec![0u16; 32 * 1024];
+    let mut len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+    // SAFETY: `process` is the handle opened above; `buf` has room for `len` UTF-16 units,
+    // and `len` is a valid place for the length written.
+    let ok = unsafe {
+        QueryFullProcessImageNameW(process, PROCESS_NAME_WIN32, buf.as_mut_ptr(), &mut len)
+    };
+    // SAFETY: the handle was opened above and is closed once.
+    unsafe {
+        CloseHandle(process);
+    }
+    if ok == 0 {
+        return None;
+    }
+    buf.truncate(usize::try_from(len).ok()?);
+    Some(std::path::PathBuf::from(String::from_utf16_lossy(&buf)))
 }
 
 pub(crate) async fn connect(name: &str) -> Result<Connection, TransportError> {
@@ -68,5 +156,103 @@ pub(crate) async fn connect(name: &str) -> Result<Connection, TransportError> {
             Err(e) => return Err(TransportError::io(format!("connecting to pipe {name}"), e)),
         }
     };
-    Ok(pipe_connection(client))
+    Ok(crate::split_stream(
+        client,
+        PeerInfo {
+            transport: TransportKind::NamedPipe,
+            ..PeerInfo::default()
+        },
+    ))
+}
+
+/// The security descriptor a pipe handle carries, in SDDL (its DACL), for tests.
+#[cfg(test)]
+#[allow(unsafe_code)]
+fn dacl_of(handle: std::os::windows::io::RawHandle) -> Option<String> {
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertSecurityDescriptorToStringSecurityDescriptorW, GetSecurityInfo, SDDL_REVISION_1,
+        SE_KERNEL_OBJECT,
+    };
+    use windows_sys::Win32::Security::DACL_SECURITY_INFORMATION;
+    let mut descriptor = std::ptr::null_mut();
+    // SAFETY: a live handle; the out pointers we do not want are null, the descriptor is
+    // freed with LocalFree below.
+    let err = unsafe {
+        GetSecurityInfo(
+            handle,
+            SE_KERNEL_OBJECT,
+            DACL_SECURITY_INFORMATION,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut descriptor,
+        )
+    };
+    if err != 0 {
+        return None;
+    }
+    let mut text = std::ptr::null_mut();
+    // SAFETY: `descriptor` is the one returned above; `text` receives a LocalAlloc'd,
+    // NUL-terminated string, read and freed below.
+    let ok = unsafe {
+        ConvertSecurityDescriptorToStringSecurityDescriptorW(
+            descriptor,
+            SDDL_REVISION_1,
+            DACL_SECURITY_INFORMATION,
+            &mut text,
+            std::ptr::null_mut(),
+        )
+    };
+    let sddl = (ok != 0).then(|| {
+        let mut n = 0;
+        // SAFETY: `text` is NUL-terminated (the call's contract).
+        while unsafe { *text.add(n) } != 0 {
+            n += 1;
+        }
+        // SAFETY: `n` units were just read as initialised.
+        String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(text, n) })
+    });
+    // SAFETY: both were allocated by the calls above and are not used again.
+    unsafe {
+        LocalFree(text.cast());
+        LocalFree(descriptor);
+    }
+    sddl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_pipe_is_owner_only_and_knows_its_client_process() {
+        let name = format!("eb-pipe-test-{}", std::process::id());
+        let mut listener = PipeListener::bind(&name).unwrap();
+        let dacl = dacl_of(listener.next.as_raw_handle()).expect("the pipe's DACL reads back");
+        assert!(dacl.contains("(A;;GA;;;OW)"), "its owner: {dacl}");
+        assert!(dacl.starts_with("D:P"), "a protected DACL: {dacl}");
+        assert!(!dacl.contains(";;;WD)"), "nothing for Everyone: {dacl}");
+        assert!(!dacl.contains(";;;AN)"), "nothing for anonymous: {dacl}");
+        let (accepted, client) = tokio::join!(listener.accept(), connect(&name));
+        let (accepted, _client) = (accepted.unwrap(), client.unwrap());
+        assert_eq!(accepted.peer.pid, i32::try_from(std::process::id()).ok());
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(
+            accepted.peer.exe.as_ref().and_then(|e| e.file_name()),
+            exe.file_name(),
+            "the client's executable"
+        );
+    }
+
+    /// Windows refuses a second first instance of a name; Wine 8 does not (it ignores
+    /// `FILE_FLAG_FIRST_PIPE_INSTANCE`), so this runs on Windows only (`--ignored`).
+    #[tokio::test]
+    #[ignore = "Wine 8 does not enforce FILE_FLAG_FIRST_PIPE_INSTANCE: run on Windows with --ignored"]
+    async fn a_second_broker_cannot_take_the_name() {
+        let name = format!("eb-pipe-first-{}", std::process::id());
+        let _first = PipeListener::bind(&name).unwrap();
+        assert!(PipeListener::bind(&name).is_err());
+    }
 }

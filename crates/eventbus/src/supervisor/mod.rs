@@ -1042,7 +1042,6 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-
 /// Waits until the run has ended, at most `limit`; returns how it ended.
 async fn ended_within(run: &mut Running, limit: Duration) -> Option<Option<ExitStatus>> {
     match tokio::time::timeout(limit, run.exit.wait_for(Option::is_some)).await {
