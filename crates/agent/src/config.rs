@@ -82,6 +82,8 @@ pub struct AgentSection {
     /// Loopback by default ([`DEFAULT_METRICS_LISTEN`]); unauthenticated, so another address
     /// exposes the figures to whoever reaches it.
     pub metrics_listen: String,
+    /// The NATS JetStream bridge (`docs/operations.md`); unset: none.
+    pub bridge: Option<daemoneye_eventbus_nats::BridgeConfig>,
 }
 
 /// Where the agent serves its metrics and health endpoints unless configured otherwise.
@@ -114,6 +116,7 @@ impl Default for AgentSection {
             rules_dir: None,
             task_timeout_seconds: 5,
             metrics_listen: DEFAULT_METRICS_LISTEN.into(),
+            bridge: None,
         }
     }
 }
@@ -204,6 +207,15 @@ impl AgentConfig {
             return Err(invalid("agent.task_timeout_seconds must be 1 to 300"));
         }
         self.agent.metrics_addr()?;
+        if let Some(b) = &self.agent.bridge {
+            b.validate().map_err(|e| match e {
+                // Each reason starts with the key it is about.
+                daemoneye_eventbus_nats::BridgeError::Config(reason) => {
+                    invalid(format!("agent.bridge.{reason}"))
+                }
+                other => invalid(other.to_string()),
+            })?;
+        }
         if let Some(dir) = &self.agent.rules_dir
             && !dir.is_dir()
         {
@@ -345,6 +357,22 @@ status_interval_seconds = {asi}           # log line and control.agent.status re
 live_view = {lv}                     # redraw a status view when stdout is a terminal
 task_timeout_seconds = {tts}             # deadline of a collection task and of a rule's query
 metrics_listen = "{ml}"      # /metrics, /healthz, /readyz over HTTP; "off" to disable
+
+# To NATS JetStream (docs/operations.md): unset, no bridge.
+# [agent.bridge]
+# url = "nats://nats.example:4222"
+# name = "host1"                     # its durable subscription, clients and loop marker
+# stream = "DAEMONEYE_HOST1"         # made if missing, subjects <subject_prefix>.>
+# subject_prefix = "daemoneye.host1"
+# outbound = ["events.#"]            # local filters sent out
+# credentials_file = "/etc/daemoneye/nats.creds"   # or user + password, or token
+# tls = {{ ca = "/etc/daemoneye/nats-ca.pem" }}
+# window = 256                       # publishes in flight
+# ack_timeout_seconds = 5
+# duplicate_window_seconds = 120
+# [[agent.bridge.inbound]]
+# subject = "fleet.rules.>"
+# topic_prefix = "fleet"             # local topic: fleet.<subject>
 # rules_dir = "/etc/daemoneye/rules"  # detection rules (docs/rules.md); unset: the built-in ones
 
 # Without [[collectors]], the agent runs the bundled procmond and netmond found next to

@@ -44,6 +44,7 @@ pub(crate) struct AgentParts {
     pub(crate) detection: SharedView,
     pub(crate) collection: tasks::Tasks,
     pub(crate) events: EventTotals,
+    pub(crate) bridge: Option<daemoneye_eventbus_nats::StatsHandle>,
 }
 
 /// What the endpoints read: the broker alone (`eventbus serve`), or the agent's parts too.
@@ -92,6 +93,10 @@ impl Probe {
                     .collect(),
                 detection,
                 events: a.events.lock().entries(),
+                bridge: a
+                    .bridge
+                    .as_ref()
+                    .map(daemoneye_eventbus_nats::StatsHandle::stats),
             });
         }
         scrape

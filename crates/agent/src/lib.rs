@@ -33,6 +33,7 @@ pub mod rules;
 pub mod tasks;
 
 pub use config::{AgentConfig, AgentSection, BUNDLED, ConfigError, DEFAULT_METRICS_LISTEN};
+pub use daemoneye_eventbus_nats as nats;
 pub use health::{Before, Health, Part, broker_health, collectors_health, rpc_health};
 pub use http::{MetricsServer, Probe};
 
@@ -80,6 +81,9 @@ pub enum AgentError {
     /// Where the bundled collectors are could not be found out.
     #[error("cannot locate this program (the bundled collectors are looked for beside it): {0}")]
     Locate(std::io::Error),
+    /// The NATS bridge (`agent.bridge`) did not start.
+    #[error(transparent)]
+    Bridge(#[from] daemoneye_eventbus_nats::BridgeError),
     /// The metrics endpoint could not listen on its configured address.
     #[error("serving metrics on {addr} (agent.metrics_listen): {source}")]
     Metrics {
@@ -172,6 +176,8 @@ pub struct Report {
     pub events_per_sec: BTreeMap<String, f64>,
     /// Detection: rules, alerts, collection tasks.
     pub detection: detection::DetectionView,
+    /// The NATS bridge, when `agent.bridge` runs one.
+    pub bridge: Option<daemoneye_eventbus_nats::BridgeStats>,
 }
 
 /// Events counted per topic by a task of their own (the agent's reports must never let the
@@ -219,6 +225,7 @@ pub struct Agent {
     collection: tasks::Tasks,
     queries: daemoneye_eventbus::client::Service,
     metrics: Option<MetricsServer>,
+    bridge: Option<daemoneye_eventbus_nats::Bridge>,
 }
 
 impl Agent {
@@ -334,6 +341,12 @@ impl Agent {
             Duration::from_secs(config.agent.task_timeout_seconds),
         )
         .await?;
+        // The bridge connects like any other peer (not in process), so the broker's policy
+        // decides what its inbound side may publish.
+        let bridge = match &config.agent.bridge {
+            Some(b) => Some(daemoneye_eventbus_nats::Bridge::start(b.clone(), &endpoint).await?),
+            None => None,
+        };
         let totals = http::EventTotals::default();
         let probe = Probe::agent(
             broker.clone(),
@@ -344,6 +357,9 @@ impl Agent {
                 detection: view.clone(),
                 collection: collection.clone(),
                 events: totals.clone(),
+                bridge: bridge
+                    .as_ref()
+                    .map(daemoneye_eventbus_nats::Bridge::stats_handle),
             },
         );
         let metrics = start_metrics(&config.agent, probe).await?;
@@ -375,6 +391,7 @@ impl Agent {
             collection,
             queries,
             metrics,
+            bridge,
         })
     }
 
@@ -470,6 +487,10 @@ impl Agent {
                 d.tasks = self.collection.view();
                 d
             },
+            bridge: self
+                .bridge
+                .as_ref()
+                .map(daemoneye_eventbus_nats::Bridge::stats),
         })
     }
 
@@ -494,6 +515,9 @@ impl Agent {
         }
         if let Some(m) = &self.metrics {
             m.stop();
+        }
+        if let Some(b) = self.bridge {
+            b.shutdown().await;
         }
         self.lifecycle.drain(Duration::from_secs(2)).await;
         self.queries.drain(Duration::from_secs(2)).await;

@@ -96,6 +96,8 @@ pub struct AgentScrape {
     pub detection: DetectionView,
     /// Events by topic since the agent started.
     pub events: Vec<(String, u64)>,
+    /// The NATS bridge, when one runs.
+    pub bridge: Option<daemoneye_eventbus_nats::BridgeStats>,
 }
 
 /// Everything one scrape encodes, read at one moment.
@@ -144,6 +146,9 @@ impl prometheus_client::collector::Collector for Scrape {
                 "Events the agent received, by topic (at most 64 topics, the rest under other)",
                 &events,
             )?;
+            if let Some(b) = &agent.bridge {
+                bridge(&mut enc, b)?;
+            }
         }
         if let Some(p) = &self.process {
             counter_f(
@@ -542,6 +547,63 @@ fn rpc_metrics(enc: &mut DescriptorEncoder<'_>, m: &RpcMetrics) -> Result<(), Er
             )?;
     }
     Ok(())
+}
+
+fn bridge(
+    enc: &mut DescriptorEncoder<'_>,
+    b: &daemoneye_eventbus_nats::BridgeStats,
+) -> Result<(), Error> {
+    gauge(
+        enc,
+        "eventbus_bridge_connected",
+        "Whether the NATS bridge is connected (1) or not (0)",
+        u64::from(b.connected),
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_sent",
+        "Publishes the bridge sent to JetStream, resends included",
+        b.sent,
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_stored",
+        "Messages JetStream stored (then acknowledged locally)",
+        b.stored,
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_duplicates",
+        "Resends JetStream recognised as stored already",
+        b.duplicates,
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_failures",
+        "Publishes to JetStream that failed (each followed by a resync)",
+        b.failures,
+    )?;
+    gauge(
+        enc,
+        "eventbus_bridge_pending_messages",
+        "Messages taken from the local broker and not yet stored by JetStream",
+        b.pending,
+    )?;
+    counters(
+        enc,
+        "eventbus_bridge_inbound",
+        "NATS messages received on inbound subjects, by outcome",
+        &[
+            (vec![("outcome", "published".into())], b.inbound_published),
+            (vec![("outcome", "refused".into())], b.inbound_refused),
+        ],
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_loops_skipped",
+        "Messages not bridged because the bridge had brought them",
+        b.loops_skipped,
+    )
 }
 
 fn collectors(enc: &mut DescriptorEncoder<'_>, list: &[CollectorView]) -> Result<(), Error> {

@@ -118,6 +118,7 @@ pub(crate) async fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Collector(action) => crate::collector_cmd::run(action).await,
+        Command::Bridge { socket, config } => bridge(&socket, &config).await,
         Command::Tls(crate::TlsCommand::DevPki {
             dir,
             hosts,
@@ -173,6 +174,45 @@ pub(crate) async fn run(command: Command) -> Result<()> {
         #[cfg(unix)]
         Command::BenchWorker(role) => crate::bench::run_worker(role).await,
     }
+}
+
+/// `eventbus bridge --config FILE`: the file's `agent.bridge` against the local broker.
+async fn bridge(socket: &SocketArg, file: &Path) -> Result<()> {
+    let config = daemoneye_agent::AgentConfig::load(file)?;
+    let Some(settings) = config.agent.bridge else {
+        bail!(
+            "{} has no [agent.bridge] section (see `eventbus config default`)",
+            file.display()
+        );
+    };
+    let local = match (&socket.socket, &config.broker.socket_path) {
+        (None, Some(p)) => Endpoint::Unix(p.clone()),
+        _ => endpoint(socket)?,
+    };
+    let signals = Signals::install()?;
+    let (url, stream) = (settings.url.clone(), settings.stream.clone());
+    let bridge = daemoneye_agent::nats::Bridge::start(settings, &local).await?;
+    println!("bridge ready: local {local}, nats {url}, stream {stream}");
+    std::io::stdout().flush()?;
+    let wait = signals.wait();
+    tokio::pin!(wait);
+    let mut every = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            r = &mut wait => {
+                r?;
+                break;
+            }
+            _ = every.tick() => {
+                let s = bridge.stats();
+                tracing::info!(connected = s.connected, stored = s.stored, pending = s.pending, failures = s.failures, inbound = s.inbound_published, "bridge");
+            }
+        }
+    }
+    let stats = bridge.stats();
+    bridge.shutdown().await;
+    println!("{}", serde_json::to_string(&stats)?);
+    Ok(())
 }
 
 pub(crate) fn endpoint(arg: &SocketArg) -> Result<Endpoint> {

@@ -194,6 +194,16 @@ enum Command {
     /// lifecycle service, control.agent.lifecycle). Exit status as `request`'s.
     #[command(subcommand)]
     Collector(collector_cmd::Action),
+    /// Run the NATS JetStream bridge of a configuration file's `agent.bridge` beside a
+    /// broker (`eventbus serve`, or an agent without its own bridge), until SIGINT or
+    /// SIGTERM. The local socket is `--socket`, else the file's `broker.socket_path`.
+    Bridge {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Configuration file (TOML or YAML) with an `[agent.bridge]` section.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Run a broker in the foreground until SIGINT or SIGTERM.
     Serve {
         #[command(flatten)]

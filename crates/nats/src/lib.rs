@@ -186,7 +186,7 @@ impl BridgeConfig {
             + usize::from(self.token.is_some());
         if methods > 1 {
             return Err(bad(
-                "one of credentials_file, user and password, or token at most",
+                "credentials_file, user and password, and token: one of them at most",
             ));
         }
         if let Some(tls) = &self.tls
@@ -288,6 +288,38 @@ pub struct BridgeStats {
     pub inbound_refused: u64,
     /// Messages not bridged because the bridge itself had brought them (loops).
     pub loops_skipped: u64,
+}
+
+/// Reads a bridge's figures (cloned freely; they stay readable after it stopped).
+#[derive(Clone)]
+pub struct StatsHandle(Arc<Counters>);
+
+impl std::fmt::Debug for StatsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.stats().fmt(f)
+    }
+}
+
+impl StatsHandle {
+    /// The figures now.
+    #[must_use]
+    pub fn stats(&self) -> BridgeStats {
+        let c = &self.0;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BridgeStats {
+            connected: get(&c.connected) == 1,
+            sent: get(&c.sent),
+            stored: get(&c.stored),
+            duplicates: get(&c.duplicates),
+            failures: get(&c.failures),
+            resyncs: get(&c.resyncs),
+            pending: get(&c.pending),
+            inbound_received: get(&c.inbound_received),
+            inbound_published: get(&c.inbound_published),
+            inbound_refused: get(&c.inbound_refused),
+            loops_skipped: get(&c.loops_skipped),
+        }
+    }
 }
 
 /// A running bridge.
@@ -424,21 +456,13 @@ impl Bridge {
     /// The bridge's figures now.
     #[must_use]
     pub fn stats(&self) -> BridgeStats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        BridgeStats {
-            connected: get(&c.connected) == 1,
-            sent: get(&c.sent),
-            stored: get(&c.stored),
-            duplicates: get(&c.duplicates),
-            failures: get(&c.failures),
-            resyncs: get(&c.resyncs),
-            pending: get(&c.pending),
-            inbound_received: get(&c.inbound_received),
-            inbound_published: get(&c.inbound_published),
-            inbound_refused: get(&c.inbound_refused),
-            loops_skipped: get(&c.loops_skipped),
-        }
+        self.stats_handle().stats()
+    }
+
+    /// A handle that reads the bridge's figures, for whoever reports them (metrics).
+    #[must_use]
+    pub fn stats_handle(&self) -> StatsHandle {
+        StatsHandle(Arc::clone(&self.counters))
     }
 
     /// Stops: what was not stored by JetStream stays in the local durable subscription for
