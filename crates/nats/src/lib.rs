@@ -5,7 +5,7 @@
 //!
 //! - **Outbound**: local topics matching `outbound` filters are published to JetStream as
 //!   `<subject_prefix>.<topic>` into `stream` (made if missing, `subject_prefix.>`), each with
-//!   our message id as `Nats-Msg-Id` (a resend is deduplicated by the stream). The bridge
+//!   `<name>:<our message id>` as `Nats-Msg-Id` (a resend is deduplicated by the stream). The bridge
 //!   reads them through a durable subscription of the local broker and acknowledges each one
 //!   locally only once JetStream has acknowledged it: with NATS down, messages wait in the
 //!   broker's durable store under its bounds and `durable_full_policy`, counted, and flow
@@ -15,8 +15,8 @@
 //!   `<topic_prefix>.<subject>` by the bridge's client, so the broker's ACL decides what it
 //!   may publish.
 //! - **No loops**: what the bridge publishes locally (its inbound client's messages) is
-//!   never sent out, and what it sent out (marked with the `Daemoneye-Bridge` header naming
-//!   it) is never taken in.
+//!   never sent out, and what it sent out (its `Nats-Msg-Id` starts with its name) is never
+//!   taken in.
 
 mod outflow;
 
@@ -28,17 +28,14 @@ use daemoneye_eventbus_client::{
 };
 use daemoneye_eventbus_core::{Message, Qos, Topic};
 use daemoneye_eventbus_transport::Endpoint;
-use futures_util::StreamExt;
 use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 use outflow::Outflow;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// The header naming the bridge that sent a message out (inbound skips its own).
-pub const BRIDGE_HEADER: &str = "Daemoneye-Bridge";
 
 /// The bridge's configuration (`agent.bridge`, or `[bridge]` of `eventbus bridge --config`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +44,7 @@ pub struct BridgeConfig {
     /// The NATS server, `nats://HOST:PORT` (`tls://` for TLS).
     pub url: String,
     /// This bridge's name: its local durable subscription (`bridge-<name>`), its clients'
-    /// names, and the `Daemoneye-Bridge` header on what it sends. 1 to 48 bytes of
+    /// names, and the start of every `Nats-Msg-Id` it sends (`<name>:`). 1 to 48 bytes of
     /// `a-z 0-9 _ -`.
     #[serde(default = "default_name")]
     pub name: String,
@@ -241,6 +238,11 @@ impl BridgeConfig {
         format!("bridge-{}", self.name)
     }
 
+    /// What every `Nats-Msg-Id` this bridge sends starts with.
+    fn id_prefix(&self) -> String {
+        format!("{}:", self.name)
+    }
+
     fn inbound_client(&self) -> String {
         format!("bridge-{}-in", self.name)
     }
@@ -424,6 +426,7 @@ impl Bridge {
                 config: config.clone(),
                 counters: Arc::clone(&counters),
                 skip_source: inbound_name.clone(),
+                id_prefix: config.id_prefix(),
             };
             tasks.push(tokio::spawn(out.run(sub)));
             clients.push(client);
@@ -439,7 +442,7 @@ impl Bridge {
                     sub,
                     i.topic_prefix.clone(),
                     client.clone(),
-                    config.name.clone(),
+                    config.id_prefix(),
                     Arc::clone(&counters),
                 )));
             }
@@ -488,6 +491,38 @@ struct Outbound {
     counters: Arc<Counters>,
     /// Local messages from this client came in from NATS: never sent back.
     skip_source: String,
+    /// `<name>:`, before each local message id in `Nats-Msg-Id`.
+    id_prefix: String,
+}
+
+/// Outbound subjects by local topic, made once per topic (at most [`SUBJECTS`] kept).
+struct Subjects {
+    prefix: String,
+    made: std::collections::HashMap<Topic, async_nats::Subject>,
+}
+
+/// Topics whose subjects are kept at most (then the table starts again).
+const SUBJECTS: usize = 1024;
+
+impl Subjects {
+    fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            made: std::collections::HashMap::new(),
+        }
+    }
+
+    fn of(&mut self, topic: &Topic) -> async_nats::Subject {
+        if let Some(s) = self.made.get(topic) {
+            return s.clone();
+        }
+        if self.made.len() >= SUBJECTS {
+            self.made.clear();
+        }
+        let s = async_nats::Subject::from(format!("{}.{topic}", self.prefix));
+        self.made.insert(topic.clone(), s.clone());
+        s
+    }
 }
 
 /// The answer to one publish.
@@ -503,6 +538,7 @@ impl Outbound {
         let mut flow: Outflow<Message> = Outflow::new(self.config.window as usize);
         let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         let window = self.config.window as usize;
+        let mut subjects = Subjects::new(&self.config.subject_prefix);
         loop {
             if flow.needs_resync() {
                 // Answers of the failed round are dropped: resync decides what is stored.
@@ -512,25 +548,20 @@ impl Outbound {
                     sub.ack(&e.item);
                     self.counters.stored.fetch_add(1, Ordering::Relaxed);
                 }
-                self.counters
-                    .pending
-                    .store(flow.pending() as u64, Ordering::Relaxed);
             }
             while let Some(next) = flow.next() {
                 let id = next.entry.id.clone();
                 let m = &next.entry.item;
-                let subject = format!("{}.{}", self.config.subject_prefix, m.topic());
                 let mut publish = jetstream::message::PublishMessage::build()
                     .payload(m.payload().clone())
-                    .message_id(&id)
-                    .header(BRIDGE_HEADER, self.config.name.as_str());
+                    .message_id(&id);
                 if let Some(last) = next.expected_last {
                     publish = publish.expected_last_message_id(last);
                 }
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 // Sent here, one after the other (the order the stream must see); only the
                 // acknowledgements are awaited together.
-                let sent = self.js.send_publish(subject, publish).await;
+                let sent = self.js.send_publish(subjects.of(m.topic()), publish).await;
                 acks.push_back(Box::pin(async move {
                     let ack = match sent {
                         Ok(f) => f.await.map(|a| a.duplicate).map_err(|e| e.kind()),
@@ -539,42 +570,87 @@ impl Outbound {
                     (id, ack)
                 }));
             }
+            self.counters
+                .pending
+                .store(flow.pending() as u64, Ordering::Relaxed);
             tokio::select! {
-                // Taking more from the broker only while there is room for them.
-                d = sub.recv(), if flow.pending() < window => match d {
-                    Ok(m) => {
-                        if m.header().source.as_str() == self.skip_source {
-                            self.counters.loops_skipped.fetch_add(1, Ordering::Relaxed);
-                            sub.ack(&m);
-                        } else {
-                            flow.offer(m.id().to_string(), m);
+                // Taking more from the broker only while there is room for them; a burst is
+                // taken whole.
+                d = sub.recv(), if flow.pending() < window => {
+                    let mut next = Some(d);
+                    while let Some(d) = next {
+                        if !self.take(&mut sub, &mut flow, d) {
+                            return;
                         }
-                        self.counters.pending.store(flow.pending() as u64, Ordering::Relaxed);
+                        next = (flow.pending() < window).then(|| sub.try_recv()).flatten();
                     }
-                    Err(RecvError::Closed | RecvError::Ended(_)) => {
-                        tracing::warn!("bridge: the local subscription ended");
-                        return;
-                    }
-                    // Gaps are the broker's to count (a full durable backlog).
-                    Err(e) => tracing::warn!(error = %e, "bridge: local subscription"),
-                },
-                Some((id, result)) = acks.next(), if !acks.is_empty() => match result {
-                    Ok(duplicate) => {
-                        if let Some(e) = flow.stored(&id) {
-                            sub.ack(&e.item);
-                            self.counters.stored.fetch_add(1, Ordering::Relaxed);
-                            if duplicate {
-                                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                            }
+                }
+                Some(answer) = acks.next(), if !acks.is_empty() => {
+                    // Every answer already there, in order.
+                    let mut next = Some(answer);
+                    while let Some((id, result)) = next {
+                        self.answered(&mut sub, &mut flow, &id, result);
+                        if flow.needs_resync() {
+                            break;
                         }
-                        self.counters.pending.store(flow.pending() as u64, Ordering::Relaxed);
+                        next = acks.next().now_or_never().flatten();
                     }
-                    Err(kind) => {
-                        self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(error = %kind, "bridge: a publish failed; resyncing");
-                        flow.failed();
+                }
+            }
+        }
+    }
+
+    /// One delivery of the local subscription; `false` when it ended.
+    fn take(
+        &self,
+        sub: &mut Subscription,
+        flow: &mut Outflow<Message>,
+        d: Result<Message, RecvError>,
+    ) -> bool {
+        match d {
+            Ok(m) => {
+                if m.header().source.as_str() == self.skip_source {
+                    self.counters.loops_skipped.fetch_add(1, Ordering::Relaxed);
+                    sub.ack(&m);
+                } else {
+                    flow.offer(format!("{}{}", self.id_prefix, m.id()), m);
+                }
+                true
+            }
+            Err(RecvError::Closed | RecvError::Ended(_)) => {
+                tracing::warn!("bridge: the local subscription ended");
+                false
+            }
+            // Gaps are the broker's to count (a full durable backlog).
+            Err(e) => {
+                tracing::warn!(error = %e, "bridge: local subscription");
+                true
+            }
+        }
+    }
+
+    /// JetStream's answer to the publish of `id`.
+    fn answered(
+        &self,
+        sub: &mut Subscription,
+        flow: &mut Outflow<Message>,
+        id: &str,
+        result: Result<bool, PublishErrorKind>,
+    ) {
+        match result {
+            Ok(duplicate) => {
+                if let Some(e) = flow.stored(id) {
+                    sub.ack(&e.item);
+                    self.counters.stored.fetch_add(1, Ordering::Relaxed);
+                    if duplicate {
+                        self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
                     }
-                },
+                }
+            }
+            Err(kind) => {
+                self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %kind, "bridge: a publish failed; resyncing");
+                flow.failed();
             }
         }
     }
@@ -632,7 +708,7 @@ async fn inbound(
     mut sub: async_nats::Subscriber,
     topic_prefix: String,
     client: Client,
-    name: String,
+    id_prefix: String,
     counters: Arc<Counters>,
 ) {
     while let Some(m) = sub.next().await {
@@ -640,8 +716,8 @@ async fn inbound(
         let ours = m
             .headers
             .as_ref()
-            .and_then(|h| h.get(BRIDGE_HEADER))
-            .is_some_and(|v| v.as_str() == name);
+            .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|v| v.as_str().starts_with(id_prefix.as_str()));
         if ours {
             counters.loops_skipped.fetch_add(1, Ordering::Relaxed);
             continue;
