@@ -575,7 +575,9 @@ mod tests {
             .chain(agent.as_object().unwrap().keys());
         for key in keys {
             assert!(
-                text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
+                text.contains(&format!("\n{key} ="))
+                    || text.contains(&format!("\n# {key} ="))
+                    || text.contains(&format!("\n# [agent.{key}]")),
                 "{key} missing from eventbus config default"
             );
         }
