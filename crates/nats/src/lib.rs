@@ -10,7 +10,7 @@
 //!   locally only once JetStream has acknowledged it: with NATS down, messages wait in the
 //!   broker's durable store under its bounds and `durable_full_policy`, counted, and flow
 //!   again on reconnect. The stream receives them in the order of the local broker (see
-//!   [`outflow`]); each bridge owns its stream.
+//!   `outflow.rs`); each bridge owns its stream.
 //! - **Inbound**: NATS subjects (`inbound`) are published on local topics
 //!   `<topic_prefix>.<subject>` by the bridge's client, so the broker's ACL decides what it
 //!   may publish.
