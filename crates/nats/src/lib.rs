@@ -30,7 +30,7 @@ use daemoneye_eventbus_core::{Message, Qos, Topic};
 use daemoneye_eventbus_transport::Endpoint;
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
-use outflow::Outflow;
+use outflow::{Expect, Outflow};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -255,6 +255,7 @@ struct Counters {
     stored: AtomicU64,
     duplicates: AtomicU64,
     failures: AtomicU64,
+    dropped: AtomicU64,
     resyncs: AtomicU64,
     pending: AtomicU64,
     connected: AtomicU64,
@@ -278,6 +279,9 @@ pub struct BridgeStats {
     pub duplicates: u64,
     /// Publishes that failed (refused, timed out, connection lost); each led to a resync.
     pub failures: u64,
+    /// Messages the NATS server can never take (larger than its `max_payload`): dropped,
+    /// acknowledged locally.
+    pub dropped: u64,
     /// Times the bridge asked the stream which message it holds last.
     pub resyncs: u64,
     /// Messages taken from the local broker and not yet stored by JetStream.
@@ -314,6 +318,7 @@ impl StatsHandle {
             stored: get(&c.stored),
             duplicates: get(&c.duplicates),
             failures: get(&c.failures),
+            dropped: get(&c.dropped),
             resyncs: get(&c.resyncs),
             pending: get(&c.pending),
             inbound_received: get(&c.inbound_received),
@@ -533,9 +538,17 @@ type AckFuture = std::pin::Pin<
 /// How long the bridge waits between attempts to reach the stream.
 const RETRY: Duration = Duration::from_millis(250);
 
+/// The pause before the next attempt after `streak` failed publishes in a row: from 250 ms,
+/// doubling, at most 8 s.
+fn backoff(streak: u32) -> Duration {
+    RETRY.saturating_mul(1 << streak.saturating_sub(1).min(5))
+}
+
 impl Outbound {
     async fn run(self, mut sub: Subscription) {
         let mut flow: Outflow<Message> = Outflow::new(self.config.window as usize);
+        // Failures in a row: the pause before the next attempt doubles with each.
+        let mut streak = 0u32;
         let mut acks: FuturesOrdered<AckFuture> = FuturesOrdered::new();
         let window = self.config.window as usize;
         let mut subjects = Subjects::new(&self.config.subject_prefix);
@@ -543,6 +556,9 @@ impl Outbound {
             if flow.needs_resync() {
                 // Answers of the failed round are dropped: resync decides what is stored.
                 acks = FuturesOrdered::new();
+                if streak > 1 {
+                    tokio::time::sleep(backoff(streak)).await;
+                }
                 let stored = self.resync(&mut flow).await;
                 for e in stored {
                     sub.ack(&e.item);
@@ -552,12 +568,13 @@ impl Outbound {
             while let Some(next) = flow.next() {
                 let id = next.entry.id.clone();
                 let m = &next.entry.item;
-                let mut publish = jetstream::message::PublishMessage::build()
+                let publish = jetstream::message::PublishMessage::build()
                     .payload(m.payload().clone())
                     .message_id(&id);
-                if let Some(last) = next.expected_last {
-                    publish = publish.expected_last_message_id(last);
-                }
+                let publish = match next.expect {
+                    Expect::Sequence(n) => publish.expected_last_sequence(n),
+                    Expect::Id(last) => publish.expected_last_message_id(last),
+                };
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 // Sent here, one after the other (the order the stream must see); only the
                 // acknowledgements are awaited together.
@@ -589,7 +606,7 @@ impl Outbound {
                     // Every answer already there, in order.
                     let mut next = Some(answer);
                     while let Some((id, result)) = next {
-                        self.answered(&mut sub, &mut flow, &id, result);
+                        self.answered(&mut sub, &mut flow, &id, result, &mut streak);
                         if flow.needs_resync() {
                             break;
                         }
@@ -636,10 +653,12 @@ impl Outbound {
         flow: &mut Outflow<Message>,
         id: &str,
         result: Result<bool, PublishErrorKind>,
+        streak: &mut u32,
     ) {
         match result {
             Ok(duplicate) => {
                 if let Some(e) = flow.stored(id) {
+                    *streak = 0;
                     sub.ack(&e.item);
                     self.counters.stored.fetch_add(1, Ordering::Relaxed);
                     if duplicate {
@@ -648,8 +667,24 @@ impl Outbound {
                 }
             }
             Err(kind) => {
+                // It can never be stored: dropped (acknowledged locally), counted, and said.
+                if kind == PublishErrorKind::MaxPayloadExceeded
+                    && let Some(e) = flow.give_up(id)
+                {
+                    sub.ack(&e.item);
+                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        id,
+                        "bridge: a message larger than the NATS server's max_payload was dropped"
+                    );
+                    return;
+                }
+                *streak = streak.saturating_add(1);
                 self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(error = %kind, "bridge: a publish failed; resyncing");
+                // The first of a streak, then every tenth: an outage is said, not repeated.
+                if *streak == 1 || streak.is_multiple_of(10) {
+                    tracing::warn!(error = %kind, failures_in_a_row = *streak, "bridge: publishing to JetStream failed; asking the stream where it stands");
+                }
                 flow.failed();
             }
         }
@@ -661,7 +696,7 @@ impl Outbound {
         loop {
             self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
             match self.last_stored().await {
-                Ok(last) => return flow.resync(last),
+                Ok((sequence, last)) => return flow.resync(sequence, last.as_deref()),
                 Err(e) => {
                     tracing::debug!(error = %e, "bridge: the stream is not reachable yet");
                     tokio::time::sleep(RETRY).await;
@@ -670,8 +705,8 @@ impl Outbound {
         }
     }
 
-    /// The `Nats-Msg-Id` of the stream's last message (`None`: empty).
-    async fn last_stored(&self) -> Result<Option<String>, String> {
+    /// The stream's last sequence (0: empty) and its last message's `Nats-Msg-Id`.
+    async fn last_stored(&self) -> Result<(u64, Option<String>), String> {
         let config = stream::Config {
             name: self.config.stream.clone(),
             subjects: vec![format!("{}.>", self.config.subject_prefix)],
@@ -689,16 +724,18 @@ impl Outbound {
             .map_err(|_| "timed out".to_owned())?
             .map_err(|e| e.to_string())?;
         if info.state.messages == 0 {
-            return Ok(None);
+            return Ok((info.state.last_sequence, None));
         }
         let last = tokio::time::timeout(within, stream.get_raw_message(info.state.last_sequence))
             .await
             .map_err(|_| "timed out".to_owned())?
             .map_err(|e| e.to_string())?;
-        Ok(last
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .map(|v| v.as_str().to_owned()))
+        Ok((
+            info.state.last_sequence,
+            last.headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .map(|v| v.as_str().to_owned()),
+        ))
     }
 }
 

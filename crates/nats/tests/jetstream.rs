@@ -311,3 +311,58 @@ async fn inbound_subjects_reach_local_subscribers_and_nothing_loops() {
     local_client.close().await;
     broker.shutdown().await;
 }
+
+/// A restarted server remembers message ids for its duplicate window only: a bridge whose
+/// last message is older than that goes on after the restart (it names the stream's last
+/// sequence, not that id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_goes_on_after_a_restart_that_forgot_its_last_message_id() {
+    let dir = temp_dir("window");
+    let port = free_port();
+    let server = NatsServer::start(port, &dir.0);
+    let socket = dir.0.join("bus.sock");
+    let broker = Broker::start_on(BrokerConfig::default(), &[Endpoint::Unix(socket.clone())])
+        .await
+        .unwrap();
+    let local = Endpoint::Unix(socket);
+    let mut cfg = config(port, "host3");
+    cfg.duplicate_window_seconds = 1;
+    let stream = cfg.stream.clone();
+    let bridge = Bridge::start(cfg, &local).await.unwrap();
+    let publisher = Client::connect(&local, ClientOptions::named("pub"))
+        .await
+        .unwrap();
+    let topic = Topic::new("jobs.window").unwrap();
+    let publish = |n: u32| {
+        let (publisher, topic) = (&publisher, topic.clone());
+        async move {
+            for i in 0..n {
+                publisher
+                    .publish_with(Publish::new(topic.clone(), i.to_string()).qos(Qos::Processed))
+                    .await
+                    .unwrap();
+            }
+            let report = publisher.wait_acked(WAIT).await;
+            assert_eq!((report.outstanding, report.refused), (0, 0), "{report:?}");
+        }
+    };
+    publish(100).await;
+    let js = jetstream_at(port).await;
+    wait_stored(&js, &stream, 100).await;
+    // Past the duplicate window, the server restarts: it no longer knows the last id.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    server.kill();
+    let _server = NatsServer::start(port, &dir.0);
+    publish(100).await;
+    let js = jetstream_at(port).await;
+    assert_eq!(wait_stored(&js, &stream, 200).await, 200);
+    let deadline = Instant::now() + WAIT;
+    while bridge.stats().stored < 200 {
+        assert!(Instant::now() < deadline, "{:?}", bridge.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(bridge.stats().pending, 0);
+    bridge.shutdown().await;
+    publisher.close().await;
+    broker.shutdown().await;
+}
