@@ -79,9 +79,10 @@ pub struct AgentSection {
     /// Deadline of a collection task and of a rule's query, in seconds.
     pub task_timeout_seconds: u64,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`host:port`), or `off`.
-    /// Loopback by default ([`DEFAULT_METRICS_LISTEN`]); unauthenticated, so another address
-    /// exposes the figures to whoever reaches it.
-    pub metrics_listen: String,
+    /// Unset: [`DEFAULT_METRICS_LISTEN`] on loopback, skipped (logged) when another process
+    /// holds it; set: that address, or the agent does not start. Unauthenticated, so another
+    /// address exposes the figures to whoever reaches it.
+    pub metrics_listen: Option<String>,
     /// The NATS JetStream bridge (`docs/operations.md`); unset: none.
     pub bridge: Option<daemoneye_eventbus_nats::BridgeConfig>,
 }
@@ -96,13 +97,16 @@ impl AgentSection {
     ///
     /// [`ConfigError::Invalid`] when it is neither `off` nor `host:port` (an IP address).
     pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-        if self.metrics_listen == "off" {
+        let text = self
+            .metrics_listen
+            .as_deref()
+            .unwrap_or(DEFAULT_METRICS_LISTEN);
+        if text == "off" {
             return Ok(None);
         }
-        self.metrics_listen.parse().map(Some).map_err(|_| {
+        text.parse().map(Some).map_err(|_| {
             invalid(format!(
-                "agent.metrics_listen must be `off` or an IP address and port such as {DEFAULT_METRICS_LISTEN}, not {:?}",
-                self.metrics_listen
+                "agent.metrics_listen must be `off` or an IP address and port such as {DEFAULT_METRICS_LISTEN}, not {text:?}"
             ))
         })
     }
@@ -115,7 +119,7 @@ impl Default for AgentSection {
             live_view: true,
             rules_dir: None,
             task_timeout_seconds: 5,
-            metrics_listen: DEFAULT_METRICS_LISTEN.into(),
+            metrics_listen: None,
             bridge: None,
         }
     }
@@ -356,7 +360,8 @@ restart_backoff_seconds = {rbs}             # doubled per restart in a row
 status_interval_seconds = {asi}           # log line and control.agent.status report
 live_view = {lv}                     # redraw a status view when stdout is a terminal
 task_timeout_seconds = {tts}             # deadline of a collection task and of a rule's query
-metrics_listen = "{ml}"      # /metrics, /healthz, /readyz over HTTP; "off" to disable
+# metrics_listen = "{ml}"    # /metrics, /healthz, /readyz over HTTP; "off" to disable;
+                                     # unset: this address, skipped if another process has it
 
 # To NATS JetStream (docs/operations.md): unset, no bridge.
 # [agent.bridge]
@@ -411,7 +416,7 @@ metrics_listen = "{ml}"      # /metrics, /healthz, /readyz over HTTP; "off" to d
             asi = d.agent.status_interval_seconds,
             lv = d.agent.live_view,
             tts = d.agent.task_timeout_seconds,
-            ml = d.agent.metrics_listen,
+            ml = DEFAULT_METRICS_LISTEN,
         )
     }
 }

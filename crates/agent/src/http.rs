@@ -1,6 +1,7 @@
 //! The metrics and health endpoints over HTTP/1.1 (`hyper`): `/metrics` (OpenMetrics text),
-//! `/healthz` (the process answers) and `/readyz` (the broker accepts and every collector runs
-//! and was checked healthy; 503 with the reasons otherwise). A thin shell over [`Probe`] and
+//! `/healthz` (the process answers) and `/readyz` (the broker is not shutting down and every
+//! collector not stopped or paused by request runs and was checked healthy; 503 with the
+//! reasons otherwise). A thin shell over [`Probe`] and
 //! [`crate::metrics::encode`].
 //!
 //! Bounded: at most [`MAX_CONNECTIONS`] connections at once (more are closed at once), a
@@ -15,7 +16,7 @@ use bytes::Bytes;
 use daemoneye_eventbus::Broker;
 use daemoneye_eventbus::client::Client;
 use daemoneye_eventbus::rpc::HealthStatus;
-use daemoneye_eventbus::supervisor::Supervisor;
+use daemoneye_eventbus::supervisor::{CollectorState, CollectorStatus, Supervisor};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode, header};
@@ -72,7 +73,11 @@ impl Probe {
     }
 
     /// Every figure, read now.
-    pub async fn scrape(&self) -> Scrape {
+    ///
+    /// # Errors
+    ///
+    /// The supervisor did not answer (its collectors' figures would be missing).
+    pub async fn scrape(&self) -> Result<Scrape, String> {
         let broker = self.broker.stats();
         let mut scrape = Scrape {
             broker,
@@ -81,7 +86,11 @@ impl Probe {
         };
         if let Some(a) = &self.agent {
             scrape.rpc = Some(a.client.rpc_metrics());
-            let statuses = a.supervisor.status().await.unwrap_or_default();
+            let statuses = a
+                .supervisor
+                .status()
+                .await
+                .map_err(|e| format!("the supervisor: {e}"))?;
             let checks = a.checks.lock().clone();
             let now = SystemTime::now();
             let mut detection = a.detection.lock().clone();
@@ -99,10 +108,11 @@ impl Probe {
                     .map(daemoneye_eventbus_nats::StatsHandle::stats),
             });
         }
-        scrape
+        Ok(scrape)
     }
 
-    /// `Ok` when the broker accepts connections and every collector is healthy; else why not.
+    /// `Ok` when the broker is not shutting down and every collector not stopped or paused by
+    /// request runs and was checked healthy; else why not.
     ///
     /// # Errors
     ///
@@ -120,21 +130,31 @@ impl Probe {
             .await
             .map_err(|e| format!("the supervisor: {e}"))?;
         let checks = a.checks.lock().clone();
-        // Each collector as the report measures it: running and checked healthy.
-        let not: Vec<String> = statuses
-            .iter()
-            .filter_map(|s| {
-                let (health, reason, _) = lifecycle::measured(s, lifecycle::check_of(&checks, s));
-                (health != HealthStatus::Healthy)
-                    .then(|| format!("{} {}: {reason}", s.id, health.as_str_name()))
-            })
-            .collect();
+        let not = not_ready(&statuses, &checks);
         if not.is_empty() {
             Ok(())
         } else {
             Err(format!("collectors not healthy: {}", not.join("; ")))
         }
     }
+}
+
+/// The collectors that keep the agent from being ready, each with why: every collector as the
+/// report measures it must run and have been checked healthy; one stopped or paused by
+/// request (or not enabled) is not waited for.
+fn not_ready(
+    statuses: &[CollectorStatus],
+    checks: &std::collections::BTreeMap<String, lifecycle::Check>,
+) -> Vec<String> {
+    statuses
+        .iter()
+        .filter(|s| !matches!(s.state, CollectorState::Stopped | CollectorState::Paused))
+        .filter_map(|s| {
+            let (health, reason, _) = lifecycle::measured(s, lifecycle::check_of(checks, s));
+            (health != HealthStatus::Healthy)
+                .then(|| format!("{} {}: {reason}", s.id, health.as_str_name()))
+        })
+        .collect()
 }
 
 /// The process's CPU time, resident memory and open descriptors.
@@ -179,7 +199,16 @@ impl MetricsServer {
     ///
     /// The address cannot be bound (in use, not local, not permitted).
     pub async fn start(addr: SocketAddr, probe: Probe) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
+        Self::serve(tokio::net::TcpListener::bind(addr).await?, probe)
+    }
+
+    /// Serves `probe` on a listener bound beforehand (the agent binds before it starts
+    /// anything, so an address not available stops it before any collector runs).
+    ///
+    /// # Errors
+    ///
+    /// The listener's address cannot be read.
+    pub fn serve(listener: tokio::net::TcpListener, probe: Probe) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics and health are served beyond loopback, without authentication");
@@ -258,15 +287,22 @@ async fn respond(probe: &Probe, req: &Request<Incoming>) -> Response<Full<Bytes>
         return r;
     }
     let mut response = match req.uri().path() {
-        "/metrics" => {
-            let body = metrics::encode(probe.scrape().await);
-            let mut r = Response::new(Full::new(Bytes::from(body)));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static(metrics::CONTENT_TYPE),
-            );
-            r
-        }
+        // A partial scrape would hide what is missing: none at all, with the reason.
+        "/metrics" => match probe.scrape().await {
+            Ok(scrape) => {
+                let body = metrics::encode(scrape);
+                let mut r = Response::new(Full::new(Bytes::from(body)));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static(metrics::CONTENT_TYPE),
+                );
+                r
+            }
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no figures: {why}\n"),
+            ),
+        },
         "/healthz" => text(StatusCode::OK, "alive\n"),
         "/readyz" => match probe.ready().await {
             Ok(()) => text(StatusCode::OK, "ready\n"),
@@ -294,4 +330,55 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(id: &str, state: CollectorState, pid: Option<u32>) -> CollectorStatus {
+        CollectorStatus {
+            id: id.into(),
+            collector_type: id.into(),
+            heartbeats: true,
+            state,
+            pid,
+            uptime: None,
+            restart_count: 0,
+            last_exit: None,
+            last_heartbeat: None,
+        }
+    }
+
+    fn check(pid: u32, health: HealthStatus) -> lifecycle::Check {
+        lifecycle::Check {
+            pid,
+            at: std::time::Instant::now(),
+            health,
+            message: "said so".into(),
+            collector_type: String::new(),
+            capabilities: Vec::new(),
+            task_capacity: 0,
+        }
+    }
+
+    #[test]
+    fn ready_waits_for_checked_healthy_collectors_not_for_those_stopped_by_request() {
+        let mut checks = std::collections::BTreeMap::new();
+        checks.insert("a".to_owned(), check(1, HealthStatus::Healthy));
+        let running = st("a", CollectorState::Running, Some(1));
+        assert!(not_ready(std::slice::from_ref(&running), &checks).is_empty());
+        // Not checked yet, failed, unhealthy by its own word: not ready, named.
+        let unchecked = st("b", CollectorState::Running, Some(2));
+        let failed = st("c", CollectorState::Failed, None);
+        checks.insert("d".to_owned(), check(4, HealthStatus::Unhealthy));
+        let sick = st("d", CollectorState::Running, Some(4));
+        let not = not_ready(&[running.clone(), unchecked, failed, sick], &checks);
+        assert_eq!(not.len(), 3, "{not:?}");
+        assert!(not[0].starts_with("b ") && not[1].starts_with("c ") && not[2].starts_with("d "));
+        // Stopped or paused by request: not waited for.
+        let stopped = st("e", CollectorState::Stopped, None);
+        let paused = st("f", CollectorState::Paused, Some(6));
+        assert!(not_ready(&[running, stopped, paused], &checks).is_empty());
+    }
 }

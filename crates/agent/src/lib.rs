@@ -243,6 +243,8 @@ impl Agent {
         options: AgentOptions,
     ) -> Result<Self, AgentError> {
         config.validate()?;
+        // Bound first: an address not available stops the start before anything runs.
+        let metrics_listener = bind_metrics(&config.agent).await?;
         let mut broker_config = config.broker.clone();
         if broker_config.data_dir.is_none()
             && let Endpoint::Unix(path) = &endpoint
@@ -362,7 +364,24 @@ impl Agent {
                     .map(daemoneye_eventbus_nats::Bridge::stats_handle),
             },
         );
-        let metrics = start_metrics(&config.agent, probe).await?;
+        let metrics = match metrics_listener {
+            Some(listener) => {
+                let m = MetricsServer::serve(listener, probe).map_err(|source| {
+                    AgentError::Metrics {
+                        addr: config
+                            .agent
+                            .metrics_addr()
+                            .ok()
+                            .flatten()
+                            .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+                        source,
+                    }
+                })?;
+                tracing::info!(addr = %m.local_addr(), "serving /metrics, /healthz and /readyz");
+                Some(m)
+            }
+            None => None,
+        };
         let tasks = vec![
             tokio::spawn(detection.run()),
             tokio::spawn(count_events(events, counts.clone(), totals)),
@@ -528,25 +547,16 @@ impl Agent {
     }
 }
 
-/// Starts the metrics endpoint where `agent.metrics_listen` says. The default address taken
+/// Binds the metrics endpoint where `agent.metrics_listen` says. The default address taken
 /// by another process (a second agent on the host) is logged and the agent runs without it;
 /// an address configured and not available is an error.
-async fn start_metrics(
-    agent: &AgentSection,
-    probe: Probe,
-) -> Result<Option<MetricsServer>, AgentError> {
+async fn bind_metrics(agent: &AgentSection) -> Result<Option<tokio::net::TcpListener>, AgentError> {
     let Some(addr) = agent.metrics_addr()? else {
         return Ok(None);
     };
-    match MetricsServer::start(addr, probe).await {
-        Ok(m) => {
-            tracing::info!(addr = %m.local_addr(), "serving /metrics, /healthz and /readyz");
-            Ok(Some(m))
-        }
-        Err(e)
-            if agent.metrics_listen == DEFAULT_METRICS_LISTEN
-                && e.kind() == std::io::ErrorKind::AddrInUse =>
-        {
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Ok(Some(l)),
+        Err(e) if agent.metrics_listen.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
             tracing::warn!(%addr, "metrics not served: the default address is in use (set agent.metrics_listen)");
             Ok(None)
         }

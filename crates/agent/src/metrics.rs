@@ -583,6 +583,18 @@ fn bridge(
         "Publishes to JetStream that failed (each followed by a resync)",
         b.failures,
     )?;
+    counter(
+        enc,
+        "eventbus_bridge_resyncs",
+        "Times the bridge asked the stream where it stands (at start and after failures)",
+        b.resyncs,
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_dropped",
+        "Messages the NATS server can never take (over its max_payload): dropped",
+        b.dropped,
+    )?;
     gauge(
         enc,
         "eventbus_bridge_pending_messages",
@@ -592,11 +604,17 @@ fn bridge(
     counters(
         enc,
         "eventbus_bridge_inbound",
-        "NATS messages received on inbound subjects, by outcome",
+        "NATS messages received on inbound subjects, by outcome (loops skipped counted apart)",
         &[
             (vec![("outcome", "published".into())], b.inbound_published),
             (vec![("outcome", "refused".into())], b.inbound_refused),
         ],
+    )?;
+    counter(
+        enc,
+        "eventbus_bridge_inbound_received",
+        "NATS messages received on inbound subjects",
+        b.inbound_received,
     )?;
     counter(
         enc,

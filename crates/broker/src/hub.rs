@@ -808,6 +808,17 @@ impl Hub {
     /// detached and kept (unless `delete`), any other is removed, what it kept counted as
     /// dropped.
     fn release_acked(&self, sub: &Arc<AckedSub>, session_id: u64, delete: bool) {
+        self.release_acked_for(sub, session_id, delete, DropCause::Closed);
+    }
+
+    /// [`Hub::release_acked`], counting what it held as dropped for `cause`.
+    fn release_acked_for(
+        &self,
+        sub: &Arc<AckedSub>,
+        session_id: u64,
+        delete: bool,
+        cause: DropCause,
+    ) {
         if sub.name.is_some() && !delete {
             sub.detach(session_id);
             return;
@@ -823,9 +834,7 @@ impl Hub {
             let charge: usize = sub.filters.iter().map(subscription_charge).sum();
             self.release_subscriptions(charge);
         }
-        self.counters
-            .drops
-            .add(DropCause::Closed, sub.close(&self.memory));
+        self.counters.drops.add(cause, sub.close(&self.memory));
         if let (Some(name), true) = (&sub.name, sub.on_disk)
             && let Some(dir) = self.durable_dir(name)
             && let Err(e) = std::fs::remove_dir_all(&dir)
@@ -1212,7 +1221,8 @@ impl Hub {
                 message,
             }));
         }
-        self.release_acked(sub, u64::MAX, true);
+        // Its subscriber did not keep up: what it held is a slow reader's loss.
+        self.release_acked_for(sub, u64::MAX, true, DropCause::SlowReader);
     }
 
     /// Routes a message or run: applies the router's plan to the matching connections'

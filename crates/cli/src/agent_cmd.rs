@@ -27,7 +27,7 @@ pub(crate) async fn run(
         config.agent.rules_dir = Some(config::absolute(&dir));
     }
     if let Some(addr) = metrics {
-        config.agent.metrics_listen = addr;
+        config.agent.metrics_listen = Some(addr);
     }
     let endpoint = match (&socket.socket, &config.broker.socket_path) {
         (None, Some(p)) => Endpoint::Unix(p.clone()),

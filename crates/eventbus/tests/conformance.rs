@@ -1078,6 +1078,9 @@ async fn a_stalled_subscription_releases_its_publishers(kind: Kind) {
     assert!(got <= 10, "it never acknowledged: at most its window");
     let stats = bus.broker.stats();
     assert!(stats.stalled >= 2, "{}", stats.stalled);
+    // What the closed subscription held is a slow reader's loss, not a closed connection's.
+    assert!(stats.dropped_by_cause["slow_reader"] > 0, "{stats:?}");
+    assert_eq!(stats.dropped_by_cause.values().sum::<u64>(), stats.dropped);
     let kept = stats
         .subscriptions
         .iter()

@@ -37,8 +37,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The bridge's configuration (`agent.bridge`, or `[bridge]` of `eventbus bridge --config`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The bridge's configuration (`agent.bridge`, also read by `eventbus bridge --config`).
+/// Its `Debug` leaves the password and the token out.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BridgeConfig {
     /// The NATS server, `nats://HOST:PORT` (`tls://` for TLS).
@@ -84,6 +85,28 @@ pub struct BridgeConfig {
     /// How long a JetStream acknowledgement is waited for, seconds.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_seconds: u64,
+}
+
+impl std::fmt::Debug for BridgeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: bool| if set { "<hidden>" } else { "<none>" };
+        f.debug_struct("BridgeConfig")
+            .field("url", &self.url)
+            .field("name", &self.name)
+            .field("credentials_file", &self.credentials_file)
+            .field("user", &self.user)
+            .field("password", &hidden(self.password.is_some()))
+            .field("token", &hidden(self.token.is_some()))
+            .field("tls", &self.tls)
+            .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("outbound", &self.outbound)
+            .field("inbound", &self.inbound)
+            .field("duplicate_window_seconds", &self.duplicate_window_seconds)
+            .field("window", &self.window)
+            .field("ack_timeout_seconds", &self.ack_timeout_seconds)
+            .finish()
+    }
 }
 
 fn default_name() -> String {
@@ -210,12 +233,25 @@ impl BridgeConfig {
         for f in &self.outbound {
             daemoneye_eventbus_core::TopicFilter::new(f.as_str())
                 .map_err(|e| bad(format!("outbound filter {f:?}: {e}")))?;
+            // The broker's own messages restart their ids with each run: JetStream would
+            // take a later one for a resend.
+            if f.starts_with('$') {
+                return Err(bad(format!(
+                    "outbound filter {f:?}: the broker's $sys topics are not bridged"
+                )));
+            }
         }
         for i in &self.inbound {
             if !valid_subject(&i.subject) {
                 return Err(bad(format!(
                     "inbound subject {:?} is not a subject",
                     i.subject
+                )));
+            }
+            if i.topic_prefix.starts_with('$') {
+                return Err(bad(format!(
+                    "inbound topic_prefix {:?}: the broker's $sys topics are its own",
+                    i.topic_prefix
                 )));
             }
             let sample = format!("{}.x", i.topic_prefix);
@@ -475,17 +511,28 @@ impl Bridge {
 
     /// Stops: what was not stored by JetStream stays in the local durable subscription for
     /// the next run.
-    pub async fn shutdown(self) {
-        for t in &self.tasks {
+    pub async fn shutdown(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
             t.abort();
         }
-        for t in self.tasks {
+        for t in tasks {
             let _ = t.await;
         }
-        for c in self.local {
+        for c in std::mem::take(&mut self.local) {
             c.close().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.nats.flush()).await;
+    }
+}
+
+impl Drop for Bridge {
+    /// Dropped without [`Bridge::shutdown`]: its tasks end with it (what JetStream did not
+    /// store stays in the local durable subscription).
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }
 
@@ -776,5 +823,56 @@ async fn inbound(
                 counters.inbound_refused.fetch_add(1, Ordering::Relaxed)
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Result<BridgeConfig, String> {
+        let text = format!(
+            "url = \"nats://127.0.0.1:4222\"\nstream = \"S\"\nsubject_prefix = \"fleet.h\"\n{extra}"
+        );
+        let c: BridgeConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        c.validate().map_err(|e| e.to_string())?;
+        Ok(c)
+    }
+
+    #[test]
+    fn settings_are_checked_and_named_in_the_refusal() {
+        assert!(config("outbound = [\"events.#\"]").is_ok());
+        for (extra, named) in [
+            ("outbound = [\"$sys.#\"]", "$sys topics are not bridged"),
+            ("outbound = [\"a.#.b\"]", "outbound filter"),
+            ("user = \"u\"", "user and password go together"),
+            (
+                "token = \"t\"\ncredentials_file = \"/x\"",
+                "one of them at most",
+            ),
+            ("window = 0", "window must be 1 to 4096"),
+            ("name = \"Host One\"", "name must be"),
+            (
+                "[[inbound]]\nsubject = \"a b\"\ntopic_prefix = \"x\"",
+                "inbound subject",
+            ),
+            (
+                "[[inbound]]\nsubject = \"a.>\"\ntopic_prefix = \"$sys\"",
+                "inbound topic_prefix",
+            ),
+        ] {
+            let e = config(extra).unwrap_err();
+            assert!(e.contains(named), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_password_and_the_token() {
+        let c = config("user = \"u\"\npassword = \"s3cret\"").unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("<hidden>"),
+            "{shown}"
+        );
     }
 }

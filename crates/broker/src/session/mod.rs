@@ -849,6 +849,12 @@ impl<'a> ReadLoop<'a> {
                             if started.elapsed() >= stall {
                                 self.hub.stall(&sub);
                                 since = None;
+                                if sub.name.is_none() {
+                                    // Closed for its stall: this message is a slow reader's
+                                    // loss too (a durable one stalls and keeps taking).
+                                    self.hub.counters.drops.add(DropCause::SlowReader, n as u64);
+                                    self.scratch.effects.blocked.pop();
+                                }
                                 continue;
                             }
                             let room = sub.wait_for_room(n, size, &self.hub.memory);
