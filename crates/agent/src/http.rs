@@ -48,6 +48,26 @@ pub(crate) struct AgentParts {
     pub(crate) bridge: Option<daemoneye_eventbus_nats::StatsHandle>,
 }
 
+impl AgentParts {
+    /// Each collector's status and last health check, read now.
+    async fn collectors(
+        &self,
+    ) -> Result<
+        (
+            Vec<CollectorStatus>,
+            std::collections::BTreeMap<String, lifecycle::Check>,
+        ),
+        String,
+    > {
+        let statuses = self
+            .supervisor
+            .status()
+            .await
+            .map_err(|e| format!("the supervisor: {e}"))?;
+        Ok((statuses, self.checks.lock().clone()))
+    }
+}
+
 /// What the endpoints read: the broker alone (`eventbus serve`), or the agent's parts too.
 #[derive(Clone)]
 pub struct Probe {
@@ -86,12 +106,7 @@ impl Probe {
         };
         if let Some(a) = &self.agent {
             scrape.rpc = Some(a.client.rpc_metrics());
-            let statuses = a
-                .supervisor
-                .status()
-                .await
-                .map_err(|e| format!("the supervisor: {e}"))?;
-            let checks = a.checks.lock().clone();
+            let (statuses, checks) = a.collectors().await?;
             let now = SystemTime::now();
             let mut detection = a.detection.lock().clone();
             detection.tasks = a.collection.view();
@@ -124,12 +139,7 @@ impl Probe {
         let Some(a) = &self.agent else {
             return Ok(());
         };
-        let statuses = a
-            .supervisor
-            .status()
-            .await
-            .map_err(|e| format!("the supervisor: {e}"))?;
-        let checks = a.checks.lock().clone();
+        let (statuses, checks) = a.collectors().await?;
         let not = not_ready(&statuses, &checks);
         if not.is_empty() {
             Ok(())

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Proc, TempDir, eventbus, wait_line};
+use common::{Proc, TempDir, connection, eventbus, wait_line};
 use daemoneye_eventbus::Endpoint;
 use daemoneye_eventbus::client::{Client, ClientOptions};
 use daemoneye_eventbus::rpc::{
@@ -81,24 +81,6 @@ fn start_agent_with(dir: &Path, auto_restart: bool, policy_file: bool) -> Agent 
             && l.ends_with("collectors: netmond, procmond")
     });
     Agent { proc, socket }
-}
-
-/// The connection `pred` picks in the statistics of the broker at `socket`.
-fn connection(socket: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-    let mut stats = eventbus();
-    stats
-        .args(["stats", "--json"])
-        .env("EVENTBUS_SOCKET", socket);
-    let mut stats = Proc::spawn(stats);
-    assert_eq!(stats.wait(), 0);
-    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
-    stats["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| pred(c))
-        .cloned()
-        .unwrap_or_else(|| panic!("no such connection: {stats}"))
 }
 
 /// Waits for a `control.agent.status` report satisfying `pred`.

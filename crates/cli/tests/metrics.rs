@@ -262,19 +262,6 @@ fn the_agent_is_ready_when_its_collectors_are_and_says_why_not() {
 
 /// The process id of the collector `id`, from the broker's statistics.
 fn pid_of(socket: &std::path::Path, id: &str) -> i32 {
-    let mut stats = eventbus();
-    stats
-        .args(["stats", "--json"])
-        .env("EVENTBUS_SOCKET", socket);
-    let mut stats = Proc::spawn(stats);
-    assert_eq!(stats.wait(), 0);
-    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
-    stats["connections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["collector"] == id)
-        .and_then(|c| c["pid"].as_i64())
-        .map(|p| i32::try_from(p).unwrap())
-        .unwrap_or_else(|| panic!("no {id} connection: {stats}"))
+    let c = common::connection(socket, |c| c["collector"] == id);
+    i32::try_from(c["pid"].as_i64().unwrap()).unwrap()
 }

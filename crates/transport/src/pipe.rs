@@ -1,10 +1,12 @@
 //! Windows named pipes (`\\.\pipe\NAME`). Compiled only on Windows.
 //!
-//! Every instance of the broker's pipe carries an owner-only security descriptor
-//! ([`OWNER_ONLY`]: the user who runs the broker, and the system), refuses remote clients, and
-//! each accepted client is identified by its process id (`GetNamedPipeClientProcessId`, from
-//! the kernel) and that process's executable. The system calls are the transport's only
-//! `unsafe` code, each with its SAFETY comment.
+//! Every instance of the broker's pipe is owned by the user who runs the broker and carries a
+//! DACL for that user and the system only ([`owner_only`]), refuses remote clients, and each
+//! accepted client is identified by its process id (`GetNamedPipeClientProcessId`, from the
+//! kernel) and that process's executable. A client checks, before it sends anything, that the
+//! pipe it opened is owned by its own user or the system: a pipe another user made first under
+//! the broker's name is refused. The system calls are the transport's only `unsafe` code,
+//! each with its SAFETY comment.
 
 use crate::error::TransportError;
 use crate::{Connection, PeerInfo, TransportKind};
@@ -15,10 +17,136 @@ use tokio::net::windows::named_pipe::{ClientOptions, NamedPipeServer, ServerOpti
 /// Windows error code for "all pipe instances are busy".
 const ERROR_PIPE_BUSY: i32 = 231;
 
-/// The pipe's security descriptor, in SDDL: a protected DACL granting all access to the
-/// object's owner (the user running the broker, `OW`) and to the system (`SY`), and to
+/// The pipe's security descriptor, in SDDL, for the user whose SID is `sid`: owned by that
+/// user, a protected DACL granting all access to that user and to the system (`SY`), and to
 /// nobody else.
-pub const OWNER_ONLY: &str = "D:P(A;;GA;;;OW)(A;;GA;;;SY)";
+#[must_use]
+pub fn owner_only(sid: &str) -> String {
+    format!("O:{sid}D:P(A;;GA;;;{sid})(A;;GA;;;SY)")
+}
+
+/// The SID of the user this process runs as.
+#[allow(unsafe_code)]
+fn own_sid() -> std::io::Result<Sid> {
+    use windows_sys::Win32::Foundation::CloseHandle;
+    use windows_sys::Win32::Security::{
+        GetLengthSid, GetTokenInformation, TOKEN_QUERY, TOKEN_USER, TokenUser,
+    };
+    use windows_sys::Win32::System::Threading::{GetCurrentProcess, OpenProcessToken};
+    let mut token = std::ptr::null_mut();
+    // SAFETY: the pseudo-handle of this process; `token` is a valid place for the handle.
+    if unsafe { OpenProcessToken(GetCurrentProcess(), TOKEN_QUERY, &mut token) } == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // TOKEN_USER and its SID fit in far less; u64s keep the buffer aligned for the struct.
+    let mut buf = vec![0u64; 128];
+    let mut len = 0u32;
+    let size = u32::try_from(buf.len() * 8).unwrap_or(u32::MAX);
+    // SAFETY: `token` was opened above with TOKEN_QUERY; `buf` has `size` writable bytes.
+    let ok =
+        unsafe { GetTokenInformation(token, TokenUser, buf.as_mut_ptr().cast(), size, &mut len) };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: opened above, closed once.
+    unsafe {
+        CloseHandle(token);
+    }
+    if ok == 0 {
+        return Err(err);
+    }
+    // SAFETY: the call filled `buf` with a TOKEN_USER, whose SID points into `buf`; its length
+    // is read from the SID itself, and the bytes are copied out while `buf` lives.
+    let bytes = unsafe {
+        let user = &*buf.as_ptr().cast::<TOKEN_USER>();
+        let sid = user.User.Sid;
+        let n = GetLengthSid(sid) as usize;
+        std::slice::from_raw_parts(sid.cast::<u8>(), n).to_vec()
+    };
+    Ok(Sid(bytes))
+}
+
+/// A SID, copied into memory of our own.
+struct Sid(Vec<u8>);
+
+impl Sid {
+    fn as_psid(&self) -> windows_sys::Win32::Security::PSID {
+        self.0.as_ptr().cast_mut().cast()
+    }
+
+    /// Its string form (`S-1-5-21-…`).
+    #[allow(unsafe_code)]
+    fn to_sddl(&self) -> std::io::Result<String> {
+        use windows_sys::Win32::Foundation::LocalFree;
+        use windows_sys::Win32::Security::Authorization::ConvertSidToStringSidW;
+        let mut text = std::ptr::null_mut();
+        // SAFETY: `self` holds a whole SID (copied with its length); `text` receives a
+        // LocalAlloc'd NUL-terminated string, read and freed below.
+        if unsafe { ConvertSidToStringSidW(self.as_psid(), &mut text) } == 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: NUL-terminated by the call's contract; freed once, not used after.
+        let s = unsafe { wide_to_string(text) };
+        unsafe {
+            LocalFree(text.cast());
+        }
+        Ok(s)
+    }
+}
+
+/// A NUL-terminated UTF-16 string.
+///
+/// # Safety
+///
+/// `p` points to a NUL-terminated UTF-16 string.
+#[allow(unsafe_code)]
+unsafe fn wide_to_string(p: *const u16) -> String {
+    let mut n = 0;
+    // SAFETY: the caller's promise: every unit up to the NUL is readable.
+    while unsafe { *p.add(n) } != 0 {
+        n += 1;
+    }
+    // SAFETY: the `n` units were just read.
+    String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// Whether the pipe `handle` is owned by `user` or by the system.
+#[allow(unsafe_code)]
+fn owned_by(handle: std::os::windows::io::RawHandle, user: &Sid) -> std::io::Result<bool> {
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{GetSecurityInfo, SE_KERNEL_OBJECT};
+    use windows_sys::Win32::Security::{
+        EqualSid, IsWellKnownSid, OWNER_SECURITY_INFORMATION, WinLocalSystemSid,
+    };
+    let mut owner = std::ptr::null_mut();
+    let mut descriptor = std::ptr::null_mut();
+    // SAFETY: a live handle opened for reading (which includes READ_CONTROL); the owner
+    // pointer points into `descriptor`, freed below after its last use.
+    let err = unsafe {
+        GetSecurityInfo(
+            handle,
+            SE_KERNEL_OBJECT,
+            OWNER_SECURITY_INFORMATION,
+            &mut owner,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut descriptor,
+        )
+    };
+    if err != 0 {
+        return Err(std::io::Error::from_raw_os_error(
+            i32::try_from(err).unwrap_or(i32::MAX),
+        ));
+    }
+    // SAFETY: `owner` is a SID inside `descriptor`, alive until the LocalFree below.
+    let ours = unsafe {
+        EqualSid(owner, user.as_psid()) != 0 || IsWellKnownSid(owner, WinLocalSystemSid) != 0
+    };
+    // SAFETY: allocated by GetSecurityInfo, freed once.
+    unsafe {
+        LocalFree(descriptor);
+    }
+    Ok(ours)
+}
 
 fn full_name(name: &str) -> String {
     format!(r"\\.\pipe\{name}")
@@ -62,7 +190,8 @@ fn create(name: &str, first: bool) -> std::io::Result<NamedPipeServer> {
         ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
     };
     use windows_sys::Win32::Security::SECURITY_ATTRIBUTES;
-    let sddl: Vec<u16> = OWNER_ONLY.encode_utf16().chain(Some(0)).collect();
+    let sddl = owner_only(&own_sid()?.to_sddl()?);
+    let sddl: Vec<u16> = sddl.encode_utf16().chain(Some(0)).collect();
     let mut descriptor = std::ptr::null_mut();
     // SAFETY: `sddl` is a NUL-terminated UTF-16 string that lives across the call, and
     // `descriptor` is a valid place for the pointer the call allocates (freed below with
@@ -156,6 +285,27 @@ pub(crate) async fn connect(name: &str) -> Result<Connection, TransportError> {
             Err(e) => return Err(TransportError::io(format!("connecting to pipe {name}"), e)),
         }
     };
+    // Before anything is sent: the broker's pipe is its user's (or the system's). Another
+    // user's process may have made this name first.
+    let user = own_sid().map_err(|e| TransportError::io("reading this process's user", e))?;
+    match owned_by(client.as_raw_handle(), &user) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(TransportError::io(
+                format!("connecting to pipe {name}"),
+                std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "the pipe is owned by another user, not this user's broker: refused",
+                ),
+            ));
+        }
+        Err(e) => {
+            return Err(TransportError::io(
+                format!("reading the owner of pipe {name}"),
+                e,
+            ));
+        }
+    }
     Ok(crate::split_stream(
         client,
         PeerInfo {
@@ -231,7 +381,11 @@ mod tests {
         let name = format!("eb-pipe-test-{}", std::process::id());
         let mut listener = PipeListener::bind(&name).unwrap();
         let dacl = dacl_of(listener.next.as_raw_handle()).expect("the pipe's DACL reads back");
-        assert!(dacl.contains("(A;;GA;;;OW)"), "its owner: {dacl}");
+        let sid = own_sid().unwrap().to_sddl().unwrap();
+        assert!(
+            dacl.contains(&format!("(A;;GA;;;{sid})")),
+            "its user, {sid}: {dacl}"
+        );
         assert!(dacl.starts_with("D:P"), "a protected DACL: {dacl}");
         assert!(!dacl.contains(";;;WD)"), "nothing for Everyone: {dacl}");
         assert!(!dacl.contains(";;;AN)"), "nothing for anonymous: {dacl}");
@@ -244,6 +398,18 @@ mod tests {
             exe.file_name(),
             "the client's executable"
         );
+    }
+
+    #[tokio::test]
+    async fn a_pipe_of_another_user_is_told_apart_from_ours() {
+        let name = format!("eb-pipe-owner-{}", std::process::id());
+        let listener = PipeListener::bind(&name).unwrap();
+        let handle = listener.next.as_raw_handle();
+        assert!(owned_by(handle, &own_sid().unwrap()).unwrap(), "ours");
+        // Everyone (S-1-1-0) is not the owner: a client running as another user is refused.
+        let everyone = Sid(vec![1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0]);
+        assert_eq!(everyone.to_sddl().unwrap(), "S-1-1-0");
+        assert!(!owned_by(handle, &everyone).unwrap());
     }
 
     /// Windows refuses a second first instance of a name; Wine 8 does not (it ignores

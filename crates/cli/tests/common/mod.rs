@@ -92,6 +92,24 @@ pub fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) ->
     }
 }
 
+/// The connection `pred` picks in the statistics of the broker at `socket`.
+pub fn connection(socket: &Path, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let mut stats = eventbus();
+    stats
+        .args(["stats", "--json"])
+        .env("EVENTBUS_SOCKET", socket);
+    let mut stats = Proc::spawn(stats);
+    assert_eq!(stats.wait(), 0);
+    let stats: serde_json::Value = serde_json::from_str(&stats.stdout_lines()[0]).unwrap();
+    stats["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| pred(c))
+        .cloned()
+        .unwrap_or_else(|| panic!("no such connection: {stats}"))
+}
+
 /// A child process killed (SIGKILL) and reaped on drop if still running.
 pub struct Proc {
     pub child: Child,
