@@ -210,7 +210,15 @@ impl AgentConfig {
         if !(1..=300).contains(&self.agent.task_timeout_seconds) {
             return Err(invalid("agent.task_timeout_seconds must be 1 to 300"));
         }
-        self.agent.metrics_addr()?;
+        if self.agent.metrics_addr()?.is_some()
+            && self.agent.metrics_listen.is_some()
+            && !cfg!(feature = "http")
+        {
+            return Err(invalid(
+                "agent.metrics_listen: this build of the agent has no HTTP endpoint (the \
+                 daemoneye-agent feature `http`, which the eventbus binary has); set it to \"off\"",
+            ));
+        }
         if let Some(b) = &self.agent.bridge {
             b.validate().map_err(|e| match e {
                 // Each reason starts with the key it is about.
@@ -563,6 +571,19 @@ mod tests {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
         h.write_u8(1);
         h.finish()
+    }
+
+    /// Without the HTTP endpoint built in, a metrics address is refused, not ignored.
+    #[cfg(not(feature = "http"))]
+    #[test]
+    fn a_metrics_address_without_the_endpoint_is_refused() {
+        let mut c = AgentConfig::default();
+        assert!(c.validate().is_ok(), "unset: nothing served, nothing refused");
+        c.agent.metrics_listen = Some("127.0.0.1:9477".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("no HTTP endpoint"), "{e}");
+        c.agent.metrics_listen = Some("off".into());
+        assert!(c.validate().is_ok());
     }
 
     /// `eventbus config default` shows every broker and agent key, so none is forgotten

@@ -10,7 +10,7 @@
 
 use crate::detection::SharedView;
 use crate::lifecycle::{self, Checks};
-use crate::metrics::{self, AgentScrape, ProcessUsage, Scrape, TopicTotals};
+use crate::metrics::{self, AgentScrape, EventTotals, ProcessUsage, Scrape};
 use crate::tasks;
 use bytes::Bytes;
 use daemoneye_eventbus::Broker;
@@ -32,9 +32,6 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long one connection may last, response included.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Events by topic since the agent started, shared by the counting task and scrapes.
-pub(crate) type EventTotals = Arc<parking_lot::Mutex<TopicTotals>>;
 
 /// The agent's parts a scrape reads.
 #[derive(Clone)]

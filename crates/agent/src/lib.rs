@@ -25,6 +25,7 @@ pub mod config;
 pub mod detection;
 pub mod engine;
 mod health;
+#[cfg(feature = "http")]
 pub mod http;
 mod lifecycle;
 pub mod metrics;
@@ -35,6 +36,7 @@ pub mod tasks;
 pub use config::{AgentConfig, AgentSection, BUNDLED, ConfigError, DEFAULT_METRICS_LISTEN};
 pub use daemoneye_eventbus_nats as nats;
 pub use health::{Before, Health, Part, broker_health, collectors_health, rpc_health};
+#[cfg(feature = "http")]
 pub use http::{MetricsServer, Probe};
 
 use daemoneye_eventbus::broker::{BrokerError, ShutdownReport};
@@ -185,7 +187,7 @@ pub struct Report {
 /// per topic seen since the last report.
 type Counts = Arc<parking_lot::Mutex<BTreeMap<String, u64>>>;
 
-async fn count_events(mut events: Subscription, counts: Counts, totals: http::EventTotals) {
+async fn count_events(mut events: Subscription, counts: Counts, totals: metrics::EventTotals) {
     loop {
         match events.recv().await {
             Ok(m) => {
@@ -224,6 +226,7 @@ pub struct Agent {
     detection: detection::SharedView,
     collection: tasks::Tasks,
     queries: daemoneye_eventbus::client::Service,
+    #[cfg(feature = "http")]
     metrics: Option<MetricsServer>,
     bridge: Option<daemoneye_eventbus_nats::Bridge>,
 }
@@ -244,6 +247,7 @@ impl Agent {
     ) -> Result<Self, AgentError> {
         config.validate()?;
         // Bound first: an address not available stops the start before anything runs.
+        #[cfg(feature = "http")]
         let metrics_listener = bind_metrics(&config.agent).await?;
         let mut broker_config = config.broker.clone();
         if broker_config.data_dir.is_none()
@@ -349,7 +353,8 @@ impl Agent {
             Some(b) => Some(daemoneye_eventbus_nats::Bridge::start(b.clone(), &endpoint).await?),
             None => None,
         };
-        let totals = http::EventTotals::default();
+        let totals = metrics::EventTotals::default();
+        #[cfg(feature = "http")]
         let probe = Probe::agent(
             broker.clone(),
             http::AgentParts {
@@ -364,6 +369,7 @@ impl Agent {
                     .map(daemoneye_eventbus_nats::Bridge::stats_handle),
             },
         );
+        #[cfg(feature = "http")]
         let metrics = match metrics_listener {
             Some(listener) => {
                 let m = MetricsServer::serve(listener, probe).map_err(|source| {
@@ -409,15 +415,20 @@ impl Agent {
             detection: view,
             collection,
             queries,
+            #[cfg(feature = "http")]
             metrics,
             bridge,
         })
     }
 
-    /// Where `/metrics`, `/healthz` and `/readyz` are served, if they are.
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, if they are (never without the
+    /// feature `http`).
     #[must_use]
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics.as_ref().map(MetricsServer::local_addr)
+        #[cfg(feature = "http")]
+        return self.metrics.as_ref().map(MetricsServer::local_addr);
+        #[cfg(not(feature = "http"))]
+        None
     }
 
     /// The embedded broker.
@@ -532,6 +543,7 @@ impl Agent {
         for t in &self.tasks {
             t.abort();
         }
+        #[cfg(feature = "http")]
         if let Some(m) = &self.metrics {
             m.stop();
         }
@@ -547,6 +559,7 @@ impl Agent {
     }
 }
 
+#[cfg(feature = "http")]
 /// Binds the metrics endpoint where `agent.metrics_listen` says. The default address taken
 /// by another process (a second agent on the host) is logged and the agent runs without it;
 /// an address configured and not available is an error.

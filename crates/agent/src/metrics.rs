@@ -45,6 +45,9 @@ pub const COLLECTOR_STATES: [&str; 7] = [
 pub const COLLECTOR_HEALTH: [&str; 4] =
     ["HEALTH_STATUS_UNKNOWN", "HEALTHY", "DEGRADED", "UNHEALTHY"];
 
+/// Events by topic since the agent started, shared by the counting task and scrapes.
+pub(crate) type EventTotals = std::sync::Arc<parking_lot::Mutex<TopicTotals>>;
+
 /// Events seen by topic since the agent started, bounded: past [`EVENT_TOPICS`] topics the
 /// others are summed under `other`.
 #[derive(Debug, Default, Clone)]
