@@ -578,7 +578,10 @@ mod tests {
     #[test]
     fn a_metrics_address_without_the_endpoint_is_refused() {
         let mut c = AgentConfig::default();
-        assert!(c.validate().is_ok(), "unset: nothing served, nothing refused");
+        assert!(
+            c.validate().is_ok(),
+            "unset: nothing served, nothing refused"
+        );
         c.agent.metrics_listen = Some("127.0.0.1:9477".into());
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("no HTTP endpoint"), "{e}");
