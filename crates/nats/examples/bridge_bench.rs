@@ -9,8 +9,10 @@
 //!   (default options), carried by the bridge (default options: window 256) into its stream,
 //!   timed from the first local publish to the last message JetStream stored.
 //!
-//! `cargo run --release -p daemoneye-eventbus-nats --example bridge_bench -- [COUNT] [RUNS]`
-//! (defaults 100000 and 3). One line per run and side, then the ratio of the medians.
+//! `cargo run --release -p daemoneye-eventbus-nats --example bridge_bench -- [COUNT] [RUNS] [disk]`
+//! (defaults 100000 and 3; `disk`: the broker keeps the durable subscription in a data
+//! directory, as the agent does by default, with its default `fsync`). One line per run and
+//! side, then the ratio of the medians.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -81,11 +83,15 @@ async fn direct(js: &jetstream::Context, run: u32, count: u64) -> f64 {
 }
 
 /// The bridge: local Processed publishes carried into JetStream.
-async fn bridged(port: u16, js: &jetstream::Context, run: u32, count: u64) -> f64 {
+async fn bridged(port: u16, js: &jetstream::Context, run: u32, count: u64, disk: bool) -> f64 {
     let dir = std::env::temp_dir().join(format!("bridge-bench-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let local = Endpoint::Unix(dir.join("bus.sock"));
-    let broker = Broker::start_on(BrokerConfig::default(), std::slice::from_ref(&local))
+    let config = BrokerConfig {
+        data_dir: disk.then(|| dir.join("state")),
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start_on(config, std::slice::from_ref(&local))
         .await
         .unwrap();
     let name = format!("bench{run}");
@@ -138,6 +144,7 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let count: u64 = args.next().map_or(100_000, |a| a.parse().expect("COUNT"));
     let runs: u32 = args.next().map_or(3, |a| a.parse().expect("RUNS"));
+    let disk = args.next().is_some_and(|a| a == "disk");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -159,8 +166,11 @@ async fn main() {
         let rate = direct(&js, run, count).await;
         println!("async-nats  run {run}: {count} × 256 B, {rate:>9.0} msgs/s");
         a.push(rate);
-        let rate = bridged(port, &js, run, count).await;
-        println!("bridge      run {run}: {count} × 256 B, {rate:>9.0} msgs/s");
+        let rate = bridged(port, &js, run, count, disk).await;
+        let on = if disk { "on disk" } else { "in memory" };
+        println!(
+            "bridge      run {run}: {count} × 256 B, {rate:>9.0} msgs/s (durable subscription {on})"
+        );
         b.push(rate);
     }
     let (a, b) = (median(a), median(b));
