@@ -206,22 +206,19 @@ impl MetricsServer {
     ///
     /// The address cannot be bound (in use, not local, not permitted).
     pub async fn start(addr: SocketAddr, probe: Probe) -> std::io::Result<Self> {
-        Self::serve(tokio::net::TcpListener::bind(addr).await?, probe)
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        Ok(Self::serve(listener, addr, probe))
     }
 
-    /// Serves `probe` on a listener bound beforehand (the agent binds before it starts
-    /// anything, so an address not available stops it before any collector runs).
-    ///
-    /// # Errors
-    ///
-    /// The listener's address cannot be read.
-    pub fn serve(listener: tokio::net::TcpListener, probe: Probe) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
+    /// Serves `probe` on a listener bound beforehand at `addr` (the agent binds before it
+    /// starts anything, so an address not available stops it before any collector runs).
+    pub fn serve(listener: tokio::net::TcpListener, addr: SocketAddr, probe: Probe) -> Self {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics and health are served beyond loopback, without authentication");
         }
         let task = tokio::spawn(accept_loop(listener, probe));
-        Ok(Self { addr, task })
+        Self { addr, task }
     }
 
     /// Where it listens.

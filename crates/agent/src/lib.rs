@@ -371,18 +371,8 @@ impl Agent {
         );
         #[cfg(feature = "http")]
         let metrics = match metrics_listener {
-            Some(listener) => {
-                let m = MetricsServer::serve(listener, probe).map_err(|source| {
-                    AgentError::Metrics {
-                        addr: config
-                            .agent
-                            .metrics_addr()
-                            .ok()
-                            .flatten()
-                            .unwrap_or(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
-                        source,
-                    }
-                })?;
+            Some((listener, addr)) => {
+                let m = MetricsServer::serve(listener, addr, probe);
                 tracing::info!(addr = %m.local_addr(), "serving /metrics, /healthz and /readyz");
                 Some(m)
             }
@@ -563,18 +553,25 @@ impl Agent {
 /// Binds the metrics endpoint where `agent.metrics_listen` says. The default address taken
 /// by another process (a second agent on the host) is logged and the agent runs without it;
 /// an address configured and not available is an error.
-async fn bind_metrics(agent: &AgentSection) -> Result<Option<tokio::net::TcpListener>, AgentError> {
+async fn bind_metrics(
+    agent: &AgentSection,
+) -> Result<Option<(tokio::net::TcpListener, std::net::SocketAddr)>, AgentError> {
     let Some(addr) = agent.metrics_addr()? else {
         return Ok(None);
     };
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => Ok(Some(l)),
+    let bound = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
         Err(e) if agent.metrics_listen.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
             tracing::warn!(%addr, "metrics not served: the default address is in use (set agent.metrics_listen)");
-            Ok(None)
+            return Ok(None);
         }
-        Err(source) => Err(AgentError::Metrics { addr, source }),
-    }
+        Err(source) => return Err(AgentError::Metrics { addr, source }),
+    };
+    // The port actually bound (`:0` asks for any).
+    let local = bound
+        .local_addr()
+        .map_err(|source| AgentError::Metrics { addr, source })?;
+    Ok(Some((bound, local)))
 }
 
 /// A collector as the report shows it: its health from its last check of this run, or from

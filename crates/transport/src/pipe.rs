@@ -355,15 +355,8 @@ fn dacl_of(handle: std::os::windows::io::RawHandle) -> Option<String> {
             std::ptr::null_mut(),
         )
     };
-    let sddl = (ok != 0).then(|| {
-        let mut n = 0;
-        // SAFETY: `text` is NUL-terminated (the call's contract).
-        while unsafe { *text.add(n) } != 0 {
-            n += 1;
-        }
-        // SAFETY: `n` units were just read as initialised.
-        String::from_utf16_lossy(unsafe { std::slice::from_raw_parts(text, n) })
-    });
+    // SAFETY: on success `text` is NUL-terminated (the call's contract).
+    let sddl = (ok != 0).then(|| unsafe { wide_to_string(text) });
     // SAFETY: both were allocated by the calls above and are not used again.
     unsafe {
         LocalFree(text.cast());
