@@ -57,6 +57,20 @@ impl From<&ProcessEvent> for pb::ProcessEvent {
     }
 }
 
+impl From<ProcessEvent> for pb::ProcessEvent {
+    fn from(p: ProcessEvent) -> Self {
+        Self {
+            pid: p.pid,
+            name: p.name,
+            command_line: p.command_line,
+            executable_path: p.executable_path,
+            ppid: p.ppid,
+            start_time_ns: p.start_time.map(to_ns),
+            metadata: p.metadata,
+        }
+    }
+}
+
 impl From<pb::ProcessEvent> for ProcessEvent {
     fn from(p: pb::ProcessEvent) -> Self {
         Self {
@@ -83,6 +97,14 @@ impl CollectionEvent {
 
     /// Encodes the event as a `daemoneye.events.v1.CollectionEvent`.
     pub fn encode(&self) -> Vec<u8> {
+        let event = match self {
+            Self::Process(p) => pb::collection_event::Event::Process(p.into()),
+        };
+        pb::CollectionEvent { event: Some(event) }.encode_to_vec()
+    }
+
+    /// Encodes the event as [`CollectionEvent::encode`] does, without copying it first.
+    pub fn into_encoded(self) -> Vec<u8> {
         let event = match self {
             Self::Process(p) => pb::collection_event::Event::Process(p.into()),
         };
@@ -122,6 +144,7 @@ mod tests {
             metadata,
         });
         assert_eq!(CollectionEvent::decode(&e.encode()).unwrap(), e);
+        assert_eq!(e.clone().into_encoded(), e.encode());
         assert!(CollectionEvent::decode(b"\xff\xff").is_err());
     }
 }
