@@ -10,7 +10,7 @@
 pub const CN_IDX_PROC: u32 = 1;
 const CN_VAL_PROC: u32 = 1;
 use daemoneye_eventbus_collector::netlink::{
-    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, messages, u16_at, u32_at,
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, messages, u16_at, u32_at, u64_at,
 };
 const CN_MSG_LEN: usize = 20;
 /// `what`, `cpu`, `timestamp_ns` before the event's own fields.
@@ -30,8 +30,11 @@ const MCAST_IGNORE: u32 = 2;
 /// `tgid`); processes are what has `pid == tgid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelEvent {
-    /// `parent_tgid` made `child_pid` (in process `child_tgid`).
+    /// `parent_tgid` made `child_pid` (in process `child_tgid`) at `at_ns`.
     Fork {
+        /// When, in nanoseconds of `CLOCK_MONOTONIC` (the kernel's `ktime_get_ns`, read
+        /// just after the new task's start time was set).
+        at_ns: u64,
         /// The parent process.
         parent_tgid: u32,
         /// The new task.
@@ -155,6 +158,7 @@ fn parse_cn(body: &[u8], out: &mut Vec<KernelEvent>) -> Result<(), ParseError> {
         })(),
         PROC_EVENT_FORK => (|| {
             Some(KernelEvent::Fork {
+                at_ns: u64_at(ev, 8)?,
                 parent_tgid: field(1)?,
                 child_pid: field(2)?,
                 child_tgid: field(3)?,
@@ -281,10 +285,10 @@ pub use linux::Listener;
 pub enum Seen {
     /// Nothing: the process was gone, or there is nothing to read (an exit, a name).
     Nothing,
-    /// A new process's `stat` alone ([`crate::procfs::read_stat`]): it still runs its
+    /// A new process's `stat` alone ([`crate::procfs::ProcRoot::stat`]): it still runs its
     /// parent's program.
     Forked(crate::procfs::ProcInfo),
-    /// Everything ([`crate::procfs::read_process`]), read at its exec. A fork whose exec came
+    /// Everything ([`crate::procfs::ProcRoot::process`]), read at its exec. A fork whose exec came
     /// in the same batch carries this, and the exec is not repeated: one start, showing the
     /// new program.
     Execed(crate::procfs::ProcInfo),
@@ -296,7 +300,8 @@ pub type Observed = (KernelEvent, Seen);
 #[cfg(target_os = "linux")]
 mod linux {
     use super::{CN_IDX_PROC, KernelEvent, Observed, Seen, listen_message, parse};
-    use crate::procfs;
+    use crate::coalesce::{Hold, Urgency};
+    use crate::procfs::ProcRoot;
     use std::os::fd::{AsFd, AsRawFd, OwnedFd};
     use std::path::Path;
     use std::sync::Arc;
@@ -372,10 +377,10 @@ mod linux {
             .map_err(std::io::Error::from)?;
             let counts = Arc::new(Counts::default());
             let (tx, events) = mpsc::channel(QUEUE_BATCHES);
-            let root = root.to_path_buf();
+            let mut proc = ProcRoot::open(root)?;
             // Events before the kernel's answer: those of the moment of subscribing.
             let mut uids = Uids::default();
-            let mut first = Batch::new(&root, &mut uids);
+            let mut first = Batch::new(&mut proc, &mut uids);
             first.add_events(first_answer(&fd, nonce + 1)?);
             let first = first.finish();
             if !first.is_empty() {
@@ -384,7 +389,7 @@ mod linux {
             let thread_counts = Arc::clone(&counts);
             std::thread::Builder::new()
                 .name("proc-connector".into())
-                .spawn(move || read_loop(&fd, &root, uids, &tx, &thread_counts))?;
+                .spawn(move || read_loop(&fd, proc, uids, &tx, &thread_counts))?;
             Ok(Self { events, counts })
         }
     }
@@ -474,7 +479,7 @@ mod linux {
     /// exec's process read at once (a short process is soon gone), a fork's at the end of the
     /// batch unless its exec came first (then one read serves both).
     struct Batch<'a> {
-        root: &'a Path,
+        proc: &'a mut ProcRoot,
         uids: &'a mut Uids,
         events: Vec<Observed>,
         /// Forks of this batch not yet read, by pid: their index in `events` and the parent.
@@ -482,9 +487,9 @@ mod linux {
     }
 
     impl<'a> Batch<'a> {
-        fn new(root: &'a Path, uids: &'a mut Uids) -> Self {
+        fn new(proc: &'a mut ProcRoot, uids: &'a mut Uids) -> Self {
             Self {
-                root,
+                proc,
                 uids,
                 events: Vec::new(),
                 forks: std::collections::HashMap::new(),
@@ -506,6 +511,7 @@ mod linux {
                         parent_tgid,
                         child_pid,
                         child_tgid,
+                        ..
                     } if child_pid == child_tgid => {
                         // A new process: what was kept under its pid (a process that
                         // ended unseen, its pid reused) no longer speaks for it.
@@ -519,7 +525,9 @@ mod linux {
                     }
                     KernelEvent::Exec { tgid, .. } => {
                         let known = self.uids.get(tgid);
-                        let seen = procfs::read_process_with(self.root, tgid, known)
+                        let seen = self
+                            .proc
+                            .process(tgid, known)
                             .map_or(Seen::Nothing, Seen::Execed);
                         let fork = self.forks.remove(&tgid);
                         if let (Seen::Execed(p), None) = (&seen, known)
@@ -562,8 +570,7 @@ mod linux {
 
         fn finish(mut self) -> Vec<Observed> {
             for (pid, (i, _)) in self.forks.drain() {
-                self.events[i].1 =
-                    procfs::read_stat(self.root, pid).map_or(Seen::Nothing, Seen::Forked);
+                self.events[i].1 = self.proc.stat(pid).map_or(Seen::Nothing, Seen::Forked);
             }
             self.events
         }
@@ -573,19 +580,16 @@ mod linux {
     /// microseconds).
     const LINGER: Duration = Duration::from_millis(1);
 
-    /// How long exits (and name changes) wait for more events before they are sent, when
-    /// nothing else came with them: a start never waits for them, and at a steady rate of
-    /// processes each exit rides with the next start instead of waking procmond on its own.
-    const EXIT_LINGER: Duration = Duration::from_millis(20);
-
-    /// Exits held back at most (then sent at once).
-    const EXIT_HOLD: usize = 256;
-
-    /// Whether `batch` holds only exits and name changes.
-    fn only_exits(batch: &[Observed]) -> bool {
-        batch
+    /// How a finished batch may wait before procmond's task hears of it.
+    fn urgency(batch: &[Observed]) -> Urgency {
+        if batch
             .iter()
             .all(|(e, _)| matches!(e, KernelEvent::Exit { .. } | KernelEvent::Comm { .. }))
+        {
+            Urgency::Exit
+        } else {
+            Urgency::Start
+        }
     }
 
     /// Datagrams one read takes at most, and the room for each (an event's is under 100
@@ -618,11 +622,12 @@ mod linux {
             } else {
                 MsgFlags::MSG_DONTWAIT
             };
-            let mut iovs: Vec<[std::io::IoSliceMut<'_>; 1]> = self
-                .bufs
-                .iter_mut()
-                .map(|b| [std::io::IoSliceMut::new(b)])
-                .collect();
+            let mut bufs = self.bufs.iter_mut();
+            let mut iovs: [[std::io::IoSliceMut<'_>; 1]; DATAGRAMS] = std::array::from_fn(|_| {
+                [std::io::IoSliceMut::new(
+                    bufs.next().expect("one buffer per datagram"),
+                )]
+            });
             let read = nix::sys::socket::recvmmsg(
                 fd.as_raw_fd(),
                 &mut self.headers,
@@ -643,7 +648,7 @@ mod linux {
 
     fn read_loop(
         fd: &OwnedFd,
-        root: &Path,
+        mut proc: ProcRoot,
         mut uids: Uids,
         tx: &mpsc::Sender<Vec<Observed>>,
         counts: &Counts,
@@ -653,9 +658,8 @@ mod linux {
             counts.lost.fetch_add(1, Ordering::Relaxed);
             counts.resync.store(true, Ordering::Release);
         };
-        // Exits waiting for company, and since when.
-        let mut held: Vec<Observed> = Vec::new();
-        let mut held_since = std::time::Instant::now();
+        // Events waiting to be handed over (they ride together under load).
+        let mut held: Hold<Observed> = Hold::default();
         let send = |batch: Vec<Observed>| {
             counts
                 .events
@@ -679,10 +683,10 @@ mod linux {
             matches!(nix::poll::ppoll(&mut fds, Some(wait), None), Ok(n) if n > 0)
         };
         while !tx.is_closed() {
-            if !held.is_empty() {
-                let left = EXIT_LINGER.saturating_sub(held_since.elapsed());
+            if let Some(deadline) = held.deadline() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
                 if left.is_zero() || !readable_within(left) {
-                    if !send(std::mem::take(&mut held)) {
+                    if !send(held.take(std::time::Instant::now())) {
                         break;
                     }
                     continue;
@@ -693,7 +697,7 @@ mod linux {
                     // Everything queued is one batch, so a burst wakes procmond's task once,
                     // not once per event.
                     let mut dropped = false;
-                    let mut batch = Batch::new(root, &mut uids);
+                    let mut batch = Batch::new(&mut proc, &mut uids);
                     for i in 0..n {
                         batch.add(grams.get(i));
                     }
@@ -715,24 +719,15 @@ mod linux {
                             Err(_) => break,
                         }
                     }
-                    let mut batch = batch.finish();
+                    let batch = batch.finish();
                     if dropped {
                         lost();
                         uids.clear();
                     }
-                    if batch.is_empty() {
-                        continue;
-                    }
-                    if only_exits(&batch) && held.len() + batch.len() < EXIT_HOLD {
-                        if held.is_empty() {
-                            held_since = std::time::Instant::now();
-                        }
-                        held.append(&mut batch);
-                        continue;
-                    }
-                    // Exits held first: events keep their order.
-                    held.append(&mut batch);
-                    if !send(std::mem::take(&mut held)) {
+                    let now = std::time::Instant::now();
+                    let urgency = urgency(&batch);
+                    held.add(batch, urgency, now);
+                    if held.is_due(now) && !send(held.take(now)) {
                         break;
                     }
                 }
@@ -792,19 +787,21 @@ mod linux {
                 entry(&root, pid, 1000);
             }
             let mut uids = Uids::default();
+            let mut proc = ProcRoot::open(&root).unwrap();
             let fork = |child| KernelEvent::Fork {
+                at_ns: 0,
                 parent_tgid: 7,
                 child_pid: child,
                 child_tgid: child,
             };
             let exec = |pid| KernelEvent::Exec { pid, tgid: pid };
             // Parent 7 unknown: its child's status is read, and teaches the parent's uid.
-            let mut b = Batch::new(&root, &mut uids);
+            let mut b = Batch::new(&mut proc, &mut uids);
             b.add_events(vec![fork(101), exec(101)]);
             assert_eq!(uid_of(&b.finish(), 101), Some(1000));
             assert_eq!(uids.get(7), Some(1000));
             // The parent becomes uid 0 (setuid): its next child is 0 without reading status.
-            let mut b = Batch::new(&root, &mut uids);
+            let mut b = Batch::new(&mut proc, &mut uids);
             b.add_events(vec![
                 KernelEvent::Uid {
                     pid: 7,
@@ -817,7 +814,7 @@ mod linux {
             ]);
             assert_eq!(uid_of(&b.finish(), 102), Some(0));
             // Exits forget; a loss forgets everything, and status is read again.
-            let mut b = Batch::new(&root, &mut uids);
+            let mut b = Batch::new(&mut proc, &mut uids);
             b.add_events(vec![KernelEvent::Exit {
                 pid: 102,
                 tgid: 102,
@@ -827,16 +824,17 @@ mod linux {
             b.finish();
             assert_eq!(uids.get(102), None);
             uids.clear();
-            let mut b = Batch::new(&root, &mut uids);
+            let mut b = Batch::new(&mut proc, &mut uids);
             b.add_events(vec![fork(103), exec(103)]);
             assert_eq!(uid_of(&b.finish(), 103), Some(1000));
             // A pid kept for a process that ended unseen, reused by a child of an unknown
             // parent: its status is read, not the stale uid taken.
             uids.clear();
             uids.set(101, 0);
-            let mut b = Batch::new(&root, &mut uids);
+            let mut b = Batch::new(&mut proc, &mut uids);
             b.add_events(vec![
                 KernelEvent::Fork {
+                    at_ns: 0,
                     parent_tgid: 8,
                     child_pid: 101,
                     child_tgid: 101,
@@ -957,6 +955,7 @@ mod tests {
             out,
             vec![
                 KernelEvent::Fork {
+                    at_ns: 123,
                     parent_tgid: 10,
                     child_pid: 11,
                     child_tgid: 11

@@ -18,6 +18,7 @@
 //! Health is measured ([`health`]): Unhealthy while `/proc` cannot be read, Degraded for a
 //! minute after events were lost, could not be published, or executables went unhashed.
 
+pub mod coalesce;
 pub mod connector;
 pub mod health;
 pub mod procfs;
@@ -928,7 +929,7 @@ impl Scanner {
     }
 
     fn event(&mut self, p: &ProcInfo, what: &str, source: &str) -> ProcessEvent {
-        let mut metadata = HashMap::new();
+        let mut metadata = HashMap::with_capacity(6);
         metadata.insert("event".to_owned(), what.to_owned());
         metadata.insert("collector".to_owned(), self.shared.basics.id().to_owned());
         metadata.insert("source".to_owned(), source.to_owned());
@@ -972,7 +973,7 @@ impl Scanner {
     async fn publish(&mut self, p: &ProcInfo, what: &str, source: &str) {
         let event = CollectionEvent::Process(self.event(p, what, source));
         let topic = event.topic();
-        self.send(Publish::new(topic, event.encode())).await;
+        self.send(Publish::new(topic, event.into_encoded())).await;
     }
 
     async fn send(&self, p: Publish) {
@@ -987,7 +988,7 @@ impl Scanner {
         let mut bytes = 0;
         let all: Vec<epb::ProcessEvent> = snap
             .values()
-            .map(|p| epb::ProcessEvent::from(&self.event(p, "snapshot", "proc")))
+            .map(|p| epb::ProcessEvent::from(self.event(p, "snapshot", "proc")))
             .collect();
         for p in all {
             let len = p.encoded_len() + 8;

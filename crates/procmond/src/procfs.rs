@@ -66,24 +66,29 @@ pub fn parse_stat(text: &str) -> Option<Stat> {
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let name = text.get(open + 1..close)?.to_owned();
-    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    // rest[0] is field 3 (state), rest[1] field 4 (ppid), rest[19] field 22 (starttime).
+    // Fields 3 (state), 4 (ppid) and 22 (starttime) after the name.
+    let mut rest = text.get(close + 1..)?.split_ascii_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    let start_ticks = rest.nth(17)?.parse().ok()?;
     Some(Stat {
         name,
-        state: rest.first()?.chars().next()?,
-        ppid: rest.get(1)?.parse().ok()?,
-        start_ticks: rest.get(19)?.parse().ok()?,
+        state,
+        ppid,
+        start_ticks,
     })
 }
 
 /// Parses `/proc/<pid>/cmdline` (NUL-separated arguments); `None` when empty.
 pub fn parse_cmdline(bytes: &[u8]) -> Option<String> {
-    let args: Vec<String> = bytes
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    (!args.is_empty()).then(|| args.join(" "))
+    let mut line = String::new();
+    for arg in bytes.split(|b| *b == 0).filter(|a| !a.is_empty()) {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&String::from_utf8_lossy(arg));
+    }
+    (!line.is_empty()).then_some(line)
 }
 
 /// The real uid from `/proc/<pid>/status` (`Uid:` line, first number).
@@ -106,47 +111,74 @@ pub fn parse_boot_time(stat: &str) -> Option<u64> {
         .ok()
 }
 
-/// One process's directory under `/proc`, opened once: its files are read relative to it
-/// (one lookup of the pid, not one per file), each in one `read` into a reused buffer.
-struct ProcDir {
+/// The proc file system, opened once: a process's files are read relative to it
+/// (`<pid>/<file>`: no descriptor per process), each in one `read` into a buffer kept from one
+/// process to the next.
+pub struct ProcRoot {
     #[cfg(unix)]
     dir: std::os::fd::OwnedFd,
     #[cfg(not(unix))]
     dir: std::path::PathBuf,
+    path: String,
     buf: Vec<u8>,
 }
 
-impl ProcDir {
+impl ProcRoot {
+    /// Opens `root` (normally `/proc`).
+    ///
+    /// # Errors
+    ///
+    /// When `root` is not a directory that can be opened.
     #[cfg(unix)]
-    fn open(root: &Path, pid: u32) -> Option<Self> {
+    pub fn open(root: &Path) -> std::io::Result<Self> {
         use nix::fcntl::{OFlag, open};
         let dir = open(
-            &root.join(pid.to_string()),
+            root,
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
-        )
-        .ok()?;
-        Some(Self {
+        )?;
+        Ok(Self {
             dir,
+            path: String::with_capacity(32),
             buf: Vec::with_capacity(4096),
         })
     }
 
+    /// Opens `root`.
+    ///
+    /// # Errors
+    ///
+    /// When `root` is not a directory.
     #[cfg(not(unix))]
-    fn open(root: &Path, pid: u32) -> Option<Self> {
-        Some(Self {
-            dir: root.join(pid.to_string()),
+    pub fn open(root: &Path) -> std::io::Result<Self> {
+        if !root.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} is not a directory", root.display()),
+            ));
+        }
+        Ok(Self {
+            dir: root.to_path_buf(),
+            path: String::new(),
             buf: Vec::new(),
         })
     }
 
-    /// The whole file `name`, `None` if it cannot be read.
+    /// Makes the kept path `<pid>/<name>`.
+    fn path_of(&mut self, pid: u32, name: &str) {
+        use std::fmt::Write as _;
+        self.path.clear();
+        let _ = write!(self.path, "{pid}/{name}");
+    }
+
+    /// The whole file `name` of process `pid`, `None` if it cannot be read.
     #[cfg(unix)]
-    fn read(&mut self, name: &str) -> Option<&[u8]> {
+    fn read(&mut self, pid: u32, name: &str) -> Option<&[u8]> {
         use nix::fcntl::{OFlag, openat};
+        self.path_of(pid, name);
         let fd = openat(
             &self.dir,
-            name,
+            self.path.as_str(),
             OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             nix::sys::stat::Mode::empty(),
         )
@@ -180,71 +212,90 @@ impl ProcDir {
     }
 
     #[cfg(not(unix))]
-    fn read(&mut self, name: &str) -> Option<&[u8]> {
-        self.buf = std::fs::read(self.dir.join(name)).ok()?;
+    fn read(&mut self, pid: u32, name: &str) -> Option<&[u8]> {
+        self.path_of(pid, name);
+        self.buf = std::fs::read(self.dir.join(&self.path)).ok()?;
         Some(&self.buf)
     }
 
     #[cfg(unix)]
-    fn link(&self, name: &str) -> Option<String> {
-        let target = nix::fcntl::readlinkat(&self.dir, name).ok()?;
+    fn link(&mut self, pid: u32, name: &str) -> Option<String> {
+        self.path_of(pid, name);
+        let target = nix::fcntl::readlinkat(&self.dir, self.path.as_str()).ok()?;
         Some(target.to_string_lossy().into_owned())
     }
 
     #[cfg(not(unix))]
-    fn link(&self, name: &str) -> Option<String> {
-        let target = std::fs::read_link(self.dir.join(name)).ok()?;
+    fn link(&mut self, pid: u32, name: &str) -> Option<String> {
+        self.path_of(pid, name);
+        let target = std::fs::read_link(self.dir.join(&self.path)).ok()?;
         Some(target.to_string_lossy().into_owned())
     }
 
-    fn stat(&mut self) -> Option<Stat> {
-        parse_stat(std::str::from_utf8(self.read("stat")?).ok()?)
+    fn parsed_stat(&mut self, pid: u32) -> Option<Stat> {
+        parse_stat(std::str::from_utf8(self.read(pid, "stat")?).ok()?)
+    }
+
+    /// Process `pid`'s `stat` only (name, parent, start, state; no command line, executable
+    /// or user); `None` when it vanished meanwhile.
+    pub fn stat(&mut self, pid: u32) -> Option<ProcInfo> {
+        let stat = self.parsed_stat(pid)?;
+        Some(ProcInfo {
+            pid,
+            ppid: stat.ppid,
+            name: stat.name,
+            command_line: None,
+            executable_path: None,
+            start_ticks: stat.start_ticks,
+            uid: None,
+            state: stat.state,
+        })
+    }
+
+    /// Process `pid`, its real uid `uid` when the caller knows it (`status` is then not
+    /// read); `None` when it vanished meanwhile (or is unreadable).
+    pub fn process(&mut self, pid: u32, uid: Option<u32>) -> Option<ProcInfo> {
+        let stat = self.parsed_stat(pid)?;
+        let program = self.program(pid, uid);
+        Some(ProcInfo {
+            pid,
+            ppid: stat.ppid,
+            name: stat.name,
+            command_line: program.command_line,
+            executable_path: program.executable_path,
+            start_ticks: stat.start_ticks,
+            uid: program.uid,
+            state: stat.state,
+        })
+    }
+
+    /// What process `pid` runs, without its `stat`: its command line, executable and (unless
+    /// the caller knows it: `uid`) real uid, each `None` when unreadable.
+    pub fn program(&mut self, pid: u32, uid: Option<u32>) -> Program {
+        let command_line = self.read(pid, "cmdline").and_then(parse_cmdline);
+        let executable_path = self.link(pid, "exe");
+        let uid = uid.or_else(|| {
+            self.read(pid, "status")
+                .and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(parse_uid)
+        });
+        Program {
+            command_line,
+            executable_path,
+            uid,
+        }
     }
 }
 
-/// Reads one process's `stat` only (name, parent, start, state; no command line, executable
-/// or user); `None` when it vanished meanwhile.
-pub fn read_stat(root: &Path, pid: u32) -> Option<ProcInfo> {
-    let stat = ProcDir::open(root, pid)?.stat()?;
-    Some(ProcInfo {
-        pid,
-        ppid: stat.ppid,
-        name: stat.name,
-        command_line: None,
-        executable_path: None,
-        start_ticks: stat.start_ticks,
-        uid: None,
-        state: stat.state,
-    })
-}
-
-/// Reads one process; `None` when it vanished meanwhile (or is unreadable).
-pub fn read_process(root: &Path, pid: u32) -> Option<ProcInfo> {
-    read_process_with(root, pid, None)
-}
-
-/// Reads one process, its real uid `uid` when the caller knows it (`status` is then not
-/// read); `None` when it vanished meanwhile (or is unreadable).
-pub fn read_process_with(root: &Path, pid: u32, uid: Option<u32>) -> Option<ProcInfo> {
-    let mut dir = ProcDir::open(root, pid)?;
-    let stat = dir.stat()?;
-    let command_line = dir.read("cmdline").and_then(parse_cmdline);
-    let executable_path = dir.link("exe");
-    let uid = uid.or_else(|| {
-        dir.read("status")
-            .and_then(|s| std::str::from_utf8(s).ok())
-            .and_then(parse_uid)
-    });
-    Some(ProcInfo {
-        pid,
-        ppid: stat.ppid,
-        name: stat.name,
-        command_line,
-        executable_path,
-        start_ticks: stat.start_ticks,
-        uid,
-        state: stat.state,
-    })
+/// What a process runs ([`ProcRoot::program`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Program {
+    /// Command line, arguments joined with spaces.
+    pub command_line: Option<String>,
+    /// Executable path.
+    pub executable_path: Option<String>,
+    /// Real user id.
+    pub uid: Option<u32>,
 }
 
 /// A snapshot: every process by (pid, start ticks).
@@ -257,6 +308,7 @@ pub type Snapshot = BTreeMap<(u32, u64), ProcInfo>;
 /// When `root` cannot be listed.
 pub fn snapshot(root: &Path) -> std::io::Result<Snapshot> {
     let mut out = Snapshot::new();
+    let mut proc = ProcRoot::open(root)?;
     for entry in std::fs::read_dir(root)? {
         let Ok(entry) = entry else { continue };
         let Some(pid) = entry
@@ -266,7 +318,7 @@ pub fn snapshot(root: &Path) -> std::io::Result<Snapshot> {
         else {
             continue;
         };
-        if let Some(p) = read_process(root, pid) {
+        if let Some(p) = proc.process(pid, None) {
             out.insert((p.pid, p.start_ticks), p);
         }
     }
@@ -331,6 +383,11 @@ mod tests {
             Some("sleep 30")
         );
         assert_eq!(parse_cmdline(b""), None);
+        assert_eq!(parse_cmdline(b"\0\0"), None);
+        assert_eq!(
+            parse_cmdline(b"a\0\0b\xff\0").as_deref(),
+            Some("a b\u{fffd}")
+        );
         assert_eq!(
             parse_uid("Name:\tx\nUid:\t1000\t1000\t1000\t1000\n"),
             Some(1000)
