@@ -24,14 +24,6 @@ pub fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     ))
 }
 
-/// The native-endian `u64` at `at`, if there.
-#[must_use]
-pub fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_ne_bytes(
-        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
-    ))
-}
-
 /// One message: its type, sequence number and body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NlMsg<'a> {

@@ -10,7 +10,7 @@
 pub const CN_IDX_PROC: u32 = 1;
 const CN_VAL_PROC: u32 = 1;
 use daemoneye_eventbus_collector::netlink::{
-    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, messages, u16_at, u32_at, u64_at,
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_HDRLEN, messages, u16_at, u32_at,
 };
 const CN_MSG_LEN: usize = 20;
 /// `what`, `cpu`, `timestamp_ns` before the event's own fields.
@@ -30,11 +30,8 @@ const MCAST_IGNORE: u32 = 2;
 /// `tgid`); processes are what has `pid == tgid`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelEvent {
-    /// `parent_tgid` made `child_pid` (in process `child_tgid`) at `at_ns`.
+    /// `parent_tgid` made `child_pid` (in process `child_tgid`).
     Fork {
-        /// When, in nanoseconds of `CLOCK_MONOTONIC` (the kernel's `ktime_get_ns`, read
-        /// just after the new task's start time was set).
-        at_ns: u64,
         /// The parent process.
         parent_tgid: u32,
         /// The new task.
@@ -158,7 +155,6 @@ fn parse_cn(body: &[u8], out: &mut Vec<KernelEvent>) -> Result<(), ParseError> {
         })(),
         PROC_EVENT_FORK => (|| {
             Some(KernelEvent::Fork {
-                at_ns: u64_at(ev, 8)?,
                 parent_tgid: field(1)?,
                 child_pid: field(2)?,
                 child_tgid: field(3)?,
@@ -511,7 +507,6 @@ mod linux {
                         parent_tgid,
                         child_pid,
                         child_tgid,
-                        ..
                     } if child_pid == child_tgid => {
                         // A new process: what was kept under its pid (a process that
                         // ended unseen, its pid reused) no longer speaks for it.
@@ -789,7 +784,6 @@ mod linux {
             let mut uids = Uids::default();
             let mut proc = ProcRoot::open(&root).unwrap();
             let fork = |child| KernelEvent::Fork {
-                at_ns: 0,
                 parent_tgid: 7,
                 child_pid: child,
                 child_tgid: child,
@@ -834,7 +828,6 @@ mod linux {
             let mut b = Batch::new(&mut proc, &mut uids);
             b.add_events(vec![
                 KernelEvent::Fork {
-                    at_ns: 0,
                     parent_tgid: 8,
                     child_pid: 101,
                     child_tgid: 101,
@@ -955,7 +948,6 @@ mod tests {
             out,
             vec![
                 KernelEvent::Fork {
-                    at_ns: 123,
                     parent_tgid: 10,
                     child_pid: 11,
                     child_tgid: 11
