@@ -57,7 +57,8 @@ pub enum KernelEvent {
         /// The effective uid now.
         euid: u32,
     },
-    /// Task `pid` of process `tgid` took the name `comm` (an exec does, before its `Exec`).
+    /// Task `pid` of process `tgid` took the name `comm` (`prctl(PR_SET_NAME)`, a write to
+    /// `/proc/<pid>/comm`; an exec renames without this event).
     Comm {
         /// The task.
         pid: u32,
@@ -697,7 +698,7 @@ mod linux {
                         batch.add(grams.get(i));
                     }
                     // A fork whose exec has not come yet is waited for, briefly (what comes
-                    // meanwhile, such as the new name an exec announces first, joins).
+                    // meanwhile joins).
                     let linger = std::time::Instant::now() + LINGER;
                     while batch.awaits_exec() {
                         let left = linger.saturating_duration_since(std::time::Instant::now());

@@ -829,8 +829,8 @@ impl Scanner {
                     self.exit_code = None;
                 }
                 K::Comm { pid, comm, .. } => {
-                    // An exec names the process before its `Exec` event: the name holds even
-                    // if the process is gone before /proc can be read.
+                    // A new name (`prctl(PR_SET_NAME)`, a write to /proc/PID/comm): kept for
+                    // the process's next events (its exit's; a scan's).
                     if let Some(p) = known_pid(known, pid).and_then(|k| known.get_mut(&k)) {
                         let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
                         p.name = String::from_utf8_lossy(&comm[..end]).into_owned();
