@@ -324,10 +324,15 @@ mod linux {
 
     /// A socket listening to process events, read by a thread that sends batches.
     pub struct Listener {
-        /// The events, a batch per datagram read, each with what `/proc` showed at once.
+        /// The events, a batch per hand-over ([`crate::coalesce`]), each with what `/proc`
+        /// showed the moment the thread heard of it.
         pub events: mpsc::Receiver<Vec<Observed>>,
         /// What the thread counts.
         pub counts: Arc<Counts>,
+        /// Set: starts are handed over at once, not held to ride together (procmond hashing
+        /// executables opens each new process's executable when it hears of the start, and a
+        /// short process is soon gone).
+        pub starts_at_once: Arc<AtomicBool>,
     }
 
     impl Listener {
@@ -384,10 +389,16 @@ mod linux {
                 let _ = tx.try_send(first);
             }
             let thread_counts = Arc::clone(&counts);
+            let starts_at_once = Arc::new(AtomicBool::new(false));
+            let at_once = Arc::clone(&starts_at_once);
             std::thread::Builder::new()
                 .name("proc-connector".into())
-                .spawn(move || read_loop(&fd, proc, uids, &tx, &thread_counts))?;
-            Ok(Self { events, counts })
+                .spawn(move || read_loop(&fd, proc, uids, &tx, &thread_counts, &at_once))?;
+            Ok(Self {
+                events,
+                counts,
+                starts_at_once,
+            })
         }
     }
 
@@ -648,6 +659,7 @@ mod linux {
         mut uids: Uids,
         tx: &mpsc::Sender<Vec<Observed>>,
         counts: &Counts,
+        starts_at_once: &AtomicBool,
     ) {
         let mut grams = Datagrams::new();
         let lost = || {
@@ -721,6 +733,7 @@ mod linux {
                         uids.clear();
                     }
                     let now = std::time::Instant::now();
+                    held.set_starts_at_once(starts_at_once.load(Ordering::Relaxed));
                     let urgency = urgency(&batch);
                     held.add(batch, urgency, now);
                     if held.is_due(now) && !send(held.take(now)) {
@@ -736,6 +749,10 @@ mod linux {
                 Err(e) => {
                     tracing::warn!(error = %e, "reading process events failed; stopping");
                     lost();
+                    // What was held still goes (procmond then scans /proc).
+                    if held.deadline().is_some() {
+                        send(held.take(std::time::Instant::now()));
+                    }
                     break;
                 }
             }

@@ -113,7 +113,11 @@ pub fn parse_boot_time(stat: &str) -> Option<u64> {
 
 /// The proc file system, opened once: a process's files are read relative to it
 /// (`<pid>/<file>`: no descriptor per process), each in one `read` into a buffer kept from one
-/// process to the next.
+/// process to the next (on Unix).
+///
+/// Each file is looked up by pid, so two files read microseconds apart could belong to two
+/// processes only if the first ended and its pid was handed out again in between, which
+/// takes every other pid up to `pid_max` first.
 pub struct ProcRoot {
     #[cfg(unix)]
     dir: std::os::fd::OwnedFd,
@@ -271,7 +275,7 @@ impl ProcRoot {
 
     /// What process `pid` runs, without its `stat`: its command line, executable and (unless
     /// the caller knows it: `uid`) real uid, each `None` when unreadable.
-    pub fn program(&mut self, pid: u32, uid: Option<u32>) -> Program {
+    fn program(&mut self, pid: u32, uid: Option<u32>) -> Program {
         let command_line = self.read(pid, "cmdline").and_then(parse_cmdline);
         let executable_path = self.link(pid, "exe");
         let uid = uid.or_else(|| {
@@ -288,14 +292,10 @@ impl ProcRoot {
 }
 
 /// What a process runs ([`ProcRoot::program`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Program {
-    /// Command line, arguments joined with spaces.
-    pub command_line: Option<String>,
-    /// Executable path.
-    pub executable_path: Option<String>,
-    /// Real user id.
-    pub uid: Option<u32>,
+struct Program {
+    command_line: Option<String>,
+    executable_path: Option<String>,
+    uid: Option<u32>,
 }
 
 /// A snapshot: every process by (pid, start ticks).
