@@ -45,15 +45,7 @@ fn to_ns(t: SystemTime) -> u64 {
 
 impl From<&ProcessEvent> for pb::ProcessEvent {
     fn from(p: &ProcessEvent) -> Self {
-        Self {
-            pid: p.pid,
-            name: p.name.clone(),
-            command_line: p.command_line.clone(),
-            executable_path: p.executable_path.clone(),
-            ppid: p.ppid,
-            start_time_ns: p.start_time.map(to_ns),
-            metadata: p.metadata.clone(),
-        }
+        p.clone().into()
     }
 }
 
@@ -97,10 +89,7 @@ impl CollectionEvent {
 
     /// Encodes the event as a `daemoneye.events.v1.CollectionEvent`.
     pub fn encode(&self) -> Vec<u8> {
-        let event = match self {
-            Self::Process(p) => pb::collection_event::Event::Process(p.into()),
-        };
-        pb::CollectionEvent { event: Some(event) }.encode_to_vec()
+        self.clone().into_encoded()
     }
 
     /// Encodes the event as [`CollectionEvent::encode`] does, without copying it first.
