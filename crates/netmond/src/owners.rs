@@ -32,6 +32,11 @@ pub struct Walk {
 /// processes first, stopping once every one is found. A process that ended, or whose
 /// descriptors may not be read, is passed over.
 ///
+/// A socket held by a process and by its parent running the same executable is the parent's:
+/// the child inherited it (a pre-forked worker, or a child between its fork and its exec,
+/// which closes it), and the newest-first walk would otherwise name the child. So is one the
+/// child no longer holds when its program is compared (it ran another and closed it).
+///
 /// # Errors
 ///
 /// When `root` itself cannot be listed.
@@ -45,38 +50,107 @@ pub fn find(root: &Path, wanted: &HashSet<u64>) -> std::io::Result<(HashMap<u64,
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     pids.sort_unstable_by(|a, b| b.cmp(a));
+    let mut kin = Kin::default();
     for pid in pids {
-        let dir = root.join(pid.to_string());
-        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+        let Some(sockets) = sockets_of(root, pid, &mut walk) else {
             continue;
         };
-        walk.processes += 1;
-        let mut name = None;
-        for fd in fds.flatten() {
-            walk.descriptors += 1;
-            let Ok(target) = std::fs::read_link(fd.path()) else {
-                continue;
-            };
-            let Some(inode) = socket_inode(target.as_os_str().as_encoded_bytes()) else {
-                continue;
-            };
+        for inode in sockets {
             if !wanted.contains(&inode) || found.contains_key(&inode) {
                 continue;
             }
-            let name = name
-                .get_or_insert_with(|| {
-                    std::fs::read_to_string(dir.join("comm"))
-                        .map(|c| c.trim_end().to_owned())
-                        .unwrap_or_default()
-                })
-                .clone();
-            found.insert(inode, Owner { pid, name });
+            let holder = kin.inherited_from(root, pid, inode, &mut walk);
+            let name = std::fs::read_to_string(root.join(holder.to_string()).join("comm"))
+                .map(|c| c.trim_end().to_owned())
+                .unwrap_or_default();
+            found.insert(inode, Owner { pid: holder, name });
         }
         if found.len() == wanted.len() {
             break;
         }
     }
     Ok((found, walk))
+}
+
+/// The socket inodes process `pid` holds; `None` when its descriptors cannot be read.
+fn sockets_of(root: &Path, pid: u32, walk: &mut Walk) -> Option<Vec<u64>> {
+    let fds = std::fs::read_dir(root.join(pid.to_string()).join("fd")).ok()?;
+    walk.processes += 1;
+    let mut out = Vec::new();
+    for fd in fds.flatten() {
+        walk.descriptors += 1;
+        let Ok(target) = std::fs::read_link(fd.path()) else {
+            continue;
+        };
+        if let Some(inode) = socket_inode(target.as_os_str().as_encoded_bytes()) {
+            out.push(inode);
+        }
+    }
+    Some(out)
+}
+
+/// Ancestors looked at, at most, for one socket.
+const ANCESTORS: usize = 16;
+
+/// What one walk learnt of the ancestors of holders (read once per walk, however many
+/// sockets they hold): parent, executable, sockets.
+#[derive(Default)]
+struct Kin {
+    parents: HashMap<u32, Option<u32>>,
+    exes: HashMap<u32, Option<std::path::PathBuf>>,
+    sockets: HashMap<u32, Option<HashSet<u64>>>,
+}
+
+impl Kin {
+    fn parent(&mut self, root: &Path, pid: u32) -> Option<u32> {
+        *self.parents.entry(pid).or_insert_with(|| {
+            let stat = std::fs::read_to_string(root.join(pid.to_string()).join("stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            (ppid > 0).then_some(ppid)
+        })
+    }
+
+    fn exe(&mut self, root: &Path, pid: u32) -> Option<std::path::PathBuf> {
+        self.exes
+            .entry(pid)
+            .or_insert_with(|| std::fs::read_link(root.join(pid.to_string()).join("exe")).ok())
+            .clone()
+    }
+
+    fn holds(&mut self, root: &Path, pid: u32, inode: u64, walk: &mut Walk) -> bool {
+        self.sockets
+            .entry(pid)
+            .or_insert_with(|| sockets_of(root, pid, walk).map(|s| s.into_iter().collect()))
+            .as_ref()
+            .is_some_and(|s| s.contains(&inode))
+    }
+
+    /// The oldest of `pid` and its ancestors that holds `inode` and that its child inherited
+    /// it from: the child runs the same executable, or no longer holds it (it closed it at
+    /// its exec meanwhile, or ended: read again, not from what the walk kept).
+    fn inherited_from(&mut self, root: &Path, pid: u32, inode: u64, walk: &mut Walk) -> u32 {
+        let mut holder = pid;
+        for _ in 0..ANCESTORS {
+            let Some(up) = self.parent(root, holder) else {
+                break;
+            };
+            if !self.holds(root, up, inode, walk) {
+                break;
+            }
+            let same_program = matches!((self.exe(root, holder), self.exe(root, up)), (Some(a), Some(b)) if a == b);
+            if !same_program && sockets_of(root, holder, walk).is_some_and(|s| s.contains(&inode)) {
+                break;
+            }
+            holder = up;
+        }
+        holder
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +177,52 @@ mod tests {
         let (found, walk) = find(Path::new("/proc"), &[inode].into()).unwrap();
         assert_eq!(found[&inode].pid, std::process::id());
         assert!(walk.descriptors > 0);
+    }
+
+    /// A fake process under `root`: its parent, executable and sockets.
+    #[cfg(unix)]
+    fn fake(root: &Path, pid: u32, ppid: u32, exe: &str, sockets: &[u64]) {
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(dir.join("fd")).unwrap();
+        std::fs::write(dir.join("stat"), format!("{pid} (p {pid}) S {ppid} 0 0")).unwrap();
+        std::fs::write(dir.join("comm"), format!("p{pid}\n")).unwrap();
+        std::os::unix::fs::symlink(exe, dir.join("exe")).unwrap();
+        for (fd, inode) in sockets.iter().enumerate() {
+            std::os::unix::fs::symlink(
+                format!("socket:[{inode}]"),
+                dir.join("fd").join(fd.to_string()),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn an_inherited_socket_is_its_parents_when_both_run_one_program() {
+        let root = std::env::temp_dir().join(format!("netmond-owners-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // 10 a server holding 100; 20 its worker (same program) holding it too, and 200 of
+        // its own; 30 a service started by 10 (another program) holding 100 as well, passed
+        // on; 40 a child of 1 (not a holder) running the server's program, holding 300.
+        fake(&root, 1, 0, "/sbin/init", &[]);
+        fake(&root, 10, 1, "/usr/sbin/server", &[100]);
+        fake(&root, 20, 10, "/usr/sbin/server", &[100, 200]);
+        fake(&root, 30, 10, "/usr/bin/other", &[100, 300]);
+        fake(&root, 40, 1, "/usr/sbin/server", &[400]);
+        let want: HashSet<u64> = [100, 200, 300, 400].into();
+        let (found, _) = find(&root, &want).unwrap();
+        // Newest first finds 100 in 30 (another program than its parent: its own), …
+        assert_eq!(found[&100].pid, 30);
+        assert_eq!(found[&300].pid, 30);
+        // … 200 only in the worker, 400 in 40 whose parent does not hold it.
+        assert_eq!(found[&200].pid, 20);
+        assert_eq!(found[&400].pid, 40);
+        assert_eq!(found[&200].name, "p20");
+        // Without the other program, the worker's copy of 100 is the server's.
+        std::fs::remove_dir_all(root.join("30")).unwrap();
+        let (found, _) = find(&root, &[100].into()).unwrap();
+        assert_eq!(found[&100].pid, 10);
+        assert_eq!(found[&100].name, "p10");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
