@@ -63,7 +63,7 @@ fn every_workload_runs_across_processes_without_loss_and_reports_every_field() {
     // The loaded rows (the quiet one may be a single process at this scale).
     for loaded in [w7[2], w7[4]] {
         assert!(
-            loaded["lost"].as_u64() < loaded["messages"].as_u64(),
+            loaded["lost"].as_u64().unwrap() < loaded["messages"].as_u64().unwrap(),
             "{loaded}"
         );
     }

@@ -133,6 +133,16 @@ mod tests {
             metadata,
         });
         assert_eq!(CollectionEvent::decode(&e.encode()).unwrap(), e);
+        // Each field where the schema has it.
+        let CollectionEvent::Process(p) = &e;
+        let wire = pb::ProcessEvent::from(p);
+        assert_eq!(
+            (wire.pid, wire.name.as_str(), wire.ppid),
+            (42, "sleep", Some(1))
+        );
+        assert_eq!(wire.command_line.as_deref(), Some("sleep 5"));
+        assert_eq!(wire.start_time_ns, Some(1_700_000_000_123_456_789));
+        assert_eq!(wire.metadata["uid"], "1000");
         assert_eq!(e.clone().into_encoded(), e.encode());
         assert!(CollectionEvent::decode(b"\xff\xff").is_err());
     }

@@ -52,17 +52,17 @@ pub fn find(root: &Path, wanted: &HashSet<u64>) -> std::io::Result<(HashMap<u64,
     pids.sort_unstable_by(|a, b| b.cmp(a));
     let mut kin = Kin::default();
     for pid in pids {
-        let Some(sockets) = sockets_of(root, pid, &mut walk) else {
+        let Some(sockets) = kin.sockets(root, pid, &mut walk) else {
             continue;
         };
-        for inode in sockets {
-            if !wanted.contains(&inode) || found.contains_key(&inode) {
-                continue;
-            }
-            let holder = kin.inherited_from(root, pid, inode, &mut walk);
-            let name = std::fs::read_to_string(root.join(holder.to_string()).join("comm"))
-                .map(|c| c.trim_end().to_owned())
-                .unwrap_or_default();
+        let hits: Vec<(u64, u32)> = sockets
+            .iter()
+            .filter(|(inode, _)| wanted.contains(inode) && !found.contains_key(*inode))
+            .map(|(&inode, &fd)| (inode, fd))
+            .collect();
+        for (inode, fd) in hits {
+            let holder = kin.inherited_from(root, pid, fd, inode, &mut walk);
+            let name = kin.name(root, holder);
             found.insert(inode, Owner { pid: holder, name });
         }
         if found.len() == wanted.len() {
@@ -72,36 +72,54 @@ pub fn find(root: &Path, wanted: &HashSet<u64>) -> std::io::Result<(HashMap<u64,
     Ok((found, walk))
 }
 
-/// The socket inodes process `pid` holds; `None` when its descriptors cannot be read.
-fn sockets_of(root: &Path, pid: u32, walk: &mut Walk) -> Option<Vec<u64>> {
+/// The sockets process `pid` holds, by inode, each with a descriptor holding it; `None` when
+/// its descriptors cannot be read.
+fn sockets_of(root: &Path, pid: u32, walk: &mut Walk) -> Option<HashMap<u64, u32>> {
     let fds = std::fs::read_dir(root.join(pid.to_string()).join("fd")).ok()?;
     walk.processes += 1;
-    let mut out = Vec::new();
+    let mut out = HashMap::new();
     for fd in fds.flatten() {
         walk.descriptors += 1;
         let Ok(target) = std::fs::read_link(fd.path()) else {
             continue;
         };
-        if let Some(inode) = socket_inode(target.as_os_str().as_encoded_bytes()) {
-            out.push(inode);
+        let number = fd.file_name().to_str().and_then(|n| n.parse().ok());
+        if let (Some(inode), Some(number)) =
+            (socket_inode(target.as_os_str().as_encoded_bytes()), number)
+        {
+            out.entry(inode).or_insert(number);
         }
     }
     Some(out)
 }
 
+/// Whether descriptor `fd` of process `pid` holds socket `inode` now.
+fn still_holds(root: &Path, pid: u32, fd: u32, inode: u64) -> bool {
+    std::fs::read_link(root.join(pid.to_string()).join("fd").join(fd.to_string()))
+        .is_ok_and(|t| socket_inode(t.as_os_str().as_encoded_bytes()) == Some(inode))
+}
+
 /// Ancestors looked at, at most, for one socket.
 const ANCESTORS: usize = 16;
 
-/// What one walk learnt of the ancestors of holders (read once per walk, however many
-/// sockets they hold): parent, executable, sockets.
+/// What one walk read of processes, each once however many sockets they hold: sockets,
+/// parent, executable, name.
 #[derive(Default)]
 struct Kin {
+    sockets: HashMap<u32, Option<HashMap<u64, u32>>>,
     parents: HashMap<u32, Option<u32>>,
     exes: HashMap<u32, Option<std::path::PathBuf>>,
-    sockets: HashMap<u32, Option<HashSet<u64>>>,
+    names: HashMap<u32, String>,
 }
 
 impl Kin {
+    fn sockets(&mut self, root: &Path, pid: u32, walk: &mut Walk) -> Option<&HashMap<u64, u32>> {
+        self.sockets
+            .entry(pid)
+            .or_insert_with(|| sockets_of(root, pid, walk))
+            .as_ref()
+    }
+
     fn parent(&mut self, root: &Path, pid: u32) -> Option<u32> {
         *self.parents.entry(pid).or_insert_with(|| {
             let stat = std::fs::read_to_string(root.join(pid.to_string()).join("stat")).ok()?;
@@ -123,31 +141,48 @@ impl Kin {
             .clone()
     }
 
-    fn holds(&mut self, root: &Path, pid: u32, inode: u64, walk: &mut Walk) -> bool {
-        self.sockets
+    fn name(&mut self, root: &Path, pid: u32) -> String {
+        self.names
             .entry(pid)
-            .or_insert_with(|| sockets_of(root, pid, walk).map(|s| s.into_iter().collect()))
-            .as_ref()
-            .is_some_and(|s| s.contains(&inode))
+            .or_insert_with(|| {
+                std::fs::read_to_string(root.join(pid.to_string()).join("comm"))
+                    .map(|c| c.trim_end().to_owned())
+                    .unwrap_or_default()
+            })
+            .clone()
     }
 
-    /// The oldest of `pid` and its ancestors that holds `inode` and that its child inherited
-    /// it from: the child runs the same executable, or no longer holds it (it closed it at
-    /// its exec meanwhile, or ended: read again, not from what the walk kept).
-    fn inherited_from(&mut self, root: &Path, pid: u32, inode: u64, walk: &mut Walk) -> u32 {
-        let mut holder = pid;
+    /// The oldest of `pid` (holding `inode` on descriptor `fd`) and its ancestors that holds
+    /// it and that its child inherited it from: the child runs the same executable, or no
+    /// longer holds it (it closed it at its exec meanwhile, or ended; its descriptor is read
+    /// again for that). A parent's descriptors are read only then.
+    fn inherited_from(
+        &mut self,
+        root: &Path,
+        pid: u32,
+        fd: u32,
+        inode: u64,
+        walk: &mut Walk,
+    ) -> u32 {
+        let (mut holder, mut fd) = (pid, fd);
         for _ in 0..ANCESTORS {
             let Some(up) = self.parent(root, holder) else {
                 break;
             };
-            if !self.holds(root, up, inode, walk) {
+            let same_program = matches!(
+                (self.exe(root, holder), self.exe(root, up)),
+                (Some(a), Some(b)) if a == b
+            );
+            if !same_program && still_holds(root, holder, fd, inode) {
                 break;
             }
-            let same_program = matches!((self.exe(root, holder), self.exe(root, up)), (Some(a), Some(b)) if a == b);
-            if !same_program && sockets_of(root, holder, walk).is_some_and(|s| s.contains(&inode)) {
+            let Some(&up_fd) = self
+                .sockets(root, up, walk)
+                .and_then(|sockets| sockets.get(&inode))
+            else {
                 break;
-            }
-            holder = up;
+            };
+            (holder, fd) = (up, up_fd);
         }
         holder
     }
@@ -223,6 +258,35 @@ mod tests {
         let (found, _) = find(&root, &[100].into()).unwrap();
         assert_eq!(found[&100].pid, 10);
         assert_eq!(found[&100].name, "p10");
+        // A child whose parent's entry is gone keeps it.
+        fake(&root, 50, 49, "/usr/sbin/server", &[500]);
+        let (found, _) = find(&root, &[500].into()).unwrap();
+        assert_eq!(found[&500].pid, 50);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    #[cfg(unix)]
+    fn the_search_up_stops_at_the_first_process_and_after_sixteen_ancestors() {
+        let root = std::env::temp_dir().join(format!("netmond-chain-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // pid 1 and its child, one program, one socket: pid 1's (whose parent is 0).
+        fake(&root, 1, 0, "/sbin/init", &[7]);
+        fake(&root, 2, 1, "/sbin/init", &[7]);
+        // A chain 100 ← 101 ← … ← 120 of one program, all holding 9: found in 120 first,
+        // it goes up sixteen.
+        for pid in 100..=120 {
+            fake(
+                &root,
+                pid,
+                if pid == 100 { 1 } else { pid - 1 },
+                "/bin/w",
+                &[9],
+            );
+        }
+        let (found, _) = find(&root, &[7, 9].into()).unwrap();
+        assert_eq!(found[&7].pid, 1);
+        assert_eq!(found[&9].pid, 120 - 16);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

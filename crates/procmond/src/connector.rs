@@ -344,7 +344,7 @@ mod linux {
         ///
         /// The socket cannot be made or bound, or the kernel refuses the subscription
         /// (`EPERM` without `CAP_NET_ADMIN`, or outside the initial network namespace).
-        pub fn start(root: &Path) -> std::io::Result<Self> {
+        pub fn start(root: &Path, starts_at_once: bool) -> std::io::Result<Self> {
             let socket = socket2::Socket::new(
                 socket2::Domain::from(nix::libc::AF_NETLINK),
                 socket2::Type::DGRAM,
@@ -389,7 +389,7 @@ mod linux {
                 let _ = tx.try_send(first);
             }
             let thread_counts = Arc::clone(&counts);
-            let starts_at_once = Arc::new(AtomicBool::new(false));
+            let starts_at_once = Arc::new(AtomicBool::new(starts_at_once));
             let at_once = Arc::clone(&starts_at_once);
             std::thread::Builder::new()
                 .name("proc-connector".into())

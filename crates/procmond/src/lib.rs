@@ -341,7 +341,7 @@ fn kernel_events(
     if settings.source == SourceChoice::Proc {
         return Ok(None);
     }
-    match connector::Listener::start(proc_root) {
+    match connector::Listener::start(proc_root, settings.hash_executables) {
         Ok(l) => {
             shared.set_source(health::Source::Kernel {
                 reconcile: settings.scan_interval * RECONCILE_SCANS,
@@ -749,9 +749,10 @@ impl Scanner {
     /// Reports the kernel's events: a new process at its fork (running its parent's program
     /// until it execs: command line, executable and user are its parent's; or, when its exec
     /// came with it, the new program), a new program at its exec (as `/proc` showed it at
-    /// once), an exit; each as soon as the connector's thread hands it over (at once on a quiet
-    /// host, within 20 ms under load: [`coalesce`]). A process gone before `/proc` could be
-    /// read is reported by its pid and parent.
+    /// once), an exit; each as soon as the connector's thread hands it over ([`coalesce`]: a
+    /// start after a quiet spell at once, other starts and execs within about 20 ms, exits
+    /// within 20 ms). A process gone before `/proc` could be read is reported by its pid and
+    /// parent.
     async fn on_kernel(
         &mut self,
         known: &mut Snapshot,

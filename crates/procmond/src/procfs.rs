@@ -116,8 +116,9 @@ pub fn parse_boot_time(stat: &str) -> Option<u64> {
 /// process to the next (on Unix).
 ///
 /// Each file is looked up by pid, so two files read microseconds apart could belong to two
-/// processes only if the first ended and its pid was handed out again in between, which
-/// takes every other pid up to `pid_max` first.
+/// processes only if the first ended and the kernel handed its pid out again in between (for
+/// a process just made, as at an exec the connector reports, only after every other pid up
+/// to `pid_max`).
 pub struct ProcRoot {
     #[cfg(unix)]
     dir: std::os::fd::OwnedFd,
