@@ -134,11 +134,14 @@ impl Kin {
         })
     }
 
-    fn exe(&mut self, root: &Path, pid: u32) -> Option<std::path::PathBuf> {
-        self.exes
-            .entry(pid)
-            .or_insert_with(|| std::fs::read_link(root.join(pid.to_string()).join("exe")).ok())
-            .clone()
+    /// Whether `a` and `b` run the same executable (both readable).
+    fn same_program(&mut self, root: &Path, a: u32, b: u32) -> bool {
+        for pid in [a, b] {
+            self.exes
+                .entry(pid)
+                .or_insert_with(|| std::fs::read_link(root.join(pid.to_string()).join("exe")).ok());
+        }
+        matches!((&self.exes[&a], &self.exes[&b]), (Some(x), Some(y)) if x == y)
     }
 
     fn name(&mut self, root: &Path, pid: u32) -> String {
@@ -169,10 +172,7 @@ impl Kin {
             let Some(up) = self.parent(root, holder) else {
                 break;
             };
-            let same_program = matches!(
-                (self.exe(root, holder), self.exe(root, up)),
-                (Some(a), Some(b)) if a == b
-            );
+            let same_program = self.same_program(root, holder, up);
             if !same_program && still_holds(root, holder, fd, inode) {
                 break;
             }
